@@ -1,0 +1,84 @@
+//! `onnx-lora inspect`: the weights LoRA can target, resolved to module paths.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use onnx_lora::{graph::ModelGraph, onnx, target};
+
+use super::output::{json_line, table};
+
+/// List the weights LoRA can target (MatMul / Gemm / Conv / Gather with a constant weight),
+/// with the module path each came from.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora inspect model.onnx
+  onnx-lora inspect model.onnx --target 'q_proj|v_proj'
+  onnx-lora inspect model.onnx --target 'layers\\.[0-3]\\..*' --json | jq .module
+
+--target is a regex that must match the whole module path or a dotted suffix of it, so it
+works whatever prefix the export added. --json prints one JSON object per line.")]
+pub struct Args {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Keep only modules matching this regex (repeatable; any may match).
+    #[arg(long = "target", short = 't', value_name = "REGEX")]
+    targets: Vec<String>,
+    /// Keep only `all-linear` targets (PEFT's: every linear layer but the output head).
+    #[arg(long)]
+    all_linear: bool,
+    /// JSON Lines on stdout, one object per candidate.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let model = onnx::load(&args.model)?;
+    let graph = ModelGraph::build(&model.proto);
+    let cands = target::find_candidates(&model.proto, &graph);
+    let spec = args.all_linear.then_some(target::TargetSpec::AllLinear);
+    let chosen = target::select(&cands, spec.as_ref(), &args.targets)
+        .with_context(|| args.model.display().to_string())?;
+    if args.json {
+        for c in &chosen {
+            json_line("candidate", c)?;
+        }
+        return Ok(super::EXIT_OK);
+    }
+    let rows: Vec<Vec<String>> = chosen
+        .iter()
+        .map(|c| {
+            let mut flags = Vec::new();
+            if c.shared {
+                flags.push("shared");
+            }
+            if c.in_subgraph {
+                flags.push("subgraph");
+            }
+            if c.quantized {
+                flags.push("quantized");
+            }
+            vec![
+                if c.module.is_empty() { "?".into() } else { c.module.clone() },
+                c.op.clone(),
+                format!("{:?}", c.shape),
+                serde_json::to_value(c.layout)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                c.dtype.clone(),
+                c.weight.clone(),
+                c.node.clone(),
+                flags.join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["MODULE", "OP", "SHAPE", "LAYOUT", "DTYPE", "WEIGHT", "NODE", "FLAGS"],
+            &rows
+        )
+    );
+    eprintln!("{} of {} candidates", chosen.len(), cands.len());
+    Ok(super::EXIT_OK)
+}

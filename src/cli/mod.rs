@@ -1,0 +1,66 @@
+//! The command line: clap definitions, one module per subcommand, output helpers. The binary
+//! only orchestrates; everything it does is in the library. Exit codes: 0 success, 1 the
+//! models differ (verify), 2 any error.
+
+mod convert;
+mod inspect;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status meanings, documented in README.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_MISMATCH: u8 = 1;
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "onnx-lora",
+    version,
+    about = "LoRA for ONNX models: find targets, inject low-rank branches, fold PEFT adapters, verify",
+    after_help = "Examples:
+  onnx-lora inspect model.onnx
+  onnx-lora inspect model.onnx --target 'q_proj|v_proj' --json
+  onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
+
+Exit codes: 0 success, 1 models differ (verify), 2 error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Inspect(inspect::Args),
+    Convert(convert::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("onnx-lora: error: {}", one_line(&e));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}

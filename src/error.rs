@@ -1,0 +1,64 @@
+//! The library's typed errors. Every variant names what it is about (a file, a node, a tensor,
+//! a module path) so that the one line the CLI prints is enough to find the problem.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a valid ONNX model: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: prost::DecodeError,
+    },
+
+    #[error("{path}: tensor '{tensor}': external data: {reason}")]
+    ExternalData {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+
+    #[error("{path}: {reason}")]
+    InvalidModel { path: PathBuf, reason: String },
+
+    #[error("tensor '{tensor}': {reason}")]
+    Tensor { tensor: String, reason: String },
+
+    #[error("{0}")]
+    Target(String),
+
+    #[error("{path}: {reason}")]
+    Adapter { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("verification: {0}")]
+    Verify(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn tensor(tensor: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Tensor {
+            tensor: tensor.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! Loading and saving models. Loading memory-maps the `.onnx` file and every external data
+//! file it names, and decodes zero-copy: `raw_data` and external tensors are `Bytes` slices of
+//! those maps, so untouched weights are never copied in memory. Saving is atomic (temp files in
+//! the destination folder, then rename) and streams tensor bytes straight from the maps into
+//! one page-aligned external data file when the layout asks for it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::pb::{ModelProto, StringStringEntryProto, TensorProto, tensor_proto::DataLocation};
+use super::pb_ext::{for_each_tensor_mut, is_external, numel};
+use super::DataType;
+use crate::error::{Error, Result};
+
+/// Largest protobuf message the C++ and Python readers accept.
+pub const PROTOBUF_LIMIT: u64 = (1u64 << 31) - 1;
+/// Alignment of tensors in external data files we write (a page, so readers can mmap).
+pub const EXTERNAL_ALIGN: u64 = 4096;
+/// Tensors smaller than this stay inline when writing external data.
+pub const DEFAULT_THRESHOLD: usize = 1024;
+
+/// A model and the memory maps its tensors point into.
+#[derive(Clone)]
+pub struct LoadedModel {
+    /// The `.onnx` file it came from (for messages and for runtimes that take a path).
+    pub path: PathBuf,
+    pub proto: ModelProto,
+    /// Whole external data files by `location`, as validated at load time.
+    external: HashMap<String, Bytes>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("path", &self.path)
+            .field("external_files", &self.external.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Memory-maps a file as `Bytes` (empty files give an empty buffer: mmap refuses length 0).
+pub fn map_file(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
+    // truncated while it is open (onnx-lora never writes its inputs: outputs are new files).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Bytes::from_owner(map))
+}
+
+/// Loads a model: mmap, zero-copy decode, and validation of every external data reference.
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    let buf = map_file(path)?;
+    LoadedModel::from_bytes(path, buf)
+}
+
+impl LoadedModel {
+    /// Decodes a model from bytes; external data is resolved relative to `path`'s folder.
+    pub fn from_bytes(path: &Path, buf: Bytes) -> Result<Self> {
+        let proto = ModelProto::decode(buf).map_err(|source| Error::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_proto(path, proto)
+    }
+
+    /// Wraps a proto already in memory; external data is resolved relative to `path`'s folder.
+    pub fn from_proto(path: &Path, mut proto: ModelProto) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut external: HashMap<String, Bytes> = HashMap::new();
+        for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
+            if !is_external(t) {
+                return Ok(());
+            }
+            let r = ExternalRef::parse(t).map_err(|reason| external_err(path, t, reason))?;
+            if !external.contains_key(&r.location) {
+                let file = dir.join(&r.location);
+                let data = map_file(&file).map_err(|e| match e {
+                    Error::Io { source, .. } => external_err(
+                        path,
+                        t,
+                        format!("cannot open '{}': {source}", file.display()),
+                    ),
+                    other => other,
+                })?;
+                external.insert(r.location.clone(), data);
+            }
+            let file_len = external[&r.location].len() as u64;
+            r.range(t, file_len)
+                .map_err(|reason| external_err(path, t, reason))?;
+            Ok(())
+        })?;
+        Ok(LoadedModel {
+            path: path.to_path_buf(),
+            proto,
+            external,
+        })
+    }
+
+    /// Folder the model's external data is resolved against.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Whether any tensor of the model lives in an external file.
+    pub fn has_external_data(&self) -> bool {
+        !self.external.is_empty()
+    }
+
+    /// The tensor's data as little-endian bytes in the `raw_data` layout: a zero-copy slice for
+    /// `raw_data` and external tensors, an encoding of the typed fields otherwise.
+    pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Bytes> {
+        if is_external(t) {
+            let r = ExternalRef::parse(t).map_err(|reason| external_err(&self.path, t, reason))?;
+            let data = self.external.get(&r.location).ok_or_else(|| {
+                external_err(&self.path, t, format!("'{}' was not loaded", r.location))
+            })?;
+            let range = r
+                .range(t, data.len() as u64)
+                .map_err(|reason| external_err(&self.path, t, reason))?;
+            return Ok(data.slice(range));
+        }
+        if let Some(raw) = &t.raw_data {
+            return Ok(raw.clone());
+        }
+        typed_fields_to_raw(t).map(Bytes::from)
+    }
+}
+
+fn external_err(path: &Path, t: &TensorProto, reason: String) -> Error {
+    Error::ExternalData {
+        path: path.to_path_buf(),
+        tensor: t.name().to_string(),
+        reason,
+    }
+}
+
+/// A validated `external_data` reference.
+struct ExternalRef {
+    location: String,
+    offset: u64,
+    length: Option<u64>,
+}
+
+impl ExternalRef {
+    fn parse(t: &TensorProto) -> std::result::Result<Self, String> {
+        let mut location = None;
+        let mut offset = 0;
+        let mut length = None;
+        for e in &t.external_data {
+            match e.key() {
+                "location" => location = Some(e.value().to_string()),
+                "offset" => {
+                    offset = e
+                        .value()
+                        .parse()
+                        .map_err(|_| format!("offset '{}' is not a number", e.value()))?
+                }
+                "length" => {
+                    length = Some(
+                        e.value()
+                            .parse()
+                            .map_err(|_| format!("length '{}' is not a number", e.value()))?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        let location = location.ok_or("no 'location' key")?;
+        check_location(&location)?;
+        Ok(ExternalRef {
+            location,
+            offset,
+            length,
+        })
+    }
+
+    /// The byte range in a file of `file_len` bytes, checked against the file and the tensor.
+    fn range(
+        &self,
+        t: &TensorProto,
+        file_len: u64,
+    ) -> std::result::Result<std::ops::Range<usize>, String> {
+        let end = match self.length {
+            Some(len) => self
+                .offset
+                .checked_add(len)
+                .ok_or("offset + length overflows")?,
+            None => file_len,
+        };
+        if self.offset > file_len || end > file_len {
+            return Err(format!(
+                "bytes {}..{} are outside '{}' ({} bytes)",
+                self.offset, end, self.location, file_len
+            ));
+        }
+        let dtype = DataType::from_i32(t.data_type());
+        if let Some(expected) = dtype.raw_len(numel(&t.dims)) {
+            if (end - self.offset) as usize != expected {
+                return Err(format!(
+                    "holds {} bytes but a {} tensor of shape {:?} needs {}",
+                    end - self.offset,
+                    dtype,
+                    t.dims,
+                    expected
+                ));
+            }
+        }
+        Ok(self.offset as usize..end as usize)
+    }
+}
+
+/// A location must stay inside the model's folder: relative, no `..`, no in-memory pointers.
+pub fn check_location(location: &str) -> std::result::Result<(), String> {
+    if location.is_empty() {
+        return Err("empty location".into());
+    }
+    if location.contains("_ORT_MEM_ADDR_") {
+        return Err(format!(
+            "location '{location}' is an in-memory address, not a file"
+        ));
+    }
+    let p = Path::new(location);
+    if p.is_absolute() || location.starts_with('/') || location.starts_with('\\') {
+        return Err(format!(
+            "location '{location}' is absolute; it must be relative to the model's folder"
+        ));
+    }
+    if p.components()
+        .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+        || location.split(['/', '\\']).any(|c| c == "..")
+    {
+        return Err(format!(
+            "location '{location}' leaves the model's folder ('..')"
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes the typed data fields (`float_data`, `int32_data`, ...) in the `raw_data` layout.
+fn typed_fields_to_raw(t: &TensorProto) -> Result<Vec<u8>> {
+    let dtype = DataType::from_i32(t.data_type());
+    let n = numel(&t.dims);
+    let mut out = Vec::with_capacity(dtype.raw_len(n).unwrap_or(0));
+    match dtype {
+        DataType::Float | DataType::Complex64 => {
+            t.float_data
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        DataType::Double | DataType::Complex128 => {
+            t.double_data
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        DataType::Int64 => t
+            .int64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DataType::Uint64 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DataType::Uint32 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as u32).to_le_bytes())),
+        DataType::Int32 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DataType::Int16 | DataType::Uint16 | DataType::Float16 | DataType::Bfloat16 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as u16).to_le_bytes())),
+        DataType::Int8 | DataType::Uint8 | DataType::Bool | DataType::Float8(_) => {
+            t.int32_data.iter().for_each(|v| out.push(*v as u8))
+        }
+        other => {
+            return Err(Error::tensor(
+                t.name(),
+                format!("reading {other} data from typed fields is not supported"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Where tensor data goes when a model is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorLayout {
+    /// External data if the source had any or the protobuf would pass 2 GiB; inline otherwise.
+    Auto,
+    /// Everything inline (an error if that passes the 2 GiB protobuf limit).
+    Inline,
+    /// Initializers of at least `threshold` bytes go to one external file (default name
+    /// `<output file name>.data`).
+    External { name: Option<String> },
+}
+
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    pub layout: TensorLayout,
+    pub threshold: usize,
+    /// fsync the files before renaming them into place.
+    pub sync: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            layout: TensorLayout::Auto,
+            threshold: DEFAULT_THRESHOLD,
+            sync: true,
+        }
+    }
+}
+
+/// What `save` wrote.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SaveReport {
+    pub model: PathBuf,
+    pub model_bytes: u64,
+    pub external_data: Option<PathBuf>,
+    pub external_bytes: u64,
+    pub external_tensors: usize,
+}
+
+/// Writes `model` to `out` atomically with the requested tensor layout. Nothing is left at
+/// `out` (or its data file) when this fails.
+pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
+    refuse_overwriting_inputs(model, out)?;
+    let out_dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = out
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("'{}' is not a file path", out.display())))?
+        .to_string_lossy()
+        .to_string();
+
+    let mut proto = model.proto.clone();
+    let external_name = match &opts.layout {
+        TensorLayout::Inline => None,
+        TensorLayout::External { name } => Some(name.clone()),
+        TensorLayout::Auto => {
+            let needs = model.has_external_data()
+                || inline_size_estimate(model, &proto)? > PROTOBUF_LIMIT;
+            needs.then_some(None)
+        }
+    }
+    .map(|name| name.unwrap_or_else(|| format!("{file_name}.data")));
+    if let Some(name) = &external_name {
+        check_location(name).map_err(Error::Usage)?;
+        if name.contains(['/', '\\']) {
+            return Err(Error::Usage(format!(
+                "external data name '{name}' must be a plain file name beside the output"
+            )));
+        }
+    }
+
+    let mut report = SaveReport {
+        model: out.to_path_buf(),
+        ..Default::default()
+    };
+    let mut data_tmp = None;
+    // Everything inline first (zero-copy slices of the maps), then the large initializers out.
+    inline_everything(model, &mut proto)?;
+    match &external_name {
+        None => {}
+        Some(name) => {
+            let tmp = tempfile::Builder::new()
+                .prefix(".onnx-lora-")
+                .suffix(".data.tmp")
+                .tempfile_in(&out_dir)
+                .map_err(|e| Error::io(&out_dir, e))?;
+            let (bytes, count) =
+                write_external(model, &mut proto, name, opts.threshold, tmp.as_file())?;
+            if opts.sync {
+                tmp.as_file().sync_data().map_err(|e| Error::io(tmp.path(), e))?;
+            }
+            report.external_data = Some(out_dir.join(name));
+            report.external_bytes = bytes;
+            report.external_tensors = count;
+            data_tmp = Some(tmp);
+        }
+    }
+
+    let encoded_len = proto.encoded_len() as u64;
+    if encoded_len > PROTOBUF_LIMIT {
+        return Err(Error::Usage(format!(
+            "{}: the model would be {encoded_len} bytes, over the 2 GiB protobuf limit; write its weights as external data (--external-data)",
+            out.display()
+        )));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".onnx-lora-")
+        .suffix(".onnx.tmp")
+        .tempfile_in(&out_dir)
+        .map_err(|e| Error::io(&out_dir, e))?;
+    let mut buf = Vec::with_capacity(encoded_len as usize);
+    proto
+        .encode(&mut buf)
+        .map_err(|e| Error::Usage(format!("{}: encoding failed: {e}", out.display())))?;
+    tmp.as_file_mut()
+        .write_all(&buf)
+        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    if opts.sync {
+        tmp.as_file().sync_data().map_err(|e| Error::io(tmp.path(), e))?;
+    }
+    report.model_bytes = encoded_len;
+    if let (Some(tmp), Some(dest)) = (data_tmp, &report.external_data) {
+        tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    }
+    tmp.persist(out).map_err(|e| Error::io(out, e.error))?;
+    Ok(report)
+}
+
+/// Writing over the model being read, or over one of its data files, is refused: inputs are
+/// never modified.
+fn refuse_overwriting_inputs(model: &LoadedModel, out: &Path) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&model.path, out) {
+        return Err(Error::Usage(format!(
+            "{}: the output would overwrite the input model; choose another -o",
+            out.display()
+        )));
+    }
+    let out_data = PathBuf::from(format!("{}.data", out.display()));
+    for loc in model.external.keys() {
+        if same(&model.dir().join(loc), &out_data) {
+            return Err(Error::Usage(format!(
+                "{}: the output's data file would overwrite the input's external data; choose another -o or --external-data name",
+                out_data.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Size of the protobuf if every tensor were inline.
+fn inline_size_estimate(model: &LoadedModel, proto: &ModelProto) -> Result<u64> {
+    let mut extra = 0u64;
+    let mut proto = proto.clone();
+    for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
+        if is_external(t) {
+            extra += model.tensor_bytes(t)?.len() as u64 + 16;
+        }
+        Ok(())
+    })?;
+    Ok(proto.encoded_len() as u64 + extra)
+}
+
+/// Moves every external tensor's bytes into `raw_data` (zero-copy slices of the maps).
+fn inline_everything(model: &LoadedModel, proto: &mut ModelProto) -> Result<()> {
+    for_each_tensor_mut(proto, &mut |t: &mut TensorProto| -> Result<()> {
+        if is_external(t) {
+            let bytes = model.tensor_bytes(t)?;
+            t.raw_data = Some(bytes);
+            t.external_data.clear();
+            t.data_location = None;
+        }
+        Ok(())
+    })
+}
+
+/// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
+/// and points the tensors there. Expects every tensor inline already (see `inline_everything`).
+fn write_external(
+    model: &LoadedModel,
+    proto: &mut ModelProto,
+    location: &str,
+    threshold: usize,
+    file: &File,
+) -> Result<(u64, usize)> {
+    let mut w = BufWriter::with_capacity(4 << 20, file);
+    let mut pos = 0u64;
+    let mut count = 0usize;
+    let mut place = |t: &mut TensorProto| -> Result<()> {
+        let fixed = DataType::from_i32(t.data_type()).bits().is_some();
+        let bytes = model.tensor_bytes(t)?;
+        if !fixed || bytes.len() < threshold {
+            return Ok(());
+        }
+        let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+        w.write_all(&vec![0u8; pad as usize])
+            .map_err(|e| Error::io(location, e))?;
+        pos += pad;
+        w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: Some(k.to_string()),
+            value: Some(v),
+        };
+        t.external_data = vec![
+            entry("location", location.to_string()),
+            entry("offset", pos.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+        t.data_location = Some(DataLocation::External as i32);
+        t.raw_data = None;
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        pos += bytes.len() as u64;
+        count += 1;
+        Ok(())
+    };
+    // Initializers (of the main graph and of subgraphs) go external; tensors in attributes,
+    // sparse initializers, functions and training graphs stay inline.
+    if let Some(g) = proto.graph.as_mut() {
+        initializers_mut(g, &mut place)?;
+    }
+    w.flush().map_err(|e| Error::io(location, e))?;
+    Ok((pos, count))
+}
+
+/// Calls `f` on the initializers of `g` and of every subgraph below it.
+fn initializers_mut(
+    g: &mut super::pb::GraphProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    for t in &mut g.initializer {
+        f(t)?;
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                initializers_mut(sub, f)?;
+            }
+        }
+    }
+    Ok(())
+}

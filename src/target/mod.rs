@@ -1,0 +1,347 @@
+//! Target resolution: every MatMul / Gemm / Conv / Gather whose weight is a constant becomes a
+//! `Candidate`, tied to the module path it came from. Node evidence (dynamo `name_scopes`,
+//! then the TorchScript node-name path) wins over weight evidence (a parameter-style
+//! initializer name, then onnxscript's `folded_from`): with tied weights the embedding Gather
+//! reads `lm_head.weight` but is `embed_tokens`. `select` matches PEFT-style target specs and
+//! adapter module paths against the candidates.
+
+pub mod evidence;
+pub mod select;
+
+use serde::Serialize;
+
+use crate::graph::{ConstSource, ModelGraph};
+use crate::onnx::pb::{ModelProto, NodeProto};
+use crate::onnx::pb_ext::NodeExt;
+use crate::onnx::DataType;
+
+pub use select::{TargetSpec, resolve_module, select};
+
+/// How the stored weight is laid out relative to the layer it implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// `[in, out]`: MatMul weights, Gemm with transB = 0, GPT-2 Conv1D.
+    InOut,
+    /// `[out, in]`: torch's Linear layout (Gemm with transB = 1, or behind a Transpose).
+    OutIn,
+    /// `[out, in/groups, k...]`.
+    Conv,
+    /// `[num_embeddings, dim]` read by Gather.
+    Embedding,
+    /// Packed low-bit weight (MatMulNBits): cannot be folded into.
+    Quantized,
+}
+
+/// Where the module path came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evidence {
+    NameScopes,
+    NodeName,
+    WeightName,
+    FoldedFrom,
+    None,
+}
+
+/// A node whose constant weight LoRA can target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Candidate {
+    /// Module path (`model.layers.0.self_attn.q_proj`), empty when nothing names it.
+    pub module: String,
+    pub evidence: Evidence,
+    /// Module paths other evidence gave, when it disagreed with the chosen one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_paths: Vec<String>,
+    pub node: String,
+    pub op: String,
+    /// Name of the initializer (or Constant output) holding the weight.
+    pub weight: String,
+    /// Shape as stored.
+    pub shape: Vec<i64>,
+    pub layout: Layout,
+    pub dtype: String,
+    /// Input and output features of the layer (for embeddings: table size and dim).
+    pub in_features: i64,
+    pub out_features: i64,
+    /// The weight also feeds other nodes (tied or deduplicated initializers).
+    pub shared: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
+    pub in_subgraph: bool,
+    /// Quantized base (MatMulNBits or a DequantizeLinear on the weight path).
+    pub quantized: bool,
+    /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub through: Vec<String>,
+    #[serde(skip)]
+    pub graph: usize,
+    #[serde(skip)]
+    pub node_index: usize,
+    #[serde(skip)]
+    pub source: Option<ConstSource>,
+}
+
+impl Candidate {
+    pub fn is_linear(&self) -> bool {
+        matches!(self.op.as_str(), "MatMul" | "Gemm" | "MatMulNBits")
+    }
+}
+
+/// Ops that pass a weight through unchanged in value (up to layout or dtype) on its way to
+/// the node that uses it.
+const PASS_THROUGH: [&str; 4] = ["Transpose", "Identity", "Cast", "DequantizeLinear"];
+
+/// Finds every candidate in the model, in graph order.
+pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for (gi, view) in graph.graphs.iter().enumerate() {
+        let Some(proto) = view.loc.get(model) else {
+            continue;
+        };
+        for (ni, node) in proto.node.iter().enumerate() {
+            if let Some(c) = candidate(model, graph, gi, ni, node) {
+                out.push(c);
+            }
+        }
+    }
+    mark_shared(model, graph, &mut out);
+    out
+}
+
+fn weight_input(node: &NodeProto) -> Option<usize> {
+    match (node.domain(), node.op_type()) {
+        ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv") => Some(1),
+        ("" | "ai.onnx", "Gather") => {
+            (node.attr_i("axis").unwrap_or(0) == 0).then_some(0)
+        }
+        ("com.microsoft", "MatMulNBits") => Some(1),
+        _ => None,
+    }
+}
+
+fn candidate(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    gi: usize,
+    ni: usize,
+    node: &NodeProto,
+) -> Option<Candidate> {
+    let wi = weight_input(node)?;
+    let mut value = node.input.get(wi)?.clone();
+    let view = &graph.graphs[gi];
+    let mut through = Vec::new();
+    let mut transposes = 0usize;
+    let mut quantized = node.op_type() == "MatMulNBits";
+    // Walk back through pass-through ops to the constant.
+    let source = loop {
+        if let Some(src) = graph.const_source(model, gi, &value) {
+            break src;
+        }
+        let &p = view.producer.get(&value)?;
+        let pn = graph.node(model, gi, p)?;
+        if !PASS_THROUGH.contains(&pn.op_type()) {
+            return None;
+        }
+        match pn.op_type() {
+            "Transpose" => {
+                let perm = pn.attr_ints("perm").unwrap_or(&[]);
+                if !(perm.is_empty() || perm == [1, 0]) {
+                    return None;
+                }
+                transposes += 1;
+            }
+            "DequantizeLinear" => quantized = true,
+            _ => {}
+        }
+        through.insert(0, pn.op_type().to_string());
+        value = pn.input.first()?.clone();
+    };
+    // A Gather whose indices are constant is a lookup of constants, not an embedding.
+    if node.op_type() == "Gather" {
+        let idx = node.input.get(1)?;
+        if graph.const_source(model, gi, idx).is_some() {
+            return None;
+        }
+    }
+    let tensor = graph.const_tensor(model, &source)?;
+    let shape = tensor.dims.clone();
+    let dtype = DataType::from_i32(tensor.data_type());
+    let (layout, in_features, out_features) = layout_of(node, &shape, transposes)?;
+    let (module, evidence, other_paths) =
+        module_path(model, graph, gi, node, tensor.name(), &value);
+    Some(Candidate {
+        module,
+        evidence,
+        other_paths,
+        node: node.label(),
+        op: node.op_type().to_string(),
+        weight: match &source {
+            ConstSource::Initializer { .. } => tensor.name().to_string(),
+            ConstSource::Constant { .. } => value.clone(),
+        },
+        shape,
+        layout,
+        dtype: dtype.name(),
+        in_features,
+        out_features,
+        shared: false,
+        shared_with: Vec::new(),
+        in_subgraph: gi != 0,
+        quantized,
+        through,
+        graph: gi,
+        node_index: ni,
+        source: Some(source),
+    })
+}
+
+/// Layout and (in, out) features from the node and the stored shape.
+fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layout, i64, i64)> {
+    match node.op_type() {
+        "MatMul" | "Gemm" => {
+            if shape.len() != 2 {
+                return None;
+            }
+            let trans_b = node.op_type() == "Gemm" && node.attr_i("transB").unwrap_or(0) != 0;
+            let flipped = (transposes % 2 == 1) ^ trans_b;
+            Some(if flipped {
+                (Layout::OutIn, shape[1], shape[0])
+            } else {
+                (Layout::InOut, shape[0], shape[1])
+            })
+        }
+        "Conv" => {
+            if shape.len() < 3 {
+                return None;
+            }
+            let groups = node.attr_i("group").unwrap_or(1);
+            Some((Layout::Conv, shape[1] * groups, shape[0]))
+        }
+        "Gather" => (shape.len() == 2).then(|| (Layout::Embedding, shape[0], shape[1])),
+        "MatMulNBits" => Some((
+            Layout::Quantized,
+            node.attr_i("K").unwrap_or(0),
+            node.attr_i("N").unwrap_or(0),
+        )),
+        _ => None,
+    }
+}
+
+/// The module path by evidence order; the other paths found are kept for the report.
+fn module_path(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    gi: usize,
+    node: &NodeProto,
+    weight_name: &str,
+    weight_value: &str,
+) -> (String, Evidence, Vec<String>) {
+    let folded = graph
+        .value_info(model, gi, weight_value)
+        .or_else(|| graph.value_info(model, gi, weight_name))
+        .and_then(|vi| crate::onnx::pb_ext::lookup(&vi.metadata_props, evidence::FOLDED_FROM_KEY))
+        .and_then(evidence::from_folded_from);
+    let found: Vec<(Evidence, Option<String>)> = vec![
+        (
+            Evidence::NameScopes,
+            node.metadata(evidence::NAME_SCOPES_KEY)
+                .and_then(evidence::from_name_scopes),
+        ),
+        (Evidence::NodeName, evidence::from_node_name(node.name())),
+        (Evidence::WeightName, evidence::from_weight_name(weight_name)),
+        (Evidence::FoldedFrom, folded),
+    ];
+    let mut chosen: Option<(String, Evidence)> = None;
+    let mut others = Vec::new();
+    for (ev, path) in found {
+        let Some(path) = path else { continue };
+        match &chosen {
+            None => chosen = Some((path, ev)),
+            Some((c, _)) if *c != path && !others.contains(&path) => others.push(path),
+            _ => {}
+        }
+    }
+    match chosen {
+        Some((path, ev)) => (path, ev, others),
+        None => (String::new(), Evidence::None, others),
+    }
+}
+
+/// Marks candidates whose stored weight also feeds other nodes.
+fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
+    for i in 0..cands.len() {
+        let Some(src) = cands[i].source.clone() else {
+            continue;
+        };
+        let users = final_users(model, graph, &src);
+        let me = (cands[i].graph, cands[i].node_index);
+        let others: Vec<String> = users
+            .iter()
+            .filter(|&&u| u != me)
+            .filter_map(|&(g, n)| graph.node(model, g, n).map(NodeExt::label))
+            .collect();
+        cands[i].shared = !others.is_empty();
+        cands[i].shared_with = others;
+    }
+}
+
+/// Nodes that use a constant's value, looking through pass-through ops.
+pub fn final_users(model: &ModelProto, graph: &ModelGraph, src: &ConstSource) -> Vec<(usize, usize)> {
+    let (gi, value) = match *src {
+        ConstSource::Initializer { graph: g, index } => {
+            match graph.graphs[g].loc.get(model).and_then(|p| p.initializer.get(index)) {
+                Some(t) => (g, t.name().to_string()),
+                None => return Vec::new(),
+            }
+        }
+        ConstSource::Constant { graph: g, node } => match graph.node(model, g, node) {
+            Some(n) => (g, n.output.first().cloned().unwrap_or_default()),
+            None => return Vec::new(),
+        },
+    };
+    let mut users = Vec::new();
+    let mut stack = vec![(gi, value)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((g, v)) = stack.pop() {
+        if !seen.insert((g, v.clone())) {
+            continue;
+        }
+        // Readers in this graph and in subgraphs that see it from an enclosing scope.
+        for (sg, view) in graph.graphs.iter().enumerate() {
+            if sg != g && !is_within(graph, sg, g) {
+                continue;
+            }
+            if sg != g && view.initializers.contains_key(&v) {
+                continue;
+            }
+            for &n in view.consumers_of(&v) {
+                let Some(node) = graph.node(model, sg, n) else { continue };
+                if !node.input.iter().any(|i| *i == v) {
+                    continue; // reads it inside its own subgraph, counted there
+                }
+                if PASS_THROUGH.contains(&node.op_type()) && node.input.first() == Some(&v) {
+                    if let Some(o) = node.output.first() {
+                        stack.push((sg, o.clone()));
+                    }
+                } else {
+                    users.push((sg, n));
+                }
+            }
+        }
+    }
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+fn is_within(graph: &ModelGraph, inner: usize, outer: usize) -> bool {
+    let mut cur = graph.graphs[inner].parent;
+    while let Some(p) = cur {
+        if p == outer {
+            return true;
+        }
+        cur = graph.graphs[p].parent;
+    }
+    false
+}

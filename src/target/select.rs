@@ -1,0 +1,199 @@
+//! Choosing candidates: PEFT's `target_modules` semantics (a list matches a module by exact
+//! name or dotted suffix; a string is a full regex match; `all-linear` is every linear layer
+//! but the output head), `--target` regexes, and resolving one adapter module path to the one
+//! weight it adapts. Exports add wrapper prefixes (`m.model.layers.0...`) or drop the root's,
+//! so every comparison works on dotted suffixes.
+
+use regex::Regex;
+
+use super::Candidate;
+use crate::error::{Error, Result};
+
+/// What to target, as PEFT's `target_modules` says it.
+#[derive(Clone, Debug)]
+pub enum TargetSpec {
+    /// Module names: exact or dotted-suffix match (`q_proj` matches `model.layers.0.self_attn.q_proj`).
+    Names(Vec<String>),
+    /// A regex that must match a whole module path (or a dotted suffix of it).
+    Regex(String),
+    /// Every linear candidate except the output head.
+    AllLinear,
+}
+
+impl TargetSpec {
+    /// Reads PEFT's `target_modules` JSON value (list, string, or "all-linear").
+    pub fn from_peft_json(v: &serde_json::Value) -> Option<TargetSpec> {
+        match v {
+            serde_json::Value::String(s) if s == "all-linear" => Some(TargetSpec::AllLinear),
+            serde_json::Value::String(s) => Some(TargetSpec::Regex(s.clone())),
+            serde_json::Value::Array(items) => Some(TargetSpec::Names(
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_string))
+                    .collect(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// `path` and each of its dotted suffixes, longest first.
+pub fn dotted_suffixes(path: &str) -> impl Iterator<Item = &str> {
+    std::iter::once(path).chain(path.match_indices('.').map(move |(i, _)| &path[i + 1..]))
+}
+
+/// True when `name` is `module` or a dotted suffix of it.
+pub fn name_matches(module: &str, name: &str) -> bool {
+    module == name
+        || (module.len() > name.len()
+            && module.ends_with(name)
+            && module.as_bytes()[module.len() - name.len() - 1] == b'.')
+}
+
+/// Compiles a user regex so that it must match the whole string.
+pub fn full_regex(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| Error::Usage(format!("invalid target pattern '{pattern}': {e}")))
+}
+
+fn regex_matches(re: &Regex, module: &str) -> bool {
+    !module.is_empty() && dotted_suffixes(module).any(|s| re.is_match(s))
+}
+
+/// The output head that PEFT's `all-linear` leaves out: `lm_head`, or a linear layer whose
+/// weight is tied to an embedding table.
+pub fn is_output_head(c: &Candidate, all: &[Candidate]) -> bool {
+    let last = c.module.rsplit('.').next().unwrap_or("");
+    last == "lm_head"
+        || (c.shared
+            && all
+                .iter()
+                .any(|o| o.op == "Gather" && o.source == c.source && o.source.is_some()))
+}
+
+/// Candidates chosen by `spec` (if any) and by every `--target` regex (if any); with neither,
+/// all candidates.
+pub fn select<'a>(
+    cands: &'a [Candidate],
+    spec: Option<&TargetSpec>,
+    patterns: &[String],
+) -> Result<Vec<&'a Candidate>> {
+    let spec_re = match spec {
+        Some(TargetSpec::Regex(p)) => Some(full_regex(p)?),
+        _ => None,
+    };
+    let res: Vec<Regex> = patterns
+        .iter()
+        .map(|p| full_regex(p))
+        .collect::<Result<_>>()?;
+    Ok(cands
+        .iter()
+        .filter(|c| match spec {
+            None => true,
+            Some(TargetSpec::Names(names)) => names.iter().any(|n| name_matches(&c.module, n)),
+            Some(TargetSpec::Regex(_)) => spec_re.as_ref().is_some_and(|re| regex_matches(re, &c.module)),
+            Some(TargetSpec::AllLinear) => c.is_linear() && !is_output_head(c, cands),
+        })
+        .filter(|c| res.is_empty() || res.iter().any(|re| regex_matches(re, &c.module)))
+        .collect())
+}
+
+/// Known differences between exporters' scope names for the same module.
+const ALIASES: [(&str, &str); 2] = [("self_attn", "attn"), ("attn", "self_attn")];
+
+/// The candidates that a PEFT module path (without `base_model.model.`) adapts, among those
+/// `accept` allows (by op kind). All returned candidates share one weight; zero matches, or
+/// matches on different weights, is an error that lists what was found.
+pub fn resolve_module<'a>(
+    cands: &'a [Candidate],
+    path: &str,
+    accept: impl Fn(&Candidate) -> bool,
+) -> Result<Vec<&'a Candidate>> {
+    let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
+    let by = |p: &str| -> Vec<&'a Candidate> {
+        pool.iter()
+            .copied()
+            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
+            .collect()
+    };
+    let mut found = by(path);
+    if found.is_empty() {
+        for (from, to) in ALIASES {
+            let alias = path
+                .split('.')
+                .map(|s| if s == from { to } else { s })
+                .collect::<Vec<_>>()
+                .join(".");
+            if alias != path {
+                found = by(&alias);
+                if !found.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        // The export's root may sit below PEFT's (the module path has a prefix the export lacks).
+        for suffix in dotted_suffixes(path).skip(1).filter(|s| s.contains('.')) {
+            found = pool.iter().copied().filter(|c| c.module == suffix).collect();
+            if !found.is_empty() {
+                break;
+            }
+        }
+    }
+    if found.is_empty() {
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let near: Vec<String> = pool
+            .iter()
+            .filter(|c| c.module.rsplit('.').next() == Some(leaf))
+            .take(8)
+            .map(|c| format!("{} ({} {})", c.module, c.op, c.node))
+            .collect();
+        return Err(Error::Target(if near.is_empty() {
+            format!(
+                "module '{path}' matches no weight in the model ({} candidates; see `onnx-lora inspect`)",
+                pool.len()
+            )
+        } else {
+            format!(
+                "module '{path}' matches no weight in the model; similar: {}",
+                near.join(", ")
+            )
+        }));
+    }
+    let first = found[0].source.clone();
+    if found.iter().any(|c| c.source != first) {
+        let list: Vec<String> = found
+            .iter()
+            .map(|c| format!("{} ({} {}, weight {})", c.module, c.op, c.node, c.weight))
+            .collect();
+        return Err(Error::Target(format!(
+            "module '{path}' is ambiguous: it matches {} weights: {}",
+            list.len(),
+            list.join(", ")
+        )));
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_matching() {
+        assert!(name_matches("model.layers.0.self_attn.q_proj", "q_proj"));
+        assert!(name_matches("m.model.layers.0.q_proj", "model.layers.0.q_proj"));
+        assert!(!name_matches("model.layers.0.xq_proj", "q_proj"));
+        assert_eq!(
+            dotted_suffixes("a.b.c").collect::<Vec<_>>(),
+            vec!["a.b.c", "b.c", "c"]
+        );
+        let re = full_regex(r"layers\.[0-1]\..*").unwrap();
+        assert!(regex_matches(&re, "m.model.layers.1.mlp.up_proj"));
+        assert!(!regex_matches(&re, "m.model.layers.2.mlp.up_proj"));
+        let re = full_regex("q_proj|v_proj").unwrap();
+        assert!(regex_matches(&re, "model.layers.0.self_attn.v_proj"));
+        assert!(!regex_matches(&re, "model.layers.0.self_attn.o_proj"));
+    }
+}
