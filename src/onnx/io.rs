@@ -385,14 +385,16 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
                 .tempfile_in(&out_dir)
                 .map_err(|e| Error::io(&out_dir, e))?;
             let (bytes, count) =
-                write_external(model, &mut proto, name, opts.threshold, tmp.as_file())?;
+                write_external(&mut proto, name, opts.threshold, tmp.as_file())?;
             if opts.sync {
                 tmp.as_file().sync_data().map_err(|e| Error::io(tmp.path(), e))?;
             }
-            report.external_data = Some(out_dir.join(name));
-            report.external_bytes = bytes;
-            report.external_tensors = count;
-            data_tmp = Some(tmp);
+            if count > 0 {
+                report.external_data = Some(out_dir.join(name));
+                report.external_bytes = bytes;
+                report.external_tensors = count;
+                data_tmp = Some(tmp);
+            }
         }
     }
 
@@ -420,10 +422,25 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
     }
     report.model_bytes = encoded_len;
     if let (Some(tmp), Some(dest)) = (data_tmp, &report.external_data) {
+        make_readable(tmp.as_file(), dest)?;
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
     }
+    make_readable(tmp.as_file(), out)?;
     tmp.persist(out).map_err(|e| Error::io(out, e.error))?;
     Ok(report)
+}
+
+/// Temp files are created private (0600); the output gets the usual 0644.
+fn make_readable(file: &File, dest: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(dest, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (file, dest);
+    Ok(())
 }
 
 /// Writing over the model being read, or over one of its data files, is refused: inputs are
@@ -480,7 +497,6 @@ fn inline_everything(model: &LoadedModel, proto: &mut ModelProto) -> Result<()> 
 /// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
 /// and points the tensors there. Expects every tensor inline already (see `inline_everything`).
 fn write_external(
-    model: &LoadedModel,
     proto: &mut ModelProto,
     location: &str,
     threshold: usize,
@@ -490,11 +506,12 @@ fn write_external(
     let mut pos = 0u64;
     let mut count = 0usize;
     let mut place = |t: &mut TensorProto| -> Result<()> {
+        // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would change
+        // their representation, and exporters only use those fields for small tensors.
         let fixed = DataType::from_i32(t.data_type()).bits().is_some();
-        let bytes = model.tensor_bytes(t)?;
-        if !fixed || bytes.len() < threshold {
+        let Some(bytes) = t.raw_data.clone().filter(|b| fixed && b.len() >= threshold) else {
             return Ok(());
-        }
+        };
         let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         w.write_all(&vec![0u8; pad as usize])
             .map_err(|e| Error::io(location, e))?;
@@ -511,11 +528,6 @@ fn write_external(
         ];
         t.data_location = Some(DataLocation::External as i32);
         t.raw_data = None;
-        t.float_data.clear();
-        t.int32_data.clear();
-        t.int64_data.clear();
-        t.double_data.clear();
-        t.uint64_data.clear();
         pos += bytes.len() as u64;
         count += 1;
         Ok(())
