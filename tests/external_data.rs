@@ -1,0 +1,199 @@
+//! External data: what we write is page-aligned, one file, only location/offset/length keys,
+//! and onnxruntime loads it; references that leave the model's folder, in-memory addresses and
+//! out-of-range offsets are refused with one line naming the tensor, and nothing is written.
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use common::*;
+use onnx_lora::onnx::pb::{
+    GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    ValueInfoProto, tensor_proto::DataLocation,
+};
+use prost::Message;
+
+/// A one-MatMul model `y = x @ W` with W [4, 3] float32.
+fn matmul_model(w: TensorProto) -> ModelProto {
+    let vi = |name: &str, dims: [i64; 2]| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(onnx_lora::onnx::pb::TypeProto {
+            value: Some(onnx_lora::onnx::pb::type_proto::Value::TensorType(
+                onnx_lora::onnx::pb::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(onnx_lora::onnx::pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| onnx_lora::onnx::pb::tensor_shape_proto::Dimension {
+                                value: Some(
+                                    onnx_lora::onnx::pb::tensor_shape_proto::dimension::Value::DimValue(d),
+                                ),
+                                denotation: None,
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
+            denotation: None,
+        }),
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![onnx_lora::onnx::pb::NodeProto {
+                input: vec!["x".into(), "W".into()],
+                output: vec!["y".into()],
+                op_type: Some("MatMul".into()),
+                name: Some("/fc/MatMul".into()),
+                ..Default::default()
+            }],
+            initializer: vec![w],
+            input: vec![vi("x", [2, 4])],
+            output: vec![vi("y", [2, 3])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn external_weight(location: &str, offset: u64, length: u64) -> TensorProto {
+    let e = |k: &str, v: String| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    };
+    TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        data_location: Some(DataLocation::External as i32),
+        external_data: vec![
+            e("location", location.into()),
+            e("offset", offset.to_string()),
+            e("length", length.to_string()),
+        ],
+        ..Default::default()
+    }
+}
+
+fn write_model(dir: &Path, name: &str, m: &ModelProto) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, m.encode_to_vec()).unwrap();
+    p
+}
+
+#[test]
+fn written_external_data_is_aligned_and_loads_in_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two weights' worth of data in one file, at unaligned offsets, like onnx's Python writer.
+    let data: Vec<u8> = (0..24u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    std::fs::write(dir.path().join("in.bin"), &data).unwrap();
+    let src = write_model(dir.path(), "in.onnx", &matmul_model(external_weight("in.bin", 48, 48)));
+    let out = dir.path().join("out.onnx");
+    onnx_lora_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data",
+        "--threshold",
+        "0",
+    ]);
+    let m = onnx_lora::onnx::load(&out).unwrap();
+    let w = &m.proto.graph.as_ref().unwrap().initializer[0];
+    let keys: Vec<&str> = w.external_data.iter().map(|e| e.key()).collect();
+    assert_eq!(keys, ["location", "offset", "length"]);
+    assert_eq!(w.external_data[0].value(), "out.onnx.data");
+    let offset: u64 = w.external_data[1].value().parse().unwrap();
+    assert_eq!(offset % 4096, 0);
+    // The bytes are the second half of in.bin.
+    assert_eq!(m.tensor_bytes(w).unwrap(), Bytes::copy_from_slice(&data[48..]));
+    py("ort_run.py", &[&src, &out]);
+}
+
+#[test]
+fn large_tensors_go_external_small_stay_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let w = TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    };
+    let src = write_model(dir.path(), "in.onnx", &matmul_model(w));
+    let out = dir.path().join("a.onnx");
+    // 48 bytes: under the default 1 KiB threshold, so it stays inline and no data file appears.
+    onnx_lora_ok(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--external-data"]);
+    assert!(!dir.path().join("a.onnx.data").exists());
+    let out2 = dir.path().join("b.onnx");
+    onnx_lora_ok(&[
+        "convert", src.to_str().unwrap(), "-o", out2.to_str().unwrap(), "--external-data", "x.bin", "--threshold", "48",
+    ]);
+    assert!(dir.path().join("x.bin").exists());
+    py("ort_run.py", &[&src, &out2]);
+}
+
+fn assert_refused(location: &str, offset: u64, length: u64, expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.bin"), vec![0u8; 48]).unwrap();
+    let src = write_model(dir.path(), "bad.onnx", &matmul_model(external_weight(location, offset, length)));
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("tensor 'W'") && err.contains(expect), "{err}");
+    assert!(err.contains("bad.onnx"), "names the file: {err}");
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".onnx-lora-"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn bad_locations_are_refused() {
+    assert_refused("../w.bin", 0, 48, "leaves the model's folder");
+    assert_refused("sub/../../w.bin", 0, 48, "leaves the model's folder");
+    assert_refused("/etc/passwd", 0, 48, "absolute");
+    assert_refused("*/_ORT_MEM_ADDR_/*", 0, 48, "in-memory address");
+    assert_refused("w.bin", 4, 48, "outside");
+    assert_refused("w.bin", 0, 40, "needs 48");
+    assert_refused("missing.bin", 0, 48, "cannot open");
+}
+
+#[test]
+fn output_never_overwrites_input() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.bin"), vec![0u8; 48]).unwrap();
+    let src = write_model(dir.path(), "m.onnx", &matmul_model(external_weight("w.bin", 0, 48)));
+    let before = std::fs::read(&src).unwrap();
+    let o = onnx_lora(&["convert", src.to_str().unwrap(), "-o", src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("overwrite the input"));
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+}
+
+#[test]
+fn garbage_input_is_one_line_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("junk.onnx");
+    std::fs::write(&p, b"\xff\xff\xff\xff not a model").unwrap();
+    let o = onnx_lora(&["inspect", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("junk.onnx") && err.contains("not a valid ONNX model"), "{err}");
+    let o = onnx_lora(&["inspect", "/nonexistent/model.onnx"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.onnx"));
+}
