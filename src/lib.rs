@@ -15,9 +15,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adapter;
 pub mod error;
 pub mod graph;
 pub mod onnx;
+pub mod rewrite;
 pub mod target;
+pub mod tensor;
 
 pub use error::{Error, Result};

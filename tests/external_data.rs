@@ -16,7 +16,8 @@ use prost::Message;
 
 /// A one-MatMul model `y = x @ W` with W [4, 3] float32.
 fn matmul_model(w: TensorProto) -> ModelProto {
-    let vi = |name: &str, dims: [i64; 2]| ValueInfoProto {
+    let vi = |name: &str, dims: [i64; 2]| {
+        ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(onnx_lora::onnx::pb::TypeProto {
             value: Some(onnx_lora::onnx::pb::type_proto::Value::TensorType(
@@ -38,6 +39,7 @@ fn matmul_model(w: TensorProto) -> ModelProto {
             denotation: None,
         }),
         ..Default::default()
+    }
     };
     ModelProto {
         ir_version: Some(8),
@@ -94,7 +96,11 @@ fn written_external_data_is_aligned_and_loads_in_onnxruntime() {
     // Two weights' worth of data in one file, at unaligned offsets, like onnx's Python writer.
     let data: Vec<u8> = (0..24u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
     std::fs::write(dir.path().join("in.bin"), &data).unwrap();
-    let src = write_model(dir.path(), "in.onnx", &matmul_model(external_weight("in.bin", 48, 48)));
+    let src = write_model(
+        dir.path(),
+        "in.onnx",
+        &matmul_model(external_weight("in.bin", 48, 48)),
+    );
     let out = dir.path().join("out.onnx");
     onnx_lora_ok(&[
         "convert",
@@ -113,7 +119,10 @@ fn written_external_data_is_aligned_and_loads_in_onnxruntime() {
     let offset: u64 = w.external_data[1].value().parse().unwrap();
     assert_eq!(offset % 4096, 0);
     // The bytes are the second half of in.bin.
-    assert_eq!(m.tensor_bytes(w).unwrap(), Bytes::copy_from_slice(&data[48..]));
+    assert_eq!(
+        m.tensor_bytes(w).unwrap(),
+        Bytes::copy_from_slice(&data[48..])
+    );
     py("ort_run.py", &[&src, &out]);
 }
 
@@ -131,11 +140,24 @@ fn large_tensors_go_external_small_stay_inline() {
     let src = write_model(dir.path(), "in.onnx", &matmul_model(w));
     let out = dir.path().join("a.onnx");
     // 48 bytes: under the default 1 KiB threshold, so it stays inline and no data file appears.
-    onnx_lora_ok(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--external-data"]);
+    onnx_lora_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data",
+    ]);
     assert!(!dir.path().join("a.onnx.data").exists());
     let out2 = dir.path().join("b.onnx");
     onnx_lora_ok(&[
-        "convert", src.to_str().unwrap(), "-o", out2.to_str().unwrap(), "--external-data", "x.bin", "--threshold", "48",
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--external-data",
+        "x.bin",
+        "--threshold",
+        "48",
     ]);
     assert!(dir.path().join("x.bin").exists());
     py("ort_run.py", &[&src, &out2]);
@@ -144,9 +166,18 @@ fn large_tensors_go_external_small_stay_inline() {
 fn assert_refused(location: &str, offset: u64, length: u64, expect: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("w.bin"), vec![0u8; 48]).unwrap();
-    let src = write_model(dir.path(), "bad.onnx", &matmul_model(external_weight(location, offset, length)));
+    let src = write_model(
+        dir.path(),
+        "bad.onnx",
+        &matmul_model(external_weight(location, offset, length)),
+    );
     let out = dir.path().join("out.onnx");
-    let o = onnx_lora(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let o = onnx_lora(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
@@ -176,9 +207,18 @@ fn bad_locations_are_refused() {
 fn output_never_overwrites_input() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("w.bin"), vec![0u8; 48]).unwrap();
-    let src = write_model(dir.path(), "m.onnx", &matmul_model(external_weight("w.bin", 0, 48)));
+    let src = write_model(
+        dir.path(),
+        "m.onnx",
+        &matmul_model(external_weight("w.bin", 0, 48)),
+    );
     let before = std::fs::read(&src).unwrap();
-    let o = onnx_lora(&["convert", src.to_str().unwrap(), "-o", src.to_str().unwrap()]);
+    let o = onnx_lora(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        src.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("overwrite the input"));
     assert_eq!(std::fs::read(&src).unwrap(), before);
@@ -192,7 +232,10 @@ fn garbage_input_is_one_line_exit_2() {
     let o = onnx_lora(&["inspect", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("junk.onnx") && err.contains("not a valid ONNX model"), "{err}");
+    assert!(
+        err.contains("junk.onnx") && err.contains("not a valid ONNX model"),
+        "{err}"
+    );
     let o = onnx_lora(&["inspect", "/nonexistent/model.onnx"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.onnx"));

@@ -34,8 +34,16 @@ fn assert_equal_pairs(pairs: &[PathBuf]) {
 #[test]
 fn onnx_backend_corpus_round_trips() {
     let models = files_with_ext(&onnx_backend_data(), "onnx");
-    assert!(models.len() > 100, "expected the onnx package's ~150 backend models, found {}", models.len());
-    for flags in [&[][..], &["--inline"][..], &["--external-data", "w.bin", "--threshold", "0"][..]] {
+    assert!(
+        models.len() > 100,
+        "expected the onnx package's ~150 backend models, found {}",
+        models.len()
+    );
+    for flags in [
+        &[][..],
+        &["--inline"][..],
+        &["--external-data", "w.bin", "--threshold", "0"][..],
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let pairs = convert_all(&models, dir.path(), flags);
         assert_equal_pairs(&pairs);
@@ -65,7 +73,12 @@ fn rarely_set_fields_survive() {
         ("ext.onnx", &["--external-data", "--threshold", "16"][..]),
     ] {
         let dest = dir.path().join(name);
-        let mut args = vec!["convert", rich.to_str().unwrap(), "-o", dest.to_str().unwrap()];
+        let mut args = vec![
+            "convert",
+            rich.to_str().unwrap(),
+            "-o",
+            dest.to_str().unwrap(),
+        ];
         args.extend_from_slice(flags);
         onnx_lora_ok(&args);
         pairs.push(rich.clone());

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use onnx_lora::onnx::{self, SaveOptions, TensorLayout};
+use onnx_lora::onnx;
 
 use super::output::json_line;
+use super::save_args::SaveArgs;
 
 /// Re-write a model with its weights inline or in one external data file. Nothing else
 /// changes: the output is the same model.
@@ -22,15 +23,8 @@ pub struct Args {
     /// Where to write the result (written atomically; the input is never modified).
     #[arg(short, long)]
     output: PathBuf,
-    /// Put initializers of at least --threshold bytes into this file beside the output.
-    #[arg(long, value_name = "NAME", conflicts_with = "inline", num_args = 0..=1, default_missing_value = "")]
-    external_data: Option<String>,
-    /// Store every tensor inside the .onnx file.
-    #[arg(long)]
-    inline: bool,
-    /// Smallest tensor, in bytes, that goes to external data.
-    #[arg(long, default_value_t = onnx::io::DEFAULT_THRESHOLD, value_name = "BYTES")]
-    threshold: usize,
+    #[command(flatten)]
+    save: SaveArgs,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -38,22 +32,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
-    let layout = match (&args.external_data, args.inline) {
-        (_, true) => TensorLayout::Inline,
-        (Some(name), _) => TensorLayout::External {
-            name: (!name.is_empty()).then(|| name.clone()),
-        },
-        (None, false) => TensorLayout::Auto,
-    };
-    let report = onnx::save(
-        &model,
-        &args.output,
-        &SaveOptions {
-            layout,
-            threshold: args.threshold,
-            ..SaveOptions::default()
-        },
-    )?;
+    let report = onnx::save(&model, &args.output, &args.save.options())?;
     if args.json {
         json_line("report", &report)?;
     } else {
@@ -66,7 +45,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 report.external_tensors,
                 report.external_bytes
             ),
-            None => eprintln!("wrote {} ({} bytes)", report.model.display(), report.model_bytes),
+            None => eprintln!(
+                "wrote {} ({} bytes)",
+                report.model.display(),
+                report.model_bytes
+            ),
         }
     }
     Ok(super::EXIT_OK)

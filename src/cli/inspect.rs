@@ -58,7 +58,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 flags.push("quantized");
             }
             vec![
-                if c.module.is_empty() { "?".into() } else { c.module.clone() },
+                if c.module.is_empty() {
+                    "?".into()
+                } else {
+                    c.module.clone()
+                },
                 c.op.clone(),
                 format!("{:?}", c.shape),
                 serde_json::to_value(c.layout)
@@ -75,7 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     print!(
         "{}",
         table(
-            &["MODULE", "OP", "SHAPE", "LAYOUT", "DTYPE", "WEIGHT", "NODE", "FLAGS"],
+            &[
+                "MODULE", "OP", "SHAPE", "LAYOUT", "DTYPE", "WEIGHT", "NODE", "FLAGS"
+            ],
             &rows
         )
     );

@@ -3,8 +3,10 @@
 //! models differ (verify), 2 any error.
 
 mod convert;
+mod fold;
 mod inspect;
 mod output;
+mod save_args;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,7 @@ pub const EXIT_ERROR: u8 = 2;
     after_help = "Examples:
   onnx-lora inspect model.onnx
   onnx-lora inspect model.onnx --target 'q_proj|v_proj' --json
+  onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
 
 Exit codes: 0 success, 1 models differ (verify), 2 error."
@@ -35,6 +38,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Inspect(inspect::Args),
+    Fold(fold::Args),
     Convert(convert::Args),
 }
 
@@ -49,6 +53,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Fold(a) => fold::run(a),
         Command::Convert(a) => convert::run(a),
     };
     match result {

@@ -3,8 +3,8 @@
 //! initializers, Constant values and value infos, and a deterministic topological order
 //! (ties keep the original node order). Rewrites read it to decide and then edit the proto.
 
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 
@@ -24,8 +24,16 @@ impl GraphLoc {
     pub fn get<'m>(&self, model: &'m ModelProto) -> Option<&'m GraphProto> {
         let mut g = model.graph.as_ref()?;
         for (node, attr, i) in &self.0 {
-            let a = g.node.get(*node)?.attribute.iter().find(|a| a.name() == attr)?;
-            g = a.g.as_ref().filter(|_| *i == 0 && a.graphs.is_empty()).or(a.graphs.get(*i))?;
+            let a = g
+                .node
+                .get(*node)?
+                .attribute
+                .iter()
+                .find(|a| a.name() == attr)?;
+            g =
+                a.g.as_ref()
+                    .filter(|_| *i == 0 && a.graphs.is_empty())
+                    .or(a.graphs.get(*i))?;
         }
         Some(g)
     }
@@ -208,7 +216,11 @@ impl GraphView {
 pub fn outer_reads(g: &GraphProto) -> BTreeSet<&str> {
     let mut local: HashSet<&str> = g.input.iter().map(|v| v.name()).collect();
     local.extend(g.initializer.iter().map(|t| t.name()));
-    local.extend(g.sparse_initializer.iter().filter_map(|s| s.values.as_ref().map(|v| v.name())));
+    local.extend(
+        g.sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref().map(|v| v.name())),
+    );
     for n in &g.node {
         local.extend(n.output.iter().map(String::as_str));
     }
@@ -266,7 +278,11 @@ impl ModelGraph {
     }
 
     /// The tensor behind a constant source.
-    pub fn const_tensor<'m>(&self, model: &'m ModelProto, src: &ConstSource) -> Option<&'m TensorProto> {
+    pub fn const_tensor<'m>(
+        &self,
+        model: &'m ModelProto,
+        src: &ConstSource,
+    ) -> Option<&'m TensorProto> {
         match *src {
             ConstSource::Initializer { graph, index } => {
                 self.graphs[graph].loc.get(model)?.initializer.get(index)
@@ -285,12 +301,22 @@ impl ModelGraph {
     }
 
     /// The node proto at (graph, index).
-    pub fn node<'m>(&self, model: &'m ModelProto, graph: usize, node: usize) -> Option<&'m NodeProto> {
+    pub fn node<'m>(
+        &self,
+        model: &'m ModelProto,
+        graph: usize,
+        node: usize,
+    ) -> Option<&'m NodeProto> {
         self.graphs[graph].loc.get(model)?.node.get(node)
     }
 
     /// The value info declared for `value` in graph `gi` (value_info, inputs or outputs).
-    pub fn value_info<'m>(&self, model: &'m ModelProto, gi: usize, value: &str) -> Option<&'m ValueInfoProto> {
+    pub fn value_info<'m>(
+        &self,
+        model: &'m ModelProto,
+        gi: usize,
+        value: &str,
+    ) -> Option<&'m ValueInfoProto> {
         let g = self.graphs[gi].loc.get(model)?;
         g.value_info
             .iter()

@@ -12,9 +12,9 @@ use std::path::{Component, Path, PathBuf};
 use bytes::Bytes;
 use prost::Message;
 
+use super::DataType;
 use super::pb::{ModelProto, StringStringEntryProto, TensorProto, tensor_proto::DataLocation};
 use super::pb_ext::{for_each_tensor_mut, is_external, numel};
-use super::DataType;
 use crate::error::{Error, Result};
 
 /// Largest protobuf message the C++ and Python readers accept.
@@ -354,8 +354,8 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
         TensorLayout::Inline => None,
         TensorLayout::External { name } => Some(name.clone()),
         TensorLayout::Auto => {
-            let needs = model.has_external_data()
-                || inline_size_estimate(model, &proto)? > PROTOBUF_LIMIT;
+            let needs =
+                model.has_external_data() || inline_size_estimate(model, &proto)? > PROTOBUF_LIMIT;
             needs.then_some(None)
         }
     }
@@ -384,10 +384,11 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
                 .suffix(".data.tmp")
                 .tempfile_in(&out_dir)
                 .map_err(|e| Error::io(&out_dir, e))?;
-            let (bytes, count) =
-                write_external(&mut proto, name, opts.threshold, tmp.as_file())?;
+            let (bytes, count) = write_external(&mut proto, name, opts.threshold, tmp.as_file())?;
             if opts.sync {
-                tmp.as_file().sync_data().map_err(|e| Error::io(tmp.path(), e))?;
+                tmp.as_file()
+                    .sync_data()
+                    .map_err(|e| Error::io(tmp.path(), e))?;
             }
             if count > 0 {
                 report.external_data = Some(out_dir.join(name));
@@ -418,7 +419,9 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
         .write_all(&buf)
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
     if opts.sync {
-        tmp.as_file().sync_data().map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file()
+            .sync_data()
+            .map_err(|e| Error::io(tmp.path(), e))?;
     }
     report.model_bytes = encoded_len;
     if let (Some(tmp), Some(dest)) = (data_tmp, &report.external_data) {

@@ -119,7 +119,11 @@ fn attribute_tensors_mut<E>(
     for t in &mut a.tensors {
         f(t)?;
     }
-    for s in a.sparse_tensor.iter_mut().chain(a.sparse_tensors.iter_mut()) {
+    for s in a
+        .sparse_tensor
+        .iter_mut()
+        .chain(a.sparse_tensors.iter_mut())
+    {
         if let Some(v) = s.values.as_mut() {
             f(v)?;
         }

@@ -11,9 +11,9 @@ pub mod select;
 use serde::Serialize;
 
 use crate::graph::{ConstSource, ModelGraph};
+use crate::onnx::DataType;
 use crate::onnx::pb::{ModelProto, NodeProto};
 use crate::onnx::pb_ext::NodeExt;
-use crate::onnx::DataType;
 
 pub use select::{TargetSpec, resolve_module, select};
 
@@ -80,6 +80,12 @@ pub struct Candidate {
     pub node_index: usize,
     #[serde(skip)]
     pub source: Option<ConstSource>,
+    /// Node indices of the pass-through ops between the weight and the node, weight first.
+    #[serde(skip)]
+    pub chain: Vec<usize>,
+    /// Which input of the node is the weight.
+    #[serde(skip)]
+    pub weight_input: usize,
 }
 
 impl Candidate {
@@ -112,9 +118,7 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
 fn weight_input(node: &NodeProto) -> Option<usize> {
     match (node.domain(), node.op_type()) {
         ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv") => Some(1),
-        ("" | "ai.onnx", "Gather") => {
-            (node.attr_i("axis").unwrap_or(0) == 0).then_some(0)
-        }
+        ("" | "ai.onnx", "Gather") => (node.attr_i("axis").unwrap_or(0) == 0).then_some(0),
         ("com.microsoft", "MatMulNBits") => Some(1),
         _ => None,
     }
@@ -131,6 +135,7 @@ fn candidate(
     let mut value = node.input.get(wi)?.clone();
     let view = &graph.graphs[gi];
     let mut through = Vec::new();
+    let mut chain = Vec::new();
     let mut transposes = 0usize;
     let mut quantized = node.op_type() == "MatMulNBits";
     // Walk back through pass-through ops to the constant.
@@ -155,6 +160,7 @@ fn candidate(
             _ => {}
         }
         through.insert(0, pn.op_type().to_string());
+        chain.insert(0, p);
         value = pn.input.first()?.clone();
     };
     // A Gather whose indices are constant is a lookup of constants, not an embedding.
@@ -193,6 +199,8 @@ fn candidate(
         graph: gi,
         node_index: ni,
         source: Some(source),
+        chain,
+        weight_input: wi,
     })
 }
 
@@ -249,7 +257,10 @@ fn module_path(
                 .and_then(evidence::from_name_scopes),
         ),
         (Evidence::NodeName, evidence::from_node_name(node.name())),
-        (Evidence::WeightName, evidence::from_weight_name(weight_name)),
+        (
+            Evidence::WeightName,
+            evidence::from_weight_name(weight_name),
+        ),
         (Evidence::FoldedFrom, folded),
     ];
     let mut chosen: Option<(String, Evidence)> = None;
@@ -287,10 +298,18 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
 }
 
 /// Nodes that use a constant's value, looking through pass-through ops.
-pub fn final_users(model: &ModelProto, graph: &ModelGraph, src: &ConstSource) -> Vec<(usize, usize)> {
+pub fn final_users(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    src: &ConstSource,
+) -> Vec<(usize, usize)> {
     let (gi, value) = match *src {
         ConstSource::Initializer { graph: g, index } => {
-            match graph.graphs[g].loc.get(model).and_then(|p| p.initializer.get(index)) {
+            match graph.graphs[g]
+                .loc
+                .get(model)
+                .and_then(|p| p.initializer.get(index))
+            {
                 Some(t) => (g, t.name().to_string()),
                 None => return Vec::new(),
             }
@@ -316,7 +335,9 @@ pub fn final_users(model: &ModelProto, graph: &ModelGraph, src: &ConstSource) ->
                 continue;
             }
             for &n in view.consumers_of(&v) {
-                let Some(node) = graph.node(model, sg, n) else { continue };
+                let Some(node) = graph.node(model, sg, n) else {
+                    continue;
+                };
                 if !node.input.iter().any(|i| *i == v) {
                     continue; // reads it inside its own subgraph, counted there
                 }

@@ -91,7 +91,9 @@ pub fn select<'a>(
         .filter(|c| match spec {
             None => true,
             Some(TargetSpec::Names(names)) => names.iter().any(|n| name_matches(&c.module, n)),
-            Some(TargetSpec::Regex(_)) => spec_re.as_ref().is_some_and(|re| regex_matches(re, &c.module)),
+            Some(TargetSpec::Regex(_)) => spec_re
+                .as_ref()
+                .is_some_and(|re| regex_matches(re, &c.module)),
             Some(TargetSpec::AllLinear) => c.is_linear() && !is_output_head(c, cands),
         })
         .filter(|c| res.is_empty() || res.iter().any(|re| regex_matches(re, &c.module)))
@@ -135,7 +137,11 @@ pub fn resolve_module<'a>(
     if found.is_empty() {
         // The export's root may sit below PEFT's (the module path has a prefix the export lacks).
         for suffix in dotted_suffixes(path).skip(1).filter(|s| s.contains('.')) {
-            found = pool.iter().copied().filter(|c| c.module == suffix).collect();
+            found = pool
+                .iter()
+                .copied()
+                .filter(|c| c.module == suffix)
+                .collect();
             if !found.is_empty() {
                 break;
             }
@@ -183,7 +189,10 @@ mod tests {
     #[test]
     fn suffix_matching() {
         assert!(name_matches("model.layers.0.self_attn.q_proj", "q_proj"));
-        assert!(name_matches("m.model.layers.0.q_proj", "model.layers.0.q_proj"));
+        assert!(name_matches(
+            "m.model.layers.0.q_proj",
+            "model.layers.0.q_proj"
+        ));
         assert!(!name_matches("model.layers.0.xq_proj", "q_proj"));
         assert_eq!(
             dotted_suffixes("a.b.c").collect::<Vec<_>>(),

@@ -1,0 +1,355 @@
+//! PEFT LoRA adapters. Keys are `base_model.model.<module>.lora_A.weight` (r, in) and
+//! `.lora_B.weight` (out, r); embeddings use `lora_embedding_A` (r, num) / `lora_embedding_B`
+//! (dim, r); DoRA adds `.lora_magnitude_vector`; `lora_bias` adds `.lora_B.bias`; other
+//! tensors are whole replacements (`modules_to_save`, `base_layer.weight`). The scaling is
+//! alpha / r, or alpha / sqrt(r) with rslora, where `rank_pattern` / `alpha_pattern` keys are
+//! regexes matched as `(.*\.)?(KEY)$` against the module path, first match in file order.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::onnx::io::map_file;
+use crate::target::TargetSpec;
+
+/// Initialisations that change the base weights during training: folding such an adapter onto
+/// the original base is wrong.
+const BASE_CHANGING_INITS: [&str; 5] = ["pissa", "olora", "corda", "lora_ga", "loftq"];
+
+/// A tensor read from the adapter, in f32.
+#[derive(Clone, Debug)]
+pub struct F32Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The parts of `adapter_config.json` that define the math.
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f32,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub fan_in_fan_out: bool,
+    pub rank_pattern: Vec<(String, f32)>,
+    pub alpha_pattern: Vec<(String, f32)>,
+    pub target_modules: Option<TargetSpec>,
+    pub init_lora_weights: Value,
+    pub raw: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// Linear / Conv1D / Conv: `lora_A`, `lora_B`.
+    Lora,
+    /// Embedding: `lora_embedding_A`, `lora_embedding_B`.
+    Embedding,
+    /// Only whole tensors (modules_to_save).
+    Full,
+}
+
+/// Everything the adapter holds for one module.
+#[derive(Clone, Debug)]
+pub struct ModuleAdapter {
+    /// Module path without PEFT's `base_model.model.` prefix.
+    pub path: String,
+    pub kind: ModuleKind,
+    pub a: Option<F32Tensor>,
+    pub b: Option<F32Tensor>,
+    pub magnitude: Option<F32Tensor>,
+    pub bias_b: Option<F32Tensor>,
+    /// Whole tensors by parameter name (`weight`, `bias`).
+    pub full: BTreeMap<String, F32Tensor>,
+    /// The adapter keys this module was built from (for reports and errors).
+    pub keys: Vec<String>,
+}
+
+impl ModuleAdapter {
+    /// The LoRA rank (rows of A).
+    pub fn rank(&self) -> usize {
+        self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0)
+    }
+}
+
+/// A PEFT adapter loaded into memory.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub path: PathBuf,
+    pub config: AdapterConfig,
+    pub modules: Vec<ModuleAdapter>,
+}
+
+impl Adapter {
+    /// Reads a PEFT adapter folder, or an `.safetensors` file with `adapter_config.json` beside it.
+    pub fn load(path: &Path) -> Result<Adapter> {
+        let (weights, config_path) = if path.is_dir() {
+            (
+                path.join("adapter_model.safetensors"),
+                path.join("adapter_config.json"),
+            )
+        } else {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            (path.to_path_buf(), dir.join("adapter_config.json"))
+        };
+        let err = |reason: String| Error::Adapter {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !weights.exists() {
+            if path.join("adapter_model.bin").exists() {
+                return Err(err("only adapter_model.bin (pickle) found: save the adapter with safe_serialization=True".into()));
+            }
+            return Err(err(format!("no {} found", weights.display())));
+        }
+        let config_text = std::fs::read_to_string(&config_path)
+            .map_err(|e| err(format!("cannot read {}: {e}", config_path.display())))?;
+        let config = AdapterConfig::parse(&config_text)
+            .map_err(|r| err(format!("{}: {r}", config_path.display())))?;
+        let buf = map_file(&weights)?;
+        let st = SafeTensors::deserialize(&buf).map_err(|e| {
+            err(format!(
+                "{}: not a safetensors file: {e}",
+                weights.display()
+            ))
+        })?;
+        let modules = group_modules(&st).map_err(|r| err(format!("{}: {r}", weights.display())))?;
+        Ok(Adapter {
+            path: path.to_path_buf(),
+            config,
+            modules,
+        })
+    }
+
+    /// The scaling for a module: alpha / r (or / sqrt(r) with rslora), with per-module alpha
+    /// from `alpha_pattern`. r is the stored rank (rows of A), which `rank_pattern` already set.
+    pub fn scaling(&self, m: &ModuleAdapter) -> f32 {
+        let r = m.rank().max(1) as f32;
+        let alpha =
+            pattern_value(&self.config.alpha_pattern, &m.path).unwrap_or(self.config.lora_alpha);
+        if self.config.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    /// Refuses adapters whose training changed the base weights.
+    pub fn check_foldable(&self) -> Result<()> {
+        if let Value::String(init) = &self.config.init_lora_weights {
+            let lower = init.to_ascii_lowercase();
+            if BASE_CHANGING_INITS.iter().any(|k| lower.starts_with(k)) {
+                return Err(Error::Adapter {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "init_lora_weights = \"{init}\" changed the base weights during training, so W + s*B@A on the original base is wrong; convert the adapter to plain LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value of the first pattern (file order) matching `path` as `(.*\.)?(KEY)$`.
+pub fn pattern_value(patterns: &[(String, f32)], path: &str) -> Option<f32> {
+    patterns.iter().find_map(|(key, v)| {
+        let re = Regex::new(&format!(r"^(.*\.)?({key})$")).ok()?;
+        re.is_match(path).then_some(*v)
+    })
+}
+
+impl AdapterConfig {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let peft_type = raw
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("LORA");
+        if !peft_type.eq_ignore_ascii_case("lora") {
+            return Err(format!(
+                "peft_type {peft_type} is not supported (LORA only)"
+            ));
+        }
+        let num = |k: &str| raw.get(k).and_then(Value::as_f64);
+        let flag = |k: &str| raw.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let patterns = |k: &str| -> Vec<(String, f32)> {
+            raw.get(k)
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(key, v)| v.as_f64().map(|v| (key.clone(), v as f32)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let r = num("r").unwrap_or(8.0) as usize;
+        Ok(AdapterConfig {
+            r,
+            lora_alpha: num("lora_alpha").unwrap_or(8.0) as f32,
+            use_rslora: flag("use_rslora"),
+            use_dora: flag("use_dora"),
+            fan_in_fan_out: flag("fan_in_fan_out"),
+            rank_pattern: patterns("rank_pattern"),
+            alpha_pattern: patterns("alpha_pattern"),
+            target_modules: raw
+                .get("target_modules")
+                .and_then(TargetSpec::from_peft_json),
+            init_lora_weights: raw
+                .get("init_lora_weights")
+                .cloned()
+                .unwrap_or(Value::Bool(true)),
+            raw,
+        })
+    }
+}
+
+/// Reads a tensor as f32 (F32, F16, BF16, F64).
+fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32Tensor, String> {
+    let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+    let dtype = match view.dtype() {
+        Dtype::F32 => crate::onnx::DataType::Float,
+        Dtype::F16 => crate::onnx::DataType::Float16,
+        Dtype::BF16 => crate::onnx::DataType::Bfloat16,
+        Dtype::F64 => crate::onnx::DataType::Double,
+        other => return Err(format!("{name}: dtype {other:?} is not a float type")),
+    };
+    let data = crate::tensor::to_f32(view.data(), dtype, name).map_err(|e| e.to_string())?;
+    Ok(F32Tensor {
+        shape: view.shape().to_vec(),
+        data,
+    })
+}
+
+/// Groups the safetensors keys by module, in the order modules first appear.
+fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, String> {
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut modules: Vec<ModuleAdapter> = Vec::new();
+    for key in names {
+        let stripped = key.strip_prefix("base_model.model.").unwrap_or(&key);
+        let (path, part) = split_key(stripped)
+            .ok_or_else(|| format!("key '{key}' is not a LoRA parameter key"))?;
+        let idx = match modules.iter().position(|m| m.path == path) {
+            Some(i) => i,
+            None => {
+                modules.push(ModuleAdapter {
+                    path: path.to_string(),
+                    kind: ModuleKind::Full,
+                    a: None,
+                    b: None,
+                    magnitude: None,
+                    bias_b: None,
+                    full: BTreeMap::new(),
+                    keys: Vec::new(),
+                });
+                modules.len() - 1
+            }
+        };
+        let t = read_f32(st, &key)?;
+        let m = &mut modules[idx];
+        m.keys.push(key.clone());
+        match part {
+            Part::A => (m.a, m.kind) = (Some(t), ModuleKind::Lora),
+            Part::B => (m.b, m.kind) = (Some(t), ModuleKind::Lora),
+            Part::EmbA => (m.a, m.kind) = (Some(t), ModuleKind::Embedding),
+            Part::EmbB => (m.b, m.kind) = (Some(t), ModuleKind::Embedding),
+            Part::Magnitude => m.magnitude = Some(t),
+            Part::BiasB => m.bias_b = Some(t),
+            Part::Full(p) => {
+                m.full.insert(p.to_string(), t);
+            }
+        }
+    }
+    for m in &modules {
+        if m.kind != ModuleKind::Full && (m.a.is_none() || m.b.is_none()) {
+            return Err(format!(
+                "module '{}' has only one of lora_A / lora_B",
+                m.path
+            ));
+        }
+    }
+    Ok(modules)
+}
+
+enum Part<'a> {
+    A,
+    B,
+    EmbA,
+    EmbB,
+    Magnitude,
+    BiasB,
+    Full(&'a str),
+}
+
+/// Splits `<module>.<lora part>` (adapter-name segments like `.default` tolerated).
+fn split_key(key: &str) -> Option<(&str, Part<'_>)> {
+    const PARTS: [(&str, u8); 8] = [
+        (".lora_A.weight", 0),
+        (".lora_B.weight", 1),
+        (".lora_embedding_A", 2),
+        (".lora_embedding_B", 3),
+        (".lora_magnitude_vector.weight", 4),
+        (".lora_magnitude_vector", 4),
+        (".lora_B.bias", 5),
+        (".lora_A.bias", 6),
+    ];
+    for (suffix, p) in PARTS {
+        if let Some(path) = key.strip_suffix(suffix) {
+            let part = match p {
+                0 => Part::A,
+                1 => Part::B,
+                2 => Part::EmbA,
+                3 => Part::EmbB,
+                4 => Part::Magnitude,
+                5 => Part::BiasB,
+                _ => return None,
+            };
+            return Some((path, part));
+        }
+    }
+    // Whole tensors: `<module>.weight`, `<module>.base_layer.weight`,
+    // `<module>.modules_to_save.<name>.weight`.
+    let (rest, param) = key.rsplit_once('.')?;
+    let module = rest
+        .strip_suffix(".base_layer")
+        .or_else(|| rest.split_once(".modules_to_save.").map(|(m, _)| m))
+        .or_else(|| rest.strip_suffix(".original_module").map(|_| ""))
+        .unwrap_or(rest);
+    (!module.is_empty()).then_some((module, Part::Full(param)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_like_peft() {
+        let p = vec![
+            ("layers.1.self_attn.q_proj".to_string(), 16.0),
+            (r".*\.0\..*".to_string(), 2.0),
+        ];
+        assert_eq!(
+            pattern_value(&p, "model.layers.1.self_attn.q_proj"),
+            Some(16.0)
+        );
+        assert_eq!(pattern_value(&p, "model.layers.0.mlp.up_proj"), Some(2.0));
+        assert_eq!(pattern_value(&p, "model.layers.11.self_attn.q_proj"), None);
+        assert_eq!(pattern_value(&p, "model.xlayers.1.self_attn.q_proj"), None);
+    }
+
+    #[test]
+    fn keys_split() {
+        let (p, part) = split_key("model.layers.0.q_proj.lora_A.weight").unwrap();
+        assert!(p == "model.layers.0.q_proj" && matches!(part, Part::A));
+        let (p, part) = split_key("model.embed_tokens.lora_embedding_B").unwrap();
+        assert!(p == "model.embed_tokens" && matches!(part, Part::EmbB));
+        let (p, part) = split_key("classifier.modules_to_save.default.weight").unwrap();
+        assert!(p == "classifier" && matches!(part, Part::Full("weight")));
+        let (p, _) = split_key("lm_head.base_layer.weight").unwrap();
+        assert_eq!(p, "lm_head");
+    }
+}

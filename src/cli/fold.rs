@@ -1,0 +1,128 @@
+//! `onnx-lora fold`: merge PEFT adapters into a model's weights.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use onnx_lora::adapter::Adapter;
+use onnx_lora::onnx;
+use onnx_lora::rewrite::{FoldOptions, fold};
+
+use super::output::{json_line, table};
+use super::save_args::SaveArgs;
+
+/// Merge trained PEFT LoRA adapters into the weights of an ONNX model, exactly as PEFT's
+/// merge_and_unload would, giving a fine-tuned model with no inference overhead.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
+  onnx-lora fold model.onnx a/ b/ --weight 0.7 --weight 0.3 -o mix.onnx
+  onnx-lora fold model.onnx adapter/adapter_model.safetensors -o out.onnx --json
+
+ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors) or the .safetensors
+file with its adapter_config.json beside it. Module paths in the adapter are matched to the
+model's weights by dotted suffix (see `onnx-lora inspect`). Weights shared with other nodes
+(tied embeddings) are copied for the adapted node, so only it changes.")]
+pub struct Args {
+    /// The base ONNX model.
+    model: PathBuf,
+    /// PEFT adapters to merge, in order.
+    #[arg(required = true)]
+    adapters: Vec<PathBuf>,
+    /// Where to write the merged model (atomically; inputs are never modified).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Weight of each adapter's delta, in adapter order (default 1).
+    #[arg(long = "weight", value_name = "W")]
+    weights: Vec<f32>,
+    /// Multiplies every delta.
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    scale: f32,
+    /// Warn about adapter modules that match no weight instead of failing.
+    #[arg(long)]
+    allow_unmatched: bool,
+    #[command(flatten)]
+    save: SaveArgs,
+    /// JSON Lines report on stdout: one `module` record per weight, then a `report` record.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    if args.weights.len() > args.adapters.len() {
+        anyhow::bail!(
+            "{} --weight values for {} adapters",
+            args.weights.len(),
+            args.adapters.len()
+        );
+    }
+    let mut model = onnx::load(&args.model)?;
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|p| Adapter::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = FoldOptions {
+        weights: args.weights.clone(),
+        scale: args.scale,
+        allow_unmatched: args.allow_unmatched,
+    };
+    let report = fold(&mut model, &adapters, &opts)
+        .with_context(|| format!("fold into {}", args.model.display()))?;
+    let saved = onnx::save(&model, &args.output, &args.save.options())?;
+    for u in &report.unmatched {
+        eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
+    }
+    if args.json {
+        for m in &report.modules {
+            json_line("module", m)?;
+        }
+        json_line(
+            "report",
+            &serde_json::json!({"output": saved.model, "external_data": saved.external_data,
+                "modules": report.modules.len(), "unmatched": report.unmatched, "notes": report.notes}),
+        )?;
+        return Ok(super::EXIT_OK);
+    }
+    let rows: Vec<Vec<String>> = report
+        .modules
+        .iter()
+        .map(|m| {
+            vec![
+                m.module.clone(),
+                m.op.clone(),
+                m.weight.clone(),
+                m.rank.to_string(),
+                format!("{:.4}", m.scale),
+                format!("{:.3e}", m.max_abs_delta),
+                [
+                    m.dora.then_some("dora"),
+                    m.replaced.then_some("replaced"),
+                    m.copy.as_ref().map(|_| "copied"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "MODULE", "OP", "WEIGHT", "RANK", "SCALE", "MAX|ΔW|", "NOTES"
+            ],
+            &rows
+        )
+    );
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!(
+        "folded {} weights from {} adapter(s) into {}",
+        report.modules.len(),
+        adapters.len(),
+        saved.model.display()
+    );
+    Ok(super::EXIT_OK)
+}

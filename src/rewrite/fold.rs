@@ -1,0 +1,416 @@
+//! The fold pass: merges PEFT adapters into the weights, as PEFT's `merge_and_unload` would,
+//! mapped onto each ONNX layout.
+//!
+//! ```text
+//!   x ──MatMul(W)── y        becomes        x ──MatMul(W + s·ΔW)── y
+//! ```
+//!
+//! ΔW = B·A for Linear, Conv1D, Conv (A flattened over its kernel) and embeddings, applied
+//! in f32 and rounded once to the weight's dtype; DoRA rescales each output channel to its
+//! magnitude; several adapters apply in order, each delta times its `--weight`. A weight that
+//! other nodes also read (tied embeddings, deduplicated initializers) is copied for the
+//! targeted node, so the result equals the adapted model's unmerged forward.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::weights::{self, WeightValues};
+use crate::adapter::{Adapter, ModuleAdapter, ModuleKind};
+use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::LoadedModel;
+use crate::onnx::pb_ext::NodeExt;
+use crate::target::{Candidate, find_candidates, resolve_module};
+use crate::tensor::{Matrix, Orientation, add_low_rank, from_f32, out_norms, scale_out};
+
+#[derive(Clone, Debug)]
+pub struct FoldOptions {
+    /// One weight per adapter (default 1).
+    pub weights: Vec<f32>,
+    /// Multiplies every delta.
+    pub scale: f32,
+    /// Adapter modules that match no weight are warnings instead of an error.
+    pub allow_unmatched: bool,
+}
+
+impl Default for FoldOptions {
+    fn default() -> Self {
+        FoldOptions {
+            weights: Vec::new(),
+            scale: 1.0,
+            allow_unmatched: false,
+        }
+    }
+}
+
+/// What happened to one adapted weight.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleReport {
+    pub module: String,
+    pub node: String,
+    pub op: String,
+    pub weight: String,
+    pub rank: usize,
+    pub scale: f32,
+    pub dora: bool,
+    pub replaced: bool,
+    pub max_abs_delta: f32,
+    /// Name of the private copy made because the weight was shared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FoldReport {
+    pub modules: Vec<ModuleReport>,
+    pub unmatched: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// One adapter module's contribution to a weight.
+struct Step<'a> {
+    adapter: &'a Adapter,
+    module: &'a ModuleAdapter,
+    weight: f32,
+}
+
+/// All the steps aimed at one node's weight.
+struct Job<'a> {
+    cand: Candidate,
+    steps: Vec<Step<'a>>,
+}
+
+/// Folds `adapters` into `model` in place. Nothing is changed when this fails.
+pub fn fold(
+    model: &mut LoadedModel,
+    adapters: &[Adapter],
+    opts: &FoldOptions,
+) -> Result<FoldReport> {
+    let graph = ModelGraph::build(&model.proto);
+    let cands = find_candidates(&model.proto, &graph);
+    let mut report = FoldReport::default();
+    let jobs = plan(&cands, adapters, opts, &mut report)?;
+
+    // Compute every new weight first (reads only), then apply: an error leaves the model as it was.
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        results.push(merge_job(model, &graph, job)?);
+    }
+    report.modules = results.iter().map(|(_, rep, _)| rep.clone()).collect();
+    let mut taken = weights::all_names(&model.proto);
+    // In-place writes first, then private copies: deepest graphs first and, within a graph,
+    // from the last node back, so inserted nodes never shift an index still to be used.
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| {
+        let c = &jobs[i].cand;
+        (
+            c.shared,
+            std::cmp::Reverse(graph.graphs[c.graph].loc.0.len()),
+            std::cmp::Reverse(c.node_index),
+        )
+    });
+    for (job, (_, _, bias)) in jobs.iter().zip(&results) {
+        if let Some(bias) = bias {
+            apply_bias(model, &graph, &job.cand, bias)?;
+        }
+    }
+    for i in order {
+        let copy = weights::write(
+            &mut model.proto,
+            &graph,
+            &jobs[i].cand,
+            results[i].0.clone(),
+            &mut taken,
+        )?;
+        if let Some(name) = copy {
+            let c = &jobs[i].cand;
+            report.notes.push(format!(
+                "{}: weight '{}' is shared with {}; the node got its own copy '{}' (PEFT's merge would change the others too)",
+                c.module,
+                c.weight,
+                c.shared_with.join(", "),
+                name
+            ));
+            if let Some(m) = report.modules.iter_mut().find(|m| m.node == c.node) {
+                m.copy = Some(name);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Matches every adapter module to the weight it adapts, grouped by node.
+fn plan<'a>(
+    cands: &[Candidate],
+    adapters: &'a [Adapter],
+    opts: &FoldOptions,
+    report: &mut FoldReport,
+) -> Result<Vec<Job<'a>>> {
+    let mut jobs: Vec<Job<'a>> = Vec::new();
+    let mut unmatched = Vec::new();
+    for (ai, adapter) in adapters.iter().enumerate() {
+        adapter.check_foldable()?;
+        let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
+        for module in &adapter.modules {
+            let accept = |c: &Candidate| accepts(module, c);
+            let found = match resolve_module(cands, &module.path, accept) {
+                Ok(found) => found,
+                Err(e) => {
+                    unmatched.push(format!("{} ({e})", module.keys.join(", ")));
+                    continue;
+                }
+            };
+            for c in found {
+                let step = Step {
+                    adapter,
+                    module,
+                    weight,
+                };
+                match jobs
+                    .iter_mut()
+                    .find(|j| j.cand.graph == c.graph && j.cand.node_index == c.node_index)
+                {
+                    Some(j) => j.steps.push(step),
+                    None => jobs.push(Job {
+                        cand: c.clone(),
+                        steps: vec![step],
+                    }),
+                }
+            }
+        }
+    }
+    if !unmatched.is_empty() {
+        if !opts.allow_unmatched {
+            return Err(Error::Target(format!(
+                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest)",
+                unmatched.len(),
+                unmatched.join("; ")
+            )));
+        }
+        report.unmatched = unmatched;
+    }
+    Ok(jobs)
+}
+
+/// Which candidate ops an adapter module may target.
+fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
+    match m.kind {
+        ModuleKind::Embedding => c.op == "Gather",
+        ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
+            Some(2) => c.is_linear(),
+            _ => c.op == "Conv",
+        },
+        ModuleKind::Full => c.op != "MatMulNBits",
+    }
+}
+
+type Merged = (Vec<u8>, ModuleReport, Option<Vec<f32>>);
+
+/// Computes the new weight (and bias delta) for one node.
+fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
+    let c = &job.cand;
+    if c.op == "Conv" {
+        let node = graph
+            .node(&model.proto, c.graph, c.node_index)
+            .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+        if node.attr_i("group").unwrap_or(1) != 1 {
+            return Err(Error::Target(format!(
+                "module '{}' ({}) is a grouped convolution (group > 1): folding LoRA into it is not supported",
+                c.module, c.node
+            )));
+        }
+    }
+    let mut w = weights::read(model, graph, c)?;
+    let original = w.values.clone();
+    let mut rep = ModuleReport {
+        module: c.module.clone(),
+        node: c.node.clone(),
+        op: c.op.clone(),
+        weight: c.weight.clone(),
+        rank: 0,
+        scale: 0.0,
+        dora: false,
+        replaced: false,
+        max_abs_delta: 0.0,
+        copy: None,
+    };
+    let mut bias: Option<Vec<f32>> = None;
+    for step in &job.steps {
+        let m = step.module;
+        if m.kind == ModuleKind::Full {
+            replace_full(&mut w, c, m, step.adapter)?;
+            rep.replaced = true;
+            continue;
+        }
+        let s = step.adapter.scaling(m) * step.weight;
+        let (a, b) = factors(m, &w, c)?;
+        add_low_rank(&mut w.values, w.orient, &a, &b, s);
+        if let Some(mag) = &m.magnitude {
+            apply_dora(&mut w, &mag.data, m, c)?;
+            rep.dora = true;
+        }
+        if let Some(bb) = &m.bias_b {
+            let acc = bias.get_or_insert_with(|| vec![0.0; w.n_out]);
+            if bb.data.len() != acc.len() {
+                return Err(shape_err(c, m, "lora_B.bias", &bb.shape, w.n_out));
+            }
+            acc.iter_mut().zip(&bb.data).for_each(|(x, y)| *x += s * y);
+        }
+        rep.rank = m.rank();
+        rep.scale = s;
+    }
+    if let Some(bad) = w.values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::tensor(
+            &c.weight,
+            format!(
+                "module '{}': the merged weight has a non-finite value at element {bad} (NaN or Inf); nothing written",
+                c.module
+            ),
+        ));
+    }
+    rep.max_abs_delta = w
+        .values
+        .iter()
+        .zip(&original)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    Ok((from_f32(&w.values, w.dtype, &c.weight)?, rep, bias))
+}
+
+fn shape_err(
+    c: &Candidate,
+    m: &ModuleAdapter,
+    what: &str,
+    shape: &[usize],
+    expect: usize,
+) -> Error {
+    Error::Target(format!(
+        "module '{}': adapter {what} has shape {shape:?} but weight '{}' ({} {:?}) needs {expect}",
+        m.path, c.weight, c.op, c.shape
+    ))
+}
+
+/// A (r, in) and B (out, r) as matrices, checked against the weight.
+fn factors(m: &ModuleAdapter, w: &WeightValues, c: &Candidate) -> Result<(Matrix, Matrix)> {
+    let (Some(a), Some(b)) = (&m.a, &m.b) else {
+        return Err(Error::Target(format!(
+            "module '{}': missing lora_A or lora_B",
+            m.path
+        )));
+    };
+    let r = a.shape[0];
+    let a_cols: usize = a.shape[1..].iter().product();
+    let b_rows = b.shape[0];
+    let b_cols: usize = b.shape[1..].iter().product();
+    if a_cols != w.n_in || b_rows != w.n_out || b_cols != r {
+        return Err(Error::Target(format!(
+            "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {} in, {} out)",
+            m.path, a.shape, b.shape, c.weight, c.op, c.shape, w.n_in, w.n_out
+        )));
+    }
+    Ok((
+        Matrix::new(r, a_cols, a.data.clone())?,
+        Matrix::new(b_rows, r, b.data.clone())?,
+    ))
+}
+
+/// DoRA: each output channel of W + ΔW rescaled to magnitude m (PEFT: m / ||W + ΔW||).
+fn apply_dora(w: &mut WeightValues, mag: &[f32], m: &ModuleAdapter, c: &Candidate) -> Result<()> {
+    if mag.len() != w.n_out {
+        return Err(shape_err(
+            c,
+            m,
+            "lora_magnitude_vector",
+            &[mag.len()],
+            w.n_out,
+        ));
+    }
+    let norms = out_norms(&w.values, w.orient, w.n_out);
+    let factor: Vec<f32> = mag.iter().zip(&norms).map(|(m, n)| m / n).collect();
+    scale_out(&mut w.values, w.orient, &factor);
+    Ok(())
+}
+
+/// Whole-tensor replacement (`modules_to_save`, `base_layer.weight`), given in torch's layout.
+fn replace_full(
+    w: &mut WeightValues,
+    c: &Candidate,
+    m: &ModuleAdapter,
+    adapter: &Adapter,
+) -> Result<()> {
+    let Some(t) = m.full.get("weight") else {
+        return Ok(()); // biases of replaced modules are not weights; handled as notes by callers
+    };
+    let stored: Vec<usize> = c.shape.iter().map(|&d| d.max(0) as usize).collect();
+    if t.data.len() != w.values.len() {
+        return Err(Error::Target(format!(
+            "module '{}': the adapter's full weight has shape {:?} but the model's '{}' is {:?} (resized layers cannot be folded into a fixed graph)",
+            m.path, t.shape, c.weight, c.shape
+        )));
+    }
+    // torch stores Linear as (out, in) and GPT-2 Conv1D (fan_in_fan_out) as (in, out).
+    let torch_in_out = adapter.config.fan_in_fan_out;
+    let transpose = c.is_linear()
+        && w.orient == Orientation::InOut
+        && !torch_in_out
+        && t.shape.len() == 2
+        && (t.shape != stored || t.shape[0] == t.shape[1]);
+    w.values = if transpose {
+        Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
+            .transposed()
+            .data
+    } else {
+        t.data.clone()
+    };
+    Ok(())
+}
+
+/// Adds a lora_bias delta to the node's bias (Gemm C, Conv B, or the Add after a MatMul).
+fn apply_bias(
+    model: &mut LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    delta: &[f32],
+) -> Result<()> {
+    let node = graph
+        .node(&model.proto, c.graph, c.node_index)
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+    let bias_value = match c.op.as_str() {
+        "Gemm" | "Conv" => node.input.get(2).cloned(),
+        _ => node.output.first().and_then(|o| {
+            let users = graph.graphs[c.graph].consumers_of(o);
+            let [u] = users else { return None };
+            let add = graph.node(&model.proto, c.graph, *u)?;
+            (add.op_type() == "Add")
+                .then(|| add.input.iter().find(|i| *i != o).cloned())
+                .flatten()
+        }),
+    };
+    let src = bias_value
+        .and_then(|v| graph.const_source(&model.proto, c.graph, &v))
+        .ok_or_else(|| Error::Target(format!("module '{}': the adapter has lora_bias but the node's bias was not found in the graph", c.module)))?;
+    let t = graph
+        .const_tensor(&model.proto, &src)
+        .ok_or_else(|| Error::tensor(&c.weight, "bias not found"))?;
+    let dtype = crate::onnx::DataType::from_i32(t.data_type());
+    let mut b = crate::tensor::to_f32(&model.tensor_bytes(t)?, dtype, t.name())?;
+    if b.len() != delta.len() {
+        return Err(Error::Target(format!(
+            "module '{}': bias has {} values, lora_B.bias {}",
+            c.module,
+            b.len(),
+            delta.len()
+        )));
+    }
+    b.iter_mut().zip(delta).for_each(|(x, d)| *x += d);
+    let raw = from_f32(&b, dtype, t.name())?;
+    let bias_cand = Candidate {
+        source: Some(src),
+        shared: false,
+        ..c.clone()
+    };
+    let mut taken = HashSet::new();
+    weights::write(&mut model.proto, graph, &bias_cand, raw, &mut taken)?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Reading and replacing a candidate's weight: its stored values as an f32 matrix in the
+//! layer's orientation, writing new values back in place, or giving the node its own copy
+//! when the initializer is shared with nodes that must not change.
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::graph::{ConstSource, ModelGraph};
+use crate::onnx::pb::{ModelProto, TensorProto};
+use crate::onnx::{DataType, LoadedModel};
+use crate::target::{Candidate, Layout};
+use crate::tensor::{Orientation, to_f32};
+
+/// A candidate's weight, decoded.
+pub struct WeightValues {
+    pub dtype: DataType,
+    pub values: Vec<f32>,
+    pub orient: Orientation,
+    pub n_in: usize,
+    pub n_out: usize,
+}
+
+pub fn orientation(layout: Layout) -> Option<Orientation> {
+    match layout {
+        Layout::OutIn | Layout::Conv => Some(Orientation::OutIn),
+        Layout::InOut | Layout::Embedding => Some(Orientation::InOut),
+        Layout::Quantized => None,
+    }
+}
+
+/// The stored tensor behind a candidate.
+pub fn tensor<'m>(
+    model: &'m ModelProto,
+    graph: &ModelGraph,
+    c: &Candidate,
+) -> Result<&'m TensorProto> {
+    c.source
+        .as_ref()
+        .and_then(|s| graph.const_tensor(model, s))
+        .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))
+}
+
+/// Decodes the candidate's weight to f32 in its stored order.
+pub fn read(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<WeightValues> {
+    if c.quantized {
+        return Err(Error::tensor(
+            &c.weight,
+            format!(
+                "module '{}' has a quantized weight ({}): it cannot be folded into; use `onnx-lora inject --adapter` to put a float branch beside it",
+                c.module, c.op
+            ),
+        ));
+    }
+    let orient = orientation(c.layout)
+        .ok_or_else(|| Error::tensor(&c.weight, "unsupported weight layout"))?;
+    let t = tensor(&model.proto, graph, c)?;
+    let dtype = DataType::from_i32(t.data_type());
+    let bytes = model.tensor_bytes(t)?;
+    let values = to_f32(&bytes, dtype, &c.weight)?;
+    let n_out = c.out_features.max(0) as usize;
+    let n_in = if n_out == 0 { 0 } else { values.len() / n_out };
+    Ok(WeightValues {
+        dtype,
+        values,
+        orient,
+        n_in,
+        n_out,
+    })
+}
+
+/// Replaces a tensor's data with new raw bytes (inline; saving decides where it goes).
+pub fn set_raw(t: &mut TensorProto, raw: Vec<u8>) {
+    t.raw_data = Some(Bytes::from(raw));
+    t.external_data.clear();
+    t.data_location = None;
+    t.float_data.clear();
+    t.int32_data.clear();
+    t.int64_data.clear();
+    t.double_data.clear();
+    t.uint64_data.clear();
+}
+
+/// Writes new values for a candidate's weight. A weight that also feeds other nodes is left
+/// alone: the candidate gets its own initializer (and its own copy of any Transpose / Cast
+/// chain in between) so the change reaches this node only. Returns the copy's name, if any.
+pub fn write(
+    proto: &mut ModelProto,
+    graph: &ModelGraph,
+    c: &Candidate,
+    raw: Vec<u8>,
+    taken: &mut std::collections::HashSet<String>,
+) -> Result<Option<String>> {
+    let source = c
+        .source
+        .clone()
+        .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))?;
+    if !c.shared {
+        let t = match source {
+            ConstSource::Initializer { graph: g, index } => graph.graphs[g]
+                .loc
+                .get_mut(proto)
+                .and_then(|gp| gp.initializer.get_mut(index)),
+            ConstSource::Constant { graph: g, node } => graph.graphs[g]
+                .loc
+                .get_mut(proto)
+                .and_then(|gp| gp.node.get_mut(node))
+                .and_then(|n| n.attribute.iter_mut().find(|a| a.name() == "value"))
+                .and_then(|a| a.t.as_mut()),
+        }
+        .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))?;
+        set_raw(t, raw);
+        return Ok(None);
+    }
+    let original = graph
+        .const_tensor(proto, &source)
+        .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))?
+        .clone();
+    let base = if c.module.is_empty() {
+        c.weight.clone()
+    } else {
+        format!("{}.weight", c.module)
+    };
+    let name = unique_name(&format!("{base}.lora_folded"), taken);
+    let mut copy = TensorProto {
+        name: Some(name.clone()),
+        dims: original.dims.clone(),
+        data_type: original.data_type,
+        doc_string: original.doc_string.clone(),
+        metadata_props: original.metadata_props.clone(),
+        ..Default::default()
+    };
+    set_raw(&mut copy, raw);
+    let gp = graph.graphs[c.graph]
+        .loc
+        .get_mut(proto)
+        .ok_or_else(|| Error::tensor(&c.weight, "graph not found"))?;
+    gp.initializer.push(copy);
+    // Duplicate the pass-through chain, feeding it the copy, right before the node.
+    let mut value = name.clone();
+    let mut new_nodes = Vec::new();
+    for &ci in &c.chain {
+        let mut n = gp.node[ci].clone();
+        n.input[0] = value.clone();
+        let out = unique_name(&format!("{}.lora_folded", n.output[0]), taken);
+        n.output = vec![out.clone()];
+        if let Some(nm) = n.name.as_mut() {
+            *nm = unique_name(&format!("{nm}.lora_folded"), taken);
+        }
+        value = out;
+        new_nodes.push(n);
+    }
+    let node = gp
+        .node
+        .get_mut(c.node_index)
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+    node.input[c.weight_input] = value;
+    for (k, n) in new_nodes.into_iter().enumerate() {
+        gp.node.insert(c.node_index + k, n);
+    }
+    Ok(Some(name))
+}
+
+/// `base`, or `base.1`, `base.2`, ... whichever is not yet taken; records the choice.
+pub fn unique_name(base: &str, taken: &mut std::collections::HashSet<String>) -> String {
+    let mut name = base.to_string();
+    let mut i = 1;
+    while taken.contains(&name) {
+        name = format!("{base}.{i}");
+        i += 1;
+    }
+    taken.insert(name.clone());
+    name
+}
+
+/// Every value and initializer name in the model, so new names never collide.
+pub fn all_names(model: &ModelProto) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    fn walk(g: &crate::onnx::pb::GraphProto, names: &mut std::collections::HashSet<String>) {
+        names.extend(g.initializer.iter().map(|t| t.name().to_string()));
+        names.extend(g.input.iter().map(|v| v.name().to_string()));
+        for n in &g.node {
+            names.extend(n.output.iter().cloned());
+            names.insert(n.name().to_string());
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    walk(sub, names);
+                }
+            }
+        }
+    }
+    if let Some(g) = model.graph.as_ref() {
+        walk(g, &mut names);
+    }
+    names
+}

@@ -1,0 +1,243 @@
+//! Dense numerics for rewrites: element conversion between stored dtypes and f32
+//! (fp32, fp16, bf16, fp64 via `half`'s slice conversions) and the low-rank update
+//! `W += s * B @ A` applied row by row in place, in parallel, without forming B @ A.
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::onnx::DataType;
+
+/// Decodes little-endian stored elements to f32.
+pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
+    let chunks = |w: usize| bytes.chunks_exact(w);
+    Ok(match dtype {
+        DataType::Float => chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DataType::Float16 => {
+            let h: Vec<f16> = chunks(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+        DataType::Bfloat16 => {
+            let h: Vec<bf16> = chunks(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+        DataType::Double => chunks(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "{other} weights cannot be adapted (float32, float16, bfloat16, float64 only)"
+                ),
+            ));
+        }
+    })
+}
+
+/// Encodes f32 values to the stored dtype (rounding once).
+pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DataType::Float => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Float16 => {
+            let mut h = vec![f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            h.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+        DataType::Bfloat16 => {
+            let mut h = vec![bf16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            h.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+        DataType::Double => values
+            .iter()
+            .flat_map(|v| (*v as f64).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::tensor(name, format!("cannot write {other} weights")));
+        }
+    })
+}
+
+/// A row-major f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self> {
+        if rows * cols != data.len() {
+            return Err(Error::tensor(
+                "matrix",
+                format!("{} values do not fill {rows}x{cols}", data.len()),
+            ));
+        }
+        Ok(Matrix { rows, cols, data })
+    }
+
+    pub fn transposed(&self) -> Matrix {
+        let mut data = vec![0f32; self.data.len()];
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                data[c * self.rows + r] = self.data[r * self.cols + c];
+            }
+        }
+        Matrix {
+            rows: self.cols,
+            cols: self.rows,
+            data,
+        }
+    }
+}
+
+/// Which index of a stored 2-D weight is the layer's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Orientation {
+    /// rows = out, cols = in (torch Linear, Conv flattened).
+    OutIn,
+    /// rows = in, cols = out (MatMul weights, embeddings as [num, dim]).
+    InOut,
+}
+
+/// `W += s * B @ A` (in `OutIn` terms) on a stored weight of either orientation, where
+/// A is (r, in) and B is (out, r). Each stored row gets a rank-r combination of rows of A or
+/// columns of B, so nothing larger than one row is formed; rows run in parallel.
+pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, s: f32) {
+    let (r, n_in, n_out) = (a.rows, a.cols, b.rows);
+    match orient {
+        Orientation::OutIn => {
+            w.par_chunks_mut(n_in).enumerate().for_each(|(o, row)| {
+                for k in 0..r {
+                    let coef = s * b.data[o * r + k];
+                    if coef != 0.0 {
+                        let a_row = &a.data[k * n_in..(k + 1) * n_in];
+                        row.iter_mut().zip(a_row).for_each(|(x, y)| *x += coef * y);
+                    }
+                }
+            });
+        }
+        Orientation::InOut => {
+            // B transposed and scaled once: (r, out), so the inner loop is contiguous.
+            let bt: Vec<f32> = (0..r)
+                .flat_map(|k| (0..n_out).map(move |o| (k, o)))
+                .map(|(k, o)| s * b.data[o * r + k])
+                .collect();
+            w.par_chunks_mut(n_out).enumerate().for_each(|(i, row)| {
+                for k in 0..r {
+                    let coef = a.data[k * n_in + i];
+                    if coef != 0.0 {
+                        let b_row = &bt[k * n_out..(k + 1) * n_out];
+                        row.iter_mut().zip(b_row).for_each(|(x, y)| *x += coef * y);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// L2 norm of each output channel of a stored weight (rows for OutIn, columns for InOut).
+pub fn out_norms(w: &[f32], orient: Orientation, n_out: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; n_out];
+    match orient {
+        Orientation::OutIn => {
+            let n_in = w.len() / n_out.max(1);
+            for (o, row) in w.chunks_exact(n_in.max(1)).enumerate() {
+                acc[o] = row.iter().map(|&x| (x as f64) * (x as f64)).sum();
+            }
+        }
+        Orientation::InOut => {
+            for row in w.chunks_exact(n_out.max(1)) {
+                for (o, &x) in row.iter().enumerate() {
+                    acc[o] += (x as f64) * (x as f64);
+                }
+            }
+        }
+    }
+    acc.into_iter().map(|v| v.sqrt() as f32).collect()
+}
+
+/// Multiplies each output channel by `scale[o]`.
+pub fn scale_out(w: &mut [f32], orient: Orientation, scale: &[f32]) {
+    let n_out = scale.len();
+    match orient {
+        Orientation::OutIn => {
+            let n_in = w.len() / n_out.max(1);
+            w.par_chunks_mut(n_in.max(1))
+                .zip(scale.par_iter())
+                .for_each(|(row, &f)| row.iter_mut().for_each(|x| *x *= f));
+        }
+        Orientation::InOut => {
+            w.par_chunks_mut(n_out.max(1)).for_each(|row| {
+                row.iter_mut().zip(scale).for_each(|(x, &f)| *x *= f);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense_delta(a: &Matrix, b: &Matrix, s: f32) -> Matrix {
+        let mut d = vec![0f32; b.rows * a.cols];
+        for o in 0..b.rows {
+            for i in 0..a.cols {
+                d[o * a.cols + i] = s
+                    * (0..a.rows)
+                        .map(|k| b.data[o * a.rows + k] * a.data[k * a.cols + i])
+                        .sum::<f32>();
+            }
+        }
+        Matrix::new(b.rows, a.cols, d).unwrap()
+    }
+
+    #[test]
+    fn low_rank_update_matches_dense_in_both_orientations() {
+        let a = Matrix::new(2, 3, vec![1., 2., 3., -1., 0.5, 4.]).unwrap();
+        let b = Matrix::new(4, 2, vec![1., 0., 0., 1., 2., -1., 0.5, 0.25]).unwrap();
+        let d = dense_delta(&a, &b, 0.5);
+        let mut w = vec![1f32; 12];
+        add_low_rank(&mut w, Orientation::OutIn, &a, &b, 0.5);
+        assert_eq!(w, d.data.iter().map(|x| x + 1.0).collect::<Vec<_>>());
+        let mut w = vec![1f32; 12];
+        add_low_rank(&mut w, Orientation::InOut, &a, &b, 0.5);
+        assert_eq!(
+            w,
+            d.transposed()
+                .data
+                .iter()
+                .map(|x| x + 1.0)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn half_round_trip() {
+        let v = [1.0f32, -2.5, 0.333];
+        for dt in [
+            DataType::Float,
+            DataType::Float16,
+            DataType::Bfloat16,
+            DataType::Double,
+        ] {
+            let back = to_f32(&from_f32(&v, dt, "t").unwrap(), dt, "t").unwrap();
+            for (x, y) in v.iter().zip(&back) {
+                assert!((x - y).abs() < 1e-2, "{dt}: {x} vs {y}");
+            }
+        }
+        assert!(to_f32(&[0u8; 4], DataType::Int8, "t").is_err());
+    }
+}
