@@ -1,6 +1,7 @@
 //! Adapter formats: reading PEFT LoRA adapters (`adapter_config.json` +
 //! `adapter_model.safetensors`) into per-module low-rank factors with their scaling.
 
+pub mod ort_format;
 pub mod peft;
 
 pub use peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind};

@@ -4,6 +4,7 @@
 
 mod convert;
 mod fold;
+mod inject;
 mod inspect;
 mod output;
 mod save_args;
@@ -25,6 +26,7 @@ pub const EXIT_ERROR: u8 = 2;
     after_help = "Examples:
   onnx-lora inspect model.onnx
   onnx-lora inspect model.onnx --target 'q_proj|v_proj' --json
+  onnx-lora inject model.onnx --rank 8 -o train.onnx
   onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
 
@@ -38,6 +40,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Inspect(inspect::Args),
+    Inject(inject::Args),
     Fold(fold::Args),
     Convert(convert::Args),
 }
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Inject(a) => inject::run(a),
         Command::Fold(a) => fold::run(a),
         Command::Convert(a) => convert::run(a),
     };

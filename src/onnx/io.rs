@@ -434,7 +434,7 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
 }
 
 /// Temp files are created private (0600); the output gets the usual 0644.
-fn make_readable(file: &File, dest: &Path) -> Result<()> {
+pub(crate) fn make_readable(file: &File, dest: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

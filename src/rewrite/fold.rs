@@ -243,7 +243,8 @@ fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
             rep.replaced = true;
             continue;
         }
-        let s = step.adapter.scaling(m) * step.weight;
+        // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
+        let s = step.adapter.scaling(m) * step.weight / gemm_alpha(model, graph, c);
         let (a, b) = factors(m, &w, c)?;
         add_low_rank(&mut w.values, w.orient, &a, &b, s);
         if let Some(mag) = &m.magnitude {
@@ -276,6 +277,15 @@ fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
     Ok((from_f32(&w.values, w.dtype, &c.weight)?, rep, bias))
+}
+
+fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
+    graph
+        .node(&model.proto, c.graph, c.node_index)
+        .filter(|n| n.op_type() == "Gemm")
+        .and_then(|n| n.attr_f("alpha"))
+        .filter(|a| *a != 0.0)
+        .unwrap_or(1.0)
 }
 
 fn shape_err(

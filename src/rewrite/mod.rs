@@ -1,7 +1,13 @@
-//! Rewrites, each a pass over the model: `fold` merges adapters into weight initializers.
+//! Rewrites, each a pass over the model: `fold` merges adapters into weight initializers,
+//! `inject` adds low-rank branches beside targeted nodes (built by `branch`).
 //! Passes decide on the read-only graph view, then edit the proto.
 
+pub mod branch;
 pub mod fold;
+pub mod inject;
 pub(crate) mod weights;
 
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
+pub use inject::{
+    BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, serving_params,
+};

@@ -1,0 +1,202 @@
+//! Writing onnxruntime's `.onnx_adapter` files: a FlatBuffer (namespace
+//! `onnxruntime.adapters`, file identifier "TORT") whose root `Adapter` table holds
+//! format_version (1), adapter_version, model_version and a vector of `Parameter` tables
+//! { name, dims: [int64], data_type: int32 (ONNX DataType), raw_data: [uint8] aligned to 8 }.
+//! onnxruntime feeds each parameter to the graph input of the same name.
+//!
+//! The buffer is laid out front to back (every offset points forward), which FlatBuffers
+//! allows; scalars sit at their natural alignment and raw data at 16 bytes.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::onnx::DataType;
+
+/// One named tensor for the adapter file.
+#[derive(Clone, Debug)]
+pub struct AdapterParam {
+    pub name: String,
+    pub dims: Vec<i64>,
+    pub dtype: DataType,
+    pub raw: Vec<u8>,
+}
+
+const FORMAT_VERSION: i32 = 1;
+
+struct Buf(Vec<u8>);
+
+impl Buf {
+    fn align(&mut self, n: usize) {
+        while self.0.len() % n != 0 {
+            self.0.push(0);
+        }
+    }
+    fn pos(&self) -> usize {
+        self.0.len()
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn set_u32(&mut self, at: usize, v: u32) {
+        self.0[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    /// Points the uoffset slot at `slot` to the current position.
+    fn point_here(&mut self, slot: usize) {
+        let here = self.pos();
+        self.set_u32(slot, (here - slot) as u32);
+    }
+    /// A vtable for a table of `n` 4-byte fields at offsets 4, 8, ...; returns its position.
+    fn vtable(&mut self, n: u16) -> usize {
+        self.align(4);
+        let at = self.pos();
+        self.u16(4 + 2 * n);
+        self.u16(4 + 4 * n);
+        for i in 0..n {
+            self.u16(4 + 4 * i);
+        }
+        self.align(4);
+        at
+    }
+    /// Starts a table whose vtable is at `vt`; returns the table position.
+    fn table(&mut self, vt: usize) -> usize {
+        self.align(4);
+        let at = self.pos();
+        self.i32((at - vt) as i32);
+        at
+    }
+}
+
+/// Encodes the adapter file.
+pub fn encode(params: &[AdapterParam], adapter_version: i32, model_version: i32) -> Vec<u8> {
+    let mut b = Buf(Vec::new());
+    b.u32(0); // root offset, patched below
+    b.0.extend_from_slice(b"TORT");
+    let vt = b.vtable(4);
+    let root = b.table(vt);
+    b.set_u32(0, root as u32);
+    b.i32(FORMAT_VERSION);
+    b.i32(adapter_version);
+    b.i32(model_version);
+    let params_slot = b.pos();
+    b.u32(0);
+    // The parameters vector: length, then one uoffset per table.
+    b.align(4);
+    b.point_here(params_slot);
+    b.u32(params.len() as u32);
+    let slots: Vec<usize> = params
+        .iter()
+        .map(|_| {
+            let s = b.pos();
+            b.u32(0);
+            s
+        })
+        .collect();
+    let pvt = b.vtable(4);
+    for (p, slot) in params.iter().zip(slots) {
+        let t = b.table(pvt);
+        b.point_here_from(slot, t);
+        let name_slot = b.pos();
+        b.u32(0);
+        let dims_slot = b.pos();
+        b.u32(0);
+        b.i32(p.dtype.to_i32());
+        let raw_slot = b.pos();
+        b.u32(0);
+        // name: length, bytes, NUL
+        b.align(4);
+        b.point_here(name_slot);
+        b.u32(p.name.len() as u32);
+        b.0.extend_from_slice(p.name.as_bytes());
+        b.0.push(0);
+        // dims: the int64 elements 8-aligned, so the length sits 4 bytes before that
+        while (b.pos() + 4) % 8 != 0 {
+            b.0.push(0);
+        }
+        b.point_here(dims_slot);
+        b.u32(p.dims.len() as u32);
+        for d in &p.dims {
+            b.0.extend_from_slice(&d.to_le_bytes());
+        }
+        // raw data: elements 16-aligned (the schema asks for 8)
+        while (b.pos() + 4) % 16 != 0 {
+            b.0.push(0);
+        }
+        b.point_here(raw_slot);
+        b.u32(p.raw.len() as u32);
+        b.0.extend_from_slice(&p.raw);
+    }
+    b.align(8);
+    b.0
+}
+
+impl Buf {
+    fn point_here_from(&mut self, slot: usize, target: usize) {
+        self.set_u32(slot, (target - slot) as u32);
+    }
+}
+
+/// Writes an adapter file atomically.
+pub fn write(path: &Path, params: &[AdapterParam]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".onnx-lora-")
+        .suffix(".adapter.tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    std::io::Write::write_all(tmp.as_file_mut(), &encode(params, 1, 1))
+        .map_err(|e| Error::io(path, e))?;
+    crate::onnx::io::make_readable(tmp.as_file(), path)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u32_at(b: &[u8], at: usize) -> usize {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
+    }
+
+    #[test]
+    fn layout_reads_back() {
+        let p = AdapterParam {
+            name: "m.lora_A.weight".into(),
+            dims: vec![4, 2],
+            dtype: DataType::Float,
+            raw: (0..32u8).collect(),
+        };
+        let b = encode(&[p], 1, 1);
+        assert_eq!(&b[4..8], b"TORT");
+        let root = u32_at(&b, 0);
+        assert_eq!(root % 4, 0);
+        assert_eq!(
+            i32::from_le_bytes(b[root + 4..root + 8].try_into().unwrap()),
+            1
+        );
+        let vec_slot = root + 16;
+        let vec_at = vec_slot + u32_at(&b, vec_slot);
+        assert_eq!(u32_at(&b, vec_at), 1);
+        let t = vec_at + 4 + u32_at(&b, vec_at + 4);
+        let name_at = t + 4 + u32_at(&b, t + 4);
+        assert_eq!(&b[name_at + 4..name_at + 4 + 15], b"m.lora_A.weight");
+        let dims_at = t + 8 + u32_at(&b, t + 8);
+        assert_eq!((dims_at + 4) % 8, 0);
+        assert_eq!(u32_at(&b, dims_at), 2);
+        let raw_at = t + 16 + u32_at(&b, t + 16);
+        assert_eq!((raw_at + 4) % 8, 0);
+        assert_eq!(
+            &b[raw_at + 4..raw_at + 36],
+            &(0..32u8).collect::<Vec<_>>()[..]
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! `onnx-lora inject`: add low-rank branches beside targeted weights.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use onnx_lora::adapter::{Adapter, ort_format};
+use onnx_lora::graph::ModelGraph;
+use onnx_lora::onnx;
+use onnx_lora::rewrite::{Init, adapter_branches, fresh_branches, inject, serving_params};
+use onnx_lora::target::{self, TargetSpec};
+
+use super::output::{json_line, table};
+use super::save_args::SaveArgs;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum InitArg {
+    Kaiming,
+    Gaussian,
+}
+
+/// Add parallel low-rank branches y = base(x) + s·B(A(x)) beside the targeted MatMul / Gemm /
+/// Conv / Gather nodes: fresh (trainable, output equal to the base), from a PEFT adapter
+/// (unmerged deployment), or as graph inputs for run-time adapter swapping.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora inject model.onnx --rank 8 -o train.onnx
+  onnx-lora inject model.onnx --target 'q_proj|v_proj' --rank 16 --alpha 32 -o train.onnx
+  onnx-lora inject model.onnx --adapter adapter/ -o unmerged.onnx
+  onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
+
+Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
+(PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r, 1, 1]) with the scale
+in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
+pub struct Args {
+    /// The base ONNX model.
+    model: PathBuf,
+    /// Modules to target: regex matching the whole module path or a dotted suffix (repeatable).
+    #[arg(long = "target", short = 't', value_name = "REGEX")]
+    targets: Vec<String>,
+    /// Rank of fresh branches.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha of fresh branches (scale = alpha / rank); default: the rank (scale 1).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Scale alpha / sqrt(rank) instead of alpha / rank.
+    #[arg(long)]
+    rslora: bool,
+    /// Initialisation of A for fresh branches (B starts at zero).
+    #[arg(long, value_enum, default_value = "kaiming")]
+    init: InitArg,
+    /// Seed for fresh branches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Take the branch weights from this PEFT adapter (targets: the adapter's modules).
+    #[arg(long, value_name = "ADAPTER")]
+    adapter: Option<PathBuf>,
+    /// With --adapter: warn about adapter modules that match no weight instead of failing.
+    #[arg(long)]
+    allow_unmatched: bool,
+    /// Make the branch weights graph inputs with empty defaults (multi-LoRA serving).
+    #[arg(long)]
+    as_inputs: bool,
+    /// With --as-inputs --adapter: also write the adapter as an onnxruntime `.onnx_adapter`
+    /// file whose parameter names and layouts are exactly the serving model's inputs.
+    #[arg(long, value_name = "FILE", requires_all = ["as_inputs", "adapter"])]
+    adapter_out: Option<PathBuf>,
+    /// Remove this prefix from resolved module paths when naming fresh branches.
+    #[arg(long, value_name = "PREFIX")]
+    strip_prefix: Option<String>,
+    /// Where to write the model (atomically; the input is never modified).
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    save: SaveArgs,
+    /// JSON Lines report on stdout: one `branch` record per branch, then a `report` record.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    if args.rank == 0 {
+        anyhow::bail!("--rank must be at least 1");
+    }
+    let mut model = onnx::load(&args.model)?;
+    let graph = ModelGraph::build(&model.proto);
+    let cands = target::find_candidates(&model.proto, &graph);
+    let (branches, unmatched) = match &args.adapter {
+        Some(path) => {
+            let adapter = Adapter::load(path)?;
+            adapter_branches(&cands, &adapter, args.allow_unmatched)
+                .with_context(|| format!("{}", args.model.display()))?
+        }
+        None => {
+            let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
+            let chosen = target::select(&cands, spec.as_ref(), &args.targets)?;
+            if chosen.is_empty() {
+                anyhow::bail!(
+                    "{}: no weight matches the targets (see `onnx-lora inspect`)",
+                    args.model.display()
+                );
+            }
+            let init = match args.init {
+                InitArg::Kaiming => Init::Kaiming,
+                InitArg::Gaussian => Init::Gaussian,
+            };
+            let alpha = args.alpha.unwrap_or(args.rank as f32);
+            let fresh = fresh_branches(
+                &chosen,
+                args.rank,
+                alpha,
+                args.rslora,
+                init,
+                args.seed,
+                args.strip_prefix.as_deref(),
+            )?;
+            (fresh, Vec::new())
+        }
+    };
+    let reports = inject(&mut model, &branches, args.as_inputs)
+        .with_context(|| format!("inject into {}", args.model.display()))?;
+    let saved = onnx::save(&model, &args.output, &args.save.options())?;
+    if let Some(path) = &args.adapter_out {
+        let params = serving_params(&branches, &reports)?;
+        ort_format::write(path, &params)?;
+        eprintln!("wrote {} ({} parameters)", path.display(), params.len());
+    }
+    for u in &unmatched {
+        eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
+    }
+    if args.json {
+        for r in &reports {
+            json_line("branch", r)?;
+        }
+        json_line(
+            "report",
+            &serde_json::json!({"output": saved.model, "branches": reports.len(), "unmatched": unmatched}),
+        )?;
+        return Ok(super::EXIT_OK);
+    }
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| {
+            vec![
+                r.module.clone(),
+                r.op.clone(),
+                r.rank.to_string(),
+                format!("{:.4}", r.scale),
+                r.lora_a.clone(),
+                r.lora_b.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["MODULE", "OP", "RANK", "SCALE", "LORA_A", "LORA_B"],
+            &rows
+        )
+    );
+    eprintln!(
+        "injected {} branches into {}",
+        reports.len(),
+        saved.model.display()
+    );
+    Ok(super::EXIT_OK)
+}

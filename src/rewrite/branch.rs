@@ -1,0 +1,214 @@
+//! Building the nodes and initializers of one low-rank branch beside a targeted node.
+//!
+//! ```text
+//!            ┌── Node(W) ─────────────── y.base ──┐
+//!   x ───────┤                                    Add ── y
+//!            └── lora_A ── lora_B ── Mul(s) ──────┘
+//! ```
+//!
+//! lora_A / lora_B are MatMuls for MatMul, Gemm and MatMulNBits (Gemm's transA handled by a
+//! Transpose of x), Convs for Conv (A with the base's kernel, strides, pads and dilations;
+//! B 1×1), and Gather + MatMul for embeddings. The base node's output is renamed and the Add
+//! takes its name, so consumers and graph outputs are untouched. Every node carries
+//! `onnx-lora.*` metadata so the branch can be found again (fold-back, export).
+
+use crate::onnx::DataType;
+use crate::onnx::pb::{
+    AttributeProto, NodeProto, StringStringEntryProto, TensorProto, attribute_proto::AttributeType,
+};
+use crate::onnx::pb_ext::NodeExt;
+use crate::target::Candidate;
+
+/// Metadata key on every branch node: the branch's name (the module path).
+pub const BRANCH_KEY: &str = "onnx-lora.branch";
+/// Metadata key naming a branch node's role: transpose, lora_A, lora_B, scale, add.
+pub const ROLE_KEY: &str = "onnx-lora.role";
+
+/// Names of a branch's parameters in the graph.
+#[derive(Clone, Debug)]
+pub struct BranchNames {
+    pub a: String,
+    pub b: String,
+    /// None when the scale is folded into B (serving models).
+    pub scale: Option<String>,
+}
+
+pub fn meta(k: &str, v: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}
+
+fn node(
+    op: &str,
+    inputs: Vec<String>,
+    output: String,
+    name: String,
+    branch: &str,
+    role: &str,
+) -> NodeProto {
+    NodeProto {
+        input: inputs,
+        output: vec![output],
+        name: Some(name),
+        op_type: Some(op.into()),
+        domain: Some(String::new()),
+        metadata_props: vec![meta(BRANCH_KEY, branch), meta(ROLE_KEY, role)],
+        ..Default::default()
+    }
+}
+
+/// The branch's nodes for `c` (whose proto is `base`). `y_base` is the new name of the base
+/// node's output; the last node produces the original output name.
+pub fn branch_nodes(
+    c: &Candidate,
+    base: &NodeProto,
+    names: &BranchNames,
+    y_base: &str,
+    branch: &str,
+) -> Vec<NodeProto> {
+    let y = base.output.first().cloned().unwrap_or_default();
+    let stem = format!(
+        "{}.lora",
+        if base.name().is_empty() {
+            y.as_str()
+        } else {
+            base.name()
+        }
+    );
+    let v = |s: &str| format!("{y}.lora_{s}");
+    let mut nodes = Vec::new();
+    let mut x = base.input.first().cloned().unwrap_or_default();
+    match c.op.as_str() {
+        "Conv" => {
+            let mut a = node(
+                "Conv",
+                vec![x, names.a.clone()],
+                v("a"),
+                format!("{stem}_A"),
+                branch,
+                "lora_A",
+            );
+            a.attribute = base
+                .attribute
+                .iter()
+                .filter(|at| {
+                    matches!(
+                        at.name(),
+                        "strides" | "pads" | "dilations" | "auto_pad" | "kernel_shape"
+                    )
+                })
+                .cloned()
+                .collect();
+            nodes.push(a);
+            let mut b = node(
+                "Conv",
+                vec![v("a"), names.b.clone()],
+                v("b"),
+                format!("{stem}_B"),
+                branch,
+                "lora_B",
+            );
+            let spatial = c.shape.len().saturating_sub(2);
+            b.attribute = vec![ints("kernel_shape", &vec![1; spatial])];
+            nodes.push(b);
+        }
+        "Gather" => {
+            let idx = base.input.get(1).cloned().unwrap_or_default();
+            nodes.push(node(
+                "Gather",
+                vec![names.a.clone(), idx],
+                v("a"),
+                format!("{stem}_A"),
+                branch,
+                "lora_A",
+            ));
+            nodes.push(node(
+                "MatMul",
+                vec![v("a"), names.b.clone()],
+                v("b"),
+                format!("{stem}_B"),
+                branch,
+                "lora_B",
+            ));
+        }
+        _ => {
+            if c.op == "Gemm" && base.attr_i("transA").unwrap_or(0) != 0 {
+                let mut t = node(
+                    "Transpose",
+                    vec![x],
+                    v("xt"),
+                    format!("{stem}_T"),
+                    branch,
+                    "transpose",
+                );
+                t.attribute = vec![ints("perm", &[1, 0])];
+                nodes.push(t);
+                x = v("xt");
+            }
+            nodes.push(node(
+                "MatMul",
+                vec![x, names.a.clone()],
+                v("a"),
+                format!("{stem}_A"),
+                branch,
+                "lora_A",
+            ));
+            nodes.push(node(
+                "MatMul",
+                vec![v("a"), names.b.clone()],
+                v("b"),
+                format!("{stem}_B"),
+                branch,
+                "lora_B",
+            ));
+        }
+    }
+    let mut last = v("b");
+    if let Some(s) = &names.scale {
+        nodes.push(node(
+            "Mul",
+            vec![last, s.clone()],
+            v("s"),
+            format!("{stem}_scale"),
+            branch,
+            "scale",
+        ));
+        last = v("s");
+    }
+    nodes.push(node(
+        "Add",
+        vec![y_base.to_string(), last],
+        y,
+        format!("{stem}_add"),
+        branch,
+        "add",
+    ));
+    nodes
+}
+
+/// A tensor initializer from f32 values in `dtype`.
+pub fn initializer(
+    name: &str,
+    dims: &[i64],
+    values: &[f32],
+    dtype: DataType,
+) -> crate::Result<TensorProto> {
+    Ok(TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(dtype.to_i32()),
+        raw_data: Some(crate::tensor::from_f32(values, dtype, name)?.into()),
+        ..Default::default()
+    })
+}

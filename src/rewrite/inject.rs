@@ -1,0 +1,482 @@
+//! The inject pass: splices a parallel low-rank branch `y = base(x) + s·B(A(x))` beside each
+//! targeted node (see `branch` for the subgraph it adds). Branch weights come fresh (A random,
+//! B zero, so the model starts exactly equal to the base) or from a PEFT adapter (the
+//! unmerged deployment). With `as_inputs`, each branch weight is also a graph input whose
+//! initializer is an empty default, so onnxruntime can swap adapters at run time (scale folded
+//! into B).
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::branch::{BranchNames, branch_nodes, initializer};
+use super::weights::{all_names, unique_name};
+use crate::adapter::ort_format::AdapterParam;
+use crate::adapter::{Adapter, ModuleAdapter, ModuleKind};
+use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::pb::{
+    TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
+    tensor_shape_proto::dimension::Value as DimValue, type_proto,
+};
+use crate::onnx::pb_ext::NodeExt;
+use crate::onnx::{DataType, LoadedModel};
+use crate::target::{Candidate, resolve_module};
+use crate::tensor::{Matrix, from_f32};
+
+/// One branch to add: PEFT-layout factors A (r, in) and B (out, r) and the scaling.
+#[derive(Clone, Debug)]
+pub struct BranchSpec {
+    pub cand: Candidate,
+    /// Name the branch's parameters are called by (`<name>.lora_A.weight`).
+    pub name: String,
+    pub a: Matrix,
+    pub b: Matrix,
+    pub scale: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// A ~ kaiming-uniform(a = sqrt 5), i.e. U(-1/sqrt(in), 1/sqrt(in)), PEFT's default.
+    Kaiming,
+    /// A ~ N(0, (1/r)^2), PEFT's "gaussian".
+    Gaussian,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BranchReport {
+    pub module: String,
+    pub node: String,
+    pub op: String,
+    pub rank: usize,
+    pub scale: f32,
+    pub lora_a: String,
+    pub lora_b: String,
+    #[serde(rename = "dtype", serialize_with = "dtype_name")]
+    pub dtype: DataType,
+}
+
+fn dtype_name<S: serde::Serializer>(d: &DataType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&d.name())
+}
+
+/// The parameters an `.onnx_adapter` file must carry for branches made `as_inputs`: each
+/// branch's A [in, r] and s·B [r, out] under the names the serving model's inputs have.
+pub fn serving_params(
+    branches: &[BranchSpec],
+    reports: &[BranchReport],
+) -> Result<Vec<AdapterParam>> {
+    branches
+        .iter()
+        .map(|br| {
+            let rep = reports
+                .iter()
+                .find(|r| r.node == br.cand.node && r.module == br.name)
+                .ok_or_else(|| Error::Target(format!("branch '{}' was not injected", br.name)))?;
+            let scaled = BranchSpec {
+                b: Matrix::new(
+                    br.b.rows,
+                    br.b.cols,
+                    br.b.data.iter().map(|v| v * br.scale).collect(),
+                )?,
+                ..br.clone()
+            };
+            let (a_dims, a_vals, b_dims, b_vals) = graph_factors(&scaled);
+            Ok([
+                AdapterParam {
+                    name: rep.lora_a.clone(),
+                    dims: a_dims,
+                    dtype: rep.dtype,
+                    raw: from_f32(&a_vals, rep.dtype, &rep.lora_a)?,
+                },
+                AdapterParam {
+                    name: rep.lora_b.clone(),
+                    dims: b_dims,
+                    dtype: rep.dtype,
+                    raw: from_f32(&b_vals, rep.dtype, &rep.lora_b)?,
+                },
+            ])
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().flatten().collect())
+}
+
+/// Fresh branches for `cands`: A random per PEFT's init, B zero (embeddings: A zero, B
+/// normal, as PEFT does), scaling alpha / r or alpha / sqrt(r).
+pub fn fresh_branches(
+    cands: &[&Candidate],
+    rank: usize,
+    alpha: f32,
+    rslora: bool,
+    init: Init,
+    seed: u64,
+    strip_prefix: Option<&str>,
+) -> Result<Vec<BranchSpec>> {
+    let scale = if rslora {
+        alpha / (rank as f32).sqrt()
+    } else {
+        alpha / rank as f32
+    };
+    cands
+        .iter()
+        .map(|c| {
+            let n_in = factor_in(c);
+            let n_out = c.out_features.max(0) as usize;
+            let mut rng = Rng::new(seed ^ fnv(&c.module) ^ fnv(&c.node));
+            let (a, b) = if c.op == "Gather" {
+                (
+                    vec![0.0; rank * n_in],
+                    (0..n_out * rank).map(|_| rng.normal()).collect(),
+                )
+            } else {
+                let a = match init {
+                    Init::Kaiming => {
+                        let bound = 1.0 / (c.in_features.max(1) as f32).sqrt();
+                        (0..rank * n_in)
+                            .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+                            .collect()
+                    }
+                    Init::Gaussian => (0..rank * n_in)
+                        .map(|_| rng.normal() / rank as f32)
+                        .collect(),
+                };
+                (a, vec![0.0; n_out * rank])
+            };
+            Ok(BranchSpec {
+                cand: (*c).clone(),
+                name: branch_name(c, strip_prefix),
+                a: Matrix::new(rank, n_in, a)?,
+                b: Matrix::new(n_out, rank, b)?,
+                scale,
+            })
+        })
+        .collect()
+}
+
+/// Branches carrying a PEFT adapter's factors (the unmerged deployment).
+pub fn adapter_branches(
+    cands: &[Candidate],
+    adapter: &Adapter,
+    allow_unmatched: bool,
+) -> Result<(Vec<BranchSpec>, Vec<String>)> {
+    adapter.check_foldable()?;
+    let mut out = Vec::new();
+    let mut unmatched = Vec::new();
+    for m in &adapter.modules {
+        if m.kind == ModuleKind::Full {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "module '{}' is a whole replaced tensor (modules_to_save): a branch cannot express it; use fold",
+                    m.path
+                ),
+            });
+        }
+        if m.magnitude.is_some() || m.bias_b.is_some() {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "module '{}': DoRA and lora_bias branches are not supported by inject yet; use fold",
+                    m.path
+                ),
+            });
+        }
+        let found = match resolve_module(cands, &m.path, |c| accepts(m, c)) {
+            Ok(f) => f,
+            Err(e) if allow_unmatched => {
+                unmatched.push(e.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for c in found {
+            out.push(spec_from_module(c, m, adapter.scaling(m))?);
+        }
+    }
+    Ok((out, unmatched))
+}
+
+fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
+    match m.kind {
+        ModuleKind::Embedding => c.op == "Gather",
+        _ => match m.a.as_ref().map(|a| a.shape.len()) {
+            Some(2) => c.is_linear(),
+            _ => c.op == "Conv",
+        },
+    }
+}
+
+fn spec_from_module(c: &Candidate, m: &ModuleAdapter, scale: f32) -> Result<BranchSpec> {
+    let (Some(a), Some(b)) = (&m.a, &m.b) else {
+        return Err(Error::Target(format!(
+            "module '{}': missing lora_A or lora_B",
+            m.path
+        )));
+    };
+    let r = a.shape[0];
+    let a_cols: usize = a.shape[1..].iter().product();
+    if a_cols != factor_in(c) || b.shape[0] != c.out_features.max(0) as usize {
+        return Err(Error::Target(format!(
+            "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?})",
+            m.path, a.shape, b.shape, c.weight, c.op, c.shape
+        )));
+    }
+    Ok(BranchSpec {
+        cand: c.clone(),
+        name: m.path.clone(),
+        a: Matrix::new(r, a_cols, a.data.clone())?,
+        b: Matrix::new(b.shape[0], r, b.data.clone())?,
+        scale,
+    })
+}
+
+/// Columns of A: input features, times the kernel size for convolutions.
+fn factor_in(c: &Candidate) -> usize {
+    if c.op == "Conv" {
+        c.shape[1..].iter().product::<i64>().max(0) as usize
+    } else {
+        c.in_features.max(0) as usize
+    }
+}
+
+fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
+    let base = if c.module.is_empty() {
+        c.node.clone()
+    } else {
+        c.module.clone()
+    };
+    match strip_prefix {
+        Some(p) => base
+            .strip_prefix(p)
+            .map(|s| s.trim_start_matches('.').to_string())
+            .unwrap_or(base),
+        None => base,
+    }
+}
+
+/// Adds every branch to the model.
+pub fn inject(
+    model: &mut LoadedModel,
+    branches: &[BranchSpec],
+    as_inputs: bool,
+) -> Result<Vec<BranchReport>> {
+    let graph = ModelGraph::build(&model.proto);
+    let mut taken = all_names(&model.proto);
+    let mut seen_nodes = HashSet::new();
+    for br in branches {
+        if !seen_nodes.insert((br.cand.graph, br.cand.node_index)) {
+            return Err(Error::Target(format!(
+                "node '{}' is targeted twice",
+                br.cand.node
+            )));
+        }
+        if as_inputs && (br.cand.graph != 0 || br.cand.op == "Conv") {
+            return Err(Error::Target(format!(
+                "module '{}': --as-inputs supports linear and embedding layers of the main graph only",
+                br.name
+            )));
+        }
+    }
+    let mut order: Vec<&BranchSpec> = branches.iter().collect();
+    order.sort_by_key(|b| {
+        (
+            std::cmp::Reverse(graph.graphs[b.cand.graph].loc.0.len()),
+            std::cmp::Reverse(b.cand.node_index),
+        )
+    });
+    let mut reports = Vec::new();
+    for br in order {
+        reports.push(add_branch(model, &graph, br, as_inputs, &mut taken)?);
+    }
+    reports.reverse();
+    Ok(reports)
+}
+
+fn add_branch(
+    model: &mut LoadedModel,
+    graph: &ModelGraph,
+    br: &BranchSpec,
+    as_inputs: bool,
+    taken: &mut HashSet<String>,
+) -> Result<BranchReport> {
+    let c = &br.cand;
+    let dtype = activation_dtype(model, graph, c);
+    let r = br.a.rows;
+    let (a_dims, a_vals, b_dims, b_vals) = graph_factors(br);
+    let names = BranchNames {
+        a: unique_name(&format!("{}.lora_A.weight", br.name), taken),
+        b: unique_name(&format!("{}.lora_B.weight", br.name), taken),
+        scale: (!as_inputs).then(|| unique_name(&format!("{}.lora_scale", br.name), taken)),
+    };
+    let gp = graph.graphs[c.graph]
+        .loc
+        .get_mut(&mut model.proto)
+        .ok_or_else(|| Error::tensor(&c.weight, "graph not found"))?;
+    let base = gp
+        .node
+        .get_mut(c.node_index)
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+    let y = base.output.first().cloned().unwrap_or_default();
+    let y_base = unique_name(&format!("{y}.base"), taken);
+    let nodes = branch_nodes(c, base, &names, &y_base, &br.name);
+    base.output[0] = y_base;
+    let at = c.node_index + 1;
+    for (k, n) in nodes.into_iter().enumerate() {
+        gp.node.insert(at + k, n);
+    }
+    if as_inputs {
+        let rank_dim = format!("{}.rank", br.name);
+        let (a_empty, b_empty) = empty_dims(&a_dims, &b_dims);
+        gp.initializer
+            .push(initializer(&names.a, &a_empty, &[], dtype)?);
+        gp.initializer
+            .push(initializer(&names.b, &b_empty, &[], dtype)?);
+        gp.input
+            .push(input_info(&names.a, &a_dims, 1, &rank_dim, dtype));
+        gp.input
+            .push(input_info(&names.b, &b_dims, 0, &rank_dim, dtype));
+    } else {
+        gp.initializer
+            .push(initializer(&names.a, &a_dims, &a_vals, dtype)?);
+        gp.initializer
+            .push(initializer(&names.b, &b_dims, &b_vals, dtype)?);
+        if let Some(s) = &names.scale {
+            gp.initializer
+                .push(initializer(s, &[], &[br.scale], dtype)?);
+        }
+    }
+    Ok(BranchReport {
+        module: br.name.clone(),
+        node: c.node.clone(),
+        op: c.op.clone(),
+        rank: r,
+        scale: br.scale,
+        lora_a: names.a,
+        lora_b: names.b,
+        dtype,
+    })
+}
+
+/// The branch's factors in graph layout: linear and embedding A [in, r], B [r, out];
+/// conv A [r, in, k...] (PEFT's own), B [out, r, 1...].
+pub fn graph_factors(br: &BranchSpec) -> (Vec<i64>, Vec<f32>, Vec<i64>, Vec<f32>) {
+    let r = br.a.rows as i64;
+    let c = &br.cand;
+    if c.op == "Conv" {
+        let mut a_dims = vec![r];
+        a_dims.extend_from_slice(&c.shape[1..]);
+        let mut b_dims = vec![br.b.rows as i64, r];
+        b_dims.extend(std::iter::repeat_n(1, c.shape.len().saturating_sub(2)));
+        (a_dims, br.a.data.clone(), b_dims, br.b.data.clone())
+    } else {
+        (
+            vec![br.a.cols as i64, r],
+            br.a.transposed().data,
+            vec![r, br.b.rows as i64],
+            br.b.transposed().data,
+        )
+    }
+}
+
+fn empty_dims(a: &[i64], b: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    (vec![a[0], 0], vec![0, b[1]])
+}
+
+fn input_info(
+    name: &str,
+    dims: &[i64],
+    rank_axis: usize,
+    rank_dim: &str,
+    dtype: DataType,
+) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| Dimension {
+            value: Some(if i == rank_axis {
+                DimValue::DimParam(rank_dim.into())
+            } else {
+                DimValue::DimValue(d)
+            }),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(dtype.to_i32()),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The dtype the node computes in: the weight's, after any Cast on its way; for quantized
+/// weights, the dtype of their scales.
+fn activation_dtype(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> DataType {
+    let stored = DataType::from_i32(
+        c.source
+            .as_ref()
+            .and_then(|s| graph.const_tensor(&model.proto, s))
+            .map(|t| t.data_type())
+            .unwrap_or(1),
+    );
+    let mut dtype = stored;
+    for &ci in &c.chain {
+        let Some(n) = graph.node(&model.proto, c.graph, ci) else {
+            continue;
+        };
+        match n.op_type() {
+            "Cast" => dtype = DataType::from_i32(n.attr_i("to").unwrap_or(1) as i32),
+            "DequantizeLinear" => dtype = input_dtype(model, graph, c.graph, n.input.get(1)),
+            _ => {}
+        }
+    }
+    if c.op == "MatMulNBits" {
+        let n = graph.node(&model.proto, c.graph, c.node_index);
+        dtype = input_dtype(model, graph, c.graph, n.and_then(|n| n.input.get(2)));
+    }
+    dtype
+}
+
+fn input_dtype(model: &LoadedModel, graph: &ModelGraph, gi: usize, v: Option<&String>) -> DataType {
+    v.and_then(|v| graph.const_source(&model.proto, gi, v))
+        .and_then(|s| graph.const_tensor(&model.proto, &s))
+        .map(|t| DataType::from_i32(t.data_type()))
+        .unwrap_or(DataType::Float)
+}
+
+/// Small deterministic generator (splitmix64) so branches are the same for the same seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f32 {
+        let u1 = ((self.next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
