@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use onnx_lora::adapter::Adapter;
 use onnx_lora::onnx;
-use onnx_lora::rewrite::{FoldOptions, fold};
+use onnx_lora::rewrite::{FoldOptions, fold, fold_branches};
 
 use super::output::{json_line, table};
 use super::save_args::SaveArgs;
@@ -17,6 +17,7 @@ use super::save_args::SaveArgs;
   onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
   onnx-lora fold model.onnx a/ b/ --weight 0.7 --weight 0.3 -o mix.onnx
   onnx-lora fold model.onnx adapter/adapter_model.safetensors -o out.onnx --json
+  onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors) or the .safetensors
 file with its adapter_config.json beside it. Module paths in the adapter are matched to the
@@ -25,8 +26,8 @@ model's weights by dotted suffix (see `onnx-lora inspect`). Weights shared with 
 pub struct Args {
     /// The base ONNX model.
     model: PathBuf,
-    /// PEFT adapters to merge, in order.
-    #[arg(required = true)]
+    /// PEFT adapters to merge, in order. None: fold the branches `inject` put into MODEL
+    /// (e.g. trained in place) back into its weights and remove them.
     adapters: Vec<PathBuf>,
     /// Where to write the merged model (atomically; inputs are never modified).
     #[arg(short, long)]
@@ -66,8 +67,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         scale: args.scale,
         allow_unmatched: args.allow_unmatched,
     };
-    let report = fold(&mut model, &adapters, &opts)
-        .with_context(|| format!("fold into {}", args.model.display()))?;
+    let report = if adapters.is_empty() {
+        fold_branches(&mut model)
+    } else {
+        fold(&mut model, &adapters, &opts)
+    }
+    .with_context(|| format!("fold into {}", args.model.display()))?;
     let saved = onnx::save(&model, &args.output, &args.save.options())?;
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");

@@ -69,19 +69,22 @@ pub struct FoldReport {
 }
 
 /// One adapter module's contribution to a weight.
-struct Step<'a> {
-    adapter: &'a Adapter,
-    module: &'a ModuleAdapter,
-    weight: f32,
+pub(crate) struct Step<'a> {
+    pub module: &'a ModuleAdapter,
+    /// The module's scaling times its adapter's weight and the global scale.
+    pub scale: f32,
+    /// torch stores this layer's full weight as (in, out) (GPT-2 Conv1D).
+    pub fan_in_fan_out: bool,
 }
 
 /// All the steps aimed at one node's weight.
-struct Job<'a> {
-    cand: Candidate,
-    steps: Vec<Step<'a>>,
+pub(crate) struct Job<'a> {
+    pub cand: Candidate,
+    pub steps: Vec<Step<'a>>,
 }
 
-/// Folds `adapters` into `model` in place. Nothing is changed when this fails.
+/// Folds `adapters` into `model` in place. On error the model may be partly changed (the
+/// CLI then writes nothing); every new weight is computed before the first write.
 pub fn fold(
     model: &mut LoadedModel,
     adapters: &[Adapter],
@@ -91,11 +94,21 @@ pub fn fold(
     let cands = find_candidates(&model.proto, &graph);
     let mut report = FoldReport::default();
     let jobs = plan(&cands, adapters, opts, &mut report)?;
+    execute(model, &graph, &jobs, &mut report)?;
+    Ok(report)
+}
 
+/// Merges each job's steps into its weight and writes the results.
+pub(crate) fn execute(
+    model: &mut LoadedModel,
+    graph: &ModelGraph,
+    jobs: &[Job],
+    report: &mut FoldReport,
+) -> Result<()> {
     // Compute every new weight first (reads only), then apply: an error leaves the model as it was.
     let mut results = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        results.push(merge_job(model, &graph, job)?);
+    for job in jobs {
+        results.push(merge_job(model, graph, job)?);
     }
     report.modules = results.iter().map(|(_, rep, _)| rep.clone()).collect();
     let mut taken = weights::all_names(&model.proto);
@@ -112,13 +125,13 @@ pub fn fold(
     });
     for (job, (_, _, bias)) in jobs.iter().zip(&results) {
         if let Some(bias) = bias {
-            apply_bias(model, &graph, &job.cand, bias)?;
+            apply_bias(model, graph, &job.cand, bias)?;
         }
     }
     for i in order {
         let copy = weights::write(
             &mut model.proto,
-            &graph,
+            graph,
             &jobs[i].cand,
             results[i].0.clone(),
             &mut taken,
@@ -137,7 +150,7 @@ pub fn fold(
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Matches every adapter module to the weight it adapts, grouped by node.
@@ -163,9 +176,9 @@ fn plan<'a>(
             };
             for c in found {
                 let step = Step {
-                    adapter,
                     module,
-                    weight,
+                    scale: adapter.scaling(module) * weight,
+                    fan_in_fan_out: adapter.config.fan_in_fan_out,
                 };
                 match jobs
                     .iter_mut()
@@ -239,12 +252,12 @@ fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
     for step in &job.steps {
         let m = step.module;
         if m.kind == ModuleKind::Full {
-            replace_full(&mut w, c, m, step.adapter)?;
+            replace_full(&mut w, c, m, step.fan_in_fan_out)?;
             rep.replaced = true;
             continue;
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
-        let s = step.adapter.scaling(m) * step.weight / gemm_alpha(model, graph, c);
+        let s = step.scale / gemm_alpha(model, graph, c);
         let (a, b) = factors(m, &w, c)?;
         add_low_rank(&mut w.values, w.orient, &a, &b, s);
         if let Some(mag) = &m.magnitude {
@@ -347,7 +360,7 @@ fn replace_full(
     w: &mut WeightValues,
     c: &Candidate,
     m: &ModuleAdapter,
-    adapter: &Adapter,
+    torch_in_out: bool,
 ) -> Result<()> {
     let Some(t) = m.full.get("weight") else {
         return Ok(()); // biases of replaced modules are not weights; handled as notes by callers
@@ -360,7 +373,6 @@ fn replace_full(
         )));
     }
     // torch stores Linear as (out, in) and GPT-2 Conv1D (fan_in_fan_out) as (in, out).
-    let torch_in_out = adapter.config.fan_in_fan_out;
     let transpose = c.is_linear()
         && w.orient == Orientation::InOut
         && !torch_in_out

@@ -5,9 +5,11 @@
 pub mod branch;
 pub mod fold;
 pub mod inject;
+pub mod unbranch;
 pub(crate) mod weights;
 
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
 pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, serving_params,
 };
+pub use unbranch::fold_branches;

@@ -1,0 +1,203 @@
+//! Folding injected branches back: finds the branches `inject` added (by their `onnx-lora.*`
+//! node metadata), merges each one's s·A·B into its base weight with the fold machinery, and
+//! removes the branch nodes, parameters and serving inputs, giving the base's structure.
+//!
+//! ```text
+//!   x ─┬─ Node(W) ── y.base ──┐                 x ── Node(W + s·ΔW) ── y
+//!      └─ A ── B ── Mul(s) ───Add ── y    ==>
+//! ```
+
+use std::collections::HashSet;
+
+use super::branch::{BRANCH_KEY, ROLE_KEY};
+use super::fold::{FoldReport, Job, Step, execute};
+use crate::adapter::{ModuleAdapter, ModuleKind, peft::F32Tensor};
+use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::LoadedModel;
+use crate::onnx::pb::NodeProto;
+use crate::onnx::pb_ext::NodeExt;
+use crate::target::{Candidate, find_candidates};
+use crate::tensor::to_f32;
+
+/// One branch found in the graph.
+struct Found {
+    cand: Candidate,
+    module: ModuleAdapter,
+    scale: f32,
+    /// The Add's output: the base node gets this name back.
+    y: String,
+    y_base: String,
+    params: Vec<String>,
+}
+
+/// Folds every injected branch into its base weight and removes the branches.
+pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
+    let graph = ModelGraph::build(&model.proto);
+    let cands = find_candidates(&model.proto, &graph);
+    let found = find_branches(model, &graph, &cands)?;
+    if found.is_empty() {
+        return Err(Error::Target(format!(
+            "{}: no injected LoRA branches found (nothing to fold; give an ADAPTER to merge)",
+            model.path.display()
+        )));
+    }
+    let jobs: Vec<Job> = found
+        .iter()
+        .map(|f| Job {
+            cand: f.cand.clone(),
+            steps: vec![Step {
+                module: &f.module,
+                scale: f.scale,
+                fan_in_fan_out: false,
+            }],
+        })
+        .collect();
+    let mut report = FoldReport::default();
+    execute(model, &graph, &jobs, &mut report)?;
+    remove_branches(model, &graph, &found);
+    Ok(report)
+}
+
+fn role(n: &NodeProto) -> Option<&str> {
+    n.metadata(ROLE_KEY)
+}
+
+fn find_branches(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+) -> Result<Vec<Found>> {
+    let mut out = Vec::new();
+    for (gi, view) in graph.graphs.iter().enumerate() {
+        let Some(gp) = view.loc.get(&model.proto) else {
+            continue;
+        };
+        for add in gp.node.iter().filter(|n| role(n) == Some("add")) {
+            let name = add.metadata(BRANCH_KEY).unwrap_or_default().to_string();
+            let broken = |why: &str| Error::Target(format!("injected branch '{name}': {why}"));
+            let producer = |v: &str| view.producer.get(v).map(|&i| (i, &gp.node[i]));
+            let param = |v: Option<&String>| -> Result<(String, F32Tensor)> {
+                let v = v.ok_or_else(|| broken("missing parameter input"))?;
+                // Serving models declare parameters as inputs too: their default is the value.
+                let src = graph
+                    .const_source(&model.proto, gi, v)
+                    .or_else(|| {
+                        view.initializers.get(v).map(|&index| {
+                            crate::graph::ConstSource::Initializer { graph: gi, index }
+                        })
+                    })
+                    .ok_or_else(|| broken(&format!("'{v}' is not a constant")))?;
+                let t = graph
+                    .const_tensor(&model.proto, &src)
+                    .ok_or_else(|| broken("parameter not found"))?;
+                let dtype = crate::onnx::DataType::from_i32(t.data_type());
+                let data = to_f32(&model.tensor_bytes(t)?, dtype, v)?;
+                let shape = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+                Ok((v.clone(), F32Tensor { shape, data }))
+            };
+            let y_base = add.input.first().cloned().unwrap_or_default();
+            let (base_idx, _) = producer(&y_base).ok_or_else(|| broken("base node not found"))?;
+            let cand = cands
+                .iter()
+                .find(|c| c.graph == gi && c.node_index == base_idx)
+                .ok_or_else(|| broken("its base node has no constant weight"))?;
+            let mut last = add.input.get(1).cloned().unwrap_or_default();
+            let mut params = Vec::new();
+            let mut scale = 1.0;
+            let (_, mut node) = producer(&last).ok_or_else(|| broken("branch output not found"))?;
+            if role(node) == Some("scale") {
+                let (n, s) = param(node.input.get(1))?;
+                scale = s.data.first().copied().unwrap_or(1.0);
+                params.push(n);
+                last = node.input.first().cloned().unwrap_or_default();
+                node = producer(&last).ok_or_else(|| broken("lora_B not found"))?.1;
+            }
+            if role(node) != Some("lora_B") {
+                return Err(broken("lora_B not found"));
+            }
+            let (b_name, b) = param(node.input.get(1))?;
+            let a_node = producer(node.input.first().map(String::as_str).unwrap_or(""))
+                .map(|(_, n)| n)
+                .filter(|n| role(n) == Some("lora_A"))
+                .ok_or_else(|| broken("lora_A not found"))?;
+            let a_input = if a_node.op_type() == "Gather" {
+                a_node.input.first()
+            } else {
+                a_node.input.get(1)
+            };
+            let (a_name, a) = param(a_input)?;
+            params.extend([a_name, b_name]);
+            let (a, b) = peft_layout(cand, a, b);
+            out.push(Found {
+                cand: cand.clone(),
+                module: ModuleAdapter {
+                    path: name.clone(),
+                    kind: ModuleKind::Lora,
+                    a: Some(a),
+                    b: Some(b),
+                    magnitude: None,
+                    bias_b: None,
+                    full: Default::default(),
+                    keys: vec![name],
+                },
+                scale,
+                y: add.output.first().cloned().unwrap_or_default(),
+                y_base,
+                params,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Graph-layout factors back to PEFT's A (r, in...) and B (out, r).
+fn peft_layout(c: &Candidate, a: F32Tensor, b: F32Tensor) -> (F32Tensor, F32Tensor) {
+    if c.op == "Conv" {
+        let b_shape = vec![b.shape[0], b.shape.get(1).copied().unwrap_or(0)];
+        return (
+            a,
+            F32Tensor {
+                shape: b_shape,
+                data: b.data,
+            },
+        );
+    }
+    let t = |x: F32Tensor| {
+        let (rows, cols) = (x.shape[0], x.shape.get(1).copied().unwrap_or(0));
+        let mut data = vec![0f32; x.data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                data[c * rows + r] = x.data[r * cols + c];
+            }
+        }
+        F32Tensor {
+            shape: vec![cols, rows],
+            data,
+        }
+    };
+    (t(a), t(b))
+}
+
+/// Removes branch nodes and parameters and gives base nodes their outputs back.
+fn remove_branches(model: &mut LoadedModel, graph: &ModelGraph, found: &[Found]) {
+    let params: HashSet<&str> = found
+        .iter()
+        .flat_map(|f| f.params.iter().map(String::as_str))
+        .collect();
+    for view in &graph.graphs {
+        let Some(gp) = view.loc.get_mut(&mut model.proto) else {
+            continue;
+        };
+        gp.node.retain(|n| n.metadata(BRANCH_KEY).is_none());
+        gp.initializer.retain(|t| !params.contains(t.name()));
+        gp.input.retain(|v| !params.contains(v.name()));
+        for f in found {
+            for n in gp.node.iter_mut() {
+                for o in n.output.iter_mut().filter(|o| **o == f.y_base) {
+                    *o = f.y.clone();
+                }
+            }
+        }
+    }
+}
