@@ -6,7 +6,7 @@ use anyhow::Context;
 use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
-use onnx_lora::rewrite::{Init, adapter_branches, fresh_branches, inject, serving_params};
+use onnx_lora::rewrite::{Init, adapter_branches, fresh_branches, inject, serving_adapter_params};
 use onnx_lora::target::{self, TargetSpec};
 
 use super::output::{json_line, table};
@@ -85,12 +85,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut model = onnx::load(&args.model)?;
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
-    let (branches, unmatched) = match &args.adapter {
-        Some(path) => {
-            let adapter = Adapter::load(path)?;
-            adapter_branches(&cands, &adapter, args.allow_unmatched)
-                .with_context(|| format!("{}", args.model.display()))?
-        }
+    let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
+    let (branches, unmatched) = match &adapter {
+        Some(adapter) => adapter_branches(&cands, adapter, args.allow_unmatched)
+            .with_context(|| format!("{}", args.model.display()))?,
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
             let chosen = target::select(&cands, spec.as_ref(), &args.targets)?;
@@ -120,8 +118,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let reports = inject(&mut model, &branches, args.as_inputs)
         .with_context(|| format!("inject into {}", args.model.display()))?;
     let saved = onnx::save(&model, &args.output, &args.save.options())?;
-    if let Some(path) = &args.adapter_out {
-        let params = serving_params(&branches, &reports)?;
+    if let (Some(path), Some(adapter)) = (&args.adapter_out, &adapter) {
+        let params = serving_adapter_params(&model, adapter)?;
         ort_format::write(path, &params)?;
         eprintln!("wrote {} ({} parameters)", path.display(), params.len());
     }

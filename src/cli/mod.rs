@@ -3,6 +3,7 @@
 //! models differ (verify), 2 any error.
 
 mod convert;
+mod export;
 mod fold;
 mod inject;
 mod inspect;
@@ -43,6 +44,8 @@ enum Command {
     Inject(inject::Args),
     Fold(fold::Args),
     Convert(convert::Args),
+    ExportAdapter(export::AdapterArgs),
+    ExportPeft(export::PeftArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -59,6 +62,8 @@ pub fn main() -> ExitCode {
         Command::Inject(a) => inject::run(a),
         Command::Fold(a) => fold::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::ExportAdapter(a) => export::run_adapter(a),
+        Command::ExportPeft(a) => export::run_peft(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

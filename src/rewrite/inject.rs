@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use super::branch::{BranchNames, branch_nodes, initializer};
 use super::weights::{all_names, unique_name};
-use crate::adapter::ort_format::AdapterParam;
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind};
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
@@ -22,7 +21,7 @@ use crate::onnx::pb::{
 use crate::onnx::pb_ext::NodeExt;
 use crate::onnx::{DataType, LoadedModel};
 use crate::target::{Candidate, resolve_module};
-use crate::tensor::{Matrix, from_f32};
+use crate::tensor::Matrix;
 
 /// One branch to add: PEFT-layout factors A (r, in) and B (out, r) and the scaling.
 #[derive(Clone, Debug)]
@@ -58,47 +57,6 @@ pub struct BranchReport {
 
 fn dtype_name<S: serde::Serializer>(d: &DataType, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&d.name())
-}
-
-/// The parameters an `.onnx_adapter` file must carry for branches made `as_inputs`: each
-/// branch's A [in, r] and s·B [r, out] under the names the serving model's inputs have.
-pub fn serving_params(
-    branches: &[BranchSpec],
-    reports: &[BranchReport],
-) -> Result<Vec<AdapterParam>> {
-    branches
-        .iter()
-        .map(|br| {
-            let rep = reports
-                .iter()
-                .find(|r| r.node == br.cand.node && r.module == br.name)
-                .ok_or_else(|| Error::Target(format!("branch '{}' was not injected", br.name)))?;
-            let scaled = BranchSpec {
-                b: Matrix::new(
-                    br.b.rows,
-                    br.b.cols,
-                    br.b.data.iter().map(|v| v * br.scale).collect(),
-                )?,
-                ..br.clone()
-            };
-            let (a_dims, a_vals, b_dims, b_vals) = graph_factors(&scaled);
-            Ok([
-                AdapterParam {
-                    name: rep.lora_a.clone(),
-                    dims: a_dims,
-                    dtype: rep.dtype,
-                    raw: from_f32(&a_vals, rep.dtype, &rep.lora_a)?,
-                },
-                AdapterParam {
-                    name: rep.lora_b.clone(),
-                    dims: b_dims,
-                    dtype: rep.dtype,
-                    raw: from_f32(&b_vals, rep.dtype, &rep.lora_b)?,
-                },
-            ])
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(|v| v.into_iter().flatten().collect())
 }
 
 /// Fresh branches for `cands`: A random per PEFT's init, B zero (embeddings: A zero, B

@@ -3,13 +3,13 @@
 //! Passes decide on the read-only graph view, then edit the proto.
 
 pub mod branch;
+pub mod export;
 pub mod fold;
 pub mod inject;
 pub mod unbranch;
 pub(crate) mod weights;
 
+pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
-pub use inject::{
-    BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, serving_params,
-};
+pub use inject::{BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject};
 pub use unbranch::fold_branches;

@@ -20,11 +20,11 @@ use crate::onnx::pb_ext::NodeExt;
 use crate::target::{Candidate, find_candidates};
 use crate::tensor::to_f32;
 
-/// One branch found in the graph.
-struct Found {
-    cand: Candidate,
-    module: ModuleAdapter,
-    scale: f32,
+/// One injected branch found in the graph, its factors in PEFT's layout.
+pub struct Found {
+    pub cand: Candidate,
+    pub module: ModuleAdapter,
+    pub scale: f32,
     /// The Add's output: the base node gets this name back.
     y: String,
     y_base: String,
@@ -63,7 +63,8 @@ fn role(n: &NodeProto) -> Option<&str> {
     n.metadata(ROLE_KEY)
 }
 
-fn find_branches(
+/// Every branch `inject` added, in graph order.
+pub fn find_branches(
     model: &LoadedModel,
     graph: &ModelGraph,
     cands: &[Candidate],

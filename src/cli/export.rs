@@ -1,0 +1,91 @@
+//! `onnx-lora export-adapter` and `onnx-lora export-peft`: adapters out of injected models.
+
+use std::path::PathBuf;
+
+use onnx_lora::adapter::{Adapter, ort_format};
+use onnx_lora::onnx;
+use onnx_lora::rewrite::{export_peft, serving_adapter_params};
+
+use super::output::json_line;
+
+/// Write a PEFT adapter as an onnxruntime `.onnx_adapter` file for a serving model made with
+/// `inject --as-inputs`, with exactly the parameter names and layouts its inputs expect.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
+  onnx-lora export-adapter french/ --model serving.onnx -o french.onnx_adapter
+  onnx-lora export-adapter german/ --model serving.onnx -o german.onnx_adapter
+
+Activate one at run time with onnxruntime's LoraAdapter (Python) / Adapter (ort crate).")]
+pub struct AdapterArgs {
+    /// The PEFT adapter (folder or .safetensors with adapter_config.json beside it).
+    adapter: PathBuf,
+    /// The serving model (from `inject --as-inputs`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The .onnx_adapter file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
+    let model = onnx::load(&args.model)?;
+    let adapter = Adapter::load(&args.adapter)?;
+    let params = serving_adapter_params(&model, &adapter)?;
+    ort_format::write(&args.output, &params)?;
+    if args.json {
+        let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        json_line(
+            "report",
+            &serde_json::json!({"output": args.output, "parameters": names}),
+        )?;
+    } else {
+        eprintln!(
+            "wrote {} ({} parameters)",
+            args.output.display(),
+            params.len()
+        );
+    }
+    Ok(super::EXIT_OK)
+}
+
+/// Write the (trained) branches of a model made by `inject` as a PEFT adapter folder
+/// (adapter_config.json + adapter_model.safetensors) that PeftModel.from_pretrained loads.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora inject model.onnx --rank 8 --strip-prefix m -o train.onnx
+  # ... train train.onnx's lora_A / lora_B initializers (e.g. onnxruntime training) ...
+  onnx-lora export-peft trained.onnx -o my-adapter/
+
+Module paths are the branch names given at inject time: use --strip-prefix there so they match
+the torch model's named_modules().")]
+pub struct PeftArgs {
+    /// The model with injected branches.
+    model: PathBuf,
+    /// The adapter folder to create (must not exist).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
+    let model = onnx::load(&args.model)?;
+    let report = export_peft(&model, &args.output)?;
+    if args.json {
+        json_line("report", &report)?;
+    } else {
+        eprintln!(
+            "wrote {} ({} modules, r = {}, lora_alpha = {})",
+            args.output.display(),
+            report.modules.len(),
+            report.r,
+            report.lora_alpha
+        );
+    }
+    Ok(super::EXIT_OK)
+}

@@ -1,0 +1,271 @@
+//! Exports out of injected models: a PEFT adapter folder from trained fresh branches
+//! (`export-peft`), and an onnxruntime `.onnx_adapter` for a serving model made with
+//! `inject --as-inputs` (`export-adapter`), with exactly the names and layouts its inputs have.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::{Dtype, tensor::TensorView};
+use serde::Serialize;
+
+use super::unbranch::find_branches;
+use crate::adapter::ort_format::AdapterParam;
+use crate::adapter::{Adapter, ModuleKind};
+use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::pb::type_proto;
+use crate::onnx::{DataType, LoadedModel};
+use crate::target::find_candidates;
+use crate::target::select::name_matches;
+use crate::tensor::{Matrix, from_f32};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeftExport {
+    pub modules: Vec<String>,
+    pub r: usize,
+    pub lora_alpha: f32,
+}
+
+/// Writes the model's injected branches as a PEFT adapter folder (adapter_config.json +
+/// adapter_model.safetensors, float32). Branch names are the module paths PEFT will look up,
+/// so inject with `--strip-prefix` when the export wrapped the model.
+pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
+    let graph = ModelGraph::build(&model.proto);
+    let cands = find_candidates(&model.proto, &graph);
+    let found = find_branches(model, &graph, &cands)?;
+    if found.is_empty() {
+        return Err(Error::Target(format!(
+            "{}: no injected LoRA branches to export",
+            model.path.display()
+        )));
+    }
+    let r = found[0].module.rank();
+    let lora_alpha = found[0].scale * r as f32;
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    let mut modules = Vec::new();
+    let mut conv1d = false;
+    for f in &found {
+        let m = &f.module;
+        let (Some(a), Some(b)) = (&m.a, &m.b) else {
+            continue;
+        };
+        let (ka, kb) = if f.cand.op == "Gather" {
+            ("lora_embedding_A", "lora_embedding_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        let key = |k: &str| format!("base_model.model.{}.{k}", m.path);
+        tensors.insert(
+            key(ka),
+            (
+                a.shape.clone(),
+                a.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        );
+        tensors.insert(
+            key(kb),
+            (
+                b.shape.clone(),
+                b.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        );
+        let alpha = f.scale * m.rank() as f32;
+        if m.rank() != r {
+            rank_pattern.insert(regex::escape(&m.path), m.rank().into());
+        }
+        if (alpha - lora_alpha).abs() > 1e-6 * lora_alpha.abs().max(1.0) {
+            alpha_pattern.insert(regex::escape(&m.path), serde_json::json!(alpha));
+        }
+        // GPT-2 style Conv1D exports as Gemm(transB=0) with the torch weight's own layout.
+        conv1d |= f.cand.op == "Gemm" && f.cand.layout == crate::target::Layout::InOut;
+        modules.push(m.path.clone());
+    }
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": false,
+        "use_dora": false,
+        "fan_in_fan_out": conv1d,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "task_type": null,
+        "inference_mode": true,
+    });
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::tensor(k, e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let st = safetensors::serialize(views, None)
+        .map_err(|e| Error::Usage(format!("safetensors: {e}")))?;
+    write_dir(
+        dir,
+        &[
+            ("adapter_model.safetensors", st),
+            (
+                "adapter_config.json",
+                serde_json::to_vec_pretty(&config).unwrap_or_default(),
+            ),
+        ],
+    )?;
+    Ok(PeftExport {
+        modules,
+        r,
+        lora_alpha,
+    })
+}
+
+/// Creates `dir` with these files atomically: built in a temp folder beside it, then renamed.
+fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    if dir.exists() {
+        return Err(Error::Usage(format!(
+            "{}: already exists; choose a new folder",
+            dir.display()
+        )));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".onnx-lora-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    for (name, bytes) in files {
+        std::fs::write(tmp.path().join(name), bytes)
+            .map_err(|e| Error::io(tmp.path().join(name), e))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, dir).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        Error::io(dir, e)
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    Ok(())
+}
+
+/// A serving model's LoRA inputs: branch name -> (A dims, B dims, dtype), with the rank
+/// axis as 0.
+fn serving_inputs(model: &LoadedModel) -> BTreeMap<String, ([i64; 2], [i64; 2], DataType)> {
+    let mut out = BTreeMap::new();
+    let Some(g) = model.proto.graph.as_ref() else {
+        return out;
+    };
+    let dims = |name: &str| -> Option<([i64; 2], DataType)> {
+        let vi = g.input.iter().find(|v| v.name() == name)?;
+        let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+            return None;
+        };
+        let d: Vec<i64> = t
+            .shape
+            .as_ref()?
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(crate::onnx::pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v,
+                _ => 0,
+            })
+            .collect();
+        (d.len() == 2).then(|| ([d[0], d[1]], DataType::from_i32(t.elem_type())))
+    };
+    for vi in &g.input {
+        if let Some(name) = vi.name().strip_suffix(".lora_A.weight") {
+            if let (Some((a, dt)), Some((b, _))) =
+                (dims(vi.name()), dims(&format!("{name}.lora_B.weight")))
+            {
+                out.insert(name.to_string(), (a, b, dt));
+            }
+        }
+    }
+    out
+}
+
+/// The `.onnx_adapter` parameters that carry `adapter` into `serving` (made with
+/// `inject --as-inputs`): A [in, r] and s·B [r, out] per module, named as the model's inputs.
+pub fn serving_adapter_params(
+    serving: &LoadedModel,
+    adapter: &Adapter,
+) -> Result<Vec<AdapterParam>> {
+    adapter.check_foldable()?;
+    let inputs = serving_inputs(serving);
+    if inputs.is_empty() {
+        return Err(Error::Target(format!(
+            "{}: no LoRA inputs (make the serving model with `onnx-lora inject --as-inputs`)",
+            serving.path.display()
+        )));
+    }
+    let mut params = Vec::new();
+    for m in &adapter.modules {
+        if m.kind == ModuleKind::Full || m.magnitude.is_some() || m.bias_b.is_some() {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "module '{}': whole tensors, DoRA and lora_bias cannot be served through LoRA inputs",
+                    m.path
+                ),
+            });
+        }
+        let matches: Vec<&String> = inputs
+            .keys()
+            .filter(|n| name_matches(n, &m.path) || name_matches(&m.path, n))
+            .collect();
+        let [name] = matches.as_slice() else {
+            return Err(Error::Target(format!(
+                "module '{}' matches {} LoRA inputs of {} ({})",
+                m.path,
+                matches.len(),
+                serving.path.display(),
+                matches
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        let (a_dims, b_dims, dtype) = inputs[*name];
+        let (Some(a), Some(b)) = (&m.a, &m.b) else {
+            continue;
+        };
+        let r = a.shape[0];
+        let n_in: usize = a.shape[1..].iter().product();
+        if a_dims[0] as usize != n_in || b_dims[1] as usize != b.shape[0] {
+            return Err(Error::Target(format!(
+                "module '{}': lora_A {:?} / lora_B {:?} do not fit the model's inputs [{}, r] / [r, {}]",
+                m.path, a.shape, b.shape, a_dims[0], b_dims[1]
+            )));
+        }
+        let s = adapter.scaling(m);
+        let at = Matrix::new(r, n_in, a.data.clone())?.transposed();
+        let bt = Matrix::new(b.shape[0], r, b.data.iter().map(|v| v * s).collect())?.transposed();
+        let a_name = format!("{name}.lora_A.weight");
+        let b_name = format!("{name}.lora_B.weight");
+        params.push(AdapterParam {
+            raw: from_f32(&at.data, dtype, &a_name)?,
+            name: a_name,
+            dims: vec![n_in as i64, r as i64],
+            dtype,
+        });
+        params.push(AdapterParam {
+            raw: from_f32(&bt.data, dtype, &b_name)?,
+            name: b_name,
+            dims: vec![r as i64, b.shape[0] as i64],
+            dtype,
+        });
+    }
+    Ok(params)
+}
