@@ -97,3 +97,119 @@ pub fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// One exported model in fixtures/manifest.json, with its PEFT adapters and PEFT's outputs.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub model: String,
+    pub exporter: String,
+    pub onnx: PathBuf,
+    pub dtype: String,
+    pub inputs: PathBuf,
+    pub base: PathBuf,
+    pub adapters: Vec<AdapterCase>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdapterCase {
+    pub name: String,
+    pub dir: PathBuf,
+    /// PEFT's unmerged forward on the case's inputs.
+    pub unmerged: PathBuf,
+    pub targets: Vec<String>,
+    pub features: Vec<String>,
+    /// The adapter must be refused (base-changing init).
+    pub refuse: bool,
+}
+
+impl Case {
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.model, self.exporter)
+    }
+    /// Tolerance relative to the output's scale: fp32 1e-4, fp16 4e-3.
+    pub fn tol(&self) -> f64 {
+        if self.dtype == "float32" { 1e-4 } else { 4e-3 }
+    }
+}
+
+/// Every case of fixtures/manifest.json (asserting there are some).
+pub fn cases() -> Vec<Case> {
+    let path = fixtures().join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (rebuild with fixtures/gen/generate.py)",
+            path.display()
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(&text).expect("manifest.json is JSON");
+    let list = v
+        .get("cases")
+        .or(Some(&v))
+        .and_then(|c| c.as_array())
+        .expect("a list of cases");
+    let f = |x: &serde_json::Value, k: &str| {
+        x.get(k).and_then(|s| s.as_str()).unwrap_or("").to_string()
+    };
+    let strings = |x: &serde_json::Value, k: &str| -> Vec<String> {
+        x.get(k)
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cases: Vec<Case> = list
+        .iter()
+        .map(|c| Case {
+            model: f(c, "model"),
+            exporter: f(c, "exporter"),
+            onnx: fixtures().join(f(c, "onnx")),
+            dtype: f(c, "dtype"),
+            inputs: fixtures().join(f(c, "inputs")),
+            base: fixtures().join(f(c, "base")),
+            adapters: c
+                .get("adapters")
+                .and_then(|a| a.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|ad| AdapterCase {
+                            name: f(ad, "name"),
+                            dir: fixtures().join(f(ad, "dir")),
+                            unmerged: fixtures().join(f(ad, "unmerged")),
+                            targets: strings(ad, "targets"),
+                            features: strings(ad, "features"),
+                            refuse: ad.get("refuse").and_then(|r| r.as_bool()).unwrap_or(false),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    assert!(!cases.is_empty(), "no cases in {}", path.display());
+    cases
+}
+
+/// Runs tests/py/ort_compare.py; returns (passed, its one-line report).
+pub fn ort_compare(
+    model: &Path,
+    inputs: &Path,
+    expected: &Path,
+    tol: f64,
+    extra: &[&str],
+) -> (bool, String) {
+    let out = Command::new(python())
+        .arg(root().join("tests/py/ort_compare.py"))
+        .args([model, inputs, expected])
+        .arg(tol.to_string())
+        .args(extra)
+        .output()
+        .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_string())
+}

@@ -1,0 +1,99 @@
+//! `fold` against PEFT itself: for every fixture model (both exporters) and adapter kind, the
+//! folded model run through onnxruntime matches PEFT's unmerged forward and differs from the
+//! base; refused and broken adapters produce their message and no file.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn folded_models_match_peft_unmerged_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in cases() {
+        for ad in case.adapters.iter().filter(|a| !a.refuse) {
+            let out = dir
+                .path()
+                .join(format!("{}_{}_{}.onnx", case.model, case.exporter, ad.name));
+            let o = onnx_lora(&[
+                "fold",
+                case.onnx.to_str().unwrap(),
+                ad.dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            if !o.status.success() {
+                failures.push(format!(
+                    "{} {}: fold failed: {}",
+                    case.label(),
+                    ad.name,
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+                continue;
+            }
+            let base = case.base.to_str().unwrap().to_string();
+            let (ok, msg) = ort_compare(
+                &out,
+                &case.inputs,
+                &ad.unmerged,
+                case.tol(),
+                &["--differs", &base],
+            );
+            checked += 1;
+            if !ok {
+                failures.push(format!("{} {}: {msg}", case.label(), ad.name));
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} fold cases ran");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_feature_is_covered_by_the_fixtures() {
+    let all: Vec<String> = cases()
+        .iter()
+        .flat_map(|c| c.adapters.iter().flat_map(|a| a.features.clone()))
+        .collect();
+    for f in ["rslora", "dora", "rank_pattern", "alpha_pattern", "tied"] {
+        assert!(
+            all.iter().any(|x| x == f),
+            "no fixture adapter exercises {f}"
+        );
+    }
+    let exporters: Vec<String> = cases().iter().map(|c| c.exporter.clone()).collect();
+    assert!(
+        exporters.iter().any(|e| e == "torchscript") && exporters.iter().any(|e| e == "dynamo")
+    );
+    assert!(cases().iter().any(|c| c.dtype == "float16"));
+}
+
+#[test]
+fn refused_adapters_leave_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in cases() {
+        for ad in case.adapters.iter().filter(|a| a.refuse) {
+            let out = dir.path().join("refused.onnx");
+            let o = onnx_lora(&[
+                "fold",
+                case.onnx.to_str().unwrap(),
+                ad.dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("init_lora_weights") && err.contains("changed the base weights"),
+                "{err}"
+            );
+            assert!(!out.exists());
+        }
+    }
+}

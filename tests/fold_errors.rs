@@ -1,0 +1,215 @@
+//! `fold` on bad or unsupported input: one clear line naming the module / tensor, exit 2, no
+//! output file, inputs untouched; and shared initializers get a private copy.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Writes a PEFT adapter folder with these float32 tensors (keys without `base_model.model.`).
+fn write_adapter(
+    dir: &Path,
+    config: serde_json::Value,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, s, v)| {
+            (
+                format!("base_model.model.{k}"),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+fn config() -> serde_json::Value {
+    serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"]})
+}
+
+fn lora(module: &str, n_in: usize, n_out: usize, fill: f32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    vec![
+        (
+            format!("{module}.lora_A.weight"),
+            vec![2, n_in],
+            vec![fill; 2 * n_in],
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            vec![n_out, 2],
+            vec![fill; 2 * n_out],
+        ),
+    ]
+}
+
+fn refs(t: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(&str, Vec<usize>, Vec<f32>)> {
+    t.iter()
+        .map(|(k, s, v)| (k.as_str(), s.clone(), v.clone()))
+        .collect()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        py("make_edge_models.py", &[dir.path()]);
+        Env { dir }
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// Runs fold expecting failure; returns stderr after checking exit 2, one line, no output.
+    fn fold_fails(&self, model: &str, adapter: &Path) -> String {
+        let out = self.p("out.onnx");
+        let before = std::fs::read(self.p(model)).unwrap();
+        let o = onnx_lora(&[
+            "fold",
+            self.p(model).to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!out.exists(), "no output on error");
+        assert_eq!(
+            std::fs::read(self.p(model)).unwrap(),
+            before,
+            "input untouched"
+        );
+        err
+    }
+}
+
+#[test]
+fn unmatched_modules_are_listed() {
+    let env = Env::new();
+    let mut t = lora("fc", 8, 4, 0.1);
+    t.extend(lora("nonexistent.proj", 8, 4, 0.1));
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("nonexistent.proj.lora_A.weight") && err.contains("match no weight"),
+        "{err}"
+    );
+    let out = env.p("partial.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        env.p("linear.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--allow-unmatched",
+    ]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning: unmatched adapter module"));
+    assert!(out.exists());
+}
+
+#[test]
+fn shape_mismatch_names_module_and_shapes() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 7, 4, 0.1)));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("module 'fc'") && err.contains("[2, 7]") && err.contains("[8, 4]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_finite_results_are_refused() {
+    let env = Env::new();
+    let ad = write_adapter(
+        &env.p("ad"),
+        config(),
+        &refs(&lora("fc", 8, 4, f32::INFINITY)),
+    );
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(err.contains("non-finite"), "{err}");
+}
+
+#[test]
+fn quantized_and_grouped_weights_are_refused() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    for m in ["nbits.onnx", "dq.onnx"] {
+        let err = env.fold_fails(m, &ad);
+        assert!(
+            err.contains("quantized") && err.contains("inject"),
+            "{m}: {err}"
+        );
+    }
+    let conv = vec![
+        (
+            "conv.lora_A.weight".to_string(),
+            vec![2, 2, 3, 3],
+            vec![0.1; 36],
+        ),
+        (
+            "conv.lora_B.weight".to_string(),
+            vec![4, 2, 1, 1],
+            vec![0.1; 8],
+        ),
+    ];
+    let ad = write_adapter(&env.p("adc"), config(), &refs(&conv));
+    let err = env.fold_fails("grouped.onnx", &ad);
+    assert!(err.contains("group"), "{err}");
+}
+
+#[test]
+fn base_changing_inits_are_refused() {
+    let env = Env::new();
+    let mut cfg = config();
+    cfg["init_lora_weights"] = "pissa_niter_4".into();
+    let ad = write_adapter(&env.p("ad"), cfg, &refs(&lora("fc", 8, 4, 0.1)));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("pissa_niter_4") && err.contains("changed the base weights"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shared_initializer_gets_a_private_copy() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("a", 8, 4, 0.1)));
+    let out = env.p("out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        env.p("shared.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shared with"));
+    let diff: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&env.p("shared.onnx"), &out])).unwrap();
+    assert!(diff["ya"].as_f64().unwrap() > 1e-3, "{diff}");
+    assert_eq!(diff["yb"].as_f64().unwrap(), 0.0, "{diff}");
+}

@@ -1,0 +1,67 @@
+"""Small models for the cases exporters rarely give us, written with onnx.helper:
+
+  linear.onnx      y = x @ W  (MatMul, W [8, 4] named fc.weight... via node name /fc/MatMul)
+  nbits.onnx       MatMulNBits (com.microsoft) on module /fc/MatMulNBits (quantized base)
+  dq.onnx          DequantizeLinear(W_q) -> MatMul on /fc/MatMul (quantized base)
+  grouped.onnx     Conv with group=2 on /conv/Conv
+  shared.onnx      one initializer W feeding /a/MatMul and /b/MatMul (deduplicated weights)
+
+Usage: make_edge_models.py OUT_DIR
+"""
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+rng = np.random.default_rng(0)
+
+
+def save(graph, path, opset=17, extra_opsets=()):
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    m.ir_version = 10
+    onnx.save(m, path)
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def main(out):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                           "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "linear.onnx"))
+
+    # MatMulNBits: K=8, N=4, bits=4, block_size=16 -> B uint8 [N, 1, 8], scales [N]
+    b = numpy_helper.from_array(rng.integers(0, 255, (4, 1, 8), dtype=np.uint8), "Wq")
+    sc = numpy_helper.from_array(np.ones(4, np.float32), "scales")
+    nb = helper.make_node("MatMulNBits", ["x", "Wq", "scales"], ["y"], name="/fc/MatMulNBits",
+                          domain="com.microsoft", K=8, N=4, bits=4, block_size=16)
+    save(helper.make_graph([nb], "nbits", [x], [y], [b, sc]), os.path.join(out, "nbits.onnx"),
+         extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+    wq = numpy_helper.from_array(rng.integers(-100, 100, (8, 4), dtype=np.int8), "Wq")
+    s = numpy_helper.from_array(np.array(0.01, np.float32), "s")
+    dq = helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], name="/fc/DequantizeLinear")
+    mm = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    save(helper.make_graph([dq, mm], "dq", [x], [y], [wq, s]), os.path.join(out, "dq.onnx"))
+
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])
+    yo = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])
+    conv = helper.make_node("Conv", ["x", "W"], ["y"], name="/conv/Conv", group=2, pads=[1, 1, 1, 1])
+    save(helper.make_graph([conv], "grouped", [xi], [yo], [numpy_helper.from_array(f32(4, 2, 3, 3), "W")]),
+         os.path.join(out, "grouped.onnx"))
+
+    ya = helper.make_tensor_value_info("ya", TensorProto.FLOAT, [2, 4])
+    yb = helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 4])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["ya"], name="/a/MatMul"),
+                            helper.make_node("MatMul", ["x", "W"], ["yb"], name="/b/MatMul")],
+                           "shared", [x], [ya, yb], [numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "shared.onnx"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
