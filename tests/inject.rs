@@ -73,7 +73,7 @@ fn serving_model_swaps_adapters_on_one_session() {
         let ads: Vec<&AdapterCase> = case
             .adapters
             .iter()
-            .filter(|a| branchable(a) && !a.features.iter().any(|f| f == "conv"))
+            .filter(|a| branchable(a) && !a.kinds.iter().any(|k| k == "conv"))
             .collect();
         let Some(first) = ads.first() else { continue };
         let serving = dir.path().join(format!("{}_{}_serving.onnx", case.model, case.exporter));

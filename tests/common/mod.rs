@@ -117,6 +117,8 @@ pub struct AdapterCase {
     /// PEFT's unmerged forward on the case's inputs.
     pub unmerged: PathBuf,
     pub targets: Vec<String>,
+    /// Layer kinds targeted: linear, conv1d, conv, embedding.
+    pub kinds: Vec<String>,
     pub features: Vec<String>,
     /// The adapter must be refused (base-changing init).
     pub refuse: bool,
@@ -179,6 +181,7 @@ pub fn cases() -> Vec<Case> {
                             dir: fixtures().join(f(ad, "dir")),
                             unmerged: fixtures().join(f(ad, "unmerged")),
                             targets: strings(ad, "targets"),
+                            kinds: strings(ad, "kinds"),
                             features: strings(ad, "features"),
                             refuse: ad.get("refuse").and_then(|r| r.as_bool()).unwrap_or(false),
                         })
