@@ -19,5 +19,6 @@ pub mod error;
 pub mod graph;
 pub mod onnx;
 pub mod target;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 mod convert;
 mod inspect;
 mod output;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,7 @@ pub const EXIT_ERROR: u8 = 2;
   onnx-lora inspect model.onnx
   onnx-lora inspect model.onnx --target 'q_proj|v_proj' --json
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
+  onnx-lora verify base.onnx folded.onnx
 
 Exit codes: 0 success, 1 models differ (verify), 2 error."
 )]
@@ -36,6 +38,7 @@ pub struct Cli {
 enum Command {
     Inspect(inspect::Args),
     Convert(convert::Args),
+    Verify(verify::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -50,6 +53,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Verify(a) => verify::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
