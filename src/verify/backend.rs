@@ -75,6 +75,8 @@ pub fn open(
     }
 }
 
+// Without the `ort` feature only `NoLibrary` is ever made.
+#[cfg_attr(not(feature = "ort"), allow(dead_code))]
 enum OrtOpenError {
     /// No usable onnxruntime library (the message says how to get one).
     NoLibrary(String),

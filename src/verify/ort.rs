@@ -229,7 +229,8 @@ fn session_error(model: &Path, ep: &str, e: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Why a CUDA session could not be made.
+/// Why a CUDA session could not be made (without the `cuda` feature, only `Register`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum CudaFailure {
     /// The EP did not register (CPU-only onnxruntime, missing CUDA libraries, no driver).
     Register(String),
