@@ -1,7 +1,8 @@
 //! `onnx-lora verify` end to end, on models made by tests/py/make_verify_models.py (an MLP with
 //! embeddings; the same with one bias element moved by 1e-2; an fp16 copy; a single-output
-//! copy) and outputs onnxruntime computed in Python. Tests that need onnxruntime fail, never
+//! copy; a Det model tract cannot run) and outputs onnxruntime computed in Python. Tests that need onnxruntime fail, never
 //! skip, when it is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -445,6 +446,28 @@ fn finds_onnxruntime_through_python() {
         &root(),
     );
     expect_code(&r, 0, "through ./.venv");
+}
+
+#[test]
+fn tract_says_when_it_cannot_run_a_model() {
+    let det = file("det.onnx");
+    let r = verify(&[&det, &det, "--ep", "tract"]);
+    expect_code(&r, 2, "Det on tract");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tract cannot run") && r.stderr.contains("--ep cpu"),
+        "{}",
+        r.stderr
+    );
+    expect_code(
+        &verify(&[&det, &det, "--ep", "cpu"]),
+        0,
+        "Det on onnxruntime",
+    );
+    // As the fallback for a missing onnxruntime, the error says how to get onnxruntime.
+    let r = verify(&[&det, &det, "--ort-lib", "/nonexistent"]);
+    expect_code(&r, 2, "Det on the tract fallback");
+    assert!(r.stderr.contains("pip install onnxruntime"), "{}", r.stderr);
 }
 
 #[test]

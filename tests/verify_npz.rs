@@ -1,6 +1,7 @@
 //! The npz reader against files numpy wrote (tests/data/npz, made by make_npz.py there: one
 //! per dtype, stored and deflated, .npy and .npz, Fortran order, big endian), and the writer
 //! against numpy reading what it wrote.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

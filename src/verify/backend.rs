@@ -62,12 +62,12 @@ pub fn open(
     notes: &mut Vec<String>,
 ) -> Result<Box<dyn Backend>> {
     if ep == Ep::Tract {
-        return Ok(Box::new(super::tract::TractBackend::open(model)?));
+        return Ok(Box::new(super::tract::TractBackend::open(model, false)?));
     }
     match open_ort(model, ep, ort_lib, notes) {
         Err(OrtOpenError::NoLibrary(reason)) if ep == Ep::Auto => {
             notes.push(format!("{reason}; using the embedded tract backend"));
-            Ok(Box::new(super::tract::TractBackend::open(model)?))
+            Ok(Box::new(super::tract::TractBackend::open(model, true)?))
         }
         Err(OrtOpenError::NoLibrary(reason)) => Err(Error::Backend(reason)),
         Err(OrtOpenError::Other(e)) => Err(e),

@@ -209,6 +209,7 @@ fn diff_stats(pairs: impl Iterator<Item = (f64, f64)>, tol: Tolerance) -> DiffSt
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -66,20 +66,23 @@ fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
             ))
         });
     }
-    let mut tried = Vec::new();
+    let mut failed = Vec::new();
     for path in discovered_candidates() {
         match try_load(&path) {
             Ok(()) => return Ok(path),
-            Err(e) => tried.push(format!("{}: {e}", path.display())),
+            // A file that exists but does not load (wrong version, missing dependencies) is
+            // worth naming; the bare name the dynamic loader did not find is not.
+            Err(e) if path.is_absolute() => failed.push(format!("{}: {e}", path.display())),
+            Err(_) => {}
         }
     }
-    let tried = if tried.is_empty() {
+    let failed = if failed.is_empty() {
         String::new()
     } else {
-        format!(" (tried {})", tried.join("; "))
+        format!("; could not load {}", failed.join("; "))
     };
     Err(Error::Backend(format!(
-        "no onnxruntime library found{tried}; {HOW_TO_GET_ORT}"
+        "no onnxruntime library found (searched the Python onnxruntime package of $ONNX_LORA_PYTHON, ./.venv/bin/python and python3, ./.venv, the dynamic loader's path, /usr/local/lib and /usr/lib{failed}); {HOW_TO_GET_ORT}"
     )))
 }
 

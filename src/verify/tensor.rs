@@ -167,6 +167,7 @@ fn encoder(dtype: DataType) -> Option<Encoder> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -21,24 +21,34 @@ pub struct TractBackend {
     inputs: Vec<String>,
     outputs: Vec<String>,
     plan: Option<(Vec<Vec<usize>>, Arc<TypedRunnableModel>)>,
+    /// What to suggest when tract cannot run the model.
+    hint: &'static str,
 }
 
+/// The suggestion when tract was chosen.
+const HINT_CHOSEN: &str = "try onnxruntime (--ep cpu)";
+/// The suggestion when tract runs because no onnxruntime library was found.
+const HINT_FALLBACK: &str = "onnxruntime may (--ep cpu), but no onnxruntime library was found: install one with `pip install onnxruntime` or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime.so";
+
 impl TractBackend {
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Loads the model from its path; `fallback` says tract stands in for a missing
+    /// onnxruntime (errors then say how to get onnxruntime).
+    pub fn open(path: &Path, fallback: bool) -> Result<Self> {
+        let hint = if fallback { HINT_FALLBACK } else { HINT_CHOSEN };
         let model = tract_onnx::onnx()
             .model_for_path(path)
-            .map_err(|e| unsupported(path, &e))?;
+            .map_err(|e| unsupported(path, &e, hint))?;
         let name_of = |o: &OutletId| {
             model
                 .outlet_label(*o)
                 .unwrap_or(&model.node(o.node).name)
                 .to_string()
         };
-        let inputs = inputs_or_outputs(path, model.input_outlets())?
+        let inputs = inputs_or_outputs(path, model.input_outlets(), hint)?
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect();
-        let outputs = inputs_or_outputs(path, model.output_outlets())?
+        let outputs = inputs_or_outputs(path, model.output_outlets(), hint)?
             .iter()
             .map(name_of)
             .collect();
@@ -48,21 +58,26 @@ impl TractBackend {
             inputs,
             outputs,
             plan: None,
+            hint,
         })
     }
 
     fn err(&self, e: &anyhow::Error) -> Error {
-        unsupported(&self.path, e)
+        unsupported(&self.path, e, self.hint)
     }
 }
 
-fn inputs_or_outputs<'m>(path: &Path, r: TractResult<&'m [OutletId]>) -> Result<&'m [OutletId]> {
-    r.map_err(|e| unsupported(path, &e))
+fn inputs_or_outputs<'m>(
+    path: &Path,
+    r: TractResult<&'m [OutletId]>,
+    hint: &str,
+) -> Result<&'m [OutletId]> {
+    r.map_err(|e| unsupported(path, &e, hint))
 }
 
-fn unsupported(path: &Path, e: &anyhow::Error) -> Error {
+fn unsupported(path: &Path, e: &anyhow::Error, hint: &str) -> Error {
     Error::Backend(format!(
-        "{}: tract cannot run this model: {}; try onnxruntime (--ep cpu)",
+        "{}: tract cannot run this model: {}; {hint}",
         path.display(),
         format!("{e:#}").replace('\n', " ")
     ))
@@ -86,7 +101,15 @@ impl Backend for TractBackend {
             )));
         };
         for (i, arr) in ordered.iter().enumerate() {
-            let fact = InferenceFact::dt_shape(datum_type(arr.dtype)?, arr.shape.clone());
+            let dt = datum_type(arr.dtype).ok_or_else(|| {
+                Error::Backend(format!(
+                    "{}: tract has no {} tensors; {}",
+                    self.path.display(),
+                    arr.dtype,
+                    self.hint
+                ))
+            })?;
+            let fact = InferenceFact::dt_shape(dt, arr.shape.clone());
             model.set_input_fact(i, fact).map_err(|e| self.err(&e))?;
         }
         let plan = model
@@ -132,9 +155,9 @@ impl TractBackend {
     }
 }
 
-fn datum_type(dtype: DataType) -> Result<DatumType> {
+fn datum_type(dtype: DataType) -> Option<DatumType> {
     use DataType::*;
-    Ok(match dtype {
+    Some(match dtype {
         Float => DatumType::F32,
         Float16 => DatumType::F16,
         Double => DatumType::F64,
@@ -147,16 +170,13 @@ fn datum_type(dtype: DataType) -> Result<DatumType> {
         Uint32 => DatumType::U32,
         Uint64 => DatumType::U64,
         Bool => DatumType::Bool,
-        other => {
-            return Err(Error::Backend(format!(
-                "tract has no {other} tensors; try onnxruntime (--ep cpu)"
-            )));
-        }
+        _ => return None,
     })
 }
 
 fn to_tract(a: &ArrayData) -> Result<Tensor> {
-    let dt = datum_type(a.dtype)?;
+    let dt = datum_type(a.dtype)
+        .ok_or_else(|| Error::Verify(format!("tract has no {} tensors", a.dtype)))?;
     // SAFETY: `ArrayData::new` checked that `data` holds exactly `shape`'s elements of this
     // type, in the little-endian C-order layout tract uses on the hosts we build for; bools
     // are 0/1 bytes as tract expects.

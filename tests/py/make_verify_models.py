@@ -10,6 +10,7 @@
   expected.npz      onnxruntime's outputs of mlp.onnx on inputs.npz
   wrong.npz         expected.npz with logits moved by 0.5
   logits.npy        onnxruntime's logits of mlp_single.onnx on inputs.npz
+  det.onnx          a Det node: onnxruntime runs it, tract does not implement it
 
 Usage: make_verify_models.py OUT_DIR
 """
@@ -101,6 +102,15 @@ def main(out):
     wrong["logits"] = wrong["logits"] + np.float32(0.5)
     np.savez(p("wrong.npz"), **wrong)
     np.save(p("logits.npy"), run(p("mlp_single.onnx"), f)["logits"])
+    det = helper.make_graph(
+        [helper.make_node("Det", ["x"], ["y"])],
+        "det",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+    )
+    det = helper.make_model(det, opset_imports=[helper.make_opsetid("", 17)])
+    det.ir_version = 8
+    onnx.save(det, p("det.onnx"))
     # The fp16 model must run on onnxruntime's CPU too (the tests compare it with fp32).
     run(p("mlp_fp16.onnx"), f)
     print("ok")
