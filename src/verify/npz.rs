@@ -390,14 +390,19 @@ fn entry_data(buf: &[u8], e: &ZipEntry) -> Res<Vec<u8>> {
         return Err("local header is corrupt".into());
     }
     let start = at + 30 + read_u16(buf, at + 26)? as usize + read_u16(buf, at + 28)? as usize;
-    let len = usize::try_from(e.compressed).map_err(|_| "entry is too large")?;
-    let raw = buf
-        .get(start..start + len)
-        .ok_or("entry data is truncated")?;
+    let end = usize::try_from(e.compressed)
+        .ok()
+        .and_then(|len| start.checked_add(len))
+        .ok_or("entry is too large")?;
+    let raw = buf.get(start..end).ok_or("entry data is truncated")?;
     let data = match e.method {
         0 => raw.to_vec(),
         8 => {
-            let mut out = Vec::with_capacity(usize::try_from(e.size).unwrap_or(0));
+            // The declared size is only a hint: a corrupt header must not allocate gigabytes.
+            let hint = usize::try_from(e.size)
+                .unwrap_or(0)
+                .min(raw.len().saturating_mul(64));
+            let mut out = Vec::with_capacity(hint);
             flate2::read::DeflateDecoder::new(raw)
                 .read_to_end(&mut out)
                 .map_err(|err| format!("inflating failed: {err}"))?;
