@@ -45,6 +45,15 @@ pub enum Error {
 
     #[error("verification: {0}")]
     Verify(String),
+
+    /// A numpy `.npy` / `.npz` file that cannot be read or written.
+    #[error("{path}: {reason}")]
+    Npz { path: PathBuf, reason: String },
+
+    /// A runtime (onnxruntime, its CUDA provider, tract) that is missing or cannot run the
+    /// model; the message says what to do about it.
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl Error {

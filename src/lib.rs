@@ -22,5 +22,6 @@ pub mod onnx;
 pub mod rewrite;
 pub mod target;
 pub mod tensor;
+pub mod verify;
 
 pub use error::{Error, Result};

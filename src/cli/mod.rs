@@ -9,6 +9,7 @@ mod inject;
 mod inspect;
 mod output;
 mod save_args;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,7 @@ pub const EXIT_ERROR: u8 = 2;
   onnx-lora inject model.onnx --rank 8 -o train.onnx
   onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
+  onnx-lora verify base.onnx folded.onnx
 
 Exit codes: 0 success, 1 models differ (verify), 2 error."
 )]
@@ -46,6 +48,7 @@ enum Command {
     Convert(convert::Args),
     ExportAdapter(export::AdapterArgs),
     ExportPeft(export::PeftArgs),
+    Verify(verify::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::ExportAdapter(a) => export::run_adapter(a),
         Command::ExportPeft(a) => export::run_peft(a),
+        Command::Verify(a) => verify::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,209 @@
+//! `onnx-lora verify`: run two models (or one against stored outputs) on the same inputs and
+//! compare every output; exit 1 when they differ.
+
+use std::path::PathBuf;
+
+use onnx_lora::verify::{self, Ep, OutputComparison, VerifyOptions, VerifyReport};
+use serde::Serialize;
+
+use super::output::{json_line, table};
+
+/// Run two models (or one model against stored outputs) on the same inputs and compare every
+/// output by name: shape, type, max abs/rel difference, pass or fail.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  onnx-lora verify base.onnx folded.onnx
+  onnx-lora verify model.onnx --inputs feeds.npz --expect outputs.npz
+  onnx-lora verify a.onnx b.onnx --ep tract --dim sequence_length=32 --runs 10 --json
+
+Comparison: an element passes when |a - b| <= atol + rtol * |b| (numpy.allclose; B or the
+--expect file is the reference b; NaN equals NaN). Default tolerances by the compared type (the
+less precise side), on CPU and when CUDA ran:
+  float32    atol 1e-4  rtol 1e-4   (CUDA 5e-4, 5e-4)
+  float16    atol 1e-2  rtol 1e-2   (CUDA 2e-2, 2e-2)
+  bfloat16   atol 5e-2  rtol 5e-2   (CUDA 1e-1, 5e-2)
+  float64    atol 1e-7  rtol 1e-6   (CUDA 1e-6, 1e-5)
+  integers and bool: exact
+--atol / --rtol replace the defaults for every output.
+
+Generated inputs (without --inputs, or for inputs the file lacks), repeatable with --seed:
+symbolic dims come from --dim, else a name containing 'batch' is 1, 'past' 0, 'seq', 'len' or
+'total' 8, any other 1 ('past_sequence_length + 1' style sums are added up); inputs named
+*mask* are all ones; integer inputs that index a Gather table are drawn below its size, other
+integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz files is uint16 bits.
+
+--ep auto runs on CUDA when onnxruntime can register it (onnxruntime-gpu), on onnxruntime's CPU
+otherwise, and on the embedded tract when no onnxruntime library is found. onnxruntime is
+looked for with --ort-lib, ORT_DYLIB_PATH, the Python onnxruntime package ($ONNX_LORA_PYTHON,
+./.venv/bin/python, python3), ./.venv, then the system library paths.
+
+Exit codes: 0 every output equal within tolerance, 1 different (values, shapes or a missing
+output), 2 error.")]
+pub struct Args {
+    /// The model to check.
+    a: PathBuf,
+    /// The reference model (omitted with --expect).
+    #[arg(required_unless_present = "expect", conflicts_with = "expect")]
+    b: Option<PathBuf>,
+    /// Where to run: auto (CUDA, else CPU, else tract), cuda, cpu (onnxruntime), tract.
+    #[arg(long, value_enum, default_value_t = Ep::Auto)]
+    ep: Ep,
+    /// Inputs by name from an .npz (inputs it lacks are generated).
+    #[arg(long, value_name = "FILE.npz")]
+    inputs: Option<PathBuf>,
+    /// Compare A's outputs with these stored ones instead of running B (.npz by output name,
+    /// or .npy for a single-output model).
+    #[arg(long, value_name = "FILE")]
+    expect: Option<PathBuf>,
+    /// Value of a symbolic dimension for generated inputs (repeatable).
+    #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim)]
+    dims: Vec<(String, usize)>,
+    /// Seed of the generated inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Absolute tolerance for every output (default: by type, see below).
+    #[arg(long, value_name = "X")]
+    atol: Option<f64>,
+    /// Relative tolerance for every output (default: by type, see below).
+    #[arg(long, value_name = "Y")]
+    rtol: Option<f64>,
+    /// Run each model N times and report the mean time per run.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    runs: usize,
+    /// JSON Lines on stdout: one "output" record per output, then a "verdict".
+    #[arg(long)]
+    json: bool,
+    /// The onnxruntime shared library to load (libonnxruntime.so).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+}
+
+fn parse_dim(s: &str) -> Result<(String, usize), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
+    let value = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{value}' is not a non-negative integer"))?;
+    Ok((name.trim().to_string(), value))
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let opts = VerifyOptions {
+        ep: args.ep,
+        inputs: args.inputs,
+        dims: args.dims,
+        seed: args.seed,
+        atol: args.atol,
+        rtol: args.rtol,
+        runs: args.runs,
+        ort_lib: args.ort_lib,
+    };
+    let report = match (&args.b, &args.expect) {
+        (_, Some(expected)) => verify::verify_expected(&args.a, expected, &opts)?,
+        (Some(b), None) => verify::verify_models(&args.a, b, &opts)?,
+        (None, None) => anyhow::bail!("give model B or --expect FILE"),
+    };
+    for note in &report.notes {
+        eprintln!("onnx-lora: note: {note}");
+    }
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.passed {
+        super::EXIT_OK
+    } else {
+        super::EXIT_MISMATCH
+    })
+}
+
+/// The final JSON record.
+#[derive(Serialize)]
+struct Verdict<'r> {
+    ep: &'r str,
+    passed: bool,
+    outputs: usize,
+    failed: usize,
+    models: &'r [verify::ModelRun],
+}
+
+fn print_json(r: &VerifyReport) -> anyhow::Result<()> {
+    for o in &r.outputs {
+        json_line("output", o)?;
+    }
+    json_line(
+        "verdict",
+        &Verdict {
+            ep: &r.ep,
+            passed: r.passed,
+            outputs: r.outputs.len(),
+            failed: r.outputs.iter().filter(|o| !o.passed).count(),
+            models: &r.models,
+        },
+    )
+}
+
+fn print_text(r: &VerifyReport) {
+    let rows: Vec<Vec<String>> = r.outputs.iter().map(row).collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "OUTPUT", "STATUS", "SHAPE", "DTYPE", "MAX_ABS", "MAX_REL", "MISMATCH", "ATOL",
+                "RTOL"
+            ],
+            &rows
+        )
+    );
+    for m in &r.models {
+        let plural = if m.runs == 1 { "" } else { "s" };
+        println!(
+            "{}: {}, {:.3} ms per run ({} run{plural})",
+            m.model.display(),
+            m.ep,
+            m.mean_ms,
+            m.runs
+        );
+    }
+    let failed = r.outputs.iter().filter(|o| !o.passed).count();
+    let n = r.outputs.len();
+    let outputs = if n == 1 { "output" } else { "outputs" };
+    if r.passed {
+        println!("PASS: {n} {outputs} equal within tolerance (ep {})", r.ep);
+    } else {
+        println!("FAIL: {failed} of {n} {outputs} differ (ep {})", r.ep);
+    }
+}
+
+fn row(o: &OutputComparison) -> Vec<String> {
+    let both = |a: Option<String>, b: Option<String>| match (a, b) {
+        (Some(a), Some(b)) if a == b => a,
+        (a, b) => format!(
+            "{} vs {}",
+            a.unwrap_or_else(|| "-".into()),
+            b.unwrap_or_else(|| "-".into())
+        ),
+    };
+    let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3e}"));
+    let status = serde_json::to_value(o.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    vec![
+        o.name.clone(),
+        status,
+        both(
+            o.shape_a.as_ref().map(|s| format!("{s:?}")),
+            o.shape_b.as_ref().map(|s| format!("{s:?}")),
+        ),
+        both(o.dtype_a.clone(), o.dtype_b.clone()),
+        num(o.max_abs_diff),
+        num(o.max_rel_diff),
+        format!("{}/{}", o.mismatches, o.numel),
+        format!("{:e}", o.atol),
+        format!("{:e}", o.rtol),
+    ]
+}

@@ -1,0 +1,114 @@
+//! The runtimes verification can run a model on, behind one trait, and the choice between
+//! them: onnxruntime (CPU or CUDA execution provider) or the embedded tract.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+use super::tensor::{ArrayData, Tensors};
+
+/// Where to run. `Auto` (the default) is CUDA when onnxruntime can register it, onnxruntime's
+/// CPU otherwise, and tract when no onnxruntime library is found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Ep {
+    #[default]
+    Auto,
+    Cuda,
+    Cpu,
+    Tract,
+}
+
+impl Ep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ep::Auto => "auto",
+            Ep::Cuda => "cuda",
+            Ep::Cpu => "cpu",
+            Ep::Tract => "tract",
+        }
+    }
+}
+
+impl std::fmt::Display for Ep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A model opened on a runtime.
+pub trait Backend {
+    /// The execution provider the model actually runs on (never `Auto`).
+    fn ep(&self) -> Ep;
+
+    /// Work that depends on the feeds' shapes and should not count as run time (tract
+    /// optimizes its plan for concrete shapes).
+    fn prepare(&mut self, _feeds: &[(String, ArrayData)]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs the model once; returns every graph output, in the model's order.
+    fn run(&mut self, feeds: &[(String, ArrayData)]) -> Result<Tensors>;
+}
+
+/// Opens `model` on `ep`. With `Auto`, a missing onnxruntime library means tract (said in
+/// `notes`), and a CUDA EP that does not register means CPU.
+pub fn open(
+    model: &Path,
+    ep: Ep,
+    ort_lib: Option<&Path>,
+    notes: &mut Vec<String>,
+) -> Result<Box<dyn Backend>> {
+    if ep == Ep::Tract {
+        return Ok(Box::new(super::tract::TractBackend::open(model, false)?));
+    }
+    match open_ort(model, ep, ort_lib, notes) {
+        Err(OrtOpenError::NoLibrary(reason)) if ep == Ep::Auto => {
+            notes.push(format!("{reason}; using the embedded tract backend"));
+            Ok(Box::new(super::tract::TractBackend::open(model, true)?))
+        }
+        Err(OrtOpenError::NoLibrary(reason)) => Err(Error::Backend(reason)),
+        Err(OrtOpenError::Other(e)) => Err(e),
+        Ok(b) => Ok(b),
+    }
+}
+
+// Without the `ort` feature only `NoLibrary` is ever made.
+#[cfg_attr(not(feature = "ort"), allow(dead_code))]
+enum OrtOpenError {
+    /// No usable onnxruntime library (the message says how to get one).
+    NoLibrary(String),
+    Other(Error),
+}
+
+#[cfg(feature = "ort")]
+fn open_ort(
+    model: &Path,
+    ep: Ep,
+    ort_lib: Option<&Path>,
+    notes: &mut Vec<String>,
+) -> std::result::Result<Box<dyn Backend>, OrtOpenError> {
+    use super::ort as o;
+    match o::environment(ort_lib) {
+        Err(Error::Backend(reason)) => return Err(OrtOpenError::NoLibrary(reason)),
+        Err(e) => return Err(OrtOpenError::Other(e)),
+        Ok(_) => {}
+    }
+    o::OrtBackend::open(model, ep, ort_lib, notes)
+        .map(|b| Box::new(b) as Box<dyn Backend>)
+        .map_err(OrtOpenError::Other)
+}
+
+#[cfg(not(feature = "ort"))]
+fn open_ort(
+    _: &Path,
+    _: Ep,
+    _: Option<&Path>,
+    _: &mut Vec<String>,
+) -> std::result::Result<Box<dyn Backend>, OrtOpenError> {
+    Err(OrtOpenError::NoLibrary(
+        "onnx-lora was built without its `ort` feature (onnxruntime)".into(),
+    ))
+}

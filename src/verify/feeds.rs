@@ -1,0 +1,357 @@
+//! Model inputs for verification: read from an npz, or generated repeatably from a seed.
+//!
+//! Generation rules (documented in `onnx-lora verify --help` too):
+//! - Symbolic dimensions take the value given with `--dim NAME=VALUE`; otherwise a name
+//!   containing `batch` is 1, one containing `past` is 0 (an empty KV cache), one containing
+//!   `seq`, `len` or `total` is 8 ([`DEFAULT_SEQUENCE`]), any other is 1. A dim_param that is
+//!   a sum such as `past_sequence_length + 1` is evaluated term by term. Unnamed dynamic dims
+//!   are 1.
+//! - Inputs whose name contains `mask` are all ones.
+//! - Integer inputs that index a Gather over a constant table (directly or through Cast,
+//!   Unsqueeze, Reshape, Squeeze, Flatten, Identity) are drawn uniformly below the table's
+//!   size on the gathered axis; other integers uniformly in `0..4`; bools are fair coin flips.
+//! - Floats are N(0, 1).
+//!
+//! Each input draws from its own stream (seed mixed with the input's name), so an input gets
+//! the same values whichever model, or pair of models, it is generated for.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
+use crate::onnx::pb::type_proto::Value as TypeValue;
+use crate::onnx::{DataType, LoadedModel};
+
+use super::tensor::{ArrayData, Tensors, is_float};
+
+/// Value of symbolic sequence-like dimensions when `--dim` does not set them.
+pub const DEFAULT_SEQUENCE: usize = 8;
+/// Value of symbolic batch dimensions (and of any other unnamed or unknown one).
+pub const DEFAULT_BATCH: usize = 1;
+/// Integers that feed no Gather are drawn from `0..DEFAULT_INT_RANGE`.
+pub const DEFAULT_INT_RANGE: u64 = 4;
+
+/// A model input as declared in the graph.
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: DataType,
+    pub dims: Vec<Dim>,
+    /// Exclusive upper bound for values, when the input indexes a Gather table.
+    pub index_bound: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dim {
+    Fixed(usize),
+    Param(String),
+    Unknown,
+}
+
+/// The graph inputs that are not initializers, with their types, dims and Gather bounds.
+pub fn model_inputs(model: &LoadedModel) -> Result<Vec<InputSpec>> {
+    let invalid = |reason: String| Error::InvalidModel {
+        path: model.path.clone(),
+        reason,
+    };
+    let g = model
+        .proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| invalid("the model has no graph".into()))?;
+    let graph = ModelGraph::build(&model.proto);
+    let mut specs = Vec::new();
+    for vi in &g.input {
+        if g.initializer.iter().any(|t| t.name() == vi.name()) {
+            continue;
+        }
+        let Some(TypeValue::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            return Err(invalid(format!("input '{}' is not a tensor", vi.name())));
+        };
+        let dims = t
+            .shape
+            .iter()
+            .flat_map(|s| s.dim.iter())
+            .map(|d| match &d.value {
+                Some(DimValue::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
+                Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Param(p.clone()),
+                _ => Dim::Unknown,
+            })
+            .collect();
+        specs.push(InputSpec {
+            name: vi.name().to_string(),
+            dtype: DataType::from_i32(t.elem_type()),
+            dims,
+            index_bound: gather_bound(model, &graph, vi.name()),
+        });
+    }
+    Ok(specs)
+}
+
+/// Ops that pass index values through unchanged (as input 0), so a Gather behind them still
+/// bounds the model input.
+const INDEX_PASSTHROUGH: [&str; 6] = [
+    "Cast",
+    "Unsqueeze",
+    "Reshape",
+    "Squeeze",
+    "Flatten",
+    "Identity",
+];
+
+/// The smallest table size among the Gathers `input` indexes in the main graph.
+fn gather_bound(model: &LoadedModel, graph: &ModelGraph, input: &str) -> Option<u64> {
+    let view = graph.main()?;
+    let proto = model.proto.graph.as_ref()?;
+    let mut bound: Option<u64> = None;
+    let mut stack = vec![input.to_string()];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v.clone()) {
+            continue;
+        }
+        for &ni in view.consumers_of(&v) {
+            let node = &proto.node[ni];
+            let op = node.op_type();
+            if INDEX_PASSTHROUGH.contains(&op) && node.input.first() == Some(&v) {
+                stack.extend(node.output.first().cloned());
+            } else if op == "Gather"
+                && node.input.get(1) == Some(&v)
+                && let Some(rows) = table_rows(model, graph, node)
+            {
+                bound = Some(bound.map_or(rows, |b| b.min(rows)));
+            }
+        }
+    }
+    bound
+}
+
+/// Size of the Gather's constant table along its axis; the table may sit behind Cast,
+/// Identity or DequantizeLinear (which keep its shape).
+fn table_rows(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    gather: &crate::onnx::pb::NodeProto,
+) -> Option<u64> {
+    use crate::onnx::pb_ext::NodeExt;
+    let view = graph.main()?;
+    let proto = model.proto.graph.as_ref()?;
+    let mut value = gather.input.first()?.clone();
+    let dims = loop {
+        if let Some(src) = graph.const_source(&model.proto, 0, &value) {
+            break graph.const_tensor(&model.proto, &src)?.dims.clone();
+        }
+        let node = &proto.node[*view.producer.get(&value)?];
+        if !["Cast", "Identity", "DequantizeLinear"].contains(&node.op_type()) {
+            return None;
+        }
+        value = node.input.first()?.clone();
+    };
+    let axis = gather.attr_i("axis").unwrap_or(0);
+    let axis = if axis < 0 {
+        axis + dims.len() as i64
+    } else {
+        axis
+    };
+    let rows = *dims.get(usize::try_from(axis).ok()?)?;
+    u64::try_from(rows).ok().filter(|&r| r > 0)
+}
+
+/// Resolves an input's shape: fixed dims as declared, symbolic ones from `dims` (the
+/// `--dim` values) or the defaults.
+pub fn resolve_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<usize>> {
+    spec.dims
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(v) => Ok(*v),
+            Dim::Unknown => Ok(DEFAULT_BATCH),
+            Dim::Param(p) => resolve_param(p, dims),
+        })
+        .collect()
+}
+
+/// A dim_param's value: `--dim` first, then a sum of terms (`past_sequence_length + 1`),
+/// then the name-based default.
+fn resolve_param(p: &str, dims: &HashMap<String, usize>) -> Result<usize> {
+    if let Some(&v) = dims.get(p) {
+        return Ok(v);
+    }
+    if p.contains('+') {
+        return p
+            .split('+')
+            .map(str::trim)
+            .map(|t| match t.parse::<usize>() {
+                Ok(v) => Ok(v),
+                Err(_) => resolve_param(t, dims),
+            })
+            .sum();
+    }
+    let lower = p.to_ascii_lowercase();
+    Ok(if lower.contains("batch") {
+        DEFAULT_BATCH
+    } else if lower.contains("past") {
+        0
+    } else if ["seq", "len", "total"].iter().any(|k| lower.contains(k)) {
+        DEFAULT_SEQUENCE
+    } else {
+        DEFAULT_BATCH
+    })
+}
+
+/// Generates one input following the module's rules.
+pub fn generate(spec: &InputSpec, dims: &HashMap<String, usize>, seed: u64) -> Result<ArrayData> {
+    let shape = resolve_shape(spec, dims)?;
+    let n = super::tensor::numel(&shape)?;
+    let mut rng = Rng::new(seed ^ fnv1a(spec.name.as_bytes()));
+    let values: Vec<f64> = if spec.name.to_ascii_lowercase().contains("mask") {
+        vec![1.0; n]
+    } else if is_float(spec.dtype) {
+        (0..n).map(|_| rng.normal()).collect()
+    } else if spec.dtype == DataType::Bool {
+        (0..n).map(|_| rng.below(2) as f64).collect()
+    } else {
+        let hi = spec.index_bound.unwrap_or(DEFAULT_INT_RANGE);
+        (0..n).map(|_| rng.below(hi) as f64).collect()
+    };
+    ArrayData::from_f64(spec.dtype, shape, &values)
+        .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))
+}
+
+/// Feeds for `specs`: the arrays from `provided` (cast to the declared type; uint16 becomes
+/// bfloat16 by its bits), generated ones for the rest. Returns the feeds and notes on what
+/// was generated or left unused.
+pub fn make_feeds(
+    specs: &[InputSpec],
+    provided: Option<&Tensors>,
+    dims: &HashMap<String, usize>,
+    seed: u64,
+) -> Result<(Tensors, Vec<String>)> {
+    let mut feeds = Vec::with_capacity(specs.len());
+    let mut notes = Vec::new();
+    for spec in specs {
+        let given = provided.and_then(|p| p.iter().find(|(n, _)| *n == spec.name));
+        let arr = match given {
+            Some((_, a)) => a
+                .cast(spec.dtype)
+                .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))?,
+            None => {
+                if provided.is_some() {
+                    notes.push(format!(
+                        "input '{}' is not in --inputs: generated",
+                        spec.name
+                    ));
+                }
+                generate(spec, dims, seed)?
+            }
+        };
+        feeds.push((spec.name.clone(), arr));
+    }
+    for (name, _) in provided.into_iter().flatten() {
+        if !specs.iter().any(|s| s.name == *name) {
+            notes.push(format!(
+                "'{name}' in --inputs is not a model input: ignored"
+            ));
+        }
+    }
+    Ok((feeds, notes))
+}
+
+/// FNV-1a, to give each input name its own random stream.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64: tiny, fast and good enough for test inputs; fixed so runs repeat across
+/// versions and platforms.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform integer in `0..n` (multiply-shift; the bias is negligible for small n).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// Standard normal by Box-Muller (one value per pair of uniforms; simplicity over speed).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform(); // (0, 1]: ln is finite
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_resolve() -> Result<()> {
+        let mut dims = HashMap::new();
+        assert_eq!(resolve_param("batch_size", &dims)?, 1);
+        assert_eq!(resolve_param("sequence_length", &dims)?, DEFAULT_SEQUENCE);
+        assert_eq!(resolve_param("past_sequence_length", &dims)?, 0);
+        assert_eq!(resolve_param("past_sequence_length + 1", &dims)?, 1);
+        assert_eq!(resolve_param("height", &dims)?, 1);
+        dims.insert("past_sequence_length".to_string(), 5);
+        assert_eq!(resolve_param("past_sequence_length + 1", &dims)?, 6);
+        Ok(())
+    }
+
+    #[test]
+    fn rng_is_repeatable_and_sane() {
+        let a: Vec<u64> = {
+            let mut r = Rng::new(7);
+            (0..4).map(|_| r.next_u64()).collect()
+        };
+        let mut r = Rng::new(7);
+        assert_eq!(a, (0..4).map(|_| r.next_u64()).collect::<Vec<_>>());
+        let mut r = Rng::new(1);
+        let xs: Vec<f64> = (0..20000).map(|_| r.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+        assert!((0..1000).all(|_| r.below(5) < 5));
+    }
+
+    #[test]
+    fn masks_are_ones_and_ids_bounded() -> Result<()> {
+        let dims = HashMap::new();
+        let spec = |name: &str, bound| InputSpec {
+            name: name.into(),
+            dtype: DataType::Int64,
+            dims: vec![Dim::Param("batch".into()), Dim::Param("sequence".into())],
+            index_bound: bound,
+        };
+        let m = generate(&spec("attention_mask", None), &dims, 0)?;
+        assert!(m.values()?.all(|v| v == 1.0));
+        assert_eq!(m.shape, vec![1, DEFAULT_SEQUENCE]);
+        let ids = generate(&spec("input_ids", Some(3)), &dims, 0)?;
+        assert!(ids.values()?.all(|v| (0.0..3.0).contains(&v)));
+        assert_eq!(ids, generate(&spec("input_ids", Some(3)), &dims, 0)?);
+        Ok(())
+    }
+}

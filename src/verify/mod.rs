@@ -1,0 +1,231 @@
+//! Verification: run two models (or one model against stored outputs) on the same feeds and
+//! compare every output by name, with numpy `allclose` semantics and per-type default
+//! tolerances (see [`compare`]). Backends are onnxruntime (CPU or CUDA, through `ort`) and the
+//! embedded tract ([`backend`]); feeds come from an npz or are generated from a seed
+//! ([`feeds`]). `fold --verify` and `inject --verify` reuse [`verify_models`].
+//!
+//! ```no_run
+//! # fn main() -> onnx_lora::Result<()> {
+//! use onnx_lora::verify::{VerifyOptions, verify_models};
+//! let report = verify_models("base.onnx".as_ref(), "folded.onnx".as_ref(), &VerifyOptions::default())?;
+//! println!("{} on {}", if report.passed { "equal" } else { "different" }, report.ep);
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+pub mod compare;
+pub mod feeds;
+pub mod npz;
+#[cfg(feature = "ort")]
+pub mod ort;
+pub mod tensor;
+pub mod tract;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::onnx::{self, DataType};
+
+pub use backend::{Backend, Ep};
+pub use compare::{OutputComparison, Status, Tolerance, ToleranceOverride, default_tolerance};
+pub use tensor::{ArrayData, Tensors};
+
+/// How to verify. `Default` is: `--ep auto`, generated feeds with seed 0, default dims and
+/// tolerances, one run.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub ep: Ep,
+    /// Feeds from this `.npz` (missing inputs are generated).
+    pub inputs: Option<PathBuf>,
+    /// Values of symbolic dimensions (`--dim NAME=VALUE`).
+    pub dims: Vec<(String, usize)>,
+    pub seed: u64,
+    /// Override the per-type default tolerances.
+    pub atol: Option<f64>,
+    pub rtol: Option<f64>,
+    /// Timed runs per model (outputs of the first are compared).
+    pub runs: usize,
+    /// The onnxruntime library to load, before any other.
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            ep: Ep::Auto,
+            inputs: None,
+            dims: Vec::new(),
+            seed: 0,
+            atol: None,
+            rtol: None,
+            runs: 1,
+            ort_lib: None,
+        }
+    }
+}
+
+/// One model's run: where it ran and how long a run took.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelRun {
+    pub model: PathBuf,
+    pub ep: Ep,
+    pub runs: usize,
+    /// Mean wall time of one run, in milliseconds (session creation and tract's plan
+    /// optimization excluded).
+    pub mean_ms: f64,
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// The execution provider that ran (`cpu`, `cuda`, `tract`; `cuda/cpu` when the two models
+    /// ended up on different ones).
+    pub ep: String,
+    /// Every output within tolerance, none missing.
+    pub passed: bool,
+    pub outputs: Vec<OutputComparison>,
+    pub models: Vec<ModelRun>,
+    /// Things worth saying on stderr: fallbacks, generated or ignored inputs.
+    pub notes: Vec<String>,
+}
+
+/// Runs `a` and `b` on the same feeds and compares their outputs; `b` is the reference.
+pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
+    check_options(opts)?;
+    let mut notes = Vec::new();
+    let feeds = prepare_feeds(&[a, b], opts, &mut notes)?;
+    let (out_a, run_a) = run_model(a, &feeds, opts, &mut notes)?;
+    let (out_b, run_b) = run_model(b, &feeds, opts, &mut notes)?;
+    Ok(report(&out_a, &out_b, vec![run_a, run_b], opts, notes))
+}
+
+/// Runs `a` and compares its outputs with those stored in `expected` (`.npz` by output name, or
+/// a `.npy` for a single-output model). bfloat16 outputs may be stored as uint16 bits.
+pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
+    check_options(opts)?;
+    let mut notes = Vec::new();
+    let stored = npz::read_arrays(expected)?;
+    let feeds = prepare_feeds(&[a], opts, &mut notes)?;
+    let (out_a, run_a) = run_model(a, &feeds, opts, &mut notes)?;
+    let stored = align_expected(expected, stored, &out_a)?;
+    Ok(report(&out_a, &stored, vec![run_a], opts, notes))
+}
+
+fn check_options(opts: &VerifyOptions) -> Result<()> {
+    if opts.runs == 0 {
+        return Err(Error::Usage("--runs must be at least 1".into()));
+    }
+    for (flag, v) in [("--atol", opts.atol), ("--rtol", opts.rtol)] {
+        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            return Err(Error::Usage(format!("{flag} must be a finite number >= 0")));
+        }
+    }
+    Ok(())
+}
+
+/// Feeds for the union of the models' inputs (the first model's declaration wins).
+fn prepare_feeds(
+    models: &[&Path],
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<Tensors> {
+    let mut specs: Vec<feeds::InputSpec> = Vec::new();
+    for m in models {
+        let loaded = onnx::load(m)?;
+        for s in feeds::model_inputs(&loaded)? {
+            if !specs.iter().any(|x| x.name == s.name) {
+                specs.push(s);
+            }
+        }
+    }
+    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
+    let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
+    let (feeds, more) = feeds::make_feeds(&specs, provided.as_ref(), &dims, opts.seed)?;
+    notes.extend(more);
+    Ok(feeds)
+}
+
+/// Opens the model, runs it `opts.runs` times, and drops it before returning (two large
+/// models are never loaded at once).
+fn run_model(
+    path: &Path,
+    feeds: &Tensors,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<(Tensors, ModelRun)> {
+    let mut backend = backend::open(path, opts.ep, opts.ort_lib.as_deref(), notes)?;
+    backend.prepare(feeds)?;
+    let start = Instant::now();
+    let outputs = backend.run(feeds)?;
+    for _ in 1..opts.runs {
+        backend.run(feeds)?;
+    }
+    let mean_ms = start.elapsed().as_secs_f64() * 1e3 / opts.runs as f64;
+    let run = ModelRun {
+        model: path.to_path_buf(),
+        ep: backend.ep(),
+        runs: opts.runs,
+        mean_ms,
+    };
+    Ok((outputs, run))
+}
+
+/// Names a lone `.npy` after the model's only output and turns uint16 into bfloat16 where the
+/// model's output is bfloat16.
+fn align_expected(path: &Path, mut stored: Tensors, outputs: &Tensors) -> Result<Tensors> {
+    if npz::is_npy(path)? {
+        if outputs.len() != 1 {
+            return Err(Error::Npz {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "a .npy holds one array but the model has {} outputs; store them in an .npz by name",
+                    outputs.len()
+                ),
+            });
+        }
+        for (name, _) in &mut stored {
+            name.clone_from(&outputs[0].0);
+        }
+    }
+    for (name, arr) in &mut stored {
+        let want = outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.dtype);
+        if arr.dtype == DataType::Uint16 && want == Some(DataType::Bfloat16) {
+            *arr = arr.cast(DataType::Bfloat16)?;
+        }
+    }
+    Ok(stored)
+}
+
+fn report(
+    a: &Tensors,
+    b: &Tensors,
+    models: Vec<ModelRun>,
+    opts: &VerifyOptions,
+    notes: Vec<String>,
+) -> VerifyReport {
+    let gpu = models.iter().any(|m| m.ep == Ep::Cuda);
+    let tol = ToleranceOverride {
+        atol: opts.atol,
+        rtol: opts.rtol,
+    };
+    let outputs = compare::compare_all(a, b, tol, gpu);
+    let mut eps: Vec<&str> = models.iter().map(|m| m.ep.name()).collect();
+    eps.dedup();
+    let mut notes = notes;
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
+    VerifyReport {
+        ep: eps.join("/"),
+        passed: outputs.iter().all(|o| o.passed),
+        outputs,
+        models,
+        notes,
+    }
+}

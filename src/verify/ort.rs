@@ -1,0 +1,384 @@
+//! The onnxruntime backend, through the `ort` crate with the library opened at run time.
+//!
+//! Where the library comes from, first found wins:
+//! 1. `--ort-lib PATH` (only that path is tried);
+//! 2. `ORT_DYLIB_PATH` (only that path is tried);
+//! 3. the `capi/` folder of the Python `onnxruntime` package, as reported by
+//!    `$ONNX_LORA_PYTHON`, then `./.venv/bin/python`, then `python3`;
+//! 4. `./.venv/lib/python*/site-packages/onnxruntime/capi/` read directly;
+//! 5. `libonnxruntime.so` through the dynamic loader (`LD_LIBRARY_PATH`, the loader cache),
+//!    then `/usr/local/lib` and `/usr/lib`.
+//!
+//! Models are opened from their path (`commit_from_file`), never from a copy in memory: a
+//! large model is not held twice.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::memory::Allocator;
+use ort::session::Session;
+use ort::session::builder::SessionBuilder;
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
+
+use crate::error::{Error, Result};
+use crate::onnx::DataType;
+
+use super::backend::{Backend, Ep};
+use super::tensor::{ArrayData, Tensors};
+
+/// The one line said when no library could be loaded.
+pub const HOW_TO_GET_ORT: &str = "install one with `pip install onnxruntime` (`onnxruntime-gpu` for CUDA), point --ort-lib or ORT_DYLIB_PATH at libonnxruntime.so, or use --ep tract (embedded, no onnxruntime needed)";
+
+/// The environment is process-wide in onnxruntime, and so is the loaded library.
+static ENV: OnceLock<Environment> = OnceLock::new();
+
+/// Loads onnxruntime (see the module doc for the search order) and creates the environment.
+/// Later calls reuse the first library loaded.
+pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let lib = load_library(explicit)?;
+    let env = ort::init_from(&lib)
+        .map_err(|e| Error::Backend(format!("{}: {e}", lib.display())))?
+        .with_name("onnx-lora")
+        .build()
+        .map_err(|e| Error::Backend(format!("onnxruntime ({}): {e}", lib.display())))?;
+    Ok(ENV.get_or_init(|| env))
+}
+
+/// Finds and opens the library; returns the path that loaded.
+fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    let pinned = explicit
+        .map(|p| (p.to_path_buf(), "--ort-lib"))
+        .or_else(|| {
+            std::env::var_os("ORT_DYLIB_PATH")
+                .filter(|v| !v.is_empty())
+                .map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH"))
+        });
+    if let Some((path, origin)) = pinned {
+        return try_load(&path).map(|()| path.clone()).map_err(|e| {
+            Error::Backend(format!(
+                "onnxruntime library '{}' (from {origin}) could not be loaded: {e}; {HOW_TO_GET_ORT}",
+                path.display()
+            ))
+        });
+    }
+    let mut failed = Vec::new();
+    for path in discovered_candidates() {
+        match try_load(&path) {
+            Ok(()) => return Ok(path),
+            // A file that exists but does not load (wrong version, missing dependencies) is
+            // worth naming; the bare name the dynamic loader did not find is not.
+            Err(e) if path.is_absolute() => failed.push(format!("{}: {e}", path.display())),
+            Err(_) => {}
+        }
+    }
+    let failed = if failed.is_empty() {
+        String::new()
+    } else {
+        format!("; could not load {}", failed.join("; "))
+    };
+    Err(Error::Backend(format!(
+        "no onnxruntime library found (searched the Python onnxruntime package of $ONNX_LORA_PYTHON, ./.venv/bin/python and python3, ./.venv, the dynamic loader's path, /usr/local/lib and /usr/lib{failed}); {HOW_TO_GET_ORT}"
+    )))
+}
+
+/// Opens the library with `ort` (which also checks its version) without creating anything.
+fn try_load(path: &Path) -> std::result::Result<(), String> {
+    if path.is_absolute() && !path.exists() {
+        return Err("no such file".into());
+    }
+    ort::init_from(path).map(drop).map_err(|e| e.to_string())
+}
+
+/// Candidates after the pinned ones, in search order, existing files only (the bare name
+/// for the dynamic loader comes last but one).
+fn discovered_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let pythons = std::env::var_os("ONNX_LORA_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from(".venv/bin/python"), PathBuf::from("python3")]);
+    for py in pythons {
+        if let Some(dir) = python_capi_dir(&py) {
+            out.extend(libs_in(&dir));
+        }
+    }
+    for site in glob_venv_site_packages(Path::new(".venv")) {
+        out.extend(libs_in(&site.join("onnxruntime/capi")));
+    }
+    out.push(PathBuf::from(lib_file_name()));
+    for dir in ["/usr/local/lib", "/usr/lib"] {
+        out.extend(libs_in(Path::new(dir)));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
+    out
+}
+
+/// `libonnxruntime.so` (or the platform's equivalent).
+fn lib_file_name() -> String {
+    format!(
+        "{}onnxruntime{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
+}
+
+/// The onnxruntime package's `capi` folder according to this interpreter, if it has one.
+fn python_capi_dir(python: &Path) -> Option<PathBuf> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import onnxruntime,os;print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !dir.trim().is_empty()).then(|| PathBuf::from(dir.trim()).join("capi"))
+}
+
+/// `VENV/lib/python*/site-packages` folders.
+fn glob_venv_site_packages(venv: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python"))
+        .map(|e| e.path().join("site-packages"))
+        .collect()
+}
+
+/// onnxruntime libraries in `dir` (`libonnxruntime.so`, `libonnxruntime.so.1.31.1`, ...; not
+/// the providers' libraries), the plain name first, then longest (most specific) first.
+fn libs_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}onnxruntime", std::env::consts::DLL_PREFIX);
+    let suffix = std::env::consts::DLL_SUFFIX;
+    let mut libs: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(suffix) || rest.starts_with('.'))
+                && n.contains(suffix)
+        })
+        .collect();
+    libs.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    libs.into_iter().map(|n| dir.join(n)).collect()
+}
+
+/// A model opened in onnxruntime.
+pub struct OrtBackend {
+    session: Session,
+    ep: Ep,
+}
+
+impl OrtBackend {
+    /// Opens `model` on `ep` (`Auto`: CUDA when it registers and the session builds, else CPU;
+    /// `Cuda`: CUDA or an error). Reasons for falling back to CPU are pushed to `notes`.
+    pub fn open(
+        model: &Path,
+        ep: Ep,
+        ort_lib: Option<&Path>,
+        notes: &mut Vec<String>,
+    ) -> Result<Self> {
+        let env = environment(ort_lib)?;
+        if matches!(ep, Ep::Auto | Ep::Cuda) {
+            match cuda_session(env, model) {
+                Ok(session) => {
+                    return Ok(OrtBackend {
+                        session,
+                        ep: Ep::Cuda,
+                    });
+                }
+                Err(e) if ep == Ep::Cuda => return Err(e.into_error(model)),
+                Err(e) => notes.push(format!(
+                    "CUDA execution provider not available ({}); running on onnxruntime's CPU",
+                    e.reason()
+                )),
+            }
+        }
+        let session = builder(env)?
+            .commit_from_file(model)
+            .map_err(|e| session_error(model, "CPU", e))?;
+        Ok(OrtBackend {
+            session,
+            ep: Ep::Cpu,
+        })
+    }
+}
+
+fn builder(env: &Environment) -> Result<SessionBuilder> {
+    Session::builder(env)
+        .and_then(|b| {
+            b.with_log_level(ort::logging::LogLevel::Error)
+                .map_err(Into::into)
+        })
+        .map_err(|e| Error::Backend(format!("onnxruntime: {e}")))
+}
+
+fn session_error(model: &Path, ep: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend(format!(
+        "{}: onnxruntime could not load the model on {ep}: {e}",
+        model.display()
+    ))
+}
+
+/// Why a CUDA session could not be made (without the `cuda` feature, only `Register`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum CudaFailure {
+    /// The EP did not register (CPU-only onnxruntime, missing CUDA libraries, no driver).
+    Register(String),
+    /// It registered but the session could not be created on it.
+    Commit(String),
+    Other(Error),
+}
+
+impl CudaFailure {
+    fn reason(&self) -> String {
+        match self {
+            CudaFailure::Register(r) | CudaFailure::Commit(r) => r.clone(),
+            CudaFailure::Other(e) => e.to_string(),
+        }
+    }
+
+    fn into_error(self, model: &Path) -> Error {
+        match self {
+            CudaFailure::Register(e) => Error::Backend(format!(
+                "the CUDA execution provider could not be registered ({e}); it needs onnxruntime-gpu (pip install onnxruntime-gpu) with a matching CUDA runtime and cuDNN, and an NVIDIA driver"
+            )),
+            CudaFailure::Commit(e) => session_error(model, "CUDA", e),
+            CudaFailure::Other(e) => e,
+        }
+    }
+}
+
+/// A session on the CUDA EP; registration failures are errors, not silent CPU fallbacks.
+#[cfg(feature = "cuda")]
+fn cuda_session(env: &Environment, model: &Path) -> std::result::Result<Session, CudaFailure> {
+    // TF32 would trade fp32 accuracy for speed: a verification wants the fp32 it asks for.
+    let cuda = ort::ep::CUDA::default()
+        .with_tf32(false)
+        .build()
+        .error_on_failure();
+    builder(env)
+        .map_err(CudaFailure::Other)?
+        .with_execution_providers([cuda])
+        .map_err(|e| CudaFailure::Register(e.to_string().trim_end_matches('.').to_string()))?
+        .commit_from_file(model)
+        .map_err(|e| CudaFailure::Commit(e.to_string()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_session(_: &Environment, _: &Path) -> std::result::Result<Session, CudaFailure> {
+    Err(CudaFailure::Register(
+        "onnx-lora was built without its `cuda` feature".into(),
+    ))
+}
+
+impl Backend for OrtBackend {
+    fn ep(&self) -> Ep {
+        self.ep
+    }
+
+    fn run(&mut self, feeds: &[(String, ArrayData)]) -> Result<Tensors> {
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(feeds.len());
+        for outlet in self.session.inputs() {
+            let name = outlet.name();
+            let (_, arr) = feeds
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::Verify(format!("no value for model input '{name}'")))?;
+            inputs.push((name.to_string(), to_ort(name, arr)?.into_dyn()));
+        }
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|e| Error::Backend(format!("onnxruntime run failed: {e}")))?;
+        outputs
+            .into_iter()
+            .map(|(name, v)| Ok((name.to_string(), from_ort(name, v)?)))
+            .collect()
+    }
+}
+
+fn element_type(dtype: DataType) -> Option<TensorElementType> {
+    use DataType::*;
+    Some(match dtype {
+        Float => TensorElementType::Float32,
+        Float16 => TensorElementType::Float16,
+        Bfloat16 => TensorElementType::Bfloat16,
+        Double => TensorElementType::Float64,
+        Int8 => TensorElementType::Int8,
+        Int16 => TensorElementType::Int16,
+        Int32 => TensorElementType::Int32,
+        Int64 => TensorElementType::Int64,
+        Uint8 => TensorElementType::Uint8,
+        Uint16 => TensorElementType::Uint16,
+        Uint32 => TensorElementType::Uint32,
+        Uint64 => TensorElementType::Uint64,
+        Bool => TensorElementType::Bool,
+        _ => return None,
+    })
+}
+
+fn data_type(t: TensorElementType) -> Option<DataType> {
+    super::tensor::SUPPORTED
+        .into_iter()
+        .find(|&d| element_type(d) == Some(t))
+}
+
+/// Copies an array into a new onnxruntime tensor of the same type and shape.
+fn to_ort(name: &str, arr: &ArrayData) -> Result<DynTensor> {
+    let ty = element_type(arr.dtype)
+        .ok_or_else(|| Error::Verify(format!("input '{name}': {} is not supported", arr.dtype)))?;
+    let shape: Vec<i64> = arr.shape.iter().map(|&d| d as i64).collect();
+    let mut t = DynTensor::new(&Allocator::default(), ty, shape)
+        .map_err(|e| Error::Backend(format!("input '{name}': {e}")))?;
+    if t.size() != Some(arr.data.len()) {
+        return Err(Error::Verify(format!("input '{name}': size mismatch")));
+    }
+    if !arr.data.is_empty() {
+        // SAFETY: the tensor was just allocated on the CPU allocator with exactly
+        // `arr.data.len()` bytes (checked above) and nothing else refers to it yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                arr.data.as_ptr(),
+                t.data_ptr_mut().cast::<u8>(),
+                arr.data.len(),
+            );
+        }
+    }
+    Ok(t)
+}
+
+/// Copies an onnxruntime output (on the host, as outputs are by default) into an array.
+fn from_ort(name: &str, v: DynValue) -> Result<ArrayData> {
+    let err = |r: String| Error::Verify(format!("output '{name}': {r}"));
+    let t = v
+        .downcast::<DynTensorValueType>()
+        .map_err(|_| err("is not a tensor (sequences and maps are not compared)".into()))?;
+    let dtype = data_type(*t.data_type())
+        .ok_or_else(|| err(format!("element type {:?} is not supported", t.data_type())))?;
+    if !t.memory_info().is_cpu_accessible() {
+        return Err(err("is not in host memory".into()));
+    }
+    let shape: Vec<usize> = t.shape().iter().map(|&d| d.max(0) as usize).collect();
+    let len = t.size().unwrap_or(0);
+    let data = if len == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: the tensor is host-accessible (checked) and holds `len` bytes, as onnxruntime
+        // reports; the slice is copied before `t` is dropped.
+        unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) }.to_vec()
+    };
+    ArrayData::new(dtype, shape, data).map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,495 @@
+//! `onnx-lora verify` end to end, on models made by tests/py/make_verify_models.py (an MLP with
+//! embeddings; the same with one bias element moved by 1e-2; an fp16 copy; a single-output
+//! copy; a Det model tract cannot run) and outputs onnxruntime computed in Python. Tests that need onnxruntime fail, never
+//! skip, when it is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+use serde_json::Value;
+
+/// The generated models and data, made once per test binary.
+fn data() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        py("make_verify_models.py", &[&dir]);
+        dir
+    })
+}
+
+fn file(name: &str) -> String {
+    data().join(name).to_str().unwrap().to_string()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `onnx-lora verify ARGS` with extra environment (`None` removes a variable) in `cwd`.
+fn verify_in(args: &[&str], env: &[(&str, Option<&str>)], cwd: &Path) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_onnx-lora"));
+    cmd.arg("verify").args(args).current_dir(cwd);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn verify(args: &[&str]) -> Run {
+    verify_in(args, &[], &root())
+}
+
+fn expect_code(r: &Run, code: i32, what: &str) {
+    assert_eq!(
+        r.code, code,
+        "{what}: exit {} (want {code})\nstdout:\n{}\nstderr:\n{}",
+        r.code, r.stdout, r.stderr
+    );
+}
+
+/// The JSON Lines records of a `--json` run.
+fn records(r: &Run) -> Vec<Value> {
+    r.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn output<'a>(recs: &'a [Value], name: &str) -> &'a Value {
+    recs.iter()
+        .find(|r| r["type"] == "output" && r["name"] == name)
+        .unwrap_or_else(|| panic!("no output record for {name}: {recs:?}"))
+}
+
+fn verdict(recs: &[Value]) -> &Value {
+    let last = recs.last().unwrap();
+    assert_eq!(last["type"], "verdict", "{recs:?}");
+    last
+}
+
+#[test]
+fn equal_models_pass_on_cpu_and_tract() {
+    // The token-type table has 2 rows and ids go through a Cast: generated ids outside it
+    // would make onnxruntime fail, so passing on cpu also checks the Gather bound.
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--ep", ep]);
+        expect_code(&r, 0, ep);
+        assert!(
+            r.stdout
+                .contains(&format!("PASS: 2 outputs equal within tolerance (ep {ep})")),
+            "{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn perturbed_model_fails_on_cpu_and_tract() {
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[
+            &file("mlp.onnx"),
+            &file("mlp_perturbed.onnx"),
+            "--ep",
+            ep,
+            "--json",
+        ]);
+        expect_code(&r, 1, ep);
+        let recs = records(&r);
+        let logits = output(&recs, "logits");
+        assert_eq!(logits["status"], "differ");
+        let d = logits["max_abs_diff"].as_f64().unwrap();
+        assert!((d - 1e-2).abs() < 1e-5, "{ep}: max abs diff {d}");
+        assert_eq!(output(&recs, "hidden")["status"], "pass");
+        assert_eq!(verdict(&recs)["passed"], false);
+        let text = verify(&[&file("mlp.onnx"), &file("mlp_perturbed.onnx"), "--ep", ep]);
+        assert!(
+            text.stdout.contains("FAIL: 1 of 2 outputs differ"),
+            "{}",
+            text.stdout
+        );
+    }
+}
+
+#[test]
+fn tolerances_move_the_verdict_as_documented() {
+    // The perturbation moves every logits[..., 0] by 1e-2: |a - b| <= atol + rtol * |b|.
+    let (a, b) = (file("mlp.onnx"), file("mlp_perturbed.onnx"));
+    let cases: [(&[&str], i32); 5] = [
+        (&["--atol", "0.1"], 0),
+        (&["--atol", "0.0101", "--rtol", "0"], 0),
+        (&["--atol", "0.0099", "--rtol", "0"], 1),
+        (&["--atol", "0", "--rtol", "1e6"], 0),
+        (&["--atol", "0", "--rtol", "0"], 1),
+    ];
+    for (flags, code) in cases {
+        let mut args = vec![a.as_str(), b.as_str(), "--ep", "cpu"];
+        args.extend_from_slice(flags);
+        expect_code(&verify(&args), code, &format!("{flags:?}"));
+    }
+    // Equal models pass even with zero tolerance.
+    expect_code(
+        &verify(&[&a, &a, "--ep", "cpu", "--atol", "0", "--rtol", "0"]),
+        0,
+        "zero tolerance",
+    );
+}
+
+#[test]
+fn default_tolerances_follow_the_dtype() {
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp_fp16.onnx"),
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    expect_code(&r, 0, "fp32 vs fp16");
+    let recs = records(&r);
+    let logits = output(&recs, "logits");
+    assert_eq!(
+        (logits["dtype_a"].as_str(), logits["dtype_b"].as_str()),
+        (Some("float32"), Some("float16"))
+    );
+    assert_eq!(
+        (logits["atol"].as_f64(), logits["rtol"].as_f64()),
+        (Some(1e-2), Some(1e-2))
+    );
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    let recs = records(&r);
+    assert_eq!(output(&recs, "logits")["atol"].as_f64(), Some(1e-4));
+}
+
+#[test]
+fn expect_against_stored_outputs() {
+    let (inputs, model) = (file("inputs.npz"), file("mlp.onnx"));
+    // expected.npz was computed by onnxruntime in Python: tract agreeing with it is tract
+    // agreeing with onnxruntime.
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[
+            &model,
+            "--inputs",
+            &inputs,
+            "--expect",
+            &file("expected.npz"),
+            "--ep",
+            ep,
+        ]);
+        expect_code(&r, 0, ep);
+        let r = verify(&[
+            &model,
+            "--inputs",
+            &inputs,
+            "--expect",
+            &file("wrong.npz"),
+            "--ep",
+            ep,
+        ]);
+        expect_code(&r, 1, ep);
+    }
+    let single = file("mlp_single.onnx");
+    let r = verify(&[
+        &single,
+        "--inputs",
+        &inputs,
+        "--expect",
+        &file("logits.npy"),
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 0, ".npy for a single-output model");
+    let r = verify(&[
+        &model,
+        "--inputs",
+        &inputs,
+        "--expect",
+        &file("logits.npy"),
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 2, ".npy for a two-output model");
+    assert!(r.stderr.contains("store them in an .npz"), "{}", r.stderr);
+}
+
+#[test]
+fn ort_and_tract_agree_on_generated_inputs() {
+    // Same seed, same generated feeds on both runtimes: fp32 vs fp16 differences agree.
+    let diff = |ep: &str| {
+        let r = verify(&[
+            &file("mlp.onnx"),
+            &file("mlp_fp16.onnx"),
+            "--ep",
+            ep,
+            "--json",
+            "--seed",
+            "3",
+        ]);
+        expect_code(&r, 0, ep);
+        let recs = records(&r);
+        output(&recs, "logits")["max_abs_diff"].as_f64().unwrap()
+    };
+    let (cpu, tract) = (diff("cpu"), diff("tract"));
+    // Both compare fp32 with fp16 results; the fp16 kernels differ a little between runtimes.
+    assert!(
+        cpu > 0.0 && tract > 0.0 && (cpu - tract).abs() < 5e-3,
+        "cpu {cpu} tract {tract}"
+    );
+}
+
+#[test]
+fn shape_mismatch_and_missing_outputs_are_differences() {
+    let r = verify(&[
+        &file("mlp.onnx"),
+        "--expect",
+        &file("expected.npz"),
+        "--dim",
+        "sequence=3",
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    expect_code(&r, 1, "shape mismatch");
+    let recs = records(&r);
+    assert_eq!(output(&recs, "logits")["status"], "shape_mismatch");
+    assert_eq!(
+        output(&recs, "logits")["shape_a"],
+        serde_json::json!([1, 3, 8])
+    );
+    let r = verify(&[
+        &file("mlp_single.onnx"),
+        &file("mlp.onnx"),
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    expect_code(&r, 1, "missing output");
+    let recs = records(&r);
+    assert_eq!(output(&recs, "hidden")["status"], "missing");
+    assert_eq!(output(&recs, "logits")["status"], "pass");
+}
+
+#[test]
+fn dims_and_runs() {
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--ep",
+        "cpu",
+        "--dim",
+        "batch=2",
+        "--dim",
+        "sequence=4",
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    expect_code(&r, 0, "dims");
+    let recs = records(&r);
+    assert_eq!(
+        output(&recs, "hidden")["shape_a"],
+        serde_json::json!([2, 4, 32])
+    );
+    let models = verdict(&recs)["models"].as_array().unwrap().clone();
+    assert_eq!(models.len(), 2);
+    for m in models {
+        assert_eq!(m["runs"], 3);
+        assert!(m["mean_ms"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    // Default dims: batch 1, sequence 8.
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    assert_eq!(
+        output(&records(&r), "logits")["shape_a"],
+        serde_json::json!([1, 8, 8])
+    );
+}
+
+#[test]
+fn cuda_fails_clearly_and_auto_reports_cpu() {
+    // This machine has onnxruntime without CUDA: --ep cuda must fail, not fall back.
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--ep", "cuda"]);
+    expect_code(&r, 2, "--ep cuda");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("CUDA execution provider") && r.stderr.contains("onnxruntime-gpu"),
+        "{}",
+        r.stderr
+    );
+
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx")]);
+    expect_code(&r, 0, "--ep auto");
+    assert!(r.stdout.contains("(ep cpu)"), "{}", r.stdout);
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--json"]);
+    let recs = records(&r);
+    let v = verdict(&recs);
+    assert_eq!(v["ep"], "cpu");
+    assert_eq!(v["passed"], true);
+    assert!(
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["ep"] == "cpu"),
+        "{v}"
+    );
+}
+
+#[test]
+fn missing_model_is_an_error_naming_it() {
+    let missing = data().join("nope.onnx");
+    let r = verify(&[missing.to_str().unwrap(), &file("mlp.onnx"), "--ep", "cpu"]);
+    expect_code(&r, 2, "missing model");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains(missing.to_str().unwrap()), "{}", r.stderr);
+    let r = verify(&[
+        &file("mlp.onnx"),
+        "--expect",
+        missing.to_str().unwrap(),
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 2, "missing expected file");
+    assert!(r.stderr.contains("nope.onnx"), "{}", r.stderr);
+}
+
+#[test]
+fn no_onnxruntime_says_how_to_get_it() {
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--ep",
+        "cpu",
+        "--ort-lib",
+        "/nonexistent",
+    ]);
+    expect_code(&r, 2, "--ort-lib /nonexistent");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    for want in [
+        "/nonexistent",
+        "pip install onnxruntime",
+        "ORT_DYLIB_PATH",
+        "--ep tract",
+    ] {
+        assert!(r.stderr.contains(want), "missing '{want}': {}", r.stderr);
+    }
+    let r = verify_in(
+        &[&file("mlp.onnx"), &file("mlp.onnx"), "--ep", "cpu"],
+        &[("ORT_DYLIB_PATH", Some("/nonexistent/libonnxruntime.so"))],
+        &root(),
+    );
+    expect_code(&r, 2, "ORT_DYLIB_PATH=/nonexistent");
+    assert!(
+        r.stderr.contains("ORT_DYLIB_PATH") && r.stderr.contains("pip install onnxruntime"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn auto_falls_back_to_tract_without_onnxruntime() {
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--ort-lib",
+        "/nonexistent",
+        "--json",
+    ]);
+    expect_code(&r, 0, "auto without onnxruntime");
+    assert!(r.stderr.contains("tract"), "{}", r.stderr);
+    assert_eq!(verdict(&records(&r))["ep"], "tract");
+}
+
+#[test]
+fn finds_onnxruntime_through_python() {
+    // Neither ORT_DYLIB_PATH nor a ./.venv: only the interpreter named by ONNX_LORA_PYTHON.
+    let cwd = tempfile::tempdir().unwrap();
+    let py = python();
+    let r = verify_in(
+        &[&file("mlp.onnx"), &file("mlp.onnx"), "--ep", "cpu"],
+        &[
+            ("ORT_DYLIB_PATH", None),
+            ("ONNX_LORA_PYTHON", Some(py.to_str().unwrap())),
+        ],
+        cwd.path(),
+    );
+    expect_code(&r, 0, "through $ONNX_LORA_PYTHON");
+    // And through the ./.venv of the current folder (the repository's test venv).
+    let r = verify_in(
+        &[&file("mlp.onnx"), &file("mlp.onnx"), "--ep", "cpu"],
+        &[("ORT_DYLIB_PATH", None), ("ONNX_LORA_PYTHON", None)],
+        &root(),
+    );
+    expect_code(&r, 0, "through ./.venv");
+}
+
+#[test]
+fn tract_says_when_it_cannot_run_a_model() {
+    let det = file("det.onnx");
+    let r = verify(&[&det, &det, "--ep", "tract"]);
+    expect_code(&r, 2, "Det on tract");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tract cannot run") && r.stderr.contains("--ep cpu"),
+        "{}",
+        r.stderr
+    );
+    expect_code(
+        &verify(&[&det, &det, "--ep", "cpu"]),
+        0,
+        "Det on onnxruntime",
+    );
+    // As the fallback for a missing onnxruntime, the error says how to get onnxruntime.
+    let r = verify(&[&det, &det, "--ort-lib", "/nonexistent"]);
+    expect_code(&r, 2, "Det on the tract fallback");
+    assert!(r.stderr.contains("pip install onnxruntime"), "{}", r.stderr);
+}
+
+#[test]
+fn usage_errors() {
+    let r = verify(&[&file("mlp.onnx")]);
+    expect_code(&r, 2, "neither B nor --expect");
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--runs",
+        "0",
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 2, "--runs 0");
+    let r = verify(&[
+        &file("mlp.onnx"),
+        &file("mlp.onnx"),
+        "--dim",
+        "sequence",
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 2, "--dim without =");
+}
