@@ -7,18 +7,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message rather than a `#[source]`, so `{:#}` chains print it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 
-    #[error("{path}: not a valid ONNX model: {source}")]
+    #[error("{path}: not a valid ONNX model: {err}")]
     Decode {
         path: PathBuf,
-        #[source]
-        source: prost::DecodeError,
+        err: prost::DecodeError,
     },
 
     #[error("{path}: tensor '{tensor}': external data: {reason}")]
@@ -57,10 +53,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 

@@ -19,12 +19,20 @@ fn ort_diff(a: &Path, b: &Path, inputs: &Path) -> serde_json::Value {
 }
 
 fn max_diff(v: &serde_json::Value) -> f64 {
-    v.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(0.0, f64::max)
+    v.as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_f64().unwrap())
+        .fold(0.0, f64::max)
 }
 
 /// Adapters a branch can express (not DoRA, lora_bias or whole replaced tensors).
 fn branchable(ad: &AdapterCase) -> bool {
-    !ad.refuse && !ad.features.iter().any(|f| matches!(f.as_str(), "dora" | "lora_bias" | "modules_to_save"))
+    !ad.refuse
+        && !ad
+            .features
+            .iter()
+            .any(|f| matches!(f.as_str(), "dora" | "lora_bias" | "modules_to_save"))
 }
 
 #[test]
@@ -32,8 +40,19 @@ fn fresh_branches_equal_the_base_exactly() {
     let dir = tempfile::tempdir().unwrap();
     for case in cases() {
         for init in ["kaiming", "gaussian"] {
-            let out = dir.path().join(format!("{}_{}_{init}.onnx", case.model, case.exporter));
-            onnx_lora_ok(&["inject", s(&case.onnx), "--rank", "4", "--init", init, "-o", s(&out)]);
+            let out = dir
+                .path()
+                .join(format!("{}_{}_{init}.onnx", case.model, case.exporter));
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--rank",
+                "4",
+                "--init",
+                init,
+                "-o",
+                s(&out),
+            ]);
             let d = ort_diff(&case.onnx, &out, &case.inputs);
             assert_eq!(max_diff(&d), 0.0, "{} {init}: {d}", case.label());
         }
@@ -47,14 +66,34 @@ fn adapter_branches_match_peft_unmerged_forward() {
     let mut checked = 0;
     for case in cases() {
         for ad in case.adapters.iter().filter(|a| branchable(a)) {
-            let out = dir.path().join(format!("{}_{}_{}.onnx", case.model, case.exporter, ad.name));
-            let o = onnx_lora(&["inject", s(&case.onnx), "--adapter", s(&ad.dir), "-o", s(&out)]);
+            let out = dir
+                .path()
+                .join(format!("{}_{}_{}.onnx", case.model, case.exporter, ad.name));
+            let o = onnx_lora(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&out),
+            ]);
             if !o.status.success() {
-                failures.push(format!("{} {}: {}", case.label(), ad.name, String::from_utf8_lossy(&o.stderr)));
+                failures.push(format!(
+                    "{} {}: {}",
+                    case.label(),
+                    ad.name,
+                    String::from_utf8_lossy(&o.stderr)
+                ));
                 continue;
             }
             checked += 1;
-            let (ok, msg) = ort_compare(&out, &case.inputs, &ad.unmerged, case.tol(), &["--differs", s(&case.base)]);
+            let (ok, msg) = ort_compare(
+                &out,
+                &case.inputs,
+                &ad.unmerged,
+                case.tol(),
+                &["--differs", s(&case.base)],
+            );
             if !ok {
                 failures.push(format!("{} {}: {msg}", case.label(), ad.name));
             }
@@ -76,23 +115,55 @@ fn serving_model_swaps_adapters_on_one_session() {
             .filter(|a| branchable(a) && !a.kinds.iter().any(|k| k == "conv"))
             .collect();
         let Some(first) = ads.first() else { continue };
-        let serving = dir.path().join(format!("{}_{}_serving.onnx", case.model, case.exporter));
-        let first_file = dir.path().join(format!("{}_{}_{}.onnx_adapter", case.model, case.exporter, first.name));
+        let serving = dir
+            .path()
+            .join(format!("{}_{}_serving.onnx", case.model, case.exporter));
+        let first_file = dir.path().join(format!(
+            "{}_{}_{}.onnx_adapter",
+            case.model, case.exporter, first.name
+        ));
         let o = onnx_lora(&[
-            "inject", s(&case.onnx), "--as-inputs", "--adapter", s(&first.dir), "--adapter-out", s(&first_file), "-o", s(&serving),
+            "inject",
+            s(&case.onnx),
+            "--as-inputs",
+            "--adapter",
+            s(&first.dir),
+            "--adapter-out",
+            s(&first_file),
+            "-o",
+            s(&serving),
         ]);
         if !o.status.success() {
             let err = String::from_utf8_lossy(&o.stderr);
-            assert!(err.contains("--as-inputs supports"), "{}: {err}", case.label());
+            assert!(
+                err.contains("--as-inputs supports"),
+                "{}: {err}",
+                case.label()
+            );
             continue;
         }
-        let mut args: Vec<PathBuf> = vec![serving.clone(), case.inputs.clone(), case.base.clone(), PathBuf::from(case.tol().to_string())];
+        let mut args: Vec<PathBuf> = vec![
+            serving.clone(),
+            case.inputs.clone(),
+            case.base.clone(),
+            PathBuf::from(case.tol().to_string()),
+        ];
         args.push(first_file);
         args.push(first.unmerged.clone());
         // A second adapter over the same modules (or a subset) swaps in on the same session.
         for other in ads.iter().skip(1) {
-            let file = dir.path().join(format!("{}_{}_{}.onnx_adapter", case.model, case.exporter, other.name));
-            let o = onnx_lora(&["export-adapter", s(&other.dir), "--model", s(&serving), "-o", s(&file)]);
+            let file = dir.path().join(format!(
+                "{}_{}_{}.onnx_adapter",
+                case.model, case.exporter, other.name
+            ));
+            let o = onnx_lora(&[
+                "export-adapter",
+                s(&other.dir),
+                "--model",
+                s(&serving),
+                "-o",
+                s(&file),
+            ]);
             if o.status.success() {
                 args.push(file);
                 args.push(other.unmerged.clone());
@@ -115,15 +186,30 @@ fn fold_of_inject_equals_fold() {
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
             let back = dir.path().join(format!("{tag}_back.onnx"));
             onnx_lora_ok(&["fold", s(&case.onnx), s(&ad.dir), "-o", s(&direct)]);
-            onnx_lora_ok(&["inject", s(&case.onnx), "--adapter", s(&ad.dir), "-o", s(&inj)]);
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&inj),
+            ]);
             onnx_lora_ok(&["fold", s(&inj), "-o", s(&back)]);
+            // Equal up to rounding the factors to the model's dtype on the way through inject.
             let d = ort_diff(&direct, &back, &case.inputs);
-            assert!(max_diff(&d) <= 1e-5, "{tag}: {d}");
+            let tol = if case.dtype == "float32" { 1e-5 } else { 2e-3 };
+            assert!(max_diff(&d) <= tol, "{tag}: {d}");
             // And the structure is the base's again (plus private copies of shared weights).
             let a = onnx_lora::onnx::load(&case.onnx).unwrap();
             let b = onnx_lora::onnx::load(&back).unwrap();
             let nodes = |m: &onnx_lora::onnx::LoadedModel| m.proto.graph.clone().unwrap().node;
-            assert!(nodes(&b).iter().all(|n| n.metadata_props.iter().all(|p| !p.key().starts_with("onnx-lora"))), "{tag}");
+            assert!(
+                nodes(&b).iter().all(|n| n
+                    .metadata_props
+                    .iter()
+                    .all(|p| !p.key().starts_with("onnx-lora"))),
+                "{tag}"
+            );
             let ops_a: Vec<String> = nodes(&a).iter().map(|n| n.op_type().to_string()).collect();
             let ops_b: Vec<String> = nodes(&b)
                 .iter()
@@ -144,7 +230,14 @@ fn export_peft_round_trips() {
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
             let exported = dir.path().join(format!("{tag}_peft"));
             let refold = dir.path().join(format!("{tag}_refold.onnx"));
-            onnx_lora_ok(&["inject", s(&case.onnx), "--adapter", s(&ad.dir), "-o", s(&inj)]);
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&inj),
+            ]);
             onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
             assert!(exported.join("adapter_config.json").exists());
             onnx_lora_ok(&["fold", s(&case.onnx), s(&exported), "-o", s(&refold)]);

@@ -66,9 +66,9 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
 impl LoadedModel {
     /// Decodes a model from bytes; external data is resolved relative to `path`'s folder.
     pub fn from_bytes(path: &Path, buf: Bytes) -> Result<Self> {
-        let proto = ModelProto::decode(buf).map_err(|source| Error::Decode {
+        let proto = ModelProto::decode(buf).map_err(|err| Error::Decode {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         Self::from_proto(path, proto)
     }
@@ -85,7 +85,7 @@ impl LoadedModel {
             if !external.contains_key(&r.location) {
                 let file = dir.join(&r.location);
                 let data = map_file(&file).map_err(|e| match e {
-                    Error::Io { source, .. } => external_err(
+                    Error::Io { err: source, .. } => external_err(
                         path,
                         t,
                         format!("cannot open '{}': {source}", file.display()),

@@ -69,15 +69,17 @@ fn node(
 }
 
 /// The branch's nodes for `c` (whose proto is `base`). `y_base` is the new name of the base
-/// node's output; the last node produces the original output name.
+/// The branch's nodes for `c` (whose proto is `base`), added to the value `y` (the base
+/// node's output, or its bias Add's). `y_base` is `y`'s new name; the last node produces `y`.
 pub fn branch_nodes(
     c: &Candidate,
     base: &NodeProto,
     names: &BranchNames,
+    y: &str,
     y_base: &str,
     branch: &str,
 ) -> Vec<NodeProto> {
-    let y = base.output.first().cloned().unwrap_or_default();
+    let y = y.to_string();
     let stem = format!(
         "{}.lora",
         if base.name().is_empty() {

@@ -123,12 +123,23 @@ pub(crate) fn execute(
             std::cmp::Reverse(c.node_index),
         )
     });
-    for (job, (_, _, bias)) in jobs.iter().zip(&results) {
+    // Bias deltas into existing biases (in place); layers without one get a new bias below.
+    let mut new_bias = vec![false; jobs.len()];
+    for (i, (job, (_, _, bias))) in jobs.iter().zip(&results).enumerate() {
         if let Some(bias) = bias {
-            apply_bias(model, graph, &job.cand, bias)?;
+            new_bias[i] = !apply_bias(model, graph, &job.cand, bias)?;
         }
     }
     for i in order {
+        if new_bias[i] {
+            if let Some(bias) = &results[i].2 {
+                create_bias(model, graph, &jobs[i].cand, bias, &mut taken)?;
+                report.notes.push(format!(
+                    "{}: the layer had no bias; lora_bias added one (PEFT's merge refuses this case; its unmerged forward is what we match)",
+                    jobs[i].cand.module
+                ));
+            }
+        }
         let copy = weights::write(
             &mut model.proto,
             graph,
@@ -388,30 +399,48 @@ fn replace_full(
     Ok(())
 }
 
-/// Adds a lora_bias delta to the node's bias (Gemm C, Conv B, or the Add after a MatMul).
+/// Where a node's bias is: Gemm's C and Conv's B inputs, or the constant of the only Add
+/// consuming a MatMul's output.
+fn bias_value(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Option<String> {
+    let node = graph.node(&model.proto, c.graph, c.node_index)?;
+    match c.op.as_str() {
+        "Gemm" | "Conv" => node.input.get(2).filter(|v| !v.is_empty()).cloned(),
+        _ => {
+            let o = node.output.first()?;
+            let [u] = graph.graphs[c.graph].consumers_of(o) else {
+                return None;
+            };
+            let add = graph.node(&model.proto, c.graph, *u)?;
+            let other = add.input.iter().find(|i| *i != o)?;
+            (add.op_type() == "Add" && graph.const_source(&model.proto, c.graph, other).is_some())
+                .then(|| other.clone())
+        }
+    }
+}
+
+/// Gemm computes beta·C: a bias delta d goes in as d / beta.
+fn gemm_beta(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
+    graph
+        .node(&model.proto, c.graph, c.node_index)
+        .filter(|n| n.op_type() == "Gemm")
+        .and_then(|n| n.attr_f("beta"))
+        .filter(|b| *b != 0.0)
+        .unwrap_or(1.0)
+}
+
+/// Adds a lora_bias delta to the node's existing bias in place. Returns false when the layer
+/// has no bias (the caller then creates one).
 fn apply_bias(
     model: &mut LoadedModel,
     graph: &ModelGraph,
     c: &Candidate,
     delta: &[f32],
-) -> Result<()> {
-    let node = graph
-        .node(&model.proto, c.graph, c.node_index)
-        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
-    let bias_value = match c.op.as_str() {
-        "Gemm" | "Conv" => node.input.get(2).cloned(),
-        _ => node.output.first().and_then(|o| {
-            let users = graph.graphs[c.graph].consumers_of(o);
-            let [u] = users else { return None };
-            let add = graph.node(&model.proto, c.graph, *u)?;
-            (add.op_type() == "Add")
-                .then(|| add.input.iter().find(|i| *i != o).cloned())
-                .flatten()
-        }),
+) -> Result<bool> {
+    let Some(src) =
+        bias_value(model, graph, c).and_then(|v| graph.const_source(&model.proto, c.graph, &v))
+    else {
+        return Ok(false);
     };
-    let src = bias_value
-        .and_then(|v| graph.const_source(&model.proto, c.graph, &v))
-        .ok_or_else(|| Error::Target(format!("module '{}': the adapter has lora_bias but the node's bias was not found in the graph", c.module)))?;
     let t = graph
         .const_tensor(&model.proto, &src)
         .ok_or_else(|| Error::tensor(&c.weight, "bias not found"))?;
@@ -425,14 +454,87 @@ fn apply_bias(
             delta.len()
         )));
     }
-    b.iter_mut().zip(delta).for_each(|(x, d)| *x += d);
+    let beta = gemm_beta(model, graph, c);
+    b.iter_mut().zip(delta).for_each(|(x, d)| *x += d / beta);
     let raw = from_f32(&b, dtype, t.name())?;
     let bias_cand = Candidate {
         source: Some(src),
         shared: false,
         ..c.clone()
     };
-    let mut taken = HashSet::new();
-    weights::write(&mut model.proto, graph, &bias_cand, raw, &mut taken)?;
+    weights::write(
+        &mut model.proto,
+        graph,
+        &bias_cand,
+        raw,
+        &mut HashSet::new(),
+    )?;
+    Ok(true)
+}
+
+/// Gives a bias-less layer the bias `values`: Gemm's C / Conv's B input, or an Add after a
+/// MatMul (which takes over the MatMul's output name). The node is found by its output name,
+/// since earlier insertions in this pass may have moved it.
+fn create_bias(
+    model: &mut LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    values: &[f32],
+    taken: &mut HashSet<String>,
+) -> Result<()> {
+    let dtype = graph
+        .const_tensor(
+            &model.proto,
+            c.source
+                .as_ref()
+                .ok_or_else(|| Error::tensor(&c.weight, "weight not found"))?,
+        )
+        .map(|t| crate::onnx::DataType::from_i32(t.data_type()))
+        .unwrap_or(crate::onnx::DataType::Float);
+    let y = graph
+        .node(&model.proto, c.graph, c.node_index)
+        .and_then(|n| n.output.first().cloned())
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+    let base = if c.module.is_empty() {
+        c.node.clone()
+    } else {
+        c.module.clone()
+    };
+    let name = weights::unique_name(&format!("{base}.bias.lora_folded"), taken);
+    let tensor = super::branch::initializer(&name, &[values.len() as i64], values, dtype)?;
+    let gp = graph.graphs[c.graph]
+        .loc
+        .get_mut(&mut model.proto)
+        .ok_or_else(|| Error::tensor(&c.weight, "graph not found"))?;
+    let at = gp
+        .node
+        .iter()
+        .position(|n| n.output.first() == Some(&y))
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+    gp.initializer.push(tensor);
+    if c.op == "MatMul" {
+        let pre = weights::unique_name(&format!("{y}.before_bias"), taken);
+        gp.node[at].output[0] = pre.clone();
+        let add = crate::onnx::pb::NodeProto {
+            input: vec![pre, name],
+            output: vec![y],
+            name: Some(weights::unique_name(
+                &format!("{}.lora_bias_add", gp.node[at].name()),
+                taken,
+            )),
+            op_type: Some("Add".into()),
+            domain: Some(String::new()),
+            ..Default::default()
+        };
+        gp.node.insert(at + 1, add);
+    } else {
+        let node = &mut gp.node[at];
+        node.input.resize(3, String::new());
+        node.input[2] = name;
+        if c.op == "Gemm" {
+            // The new C is the delta itself: make beta 1 so it adds once.
+            node.attribute.retain(|a| a.name() != "beta");
+        }
+    }
     Ok(())
 }

@@ -235,25 +235,56 @@ pub fn inject(
             )));
         }
     }
-    let mut order: Vec<&BranchSpec> = branches.iter().collect();
-    order.sort_by_key(|b| {
+    // From the deepest graph and the last anchor back, so insertions never move a node
+    // still to be visited.
+    let mut order: Vec<(&BranchSpec, usize)> = branches
+        .iter()
+        .map(|b| (b, anchor(model, &graph, &b.cand)))
+        .collect();
+    order.sort_by_key(|(b, at)| {
         (
             std::cmp::Reverse(graph.graphs[b.cand.graph].loc.0.len()),
-            std::cmp::Reverse(b.cand.node_index),
+            std::cmp::Reverse(*at),
         )
     });
     let mut reports = Vec::new();
-    for br in order {
-        reports.push(add_branch(model, &graph, br, as_inputs, &mut taken)?);
+    for (br, at) in order {
+        reports.push(add_branch(model, &graph, br, at, as_inputs, &mut taken)?);
     }
     reports.reverse();
     Ok(reports)
+}
+
+/// The node whose output the branch is added to: the node itself, or for a MatMul the bias
+/// Add right after it, so onnxruntime can still fuse MatMul + bias exactly as in the base.
+fn anchor(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> usize {
+    let view = &graph.graphs[c.graph];
+    let bias_add = || -> Option<usize> {
+        let y = graph
+            .node(&model.proto, c.graph, c.node_index)?
+            .output
+            .first()?;
+        let [u] = view.consumers_of(y) else {
+            return None;
+        };
+        let add = graph.node(&model.proto, c.graph, *u)?;
+        let other = add.input.iter().find(|i| *i != y)?;
+        (add.op_type() == "Add"
+            && graph.const_source(&model.proto, c.graph, other).is_some()
+            && !view.is_graph_output(y))
+        .then_some(*u)
+    };
+    match c.op.as_str() {
+        "MatMul" => bias_add().unwrap_or(c.node_index),
+        _ => c.node_index,
+    }
 }
 
 fn add_branch(
     model: &mut LoadedModel,
     graph: &ModelGraph,
     br: &BranchSpec,
+    anchor: usize,
     as_inputs: bool,
     taken: &mut HashSet<String>,
 ) -> Result<BranchReport> {
@@ -272,13 +303,17 @@ fn add_branch(
         .ok_or_else(|| Error::tensor(&c.weight, "graph not found"))?;
     let base = gp
         .node
-        .get_mut(c.node_index)
+        .get(c.node_index)
         .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
-    let y = base.output.first().cloned().unwrap_or_default();
+    let y = gp
+        .node
+        .get(anchor)
+        .and_then(|n| n.output.first().cloned())
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
     let y_base = unique_name(&format!("{y}.base"), taken);
-    let nodes = branch_nodes(c, base, &names, &y_base, &br.name);
-    base.output[0] = y_base;
-    let at = c.node_index + 1;
+    let nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
+    gp.node[anchor].output[0] = y_base;
+    let at = anchor + 1;
     for (k, n) in nodes.into_iter().enumerate() {
         gp.node.insert(at + k, n);
     }

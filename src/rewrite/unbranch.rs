@@ -98,10 +98,21 @@ pub fn find_branches(
                 Ok((v.clone(), F32Tensor { shape, data }))
             };
             let y_base = add.input.first().cloned().unwrap_or_default();
-            let (base_idx, _) = producer(&y_base).ok_or_else(|| broken("base node not found"))?;
-            let cand = cands
-                .iter()
-                .find(|c| c.graph == gi && c.node_index == base_idx)
+            let (anchor, anchor_node) =
+                producer(&y_base).ok_or_else(|| broken("base node not found"))?;
+            let is_cand = |i: usize| cands.iter().find(|c| c.graph == gi && c.node_index == i);
+            // The branch sits on the base node, or on the bias Add after a MatMul.
+            let cand = is_cand(anchor)
+                .or_else(|| {
+                    (anchor_node.op_type() == "Add")
+                        .then(|| {
+                            anchor_node
+                                .input
+                                .iter()
+                                .find_map(|i| producer(i).and_then(|(p, _)| is_cand(p)))
+                        })
+                        .flatten()
+                })
                 .ok_or_else(|| broken("its base node has no constant weight"))?;
             let mut last = add.input.get(1).cloned().unwrap_or_default();
             let mut params = Vec::new();
