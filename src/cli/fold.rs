@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use onnx_lora::adapter::Adapter;
 use onnx_lora::onnx;
-use onnx_lora::rewrite::{FoldOptions, fold, fold_branches};
+use onnx_lora::onnx::io::SaveReport;
+use onnx_lora::rewrite::{FoldOptions, FoldReport, fold, fold_branches, unmerged_reference};
 
 use super::output::{json_line, table};
 use super::save_args::SaveArgs;
@@ -18,6 +19,7 @@ use super::save_args::SaveArgs;
   onnx-lora fold model.onnx a/ b/ --weight 0.7 --weight 0.3 -o mix.onnx
   onnx-lora fold model.onnx adapter/adapter_model.safetensors -o out.onnx --json
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
+  onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors) or the .safetensors
 file with its adapter_config.json beside it. Module paths in the adapter are matched to the
@@ -41,6 +43,13 @@ pub struct Args {
     /// Warn about adapter modules that match no weight instead of failing.
     #[arg(long)]
     allow_unmatched: bool,
+    /// After writing, run the result and the unmerged reference (the base with the adapters as
+    /// branches) on the same inputs and compare; exit 1 when they differ.
+    #[arg(long)]
+    verify: bool,
+    /// Where --verify runs the models.
+    #[arg(long, value_enum, default_value = "auto")]
+    ep: onnx_lora::verify::Ep,
     #[command(flatten)]
     save: SaveArgs,
     /// JSON Lines report on stdout: one `module` record per weight, then a `report` record.
@@ -67,6 +76,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         scale: args.scale,
         allow_unmatched: args.allow_unmatched,
     };
+    // The reference is built before anything is written: if it cannot be, nothing is.
+    let reference = match (args.verify, adapters.is_empty()) {
+        (false, _) => None,
+        (true, true) => Some(model.clone()),
+        (true, false) => Some(
+            unmerged_reference(&model, &adapters, &opts.weights, opts.scale)
+                .context("--verify: building the unmerged reference")?,
+        ),
+    };
     let report = if adapters.is_empty() {
         fold_branches(&mut model)
     } else {
@@ -77,7 +95,25 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    if args.json {
+    print_report(&report, &saved, adapters.len(), args.json)?;
+    match &reference {
+        Some(r) => {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("reference.onnx");
+            onnx::save(r, &path, &SaveArgs::scratch())?;
+            super::verify::check(&saved.model, &path, args.ep, args.json)
+        }
+        None => Ok(super::EXIT_OK),
+    }
+}
+
+fn print_report(
+    report: &FoldReport,
+    saved: &SaveReport,
+    adapters: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
         for m in &report.modules {
             json_line("module", m)?;
         }
@@ -86,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             &serde_json::json!({"output": saved.model, "external_data": saved.external_data,
                 "modules": report.modules.len(), "unmatched": report.unmatched, "notes": report.notes}),
         )?;
-        return Ok(super::EXIT_OK);
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = report
         .modules
@@ -126,8 +162,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     eprintln!(
         "folded {} weights from {} adapter(s) into {}",
         report.modules.len(),
-        adapters.len(),
+        adapters,
         saved.model.display()
     );
-    Ok(super::EXIT_OK)
+    Ok(())
 }

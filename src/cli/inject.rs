@@ -6,7 +6,9 @@ use anyhow::Context;
 use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
-use onnx_lora::rewrite::{Init, adapter_branches, fresh_branches, inject, serving_adapter_params};
+use onnx_lora::rewrite::{
+    FoldOptions, Init, adapter_branches, fold, fresh_branches, inject, serving_adapter_params,
+};
 use onnx_lora::target::{self, TargetSpec};
 
 use super::output::{json_line, table};
@@ -71,6 +73,14 @@ pub struct Args {
     /// Where to write the model (atomically; the input is never modified).
     #[arg(short, long)]
     output: PathBuf,
+    /// After writing, compare the result with its reference on the same inputs: the base for
+    /// fresh branches and idle serving models, the folded adapter for --adapter; exit 1 when
+    /// they differ.
+    #[arg(long)]
+    verify: bool,
+    /// Where --verify runs the models.
+    #[arg(long, value_enum, default_value = "auto")]
+    ep: onnx_lora::verify::Ep,
     #[command(flatten)]
     save: SaveArgs,
     /// JSON Lines report on stdout: one `branch` record per branch, then a `report` record.
@@ -115,6 +125,20 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
+    // The reference is built before anything is written: if it cannot be, nothing is.
+    let reference = match (&adapter, args.verify && !args.as_inputs) {
+        (Some(adapter), true) => {
+            let mut folded = model.clone();
+            fold(
+                &mut folded,
+                std::slice::from_ref(adapter),
+                &FoldOptions::default(),
+            )
+            .context("--verify: folding the adapter for the reference")?;
+            Some(folded)
+        }
+        _ => None,
+    };
     let reports = inject(&mut model, &branches, args.as_inputs)
         .with_context(|| format!("inject into {}", args.model.display()))?;
     let saved = onnx::save(&model, &args.output, &args.save.options())?;
@@ -126,15 +150,37 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    if args.json {
-        for r in &reports {
+    print_report(&reports, &unmatched, &saved.model, args.json)?;
+    if !args.verify {
+        return Ok(super::EXIT_OK);
+    }
+    let dir = tempfile::tempdir()?;
+    let reference_path = match &reference {
+        Some(r) => {
+            let path = dir.path().join("reference.onnx");
+            onnx::save(r, &path, &SaveArgs::scratch())?;
+            path
+        }
+        None => args.model.clone(),
+    };
+    super::verify::check(&saved.model, &reference_path, args.ep, args.json)
+}
+
+fn print_report(
+    reports: &[onnx_lora::rewrite::BranchReport],
+    unmatched: &[String],
+    output: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        for r in reports {
             json_line("branch", r)?;
         }
         json_line(
             "report",
-            &serde_json::json!({"output": saved.model, "branches": reports.len(), "unmatched": unmatched}),
+            &serde_json::json!({"output": output, "branches": reports.len(), "unmatched": unmatched}),
         )?;
-        return Ok(super::EXIT_OK);
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = reports
         .iter()
@@ -159,7 +205,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     eprintln!(
         "injected {} branches into {}",
         reports.len(),
-        saved.model.display()
+        output.display()
     );
-    Ok(super::EXIT_OK)
+    Ok(())
 }

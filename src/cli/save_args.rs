@@ -32,3 +32,14 @@ impl SaveArgs {
         }
     }
 }
+
+impl SaveArgs {
+    /// Options for scratch models (verification references): external data like the source,
+    /// no fsync.
+    pub fn scratch() -> onnx_lora::onnx::SaveOptions {
+        onnx_lora::onnx::SaveOptions {
+            sync: false,
+            ..onnx_lora::onnx::SaveOptions::default()
+        }
+    }
+}

@@ -207,3 +207,31 @@ fn row(o: &OutputComparison) -> Vec<String> {
         format!("{:e}", o.rtol),
     ]
 }
+
+/// `--verify` of fold and inject: compares `model` with `reference` on generated inputs,
+/// prints the verdict (text or JSON Lines) and returns the exit code.
+pub(super) fn check(
+    model: &std::path::Path,
+    reference: &std::path::Path,
+    ep: Ep,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let opts = VerifyOptions {
+        ep,
+        ..VerifyOptions::default()
+    };
+    let report = verify::verify_models(model, reference, &opts)?;
+    for note in &report.notes {
+        eprintln!("onnx-lora: note: {note}");
+    }
+    if json {
+        print_json(&report)?;
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.passed {
+        super::EXIT_OK
+    } else {
+        super::EXIT_MISMATCH
+    })
+}

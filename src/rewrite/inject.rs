@@ -473,3 +473,24 @@ fn fnv(s: &str) -> u64 {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
+
+/// The adapted model's unmerged forward as a graph: `model` with every adapter as branches
+/// (applied in order, each scaled by its weight and `scale`; later adapters' branches nest
+/// inside earlier ones on the same node). `fold --verify` compares its result with this.
+pub fn unmerged_reference(
+    model: &LoadedModel,
+    adapters: &[Adapter],
+    weights: &[f32],
+    scale: f32,
+) -> Result<LoadedModel> {
+    let mut reference = model.clone();
+    for (i, adapter) in adapters.iter().enumerate() {
+        let graph = ModelGraph::build(&reference.proto);
+        let cands = crate::target::find_candidates(&reference.proto, &graph);
+        let (mut branches, _) = adapter_branches(&cands, adapter, true)?;
+        let w = weights.get(i).copied().unwrap_or(1.0) * scale;
+        branches.iter_mut().for_each(|b| b.scale *= w);
+        inject(&mut reference, &branches, false)?;
+    }
+    Ok(reference)
+}

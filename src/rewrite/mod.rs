@@ -1,5 +1,6 @@
 //! Rewrites, each a pass over the model: `fold` merges adapters into weight initializers,
-//! `inject` adds low-rank branches beside targeted nodes (built by `branch`).
+//! `inject` adds low-rank branches beside targeted nodes (built by `branch`), `unbranch` folds
+//! injected branches back, `export` writes adapters out of injected models.
 //! Passes decide on the read-only graph view, then edit the proto.
 
 pub mod branch;
@@ -11,5 +12,7 @@ pub(crate) mod weights;
 
 pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
-pub use inject::{BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject};
+pub use inject::{
+    BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
+};
 pub use unbranch::fold_branches;

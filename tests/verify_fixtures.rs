@@ -1,0 +1,174 @@
+//! `verify` and `--verify` on the real exports: each fixture passes against itself and against
+//! PEFT's stored base outputs on onnxruntime and tract (so the two agree), fails against the
+//! same model with an adapter merged in, and fold / inject `--verify` report PASS.
+
+mod common;
+
+use common::*;
+
+fn code(args: &[&str]) -> (Option<i32>, String) {
+    let o = onnx_lora(args);
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn fixtures_pass_against_themselves_and_peft_outputs_on_both_backends() {
+    let mut tract_ran = 0;
+    for case in cases() {
+        let m = case.onnx.to_str().unwrap();
+        let (inputs, base) = (case.inputs.to_str().unwrap(), case.base.to_str().unwrap());
+        let (c, out) = code(&["verify", m, m, "--ep", "cpu"]);
+        assert_eq!(c, Some(0), "{}: {out}", case.label());
+        let (c, out) = code(&[
+            "verify", m, "--inputs", inputs, "--expect", base, "--ep", "cpu",
+        ]);
+        assert_eq!(c, Some(0), "{}: {out}", case.label());
+        let (c, out) = code(&[
+            "verify", m, "--inputs", inputs, "--expect", base, "--ep", "tract",
+        ]);
+        match c {
+            Some(0) => tract_ran += 1,
+            Some(2) => assert!(
+                out.contains("tract") && out.contains("--ep cpu"),
+                "{}: {out}",
+                case.label()
+            ),
+            _ => panic!("{}: ort and tract disagree: {out}", case.label()),
+        }
+    }
+    assert!(tract_ran >= 4, "tract ran only {tract_ran} fixtures");
+}
+
+#[test]
+fn merged_adapter_is_detected_on_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in cases().into_iter().filter(|c| c.dtype == "float32") {
+        let Some(ad) = case.adapters.iter().find(|a| !a.refuse) else {
+            continue;
+        };
+        let folded = dir
+            .path()
+            .join(format!("{}_{}.onnx", case.model, case.exporter));
+        onnx_lora_ok(&[
+            "fold",
+            case.onnx.to_str().unwrap(),
+            ad.dir.to_str().unwrap(),
+            "-o",
+            folded.to_str().unwrap(),
+        ]);
+        for ep in ["cpu", "tract"] {
+            let (c, out) = code(&[
+                "verify",
+                folded.to_str().unwrap(),
+                case.onnx.to_str().unwrap(),
+                "--ep",
+                ep,
+            ]);
+            assert!(
+                c == Some(1) || (ep == "tract" && c == Some(2)),
+                "{} {ep}: {out}",
+                case.label()
+            );
+            if c == Some(1) {
+                assert!(out.contains("FAIL"), "{out}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fold_and_inject_verify_pass_on_fixtures() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in cases() {
+        let Some(ad) = case.adapters.iter().find(|a| a.name == "plain") else {
+            continue;
+        };
+        let m = case.onnx.to_str().unwrap();
+        let out = dir
+            .path()
+            .join(format!("{}_{}.onnx", case.model, case.exporter));
+        let o = out.to_str().unwrap();
+        for args in [
+            vec![
+                "fold",
+                m,
+                ad.dir.to_str().unwrap(),
+                "-o",
+                o,
+                "--verify",
+                "--ep",
+                "cpu",
+            ],
+            vec![
+                "fold",
+                m,
+                ad.dir.to_str().unwrap(),
+                "-o",
+                o,
+                "--verify",
+                "--ep",
+                "cpu",
+                "--scale",
+                "0.5",
+            ],
+            vec![
+                "inject", m, "--rank", "4", "-o", o, "--verify", "--ep", "cpu",
+            ],
+            vec![
+                "inject",
+                m,
+                "--adapter",
+                ad.dir.to_str().unwrap(),
+                "-o",
+                o,
+                "--verify",
+                "--ep",
+                "cpu",
+            ],
+        ] {
+            let (c, text) = code(&args);
+            assert_eq!(c, Some(0), "{args:?}: {text}");
+            assert!(text.contains("PASS"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn fold_verify_without_a_reference_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| {
+            c.adapters
+                .iter()
+                .any(|a| a.features.iter().any(|f| f == "dora"))
+        })
+        .unwrap();
+    let ad = case
+        .adapters
+        .iter()
+        .find(|a| a.features.iter().any(|f| f == "dora"))
+        .unwrap();
+    let out = dir.path().join("x.onnx");
+    let (c, text) = code(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        ad.dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+    ]);
+    assert_eq!(c, Some(2), "{text}");
+    assert!(
+        text.contains("unmerged reference") && text.contains("DoRA"),
+        "{text}"
+    );
+    assert!(!out.exists());
+}
