@@ -163,16 +163,14 @@ fn candidate(
         chain.insert(0, p);
         value = pn.input.first()?.clone();
     };
-    // A Gather whose indices are constant is a lookup of constants, not an embedding.
-    if node.op_type() == "Gather" {
-        let idx = node.input.get(1)?;
-        if graph.const_source(model, gi, idx).is_some() {
-            return None;
-        }
-    }
     let tensor = graph.const_tensor(model, &source)?;
     let shape = tensor.dims.clone();
     let dtype = DataType::from_i32(tensor.data_type());
+    // A Gather from an integer table is shape arithmetic, not an embedding (even with constant
+    // indices, as for folded position ids, a float table is one).
+    if node.op_type() == "Gather" && !dtype.is_foldable_float() {
+        return None;
+    }
     let (layout, in_features, out_features) = layout_of(node, &shape, transposes)?;
     let (module, evidence, other_paths) =
         module_path(model, graph, gi, node, tensor.name(), &value);

@@ -1,0 +1,167 @@
+//! Target resolution on real exports: every module a fixture adapter targets resolves to
+//! exactly one weight whose shape fits its A and B (dynamo exports too, where node names carry
+//! no module path), each candidate's module path equals the ground truth the fixture generator
+//! recorded from torch, and `inspect --json` reports the documented fields.
+
+mod common;
+
+use common::*;
+use onnx_lora::adapter::{Adapter, ModuleKind};
+use onnx_lora::graph::ModelGraph;
+use onnx_lora::target::{Candidate, find_candidates, resolve_module};
+
+fn load(case: &Case) -> Vec<Candidate> {
+    let m = onnx_lora::onnx::load(&case.onnx).unwrap();
+    let g = ModelGraph::build(&m.proto);
+    find_candidates(&m.proto, &g)
+}
+
+#[test]
+fn every_adapter_module_resolves_to_one_fitting_weight() {
+    let mut resolved = 0;
+    for case in cases() {
+        let cands = load(&case);
+        for ad in &case.adapters {
+            let adapter = Adapter::load(&ad.dir).unwrap();
+            for m in adapter
+                .modules
+                .iter()
+                .filter(|m| m.kind != ModuleKind::Full)
+            {
+                let (a, b) = (m.a.as_ref().unwrap(), m.b.as_ref().unwrap());
+                let accept = |c: &Candidate| match m.kind {
+                    ModuleKind::Embedding => c.op == "Gather",
+                    _ if a.shape.len() == 4 => c.op == "Conv",
+                    _ => c.is_linear(),
+                };
+                let found = resolve_module(&cands, &m.path, accept)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", case.label(), ad.name));
+                let c = found[0];
+                let n_in: i64 = if c.op == "Conv" {
+                    c.shape[1..].iter().product()
+                } else {
+                    c.in_features
+                };
+                let a_in: usize = a.shape[1..].iter().product();
+                assert_eq!(
+                    a_in as i64,
+                    n_in,
+                    "{} {}: {} A {:?} vs {:?}",
+                    case.label(),
+                    ad.name,
+                    m.path,
+                    a.shape,
+                    c.shape
+                );
+                assert_eq!(
+                    b.shape[0] as i64,
+                    c.out_features,
+                    "{} {}: {} B {:?} vs {:?}",
+                    case.label(),
+                    ad.name,
+                    m.path,
+                    b.shape,
+                    c.shape
+                );
+                resolved += 1;
+            }
+        }
+    }
+    assert!(resolved > 100, "only {resolved} modules resolved");
+}
+
+#[test]
+fn module_paths_match_the_generators_ground_truth() {
+    for case in cases() {
+        let truth_path = case.onnx.with_file_name("weights.json");
+        let truth: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&truth_path).unwrap()).unwrap();
+        let cands = load(&case);
+        let mut checked = 0;
+        for t in truth.as_array().unwrap() {
+            let (Some(node), Some(module)) = (t["node"].as_str(), t["module"].as_str()) else {
+                continue;
+            };
+            if module.is_empty() {
+                continue;
+            }
+            let c = cands
+                .iter()
+                .find(|c| c.node == node)
+                .unwrap_or_else(|| panic!("{}: node {node} is not a candidate", case.label()));
+            assert_eq!(c.module, module, "{}: node {node}", case.label());
+            assert_eq!(
+                c.weight,
+                t["weight"].as_str().unwrap(),
+                "{}: node {node}",
+                case.label()
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "{}: no ground truth checked", case.label());
+    }
+}
+
+#[test]
+fn inspect_json_lines_have_the_documented_fields() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    let out = onnx_lora_ok(&["inspect", case.onnx.to_str().unwrap(), "--json"]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 10);
+    for l in &lines {
+        assert_eq!(l["type"], "candidate");
+        for k in [
+            "module", "node", "op", "weight", "shape", "layout", "dtype", "shared",
+        ] {
+            assert!(l.get(k).is_some(), "missing {k}: {l}");
+        }
+    }
+    // --target is a full match on the path or a dotted suffix; all-linear leaves out lm_head.
+    let out = onnx_lora_ok(&[
+        "inspect",
+        case.onnx.to_str().unwrap(),
+        "--json",
+        "--target",
+        "q_proj|v_proj",
+    ]);
+    let modules: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["module"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        !modules.is_empty()
+            && modules
+                .iter()
+                .all(|m| m.ends_with("q_proj") || m.ends_with("v_proj")),
+        "{modules:?}"
+    );
+    let out = onnx_lora_ok(&[
+        "inspect",
+        case.onnx.to_str().unwrap(),
+        "--json",
+        "--all-linear",
+    ]);
+    assert!(!out.contains("\"lm_head\"") && out.contains("mlp.down_proj"));
+    let out = onnx_lora_ok(&[
+        "inspect",
+        case.onnx.to_str().unwrap(),
+        "--json",
+        "--target",
+        r"model\.layers\.1\..*",
+    ]);
+    assert!(
+        out.lines().count() >= 7 && !out.contains("layers.0."),
+        "{out}"
+    );
+}
