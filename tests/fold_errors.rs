@@ -213,3 +213,85 @@ fn shared_initializer_gets_a_private_copy() {
     assert!(diff["ya"].as_f64().unwrap() > 1e-3, "{diff}");
     assert_eq!(diff["yb"].as_f64().unwrap(), 0.0, "{diff}");
 }
+
+#[test]
+fn quantized_bases_get_a_float_branch() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    for (quant, float) in [
+        ("nbits.onnx", "nbits_float.onnx"),
+        ("dq.onnx", "dq_float.onnx"),
+    ] {
+        let branched = env.p(&format!("{quant}.branched.onnx"));
+        let folded = env.p(&format!("{quant}.folded.onnx"));
+        let fresh = env.p(&format!("{quant}.fresh.onnx"));
+        onnx_lora_ok(&[
+            "inject",
+            env.p(quant).to_str().unwrap(),
+            "--adapter",
+            ad.to_str().unwrap(),
+            "-o",
+            branched.to_str().unwrap(),
+        ]);
+        onnx_lora_ok(&[
+            "fold",
+            env.p(float).to_str().unwrap(),
+            ad.to_str().unwrap(),
+            "-o",
+            folded.to_str().unwrap(),
+        ]);
+        onnx_lora_ok(&[
+            "inject",
+            env.p(quant).to_str().unwrap(),
+            "--rank",
+            "2",
+            "-o",
+            fresh.to_str().unwrap(),
+        ]);
+        // The quantized model with the branch computes what the float twin with the fold does...
+        let d: serde_json::Value =
+            serde_json::from_str(&py("ort_diff.py", &[&branched, &folded])).unwrap();
+        assert!(d["y"].as_f64().unwrap() < 1e-4, "{quant}: {d}");
+        // ...the float twin really is the quantized base (onnxruntime may run the plain
+        // DequantizeLinear -> MatMul pattern through an approximate quantized kernel)...
+        let d: serde_json::Value =
+            serde_json::from_str(&py("ort_diff.py", &[&env.p(quant), &env.p(float)])).unwrap();
+        assert!(d["y"].as_f64().unwrap() < 1e-2, "{quant} twin: {d}");
+        // ...and fresh branches leave the quantized model as it was.
+        let d: serde_json::Value =
+            serde_json::from_str(&py("ort_diff.py", &[&env.p(quant), &fresh])).unwrap();
+        assert_eq!(d["y"].as_f64().unwrap(), 0.0, "{quant} fresh: {d}");
+    }
+}
+
+#[test]
+fn weighted_adapters_add_up() {
+    let env = Env::new();
+    let a = write_adapter(&env.p("a"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let b = write_adapter(&env.p("b"), config(), &refs(&lora("fc", 8, 4, -0.3)));
+    let m = env.p("linear.onnx");
+    let both = env.p("both.onnx");
+    let step1 = env.p("step1.onnx");
+    let step2 = env.p("step2.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    onnx_lora_ok(&[
+        "fold",
+        &s(&m),
+        &s(&a),
+        &s(&b),
+        "--weight",
+        "0.5",
+        "--weight",
+        "2",
+        "--scale",
+        "0.5",
+        "-o",
+        &s(&both),
+    ]);
+    onnx_lora_ok(&["fold", &s(&m), &s(&a), "--scale", "0.25", "-o", &s(&step1)]);
+    onnx_lora_ok(&["fold", &s(&step1), &s(&b), "-o", &s(&step2)]);
+    let d: serde_json::Value = serde_json::from_str(&py("ort_diff.py", &[&both, &step2])).unwrap();
+    assert!(d["y"].as_f64().unwrap() < 1e-5, "{d}");
+    let d: serde_json::Value = serde_json::from_str(&py("ort_diff.py", &[&both, &m])).unwrap();
+    assert!(d["y"].as_f64().unwrap() > 1e-2, "{d}");
+}

@@ -5,6 +5,9 @@
   dq.onnx          DequantizeLinear(W_q) -> MatMul on /fc/MatMul (quantized base)
   grouped.onnx     Conv with group=2 on /conv/Conv
   shared.onnx      one initializer W feeding /a/MatMul and /b/MatMul (deduplicated weights)
+  nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
+                   twins: a branch beside the quantized base must compute what folding into
+                   the float twin does)
 
 Usage: make_edge_models.py OUT_DIR
 """
@@ -36,14 +39,26 @@ def main(out):
          os.path.join(out, "linear.onnx"))
 
     # MatMulNBits: K=8, N=4, bits=4, block_size=16 -> B uint8 [N, 1, 8], scales [N]
-    b = numpy_helper.from_array(rng.integers(0, 255, (4, 1, 8), dtype=np.uint8), "Wq")
-    sc = numpy_helper.from_array(np.ones(4, np.float32), "scales")
+    packed = rng.integers(0, 255, (4, 1, 8), dtype=np.uint8)
+    scales = np.array([0.1, 0.2, 0.05, 0.3], np.float32)
+    b = numpy_helper.from_array(packed, "Wq")
+    sc = numpy_helper.from_array(scales, "scales")
+    # 4-bit values, low nibble first, zero point 8; the first K = 8 of the block are used.
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(4, 16)[:, :8].astype(np.float32)
+    w_nbits = ((nibbles - 8.0) * scales[:, None]).T.astype(np.float32)  # [K, N]
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                           "nbits_float", [x], [y], [numpy_helper.from_array(w_nbits, "W")]),
+         os.path.join(out, "nbits_float.onnx"))
     nb = helper.make_node("MatMulNBits", ["x", "Wq", "scales"], ["y"], name="/fc/MatMulNBits",
                           domain="com.microsoft", K=8, N=4, bits=4, block_size=16)
     save(helper.make_graph([nb], "nbits", [x], [y], [b, sc]), os.path.join(out, "nbits.onnx"),
          extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
-    wq = numpy_helper.from_array(rng.integers(-100, 100, (8, 4), dtype=np.int8), "Wq")
+    wq_values = rng.integers(-100, 100, (8, 4), dtype=np.int8)
+    wq = numpy_helper.from_array(wq_values, "Wq")
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                           "dq_float", [x], [y], [numpy_helper.from_array(wq_values.astype(np.float32) * np.float32(0.01), "W")]),
+         os.path.join(out, "dq_float.onnx"))
     s = numpy_helper.from_array(np.array(0.01, np.float32), "s")
     dq = helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], name="/fc/DequantizeLinear")
     mm = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
