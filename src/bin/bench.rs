@@ -319,12 +319,11 @@ fn generate_model(dir: &Path, d: Dims) -> Result<u64> {
         let down = b.linear(&gu, &format!("{mlp}.down_proj"), i, h)?;
         x = b.node("Add", "add", &[&x, &down], &res);
     }
-    let logits = b.linear(&x, "lm_head", h, d.vocab)?;
+    b.linear(&x, "lm_head", h, d.vocab)?;
     // The graph output is called `logits`: rename the last node's output.
     if let Some(last) = b.nodes.last_mut() {
         last.output = vec!["logits".into()];
     }
-    let _ = logits;
     b.data.flush()?;
     b.data.get_ref().sync_all()?;
     let data_len = b.pos;
@@ -823,8 +822,8 @@ fn main() -> Result<()> {
         .find(|r| r.op == "cp + sync")
         .and_then(Row::median_wall);
     println!(
-        "\n{:<18} {:>9} {:>8} {:>10} {:>9} {:>9}  {}",
-        "op", "wall s", "vs cp", "peak RSS", "RSS/model", "anon MB", "command"
+        "\n{:<18} {:>9} {:>8} {:>10} {:>9} {:>9}  command",
+        "op", "wall s", "vs cp", "peak RSS", "RSS/model", "anon MB"
     );
     for r in &rows {
         match (r.median_wall(), &r.error) {
@@ -946,7 +945,7 @@ fn main() -> Result<()> {
     if written > 0 {
         println!("\nfold output: {:.1} MB", mb(written));
     }
-    if args.keep || args.dir.is_some() && args.keep {
+    if args.keep {
         if let Some(t) = _tmp {
             let kept = t.keep();
             println!("kept {}", kept.display());

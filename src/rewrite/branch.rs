@@ -6,6 +6,9 @@
 //!            └── lora_A ── lora_B ── Mul(s) ──────┘
 //! ```
 //!
+//! `lora_bias` adds lora_B's bias before the scale; DoRA multiplies the sum by the per-channel
+//! factor m / ||W + s·B·A|| and adds back (1 - factor)·bias for layers with a bias.
+//!
 //! lora_A / lora_B are MatMuls for MatMul, Gemm and MatMulNBits (Gemm's transA handled by a
 //! Transpose of x), Convs for Conv (A with the base's kernel, strides, pads and dilations;
 //! B 1×1), and Gather + MatMul for embeddings. The base node's output is renamed and the Add
@@ -31,6 +34,12 @@ pub struct BranchNames {
     pub b: String,
     /// None when the scale is folded into B (serving models).
     pub scale: Option<String>,
+    /// lora_B's bias (`lora_bias`), added before the scale as PEFT does.
+    pub lora_bias: Option<String>,
+    /// DoRA: the per-channel factor m / ||W + s·B·A|| applied after the sum, and the
+    /// correction (1 - factor)·bias that keeps the layer's own bias unscaled.
+    pub dora_scale: Option<String>,
+    pub dora_bias: Option<String>,
 }
 
 pub fn meta(k: &str, v: &str) -> StringStringEntryProto {
@@ -177,6 +186,17 @@ pub fn branch_nodes(
         }
     }
     let mut last = v("b");
+    if let Some(b) = &names.lora_bias {
+        nodes.push(node(
+            "Add",
+            vec![last, b.clone()],
+            v("bb"),
+            format!("{stem}_bias"),
+            branch,
+            "lora_bias",
+        ));
+        last = v("bb");
+    }
     if let Some(s) = &names.scale {
         nodes.push(node(
             "Mul",
@@ -188,14 +208,36 @@ pub fn branch_nodes(
         ));
         last = v("s");
     }
+    // DoRA: (y_base + branch) * factor (+ (1 - factor) * bias), the last node producing y.
+    let mut tail = Vec::new();
+    if let Some(f) = &names.dora_scale {
+        tail.push(("Mul", f.clone(), "dora_scale"));
+    }
+    if let Some(b) = &names.dora_bias {
+        tail.push(("Add", b.clone(), "dora_bias"));
+    }
+    let mut sum = if tail.is_empty() { y.clone() } else { v("sum") };
     nodes.push(node(
         "Add",
         vec![y_base.to_string(), last],
-        y,
+        sum.clone(),
         format!("{stem}_add"),
         branch,
         "add",
     ));
+    let n = tail.len();
+    for (i, (op, param, role)) in tail.into_iter().enumerate() {
+        let out = if i + 1 == n { y.clone() } else { v(role) };
+        nodes.push(node(
+            op,
+            vec![sum, param],
+            out.clone(),
+            format!("{stem}_{role}"),
+            branch,
+            role,
+        ));
+        sum = out;
+    }
     nodes
 }
 

@@ -46,6 +46,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
     let mut alpha_pattern = serde_json::Map::new();
     let mut modules = Vec::new();
     let mut conv1d = false;
+    let (mut use_dora, mut lora_bias) = (false, false);
     for f in &found {
         let m = &f.module;
         let (Some(a), Some(b)) = (&m.a, &m.b) else {
@@ -71,6 +72,23 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
                 b.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         );
+        let raw = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        if let Some(mag) = &m.magnitude {
+            // PEFT keeps conv magnitudes as (1, out, 1, 1).
+            let shape = if f.cand.op == "Conv" {
+                let mut s = vec![1, mag.data.len()];
+                s.extend(std::iter::repeat_n(1, f.cand.shape.len().saturating_sub(2)));
+                s
+            } else {
+                vec![mag.data.len()]
+            };
+            tensors.insert(key("lora_magnitude_vector"), (shape, raw(&mag.data)));
+            use_dora = true;
+        }
+        if let Some(bias) = &m.bias_b {
+            tensors.insert(key("lora_B.bias"), (vec![bias.data.len()], raw(&bias.data)));
+            lora_bias = true;
+        }
         let alpha = f.scale * m.rank() as f32;
         if m.rank() != r {
             rank_pattern.insert(regex::escape(&m.path), m.rank().into());
@@ -90,7 +108,8 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": false,
-        "use_dora": false,
+        "use_dora": use_dora,
+        "lora_bias": lora_bias,
         "fan_in_fan_out": conv1d,
         "lora_dropout": 0.0,
         "bias": "none",

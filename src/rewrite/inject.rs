@@ -32,6 +32,10 @@ pub struct BranchSpec {
     pub a: Matrix,
     pub b: Matrix,
     pub scale: f32,
+    /// DoRA magnitude per output channel.
+    pub magnitude: Option<Vec<f32>>,
+    /// lora_B's bias (`lora_bias`), unscaled.
+    pub bias: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +110,8 @@ pub fn fresh_branches(
                 a: Matrix::new(rank, n_in, a)?,
                 b: Matrix::new(n_out, rank, b)?,
                 scale,
+                magnitude: None,
+                bias: None,
             })
         })
         .collect()
@@ -130,11 +136,11 @@ pub fn adapter_branches(
                 ),
             });
         }
-        if m.magnitude.is_some() || m.bias_b.is_some() {
+        if m.magnitude.is_some() && m.kind == ModuleKind::Embedding {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}': DoRA and lora_bias branches are not supported by inject yet; use fold",
+                    "module '{}': DoRA embedding branches are not supported; use fold",
                     m.path
                 ),
             });
@@ -185,6 +191,8 @@ fn spec_from_module(c: &Candidate, m: &ModuleAdapter, scale: f32) -> Result<Bran
         a: Matrix::new(r, a_cols, a.data.clone())?,
         b: Matrix::new(b.shape[0], r, b.data.clone())?,
         scale,
+        magnitude: m.magnitude.as_ref().map(|t| t.data.clone()),
+        bias: m.bias_b.as_ref().map(|t| t.data.clone()),
     })
 }
 
@@ -228,6 +236,12 @@ pub fn inject(
                 br.cand.node
             )));
         }
+        if as_inputs && (br.magnitude.is_some() || br.bias.is_some()) {
+            return Err(Error::Target(format!(
+                "module '{}': DoRA and lora_bias cannot be served through LoRA inputs; inject without --as-inputs",
+                br.name
+            )));
+        }
         if as_inputs && (br.cand.graph != 0 || br.cand.op == "Conv") {
             return Err(Error::Target(format!(
                 "module '{}': --as-inputs supports linear and embedding layers of the main graph only",
@@ -239,7 +253,15 @@ pub fn inject(
     // still to be visited.
     let mut order: Vec<(&BranchSpec, usize)> = branches
         .iter()
-        .map(|b| (b, anchor(model, &graph, &b.cand)))
+        .map(|b| {
+            // DoRA scales the layer's output without its bias: stay on the node itself.
+            let at = if b.magnitude.is_some() {
+                b.cand.node_index
+            } else {
+                anchor(model, &graph, &b.cand)
+            };
+            (b, at)
+        })
         .collect();
     order.sort_by_key(|(b, at)| {
         (
@@ -292,11 +314,24 @@ fn add_branch(
     let dtype = activation_dtype(model, graph, c);
     let r = br.a.rows;
     let (a_dims, a_vals, b_dims, b_vals) = graph_factors(br);
+    let dora = dora_constants(model, graph, br)?;
     let names = BranchNames {
         a: unique_name(&format!("{}.lora_A.weight", br.name), taken),
         b: unique_name(&format!("{}.lora_B.weight", br.name), taken),
         scale: (!as_inputs).then(|| unique_name(&format!("{}.lora_scale", br.name), taken)),
+        lora_bias: br
+            .bias
+            .as_ref()
+            .map(|_| unique_name(&format!("{}.lora_B.bias", br.name), taken)),
+        dora_scale: dora
+            .as_ref()
+            .map(|_| unique_name(&format!("{}.dora_scale", br.name), taken)),
+        dora_bias: dora
+            .as_ref()
+            .and_then(|(_, b)| b.as_ref())
+            .map(|_| unique_name(&format!("{}.dora_bias", br.name), taken)),
     };
+    let channel_dims = channel_dims(c);
     let gp = graph.graphs[c.graph]
         .loc
         .get_mut(&mut model.proto)
@@ -337,6 +372,20 @@ fn add_branch(
             gp.initializer
                 .push(initializer(s, &[], &[br.scale], dtype)?);
         }
+        let per_channel = [
+            (&names.lora_bias, br.bias.as_ref()),
+            (&names.dora_scale, dora.as_ref().map(|(f, _)| f)),
+            (
+                &names.dora_bias,
+                dora.as_ref().and_then(|(_, b)| b.as_ref()),
+            ),
+        ];
+        for (name, values) in per_channel {
+            if let (Some(n), Some(v)) = (name, values) {
+                gp.initializer
+                    .push(initializer(n, &channel_dims, v, dtype)?);
+            }
+        }
     }
     Ok(BranchReport {
         module: br.name.clone(),
@@ -348,6 +397,79 @@ fn add_branch(
         lora_b: names.b,
         dtype,
     })
+}
+
+/// Shape of per-output-channel constants: [out] for linear layers, [out, 1, ...] for Conv
+/// (channels on axis 1 of an NCHW output).
+fn channel_dims(c: &Candidate) -> Vec<i64> {
+    let mut d = vec![c.out_features];
+    if c.op == "Conv" {
+        d.extend(std::iter::repeat_n(1, c.shape.len().saturating_sub(2)));
+    }
+    d
+}
+
+/// DoRA's per-channel factor m / ||W + s·B·A|| (PEFT's weight norm, over everything but the
+/// output channel) and, for layers whose output includes a bias (Gemm C, Conv B), the
+/// correction (1 - factor)·bias so the bias itself stays unscaled.
+fn dora_constants(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    br: &BranchSpec,
+) -> Result<Option<(Vec<f32>, Option<Vec<f32>>)>> {
+    let Some(m) = &br.magnitude else {
+        return Ok(None);
+    };
+    let c = &br.cand;
+    let mut w = super::weights::read(model, graph, c)?;
+    crate::tensor::add_low_rank(&mut w.values, w.orient, &br.a, &br.b, br.scale);
+    let norms = crate::tensor::out_norms(&w.values, w.orient, w.n_out);
+    if m.len() != norms.len() {
+        return Err(Error::Target(format!(
+            "module '{}': lora_magnitude_vector has {} values for {} output channels",
+            br.name,
+            m.len(),
+            norms.len()
+        )));
+    }
+    let f: Vec<f32> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+    let node = graph.node(&model.proto, c.graph, c.node_index);
+    let bias = match c.op.as_str() {
+        "Gemm" | "Conv" => node
+            .and_then(|n| n.input.get(2))
+            .filter(|v| !v.is_empty())
+            .and_then(|v| graph.const_source(&model.proto, c.graph, v))
+            .and_then(|src| graph.const_tensor(&model.proto, &src)),
+        _ => None,
+    };
+    let correction = match bias {
+        Some(t) => {
+            let b = crate::tensor::to_f32(
+                &model.tensor_bytes(t)?,
+                DataType::from_i32(t.data_type()),
+                t.name(),
+            )?;
+            if b.len() != f.len() {
+                return Err(Error::Target(format!(
+                    "module '{}': DoRA needs a per-channel bias, found {} values",
+                    br.name,
+                    b.len()
+                )));
+            }
+            let beta = node
+                .filter(|n| n.op_type() == "Gemm")
+                .and_then(|n| n.attr_f("beta"))
+                .unwrap_or(1.0);
+            Some(
+                b.iter()
+                    .zip(&f)
+                    .map(|(b, f)| (1.0 - f) * beta * b)
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    Ok(Some((f, correction)))
 }
 
 /// The branch's factors in graph layout: linear and embedding A [in, r], B [r, out];

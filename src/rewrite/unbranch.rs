@@ -125,6 +125,17 @@ pub fn find_branches(
                 last = node.input.first().cloned().unwrap_or_default();
                 node = producer(&last).ok_or_else(|| broken("lora_B not found"))?.1;
             }
+            let mut bias_b = None;
+            if role(node) == Some("lora_bias") {
+                let (n, b) = param(node.input.get(1))?;
+                bias_b = Some(F32Tensor {
+                    shape: vec![b.data.len()],
+                    data: b.data,
+                });
+                params.push(n);
+                last = node.input.first().cloned().unwrap_or_default();
+                node = producer(&last).ok_or_else(|| broken("lora_B not found"))?.1;
+            }
             if role(node) != Some("lora_B") {
                 return Err(broken("lora_B not found"));
             }
@@ -141,6 +152,27 @@ pub fn find_branches(
             let (a_name, a) = param(a_input)?;
             params.extend([a_name, b_name]);
             let (a, b) = peft_layout(cand, a, b);
+            // DoRA: the factor and bias correction after the sum; the branch's output is the
+            // last of them.
+            let mut y = add.output.first().cloned().unwrap_or_default();
+            let mut factor = None;
+            for expect in ["dora_scale", "dora_bias"] {
+                let next = view.consumers_of(&y).first().map(|&i| &gp.node[i]);
+                if let Some(n) = next.filter(|n| {
+                    role(n) == Some(expect) && n.metadata(BRANCH_KEY) == Some(name.as_str())
+                }) {
+                    let (pn, p) = param(n.input.get(1))?;
+                    if expect == "dora_scale" {
+                        factor = Some(p.data);
+                    }
+                    params.push(pn);
+                    y = n.output.first().cloned().unwrap_or_default();
+                }
+            }
+            let magnitude = match factor {
+                Some(f) => Some(dora_magnitude(model, graph, cand, &a, &b, scale, &f)?),
+                None => None,
+            };
             out.push(Found {
                 cand: cand.clone(),
                 module: ModuleAdapter {
@@ -148,19 +180,42 @@ pub fn find_branches(
                     kind: ModuleKind::Lora,
                     a: Some(a),
                     b: Some(b),
-                    magnitude: None,
-                    bias_b: None,
+                    magnitude,
+                    bias_b,
                     full: Default::default(),
                     keys: vec![name],
                 },
                 scale,
-                y: add.output.first().cloned().unwrap_or_default(),
+                y,
                 y_base,
                 params,
             });
         }
     }
     Ok(out)
+}
+
+/// PEFT's magnitude vector from a branch's DoRA factor: m = factor · ||W + s·B·A||.
+fn dora_magnitude(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    a: &F32Tensor,
+    b: &F32Tensor,
+    scale: f32,
+    factor: &[f32],
+) -> Result<F32Tensor> {
+    let mut w = super::weights::read(model, graph, c)?;
+    let r = a.shape[0];
+    let am = crate::tensor::Matrix::new(r, a.data.len() / r.max(1), a.data.clone())?;
+    let bm = crate::tensor::Matrix::new(b.shape[0], r, b.data.clone())?;
+    crate::tensor::add_low_rank(&mut w.values, w.orient, &am, &bm, scale);
+    let norms = crate::tensor::out_norms(&w.values, w.orient, w.n_out);
+    let data: Vec<f32> = factor.iter().zip(&norms).map(|(f, n)| f * n).collect();
+    Ok(F32Tensor {
+        shape: vec![data.len()],
+        data,
+    })
 }
 
 /// Graph-layout factors back to PEFT's A (r, in...) and B (out, r).
