@@ -245,9 +245,25 @@ fn export_peft_round_trips() {
             ]);
             onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
             assert!(exported.join("adapter_config.json").exists());
+            // Keys and shapes as PEFT saved the original (its saved base weights aside).
+            assert_eq!(lora_keys(&exported), lora_keys(&ad.dir), "{tag}");
             onnx_lora_ok(&["fold", s(&case.onnx), s(&exported), "-o", s(&refold)]);
             let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
             assert!(ok, "{tag}: {msg}");
         }
     }
+}
+
+/// The LoRA keys of an adapter folder with their shapes (whole saved tensors left out).
+fn lora_keys(dir: &Path) -> Vec<(String, Vec<usize>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut keys: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k.contains(".lora_"))
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    keys.sort();
+    keys
 }

@@ -65,10 +65,15 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
                 a.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         );
+        // PEFT's conv lora_B is a 1x1 conv weight: (out, r, 1, 1).
+        let mut b_shape = b.shape.clone();
+        if f.cand.op == "Conv" {
+            b_shape.extend(std::iter::repeat_n(1, f.cand.shape.len().saturating_sub(2)));
+        }
         tensors.insert(
             key(kb),
             (
-                b.shape.clone(),
+                b_shape,
                 b.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         );
