@@ -173,6 +173,27 @@ fn serving_model_swaps_adapters_on_one_session() {
         }
         let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
         py("ort_swap.py", &refs);
+        // The same through the ort crate's Adapter (verify --adapter).
+        let first_file = &args[4];
+        let o = onnx_lora(&[
+            "verify",
+            s(&serving),
+            "--adapter",
+            s(first_file),
+            "--inputs",
+            s(&case.inputs),
+            "--expect",
+            s(&first.unmerged),
+            "--ep",
+            "cpu",
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}: {}",
+            case.label(),
+            String::from_utf8_lossy(&o.stdout)
+        );
         served += 1;
     }
     assert!(served >= 3, "only {served} serving cases ran");

@@ -15,6 +15,7 @@ use super::output::{json_line, table};
   onnx-lora verify base.onnx folded.onnx
   onnx-lora verify model.onnx --inputs feeds.npz --expect outputs.npz
   onnx-lora verify a.onnx b.onnx --ep tract --dim sequence_length=32 --runs 10 --json
+  onnx-lora verify serving.onnx --adapter fr.onnx_adapter --inputs in.npz --expect fr.npz
 
 Comparison: an element passes when |a - b| <= atol + rtol * |b| (numpy.allclose; B or the
 --expect file is the reference b; NaN equals NaN). Default tolerances by the compared type (the
@@ -76,6 +77,10 @@ pub struct Args {
     /// The onnxruntime shared library to load (libonnxruntime.so).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
+    /// Activate this onnxruntime LoRA adapter (.onnx_adapter) while running A (repeatable;
+    /// for serving models made with `inject --as-inputs`).
+    #[arg(long = "adapter", value_name = "FILE")]
+    adapters: Vec<PathBuf>,
 }
 
 fn parse_dim(s: &str) -> Result<(String, usize), String> {
@@ -99,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         rtol: args.rtol,
         runs: args.runs,
         ort_lib: args.ort_lib,
+        adapters: args.adapters,
     };
     let report = match (&args.b, &args.expect) {
         (_, Some(expected)) => verify::verify_expected(&args.a, expected, &opts)?,

@@ -51,6 +51,18 @@ pub trait Backend {
 
     /// Runs the model once; returns every graph output, in the model's order.
     fn run(&mut self, feeds: &[(String, ArrayData)]) -> Result<Tensors>;
+
+    /// Makes onnxruntime `.onnx_adapter` files active for every following run.
+    fn activate_adapters(&mut self, adapters: &[std::path::PathBuf]) -> Result<()> {
+        match adapters.first() {
+            None => Ok(()),
+            Some(a) => Err(Error::Usage(format!(
+                "{}: LoRA adapter files need onnxruntime (--ep cpu or cuda), not {}",
+                a.display(),
+                self.ep().name()
+            ))),
+        }
+    }
 }
 
 /// Opens `model` on `ep`. With `Auto`, a missing onnxruntime library means tract (said in

@@ -51,6 +51,8 @@ pub struct VerifyOptions {
     pub runs: usize,
     /// The onnxruntime library to load, before any other.
     pub ort_lib: Option<PathBuf>,
+    /// onnxruntime `.onnx_adapter` files active while running the first model (A).
+    pub adapters: Vec<PathBuf>,
 }
 
 impl Default for VerifyOptions {
@@ -64,6 +66,7 @@ impl Default for VerifyOptions {
             rtol: None,
             runs: 1,
             ort_lib: None,
+            adapters: Vec::new(),
         }
     }
 }
@@ -98,8 +101,8 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     check_options(opts)?;
     let mut notes = Vec::new();
     let feeds = prepare_feeds(&[a, b], opts, &mut notes)?;
-    let (out_a, run_a) = run_model(a, &feeds, opts, &mut notes)?;
-    let (out_b, run_b) = run_model(b, &feeds, opts, &mut notes)?;
+    let (out_a, run_a) = run_model(a, &feeds, opts, &opts.adapters, &mut notes)?;
+    let (out_b, run_b) = run_model(b, &feeds, opts, &[], &mut notes)?;
     Ok(report(&out_a, &out_b, vec![run_a, run_b], opts, notes))
 }
 
@@ -110,7 +113,7 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let mut notes = Vec::new();
     let stored = npz::read_arrays(expected)?;
     let feeds = prepare_feeds(&[a], opts, &mut notes)?;
-    let (out_a, run_a) = run_model(a, &feeds, opts, &mut notes)?;
+    let (out_a, run_a) = run_model(a, &feeds, opts, &opts.adapters, &mut notes)?;
     let stored = align_expected(expected, stored, &out_a)?;
     Ok(report(&out_a, &stored, vec![run_a], opts, notes))
 }
@@ -155,9 +158,11 @@ fn run_model(
     path: &Path,
     feeds: &Tensors,
     opts: &VerifyOptions,
+    adapters: &[PathBuf],
     notes: &mut Vec<String>,
 ) -> Result<(Tensors, ModelRun)> {
     let mut backend = backend::open(path, opts.ep, opts.ort_lib.as_deref(), notes)?;
+    backend.activate_adapters(adapters)?;
     backend.prepare(feeds)?;
     let start = Instant::now();
     let outputs = backend.run(feeds)?;

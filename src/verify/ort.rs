@@ -179,6 +179,8 @@ fn libs_in(dir: &Path) -> Vec<PathBuf> {
 pub struct OrtBackend {
     session: Session,
     ep: Ep,
+    /// Run options carrying the active LoRA adapters, when any.
+    run_options: Option<ort::session::RunOptions>,
 }
 
 impl OrtBackend {
@@ -197,6 +199,7 @@ impl OrtBackend {
                     return Ok(OrtBackend {
                         session,
                         ep: Ep::Cuda,
+                        run_options: None,
                     });
                 }
                 Err(e) if ep == Ep::Cuda => return Err(e.into_error(model)),
@@ -212,6 +215,7 @@ impl OrtBackend {
         Ok(OrtBackend {
             session,
             ep: Ep::Cpu,
+            run_options: None,
         })
     }
 }
@@ -289,6 +293,26 @@ impl Backend for OrtBackend {
         self.ep
     }
 
+    fn activate_adapters(&mut self, adapters: &[std::path::PathBuf]) -> Result<()> {
+        if adapters.is_empty() {
+            return Ok(());
+        }
+        let mut opts = ort::session::RunOptions::new()
+            .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+        for path in adapters {
+            let adapter = ort::session::Adapter::from_file(path, None).map_err(|e| {
+                Error::Backend(format!(
+                    "{}: not a usable LoRA adapter: {e}",
+                    path.display()
+                ))
+            })?;
+            opts.add_adapter(&adapter)
+                .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
+        }
+        self.run_options = Some(opts);
+        Ok(())
+    }
+
     fn run(&mut self, feeds: &[(String, ArrayData)]) -> Result<Tensors> {
         let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(feeds.len());
         for outlet in self.session.inputs() {
@@ -299,10 +323,11 @@ impl Backend for OrtBackend {
                 .ok_or_else(|| Error::Verify(format!("no value for model input '{name}'")))?;
             inputs.push((name.to_string(), to_ort(name, arr)?.into_dyn()));
         }
-        let outputs = self
-            .session
-            .run(inputs)
-            .map_err(|e| Error::Backend(format!("onnxruntime run failed: {e}")))?;
+        let outputs = match &self.run_options {
+            Some(opts) => self.session.run_with_options(inputs, opts),
+            None => self.session.run(inputs),
+        }
+        .map_err(|e| Error::Backend(format!("onnxruntime run failed: {e}")))?;
         outputs
             .into_iter()
             .map(|(name, v)| Ok((name.to_string(), from_ort(name, v)?)))
