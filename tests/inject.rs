@@ -288,3 +288,55 @@ fn lora_keys(dir: &Path) -> Vec<(String, Vec<usize>)> {
     keys.sort();
     keys
 }
+
+#[test]
+fn fused_shared_projections_match_peft_and_fold_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fused_any = false;
+    for case in cases() {
+        for ad in case.adapters.iter().filter(|a| branchable(a)) {
+            let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
+            let fused = dir.path().join(format!("{tag}_fused.onnx"));
+            let back = dir.path().join(format!("{tag}_back.onnx"));
+            let o = onnx_lora(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "--fuse-shared",
+                "-o",
+                s(&fused),
+            ]);
+            assert!(
+                o.status.success(),
+                "{tag}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let m = onnx_lora::onnx::load(&fused).unwrap();
+            fused_any |= m
+                .proto
+                .graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .any(|n| n.op_type() == "Split" && n.name().contains("lora_A_fused"));
+            let (ok, msg) = ort_compare(&fused, &case.inputs, &ad.unmerged, case.tol(), &[]);
+            assert!(ok, "{tag}: {msg}");
+            onnx_lora_ok(&["fold", s(&fused), "-o", s(&back)]);
+            let (ok, msg) = ort_compare(&back, &case.inputs, &ad.unmerged, case.tol(), &[]);
+            assert!(ok, "{tag} folded back: {msg}");
+        }
+        let fresh = dir
+            .path()
+            .join(format!("{}_{}_fresh_fused.onnx", case.model, case.exporter));
+        onnx_lora_ok(&["inject", s(&case.onnx), "--fuse-shared", "-o", s(&fresh)]);
+        assert_eq!(
+            max_diff(&ort_diff(&case.onnx, &fresh, &case.inputs)),
+            0.0,
+            "{}",
+            case.label()
+        );
+    }
+    assert!(fused_any, "no fixture had branches sharing an input");
+}

@@ -7,7 +7,8 @@ use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
-    FoldOptions, Init, adapter_branches, fold, fresh_branches, inject, serving_adapter_params,
+    FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject,
+    serving_adapter_params,
 };
 use onnx_lora::target::{self, TargetSpec};
 
@@ -67,6 +68,10 @@ pub struct Args {
     /// file whose parameter names and layouts are exactly the serving model's inputs.
     #[arg(long, value_name = "FILE", requires_all = ["as_inputs", "adapter"])]
     adapter_out: Option<PathBuf>,
+    /// Branches that read the same activation (q/k/v) share one MatMul on their concatenated
+    /// A matrices, split per branch.
+    #[arg(long)]
+    fuse_shared: bool,
     /// Remove this prefix from resolved module paths when naming fresh branches.
     #[arg(long, value_name = "PREFIX")]
     strip_prefix: Option<String>,
@@ -141,6 +146,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let reports = inject(&mut model, &branches, args.as_inputs)
         .with_context(|| format!("inject into {}", args.model.display()))?;
+    if args.fuse_shared {
+        if args.as_inputs {
+            anyhow::bail!(
+                "--fuse-shared needs constant branch weights; it cannot be combined with --as-inputs"
+            );
+        }
+        let groups = fuse_shared(&mut model)?;
+        eprintln!("fused the A projections of {groups} groups of branches sharing an input");
+    }
     let saved = onnx::save(&model, &args.output, &args.save.options())?;
     if let (Some(path), Some(adapter)) = (&args.adapter_out, &adapter) {
         let params = serving_adapter_params(&model, adapter)?;

@@ -6,12 +6,14 @@
 pub mod branch;
 pub mod export;
 pub mod fold;
+pub mod fuse;
 pub mod inject;
 pub mod unbranch;
 pub(crate) mod weights;
 
 pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
+pub use fuse::fuse_shared;
 pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
 };

@@ -140,14 +140,30 @@ pub fn find_branches(
                 return Err(broken("lora_B not found"));
             }
             let (b_name, b) = param(node.input.get(1))?;
-            let a_node = producer(node.input.first().map(String::as_str).unwrap_or(""))
-                .map(|(_, n)| n)
-                .filter(|n| role(n) == Some("lora_A"))
-                .ok_or_else(|| broken("lora_A not found"))?;
-            let a_input = if a_node.op_type() == "Gather" {
-                a_node.input.first()
-            } else {
-                a_node.input.get(1)
+            let a_value = node.input.first().cloned().unwrap_or_default();
+            let (_, a_node) = producer(&a_value).ok_or_else(|| broken("lora_A not found"))?;
+            let a_input = match role(a_node) {
+                Some("lora_A") if a_node.op_type() == "Gather" => a_node.input.first(),
+                Some("lora_A") => a_node.input.get(1),
+                // Fused (--fuse-shared): this branch's slot of Split <- MatMul <- Concat(A...).
+                Some(super::fuse::SPLIT_ROLE) => {
+                    let slot = a_node
+                        .output
+                        .iter()
+                        .position(|o| *o == a_value)
+                        .unwrap_or(0);
+                    let matmul = a_node
+                        .input
+                        .first()
+                        .and_then(|v| producer(v))
+                        .map(|(_, n)| n);
+                    let concat = matmul
+                        .and_then(|m| m.input.get(1))
+                        .and_then(|v| producer(v))
+                        .map(|(_, n)| n);
+                    concat.and_then(|c| c.input.get(slot))
+                }
+                _ => return Err(broken("lora_A not found")),
             };
             let (a_name, a) = param(a_input)?;
             params.extend([a_name, b_name]);
