@@ -142,33 +142,43 @@ fn fold_and_inject_verify_pass_on_fixtures() {
 
 #[test]
 fn fold_verify_without_a_reference_writes_nothing() {
+    // A whole replaced tensor (modules_to_save) has no branch form, so no unmerged reference.
     let dir = tempfile::tempdir().unwrap();
     let case = cases()
         .into_iter()
-        .find(|c| {
-            c.adapters
-                .iter()
-                .any(|a| a.features.iter().any(|f| f == "dora"))
-        })
+        .find(|c| c.model == "convnet" && c.exporter == "dynamo")
         .unwrap();
-    let ad = case
-        .adapters
-        .iter()
-        .find(|a| a.features.iter().any(|f| f == "dora"))
-        .unwrap();
+    let ad = write_adapter(
+        &dir.path().join("ad"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "modules_to_save": ["fc"]}),
+        &[(
+            "fc.modules_to_save.default.weight",
+            vec![10, 16],
+            vec![0.01; 160],
+        )],
+    );
     let out = dir.path().join("x.onnx");
     let (c, text) = code(&[
         "fold",
         case.onnx.to_str().unwrap(),
-        ad.dir.to_str().unwrap(),
+        ad.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--verify",
     ]);
     assert_eq!(c, Some(2), "{text}");
     assert!(
-        text.contains("unmerged reference") && text.contains("DoRA"),
+        text.contains("unmerged reference") && text.contains("modules_to_save"),
         "{text}"
     );
     assert!(!out.exists());
+    // Without --verify the replacement folds.
+    let (c, text) = code(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(0), "{text}");
 }

@@ -7,9 +7,9 @@
 //! It generates a Llama-shaped fp32 model the way torch's dynamo exporter writes one (MatMul
 //! nodes `node_linear_N` with `pkg.torch.onnx.name_scopes` metadata, anonymous `val_N` [in, out]
 //! weights in a page-aligned `model.onnx.data`) and a matching PEFT adapter (r 16, alpha 32, the
-//! seven projections of every layer), all without torch. Then it runs `cp` + `sync` and each
-//! `onnx-lora` command (the release binary beside this one, as a child process, `sync` after
-//! it) a few times and prints the median wall time, the ratio to the copy and the child's peak
+//! seven projections of every layer), all without torch. Then it runs `cp` + fsync and each
+//! `onnx-lora` command (the release binary beside this one, as a child process, its outputs
+//! fsynced after it) a few times and prints the median wall time, the ratio to the copy and the child's peak
 //! resident memory, against the goals of the performance issue. When a Python with onnx and
 //! numpy is found (`$ONNX_LORA_PYTHON`, then `.venv/bin/python` of this checkout, then
 //! `python3`), `benches/fold_reference.py` is timed as the "Python onnx" reference; with
@@ -423,8 +423,24 @@ fn proc_status_kb(pid: i32, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// Runs `cmd` (stdout and stderr to `log`), then `sync` when asked, timing both.
-fn measure(cmd: &mut Command, log: &Path, sync: bool) -> Result<Sample> {
+/// fsync every file under `dir` and the folders themselves: `sync` restricted to what the
+/// operation wrote (a global sync(2) would also flush other processes' dirty pages).
+fn fsync_tree(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            fsync_tree(&p)?;
+        } else {
+            File::open(&p)?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Runs `cmd` (stdout and stderr to `log`), then fsyncs everything under `sync` when given,
+/// timing both.
+fn measure(cmd: &mut Command, log: &Path, sync: Option<&Path>) -> Result<Sample> {
     let out = File::create(log)?;
     let err = out.try_clone()?;
     let start = Instant::now();
@@ -458,11 +474,14 @@ fn measure(cmd: &mut Command, log: &Path, sync: bool) -> Result<Sample> {
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
-    if sync {
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
+    if let Some(dir) = sync {
+        fsync_tree(dir)?;
     }
-    let wall = if sync { start.elapsed() } else { exited };
+    let wall = if sync.is_some() {
+        start.elapsed()
+    } else {
+        exited
+    };
     drop(child); // already reaped by wait4; dropping a Child never waits
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     if !ok {
@@ -528,7 +547,7 @@ fn run_op(
             }
             fs::create_dir_all(out_dir)?;
             let log = logs.join(format!("{}.{r}.log", op.replace([' ', '/'], "_")));
-            measure(&mut make(out_dir), &log, sync)
+            measure(&mut make(out_dir), &log, sync.then_some(out_dir))
         };
         match attempt() {
             Ok(s) => {
@@ -544,6 +563,58 @@ fn run_op(
     }
     eprintln!();
     row
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fold phases, in process
+
+/// One `fold` through the library API, phase by phase: wall time, the largest RssAnon seen
+/// during the phase (polled) and RssAnon at its end.
+fn fold_phases(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+) -> Result<Vec<(&'static str, f64, u64, u64)>> {
+    use onnx_lora::onnx::{SaveOptions, load, save};
+    use onnx_lora::rewrite::{FoldOptions, fold};
+    let pid = std::process::id() as i32;
+    let anon = move || proc_status_kb(pid, "RssAnon:").unwrap_or(0) * 1024;
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(anon()));
+    let poller = {
+        let (done, peak) = (done.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(anon(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut rows = Vec::new();
+    let mut t = Instant::now();
+    let mut mark = |name: &'static str, t: &mut Instant| {
+        let now = anon();
+        let p = peak.swap(now, Ordering::Relaxed).max(now);
+        rows.push((name, t.elapsed().as_secs_f64(), p, now));
+        *t = Instant::now();
+    };
+    let result = (|| -> Result<()> {
+        let mut m = load(model)?;
+        mark("load model (mmap + decode)", &mut t);
+        let a = onnx_lora::adapter::Adapter::load(adapter)?;
+        mark("load adapter", &mut t);
+        fold(&mut m, &[a], &FoldOptions::default())?;
+        mark("fold (merge into the proto)", &mut t);
+        save(&m, out, &SaveOptions::default())?;
+        mark("save (write + fsync)", &mut t);
+        drop(m);
+        mark("drop", &mut t);
+        Ok(())
+    })();
+    done.store(true, Ordering::Relaxed);
+    let _ = poller.join();
+    result?;
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,6 +669,13 @@ fn machine() -> String {
     format!("{cores} cores, {mem}")
 }
 
+/// /proc/loadavg's first three fields: other work on the machine skews every timing.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn du(paths: &[PathBuf]) -> u64 {
     paths
         .iter()
@@ -640,6 +718,7 @@ fn main() -> Result<()> {
         args.size, dims.hidden, dims.layers, dims.vocab, dims.inter
     );
     println!("machine: {}; work folder {}", machine(), root.display());
+    println!("load average at start: {}", loadavg());
     let t = Instant::now();
     let model_bytes = generate_model(&model_dir, dims)?;
     let adapter_bytes = generate_adapter(&adapter_dir, dims)?;
@@ -679,7 +758,7 @@ fn main() -> Result<()> {
         "page cache: the model files were read once before measuring (caches cannot be dropped here), so every operation starts warm"
     );
     println!(
-        "each operation runs {runs} time(s); wall = median, including `sync` for the ones that write; peak RSS = largest ru_maxrss (wait4) of the child, which counts touched pages of memory-mapped files; anon = largest RssAnon polled from /proc every 3 ms (heap only)\n"
+        "each operation runs {runs} time(s); wall = median, including an fsync of every file written (sync restricted to the outputs); peak RSS = largest ru_maxrss (wait4) of the child, which counts touched pages of memory-mapped files; anon = largest RssAnon polled from /proc every 3 ms (heap only)\n"
     );
 
     let mut rows: Vec<Row> = Vec::new();
@@ -688,7 +767,7 @@ fn main() -> Result<()> {
         let files = model_files.clone();
         rows.push(run_op(
             "cp + sync",
-            "reference",
+            "cp model.onnx model.onnx.data; fsync",
             runs,
             &o("cp"),
             &logs,
@@ -844,7 +923,11 @@ fn main() -> Result<()> {
             _ => {}
         }
     }
-    println!("model size: {:.1} MB", mb(model_bytes));
+    println!(
+        "model size: {:.1} MB; load average now: {} (other work on this machine skews timings)",
+        mb(model_bytes),
+        loadavg()
+    );
 
     // Goals.
     let get = |op: &str| rows.iter().find(|r| r.op == op && r.error.is_none());
@@ -899,6 +982,29 @@ fn main() -> Result<()> {
         verdict(conv_cp.map(|r| r <= 1.25)),
         fmt(conv_cp, "x")
     );
+
+    // Where fold's time and memory go.
+    if have_cli {
+        let dir = o("fold_phases");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        match fold_phases(&model, &adapter_dir, &dir.join("model.onnx")) {
+            Ok(phases) => {
+                println!(
+                    "\nfold phases (library API in this process, 1 run; anon = RssAnon, heap only):"
+                );
+                println!(
+                    "  {:<30} {:>8} {:>14} {:>12}",
+                    "phase", "wall s", "peak anon MB", "end anon MB"
+                );
+                for (name, w, p, e) in phases {
+                    println!("  {name:<30} {w:>8.3} {:>14.0} {:>12.0}", mb(p), mb(e));
+                }
+            }
+            Err(e) => println!("\nfold phases: failed: {e:#}"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     // Serving latency.
     if have_cli && !args.no_python {

@@ -134,7 +134,10 @@ fn print_report(
                 m.weight.clone(),
                 m.rank.to_string(),
                 format!("{:.4}", m.scale),
-                format!("{:.3e}", m.max_abs_delta),
+                m.max_abs_delta
+                    .get()
+                    .map(|d| format!("{d:.3e}"))
+                    .unwrap_or_else(|| "-".into()),
                 [
                     m.dora.then_some("dora"),
                     m.replaced.then_some("replaced"),

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
@@ -32,6 +33,60 @@ pub struct LoadedModel {
     pub proto: ModelProto,
     /// Whole external data files by `location`, as validated at load time.
     external: HashMap<String, Bytes>,
+    /// Tensors a rewrite will compute when the model is written, by pending key.
+    pending: HashMap<String, Arc<dyn LazyTensor>>,
+}
+
+/// A tensor value computed on demand: rewrites of many large weights register one per weight,
+/// and saving computes each just before writing it, so they are never all in memory at once.
+pub trait LazyTensor: Send + Sync {
+    /// The tensor's bytes in the `raw_data` layout.
+    fn compute(&self) -> Result<Bytes>;
+}
+
+/// Registers values computed when the model is written (see `LoadedModel::split_mut`).
+pub struct PendingValues<'a> {
+    map: &'a mut HashMap<String, Arc<dyn LazyTensor>>,
+}
+
+impl PendingValues<'_> {
+    /// Points `t` at `value`, which saving computes just before writing it.
+    pub fn set(&mut self, t: &mut TensorProto, value: Arc<dyn LazyTensor>) {
+        let key = format!("{PENDING_PREFIX}{}", self.map.len());
+        self.map.insert(key.clone(), value);
+        t.raw_data = None;
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        t.external_data = vec![StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some(key),
+        }];
+        t.data_location = Some(DataLocation::External as i32);
+    }
+}
+
+/// Location prefix marking a pending tensor in memory; never written to a file (`check_location`
+/// refuses it when reading one).
+const PENDING_PREFIX: &str = "*onnx-lora-pending*/";
+
+/// The pending key of a tensor whose value a `LazyTensor` will compute.
+fn pending_key(t: &TensorProto) -> Option<&str> {
+    if !is_external(t) {
+        return None;
+    }
+    t.external_data
+        .iter()
+        .find(|e| e.key() == "location")
+        .map(|e| e.value())
+        .filter(|l| l.starts_with(PENDING_PREFIX))
+}
+
+/// Bytes a tensor's data takes, from its dims and type (None for strings and unknown types).
+fn expected_len(t: &TensorProto) -> Option<usize> {
+    DataType::from_i32(t.data_type()).raw_len(numel(&t.dims))
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -103,6 +158,7 @@ impl LoadedModel {
             path: path.to_path_buf(),
             proto,
             external,
+            pending: HashMap::new(),
         })
     }
 
@@ -116,9 +172,28 @@ impl LoadedModel {
         !self.external.is_empty()
     }
 
+    /// The proto and the registry of pending values, borrowed apart so that a tensor inside
+    /// the proto can be pointed at a value computed when the model is written.
+    pub fn split_mut(&mut self) -> (&mut ModelProto, PendingValues<'_>) {
+        (
+            &mut self.proto,
+            PendingValues {
+                map: &mut self.pending,
+            },
+        )
+    }
+
     /// The tensor's data as little-endian bytes in the `raw_data` layout: a zero-copy slice for
-    /// `raw_data` and external tensors, an encoding of the typed fields otherwise.
+    /// `raw_data` and external tensors, an encoding of the typed fields otherwise, and for a
+    /// pending tensor the value its `LazyTensor` computes (now).
     pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Bytes> {
+        if let Some(key) = pending_key(t) {
+            let lazy = self
+                .pending
+                .get(key)
+                .ok_or_else(|| Error::tensor(t.name(), "pending value was not registered"))?;
+            return lazy.compute();
+        }
         if is_external(t) {
             let r = ExternalRef::parse(t).map_err(|reason| external_err(&self.path, t, reason))?;
             let data = self.external.get(&r.location).ok_or_else(|| {
@@ -224,7 +299,7 @@ pub fn check_location(location: &str) -> std::result::Result<(), String> {
     if location.is_empty() {
         return Err("empty location".into());
     }
-    if location.contains("_ORT_MEM_ADDR_") {
+    if location.contains("_ORT_MEM_ADDR_") || location.starts_with(PENDING_PREFIX) {
         return Err(format!(
             "location '{location}' is an in-memory address, not a file"
         ));
@@ -374,8 +449,9 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
         ..Default::default()
     };
     let mut data_tmp = None;
-    // Everything inline first (zero-copy slices of the maps), then the large initializers out.
-    inline_everything(model, &mut proto)?;
+    // Everything inline first (zero-copy slices of the maps; pending values stay pending when
+    // they may go external), then the large initializers out, computing pending ones there.
+    inline_everything(model, &mut proto, external_name.is_some())?;
     match &external_name {
         None => {}
         Some(name) => {
@@ -384,7 +460,10 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
                 .suffix(".data.tmp")
                 .tempfile_in(&out_dir)
                 .map_err(|e| Error::io(&out_dir, e))?;
-            let (bytes, count) = write_external(&mut proto, name, opts.threshold, tmp.as_file())?;
+            let (bytes, count) =
+                write_external(model, &mut proto, name, opts.threshold, tmp.as_file())?;
+            // Pending values that did not go external (small, or not initializers) come inline.
+            materialize_pending(model, &mut proto)?;
             if opts.sync {
                 tmp.as_file()
                     .sync_data()
@@ -477,16 +556,40 @@ fn inline_size_estimate(model: &LoadedModel, proto: &ModelProto) -> Result<u64> 
     let mut proto = proto.clone();
     for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
         if is_external(t) {
-            extra += model.tensor_bytes(t)?.len() as u64 + 16;
+            let len = match expected_len(t) {
+                Some(n) => n,
+                None => model.tensor_bytes(t)?.len(),
+            };
+            extra += len as u64 + 16;
         }
         Ok(())
     })?;
     Ok(proto.encoded_len() as u64 + extra)
 }
 
-/// Moves every external tensor's bytes into `raw_data` (zero-copy slices of the maps).
-fn inline_everything(model: &LoadedModel, proto: &mut ModelProto) -> Result<()> {
+/// Computes the pending values still in the proto into `raw_data`.
+fn materialize_pending(model: &LoadedModel, proto: &mut ModelProto) -> Result<()> {
     for_each_tensor_mut(proto, &mut |t: &mut TensorProto| -> Result<()> {
+        if pending_key(t).is_some() {
+            t.raw_data = Some(model.tensor_bytes(t)?);
+            t.external_data.clear();
+            t.data_location = None;
+        }
+        Ok(())
+    })
+}
+
+/// Moves every external tensor's bytes into `raw_data` (zero-copy slices of the maps); pending
+/// values are computed too unless `keep_pending`.
+fn inline_everything(
+    model: &LoadedModel,
+    proto: &mut ModelProto,
+    keep_pending: bool,
+) -> Result<()> {
+    for_each_tensor_mut(proto, &mut |t: &mut TensorProto| -> Result<()> {
+        if keep_pending && pending_key(t).is_some() {
+            return Ok(());
+        }
         if is_external(t) {
             let bytes = model.tensor_bytes(t)?;
             t.raw_data = Some(bytes);
@@ -500,6 +603,7 @@ fn inline_everything(model: &LoadedModel, proto: &mut ModelProto) -> Result<()> 
 /// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
 /// and points the tensors there. Expects every tensor inline already (see `inline_everything`).
 fn write_external(
+    model: &LoadedModel,
     proto: &mut ModelProto,
     location: &str,
     threshold: usize,
@@ -512,8 +616,14 @@ fn write_external(
         // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would change
         // their representation, and exporters only use those fields for small tensors.
         let fixed = DataType::from_i32(t.data_type()).bits().is_some();
-        let Some(bytes) = t.raw_data.clone().filter(|b| fixed && b.len() >= threshold) else {
-            return Ok(());
+        let bytes = match pending_key(t) {
+            // Computed now, written, and dropped before the next one.
+            Some(_) if expected_len(t).is_some_and(|n| n >= threshold) => model.tensor_bytes(t)?,
+            Some(_) => return Ok(()),
+            None => match t.raw_data.clone().filter(|b| fixed && b.len() >= threshold) {
+                Some(b) => b,
+                None => return Ok(()),
+            },
         };
         let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         w.write_all(&vec![0u8; pad as usize])

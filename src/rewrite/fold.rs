@@ -12,14 +12,16 @@
 //! targeted node, so the result equals the adapted model's unmerged forward.
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
-use super::weights::{self, WeightValues};
+use super::weights;
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind};
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
 use crate::onnx::LoadedModel;
+use crate::onnx::io::LazyTensor;
 use crate::onnx::pb_ext::NodeExt;
 use crate::target::{Candidate, find_candidates, resolve_module};
 use crate::tensor::{Matrix, Orientation, add_low_rank, from_f32, out_norms, scale_out};
@@ -55,10 +57,27 @@ pub struct ModuleReport {
     pub scale: f32,
     pub dora: bool,
     pub replaced: bool,
-    pub max_abs_delta: f32,
+    /// Largest |new - old| element; known once the merge has run (the model was saved).
+    pub max_abs_delta: DeltaCell,
     /// Name of the private copy made because the weight was shared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<String>,
+}
+
+/// A value filled in when the lazy merge runs (at save time); `null` in JSON before that.
+#[derive(Clone, Debug, Default)]
+pub struct DeltaCell(Arc<OnceLock<f32>>);
+
+impl DeltaCell {
+    pub fn get(&self) -> Option<f32> {
+        self.0.get().copied()
+    }
+}
+
+impl Serialize for DeltaCell {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -105,10 +124,11 @@ pub(crate) fn execute(
     jobs: &[Job],
     report: &mut FoldReport,
 ) -> Result<()> {
-    // Compute every new weight first (reads only), then apply: an error leaves the model as it was.
+    // Check and plan every merge first (reads only); the merges themselves run when the model
+    // is written, one weight at a time.
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
-        results.push(merge_job(model, graph, job)?);
+        results.push(plan_merge(model, graph, job)?);
     }
     report.modules = results.iter().map(|(_, rep, _)| rep.clone()).collect();
     let mut taken = weights::all_names(&model.proto);
@@ -141,10 +161,10 @@ pub(crate) fn execute(
             }
         }
         let copy = weights::write(
-            &mut model.proto,
+            model,
             graph,
             &jobs[i].cand,
-            results[i].0.clone(),
+            weights::TensorData::Lazy(results[i].0.clone()),
             &mut taken,
         )?;
         if let Some(name) = copy {
@@ -229,10 +249,72 @@ fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
 }
 
-type Merged = (Vec<u8>, ModuleReport, Option<Vec<f32>>);
+type Merged = (Arc<MergePlan>, ModuleReport, Option<Vec<f32>>);
 
-/// Computes the new weight (and bias delta) for one node.
-fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
+/// One step of a merge with everything it needs owned, so the merge can run later.
+enum OwnedStep {
+    LowRank {
+        a: Matrix,
+        b: Matrix,
+        scale: f32,
+        magnitude: Option<Vec<f32>>,
+    },
+    Replace(Vec<f32>),
+}
+
+/// A weight's merge, run when the model is written (`LazyTensor`).
+pub(crate) struct MergePlan {
+    weight: weights::StoredWeight,
+    module: String,
+    steps: Vec<OwnedStep>,
+    max_abs_delta: DeltaCell,
+}
+
+impl LazyTensor for MergePlan {
+    fn compute(&self) -> Result<bytes::Bytes> {
+        let mut w = self.weight.decode()?;
+        let original = w.values.clone();
+        for step in &self.steps {
+            match step {
+                OwnedStep::Replace(values) => w.values.clone_from(values),
+                OwnedStep::LowRank {
+                    a,
+                    b,
+                    scale,
+                    magnitude,
+                } => {
+                    add_low_rank(&mut w.values, w.orient, a, b, *scale);
+                    if let Some(mag) = magnitude {
+                        let norms = out_norms(&w.values, w.orient, w.n_out);
+                        let factor: Vec<f32> = mag.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                        scale_out(&mut w.values, w.orient, &factor);
+                    }
+                }
+            }
+        }
+        if let Some(bad) = w.values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::tensor(
+                &self.weight.name,
+                format!(
+                    "module '{}': the merged weight has a non-finite value at element {bad} (NaN or Inf); nothing written",
+                    self.module
+                ),
+            ));
+        }
+        let delta = w
+            .values
+            .iter()
+            .zip(&original)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let _ = self.max_abs_delta.0.set(delta);
+        Ok(from_f32(&w.values, w.dtype, &self.weight.name)?.into())
+    }
+}
+
+/// Checks one node's steps against its weight and plans the merge (which runs at save time);
+/// also returns the report and the bias delta (lora_bias), which are computed now.
+fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
     let c = &job.cand;
     if c.op == "Conv" {
         let node = graph
@@ -245,8 +327,7 @@ fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
             )));
         }
     }
-    let mut w = weights::read(model, graph, c)?;
-    let original = w.values.clone();
+    let weight = weights::stored(model, graph, c)?;
     let mut rep = ModuleReport {
         module: c.module.clone(),
         node: c.node.clone(),
@@ -256,51 +337,60 @@ fn merge_job(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
         scale: 0.0,
         dora: false,
         replaced: false,
-        max_abs_delta: 0.0,
+        max_abs_delta: DeltaCell::default(),
         copy: None,
     };
     let mut bias: Option<Vec<f32>> = None;
+    let mut steps = Vec::new();
     for step in &job.steps {
         let m = step.module;
         if m.kind == ModuleKind::Full {
-            replace_full(&mut w, c, m, step.fan_in_fan_out)?;
+            if let Some(values) = full_values(&weight, c, m, step.fan_in_fan_out)? {
+                steps.push(OwnedStep::Replace(values));
+            }
             rep.replaced = true;
             continue;
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
         let s = step.scale / gemm_alpha(model, graph, c);
-        let (a, b) = factors(m, &w, c)?;
-        add_low_rank(&mut w.values, w.orient, &a, &b, s);
-        if let Some(mag) = &m.magnitude {
-            apply_dora(&mut w, &mag.data, m, c)?;
-            rep.dora = true;
-        }
+        let (a, b) = factors(m, &weight, c)?;
+        let magnitude = match &m.magnitude {
+            Some(mag) if mag.data.len() != weight.n_out => {
+                return Err(shape_err(
+                    c,
+                    m,
+                    "lora_magnitude_vector",
+                    &mag.shape,
+                    weight.n_out,
+                ));
+            }
+            Some(mag) => Some(mag.data.clone()),
+            None => None,
+        };
+        rep.dora |= magnitude.is_some();
         if let Some(bb) = &m.bias_b {
-            let acc = bias.get_or_insert_with(|| vec![0.0; w.n_out]);
+            let acc = bias.get_or_insert_with(|| vec![0.0; weight.n_out]);
             if bb.data.len() != acc.len() {
-                return Err(shape_err(c, m, "lora_B.bias", &bb.shape, w.n_out));
+                return Err(shape_err(c, m, "lora_B.bias", &bb.shape, weight.n_out));
             }
             acc.iter_mut().zip(&bb.data).for_each(|(x, y)| *x += s * y);
         }
         rep.rank = m.rank();
         rep.scale = s;
+        steps.push(OwnedStep::LowRank {
+            a,
+            b,
+            scale: s,
+            magnitude,
+        });
     }
-    if let Some(bad) = w.values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::tensor(
-            &c.weight,
-            format!(
-                "module '{}': the merged weight has a non-finite value at element {bad} (NaN or Inf); nothing written",
-                c.module
-            ),
-        ));
-    }
-    rep.max_abs_delta = w
-        .values
-        .iter()
-        .zip(&original)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    Ok((from_f32(&w.values, w.dtype, &c.weight)?, rep, bias))
+    let plan = MergePlan {
+        weight,
+        module: c.module.clone(),
+        steps,
+        max_abs_delta: rep.max_abs_delta.clone(),
+    };
+    Ok((Arc::new(plan), rep, bias))
 }
 
 fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
@@ -326,7 +416,11 @@ fn shape_err(
 }
 
 /// A (r, in) and B (out, r) as matrices, checked against the weight.
-fn factors(m: &ModuleAdapter, w: &WeightValues, c: &Candidate) -> Result<(Matrix, Matrix)> {
+fn factors(
+    m: &ModuleAdapter,
+    w: &weights::StoredWeight,
+    c: &Candidate,
+) -> Result<(Matrix, Matrix)> {
     let (Some(a), Some(b)) = (&m.a, &m.b) else {
         return Err(Error::Target(format!(
             "module '{}': missing lora_A or lora_B",
@@ -349,54 +443,36 @@ fn factors(m: &ModuleAdapter, w: &WeightValues, c: &Candidate) -> Result<(Matrix
     ))
 }
 
-/// DoRA: each output channel of W + ΔW rescaled to magnitude m (PEFT: m / ||W + ΔW||).
-fn apply_dora(w: &mut WeightValues, mag: &[f32], m: &ModuleAdapter, c: &Candidate) -> Result<()> {
-    if mag.len() != w.n_out {
-        return Err(shape_err(
-            c,
-            m,
-            "lora_magnitude_vector",
-            &[mag.len()],
-            w.n_out,
-        ));
-    }
-    let norms = out_norms(&w.values, w.orient, w.n_out);
-    let factor: Vec<f32> = mag.iter().zip(&norms).map(|(m, n)| m / n).collect();
-    scale_out(&mut w.values, w.orient, &factor);
-    Ok(())
-}
-
-/// Whole-tensor replacement (`modules_to_save`, `base_layer.weight`), given in torch's layout.
-fn replace_full(
-    w: &mut WeightValues,
+/// The values of a whole-tensor replacement (`modules_to_save`, `base_layer.weight`) in the
+/// stored layout; torch gives them as (out, in) for Linear, (in, out) for GPT-2 Conv1D.
+fn full_values(
+    w: &weights::StoredWeight,
     c: &Candidate,
     m: &ModuleAdapter,
     torch_in_out: bool,
-) -> Result<()> {
+) -> Result<Option<Vec<f32>>> {
     let Some(t) = m.full.get("weight") else {
-        return Ok(()); // biases of replaced modules are not weights; handled as notes by callers
+        return Ok(None); // a replaced module's bias is not this weight
     };
     let stored: Vec<usize> = c.shape.iter().map(|&d| d.max(0) as usize).collect();
-    if t.data.len() != w.values.len() {
+    if t.data.len() != w.n_in * w.n_out {
         return Err(Error::Target(format!(
             "module '{}': the adapter's full weight has shape {:?} but the model's '{}' is {:?} (resized layers cannot be folded into a fixed graph)",
             m.path, t.shape, c.weight, c.shape
         )));
     }
-    // torch stores Linear as (out, in) and GPT-2 Conv1D (fan_in_fan_out) as (in, out).
     let transpose = c.is_linear()
         && w.orient == Orientation::InOut
         && !torch_in_out
         && t.shape.len() == 2
         && (t.shape != stored || t.shape[0] == t.shape[1]);
-    w.values = if transpose {
+    Ok(Some(if transpose {
         Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
             .transposed()
             .data
     } else {
         t.data.clone()
-    };
-    Ok(())
+    }))
 }
 
 /// Where a node's bias is: Gemm's C and Conv's B inputs, or the constant of the only Add
@@ -463,10 +539,10 @@ fn apply_bias(
         ..c.clone()
     };
     weights::write(
-        &mut model.proto,
+        model,
         graph,
         &bias_cand,
-        raw,
+        weights::TensorData::Raw(raw),
         &mut HashSet::new(),
     )?;
     Ok(true)

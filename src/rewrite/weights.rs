@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::graph::{ConstSource, ModelGraph};
+use crate::onnx::io::PendingValues;
 use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::{DataType, LoadedModel};
 use crate::target::{Candidate, Layout};
@@ -16,7 +17,6 @@ pub struct WeightValues {
     pub dtype: DataType,
     pub values: Vec<f32>,
     pub orient: Orientation,
-    pub n_in: usize,
     pub n_out: usize,
 }
 
@@ -40,8 +40,35 @@ pub fn tensor<'m>(
         .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))
 }
 
+/// A candidate's stored weight, not yet decoded: its bytes are a zero-copy slice.
+#[derive(Clone)]
+pub struct StoredWeight {
+    pub name: String,
+    pub dtype: DataType,
+    pub orient: Orientation,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub bytes: Bytes,
+}
+
+impl StoredWeight {
+    pub fn decode(&self) -> Result<WeightValues> {
+        Ok(WeightValues {
+            dtype: self.dtype,
+            values: to_f32(&self.bytes, self.dtype, &self.name)?,
+            orient: self.orient,
+            n_out: self.n_out,
+        })
+    }
+}
+
 /// Decodes the candidate's weight to f32 in its stored order.
 pub fn read(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<WeightValues> {
+    stored(model, graph, c)?.decode()
+}
+
+/// The candidate's weight as stored, checked to be a float weight LoRA can change.
+pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<StoredWeight> {
     if c.quantized {
         return Err(Error::tensor(
             &c.weight,
@@ -55,17 +82,35 @@ pub fn read(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<We
         .ok_or_else(|| Error::tensor(&c.weight, "unsupported weight layout"))?;
     let t = tensor(&model.proto, graph, c)?;
     let dtype = DataType::from_i32(t.data_type());
-    let bytes = model.tensor_bytes(t)?;
-    let values = to_f32(&bytes, dtype, &c.weight)?;
+    if !dtype.is_foldable_float() {
+        return Err(Error::tensor(
+            &c.weight,
+            format!("{dtype} weights cannot be adapted (float32, float16, bfloat16, float64 only)"),
+        ));
+    }
+    let numel = crate::onnx::pb_ext::numel(&t.dims);
     let n_out = c.out_features.max(0) as usize;
-    let n_in = if n_out == 0 { 0 } else { values.len() / n_out };
-    Ok(WeightValues {
+    Ok(StoredWeight {
+        name: c.weight.clone(),
         dtype,
-        values,
         orient,
-        n_in,
+        n_in: if n_out == 0 { 0 } else { numel / n_out },
         n_out,
+        bytes: model.tensor_bytes(t)?,
     })
+}
+
+/// New data for a tensor: bytes now, or a value computed when the model is written.
+pub enum TensorData {
+    Raw(Vec<u8>),
+    Lazy(std::sync::Arc<dyn crate::onnx::io::LazyTensor>),
+}
+
+fn fill(pending: &mut PendingValues<'_>, t: &mut TensorProto, data: TensorData) {
+    match data {
+        TensorData::Raw(raw) => set_raw(t, raw),
+        TensorData::Lazy(v) => pending.set(t, v),
+    }
 }
 
 /// Replaces a tensor's data with new raw bytes (inline; saving decides where it goes).
@@ -84,12 +129,13 @@ pub fn set_raw(t: &mut TensorProto, raw: Vec<u8>) {
 /// alone: the candidate gets its own initializer (and its own copy of any Transpose / Cast
 /// chain in between) so the change reaches this node only. Returns the copy's name, if any.
 pub fn write(
-    proto: &mut ModelProto,
+    model: &mut LoadedModel,
     graph: &ModelGraph,
     c: &Candidate,
-    raw: Vec<u8>,
+    data: TensorData,
     taken: &mut std::collections::HashSet<String>,
 ) -> Result<Option<String>> {
+    let (proto, mut pending) = model.split_mut();
     let source = c
         .source
         .clone()
@@ -108,7 +154,7 @@ pub fn write(
                 .and_then(|a| a.t.as_mut()),
         }
         .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))?;
-        set_raw(t, raw);
+        fill(&mut pending, t, data);
         return Ok(None);
     }
     let original = graph
@@ -129,7 +175,7 @@ pub fn write(
         metadata_props: original.metadata_props.clone(),
         ..Default::default()
     };
-    set_raw(&mut copy, raw);
+    fill(&mut pending, &mut copy, data);
     let gp = graph.graphs[c.graph]
         .loc
         .get_mut(proto)

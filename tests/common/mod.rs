@@ -216,3 +216,39 @@ pub fn ort_compare(
     );
     (out.status.success(), text.trim().to_string())
 }
+
+/// Writes a PEFT adapter folder with these float32 tensors (keys without `base_model.model.`).
+pub fn write_adapter(
+    dir: &Path,
+    config: serde_json::Value,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, s, v)| {
+            (
+                format!("base_model.model.{k}"),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    dir.to_path_buf()
+}
