@@ -1,6 +1,10 @@
-//! The output-layout flags shared by every subcommand that writes a model.
+//! The output flags shared by every subcommand that writes a model: tensor layout and progress.
 
-use onnx_lora::onnx::{SaveOptions, TensorLayout, io::DEFAULT_THRESHOLD};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use onnx_lora::onnx::io::{DEFAULT_THRESHOLD, Progress};
+use onnx_lora::onnx::{SaveOptions, TensorLayout};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SaveArgs {
@@ -14,6 +18,9 @@ pub struct SaveArgs {
     /// Smallest tensor, in bytes, that goes to external data.
     #[arg(long, default_value_t = DEFAULT_THRESHOLD, value_name = "BYTES")]
     pub threshold: usize,
+    /// No progress bar (one is shown on stderr when it is a terminal).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 impl SaveArgs {
@@ -28,18 +35,37 @@ impl SaveArgs {
         SaveOptions {
             layout,
             threshold: self.threshold,
+            progress: (!self.quiet && std::io::stderr().is_terminal()).then(progress_bar),
+            ..SaveOptions::default()
+        }
+    }
+
+    /// Options for scratch models (verification references): external data like the source,
+    /// no fsync, no progress bar.
+    pub fn scratch() -> SaveOptions {
+        SaveOptions {
+            sync: false,
             ..SaveOptions::default()
         }
     }
 }
 
-impl SaveArgs {
-    /// Options for scratch models (verification references): external data like the source,
-    /// no fsync.
-    pub fn scratch() -> onnx_lora::onnx::SaveOptions {
-        onnx_lora::onnx::SaveOptions {
-            sync: false,
-            ..onnx_lora::onnx::SaveOptions::default()
+/// A bytes progress bar on stderr, created on the first report (so small models never show one).
+fn progress_bar() -> Progress {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("writing");
+    Progress(Arc::new(move |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish_and_clear();
         }
-    }
+    }))
 }

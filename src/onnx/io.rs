@@ -388,6 +388,18 @@ pub struct SaveOptions {
     pub threshold: usize,
     /// fsync the files before renaming them into place.
     pub sync: bool,
+    /// Told (bytes written, bytes to write) as external data is written.
+    pub progress: Option<Progress>,
+}
+
+/// A progress callback: (done, total) in bytes.
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 impl Default for SaveOptions {
@@ -396,6 +408,7 @@ impl Default for SaveOptions {
             layout: TensorLayout::Auto,
             threshold: DEFAULT_THRESHOLD,
             sync: true,
+            progress: None,
         }
     }
 }
@@ -460,8 +473,14 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
                 .suffix(".data.tmp")
                 .tempfile_in(&out_dir)
                 .map_err(|e| Error::io(&out_dir, e))?;
-            let (bytes, count) =
-                write_external(model, &mut proto, name, opts.threshold, tmp.as_file())?;
+            let (bytes, count) = write_external(
+                model,
+                &mut proto,
+                name,
+                opts.threshold,
+                tmp.as_file(),
+                opts.progress.as_ref(),
+            )?;
             // Pending values that did not go external (small, or not initializers) come inline.
             materialize_pending(model, &mut proto)?;
             if opts.sync {
@@ -608,9 +627,18 @@ fn write_external(
     location: &str,
     threshold: usize,
     file: &File,
+    progress: Option<&Progress>,
 ) -> Result<(u64, usize)> {
+    let mut total = 0u64;
+    if let (Some(_), Some(g)) = (progress, proto.graph.as_mut()) {
+        initializers_mut(g, &mut |t: &mut TensorProto| -> Result<()> {
+            total += expected_len(t).filter(|&n| n >= threshold).unwrap_or(0) as u64;
+            Ok(())
+        })?;
+    }
     let mut w = BufWriter::with_capacity(4 << 20, file);
     let mut pos = 0u64;
+    let mut done = 0u64;
     let mut count = 0usize;
     let mut place = |t: &mut TensorProto| -> Result<()> {
         // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would change
@@ -642,7 +670,11 @@ fn write_external(
         t.data_location = Some(DataLocation::External as i32);
         t.raw_data = None;
         pos += bytes.len() as u64;
+        done += bytes.len() as u64;
         count += 1;
+        if let Some(p) = progress {
+            (p.0)(done, total);
+        }
         Ok(())
     };
     // Initializers (of the main graph and of subgraphs) go external; tensors in attributes,
