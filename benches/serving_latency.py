@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 def session(path, threads):
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # serving models keep default weights in initializers: ort warns
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -52,11 +53,16 @@ def main():
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=0, help="token ids are drawn below this (default: the last dim of the base's first output)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     args = p.parse_args()
 
+    vocab = args.vocab
+    if not vocab:
+        out_shape = session(args.base, args.threads).get_outputs()[0].shape
+        vocab = out_shape[-1] if isinstance(out_shape[-1], int) else 100
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 1000, size=(1, args.seq), dtype=np.int64)}
+    feeds = {"input_ids": rng.integers(0, vocab, size=(1, args.seq), dtype=np.int64)}
 
     rows = []
     outs = {}

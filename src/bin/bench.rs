@@ -976,6 +976,11 @@ fn main() -> Result<()> {
         fmt(anon_frac.map(|r| 100.0 * r), "%"),
     );
     println!(
+        "  [{}] inspect < 0.5 s                      {}",
+        verdict(inspect_w.map(|w| w < 0.5)),
+        fmt(inspect_w, " s")
+    );
+    println!(
         "  [{}] convert ~ cp (<= 1.25x)              convert/cp = {}",
         verdict(conv_cp.map(|r| r <= 1.25)),
         fmt(conv_cp, "x")
