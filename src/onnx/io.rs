@@ -33,6 +33,8 @@ pub struct LoadedModel {
     pub proto: ModelProto,
     /// Whole external data files by `location`, as validated at load time.
     external: HashMap<String, Bytes>,
+    /// The model file's own bytes (the map inline tensors point into).
+    source: Bytes,
     /// Tensors a rewrite will compute when the model is written, by pending key.
     pending: HashMap<String, Arc<dyn LazyTensor>>,
 }
@@ -40,8 +42,9 @@ pub struct LoadedModel {
 /// A tensor value computed on demand: rewrites of many large weights register one per weight,
 /// and saving computes each just before writing it, so they are never all in memory at once.
 pub trait LazyTensor: Send + Sync {
-    /// The tensor's bytes in the `raw_data` layout.
-    fn compute(&self) -> Result<Bytes>;
+    /// The tensor's bytes in the `raw_data` layout (`model` is the one being written, e.g. to
+    /// `release` the inputs once read).
+    fn compute(&self, model: &LoadedModel) -> Result<Bytes>;
 }
 
 /// Registers values computed when the model is written (see `LoadedModel::split_mut`).
@@ -121,11 +124,13 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
 impl LoadedModel {
     /// Decodes a model from bytes; external data is resolved relative to `path`'s folder.
     pub fn from_bytes(path: &Path, buf: Bytes) -> Result<Self> {
-        let proto = ModelProto::decode(buf).map_err(|err| Error::Decode {
+        let proto = ModelProto::decode(buf.clone()).map_err(|err| Error::Decode {
             path: path.to_path_buf(),
             err,
         })?;
-        Self::from_proto(path, proto)
+        let mut model = Self::from_proto(path, proto)?;
+        model.source = buf;
+        Ok(model)
     }
 
     /// Wraps a proto already in memory; external data is resolved relative to `path`'s folder.
@@ -158,8 +163,45 @@ impl LoadedModel {
             path: path.to_path_buf(),
             proto,
             external,
+            source: Bytes::new(),
             pending: HashMap::new(),
         })
+    }
+
+    /// Lets the kernel drop the pages behind `bytes` from this process's memory once they have
+    /// been used, when they are a slice of one of the model's maps (they stay in the page cache
+    /// and fault back in if read again). Streaming a model through keeps its RSS small this way.
+    /// Anything else (heap buffers) is left alone.
+    pub fn release(&self, bytes: &Bytes) {
+        #[cfg(unix)]
+        {
+            let p = bytes.as_ptr() as usize;
+            let end = p + bytes.len();
+            let page = 4096;
+            let inside = |m: &Bytes| {
+                let start = m.as_ptr() as usize;
+                !m.is_empty() && p >= start && end <= start + m.len()
+            };
+            if bytes.len() >= page && (inside(&self.source) || self.external.values().any(inside)) {
+                // Whole pages inside the slice only: neighbours' pages stay.
+                let first = p.div_ceil(page) * page;
+                let last = end / page * page;
+                if last > first {
+                    // SAFETY: the range lies inside a read-only file mapping this model owns;
+                    // MADV_DONTNEED on such a mapping only drops resident pages, which are
+                    // read back from the file on the next access, so no data changes.
+                    unsafe {
+                        libc::madvise(
+                            first as *mut libc::c_void,
+                            last - first,
+                            libc::MADV_DONTNEED,
+                        );
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
     }
 
     /// Folder the model's external data is resolved against.
@@ -192,7 +234,7 @@ impl LoadedModel {
                 .pending
                 .get(key)
                 .ok_or_else(|| Error::tensor(t.name(), "pending value was not registered"))?;
-            return lazy.compute();
+            return lazy.compute(self);
         }
         if is_external(t) {
             let r = ExternalRef::parse(t).map_err(|reason| external_err(&self.path, t, reason))?;
@@ -658,6 +700,7 @@ fn write_external(
             .map_err(|e| Error::io(location, e))?;
         pos += pad;
         w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
+        model.release(&bytes);
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: Some(k.to_string()),
             value: Some(v),

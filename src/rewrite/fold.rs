@@ -271,8 +271,9 @@ pub(crate) struct MergePlan {
 }
 
 impl LazyTensor for MergePlan {
-    fn compute(&self) -> Result<bytes::Bytes> {
+    fn compute(&self, model: &LoadedModel) -> Result<bytes::Bytes> {
         let mut w = self.weight.decode()?;
+        model.release(&self.weight.bytes);
         let original = w.values.clone();
         for step in &self.steps {
             match step {

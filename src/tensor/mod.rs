@@ -2,38 +2,21 @@
 //! (fp32, fp16, bf16, fp64 via `half`'s slice conversions) and the low-rank update
 //! `W += s * B @ A` applied row by row in place, in parallel, without forming B @ A.
 
-use half::{bf16, f16, slice::HalfFloatSliceExt};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::onnx::DataType;
 
-/// Decodes little-endian stored elements to f32.
+/// Elements converted per parallel task.
+const CHUNK: usize = 1 << 16;
+
+/// Decodes little-endian stored elements to f32 (in parallel chunks).
 pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
-    let chunks = |w: usize| bytes.chunks_exact(w);
-    Ok(match dtype {
-        DataType::Float => chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DataType::Float16 => {
-            let h: Vec<f16> = chunks(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
-        }
-        DataType::Bfloat16 => {
-            let h: Vec<bf16> = chunks(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
-        }
-        DataType::Double => chunks(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
+    let width = match dtype {
+        DataType::Float => 4,
+        DataType::Float16 | DataType::Bfloat16 => 2,
+        DataType::Double => 8,
         other => {
             return Err(Error::tensor(
                 name,
@@ -42,31 +25,78 @@ pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
                 ),
             ));
         }
-    })
+    };
+    let mut out = vec![0f32; bytes.len() / width];
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(dst, src)| {
+            let elems = src.chunks_exact(width);
+            match dtype {
+                DataType::Float16 => dst
+                    .iter_mut()
+                    .zip(elems)
+                    .for_each(|(d, c)| *d = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                DataType::Bfloat16 => dst
+                    .iter_mut()
+                    .zip(elems)
+                    .for_each(|(d, c)| *d = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                DataType::Double => dst.iter_mut().zip(elems).for_each(|(d, c)| {
+                    *d = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                }),
+                _ => dst
+                    .iter_mut()
+                    .zip(elems)
+                    .for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            }
+        });
+    Ok(out)
 }
 
-/// Encodes f32 values to the stored dtype (rounding once).
+/// Encodes f32 values to the stored dtype, rounding once (in parallel chunks).
 pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> {
-    Ok(match dtype {
-        DataType::Float => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DataType::Float16 => {
-            let mut h = vec![f16::ZERO; values.len()];
-            h.convert_from_f32_slice(values);
-            h.iter().flat_map(|v| v.to_le_bytes()).collect()
-        }
-        DataType::Bfloat16 => {
-            let mut h = vec![bf16::ZERO; values.len()];
-            h.convert_from_f32_slice(values);
-            h.iter().flat_map(|v| v.to_le_bytes()).collect()
-        }
-        DataType::Double => values
-            .iter()
-            .flat_map(|v| (*v as f64).to_le_bytes())
-            .collect(),
-        other => {
-            return Err(Error::tensor(name, format!("cannot write {other} weights")));
-        }
-    })
+    let width = match dtype {
+        DataType::Float => 4,
+        DataType::Float16 | DataType::Bfloat16 => 2,
+        DataType::Double => 8,
+        other => return Err(Error::tensor(name, format!("cannot write {other} weights"))),
+    };
+    let mut out = vec![0u8; values.len() * width];
+    out.par_chunks_mut(CHUNK * width)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(dst, src)| {
+            let slots = dst.chunks_exact_mut(width);
+            match dtype {
+                DataType::Float16 => slots
+                    .zip(src)
+                    .for_each(|(d, v)| d.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
+                DataType::Bfloat16 => slots
+                    .zip(src)
+                    .for_each(|(d, v)| d.copy_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+                DataType::Double => slots
+                    .zip(src)
+                    .for_each(|(d, v)| d.copy_from_slice(&(*v as f64).to_le_bytes())),
+                _ => slots
+                    .zip(src)
+                    .for_each(|(d, v)| d.copy_from_slice(&v.to_le_bytes())),
+            }
+        });
+    Ok(out)
+}
+
+/// The largest |a - b| and whether every element of `a` is finite, in one parallel pass.
+pub fn max_abs_diff_finite(a: &[f32], b: &[f32]) -> (f32, Option<usize>) {
+    let bad = a.par_iter().position_any(|v| !v.is_finite());
+    let max = a
+        .par_chunks(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .map(|(x, y)| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max)
+        })
+        .reduce(|| 0.0, f32::max);
+    (max, bad)
 }
 
 /// A row-major f32 matrix.
