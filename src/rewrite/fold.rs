@@ -14,6 +14,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::weights;
@@ -274,7 +275,17 @@ impl LazyTensor for MergePlan {
     fn compute(&self, model: &LoadedModel) -> Result<bytes::Bytes> {
         let mut w = self.weight.decode()?;
         model.release(&self.weight.bytes);
-        let original = w.values.clone();
+        // A single plain low-rank step measures its own change; anything else compares with
+        // a copy of the original.
+        let single = matches!(
+            self.steps.as_slice(),
+            [OwnedStep::LowRank {
+                magnitude: None,
+                ..
+            }]
+        );
+        let original = (!single).then(|| w.values.clone());
+        let mut delta = 0f32;
         for step in &self.steps {
             match step {
                 OwnedStep::Replace(values) => w.values.clone_from(values),
@@ -284,7 +295,7 @@ impl LazyTensor for MergePlan {
                     scale,
                     magnitude,
                 } => {
-                    add_low_rank(&mut w.values, w.orient, a, b, *scale);
+                    delta = add_low_rank(&mut w.values, w.orient, a, b, *scale);
                     if let Some(mag) = magnitude {
                         let norms = out_norms(&w.values, w.orient, w.n_out);
                         let factor: Vec<f32> = mag.iter().zip(&norms).map(|(m, n)| m / n).collect();
@@ -293,7 +304,15 @@ impl LazyTensor for MergePlan {
                 }
             }
         }
-        if let Some(bad) = w.values.iter().position(|v| !v.is_finite()) {
+        let bad = match &original {
+            Some(orig) => {
+                let (d, bad) = crate::tensor::max_abs_diff_finite(&w.values, orig);
+                delta = d;
+                bad
+            }
+            None => w.values.par_iter().position_any(|v| !v.is_finite()),
+        };
+        if let Some(bad) = bad {
             return Err(Error::tensor(
                 &self.weight.name,
                 format!(
@@ -302,13 +321,10 @@ impl LazyTensor for MergePlan {
                 ),
             ));
         }
-        let delta = w
-            .values
-            .iter()
-            .zip(&original)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
         let _ = self.max_abs_delta.0.set(delta);
+        if w.dtype == crate::onnx::DataType::Float {
+            return Ok(crate::tensor::f32_into_bytes(w.values));
+        }
         Ok(from_f32(&w.values, w.dtype, &self.weight.name)?.into())
     }
 }

@@ -83,6 +83,34 @@ pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> 
     Ok(out)
 }
 
+/// f32 values as their little-endian bytes without a copy (on little-endian machines; a
+/// converted copy elsewhere).
+pub fn f32_into_bytes(values: Vec<f32>) -> bytes::Bytes {
+    #[cfg(target_endian = "little")]
+    {
+        struct AsBytes(Vec<f32>);
+        impl AsRef<[u8]> for AsBytes {
+            fn as_ref(&self) -> &[u8] {
+                // SAFETY: f32 has no padding and every bit pattern is a valid u8; the slice
+                // covers exactly the vector's initialized elements and lives as long as it.
+                unsafe {
+                    std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 4)
+                }
+            }
+        }
+        bytes::Bytes::from_owner(AsBytes(values))
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        bytes::Bytes::from(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+    }
+}
+
 /// The largest |a - b| and whether every element of `a` is finite, in one parallel pass.
 pub fn max_abs_diff_finite(a: &[f32], b: &[f32]) -> (f32, Option<usize>) {
     let bad = a.par_iter().position_any(|v| !v.is_finite());
@@ -143,39 +171,55 @@ pub enum Orientation {
 }
 
 /// `W += s * B @ A` (in `OutIn` terms) on a stored weight of either orientation, where
-/// A is (r, in) and B is (out, r). Each stored row gets a rank-r combination of rows of A or
-/// columns of B, so nothing larger than one row is formed; rows run in parallel.
-pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, s: f32) {
+/// A is (r, in) and B is (out, r). Each stored row's delta is a rank-r combination of rows of A
+/// (or of scaled columns of B), built in a row-sized scratch buffer and added once, so nothing
+/// larger than a row is formed; rows run in parallel. Returns the largest |delta| element.
+pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, s: f32) -> f32 {
     let (r, n_in, n_out) = (a.rows, a.cols, b.rows);
-    match orient {
-        Orientation::OutIn => {
-            w.par_chunks_mut(n_in).enumerate().for_each(|(o, row)| {
-                for k in 0..r {
-                    let coef = s * b.data[o * r + k];
-                    if coef != 0.0 {
-                        let a_row = &a.data[k * n_in..(k + 1) * n_in];
-                        row.iter_mut().zip(a_row).for_each(|(x, y)| *x += coef * y);
-                    }
-                }
-            });
-        }
-        Orientation::InOut => {
-            // B transposed and scaled once: (r, out), so the inner loop is contiguous.
-            let bt: Vec<f32> = (0..r)
-                .flat_map(|k| (0..n_out).map(move |o| (k, o)))
-                .map(|(k, o)| s * b.data[o * r + k])
-                .collect();
-            w.par_chunks_mut(n_out).enumerate().for_each(|(i, row)| {
-                for k in 0..r {
-                    let coef = a.data[k * n_in + i];
-                    if coef != 0.0 {
-                        let b_row = &bt[k * n_out..(k + 1) * n_out];
-                        row.iter_mut().zip(b_row).for_each(|(x, y)| *x += coef * y);
-                    }
-                }
-            });
-        }
+    // Per stored row: the coefficient of each of the r basis rows, and the basis itself.
+    let (row_len, basis, coefs): (usize, Vec<f32>, Box<dyn Fn(usize, usize) -> f32 + Sync>) =
+        match orient {
+            Orientation::OutIn => (
+                n_in,
+                a.data.clone(),
+                Box::new(move |row, k| s * b.data[row * r + k]),
+            ),
+            Orientation::InOut => {
+                // B transposed and scaled once: (r, out), so the inner loop is contiguous.
+                let bt = (0..r)
+                    .flat_map(|k| (0..n_out).map(move |o| s * b.data[o * r + k]))
+                    .collect();
+                (n_out, bt, Box::new(move |row, k| a.data[k * n_in + row]))
+            }
+        };
+    if row_len == 0 {
+        return 0.0;
     }
+    w.par_chunks_mut(row_len)
+        .enumerate()
+        .map_init(
+            || vec![0f32; row_len],
+            |scratch, (row, values)| {
+                scratch.fill(0.0);
+                for k in 0..r {
+                    let coef = coefs(row, k);
+                    if coef != 0.0 {
+                        let basis_row = &basis[k * row_len..(k + 1) * row_len];
+                        scratch
+                            .iter_mut()
+                            .zip(basis_row)
+                            .for_each(|(d, x)| *d += coef * x);
+                    }
+                }
+                let mut max = 0f32;
+                values.iter_mut().zip(scratch.iter()).for_each(|(v, d)| {
+                    *v += d;
+                    max = max.max(d.abs());
+                });
+                max
+            },
+        )
+        .reduce(|| 0.0, f32::max)
 }
 
 /// L2 norm of each output channel of a stored weight (rows for OutIn, columns for InOut).
