@@ -662,7 +662,11 @@ fn inline_everything(
 }
 
 /// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
-/// and points the tensors there. Expects every tensor inline already (see `inline_everything`).
+/// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
+/// and points the tensors there. Expects every tensor inline or pending (see
+/// `inline_everything`). Pending values are computed on a second thread one tensor ahead of
+/// the writer (a channel of one), so merging overlaps writing while at most two computed
+/// tensors exist at a time.
 fn write_external(
     model: &LoadedModel,
     proto: &mut ModelProto,
@@ -671,62 +675,85 @@ fn write_external(
     file: &File,
     progress: Option<&Progress>,
 ) -> Result<(u64, usize)> {
+    let goes_out = |t: &TensorProto| expected_len(t).is_some_and(|n| n >= threshold);
     let mut total = 0u64;
-    if let (Some(_), Some(g)) = (progress, proto.graph.as_mut()) {
+    let mut keys: Vec<String> = Vec::new();
+    if let Some(g) = proto.graph.as_mut() {
         initializers_mut(g, &mut |t: &mut TensorProto| -> Result<()> {
-            total += expected_len(t).filter(|&n| n >= threshold).unwrap_or(0) as u64;
+            if goes_out(t) {
+                total += expected_len(t).unwrap_or(0) as u64;
+                if let Some(k) = pending_key(t) {
+                    keys.push(k.to_string());
+                }
+            }
             Ok(())
         })?;
     }
-    let mut w = BufWriter::with_capacity(4 << 20, file);
-    let mut pos = 0u64;
-    let mut done = 0u64;
-    let mut count = 0usize;
-    let mut place = |t: &mut TensorProto| -> Result<()> {
-        // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would change
-        // their representation, and exporters only use those fields for small tensors.
-        let fixed = DataType::from_i32(t.data_type()).bits().is_some();
-        let bytes = match pending_key(t) {
-            // Computed now, written, and dropped before the next one.
-            Some(_) if expected_len(t).is_some_and(|n| n >= threshold) => model.tensor_bytes(t)?,
-            Some(_) => return Ok(()),
-            None => match t.raw_data.clone().filter(|b| fixed && b.len() >= threshold) {
-                Some(b) => b,
-                None => return Ok(()),
-            },
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Bytes>>(1);
+        scope.spawn(move || {
+            for key in keys {
+                let value = match model.pending.get(&key) {
+                    Some(lazy) => lazy.compute(model),
+                    None => Err(Error::tensor(&key, "pending value was not registered")),
+                };
+                if tx.send(value).is_err() {
+                    break; // the writer stopped (an error): nothing more is needed
+                }
+            }
+        });
+        let mut w = BufWriter::with_capacity(4 << 20, file);
+        let mut pos = 0u64;
+        let mut done = 0u64;
+        let mut count = 0usize;
+        let mut place = |t: &mut TensorProto| -> Result<()> {
+            // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would
+            // change their representation, and exporters only use those fields for small tensors.
+            let fixed = DataType::from_i32(t.data_type()).bits().is_some();
+            let bytes = match pending_key(t) {
+                Some(_) if goes_out(t) => rx
+                    .recv()
+                    .map_err(|_| Error::tensor(t.name(), "the merge thread stopped"))??,
+                Some(_) => return Ok(()),
+                None => match t.raw_data.clone().filter(|b| fixed && b.len() >= threshold) {
+                    Some(b) => b,
+                    None => return Ok(()),
+                },
+            };
+            let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+            w.write_all(&vec![0u8; pad as usize])
+                .map_err(|e| Error::io(location, e))?;
+            pos += pad;
+            w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
+            model.release(&bytes);
+            let entry = |k: &str, v: String| StringStringEntryProto {
+                key: Some(k.to_string()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", location.to_string()),
+                entry("offset", pos.to_string()),
+                entry("length", bytes.len().to_string()),
+            ];
+            t.data_location = Some(DataLocation::External as i32);
+            t.raw_data = None;
+            pos += bytes.len() as u64;
+            done += bytes.len() as u64;
+            count += 1;
+            if let Some(p) = progress {
+                (p.0)(done, total);
+            }
+            Ok(())
         };
-        let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
-        w.write_all(&vec![0u8; pad as usize])
-            .map_err(|e| Error::io(location, e))?;
-        pos += pad;
-        w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
-        model.release(&bytes);
-        let entry = |k: &str, v: String| StringStringEntryProto {
-            key: Some(k.to_string()),
-            value: Some(v),
-        };
-        t.external_data = vec![
-            entry("location", location.to_string()),
-            entry("offset", pos.to_string()),
-            entry("length", bytes.len().to_string()),
-        ];
-        t.data_location = Some(DataLocation::External as i32);
-        t.raw_data = None;
-        pos += bytes.len() as u64;
-        done += bytes.len() as u64;
-        count += 1;
-        if let Some(p) = progress {
-            (p.0)(done, total);
+        // Initializers (of the main graph and of subgraphs) go external; tensors in
+        // attributes, sparse initializers, functions and training graphs stay inline.
+        if let Some(g) = proto.graph.as_mut() {
+            initializers_mut(g, &mut place)?;
         }
-        Ok(())
-    };
-    // Initializers (of the main graph and of subgraphs) go external; tensors in attributes,
-    // sparse initializers, functions and training graphs stay inline.
-    if let Some(g) = proto.graph.as_mut() {
-        initializers_mut(g, &mut place)?;
-    }
-    w.flush().map_err(|e| Error::io(location, e))?;
-    Ok((pos, count))
+        drop(rx);
+        w.flush().map_err(|e| Error::io(location, e))?;
+        Ok((pos, count))
+    })
 }
 
 /// Calls `f` on the initializers of `g` and of every subgraph below it.
