@@ -1,6 +1,7 @@
 //! `fold` against PEFT itself: for every fixture model (both exporters) and adapter kind, the
 //! folded model run through onnxruntime matches PEFT's unmerged forward and differs from the
 //! base; refused and broken adapters produce their message and no file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! the base; `--adapter` matches PEFT's unmerged forward; the serving model (`--as-inputs`) is
 //! the base when idle and PEFT's forward with the written `.onnx_adapter` active, adapters
 //! swapping on one session; fold(inject(adapter)) equals fold(adapter); export-peft round-trips.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! exactly one weight whose shape fits its A and B (dynamo exports too, where node names carry
 //! no module path), each candidate's module path equals the ground truth the fixture generator
 //! recorded from torch, and `inspect --json` reports the documented fields.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Read -> write without a rewrite reproduces the model: `convert` of the onnx package's
 //! backend test models, of every fixture, and of a model using rarely-set fields is
 //! protobuf-equal (checked by the `onnx` Python package) in each tensor layout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

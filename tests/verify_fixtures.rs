@@ -1,6 +1,7 @@
 //! `verify` and `--verify` on the real exports: each fixture passes against itself and against
 //! PEFT's stored base outputs on onnxruntime and tract (so the two agree), fails against the
 //! same model with an adapter merged in, and fold / inject `--verify` report PASS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -27,7 +27,7 @@ struct Buf(Vec<u8>);
 
 impl Buf {
     fn align(&mut self, n: usize) {
-        while self.0.len() % n != 0 {
+        while !self.0.len().is_multiple_of(n) {
             self.0.push(0);
         }
     }
@@ -115,7 +115,7 @@ pub fn encode(params: &[AdapterParam], adapter_version: i32, model_version: i32)
         b.0.extend_from_slice(p.name.as_bytes());
         b.0.push(0);
         // dims: the int64 elements 8-aligned, so the length sits 4 bytes before that
-        while (b.pos() + 4) % 8 != 0 {
+        while !(b.pos() + 4).is_multiple_of(8) {
             b.0.push(0);
         }
         b.point_here(dims_slot);
@@ -124,7 +124,7 @@ pub fn encode(params: &[AdapterParam], adapter_version: i32, model_version: i32)
             b.0.extend_from_slice(&d.to_le_bytes());
         }
         // raw data: elements 16-aligned (the schema asks for 8)
-        while (b.pos() + 4) % 16 != 0 {
+        while !(b.pos() + 4).is_multiple_of(16) {
             b.0.push(0);
         }
         b.point_here(raw_slot);
@@ -168,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_reads_back() {
+    fn layout_reads_back() -> Result<(), Box<dyn std::error::Error>> {
         let p = AdapterParam {
             name: "m.lora_A.weight".into(),
             dims: vec![4, 2],
@@ -179,10 +179,7 @@ mod tests {
         assert_eq!(&b[4..8], b"TORT");
         let root = u32_at(&b, 0);
         assert_eq!(root % 4, 0);
-        assert_eq!(
-            i32::from_le_bytes(b[root + 4..root + 8].try_into().unwrap()),
-            1
-        );
+        assert_eq!(i32::from_le_bytes(b[root + 4..root + 8].try_into()?), 1);
         let vec_slot = root + 16;
         let vec_at = vec_slot + u32_at(&b, vec_slot);
         assert_eq!(u32_at(&b, vec_at), 1);
@@ -198,5 +195,6 @@ mod tests {
             &b[raw_at + 4..raw_at + 36],
             &(0..32u8).collect::<Vec<_>>()[..]
         );
+        Ok(())
     }
 }

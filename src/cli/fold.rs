@@ -97,12 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     print_report(&report, &saved, adapters.len(), args.json)?;
     match &reference {
-        Some(r) => {
-            let dir = tempfile::tempdir()?;
-            let path = dir.path().join("reference.onnx");
-            onnx::save(r, &path, &SaveArgs::scratch())?;
-            super::verify::check(&saved.model, &path, args.ep, args.json)
-        }
+        Some(r) => super::verify::check_against(&saved.model, r, args.ep, args.json),
         None => Ok(super::EXIT_OK),
     }
 }

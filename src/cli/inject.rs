@@ -168,16 +168,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !args.verify {
         return Ok(super::EXIT_OK);
     }
-    let dir = tempfile::tempdir()?;
-    let reference_path = match &reference {
-        Some(r) => {
-            let path = dir.path().join("reference.onnx");
-            onnx::save(r, &path, &SaveArgs::scratch())?;
-            path
-        }
-        None => args.model.clone(),
-    };
-    super::verify::check(&saved.model, &reference_path, args.ep, args.json)
+    match &reference {
+        Some(r) => super::verify::check_against(&saved.model, r, args.ep, args.json),
+        None => super::verify::check(&saved.model, &args.model, args.ep, args.json),
+    }
 }
 
 fn print_report(

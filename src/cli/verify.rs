@@ -241,3 +241,16 @@ pub(super) fn check(
         super::EXIT_MISMATCH
     })
 }
+
+/// `check` against a model in memory: written to a scratch folder first (runtimes take paths).
+pub(super) fn check_against(
+    model: &std::path::Path,
+    reference: &onnx_lora::onnx::LoadedModel,
+    ep: Ep,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("reference.onnx");
+    onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())?;
+    check(model, &path, ep, json)
+}

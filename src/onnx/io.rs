@@ -321,16 +321,16 @@ impl ExternalRef {
             ));
         }
         let dtype = DataType::from_i32(t.data_type());
-        if let Some(expected) = dtype.raw_len(numel(&t.dims)) {
-            if (end - self.offset) as usize != expected {
-                return Err(format!(
-                    "holds {} bytes but a {} tensor of shape {:?} needs {}",
-                    end - self.offset,
-                    dtype,
-                    t.dims,
-                    expected
-                ));
-            }
+        if let Some(expected) = dtype.raw_len(numel(&t.dims))
+            && (end - self.offset) as usize != expected
+        {
+            return Err(format!(
+                "holds {} bytes but a {} tensor of shape {:?} needs {}",
+                end - self.offset,
+                dtype,
+                t.dims,
+                expected
+            ));
         }
         Ok(self.offset as usize..end as usize)
     }

@@ -208,12 +208,11 @@ fn serving_inputs(model: &LoadedModel) -> BTreeMap<String, ([i64; 2], [i64; 2], 
         (d.len() == 2).then(|| ([d[0], d[1]], DataType::from_i32(t.elem_type())))
     };
     for vi in &g.input {
-        if let Some(name) = vi.name().strip_suffix(".lora_A.weight") {
-            if let (Some((a, dt)), Some((b, _))) =
+        if let Some(name) = vi.name().strip_suffix(".lora_A.weight")
+            && let (Some((a, dt)), Some((b, _))) =
                 (dims(vi.name()), dims(&format!("{name}.lora_B.weight")))
-            {
-                out.insert(name.to_string(), (a, b, dt));
-            }
+        {
+            out.insert(name.to_string(), (a, b, dt));
         }
     }
     out

@@ -152,14 +152,14 @@ pub(crate) fn execute(
         }
     }
     for i in order {
-        if new_bias[i] {
-            if let Some(bias) = &results[i].2 {
-                create_bias(model, graph, &jobs[i].cand, bias, &mut taken)?;
-                report.notes.push(format!(
+        if new_bias[i]
+            && let Some(bias) = &results[i].2
+        {
+            create_bias(model, graph, &jobs[i].cand, bias, &mut taken)?;
+            report.notes.push(format!(
                     "{}: the layer had no bias; lora_bias added one (PEFT's merge refuses this case; its unmerged forward is what we match)",
                     jobs[i].cand.module
                 ));
-            }
         }
         let copy = weights::write(
             model,
@@ -198,7 +198,7 @@ fn plan<'a>(
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
         for module in &adapter.modules {
-            let accept = |c: &Candidate| accepts(module, c);
+            let accept = |c: &Candidate| super::accepts(module, c);
             let found = match resolve_module(cands, &module.path, accept) {
                 Ok(found) => found,
                 Err(e) => {
@@ -236,18 +236,6 @@ fn plan<'a>(
         report.unmatched = unmatched;
     }
     Ok(jobs)
-}
-
-/// Which candidate ops an adapter module may target.
-fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
-    match m.kind {
-        ModuleKind::Embedding => c.op == "Gather",
-        ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
-            Some(2) => c.is_linear(),
-            _ => c.op == "Conv",
-        },
-        ModuleKind::Full => c.op != "MatMulNBits",
-    }
 }
 
 type Merged = (Arc<MergePlan>, ModuleReport, Option<Vec<f32>>);
@@ -370,7 +358,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
         let s = step.scale / gemm_alpha(model, graph, c);
-        let (a, b) = factors(m, &weight, c)?;
+        let (a, b) = super::factors(m, c, weight.n_in, weight.n_out)?;
         let magnitude = match &m.magnitude {
             Some(mag) if mag.data.len() != weight.n_out => {
                 return Err(shape_err(
@@ -429,34 +417,6 @@ fn shape_err(
     Error::Target(format!(
         "module '{}': adapter {what} has shape {shape:?} but weight '{}' ({} {:?}) needs {expect}",
         m.path, c.weight, c.op, c.shape
-    ))
-}
-
-/// A (r, in) and B (out, r) as matrices, checked against the weight.
-fn factors(
-    m: &ModuleAdapter,
-    w: &weights::StoredWeight,
-    c: &Candidate,
-) -> Result<(Matrix, Matrix)> {
-    let (Some(a), Some(b)) = (&m.a, &m.b) else {
-        return Err(Error::Target(format!(
-            "module '{}': missing lora_A or lora_B",
-            m.path
-        )));
-    };
-    let r = a.shape[0];
-    let a_cols: usize = a.shape[1..].iter().product();
-    let b_rows = b.shape[0];
-    let b_cols: usize = b.shape[1..].iter().product();
-    if a_cols != w.n_in || b_rows != w.n_out || b_cols != r {
-        return Err(Error::Target(format!(
-            "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {} in, {} out)",
-            m.path, a.shape, b.shape, c.weight, c.op, c.shape, w.n_in, w.n_out
-        )));
-    }
-    Ok((
-        Matrix::new(r, a_cols, a.data.clone())?,
-        Matrix::new(b_rows, r, b.data.clone())?,
     ))
 }
 

@@ -49,13 +49,14 @@ pub fn fuse_shared(model: &mut LoadedModel) -> Result<usize> {
         // lora_A MatMuls (by output name, with their rank) grouped by the activation they read.
         let mut groups: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
         for n in &gp.node {
-            if n.op_type() == "MatMul" && n.metadata(ROLE_KEY) == Some("lora_A") {
-                if let Some(r) = n.input.get(1).and_then(|a| rank_of(a)) {
-                    groups
-                        .entry(n.input[0].clone())
-                        .or_default()
-                        .push((n.output[0].clone(), r));
-                }
+            if n.op_type() == "MatMul"
+                && n.metadata(ROLE_KEY) == Some("lora_A")
+                && let Some(r) = n.input.get(1).and_then(|a| rank_of(a))
+            {
+                groups
+                    .entry(n.input[0].clone())
+                    .or_default()
+                    .push((n.output[0].clone(), r));
             }
         }
         // Subgraphs first (reverse order), so editing a graph never moves a node an unvisited

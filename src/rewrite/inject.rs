@@ -145,7 +145,7 @@ pub fn adapter_branches(
                 ),
             });
         }
-        let found = match resolve_module(cands, &m.path, |c| accepts(m, c)) {
+        let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c)) {
             Ok(f) => f,
             Err(e) if allow_unmatched => {
                 unmatched.push(e.to_string());
@@ -160,36 +160,13 @@ pub fn adapter_branches(
     Ok((out, unmatched))
 }
 
-fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
-    match m.kind {
-        ModuleKind::Embedding => c.op == "Gather",
-        _ => match m.a.as_ref().map(|a| a.shape.len()) {
-            Some(2) => c.is_linear(),
-            _ => c.op == "Conv",
-        },
-    }
-}
-
 fn spec_from_module(c: &Candidate, m: &ModuleAdapter, scale: f32) -> Result<BranchSpec> {
-    let (Some(a), Some(b)) = (&m.a, &m.b) else {
-        return Err(Error::Target(format!(
-            "module '{}': missing lora_A or lora_B",
-            m.path
-        )));
-    };
-    let r = a.shape[0];
-    let a_cols: usize = a.shape[1..].iter().product();
-    if a_cols != factor_in(c) || b.shape[0] != c.out_features.max(0) as usize {
-        return Err(Error::Target(format!(
-            "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?})",
-            m.path, a.shape, b.shape, c.weight, c.op, c.shape
-        )));
-    }
+    let (a, b) = super::factors(m, c, factor_in(c), c.out_features.max(0) as usize)?;
     Ok(BranchSpec {
         cand: c.clone(),
         name: m.path.clone(),
-        a: Matrix::new(r, a_cols, a.data.clone())?,
-        b: Matrix::new(b.shape[0], r, b.data.clone())?,
+        a,
+        b,
         scale,
         magnitude: m.magnitude.as_ref().map(|t| t.data.clone()),
         bias: m.bias_b.as_ref().map(|t| t.data.clone()),
@@ -399,6 +376,9 @@ fn add_branch(
     })
 }
 
+/// DoRA's per-channel factor and, for layers with a bias, the bias correction.
+type DoraConstants = (Vec<f32>, Option<Vec<f32>>);
+
 /// Shape of per-output-channel constants: [out] for linear layers, [out, 1, ...] for Conv
 /// (channels on axis 1 of an NCHW output).
 fn channel_dims(c: &Candidate) -> Vec<i64> {
@@ -416,7 +396,7 @@ fn dora_constants(
     model: &LoadedModel,
     graph: &ModelGraph,
     br: &BranchSpec,
-) -> Result<Option<(Vec<f32>, Option<Vec<f32>>)>> {
+) -> Result<Option<DoraConstants>> {
     let Some(m) = &br.magnitude else {
         return Ok(None);
     };

@@ -94,7 +94,7 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
         name: c.weight.clone(),
         dtype,
         orient,
-        n_in: if n_out == 0 { 0 } else { numel / n_out },
+        n_in: numel.checked_div(n_out).unwrap_or(0),
         n_out,
         bytes: model.tensor_bytes(t)?,
     })

@@ -56,10 +56,12 @@ pub fn from_node_name(name: &str) -> Option<String> {
     parts.pop()?; // the op (`MatMul`, `Gemm_1`, ...)
     let mut scopes: Vec<&str> = Vec::new();
     for p in parts {
-        if let Some(last) = scopes.last() {
-            if p.len() > last.len() && p.starts_with(last) && p.as_bytes()[last.len()] == b'.' {
-                scopes.pop();
-            }
+        if let Some(last) = scopes.last()
+            && p.len() > last.len()
+            && p.starts_with(last)
+            && p.as_bytes()[last.len()] == b'.'
+        {
+            scopes.pop();
         }
         scopes.push(p);
     }

@@ -279,19 +279,18 @@ fn module_path(
 
 /// Marks candidates whose stored weight also feeds other nodes.
 fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
-    for i in 0..cands.len() {
-        let Some(src) = cands[i].source.clone() else {
+    for c in cands.iter_mut() {
+        let Some(src) = c.source.clone() else {
             continue;
         };
-        let users = final_users(model, graph, &src);
-        let me = (cands[i].graph, cands[i].node_index);
-        let others: Vec<String> = users
+        let me = (c.graph, c.node_index);
+        let others: Vec<String> = final_users(model, graph, &src)
             .iter()
             .filter(|&&u| u != me)
             .filter_map(|&(g, n)| graph.node(model, g, n).map(NodeExt::label))
             .collect();
-        cands[i].shared = !others.is_empty();
-        cands[i].shared_with = others;
+        c.shared = !others.is_empty();
+        c.shared_with = others;
     }
 }
 
@@ -336,7 +335,7 @@ pub fn final_users(
                 let Some(node) = graph.node(model, sg, n) else {
                     continue;
                 };
-                if !node.input.iter().any(|i| *i == v) {
+                if !node.input.contains(&v) {
                     continue; // reads it inside its own subgraph, counted there
                 }
                 if PASS_THROUGH.contains(&node.op_type()) && node.input.first() == Some(&v) {

@@ -187,7 +187,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn suffix_matching() {
+    fn suffix_matching() -> Result<(), Box<dyn std::error::Error>> {
         assert!(name_matches("model.layers.0.self_attn.q_proj", "q_proj"));
         assert!(name_matches(
             "m.model.layers.0.q_proj",
@@ -198,11 +198,12 @@ mod tests {
             dotted_suffixes("a.b.c").collect::<Vec<_>>(),
             vec!["a.b.c", "b.c", "c"]
         );
-        let re = full_regex(r"layers\.[0-1]\..*").unwrap();
+        let re = full_regex(r"layers\.[0-1]\..*")?;
         assert!(regex_matches(&re, "m.model.layers.1.mlp.up_proj"));
         assert!(!regex_matches(&re, "m.model.layers.2.mlp.up_proj"));
-        let re = full_regex("q_proj|v_proj").unwrap();
+        let re = full_regex("q_proj|v_proj")?;
         assert!(regex_matches(&re, "model.layers.0.self_attn.v_proj"));
         assert!(!regex_matches(&re, "model.layers.0.self_attn.o_proj"));
+        Ok(())
     }
 }

@@ -177,21 +177,21 @@ pub enum Orientation {
 pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, s: f32) -> f32 {
     let (r, n_in, n_out) = (a.rows, a.cols, b.rows);
     // Per stored row: the coefficient of each of the r basis rows, and the basis itself.
-    let (row_len, basis, coefs): (usize, Vec<f32>, Box<dyn Fn(usize, usize) -> f32 + Sync>) =
-        match orient {
-            Orientation::OutIn => (
-                n_in,
-                a.data.clone(),
-                Box::new(move |row, k| s * b.data[row * r + k]),
-            ),
-            Orientation::InOut => {
-                // B transposed and scaled once: (r, out), so the inner loop is contiguous.
-                let bt = (0..r)
-                    .flat_map(|k| (0..n_out).map(move |o| s * b.data[o * r + k]))
-                    .collect();
-                (n_out, bt, Box::new(move |row, k| a.data[k * n_in + row]))
-            }
-        };
+    type Coef<'c> = Box<dyn Fn(usize, usize) -> f32 + Sync + 'c>;
+    let (row_len, basis, coefs): (usize, Vec<f32>, Coef) = match orient {
+        Orientation::OutIn => (
+            n_in,
+            a.data.clone(),
+            Box::new(move |row, k| s * b.data[row * r + k]),
+        ),
+        Orientation::InOut => {
+            // B transposed and scaled once: (r, out), so the inner loop is contiguous.
+            let bt = (0..r)
+                .flat_map(|k| (0..n_out).map(move |o| s * b.data[o * r + k]))
+                .collect();
+            (n_out, bt, Box::new(move |row, k| a.data[k * n_in + row]))
+        }
+    };
     if row_len == 0 {
         return 0.0;
     }
@@ -265,7 +265,7 @@ pub fn scale_out(w: &mut [f32], orient: Orientation, scale: &[f32]) {
 mod tests {
     use super::*;
 
-    fn dense_delta(a: &Matrix, b: &Matrix, s: f32) -> Matrix {
+    fn dense_delta(a: &Matrix, b: &Matrix, s: f32) -> Result<Matrix> {
         let mut d = vec![0f32; b.rows * a.cols];
         for o in 0..b.rows {
             for i in 0..a.cols {
@@ -275,14 +275,15 @@ mod tests {
                         .sum::<f32>();
             }
         }
-        Matrix::new(b.rows, a.cols, d).unwrap()
+        Matrix::new(b.rows, a.cols, d)
     }
 
     #[test]
-    fn low_rank_update_matches_dense_in_both_orientations() {
-        let a = Matrix::new(2, 3, vec![1., 2., 3., -1., 0.5, 4.]).unwrap();
-        let b = Matrix::new(4, 2, vec![1., 0., 0., 1., 2., -1., 0.5, 0.25]).unwrap();
-        let d = dense_delta(&a, &b, 0.5);
+    fn low_rank_update_matches_dense_in_both_orientations() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let a = Matrix::new(2, 3, vec![1., 2., 3., -1., 0.5, 4.])?;
+        let b = Matrix::new(4, 2, vec![1., 0., 0., 1., 2., -1., 0.5, 0.25])?;
+        let d = dense_delta(&a, &b, 0.5)?;
         let mut w = vec![1f32; 12];
         add_low_rank(&mut w, Orientation::OutIn, &a, &b, 0.5);
         assert_eq!(w, d.data.iter().map(|x| x + 1.0).collect::<Vec<_>>());
@@ -296,10 +297,11 @@ mod tests {
                 .map(|x| x + 1.0)
                 .collect::<Vec<_>>()
         );
+        Ok(())
     }
 
     #[test]
-    fn half_round_trip() {
+    fn half_round_trip() -> Result<(), Box<dyn std::error::Error>> {
         let v = [1.0f32, -2.5, 0.333];
         for dt in [
             DataType::Float,
@@ -307,11 +309,12 @@ mod tests {
             DataType::Bfloat16,
             DataType::Double,
         ] {
-            let back = to_f32(&from_f32(&v, dt, "t").unwrap(), dt, "t").unwrap();
+            let back = to_f32(&from_f32(&v, dt, "t")?, dt, "t")?;
             for (x, y) in v.iter().zip(&back) {
                 assert!((x - y).abs() < 1e-2, "{dt}: {x} vs {y}");
             }
         }
         assert!(to_f32(&[0u8; 4], DataType::Int8, "t").is_err());
+        Ok(())
     }
 }

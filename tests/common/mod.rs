@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: the built binary, the Python with onnx and
 //! onnxruntime that `scripts/test.sh` installs, and paths to fixtures.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
