@@ -241,3 +241,65 @@ fn garbage_input_is_one_line_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.onnx"));
 }
+
+#[test]
+fn weights_go_external_automatically_past_the_protobuf_limit() {
+    // The real limit is 2 GiB; the same decision is exercised with a limit below this model.
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let w = TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        raw_data: Some(raw.clone().into()),
+        ..Default::default()
+    };
+    // An extra 4 KiB initializer, so going external saves more than the references cost.
+    let mut m = matmul_model(w);
+    let big: Vec<u8> = (0..1024u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    m.graph.as_mut().unwrap().initializer.push(TensorProto {
+        name: Some("big".into()),
+        dims: vec![1024],
+        data_type: Some(1),
+        raw_data: Some(big.clone().into()),
+        ..Default::default()
+    });
+    let src = write_model(dir.path(), "in.onnx", &m);
+    let model = onnx_lora::onnx::load(&src).unwrap();
+    // Under the limit, Auto keeps an inline model inline...
+    let fits = dir.path().join("fits.onnx");
+    let r = onnx_lora::onnx::save(&model, &fits, &onnx_lora::onnx::SaveOptions::default()).unwrap();
+    assert!(r.external_data.is_none());
+    // ...and with a limit below its inline size, the large tensor goes external.
+    let limit = r.model_bytes - 1000;
+    let small = |layout| onnx_lora::onnx::SaveOptions {
+        layout,
+        threshold: 16,
+        protobuf_limit: limit,
+        ..Default::default()
+    };
+    // ...over it, the large tensors go external.
+    let auto = dir.path().join("auto.onnx");
+    let r =
+        onnx_lora::onnx::save(&model, &auto, &small(onnx_lora::onnx::TensorLayout::Auto)).unwrap();
+    assert_eq!(r.external_data, Some(dir.path().join("auto.onnx.data")));
+    assert!(r.model_bytes <= limit);
+    let back = onnx_lora::onnx::load(&auto).unwrap();
+    let inits = &back.proto.graph.as_ref().unwrap().initializer;
+    assert_eq!(back.tensor_bytes(&inits[0]).unwrap(), Bytes::from(raw));
+    assert!(inits[1].external_data.iter().any(|e| e.key() == "location"));
+    assert_eq!(back.tensor_bytes(&inits[1]).unwrap(), Bytes::from(big));
+    // Forcing inline past the limit is refused, and nothing is left behind.
+    let inline = dir.path().join("inline.onnx");
+    let e = onnx_lora::onnx::save(
+        &model,
+        &inline,
+        &small(onnx_lora::onnx::TensorLayout::Inline),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("over the protobuf limit"), "{e}");
+    assert!(!inline.exists());
+    py("ort_run.py", &[&src, &auto]);
+}

@@ -432,6 +432,9 @@ pub struct SaveOptions {
     pub sync: bool,
     /// Told (bytes written, bytes to write) as external data is written.
     pub progress: Option<Progress>,
+    /// Largest protobuf to write; `Auto` goes external above it (default: 2 GiB - 1, what the
+    /// C++ and Python readers accept).
+    pub protobuf_limit: u64,
 }
 
 /// A progress callback: (done, total) in bytes.
@@ -451,6 +454,7 @@ impl Default for SaveOptions {
             threshold: DEFAULT_THRESHOLD,
             sync: true,
             progress: None,
+            protobuf_limit: PROTOBUF_LIMIT,
         }
     }
 }
@@ -484,8 +488,8 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
         TensorLayout::Inline => None,
         TensorLayout::External { name } => Some(name.clone()),
         TensorLayout::Auto => {
-            let needs =
-                model.has_external_data() || inline_size_estimate(model, &proto)? > PROTOBUF_LIMIT;
+            let needs = model.has_external_data()
+                || inline_size_estimate(model, &proto)? > opts.protobuf_limit;
             needs.then_some(None)
         }
     }
@@ -540,10 +544,11 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
     }
 
     let encoded_len = proto.encoded_len() as u64;
-    if encoded_len > PROTOBUF_LIMIT {
+    if encoded_len > opts.protobuf_limit {
         return Err(Error::Usage(format!(
-            "{}: the model would be {encoded_len} bytes, over the 2 GiB protobuf limit; write its weights as external data (--external-data)",
-            out.display()
+            "{}: the model would be {encoded_len} bytes, over the protobuf limit of {} bytes; write its weights as external data (--external-data)",
+            out.display(),
+            opts.protobuf_limit
         )));
     }
     let mut tmp = tempfile::Builder::new()
