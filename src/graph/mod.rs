@@ -325,3 +325,78 @@ impl ModelGraph {
             .find(|v| v.name() == value)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.to_string()],
+            op_type: Some(op.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topo_order_is_stable_and_repairs_order() {
+        // Sorted already: the original order comes back.
+        let g = GraphProto {
+            node: vec![
+                node("Relu", &["x"], "a"),
+                node("Relu", &["x"], "b"),
+                node("Add", &["a", "b"], "c"),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            GraphView::new(&g, GraphLoc::default(), None).topo_order(),
+            vec![0, 1, 2]
+        );
+        // A consumer listed before its producer moves after it; independent nodes keep order.
+        let g = GraphProto {
+            node: vec![
+                node("Add", &["a", "b"], "c"),
+                node("Relu", &["x"], "a"),
+                node("Relu", &["x"], "b"),
+            ],
+            ..Default::default()
+        };
+        let view = GraphView::new(&g, GraphLoc::default(), None);
+        assert_eq!(view.topo_order(), vec![1, 2, 0]);
+        assert_eq!(view.consumers_of("a"), &[0]);
+        assert_eq!(view.producer.get("c"), Some(&0));
+    }
+
+    #[test]
+    fn subgraph_reads_count_as_consumers_of_the_outer_value() {
+        let body = GraphProto {
+            node: vec![node("Identity", &["w"], "z")],
+            ..Default::default()
+        };
+        let iff = NodeProto {
+            input: vec!["cond".into()],
+            output: vec!["out".into()],
+            op_type: Some("If".into()),
+            attribute: vec![crate::onnx::pb::AttributeProto {
+                name: Some("then_branch".into()),
+                g: Some(body),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let model = ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node("Relu", &["x"], "w"), iff],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mg = ModelGraph::build(&model);
+        assert_eq!(mg.graphs.len(), 2);
+        assert_eq!(mg.graphs[0].consumers_of("w"), &[1]);
+        assert_eq!(mg.graphs[1].parent, Some(0));
+        assert!(mg.graphs[1].loc.get(&model).is_some());
+    }
+}
