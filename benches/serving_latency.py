@@ -50,6 +50,7 @@ def main():
     p.add_argument("--serving", required=True)
     p.add_argument("--adapter", required=True, help="the .onnx_adapter written by inject --adapter-out")
     p.add_argument("--folded")
+    p.add_argument("--fused", help="the branches model made with inject --fuse-shared")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seq", type=int, default=16)
@@ -75,6 +76,8 @@ def main():
 
     measure("base", args.base)
     measure("branches (adapter)", args.branches)
+    if args.fused:
+        measure("branches fused", args.fused)
     measure("serving idle", args.serving)
     adapter = ort.LoraAdapter()
     adapter.Load(args.adapter)
@@ -99,6 +102,8 @@ def main():
     print(f"max |serving active - branches|:  {diff('serving active', 'branches (adapter)'):.3g}")
     if args.folded:
         print(f"max |folded - branches|:          {diff('folded', 'branches (adapter)'):.3g}")
+    if args.fused:
+        print(f"max |fused - branches|:           {diff('branches fused', 'branches (adapter)'):.3g}")
     print(f"max |branches - base| (adapter effect): {diff('branches (adapter)', 'base'):.3g}")
 
 

@@ -829,6 +829,20 @@ fn main() -> Result<()> {
                 true,
             ),
             (
+                "inject fused",
+                "inject --adapter --fuse-shared",
+                vec![
+                    "inject".into(),
+                    os(&model),
+                    "--adapter".into(),
+                    os(&adapter_dir),
+                    "--fuse-shared".into(),
+                    "-o".into(),
+                    os(&o("inject_fused").join("model.onnx")),
+                ],
+                true,
+            ),
+            (
                 "inject serving",
                 "inject --as-inputs --adapter --adapter-out",
                 vec![
@@ -1034,6 +1048,10 @@ fn main() -> Result<()> {
                     .arg(args.serving_runs.to_string());
                 if folded.is_file() {
                     c.arg("--folded").arg(&folded);
+                }
+                let fused = o("inject_fused").join("model.onnx");
+                if fused.is_file() {
+                    c.arg("--fused").arg(&fused);
                 }
                 let status = c.status()?;
                 if !status.success() {

@@ -224,7 +224,8 @@ fn axpy(dst: &mut [f32], coef: f32, src: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        if *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        {
             // SAFETY: the CPU supports the features `axpy_avx2` is compiled for (checked above).
             unsafe { axpy_avx2(dst, coef, src) };
             return;
@@ -236,7 +237,9 @@ fn axpy(dst: &mut [f32], coef: f32, src: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_avx2(dst: &mut [f32], coef: f32, src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, x)| *d = x.mul_add(coef, *d));
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, x)| *d = x.mul_add(coef, *d));
 }
 
 /// L2 norm of each output channel of a stored weight (rows for OutIn, columns for InOut).
