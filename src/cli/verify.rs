@@ -111,13 +111,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (Some(b), None) => verify::verify_models(&args.a, b, &opts)?,
         (None, None) => anyhow::bail!("give model B or --expect FILE"),
     };
+    verdict(&report, args.json)
+}
+
+/// Prints the notes (stderr) and the comparison (text or JSON Lines); returns the exit code.
+fn verdict(report: &VerifyReport, json: bool) -> anyhow::Result<u8> {
     for note in &report.notes {
         eprintln!("onnx-lora: note: {note}");
     }
-    if args.json {
-        print_json(&report)?;
+    if json {
+        print_json(report)?;
     } else {
-        print_text(&report);
+        print_text(report);
     }
     Ok(if report.passed {
         super::EXIT_OK
@@ -226,20 +231,7 @@ pub(super) fn check(
         ep,
         ..VerifyOptions::default()
     };
-    let report = verify::verify_models(model, reference, &opts)?;
-    for note in &report.notes {
-        eprintln!("onnx-lora: note: {note}");
-    }
-    if json {
-        print_json(&report)?;
-    } else {
-        print_text(&report);
-    }
-    Ok(if report.passed {
-        super::EXIT_OK
-    } else {
-        super::EXIT_MISMATCH
-    })
+    verdict(&verify::verify_models(model, reference, &opts)?, json)
 }
 
 /// `check` against a model in memory: written to a scratch folder first (runtimes take paths).
