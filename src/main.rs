@@ -5,5 +5,12 @@ use std::process::ExitCode;
 mod cli;
 
 fn main() -> ExitCode {
+    // Like other Unix filters: a closed stdout (`onnx-lora inspect m.onnx | head`) ends the
+    // process quietly instead of a panic from `println!`.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     cli::main()
 }

@@ -260,3 +260,21 @@ fn weighted_adapters_add_up() {
     let d: serde_json::Value = serde_json::from_str(&py("ort_diff.py", &[&both, &m])).unwrap();
     assert!(d["y"].as_f64().unwrap() > 1e-2, "{d}");
 }
+
+/// A closed stdout (`| head`) ends the process without a panic message.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .args(["inspect", "--json"])
+        .arg(fixtures().join("bert/torchscript/model.onnx"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(o.status.code(), Some(101), "{err}");
+}
