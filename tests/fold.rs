@@ -56,6 +56,76 @@ fn folded_models_match_peft_unmerged_forward() {
     );
 }
 
+/// onnxruntime's transformer optimizer packs q/k/v into one Attention weight and drops their
+/// node names: adapter modules on q/k/v land in the right columns of the right layer.
+#[test]
+fn packed_qkv_of_ort_optimized_models_match_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut sliced = 0;
+    for (case, packed) in optimized_cases() {
+        assert!(!packed.is_empty(), "{}: no packed weights", case.label());
+        for ad in &case.adapters {
+            let out = dir.path().join(format!("{}_{}.onnx", case.model, ad.name));
+            let o = onnx_lora(&[
+                "fold",
+                case.onnx.to_str().unwrap(),
+                ad.dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--json",
+            ]);
+            if !o.status.success() {
+                failures.push(format!(
+                    "{} {}: {}",
+                    case.label(),
+                    ad.name,
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+                continue;
+            }
+            // Every q/k/v module of the adapter went into a slice of a packed weight.
+            let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+            let slices: Vec<serde_json::Value> = stdout
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["type"] == "module")
+                .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let qkv: Vec<&String> = ad
+                .targets
+                .iter()
+                .filter(|t| t.ends_with(".query") || t.ends_with(".key") || t.ends_with(".value"))
+                .collect();
+            assert_eq!(slices.len(), qkv.len(), "{}: {stdout}", ad.name);
+            for s in &slices {
+                let module = s["module"].as_str().unwrap();
+                let col = s["columns"][0].as_u64().unwrap();
+                let expect = match module.rsplit('.').next().unwrap() {
+                    "query" => 0,
+                    "key" => 32,
+                    _ => 64,
+                };
+                assert_eq!(col, expect, "{module} in {stdout}");
+                sliced += 1;
+            }
+            let base = case.base.to_str().unwrap().to_string();
+            let (ok, msg) = ort_compare(
+                &out,
+                &case.inputs,
+                &ad.unmerged,
+                case.tol(),
+                &["--differs", &base],
+            );
+            if !ok {
+                failures.push(format!("{} {}: {msg}", case.label(), ad.name));
+            }
+        }
+    }
+    assert!(sliced >= 8, "only {sliced} packed slices were folded");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn every_feature_is_covered_by_the_fixtures() {
     let all: Vec<String> = cases()

@@ -261,13 +261,57 @@ fn weighted_adapters_add_up() {
     assert!(d["y"].as_f64().unwrap() > 1e-2, "{d}");
 }
 
+/// A q/k/v module whose layer holds no packed weight, or whose width does not fit the packed
+/// weight, is refused with a message naming the module and the packed weights.
+#[test]
+fn packed_qkv_that_cannot_be_placed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("bert/ort_optimized/model.onnx");
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"]});
+    let run = |name: &str, t: Vec<(String, Vec<usize>, Vec<f32>)>| {
+        let ad = write_adapter(&dir.path().join(name), cfg.clone(), &refs(&t));
+        let out = dir.path().join("out.onnx");
+        let o = onnx_lora(&[
+            "fold",
+            model.to_str().unwrap(),
+            ad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!out.exists());
+        err
+    };
+    let err = run(
+        "layer7",
+        lora("encoder.layer.7.attention.self.query", 32, 32, 0.1),
+    );
+    assert!(
+        err.contains("encoder.layer.7.attention.self.query")
+            && err.contains("packs q/k/v")
+            && err.contains("Attention_0_qkv_weight"),
+        "{err}"
+    );
+    let err = run(
+        "narrow",
+        lora("encoder.layer.0.attention.self.query", 32, 16, 0.1),
+    );
+    assert!(
+        err.contains("Attention_0_qkv_weight")
+            && err.contains("encoder.layer.0.attention.self.query"),
+        "{err}"
+    );
+}
+
 /// A closed stdout (`| head`) ends the process without a panic message.
 #[test]
 fn closed_stdout_is_not_a_panic() {
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
         .args(["inspect", "--json"])
-        .arg(fixtures().join("bert/torchscript/model.onnx"))
+        .arg(fixtures().join("bert/ort_optimized/model.onnx"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -16,7 +16,13 @@ use super::output::{json_line, table};
   onnx-lora inspect model.onnx --target 'layers\\.[0-3]\\..*' --json | jq .module
 
 --target is a regex that must match the whole module path or a dotted suffix of it, so it
-works whatever prefix the export added. --json prints one JSON object per line.")]
+works whatever prefix the export added. --json prints one JSON object per line.
+
+FLAGS: shared (the weight also feeds other nodes; fold gives the target its own copy),
+subgraph (inside an If/Loop/Scan body), quantized (fold refuses it; inject puts a float branch
+beside it), packed-qkv (one weight holds the q, k and v projections side by side, as in
+onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
+column slices, placed by the module path named next to it).")]
 pub struct Args {
     /// The ONNX model.
     model: PathBuf,
@@ -57,11 +63,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             if c.quantized {
                 flags.push("quantized");
             }
+            if c.packed.is_some() {
+                flags.push("packed-qkv");
+            }
             vec![
-                if c.module.is_empty() {
-                    "?".into()
-                } else {
-                    c.module.clone()
+                match (&c.packed, c.module.is_empty()) {
+                    (Some(p), true) if !p.scope.is_empty() => format!("(q/k/v near {})", p.scope),
+                    (_, true) => "?".into(),
+                    _ => c.module.clone(),
                 },
                 c.op.clone(),
                 format!("{:?}", c.shape),

@@ -24,7 +24,7 @@ use crate::graph::ModelGraph;
 use crate::onnx::LoadedModel;
 use crate::onnx::io::LazyTensor;
 use crate::onnx::pb_ext::NodeExt;
-use crate::target::{Candidate, find_candidates, resolve_module};
+use crate::target::{Candidate, find_candidates, packed, resolve_module};
 use crate::tensor::{Matrix, Orientation, add_low_rank, from_f32, out_norms, scale_out};
 
 #[derive(Clone, Debug)]
@@ -60,9 +60,22 @@ pub struct ModuleReport {
     pub replaced: bool,
     /// Largest |new - old| element; known once the merge has run (the model was saved).
     pub max_abs_delta: DeltaCell,
+    /// The slices of a packed q/k/v weight that adapter modules changed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packed: Vec<PackedSlice>,
     /// Name of the private copy made because the weight was shared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<String>,
+}
+
+/// One projection's columns in a packed weight.
+#[derive(Clone, Debug, Serialize)]
+pub struct PackedSlice {
+    pub module: String,
+    /// `q`, `k` or `v`.
+    pub projection: &'static str,
+    /// Output channels `[start, end)`.
+    pub columns: [usize; 2],
 }
 
 /// A value filled in when the lazy merge runs (at save time); `null` in JSON before that.
@@ -95,6 +108,8 @@ pub(crate) struct Step<'a> {
     pub scale: f32,
     /// torch stores this layer's full weight as (in, out) (GPT-2 Conv1D).
     pub fan_in_fan_out: bool,
+    /// The module is the q (0), k (1) or v (2) slice of a packed weight.
+    pub role: Option<usize>,
 }
 
 /// All the steps aimed at one node's weight.
@@ -198,19 +213,35 @@ fn plan<'a>(
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
         for module in &adapter.modules {
-            let accept = |c: &Candidate| super::accepts(module, c);
-            let found = match resolve_module(cands, &module.path, accept) {
-                Ok(found) => found,
-                Err(e) => {
-                    unmatched.push(format!("{} ({e})", module.keys.join(", ")));
-                    continue;
-                }
+            // onnxruntime's Attention node holds a whole (packed) projection weight.
+            let accept = |c: &Candidate| {
+                super::accepts(module, c) || (c.op == "Attention" && is_linear_lora(module))
             };
-            for c in found {
+            let found: Vec<(&Candidate, Option<usize>)> =
+                match resolve_module(cands, &module.path, accept) {
+                    Ok(found) => found.into_iter().map(|c| (c, None)).collect(),
+                    Err(e) => match packed::resolve(cands, &module.path) {
+                        Some(Ok((c, role)))
+                            if is_linear_lora(module) || module.kind == ModuleKind::Full =>
+                        {
+                            vec![(c, Some(role))]
+                        }
+                        Some(Err(pe)) => {
+                            unmatched.push(format!("{} ({pe})", module.keys.join(", ")));
+                            continue;
+                        }
+                        _ => {
+                            unmatched.push(format!("{} ({e})", module.keys.join(", ")));
+                            continue;
+                        }
+                    },
+                };
+            for (c, role) in found {
                 let step = Step {
                     module,
                     scale: adapter.scaling(module) * weight,
                     fan_in_fan_out: adapter.config.fan_in_fan_out,
+                    role,
                 };
                 match jobs
                     .iter_mut()
@@ -238,6 +269,11 @@ fn plan<'a>(
     Ok(jobs)
 }
 
+/// A LoRA module with 2-D factors (a linear layer's).
+fn is_linear_lora(m: &ModuleAdapter) -> bool {
+    m.kind == ModuleKind::Lora && m.a.as_ref().is_some_and(|a| a.shape.len() == 2)
+}
+
 type Merged = (Arc<MergePlan>, ModuleReport, Option<Vec<f32>>);
 
 /// One step of a merge with everything it needs owned, so the merge can run later.
@@ -246,7 +282,10 @@ enum OwnedStep {
         a: Matrix,
         b: Matrix,
         scale: f32,
+        /// DoRA magnitudes of the output channels in `cols`.
         magnitude: Option<Vec<f32>>,
+        /// The output channels this step owns (a packed weight's slice; else all of them).
+        cols: std::ops::Range<usize>,
     },
     Replace(Vec<f32>),
 }
@@ -282,11 +321,19 @@ impl LazyTensor for MergePlan {
                     b,
                     scale,
                     magnitude,
+                    cols,
                 } => {
                     delta = add_low_rank(&mut w.values, w.orient, a, b, *scale);
                     if let Some(mag) = magnitude {
                         let norms = out_norms(&w.values, w.orient, w.n_out);
-                        let factor: Vec<f32> = mag.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                        let mut factor = vec![1f32; w.n_out];
+                        for ((f, m), n) in factor[cols.clone()]
+                            .iter_mut()
+                            .zip(mag)
+                            .zip(&norms[cols.clone()])
+                        {
+                            *f = m / n;
+                        }
                         scale_out(&mut w.values, w.orient, &factor);
                     }
                 }
@@ -343,12 +390,32 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         dora: false,
         replaced: false,
         max_abs_delta: DeltaCell::default(),
+        packed: Vec::new(),
         copy: None,
     };
     let mut bias: Option<Vec<f32>> = None;
     let mut steps = Vec::new();
+    let widths = packed_widths(c, job, weight.n_out)?;
     for step in &job.steps {
         let m = step.module;
+        let cols = match (step.role, widths) {
+            (Some(role), Some(w)) => {
+                let start: usize = w[..role].iter().sum();
+                rep.packed.push(PackedSlice {
+                    module: m.path.clone(),
+                    projection: packed::ROLE_NAMES[role],
+                    columns: [start, start + w[role]],
+                });
+                start..start + w[role]
+            }
+            _ => 0..weight.n_out,
+        };
+        if m.kind == ModuleKind::Full && step.role.is_some() {
+            return Err(Error::Target(format!(
+                "module '{}': the adapter replaces the whole layer, but its weight is a slice of the packed weight '{}' ({}); replacing a slice is not supported",
+                m.path, c.weight, c.node
+            )));
+        }
         if m.kind == ModuleKind::Full {
             if let Some(values) = full_values(&weight, c, m, step.fan_in_fan_out)? {
                 steps.push(OwnedStep::Replace(values));
@@ -358,15 +425,23 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
         let s = step.scale / gemm_alpha(model, graph, c);
-        let (a, b) = super::factors(m, c, weight.n_in, weight.n_out)?;
+        let (a, b) = super::factors(m, c, weight.n_in, cols.len())?;
+        // A slice's B gets zero rows for the other projections' channels.
+        let b = if cols.len() == weight.n_out {
+            b
+        } else {
+            let mut padded = vec![0f32; weight.n_out * b.cols];
+            padded[cols.start * b.cols..cols.end * b.cols].copy_from_slice(&b.data);
+            Matrix::new(weight.n_out, b.cols, padded)?
+        };
         let magnitude = match &m.magnitude {
-            Some(mag) if mag.data.len() != weight.n_out => {
+            Some(mag) if mag.data.len() != cols.len() => {
                 return Err(shape_err(
                     c,
                     m,
                     "lora_magnitude_vector",
                     &mag.shape,
-                    weight.n_out,
+                    cols.len(),
                 ));
             }
             Some(mag) => Some(mag.data.clone()),
@@ -375,10 +450,13 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         rep.dora |= magnitude.is_some();
         if let Some(bb) = &m.bias_b {
             let acc = bias.get_or_insert_with(|| vec![0.0; weight.n_out]);
-            if bb.data.len() != acc.len() {
-                return Err(shape_err(c, m, "lora_B.bias", &bb.shape, weight.n_out));
+            if bb.data.len() != cols.len() {
+                return Err(shape_err(c, m, "lora_B.bias", &bb.shape, cols.len()));
             }
-            acc.iter_mut().zip(&bb.data).for_each(|(x, y)| *x += s * y);
+            acc[cols.clone()]
+                .iter_mut()
+                .zip(&bb.data)
+                .for_each(|(x, y)| *x += s * y);
         }
         rep.rank = m.rank();
         rep.scale = s;
@@ -387,7 +465,16 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             b,
             scale: s,
             magnitude,
+            cols,
         });
+    }
+    if !rep.packed.is_empty() {
+        rep.module = rep
+            .packed
+            .iter()
+            .map(|p| p.module.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ");
     }
     let plan = MergePlan {
         weight,
@@ -396,6 +483,60 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         max_abs_delta: rep.max_abs_delta.clone(),
     };
     Ok((Arc::new(plan), rep, bias))
+}
+
+/// The q/k/v widths of a packed weight, when any step is a slice of it.
+fn packed_widths(c: &Candidate, job: &Job, total: usize) -> Result<Option<[usize; 3]>> {
+    let Some(p) = c
+        .packed
+        .as_ref()
+        .filter(|_| job.steps.iter().any(|s| s.role.is_some()))
+    else {
+        return Ok(None);
+    };
+    let mut known = [None; 3];
+    for step in &job.steps {
+        if let (Some(role), Some(b)) = (step.role, &step.module.b) {
+            let w = b.shape[0];
+            if known[role].is_some_and(|k| k != w) {
+                return Err(Error::Target(format!(
+                    "modules for the {} projection of packed weight '{}' disagree on its width ({} and {w})",
+                    packed::ROLE_NAMES[role],
+                    c.weight,
+                    known[role].unwrap_or(0)
+                )));
+            }
+            known[role] = Some(w);
+        }
+    }
+    let widths = packed::widths(p, total, known);
+    match widths {
+        Some(w) if known.iter().zip(w).all(|(k, w)| k.is_none_or(|k| k == w)) => Ok(Some(w)),
+        _ => {
+            let names: Vec<String> = job
+                .steps
+                .iter()
+                .filter(|s| s.role.is_some())
+                .map(|s| {
+                    format!(
+                        "{} ({} outputs)",
+                        s.module.path,
+                        s.module.b.as_ref().map_or(0, |b| b.shape[0])
+                    )
+                })
+                .collect();
+            Err(Error::Target(format!(
+                "packed q/k/v weight '{}' ({} {:?}, {total} outputs{}) cannot be split to fit {}",
+                c.weight,
+                c.node,
+                c.shape,
+                p.widths
+                    .map(|w| format!(", node sizes {w:?}"))
+                    .unwrap_or_default(),
+                names.join(", ")
+            )))
+        }
+    }
 }
 
 fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
@@ -457,7 +598,7 @@ fn full_values(
 fn bias_value(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Option<String> {
     let node = graph.node(&model.proto, c.graph, c.node_index)?;
     match c.op.as_str() {
-        "Gemm" | "Conv" => node.input.get(2).filter(|v| !v.is_empty()).cloned(),
+        "Gemm" | "Conv" | "Attention" => node.input.get(2).filter(|v| !v.is_empty()).cloned(),
         _ => {
             let o = node.output.first()?;
             let [u] = graph.graphs[c.graph].consumers_of(o) else {

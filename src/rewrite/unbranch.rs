@@ -47,6 +47,7 @@ pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
         .map(|f| Job {
             cand: f.cand.clone(),
             steps: vec![Step {
+                role: None,
                 module: &f.module,
                 scale: f.scale,
                 fan_in_fan_out: false,

@@ -6,6 +6,7 @@
 //! adapter module paths against the candidates.
 
 pub mod evidence;
+pub mod packed;
 pub mod select;
 
 use serde::Serialize;
@@ -71,6 +72,9 @@ pub struct Candidate {
     pub in_subgraph: bool,
     /// Quantized base (MatMulNBits or a DequantizeLinear on the weight path).
     pub quantized: bool,
+    /// The weight packs q/k/v projections side by side (onnxruntime's Attention, `qkv_proj`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packed: Option<packed::Packed>,
     /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub through: Vec<String>,
@@ -119,7 +123,7 @@ fn weight_input(node: &NodeProto) -> Option<usize> {
     match (node.domain(), node.op_type()) {
         ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv") => Some(1),
         ("" | "ai.onnx", "Gather") => (node.attr_i("axis").unwrap_or(0) == 0).then_some(0),
-        ("com.microsoft", "MatMulNBits") => Some(1),
+        ("com.microsoft", "MatMulNBits" | "Attention") => Some(1),
         _ => None,
     }
 }
@@ -174,6 +178,7 @@ fn candidate(
     let (layout, in_features, out_features) = layout_of(node, &shape, transposes)?;
     let (module, evidence, other_paths) =
         module_path(model, graph, gi, node, tensor.name(), &value);
+    let packed = packed::packing(model, graph, gi, node, &module, out_features);
     Some(Candidate {
         module,
         evidence,
@@ -193,6 +198,7 @@ fn candidate(
         shared_with: Vec::new(),
         in_subgraph: gi != 0,
         quantized,
+        packed,
         through,
         graph: gi,
         node_index: ni,
@@ -205,6 +211,8 @@ fn candidate(
 /// Layout and (in, out) features from the node and the stored shape.
 fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layout, i64, i64)> {
     match node.op_type() {
+        // onnxruntime's Attention: weight [in, q + k + v].
+        "Attention" => (shape.len() == 2).then(|| (Layout::InOut, shape[0], shape[1])),
         "MatMul" | "Gemm" => {
             if shape.len() != 2 {
                 return None;

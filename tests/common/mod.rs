@@ -194,6 +194,51 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
+/// The onnxruntime-optimized models of fixtures/manifest.json (`optimized`): packed q/k/v,
+/// with the adapters (and PEFT outputs) of the model they were optimized from.
+pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>)> {
+    let path = fixtures().join("manifest.json");
+    let text = std::fs::read_to_string(&path).expect("manifest.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("manifest.json is JSON");
+    let list = v["optimized"].as_array().expect("an `optimized` list");
+    let all = cases();
+    let out: Vec<(Case, Vec<serde_json::Value>)> = list
+        .iter()
+        .map(|o| {
+            let model = o["model"].as_str().expect("model");
+            let names: Vec<&str> = o["adapters"]
+                .as_array()
+                .expect("adapters")
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            let src = all
+                .iter()
+                .find(|c| c.model == model)
+                .expect("the optimized model's source case");
+            let case = Case {
+                model: model.to_string(),
+                exporter: "ort_optimized".into(),
+                onnx: fixtures().join(o["onnx"].as_str().expect("onnx")),
+                dtype: o["dtype"].as_str().expect("dtype").to_string(),
+                inputs: fixtures().join(o["inputs"].as_str().expect("inputs")),
+                base: fixtures().join(o["base"].as_str().expect("base")),
+                adapters: src
+                    .adapters
+                    .iter()
+                    .filter(|a| names.contains(&a.name.as_str()))
+                    .cloned()
+                    .collect(),
+            };
+            assert_eq!(case.adapters.len(), names.len(), "adapters of {model}");
+            let packed = o["packed"].as_array().cloned().unwrap_or_default();
+            (case, packed)
+        })
+        .collect();
+    assert!(!out.is_empty(), "no optimized models in {}", path.display());
+    out
+}
+
 /// Runs tests/py/ort_compare.py; returns (passed, its one-line report).
 pub fn ort_compare(
     model: &Path,
