@@ -126,6 +126,68 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// onnxruntime-genai's model builder packs q/k/v into one `qkv_proj` MatMul per layer, with
+/// grouped-query attention (q 64, k and v 32 wide): fold places each projection's columns from
+/// the adapter's own widths and matches PEFT.
+#[test]
+fn packed_qkv_of_genai_builder_model_matches_peft() {
+    let root = fixtures().join("llama_genai");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("info.json")).unwrap()).unwrap();
+    let w = &info["qkv_widths"];
+    let (q, k) = (w["q"].as_u64().unwrap(), w["k"].as_u64().unwrap());
+    let start = |proj: &str| match proj {
+        "q" => 0,
+        "k" => q,
+        _ => q + k,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = root.join("model.onnx");
+    let adapters = info["adapters"].as_object().unwrap();
+    assert!(adapters.len() >= 2);
+    for (name, ad) in adapters {
+        let out = dir.path().join(format!("{name}.onnx"));
+        let stdout = onnx_lora_ok(&[
+            "fold",
+            model.to_str().unwrap(),
+            root.join(ad["dir"].as_str().unwrap()).to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        let slices: Vec<serde_json::Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "module")
+            .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let qkv = ad["config"]["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| ["q_proj", "k_proj", "v_proj"].contains(&t.as_str().unwrap()))
+            .count();
+        let layers = info["config"]["num_hidden_layers"].as_u64().unwrap() as usize;
+        assert_eq!(slices.len(), qkv * layers, "{name}: {stdout}");
+        for s in &slices {
+            let proj = s["projection"].as_str().unwrap();
+            assert_eq!(
+                s["module"].as_str().unwrap().rsplit('.').next().unwrap(),
+                format!("{proj}_proj")
+            );
+            assert_eq!(s["columns"][0].as_u64().unwrap(), start(proj), "{stdout}");
+        }
+        let (ok, msg) = ort_compare(
+            &out,
+            &root.join("inputs.npz"),
+            &root.join(ad["outputs"].as_str().unwrap()),
+            1e-4,
+            &["--differs", root.join("base.npz").to_str().unwrap()],
+        );
+        assert!(ok, "{name}: {msg}");
+    }
+}
+
 #[test]
 fn every_feature_is_covered_by_the_fixtures() {
     let all: Vec<String> = cases()
