@@ -303,3 +303,72 @@ fn weights_go_external_automatically_past_the_protobuf_limit() {
     assert!(!inline.exists());
     py("ort_run.py", &[&src, &auto]);
 }
+
+/// Large untouched tensors are copied file to file (`copy_file_range` on Linux) from the
+/// `.onnx` file itself and from an external data file at an unaligned offset; the copies are
+/// byte-exact and aligned in the output.
+#[test]
+fn large_untouched_tensors_copy_exactly_from_every_source_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 600 * 1024; // 2.4 MB per tensor, over the copy threshold
+    let values = |seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .flat_map(|i| ((i.wrapping_mul(2654435761) ^ seed) as f32).to_le_bytes())
+            .collect()
+    };
+    let (inline_raw, ext_raw) = (values(1), values(2));
+    // The external tensor sits 100 bytes into its file, after some unrelated bytes.
+    let mut data = vec![7u8; 100];
+    data.extend_from_slice(&ext_raw);
+    std::fs::write(dir.path().join("w.bin"), &data).unwrap();
+    let mut ext = external_weight("w.bin", 100, ext_raw.len() as u64);
+    ext.name = Some("ext".into());
+    ext.dims = vec![n as i64];
+    let w = TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        raw_data: Some(
+            (0..12u32)
+                .flat_map(|i| (i as f32).to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let mut m = matmul_model(w);
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(TensorProto {
+        name: Some("inline".into()),
+        dims: vec![n as i64],
+        data_type: Some(1),
+        raw_data: Some(inline_raw.clone().into()),
+        ..Default::default()
+    });
+    g.initializer.push(ext);
+    let src = write_model(dir.path(), "in.onnx", &m);
+    let model = onnx_lora::onnx::load(&src).unwrap();
+    let out = dir.path().join("out.onnx");
+    let opts = onnx_lora::onnx::SaveOptions {
+        layout: onnx_lora::onnx::TensorLayout::External { name: None },
+        ..Default::default()
+    };
+    let r = onnx_lora::onnx::save(&model, &out, &opts).unwrap();
+    assert_eq!(r.external_tensors, 2);
+    let back = onnx_lora::onnx::load(&out).unwrap();
+    let inits = &back.proto.graph.as_ref().unwrap().initializer;
+    for (t, expect) in inits[1..].iter().zip([&inline_raw, &ext_raw]) {
+        let offset: u64 = t
+            .external_data
+            .iter()
+            .find(|e| e.key() == "offset")
+            .unwrap()
+            .value()
+            .parse()
+            .unwrap();
+        assert_eq!(offset % 4096, 0);
+        assert_eq!(back.tensor_bytes(t).unwrap(), Bytes::from(expect.clone()));
+    }
+    // The inputs are unchanged.
+    assert_eq!(std::fs::read(dir.path().join("w.bin")).unwrap(), data);
+}

@@ -204,6 +204,24 @@ impl LoadedModel {
         let _ = bytes;
     }
 
+    /// The file and byte offset `bytes` were read from, when they are a slice of one of the
+    /// model's maps (the `.onnx` file or an external data file), so that they can be copied
+    /// file to file without passing through this process.
+    pub fn file_span(&self, bytes: &Bytes) -> Option<(PathBuf, u64)> {
+        let p = bytes.as_ptr() as usize;
+        let end = p + bytes.len();
+        let offset_in = |m: &Bytes| {
+            let start = m.as_ptr() as usize;
+            (!m.is_empty() && p >= start && end <= start + m.len()).then(|| (p - start) as u64)
+        };
+        if let Some(off) = offset_in(&self.source) {
+            return Some((self.path.clone(), off));
+        }
+        self.external
+            .iter()
+            .find_map(|(loc, m)| offset_in(m).map(|off| (self.dir().join(loc), off)))
+    }
+
     /// Folder the model's external data is resolved against.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
@@ -708,6 +726,7 @@ fn write_external(
             }
         });
         let mut w = BufWriter::with_capacity(4 << 20, file);
+        let mut copier = RangeCopier::default();
         let mut pos = 0u64;
         let mut done = 0u64;
         let mut count = 0usize;
@@ -729,8 +748,19 @@ fn write_external(
             w.write_all(&vec![0u8; pad as usize])
                 .map_err(|e| Error::io(location, e))?;
             pos += pad;
-            w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
-            model.release(&bytes);
+            // Untouched tensors of a file go file to file in the kernel; the rest is written.
+            let copied = bytes.len() >= COPY_RANGE_MIN
+                && match model.file_span(&bytes) {
+                    Some((path, offset)) => {
+                        w.flush().map_err(|e| Error::io(location, e))?;
+                        copier.copy(&path, offset, bytes.len() as u64, w.get_ref())?
+                    }
+                    None => false,
+                };
+            if !copied {
+                w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
+                model.release(&bytes);
+            }
             let entry = |k: &str, v: String| StringStringEntryProto {
                 key: Some(k.to_string()),
                 value: Some(v),
@@ -759,6 +789,84 @@ fn write_external(
         w.flush().map_err(|e| Error::io(location, e))?;
         Ok((pos, count))
     })
+}
+
+/// Tensors at least this large are copied file to file (`copy_file_range`) when they can be.
+const COPY_RANGE_MIN: usize = 1 << 20;
+
+/// Copies byte ranges of input files to the end of the output file with `copy_file_range`
+/// (Linux): the kernel moves the bytes between page caches (or shares the blocks, on
+/// filesystems with reflinks) without mapping them into this process. Where the call is not
+/// supported (another OS, kernel or filesystem) it says so once and the caller writes instead.
+#[derive(Default)]
+struct RangeCopier {
+    sources: HashMap<PathBuf, File>,
+    unsupported: bool,
+}
+
+impl RangeCopier {
+    /// Appends `len` bytes of `path` from `offset` to `out` at its current position. Ok(false)
+    /// when nothing was copied and the caller must write the bytes itself.
+    #[cfg(target_os = "linux")]
+    fn copy(&mut self, path: &Path, offset: u64, len: u64, out: &File) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        if self.unsupported {
+            return Ok(false);
+        }
+        if !self.sources.contains_key(path) {
+            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            self.sources.insert(path.to_path_buf(), f);
+        }
+        let src = self.sources[path].as_raw_fd();
+        let mut off_in = offset as libc::loff_t;
+        let mut left = len;
+        while left > 0 {
+            let chunk = left.min(1 << 30) as usize;
+            // SAFETY: both descriptors are open files owned by this process for the call;
+            // `off_in` is a valid pointer to a local; a null `off_out` means "use and advance
+            // the output's file position", which the buffered writer has flushed up to.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src,
+                    &mut off_in,
+                    out.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    chunk,
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                let fallback = matches!(
+                    err.raw_os_error(),
+                    Some(
+                        libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM
+                    )
+                );
+                if fallback && left == len {
+                    self.unsupported = true;
+                    return Ok(false);
+                }
+                return Err(Error::io(path, err));
+            }
+            if n == 0 {
+                return Err(Error::io(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended before the tensor's data",
+                    ),
+                ));
+            }
+            left -= n as u64;
+        }
+        Ok(true)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn copy(&mut self, _path: &Path, _offset: u64, _len: u64, _out: &File) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Calls `f` on the initializers of `g` and of every subgraph below it.
