@@ -313,6 +313,7 @@ impl LazyTensor for MergePlan {
         );
         let original = (!single).then(|| w.values.clone());
         let mut delta = 0f32;
+        let mut all_finite = true;
         for step in &self.steps {
             match step {
                 OwnedStep::Replace(values) => w.values.clone_from(values),
@@ -323,7 +324,9 @@ impl LazyTensor for MergePlan {
                     magnitude,
                     cols,
                 } => {
-                    delta = add_low_rank(&mut w.values, w.orient, a, b, *scale);
+                    let (d, finite) = add_low_rank(&mut w.values, w.orient, a, b, *scale);
+                    delta = d;
+                    all_finite &= finite;
                     if let Some(mag) = magnitude {
                         let norms = out_norms(&w.values, w.orient, w.n_out);
                         let mut factor = vec![1f32; w.n_out];
@@ -345,6 +348,7 @@ impl LazyTensor for MergePlan {
                 delta = d;
                 bad
             }
+            None if all_finite => None,
             None => w.values.par_iter().position_any(|v| !v.is_finite()),
         };
         if let Some(bad) = bad {

@@ -26,7 +26,7 @@ pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
             ));
         }
     };
-    let mut out = vec![0f32; bytes.len() / width];
+    let mut out = buffer(bytes.len() / width);
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
         .for_each(|(dst, src)| {
@@ -50,6 +50,48 @@ pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
             }
         });
     Ok(out)
+}
+
+/// f32 buffers that `f32_into_bytes` handed out and got back once the bytes were written:
+/// merging weight after weight reuses a few buffers instead of mapping (and zeroing) fresh
+/// pages for every weight.
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+/// Buffers kept for reuse (the save pipeline has at most two merged weights in flight).
+const POOL_SIZE: usize = 3;
+
+/// A vector of `n` f32 values, all to be overwritten by the caller (from the pool when one is
+/// large enough: its old values stand in for zeros).
+fn buffer(n: usize) -> Vec<f32> {
+    let reused = POOL.lock().ok().and_then(|mut pool| {
+        let i = pool.iter().position(|v| v.capacity() >= n)?;
+        Some(pool.swap_remove(i))
+    });
+    match reused {
+        Some(mut v) => {
+            if v.len() >= n {
+                v.truncate(n);
+            } else {
+                v.resize(n, 0.0);
+            }
+            v
+        }
+        None => vec![0f32; n],
+    }
+}
+
+fn recycle(v: Vec<f32>) {
+    if v.capacity() < CHUNK {
+        return;
+    }
+    if let Ok(mut pool) = POOL.lock() {
+        if pool.len() < POOL_SIZE {
+            pool.push(v);
+        } else if let Some(smallest) = pool.iter_mut().min_by_key(|b| b.capacity())
+            && smallest.capacity() < v.capacity()
+        {
+            *smallest = v;
+        }
+    }
 }
 
 /// Encodes f32 values to the stored dtype, rounding once (in parallel chunks).
@@ -84,11 +126,17 @@ pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> 
 }
 
 /// f32 values as their little-endian bytes without a copy (on little-endian machines; a
-/// converted copy elsewhere).
+/// converted copy elsewhere). The vector goes back to the buffer pool when the bytes are
+/// dropped.
 pub fn f32_into_bytes(values: Vec<f32>) -> bytes::Bytes {
     #[cfg(target_endian = "little")]
     {
         struct AsBytes(Vec<f32>);
+        impl Drop for AsBytes {
+            fn drop(&mut self) {
+                recycle(std::mem::take(&mut self.0));
+            }
+        }
         impl AsRef<[u8]> for AsBytes {
             fn as_ref(&self) -> &[u8] {
                 // SAFETY: f32 has no padding and every bit pattern is a valid u8; the slice
@@ -173,8 +221,15 @@ pub enum Orientation {
 /// `W += s * B @ A` (in `OutIn` terms) on a stored weight of either orientation, where
 /// A is (r, in) and B is (out, r). Each stored row's delta is a rank-r combination of rows of A
 /// (or of scaled columns of B), built in a row-sized scratch buffer and added once, so nothing
-/// larger than a row is formed; rows run in parallel. Returns the largest |delta| element.
-pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, s: f32) -> f32 {
+/// larger than a row is formed; rows run in parallel. Returns the largest |delta| element and
+/// whether every updated value is finite (checked while the row is in cache).
+pub fn add_low_rank(
+    w: &mut [f32],
+    orient: Orientation,
+    a: &Matrix,
+    b: &Matrix,
+    s: f32,
+) -> (f32, bool) {
     let (r, n_in, n_out) = (a.rows, a.cols, b.rows);
     // Per stored row: the coefficient of each of the r basis rows, and the basis itself.
     type Coef<'c> = Box<dyn Fn(usize, usize) -> f32 + Sync + 'c>;
@@ -193,7 +248,7 @@ pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, 
         }
     };
     if row_len == 0 {
-        return 0.0;
+        return (0.0, true);
     }
     w.par_chunks_mut(row_len)
         .enumerate()
@@ -208,14 +263,16 @@ pub fn add_low_rank(w: &mut [f32], orient: Orientation, a: &Matrix, b: &Matrix, 
                     }
                 }
                 let mut max = 0f32;
+                let mut finite = true;
                 values.iter_mut().zip(scratch.iter()).for_each(|(v, d)| {
                     *v += d;
                     max = max.max(d.abs());
+                    finite &= v.is_finite();
                 });
-                max
+                (max, finite)
             },
         )
-        .reduce(|| 0.0, f32::max)
+        .reduce(|| (0.0, true), |(m1, f1), (m2, f2)| (m1.max(m2), f1 && f2))
 }
 
 /// `dst += coef * src`, the merge's inner loop: on x86-64 CPUs with AVX2 and FMA (checked at
