@@ -346,3 +346,28 @@ fn fused_shared_projections_match_peft_and_fold_back() {
     }
     assert!(fused_any, "no fixture had branches sharing an input");
 }
+
+/// A q/k/v module of a model that packs them into one weight is refused by inject with a
+/// message naming the packed weight and pointing to fold; nothing is written.
+#[test]
+fn packed_qkv_slices_are_refused_with_a_pointer_to_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let root = fixtures().join("llama_genai");
+    let o = onnx_lora(&[
+        "inject",
+        root.join("model.onnx").to_str().unwrap(),
+        "--adapter",
+        root.join("adapter").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("packed q/k/v weight 'model.layers.0.attn.qkv_proj.MatMul.weight'")
+            && err.contains("onnx-lora fold"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

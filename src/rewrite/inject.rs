@@ -147,6 +147,16 @@ pub fn adapter_branches(
         }
         let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c)) {
             Ok(f) => f,
+            Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, &m.path) => {
+                return Err(Error::Target(format!(
+                    "module '{}' is the {} slice of the packed q/k/v weight '{}' ({} {}): inject cannot put a branch on one slice; `onnx-lora fold` merges it",
+                    m.path,
+                    crate::target::packed::ROLE_NAMES[role],
+                    c.weight,
+                    c.op,
+                    c.node
+                )));
+            }
             Err(e) if allow_unmatched => {
                 unmatched.push(e.to_string());
                 continue;
