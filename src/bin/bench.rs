@@ -79,6 +79,29 @@ struct Args {
     /// Skip the Python references (fold_reference.py, serving_latency.py).
     #[arg(long)]
     no_python: bool,
+    /// Measure this model instead of generating one (e.g. a real torch export made by
+    /// `benches/export_llama.py`); needs --adapter. Its files are never modified.
+    #[arg(long, requires = "adapter")]
+    model: Option<PathBuf>,
+    /// The PEFT adapter folder to fold and inject with --model.
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
+}
+
+/// A model's `.onnx` file and the external data files it references.
+fn files_of(model: &Path) -> Result<Vec<PathBuf>> {
+    let m = ModelProto::decode(fs::read(model)?.as_slice())?;
+    let dir = model.parent().unwrap_or(Path::new("."));
+    let mut files = vec![model.to_path_buf()];
+    let mut seen = std::collections::BTreeSet::new();
+    for t in m.graph.iter().flat_map(|g| &g.initializer) {
+        for e in &t.external_data {
+            if e.key() == "location" && seen.insert(e.value().to_string()) {
+                files.push(dir.join(e.value()));
+            }
+        }
+    }
+    Ok(files)
 }
 
 #[derive(Clone, Copy)]
@@ -704,32 +727,51 @@ fn main() -> Result<()> {
     };
     let root = root.canonicalize()?;
     let model_dir = root.join("model");
-    let adapter_dir = root.join("adapter");
+    let gen_adapter_dir = root.join("adapter");
     let out_root = root.join("out");
     let logs = root.join("logs");
     for d in [&model_dir, &out_root, &logs] {
         fs::create_dir_all(d)?;
     }
-    let model = model_dir.join("model.onnx");
-    let model_files = vec![model.clone(), model_dir.join(DATA_NAME)];
-
-    println!(
-        "onnx-lora bench: {:?} model, hidden {}, {} layers, vocab {}, intermediate {}; LoRA r {RANK}, alpha {ALPHA}",
-        args.size, dims.hidden, dims.layers, dims.vocab, dims.inter
-    );
-    println!("machine: {}; work folder {}", machine(), root.display());
-    println!("load average at start: {}", loadavg());
-    let t = Instant::now();
-    let model_bytes = generate_model(&model_dir, dims)?;
-    let adapter_bytes = generate_adapter(&adapter_dir, dims)?;
-    println!(
-        "generated model {:.1} MB ({} weights) and adapter {:.1} MB ({} modules) in {:.1}s",
-        mb(model_bytes),
-        dims.layers * 7 + 2,
-        mb(adapter_bytes),
-        dims.layers * 7,
-        t.elapsed().as_secs_f64()
-    );
+    let (model, adapter_dir, model_files, model_bytes) = match (&args.model, &args.adapter) {
+        (Some(m), Some(a)) => {
+            let m = m.canonicalize().with_context(|| m.display().to_string())?;
+            let files = files_of(&m)?;
+            let bytes = du(&files);
+            println!(
+                "onnx-lora bench: given model {} ({:.1} MB in {} file(s)), adapter {}",
+                m.display(),
+                mb(bytes),
+                files.len(),
+                a.display()
+            );
+            println!("machine: {}; work folder {}", machine(), root.display());
+            println!("load average at start: {}", loadavg());
+            (m, a.canonicalize()?, files, bytes)
+        }
+        _ => {
+            let model = model_dir.join("model.onnx");
+            println!(
+                "onnx-lora bench: {:?} model, hidden {}, {} layers, vocab {}, intermediate {}; LoRA r {RANK}, alpha {ALPHA}",
+                args.size, dims.hidden, dims.layers, dims.vocab, dims.inter
+            );
+            println!("machine: {}; work folder {}", machine(), root.display());
+            println!("load average at start: {}", loadavg());
+            let t = Instant::now();
+            let model_bytes = generate_model(&model_dir, dims)?;
+            let adapter_bytes = generate_adapter(&gen_adapter_dir, dims)?;
+            println!(
+                "generated model {:.1} MB ({} weights) and adapter {:.1} MB ({} modules) in {:.1}s",
+                mb(model_bytes),
+                dims.layers * 7 + 2,
+                mb(adapter_bytes),
+                dims.layers * 7,
+                t.elapsed().as_secs_f64()
+            );
+            let files = vec![model.clone(), model_dir.join(DATA_NAME)];
+            (model, gen_adapter_dir.clone(), files, model_bytes)
+        }
+    };
 
     let exe = std::env::current_exe()?.with_file_name("onnx-lora");
     let have_cli = exe.is_file();
@@ -1080,8 +1122,12 @@ fn main() -> Result<()> {
             println!("kept {}", root.display());
         }
     } else if args.dir.is_some() {
-        // A folder the user named: remove what we wrote, keep the folder.
-        for d in [&model_dir, &adapter_dir, &out_root, &logs] {
+        // A folder the user named: remove what we wrote (never a given model), keep the folder.
+        let mut ours = vec![&out_root, &logs];
+        if args.model.is_none() {
+            ours.extend([&model_dir, &gen_adapter_dir]);
+        }
+        for d in ours {
             let _ = fs::remove_dir_all(d);
         }
     }
