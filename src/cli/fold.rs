@@ -47,9 +47,8 @@ pub struct Args {
     /// branches) on the same inputs and compare; exit 1 when they differ.
     #[arg(long)]
     verify: bool,
-    /// Where --verify runs the models.
-    #[arg(long, value_enum, default_value = "auto")]
-    ep: onnx_lora::verify::Ep,
+    #[command(flatten)]
+    runtime: super::verify::RuntimeArgs,
     #[command(flatten)]
     save: SaveArgs,
     /// JSON Lines report on stdout: one `module` record per weight, then a `report` record.
@@ -97,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     print_report(&report, &saved, adapters.len(), args.json)?;
     match &reference {
-        Some(r) => super::verify::check_against(&saved.model, r, args.ep, args.json),
+        Some(r) => super::verify::check_against(&saved.model, r, &args.runtime, args.json),
         None => Ok(super::EXIT_OK),
     }
 }

@@ -83,9 +83,8 @@ pub struct Args {
     /// they differ.
     #[arg(long)]
     verify: bool,
-    /// Where --verify runs the models.
-    #[arg(long, value_enum, default_value = "auto")]
-    ep: onnx_lora::verify::Ep,
+    #[command(flatten)]
+    runtime: super::verify::RuntimeArgs,
     #[command(flatten)]
     save: SaveArgs,
     /// JSON Lines report on stdout: one `branch` record per branch, then a `report` record.
@@ -169,8 +168,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         return Ok(super::EXIT_OK);
     }
     match &reference {
-        Some(r) => super::verify::check_against(&saved.model, r, args.ep, args.json),
-        None => super::verify::check(&saved.model, &args.model, args.ep, args.json),
+        Some(r) => super::verify::check_against(&saved.model, r, &args.runtime, args.json),
+        None => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
     }
 }
 

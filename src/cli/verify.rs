@@ -221,14 +221,27 @@ fn row(o: &OutputComparison) -> Vec<String> {
 
 /// `--verify` of fold and inject: compares `model` with `reference` on generated inputs,
 /// prints the verdict (text or JSON Lines) and returns the exit code.
+/// Where `fold --verify` and `inject --verify` run the models.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Where --verify runs the models: auto (CUDA, else CPU, else tract), cuda, cpu, tract.
+    #[arg(long, value_enum, default_value_t = Ep::Auto)]
+    pub ep: Ep,
+    /// The onnxruntime shared library --verify loads (libonnxruntime.so; default: see
+    /// `onnx-lora verify --help`).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
 pub(super) fn check(
     model: &std::path::Path,
     reference: &std::path::Path,
-    ep: Ep,
+    runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
     let opts = VerifyOptions {
-        ep,
+        ep: runtime.ep,
+        ort_lib: runtime.ort_lib.clone(),
         ..VerifyOptions::default()
     };
     verdict(&verify::verify_models(model, reference, &opts)?, json)
@@ -238,11 +251,11 @@ pub(super) fn check(
 pub(super) fn check_against(
     model: &std::path::Path,
     reference: &onnx_lora::onnx::LoadedModel,
-    ep: Ep,
+    runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("reference.onnx");
     onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())?;
-    check(model, &path, ep, json)
+    check(model, &path, runtime, json)
 }
