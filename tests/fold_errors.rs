@@ -322,3 +322,30 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(o.status.code(), Some(101), "{err}");
 }
+
+/// PEFT's trainable tokens replace embedding rows: refused with a message saying so, also
+/// under --allow-unmatched (skipping them would silently give a different model).
+#[test]
+fn trainable_tokens_are_refused_even_with_allow_unmatched() {
+    let env = Env::new();
+    let mut t = lora("fc", 8, 4, 0.1);
+    t.push((
+        "base_model.model.embed.token_adapter.trainable_tokens_delta".into(),
+        vec![2, 4],
+        vec![0.5; 8],
+    ));
+    let ad = write_adapter(&env.p("tok"), config(), &refs(&t));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(err.contains("trainable tokens"), "{err}");
+    let out = env.p("tok.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        env.p("linear.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--allow-unmatched",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!out.exists());
+}

@@ -231,6 +231,11 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
     let mut modules: Vec<ModuleAdapter> = Vec::new();
     for key in names {
         let stripped = key.strip_prefix("base_model.model.").unwrap_or(&key);
+        if key.contains("trainable_tokens_") {
+            return Err(format!(
+                "key '{key}': trainable tokens (PEFT's trainable_token_indices) are not supported; they replace embedding rows rather than add a low-rank delta, and skipping them would change the model"
+            ));
+        }
         let (path, part) = split_key(stripped)
             .ok_or_else(|| format!("key '{key}' is not a LoRA parameter key"))?;
         let idx = match modules.iter().position(|m| m.path == path) {
