@@ -372,3 +372,37 @@ fn large_untouched_tensors_copy_exactly_from_every_source_file() {
     // The inputs are unchanged.
     assert_eq!(std::fs::read(dir.path().join("w.bin")).unwrap(), data);
 }
+
+/// `--threshold 0` moves every float tensor out but keeps the small int64 shape / axes
+/// constants inline, which onnxruntime's shape inference must read: the model still runs.
+#[test]
+fn threshold_zero_keeps_shape_constants_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama/dynamo/model.onnx");
+    let out = dir.path().join("t0.onnx");
+    onnx_lora_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data",
+        "--threshold",
+        "0",
+    ]);
+    let back = onnx_lora::onnx::load(&out).unwrap();
+    let inits = &back.proto.graph.as_ref().unwrap().initializer;
+    let ext = |t: &TensorProto| t.external_data.iter().any(|e| e.key() == "location");
+    assert!(
+        inits.iter().filter(|t| t.data_type() == 7).all(|t| !ext(t)),
+        "int64 tensors stay inline"
+    );
+    assert!(
+        inits.iter().any(|t| t.data_type() == 7),
+        "the model has int64 initializers"
+    );
+    assert!(
+        inits.iter().filter(|t| t.data_type() == 1).all(ext),
+        "every float tensor goes out at threshold 0"
+    );
+    py("ort_run.py", &[&src, &out]);
+}
