@@ -27,6 +27,26 @@ pub fn to_f32(bytes: &[u8], dtype: DataType, name: &str) -> Result<Vec<f32>> {
         }
     };
     let mut out = buffer(bytes.len() / width);
+    #[cfg(target_endian = "little")]
+    if dtype == DataType::Float {
+        // Stored little-endian f32 is the in-memory representation: a plain copy.
+        out.par_chunks_mut(CHUNK)
+            .zip(bytes.par_chunks(CHUNK * 4))
+            .for_each(|(dst, src)| {
+                let n = dst.len().min(src.len() / 4);
+                // SAFETY: `dst` holds at least `n` f32 (4n bytes) and `src` at least 4n bytes;
+                // the buffers do not overlap (one is ours, the other the model's), and every
+                // bit pattern is a valid f32.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        dst.as_mut_ptr().cast::<u8>(),
+                        4 * n,
+                    );
+                }
+            });
+        return Ok(out);
+    }
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
         .for_each(|(dst, src)| {
@@ -220,8 +240,8 @@ pub enum Orientation {
 
 /// `W += s * B @ A` (in `OutIn` terms) on a stored weight of either orientation, where
 /// A is (r, in) and B is (out, r). Each stored row's delta is a rank-r combination of rows of A
-/// (or of scaled columns of B), built in a row-sized scratch buffer and added once, so nothing
-/// larger than a row is formed; rows run in parallel. Returns the largest |delta| element and
+/// (or of scaled columns of B), summed block by block in registers and added once
+/// (`row_update`), so nothing larger than a row is formed; rows run in parallel. Returns the largest |delta| element and
 /// whether every updated value is finite (checked while the row is in cache).
 pub fn add_low_rank(
     w: &mut [f32],
@@ -250,53 +270,149 @@ pub fn add_low_rank(
     if row_len == 0 {
         return (0.0, true);
     }
-    w.par_chunks_mut(row_len)
+    // Rows go in groups of ROWS, which share each load of the basis.
+    w.par_chunks_mut(row_len * ROWS)
         .enumerate()
         .map_init(
-            || vec![0f32; row_len],
-            |scratch, (row, values)| {
-                scratch.fill(0.0);
-                for k in 0..r {
-                    let coef = coefs(row, k);
-                    if coef != 0.0 {
-                        axpy(scratch, coef, &basis[k * row_len..(k + 1) * row_len]);
+            || vec![0f32; ROWS * r],
+            |coef, (group, values)| {
+                let rows = values.len() / row_len;
+                for q in 0..rows {
+                    for k in 0..r {
+                        coef[q * r + k] = coefs(group * ROWS + q, k);
                     }
                 }
-                let mut max = 0f32;
-                let mut finite = true;
-                values.iter_mut().zip(scratch.iter()).for_each(|(v, d)| {
-                    *v += d;
-                    max = max.max(d.abs());
-                    finite &= v.is_finite();
-                });
-                (max, finite)
+                rows_update(values, &coef[..rows * r], &basis, row_len, r)
             },
         )
         .reduce(|| (0.0, true), |(m1, f1), (m2, f2)| (m1.max(m2), f1 && f2))
 }
 
-/// `dst += coef * src`, the merge's inner loop: on x86-64 CPUs with AVX2 and FMA (checked at
-/// run time, once) a copy compiled for them, else the portable loop.
-fn axpy(dst: &mut [f32], coef: f32, src: &[f32]) {
+/// Rows updated together by `rows_update` (each basis block loaded once serves all of them).
+const ROWS: usize = 4;
+/// Output elements per row that a block keeps in registers while it sums the r basis rows.
+const BLOCK: usize = 16;
+
+/// `row_q += Σ_k coef[q·r + k] · basis[k]` for the rows of `rows` (each `row_len` long; basis
+/// rows too), the merge's inner loop: for each block of columns, the deltas of up to `ROWS`
+/// rows are summed over all r basis rows in registers, then added once, so each row is read
+/// and written once and each basis block read once per group. Returns the largest |delta| and
+/// whether every result is finite. On x86-64 CPUs with AVX2 and FMA (checked at run time, once)
+/// a copy compiled for them runs, else the same code for the baseline target.
+fn rows_update(
+    rows: &mut [f32],
+    coef: &[f32],
+    basis: &[f32],
+    row_len: usize,
+    r: usize,
+) -> (f32, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
         {
-            // SAFETY: the CPU supports the features `axpy_avx2` is compiled for (checked above).
-            unsafe { axpy_avx2(dst, coef, src) };
-            return;
+            // SAFETY: the CPU supports the features `rows_update_avx2` is compiled for (checked above).
+            return unsafe { rows_update_avx2(rows, coef, basis, row_len, r) };
         }
     }
-    dst.iter_mut().zip(src).for_each(|(d, x)| *d += coef * x);
+    rows_update_any::<false>(rows, coef, basis, row_len, r)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(dst: &mut [f32], coef: f32, src: &[f32]) {
-    dst.iter_mut()
-        .zip(src)
-        .for_each(|(d, x)| *d = x.mul_add(coef, *d));
+unsafe fn rows_update_avx2(
+    rows: &mut [f32],
+    coef: &[f32],
+    basis: &[f32],
+    row_len: usize,
+    r: usize,
+) -> (f32, bool) {
+    rows_update_any::<true>(rows, coef, basis, row_len, r)
+}
+
+/// Full groups of `ROWS` rows take the blocked kernel, a last partial group one row at a time.
+#[inline(always)]
+fn rows_update_any<const FMA: bool>(
+    rows: &mut [f32],
+    coef: &[f32],
+    basis: &[f32],
+    row_len: usize,
+    r: usize,
+) -> (f32, bool) {
+    if rows.len() == ROWS * row_len {
+        return block_update::<FMA, ROWS>(rows, coef, basis, row_len, r);
+    }
+    let mut acc = (0f32, true);
+    for (q, row) in rows.chunks_mut(row_len).enumerate() {
+        let (m, f) = block_update::<FMA, 1>(row, &coef[q * r..(q + 1) * r], basis, row_len, r);
+        acc = (acc.0.max(m), acc.1 && f);
+    }
+    acc
+}
+
+/// The kernel for exactly `N` rows; `FMA` uses fused multiply-adds (only where the CPU has
+/// them: elsewhere `mul_add` is a slow library call).
+#[inline(always)]
+fn block_update<const FMA: bool, const N: usize>(
+    rows: &mut [f32],
+    coef: &[f32],
+    basis: &[f32],
+    row_len: usize,
+    r: usize,
+) -> (f32, bool) {
+    let mut max = 0f32;
+    let mut finite = true;
+    // Per-lane largest |delta|, and a sum of value·0 that stays 0 while every value is finite
+    // (Inf·0 and NaN·0 are NaN): plain float ops, so the epilogue vectorizes.
+    let mut lane_max = [0f32; BLOCK];
+    let mut lane_chk = [0f32; BLOCK];
+    let full = row_len / BLOCK * BLOCK;
+    for start in (0..full).step_by(BLOCK) {
+        let mut d = [[0f32; BLOCK]; N];
+        for k in 0..r {
+            let Ok(b) = <&[f32; BLOCK]>::try_from(&basis[k * row_len + start..][..BLOCK]) else {
+                continue; // never: the slice is BLOCK long (a fixed length lets it vectorize)
+            };
+            for q in 0..N {
+                let c = coef[q * r + k];
+                for l in 0..BLOCK {
+                    d[q][l] = if FMA {
+                        b[l].mul_add(c, d[q][l])
+                    } else {
+                        d[q][l] + c * b[l]
+                    };
+                }
+            }
+        }
+        for (q, dq) in d.iter().enumerate() {
+            let Ok(out) = <&mut [f32; BLOCK]>::try_from(&mut rows[q * row_len + start..][..BLOCK])
+            else {
+                continue; // never, as above
+            };
+            for l in 0..BLOCK {
+                out[l] += dq[l];
+                let a = dq[l].abs();
+                lane_max[l] = if a > lane_max[l] { a } else { lane_max[l] };
+                lane_chk[l] += out[l] * 0.0;
+            }
+        }
+    }
+    for l in 0..BLOCK {
+        max = max.max(lane_max[l]);
+        finite &= lane_chk[l] == 0.0;
+    }
+    for q in 0..N {
+        for j in full..row_len {
+            let d: f32 = (0..r)
+                .map(|k| coef[q * r + k] * basis[k * row_len + j])
+                .sum();
+            let v = &mut rows[q * row_len + j];
+            *v += d;
+            max = max.max(d.abs());
+            finite &= v.is_finite();
+        }
+    }
+    (max, finite)
 }
 
 /// L2 norm of each output channel of a stored weight (rows for OutIn, columns for InOut).
@@ -374,6 +490,41 @@ mod tests {
                 .map(|x| x + 1.0)
                 .collect::<Vec<_>>()
         );
+        Ok(())
+    }
+
+    /// Shapes with full row groups and blocks and ragged remainders of both; the largest
+    /// |delta| and the finiteness flag too.
+    #[test]
+    fn blocked_update_matches_dense_with_remainders() -> Result<(), Box<dyn std::error::Error>> {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (n_out, n_in, r) in [(37, 50, 5), (64, 33, 16), (3, 17, 1)] {
+            let a = Matrix::new(r, n_in, (0..r * n_in).map(|_| next()).collect())?;
+            let b = Matrix::new(n_out, r, (0..n_out * r).map(|_| next()).collect())?;
+            let d = dense_delta(&a, &b, 0.7)?;
+            let base: Vec<f32> = (0..n_out * n_in).map(|_| next()).collect();
+            let dense_max = d.data.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for orient in [Orientation::OutIn, Orientation::InOut] {
+                let (delta, base_o) = match orient {
+                    Orientation::OutIn => (d.data.clone(), base.clone()),
+                    Orientation::InOut => (d.transposed().data, base.clone()),
+                };
+                let mut w = base_o.clone();
+                let (max, finite) = add_low_rank(&mut w, orient, &a, &b, 0.7);
+                assert!(finite);
+                assert!((max - dense_max).abs() <= 1e-5, "{max} vs {dense_max}");
+                for ((x, b0), dl) in w.iter().zip(&base_o).zip(&delta) {
+                    assert!((x - (b0 + dl)).abs() <= 1e-5, "{orient:?} {n_out}x{n_in}");
+                }
+                let mut w = base_o;
+                w[n_out * n_in / 2] = f32::INFINITY;
+                assert!(!add_low_rank(&mut w, orient, &a, &b, 0.7).1);
+            }
+        }
         Ok(())
     }
 
