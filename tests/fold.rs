@@ -57,13 +57,15 @@ fn folded_models_match_peft_unmerged_forward() {
 }
 
 /// onnxruntime's transformer optimizer packs q/k/v into one Attention weight and drops their
-/// node names: adapter modules on q/k/v land in the right columns of the right layer.
+/// node names, and fuses embeddings into EmbedLayerNormalization: adapter modules on q/k/v land
+/// in the right columns of the right layer, embedding adapters in the fused op's table.
 #[test]
 fn packed_qkv_of_ort_optimized_models_match_peft() {
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     let mut sliced = 0;
-    for (case, packed) in optimized_cases() {
+    let mut fused_embeddings = 0;
+    for (case, packed, fused) in optimized_cases() {
         assert!(!packed.is_empty(), "{}: no packed weights", case.label());
         for ad in &case.adapters {
             let out = dir.path().join(format!("{}_{}.onnx", case.model, ad.name));
@@ -92,22 +94,30 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
                 .filter(|v| v["type"] == "module")
                 .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
                 .collect();
-            let qkv: Vec<&String> = ad
-                .targets
-                .iter()
-                .filter(|t| t.ends_with(".query") || t.ends_with(".key") || t.ends_with(".value"))
-                .collect();
-            assert_eq!(slices.len(), qkv.len(), "{}: {stdout}", ad.name);
+            // q, k and v are thirds of the packed weight's outputs.
+            let third = packed[0]["weight_shape"][1].as_u64().unwrap() / 3;
+            let role = |t: &str| match t.rsplit('.').next().unwrap() {
+                "query" | "q_lin" => Some(0),
+                "key" | "k_lin" => Some(1),
+                "value" | "v_lin" => Some(2),
+                _ => None,
+            };
+            let qkv = ad.targets.iter().filter(|t| role(t).is_some()).count();
+            assert_eq!(slices.len(), qkv, "{}: {stdout}", ad.name);
             for s in &slices {
                 let module = s["module"].as_str().unwrap();
                 let col = s["columns"][0].as_u64().unwrap();
-                let expect = match module.rsplit('.').next().unwrap() {
-                    "query" => 0,
-                    "key" => 32,
-                    _ => 64,
-                };
-                assert_eq!(col, expect, "{module} in {stdout}");
+                assert_eq!(col, role(module).unwrap() * third, "{module} in {stdout}");
                 sliced += 1;
+            }
+            // An embedding fused into EmbedLayerNormalization is folded into its table.
+            if ad.kinds.iter().any(|k| k == "embedding") && !fused.is_empty() {
+                assert!(
+                    stdout.contains("\"op\":\"EmbedLayerNormalization\""),
+                    "{}: {stdout}",
+                    ad.name
+                );
+                fused_embeddings += 1;
             }
             let base = case.base.to_str().unwrap().to_string();
             let (ok, msg) = ort_compare(
@@ -123,6 +133,7 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
         }
     }
     assert!(sliced >= 8, "only {sliced} packed slices were folded");
+    assert!(fused_embeddings >= 1, "no fused embedding was folded");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -371,3 +371,29 @@ fn packed_qkv_slices_are_refused_with_a_pointer_to_fold() {
     );
     assert!(!out.exists());
 }
+
+/// Layers computed inside onnxruntime's fused ops (EmbedLayerNormalization) cannot take a
+/// branch: both inject paths say so and point to fold.
+#[test]
+fn fused_ops_are_refused_with_a_pointer_to_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = fixtures().join("distilbert/ort_optimized/model.onnx");
+    let adapter = fixtures().join("distilbert/adapters/embedding");
+    for args in [
+        vec!["--adapter", adapter.to_str().unwrap()],
+        vec!["--rank", "2", "--target", "word_embeddings"],
+    ] {
+        let mut argv = vec!["inject", model.to_str().unwrap()];
+        argv.extend(args);
+        argv.extend(["-o", out.to_str().unwrap()]);
+        let o = onnx_lora(&argv);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("EmbedLayerNormalization") && err.contains("onnx-lora fold"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -106,6 +106,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
             let chosen = target::select(&cands, spec.as_ref(), &args.targets)?;
+            if let Some(c) = chosen.iter().find(|c| !c.branchable()) {
+                anyhow::bail!(
+                    "{}: '{}' ({} {}) cannot take a branch: onnxruntime's fused op computes the layer inside; `onnx-lora fold` can change its weight",
+                    args.model.display(),
+                    c.module,
+                    c.op,
+                    c.node
+                );
+            }
             if chosen.is_empty() {
                 anyhow::bail!(
                     "{}: no weight matches the targets (see `onnx-lora inspect`)",

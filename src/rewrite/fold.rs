@@ -215,7 +215,9 @@ fn plan<'a>(
         for module in &adapter.modules {
             // onnxruntime's Attention node holds a whole (packed) projection weight.
             let accept = |c: &Candidate| {
-                super::accepts(module, c) || (c.op == "Attention" && is_linear_lora(module))
+                super::accepts(module, c)
+                    || (c.op == "Attention" && is_linear_lora(module))
+                    || (c.op == "EmbedLayerNormalization" && module.kind == ModuleKind::Embedding)
             };
             let found: Vec<(&Candidate, Option<usize>)> =
                 match resolve_module(cands, &module.path, accept) {

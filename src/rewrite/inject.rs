@@ -147,6 +147,13 @@ pub fn adapter_branches(
         }
         let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c)) {
             Ok(f) => f,
+            Err(_) if let Ok(found) = resolve_module(cands, &m.path, |c| !c.branchable()) => {
+                let c = found[0];
+                return Err(Error::Target(format!(
+                    "module '{}' is computed inside onnxruntime's fused {} node '{}': inject cannot put a branch beside it; `onnx-lora fold` merges it",
+                    m.path, c.op, c.node
+                )));
+            }
             Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, &m.path) => {
                 return Err(Error::Target(format!(
                     "module '{}' is the {} slice of the packed q/k/v weight '{}' ({} {}): inject cannot put a branch on one slice; `onnx-lora fold` merges it",

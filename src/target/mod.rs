@@ -96,6 +96,16 @@ impl Candidate {
     pub fn is_linear(&self) -> bool {
         matches!(self.op.as_str(), "MatMul" | "Gemm" | "MatMulNBits")
     }
+
+    /// Whether `inject` can put a branch beside the node: the layer's own input and output are
+    /// graph values. In onnxruntime's fused ops (Attention, EmbedLayerNormalization) the
+    /// projection or lookup happens inside the op; only `fold` can change those weights.
+    pub fn branchable(&self) -> bool {
+        matches!(
+            self.op.as_str(),
+            "MatMul" | "Gemm" | "MatMulNBits" | "Conv" | "Gather"
+        )
+    }
 }
 
 /// Ops that pass a weight through unchanged in value (up to layout or dtype) on its way to
@@ -124,6 +134,8 @@ fn weight_input(node: &NodeProto) -> Option<usize> {
         ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv") => Some(1),
         ("" | "ai.onnx", "Gather") => (node.attr_i("axis").unwrap_or(0) == 0).then_some(0),
         ("com.microsoft", "MatMulNBits" | "Attention") => Some(1),
+        // onnxruntime's fused embedding + LayerNorm: input 2 is the word embedding table.
+        ("com.microsoft", "EmbedLayerNormalization") => Some(2),
         _ => None,
     }
 }
@@ -232,7 +244,9 @@ fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layo
             let groups = node.attr_i("group").unwrap_or(1);
             Some((Layout::Conv, shape[1] * groups, shape[0]))
         }
-        "Gather" => (shape.len() == 2).then(|| (Layout::Embedding, shape[0], shape[1])),
+        "Gather" | "EmbedLayerNormalization" => {
+            (shape.len() == 2).then(|| (Layout::Embedding, shape[0], shape[1]))
+        }
         "MatMulNBits" => Some((
             Layout::Quantized,
             node.attr_i("K").unwrap_or(0),

@@ -194,15 +194,16 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
-/// The onnxruntime-optimized models of fixtures/manifest.json (`optimized`): packed q/k/v,
-/// with the adapters (and PEFT outputs) of the model they were optimized from.
-pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>)> {
+/// The onnxruntime-optimized models of fixtures/manifest.json (`optimized`): packed q/k/v
+/// (Attention nodes) and fused embeddings (EmbedLayerNormalization nodes), with the adapters
+/// (and PEFT outputs) of the model they were optimized from.
+pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>, Vec<serde_json::Value>)> {
     let path = fixtures().join("manifest.json");
     let text = std::fs::read_to_string(&path).expect("manifest.json");
     let v: serde_json::Value = serde_json::from_str(&text).expect("manifest.json is JSON");
     let list = v["optimized"].as_array().expect("an `optimized` list");
     let all = cases();
-    let out: Vec<(Case, Vec<serde_json::Value>)> = list
+    let out: Vec<(Case, Vec<serde_json::Value>, Vec<serde_json::Value>)> = list
         .iter()
         .map(|o| {
             let model = o["model"].as_str().expect("model");
@@ -232,7 +233,11 @@ pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>)> {
             };
             assert_eq!(case.adapters.len(), names.len(), "adapters of {model}");
             let packed = o["packed"].as_array().cloned().unwrap_or_default();
-            (case, packed)
+            let fused = o["fused_embeddings"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            (case, packed, fused)
         })
         .collect();
     assert!(!out.is_empty(), "no optimized models in {}", path.display());
