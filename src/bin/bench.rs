@@ -73,8 +73,12 @@ struct Args {
     /// Runs per operation (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Runs per model in the serving latency script.
-    #[arg(long, default_value_t = 50)]
+    /// Untimed runs per operation before the timed ones (the first run after another
+    /// operation pays for that one's leftovers: page cache, pending disk work).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs per model and round in the serving latency script (3 rounds).
+    #[arg(long, default_value_t = 30)]
     serving_runs: usize,
     /// Skip the Python references (fold_reference.py, serving_latency.py).
     #[arg(long)]
@@ -547,9 +551,22 @@ impl Row {
 }
 
 /// Runs one operation `runs` times; `prepare` empties its output folder before each run.
+/// Lets the disk finish what earlier runs left (written data, the previous output's
+/// deletion) before a timed run starts: a global sync, then a short pause.
+fn settle() {
+    #[cfg(unix)]
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe {
+        libc::sync();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_op(
     op: &str,
     note: &str,
+    warmup: usize,
     runs: usize,
     out_dir: &Path,
     logs: &Path,
@@ -563,16 +580,18 @@ fn run_op(
         error: None,
     };
     eprint!("  {op:<28}");
-    for r in 0..runs {
+    for r in 0..warmup + runs {
         let attempt = || -> Result<Sample> {
             if out_dir.exists() {
                 fs::remove_dir_all(out_dir)?;
             }
             fs::create_dir_all(out_dir)?;
+            settle();
             let log = logs.join(format!("{}.{r}.log", op.replace([' ', '/'], "_")));
             measure(&mut make(out_dir), &log, sync.then_some(out_dir))
         };
         match attempt() {
+            Ok(s) if r < warmup => eprint!(" (warm-up {:.3}s)", s.wall),
             Ok(s) => {
                 eprint!(" {:.3}s", s.wall);
                 row.samples.push(s);
@@ -800,7 +819,8 @@ fn main() -> Result<()> {
         "page cache: the model files were read once before measuring (caches cannot be dropped here), so every operation starts warm"
     );
     println!(
-        "each operation runs {runs} time(s); wall = median, including an fsync of every file written (sync restricted to the outputs); peak RSS = largest ru_maxrss (wait4) of the child, which counts touched pages of memory-mapped files; anon = largest RssAnon polled from /proc every 3 ms (heap only)\n"
+        "each operation runs {} untimed warm-up time(s), then {runs} timed; before each run the previous output is deleted and the disk settles (sync + 0.3 s); wall = median, including an fsync of every file written (sync restricted to the outputs); peak RSS = largest ru_maxrss (wait4) of the child, which counts touched pages of memory-mapped files; anon = largest RssAnon polled from /proc every 3 ms (heap only)\n",
+        args.warmup
     );
 
     let mut rows: Vec<Row> = Vec::new();
@@ -810,6 +830,7 @@ fn main() -> Result<()> {
         rows.push(run_op(
             "cp + sync",
             "cp model.onnx model.onnx.data; fsync",
+            args.warmup,
             runs,
             &o("cp"),
             &logs,
@@ -921,7 +942,7 @@ fn main() -> Result<()> {
         ];
         for (op, note, argv, sync) in ops {
             let dir = o(&op.replace(' ', "_"));
-            rows.push(run_op(op, note, runs, &dir, &logs, sync, &cli(argv)));
+            rows.push(run_op(op, note, args.warmup, runs, &dir, &logs, sync, &cli(argv)));
         }
     }
     match &py_fold {
@@ -931,6 +952,7 @@ fn main() -> Result<()> {
             rows.push(run_op(
                 "python onnx fold",
                 "benches/fold_reference.py",
+                args.warmup,
                 runs,
                 &o("python_fold"),
                 &logs,
