@@ -56,6 +56,16 @@ fn folded_models_match_peft_unmerged_forward() {
     );
 }
 
+/// The `packed` slices of every `module` record in fold's JSON Lines report.
+fn packed_slices(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "module")
+        .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
 /// onnxruntime's transformer optimizer packs q/k/v into one Attention weight and drops their
 /// node names, and fuses embeddings into EmbedLayerNormalization: adapter modules on q/k/v land
 /// in the right columns of the right layer, embedding adapters in the fused op's table.
@@ -88,12 +98,7 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
             }
             // Every q/k/v module of the adapter went into a slice of a packed weight.
             let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-            let slices: Vec<serde_json::Value> = stdout
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v["type"] == "module")
-                .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
-                .collect();
+            let slices = packed_slices(&stdout);
             // q, k and v are thirds of the packed weight's outputs.
             let third = packed[0]["weight_shape"][1].as_u64().unwrap() / 3;
             let role = |t: &str| match t.rsplit('.').next().unwrap() {
@@ -166,12 +171,7 @@ fn packed_qkv_of_genai_builder_model_matches_peft() {
             out.to_str().unwrap(),
             "--json",
         ]);
-        let slices: Vec<serde_json::Value> = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["type"] == "module")
-            .flat_map(|v| v["packed"].as_array().cloned().unwrap_or_default())
-            .collect();
+        let slices = packed_slices(&stdout);
         let qkv = ad["config"]["target_modules"]
             .as_array()
             .unwrap()

@@ -942,7 +942,16 @@ fn main() -> Result<()> {
         ];
         for (op, note, argv, sync) in ops {
             let dir = o(&op.replace(' ', "_"));
-            rows.push(run_op(op, note, args.warmup, runs, &dir, &logs, sync, &cli(argv)));
+            rows.push(run_op(
+                op,
+                note,
+                args.warmup,
+                runs,
+                &dir,
+                &logs,
+                sync,
+                &cli(argv),
+            ));
         }
     }
     match &py_fold {

@@ -213,12 +213,7 @@ fn plan<'a>(
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
         for module in &adapter.modules {
-            // onnxruntime's Attention node holds a whole (packed) projection weight.
-            let accept = |c: &Candidate| {
-                super::accepts(module, c)
-                    || (c.op == "Attention" && is_linear_lora(module))
-                    || (c.op == "EmbedLayerNormalization" && module.kind == ModuleKind::Embedding)
-            };
+            let accept = |c: &Candidate| super::accepts(module, c);
             let found: Vec<(&Candidate, Option<usize>)> =
                 match resolve_module(cands, &module.path, accept) {
                     Ok(found) => found.into_iter().map(|c| (c, None)).collect(),

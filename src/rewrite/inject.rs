@@ -145,9 +145,13 @@ pub fn adapter_branches(
                 ),
             });
         }
-        let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c)) {
+        let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c) && c.branchable())
+        {
             Ok(f) => f,
-            Err(_) if let Ok(found) = resolve_module(cands, &m.path, |c| !c.branchable()) => {
+            Err(_)
+                if let Ok(found) =
+                    resolve_module(cands, &m.path, |c| super::accepts(m, c) && !c.branchable()) =>
+            {
                 let c = found[0];
                 return Err(Error::Target(format!(
                     "module '{}' is computed inside onnxruntime's fused {} node '{}': inject cannot put a branch beside it; `onnx-lora fold` merges it",

@@ -24,13 +24,15 @@ use crate::error::{Error, Result};
 use crate::target::Candidate;
 use crate::tensor::Matrix;
 
-/// Which candidates an adapter module may adapt: embeddings are Gathers, 2-D LoRA factors
-/// linear layers, 4-D ones convolutions; whole tensors any float weight.
+/// Which candidates' weights an adapter module may adapt: embeddings are tables (Gather,
+/// onnxruntime's EmbedLayerNormalization), 2-D LoRA factors linear layers (and onnxruntime's
+/// Attention projection), 4-D ones convolutions; whole tensors any float weight. `inject`
+/// also needs the candidate to be `branchable`.
 pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     match m.kind {
-        ModuleKind::Embedding => c.op == "Gather",
+        ModuleKind::Embedding => matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization"),
         ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
-            Some(2) => c.is_linear(),
+            Some(2) => c.is_linear() || c.op == "Attention",
             _ => c.op == "Conv",
         },
         ModuleKind::Full => c.op != "MatMulNBits",
