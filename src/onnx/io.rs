@@ -35,6 +35,10 @@ pub struct LoadedModel {
     external: HashMap<String, Bytes>,
     /// The model file's own bytes (the map inline tensors point into).
     source: Bytes,
+    /// The open files behind `source` and `external` (the very inodes mapped, for copies
+    /// made file to file even if a path is replaced meanwhile).
+    source_file: Option<Arc<File>>,
+    external_files: HashMap<String, Arc<File>>,
     /// Tensors a rewrite will compute when the model is written, by pending key.
     pending: HashMap<String, Arc<dyn LazyTensor>>,
 }
@@ -103,22 +107,36 @@ impl std::fmt::Debug for LoadedModel {
 
 /// Memory-maps a file as `Bytes` (empty files give an empty buffer: mmap refuses length 0).
 pub fn map_file(path: &Path) -> Result<Bytes> {
+    map_file_open(path).map(|(bytes, _)| bytes)
+}
+
+/// `map_file`, also keeping the open file.
+fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), Arc::new(file)));
     }
     // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
     // truncated while it is open (onnx-lora never writes its inputs: outputs are new files).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Bytes::from_owner(map))
+    Ok((Bytes::from_owner(map), Arc::new(file)))
 }
 
 /// Loads a model: mmap, zero-copy decode, and validation of every external data reference.
 pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
     let path = path.as_ref();
-    let buf = map_file(path)?;
-    LoadedModel::from_bytes(path, buf)
+    let (buf, file) = map_file_open(path)?;
+    let mut model = LoadedModel::from_bytes(path, buf)?;
+    model.source_file = Some(file);
+    Ok(model)
+}
+
+/// Where a slice of a model's maps lies on disk: the open file it was mapped from.
+pub struct FileSpan {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    pub offset: u64,
 }
 
 impl LoadedModel {
@@ -137,6 +155,7 @@ impl LoadedModel {
     pub fn from_proto(path: &Path, mut proto: ModelProto) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut external: HashMap<String, Bytes> = HashMap::new();
+        let mut external_files: HashMap<String, Arc<File>> = HashMap::new();
         for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
             if !is_external(t) {
                 return Ok(());
@@ -144,7 +163,7 @@ impl LoadedModel {
             let r = ExternalRef::parse(t).map_err(|reason| external_err(path, t, reason))?;
             if !external.contains_key(&r.location) {
                 let file = dir.join(&r.location);
-                let data = map_file(&file).map_err(|e| match e {
+                let (data, opened) = map_file_open(&file).map_err(|e| match e {
                     Error::Io { err: source, .. } => external_err(
                         path,
                         t,
@@ -153,6 +172,7 @@ impl LoadedModel {
                     other => other,
                 })?;
                 external.insert(r.location.clone(), data);
+                external_files.insert(r.location.clone(), opened);
             }
             let file_len = external[&r.location].len() as u64;
             r.range(t, file_len)
@@ -164,6 +184,8 @@ impl LoadedModel {
             proto,
             external,
             source: Bytes::new(),
+            source_file: None,
+            external_files,
             pending: HashMap::new(),
         })
     }
@@ -204,22 +226,30 @@ impl LoadedModel {
         let _ = bytes;
     }
 
-    /// The file and byte offset `bytes` were read from, when they are a slice of one of the
-    /// model's maps (the `.onnx` file or an external data file), so that they can be copied
-    /// file to file without passing through this process.
-    pub fn file_span(&self, bytes: &Bytes) -> Option<(PathBuf, u64)> {
+    /// The open file and byte offset `bytes` were read from, when they are a slice of one of
+    /// the model's maps (the `.onnx` file or an external data file), so that they can be
+    /// copied file to file without passing through this process.
+    pub fn file_span(&self, bytes: &Bytes) -> Option<FileSpan> {
         let p = bytes.as_ptr() as usize;
         let end = p + bytes.len();
         let offset_in = |m: &Bytes| {
             let start = m.as_ptr() as usize;
             (!m.is_empty() && p >= start && end <= start + m.len()).then(|| (p - start) as u64)
         };
-        if let Some(off) = offset_in(&self.source) {
-            return Some((self.path.clone(), off));
+        if let (Some(offset), Some(file)) = (offset_in(&self.source), &self.source_file) {
+            return Some(FileSpan {
+                path: self.path.clone(),
+                file: file.clone(),
+                offset,
+            });
         }
-        self.external
-            .iter()
-            .find_map(|(loc, m)| offset_in(m).map(|off| (self.dir().join(loc), off)))
+        self.external.iter().find_map(|(loc, m)| {
+            Some(FileSpan {
+                offset: offset_in(m)?,
+                file: self.external_files.get(loc)?.clone(),
+                path: self.dir().join(loc),
+            })
+        })
     }
 
     /// Folder the model's external data is resolved against.
@@ -766,9 +796,9 @@ fn write_external(
             // Untouched tensors of a file go file to file in the kernel; the rest is written.
             let copied = bytes.len() >= COPY_RANGE_MIN
                 && match model.file_span(&bytes) {
-                    Some((path, offset)) => {
+                    Some(span) => {
                         w.flush().map_err(|e| Error::io(location, e))?;
-                        copier.copy(&path, offset, bytes.len() as u64, w.get_ref())?
+                        copier.copy(&span, bytes.len() as u64, w.get_ref())?
                     }
                     None => false,
                 };
@@ -867,25 +897,21 @@ const COPY_RANGE_MIN: usize = 1 << 20;
 /// supported (another OS, kernel or filesystem) it says so once and the caller writes instead.
 #[derive(Default)]
 struct RangeCopier {
-    sources: HashMap<PathBuf, File>,
     unsupported: bool,
 }
 
 impl RangeCopier {
-    /// Appends `len` bytes of `path` from `offset` to `out` at its current position. Ok(false)
-    /// when nothing was copied and the caller must write the bytes itself.
+    /// Appends `len` bytes of the span's file from its offset to `out` at its current
+    /// position. Ok(false) when nothing was copied and the caller must write the bytes itself.
     #[cfg(target_os = "linux")]
-    fn copy(&mut self, path: &Path, offset: u64, len: u64, out: &File) -> Result<bool> {
+    fn copy(&mut self, span: &FileSpan, len: u64, out: &File) -> Result<bool> {
         use std::os::fd::AsRawFd;
         if self.unsupported {
             return Ok(false);
         }
-        if !self.sources.contains_key(path) {
-            let f = File::open(path).map_err(|e| Error::io(path, e))?;
-            self.sources.insert(path.to_path_buf(), f);
-        }
-        let src = self.sources[path].as_raw_fd();
-        let mut off_in = offset as libc::loff_t;
+        let path = &span.path;
+        let src = span.file.as_raw_fd();
+        let mut off_in = span.offset as libc::loff_t;
         let mut left = len;
         while left > 0 {
             let chunk = left.min(1 << 30) as usize;
@@ -931,7 +957,7 @@ impl RangeCopier {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn copy(&mut self, _path: &Path, _offset: u64, _len: u64, _out: &File) -> Result<bool> {
+    fn copy(&mut self, _span: &FileSpan, _len: u64, _out: &File) -> Result<bool> {
         Ok(false)
     }
 }
