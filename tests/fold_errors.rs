@@ -349,3 +349,27 @@ fn trainable_tokens_are_refused_even_with_allow_unmatched() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!out.exists());
 }
+
+/// `fold --verify` needs the adapters as branches for its reference; where a layer cannot
+/// take one (packed q/k/v), it says so before writing anything.
+#[test]
+fn verify_without_a_possible_reference_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        fixtures()
+            .join("bert/ort_optimized/model.onnx")
+            .to_str()
+            .unwrap(),
+        fixtures().join("bert/adapters/plain").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--verify cannot build its reference"), "{err}");
+    assert!(!out.exists());
+}

@@ -81,7 +81,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (true, true) => Some(model.clone()),
         (true, false) => Some(
             unmerged_reference(&model, &adapters, &opts.weights, opts.scale)
-                .context("--verify: building the unmerged reference")?,
+                .context(
+                    "--verify cannot build its reference, the base with the adapters as branches (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
+                )?,
         ),
     };
     let report = if adapters.is_empty() {
