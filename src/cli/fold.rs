@@ -24,7 +24,10 @@ use super::save_args::SaveArgs;
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors) or the .safetensors
 file with its adapter_config.json beside it. Module paths in the adapter are matched to the
 model's weights by dotted suffix (see `onnx-lora inspect`). Weights shared with other nodes
-(tied embeddings) are copied for the adapted node, so only it changes.")]
+(tied embeddings) are copied for the adapted node, so only it changes. In models that pack
+q/k/v into one weight (onnxruntime's Attention, a `qkv_proj` layer) a q/k/v module goes into its
+columns of its layer's packed weight (`--json` module records list them under `packed`);
+embeddings fused into onnxruntime's EmbedLayerNormalization go into its table.")]
 pub struct Args {
     /// The base ONNX model.
     model: PathBuf,
