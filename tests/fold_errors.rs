@@ -370,6 +370,9 @@ fn verify_without_a_possible_reference_writes_nothing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("--verify cannot build its reference"), "{err}");
+    assert!(
+        err.contains("--verify cannot build its unmerged reference"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         (true, false) => Some(
             unmerged_reference(&model, &adapters, &opts.weights, opts.scale)
                 .context(
-                    "--verify cannot build its reference, the base with the adapters as branches (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
+                    "--verify cannot build its unmerged reference, the base with the adapters as branches (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
                 )?,
         ),
     };
