@@ -376,3 +376,20 @@ fn verify_without_a_possible_reference_writes_nothing() {
     );
     assert!(!out.exists());
 }
+
+/// LoRA factors with fewer than two dimensions are a malformed adapter: one line naming the
+/// key, exit 2, never a panic.
+#[test]
+fn malformed_factor_shapes_are_refused() {
+    let env = Env::new();
+    let t = vec![
+        ("fc.lora_A.weight".to_string(), vec![], vec![0.1]),
+        ("fc.lora_B.weight".to_string(), vec![4, 2], vec![0.1; 8]),
+    ];
+    let ad = write_adapter(&env.p("bad"), config(), &refs(&t));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("fc.lora_A.weight") && err.contains("at least 2 dimensions"),
+        "{err}"
+    );
+}

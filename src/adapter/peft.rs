@@ -255,6 +255,12 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
             }
         };
         let t = read_f32(st, &key)?;
+        if matches!(part, Part::A | Part::B | Part::EmbA | Part::EmbB) && t.shape.len() < 2 {
+            return Err(format!(
+                "key '{key}' has shape {:?}: LoRA factors have at least 2 dimensions",
+                t.shape
+            ));
+        }
         let m = &mut modules[idx];
         m.keys.push(key.clone());
         match part {
