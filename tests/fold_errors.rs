@@ -48,26 +48,29 @@ impl Env {
     }
     /// Runs fold expecting failure; returns stderr after checking exit 2, one line, no output.
     fn fold_fails(&self, model: &str, adapter: &Path) -> String {
-        let out = self.p("out.onnx");
-        let before = std::fs::read(self.p(model)).unwrap();
-        let o = onnx_lora(&[
-            "fold",
-            self.p(model).to_str().unwrap(),
-            adapter.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(2), "{err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
-        assert!(!out.exists(), "no output on error");
-        assert_eq!(
-            std::fs::read(self.p(model)).unwrap(),
-            before,
-            "input untouched"
-        );
-        err
+        fold_fails(&self.p(model), adapter, &self.p("out.onnx"), &[])
     }
+}
+
+/// Runs `fold MODEL ADAPTER -o OUT EXTRA...` expecting failure; returns stderr after checking
+/// exit 2, one line, no output and the model file untouched.
+fn fold_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
+    let before = std::fs::read(model).unwrap();
+    let mut args = vec![
+        "fold",
+        model.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = onnx_lora(&args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists(), "no output on error");
+    assert_eq!(std::fs::read(model).unwrap(), before, "input untouched");
+    err
 }
 
 #[test]
@@ -270,19 +273,7 @@ fn packed_qkv_that_cannot_be_placed_is_refused() {
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"]});
     let run = |name: &str, t: Vec<(String, Vec<usize>, Vec<f32>)>| {
         let ad = write_adapter(&dir.path().join(name), cfg.clone(), &refs(&t));
-        let out = dir.path().join("out.onnx");
-        let o = onnx_lora(&[
-            "fold",
-            model.to_str().unwrap(),
-            ad.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(2), "{err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
-        assert!(!out.exists());
-        err
+        fold_fails(&model, &ad, &dir.path().join("out.onnx"), &[])
     };
     let err = run(
         "layer7",
@@ -337,17 +328,13 @@ fn trainable_tokens_are_refused_even_with_allow_unmatched() {
     let ad = write_adapter(&env.p("tok"), config(), &refs(&t));
     let err = env.fold_fails("linear.onnx", &ad);
     assert!(err.contains("trainable tokens"), "{err}");
-    let out = env.p("tok.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        env.p("linear.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--allow-unmatched",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(!out.exists());
+    let err = fold_fails(
+        &env.p("linear.onnx"),
+        &ad,
+        &env.p("tok.onnx"),
+        &["--allow-unmatched"],
+    );
+    assert!(err.contains("trainable tokens"), "{err}");
 }
 
 /// `fold --verify` needs the adapters as branches for its reference; where a layer cannot
@@ -355,26 +342,16 @@ fn trainable_tokens_are_refused_even_with_allow_unmatched() {
 #[test]
 fn verify_without_a_possible_reference_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        fixtures()
-            .join("bert/ort_optimized/model.onnx")
-            .to_str()
-            .unwrap(),
-        fixtures().join("bert/adapters/plain").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--verify",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = fold_fails(
+        &fixtures().join("bert/ort_optimized/model.onnx"),
+        &fixtures().join("bert/adapters/plain"),
+        &dir.path().join("out.onnx"),
+        &["--verify"],
+    );
     assert!(
         err.contains("--verify cannot build its unmerged reference"),
         "{err}"
     );
-    assert!(!out.exists());
 }
 
 /// LoRA factors with fewer than two dimensions are a malformed adapter: one line naming the
