@@ -2,26 +2,78 @@
 
     python benches/serving_latency.py --base model.onnx --branches branches.onnx \
         --serving serving.onnx --adapter serving.onnx_adapter [--folded folded.onnx] \
-        [--runs 30] [--rounds 3] [--warmup 5] [--seq 16] [--threads N]
+        [--fused fused.onnx] [--runs 40] [--rounds 4] [--seq 16] [--threads N]
 
   base            the model as exported
   branches        `onnx-lora inject --adapter` (unmerged: base + s*B(A(x)) beside each weight)
+  fused           the same with `--fuse-shared` (optional)
   serving idle    `onnx-lora inject --as-inputs` run with no adapter (empty default weights)
   serving active  the same model with the `.onnx_adapter` activated through RunOptions
   folded          `onnx-lora fold` output (optional; should cost what the base costs)
 
-Batch 1, `--seq` tokens, input `input_ids`. Every model is measured once per round, in turn;
-reports the mean and median wall time of `InferenceSession.run` after the warm-up runs, the
-ratio to the base taken within each round (median over rounds), and the largest output difference between the
-deployments that must agree (branches = serving active = folded; serving idle = base).
+Batch 1, `--seq` tokens, input `input_ids`, onnxruntime's default session options.
+
+How a ratio is measured. Two effects on this kind of machine are as large as the differences
+being measured (a few percent), so neither is left to chance:
+  - drift: the machine's speed wanders over seconds. The deployment and the base run in the same
+    process in alternating blocks (2 untimed runs, then 5 timed), so both see the same moments;
+  - placement: two sessions of the same model in one process differ by 1-4% depending on which
+    was created first. Each round is a fresh process holding only the base and one deployment,
+    and the creation order alternates between rounds.
+A round's ratio is the deployment's median run time over the base's. The reported ratio is the
+mean of the median over base-first rounds and the median over deployment-first rounds (the
+load-order effect cancels), with every round's ratio listed. The largest output differences
+between deployments that must agree are checked first (branches = serving active = folded;
+serving idle = base).
 """
 
 import argparse
+import json
 import statistics
-import time
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
+
+BLOCK = 5  # timed runs per block
+BLOCK_WARMUP = 2  # untimed runs before each block (the other session just ran)
+
+# One round: load the base and one deployment in the given order, alternate blocks, print the
+# two median run times as JSON.
+ROUND = r"""
+import json, statistics, sys, time
+import numpy as np, onnxruntime as ort
+cfg = json.loads(sys.argv[1])
+def session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if cfg["threads"]:
+        so.intra_op_num_threads = cfg["threads"]
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+feeds = {"input_ids": np.array(cfg["ids"], dtype=np.int64)}
+models = {}
+for key in cfg["order"]:
+    models[key] = session(cfg[key])
+options = {"base": None, "deployment": None}
+if cfg["adapter"]:
+    adapter = ort.LoraAdapter()
+    adapter.Load(cfg["adapter"])
+    ro = ort.RunOptions()
+    ro.add_active_adapter(adapter)
+    options["deployment"] = ro
+times = {k: [] for k in models}
+for _ in range(cfg["blocks"]):
+    for key in cfg["order"]:
+        s, ro = models[key], options[key]
+        for _ in range(cfg["block_warmup"]):
+            s.run(None, feeds, ro)
+        for _ in range(cfg["block"]):
+            t0 = time.perf_counter()
+            s.run(None, feeds, ro)
+            times[key].append(time.perf_counter() - t0)
+print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+"""
 
 
 def session(path, threads):
@@ -32,16 +84,11 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def bench(sess, feeds, runs, warmup, run_options=None):
-    for _ in range(warmup):
-        sess.run(None, feeds, run_options)
-    times = []
-    out = None
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = sess.run(None, feeds, run_options)
-        times.append(time.perf_counter() - t0)
-    return statistics.mean(times), statistics.median(times), out[0]
+def one_round(cfg):
+    p = subprocess.run([sys.executable, "-c", ROUND, json.dumps(cfg)], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"serving_latency.py: a measuring round failed:\n{p.stderr.strip()}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -52,55 +99,65 @@ def main():
     p.add_argument("--adapter", required=True, help="the .onnx_adapter written by inject --adapter-out")
     p.add_argument("--folded")
     p.add_argument("--fused", help="the branches model made with inject --fuse-shared")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per model and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over all the models")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=40,
+                   help=f"timed runs per model and round, in blocks of {BLOCK} (default 40)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="rounds (processes) per deployment, half of them loading the base first (default 4)")
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--vocab", type=int, default=0, help="token ids are drawn below this (default: the last dim of the base's first output)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     args = p.parse_args()
+    rounds = max(2, args.rounds + args.rounds % 2)
 
     vocab = args.vocab
     if not vocab:
         out_shape = session(args.base, args.threads).get_outputs()[0].shape
         vocab = out_shape[-1] if isinstance(out_shape[-1], int) else 100
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, vocab, size=(1, args.seq), dtype=np.int64)}
+    ids = rng.integers(0, vocab, size=(1, args.seq), dtype=np.int64)
+    feeds = {"input_ids": ids}
 
-    outs = {}
-    adapter = ort.LoraAdapter()
-    adapter.Load(args.adapter)
-    ro = ort.RunOptions()
-    ro.add_active_adapter(adapter)
-    models = [("base", args.base, None), ("branches (adapter)", args.branches, None)]
+    deployments = [("branches (adapter)", args.branches, None)]
     if args.fused:
-        models.append(("branches fused", args.fused, None))
-    models += [("serving idle", args.serving, None), ("serving active", args.serving, ro)]
+        deployments.append(("branches fused", args.fused, None))
+    deployments += [("serving idle", args.serving, None), ("serving active", args.serving, args.adapter)]
     if args.folded:
-        models.append(("folded", args.folded, None))
+        deployments.append(("folded", args.folded, None))
 
-    # Every model is measured once per round, in turn; the ratio to the base is taken within
-    # each round (same machine state) and the median over rounds is reported, so a slow drift
-    # of the machine's speed does not land on one model.
-    per_round = {label: [] for label, _, _ in models}
-    for _ in range(args.rounds):
-        for label, path, run_options in models:
-            sess = session(path, args.threads)
-            mean, med, out = bench(sess, feeds, args.runs, args.warmup, run_options)
-            per_round[label].append((mean, med))
-            outs[label] = out
-            del sess
+    # Outputs first, one session at a time.
+    outs = {"base": session(args.base, args.threads).run(None, feeds)[0]}
+    for label, path, adapter in deployments:
+        ro = None
+        if adapter:
+            a = ort.LoraAdapter()
+            a.Load(adapter)
+            ro = ort.RunOptions()
+            ro.add_active_adapter(a)
+        outs[label] = session(path, args.threads).run(None, feeds, ro)[0]
 
-    base = per_round["base"]
-    print(f"onnxruntime {ort.__version__}, CPU, batch 1, {args.seq} tokens, {args.rounds} rounds of "
-          f"{args.runs} runs after {args.warmup} warm-up; vs base = median over rounds of (median / base median)")
-    print(f"{'model':<20} {'mean ms':>9} {'median ms':>10} {'vs base':>8}  per round")
-    for label, _, _ in models:
-        rs = per_round[label]
-        ratios = [m[1] / b[1] for m, b in zip(rs, base)]
-        print(f"{label:<20} {statistics.mean(m[0] for m in rs) * 1e3:>9.3f} "
-              f"{statistics.median(m[1] for m in rs) * 1e3:>10.3f} {statistics.median(ratios):>7.3f}x  "
-              + " ".join(f"{r:.3f}" for r in ratios))
+    blocks = max(1, -(-args.runs // BLOCK))
+    print(f"onnxruntime {ort.__version__}, CPU, batch 1, {args.seq} tokens, threads "
+          f"{args.threads or 'default'}; per deployment {rounds} rounds (fresh processes, base "
+          f"and deployment alternating in {blocks} blocks of {BLOCK} runs after {BLOCK_WARMUP} "
+          f"untimed; load order alternating)")
+    print(f"{'deployment':<20} {'base ms':>8} {'ms':>8} {'vs base':>8}  base-first | deployment-first rounds")
+    for label, path, adapter in deployments:
+        firsts = {True: [], False: []}
+        base_ms, dep_ms = [], []
+        for r in range(rounds):
+            base_first = r % 2 == 0
+            cfg = {"base": args.base, "deployment": path, "adapter": adapter,
+                   "order": ["base", "deployment"] if base_first else ["deployment", "base"],
+                   "threads": args.threads, "ids": ids.tolist(), "blocks": blocks,
+                   "block": BLOCK, "block_warmup": BLOCK_WARMUP}
+            m = one_round(cfg)
+            firsts[base_first].append(m["deployment"] / m["base"])
+            base_ms.append(m["base"])
+            dep_ms.append(m["deployment"])
+        ratio = (statistics.median(firsts[True]) + statistics.median(firsts[False])) / 2
+        print(f"{label:<20} {statistics.median(base_ms) * 1e3:>8.2f} {statistics.median(dep_ms) * 1e3:>8.2f} "
+              f"{ratio:>7.3f}x  " + " ".join(f"{x:.3f}" for x in firsts[True]) + " | "
+              + " ".join(f"{x:.3f}" for x in firsts[False]), flush=True)
 
     def diff(a, b):
         return float(np.max(np.abs(outs[a].astype(np.float64) - outs[b].astype(np.float64))))

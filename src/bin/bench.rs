@@ -77,8 +77,9 @@ struct Args {
     /// operation pays for that one's leftovers: page cache, pending disk work).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Timed runs per model and round in the serving latency script (3 rounds).
-    #[arg(long, default_value_t = 30)]
+    /// Timed runs per model and round in the serving latency script (each deployment is
+    /// measured against the base in 4 rounds, each a fresh process).
+    #[arg(long, default_value_t = 40)]
     serving_runs: usize,
     /// Skip the Python references (fold_reference.py, serving_latency.py).
     #[arg(long)]
