@@ -36,6 +36,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
+# The performance issue's serving goals: latency vs the base at most this.
+GOALS = [("branches (adapter)", 1.03), ("serving idle", 1.02), ("serving active", 1.03)]
 BLOCK = 5  # timed runs per block
 BLOCK_WARMUP = 2  # untimed runs before each block (the other session just ran)
 
@@ -141,6 +143,7 @@ def main():
           f"and deployment alternating in {blocks} blocks of {BLOCK} runs after {BLOCK_WARMUP} "
           f"untimed; load order alternating)")
     print(f"{'deployment':<20} {'base ms':>8} {'ms':>8} {'vs base':>8}  base-first | deployment-first rounds")
+    ratios = {}
     for label, path, adapter in deployments:
         firsts = {True: [], False: []}
         base_ms, dep_ms = [], []
@@ -155,9 +158,15 @@ def main():
             base_ms.append(m["base"])
             dep_ms.append(m["deployment"])
         ratio = (statistics.median(firsts[True]) + statistics.median(firsts[False])) / 2
+        ratios[label] = ratio
         print(f"{label:<20} {statistics.median(base_ms) * 1e3:>8.2f} {statistics.median(dep_ms) * 1e3:>8.2f} "
               f"{ratio:>7.3f}x  " + " ".join(f"{x:.3f}" for x in firsts[True]) + " | "
               + " ".join(f"{x:.3f}" for x in firsts[False]), flush=True)
+
+    print("goals (performance issue):")
+    for label, goal in GOALS:
+        verdict = "PASS" if ratios[label] <= goal else "MISS"
+        print(f"  [{verdict}] {f'{label} <= {goal:.2f}x':<34} {ratios[label]:.3f}x")
 
     def diff(a, b):
         return float(np.max(np.abs(outs[a].astype(np.float64) - outs[b].astype(np.float64))))
