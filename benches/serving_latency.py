@@ -32,6 +32,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -40,43 +41,7 @@ import onnxruntime as ort
 GOALS = [("branches (adapter)", 1.03), ("serving idle", 1.02), ("serving active", 1.03)]
 BLOCK = 5  # timed runs per block
 BLOCK_WARMUP = 2  # untimed runs before each block (the other session just ran)
-
-# One round: load the base and one deployment in the given order, alternate blocks, print the
-# two median run times as JSON.
-ROUND = r"""
-import json, statistics, sys, time
-import numpy as np, onnxruntime as ort
-cfg = json.loads(sys.argv[1])
-def session(path):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if cfg["threads"]:
-        so.intra_op_num_threads = cfg["threads"]
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-feeds = {"input_ids": np.array(cfg["ids"], dtype=np.int64)}
-models = {}
-for key in cfg["order"]:
-    models[key] = session(cfg[key])
-options = {"base": None, "deployment": None}
-if cfg["adapter"]:
-    adapter = ort.LoraAdapter()
-    adapter.Load(cfg["adapter"])
-    ro = ort.RunOptions()
-    ro.add_active_adapter(adapter)
-    options["deployment"] = ro
-times = {k: [] for k in models}
-for _ in range(cfg["blocks"]):
-    for key in cfg["order"]:
-        s, ro = models[key], options[key]
-        for _ in range(cfg["block_warmup"]):
-            s.run(None, feeds, ro)
-        for _ in range(cfg["block"]):
-            t0 = time.perf_counter()
-            s.run(None, feeds, ro)
-            times[key].append(time.perf_counter() - t0)
-print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
-"""
-
+ROUND_FLAG = "--measure-round"  # internal: this script re-run as one round's process
 
 def session(path, threads):
     so = ort.SessionOptions()
@@ -86,8 +51,32 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def measure_round(cfg):
+    """One round, in its own process: load the base and one deployment in the given order,
+    alternate blocks of runs, print the two median run times as JSON."""
+    models = {key: session(cfg[key], cfg["threads"]) for key in cfg["order"]}
+    feeds = {"input_ids": np.array(cfg["ids"], dtype=np.int64)}
+    options = {"base": None, "deployment": None}
+    if cfg["adapter"]:
+        adapter = ort.LoraAdapter()
+        adapter.Load(cfg["adapter"])
+        options["deployment"] = ort.RunOptions()
+        options["deployment"].add_active_adapter(adapter)
+    times = {key: [] for key in models}
+    for _ in range(cfg["blocks"]):
+        for key in cfg["order"]:
+            sess, ro = models[key], options[key]
+            for _ in range(BLOCK_WARMUP):
+                sess.run(None, feeds, ro)
+            for _ in range(BLOCK):
+                t0 = time.perf_counter()
+                sess.run(None, feeds, ro)
+                times[key].append(time.perf_counter() - t0)
+    print(json.dumps({key: statistics.median(t) for key, t in times.items()}))
+
+
 def one_round(cfg):
-    p = subprocess.run([sys.executable, "-c", ROUND, json.dumps(cfg)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, __file__, ROUND_FLAG, json.dumps(cfg)], capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"serving_latency.py: a measuring round failed:\n{p.stderr.strip()}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -151,8 +140,7 @@ def main():
             base_first = r % 2 == 0
             cfg = {"base": args.base, "deployment": path, "adapter": adapter,
                    "order": ["base", "deployment"] if base_first else ["deployment", "base"],
-                   "threads": args.threads, "ids": ids.tolist(), "blocks": blocks,
-                   "block": BLOCK, "block_warmup": BLOCK_WARMUP}
+                   "threads": args.threads, "ids": ids.tolist(), "blocks": blocks}
             m = one_round(cfg)
             firsts[base_first].append(m["deployment"] / m["base"])
             base_ms.append(m["base"])
@@ -183,4 +171,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == ROUND_FLAG:
+        measure_round(json.loads(sys.argv[2]))
+    else:
+        main()
