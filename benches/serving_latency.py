@@ -43,6 +43,7 @@ BLOCK = 5  # timed runs per block
 BLOCK_WARMUP = 2  # untimed runs before each block (the other session just ran)
 ROUND_FLAG = "--measure-round"  # internal: this script re-run as one round's process
 
+
 def session(path, threads):
     so = ort.SessionOptions()
     so.log_severity_level = 3  # serving models keep default weights in initializers: ort warns
@@ -51,17 +52,29 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+# Loaded adapters stay referenced here: RunOptions does not keep its adapter alive, and a
+# collected one silently runs the model without it.
+_ADAPTERS = []
+
+
+def run_options(adapter_path):
+    """RunOptions that activate the `.onnx_adapter` at `adapter_path` (None: no adapter)."""
+    if not adapter_path:
+        return None
+    adapter = ort.LoraAdapter()
+    adapter.Load(adapter_path)
+    _ADAPTERS.append(adapter)
+    ro = ort.RunOptions()
+    ro.add_active_adapter(adapter)
+    return ro
+
+
 def measure_round(cfg):
     """One round, in its own process: load the base and one deployment in the given order,
     alternate blocks of runs, print the two median run times as JSON."""
     models = {key: session(cfg[key], cfg["threads"]) for key in cfg["order"]}
     feeds = {"input_ids": np.array(cfg["ids"], dtype=np.int64)}
-    options = {"base": None, "deployment": None}
-    if cfg["adapter"]:
-        adapter = ort.LoraAdapter()
-        adapter.Load(cfg["adapter"])
-        options["deployment"] = ort.RunOptions()
-        options["deployment"].add_active_adapter(adapter)
+    options = {"base": None, "deployment": run_options(cfg["adapter"])}
     times = {key: [] for key in models}
     for _ in range(cfg["blocks"]):
         for key in cfg["order"]:
@@ -118,13 +131,7 @@ def main():
     # Outputs first, one session at a time.
     outs = {"base": session(args.base, args.threads).run(None, feeds)[0]}
     for label, path, adapter in deployments:
-        ro = None
-        if adapter:
-            a = ort.LoraAdapter()
-            a.Load(adapter)
-            ro = ort.RunOptions()
-            ro.add_active_adapter(a)
-        outs[label] = session(path, args.threads).run(None, feeds, ro)[0]
+        outs[label] = session(path, args.threads).run(None, feeds, run_options(adapter))[0]
 
     blocks = max(1, -(-args.runs // BLOCK))
     print(f"onnxruntime {ort.__version__}, CPU, batch 1, {args.seq} tokens, threads "
