@@ -34,6 +34,21 @@ pub fn onnx_lora_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the binary; on failure notes `what` with its stderr in `failures` and returns None, so
+/// a loop over fixtures can report every failing case at once.
+pub fn onnx_lora_or_note(args: &[&str], what: &str, failures: &mut Vec<String>) -> Option<Output> {
+    let out = onnx_lora(args);
+    if out.status.success() {
+        return Some(out);
+    }
+    failures.push(format!(
+        "{what}: onnx-lora {} failed: {}",
+        args.first().unwrap_or(&""),
+        String::from_utf8_lossy(&out.stderr)
+    ));
+    None
+}
+
 /// The Python interpreter with `onnx`, `onnxruntime` and `numpy` (the test venv). Tests that
 /// need it fail, never skip, when it is missing: `scripts/test.sh` installs it.
 pub fn python() -> PathBuf {
