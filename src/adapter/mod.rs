@@ -1,6 +1,8 @@
 //! Adapter formats: reading PEFT LoRA adapters (`adapter_config.json` +
-//! `adapter_model.safetensors`) into per-module low-rank factors with their scaling.
+//! `adapter_model.safetensors`) and kohya LoRA files into per-module low-rank factors with
+//! their scaling.
 
+pub mod kohya;
 pub mod ort_format;
 pub mod peft;
 

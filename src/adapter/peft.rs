@@ -66,6 +66,11 @@ pub struct ModuleAdapter {
     pub full: BTreeMap<String, F32Tensor>,
     /// The adapter keys this module was built from (for reports and errors).
     pub keys: Vec<String>,
+    /// The module's own alpha (kohya files store one per module); None: the config's.
+    pub alpha: Option<f32>,
+    /// kohya files: the part of the pipeline the module belongs to (`unet`, `te`, ...), whose
+    /// `path` is then the underscored kohya name. None for PEFT's dotted module paths.
+    pub part: Option<&'static str>,
 }
 
 impl ModuleAdapter {
@@ -84,8 +89,17 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// Reads a PEFT adapter folder, or an `.safetensors` file with `adapter_config.json` beside it.
+    /// Reads a PEFT adapter folder, an `.safetensors` file with `adapter_config.json` beside it,
+    /// or a kohya LoRA `.safetensors` file (recognised by its keys).
     pub fn load(path: &Path) -> Result<Adapter> {
+        if path.is_file() {
+            let buf = map_file(path)?;
+            if let Ok(st) = SafeTensors::deserialize(&buf)
+                && super::kohya::is_kohya(&st)
+            {
+                return super::kohya::load(path, &buf, &st);
+            }
+        }
         let (weights, config_path) = if path.is_dir() {
             (
                 path.join("adapter_model.safetensors"),
@@ -128,8 +142,10 @@ impl Adapter {
     /// from `alpha_pattern`. r is the stored rank (rows of A), which `rank_pattern` already set.
     pub fn scaling(&self, m: &ModuleAdapter) -> f32 {
         let r = m.rank().max(1) as f32;
-        let alpha =
-            pattern_value(&self.config.alpha_pattern, &m.path).unwrap_or(self.config.lora_alpha);
+        let alpha = m
+            .alpha
+            .or_else(|| pattern_value(&self.config.alpha_pattern, &m.path))
+            .unwrap_or(self.config.lora_alpha);
         if self.config.use_rslora {
             alpha / r.sqrt()
         } else {
@@ -208,7 +224,7 @@ impl AdapterConfig {
 }
 
 /// Reads a tensor as f32 (F32, F16, BF16, F64).
-fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32Tensor, String> {
+pub(crate) fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32Tensor, String> {
     let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
     let dtype = match view.dtype() {
         Dtype::F32 => crate::onnx::DataType::Float,
@@ -250,6 +266,8 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
                     bias_b: None,
                     full: BTreeMap::new(),
                     keys: Vec::new(),
+                    alpha: None,
+                    part: None,
                 });
                 modules.len() - 1
             }

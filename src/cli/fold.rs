@@ -1,4 +1,4 @@
-//! `onnx-lora fold`: merge PEFT adapters into a model's weights.
+//! `onnx-lora fold`: merge PEFT adapters (or kohya LoRA files) into a model's weights.
 
 use std::path::PathBuf;
 
@@ -18,12 +18,15 @@ use super::save_args::SaveArgs;
   onnx-lora fold model.onnx adapter/ -o model.tuned.onnx
   onnx-lora fold model.onnx a/ b/ --weight 0.7 --weight 0.3 -o mix.onnx
   onnx-lora fold model.onnx adapter/adapter_model.safetensors -o out.onnx --json
+  onnx-lora fold unet.onnx my_style.safetensors -o unet.style.onnx   # a kohya LoRA
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
   onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
 
-ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors) or the .safetensors
-file with its adapter_config.json beside it. Module paths in the adapter are matched to the
-model's weights by dotted suffix (see `onnx-lora inspect`). Weights shared with other nodes
+ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
+file with its adapter_config.json beside it, or a kohya LoRA .safetensors file (lora_unet_* /
+lora_te_* keys; text-encoder parts are left out of a UNet, and the report says so). Module paths
+in the adapter are matched to the model's weights by dotted suffix (kohya's underscored names:
+the path that reads the same with '.' as '_'; see `onnx-lora inspect`). Weights shared with other nodes
 (tied embeddings) are copied for the adapted node, so only it changes. In models that pack
 q/k/v into one weight (onnxruntime's Attention, a `qkv_proj` layer) a q/k/v module goes into its
 columns of its layer's packed weight (`--json` module records list them under `packed`);
@@ -31,7 +34,7 @@ embeddings fused into onnxruntime's EmbedLayerNormalization go into its table.")
 pub struct Args {
     /// The base ONNX model.
     model: PathBuf,
-    /// PEFT adapters to merge, in order. None: fold the branches `inject` put into MODEL
+    /// PEFT adapters (or kohya LoRA files) to merge, in order. None: fold the branches `inject` put into MODEL
     /// (e.g. trained in place) back into its weights and remove them.
     adapters: Vec<PathBuf>,
     /// Where to write the merged model (atomically; inputs are never modified).

@@ -55,7 +55,7 @@ pub struct Args {
     /// Seed for fresh branches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Take the branch weights from this PEFT adapter (targets: the adapter's modules).
+    /// Take the branch weights from this PEFT adapter or kohya LoRA file (targets: its modules).
     #[arg(long, value_name = "ADAPTER")]
     adapter: Option<PathBuf>,
     /// With --adapter: warn about adapter modules that match no weight instead of failing.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::unbranch::find_branches;
 use crate::adapter::ort_format::AdapterParam;
-use crate::adapter::{Adapter, ModuleKind};
+use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
 use crate::onnx::pb::type_proto;
@@ -232,8 +232,28 @@ pub fn serving_adapter_params(
             serving.path.display()
         )));
     }
+    // PEFT modules by dotted path; kohya's by underscored name, leaving out a pipeline part
+    // (lora_te_*, ...) none of whose modules is in this model.
+    let fits = |m: &ModuleAdapter, n: &str| match m.part {
+        None => name_matches(n, &m.path) || name_matches(&m.path, n),
+        Some(_) => {
+            let u = kohya::underscored(n);
+            u == m.path || u.ends_with(&format!("_{}", m.path))
+        }
+    };
+    let parts_in_model: Vec<&str> = adapter
+        .modules
+        .iter()
+        .filter(|m| inputs.keys().any(|n| fits(m, n)))
+        .filter_map(|m| m.part)
+        .collect();
     let mut params = Vec::new();
     for m in &adapter.modules {
+        if m.part
+            .is_some_and(|p| !parts_in_model.is_empty() && !parts_in_model.contains(&p))
+        {
+            continue;
+        }
         if m.kind == ModuleKind::Full || m.magnitude.is_some() || m.bias_b.is_some() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
@@ -243,10 +263,7 @@ pub fn serving_adapter_params(
                 ),
             });
         }
-        let matches: Vec<&String> = inputs
-            .keys()
-            .filter(|n| name_matches(n, &m.path) || name_matches(&m.path, n))
-            .collect();
+        let matches: Vec<&String> = inputs.keys().filter(|n| fits(m, n)).collect();
         let [name] = matches.as_slice() else {
             return Err(Error::Target(format!(
                 "module '{}' matches {} LoRA inputs of {} ({})",

@@ -212,27 +212,30 @@ fn plan<'a>(
     for (ai, adapter) in adapters.iter().enumerate() {
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
-        for module in &adapter.modules {
+        let (paths, notes) = super::module_paths(adapter, cands)?;
+        report.notes.extend(notes);
+        for (module, path) in adapter.modules.iter().zip(&paths) {
+            let Some(path) = path else { continue };
             let accept = |c: &Candidate| super::accepts(module, c);
-            let found: Vec<(&Candidate, Option<usize>)> =
-                match resolve_module(cands, &module.path, accept) {
-                    Ok(found) => found.into_iter().map(|c| (c, None)).collect(),
-                    Err(e) => match packed::resolve(cands, &module.path) {
-                        Some(Ok((c, role)))
-                            if is_linear_lora(module) || module.kind == ModuleKind::Full =>
-                        {
-                            vec![(c, Some(role))]
-                        }
-                        Some(Err(pe)) => {
-                            unmatched.push(format!("{} ({pe})", module.keys.join(", ")));
-                            continue;
-                        }
-                        _ => {
-                            unmatched.push(format!("{} ({e})", module.keys.join(", ")));
-                            continue;
-                        }
-                    },
-                };
+            let found: Vec<(&Candidate, Option<usize>)> = match resolve_module(cands, path, accept)
+            {
+                Ok(found) => found.into_iter().map(|c| (c, None)).collect(),
+                Err(e) => match packed::resolve(cands, path) {
+                    Some(Ok((c, role)))
+                        if is_linear_lora(module) || module.kind == ModuleKind::Full =>
+                    {
+                        vec![(c, Some(role))]
+                    }
+                    Some(Err(pe)) => {
+                        unmatched.push(format!("{} ({pe})", module.keys.join(", ")));
+                        continue;
+                    }
+                    _ => {
+                        unmatched.push(format!("{} ({e})", module.keys.join(", ")));
+                        continue;
+                    }
+                },
+            };
             for (c, role) in found {
                 let step = Step {
                     module,

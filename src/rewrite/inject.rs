@@ -126,7 +126,9 @@ pub fn adapter_branches(
     adapter.check_foldable()?;
     let mut out = Vec::new();
     let mut unmatched = Vec::new();
-    for m in &adapter.modules {
+    let (paths, _) = super::module_paths(adapter, cands)?;
+    for (m, path) in adapter.modules.iter().zip(&paths) {
+        let Some(path) = path else { continue };
         if m.kind == ModuleKind::Full {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
@@ -145,12 +147,11 @@ pub fn adapter_branches(
                 ),
             });
         }
-        let found = match resolve_module(cands, &m.path, |c| super::accepts(m, c) && c.branchable())
-        {
+        let found = match resolve_module(cands, path, |c| super::accepts(m, c) && c.branchable()) {
             Ok(f) => f,
             Err(_)
                 if let Ok(found) =
-                    resolve_module(cands, &m.path, |c| super::accepts(m, c) && !c.branchable()) =>
+                    resolve_module(cands, path, |c| super::accepts(m, c) && !c.branchable()) =>
             {
                 let c = found[0];
                 return Err(Error::Target(format!(
@@ -158,7 +159,7 @@ pub fn adapter_branches(
                     m.path, c.op, c.node
                 )));
             }
-            Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, &m.path) => {
+            Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {
                 return Err(Error::Target(format!(
                     "module '{}' is the {} slice of the packed q/k/v weight '{}' ({} {}): inject cannot put a branch on one slice; `onnx-lora fold` merges it",
                     m.path,
@@ -175,17 +176,23 @@ pub fn adapter_branches(
             Err(e) => return Err(e),
         };
         for c in found {
-            out.push(spec_from_module(c, m, adapter.scaling(m))?);
+            out.push(spec_from_module(c, m, path, adapter.scaling(m))?);
         }
     }
     Ok((out, unmatched))
 }
 
-fn spec_from_module(c: &Candidate, m: &ModuleAdapter, scale: f32) -> Result<BranchSpec> {
+/// A branch for module `m` on candidate `c`, named by the module's model path `path`.
+fn spec_from_module(
+    c: &Candidate,
+    m: &ModuleAdapter,
+    path: &str,
+    scale: f32,
+) -> Result<BranchSpec> {
     let (a, b) = super::factors(m, c, factor_in(c), c.out_features.max(0) as usize)?;
     Ok(BranchSpec {
         cand: c.clone(),
-        name: m.path.clone(),
+        name: path.to_string(),
         a,
         b,
         scale,

@@ -18,8 +18,11 @@ pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
 };
 pub use unbranch::fold_branches;
+// `module_paths` (below): how an adapter's modules bind to the model's module paths.
 
-use crate::adapter::{ModuleAdapter, ModuleKind};
+use std::collections::BTreeMap;
+
+use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};
 use crate::target::Candidate;
 use crate::tensor::Matrix;
@@ -66,4 +69,114 @@ pub(crate) fn factors(
         Matrix::new(r, a_cols, a.data.clone())?,
         Matrix::new(b.shape[0], r, b.data.clone())?,
     ))
+}
+
+/// The model path each of an adapter's modules is looked up by (in module order; None: left
+/// out), and notes on what was left out. PEFT paths are used as they are. kohya's underscored
+/// names are bound to the candidate module whose path, '.' written '_', is the name, or ends
+/// with `_<name>` (an export rooted above the pipeline part). A kohya part none of whose
+/// modules is in the model (a text encoder's, when the model is the UNet) is left out.
+pub fn module_paths(
+    adapter: &Adapter,
+    cands: &[Candidate],
+) -> Result<(Vec<Option<String>>, Vec<String>)> {
+    if adapter.modules.iter().all(|m| m.part.is_none()) {
+        let paths = adapter
+            .modules
+            .iter()
+            .map(|m| Some(m.path.clone()))
+            .collect();
+        return Ok((paths, Vec::new()));
+    }
+    let mut by_name: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in cands.iter().filter(|c| !c.module.is_empty()) {
+        let paths = by_name.entry(kohya::underscored(&c.module)).or_default();
+        if !paths.contains(&c.module.as_str()) {
+            paths.push(&c.module);
+        }
+    }
+    let mut bound: Vec<Option<String>> = Vec::with_capacity(adapter.modules.len());
+    for m in &adapter.modules {
+        let mut found: Vec<&str> = match by_name.get(&m.path) {
+            Some(paths) => paths.clone(),
+            None => {
+                let tail = format!("_{}", m.path);
+                by_name
+                    .iter()
+                    .filter(|(name, _)| name.ends_with(&tail))
+                    .flat_map(|(_, paths)| paths.iter().copied())
+                    .collect()
+            }
+        };
+        found.dedup();
+        match found.as_slice() {
+            [] => bound.push(None),
+            [one] => bound.push(Some(one.to_string())),
+            many => {
+                return Err(Error::Adapter {
+                    path: adapter.path.clone(),
+                    reason: format!(
+                        "kohya module '{}' ({}) fits several module paths of the model: {}",
+                        m.path,
+                        m.keys.first().map_or("", String::as_str),
+                        many.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    let mut notes = Vec::new();
+    let parts: Vec<&str> = {
+        let mut p: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();
+        p.dedup();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    let in_model = |part: &str| {
+        adapter
+            .modules
+            .iter()
+            .zip(&bound)
+            .any(|(m, b)| m.part == Some(part) && b.is_some())
+    };
+    let used: Vec<&str> = parts.iter().copied().filter(|p| in_model(p)).collect();
+    let mut paths = Vec::with_capacity(bound.len());
+    for (m, b) in adapter.modules.iter().zip(bound) {
+        let part = m.part.unwrap_or("");
+        if !used.is_empty() && !used.contains(&part) {
+            paths.push(None);
+            continue;
+        }
+        if b.is_none()
+            && part == "unet"
+            && ["input_blocks_", "middle_block_", "output_blocks_"]
+                .iter()
+                .any(|p| m.path.starts_with(p))
+        {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "kohya module 'lora_unet_{}' uses the original (sgm) UNet block names, which this model does not have; convert the LoRA to diffusers' names first (diffusers' load_lora_weights does)",
+                    m.path
+                ),
+            });
+        }
+        paths.push(Some(b.unwrap_or_else(|| m.path.clone())));
+    }
+    for part in parts
+        .iter()
+        .filter(|p| !used.is_empty() && !used.contains(p))
+    {
+        let n = adapter
+            .modules
+            .iter()
+            .filter(|m| m.part == Some(part))
+            .count();
+        notes.push(format!(
+            "left out {n} module(s) of the {} (lora_{part}_*): none of them is in this model",
+            kohya::part_description(part)
+        ));
+    }
+    Ok((paths, notes))
 }

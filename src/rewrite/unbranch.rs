@@ -201,6 +201,8 @@ pub fn find_branches(
                     bias_b,
                     full: Default::default(),
                     keys: vec![name],
+                    alpha: None,
+                    part: None,
                 },
                 scale,
                 y,

@@ -1,0 +1,198 @@
+//! kohya-ss (sd-scripts) LoRA files: one `.safetensors` whose keys are
+//! `lora_<part>_<module path with '.' written '_'>.lora_down.weight` (r, in[, kh, kw]),
+//! `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` (scale alpha / r; without it 1), where
+//! `<part>` is `unet`, `te`, `te1` or `te2`. The module paths stay in that underscored form
+//! here; `rewrite` binds them to the model's dotted paths.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use super::peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind, read_f32};
+use crate::error::{Error, Result};
+
+/// The parts a kohya file can hold, by key prefix (longest first), with what each part is.
+pub const PARTS: [(&str, &str, &str); 4] = [
+    ("lora_unet_", "unet", "UNet / diffusion transformer"),
+    ("lora_te1_", "te1", "first text encoder"),
+    ("lora_te2_", "te2", "second text encoder"),
+    ("lora_te_", "te", "text encoder"),
+];
+
+/// Key fragments of LyCORIS algorithms other than plain LoRA, and what they are.
+const LYCORIS: [(&str, &str); 7] = [
+    (".hada_w", "LoHa (hada_w*)"),
+    (".lokr_w", "LoKr (lokr_w*)"),
+    (".lora_mid.", "LoCon with a Tucker core (lora_mid)"),
+    (".dora_scale", "DoRA (dora_scale)"),
+    (".diff", "full-weight differences (diff)"),
+    (".oft_", "OFT"),
+    (".b1.weight", "(IA)^3 / GLoRA"),
+];
+
+/// Whether the file's keys are kohya's (any key under a `lora_<part>_` prefix).
+pub fn is_kohya(st: &SafeTensors) -> bool {
+    st.names()
+        .iter()
+        .any(|k| PARTS.iter().any(|(p, _, _)| k.starts_with(p)))
+}
+
+/// The part a module name belongs to, and the name without the prefix.
+fn split_part(name: &str) -> Option<(&'static str, &str)> {
+    PARTS
+        .iter()
+        .find_map(|(p, part, _)| name.strip_prefix(p).map(|rest| (*part, rest)))
+}
+
+/// What a part is, for messages.
+pub fn part_description(part: &str) -> &'static str {
+    PARTS
+        .iter()
+        .find(|(_, p, _)| *p == part)
+        .map_or("part", |(_, _, d)| d)
+}
+
+/// Reads a kohya LoRA file from its bytes (`buf`, parsed as `st`).
+pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
+    let err = |reason: String| Error::Adapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut modules: BTreeMap<String, ModuleAdapter> = BTreeMap::new();
+    let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
+    for key in &names {
+        if let Some((_, what)) = LYCORIS.iter().find(|(frag, _)| key.contains(frag)) {
+            return Err(err(format!(
+                "key '{key}': LyCORIS {what} is not supported (plain LoRA only: lora_down / lora_up / alpha)"
+            )));
+        }
+        let (module, suffix) = key.split_once('.').ok_or_else(|| {
+            err(format!(
+                "key '{key}' is not a kohya LoRA key (<module>.lora_down.weight)"
+            ))
+        })?;
+        let Some((part, stem)) = split_part(module) else {
+            return Err(err(format!(
+                "key '{key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_ or lora_te2_)"
+            )));
+        };
+        let t = read_f32(st, key).map_err(&err)?;
+        if suffix == "alpha" {
+            let Some(&a) = t.data.first().filter(|_| t.data.len() == 1) else {
+                return Err(err(format!(
+                    "key '{key}': alpha has shape {:?}, not a scalar",
+                    t.shape
+                )));
+            };
+            alphas.insert(module.to_string(), a);
+            continue;
+        }
+        let m = modules
+            .entry(module.to_string())
+            .or_insert_with(|| ModuleAdapter {
+                path: stem.to_string(),
+                kind: ModuleKind::Lora,
+                a: None,
+                b: None,
+                magnitude: None,
+                bias_b: None,
+                full: BTreeMap::new(),
+                keys: Vec::new(),
+                alpha: None,
+                part: Some(part),
+            });
+        m.keys.push(key.clone());
+        match suffix {
+            "lora_down.weight" => m.a = Some(t),
+            "lora_up.weight" => m.b = Some(t),
+            _ => {
+                return Err(err(format!(
+                    "key '{key}' is not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)"
+                )));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(modules.len());
+    let mut max_rank = 0;
+    for (name, mut m) in modules {
+        let (Some(a), Some(b)) = (&m.a, &m.b) else {
+            return Err(err(format!(
+                "module '{name}' has only one of lora_down / lora_up"
+            )));
+        };
+        let r = a.shape[0];
+        if a.shape.len() < 2 || b.shape.len() < 2 || b.shape[1] != r {
+            return Err(err(format!(
+                "module '{name}': lora_down {:?} and lora_up {:?} are not LoRA factors (r, in) and (out, r)",
+                a.shape, b.shape
+            )));
+        }
+        max_rank = max_rank.max(r);
+        // Without an alpha the delta is B·A unscaled: alpha = r.
+        m.alpha = Some(alphas.remove(&name).unwrap_or(r as f32));
+        out.push(m);
+    }
+    if let Some(name) = alphas.keys().next() {
+        return Err(err(format!("'{name}.alpha' has no lora_down / lora_up")));
+    }
+    if out.is_empty() {
+        return Err(err("no LoRA modules in the file".into()));
+    }
+    // The file's `__metadata__` (training settings, for reports).
+    let raw = SafeTensors::read_metadata(buf)
+        .ok()
+        .and_then(|(_, md)| md.metadata().clone())
+        .map(|md| Value::Object(md.into_iter().map(|(k, v)| (k, Value::String(v))).collect()))
+        .unwrap_or(Value::Null);
+    Ok(Adapter {
+        path: path.to_path_buf(),
+        config: AdapterConfig {
+            r: max_rank,
+            lora_alpha: max_rank as f32,
+            use_rslora: false,
+            use_dora: false,
+            fan_in_fan_out: false,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            target_modules: None,
+            init_lora_weights: Value::Bool(true),
+            raw,
+        },
+        modules: out,
+    })
+}
+
+/// A module path written kohya's way ('.' as '_').
+pub fn underscored(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_split_longest_prefix_first() {
+        assert_eq!(
+            split_part("lora_te1_text_model_encoder_layers_0_mlp_fc1"),
+            Some(("te1", "text_model_encoder_layers_0_mlp_fc1"))
+        );
+        assert_eq!(
+            split_part("lora_te_text_model_encoder_layers_0_mlp_fc1"),
+            Some(("te", "text_model_encoder_layers_0_mlp_fc1"))
+        );
+        assert_eq!(
+            split_part("lora_unet_mid_block_attentions_0_proj_in"),
+            Some(("unet", "mid_block_attentions_0_proj_in"))
+        );
+        assert_eq!(split_part("base_model.model.x"), None);
+        assert_eq!(
+            underscored("down_blocks.0.attentions.0.proj_in"),
+            "down_blocks_0_attentions_0_proj_in"
+        );
+    }
+}
