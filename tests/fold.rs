@@ -201,7 +201,16 @@ fn every_feature_is_covered_by_the_fixtures() {
         .iter()
         .flat_map(|c| c.adapters.iter().flat_map(|a| a.features.clone()))
         .collect();
-    for f in ["rslora", "dora", "rank_pattern", "alpha_pattern", "tied"] {
+    for f in [
+        "rslora",
+        "dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "tied",
+        "kohya",
+        "conv3x3",
+        "text_encoder_keys",
+    ] {
         assert!(
             all.iter().any(|x| x == f),
             "no fixture adapter exercises {f}"

@@ -52,27 +52,6 @@ impl Env {
     }
 }
 
-/// Runs `fold MODEL ADAPTER -o OUT EXTRA...` expecting failure; returns stderr after checking
-/// exit 2, one line, no output and the model file untouched.
-fn fold_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
-    let before = std::fs::read(model).unwrap();
-    let mut args = vec![
-        "fold",
-        model.to_str().unwrap(),
-        adapter.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = onnx_lora(&args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(!out.exists(), "no output on error");
-    assert_eq!(std::fs::read(model).unwrap(), before, "input untouched");
-    err
-}
-
 #[test]
 fn unmatched_modules_are_listed() {
     let env = Env::new();

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use onnx_lora::adapter::{Adapter, ModuleKind};
 use onnx_lora::graph::ModelGraph;
+use onnx_lora::rewrite::module_paths;
 use onnx_lora::target::{Candidate, find_candidates, resolve_module};
 
 fn load(case: &Case) -> Vec<Candidate> {
@@ -24,10 +25,25 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
         let cands = load(&case);
         for ad in &case.adapters {
             let adapter = Adapter::load(&ad.dir).unwrap();
-            for m in adapter
+            // PEFT paths bind as they are; kohya's underscored names to the UNet's dotted
+            // paths, with the text-encoder part (lora_te_*) left out.
+            let (paths, _) = module_paths(&adapter, &cands).unwrap();
+            for (m, path) in adapter.modules.iter().zip(&paths) {
+                assert_eq!(
+                    path.is_none(),
+                    m.part.is_some_and(|p| p != "unet"),
+                    "{} {}: {}",
+                    case.label(),
+                    ad.name,
+                    m.path
+                );
+            }
+            for (m, path) in adapter
                 .modules
                 .iter()
-                .filter(|m| m.kind != ModuleKind::Full)
+                .zip(&paths)
+                .filter(|(m, _)| m.kind != ModuleKind::Full)
+                .filter_map(|(m, p)| Some((m, p.as_deref()?)))
             {
                 let (a, b) = (m.a.as_ref().unwrap(), m.b.as_ref().unwrap());
                 let accept = |c: &Candidate| match m.kind {
@@ -35,7 +51,10 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
                     _ if a.shape.len() == 4 => c.op == "Conv",
                     _ => c.is_linear(),
                 };
-                let found = resolve_module(&cands, &m.path, accept)
+                if m.part.is_some() {
+                    assert!(ad.targets.iter().any(|t| t == path), "{}: {path}", ad.name);
+                }
+                let found = resolve_module(&cands, path, accept)
                     .unwrap_or_else(|e| panic!("{} {}: {e}", case.label(), ad.name));
                 let c = found[0];
                 let n_in: i64 = if c.op == "Conv" {

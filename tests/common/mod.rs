@@ -149,12 +149,20 @@ impl Case {
     }
 }
 
-/// Every case of fixtures/manifest.json (asserting there are some).
+/// Every case of fixtures/manifest.json (PEFT adapters) and fixtures/kohya_manifest.json
+/// (kohya LoRA files on a diffusers UNet), asserting there are some of each.
 pub fn cases() -> Vec<Case> {
-    let path = fixtures().join("manifest.json");
+    let mut all = manifest_cases("manifest.json");
+    all.extend(manifest_cases("kohya_manifest.json"));
+    all
+}
+
+/// The cases of one manifest under fixtures/.
+fn manifest_cases(file: &str) -> Vec<Case> {
+    let path = fixtures().join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (rebuild with fixtures/gen/generate.py)",
+            "{}: {e} (rebuild with fixtures/gen/generate.py and generate_kohya.py)",
             path.display()
         )
     });
@@ -316,4 +324,25 @@ pub fn write_adapter(
     .unwrap();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     dir.to_path_buf()
+}
+
+/// Runs `fold MODEL ADAPTER -o OUT EXTRA...` expecting failure; returns stderr after checking
+/// exit 2, one line, no output and the model file untouched.
+pub fn fold_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
+    let before = std::fs::read(model).unwrap();
+    let mut args = vec![
+        "fold",
+        model.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = onnx_lora(&args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists(), "no output on error");
+    assert_eq!(std::fs::read(model).unwrap(), before, "input untouched");
+    err
 }

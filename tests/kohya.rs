@@ -1,0 +1,190 @@
+//! kohya LoRA files on bad or partial input: LyCORIS algorithms, original (sgm) UNet block
+//! names, half modules and non-scalar alphas are refused with one line naming the key and no
+//! output; a text-encoder part the model lacks is left out and reported, while a file with only
+//! such a part matches nothing. (Folds that match diffusers' own kohya loader: tests/fold.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn unet() -> PathBuf {
+    fixtures().join("unet/torchscript/model.onnx")
+}
+
+/// Writes a kohya-style file: the keys as given, float32.
+fn write_kohya(path: &Path, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, s)| {
+            let n: usize = s.iter().product();
+            let v: Vec<u8> = (0..n)
+                .flat_map(|i| (0.01 * i as f32).to_le_bytes())
+                .collect();
+            (k.to_string(), s.clone(), v)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (k.clone(), view.unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path.to_path_buf()
+}
+
+/// A valid module of the fixture UNet (proj_in is a 16-channel 1x1 convolution).
+const PROJ_IN: &str = "lora_unet_down_blocks_0_attentions_0_proj_in";
+
+fn proj_in(extra: &[(&'static str, Vec<usize>)]) -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        (format!("{PROJ_IN}.lora_down.weight"), vec![2, 16, 1, 1]),
+        (format!("{PROJ_IN}.lora_up.weight"), vec![16, 2, 1, 1]),
+        (format!("{PROJ_IN}.alpha"), vec![]),
+    ];
+    t.extend(extra.iter().map(|(k, s)| (k.to_string(), s.clone())));
+    t
+}
+
+fn fails(name: &str, tensors: &[(String, Vec<usize>)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<(&str, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, s)| (k.as_str(), s.clone()))
+        .collect();
+    let file = write_kohya(&dir.path().join(name), &refs);
+    fold_fails(&unet(), &file, &dir.path().join("out.onnx"), &[])
+}
+
+#[test]
+fn the_fixture_module_folds() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = proj_in(&[]);
+    let refs: Vec<(&str, Vec<usize>)> = t.iter().map(|(k, s)| (k.as_str(), s.clone())).collect();
+    let file = write_kohya(&dir.path().join("ok.safetensors"), &refs);
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&["fold", s(&unet()), s(&file), "-o", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("\"module\":\"down_blocks.0.attentions.0.proj_in\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn lycoris_algorithms_are_refused() {
+    for (key, what) in [
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a",
+            "LoHa",
+        ),
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1",
+            "LoKr",
+        ),
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale",
+            "DoRA",
+        ),
+    ] {
+        let err = fails("ly.safetensors", &proj_in(&[(key, vec![2, 16])]));
+        assert!(
+            err.contains(key) && err.contains(what) && err.contains("LyCORIS"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn original_unet_block_names_get_a_pointer_to_diffusers_names() {
+    let err = fails(
+        "sgm.safetensors",
+        &proj_in(&[
+            (
+                "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+                vec![2, 16, 1, 1],
+            ),
+            (
+                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
+                vec![16, 2, 1, 1],
+            ),
+        ]),
+    );
+    assert!(
+        err.contains("lora_unet_input_blocks_1_1_proj_in") && err.contains("sgm"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_modules_and_bad_alphas_are_refused() {
+    let err = fails(
+        "half.safetensors",
+        &proj_in(&[(
+            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight",
+            vec![2, 32, 1, 1],
+        )]),
+    );
+    assert!(
+        err.contains("lora_unet_mid_block_attentions_0_proj_in") && err.contains("only one of"),
+        "{err}"
+    );
+    let mut t = proj_in(&[]);
+    t[2].1 = vec![2];
+    let err = fails("alpha.safetensors", &t);
+    assert!(
+        err.contains(&format!("{PROJ_IN}.alpha")) && err.contains("scalar"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_part_the_model_lacks_matches_nothing_on_its_own() {
+    let err = fails(
+        "te.safetensors",
+        &[
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".to_string(),
+                vec![2, 16],
+            ),
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight".to_string(),
+                vec![16, 2],
+            ),
+        ],
+    );
+    assert!(
+        err.contains("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+            && err.contains("match no weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_part_the_model_lacks_is_left_out_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let file = fixtures().join("unet/adapters/attn_fp16.safetensors");
+    let o = onnx_lora(&["fold", s(&unet()), s(&file), "-o", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "report")
+        .unwrap();
+    assert_eq!(report["modules"], 48);
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("left out 4 module(s) of the text encoder (lora_te_*)"),
+        "{notes}"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
