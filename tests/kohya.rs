@@ -76,6 +76,31 @@ fn the_fixture_module_folds() {
     );
 }
 
+/// A file trained on a model with one more level above the UNet (`unet.down_blocks...`) binds
+/// to the export's shorter paths.
+#[test]
+fn names_with_a_root_the_export_lacks_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = "lora_unet_unet_down_blocks_0_attentions_0_proj_in";
+    let down = format!("{stem}.lora_down.weight");
+    let up = format!("{stem}.lora_up.weight");
+    let file = write_kohya(
+        &dir.path().join("rooted.safetensors"),
+        &[
+            (down.as_str(), vec![2, 16, 1, 1]),
+            (up.as_str(), vec![16, 2, 1, 1]),
+        ],
+    );
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&["fold", s(&unet()), s(&file), "-o", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("\"module\":\"down_blocks.0.attentions.0.proj_in\""),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn lycoris_algorithms_are_refused() {
     for (key, what) in [

@@ -73,8 +73,10 @@ pub(crate) fn factors(
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
 /// out), and notes on what was left out. PEFT paths are used as they are. kohya's underscored
-/// names are bound to the candidate module whose path, '.' written '_', is the name, or ends
-/// with `_<name>` (an export rooted above the pipeline part). A kohya part none of whose
+/// names are bound to the candidate module whose path, '.' written '_', is the name, or else
+/// ends with `_<name>` (an export rooted above the trained model), or else is a dotted path
+/// the name ends with (`_<path>`: an export rooted below it, as transformers 5's CLIPTextModel
+/// without `text_model.`). Several candidate paths is an error. A kohya part none of whose
 /// modules is in the model (a text encoder's, when the model is the UNet) is left out.
 pub fn module_paths(
     adapter: &Adapter,
@@ -100,12 +102,26 @@ pub fn module_paths(
         let mut found: Vec<&str> = match by_name.get(&m.path) {
             Some(paths) => paths.clone(),
             None => {
+                // The export rooted above the trainer's model, or below it (a name of at least
+                // two parts: a lone `conv1` says nothing).
                 let tail = format!("_{}", m.path);
-                by_name
+                let above: Vec<&str> = by_name
                     .iter()
                     .filter(|(name, _)| name.ends_with(&tail))
                     .flat_map(|(_, paths)| paths.iter().copied())
-                    .collect()
+                    .collect();
+                if above.is_empty() {
+                    by_name
+                        .iter()
+                        .filter(|(name, paths)| {
+                            paths.iter().all(|p| p.contains('.'))
+                                && m.path.ends_with(&format!("_{name}"))
+                        })
+                        .flat_map(|(_, paths)| paths.iter().copied())
+                        .collect()
+                } else {
+                    above
+                }
             }
         };
         found.dedup();
