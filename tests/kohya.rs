@@ -160,6 +160,13 @@ fn half_modules_and_bad_alphas_are_refused() {
         "{err}"
     );
     let mut t = proj_in(&[]);
+    t[0].1 = vec![];
+    let err = fails("scalar.safetensors", &t);
+    assert!(
+        err.contains(PROJ_IN) && err.contains("not LoRA factors"),
+        "{err}"
+    );
+    let mut t = proj_in(&[]);
     t[2].1 = vec![2];
     let err = fails("alpha.safetensors", &t);
     assert!(

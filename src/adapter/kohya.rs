@@ -124,13 +124,13 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
                 "module '{name}' has only one of lora_down / lora_up"
             )));
         };
-        let r = a.shape[0];
-        if a.shape.len() < 2 || b.shape.len() < 2 || b.shape[1] != r {
+        if a.shape.len() < 2 || b.shape.len() < 2 || b.shape[1] != a.shape[0] {
             return Err(err(format!(
                 "module '{name}': lora_down {:?} and lora_up {:?} are not LoRA factors (r, in) and (out, r)",
                 a.shape, b.shape
             )));
         }
+        let r = a.shape[0];
         max_rank = max_rank.max(r);
         // Without an alpha the delta is B·A unscaled: alpha = r.
         m.alpha = Some(alphas.remove(&name).unwrap_or(r as f32));

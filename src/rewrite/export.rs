@@ -232,13 +232,15 @@ pub fn serving_adapter_params(
             serving.path.display()
         )));
     }
-    // PEFT modules by dotted path; kohya's by underscored name, leaving out a pipeline part
-    // (lora_te_*, ...) none of whose modules is in this model.
+    // PEFT modules by dotted path; kohya's by underscored name (as `module_paths` binds them),
+    // leaving out a pipeline part (lora_te_*, ...) none of whose modules is in this model.
     let fits = |m: &ModuleAdapter, n: &str| match m.part {
         None => name_matches(n, &m.path) || name_matches(&m.path, n),
         Some(_) => {
             let u = kohya::underscored(n);
-            u == m.path || u.ends_with(&format!("_{}", m.path))
+            u == m.path
+                || u.ends_with(&format!("_{}", m.path))
+                || (n.contains('.') && m.path.ends_with(&format!("_{u}")))
         }
     };
     let parts_in_model: Vec<&str> = adapter
