@@ -93,18 +93,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         }
         let m = modules
             .entry(module.to_string())
-            .or_insert_with(|| ModuleAdapter {
-                path: stem.to_string(),
-                kind: ModuleKind::Lora,
-                a: None,
-                b: None,
-                magnitude: None,
-                bias_b: None,
-                full: BTreeMap::new(),
-                keys: Vec::new(),
-                alpha: None,
-                part: Some(part),
-            });
+            .or_insert_with(|| ModuleAdapter::empty(stem, ModuleKind::Lora, Some(part)));
         m.keys.push(key.clone());
         match suffix {
             "lora_down.weight" => m.a = Some(t),

@@ -74,6 +74,22 @@ pub struct ModuleAdapter {
 }
 
 impl ModuleAdapter {
+    /// A module with no tensors yet.
+    pub fn empty(path: &str, kind: ModuleKind, part: Option<&'static str>) -> ModuleAdapter {
+        ModuleAdapter {
+            path: path.to_string(),
+            kind,
+            a: None,
+            b: None,
+            magnitude: None,
+            bias_b: None,
+            full: BTreeMap::new(),
+            keys: Vec::new(),
+            alpha: None,
+            part,
+        }
+    }
+
     /// The LoRA rank (rows of A).
     pub fn rank(&self) -> usize {
         self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0)
@@ -257,18 +273,7 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
         let idx = match modules.iter().position(|m| m.path == path) {
             Some(i) => i,
             None => {
-                modules.push(ModuleAdapter {
-                    path: path.to_string(),
-                    kind: ModuleKind::Full,
-                    a: None,
-                    b: None,
-                    magnitude: None,
-                    bias_b: None,
-                    full: BTreeMap::new(),
-                    keys: Vec::new(),
-                    alpha: None,
-                    part: None,
-                });
+                modules.push(ModuleAdapter::empty(path, ModuleKind::Full, None));
                 modules.len() - 1
             }
         };
