@@ -160,6 +160,31 @@ pub fn underscored(path: &str) -> String {
     path.replace('.', "_")
 }
 
+/// How a model's dotted module `path` fits a kohya module `name`, best first: the same when
+/// underscored; the path ends with `_<name>` (the export rooted above the trained model); the
+/// name ends with `_<path>` for a path of two parts or more (rooted below it: a lone `conv1`
+/// says nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fit {
+    Same,
+    RootedAbove,
+    RootedBelow,
+}
+
+/// How `path` fits `name`, if it does.
+pub fn fit(name: &str, path: &str) -> Option<Fit> {
+    let u = underscored(path);
+    if u == name {
+        Some(Fit::Same)
+    } else if u.ends_with(&format!("_{name}")) {
+        Some(Fit::RootedAbove)
+    } else if path.contains('.') && name.ends_with(&format!("_{u}")) {
+        Some(Fit::RootedBelow)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,12 +236,7 @@ pub fn serving_adapter_params(
     // leaving out a pipeline part (lora_te_*, ...) none of whose modules is in this model.
     let fits = |m: &ModuleAdapter, n: &str| match m.part {
         None => name_matches(n, &m.path) || name_matches(&m.path, n),
-        Some(_) => {
-            let u = kohya::underscored(n);
-            u == m.path
-                || u.ends_with(&format!("_{}", m.path))
-                || (n.contains('.') && m.path.ends_with(&format!("_{u}")))
-        }
+        Some(_) => kohya::fit(&m.path, n).is_some(),
     };
     let parts_in_model: Vec<&str> = adapter
         .modules

@@ -18,9 +18,6 @@ pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
 };
 pub use unbranch::fold_branches;
-// `module_paths` (below): how an adapter's modules bind to the model's module paths.
-
-use std::collections::BTreeMap;
 
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};
@@ -73,10 +70,9 @@ pub(crate) fn factors(
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
 /// out), and notes on what was left out. PEFT paths are used as they are. kohya's underscored
-/// names are bound to the candidate module whose path, '.' written '_', is the name, or else
-/// ends with `_<name>` (an export rooted above the trained model), or else is a dotted path
-/// the name ends with (`_<path>`: an export rooted below it, as transformers 5's CLIPTextModel
-/// without `text_model.`). Several candidate paths is an error. A kohya part none of whose
+/// names are bound to the candidate module path of the best `kohya::fit` (the same underscored,
+/// then rooted above, then rooted below, as transformers 5's CLIPTextModel without
+/// `text_model.`); several paths fitting equally well is an error. A kohya part none of whose
 /// modules is in the model (a text encoder's, when the model is the UNet) is left out.
 pub fn module_paths(
     adapter: &Adapter,
@@ -90,41 +86,26 @@ pub fn module_paths(
             .collect();
         return Ok((paths, Vec::new()));
     }
-    let mut by_name: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for c in cands.iter().filter(|c| !c.module.is_empty()) {
-        let paths = by_name.entry(kohya::underscored(&c.module)).or_default();
-        if !paths.contains(&c.module.as_str()) {
-            paths.push(&c.module);
-        }
-    }
+    let mut model_paths: Vec<&str> = cands
+        .iter()
+        .map(|c| c.module.as_str())
+        .filter(|p| !p.is_empty())
+        .collect();
+    model_paths.sort_unstable();
+    model_paths.dedup();
     let mut bound: Vec<Option<String>> = Vec::with_capacity(adapter.modules.len());
     for m in &adapter.modules {
-        let mut found: Vec<&str> = match by_name.get(&m.path) {
-            Some(paths) => paths.clone(),
-            None => {
-                // The export rooted above the trainer's model, or below it (a name of at least
-                // two parts: a lone `conv1` says nothing).
-                let tail = format!("_{}", m.path);
-                let above: Vec<&str> = by_name
-                    .iter()
-                    .filter(|(name, _)| name.ends_with(&tail))
-                    .flat_map(|(_, paths)| paths.iter().copied())
-                    .collect();
-                if above.is_empty() {
-                    by_name
-                        .iter()
-                        .filter(|(name, paths)| {
-                            paths.iter().all(|p| p.contains('.'))
-                                && m.path.ends_with(&format!("_{name}"))
-                        })
-                        .flat_map(|(_, paths)| paths.iter().copied())
-                        .collect()
-                } else {
-                    above
-                }
-            }
-        };
-        found.dedup();
+        // The paths of the best kind of fit only.
+        let fits: Vec<(kohya::Fit, &str)> = model_paths
+            .iter()
+            .filter_map(|p| kohya::fit(&m.path, p).map(|f| (f, *p)))
+            .collect();
+        let best = fits.iter().map(|(f, _)| *f).min();
+        let found: Vec<&str> = fits
+            .iter()
+            .filter(|(f, _)| Some(*f) == best)
+            .map(|(_, p)| *p)
+            .collect();
         match found.as_slice() {
             [] => bound.push(None),
             [one] => bound.push(Some(one.to_string())),
@@ -142,13 +123,9 @@ pub fn module_paths(
         }
     }
     let mut notes = Vec::new();
-    let parts: Vec<&str> = {
-        let mut p: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();
-        p.dedup();
-        p.sort_unstable();
-        p.dedup();
-        p
-    };
+    let mut parts: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();
+    parts.sort_unstable();
+    parts.dedup();
     let in_model = |part: &str| {
         adapter
             .modules
