@@ -207,6 +207,8 @@ fn every_feature_is_covered_by_the_fixtures() {
         "rank_pattern",
         "alpha_pattern",
         "tied",
+        "modules_to_save",
+        "trainable_tokens",
         "kohya",
         "conv3x3",
         "text_encoder_keys",

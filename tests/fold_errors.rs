@@ -293,27 +293,75 @@ fn closed_stdout_is_not_a_panic() {
     assert_ne!(o.status.code(), Some(101), "{err}");
 }
 
-/// PEFT's trainable tokens replace embedding rows: refused with a message saying so, also
-/// under --allow-unmatched (skipping them would silently give a different model).
+/// PEFT's trainable tokens: the rows need their indices from the config, one row per index,
+/// indices inside the weight and listed once, and an adapter holding them folds at weight 1
+/// only. Each case is one clear line naming what is wrong, and no output.
 #[test]
-fn trainable_tokens_are_refused_even_with_allow_unmatched() {
+fn trainable_tokens_errors_name_the_module() {
     let env = Env::new();
-    let mut t = lora("fc", 8, 4, 0.1);
-    t.push((
-        "base_model.model.embed.token_adapter.trainable_tokens_delta".into(),
-        vec![2, 4],
-        vec![0.5; 8],
-    ));
-    let ad = write_adapter(&env.p("tok"), config(), &refs(&t));
-    let err = env.fold_fails("linear.onnx", &ad);
-    assert!(err.contains("trainable tokens"), "{err}");
+    // linear.onnx: fc is [8 in, 4 out]; a linear layer's tokens are its output channels.
+    let tokens = |rows: usize| {
+        let mut t = lora("fc", 8, 4, 0.1);
+        t.push((
+            "fc.token_adapter.trainable_tokens_delta".into(),
+            vec![rows, 8],
+            vec![0.5; rows * 8],
+        ));
+        t
+    };
+    let with = |indices: serde_json::Value| {
+        let mut c = config();
+        c["trainable_token_indices"] = indices;
+        c
+    };
+    let cases: [(&str, serde_json::Value, usize, &str); 5] = [
+        ("none", config(), 2, "no trainable_token_indices"),
+        (
+            "count",
+            with(serde_json::json!([0, 1, 2])),
+            2,
+            "lists 3 tokens",
+        ),
+        ("twice", with(serde_json::json!([1, 1])), 2, "token 1 twice"),
+        (
+            "entry",
+            with(serde_json::json!({"embed": [0, 1]})),
+            2,
+            "no entry for module 'fc'",
+        ),
+        (
+            "range",
+            with(serde_json::json!({"fc": [0, 4]})),
+            2,
+            "token 4 is outside",
+        ),
+    ];
+    for (name, cfg, rows, expect) in cases {
+        let ad = write_adapter(&env.p(name), cfg, &refs(&tokens(rows)));
+        let err = env.fold_fails("linear.onnx", &ad);
+        assert!(err.contains(expect) && err.contains("fc"), "{name}: {err}");
+    }
+    let ad = write_adapter(
+        &env.p("weighted"),
+        with(serde_json::json!([0, 3])),
+        &refs(&tokens(2)),
+    );
     let err = fold_fails(
         &env.p("linear.onnx"),
         &ad,
-        &env.p("tok.onnx"),
-        &["--allow-unmatched"],
+        &env.p("w.onnx"),
+        &["--weight", "0.5"],
     );
-    assert!(err.contains("trainable tokens"), "{err}");
+    assert!(err.contains("cannot be weighted"), "{err}");
+    // At weight 1 the same adapter folds.
+    let out = env.p("ok.onnx");
+    onnx_lora_ok(&[
+        "fold",
+        env.p("linear.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
 }
 
 /// `fold --verify` needs the adapters as branches for its reference; where a layer cannot

@@ -27,14 +27,24 @@ fn max_diff(v: &serde_json::Value) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Adapters a branch can express (all but refused ones and whole replaced tensors).
+/// Adapters `inject --adapter` takes (all but refused ones; whole values, modules_to_save and
+/// trainable tokens, go into the weights).
 fn branchable(ad: &AdapterCase) -> bool {
-    !ad.refuse && !ad.features.iter().any(|f| f == "modules_to_save")
+    !ad.refuse
 }
 
-/// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv.
+/// The adapter holds whole values (modules_to_save, trainable tokens) besides LoRA factors.
+fn has_whole(ad: &AdapterCase) -> bool {
+    ad.features
+        .iter()
+        .any(|f| matches!(f.as_str(), "modules_to_save" | "trainable_tokens"))
+}
+
+/// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv,
+/// no whole values.
 fn servable(ad: &AdapterCase) -> bool {
     branchable(ad)
+        && !has_whole(ad)
         && !ad
             .features
             .iter()
@@ -203,6 +213,41 @@ fn serving_model_swaps_adapters_on_one_session() {
     assert!(swapped >= 3, "only {swapped} second adapters swapped in");
 }
 
+/// A serving model swaps LoRA factors only: an adapter with whole values (modules_to_save,
+/// trainable tokens) is refused by name, and nothing is written.
+#[test]
+fn serving_refuses_whole_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut refused = 0;
+    for case in cases() {
+        for ad in case.adapters.iter().filter(|a| has_whole(a) && !a.refuse) {
+            let out = dir.path().join(format!(
+                "{}_{}.onnx",
+                case.label().replace('/', "_"),
+                ad.name
+            ));
+            let o = onnx_lora(&[
+                "inject",
+                s(&case.onnx),
+                "--as-inputs",
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&out),
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{}: {err}", case.label());
+            assert!(
+                err.contains("swaps LoRA factors only") && err.lines().count() == 1,
+                "{err}"
+            );
+            assert!(!out.exists());
+            refused += 1;
+        }
+    }
+    assert!(refused >= 4, "only {refused} cases");
+}
+
 #[test]
 fn fold_of_inject_equals_fold() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,11 +317,43 @@ fn export_peft_round_trips() {
             assert!(exported.join("adapter_config.json").exists());
             // Keys and shapes as PEFT saved the original (its saved base weights aside).
             assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
-            onnx_lora_ok(&["fold", s(&case.onnx), s(&exported), "-o", s(&refold)]);
+            // Whole values went into the injected model's weights, not into branches: the
+            // export gives the LoRA part, which with the original's whole values is PEFT's model.
+            let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
+            let whole = dir.path().join(format!("{tag}_whole"));
+            if has_whole(ad) {
+                write_whole_part(&ad.dir, &whole);
+                fold_args.push(s(&whole));
+            }
+            fold_args.extend(["-o", s(&refold)]);
+            onnx_lora_ok(&fold_args);
             let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
             assert!(ok, "{tag}: {msg}");
         }
     }
+}
+
+/// A copy of a PEFT adapter folder without its LoRA factors: only its whole values.
+fn write_whole_part(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dst.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !k.contains(".lora_"))
+        .collect();
+    assert!(!kept.is_empty(), "{}: no whole values", src.display());
+    std::fs::write(
+        dst.join("adapter_model.safetensors"),
+        safetensors::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
 }
 
 /// The PEFT keys and shapes an exported adapter must have: the original's, for a PEFT folder;

@@ -142,8 +142,9 @@ fn fold_and_inject_verify_pass_on_fixtures() {
 }
 
 #[test]
-fn fold_verify_without_a_reference_writes_nothing() {
-    // A whole replaced tensor (modules_to_save) has no branch form, so no unmerged reference.
+fn fold_verify_covers_whole_replacements() {
+    // A whole replaced tensor (modules_to_save) has no branch form: the unmerged reference
+    // takes it as the layer's weight, so --verify runs, passes, and the output is written.
     let dir = tempfile::tempdir().unwrap();
     let case = cases()
         .into_iter()
@@ -158,28 +159,24 @@ fn fold_verify_without_a_reference_writes_nothing() {
             vec![0.01; 160],
         )],
     );
-    let out = dir.path().join("x.onnx");
-    let (c, text) = code(&[
-        "fold",
-        case.onnx.to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--verify",
-    ]);
-    assert_eq!(c, Some(2), "{text}");
-    assert!(
-        text.contains("unmerged reference") && text.contains("modules_to_save"),
-        "{text}"
-    );
-    assert!(!out.exists());
-    // Without --verify the replacement folds.
-    let (c, text) = code(&[
-        "fold",
-        case.onnx.to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(c, Some(0), "{text}");
+    let peft = case
+        .adapters
+        .iter()
+        .find(|a| a.features.iter().any(|f| f == "modules_to_save"))
+        .expect("a modules_to_save fixture adapter");
+    for (i, adapter) in [ad, peft.dir.clone()].iter().enumerate() {
+        let out = dir.path().join(format!("x{i}.onnx"));
+        let (c, text) = code(&[
+            "fold",
+            case.onnx.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--verify",
+            "--ep",
+            "cpu",
+        ]);
+        assert_eq!(c, Some(0), "{text}");
+        assert!(text.contains("PASS") && out.exists(), "{text}");
+    }
 }

@@ -6,4 +6,4 @@ pub mod kohya;
 pub mod ort_format;
 pub mod peft;
 
-pub use peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind};
+pub use peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind, TokenRows};

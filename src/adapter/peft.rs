@@ -1,7 +1,9 @@
 //! PEFT LoRA adapters. Keys are `base_model.model.<module>.lora_A.weight` (r, in) and
 //! `.lora_B.weight` (out, r); embeddings use `lora_embedding_A` (r, num) / `lora_embedding_B`
 //! (dim, r); DoRA adds `.lora_magnitude_vector`; `lora_bias` adds `.lora_B.bias`; other
-//! tensors are whole replacements (`modules_to_save`, `base_layer.weight`). The scaling is
+//! tensors are whole replacements (`modules_to_save`, `base_layer.weight`), and
+//! `.token_adapter.trainable_tokens_delta` holds whole rows of an embedding for the token
+//! indices of `trainable_token_indices` (PEFT's trainable tokens). The scaling is
 //! alpha / r, or alpha / sqrt(r) with rslora, where `rank_pattern` / `alpha_pattern` keys are
 //! regexes matched as `(.*\.)?(KEY)$` against the module path, first match in file order.
 
@@ -50,6 +52,16 @@ pub enum ModuleKind {
     Embedding,
     /// Only whole tensors (modules_to_save).
     Full,
+    /// Whole rows of an embedding table (PEFT's trainable tokens): `tokens`.
+    Tokens,
+}
+
+/// New values for some rows of an embedding table, by token index.
+#[derive(Clone, Debug)]
+pub struct TokenRows {
+    pub indices: Vec<usize>,
+    /// (indices.len(), embedding dim)
+    pub values: F32Tensor,
 }
 
 /// Everything the adapter holds for one module.
@@ -64,6 +76,8 @@ pub struct ModuleAdapter {
     pub bias_b: Option<F32Tensor>,
     /// Whole tensors by parameter name (`weight`, `bias`).
     pub full: BTreeMap<String, F32Tensor>,
+    /// Trainable tokens: the rows this module's table takes.
+    pub tokens: Option<TokenRows>,
     /// The adapter keys this module was built from (for reports and errors).
     pub keys: Vec<String>,
     /// The module's own alpha (kohya files store one per module); None: the config's.
@@ -84,6 +98,7 @@ impl ModuleAdapter {
             magnitude: None,
             bias_b: None,
             full: BTreeMap::new(),
+            tokens: None,
             keys: Vec::new(),
             alpha: None,
             part,
@@ -93,6 +108,12 @@ impl ModuleAdapter {
     /// The LoRA rank (rows of A).
     pub fn rank(&self) -> usize {
         self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0)
+    }
+
+    /// The module replaces whole tensors or rows (modules_to_save, trainable tokens) rather
+    /// than adding a low-rank delta.
+    pub fn is_whole(&self) -> bool {
+        matches!(self.kind, ModuleKind::Full | ModuleKind::Tokens)
     }
 }
 
@@ -146,12 +167,30 @@ impl Adapter {
                 weights.display()
             ))
         })?;
-        let modules = group_modules(&st).map_err(|r| err(format!("{}: {r}", weights.display())))?;
+        let modules = group_modules(&st, &config.raw)
+            .map_err(|r| err(format!("{}: {r}", weights.display())))?;
         Ok(Adapter {
             path: path.to_path_buf(),
             config,
             modules,
         })
+    }
+
+    /// The adapter split into its low-rank modules and, if it has any, its whole-tensor ones
+    /// (modules_to_save, trainable tokens), each with the same config.
+    pub fn split_whole(&self) -> (Adapter, Option<Adapter>) {
+        let part = |whole: bool| Adapter {
+            path: self.path.clone(),
+            config: self.config.clone(),
+            modules: self
+                .modules
+                .iter()
+                .filter(|m| m.is_whole() == whole)
+                .cloned()
+                .collect(),
+        };
+        let whole = part(true);
+        (part(false), (!whole.modules.is_empty()).then_some(whole))
     }
 
     /// The scaling for a module: alpha / r (or / sqrt(r) with rslora), with per-module alpha
@@ -257,20 +296,38 @@ pub(crate) fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32T
 }
 
 /// Groups the safetensors keys by module, in the order modules first appear.
-fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, String> {
+fn group_modules(
+    st: &SafeTensors,
+    config: &Value,
+) -> std::result::Result<Vec<ModuleAdapter>, String> {
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
     let mut modules: Vec<ModuleAdapter> = Vec::new();
     for key in names {
         let stripped = key.strip_prefix("base_model.model.").unwrap_or(&key);
-        if key.contains("trainable_tokens_") {
-            return Err(format!(
-                "key '{key}': trainable tokens (PEFT's trainable_token_indices) are not supported; they replace embedding rows rather than add a low-rank delta, and skipping them would change the model"
-            ));
+        if let Some(path) = token_module(stripped) {
+            let values = read_f32(st, &key)?;
+            let indices = token_indices(config, path).map_err(|r| format!("key '{key}': {r}"))?;
+            if values.shape.len() != 2 || values.shape[0] != indices.len() {
+                return Err(format!(
+                    "key '{key}' has shape {:?}: trainable_token_indices lists {} tokens for this module, so it must be [{}, dim]",
+                    values.shape,
+                    indices.len(),
+                    indices.len()
+                ));
+            }
+            let mut m = ModuleAdapter::empty(path, ModuleKind::Tokens, None);
+            m.keys.push(key.clone());
+            m.tokens = Some(TokenRows { indices, values });
+            modules.push(m);
+            continue;
         }
         let (path, part) = split_key(stripped)
             .ok_or_else(|| format!("key '{key}' is not a LoRA parameter key"))?;
-        let idx = match modules.iter().position(|m| m.path == path) {
+        let idx = match modules
+            .iter()
+            .position(|m| m.path == path && m.kind != ModuleKind::Tokens)
+        {
             Some(i) => i,
             None => {
                 modules.push(ModuleAdapter::empty(path, ModuleKind::Full, None));
@@ -299,7 +356,7 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
         }
     }
     for m in &modules {
-        if m.kind != ModuleKind::Full && (m.a.is_none() || m.b.is_none()) {
+        if !m.is_whole() && (m.a.is_none() || m.b.is_none()) {
             return Err(format!(
                 "module '{}' has only one of lora_A / lora_B",
                 m.path
@@ -307,6 +364,64 @@ fn group_modules(st: &SafeTensors) -> std::result::Result<Vec<ModuleAdapter>, St
         }
     }
     Ok(modules)
+}
+
+/// The module of a trainable-tokens key: `<module>.token_adapter.trainable_tokens_delta`,
+/// optionally followed by an adapter name.
+fn token_module(key: &str) -> Option<&str> {
+    let (module, rest) = key.split_once(".token_adapter.trainable_tokens_delta")?;
+    (rest.is_empty() || (rest.starts_with('.') && !rest[1..].contains('.'))).then_some(module)
+}
+
+/// The token indices `trainable_token_indices` gives the module at `path`: the list itself, or
+/// the entry of the dict whose key is the path or a dotted suffix of it (PEFT's matching).
+fn token_indices(config: &Value, path: &str) -> std::result::Result<Vec<usize>, String> {
+    let list = |v: &Value| -> Option<Vec<usize>> {
+        v.as_array()?
+            .iter()
+            .map(|i| i.as_u64().map(|i| i as usize))
+            .collect()
+    };
+    let spec = config
+        .get("trainable_token_indices")
+        .filter(|v| !v.is_null());
+    let indices = match spec {
+        None => {
+            return Err(
+                "adapter_config.json has no trainable_token_indices to say which tokens these rows are"
+                    .into(),
+            );
+        }
+        Some(Value::Object(by_module)) => {
+            let found: Vec<(&String, &Value)> = by_module
+                .iter()
+                .filter(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}")))
+                .collect();
+            match found.as_slice() {
+                [(_, v)] => list(v),
+                [] => {
+                    return Err(format!(
+                        "trainable_token_indices has no entry for module '{path}' (entries: {})",
+                        by_module.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "several trainable_token_indices entries match module '{path}'"
+                    ));
+                }
+            }
+        }
+        Some(v) => list(v),
+    }
+    .ok_or("trainable_token_indices is neither a list of token indices nor a dict of them")?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = indices.iter().find(|i| !seen.insert(**i)) {
+        return Err(format!(
+            "trainable_token_indices lists token {dup} twice for module '{path}'"
+        ));
+    }
+    Ok(indices)
 }
 
 enum Part<'a> {

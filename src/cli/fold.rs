@@ -30,7 +30,11 @@ the path that reads the same with '.' as '_'; see `onnx-lora inspect`). Weights 
 (tied embeddings) are copied for the adapted node, so only it changes. In models that pack
 q/k/v into one weight (onnxruntime's Attention, a `qkv_proj` layer) a q/k/v module goes into its
 columns of its layer's packed weight (`--json` module records list them under `packed`);
-embeddings fused into onnxruntime's EmbedLayerNormalization go into its table.")]
+embeddings fused into onnxruntime's EmbedLayerNormalization go into its table. Whole tensors
+(modules_to_save: weight and bias) replace the layer's; trainable tokens (PEFT's
+trainable_token_indices) replace their rows of the embedding table and of an output layer tied
+to it (its channels for those tokens equal the table's rows), as PEFT does; such adapters fold
+at weight 1 only.")]
 pub struct Args {
     /// The base ONNX model.
     model: PathBuf,

@@ -8,7 +8,7 @@ use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
     FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject,
-    serving_adapter_params,
+    serving_adapter_params, write_whole_values,
 };
 use onnx_lora::target::{self, TargetSpec};
 
@@ -31,6 +31,8 @@ enum InitArg {
   onnx-lora inject model.onnx --adapter adapter/ -o unmerged.onnx
   onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
 
+With --adapter, the adapter's whole values (modules_to_save, trainable tokens) have no branch
+form: they are written into the weights, as in PEFT's unmerged model (--as-inputs refuses them).
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
 (PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
@@ -97,11 +99,57 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         anyhow::bail!("--rank must be at least 1");
     }
     let mut model = onnx::load(&args.model)?;
+    let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
+    // The reference (the adapter folded into the untouched base) is built before anything is
+    // written: if it cannot be, nothing is.
+    let reference = match (&adapter, args.verify && !args.as_inputs) {
+        (Some(adapter), true) => {
+            let mut folded = model.clone();
+            fold(
+                &mut folded,
+                std::slice::from_ref(adapter),
+                &FoldOptions::default(),
+            )
+            .context("--verify: folding the adapter for the reference")?;
+            Some(folded)
+        }
+        _ => None,
+    };
+    // Whole values (modules_to_save, trainable tokens) have no branch form: they go into the
+    // weights, and the branches carry the rest.
+    let mut replaced = Vec::new();
+    let low = match &adapter {
+        Some(adapter) => {
+            if let Some(m) = adapter.modules.iter().find(|m| m.is_whole())
+                && args.as_inputs
+            {
+                anyhow::bail!(
+                    "{}: module '{}' replaces whole values ({}): a serving model swaps LoRA factors only; inject without --as-inputs (the values then go into the weights) or fold the adapter",
+                    adapter.path.display(),
+                    m.path,
+                    if m.kind == onnx_lora::adapter::ModuleKind::Tokens {
+                        "trainable tokens"
+                    } else {
+                        "modules_to_save"
+                    }
+                );
+            }
+            let (low, rep) = write_whole_values(&mut model, adapter, 1.0)
+                .with_context(|| format!("{}", args.model.display()))?;
+            if let Some(rep) = rep {
+                for n in &rep.notes {
+                    eprintln!("note: {n}");
+                }
+                replaced = rep.modules;
+            }
+            Some(low)
+        }
+        None => None,
+    };
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
-    let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
-    let (branches, unmatched) = match &adapter {
-        Some(adapter) => adapter_branches(&cands, adapter, args.allow_unmatched)
+    let (branches, unmatched) = match &low {
+        Some(low) => adapter_branches(&cands, low, args.allow_unmatched)
             .with_context(|| format!("{}", args.model.display()))?,
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
@@ -138,20 +186,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
-    // The reference is built before anything is written: if it cannot be, nothing is.
-    let reference = match (&adapter, args.verify && !args.as_inputs) {
-        (Some(adapter), true) => {
-            let mut folded = model.clone();
-            fold(
-                &mut folded,
-                std::slice::from_ref(adapter),
-                &FoldOptions::default(),
-            )
-            .context("--verify: folding the adapter for the reference")?;
-            Some(folded)
-        }
-        _ => None,
-    };
     let reports = inject(&mut model, &branches, args.as_inputs)
         .with_context(|| format!("inject into {}", args.model.display()))?;
     if args.fuse_shared {
@@ -172,7 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    print_report(&reports, &unmatched, &saved.model, args.json)?;
+    print_report(&reports, &replaced, &unmatched, &saved.model, args.json)?;
     if !args.verify {
         return Ok(super::EXIT_OK);
     }
@@ -184,6 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
+    replaced: &[onnx_lora::rewrite::ModuleReport],
     unmatched: &[String],
     output: &std::path::Path,
     json: bool,
@@ -192,11 +227,20 @@ fn print_report(
         for r in reports {
             json_line("branch", r)?;
         }
+        for r in replaced {
+            json_line("replaced", r)?;
+        }
         json_line(
             "report",
-            &serde_json::json!({"output": output, "branches": reports.len(), "unmatched": unmatched}),
+            &serde_json::json!({"output": output, "branches": reports.len(), "replaced": replaced.len(), "unmatched": unmatched}),
         )?;
         return Ok(());
+    }
+    for r in replaced {
+        eprintln!(
+            "{}: whole values written into '{}' ({} {}); no branch can carry them, and export-peft will not give them back",
+            r.module, r.weight, r.op, r.node
+        );
     }
     let rows: Vec<Vec<String>> = reports
         .iter()

@@ -9,7 +9,10 @@
 //! in f32 and rounded once to the weight's dtype; DoRA rescales each output channel to its
 //! magnitude; several adapters apply in order, each delta times its `--weight`. A weight that
 //! other nodes also read (tied embeddings, deduplicated initializers) is copied for the
-//! targeted node, so the result equals the adapted model's unmerged forward.
+//! targeted node, so the result equals the adapted model's unmerged forward. Whole tensors
+//! (modules_to_save: weight and bias) replace the layer's; trainable tokens replace rows of an
+//! embedding table and, when an output layer holds the same rows (tied embeddings), its
+//! channels too, as PEFT's tied token adapter does.
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -128,7 +131,8 @@ pub fn fold(
     let graph = ModelGraph::build(&model.proto);
     let cands = find_candidates(&model.proto, &graph);
     let mut report = FoldReport::default();
-    let jobs = plan(&cands, adapters, opts, &mut report)?;
+    let mut jobs = plan(&cands, adapters, opts, &mut report)?;
+    tie_token_heads(model, &graph, &cands, &mut jobs, &mut report)?;
     execute(model, &graph, &jobs, &mut report)?;
     Ok(report)
 }
@@ -170,11 +174,17 @@ pub(crate) fn execute(
         if new_bias[i]
             && let Some(bias) = &results[i].2
         {
-            create_bias(model, graph, &jobs[i].cand, bias, &mut taken)?;
-            report.notes.push(format!(
+            create_bias(model, graph, &jobs[i].cand, bias.values(), &mut taken)?;
+            report.notes.push(match bias {
+                BiasChange::Add(_) => format!(
                     "{}: the layer had no bias; lora_bias added one (PEFT's merge refuses this case; its unmerged forward is what we match)",
                     jobs[i].cand.module
-                ));
+                ),
+                BiasChange::Set(_) => format!(
+                    "{}: the layer had no bias; the adapter's whole bias (modules_to_save) was added",
+                    jobs[i].cand.module
+                ),
+            });
         }
         let copy = weights::write(
             model,
@@ -216,6 +226,16 @@ fn plan<'a>(
         report.notes.extend(notes);
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
+            if module.is_whole() && weight != 1.0 {
+                return Err(Error::Adapter {
+                    path: adapter.path.clone(),
+                    reason: format!(
+                        "module '{}' replaces whole values ({}), which cannot be weighted: fold this adapter with weight 1 (--weight / --scale)",
+                        module.path,
+                        whole_what(module)
+                    ),
+                });
+            }
             let accept = |c: &Candidate| super::accepts(module, c);
             let found: Vec<(&Candidate, Option<usize>)> = match resolve_module(cands, path, accept)
             {
@@ -269,12 +289,156 @@ fn plan<'a>(
     Ok(jobs)
 }
 
+/// What a whole-value module replaces, for messages.
+fn whole_what(m: &ModuleAdapter) -> &'static str {
+    match m.kind {
+        ModuleKind::Tokens => "trainable tokens",
+        _ => "modules_to_save",
+    }
+}
+
+/// Candidates whose rows are an embedding table's (`Gather`, onnxruntime's
+/// EmbedLayerNormalization): a token is a row on the input axis. Elsewhere it is an output
+/// channel (an output layer).
+fn is_table(c: &Candidate) -> bool {
+    matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization")
+}
+
+/// Gives the trainable tokens of each embedding table to the output layers tied to it, as
+/// PEFT's tied token adapter does: a linear layer mapping the table's dim to its vocabulary
+/// whose channels at the tokens hold exactly the table's rows (an export keeps tied weights as
+/// two equal copies, or one shared tensor). A layer the adapter gives its own rows is left to
+/// them. One shared tensor is changed in place, for all its readers.
+fn tie_token_heads<'a>(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    jobs: &mut Vec<Job<'a>>,
+    report: &mut FoldReport,
+) -> Result<()> {
+    let mut added: Vec<(Candidate, Step<'a>)> = Vec::new();
+    for ji in 0..jobs.len() {
+        let job = &jobs[ji];
+        if !is_table(&job.cand) {
+            continue;
+        }
+        let Some(step) = job
+            .steps
+            .iter()
+            .find(|s| s.module.kind == ModuleKind::Tokens)
+        else {
+            continue;
+        };
+        let (module, fan_in_fan_out) = (step.module, step.fan_in_fan_out);
+        let Some(rows) = &module.tokens else { continue };
+        let table = weights::stored(model, graph, &job.cand)?;
+        let mut originals = Vec::with_capacity(rows.indices.len());
+        for &t in &rows.indices {
+            originals.push(
+                table.line(false, t).map_err(|e| {
+                    Error::Target(format!("module '{}': token {t}: {e}", module.path))
+                })?,
+            );
+        }
+        let mut heads = Vec::new();
+        for c in cands.iter().filter(|c| {
+            c.is_linear()
+                && !c.quantized
+                && c.out_features as usize == table.n_in
+                && c.in_features as usize == table.n_out
+        }) {
+            let own = jobs.iter().any(|j| {
+                j.cand.graph == c.graph
+                    && j.cand.node_index == c.node_index
+                    && j.steps.iter().any(|s| s.module.kind == ModuleKind::Tokens)
+            });
+            if own {
+                continue;
+            }
+            let w = weights::stored(model, graph, c)?;
+            let mut equal = true;
+            for (&t, orig) in rows.indices.iter().zip(&originals) {
+                if w.line(true, t)? != *orig {
+                    equal = false;
+                    break;
+                }
+            }
+            if equal {
+                heads.push(c.clone());
+            }
+        }
+        let emb = jobs[ji].cand.clone();
+        let same = |h: &Candidate| h.graph == emb.graph && h.source == emb.source;
+        let in_place = emb.shared
+            && jobs[ji]
+                .steps
+                .iter()
+                .all(|s| s.module.kind == ModuleKind::Tokens)
+            && emb
+                .shared_with
+                .iter()
+                .all(|n| heads.iter().any(|h| same(h) && h.node == *n));
+        for h in &heads {
+            report.notes.push(format!(
+                "{}: its channels for the trainable tokens of '{}' equal the table's rows (tied embeddings): they take the new rows too, as PEFT's tied token adapter does",
+                if h.module.is_empty() { &h.node } else { &h.module },
+                module.path
+            ));
+        }
+        if in_place {
+            jobs[ji].cand.shared = false;
+            heads.retain(|h| !same(h));
+        }
+        for h in heads {
+            added.push((
+                h,
+                Step {
+                    module,
+                    scale: 1.0,
+                    fan_in_fan_out,
+                    role: None,
+                },
+            ));
+        }
+    }
+    // After the layer's own steps (a LoRA on the output layer) when it has a job already.
+    for (cand, step) in added {
+        match jobs
+            .iter_mut()
+            .find(|j| j.cand.graph == cand.graph && j.cand.node_index == cand.node_index)
+        {
+            Some(j) => j.steps.push(step),
+            None => jobs.push(Job {
+                cand,
+                steps: vec![step],
+            }),
+        }
+    }
+    Ok(())
+}
+
 /// A LoRA module with 2-D factors (a linear layer's).
 fn is_linear_lora(m: &ModuleAdapter) -> bool {
     m.kind == ModuleKind::Lora && m.a.as_ref().is_some_and(|a| a.shape.len() == 2)
 }
 
-type Merged = (Arc<MergePlan>, ModuleReport, Option<Vec<f32>>);
+type Merged = (Arc<MergePlan>, ModuleReport, Option<BiasChange>);
+
+/// What happens to a layer's bias.
+pub(crate) enum BiasChange {
+    /// lora_bias: add these (already scaled) values.
+    Add(Vec<f32>),
+    /// modules_to_save: the bias becomes these values.
+    Set(Vec<f32>),
+}
+
+impl BiasChange {
+    fn values(&self) -> &[f32] {
+        match self {
+            BiasChange::Add(v) | BiasChange::Set(v) => v,
+        }
+    }
+}
 
 /// One step of a merge with everything it needs owned, so the merge can run later.
 enum OwnedStep {
@@ -288,6 +452,13 @@ enum OwnedStep {
         cols: std::ops::Range<usize>,
     },
     Replace(Vec<f32>),
+    /// Trainable tokens: `values` (indices.len() × line length) replace the lines at `indices`
+    /// of the output axis (`out`) or of the input axis (an embedding table's rows).
+    Rows {
+        indices: Vec<usize>,
+        values: Vec<f32>,
+        out: bool,
+    },
 }
 
 /// A weight's merge, run when the model is written (`LazyTensor`).
@@ -317,6 +488,24 @@ impl LazyTensor for MergePlan {
         for step in &self.steps {
             match step {
                 OwnedStep::Replace(values) => w.values.clone_from(values),
+                OwnedStep::Rows {
+                    indices,
+                    values,
+                    out,
+                } => {
+                    let n_in = w.values.len() / w.n_out.max(1);
+                    let len = if *out { n_in } else { w.n_out };
+                    for (&k, line) in indices.iter().zip(values.chunks_exact(len.max(1))) {
+                        for (i, v) in line.iter().enumerate() {
+                            let (i_in, j_out) = if *out { (i, k) } else { (k, i) };
+                            let at = match w.orient {
+                                Orientation::InOut => i_in * w.n_out + j_out,
+                                Orientation::OutIn => j_out * n_in + i_in,
+                            };
+                            w.values[at] = *v;
+                        }
+                    }
+                }
                 OwnedStep::LowRank {
                     a,
                     b,
@@ -397,7 +586,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         packed: Vec::new(),
         copy: None,
     };
-    let mut bias: Option<Vec<f32>> = None;
+    let mut bias: Option<BiasChange> = None;
     let mut steps = Vec::new();
     let widths = packed_widths(c, job, weight.n_out)?;
     for step in &job.steps {
@@ -420,9 +609,29 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                 m.path, c.weight, c.node
             )));
         }
+        if m.kind == ModuleKind::Tokens {
+            steps.push(token_rows(&weight, c, m)?);
+            rep.replaced = true;
+            continue;
+        }
         if m.kind == ModuleKind::Full {
-            if let Some(values) = full_values(&weight, c, m, step.fan_in_fan_out)? {
+            let alpha = gemm_alpha(model, graph, c);
+            if let Some(mut values) = full_values(&weight, c, m, step.fan_in_fan_out)? {
+                // Gemm computes alpha·x·W: the layer's weight W' is stored as W' / alpha.
+                values.iter_mut().for_each(|v| *v /= alpha);
                 steps.push(OwnedStep::Replace(values));
+            }
+            if let Some(b) = m.full.get("bias") {
+                if b.data.len() != weight.n_out {
+                    return Err(shape_err(c, m, "whole bias", &b.shape, weight.n_out));
+                }
+                if bias.is_some() {
+                    return Err(Error::Target(format!(
+                        "module '{}': weight '{}' gets a whole bias and another bias change",
+                        m.path, c.weight
+                    )));
+                }
+                bias = Some(BiasChange::Set(b.data.clone()));
             }
             rep.replaced = true;
             continue;
@@ -453,10 +662,18 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         };
         rep.dora |= magnitude.is_some();
         if let Some(bb) = &m.bias_b {
-            let acc = bias.get_or_insert_with(|| vec![0.0; weight.n_out]);
             if bb.data.len() != cols.len() {
                 return Err(shape_err(c, m, "lora_B.bias", &bb.shape, cols.len()));
             }
+            let acc = match bias.get_or_insert_with(|| BiasChange::Add(vec![0.0; weight.n_out])) {
+                BiasChange::Add(acc) => acc,
+                BiasChange::Set(_) => {
+                    return Err(Error::Target(format!(
+                        "module '{}': weight '{}' gets a whole bias and another bias change",
+                        m.path, c.weight
+                    )));
+                }
+            };
             acc[cols.clone()]
                 .iter_mut()
                 .zip(&bb.data)
@@ -565,6 +782,42 @@ fn shape_err(
     ))
 }
 
+/// A trainable-tokens step on a weight: the rows of an embedding table, or the output channels
+/// of a linear layer (an output layer tied to the table, or one the adapter names), checked
+/// against the weight's size.
+fn token_rows(w: &weights::StoredWeight, c: &Candidate, m: &ModuleAdapter) -> Result<OwnedStep> {
+    let rows = m
+        .tokens
+        .as_ref()
+        .ok_or_else(|| Error::Target(format!("module '{}': no token rows", m.path)))?;
+    let out = !is_table(c);
+    let (count, len) = if out {
+        (w.n_out, w.n_in)
+    } else {
+        (w.n_in, w.n_out)
+    };
+    if rows.values.shape.get(1) != Some(&len) {
+        return Err(shape_err(
+            c,
+            m,
+            "trainable_tokens_delta",
+            &rows.values.shape,
+            len,
+        ));
+    }
+    if let Some(t) = rows.indices.iter().find(|&&t| t >= count) {
+        return Err(Error::Target(format!(
+            "module '{}': token {t} is outside weight '{}' ({} {:?}: {count} tokens)",
+            m.path, c.weight, c.op, c.shape
+        )));
+    }
+    Ok(OwnedStep::Rows {
+        indices: rows.indices.clone(),
+        values: rows.values.data.clone(),
+        out,
+    })
+}
+
 /// The values of a whole-tensor replacement (`modules_to_save`, `base_layer.weight`) in the
 /// stored layout; torch gives them as (out, in) for Linear, (in, out) for GPT-2 Conv1D.
 fn full_values(
@@ -632,8 +885,9 @@ fn apply_bias(
     model: &mut LoadedModel,
     graph: &ModelGraph,
     c: &Candidate,
-    delta: &[f32],
+    change: &BiasChange,
 ) -> Result<bool> {
+    let delta = change.values();
     let Some(src) =
         bias_value(model, graph, c).and_then(|v| graph.const_source(&model.proto, c.graph, &v))
     else {
@@ -653,7 +907,10 @@ fn apply_bias(
         )));
     }
     let beta = gemm_beta(model, graph, c);
-    b.iter_mut().zip(delta).for_each(|(x, d)| *x += d / beta);
+    match change {
+        BiasChange::Add(_) => b.iter_mut().zip(delta).for_each(|(x, d)| *x += d / beta),
+        BiasChange::Set(_) => b.iter_mut().zip(delta).for_each(|(x, d)| *x = d / beta),
+    }
     let raw = from_f32(&b, dtype, t.name())?;
     let bias_cand = Candidate {
         source: Some(src),

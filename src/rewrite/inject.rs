@@ -1,9 +1,10 @@
 //! The inject pass: splices a parallel low-rank branch `y = base(x) + s·B(A(x))` beside each
 //! targeted node (see `branch` for the subgraph it adds). Branch weights come fresh (A random,
 //! B zero, so the model starts exactly equal to the base) or from a PEFT adapter (the
-//! unmerged deployment). With `as_inputs`, each branch weight is also a graph input whose
-//! initializer is an empty default, so onnxruntime can swap adapters at run time (scale folded
-//! into B).
+//! unmerged deployment, whose whole values, modules_to_save and trainable tokens, go into the
+//! weights first: `write_whole_values`). With `as_inputs`, each branch weight is also a graph
+//! input whose initializer is an empty default, so onnxruntime can swap adapters at run time
+//! (scale folded into B).
 
 use std::collections::HashSet;
 
@@ -129,11 +130,11 @@ pub fn adapter_branches(
     let (paths, _) = super::module_paths(adapter, cands)?;
     for (m, path) in adapter.modules.iter().zip(&paths) {
         let Some(path) = path else { continue };
-        if m.kind == ModuleKind::Full {
+        if m.is_whole() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}' is a whole replaced tensor (modules_to_save): a branch cannot express it; use fold",
+                    "module '{}' replaces whole values (modules_to_save or trainable tokens): a branch cannot express it; write them into the weights first (`write_whole_values`)",
                     m.path
                 ),
             });
@@ -604,6 +605,27 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
+/// Writes an adapter's whole values (modules_to_save, trainable tokens) into the model's
+/// weights, as they are in PEFT's unmerged model (no branch can carry them), with `weight`
+/// (which must be 1 for them). Returns the adapter's low-rank part, for branches, and the fold
+/// report of the whole part, if it had one.
+pub fn write_whole_values(
+    model: &mut LoadedModel,
+    adapter: &Adapter,
+    weight: f32,
+) -> Result<(Adapter, Option<super::FoldReport>)> {
+    let (low, whole) = adapter.split_whole();
+    let Some(whole) = whole else {
+        return Ok((low, None));
+    };
+    let opts = super::FoldOptions {
+        weights: vec![weight],
+        ..Default::default()
+    };
+    let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
+    Ok((low, Some(report)))
+}
+
 /// The adapted model's unmerged forward as a graph: `model` with every adapter as branches
 /// (applied in order, each scaled by its weight and `scale`; later adapters' branches nest
 /// inside earlier ones on the same node). `fold --verify` compares its result with this.
@@ -615,10 +637,11 @@ pub fn unmerged_reference(
 ) -> Result<LoadedModel> {
     let mut reference = model.clone();
     for (i, adapter) in adapters.iter().enumerate() {
+        let w = weights.get(i).copied().unwrap_or(1.0) * scale;
+        let (low, _) = write_whole_values(&mut reference, adapter, w)?;
         let graph = ModelGraph::build(&reference.proto);
         let cands = crate::target::find_candidates(&reference.proto, &graph);
-        let (mut branches, _) = adapter_branches(&cands, adapter, true)?;
-        let w = weights.get(i).copied().unwrap_or(1.0) * scale;
+        let (mut branches, _) = adapter_branches(&cands, &low, true)?;
         branches.iter_mut().for_each(|b| b.scale *= w);
         inject(&mut reference, &branches, false)?;
     }

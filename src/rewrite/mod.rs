@@ -16,6 +16,7 @@ pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
 pub use fuse::fuse_shared;
 pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
+    write_whole_values,
 };
 pub use unbranch::fold_branches;
 
@@ -26,7 +27,8 @@ use crate::tensor::Matrix;
 
 /// Which candidates' weights an adapter module may adapt: embeddings are tables (Gather,
 /// onnxruntime's EmbedLayerNormalization), 2-D LoRA factors linear layers (and onnxruntime's
-/// Attention projection), 4-D ones convolutions; whole tensors any float weight. `inject`
+/// Attention projection), 4-D ones convolutions; whole tensors any float weight; token rows
+/// tables and (untied output layers named in the config) linear layers. `inject`
 /// also needs the candidate to be `branchable`.
 pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     match m.kind {
@@ -36,6 +38,10 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
             _ => c.op == "Conv",
         },
         ModuleKind::Full => c.op != "MatMulNBits",
+        ModuleKind::Tokens => {
+            matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization")
+                || (c.is_linear() && c.op != "MatMulNBits")
+        }
     }
 }
 

@@ -200,6 +200,7 @@ pub fn find_branches(
                     magnitude,
                     bias_b,
                     full: Default::default(),
+                    tokens: None,
                     keys: vec![name],
                     alpha: None,
                     part: None,

@@ -52,6 +52,40 @@ pub struct StoredWeight {
 }
 
 impl StoredWeight {
+    /// The values at index `k` of the input axis (`out = false`: an embedding's row `k`) or of
+    /// the output axis (`out = true`: output channel `k`), decoding only those elements.
+    pub fn line(&self, out: bool, k: usize) -> Result<Vec<f32>> {
+        let width = self.dtype.bits().unwrap_or(32) / 8;
+        let (len, limit) = if out {
+            (self.n_in, self.n_out)
+        } else {
+            (self.n_out, self.n_in)
+        };
+        if k >= limit {
+            return Err(Error::tensor(
+                &self.name,
+                format!("index {k} is out of range ({limit})"),
+            ));
+        }
+        let at = |i: usize| {
+            let (i_in, j_out) = if out { (i, k) } else { (k, i) };
+            match self.orient {
+                Orientation::InOut => i_in * self.n_out + j_out,
+                Orientation::OutIn => j_out * self.n_in + i_in,
+            }
+        };
+        let mut raw = Vec::with_capacity(len * width);
+        for i in 0..len {
+            let e = at(i) * width;
+            let bytes = self
+                .bytes
+                .get(e..e + width)
+                .ok_or_else(|| Error::tensor(&self.name, "stored data is too short"))?;
+            raw.extend_from_slice(bytes);
+        }
+        to_f32(&raw, self.dtype, &self.name)
+    }
+
     pub fn decode(&self) -> Result<WeightValues> {
         Ok(WeightValues {
             dtype: self.dtype,
