@@ -1,5 +1,6 @@
 //! `fold` on bad or unsupported input: one clear line naming the module / tensor, exit 2, no
-//! output file, inputs untouched; and shared initializers get a private copy.
+//! output file, inputs untouched; shared initializers get a private copy, except a table tied
+//! to an output layer that trainable tokens change for both.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -396,4 +397,76 @@ fn malformed_factor_shapes_are_refused() {
         err.contains("fc.lora_A.weight") && err.contains("at least 2 dimensions"),
         "{err}"
     );
+}
+
+/// Trainable tokens on a table stored once for the embedding and a tied output layer (Gemm
+/// transB=1 on the same initializer): the shared table changes in place, for both readers, as
+/// PEFT's tied token adapter has it; a quantized output layer of the table's shape is noted.
+#[test]
+fn trainable_tokens_follow_a_tied_output_layer() {
+    let env = Env::new();
+    let rows: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["fc"], "trainable_token_indices": [2, 5]});
+    let ad = write_adapter(
+        &env.p("tok"),
+        cfg,
+        &[(
+            "embed.token_adapter.trainable_tokens_delta",
+            vec![2, 8],
+            rows.clone(),
+        )],
+    );
+    let out = env.p("tied.out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        env.p("tied.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("lm_head") && err.contains("tied embeddings"),
+        "{err}"
+    );
+    assert!(!err.contains("shared with"), "no private copy: {err}");
+    let table = |path: &Path| -> Vec<f32> {
+        let m = onnx_lora::onnx::load(path).unwrap();
+        let g = m.proto.graph.as_ref().unwrap();
+        let floats: Vec<_> = g.initializer.iter().filter(|t| t.dims == [16, 8]).collect();
+        assert_eq!(floats.len(), 1, "{}: one table", path.display());
+        let readers = g
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == floats[0].name()))
+            .count();
+        assert_eq!(readers, 2, "{}: Gather and Gemm read it", path.display());
+        let bytes = m.tensor_bytes(floats[0]).unwrap();
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let before = table(&env.p("tied.onnx"));
+    let after = table(&out);
+    for r in 0..16 {
+        let expect = match r {
+            2 => &rows[..8],
+            5 => &rows[8..],
+            _ => &before[r * 8..r * 8 + 8],
+        };
+        assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
+    }
+    let o = onnx_lora(&[
+        "fold",
+        env.p("tied_nbits.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        env.p("nbits.out.onnx").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("quantized output layer"), "{err}");
 }

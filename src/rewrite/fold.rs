@@ -341,12 +341,19 @@ fn tie_token_heads<'a>(
             );
         }
         let mut heads = Vec::new();
-        for c in cands.iter().filter(|c| {
+        let head_shaped = |c: &&Candidate| {
             c.is_linear()
-                && !c.quantized
                 && c.out_features as usize == table.n_in
                 && c.in_features as usize == table.n_out
-        }) {
+        };
+        for c in cands.iter().filter(head_shaped).filter(|c| c.quantized) {
+            report.notes.push(format!(
+                "{}: a quantized output layer of the table's shape; its values cannot be compared or changed, so if it is tied to '{}' (PEFT would then change its rows for these tokens too) the result differs from PEFT's there",
+                if c.module.is_empty() { &c.node } else { &c.module },
+                module.path
+            ));
+        }
+        for c in cands.iter().filter(head_shaped).filter(|c| !c.quantized) {
             let own = jobs.iter().any(|j| {
                 j.cand.graph == c.graph
                     && j.cand.node_index == c.node_index

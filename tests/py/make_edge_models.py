@@ -5,6 +5,9 @@
   dq.onnx          DequantizeLinear(W_q) -> MatMul on /fc/MatMul (quantized base)
   grouped.onnx     Conv with group=2 on /conv/Conv
   shared.onnx      one initializer W feeding /a/MatMul and /b/MatMul (deduplicated weights)
+  tied.onnx        one table E [16, 8] feeding /embed/Gather and /lm_head/Gemm (transB=1):
+                   tied embeddings stored once
+  tied_nbits.onnx  /embed/Gather on E [16, 8] and a 4-bit /lm_head/MatMulNBits head (K=8, N=16)
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -76,6 +79,24 @@ def main(out):
                             helper.make_node("MatMul", ["x", "W"], ["yb"], name="/b/MatMul")],
                            "shared", [x], [ya, yb], [numpy_helper.from_array(f32(8, 4), "W")]),
          os.path.join(out, "shared.onnx"))
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 16])
+    gather = helper.make_node("Gather", ["E", "ids"], ["h3"], name="/embed/Gather")
+    flat = helper.make_node("Reshape", ["h3", "shape"], ["h"], name="/embed/Reshape")
+    shape = numpy_helper.from_array(np.array([3, 8], np.int64), "shape")
+    head = helper.make_node("Gemm", ["h", "E"], ["logits"], name="/lm_head/Gemm", transB=1)
+    save(helper.make_graph([gather, flat, head], "tied", [ids], [logits],
+                           [numpy_helper.from_array(f32(16, 8), "E"), shape]),
+         os.path.join(out, "tied.onnx"))
+    hq = rng.integers(0, 255, (16, 1, 8), dtype=np.uint8)
+    head_q = helper.make_node("MatMulNBits", ["h", "Hq", "Hs"], ["logits"], name="/lm_head/MatMulNBits",
+                              domain="com.microsoft", K=8, N=16, bits=4, block_size=16)
+    save(helper.make_graph([gather, flat, head_q], "tied_nbits", [ids], [logits],
+                           [numpy_helper.from_array(f32(16, 8), "E"), shape,
+                            numpy_helper.from_array(hq, "Hq"),
+                            numpy_helper.from_array(np.full(16, 0.1, np.float32), "Hs")]),
+         os.path.join(out, "tied_nbits.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
 
 if __name__ == "__main__":
