@@ -212,6 +212,8 @@ fn every_feature_is_covered_by_the_fixtures() {
         "kohya",
         "conv3x3",
         "text_encoder_keys",
+        "text_encoder",
+        "unet_keys",
     ] {
         assert!(
             all.iter().any(|x| x == f),

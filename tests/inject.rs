@@ -357,7 +357,8 @@ fn write_whole_part(src: &Path, dst: &Path) {
 }
 
 /// The PEFT keys and shapes an exported adapter must have: the original's, for a PEFT folder;
-/// for a kohya file, its lora_down / lora_up under the targets' dotted module paths.
+/// for a kohya file, its lora_down / lora_up (of the model's part) under the targets' dotted
+/// module paths.
 fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
     if ad.dir.is_dir() {
         return lora_keys(&ad.dir);
@@ -366,7 +367,15 @@ fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut keys = Vec::new();
     for t in &ad.targets {
-        let stem = format!("lora_unet_{}", t.replace('.', "_"));
+        // The file's name for the target: its path with '_' for '.', under the part's prefix
+        // (and, for the text encoder, kohya's `text_model_` level).
+        let suffix = format!("{}.lora_down.weight", t.replace('.', "_"));
+        let names = st.names();
+        let found: Vec<&&str> = names.iter().filter(|k| k.ends_with(&suffix)).collect();
+        let [down] = found.as_slice() else {
+            panic!("{}: {t}: {found:?}", ad.name)
+        };
+        let stem = down.trim_end_matches(".lora_down.weight");
         for (kohya, peft) in [("lora_down", "lora_A"), ("lora_up", "lora_B")] {
             let shape = st
                 .tensor(&format!("{stem}.{kohya}.weight"))

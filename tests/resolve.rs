@@ -25,13 +25,14 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
         let cands = load(&case);
         for ad in &case.adapters {
             let adapter = Adapter::load(&ad.dir).unwrap();
-            // PEFT paths bind as they are; kohya's underscored names to the UNet's dotted
-            // paths, with the text-encoder part (lora_te_*) left out.
+            // PEFT paths bind as they are; kohya's underscored names to the model's dotted
+            // paths, with the parts of other models (the text encoder's lora_te_* in a UNet,
+            // the UNet's lora_unet_* in a text encoder) left out.
             let (paths, _) = module_paths(&adapter, &cands).unwrap();
             for (m, path) in adapter.modules.iter().zip(&paths) {
                 assert_eq!(
                     path.is_none(),
-                    m.part.is_some_and(|p| p != "unet"),
+                    m.part.is_some_and(|p| p != case.kohya_part),
                     "{} {}: {}",
                     case.label(),
                     ad.name,

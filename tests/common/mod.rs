@@ -123,6 +123,8 @@ pub struct Case {
     pub inputs: PathBuf,
     pub base: PathBuf,
     pub adapters: Vec<AdapterCase>,
+    /// kohya cases: the part of a kohya file (`lora_<part>_*`) the model is (`unet`, `te`).
+    pub kohya_part: String,
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +196,7 @@ fn manifest_cases(file: &str) -> Vec<Case> {
             dtype: f(c, "dtype"),
             inputs: fixtures().join(f(c, "inputs")),
             base: fixtures().join(f(c, "base")),
+            kohya_part: f(c, "kohya_part"),
             adapters: c
                 .get("adapters")
                 .and_then(|a| a.as_array())
@@ -253,6 +256,7 @@ pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>, Vec<serde_json::V
                     .filter(|a| names.contains(&a.name.as_str()))
                     .cloned()
                     .collect(),
+                kohya_part: String::new(),
             };
             assert_eq!(case.adapters.len(), names.len(), "adapters of {model}");
             let packed = o["packed"].as_array().cloned().unwrap_or_default();
