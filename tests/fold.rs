@@ -209,6 +209,8 @@ fn every_feature_is_covered_by_the_fixtures() {
         "tied",
         "modules_to_save",
         "trainable_tokens",
+        "bias_all",
+        "bias_lora_only",
         "kohya",
         "conv3x3",
         "text_encoder_keys",

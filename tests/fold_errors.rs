@@ -470,3 +470,81 @@ fn trainable_tokens_follow_a_tied_output_layer() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("quantized output layer"), "{err}");
 }
+
+/// A trained bias (PEFT's bias="lora_only" / "all") replaces the layer's; when an exporter
+/// deduplicated the bias tensor, the adapted layer gets its own copy and the other keeps its bias.
+#[test]
+fn a_trained_bias_on_a_shared_bias_tensor_changes_one_layer() {
+    let env = Env::new();
+    let mut t = lora("a", 8, 4, 0.1);
+    t.push(("a.base_layer.bias".into(), vec![4], vec![0.25; 4]));
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
+    let out = env.p("out.onnx");
+    onnx_lora_ok(&[
+        "fold",
+        env.p("shared_bias.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let diff: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&env.p("shared_bias.onnx"), &out])).unwrap();
+    assert!(diff["ya"].as_f64().unwrap() > 1e-3, "{diff}");
+    assert_eq!(diff["yb"].as_f64().unwrap(), 0.0, "{diff}");
+    // The same adapter at another weight: its bias cannot be weighted.
+    let err = fold_fails(
+        &env.p("shared_bias.onnx"),
+        &ad,
+        &env.p("w.onnx"),
+        &["--weight", "0.5"],
+    );
+    assert!(
+        err.contains("a trained bias") && err.contains("cannot be weighted"),
+        "{err}"
+    );
+    // A trained bias of a module that is no weight's (a norm layer, with bias="all") is named.
+    let ad = write_adapter(
+        &env.p("norm"),
+        config(),
+        &[("encoder.norm.bias", vec![4], vec![0.25; 4])],
+    );
+    let err = fold_fails(&env.p("linear.onnx"), &ad, &env.p("norm.onnx"), &[]);
+    assert!(
+        err.contains("encoder.norm.bias") && err.contains("norm layers"),
+        "{err}"
+    );
+}
+
+/// LoRA variants whose forward is not W + s·B·A on the base are refused by their config key.
+#[test]
+fn unsupported_lora_variants_are_refused_by_name() {
+    let env = Env::new();
+    let t = lora("fc", 8, 4, 0.1);
+    for (key, value) in [
+        ("alora_invocation_tokens", serde_json::json!([5, 6])),
+        ("use_qalora", serde_json::json!(true)),
+        ("use_bdlora", serde_json::json!({"nblocks": 2})),
+        ("layer_replication", serde_json::json!([[0, 1], [0, 1]])),
+        ("target_parameters", serde_json::json!(["experts.weight"])),
+        ("kasa_config", serde_json::json!({})),
+        ("arrow_config", serde_json::json!({"top_k": 2})),
+        ("monteclora_config", serde_json::json!({"n": 4})),
+    ] {
+        let mut cfg = config();
+        cfg[key] = value.clone();
+        let ad = write_adapter(&env.p(key), cfg, &refs(&t));
+        if value == serde_json::json!({}) {
+            // An empty config object is no variant: the adapter folds.
+            onnx_lora_ok(&[
+                "fold",
+                env.p("linear.onnx").to_str().unwrap(),
+                ad.to_str().unwrap(),
+                "-o",
+                env.p(&format!("{key}.onnx")).to_str().unwrap(),
+            ]);
+            continue;
+        }
+        let err = env.fold_fails("linear.onnx", &ad);
+        assert!(err.contains(key) && err.contains("not supported"), "{err}");
+    }
+}

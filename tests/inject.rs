@@ -27,17 +27,21 @@ fn max_diff(v: &serde_json::Value) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Adapters `inject --adapter` takes (all but refused ones; whole values, modules_to_save and
-/// trainable tokens, go into the weights).
+/// Adapters `inject --adapter` takes (all but refused ones; values they replace outright,
+/// modules_to_save, trainable tokens and trained biases, go into the weights).
 fn branchable(ad: &AdapterCase) -> bool {
     !ad.refuse
 }
 
-/// The adapter holds whole values (modules_to_save, trainable tokens) besides LoRA factors.
+/// The adapter replaces values outright (modules_to_save, trainable tokens, trained biases)
+/// besides its LoRA factors.
 fn has_whole(ad: &AdapterCase) -> bool {
-    ad.features
-        .iter()
-        .any(|f| matches!(f.as_str(), "modules_to_save" | "trainable_tokens"))
+    ad.features.iter().any(|f| {
+        matches!(
+            f.as_str(),
+            "modules_to_save" | "trainable_tokens" | "bias_all" | "bias_lora_only"
+        )
+    })
 }
 
 /// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv,
@@ -213,8 +217,9 @@ fn serving_model_swaps_adapters_on_one_session() {
     assert!(swapped >= 3, "only {swapped} second adapters swapped in");
 }
 
-/// A serving model swaps LoRA factors only: an adapter with whole values (modules_to_save,
-/// trainable tokens) is refused by name, and nothing is written.
+/// A serving model swaps LoRA factors only: an adapter replacing values outright
+/// (modules_to_save, trainable tokens, trained biases) is refused by name, and nothing is
+/// written.
 #[test]
 fn serving_refuses_whole_values() {
     let dir = tempfile::tempdir().unwrap();

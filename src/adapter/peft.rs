@@ -115,6 +115,21 @@ impl ModuleAdapter {
     pub fn is_whole(&self) -> bool {
         matches!(self.kind, ModuleKind::Full | ModuleKind::Tokens)
     }
+
+    /// The module replaces some values outright: it is whole, or it holds a trained bias beside
+    /// its LoRA (PEFT's `bias="all"` / `"lora_only"`).
+    pub fn replaces_values(&self) -> bool {
+        self.is_whole() || self.full.contains_key("bias")
+    }
+
+    /// What the module replaces outright, for messages.
+    pub fn replaced_what(&self) -> &'static str {
+        match self.kind {
+            ModuleKind::Tokens => "trainable tokens",
+            ModuleKind::Full => "modules_to_save",
+            _ => "a trained bias",
+        }
+    }
 }
 
 /// A PEFT adapter loaded into memory.
@@ -176,21 +191,38 @@ impl Adapter {
         })
     }
 
-    /// The adapter split into its low-rank modules and, if it has any, its whole-tensor ones
-    /// (modules_to_save, trainable tokens), each with the same config.
+    /// The adapter split into its low-rank part and, if it has any, the values it replaces
+    /// outright (modules_to_save, trainable tokens, trained biases saved beside a LoRA), each
+    /// with the same config.
     pub fn split_whole(&self) -> (Adapter, Option<Adapter>) {
-        let part = |whole: bool| Adapter {
+        let mut low = Vec::new();
+        let mut whole = Vec::new();
+        for m in &self.modules {
+            if m.is_whole() {
+                whole.push(m.clone());
+                continue;
+            }
+            let mut m = m.clone();
+            if let Some(bias) = m.full.remove("bias") {
+                let mut w = ModuleAdapter::empty(&m.path, ModuleKind::Full, m.part);
+                w.keys = m
+                    .keys
+                    .iter()
+                    .filter(|k| k.ends_with(".bias"))
+                    .cloned()
+                    .collect();
+                w.full.insert("bias".into(), bias);
+                whole.push(w);
+            }
+            low.push(m);
+        }
+        let part = |modules| Adapter {
             path: self.path.clone(),
             config: self.config.clone(),
-            modules: self
-                .modules
-                .iter()
-                .filter(|m| m.is_whole() == whole)
-                .cloned()
-                .collect(),
+            modules,
         };
-        let whole = part(true);
-        (part(false), (!whole.modules.is_empty()).then_some(whole))
+        let whole = (!whole.is_empty()).then(|| part(whole));
+        (part(low), whole)
     }
 
     /// The scaling for a module: alpha / r (or / sqrt(r) with rslora), with per-module alpha
@@ -208,8 +240,51 @@ impl Adapter {
         }
     }
 
-    /// Refuses adapters whose training changed the base weights.
+    /// Refuses adapters whose training changed the base weights, and LoRA variants whose
+    /// forward is not `W + s·B·A` on the base model (their config names them).
     pub fn check_foldable(&self) -> Result<()> {
+        let set = |k: &str| {
+            self.config.raw.get(k).is_some_and(|v| match v {
+                Value::Null | Value::Bool(false) => false,
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            })
+        };
+        const VARIANTS: [(&str, &str); 8] = [
+            (
+                "alora_invocation_tokens",
+                "activated LoRA (aLoRA) acts only on tokens from its invocation sequence on; merged or as a plain branch it would act on every token",
+            ),
+            (
+                "use_qalora",
+                "QA-LoRA averages the input over groups before lora_A",
+            ),
+            ("use_bdlora", "BD-LoRA stores block-diagonal factors"),
+            (
+                "layer_replication",
+                "layer_replication builds a model with more layers than the base, which the export does not have",
+            ),
+            (
+                "target_parameters",
+                "LoRA on parameters (target_parameters, e.g. MoE experts) adapts tensors no MatMul / Gemm / Conv reads as its weight",
+            ),
+            (
+                "kasa_config",
+                "KaSA truncates the base weight's singular values and scales the factors by a learned diagonal",
+            ),
+            (
+                "arrow_config",
+                "Arrow routes each token between several LoRAs",
+            ),
+            ("monteclora_config", "MonteCLoRA samples its factors"),
+        ];
+        if let Some((key, why)) = VARIANTS.iter().find(|(k, _)| set(k)) {
+            return Err(Error::Adapter {
+                path: self.path.clone(),
+                reason: format!("{key} is set: {why}; this LoRA variant is not supported"),
+            });
+        }
         if let Value::String(init) = &self.config.init_lora_weights {
             let lower = init.to_ascii_lowercase();
             if BASE_CHANGING_INITS.iter().any(|k| lower.starts_with(k)) {

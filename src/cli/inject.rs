@@ -120,18 +120,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut replaced = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
-            if let Some(m) = adapter.modules.iter().find(|m| m.is_whole())
+            if let Some(m) = adapter.modules.iter().find(|m| m.replaces_values())
                 && args.as_inputs
             {
                 anyhow::bail!(
-                    "{}: module '{}' replaces whole values ({}): a serving model swaps LoRA factors only; inject without --as-inputs (the values then go into the weights) or fold the adapter",
+                    "{}: module '{}' replaces values outright ({}): a serving model swaps LoRA factors only; inject without --as-inputs (the values then go into the weights) or fold the adapter",
                     adapter.path.display(),
                     m.path,
-                    if m.kind == onnx_lora::adapter::ModuleKind::Tokens {
-                        "trainable tokens"
-                    } else {
-                        "modules_to_save"
-                    }
+                    m.replaced_what()
                 );
             }
             let (low, rep) = write_whole_values(&mut model, adapter, 1.0)

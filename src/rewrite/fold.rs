@@ -167,23 +167,30 @@ pub(crate) fn execute(
     let mut new_bias = vec![false; jobs.len()];
     for (i, (job, (_, _, bias))) in jobs.iter().zip(&results).enumerate() {
         if let Some(bias) = bias {
-            new_bias[i] = !apply_bias(model, graph, &job.cand, bias)?;
+            new_bias[i] = !apply_bias(model, graph, &job.cand, bias, &mut taken)?;
         }
     }
     for i in order {
         if new_bias[i]
             && let Some(bias) = &results[i].2
         {
-            create_bias(model, graph, &jobs[i].cand, bias.values(), &mut taken)?;
-            report.notes.push(match bias {
-                BiasChange::Add(_) => format!(
+            create_bias(
+                model,
+                graph,
+                &jobs[i].cand,
+                &bias.apply(None, 1.0),
+                &mut taken,
+            )?;
+            report.notes.push(if !bias.set.is_empty() {
+                format!(
+                    "{}: the layer had no bias; the adapter's trained bias was added",
+                    jobs[i].cand.module
+                )
+            } else {
+                format!(
                     "{}: the layer had no bias; lora_bias added one (PEFT's merge refuses this case; its unmerged forward is what we match)",
                     jobs[i].cand.module
-                ),
-                BiasChange::Set(_) => format!(
-                    "{}: the layer had no bias; the adapter's whole bias (modules_to_save) was added",
-                    jobs[i].cand.module
-                ),
+                )
             });
         }
         let copy = weights::write(
@@ -226,13 +233,13 @@ fn plan<'a>(
         report.notes.extend(notes);
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
-            if module.is_whole() && weight != 1.0 {
+            if module.replaces_values() && weight != 1.0 {
                 return Err(Error::Adapter {
                     path: adapter.path.clone(),
                     reason: format!(
                         "module '{}' replaces whole values ({}), which cannot be weighted: fold this adapter with weight 1 (--weight / --scale)",
                         module.path,
-                        whole_what(module)
+                        module.replaced_what()
                     ),
                 });
             }
@@ -251,7 +258,12 @@ fn plan<'a>(
                         continue;
                     }
                     _ => {
-                        unmatched.push(format!("{} ({e})", module.keys.join(", ")));
+                        let hint = if module.kind == ModuleKind::Full {
+                            "; whole tensors fold into linear, conv and embedding layers only, and PEFT's bias=\"all\" also trains the biases of norm layers"
+                        } else {
+                            ""
+                        };
+                        unmatched.push(format!("{} ({e}{hint})", module.keys.join(", ")));
                         continue;
                     }
                 },
@@ -287,14 +299,6 @@ fn plan<'a>(
         report.unmatched = unmatched;
     }
     Ok(jobs)
-}
-
-/// What a whole-value module replaces, for messages.
-fn whole_what(m: &ModuleAdapter) -> &'static str {
-    match m.kind {
-        ModuleKind::Tokens => "trainable tokens",
-        _ => "modules_to_save",
-    }
 }
 
 /// Candidates whose rows are an embedding table's (`Gather`, onnxruntime's
@@ -431,19 +435,59 @@ fn is_linear_lora(m: &ModuleAdapter) -> bool {
 
 type Merged = (Arc<MergePlan>, ModuleReport, Option<BiasChange>);
 
-/// What happens to a layer's bias.
-pub(crate) enum BiasChange {
-    /// lora_bias: add these (already scaled) values.
-    Add(Vec<f32>),
-    /// modules_to_save: the bias becomes these values.
-    Set(Vec<f32>),
+/// What happens to a layer's bias: the channels of each `set` range take a trained bias the
+/// adapter saved (modules_to_save, PEFT's `bias="all"` / `"lora_only"`; a range is one
+/// projection's slice of a packed bias), then the whole bias gets `add` (lora_bias, scaled).
+pub(crate) struct BiasChange {
+    len: usize,
+    set: Vec<(std::ops::Range<usize>, Vec<f32>)>,
+    add: Option<Vec<f32>>,
 }
 
 impl BiasChange {
-    fn values(&self) -> &[f32] {
-        match self {
-            BiasChange::Add(v) | BiasChange::Set(v) => v,
+    fn new(len: usize) -> Self {
+        BiasChange {
+            len,
+            set: Vec::new(),
+            add: None,
         }
+    }
+
+    /// The new stored bias of a layer computing `beta·C` (Gemm; 1 elsewhere) whose stored bias
+    /// is `old` (None: it has none).
+    fn apply(&self, old: Option<&[f32]>, beta: f32) -> Vec<f32> {
+        let mut b = old.map_or_else(|| vec![0.0; self.len], <[f32]>::to_vec);
+        for (cols, v) in &self.set {
+            for (x, v) in b[cols.clone()].iter_mut().zip(v) {
+                *x = v / beta;
+            }
+        }
+        if let Some(d) = &self.add {
+            b.iter_mut().zip(d).for_each(|(x, d)| *x += d / beta);
+        }
+        b
+    }
+
+    /// Sets the trained bias of channels `cols`; an error when they already have one.
+    fn set(
+        &mut self,
+        cols: std::ops::Range<usize>,
+        values: &[f32],
+        m: &ModuleAdapter,
+        c: &Candidate,
+    ) -> Result<()> {
+        if self
+            .set
+            .iter()
+            .any(|(r, _)| r.start < cols.end && cols.start < r.end)
+        {
+            return Err(Error::Target(format!(
+                "module '{}': weight '{}' gets two trained biases",
+                m.path, c.weight
+            )));
+        }
+        self.set.push((cols, values.to_vec()));
+        Ok(())
     }
 }
 
@@ -610,7 +654,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             }
             _ => 0..weight.n_out,
         };
-        if m.kind == ModuleKind::Full && step.role.is_some() {
+        if m.kind == ModuleKind::Full && step.role.is_some() && m.full.contains_key("weight") {
             return Err(Error::Target(format!(
                 "module '{}': the adapter replaces the whole layer, but its weight is a slice of the packed weight '{}' ({}); replacing a slice is not supported",
                 m.path, c.weight, c.node
@@ -628,19 +672,18 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                 values.iter_mut().for_each(|v| *v /= alpha);
                 steps.push(OwnedStep::Replace(values));
             }
-            if let Some(b) = m.full.get("bias") {
-                if b.data.len() != weight.n_out {
-                    return Err(shape_err(c, m, "whole bias", &b.shape, weight.n_out));
-                }
-                if bias.is_some() {
-                    return Err(Error::Target(format!(
-                        "module '{}': weight '{}' gets a whole bias and another bias change",
-                        m.path, c.weight
-                    )));
-                }
-                bias = Some(BiasChange::Set(b.data.clone()));
-            }
             rep.replaced = true;
+        }
+        // A trained bias (modules_to_save; PEFT's bias="all" / "lora_only", saved as
+        // `<module>.base_layer.bias` beside a LoRA) replaces the layer's.
+        if let Some(b) = m.full.get("bias") {
+            if b.data.len() != cols.len() {
+                return Err(shape_err(c, m, "trained bias", &b.shape, cols.len()));
+            }
+            bias.get_or_insert_with(|| BiasChange::new(weight.n_out))
+                .set(cols.clone(), &b.data, m, c)?;
+        }
+        if m.kind == ModuleKind::Full {
             continue;
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
@@ -672,15 +715,10 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             if bb.data.len() != cols.len() {
                 return Err(shape_err(c, m, "lora_B.bias", &bb.shape, cols.len()));
             }
-            let acc = match bias.get_or_insert_with(|| BiasChange::Add(vec![0.0; weight.n_out])) {
-                BiasChange::Add(acc) => acc,
-                BiasChange::Set(_) => {
-                    return Err(Error::Target(format!(
-                        "module '{}': weight '{}' gets a whole bias and another bias change",
-                        m.path, c.weight
-                    )));
-                }
-            };
+            let acc = bias
+                .get_or_insert_with(|| BiasChange::new(weight.n_out))
+                .add
+                .get_or_insert_with(|| vec![0.0; weight.n_out]);
             acc[cols.clone()]
                 .iter_mut()
                 .zip(&bb.data)
@@ -857,21 +895,40 @@ fn full_values(
     }))
 }
 
-/// Where a node's bias is: Gemm's C and Conv's B inputs, or the constant of the only Add
-/// consuming a MatMul's output.
-fn bias_value(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Option<String> {
+/// Where a node's bias is, as (node index, input index, value): Gemm's C and Conv's and
+/// Attention's input 2, or for a MatMul the constant its only consumer adds: an Add, or an
+/// onnxruntime fusion that took the bias in (SkipLayerNormalization's bias, BiasGelu's /
+/// FastGelu's bias, BiasDropout's bias).
+fn bias_value(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+) -> Option<(usize, usize, String)> {
     let node = graph.node(&model.proto, c.graph, c.node_index)?;
     match c.op.as_str() {
-        "Gemm" | "Conv" | "Attention" => node.input.get(2).filter(|v| !v.is_empty()).cloned(),
+        "Gemm" | "Conv" | "Attention" => node
+            .input
+            .get(2)
+            .filter(|v| !v.is_empty())
+            .map(|v| (c.node_index, 2, v.clone())),
         _ => {
             let o = node.output.first()?;
             let [u] = graph.graphs[c.graph].consumers_of(o) else {
                 return None;
             };
-            let add = graph.node(&model.proto, c.graph, *u)?;
-            let other = add.input.iter().find(|i| *i != o)?;
-            (add.op_type() == "Add" && graph.const_source(&model.proto, c.graph, other).is_some())
-                .then(|| other.clone())
+            let user = graph.node(&model.proto, c.graph, *u)?;
+            let at = user.input.iter().position(|i| i == o)?;
+            let k = match (user.op_type(), user.domain(), at) {
+                ("Add", "", 0 | 1) => 1 - at,
+                ("SkipLayerNormalization", "com.microsoft", 0 | 1) => 4,
+                ("SkipSimplifiedLayerNormalization", "com.microsoft", 0 | 1) => 3,
+                ("BiasGelu" | "FastGelu" | "BiasDropout", "com.microsoft", 0) => 1,
+                _ => return None,
+            };
+            let v = user.input.get(k).filter(|v| !v.is_empty())?;
+            graph
+                .const_source(&model.proto, c.graph, v)
+                .map(|_| (*u, k, v.clone()))
         }
     }
 }
@@ -886,42 +943,53 @@ fn gemm_beta(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
         .unwrap_or(1.0)
 }
 
-/// Adds a lora_bias delta to the node's existing bias in place. Returns false when the layer
-/// has no bias (the caller then creates one).
+/// Applies a bias change to the layer's existing bias: in place, or on a private copy when
+/// other nodes read the same tensor. Returns false when the layer has no bias (the caller then
+/// creates one).
 fn apply_bias(
     model: &mut LoadedModel,
     graph: &ModelGraph,
     c: &Candidate,
     change: &BiasChange,
+    taken: &mut HashSet<String>,
 ) -> Result<bool> {
-    let delta = change.values();
-    let Some(src) =
-        bias_value(model, graph, c).and_then(|v| graph.const_source(&model.proto, c.graph, &v))
-    else {
+    let Some((user, input, value)) = bias_value(model, graph, c) else {
+        return Ok(false);
+    };
+    let Some(src) = graph.const_source(&model.proto, c.graph, &value) else {
         return Ok(false);
     };
     let t = graph
         .const_tensor(&model.proto, &src)
         .ok_or_else(|| Error::tensor(&c.weight, "bias not found"))?;
     let dtype = crate::onnx::DataType::from_i32(t.data_type());
-    let mut b = crate::tensor::to_f32(&model.tensor_bytes(t)?, dtype, t.name())?;
-    if b.len() != delta.len() {
+    let old = crate::tensor::to_f32(&model.tensor_bytes(t)?, dtype, t.name())?;
+    if old.len() != change.len {
         return Err(Error::Target(format!(
-            "module '{}': bias has {} values, lora_B.bias {}",
+            "module '{}': the layer's bias has {} values, the adapter's {}",
             c.module,
-            b.len(),
-            delta.len()
+            old.len(),
+            change.len
         )));
     }
-    let beta = gemm_beta(model, graph, c);
-    match change {
-        BiasChange::Add(_) => b.iter_mut().zip(delta).for_each(|(x, d)| *x += d / beta),
-        BiasChange::Set(_) => b.iter_mut().zip(delta).for_each(|(x, d)| *x = d / beta),
-    }
+    let b = change.apply(Some(&old), gemm_beta(model, graph, c));
     let raw = from_f32(&b, dtype, t.name())?;
+    // A bias tensor other nodes read too (identical values deduplicated by an exporter or
+    // optimizer) is copied for this node, so only its bias changes.
+    let shared = graph.graphs[c.graph].consumers_of(&value).len() > 1;
+    let base = if c.module.is_empty() {
+        format!("{}.bias", c.node)
+    } else {
+        format!("{}.bias", c.module)
+    };
     let bias_cand = Candidate {
         source: Some(src),
-        shared: false,
+        shared,
+        module: String::new(),
+        weight: base,
+        node_index: user,
+        weight_input: input,
+        chain: Vec::new(),
         ..c.clone()
     };
     weights::write(
@@ -929,7 +997,7 @@ fn apply_bias(
         graph,
         &bias_cand,
         weights::TensorData::Raw(raw),
-        &mut HashSet::new(),
+        taken,
     )?;
     Ok(true)
 }

@@ -130,12 +130,13 @@ pub fn adapter_branches(
     let (paths, _) = super::module_paths(adapter, cands)?;
     for (m, path) in adapter.modules.iter().zip(&paths) {
         let Some(path) = path else { continue };
-        if m.is_whole() {
+        if m.replaces_values() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}' replaces whole values (modules_to_save or trainable tokens): a branch cannot express it; write them into the weights first (`write_whole_values`)",
-                    m.path
+                    "module '{}' replaces values outright ({}): a branch cannot express it; write them into the weights first (`write_whole_values`)",
+                    m.path,
+                    m.replaced_what()
                 ),
             });
         }

@@ -5,6 +5,7 @@
   dq.onnx          DequantizeLinear(W_q) -> MatMul on /fc/MatMul (quantized base)
   grouped.onnx     Conv with group=2 on /conv/Conv
   shared.onnx      one initializer W feeding /a/MatMul and /b/MatMul (deduplicated weights)
+  shared_bias.onnx /a/MatMul and /b/MatMul, each followed by an Add of the same bias tensor
   tied.onnx        one table E [16, 8] feeding /embed/Gather and /lm_head/Gemm (transB=1):
                    tied embeddings stored once
   tied_nbits.onnx  /embed/Gather on E [16, 8] and a 4-bit /lm_head/MatMulNBits head (K=8, N=16)
@@ -79,6 +80,15 @@ def main(out):
                             helper.make_node("MatMul", ["x", "W"], ["yb"], name="/b/MatMul")],
                            "shared", [x], [ya, yb], [numpy_helper.from_array(f32(8, 4), "W")]),
          os.path.join(out, "shared.onnx"))
+
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "Wa"], ["ma"], name="/a/MatMul"),
+                            helper.make_node("Add", ["ma", "bias"], ["ya"], name="/a/Add"),
+                            helper.make_node("MatMul", ["x", "Wb"], ["mb"], name="/b/MatMul"),
+                            helper.make_node("Add", ["mb", "bias"], ["yb"], name="/b/Add")],
+                           "shared_bias", [x], [ya, yb],
+                           [numpy_helper.from_array(f32(8, 4), "Wa"), numpy_helper.from_array(f32(8, 4), "Wb"),
+                            numpy_helper.from_array(f32(4), "bias")]),
+         os.path.join(out, "shared_bias.onnx"))
 
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 16])
