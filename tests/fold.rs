@@ -252,3 +252,69 @@ fn refused_adapters_leave_no_file() {
         }
     }
 }
+
+/// `--dry-run` checks the adapter against the model and reports what would change, writing
+/// nothing; an adapter that does not fit fails the same way it would without it.
+#[test]
+fn dry_run_reports_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    let ad = case.adapters.iter().find(|a| a.name == "plain").unwrap();
+    let before: Vec<_> = std::fs::read_dir(case.onnx.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let o = onnx_lora(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        ad.dir.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let modules = records.iter().filter(|r| r["type"] == "module").count();
+    assert_eq!(modules, ad.targets.len(), "{stdout}");
+    let report = records.last().unwrap();
+    assert_eq!(report["dry_run"], true, "{stdout}");
+    assert!(report["output"].is_null(), "{stdout}");
+    let after: Vec<_> = std::fs::read_dir(case.onnx.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after);
+    // An adapter for another model fails as it would without --dry-run.
+    let other = cases()
+        .into_iter()
+        .find(|c| c.model == "bert")
+        .unwrap()
+        .adapters[0]
+        .dir
+        .clone();
+    let o = onnx_lora(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        other.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("match no weight"));
+    // --dry-run with -o is a usage error.
+    let o = onnx_lora(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        ad.dir.to_str().unwrap(),
+        "--dry-run",
+        "-o",
+        dir.path().join("x.onnx").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!dir.path().join("x.onnx").exists());
+}

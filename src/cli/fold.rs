@@ -21,6 +21,7 @@ use super::save_args::SaveArgs;
   onnx-lora fold unet.onnx my_style.safetensors -o unet.style.onnx   # a kohya LoRA
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
   onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
+  onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (reads, writes nothing)
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
 file with its adapter_config.json beside it, or a kohya LoRA .safetensors file (lora_unet_* /
@@ -42,8 +43,12 @@ pub struct Args {
     /// (e.g. trained in place) back into its weights and remove them.
     adapters: Vec<PathBuf>,
     /// Where to write the merged model (atomically; inputs are never modified).
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    /// Check that the adapters fit the model and print what would change (module, weight,
+    /// rank, scale), without merging or writing anything.
+    #[arg(long, conflicts_with_all = ["output", "verify"])]
+    dry_run: bool,
     /// Weight of each adapter's delta, in adapter order (default 1).
     #[arg(long = "weight", value_name = "W")]
     weights: Vec<f32>,
@@ -102,20 +107,27 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         fold(&mut model, &adapters, &opts)
     }
     .with_context(|| format!("fold into {}", args.model.display()))?;
-    let saved = onnx::save(&model, &args.output, &args.save.options())?;
+    let saved = match &args.output {
+        Some(out) if !args.dry_run => Some(onnx::save(&model, out, &args.save.options())?),
+        _ => None,
+    };
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    print_report(&report, &saved, adapters.len(), args.json)?;
+    print_report(&report, saved.as_ref(), adapters.len(), args.json)?;
+    let Some(saved) = saved else {
+        return Ok(super::EXIT_OK);
+    };
     match &reference {
         Some(r) => super::verify::check_against(&saved.model, r, &args.runtime, args.json),
         None => Ok(super::EXIT_OK),
     }
 }
 
+/// The report; `saved` is None for a dry run.
 fn print_report(
     report: &FoldReport,
-    saved: &SaveReport,
+    saved: Option<&SaveReport>,
     adapters: usize,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -125,7 +137,8 @@ fn print_report(
         }
         json_line(
             "report",
-            &serde_json::json!({"output": saved.model, "external_data": saved.external_data,
+            &serde_json::json!({"output": saved.map(|s| &s.model),
+                "external_data": saved.map(|s| &s.external_data), "dry_run": saved.is_none(),
                 "modules": report.modules.len(), "unmatched": report.unmatched, "notes": report.notes}),
         )?;
         return Ok(());
@@ -168,11 +181,18 @@ fn print_report(
     for n in &report.notes {
         eprintln!("note: {n}");
     }
-    eprintln!(
-        "folded {} weights from {} adapter(s) into {}",
-        report.modules.len(),
-        adapters,
-        saved.model.display()
-    );
+    match saved {
+        Some(saved) => eprintln!(
+            "folded {} weights from {} adapter(s) into {}",
+            report.modules.len(),
+            adapters,
+            saved.model.display()
+        ),
+        None => eprintln!(
+            "dry run: {} weights would change ({} adapter(s)); nothing written",
+            report.modules.len(),
+            adapters
+        ),
+    }
     Ok(())
 }
