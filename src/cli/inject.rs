@@ -31,8 +31,9 @@ enum InitArg {
   onnx-lora inject model.onnx --adapter adapter/ -o unmerged.onnx
   onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
 
-With --adapter, the adapter's whole values (modules_to_save, trainable tokens) have no branch
-form: they are written into the weights, as in PEFT's unmerged model (--as-inputs refuses them).
+With --adapter, what the adapter replaces outright (modules_to_save, trainable tokens, trained
+biases) has no branch form: it is written into the weights, as in PEFT's unmerged model
+(--as-inputs refuses it).
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
 (PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
@@ -115,8 +116,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         _ => None,
     };
-    // Whole values (modules_to_save, trainable tokens) have no branch form: they go into the
-    // weights, and the branches carry the rest.
+    // Replaced values (modules_to_save, trainable tokens, trained biases) have no branch form:
+    // they go into the weights, and the branches carry the rest.
     let mut replaced = Vec::new();
     let low = match &adapter {
         Some(adapter) => {

@@ -549,11 +549,7 @@ impl LazyTensor for MergePlan {
                     for (&k, line) in indices.iter().zip(values.chunks_exact(len.max(1))) {
                         for (i, v) in line.iter().enumerate() {
                             let (i_in, j_out) = if *out { (i, k) } else { (k, i) };
-                            let at = match w.orient {
-                                Orientation::InOut => i_in * w.n_out + j_out,
-                                Orientation::OutIn => j_out * n_in + i_in,
-                            };
-                            w.values[at] = *v;
+                            w.values[w.orient.index(n_in, w.n_out, i_in, j_out)] = *v;
                         }
                     }
                 }

@@ -1,8 +1,8 @@
 //! The inject pass: splices a parallel low-rank branch `y = base(x) + s·B(A(x))` beside each
 //! targeted node (see `branch` for the subgraph it adds). Branch weights come fresh (A random,
 //! B zero, so the model starts exactly equal to the base) or from a PEFT adapter (the
-//! unmerged deployment, whose whole values, modules_to_save and trainable tokens, go into the
-//! weights first: `write_whole_values`). With `as_inputs`, each branch weight is also a graph
+//! unmerged deployment, whose replaced values, modules_to_save, trainable tokens and trained
+//! biases, go into the weights first: `write_whole_values`). With `as_inputs`, each branch weight is also a graph
 //! input whose initializer is an empty default, so onnxruntime can swap adapters at run time
 //! (scale folded into B).
 
@@ -606,9 +606,9 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
-/// Writes an adapter's whole values (modules_to_save, trainable tokens) into the model's
-/// weights, as they are in PEFT's unmerged model (no branch can carry them), with `weight`
-/// (which must be 1 for them). Returns the adapter's low-rank part, for branches, and the fold
+/// Writes the values an adapter replaces outright (modules_to_save, trainable tokens, trained
+/// biases) into the model's weights, as they are in PEFT's unmerged model (no branch can carry
+/// them), with `weight` (which must be 1 for them). Returns the adapter's low-rank part, for branches, and the fold
 /// report of the whole part, if it had one.
 pub fn write_whole_values(
     model: &mut LoadedModel,

@@ -69,10 +69,7 @@ impl StoredWeight {
         }
         let at = |i: usize| {
             let (i_in, j_out) = if out { (i, k) } else { (k, i) };
-            match self.orient {
-                Orientation::InOut => i_in * self.n_out + j_out,
-                Orientation::OutIn => j_out * self.n_in + i_in,
-            }
+            self.orient.index(self.n_in, self.n_out, i_in, j_out)
         };
         let mut raw = Vec::with_capacity(len * width);
         for i in 0..len {

@@ -238,6 +238,16 @@ pub enum Orientation {
     InOut,
 }
 
+impl Orientation {
+    /// The flat index of element (input `i`, output `j`) of an `n_in` × `n_out` weight.
+    pub fn index(self, n_in: usize, n_out: usize, i: usize, j: usize) -> usize {
+        match self {
+            Orientation::InOut => i * n_out + j,
+            Orientation::OutIn => j * n_in + i,
+        }
+    }
+}
+
 /// `W += s * B @ A` (in `OutIn` terms) on a stored weight of either orientation, where
 /// A is (r, in) and B is (out, r). Each stored row's delta is a rank-r combination of rows of A
 /// (or of scaled columns of B), summed block by block in registers and added once
