@@ -248,6 +248,26 @@ fn serving_refuses_whole_values() {
             );
             assert!(!out.exists());
             refused += 1;
+            // export-adapter refuses them the same way, for a serving model of the linear layers.
+            if ad.kinds.iter().all(|k| k == "linear") {
+                let serving = dir
+                    .path()
+                    .join(format!("{}_serving.onnx", case.label().replace('/', "_")));
+                onnx_lora_ok(&["inject", s(&case.onnx), "--as-inputs", "-o", s(&serving)]);
+                let file = dir.path().join("x.onnx_adapter");
+                let o = onnx_lora(&[
+                    "export-adapter",
+                    s(&ad.dir),
+                    "--model",
+                    s(&serving),
+                    "-o",
+                    s(&file),
+                ]);
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert_eq!(o.status.code(), Some(2), "{err}");
+                assert!(err.contains("replaces values outright"), "{err}");
+                assert!(!file.exists());
+            }
         }
     }
     assert!(refused >= 4, "only {refused} cases");

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::unbranch::find_branches;
 use crate::adapter::ort_format::AdapterParam;
-use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
+use crate::adapter::{Adapter, ModuleAdapter, kohya};
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
 use crate::onnx::pb::type_proto;
@@ -251,11 +251,21 @@ pub fn serving_adapter_params(
         {
             continue;
         }
-        if m.kind == ModuleKind::Full || m.magnitude.is_some() || m.bias_b.is_some() {
+        if m.replaces_values() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}': whole tensors, DoRA and lora_bias cannot be served through LoRA inputs",
+                    "module '{}' replaces values outright ({}): a serving model swaps LoRA factors only",
+                    m.path,
+                    m.replaced_what()
+                ),
+            });
+        }
+        if m.magnitude.is_some() || m.bias_b.is_some() {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "module '{}': DoRA and lora_bias cannot be served through LoRA inputs",
                     m.path
                 ),
             });
