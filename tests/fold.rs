@@ -318,3 +318,44 @@ fn dry_run_reports_and_writes_nothing() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!dir.path().join("x.onnx").exists());
 }
+
+/// fold's JSON records say what a weight took besides a low-rank delta: the trainable tokens
+/// whose rows it replaced (the table and its tied output layer) and a replaced bias.
+#[test]
+fn json_records_name_token_rows_and_replaced_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |model: &str, adapter: &str| -> Vec<serde_json::Value> {
+        let case = cases()
+            .into_iter()
+            .find(|c| c.model == model && c.exporter == "dynamo")
+            .unwrap();
+        let ad = case.adapters.iter().find(|a| a.name == adapter).unwrap();
+        let out = dir.path().join(format!("{model}_{adapter}.onnx"));
+        let stdout = onnx_lora_ok(&[
+            "fold",
+            case.onnx.to_str().unwrap(),
+            ad.dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["type"] == "module")
+            .collect()
+    };
+    let tokens = run("llama", "trainable_tokens");
+    let with_rows: Vec<&str> = tokens
+        .iter()
+        .filter(|r| r["tokens"] == serde_json::json!([16, 66, 100]))
+        .map(|r| r["module"].as_str().unwrap())
+        .collect();
+    assert_eq!(with_rows, ["model.embed_tokens", "lm_head"], "{tokens:?}");
+    let biases = run("bert", "bias_lora_only");
+    assert!(!biases.is_empty());
+    assert!(
+        biases.iter().all(|r| r["bias_replaced"] == true),
+        "{biases:?}"
+    );
+}

@@ -160,6 +160,8 @@ fn print_report(
                 [
                     m.dora.then_some("dora"),
                     m.replaced.then_some("replaced"),
+                    m.bias_replaced.then_some("bias replaced"),
+                    (!m.tokens.is_empty()).then_some("token rows"),
                     m.copy.as_ref().map(|_| "copied"),
                 ]
                 .into_iter()

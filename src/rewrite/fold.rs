@@ -69,6 +69,12 @@ pub struct ModuleReport {
     /// Name of the private copy made because the weight was shared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<String>,
+    /// Trainable tokens whose rows (an output layer's channels) were replaced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<usize>,
+    /// The layer's bias was replaced by a trained one (modules_to_save, PEFT's bias option).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bias_replaced: bool,
 }
 
 /// One projection's columns in a packed weight.
@@ -632,6 +638,8 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         max_abs_delta: DeltaCell::default(),
         packed: Vec::new(),
         copy: None,
+        tokens: Vec::new(),
+        bias_replaced: false,
     };
     let mut bias: Option<BiasChange> = None;
     let mut steps = Vec::new();
@@ -659,6 +667,8 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         if m.kind == ModuleKind::Tokens {
             steps.push(token_rows(&weight, c, m)?);
             rep.replaced = true;
+            rep.tokens
+                .extend(m.tokens.iter().flat_map(|t| t.indices.iter().copied()));
             continue;
         }
         if m.kind == ModuleKind::Full {
@@ -678,6 +688,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             }
             bias.get_or_insert_with(|| BiasChange::new(weight.n_out))
                 .set(cols.clone(), &b.data, m, c)?;
+            rep.bias_replaced = true;
         }
         if m.kind == ModuleKind::Full {
             continue;
