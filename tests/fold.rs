@@ -216,6 +216,9 @@ fn every_feature_is_covered_by_the_fixtures() {
         "text_encoder_keys",
         "text_encoder",
         "unet_keys",
+        "loha",
+        "lokr",
+        "tucker",
     ] {
         assert!(
             all.iter().any(|x| x == f),

@@ -33,15 +33,21 @@ fn branchable(ad: &AdapterCase) -> bool {
     !ad.refuse
 }
 
-/// The adapter replaces values outright (modules_to_save, trainable tokens, trained biases)
-/// besides its LoRA factors.
+/// The adapter holds parts no branch can carry (modules_to_save, trainable tokens, trained
+/// biases, LyCORIS deltas) besides or instead of LoRA factors.
 fn has_whole(ad: &AdapterCase) -> bool {
     ad.features.iter().any(|f| {
         matches!(
             f.as_str(),
-            "modules_to_save" | "trainable_tokens" | "bias_all" | "bias_lora_only"
+            "modules_to_save" | "trainable_tokens" | "bias_all" | "bias_lora_only" | "lycoris"
         )
     })
+}
+
+/// Adapters whose injected model has branches (LyCORIS files have none: they go into the
+/// weights).
+fn has_branches(ad: &AdapterCase) -> bool {
+    branchable(ad) && !ad.features.iter().any(|f| f == "lycoris")
 }
 
 /// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv,
@@ -265,7 +271,7 @@ fn serving_refuses_whole_values() {
                 ]);
                 let err = String::from_utf8_lossy(&o.stderr);
                 assert_eq!(o.status.code(), Some(2), "{err}");
-                assert!(err.contains("replaces values outright"), "{err}");
+                assert!(err.contains("swaps LoRA factors only"), "{err}");
                 assert!(!file.exists());
             }
         }
@@ -277,7 +283,7 @@ fn serving_refuses_whole_values() {
 fn fold_of_inject_equals_fold() {
     let dir = tempfile::tempdir().unwrap();
     for case in cases() {
-        for ad in case.adapters.iter().filter(|a| branchable(a)) {
+        for ad in case.adapters.iter().filter(|a| has_branches(a)) {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let direct = dir.path().join(format!("{tag}_direct.onnx"));
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
@@ -325,7 +331,7 @@ fn fold_of_inject_equals_fold() {
 fn export_peft_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     for case in cases() {
-        for ad in case.adapters.iter().filter(|a| branchable(a)) {
+        for ad in case.adapters.iter().filter(|a| has_branches(a)) {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
             let exported = dir.path().join(format!("{tag}_peft"));
@@ -433,7 +439,7 @@ fn fused_shared_projections_match_peft_and_fold_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut fused_any = false;
     for case in cases() {
-        for ad in case.adapters.iter().filter(|a| branchable(a)) {
+        for ad in case.adapters.iter().filter(|a| has_branches(a)) {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let fused = dir.path().join(format!("{tag}_fused.onnx"));
             let back = dir.path().join(format!("{tag}_back.onnx"));

@@ -95,27 +95,43 @@ fn names_with_a_root_the_export_lacks_bind() {
     ]);
 }
 
+/// LyCORIS LoHa / LoKr files fold (checked against LyCORIS itself in the fixtures); broken or
+/// unsupported LyCORIS modules are refused with the key named.
 #[test]
-fn lycoris_algorithms_are_refused() {
+fn lycoris_parts_that_cannot_be_read_are_refused() {
     for (key, what) in [
-        (
-            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a",
-            "LoHa",
-        ),
-        (
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1",
-            "LoKr",
-        ),
-        (
-            "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale",
-            "DoRA",
-        ),
+        (format!("{PROJ_IN}.dora_scale"), "DoRA"),
+        (format!("{PROJ_IN}.lora_mid.weight"), "lora_mid"),
     ] {
-        let err = fails("ly.safetensors", &proj_in(&[(key, vec![2, 16])]));
+        let mut t = proj_in(&[]);
+        t.push((key.clone(), vec![2, 16]));
+        let err = fails("ly.safetensors", &t);
         assert!(
-            err.contains(key) && err.contains(what) && err.contains("LyCORIS"),
+            err.contains(&key) && err.contains(what) && err.contains("LyCORIS"),
             "{err}"
         );
+    }
+    let out = "lora_unet_down_blocks_0_attentions_0_proj_out";
+    for (tensors, expect) in [
+        (
+            vec![(format!("{out}.hada_w1_a"), vec![16, 2])],
+            "lacks one of",
+        ),
+        (
+            vec![(format!("{out}.lokr_w1"), vec![4, 4])],
+            "needs lokr_w2",
+        ),
+        (
+            {
+                let mut t = proj_in(&[]);
+                t.push((format!("{PROJ_IN}.hada_w1_a"), vec![16, 2]));
+                t
+            },
+            "mixes LoRA",
+        ),
+    ] {
+        let err = fails("ly.safetensors", &tensors);
+        assert!(err.contains(expect), "{err}");
     }
 }
 

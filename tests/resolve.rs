@@ -43,7 +43,7 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
                 .modules
                 .iter()
                 .zip(&paths)
-                .filter(|(m, _)| !m.is_whole())
+                .filter(|(m, _)| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding))
                 .filter_map(|(m, p)| Some((m, p.as_deref()?)))
             {
                 let (a, b) = (m.a.as_ref().unwrap(), m.b.as_ref().unwrap());

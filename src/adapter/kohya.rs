@@ -1,8 +1,9 @@
 //! kohya-ss (sd-scripts) LoRA files: one `.safetensors` whose keys are
 //! `lora_<part>_<module path with '.' written '_'>.lora_down.weight` (r, in[, kh, kw]),
 //! `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` (scale alpha / r; without it 1), where
-//! `<part>` is `unet`, `te`, `te1` or `te2`. The module paths stay in that underscored form
-//! here; `rewrite` binds them to the model's dotted paths.
+//! `<part>` is `unet`, `te`, `te1` or `te2`; a module may instead hold LyCORIS LoHa
+//! (`hada_*`) or LoKr (`lokr_*`) factors (see `lycoris`). The module paths stay in that
+//! underscored form here; `rewrite` binds them to the model's dotted paths.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +11,8 @@ use std::path::Path;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use super::peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind, read_f32};
+use super::lycoris::{KronFactor, Lycoris};
+use super::peft::{Adapter, AdapterConfig, F32Tensor, ModuleAdapter, ModuleKind, read_f32};
 use crate::error::{Error, Result};
 
 /// The parts a kohya file can hold, by key prefix (longest first), with what each part is.
@@ -21,10 +23,9 @@ pub const PARTS: [(&str, &str, &str); 4] = [
     ("lora_te_", "te", "text encoder"),
 ];
 
-/// Key fragments of LyCORIS algorithms other than plain LoRA, and what they are.
-const LYCORIS: [(&str, &str); 7] = [
-    (".hada_w", "LoHa (hada_w*)"),
-    (".lokr_w", "LoKr (lokr_w*)"),
+/// Key fragments of LyCORIS algorithms not supported, and what they are.
+const LYCORIS: [(&str, &str); 6] = [
+    (".lokr_t1", "LoKr with a Tucker core on w1 (lokr_t1)"),
     (".lora_mid.", "LoCon with a Tucker core (lora_mid)"),
     (".dora_scale", "DoRA (dora_scale)"),
     (".diff", "full-weight differences (diff)"),
@@ -64,6 +65,8 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     names.sort();
     let mut modules: BTreeMap<String, ModuleAdapter> = BTreeMap::new();
     let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
+    // LyCORIS factors by module, then by key suffix (`hada_w1_a`, `lokr_w2`, ...).
+    let mut lyco: BTreeMap<String, BTreeMap<String, F32Tensor>> = BTreeMap::new();
     for key in &names {
         if let Some((_, what)) = LYCORIS.iter().find(|(frag, _)| key.contains(frag)) {
             return Err(err(format!(
@@ -91,10 +94,26 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             alphas.insert(module.to_string(), a);
             continue;
         }
+        let lycoris_kind = if suffix.starts_with("hada_") || suffix.starts_with("lokr_") {
+            ModuleKind::Lycoris
+        } else {
+            ModuleKind::Lora
+        };
         let m = modules
             .entry(module.to_string())
-            .or_insert_with(|| ModuleAdapter::empty(stem, ModuleKind::Lora, Some(part)));
+            .or_insert_with(|| ModuleAdapter::empty(stem, lycoris_kind, Some(part)));
         m.keys.push(key.clone());
+        if m.kind != lycoris_kind {
+            return Err(err(format!(
+                "module '{module}' mixes LoRA (lora_down / lora_up) and LyCORIS (hada_* / lokr_*) keys"
+            )));
+        }
+        if lycoris_kind == ModuleKind::Lycoris {
+            lyco.entry(module.to_string())
+                .or_default()
+                .insert(suffix.to_string(), t);
+            continue;
+        }
         match suffix {
             "lora_down.weight" => m.a = Some(t),
             "lora_up.weight" => m.b = Some(t),
@@ -108,6 +127,21 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     let mut out = Vec::with_capacity(modules.len());
     let mut max_rank = 0;
     for (name, mut m) in modules {
+        if m.kind == ModuleKind::Lycoris {
+            let l = lycoris_module(&name, lyco.remove(&name).unwrap_or_default()).map_err(&err)?;
+            max_rank = max_rank.max(l.rank().unwrap_or(1));
+            // Without an alpha, or for a LoKr of two whole factors, the scale is 1.
+            m.alpha = match l.rank() {
+                Some(r) => Some(alphas.remove(&name).unwrap_or(r as f32)),
+                None => {
+                    alphas.remove(&name);
+                    Some(1.0)
+                }
+            };
+            m.lycoris = Some(l);
+            out.push(m);
+            continue;
+        }
         let (Some(a), Some(b)) = (&m.a, &m.b) else {
             return Err(err(format!(
                 "module '{name}' has only one of lora_down / lora_up"
@@ -153,6 +187,62 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         },
         modules: out,
     })
+}
+
+/// A LyCORIS module from its factors by key suffix.
+fn lycoris_module(
+    name: &str,
+    mut f: BTreeMap<String, F32Tensor>,
+) -> std::result::Result<Lycoris, String> {
+    let mut take = |k: &str| f.remove(k);
+    let l = if let Some(w1a) = take("hada_w1_a") {
+        let (Some(w1b), Some(w2a), Some(w2b)) =
+            (take("hada_w1_b"), take("hada_w2_a"), take("hada_w2_b"))
+        else {
+            return Err(format!(
+                "LoHa module '{name}' lacks one of hada_w1_b, hada_w2_a, hada_w2_b"
+            ));
+        };
+        let tucker = match (take("hada_t1"), take("hada_t2")) {
+            (Some(t1), Some(t2)) => Some((t1, t2)),
+            (None, None) => None,
+            _ => {
+                return Err(format!(
+                    "LoHa module '{name}' has only one of hada_t1 / hada_t2"
+                ));
+            }
+        };
+        Lycoris::LoHa {
+            w1a,
+            w1b,
+            w2a,
+            w2b,
+            tucker,
+        }
+    } else {
+        let mut factor = |n: u8| match (
+            take(&format!("lokr_w{n}")),
+            take(&format!("lokr_w{n}_a")),
+            take(&format!("lokr_w{n}_b")),
+        ) {
+            (Some(w), None, None) => Ok(KronFactor::Whole(w)),
+            (None, Some(a), Some(b)) => Ok(KronFactor::Product(a, b)),
+            _ => Err(format!(
+                "LoKr module '{name}' needs lokr_w{n}, or lokr_w{n}_a and lokr_w{n}_b"
+            )),
+        };
+        let (w1, w2) = (factor(1)?, factor(2)?);
+        let t2 = take("lokr_t2");
+        Lycoris::LoKr { w1, w2, t2 }
+    };
+    if let Some(k) = f.keys().next() {
+        return Err(format!(
+            "key '{name}.{k}' is not a LyCORIS {} key this tool reads",
+            l.name()
+        ));
+    }
+    l.shape().map_err(|e| format!("module '{name}': {e}"))?;
+    Ok(l)
 }
 
 /// A module path written kohya's way ('.' as '_').

@@ -1,8 +1,9 @@
 //! Adapter formats: reading PEFT LoRA adapters (`adapter_config.json` +
-//! `adapter_model.safetensors`) and kohya LoRA files into per-module low-rank factors with
-//! their scaling.
+//! `adapter_model.safetensors`) and kohya LoRA files (LyCORIS LoHa / LoKr too) into
+//! per-module factors with their scaling.
 
 pub mod kohya;
+pub mod lycoris;
 pub mod ort_format;
 pub mod peft;
 

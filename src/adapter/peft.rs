@@ -54,6 +54,8 @@ pub enum ModuleKind {
     Full,
     /// Whole rows of an embedding table (PEFT's trainable tokens): `tokens`.
     Tokens,
+    /// A LyCORIS LoHa / LoKr delta (kohya files): `lycoris`.
+    Lycoris,
 }
 
 /// New values for some rows of an embedding table, by token index.
@@ -78,6 +80,8 @@ pub struct ModuleAdapter {
     pub full: BTreeMap<String, F32Tensor>,
     /// Trainable tokens: the rows this module's table takes.
     pub tokens: Option<TokenRows>,
+    /// LyCORIS LoHa / LoKr factors.
+    pub lycoris: Option<super::lycoris::Lycoris>,
     /// The adapter keys this module was built from (for reports and errors).
     pub keys: Vec<String>,
     /// The module's own alpha (kohya files store one per module); None: the config's.
@@ -99,15 +103,20 @@ impl ModuleAdapter {
             bias_b: None,
             full: BTreeMap::new(),
             tokens: None,
+            lycoris: None,
             keys: Vec::new(),
             alpha: None,
             part,
         }
     }
 
-    /// The LoRA rank (rows of A).
+    /// The rank alpha is divided by: rows of A; a LyCORIS module's factor rank (1 for a LoKr of
+    /// two whole factors, whose scale is 1).
     pub fn rank(&self) -> usize {
-        self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0)
+        match &self.lycoris {
+            Some(l) => l.rank().unwrap_or(1),
+            None => self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0),
+        }
     }
 
     /// The module replaces whole tensors or rows (modules_to_save, trainable tokens) rather
@@ -122,11 +131,18 @@ impl ModuleAdapter {
         self.is_whole() || self.full.contains_key("bias")
     }
 
-    /// What the module replaces outright, for messages.
+    /// No branch can carry the module: it replaces values outright, or its delta is not
+    /// low-rank (LyCORIS LoHa / LoKr).
+    pub fn has_no_branch_form(&self) -> bool {
+        self.replaces_values() || self.kind == ModuleKind::Lycoris
+    }
+
+    /// What the module is, when it is no LoRA a branch can carry, for messages.
     pub fn replaced_what(&self) -> &'static str {
-        match self.kind {
-            ModuleKind::Tokens => "trainable tokens",
-            ModuleKind::Full => "modules_to_save",
+        match (self.kind, &self.lycoris) {
+            (ModuleKind::Tokens, _) => "trainable tokens",
+            (ModuleKind::Full, _) => "modules_to_save",
+            (ModuleKind::Lycoris, Some(l)) => l.name(),
             _ => "a trained bias",
         }
     }
@@ -191,14 +207,14 @@ impl Adapter {
         })
     }
 
-    /// The adapter split into its low-rank part and, if it has any, the values it replaces
-    /// outright (modules_to_save, trainable tokens, trained biases saved beside a LoRA), each
-    /// with the same config.
+    /// The adapter split into its low-rank part and, if it has any, the part no branch can
+    /// carry (values it replaces outright: modules_to_save, trainable tokens, trained biases
+    /// saved beside a LoRA; LyCORIS deltas), each with the same config.
     pub fn split_whole(&self) -> (Adapter, Option<Adapter>) {
         let mut low = Vec::new();
         let mut whole = Vec::new();
         for m in &self.modules {
-            if m.is_whole() {
+            if m.is_whole() || m.kind == ModuleKind::Lycoris {
                 whole.push(m.clone());
                 continue;
             }

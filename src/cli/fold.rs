@@ -25,7 +25,8 @@ use super::save_args::SaveArgs;
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
 file with its adapter_config.json beside it, or a kohya LoRA .safetensors file (lora_unet_* /
-lora_te_* keys; text-encoder parts are left out of a UNet, and the report says so). Module paths
+lora_te_* keys; text-encoder parts are left out of a UNet, and the report says so; LyCORIS LoHa
+and LoKr modules too). Module paths
 in the adapter are matched to the model's weights by dotted suffix (kohya's underscored names:
 the path that reads the same with '.' as '_'; see `onnx-lora inspect`). Weights shared with other nodes
 (tied embeddings) are copied for the adapted node, so only it changes. In models that pack

@@ -32,8 +32,8 @@ enum InitArg {
   onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
 
 With --adapter, what the adapter replaces outright (modules_to_save, trainable tokens, trained
-biases) has no branch form: it is written into the weights, as in PEFT's unmerged model
-(--as-inputs refuses it).
+biases) and LyCORIS LoHa / LoKr deltas have no branch form: they are written into the weights,
+as in PEFT's unmerged model (--as-inputs refuses them).
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
 (PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
@@ -121,11 +121,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut replaced = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
-            if let Some(m) = adapter.modules.iter().find(|m| m.replaces_values())
+            if let Some(m) = adapter.modules.iter().find(|m| m.has_no_branch_form())
                 && args.as_inputs
             {
                 anyhow::bail!(
-                    "{}: module '{}' replaces values outright ({}): a serving model swaps LoRA factors only; inject without --as-inputs (the values then go into the weights) or fold the adapter",
+                    "{}: module '{}' ({}) has no branch form: a serving model swaps LoRA factors only; inject without --as-inputs (it then goes into the weights) or fold the adapter",
                     adapter.path.display(),
                     m.path,
                     m.replaced_what()

@@ -251,11 +251,11 @@ pub fn serving_adapter_params(
         {
             continue;
         }
-        if m.replaces_values() {
+        if m.has_no_branch_form() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}' replaces values outright ({}): a serving model swaps LoRA factors only",
+                    "module '{}' ({}) has no branch form: a serving model swaps LoRA factors only",
                     m.path,
                     m.replaced_what()
                 ),

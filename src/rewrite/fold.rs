@@ -509,6 +509,11 @@ enum OwnedStep {
         cols: std::ops::Range<usize>,
     },
     Replace(Vec<f32>),
+    /// A LyCORIS delta, computed densely when the weight is written, times `scale`.
+    Dense {
+        lycoris: crate::adapter::lycoris::Lycoris,
+        scale: f32,
+    },
     /// Trainable tokens: `values` (indices.len() × line length) replace the lines at `indices`
     /// of the output axis (`out`) or of the input axis (an embedding table's rows).
     Rows {
@@ -545,6 +550,15 @@ impl LazyTensor for MergePlan {
         for step in &self.steps {
             match step {
                 OwnedStep::Replace(values) => w.values.clone_from(values),
+                OwnedStep::Dense { lycoris, scale } => {
+                    let d = lycoris.delta()?;
+                    let n_in = w.values.len() / w.n_out.max(1);
+                    for (o, row) in d.chunks_exact(n_in.max(1)).enumerate() {
+                        for (i, v) in row.iter().enumerate() {
+                            w.values[w.orient.index(n_in, w.n_out, i, o)] += scale * v;
+                        }
+                    }
+                }
                 OwnedStep::Rows {
                     indices,
                     values,
@@ -691,6 +705,29 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             rep.bias_replaced = true;
         }
         if m.kind == ModuleKind::Full {
+            continue;
+        }
+        if let Some(l) = &m.lycoris {
+            let (out, inn) = l.shape()?;
+            if step.role.is_some() || out != weight.n_out || inn != weight.n_in {
+                return Err(Error::Target(format!(
+                    "module '{}': its {} delta is ({out}, {inn}) but weight '{}' ({} {:?}) is ({}, {})",
+                    m.path,
+                    l.name(),
+                    c.weight,
+                    c.op,
+                    c.shape,
+                    weight.n_out,
+                    weight.n_in
+                )));
+            }
+            let s = step.scale / gemm_alpha(model, graph, c);
+            rep.rank = m.rank();
+            rep.scale = s;
+            steps.push(OwnedStep::Dense {
+                lycoris: l.clone(),
+                scale: s,
+            });
             continue;
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.

@@ -130,11 +130,11 @@ pub fn adapter_branches(
     let (paths, _) = super::module_paths(adapter, cands)?;
     for (m, path) in adapter.modules.iter().zip(&paths) {
         let Some(path) = path else { continue };
-        if m.replaces_values() {
+        if m.has_no_branch_form() {
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "module '{}' replaces values outright ({}): a branch cannot express it; write them into the weights first (`write_whole_values`)",
+                    "module '{}' ({}) has no branch form; write it into the weights first (`write_whole_values`)",
                     m.path,
                     m.replaced_what()
                 ),

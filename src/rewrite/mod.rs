@@ -28,7 +28,8 @@ use crate::tensor::Matrix;
 /// Which candidates' weights an adapter module may adapt: embeddings are tables (Gather,
 /// onnxruntime's EmbedLayerNormalization), 2-D LoRA factors linear layers (and onnxruntime's
 /// Attention projection), 4-D ones convolutions; whole tensors any float weight; token rows
-/// tables and (untied output layers named in the config) linear layers. `inject`
+/// tables and (untied output layers named in the config) linear layers; LyCORIS deltas linear
+/// layers and convolutions (their shape decides at the merge). `inject`
 /// also needs the candidate to be `branchable`.
 pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     match m.kind {
@@ -38,6 +39,7 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
             _ => c.op == "Conv",
         },
         ModuleKind::Full => c.op != "MatMulNBits",
+        ModuleKind::Lycoris => c.is_linear() && c.op != "MatMulNBits" || c.op == "Conv",
         ModuleKind::Tokens => {
             matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization")
                 || (c.is_linear() && c.op != "MatMulNBits")

@@ -193,17 +193,12 @@ pub fn find_branches(
             out.push(Found {
                 cand: cand.clone(),
                 module: ModuleAdapter {
-                    path: name.clone(),
-                    kind: ModuleKind::Lora,
                     a: Some(a),
                     b: Some(b),
                     magnitude,
                     bias_b,
-                    full: Default::default(),
-                    tokens: None,
-                    keys: vec![name],
-                    alpha: None,
-                    part: None,
+                    keys: vec![name.clone()],
+                    ..ModuleAdapter::empty(&name, ModuleKind::Lora, None)
                 },
                 scale,
                 y,
