@@ -94,21 +94,21 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             alphas.insert(module.to_string(), a);
             continue;
         }
-        let lycoris_kind = if suffix.starts_with("hada_") || suffix.starts_with("lokr_") {
+        let kind = if suffix.starts_with("hada_") || suffix.starts_with("lokr_") {
             ModuleKind::Lycoris
         } else {
             ModuleKind::Lora
         };
         let m = modules
             .entry(module.to_string())
-            .or_insert_with(|| ModuleAdapter::empty(stem, lycoris_kind, Some(part)));
+            .or_insert_with(|| ModuleAdapter::empty(stem, kind, Some(part)));
         m.keys.push(key.clone());
-        if m.kind != lycoris_kind {
+        if m.kind != kind {
             return Err(err(format!(
                 "module '{module}' mixes LoRA (lora_down / lora_up) and LyCORIS (hada_* / lokr_*) keys"
             )));
         }
-        if lycoris_kind == ModuleKind::Lycoris {
+        if kind == ModuleKind::Lycoris {
             lyco.entry(module.to_string())
                 .or_default()
                 .insert(suffix.to_string(), t);
@@ -194,13 +194,17 @@ fn lycoris_module(
     name: &str,
     mut f: BTreeMap<String, F32Tensor>,
 ) -> std::result::Result<Lycoris, String> {
+    let loha = f.keys().any(|k| k.starts_with("hada_"));
     let mut take = |k: &str| f.remove(k);
-    let l = if let Some(w1a) = take("hada_w1_a") {
-        let (Some(w1b), Some(w2a), Some(w2b)) =
-            (take("hada_w1_b"), take("hada_w2_a"), take("hada_w2_b"))
-        else {
+    let l = if loha {
+        let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+            take("hada_w1_a"),
+            take("hada_w1_b"),
+            take("hada_w2_a"),
+            take("hada_w2_b"),
+        ) else {
             return Err(format!(
-                "LoHa module '{name}' lacks one of hada_w1_b, hada_w2_a, hada_w2_b"
+                "LoHa module '{name}' lacks one of hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b"
             ));
         };
         let tucker = match (take("hada_t1"), take("hada_t2")) {
