@@ -12,6 +12,8 @@
 //! times alpha / r (r = the rank of the factors; a LoKr of two whole factors has scale 1), as
 //! LyCORIS's forward applies it.
 
+use rayon::prelude::*;
+
 use super::peft::F32Tensor;
 use crate::error::{Error, Result};
 
@@ -129,6 +131,11 @@ impl Lycoris {
                     KronFactor::Product(wa, wb) => product(wa, wb)?,
                 };
                 let (out, inner, k) = self.dims()?;
+                if a == 0 || c == 0 {
+                    return Err(Error::Target(
+                        "LoKr w1 factor with an empty dimension".into(),
+                    ));
+                }
                 let (b, d) = (out / a, inner / c);
                 let w2 = match (w2, t2) {
                     (KronFactor::Whole(w), _) => w.data.clone(),
@@ -144,17 +151,18 @@ impl Lycoris {
                 }
                 // (w1 ⊗ w2)[i·b + j, (p·d + l)·k + q] = w1[i, p] · w2[j, l, q]
                 let mut out_v = vec![0f32; out * inner * k];
-                for i in 0..a {
-                    for j in 0..b {
-                        let row = &mut out_v[(i * b + j) * inner * k..(i * b + j + 1) * inner * k];
+                out_v
+                    .par_chunks_mut((inner * k).max(1))
+                    .enumerate()
+                    .for_each(|(row_i, row)| {
+                        let (i, j) = (row_i / b, row_i % b);
+                        let src = &w2[j * d * k..(j + 1) * d * k];
                         for p in 0..c {
                             let s = w1[i * c + p];
-                            let src = &w2[j * d * k..(j + 1) * d * k];
                             let dst = &mut row[p * d * k..(p + 1) * d * k];
                             dst.iter_mut().zip(src).for_each(|(o, v)| *o = s * v);
                         }
-                    }
-                }
+                    });
                 Ok(out_v)
             }
         }
@@ -198,15 +206,16 @@ fn product(a: &F32Tensor, b: &F32Tensor) -> Result<Vec<f32>> {
     }
     let n = b.data.len() / r.max(1);
     let mut out = vec![0f32; m * n];
-    for i in 0..m {
-        let row = &mut out[i * n..(i + 1) * n];
-        for k in 0..r {
-            let s = a.data[i * r + k];
-            row.iter_mut()
-                .zip(&b.data[k * n..(k + 1) * n])
-                .for_each(|(o, v)| *o += s * v);
-        }
-    }
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for k in 0..r {
+                let s = a.data[i * r + k];
+                row.iter_mut()
+                    .zip(&b.data[k * n..(k + 1) * n])
+                    .for_each(|(o, v)| *o += s * v);
+            }
+        });
     Ok(out)
 }
 
@@ -235,15 +244,16 @@ fn rebuild_tucker(t: &F32Tensor, wb: &F32Tensor, wa: &F32Tensor) -> Result<Vec<f
     }
     // out[p, r, k] = Σ_i wa[i, p] · tmp[i, r, k]
     let mut res = vec![0f32; out * inn * k];
-    for p in 0..out {
-        let row = &mut res[p * inn * k..(p + 1) * inn * k];
-        for i in 0..r1 {
-            let s = wa.data[i * out + p];
-            row.iter_mut()
-                .zip(&tmp[i * inn * k..(i + 1) * inn * k])
-                .for_each(|(o, v)| *o += s * v);
-        }
-    }
+    res.par_chunks_mut((inn * k).max(1))
+        .enumerate()
+        .for_each(|(p, row)| {
+            for i in 0..r1 {
+                let s = wa.data[i * out + p];
+                row.iter_mut()
+                    .zip(&tmp[i * inn * k..(i + 1) * inn * k])
+                    .for_each(|(o, v)| *o += s * v);
+            }
+        });
     Ok(res)
 }
 
@@ -269,6 +279,16 @@ mod tests {
         assert_eq!(l.delta()?, vec![2.0, 20.0, 3.0, 30.0]);
         assert_eq!(l.rank(), None);
         Ok(())
+    }
+
+    #[test]
+    fn an_empty_lokr_factor_is_an_error_not_a_panic() {
+        let l = Lycoris::LoKr {
+            w1: KronFactor::Whole(t(&[0, 2], vec![])),
+            w2: KronFactor::Whole(t(&[2, 1], vec![2.0, 3.0])),
+            t2: None,
+        };
+        assert!(l.delta().is_err());
     }
 
     #[test]
