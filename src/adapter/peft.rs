@@ -224,7 +224,7 @@ impl Adapter {
                 w.keys = m
                     .keys
                     .iter()
-                    .filter(|k| k.ends_with(".bias"))
+                    .filter(|k| k.ends_with(".bias") && !k.contains(".lora_"))
                     .cloned()
                     .collect();
                 w.full.insert("bias".into(), bias);
