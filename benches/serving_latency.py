@@ -2,11 +2,14 @@
 
     python benches/serving_latency.py --base model.onnx --branches branches.onnx \
         --serving serving.onnx --adapter serving.onnx_adapter [--folded folded.onnx] \
-        [--fused fused.onnx] [--runs 40] [--rounds 4] [--seq 16] [--threads N]
+        [--fused fused.onnx] [--weight weight.onnx] [--runs 40] [--rounds 4] [--seq 16] \
+        [--threads N]
 
   base            the model as exported
   branches        `onnx-lora inject --adapter` (unmerged: base + s*B(A(x)) beside each weight)
   fused           the same with `--fuse-shared` (optional)
+  weight          the same with `--form weight` (optional): W + s·A·B, merged by onnxruntime
+                  when the session loads
   serving idle    `onnx-lora inject --as-inputs` run with no adapter (empty default weights)
   serving active  the same model with the `.onnx_adapter` activated through RunOptions
   folded          `onnx-lora fold` output (optional; should cost what the base costs)
@@ -25,6 +28,10 @@ mean of the median over base-first rounds and the median over deployment-first r
 load-order effect cancels), with every round's ratio listed. The largest output differences
 between deployments that must agree are checked first (branches = serving active = folded;
 serving idle = base).
+
+Load cost. Each model is also loaded alone in a fresh process: session creation time, the
+process's peak RSS, and its RSS once loaded, before and after glibc's malloc_trim (memory
+onnxruntime freed but the allocator kept).
 """
 
 import argparse
@@ -42,6 +49,7 @@ GOALS = [("branches (adapter)", 1.03), ("serving idle", 1.02), ("serving active"
 BLOCK = 5  # timed runs per block
 BLOCK_WARMUP = 2  # untimed runs before each block (the other session just ran)
 ROUND_FLAG = "--measure-round"  # internal: this script re-run as one round's process
+LOAD_FLAG = "--measure-load"  # internal: this script re-run to load one model alone
 
 
 def session(path, threads):
@@ -88,6 +96,42 @@ def measure_round(cfg):
     print(json.dumps({key: statistics.median(t) for key, t in times.items()}))
 
 
+def measure_load(path, threads):
+    """Loads one model in this (fresh) process; prints load seconds and RSS figures as JSON."""
+    import ctypes
+
+    def status(key):
+        # VmHWM (peak RSS) starts afresh at exec, unlike getrusage's ru_maxrss.
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    t0 = time.perf_counter()
+    sess = session(path, threads)
+    load_s = time.perf_counter() - t0
+    loaded = status("VmRSS")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    print(json.dumps({"load_s": load_s, "peak": status("VmHWM"), "loaded": loaded,
+                      "trimmed": status("VmRSS"), "inputs": len(sess.get_inputs())}))
+
+
+def one_load(path, threads):
+    p = subprocess.run([sys.executable, __file__, LOAD_FLAG, json.dumps([path, threads])],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"serving_latency.py: loading {path} failed:\n{p.stderr.strip()}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def print_loads(args, deployments):
+    print("load alone, fresh process (RSS in GB: peak while loading | once loaded | after malloc_trim):")
+    loads = [("base", args.base)] + [(label, path) for label, path, adapter in deployments if not adapter]
+    for label, path in loads:
+        m = one_load(path, args.threads)
+        print(f"  {label:<20} {m['load_s']:>6.2f} s   {m['peak'] / 1e9:>5.2f} | {m['loaded'] / 1e9:>5.2f} | "
+              f"{m['trimmed'] / 1e9:>5.2f}", flush=True)
+
+
 def one_round(cfg):
     p = subprocess.run([sys.executable, __file__, ROUND_FLAG, json.dumps(cfg)], capture_output=True, text=True)
     if p.returncode != 0:
@@ -103,6 +147,7 @@ def main():
     p.add_argument("--adapter", required=True, help="the .onnx_adapter written by inject --adapter-out")
     p.add_argument("--folded")
     p.add_argument("--fused", help="the branches model made with inject --fuse-shared")
+    p.add_argument("--weight", help="the branches model made with inject --form weight")
     p.add_argument("--runs", type=int, default=40,
                    help=f"timed runs per model and round, in blocks of {BLOCK} (default 40)")
     p.add_argument("--rounds", type=int, default=4,
@@ -110,6 +155,7 @@ def main():
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--vocab", type=int, default=0, help="token ids are drawn below this (default: the last dim of the base's first output)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    p.add_argument("--load-only", action="store_true", help="only the load table (no latency rounds)")
     args = p.parse_args()
     rounds = max(2, args.rounds + args.rounds % 2)
 
@@ -124,9 +170,15 @@ def main():
     deployments = [("branches (adapter)", args.branches, None)]
     if args.fused:
         deployments.append(("branches fused", args.fused, None))
+    if args.weight:
+        deployments.append(("weight form", args.weight, None))
     deployments += [("serving idle", args.serving, None), ("serving active", args.serving, args.adapter)]
     if args.folded:
         deployments.append(("folded", args.folded, None))
+
+    if args.load_only:
+        print_loads(args, deployments)
+        return
 
     # Outputs first, one session at a time.
     outs = {"base": session(args.base, args.threads).run(None, feeds)[0]}
@@ -158,8 +210,11 @@ def main():
               f"{ratio:>7.3f}x  " + " ".join(f"{x:.3f}" for x in firsts[True]) + " | "
               + " ".join(f"{x:.3f}" for x in firsts[False]), flush=True)
 
+    print_loads(args, deployments)
+
     print("goals (performance issue):")
-    for label, goal in GOALS:
+    # The weight form is an unmerged deployment of the adapter too: the branches' goal.
+    for label, goal in GOALS + ([("weight form", 1.03)] if args.weight else []):
         verdict = "PASS" if ratios[label] <= goal else "MISS"
         print(f"  [{verdict}] {f'{label} <= {goal:.2f}x':<34} {ratios[label]:.3f}x")
 
@@ -174,11 +229,15 @@ def main():
         print(f"max |folded - branches|:          {diff('folded', 'branches (adapter)'):.3g}")
     if args.fused:
         print(f"max |fused - branches|:           {diff('branches fused', 'branches (adapter)'):.3g}")
+    if args.weight:
+        print(f"max |weight form - branches|:     {diff('weight form', 'branches (adapter)'):.3g}")
     print(f"max |branches - base| (adapter effect): {diff('branches (adapter)', 'base'):.3g}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == ROUND_FLAG:
         measure_round(json.loads(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == LOAD_FLAG:
+        measure_load(*json.loads(sys.argv[2]))
     else:
         main()

@@ -548,3 +548,99 @@ fn unsupported_lora_variants_are_refused_by_name() {
         assert!(err.contains(key) && err.contains("not supported"), "{err}");
     }
 }
+
+/// Runs `inject MODEL ARGS... -o OUT` expecting failure: exit 2, one line, no output.
+fn inject_fails(env: &Env, model: &str, args: &[&str]) -> String {
+    let out = env.p("inj_out.onnx");
+    let model = env.p(model);
+    let mut all: Vec<String> = vec!["inject".into(), model.to_str().unwrap().into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["-o".to_string(), out.to_str().unwrap().to_string()]);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let o = onnx_lora(&refs);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists(), "no output on error");
+    err
+}
+
+/// `--form weight` refuses what has no weight form (quantized weights, grouped convolutions,
+/// serving inputs), and on a weight shared by two nodes changes only the targeted one, before
+/// and after fold-back.
+#[test]
+fn weight_form_refusals_and_shared_weights() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let ad_s = ad.to_str().unwrap();
+    for m in ["nbits.onnx", "dq.onnx"] {
+        let err = inject_fails(&env, m, &["--adapter", ad_s, "--form", "weight"]);
+        assert!(
+            err.contains("quantized") && err.contains("branch form"),
+            "{m}: {err}"
+        );
+    }
+    let err = inject_fails(
+        &env,
+        "linear.onnx",
+        &["--adapter", ad_s, "--form", "weight", "--as-inputs"],
+    );
+    assert!(err.contains("--as-inputs"), "{err}");
+    let conv = vec![
+        (
+            "conv.lora_A.weight".to_string(),
+            vec![2, 2, 3, 3],
+            vec![0.1; 36],
+        ),
+        (
+            "conv.lora_B.weight".to_string(),
+            vec![4, 2, 1, 1],
+            vec![0.1; 8],
+        ),
+    ];
+    let adc = write_adapter(&env.p("adc"), config(), &refs(&conv));
+    let err = inject_fails(
+        &env,
+        "grouped.onnx",
+        &["--adapter", adc.to_str().unwrap(), "--form", "weight"],
+    );
+    assert!(err.contains("grouped"), "{err}");
+
+    let ada = write_adapter(&env.p("ada"), config(), &refs(&lora("a", 8, 4, 0.1)));
+    let (shared, inj, back, folded) = (
+        env.p("shared.onnx"),
+        env.p("shared_w.onnx"),
+        env.p("shared_w_back.onnx"),
+        env.p("shared_folded.onnx"),
+    );
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    onnx_lora_ok(&[
+        "inject",
+        &p(&shared),
+        "--adapter",
+        ada.to_str().unwrap(),
+        "--form",
+        "weight",
+        "-o",
+        &p(&inj),
+    ]);
+    onnx_lora_ok(&["fold", &p(&inj), "-o", &p(&back)]);
+    onnx_lora_ok(&[
+        "fold",
+        &p(&shared),
+        ada.to_str().unwrap(),
+        "-o",
+        &p(&folded),
+    ]);
+    let diff = |a: &Path, b: &Path| -> serde_json::Value {
+        serde_json::from_str(&py("ort_diff.py", &[a, b])).unwrap()
+    };
+    let d = diff(&shared, &inj);
+    assert!(d["ya"].as_f64().unwrap() > 1e-3, "{d}");
+    assert_eq!(d["yb"].as_f64().unwrap(), 0.0, "{d}");
+    for m in [&inj, &back] {
+        let d = diff(&folded, m);
+        assert!(d["ya"].as_f64().unwrap() < 1e-5, "{}: {d}", m.display());
+        assert_eq!(d["yb"].as_f64().unwrap(), 0.0, "{}: {d}", m.display());
+    }
+}

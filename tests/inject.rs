@@ -536,3 +536,97 @@ fn fused_ops_are_refused_with_a_pointer_to_fold() {
         assert!(!out.exists());
     }
 }
+
+/// Op counts of the graph onnxruntime runs for `model` (after its constant folding).
+fn ort_kernels(model: &Path) -> std::collections::BTreeMap<String, u64> {
+    serde_json::from_str(&py("ort_kernels.py", &[model])).unwrap()
+}
+
+/// `--form weight`: every adapter's model matches PEFT's unmerged forward, onnxruntime runs
+/// exactly the kernels of the folded model (the merge happens at load), fold-back gives the
+/// base's structure with the folded weights, and export-peft gives the adapter back.
+/// Fresh weight-form branches leave the output equal to the base.
+#[test]
+fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases() {
+        for ad in case.adapters.iter().filter(|a| has_branches(a)) {
+            let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
+            let inj = dir.path().join(format!("{tag}_w.onnx"));
+            let back = dir.path().join(format!("{tag}_w_back.onnx"));
+            let exported = dir.path().join(format!("{tag}_w_peft"));
+            let refold = dir.path().join(format!("{tag}_w_refold.onnx"));
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "--form",
+                "weight",
+                "-o",
+                s(&inj),
+            ]);
+            let (ok, msg) = ort_compare(
+                &inj,
+                &case.inputs,
+                &ad.unmerged,
+                case.tol(),
+                &["--differs", s(&case.base)],
+            );
+            assert!(ok, "{tag}: {msg}");
+            // Fold-back: PEFT's merged model, in the base's structure; onnxruntime runs the
+            // same kernels for the weight form as for it.
+            onnx_lora_ok(&["fold", s(&inj), "-o", s(&back)]);
+            let (ok, msg) = ort_compare(&back, &case.inputs, &ad.unmerged, case.tol(), &[]);
+            assert!(ok, "{tag} folded back: {msg}");
+            assert_eq!(ort_kernels(&inj), ort_kernels(&back), "{tag}: kernels");
+            let a = onnx_lora::onnx::load(&case.onnx).unwrap();
+            let b = onnx_lora::onnx::load(&back).unwrap();
+            let ops = |m: &onnx_lora::onnx::LoadedModel| -> Vec<String> {
+                m.proto
+                    .graph
+                    .as_ref()
+                    .unwrap()
+                    .node
+                    .iter()
+                    .filter(|n| {
+                        !n.name().contains(".lora_folded") && !n.name().contains(".lora_bias_add")
+                    })
+                    .map(|n| n.op_type().to_string())
+                    .collect()
+            };
+            assert_eq!(ops(&a), ops(&b), "{tag} folded back");
+            // export-peft: the adapter's LoRA part under PEFT's keys.
+            onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
+            assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
+            let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
+            let whole = dir.path().join(format!("{tag}_w_whole"));
+            if has_whole(ad) {
+                write_whole_part(&ad.dir, &whole);
+                fold_args.push(s(&whole));
+            }
+            fold_args.extend(["-o", s(&refold)]);
+            onnx_lora_ok(&fold_args);
+            let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
+            assert!(ok, "{tag} exported: {msg}");
+            checked += 1;
+        }
+        let fresh = dir
+            .path()
+            .join(format!("{}_{}_w_fresh.onnx", case.model, case.exporter));
+        onnx_lora_ok(&[
+            "inject",
+            s(&case.onnx),
+            "--rank",
+            "4",
+            "--form",
+            "weight",
+            "-o",
+            s(&fresh),
+        ]);
+        let d = ort_diff(&case.onnx, &fresh, &case.inputs);
+        assert_eq!(max_diff(&d), 0.0, "{} fresh: {d}", case.label());
+    }
+    assert!(checked >= 20, "only {checked} adapters ran");
+}

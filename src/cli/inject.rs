@@ -7,7 +7,7 @@ use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
-    FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject,
+    FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject, inject_weight,
     serving_adapter_params, write_whole_values,
 };
 use onnx_lora::target::{self, TargetSpec};
@@ -21,6 +21,15 @@ enum InitArg {
     Gaussian,
 }
 
+/// Where a branch meets the layer.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FormArg {
+    /// y = base(x) + s·B(A(x)): a few small kernels per branch at every run.
+    Branch,
+    /// The node reads W + s·A·B, which onnxruntime folds when the session loads.
+    Weight,
+}
+
 /// Add parallel low-rank branches y = base(x) + s·B(A(x)) beside the targeted MatMul / Gemm /
 /// Conv / Gather nodes: fresh (trainable, output equal to the base), from a PEFT adapter
 /// (unmerged deployment), or as graph inputs for run-time adapter swapping.
@@ -29,6 +38,7 @@ enum InitArg {
   onnx-lora inject model.onnx --rank 8 -o train.onnx
   onnx-lora inject model.onnx --target 'q_proj|v_proj' --rank 16 --alpha 32 -o train.onnx
   onnx-lora inject model.onnx --adapter adapter/ -o unmerged.onnx
+  onnx-lora inject model.onnx --adapter adapter/ --form weight -o unmerged.onnx
   onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
 
 With --adapter, what the adapter replaces outright (modules_to_save, trainable tokens, trained
@@ -75,6 +85,13 @@ pub struct Args {
     /// A matrices, split per branch.
     #[arg(long)]
     fuse_shared: bool,
+    /// Where the branch meets the layer. `branch`: its output is added to the layer's.
+    /// `weight`: the layer reads W + s·A·B, the factors still separate in the file (fold and
+    /// export-peft find them); onnxruntime merges them when a session loads, so serving costs
+    /// what the base costs, but loading takes longer and, with glibc's allocator, the process
+    /// keeps up to ~3x the model's size in memory (see README, "Serving cost").
+    #[arg(long, value_enum, default_value = "branch")]
+    form: FormArg,
     /// Remove this prefix from resolved module paths when naming fresh branches.
     #[arg(long, value_name = "PREFIX")]
     strip_prefix: Option<String>,
@@ -98,6 +115,11 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.rank == 0 {
         anyhow::bail!("--rank must be at least 1");
+    }
+    if args.form == FormArg::Weight && (args.as_inputs || args.fuse_shared) {
+        anyhow::bail!(
+            "--form weight needs constant factors in the weight itself; it cannot be combined with --as-inputs or --fuse-shared"
+        );
     }
     let mut model = onnx::load(&args.model)?;
     let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
@@ -183,8 +205,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
-    let reports = inject(&mut model, &branches, args.as_inputs)
-        .with_context(|| format!("inject into {}", args.model.display()))?;
+    let reports = match args.form {
+        FormArg::Branch => inject(&mut model, &branches, args.as_inputs),
+        FormArg::Weight => inject_weight(&mut model, &branches),
+    }
+    .with_context(|| format!("inject into {}", args.model.display()))?;
     if args.fuse_shared {
         if args.as_inputs {
             anyhow::bail!(
@@ -203,7 +228,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    print_report(&reports, &replaced, &unmatched, &saved.model, args.json)?;
+    let form = match args.form {
+        FormArg::Branch => "branch",
+        FormArg::Weight => "weight",
+    };
+    print_report(
+        &reports,
+        &replaced,
+        &unmatched,
+        &saved.model,
+        form,
+        args.json,
+    )?;
     if !args.verify {
         return Ok(super::EXIT_OK);
     }
@@ -218,6 +254,7 @@ fn print_report(
     replaced: &[onnx_lora::rewrite::ModuleReport],
     unmatched: &[String],
     output: &std::path::Path,
+    form: &str,
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
@@ -229,7 +266,7 @@ fn print_report(
         }
         json_line(
             "report",
-            &serde_json::json!({"output": output, "branches": reports.len(), "replaced": replaced.len(), "unmatched": unmatched}),
+            &serde_json::json!({"output": output, "branches": reports.len(), "form": form, "replaced": replaced.len(), "unmatched": unmatched}),
         )?;
         return Ok(());
     }
@@ -259,8 +296,13 @@ fn print_report(
             &rows
         )
     );
+    let form = if form == "weight" {
+        " (weight form)"
+    } else {
+        ""
+    };
     eprintln!(
-        "injected {} branches into {}",
+        "injected {} branches{form} into {}",
         reports.len(),
         output.display()
     );

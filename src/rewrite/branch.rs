@@ -58,7 +58,7 @@ fn ints(name: &str, v: &[i64]) -> AttributeProto {
     }
 }
 
-fn node(
+pub(crate) fn node(
     op: &str,
     inputs: Vec<String>,
     output: String,

@@ -8,14 +8,12 @@ use std::path::Path;
 use safetensors::{Dtype, tensor::TensorView};
 use serde::Serialize;
 
-use super::unbranch::find_branches;
+use super::unbranch::find_all;
 use crate::adapter::ort_format::AdapterParam;
 use crate::adapter::{Adapter, ModuleAdapter, kohya};
 use crate::error::{Error, Result};
-use crate::graph::ModelGraph;
 use crate::onnx::pb::type_proto;
 use crate::onnx::{DataType, LoadedModel};
-use crate::target::find_candidates;
 use crate::target::select::name_matches;
 use crate::tensor::{Matrix, from_f32};
 
@@ -30,9 +28,9 @@ pub struct PeftExport {
 /// adapter_model.safetensors, float32). Branch names are the module paths PEFT will look up,
 /// so inject with `--strip-prefix` when the export wrapped the model.
 pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
-    let graph = ModelGraph::build(&model.proto);
-    let cands = find_candidates(&model.proto, &graph);
-    let found = find_branches(model, &graph, &cands)?;
+    // Weight-space branches are read by taking them out of a copy (tensors are shared).
+    let mut model = model.clone();
+    let (_, found) = find_all(&mut model)?;
     if found.is_empty() {
         return Err(Error::Target(format!(
             "{}: no injected LoRA branches to export",

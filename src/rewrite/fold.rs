@@ -849,7 +849,7 @@ fn packed_widths(c: &Candidate, job: &Job, total: usize) -> Result<Option<[usize
     }
 }
 
-fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
+pub(super) fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
     graph
         .node(&model.proto, c.graph, c.node_index)
         .filter(|n| n.op_type() == "Gemm")

@@ -286,7 +286,7 @@ pub fn inject(
 
 /// The node whose output the branch is added to: the node itself, or for a MatMul the bias
 /// Add right after it, so onnxruntime can still fuse MatMul + bias exactly as in the base.
-fn anchor(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> usize {
+pub(super) fn anchor(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> usize {
     let view = &graph.graphs[c.graph];
     let bias_add = || -> Option<usize> {
         let y = graph
@@ -422,7 +422,7 @@ fn channel_dims(c: &Candidate) -> Vec<i64> {
 /// DoRA's per-channel factor m / ||W + s·B·A|| (PEFT's weight norm, over everything but the
 /// output channel) and, for layers whose output includes a bias (Gemm C, Conv B), the
 /// correction (1 - factor)·bias so the bias itself stays unscaled.
-fn dora_constants(
+pub(super) fn dora_constants(
     model: &LoadedModel,
     graph: &ModelGraph,
     br: &BranchSpec,
@@ -541,7 +541,7 @@ fn input_info(
 
 /// The dtype the node computes in: the weight's, after any Cast on its way; for quantized
 /// weights, the dtype of their scales.
-fn activation_dtype(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> DataType {
+pub(super) fn activation_dtype(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> DataType {
     let stored = DataType::from_i32(
         c.source
             .as_ref()

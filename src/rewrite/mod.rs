@@ -1,5 +1,6 @@
 //! Rewrites, each a pass over the model: `fold` merges adapters into weight initializers,
-//! `inject` adds low-rank branches beside targeted nodes (built by `branch`), `unbranch` folds
+//! `inject` adds low-rank branches beside targeted nodes (built by `branch`; in weight space,
+//! merged by onnxruntime at load, by `weight_form`), `unbranch` folds
 //! injected branches back, `export` writes adapters out of injected models.
 //! Passes decide on the read-only graph view, then edit the proto.
 
@@ -9,6 +10,7 @@ pub mod fold;
 pub mod fuse;
 pub mod inject;
 pub mod unbranch;
+pub mod weight_form;
 pub(crate) mod weights;
 
 pub use export::{export_peft, serving_adapter_params};
@@ -19,6 +21,7 @@ pub use inject::{
     write_whole_values,
 };
 pub use unbranch::fold_branches;
+pub use weight_form::inject_weight;
 
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Folding injected branches back: finds the branches `inject` added (by their `onnx-lora.*`
-//! node metadata), merges each one's s·A·B into its base weight with the fold machinery, and
-//! removes the branch nodes, parameters and serving inputs, giving the base's structure.
+//! node metadata; weight-space ones are taken out by `weight_form::take`), merges each one's
+//! s·A·B into its base weight with the fold machinery, and removes the branch nodes,
+//! parameters and serving inputs, giving the base's structure.
 //!
 //! ```text
 //!   x ─┬─ Node(W) ── y.base ──┐                 x ── Node(W + s·ΔW) ── y
@@ -31,11 +32,9 @@ pub struct Found {
     params: Vec<String>,
 }
 
-/// Folds every injected branch into its base weight and removes the branches.
+/// Folds every injected branch (either form) into its base weight and removes the branches.
 pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
-    let graph = ModelGraph::build(&model.proto);
-    let cands = find_candidates(&model.proto, &graph);
-    let found = find_branches(model, &graph, &cands)?;
+    let (graph, found) = find_all(model)?;
     if found.is_empty() {
         return Err(Error::Target(format!(
             "{}: no injected LoRA branches found (nothing to fold; give an ADAPTER to merge)",
@@ -60,6 +59,96 @@ pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
     Ok(report)
 }
 
+/// Every injected branch of either form. Weight-space branches are taken out of `model`
+/// first (each node reads its own weight again), so the returned graph view is of what
+/// remains: the base with activation-space branches, which `remove_branches` takes out.
+pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
+    let taken = super::weight_form::take(model)?;
+    let graph = ModelGraph::build(&model.proto);
+    let cands = find_candidates(&model.proto, &graph);
+    let mut found = Vec::new();
+    for t in taken {
+        let cand = cands
+            .iter()
+            .find(|c| {
+                c.graph == t.graph
+                    && graph
+                        .node(&model.proto, c.graph, c.node_index)
+                        .and_then(|n| n.output.first())
+                        == Some(&t.base_output)
+            })
+            .ok_or_else(|| {
+                Error::Target(format!(
+                    "injected branch '{}': its base node has no constant weight",
+                    t.name
+                ))
+            })?;
+        let (a, b) = if t.b_first {
+            let mut a = t.second;
+            if cand.op == "Conv" {
+                a.shape = std::iter::once(a.shape[0])
+                    .chain(cand.shape[1..].iter().map(|&d| d.max(0) as usize))
+                    .collect();
+            }
+            (a, t.first)
+        } else {
+            peft_layout(cand, t.first, t.second)
+        };
+        let scale = t.weight_scale * super::fold::gemm_alpha(model, &graph, cand);
+        let magnitude = match &t.dora_factor {
+            Some(f) => Some(dora_magnitude(model, &graph, cand, &a, &b, scale, f)?),
+            None => None,
+        };
+        let bias_b = t.lora_bias.map(|data| F32Tensor {
+            shape: vec![data.len()],
+            data,
+        });
+        found.push(Found {
+            cand: cand.clone(),
+            module: ModuleAdapter {
+                a: Some(a),
+                b: Some(b),
+                magnitude,
+                bias_b,
+                keys: vec![t.name.clone()],
+                ..ModuleAdapter::empty(&t.name, ModuleKind::Lora, None)
+            },
+            scale,
+            y: String::new(),
+            y_base: String::new(),
+            params: Vec::new(),
+        });
+    }
+    found.extend(find_branches(model, &graph, &cands)?);
+    Ok((graph, found))
+}
+
+/// A branch parameter's value as f32: an initializer, a Constant, or (serving models) the
+/// default initializer of a graph input.
+pub(crate) fn param_value(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    gi: usize,
+    v: &str,
+) -> Result<F32Tensor> {
+    let view = &graph.graphs[gi];
+    let src = graph
+        .const_source(&model.proto, gi, v)
+        .or_else(|| {
+            view.initializers
+                .get(v)
+                .map(|&index| crate::graph::ConstSource::Initializer { graph: gi, index })
+        })
+        .ok_or_else(|| Error::Target(format!("'{v}' is not a constant")))?;
+    let t = graph
+        .const_tensor(&model.proto, &src)
+        .ok_or_else(|| Error::Target(format!("parameter '{v}' not found")))?;
+    let dtype = crate::onnx::DataType::from_i32(t.data_type());
+    let data = to_f32(&model.tensor_bytes(t)?, dtype, v)?;
+    let shape = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+    Ok(F32Tensor { shape, data })
+}
+
 fn role(n: &NodeProto) -> Option<&str> {
     n.metadata(ROLE_KEY)
 }
@@ -81,22 +170,8 @@ pub fn find_branches(
             let producer = |v: &str| view.producer.get(v).map(|&i| (i, &gp.node[i]));
             let param = |v: Option<&String>| -> Result<(String, F32Tensor)> {
                 let v = v.ok_or_else(|| broken("missing parameter input"))?;
-                // Serving models declare parameters as inputs too: their default is the value.
-                let src = graph
-                    .const_source(&model.proto, gi, v)
-                    .or_else(|| {
-                        view.initializers.get(v).map(|&index| {
-                            crate::graph::ConstSource::Initializer { graph: gi, index }
-                        })
-                    })
-                    .ok_or_else(|| broken(&format!("'{v}' is not a constant")))?;
-                let t = graph
-                    .const_tensor(&model.proto, &src)
-                    .ok_or_else(|| broken("parameter not found"))?;
-                let dtype = crate::onnx::DataType::from_i32(t.data_type());
-                let data = to_f32(&model.tensor_bytes(t)?, dtype, v)?;
-                let shape = t.dims.iter().map(|&d| d.max(0) as usize).collect();
-                Ok((v.clone(), F32Tensor { shape, data }))
+                let t = param_value(model, graph, gi, v).map_err(|e| broken(&e.to_string()))?;
+                Ok((v.clone(), t))
             };
             let y_base = add.input.first().cloned().unwrap_or_default();
             let (anchor, anchor_node) =
