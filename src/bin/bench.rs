@@ -907,6 +907,21 @@ fn main() -> Result<()> {
                 true,
             ),
             (
+                "inject weight",
+                "inject --adapter --form weight",
+                vec![
+                    "inject".into(),
+                    os(&model),
+                    "--adapter".into(),
+                    os(&adapter_dir),
+                    "--form".into(),
+                    "weight".into(),
+                    "-o".into(),
+                    os(&o("inject_weight").join("model.onnx")),
+                ],
+                true,
+            ),
+            (
                 "inject serving",
                 "inject --as-inputs --adapter --adapter-out",
                 vec![
@@ -1126,6 +1141,10 @@ fn main() -> Result<()> {
                 let fused = o("inject_fused").join("model.onnx");
                 if fused.is_file() {
                     c.arg("--fused").arg(&fused);
+                }
+                let weight = o("inject_weight").join("model.onnx");
+                if weight.is_file() {
+                    c.arg("--weight").arg(&weight);
                 }
                 let status = c.status()?;
                 if !status.success() {
