@@ -644,3 +644,68 @@ fn weight_form_refusals_and_shared_weights() {
         assert_eq!(d["yb"].as_f64().unwrap(), 0.0, "{}: {d}", m.display());
     }
 }
+
+/// A base weight saved beside a LoRA (PEFT's `base_layer.weight`, written for embeddings) that
+/// is not the model's means the adapter was trained on another base: fold and inject refuse it,
+/// naming the module. The fixtures' own saved bases (equal, or rounded to fp16) pass elsewhere.
+#[test]
+fn saved_base_weight_must_be_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama/adapters/embedding");
+    let dst = dir.path().join("other_base");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dst.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut perturbed = false;
+    for (k, v) in st.tensors() {
+        let mut data = v.data().to_vec();
+        if k.ends_with("base_layer.weight") {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+            let x = f32::from_le_bytes(data[..4].try_into().unwrap());
+            data[..4].copy_from_slice(&(x + 1.0).to_le_bytes());
+            perturbed = true;
+        }
+        tensors.push((k, v.dtype(), v.shape().to_vec(), data));
+    }
+    assert!(perturbed, "the fixture saves no base weight");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dst.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let out = dir.path().join("out.onnx");
+    let err = fold_fails(&model, &dst, &out, &[]);
+    assert!(
+        err.contains("model.embed_tokens") && err.contains("another base"),
+        "{err}"
+    );
+    let o = onnx_lora(&[
+        "inject",
+        model.to_str().unwrap(),
+        "--adapter",
+        dst.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("another base"), "{err}");
+    assert!(!out.exists());
+}

@@ -168,7 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
     let (branches, unmatched) = match &low {
-        Some(low) => adapter_branches(&cands, low, args.allow_unmatched)
+        Some(low) => adapter_branches(&model, &graph, &cands, low, args.allow_unmatched)
             .with_context(|| format!("{}", args.model.display()))?,
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);

@@ -678,6 +678,13 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                 m.path, c.weight, c.node
             )));
         }
+        // A LoRA module's saved base (`base_layer.weight`) must be this model's weight.
+        if matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding)
+            && step.role.is_none()
+            && let Some(saved) = m.full.get("weight")
+        {
+            weights::check_saved_base(model, graph, c, &m.path, saved)?;
+        }
         if m.kind == ModuleKind::Tokens {
             steps.push(token_rows(&weight, c, m)?);
             rep.replaced = true;

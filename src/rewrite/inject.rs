@@ -118,8 +118,11 @@ pub fn fresh_branches(
         .collect()
 }
 
-/// Branches carrying a PEFT adapter's factors (the unmerged deployment).
+/// Branches carrying a PEFT adapter's factors (the unmerged deployment). `cands` are those of
+/// `model`; a base weight the adapter saved beside a LoRA is checked against the model's.
 pub fn adapter_branches(
+    model: &LoadedModel,
+    graph: &ModelGraph,
     cands: &[Candidate],
     adapter: &Adapter,
     allow_unmatched: bool,
@@ -178,6 +181,9 @@ pub fn adapter_branches(
             Err(e) => return Err(e),
         };
         for c in found {
+            if let Some(saved) = m.full.get("weight") {
+                super::weights::check_saved_base(model, graph, c, &m.path, saved)?;
+            }
             out.push(spec_from_module(c, m, path, adapter.scaling(m))?);
         }
     }
@@ -642,7 +648,7 @@ pub fn unmerged_reference(
         let (low, _) = write_whole_values(&mut reference, adapter, w)?;
         let graph = ModelGraph::build(&reference.proto);
         let cands = crate::target::find_candidates(&reference.proto, &graph);
-        let (mut branches, _) = adapter_branches(&cands, &low, true)?;
+        let (mut branches, _) = adapter_branches(&reference, &graph, &cands, &low, true)?;
         branches.iter_mut().for_each(|b| b.scale *= w);
         inject(&mut reference, &branches, false)?;
     }

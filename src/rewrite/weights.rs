@@ -270,3 +270,61 @@ pub fn all_names(model: &ModelProto) -> std::collections::HashSet<String> {
     }
     names
 }
+
+/// Checks a base weight an adapter saved beside its LoRA (`<module>.base_layer.weight`, which
+/// PEFT writes for embeddings by default) against the model's: different values mean the
+/// adapter was trained on another base (another checkpoint, a resized vocabulary), and merging
+/// it here would silently give another model than PEFT's. Values may differ by the rounding to
+/// the model's dtype. Quantized weights are not compared.
+pub fn check_saved_base(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    module: &str,
+    saved: &crate::adapter::peft::F32Tensor,
+) -> Result<()> {
+    if c.quantized {
+        return Ok(());
+    }
+    let w = read(model, graph, c)?;
+    let n_out = w.n_out;
+    let n_in = w.values.len() / n_out.max(1);
+    let mismatch = |what: String| {
+        Error::Target(format!(
+            "module '{module}': the adapter's saved base weight (base_layer.weight) {what} the model's '{}' ({} {:?}): the adapter was trained on another base; export that base to ONNX",
+            c.weight, c.op, c.shape
+        ))
+    };
+    if saved.data.len() != w.values.len() {
+        return Err(mismatch(format!(
+            "has shape {:?}, not the shape of",
+            saved.shape
+        )));
+    }
+    // PEFT's layout: [num, dim] for embeddings, [out, in...] for linear and conv layers.
+    let saved_orient = if c.layout == Layout::Embedding {
+        Orientation::InOut
+    } else {
+        Orientation::OutIn
+    };
+    let scale = w.values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let tol = match w.dtype {
+        DataType::Float16 => 1e-3,
+        DataType::Bfloat16 => 8e-3,
+        _ => 1e-6,
+    } * scale;
+    let mut worst = 0f32;
+    for i in 0..n_in {
+        for j in 0..n_out {
+            let a = w.values[w.orient.index(n_in, n_out, i, j)];
+            let b = saved.data[saved_orient.index(n_in, n_out, i, j)];
+            worst = worst.max((a - b).abs());
+        }
+    }
+    if worst > tol {
+        return Err(mismatch(format!(
+            "differs (max |difference| {worst:.3e}, largest |value| {scale:.3e}) from"
+        )));
+    }
+    Ok(())
+}
