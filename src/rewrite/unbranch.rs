@@ -95,24 +95,17 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
             peft_layout(cand, t.first, t.second)
         };
         let scale = t.weight_scale * super::fold::gemm_alpha(model, &graph, cand);
-        let magnitude = match &t.dora_factor {
-            Some(f) => Some(dora_magnitude(model, &graph, cand, &a, &b, scale, f)?),
-            None => None,
-        };
+        let magnitude = t
+            .dora_factor
+            .map(|f| dora_magnitude(model, &graph, cand, &a, &b, scale, &f))
+            .transpose()?;
         let bias_b = t.lora_bias.map(|data| F32Tensor {
             shape: vec![data.len()],
             data,
         });
         found.push(Found {
             cand: cand.clone(),
-            module: ModuleAdapter {
-                a: Some(a),
-                b: Some(b),
-                magnitude,
-                bias_b,
-                keys: vec![t.name.clone()],
-                ..ModuleAdapter::empty(&t.name, ModuleKind::Lora, None)
-            },
+            module: branch_module(&t.name, a, b, magnitude, bias_b),
             scale,
             y: String::new(),
             y_base: String::new(),
@@ -261,20 +254,12 @@ pub fn find_branches(
                     y = n.output.first().cloned().unwrap_or_default();
                 }
             }
-            let magnitude = match factor {
-                Some(f) => Some(dora_magnitude(model, graph, cand, &a, &b, scale, &f)?),
-                None => None,
-            };
+            let magnitude = factor
+                .map(|f| dora_magnitude(model, graph, cand, &a, &b, scale, &f))
+                .transpose()?;
             out.push(Found {
                 cand: cand.clone(),
-                module: ModuleAdapter {
-                    a: Some(a),
-                    b: Some(b),
-                    magnitude,
-                    bias_b,
-                    keys: vec![name.clone()],
-                    ..ModuleAdapter::empty(&name, ModuleKind::Lora, None)
-                },
+                module: branch_module(&name, a, b, magnitude, bias_b),
                 scale,
                 y,
                 y_base,
@@ -283,6 +268,24 @@ pub fn find_branches(
         }
     }
     Ok(out)
+}
+
+/// A found branch as the adapter module fold merges: PEFT-layout factors named by the branch.
+fn branch_module(
+    name: &str,
+    a: F32Tensor,
+    b: F32Tensor,
+    magnitude: Option<F32Tensor>,
+    bias_b: Option<F32Tensor>,
+) -> ModuleAdapter {
+    ModuleAdapter {
+        a: Some(a),
+        b: Some(b),
+        magnitude,
+        bias_b,
+        keys: vec![name.to_string()],
+        ..ModuleAdapter::empty(name, ModuleKind::Lora, None)
+    }
 }
 
 /// PEFT's magnitude vector from a branch's DoRA factor: m = factor · ||W + s·B·A||.
