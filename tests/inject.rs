@@ -630,3 +630,51 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
     }
     assert!(checked >= 20, "only {checked} adapters ran");
 }
+
+/// `inspect` of an injected model lists the model's layers, not the branch nodes onnx-lora
+/// added, and says how many branches there are; a weight-form layer (its weight hidden behind
+/// the merge) is counted there instead of listed.
+#[test]
+fn inspect_of_injected_models_lists_layers_not_branch_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let adapter = fixtures().join("llama/adapters/plain");
+    let count = |p: &Path| -> (usize, String) {
+        let o = onnx_lora(&["inspect", s(p), "--json"]);
+        assert!(o.status.success());
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let m = v["module"].as_str().unwrap_or_default();
+            assert!(!m.contains(".lora_"), "branch node listed: {line}");
+        }
+        let o = onnx_lora(&["inspect", s(p)]);
+        (
+            out.lines().count(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (base, note) = count(&model);
+    assert!(!note.contains("injected"), "{note}");
+    for (form, hidden) in [("branch", 0), ("weight", 4)] {
+        let out = dir.path().join(format!("{form}.onnx"));
+        let report = onnx_lora_ok(&[
+            "inject",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--form",
+            form,
+            "-o",
+            s(&out),
+            "--json",
+        ]);
+        let last: serde_json::Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+        assert_eq!(last["form"], form, "{report}");
+        assert_eq!(last["branches"], 4, "{report}");
+        let (n, note) = count(&out);
+        assert_eq!(n, base - hidden, "{form}: {note}");
+        assert!(note.contains("4 LoRA branches injected"), "{form}: {note}");
+        assert_eq!(note.contains("weight form"), form == "weight", "{note}");
+    }
+}

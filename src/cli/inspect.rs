@@ -22,7 +22,11 @@ FLAGS: shared (the weight also feeds other nodes; fold gives the target its own 
 subgraph (inside an If/Loop/Scan body), quantized (fold refuses it; inject puts a float branch
 beside it), packed-qkv (one weight holds the q, k and v projections side by side, as in
 onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
-column slices, placed by the module path named next to it).")]
+column slices, placed by the module path named next to it).
+
+On a model with injected branches, the branch nodes are not listed and their number is printed
+on stderr; a layer in weight form (`inject --form weight`) reads W + s·A·B and is counted there
+instead of listed.")]
 pub struct Args {
     /// The ONNX model.
     model: PathBuf,
@@ -95,5 +99,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
+    match onnx_lora::rewrite::count_injected(&model, &graph) {
+        (0, 0) => {}
+        (n, 0) => eprintln!(
+            "{n} LoRA branches injected by onnx-lora (their nodes are not listed; `onnx-lora fold MODEL -o OUT` merges them)"
+        ),
+        (n, w) => eprintln!(
+            "{} LoRA branches injected by onnx-lora, {w} of them in weight form: those layers read W + s·A·B and are not listed; `onnx-lora fold MODEL -o OUT` merges them",
+            n + w
+        ),
+    }
     Ok(super::EXIT_OK)
 }

@@ -6,6 +6,12 @@ use super::pb::{
     TensorProto,
 };
 
+/// Metadata key on every node onnx-lora adds for a LoRA branch: the branch's name (the module
+/// path). Such nodes are no layers of the model.
+pub const BRANCH_KEY: &str = "onnx-lora.branch";
+/// Metadata key naming the role of a branch node (`lora_A`, `add`, `weight_add`, ...).
+pub const ROLE_KEY: &str = "onnx-lora.role";
+
 pub trait NodeExt {
     fn attr(&self, name: &str) -> Option<&AttributeProto>;
     fn attr_i(&self, name: &str) -> Option<i64>;

@@ -22,10 +22,7 @@ use crate::onnx::pb::{
 use crate::onnx::pb_ext::NodeExt;
 use crate::target::Candidate;
 
-/// Metadata key on every branch node: the branch's name (the module path).
-pub const BRANCH_KEY: &str = "onnx-lora.branch";
-/// Metadata key naming a branch node's role: transpose, lora_A, lora_B, scale, add.
-pub const ROLE_KEY: &str = "onnx-lora.role";
+pub use crate::onnx::pb_ext::{BRANCH_KEY, ROLE_KEY};
 
 /// Names of a branch's parameters in the graph.
 #[derive(Clone, Debug)]

@@ -20,7 +20,7 @@ pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
     write_whole_values,
 };
-pub use unbranch::fold_branches;
+pub use unbranch::{count_injected, fold_branches};
 pub use weight_form::inject_weight;
 
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};

@@ -116,6 +116,21 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
     Ok((graph, found))
 }
 
+/// How many branches onnx-lora injected into the model: (in the branch form, in weight form).
+pub fn count_injected(model: &LoadedModel, graph: &ModelGraph) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for view in &graph.graphs {
+        for n in view.loc.get(&model.proto).iter().flat_map(|g| &g.node) {
+            match role(n) {
+                Some("add") => counts.0 += 1,
+                Some(r) if r == super::weight_form::ADD => counts.1 += 1,
+                _ => {}
+            }
+        }
+    }
+    counts
+}
+
 /// A branch parameter's value as f32: an initializer, a Constant, or (serving models) the
 /// default initializer of a graph input.
 pub(crate) fn param_value(

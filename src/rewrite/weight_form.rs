@@ -33,7 +33,7 @@ use crate::onnx::{DataType, LoadedModel};
 const DELTA: &str = "weight_delta";
 const RESHAPE: &str = "weight_reshape";
 const SCALE: &str = "weight_scale";
-const ADD: &str = "weight_add";
+pub(crate) const ADD: &str = "weight_add";
 const DORA: &str = "weight_dora";
 const BIAS_SCALE: &str = "weight_bias_scale";
 const BIAS_MERGE: &str = "weight_bias_merge";

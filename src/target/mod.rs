@@ -147,6 +147,10 @@ fn candidate(
     ni: usize,
     node: &NodeProto,
 ) -> Option<Candidate> {
+    // The nodes of branches onnx-lora injected are no layers of the model.
+    if node.metadata(crate::onnx::pb_ext::BRANCH_KEY).is_some() {
+        return None;
+    }
     let wi = weight_input(node)?;
     let mut value = node.input.get(wi)?.clone();
     let view = &graph.graphs[gi];
