@@ -47,6 +47,14 @@ impl Env {
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+    /// A LoRA for the 2-group 3×3 conv of grouped.onnx (4 output channels).
+    fn grouped_conv_adapter(&self) -> PathBuf {
+        let conv = lora("conv", 2 * 3 * 3, 4, 0.1);
+        let mut t = refs(&conv);
+        t[0].1 = vec![2, 2, 3, 3];
+        t[1].1 = vec![4, 2, 1, 1];
+        write_adapter(&self.p("adc"), config(), &t)
+    }
     /// Runs fold expecting failure; returns stderr after checking exit 2, one line, no output.
     fn fold_fails(&self, model: &str, adapter: &Path) -> String {
         fold_fails(&self.p(model), adapter, &self.p("out.onnx"), &[])
@@ -112,19 +120,7 @@ fn quantized_and_grouped_weights_are_refused() {
             "{m}: {err}"
         );
     }
-    let conv = vec![
-        (
-            "conv.lora_A.weight".to_string(),
-            vec![2, 2, 3, 3],
-            vec![0.1; 36],
-        ),
-        (
-            "conv.lora_B.weight".to_string(),
-            vec![4, 2, 1, 1],
-            vec![0.1; 8],
-        ),
-    ];
-    let ad = write_adapter(&env.p("adc"), config(), &refs(&conv));
+    let ad = env.grouped_conv_adapter();
     let err = env.fold_fails("grouped.onnx", &ad);
     assert!(err.contains("group"), "{err}");
 }
@@ -586,19 +582,7 @@ fn weight_form_refusals_and_shared_weights() {
         &["--adapter", ad_s, "--form", "weight", "--as-inputs"],
     );
     assert!(err.contains("--as-inputs"), "{err}");
-    let conv = vec![
-        (
-            "conv.lora_A.weight".to_string(),
-            vec![2, 2, 3, 3],
-            vec![0.1; 36],
-        ),
-        (
-            "conv.lora_B.weight".to_string(),
-            vec![4, 2, 1, 1],
-            vec![0.1; 8],
-        ),
-    ];
-    let adc = write_adapter(&env.p("adc"), config(), &refs(&conv));
+    let adc = env.grouped_conv_adapter();
     let err = inject_fails(
         &env,
         "grouped.onnx",
@@ -653,41 +637,16 @@ fn saved_base_weight_must_be_the_models() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("llama/adapters/embedding");
     let dst = dir.path().join("other_base");
-    std::fs::create_dir_all(&dst).unwrap();
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dst.join("adapter_config.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut perturbed = false;
-    for (k, v) in st.tensors() {
-        let mut data = v.data().to_vec();
+    copy_adapter(&src, &dst, |k, data| {
         if k.ends_with("base_layer.weight") {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
             let x = f32::from_le_bytes(data[..4].try_into().unwrap());
             data[..4].copy_from_slice(&(x + 1.0).to_le_bytes());
             perturbed = true;
         }
-        tensors.push((k, v.dtype(), v.shape().to_vec(), data));
-    }
+        true
+    });
     assert!(perturbed, "the fixture saves no base weight");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dst.join("adapter_model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
     let model = fixtures().join("llama/dynamo/model.onnx");
     let out = dir.path().join("out.onnx");
     let err = fold_fails(&model, &dst, &out, &[]);

@@ -302,27 +302,7 @@ fn fold_of_inject_equals_fold() {
             let d = ort_diff(&direct, &back, &case.inputs);
             let tol = if case.dtype == "float32" { 1e-5 } else { 2e-3 };
             assert!(max_diff(&d) <= tol, "{tag}: {d}");
-            // And the structure is the base's again (plus private copies of shared weights and
-            // biases that lora_bias gave bias-less layers).
-            let a = onnx_lora::onnx::load(&case.onnx).unwrap();
-            let b = onnx_lora::onnx::load(&back).unwrap();
-            let nodes = |m: &onnx_lora::onnx::LoadedModel| m.proto.graph.clone().unwrap().node;
-            assert!(
-                nodes(&b).iter().all(|n| n
-                    .metadata_props
-                    .iter()
-                    .all(|p| !p.key().starts_with("onnx-lora"))),
-                "{tag}"
-            );
-            let ops_a: Vec<String> = nodes(&a).iter().map(|n| n.op_type().to_string()).collect();
-            let ops_b: Vec<String> = nodes(&b)
-                .iter()
-                .filter(|n| {
-                    !n.name().contains(".lora_folded") && !n.name().contains(".lora_bias_add")
-                })
-                .map(|n| n.op_type().to_string())
-                .collect();
-            assert_eq!(ops_a, ops_b, "{tag}");
+            assert_base_structure(&case.onnx, &back, &tag);
         }
     }
 }
@@ -334,8 +314,6 @@ fn export_peft_round_trips() {
         for ad in case.adapters.iter().filter(|a| has_branches(a)) {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
-            let exported = dir.path().join(format!("{tag}_peft"));
-            let refold = dir.path().join(format!("{tag}_refold.onnx"));
             onnx_lora_ok(&[
                 "inject",
                 s(&case.onnx),
@@ -344,47 +322,59 @@ fn export_peft_round_trips() {
                 "-o",
                 s(&inj),
             ]);
-            onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
-            assert!(exported.join("adapter_config.json").exists());
-            // Keys and shapes as PEFT saved the original (its saved base weights aside).
-            assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
-            // Whole values went into the injected model's weights, not into branches: the
-            // export gives the LoRA part, which with the original's whole values is PEFT's model.
-            let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
-            let whole = dir.path().join(format!("{tag}_whole"));
-            if has_whole(ad) {
-                write_whole_part(&ad.dir, &whole);
-                fold_args.push(s(&whole));
-            }
-            fold_args.extend(["-o", s(&refold)]);
-            onnx_lora_ok(&fold_args);
-            let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
-            assert!(ok, "{tag}: {msg}");
+            assert_export_refolds(&case, ad, &inj, dir.path(), &tag);
         }
     }
 }
 
+/// The structure of `back` (an injected model folded back) is the base's again, plus private
+/// copies of shared weights and the biases lora_bias gave bias-less layers; no node carries
+/// onnx-lora metadata.
+fn assert_base_structure(base: &Path, back: &Path, tag: &str) {
+    let a = onnx_lora::onnx::load(base).unwrap();
+    let b = onnx_lora::onnx::load(back).unwrap();
+    let nodes = |m: &onnx_lora::onnx::LoadedModel| m.proto.graph.clone().unwrap().node;
+    assert!(
+        nodes(&b).iter().all(|n| n
+            .metadata_props
+            .iter()
+            .all(|p| !p.key().starts_with("onnx-lora"))),
+        "{tag}"
+    );
+    let ops_a: Vec<String> = nodes(&a).iter().map(|n| n.op_type().to_string()).collect();
+    let ops_b: Vec<String> = nodes(&b)
+        .iter()
+        .filter(|n| !n.name().contains(".lora_folded") && !n.name().contains(".lora_bias_add"))
+        .map(|n| n.op_type().to_string())
+        .collect();
+    assert_eq!(ops_a, ops_b, "{tag}");
+}
+
+/// `export-peft` of the injected model gives the adapter's LoRA part under PEFT's keys and
+/// shapes (saved base weights aside); folded into the base with the original's whole values
+/// (which inject wrote into the weights, not into branches), it is PEFT's model.
+fn assert_export_refolds(case: &Case, ad: &AdapterCase, injected: &Path, dir: &Path, tag: &str) {
+    let exported = dir.join(format!("{tag}_peft"));
+    let refold = dir.join(format!("{tag}_refold.onnx"));
+    onnx_lora_ok(&["export-peft", s(injected), "-o", s(&exported)]);
+    assert!(exported.join("adapter_config.json").exists());
+    assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
+    let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
+    let whole = dir.join(format!("{tag}_whole"));
+    if has_whole(ad) {
+        write_whole_part(&ad.dir, &whole);
+        fold_args.push(s(&whole));
+    }
+    fold_args.extend(["-o", s(&refold)]);
+    onnx_lora_ok(&fold_args);
+    let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
+    assert!(ok, "{tag} exported: {msg}");
+}
+
 /// A copy of a PEFT adapter folder without its LoRA factors: only its whole values.
 fn write_whole_part(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dst.join("adapter_config.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| !k.contains(".lora_"))
-        .collect();
-    assert!(!kept.is_empty(), "{}: no whole values", src.display());
-    std::fs::write(
-        dst.join("adapter_model.safetensors"),
-        safetensors::serialize(kept, None).unwrap(),
-    )
-    .unwrap();
+    let kept = copy_adapter(src, dst, |k, _| !k.contains(".lora_"));
+    assert!(kept > 0, "{}: no whole values", src.display());
 }
 
 /// The PEFT keys and shapes an exported adapter must have: the original's, for a PEFT folder;
@@ -555,8 +545,6 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let inj = dir.path().join(format!("{tag}_w.onnx"));
             let back = dir.path().join(format!("{tag}_w_back.onnx"));
-            let exported = dir.path().join(format!("{tag}_w_peft"));
-            let refold = dir.path().join(format!("{tag}_w_refold.onnx"));
             onnx_lora_ok(&[
                 "inject",
                 s(&case.onnx),
@@ -581,35 +569,8 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
             let (ok, msg) = ort_compare(&back, &case.inputs, &ad.unmerged, case.tol(), &[]);
             assert!(ok, "{tag} folded back: {msg}");
             assert_eq!(ort_kernels(&inj), ort_kernels(&back), "{tag}: kernels");
-            let a = onnx_lora::onnx::load(&case.onnx).unwrap();
-            let b = onnx_lora::onnx::load(&back).unwrap();
-            let ops = |m: &onnx_lora::onnx::LoadedModel| -> Vec<String> {
-                m.proto
-                    .graph
-                    .as_ref()
-                    .unwrap()
-                    .node
-                    .iter()
-                    .filter(|n| {
-                        !n.name().contains(".lora_folded") && !n.name().contains(".lora_bias_add")
-                    })
-                    .map(|n| n.op_type().to_string())
-                    .collect()
-            };
-            assert_eq!(ops(&a), ops(&b), "{tag} folded back");
-            // export-peft: the adapter's LoRA part under PEFT's keys.
-            onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
-            assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
-            let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
-            let whole = dir.path().join(format!("{tag}_w_whole"));
-            if has_whole(ad) {
-                write_whole_part(&ad.dir, &whole);
-                fold_args.push(s(&whole));
-            }
-            fold_args.extend(["-o", s(&refold)]);
-            onnx_lora_ok(&fold_args);
-            let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
-            assert!(ok, "{tag} exported: {msg}");
+            assert_base_structure(&case.onnx, &back, &format!("{tag} folded back"));
+            assert_export_refolds(&case, ad, &inj, dir.path(), &format!("{tag}_w"));
             checked += 1;
         }
         let fresh = dir

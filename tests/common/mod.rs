@@ -350,3 +350,40 @@ pub fn fold_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> S
     assert_eq!(std::fs::read(model).unwrap(), before, "input untouched");
     err
 }
+
+/// Copies a PEFT adapter folder to `dst`, passing each tensor's key and raw bytes to `edit`,
+/// which may change the bytes and returns whether to keep the tensor. Returns how many were kept.
+pub fn copy_adapter(
+    src: &Path,
+    dst: &Path,
+    mut edit: impl FnMut(&str, &mut Vec<u8>) -> bool,
+) -> usize {
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dst.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, v) in st.tensors() {
+        let mut data = v.data().to_vec();
+        if edit(&k, &mut data) {
+            kept.push((k, v.dtype(), v.shape().to_vec(), data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(k, d, s, b)| {
+            let view = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (k.clone(), view)
+        })
+        .collect();
+    std::fs::write(
+        dst.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    kept.len()
+}
