@@ -637,5 +637,15 @@ fn inspect_of_injected_models_lists_layers_not_branch_nodes() {
         assert_eq!(n, base - hidden, "{form}: {note}");
         assert!(note.contains("4 LoRA branches injected"), "{form}: {note}");
         assert_eq!(note.contains("weight form"), form == "weight", "{note}");
+        // Merging into a weight-form layer again: refused, pointing to fold-back.
+        let again = dir.path().join(format!("{form}_again.onnx"));
+        let o = onnx_lora(&["fold", s(&out), s(&adapter), "-o", s(&again)]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.success(), form == "branch", "{form}: {err}");
+        if form == "weight" {
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(err.contains("4 of its layers are in weight form"), "{err}");
+            assert!(!again.exists());
+        }
     }
 }

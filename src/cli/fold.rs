@@ -102,12 +102,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 )?,
         ),
     };
+    let label = super::model_label(&args.model, &model);
     let report = if adapters.is_empty() {
         fold_branches(&mut model)
     } else {
         fold(&mut model, &adapters, &opts)
     }
-    .with_context(|| format!("fold into {}", args.model.display()))?;
+    .with_context(|| format!("fold into {label}"))?;
     let saved = match &args.output {
         Some(out) if !args.dry_run => Some(onnx::save(&model, out, &args.save.options())?),
         _ => None,

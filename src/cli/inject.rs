@@ -167,12 +167,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
+    let label = super::model_label(&args.model, &model);
     let (branches, unmatched) = match &low {
         Some(low) => adapter_branches(&model, &graph, &cands, low, args.allow_unmatched)
-            .with_context(|| format!("{}", args.model.display()))?,
+            .with_context(|| label.clone())?,
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
-            let chosen = target::select(&cands, spec.as_ref(), &args.targets)?;
+            let chosen = target::select(&cands, spec.as_ref(), &args.targets)
+                .with_context(|| label.clone())?;
             if let Some(c) = chosen.iter().find(|c| !c.branchable()) {
                 anyhow::bail!(
                     "{}: '{}' ({} {}) cannot take a branch: onnxruntime's fused op computes the layer inside; `onnx-lora fold` can change its weight",
@@ -183,10 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 );
             }
             if chosen.is_empty() {
-                anyhow::bail!(
-                    "{}: no weight matches the targets (see `onnx-lora inspect`)",
-                    args.model.display()
-                );
+                anyhow::bail!("{label}: no weight matches the targets (see `onnx-lora inspect`)");
             }
             let init = match args.init {
                 InitArg::Kaiming => Init::Kaiming,

@@ -82,3 +82,17 @@ pub fn main() -> ExitCode {
 fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
+
+/// The model's path for error messages, with a hint when some of its layers are in weight form
+/// (`inject --form weight`): those are no targets until the model is folded back.
+fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> String {
+    let graph = onnx_lora::graph::ModelGraph::build(&model.proto);
+    match onnx_lora::rewrite::count_injected(model, &graph) {
+        (_, 0) => path.display().to_string(),
+        (_, w) => format!(
+            "{} ({w} of its layers are in weight form and no targets; `onnx-lora fold {} -o OUT` merges them first)",
+            path.display(),
+            path.display()
+        ),
+    }
+}
