@@ -499,29 +499,12 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                 || (base.op_type() == "Gemm" && base.attr_i("transB").unwrap_or(0) != 0);
             let mut base_output = base.output.first().cloned().unwrap_or_default();
             let mut lora_bias = None;
-            if let Some(merge) = gp
-                .node
-                .iter()
-                .find(|n| role(n) == Some(BIAS_MERGE) && n.metadata(BRANCH_KEY) == Some(&name))
-            {
-                let term = merge
-                    .input
-                    .get(1)
-                    .and_then(|v| producer(v))
-                    .filter(|n| role(n) == Some(BIAS_SCALE))
-                    .ok_or_else(|| broken("its lora_bias scale node is missing"))?;
-                lora_bias = Some(param(term.input.first())?.data);
-                param(term.input.get(1))?;
-                restore.push((
-                    fwd(merge.output.first().cloned().unwrap_or_default()),
-                    back(merge.input.first().cloned().unwrap_or_default()),
-                ));
-            } else if let Some(badd) = gp
-                .node
-                .iter()
-                .find(|n| role(n) == Some(BIAS_ADD) && n.metadata(BRANCH_KEY) == Some(&name))
-            {
-                let term = badd
+            // lora_bias: merged into the layer's bias, or added after the node.
+            if let Some(bn) = gp.node.iter().find(|n| {
+                matches!(role(n), Some(BIAS_MERGE | BIAS_ADD))
+                    && n.metadata(BRANCH_KEY) == Some(&name)
+            }) {
+                let term = bn
                     .input
                     .get(1)
                     .and_then(|v| producer(&back(v.clone())))
@@ -529,12 +512,16 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                     .ok_or_else(|| broken("its lora_bias scale node is missing"))?;
                 lora_bias = Some(param(term.input.first())?.data);
                 param(term.input.get(1))?;
-                let y_base = badd.input.first().cloned().unwrap_or_default();
-                let y = badd.output.first().cloned().unwrap_or_default();
-                if y_base == base_output {
-                    base_output = y.clone();
+                let input = bn.input.first().cloned().unwrap_or_default();
+                let output = bn.output.first().cloned().unwrap_or_default();
+                if role(bn) == Some(BIAS_MERGE) {
+                    restore.push((fwd(output), back(input)));
+                } else {
+                    if input == base_output {
+                        base_output = output.clone();
+                    }
+                    rename.push((input, output));
                 }
-                rename.push((y_base, y));
             }
             restore.push((merged, w));
             taken.push(Taken {
