@@ -410,3 +410,154 @@ fn threshold_zero_keeps_shape_constants_inline() {
     );
     py("ort_run.py", &[&src, &out]);
 }
+
+/// Runs onnx-lora expecting exit 2 with one line containing `expect`; returns stderr.
+fn fails_with(args: &[&str], expect: &str) -> String {
+    let o = onnx_lora(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(expect),
+        "{args:?}: expected '{expect}' in: {err}"
+    );
+    err
+}
+
+#[test]
+fn outputs_never_replace_any_input_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    std::fs::write(dir.path().join("w.bin"), &raw).unwrap();
+    let src = write_model(
+        dir.path(),
+        "m.onnx",
+        &matmul_model(external_weight("w.bin", 0, 48)),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let other = dir.path().join("other.onnx");
+    let data = dir.path().join("w.bin");
+    let before: Vec<Vec<u8>> = [&src, &data]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let files = listing();
+    // The output's data file named like the input's data file.
+    fails_with(
+        &[
+            "convert",
+            &s(&src),
+            "-o",
+            &s(&other),
+            "--external-data",
+            "w.bin",
+        ],
+        "overwrite the input",
+    );
+    // The output itself over the input's data file.
+    fails_with(
+        &["convert", &s(&src), "-o", &s(&data), "--inline"],
+        "overwrite the input",
+    );
+    // The data file named like the output.
+    fails_with(
+        &[
+            "convert",
+            &s(&src),
+            "-o",
+            &s(&other),
+            "--external-data",
+            "other.onnx",
+        ],
+        "one file",
+    );
+    // A folder as the output, and a folder that does not exist.
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    fails_with(
+        &["convert", &s(&src), "-o", &s(&dir.path().join("sub"))],
+        "is a folder",
+    );
+    fails_with(
+        &[
+            "convert",
+            &s(&src),
+            "-o",
+            &s(&dir.path().join("nodir/x.onnx")),
+        ],
+        "does not exist",
+    );
+    std::fs::remove_dir(dir.path().join("sub")).unwrap();
+    assert_eq!(listing(), files, "nothing written");
+    for (p, b) in [&src, &data].iter().zip(&before) {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{} untouched", p.display());
+    }
+}
+
+#[test]
+fn inline_tensors_must_hold_what_their_shape_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("out.onnx");
+    let cases: [(&str, TensorProto); 4] = [
+        (
+            "holds 40 bytes of raw data",
+            TensorProto {
+                raw_data: Some(vec![0u8; 40].into()),
+                ..external_weight("x", 0, 0)
+            },
+        ),
+        (
+            "holds 96 bytes of raw data",
+            TensorProto {
+                raw_data: Some(vec![0u8; 96].into()),
+                ..external_weight("x", 0, 0)
+            },
+        ),
+        (
+            "holds 11 values",
+            TensorProto {
+                float_data: vec![0.0; 11],
+                ..external_weight("x", 0, 0)
+            },
+        ),
+        (
+            "too large",
+            TensorProto {
+                dims: vec![1 << 40, 1 << 40],
+                raw_data: Some(vec![0u8; 48].into()),
+                ..external_weight("x", 0, 0)
+            },
+        ),
+    ];
+    for (expect, mut w) in cases {
+        w.data_location = None;
+        w.external_data.clear();
+        let m = write_model(dir.path(), "m.onnx", &matmul_model(w));
+        for cmd in ["inspect", "convert"] {
+            let mut args = vec![cmd.to_string(), s(&m)];
+            if cmd == "convert" {
+                args.extend(["-o".into(), s(&out)]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let err = fails_with(&args, expect);
+            assert!(
+                err.contains("m.onnx") && err.contains("tensor 'W'"),
+                "{err}"
+            );
+            assert!(!out.exists());
+        }
+    }
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    fails_with(&["inspect", &s(&empty)], "it has no graph");
+    fails_with(&["convert", &s(&empty), "-o", &s(&out)], "it has no graph");
+    assert!(!out.exists());
+}

@@ -668,3 +668,125 @@ fn saved_base_weight_must_be_the_models() {
     assert!(err.contains("another base"), "{err}");
     assert!(!out.exists());
 }
+
+/// adapter_config.json values of the wrong type, factors of another rank than the config gives,
+/// non-finite factors and empty adapters are refused by fold and inject alike, naming the key.
+#[test]
+fn adapter_config_values_and_factors_are_checked() {
+    let env = Env::new();
+    let t = lora("fc", 8, 4, 0.1);
+    let with = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = config();
+        edit(&mut c);
+        write_adapter(&env.p(name), c, &refs(&t))
+    };
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            with("a1", &|c| c["lora_alpha"] = "16".into()),
+            "lora_alpha is \"16\", not a number",
+        ),
+        (
+            with("a2", &|c| c["lora_alpha"] = serde_json::Value::Null),
+            "lora_alpha is null",
+        ),
+        (
+            with("a3", &|c| c["use_rslora"] = "true".into()),
+            "use_rslora is \"true\"",
+        ),
+        (
+            with("a4", &|c| {
+                c["alpha_pattern"] = serde_json::json!({"fc": "32"})
+            }),
+            "alpha_pattern['fc']",
+        ),
+        (
+            with("a5", &|c| c["r"] = 4.into()),
+            "rank 2 but adapter_config.json gives it r = 4",
+        ),
+        (
+            with("a6", &|c| *c = serde_json::json!([1, 2, 3])),
+            "not a JSON object",
+        ),
+        (
+            with("a7", &|c| c["lora_alpha"] = 1e39.into()),
+            "not a number",
+        ),
+        (
+            write_adapter(&env.p("a8"), config(), &[]),
+            "holds no adapter tensors",
+        ),
+        (
+            write_adapter(&env.p("a9"), config(), &refs(&lora("fc", 8, 4, f32::NAN))),
+            "non-finite",
+        ),
+    ];
+    for (ad, expect) in &cases {
+        let err = env.fold_fails("linear.onnx", ad);
+        assert!(err.contains(expect), "{}: {err}", ad.display());
+        let err = inject_fails(&env, "linear.onnx", &["--adapter", ad.to_str().unwrap()]);
+        assert!(err.contains(expect), "{}: {err}", ad.display());
+    }
+    let err = inject_fails(&env, "linear.onnx", &["--rank", "100000"]);
+    assert!(
+        err.contains("rank 100000 is larger than both sides of 'fc'"),
+        "{err}"
+    );
+    let err = inject_fails(&env, "linear.onnx", &["--alpha", "nan"]);
+    assert!(err.contains("not a finite number"), "{err}");
+}
+
+/// No output path of any writer may land on an input: the model, an adapter's files, or the
+/// serving model export-adapter reads.
+#[test]
+fn no_writer_overwrites_an_adapter_or_model() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let weights = ad.join("adapter_model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = env.p("linear.onnx");
+    let o = onnx_lora(&["fold", &s(&model), &s(&ad), "-o", &s(&weights)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("overwrite the input"), "{err}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    // --adapter-out over the input model: refused before the serving model is written.
+    let err = inject_fails(
+        &env,
+        "linear.onnx",
+        &[
+            "--as-inputs",
+            "--adapter",
+            &s(&ad),
+            "--adapter-out",
+            &s(&model),
+        ],
+    );
+    assert!(err.contains("overwrite the input"), "{err}");
+    let serving = env.p("serving.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&model),
+        "--as-inputs",
+        "--target",
+        "fc",
+        "-o",
+        &s(&serving),
+    ]);
+    let served = std::fs::read(&serving).unwrap();
+    for out in [&serving, &weights] {
+        let o = onnx_lora(&[
+            "export-adapter",
+            &s(&ad),
+            "--model",
+            &s(&serving),
+            "-o",
+            &s(out),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("overwrite the input"), "{err}");
+    }
+    assert_eq!(std::fs::read(&serving).unwrap(), served);
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+}

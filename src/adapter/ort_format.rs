@@ -141,12 +141,10 @@ impl Buf {
     }
 }
 
-/// Writes an adapter file atomically.
-pub fn write(path: &Path, params: &[AdapterParam]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+/// Writes an adapter file atomically, never over one of the run's `inputs`.
+pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]) -> Result<()> {
+    let dir = crate::onnx::io::output_dir(path)?;
+    crate::onnx::io::check_outputs(&[path], inputs)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".onnx-lora-")
         .suffix(".adapter.tmp")

@@ -200,11 +200,48 @@ impl Adapter {
         })?;
         let modules = group_modules(&st, &config.raw)
             .map_err(|r| err(format!("{}: {r}", weights.display())))?;
+        if modules.is_empty() {
+            return Err(err(format!(
+                "{}: holds no adapter tensors",
+                weights.display()
+            )));
+        }
+        // PEFT refuses to load factors of another rank than the config gives the module.
+        for m in &modules {
+            if !matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding) {
+                continue;
+            }
+            let r = pattern_value(&config.rank_pattern, &m.path).map_or(config.r, |r| r as usize);
+            if m.rank() != r {
+                return Err(err(format!(
+                    "module '{}' has factors of rank {} but adapter_config.json gives it r = {r}",
+                    m.path,
+                    m.rank()
+                )));
+            }
+        }
         Ok(Adapter {
             path: path.to_path_buf(),
             config,
             modules,
         })
+    }
+
+    /// The files it was read from (to be never overwritten): the adapter file, and the
+    /// config and weights of an adapter folder.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let dir = if self.path.is_dir() {
+            self.path.as_path()
+        } else {
+            self.path.parent().unwrap_or(Path::new("."))
+        };
+        let mut files = vec![dir.join("adapter_config.json")];
+        if self.path.is_dir() {
+            files.push(dir.join("adapter_model.safetensors"));
+        } else {
+            files.push(self.path.clone());
+        }
+        files
     }
 
     /// The adapter split into its low-rank part and, if it has any, the part no branch can
@@ -336,27 +373,70 @@ impl AdapterConfig {
                 "peft_type {peft_type} is not supported (LORA only)"
             ));
         }
-        let num = |k: &str| raw.get(k).and_then(Value::as_f64);
-        let flag = |k: &str| raw.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let patterns = |k: &str| -> Vec<(String, f32)> {
-            raw.get(k)
-                .and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(key, v)| v.as_f64().map(|v| (key.clone(), v as f32)))
-                        .collect()
-                })
-                .unwrap_or_default()
+        if !raw.is_object() {
+            return Err("the config is not a JSON object".into());
+        }
+        // A key that is present must have PEFT's type: silently falling back to a default
+        // would merge with the wrong scale. Absent keys take PEFT's defaults.
+        let present = |k: &str| raw.get(k).filter(|v| !v.is_null());
+        let number = |k: &str, default: f64| -> std::result::Result<f64, String> {
+            match raw.get(k) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|&x| (x as f32).is_finite())
+                    .ok_or_else(|| format!("{k} is {v}, not a number")),
+            }
         };
-        let r = num("r").unwrap_or(8.0) as usize;
+        let flag = |k: &str| -> std::result::Result<bool, String> {
+            match present(k) {
+                None => Ok(false),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| format!("{k} is {v}, not true or false")),
+            }
+        };
+        let patterns = |k: &str| -> std::result::Result<Vec<(String, f32)>, String> {
+            let Some(v) = present(k) else {
+                return Ok(Vec::new());
+            };
+            let o = v
+                .as_object()
+                .ok_or_else(|| format!("{k} is {v}, not an object of module patterns"))?;
+            o.iter()
+                .map(|(key, v)| {
+                    v.as_f64()
+                        .filter(|&x| (x as f32).is_finite())
+                        .map(|x| (key.clone(), x as f32))
+                        .ok_or_else(|| format!("{k}['{key}'] is {v}, not a number"))
+                })
+                .collect()
+        };
+        let r = match raw.get("r") {
+            None => 8,
+            Some(v) => v
+                .as_u64()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| format!("r is {v}, not a positive integer"))?
+                as usize,
+        };
+        let rank_pattern = patterns("rank_pattern")?;
+        if let Some((key, v)) = rank_pattern
+            .iter()
+            .find(|(_, v)| *v < 1.0 || v.fract() != 0.0)
+        {
+            return Err(format!(
+                "rank_pattern['{key}'] is {v}, not a positive integer"
+            ));
+        }
         Ok(AdapterConfig {
             r,
-            lora_alpha: num("lora_alpha").unwrap_or(8.0) as f32,
-            use_rslora: flag("use_rslora"),
-            use_dora: flag("use_dora"),
-            fan_in_fan_out: flag("fan_in_fan_out"),
-            rank_pattern: patterns("rank_pattern"),
-            alpha_pattern: patterns("alpha_pattern"),
+            lora_alpha: number("lora_alpha", 8.0)? as f32,
+            use_rslora: flag("use_rslora")?,
+            use_dora: flag("use_dora")?,
+            fan_in_fan_out: flag("fan_in_fan_out")?,
+            rank_pattern,
+            alpha_pattern: patterns("alpha_pattern")?,
             target_modules: raw
                 .get("target_modules")
                 .and_then(TargetSpec::from_peft_json),
@@ -380,6 +460,12 @@ pub(crate) fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32T
         other => return Err(format!("{name}: dtype {other:?} is not a float type")),
     };
     let data = crate::tensor::to_f32(view.data(), dtype, name).map_err(|e| e.to_string())?;
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "{name}: holds non-finite values ({} at index {i})",
+            data[i]
+        ));
+    }
     Ok(F32Tensor {
         shape: view.shape().to_vec(),
         data,

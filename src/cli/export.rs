@@ -35,7 +35,9 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let adapter = Adapter::load(&args.adapter)?;
     let params = serving_adapter_params(&model, &adapter)?;
-    ort_format::write(&args.output, &params)?;
+    let mut inputs = model.files();
+    inputs.extend(adapter.files());
+    ort_format::write(&args.output, &params, &inputs)?;
     if args.json {
         let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
         json_line(

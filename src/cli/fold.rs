@@ -110,7 +110,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     .with_context(|| format!("fold into {label}"))?;
     let saved = match &args.output {
-        Some(out) if !args.dry_run => Some(onnx::save(&model, out, &args.save.options())?),
+        Some(out) if !args.dry_run => {
+            let mut opts = args.save.options();
+            opts.protect = adapters.iter().flat_map(Adapter::files).collect();
+            Some(onnx::save(&model, out, &opts)?)
+        }
         _ => None,
     };
     for u in &report.unmatched {

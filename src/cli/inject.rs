@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     rank: usize,
     /// LoRA alpha of fresh branches (scale = alpha / rank); default: the rank (scale 1).
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     alpha: Option<f32>,
     /// Scale alpha / sqrt(rank) instead of alpha / rank.
     #[arg(long)]
@@ -110,6 +110,14 @@ pub struct Args {
     /// JSON Lines report on stdout: one `branch` record per branch, then a `report` record.
     #[arg(long)]
     json: bool,
+}
+
+/// A finite number (NaN or infinity would make every output NaN).
+fn finite(s: &str) -> Result<f32, String> {
+    s.parse::<f32>()
+        .ok()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| format!("'{s}' is not a finite number"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -218,10 +226,29 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let groups = fuse_shared(&mut model)?;
         eprintln!("fused the A projections of {groups} groups of branches sharing an input");
     }
-    let saved = onnx::save(&model, &args.output, &args.save.options())?;
-    if let (Some(path), Some(adapter)) = (&args.adapter_out, &adapter) {
-        let params = serving_adapter_params(&model, adapter)?;
-        ort_format::write(path, &params)?;
+    let mut inputs = model.files();
+    inputs.extend(adapter.iter().flat_map(Adapter::files));
+    let adapter_out = match (&args.adapter_out, &adapter) {
+        (Some(path), Some(adapter)) => {
+            onnx::io::check_outputs(&[&args.output, path], &inputs)?;
+            Some((path, serving_adapter_params(&model, adapter)?))
+        }
+        _ => None,
+    };
+    let mut opts = args.save.options();
+    opts.protect = inputs.clone();
+    let saved = onnx::save(&model, &args.output, &opts)?;
+    if let Some((path, params)) = adapter_out {
+        // The model's own files are outputs of this run too: on failure, none is left.
+        inputs.push(saved.model.clone());
+        inputs.extend(saved.external_data.clone());
+        if let Err(e) = ort_format::write(path, &params, &inputs) {
+            let _ = std::fs::remove_file(&saved.model);
+            if let Some(data) = &saved.external_data {
+                let _ = std::fs::remove_file(data);
+            }
+            return Err(e.into());
+        }
         eprintln!("wrote {} ({} parameters)", path.display(), params.len());
     }
     for u in &unmatched {

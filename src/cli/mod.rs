@@ -55,8 +55,24 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            use clap::error::ErrorKind;
             let code = if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
-            let _ = e.print();
+            if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+            } else {
+                // One line: clap's first paragraph (the message and what it lists), without the
+                // usage and tips that follow.
+                let text = e.render().to_string();
+                let msg: Vec<&str> = text
+                    .trim_start()
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                let msg = msg.join(" ");
+                let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+                eprintln!("onnx-lora: error: {msg} (see --help)");
+            }
             return ExitCode::from(code);
         }
     };

@@ -91,6 +91,59 @@ fn pending_key(t: &TensorProto) -> Option<&str> {
         .filter(|l| l.starts_with(PENDING_PREFIX))
 }
 
+/// Checks that an inline tensor holds as many values as its shape says (what onnxruntime
+/// checks when it loads the model), so that no reader indexes past its data.
+fn check_inline_len(t: &TensorProto) -> std::result::Result<(), String> {
+    if t.segment.is_some() {
+        return Ok(());
+    }
+    if t.dims.iter().any(|&d| d < 0) {
+        return Err(format!("negative dimension in shape {:?}", t.dims));
+    }
+    let n = t
+        .dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+        .filter(|&n| n <= isize::MAX as usize / 16)
+        .ok_or_else(|| format!("shape {:?} is too large", t.dims))?;
+    let dtype = DataType::from_i32(t.data_type());
+    let typed = match dtype {
+        DataType::Float => Some(t.float_data.len()),
+        DataType::Double => Some(t.double_data.len()),
+        DataType::Int64 => Some(t.int64_data.len()),
+        DataType::Uint32 | DataType::Uint64 => Some(t.uint64_data.len()),
+        DataType::String => Some(t.string_data.len()),
+        DataType::Int32
+        | DataType::Int16
+        | DataType::Int8
+        | DataType::Uint16
+        | DataType::Uint8
+        | DataType::Bool
+        | DataType::Float16
+        | DataType::Bfloat16 => Some(t.int32_data.len()),
+        _ => None,
+    };
+    let raw = t.raw_data.as_ref().map_or(0, |r| r.len());
+    if t.raw_data.is_some() && (raw > 0 || typed == Some(0)) {
+        if let Some(expected) = dtype.raw_len(n)
+            && raw != expected
+        {
+            return Err(format!(
+                "holds {raw} bytes of raw data but a {dtype} tensor of shape {:?} needs {expected}",
+                t.dims
+            ));
+        }
+    } else if let Some(count) = typed
+        && count != n
+    {
+        return Err(format!(
+            "holds {count} values but its shape {:?} needs {n}",
+            t.dims
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes a tensor's data takes, from its dims and type (None for strings and unknown types).
 fn expected_len(t: &TensorProto) -> Option<usize> {
     DataType::from_i32(t.data_type()).raw_len(numel(&t.dims))
@@ -153,12 +206,21 @@ impl LoadedModel {
 
     /// Wraps a proto already in memory; external data is resolved relative to `path`'s folder.
     pub fn from_proto(path: &Path, mut proto: ModelProto) -> Result<Self> {
+        if proto.graph.is_none() {
+            return Err(Error::InvalidModel {
+                path: path.to_path_buf(),
+                reason: "not an ONNX model: it has no graph".into(),
+            });
+        }
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut external: HashMap<String, Bytes> = HashMap::new();
         let mut external_files: HashMap<String, Arc<File>> = HashMap::new();
         for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
             if !is_external(t) {
-                return Ok(());
+                return check_inline_len(t).map_err(|reason| Error::InvalidModel {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor '{}': {reason}", t.name()),
+                });
             }
             let r = ExternalRef::parse(t).map_err(|reason| external_err(path, t, reason))?;
             if !external.contains_key(&r.location) {
@@ -483,6 +545,9 @@ pub struct SaveOptions {
     /// Largest protobuf to write; `Auto` goes external above it (default: 2 GiB - 1, what the
     /// C++ and Python readers accept).
     pub protobuf_limit: u64,
+    /// Other input files of the run (adapters), never to be overwritten; the model's own files
+    /// are always protected.
+    pub protect: Vec<PathBuf>,
 }
 
 /// A progress callback: (done, total) in bytes.
@@ -503,6 +568,7 @@ impl Default for SaveOptions {
             sync: true,
             progress: None,
             protobuf_limit: PROTOBUF_LIMIT,
+            protect: Vec::new(),
         }
     }
 }
@@ -520,11 +586,7 @@ pub struct SaveReport {
 /// Writes `model` to `out` atomically with the requested tensor layout. Nothing is left at
 /// `out` (or its data file) when this fails.
 pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
-    refuse_overwriting_inputs(model, out)?;
-    let out_dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let out_dir = output_dir(out)?;
     let file_name = out
         .file_name()
         .ok_or_else(|| Error::Usage(format!("'{}' is not a file path", out.display())))?
@@ -550,6 +612,12 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
             )));
         }
     }
+    let data_path = external_name.as_ref().map(|name| out_dir.join(name));
+    let mut inputs = model.files();
+    inputs.extend(opts.protect.iter().cloned());
+    let mut outputs = vec![out];
+    outputs.extend(data_path.as_deref());
+    check_outputs(&outputs, &inputs)?;
 
     let mut report = SaveReport {
         model: out.to_path_buf(),
@@ -618,12 +686,19 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
             .map_err(|e| Error::io(tmp.path(), e))?;
     }
     report.model_bytes = encoded_len;
-    if let (Some(tmp), Some(dest)) = (data_tmp, &report.external_data) {
-        make_readable(tmp.as_file(), dest)?;
-        tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-    }
     make_readable(tmp.as_file(), out)?;
-    tmp.persist(out).map_err(|e| Error::io(out, e.error))?;
+    if let (Some(data), Some(dest)) = (data_tmp, &report.external_data) {
+        make_readable(data.as_file(), dest)?;
+        data.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    }
+    // The data file is in place first so the model never points at a missing one; if the model
+    // cannot follow, the data file goes too.
+    if let Err(e) = tmp.persist(out) {
+        if let Some(dest) = &report.external_data {
+            let _ = std::fs::remove_file(dest);
+        }
+        return Err(Error::io(out, e.error));
+    }
     Ok(report)
 }
 
@@ -640,29 +715,88 @@ pub(crate) fn make_readable(file: &File, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writing over the model being read, or over one of its data files, is refused: inputs are
-/// never modified.
-fn refuse_overwriting_inputs(model: &LoadedModel, out: &Path) -> Result<()> {
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+impl LoadedModel {
+    /// The files this model was read from: the `.onnx` and its external data files.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        files.extend(self.external.keys().map(|loc| self.dir().join(loc)));
+        files
+    }
+}
+
+/// The folder an output file goes to (where its temp file is made), which must exist.
+pub(crate) fn output_dir(out: &Path) -> Result<PathBuf> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    if same(&model.path, out) {
+    if !dir.is_dir() {
         return Err(Error::Usage(format!(
-            "{}: the output would overwrite the input model; choose another -o",
-            out.display()
+            "{}: the folder {} does not exist",
+            out.display(),
+            dir.display()
         )));
     }
-    let out_data = PathBuf::from(format!("{}.data", out.display()));
-    for loc in model.external.keys() {
-        if same(&model.dir().join(loc), &out_data) {
+    Ok(dir)
+}
+
+/// Refuses a write that would replace one of the run's `inputs` (inputs are never modified),
+/// put two `outputs` in one file, or write over a folder. Checked before anything is written.
+pub fn check_outputs(outputs: &[&Path], inputs: &[PathBuf]) -> Result<()> {
+    for (i, out) in outputs.iter().enumerate() {
+        if let Ok(meta) = std::fs::metadata(out) {
+            if meta.is_dir() {
+                return Err(Error::Usage(format!(
+                    "{}: is a folder; the output must be a file path",
+                    out.display()
+                )));
+            }
+            if let Some(input) = inputs.iter().find(|p| same_file(&meta, p)) {
+                return Err(Error::Usage(format!(
+                    "{}: the output would overwrite the input {}; choose another output path",
+                    out.display(),
+                    input.display()
+                )));
+            }
+        }
+        if let Some(other) = outputs[..i].iter().find(|o| same_path(o, out)) {
             return Err(Error::Usage(format!(
-                "{}: the output's data file would overwrite the input's external data; choose another -o or --external-data name",
-                out_data.display()
+                "{}: two outputs of this run would be written to one file ({})",
+                out.display(),
+                other.display()
             )));
         }
     }
     Ok(())
+}
+
+/// Whether `path` names the file whose metadata is `meta` (the same inode, through any link).
+fn same_file(meta: &std::fs::Metadata, path: &Path) -> bool {
+    let Ok(other) = std::fs::metadata(path) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        meta.dev() == other.dev() && meta.ino() == other.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (meta, other);
+        false
+    }
+}
+
+/// Whether two output paths (which may not exist yet) name one file.
+fn same_path(a: &Path, b: &Path) -> bool {
+    let resolve = |p: &Path| {
+        let dir = output_dir(p).ok()?.canonicalize().ok()?;
+        Some(dir.join(p.file_name()?))
+    };
+    match (resolve(a), resolve(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Size of the protobuf if every tensor were inline.

@@ -85,6 +85,12 @@ pub fn fresh_branches(
         .map(|c| {
             let n_in = factor_in(c);
             let n_out = c.out_features.max(0) as usize;
+            if rank > n_in.max(n_out) {
+                return Err(Error::Usage(format!(
+                    "rank {rank} is larger than both sides of '{}' ({n_in} inputs, {n_out} outputs); a rank past min({n_in}, {n_out}) adds nothing",
+                    c.module
+                )));
+            }
             let mut rng = Rng::new(seed ^ fnv(&c.module) ^ fnv(&c.node));
             let (a, b) = if c.op == "Gather" {
                 (

@@ -200,10 +200,19 @@ fn resolve_param(p: &str, dims: &HashMap<String, usize>) -> Result<usize> {
     })
 }
 
+/// The most values one generated input may have (a typo in --dim should not exhaust memory).
+const MAX_GENERATED: usize = 1 << 28;
+
 /// Generates one input following the module's rules.
 pub fn generate(spec: &InputSpec, dims: &HashMap<String, usize>, seed: u64) -> Result<ArrayData> {
     let shape = resolve_shape(spec, dims)?;
     let n = super::tensor::numel(&shape)?;
+    if n > MAX_GENERATED {
+        return Err(Error::Verify(format!(
+            "input '{}' of shape {shape:?} would have {n} values, more than the {MAX_GENERATED} generated inputs may have; choose smaller --dim values or give --inputs",
+            spec.name
+        )));
+    }
     let mut rng = Rng::new(seed ^ fnv1a(spec.name.as_bytes()));
     let values: Vec<f64> = if spec.name.to_ascii_lowercase().contains("mask") {
         vec![1.0; n]
