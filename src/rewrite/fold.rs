@@ -314,10 +314,14 @@ fn is_table(c: &Candidate) -> bool {
     matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization")
 }
 
+/// Rows, spread over the vocabulary, that an output layer and an embedding table must share
+/// (beside the trained tokens' rows) to count as tied.
+const TIE_SAMPLES: usize = 256;
+
 /// Gives the trainable tokens of each embedding table to the output layers tied to it, as
 /// PEFT's tied token adapter does: a linear layer mapping the table's dim to its vocabulary
-/// whose channels at the tokens hold exactly the table's rows (an export keeps tied weights as
-/// two equal copies, or one shared tensor). A layer the adapter gives its own rows is left to
+/// whose channels hold exactly the table's rows, at the tokens and across the vocabulary (an
+/// export keeps tied weights as two equal copies, or one shared tensor). A layer the adapter gives its own rows is left to
 /// them. One shared tensor is changed in place, for all its readers.
 fn tie_token_heads<'a>(
     model: &LoadedModel,
@@ -372,10 +376,20 @@ fn tie_token_heads<'a>(
             if own {
                 continue;
             }
+            // Tied means equal at every token, not just at these: untrained rows (reserved
+            // tokens, often all zero in both) are equal in untied models too. The token rows
+            // and rows spread over the whole vocabulary must all match.
             let w = weights::stored(model, graph, c)?;
+            let spread = (0..TIE_SAMPLES).map(|i| i * table.n_in / TIE_SAMPLES);
             let mut equal = true;
             for (&t, orig) in rows.indices.iter().zip(&originals) {
                 if w.line(true, t)? != *orig {
+                    equal = false;
+                    break;
+                }
+            }
+            for t in spread {
+                if !equal || w.line(true, t)? != table.line(false, t)? {
                     equal = false;
                     break;
                 }
@@ -694,7 +708,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         if m.kind == ModuleKind::Full {
             let alpha = gemm_alpha(model, graph, c);
-            if let Some(mut values) = full_values(&weight, c, m, step.fan_in_fan_out)? {
+            if let Some(mut values) = full_values(&weight, c, m)? {
                 // Gemm computes alpha·x·W: the layer's weight W' is stored as W' / alpha.
                 values.iter_mut().for_each(|v| *v /= alpha);
                 steps.push(OwnedStep::Replace(values));
@@ -914,13 +928,17 @@ fn token_rows(w: &weights::StoredWeight, c: &Candidate, m: &ModuleAdapter) -> Re
     })
 }
 
-/// The values of a whole-tensor replacement (`modules_to_save`, `base_layer.weight`) in the
-/// stored layout; torch gives them as (out, in) for Linear, (in, out) for GPT-2 Conv1D.
+/// The values of a whole-tensor replacement (`modules_to_save`) in the stored layout. torch
+/// gives a Linear's weight as (out, in) and a GPT-2 Conv1D's as (in, out), whatever the
+/// adapter's `fan_in_fan_out` (which is about its LoRA targets). A non-square matrix is placed
+/// by its shape. A square one is kept as it is when the model stores the torch parameter itself
+/// (the initializer has its name); in a copy the exporter made, it goes in the orientation much
+/// nearer the model's weight (a trained copy stays near it, its transpose is unrelated), and
+/// otherwise follows the layout: a MatMul's (in, out) copy is a Linear's weight transposed.
 fn full_values(
     w: &weights::StoredWeight,
     c: &Candidate,
     m: &ModuleAdapter,
-    torch_in_out: bool,
 ) -> Result<Option<Vec<f32>>> {
     let Some(t) = m.full.get("weight") else {
         return Ok(None); // a replaced module's bias is not this weight
@@ -932,15 +950,34 @@ fn full_values(
             m.path, t.shape, c.weight, c.shape
         )));
     }
-    let transpose = c.is_linear()
-        && w.orient == Orientation::InOut
-        && !torch_in_out
-        && t.shape.len() == 2
-        && (t.shape != stored || t.shape[0] == t.shape[1]);
+    if !c.is_linear() || t.shape.len() != 2 || stored.len() != 2 {
+        return Ok(Some(t.data.clone()));
+    }
+    let transposed =
+        || Matrix::new(t.shape[0], t.shape[1], t.data.clone()).map(|m| m.transposed().data);
+    let transpose = if t.shape[0] != t.shape[1] {
+        t.shape != stored
+    } else if c.weight == format!("{}.weight", c.module) {
+        false
+    } else {
+        let base = w.decode()?.values;
+        let dist = |v: &[f32]| -> f64 {
+            v.iter()
+                .zip(&base)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum()
+        };
+        let (kept, flipped) = (dist(&t.data), dist(&transposed()?));
+        if kept < 0.25 * flipped {
+            false
+        } else if flipped < 0.25 * kept {
+            true
+        } else {
+            w.orient == Orientation::InOut
+        }
+    };
     Ok(Some(if transpose {
-        Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
-            .transposed()
-            .data
+        transposed()?
     } else {
         t.data.clone()
     }))

@@ -99,6 +99,15 @@ def main(out):
     save(helper.make_graph([gather, flat, head], "tied", [ids], [logits],
                            [numpy_helper.from_array(f32(16, 8), "E"), shape]),
          os.path.join(out, "tied.onnx"))
+    # untied: lm_head has its own values, equal to the table only at rows 2 and 5 (both zero, like
+    # untrained reserved tokens)
+    e, h = f32(16, 8), f32(16, 8)
+    e[[2, 5]] = 0
+    h[[2, 5]] = 0
+    head_u = helper.make_node("Gemm", ["h", "H"], ["logits"], name="/lm_head/Gemm", transB=1)
+    save(helper.make_graph([gather, flat, head_u], "untied", [ids], [logits],
+                           [numpy_helper.from_array(e, "E"), numpy_helper.from_array(h, "H"), shape]),
+         os.path.join(out, "untied_equal_rows.onnx"))
     hq = rng.integers(0, 255, (16, 1, 8), dtype=np.uint8)
     head_q = helper.make_node("MatMulNBits", ["h", "Hq", "Hs"], ["logits"], name="/lm_head/MatMulNBits",
                               domain="com.microsoft", K=8, N=16, bits=4, block_size=16)
