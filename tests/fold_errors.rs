@@ -455,6 +455,31 @@ fn trainable_tokens_follow_a_tied_output_layer() {
         };
         assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
     }
+    // Equal only at the trained tokens' rows (zero in both): not tied, lm_head stays.
+    let untied = env.p("untied.out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        env.p("untied_equal_rows.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        untied.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("tied embeddings"), "{err}");
+    let init = |path: &Path, name: &str| -> Vec<u8> {
+        let m = onnx_lora::onnx::load(path).unwrap();
+        let g = m.proto.graph.as_ref().unwrap();
+        let t = g.initializer.iter().find(|t| t.name() == name).unwrap();
+        m.tensor_bytes(t).unwrap().to_vec()
+    };
+    let src = env.p("untied_equal_rows.onnx");
+    assert_eq!(init(&untied, "H"), init(&src, "H"), "lm_head untouched");
+    assert_ne!(
+        init(&untied, "E"),
+        init(&src, "E"),
+        "the table took the rows"
+    );
     let o = onnx_lora(&[
         "fold",
         env.p("tied_nbits.onnx").to_str().unwrap(),
@@ -712,6 +737,10 @@ fn adapter_config_values_and_factors_are_checked() {
             "not a number",
         ),
         (
+            with("a10", &|c| c["alpha_pattern"] = serde_json::json!({"(?!x).*fc": 32})),
+            "alpha_pattern key '(?!x).*fc' is not a regular expression onnx-lora can evaluate",
+        ),
+        (
             write_adapter(&env.p("a8"), config(), &[]),
             "holds no adapter tensors",
         ),
@@ -789,4 +818,45 @@ fn no_writer_overwrites_an_adapter_or_model() {
     }
     assert_eq!(std::fs::read(&serving).unwrap(), served);
     assert_eq!(std::fs::read(&weights).unwrap(), before);
+}
+
+/// A whole weight (modules_to_save) comes in torch's layout for its layer, whatever the
+/// adapter's fan_in_fan_out says about its LoRA targets: a Linear's (out, in) goes into a
+/// MatMul's (in, out) weight transposed.
+#[test]
+fn whole_weights_follow_their_layer_not_fan_in_fan_out() {
+    let env = Env::new();
+    let values: Vec<f32> = (0..32).map(|i| i as f32).collect();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["other"], "fan_in_fan_out": true, "modules_to_save": ["fc"]});
+    let ad = write_adapter(
+        &env.p("mts"),
+        cfg,
+        &[("fc.weight", vec![4, 8], values.clone())],
+    );
+    let out = env.p("mts.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    onnx_lora_ok(&["fold", &s(&env.p("linear.onnx")), &s(&ad), "-o", &s(&out)]);
+    let m = onnx_lora::onnx::load(&out).unwrap();
+    let w = m
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "W")
+        .unwrap();
+    let got: Vec<f32> = m
+        .tensor_bytes(w)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    // W [8, 4] (in, out) holds the Linear weight [4, 8] (out, in) transposed.
+    for i in 0..8 {
+        for o in 0..4 {
+            assert_eq!(got[i * 4 + o], values[o * 8 + i], "W[{i}][{o}]");
+        }
+    }
 }

@@ -354,11 +354,17 @@ impl Adapter {
 }
 
 /// The value of the first pattern (file order) matching `path` as `(.*\.)?(KEY)$`.
+/// Keys that do not compile are refused when the config is read.
 pub fn pattern_value(patterns: &[(String, f32)], path: &str) -> Option<f32> {
     patterns.iter().find_map(|(key, v)| {
-        let re = Regex::new(&format!(r"^(.*\.)?({key})$")).ok()?;
+        let re = pattern_regex(key).ok()?;
         re.is_match(path).then_some(*v)
     })
+}
+
+/// PEFT's matching of a pattern key against a module path: `(.*\.)?(KEY)$` from the start.
+fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(.*\.)?({key})$"))
 }
 
 impl AdapterConfig {
@@ -405,6 +411,11 @@ impl AdapterConfig {
                 .ok_or_else(|| format!("{k} is {v}, not an object of module patterns"))?;
             o.iter()
                 .map(|(key, v)| {
+                    if let Err(e) = pattern_regex(key) {
+                        return Err(format!(
+                            "{k} key '{key}' is not a regular expression onnx-lora can evaluate (look-around and back-references are not supported): {e}"
+                        ));
+                    }
                     v.as_f64()
                         .filter(|&x| (x as f32).is_finite())
                         .map(|x| (key.clone(), x as f32))
