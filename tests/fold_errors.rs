@@ -737,7 +737,9 @@ fn adapter_config_values_and_factors_are_checked() {
             "not a number",
         ),
         (
-            with("a10", &|c| c["alpha_pattern"] = serde_json::json!({"(?!x).*fc": 32})),
+            with("a10", &|c| {
+                c["alpha_pattern"] = serde_json::json!({"(?!x).*fc": 32})
+            }),
             "alpha_pattern key '(?!x).*fc' is not a regular expression onnx-lora can evaluate",
         ),
         (
@@ -858,5 +860,77 @@ fn whole_weights_follow_their_layer_not_fan_in_fan_out() {
         for o in 0..4 {
             assert_eq!(got[i * 4 + o], values[o * 8 + i], "W[{i}][{o}]");
         }
+    }
+}
+
+/// lora_bias on a Conv without a bias: the weight form adds s·b per output channel after the
+/// node, like the branch form (onnxruntime runs both; their outputs agree).
+#[test]
+fn weight_form_lora_bias_on_a_biasless_conv_is_per_channel() {
+    let env = Env::new();
+    let mut t = lora("conv", 2 * 3 * 3, 3, 0.1);
+    t[0].1 = vec![2, 2, 3, 3];
+    t[1].1 = vec![3, 2, 1, 1];
+    t.push(("conv.lora_B.bias".into(), vec![3], vec![0.5, -1.0, 2.0]));
+    let mut cfg = config();
+    cfg["lora_bias"] = true.into();
+    cfg["target_modules"] = serde_json::json!(["conv"]);
+    let ad = write_adapter(&env.p("adb"), cfg, &refs(&t));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = env.p("conv_nobias.onnx");
+    for (form, out) in [("branch", "b.onnx"), ("weight", "w.onnx")] {
+        onnx_lora_ok(&[
+            "inject",
+            &s(&model),
+            "--adapter",
+            &s(&ad),
+            "--form",
+            form,
+            "-o",
+            &s(&env.p(out)),
+        ]);
+    }
+    let o = onnx_lora(&[
+        "verify",
+        &s(&env.p("w.onnx")),
+        &s(&env.p("b.onnx")),
+        "--ep",
+        "cpu",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    // and both differ from the base by the bias, per channel
+    let o = onnx_lora(&["verify", &s(&env.p("w.onnx")), &s(&model), "--ep", "cpu"]);
+    assert_eq!(o.status.code(), Some(1));
+    // Folded back, and exported to PEFT then folded, it is the adapter folded.
+    onnx_lora_ok(&["fold", &s(&model), &s(&ad), "-o", &s(&env.p("f.onnx"))]);
+    onnx_lora_ok(&["fold", &s(&env.p("w.onnx")), "-o", &s(&env.p("back.onnx"))]);
+    onnx_lora_ok(&[
+        "export-peft",
+        &s(&env.p("w.onnx")),
+        "-o",
+        &s(&env.p("exported")),
+    ]);
+    onnx_lora_ok(&[
+        "fold",
+        &s(&model),
+        &s(&env.p("exported")),
+        "-o",
+        &s(&env.p("re.onnx")),
+    ]);
+    for other in ["back.onnx", "re.onnx"] {
+        let o = onnx_lora(&[
+            "verify",
+            &s(&env.p(other)),
+            &s(&env.p("f.onnx")),
+            "--ep",
+            "cpu",
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{other}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
     }
 }

@@ -260,11 +260,17 @@ fn plan(
                 "Gemm" => base.attr_f("beta").filter(|b| *b != 0.0).unwrap_or(1.0),
                 _ => 1.0,
             };
-            initializers.push(initializer(&lb_name, &[c.out_features], bias, compute)?);
+            let site = bias_site(model, graph, c, base);
+            // Added after a Conv (which had no bias), b broadcasts per channel: [out, 1, ...].
+            let mut dims = vec![c.out_features];
+            if site.is_none() && c.op == "Conv" {
+                dims.resize(c.shape.len().saturating_sub(1).max(1), 1);
+            }
+            initializers.push(initializer(&lb_name, &dims, bias, compute)?);
             initializers.push(initializer(&bs_name, &[], &[br.scale / beta], compute)?);
             let term = v("bias_scaled", taken);
             pre.push(n("Mul", vec![lb_name, bs_name], &term, BIAS_SCALE, taken));
-            match bias_site(model, graph, c, base) {
+            match site {
                 Some((at, input, value)) => {
                     let value = cast(&mut pre, value, compute, taken);
                     let merged_bias = v("bias_merged", taken);

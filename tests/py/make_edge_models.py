@@ -74,6 +74,13 @@ def main(out):
     save(helper.make_graph([conv], "grouped", [xi], [yo], [numpy_helper.from_array(f32(4, 2, 3, 3), "W")]),
          os.path.join(out, "grouped.onnx"))
 
+    # a plain 3x3 conv without bias; its output's width (5) is not its channel count (3)
+    xc = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 5])
+    yc = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 5])
+    conv_nb = helper.make_node("Conv", ["x", "W"], ["y"], name="/conv/Conv", pads=[1, 1, 1, 1])
+    save(helper.make_graph([conv_nb], "conv_nobias", [xc], [yc], [numpy_helper.from_array(f32(3, 2, 3, 3), "W")]),
+         os.path.join(out, "conv_nobias.onnx"))
+
     ya = helper.make_tensor_value_info("ya", TensorProto.FLOAT, [2, 4])
     yb = helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 4])
     save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["ya"], name="/a/MatMul"),
