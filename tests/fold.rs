@@ -54,6 +54,63 @@ fn folded_models_match_peft_unmerged_forward() {
     );
 }
 
+/// `fold MODEL A B ...` equals PEFT's forward with those adapters all active in that order (a
+/// DoRA adapter rescales what the earlier ones gave, its norm taken on the base plus its own
+/// delta).
+#[test]
+fn several_adapters_match_peft_with_all_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in cases() {
+        for (names, unmerged) in &case.combos {
+            let dirs: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    let ad = case
+                        .adapters
+                        .iter()
+                        .find(|a| &a.name == n)
+                        .expect("combo adapter");
+                    ad.dir.to_str().unwrap().to_string()
+                })
+                .collect();
+            let out = dir.path().join(format!(
+                "{}_{}_{}.onnx",
+                case.model,
+                case.exporter,
+                names.join("+")
+            ));
+            let mut args = vec!["fold", case.onnx.to_str().unwrap()];
+            args.extend(dirs.iter().map(String::as_str));
+            args.extend(["-o", out.to_str().unwrap()]);
+            let what = format!("{} {}", case.label(), names.join("+"));
+            if onnx_lora_or_note(&args, &what, &mut failures).is_none() {
+                continue;
+            }
+            let base = case.base.to_str().unwrap().to_string();
+            let (ok, msg) = ort_compare(
+                &out,
+                &case.inputs,
+                unmerged,
+                case.tol(),
+                &["--differs", &base],
+            );
+            checked += 1;
+            if !ok {
+                failures.push(format!("{what}: {msg}"));
+            }
+        }
+    }
+    assert!(checked >= 6, "only {checked} combos ran");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// The `packed` slices of every `module` record in fold's JSON Lines report.
 fn packed_slices(stdout: &str) -> Vec<serde_json::Value> {
     stdout
@@ -361,4 +418,73 @@ fn json_records_name_token_rows_and_replaced_biases() {
         biases.iter().all(|r| r["bias_replaced"] == true),
         "{biases:?}"
     );
+}
+
+/// Two adapters on one layer: `--verify` stacks their branches in its reference (unique node and
+/// value names, so onnxruntime loads it), but refuses a DoRA one stacked on another (PEFT's order
+/// semantics); a second `inject` onto a layer that already has a branch is refused.
+#[test]
+fn stacked_adapters_in_references_and_second_injects() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let ad = |n: &str| {
+        fixtures()
+            .join("llama/adapters")
+            .join(n)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("two.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        &s(&model),
+        &ad("plain"),
+        &ad("rslora_patterns"),
+        "-o",
+        &s(&out),
+        "--verify",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = dir.path().join("dora.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        &s(&model),
+        &ad("plain"),
+        &ad("dora"),
+        "-o",
+        &s(&out),
+        "--verify",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("one is DoRA") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists());
+    let train = dir.path().join("train.onnx");
+    onnx_lora_ok(&["inject", &s(&model), "-o", &s(&train)]);
+    let again = dir.path().join("again.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        &s(&train),
+        "--adapter",
+        &ad("plain"),
+        "-o",
+        &s(&again),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already has a branch from an earlier inject"),
+        "{err}"
+    );
+    assert!(!again.exists());
 }

@@ -561,7 +561,7 @@ impl LazyTensor for MergePlan {
         let original = (!single).then(|| w.values.clone());
         let mut delta = 0f32;
         let mut all_finite = true;
-        for step in &self.steps {
+        for (k, step) in self.steps.iter().enumerate() {
             match step {
                 OwnedStep::Replace(values) => w.values.clone_from(values),
                 OwnedStep::Dense { lycoris, scale } => {
@@ -598,7 +598,16 @@ impl LazyTensor for MergePlan {
                     delta = d;
                     all_finite &= finite;
                     if let Some(mag) = magnitude {
-                        let norms = out_norms(&w.values, w.orient, w.n_out);
+                        // PEFT's DoRA takes the norm of the base weight plus its own delta,
+                        // and scales everything before it (the base and earlier adapters).
+                        let norms = match &original {
+                            Some(base) if k > 0 => {
+                                let mut own = base.clone();
+                                add_low_rank(&mut own, w.orient, a, b, *scale);
+                                out_norms(&own, w.orient, w.n_out)
+                            }
+                            _ => out_norms(&w.values, w.orient, w.n_out),
+                        };
                         let mut factor = vec![1f32; w.n_out];
                         for ((f, m), n) in factor[cols.clone()]
                             .iter_mut()

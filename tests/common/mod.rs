@@ -125,6 +125,8 @@ pub struct Case {
     pub adapters: Vec<AdapterCase>,
     /// kohya cases: the part of a kohya file (`lora_<part>_*`) the model is (`unet`, `te`).
     pub kohya_part: String,
+    /// Several of the adapters active at once in PEFT, in order, and its unmerged forward.
+    pub combos: Vec<(Vec<String>, PathBuf)>,
 }
 
 #[derive(Clone, Debug)]
@@ -197,6 +199,15 @@ fn manifest_cases(file: &str) -> Vec<Case> {
             inputs: fixtures().join(f(c, "inputs")),
             base: fixtures().join(f(c, "base")),
             kohya_part: f(c, "kohya_part"),
+            combos: c
+                .get("combos")
+                .and_then(|a| a.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| (strings(x, "adapters"), fixtures().join(f(x, "unmerged"))))
+                        .collect()
+                })
+                .unwrap_or_default(),
             adapters: c
                 .get("adapters")
                 .and_then(|a| a.as_array())
@@ -257,6 +268,7 @@ pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>, Vec<serde_json::V
                     .cloned()
                     .collect(),
                 kohya_part: String::new(),
+                combos: Vec::new(),
             };
             assert_eq!(case.adapters.len(), names.len(), "adapters of {model}");
             let packed = o["packed"].as_array().cloned().unwrap_or_default();
