@@ -8,7 +8,7 @@ use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
     FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject, inject_weight,
-    serving_adapter_params, write_whole_values,
+    serving_adapter_params, unbranch::find_all, write_whole_values,
 };
 use onnx_lora::target::{self, TargetSpec};
 
@@ -212,6 +212,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
+    // A layer with a branch already (an earlier inject) takes no second one: fold-back and
+    // export-peft know one branch per layer.
+    let mut probe = model.clone();
+    let (_, existing) = find_all(&mut probe)?;
+    if let Some(br) = branches.iter().find(|b| {
+        existing
+            .iter()
+            .any(|f| f.cand.graph == b.cand.graph && f.cand.node == b.cand.node)
+    }) {
+        anyhow::bail!(
+            "{}: module '{}' ({}) already has a branch from an earlier inject; fold it first (`onnx-lora fold {} -o OUT`) or target other layers",
+            args.model.display(),
+            br.name,
+            br.cand.node,
+            args.model.display()
+        );
+    }
     let reports = match args.form {
         FormArg::Branch => inject(&mut model, &branches, args.as_inputs),
         FormArg::Weight => inject_weight(&mut model, &branches),

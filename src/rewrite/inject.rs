@@ -6,7 +6,7 @@
 //! input whose initializer is an empty default, so onnxruntime can swap adapters at run time
 //! (scale folded into B).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -365,7 +365,23 @@ fn add_branch(
         .and_then(|n| n.output.first().cloned())
         .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
     let y_base = unique_name(&format!("{y}.base"), taken);
-    let nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
+    let mut nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
+    // Node and intermediate value names unique in the model (a layer may already have a branch,
+    // e.g. in the reference of several adapters); the last node still produces y.
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for n in &mut nodes {
+        for i in n.input.iter_mut() {
+            if let Some(r) = renamed.get(i) {
+                i.clone_from(r);
+            }
+        }
+        for o in n.output.iter_mut().filter(|o| **o != y) {
+            let u = unique_name(o, taken);
+            renamed.insert(o.clone(), u.clone());
+            *o = u;
+        }
+        n.name = Some(unique_name(n.name(), taken));
+    }
     gp.node[anchor].output[0] = y_base;
     let at = anchor + 1;
     for (k, n) in nodes.into_iter().enumerate() {
@@ -649,6 +665,8 @@ pub fn unmerged_reference(
     scale: f32,
 ) -> Result<LoadedModel> {
     let mut reference = model.clone();
+    // Layers branched by earlier adapters, and whether one of those branches is DoRA.
+    let mut branched: HashMap<(usize, String), bool> = HashMap::new();
     for (i, adapter) in adapters.iter().enumerate() {
         let w = weights.get(i).copied().unwrap_or(1.0) * scale;
         let (low, _) = write_whole_values(&mut reference, adapter, w)?;
@@ -656,6 +674,18 @@ pub fn unmerged_reference(
         let cands = crate::target::find_candidates(&reference.proto, &graph);
         let (mut branches, _) = adapter_branches(&reference, &graph, &cands, &low, true)?;
         branches.iter_mut().for_each(|b| b.scale *= w);
+        for b in &branches {
+            let dora = b.magnitude.is_some();
+            let key = (b.cand.graph, b.cand.node.clone());
+            if let Some(earlier_dora) = branched.insert(key, dora)
+                && (dora || earlier_dora)
+            {
+                return Err(Error::Usage(format!(
+                    "module '{}': two of the adapters change it and one is DoRA, which in PEFT rescales what the adapters before it added; the branch reference does not model that order",
+                    b.name
+                )));
+            }
+        }
         inject(&mut reference, &branches, false)?;
     }
     Ok(reference)
