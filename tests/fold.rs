@@ -488,3 +488,69 @@ fn stacked_adapters_in_references_and_second_injects() {
     );
     assert!(!again.exists());
 }
+
+/// A layer shared across calls (ALBERT): fold changes its weight once for every call (checked
+/// against PEFT with the other fixtures) and `--verify` builds its reference with a branch per
+/// call; inject, which puts one branch per module, refuses it by name.
+#[test]
+fn shared_layers_fold_and_inject_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases() {
+        for ad in case
+            .adapters
+            .iter()
+            .filter(|a| a.features.iter().any(|f| f == "shared_layer"))
+        {
+            let out = dir.path().join("out.onnx");
+            let o = onnx_lora(&[
+                "fold",
+                case.onnx.to_str().unwrap(),
+                ad.dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--verify",
+                "--json",
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(0), "{}: {err}", case.label());
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            let copies = stdout
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["type"] == "module" && !v["copy"].is_null())
+                .count();
+            assert_eq!(
+                copies,
+                0,
+                "{}: a shared layer's weight changes in place",
+                case.label()
+            );
+            let o = onnx_lora(&[
+                "inject",
+                case.onnx.to_str().unwrap(),
+                "--adapter",
+                ad.dir.to_str().unwrap(),
+                "-o",
+                dir.path().join("inj.onnx").to_str().unwrap(),
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(err.contains("is called 3 times in this export"), "{err}");
+            if case.exporter == "dynamo" {
+                // dynamo names every call alike: fresh branches would be one module per call too
+                let o = onnx_lora(&[
+                    "inject",
+                    case.onnx.to_str().unwrap(),
+                    "-o",
+                    dir.path().join("fresh.onnx").to_str().unwrap(),
+                ]);
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert_eq!(o.status.code(), Some(2), "{err}");
+                assert!(err.contains("is called 3 times in this export"), "{err}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "{checked}");
+}

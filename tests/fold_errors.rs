@@ -934,3 +934,56 @@ fn weight_form_lora_bias_on_a_biasless_conv_is_per_channel() {
         );
     }
 }
+
+/// Options that only shape fresh branches conflict with --adapter (they would be ignored);
+/// --strip-prefix removes whole leading components, and one that strips nothing is an error;
+/// --weight and --scale take negative numbers.
+#[test]
+fn inject_options_are_checked_and_weights_may_be_negative() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for extra in [
+        ["--target", "fc"],
+        ["--rank", "4"],
+        ["--init", "gaussian"],
+        ["--strip-prefix", "f"],
+    ] {
+        let mut args = vec!["--adapter", ad.to_str().unwrap()];
+        args.extend(extra);
+        let err = inject_fails(&env, "linear.onnx", &args);
+        assert!(err.contains("cannot be used with"), "{err}");
+    }
+    let err = inject_fails(&env, "linear.onnx", &["--strip-prefix", "f"]);
+    assert!(
+        err.contains("--strip-prefix 'f' is no leading dotted component"),
+        "{err}"
+    );
+    let out = env.p("neg.onnx");
+    onnx_lora_ok(&[
+        "fold",
+        &s(&env.p("linear.onnx")),
+        &s(&ad),
+        "--weight",
+        "-0.5",
+        "--scale",
+        "-2",
+        "-o",
+        &s(&out),
+    ]);
+    // -0.5 · -2 = 1: the same as folding it plainly
+    onnx_lora_ok(&[
+        "fold",
+        &s(&env.p("linear.onnx")),
+        &s(&ad),
+        "-o",
+        &s(&env.p("plain.onnx")),
+    ]);
+    let o = onnx_lora(&["verify", &s(&out), &s(&env.p("plain.onnx")), "--ep", "cpu"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

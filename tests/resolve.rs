@@ -22,7 +22,11 @@ fn load(case: &Case) -> Vec<Candidate> {
 fn every_adapter_module_resolves_to_one_fitting_weight() {
     let mut resolved = 0;
     for case in cases() {
-        let cands = load(&case);
+        let model = onnx_lora::onnx::load(&case.onnx).unwrap();
+        let graph = ModelGraph::build(&model.proto);
+        let cands = find_candidates(&model.proto, &graph);
+        let same =
+            |a: &Candidate, b: &Candidate| onnx_lora::rewrite::same_values(&model, &graph, a, b);
         for ad in &case.adapters {
             let adapter = Adapter::load(&ad.dir).unwrap();
             // PEFT paths bind as they are; kohya's underscored names to the model's dotted
@@ -55,7 +59,7 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
                 if m.part.is_some() {
                     assert!(ad.targets.iter().any(|t| t == path), "{}: {path}", ad.name);
                 }
-                let found = resolve_module(&cands, path, accept)
+                let found = resolve_module(&cands, path, accept, same)
                     .unwrap_or_else(|e| panic!("{} {}: {e}", case.label(), ad.name));
                 let c = found[0];
                 let n_in: i64 = if c.op == "Conv" {

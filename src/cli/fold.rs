@@ -50,11 +50,16 @@ pub struct Args {
     /// rank, scale), without merging or writing anything.
     #[arg(long, conflicts_with_all = ["output", "verify"])]
     dry_run: bool,
-    /// Weight of each adapter's delta, in adapter order (default 1).
-    #[arg(long = "weight", value_name = "W")]
+    /// Weight of each adapter's delta, in adapter order (default 1; may be negative).
+    #[arg(long = "weight", value_name = "W", allow_negative_numbers = true)]
     weights: Vec<f32>,
-    /// Multiplies every delta.
-    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    /// Multiplies every delta (may be negative).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        value_name = "S",
+        allow_negative_numbers = true
+    )]
     scale: f32,
     /// Warn about adapter modules that match no weight instead of failing.
     #[arg(long)]

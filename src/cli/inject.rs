@@ -51,22 +51,32 @@ pub struct Args {
     /// The base ONNX model.
     model: PathBuf,
     /// Modules to target: regex matching the whole module path or a dotted suffix (repeatable).
-    #[arg(long = "target", short = 't', value_name = "REGEX")]
+    #[arg(
+        long = "target",
+        short = 't',
+        value_name = "REGEX",
+        conflicts_with = "adapter"
+    )]
     targets: Vec<String>,
     /// Rank of fresh branches.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, conflicts_with = "adapter")]
     rank: usize,
     /// LoRA alpha of fresh branches (scale = alpha / rank); default: the rank (scale 1).
-    #[arg(long, value_parser = finite)]
+    #[arg(long, value_parser = finite, conflicts_with = "adapter")]
     alpha: Option<f32>,
     /// Scale alpha / sqrt(rank) instead of alpha / rank.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "adapter")]
     rslora: bool,
     /// Initialisation of A for fresh branches (B starts at zero).
-    #[arg(long, value_enum, default_value = "kaiming")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "kaiming",
+        conflicts_with = "adapter"
+    )]
     init: InitArg,
     /// Seed for fresh branches.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "adapter")]
     seed: u64,
     /// Take the branch weights from this PEFT adapter or kohya LoRA file (targets: its modules).
     #[arg(long, value_name = "ADAPTER")]
@@ -92,8 +102,9 @@ pub struct Args {
     /// keeps up to ~3x the model's size in memory (see README, "Serving cost").
     #[arg(long, value_enum, default_value = "branch")]
     form: FormArg,
-    /// Remove this prefix from resolved module paths when naming fresh branches.
-    #[arg(long, value_name = "PREFIX")]
+    /// Remove these leading dotted components (e.g. `model` or `base.model`) from resolved
+    /// module paths when naming fresh branches; an error if no targeted path starts with them.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "adapter")]
     strip_prefix: Option<String>,
     /// Where to write the model (atomically; the input is never modified).
     #[arg(short, long)]
@@ -212,6 +223,25 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
+    // One branch per module: a module called several times (a layer shared across calls) would
+    // get one per call, which fold-back and export-peft cannot take back as one module.
+    if let Some(br) = branches
+        .iter()
+        .find(|b| branches.iter().filter(|o| o.name == b.name).count() > 1)
+    {
+        let nodes: Vec<&str> = branches
+            .iter()
+            .filter(|o| o.name == br.name)
+            .map(|o| o.cand.node.as_str())
+            .collect();
+        anyhow::bail!(
+            "{}: module '{}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
+            args.model.display(),
+            br.name,
+            nodes.len(),
+            nodes.join(", ")
+        );
+    }
     // A layer with a branch already (an earlier inject) takes no second one: fold-back and
     // export-peft know one branch per layer.
     let mut probe = model.clone();

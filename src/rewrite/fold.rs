@@ -137,7 +137,8 @@ pub fn fold(
     let graph = ModelGraph::build(&model.proto);
     let cands = find_candidates(&model.proto, &graph);
     let mut report = FoldReport::default();
-    let mut jobs = plan(&cands, adapters, opts, &mut report)?;
+    let same = |a: &Candidate, b: &Candidate| weights::same_values(model, &graph, a, b);
+    let mut jobs = plan(&cands, adapters, opts, &mut report, same)?;
     tie_token_heads(model, &graph, &cands, &mut jobs, &mut report)?;
     execute(model, &graph, &jobs, &mut report)?;
     Ok(report)
@@ -229,6 +230,7 @@ fn plan<'a>(
     adapters: &'a [Adapter],
     opts: &FoldOptions,
     report: &mut FoldReport,
+    same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<Job<'a>>> {
     let mut jobs: Vec<Job<'a>> = Vec::new();
     let mut unmatched = Vec::new();
@@ -250,14 +252,21 @@ fn plan<'a>(
                 });
             }
             let accept = |c: &Candidate| super::accepts(module, c);
-            let found: Vec<(&Candidate, Option<usize>)> = match resolve_module(cands, path, accept)
-            {
-                Ok(found) => found.into_iter().map(|c| (c, None)).collect(),
+            let found: Vec<(Candidate, Option<usize>)> = match resolve_module(
+                cands,
+                path,
+                accept,
+                &same_values,
+            ) {
+                Ok(found) => one_write_per_weight(found)
+                    .into_iter()
+                    .map(|c| (c, None))
+                    .collect(),
                 Err(e) => match packed::resolve(cands, path) {
                     Some(Ok((c, role)))
                         if is_linear_lora(module) || module.kind == ModuleKind::Full =>
                     {
-                        vec![(c, Some(role))]
+                        vec![(c.clone(), Some(role))]
                     }
                     Some(Err(pe)) => {
                         unmatched.push(format!("{} ({pe})", module.keys.join(", ")));
@@ -305,6 +314,31 @@ fn plan<'a>(
         report.unmatched = unmatched;
     }
     Ok(jobs)
+}
+
+/// The calls of one module that read one shared weight, and are all its readers, change it
+/// once in place (a layer shared across calls, as ALBERT's): the first call stands for them,
+/// no longer counted as shared. Copies with equal values (dynamo's) each change.
+fn one_write_per_weight(found: Vec<&Candidate>) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for c in &found {
+        let calls: Vec<&str> = found
+            .iter()
+            .filter(|f| f.source.is_some() && f.source == c.source)
+            .map(|f| f.node.as_str())
+            .collect();
+        let all_readers =
+            calls.len() > 1 && c.shared_with.iter().all(|r| calls.contains(&r.as_str()));
+        if !all_readers {
+            out.push((*c).clone());
+        } else if !out.iter().any(|o| o.source == c.source) {
+            let mut first = (*c).clone();
+            first.shared = false;
+            first.shared_with.clear();
+            out.push(first);
+        }
+    }
+    out
 }
 
 /// Candidates whose rows are an embedding table's (`Gather`, onnxruntime's

@@ -75,6 +75,17 @@ pub fn fresh_branches(
     seed: u64,
     strip_prefix: Option<&str>,
 ) -> Result<Vec<BranchSpec>> {
+    if let Some(p) = strip_prefix
+        && let Some(c) = cands.first()
+        && cands
+            .iter()
+            .all(|c| branch_name(c, strip_prefix) == branch_name(c, None))
+    {
+        return Err(Error::Usage(format!(
+            "--strip-prefix '{p}' is no leading dotted component of any targeted module path (e.g. '{}')",
+            branch_name(c, None)
+        )));
+    }
     let scale = if rslora {
         alpha / (rank as f32).sqrt()
     } else {
@@ -158,11 +169,21 @@ pub fn adapter_branches(
                 ),
             });
         }
-        let found = match resolve_module(cands, path, |c| super::accepts(m, c) && c.branchable()) {
+        let same = |a: &Candidate, b: &Candidate| super::weights::same_values(model, graph, a, b);
+        let found = match resolve_module(
+            cands,
+            path,
+            |c| super::accepts(m, c) && c.branchable(),
+            same,
+        ) {
             Ok(f) => f,
             Err(_)
-                if let Ok(found) =
-                    resolve_module(cands, path, |c| super::accepts(m, c) && !c.branchable()) =>
+                if let Ok(found) = resolve_module(
+                    cands,
+                    path,
+                    |c| super::accepts(m, c) && !c.branchable(),
+                    same,
+                ) =>
             {
                 let c = found[0];
                 return Err(Error::Target(format!(
@@ -230,12 +251,9 @@ fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
     } else {
         c.module.clone()
     };
-    match strip_prefix {
-        Some(p) => base
-            .strip_prefix(p)
-            .map(|s| s.trim_start_matches('.').to_string())
-            .unwrap_or(base),
-        None => base,
+    match strip_prefix.and_then(|p| base.strip_prefix(p.trim_end_matches('.'))) {
+        Some(rest) if rest.starts_with('.') => rest[1..].to_string(),
+        _ => base,
     }
 }
 

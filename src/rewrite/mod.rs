@@ -22,6 +22,7 @@ pub use inject::{
 };
 pub use unbranch::{count_injected, fold_branches};
 pub use weight_form::inject_weight;
+pub use weights::same_values;
 
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};

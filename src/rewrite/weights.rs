@@ -40,6 +40,22 @@ pub fn tensor<'m>(
         .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))
 }
 
+/// Whether two candidates' weights hold the same values (one tensor, or equal copies: an
+/// exporter's copy of a weight per call of a shared layer).
+pub fn same_values(model: &LoadedModel, graph: &ModelGraph, a: &Candidate, b: &Candidate) -> bool {
+    if a.source == b.source {
+        return true;
+    }
+    let bytes = |c: &Candidate| {
+        let t = tensor(&model.proto, graph, c).ok()?;
+        Some((t.dims.clone(), t.data_type(), model.tensor_bytes(t).ok()?))
+    };
+    match (bytes(a), bytes(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// A candidate's stored weight, not yet decoded: its bytes are a zero-copy slice.
 #[derive(Clone)]
 pub struct StoredWeight {

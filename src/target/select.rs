@@ -104,12 +104,16 @@ pub fn select<'a>(
 const ALIASES: [(&str, &str); 2] = [("self_attn", "attn"), ("attn", "self_attn")];
 
 /// The candidates that a PEFT module path (without `base_model.model.`) adapts, among those
-/// `accept` allows (by op kind). All returned candidates share one weight; zero matches, or
-/// matches on different weights, is an error that lists what was found.
+/// `accept` allows (by op kind): every call of the module. A module called several times (a
+/// layer shared across calls, as ALBERT's) has a node per call; TorchScript suffixes the later
+/// calls' scopes `_1`, `_2`, and they read the same weight. The calls read one weight, or copies
+/// with equal values (`same_values`, which dynamo exports make); zero matches, or matches on
+/// different weights, is an error that lists what was found.
 pub fn resolve_module<'a>(
     cands: &'a [Candidate],
     path: &str,
     accept: impl Fn(&Candidate) -> bool,
+    same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<&'a Candidate>> {
     let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
     let by = |p: &str| -> Vec<&'a Candidate> {
@@ -167,8 +171,22 @@ pub fn resolve_module<'a>(
             )
         }));
     }
-    let first = found[0].source.clone();
-    if found.iter().any(|c| c.source != first) {
+    let first = found[0];
+    if first.source.is_some() {
+        let call = without_call_suffixes(&first.module);
+        for c in &pool {
+            if c.source == first.source
+                && !found.iter().any(|f| std::ptr::eq(*f, *c))
+                && without_call_suffixes(&c.module) == call
+            {
+                found.push(c);
+            }
+        }
+    }
+    if found
+        .iter()
+        .any(|c| c.source != first.source && !same_values(first, c))
+    {
         let list: Vec<String> = found
             .iter()
             .map(|c| format!("{} ({} {}, weight {})", c.module, c.op, c.node, c.weight))
@@ -180,6 +198,22 @@ pub fn resolve_module<'a>(
         )));
     }
     Ok(found)
+}
+
+/// A module path with TorchScript's call suffixes (`query_1` for the second call of `query`)
+/// taken off each component.
+fn without_call_suffixes(path: &str) -> String {
+    path.split('.')
+        .map(|part| match part.rsplit_once('_') {
+            Some((stem, n))
+                if !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                stem
+            }
+            _ => part,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[cfg(test)]
