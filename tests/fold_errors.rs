@@ -987,3 +987,27 @@ fn inject_options_are_checked_and_weights_may_be_negative() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// export-peft refuses what PEFT could not load: a serving model's rank-0 default factors.
+#[test]
+fn export_peft_refuses_a_serving_models_empty_factors() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let serving = env.p("serving.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "--as-inputs",
+        "-o",
+        &s(&serving),
+    ]);
+    let out = env.p("exported");
+    let o = onnx_lora(&["export-peft", &s(&serving), "-o", &s(&out)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("serving.onnx") && err.contains("rank-0 factors"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

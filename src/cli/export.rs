@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{export_peft, serving_adapter_params};
@@ -77,7 +79,8 @@ pub struct PeftArgs {
 
 pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
-    let report = export_peft(&model, &args.output)?;
+    let report =
+        export_peft(&model, &args.output).with_context(|| args.model.display().to_string())?;
     if args.json {
         json_line("report", &report)?;
     } else {

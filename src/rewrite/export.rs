@@ -50,6 +50,26 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         let (Some(a), Some(b)) = (&m.a, &m.b) else {
             continue;
         };
+        // What PEFT could not load is refused here: no factors (a serving model's empty
+        // defaults), factors that do not fit the layer or each other, a non-finite scale.
+        if m.rank() == 0 {
+            return Err(Error::Target(format!(
+                "module '{}': its branch has rank-0 factors (an `inject --as-inputs` serving model's empty defaults), so there is nothing trained to export",
+                m.path
+            )));
+        }
+        super::factors(
+            m,
+            &f.cand,
+            super::inject::factor_in(&f.cand),
+            f.cand.out_features.max(0) as usize,
+        )?;
+        if !f.scale.is_finite() || f.scale == 0.0 {
+            return Err(Error::Target(format!(
+                "module '{}': its branch scale is {} (lora_alpha cannot be recovered from it)",
+                m.path, f.scale
+            )));
+        }
         let (ka, kb) = if f.cand.op == "Gather" {
             ("lora_embedding_A", "lora_embedding_B")
         } else {

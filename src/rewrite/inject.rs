@@ -237,7 +237,7 @@ fn spec_from_module(
 }
 
 /// Columns of A: input features, times the kernel size for convolutions.
-fn factor_in(c: &Candidate) -> usize {
+pub(super) fn factor_in(c: &Candidate) -> usize {
     if c.op == "Conv" {
         c.shape[1..].iter().product::<i64>().max(0) as usize
     } else {
