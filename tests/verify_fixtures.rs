@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 
 fn code(args: &[&str]) -> (Option<i32>, String) {
@@ -179,4 +181,72 @@ fn fold_verify_covers_whole_replacements() {
         assert_eq!(c, Some(0), "{text}");
         assert!(text.contains("PASS") && out.exists(), "{text}");
     }
+}
+
+#[test]
+fn verify_references_are_named_not_their_scratch_files() {
+    // fold --verify and inject --adapter --verify build their reference in a scratch file that
+    // is gone afterwards: the report names what the reference is.
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    let ad = case.adapters.iter().find(|a| a.name == "plain").unwrap();
+    let (m, a) = (case.onnx.to_str().unwrap(), ad.dir.to_str().unwrap());
+    let out = dir.path().join("out.onnx");
+    let o = out.to_str().unwrap();
+    for (args, label) in [
+        (
+            vec!["fold", m, a, "-o", o, "--verify", "--ep", "cpu"],
+            "the unmerged reference (base + adapters as branches)",
+        ),
+        (
+            vec![
+                "inject",
+                m,
+                "--adapter",
+                a,
+                "-o",
+                o,
+                "--verify",
+                "--ep",
+                "cpu",
+            ],
+            "the reference (base with the adapter folded in)",
+        ),
+    ] {
+        let (c, text) = code(&args);
+        assert_eq!(c, Some(0), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("{label}: cpu, ")) && !text.contains("reference.onnx"),
+            "{args:?}: {text}"
+        );
+        let mut json = args.clone();
+        json.push("--json");
+        let text = onnx_lora_ok(&json);
+        let verdict: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(verdict["type"], "verdict", "{text}");
+        assert_eq!(verdict["models"][1]["model"], label, "{text}");
+        assert_eq!(verdict["models"][0]["model"], o, "{text}");
+    }
+    // Folding branches back compares with the input model itself: named by its path.
+    let injected = dir.path().join("injected.onnx");
+    onnx_lora_ok(&["inject", m, "--rank", "2", "-o", injected.to_str().unwrap()]);
+    let text = onnx_lora_ok(&[
+        "fold",
+        injected.to_str().unwrap(),
+        "-o",
+        o,
+        "--verify",
+        "--ep",
+        "cpu",
+    ]);
+    assert!(
+        text.contains(&format!("{}: cpu, ", injected.display()))
+            && !text.contains("reference.onnx"),
+        "{text}"
+    );
+    assert!(Path::new(o).exists());
 }

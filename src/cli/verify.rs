@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use onnx_lora::verify::{self, Ep, OutputComparison, VerifyOptions, VerifyReport};
 use serde::Serialize;
 
@@ -105,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         runs: args.runs,
         ort_lib: args.ort_lib,
         adapters: args.adapters,
+        reference_label: None,
     };
     let report = match (&args.b, &args.expect) {
         (_, Some(expected)) => verify::verify_expected(&args.a, expected, &opts)?,
@@ -173,10 +175,7 @@ fn print_text(r: &VerifyReport) {
         let plural = if m.runs == 1 { "" } else { "s" };
         println!(
             "{}: {}, {:.3} ms per run ({} run{plural})",
-            m.model.display(),
-            m.ep,
-            m.mean_ms,
-            m.runs
+            m.model, m.ep, m.mean_ms, m.runs
         );
     }
     let failed = r.outputs.iter().filter(|o| !o.passed).count();
@@ -239,23 +238,39 @@ pub(super) fn check(
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
+    check_labeled(model, reference, None, runtime, json)
+}
+
+/// `check`, with messages naming the reference by `label` instead of its path.
+fn check_labeled(
+    model: &std::path::Path,
+    reference: &std::path::Path,
+    label: Option<&str>,
+    runtime: &RuntimeArgs,
+    json: bool,
+) -> anyhow::Result<u8> {
     let opts = VerifyOptions {
         ep: runtime.ep,
         ort_lib: runtime.ort_lib.clone(),
+        reference_label: label.map(str::to_string),
         ..VerifyOptions::default()
     };
     verdict(&verify::verify_models(model, reference, &opts)?, json)
 }
 
-/// `check` against a model in memory: written to a scratch folder first (runtimes take paths).
+/// `check` against a model in memory, written to a scratch folder first (runtimes take paths)
+/// that is gone when this returns: messages name it by `label` (what the reference is), never
+/// by that path.
 pub(super) fn check_against(
     model: &std::path::Path,
     reference: &onnx_lora::onnx::LoadedModel,
+    label: &str,
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("reference.onnx");
-    onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())?;
-    check(model, &path, runtime, json)
+    onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())
+        .with_context(|| format!("--verify: writing {label}"))?;
+    check_labeled(model, &path, Some(label), runtime, json)
 }

@@ -67,19 +67,26 @@ pub trait Backend {
 
 /// Opens `model` on `ep`. With `Auto`, a missing onnxruntime library means tract (said in
 /// `notes`), and a CUDA EP that does not register means CPU.
+///
+/// `label` names the model in messages (its path, or a description of a temporary file).
 pub fn open(
     model: &Path,
+    label: &str,
     ep: Ep,
     ort_lib: Option<&Path>,
     notes: &mut Vec<String>,
 ) -> Result<Box<dyn Backend>> {
     if ep == Ep::Tract {
-        return Ok(Box::new(super::tract::TractBackend::open(model, false)?));
+        return Ok(Box::new(super::tract::TractBackend::open(
+            model, label, false,
+        )?));
     }
-    match open_ort(model, ep, ort_lib, notes) {
+    match open_ort(model, label, ep, ort_lib, notes) {
         Err(OrtOpenError::NoLibrary(reason)) if ep == Ep::Auto => {
             notes.push(format!("{reason}; using the embedded tract backend"));
-            Ok(Box::new(super::tract::TractBackend::open(model, true)?))
+            Ok(Box::new(super::tract::TractBackend::open(
+                model, label, true,
+            )?))
         }
         Err(OrtOpenError::NoLibrary(reason)) => Err(Error::Backend(reason)),
         Err(OrtOpenError::Other(e)) => Err(e),
@@ -98,6 +105,7 @@ enum OrtOpenError {
 #[cfg(feature = "ort")]
 fn open_ort(
     model: &Path,
+    label: &str,
     ep: Ep,
     ort_lib: Option<&Path>,
     notes: &mut Vec<String>,
@@ -108,7 +116,7 @@ fn open_ort(
         Err(e) => return Err(OrtOpenError::Other(e)),
         Ok(_) => {}
     }
-    o::OrtBackend::open(model, ep, ort_lib, notes)
+    o::OrtBackend::open(model, label, ep, ort_lib, notes)
         .map(|b| Box::new(b) as Box<dyn Backend>)
         .map_err(OrtOpenError::Other)
 }
@@ -116,6 +124,7 @@ fn open_ort(
 #[cfg(not(feature = "ort"))]
 fn open_ort(
     _: &Path,
+    _: &str,
     _: Ep,
     _: Option<&Path>,
     _: &mut Vec<String>,

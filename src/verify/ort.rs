@@ -186,13 +186,16 @@ pub struct OrtBackend {
 impl OrtBackend {
     /// Opens `model` on `ep` (`Auto`: CUDA when it registers and the session builds, else CPU;
     /// `Cuda`: CUDA or an error). Reasons for falling back to CPU are pushed to `notes`.
+    /// `label` names the model in messages.
     pub fn open(
         model: &Path,
+        label: &str,
         ep: Ep,
         ort_lib: Option<&Path>,
         notes: &mut Vec<String>,
     ) -> Result<Self> {
         let env = environment(ort_lib)?;
+        let named = Named { path: model, label };
         if matches!(ep, Ep::Auto | Ep::Cuda) {
             match cuda_session(env, model) {
                 Ok(session) => {
@@ -202,21 +205,40 @@ impl OrtBackend {
                         run_options: None,
                     });
                 }
-                Err(e) if ep == Ep::Cuda => return Err(e.into_error(model)),
+                Err(e) if ep == Ep::Cuda => return Err(e.into_error(&named)),
                 Err(e) => notes.push(format!(
                     "CUDA execution provider not available ({}); running on onnxruntime's CPU",
-                    e.reason()
+                    named.relabel(&e.reason())
                 )),
             }
         }
         let session = builder(env)?
             .commit_from_file(model)
-            .map_err(|e| session_error(model, "CPU", e))?;
+            .map_err(|e| session_error(&named, "CPU", e))?;
         Ok(OrtBackend {
             session,
             ep: Ep::Cpu,
             run_options: None,
         })
+    }
+}
+
+/// A model's path and how messages name it.
+struct Named<'a> {
+    path: &'a Path,
+    label: &'a str,
+}
+
+impl Named<'_> {
+    /// onnxruntime's message with the model's path (which it quotes, e.g. when loading fails)
+    /// replaced by its label.
+    fn relabel(&self, msg: &str) -> String {
+        let path = self.path.to_string_lossy();
+        if path.is_empty() || path == self.label {
+            msg.to_string()
+        } else {
+            msg.replace(&*path, self.label)
+        }
     }
 }
 
@@ -229,10 +251,11 @@ fn builder(env: &Environment) -> Result<SessionBuilder> {
         .map_err(|e| Error::Backend(format!("onnxruntime: {e}")))
 }
 
-fn session_error(model: &Path, ep: &str, e: impl std::fmt::Display) -> Error {
+fn session_error(model: &Named, ep: &str, e: impl std::fmt::Display) -> Error {
     Error::Backend(format!(
-        "{}: onnxruntime could not load the model on {ep}: {e}",
-        model.display()
+        "{}: onnxruntime could not load the model on {ep}: {}",
+        model.label,
+        model.relabel(&e.to_string())
     ))
 }
 
@@ -254,7 +277,7 @@ impl CudaFailure {
         }
     }
 
-    fn into_error(self, model: &Path) -> Error {
+    fn into_error(self, model: &Named) -> Error {
         match self {
             CudaFailure::Register(e) => Error::Backend(format!(
                 "the CUDA execution provider could not be registered ({e}); it needs onnxruntime-gpu (pip install onnxruntime-gpu) with a matching CUDA runtime and cuDNN, and an NVIDIA driver"

@@ -2,7 +2,7 @@
 //! all of ONNX (no bfloat16, few contrib ops); when it cannot run a model the error says so and
 //! points at onnxruntime (`--ep cpu`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -15,7 +15,8 @@ use super::tensor::{ArrayData, Tensors};
 
 /// A model loaded in tract; the runnable plan is made for the feeds' concrete shapes.
 pub struct TractBackend {
-    path: PathBuf,
+    /// How messages name the model (its path, or a description of a temporary file).
+    label: String,
     /// Consumed by `prepare` (optimizing takes the model by value).
     model: Option<InferenceModel>,
     inputs: Vec<String>,
@@ -31,29 +32,29 @@ const HINT_CHOSEN: &str = "try onnxruntime (--ep cpu)";
 const HINT_FALLBACK: &str = "onnxruntime may (--ep cpu), but no onnxruntime library was found: install one with `pip install onnxruntime` or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime.so";
 
 impl TractBackend {
-    /// Loads the model from its path; `fallback` says tract stands in for a missing
-    /// onnxruntime (errors then say how to get onnxruntime).
-    pub fn open(path: &Path, fallback: bool) -> Result<Self> {
+    /// Loads the model from its path; `label` names it in messages; `fallback` says tract
+    /// stands in for a missing onnxruntime (errors then say how to get onnxruntime).
+    pub fn open(path: &Path, label: &str, fallback: bool) -> Result<Self> {
         let hint = if fallback { HINT_FALLBACK } else { HINT_CHOSEN };
         let model = tract_onnx::onnx()
             .model_for_path(path)
-            .map_err(|e| unsupported(path, &e, hint))?;
+            .map_err(|e| unsupported(label, &e, hint))?;
         let name_of = |o: &OutletId| {
             model
                 .outlet_label(*o)
                 .unwrap_or(&model.node(o.node).name)
                 .to_string()
         };
-        let inputs = inputs_or_outputs(path, model.input_outlets(), hint)?
+        let inputs = inputs_or_outputs(label, model.input_outlets(), hint)?
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect();
-        let outputs = inputs_or_outputs(path, model.output_outlets(), hint)?
+        let outputs = inputs_or_outputs(label, model.output_outlets(), hint)?
             .iter()
             .map(name_of)
             .collect();
         Ok(TractBackend {
-            path: path.to_path_buf(),
+            label: label.to_string(),
             model: Some(model),
             inputs,
             outputs,
@@ -63,22 +64,21 @@ impl TractBackend {
     }
 
     fn err(&self, e: &anyhow::Error) -> Error {
-        unsupported(&self.path, e, self.hint)
+        unsupported(&self.label, e, self.hint)
     }
 }
 
 fn inputs_or_outputs<'m>(
-    path: &Path,
+    label: &str,
     r: TractResult<&'m [OutletId]>,
     hint: &str,
 ) -> Result<&'m [OutletId]> {
-    r.map_err(|e| unsupported(path, &e, hint))
+    r.map_err(|e| unsupported(label, &e, hint))
 }
 
-fn unsupported(path: &Path, e: &anyhow::Error, hint: &str) -> Error {
+fn unsupported(label: &str, e: &anyhow::Error, hint: &str) -> Error {
     Error::Backend(format!(
-        "{}: tract cannot run this model: {}; {hint}",
-        path.display(),
+        "{label}: tract cannot run this model: {}; {hint}",
         format!("{e:#}").replace('\n', " ")
     ))
 }
@@ -97,16 +97,14 @@ impl Backend for TractBackend {
         let Some(mut model) = self.model.take() else {
             return Err(Error::Verify(format!(
                 "{}: tract was prepared for other input shapes",
-                self.path.display()
+                self.label
             )));
         };
         for (i, arr) in ordered.iter().enumerate() {
             let dt = datum_type(arr.dtype).ok_or_else(|| {
                 Error::Backend(format!(
                     "{}: tract has no {} tensors; {}",
-                    self.path.display(),
-                    arr.dtype,
-                    self.hint
+                    self.label, arr.dtype, self.hint
                 ))
             })?;
             let fact = InferenceFact::dt_shape(dt, arr.shape.clone());
