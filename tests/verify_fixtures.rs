@@ -1,6 +1,7 @@
 //! `verify` and `--verify` on the real exports: each fixture passes against itself and against
 //! PEFT's stored base outputs on onnxruntime and tract (so the two agree), fails against the
-//! same model with an adapter merged in, and fold / inject `--verify` report PASS.
+//! same model with an adapter merged in, and fold / inject `--verify` report PASS. A tract
+//! panic is a one-line error naming the model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,6 +9,26 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use onnx_lora::onnx::DataType;
+use onnx_lora::verify::ArrayData;
+use onnx_lora::verify::npz::write_npz;
+
+/// Asserts a one-line error (exit 2, nothing on stdout) containing each of `want`; returns
+/// stderr.
+fn one_line_error(args: &[&str], want: &[&str]) -> String {
+    let o = onnx_lora(args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    assert!(out.is_empty(), "{args:?}: {out}");
+    for w in want {
+        assert!(err.contains(w), "{args:?}: no '{w}' in {err}");
+    }
+    err
+}
 
 fn code(args: &[&str]) -> (Option<i32>, String) {
     let o = onnx_lora(args);
@@ -181,6 +202,36 @@ fn fold_verify_covers_whole_replacements() {
         assert_eq!(c, Some(0), "{text}");
         assert!(text.contains("PASS") && out.exists(), "{text}");
     }
+}
+
+#[test]
+fn out_of_range_ids_are_one_line_errors_naming_the_model() {
+    // fixtures/llama/dynamo has a vocabulary of 128 and takes [1, 8] ids and mask: id 1000 is
+    // beyond its embedding table. tract panics on it.
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids1000.npz");
+    write_npz(
+        &ids,
+        &[
+            (
+                "input_ids".into(),
+                ArrayData::from_f64(DataType::Int64, vec![1, 8], &[1000.0; 8]).unwrap(),
+            ),
+            (
+                "attention_mask".into(),
+                ArrayData::from_f64(DataType::Int64, vec![1, 8], &[1.0; 8]).unwrap(),
+            ),
+        ],
+    )
+    .unwrap();
+    let f = ids.to_str().unwrap();
+    let err = one_line_error(
+        &["verify", m, m, "--inputs", f, "--ep", "tract"],
+        &[&format!("tract failed on {m}: ")],
+    );
+    assert!(!err.contains("panicked at"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,10 @@
 //! The embedded backend: tract, pure Rust, nothing to install. It covers common ops but not
 //! all of ONNX (no bfloat16, few contrib ops); when it cannot run a model the error says so and
 //! points at onnxruntime (`--ep cpu`).
+//!
+//! tract panics on some inputs (a Gather index beyond its table, for one): loading, optimizing
+//! and running are each caught ([`guarded`]) and the panic becomes an error naming the model,
+//! with Rust's panic message kept off stderr.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,8 +40,7 @@ impl TractBackend {
     /// stands in for a missing onnxruntime (errors then say how to get onnxruntime).
     pub fn open(path: &Path, label: &str, fallback: bool) -> Result<Self> {
         let hint = if fallback { HINT_FALLBACK } else { HINT_CHOSEN };
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
+        let model = guarded(label, hint, || tract_onnx::onnx().model_for_path(path))?
             .map_err(|e| unsupported(label, &e, hint))?;
         let name_of = |o: &OutletId| {
             model
@@ -83,6 +86,46 @@ fn unsupported(label: &str, e: &anyhow::Error, hint: &str) -> Error {
     ))
 }
 
+/// Runs `f` (a call into tract), turning a panic into an error naming the model, with nothing
+/// printed for it: see [`quiet_panics`].
+fn guarded<T>(label: &str, hint: &str, f: impl FnOnce() -> T) -> Result<T> {
+    quiet_panics();
+    QUIET.set(true);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.set(false);
+    result.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Error::Backend(format!(
+            "tract failed on {label}: {}; {hint}",
+            msg.replace('\n', " ")
+        ))
+    })
+}
+
+thread_local! {
+    /// Set while this thread is inside [`guarded`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the panic hook, once per process, so that a panic on a thread inside [`guarded`]
+/// prints nothing (the default hook would print the message and a backtrace hint on stderr);
+/// every other panic goes to the previous hook as before.
+fn quiet_panics() {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.get() {
+                previous(info);
+            }
+        }));
+    });
+}
+
 impl Backend for TractBackend {
     fn ep(&self) -> Ep {
         Ep::Tract
@@ -110,10 +153,10 @@ impl Backend for TractBackend {
             let fact = InferenceFact::dt_shape(dt, arr.shape.clone());
             model.set_input_fact(i, fact).map_err(|e| self.err(&e))?;
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| self.err(&e))?;
+        let plan = guarded(&self.label, self.hint, || {
+            model.into_optimized().and_then(|m| m.into_runnable())
+        })?
+        .map_err(|e| self.err(&e))?;
         self.plan = Some((shapes, plan));
         Ok(())
     }
@@ -128,7 +171,8 @@ impl Backend for TractBackend {
         let Some((_, plan)) = &self.plan else {
             return Err(Error::Verify("tract plan missing".into()));
         };
-        let outs = plan.run(inputs).map_err(|e| self.err(&e))?;
+        let outs =
+            guarded(&self.label, self.hint, || plan.run(inputs))?.map_err(|e| self.err(&e))?;
         self.outputs
             .iter()
             .zip(outs)
