@@ -1,7 +1,7 @@
 //! `verify` and `--verify` on the real exports: each fixture passes against itself and against
 //! PEFT's stored base outputs on onnxruntime and tract (so the two agree), fails against the
-//! same model with an adapter merged in, and fold / inject `--verify` report PASS. A tract
-//! panic is a one-line error naming the model.
+//! same model with an adapter merged in, and fold / inject `--verify` report PASS. Runtime
+//! failures (a tract panic, an onnxruntime run error) are one-line errors naming the model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -207,7 +207,7 @@ fn fold_verify_covers_whole_replacements() {
 #[test]
 fn out_of_range_ids_are_one_line_errors_naming_the_model() {
     // fixtures/llama/dynamo has a vocabulary of 128 and takes [1, 8] ids and mask: id 1000 is
-    // beyond its embedding table. tract panics on it.
+    // beyond its embedding table. tract panics on it, onnxruntime fails the run.
     let model = fixtures().join("llama/dynamo/model.onnx");
     let m = model.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -232,6 +232,27 @@ fn out_of_range_ids_are_one_line_errors_naming_the_model() {
         &[&format!("tract failed on {m}: ")],
     );
     assert!(!err.contains("panicked at"), "{err}");
+    // onnxruntime's own logger prints nothing: the one line is ours, naming the model.
+    let err = one_line_error(
+        &["verify", m, m, "--inputs", f, "--ep", "cpu"],
+        &[&format!("{m}: onnxruntime failed to run the model: ")],
+    );
+    assert!(!err.contains('\x1b'), "no coloured log line: {err}");
+}
+
+#[test]
+fn onnxruntime_run_errors_are_one_line_naming_the_model() {
+    // The genai model's KV cache dim is symbolic: at its default of 1 the run fails inside
+    // onnxruntime, which must not log its own (coloured) line.
+    let model = fixtures().join("llama_genai/model.onnx");
+    let m = model.to_str().unwrap();
+    let err = one_line_error(
+        &["verify", m, m, "--ep", "cpu"],
+        &[&format!("{m}: onnxruntime failed to run the model")],
+    );
+    assert!(!err.contains('\x1b'), "{err}");
+    let (c, out) = code(&["verify", m, m, "--ep", "cpu", "--dim", "kv_cache_dim=16"]);
+    assert_eq!(c, Some(0), "{out}");
 }
 
 #[test]

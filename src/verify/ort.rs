@@ -11,6 +11,10 @@
 //!
 //! Models are opened from their path (`commit_from_file`), never from a copy in memory: a
 //! large model is not held twice.
+//!
+//! onnxruntime's own logger is set to print nothing below Fatal (environment, sessions and
+//! runs): its errors come back as values and are reported once, in the CLI's one line, naming
+//! the model.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +35,10 @@ use super::tensor::{ArrayData, Tensors};
 /// The one line said when no library could be loaded.
 pub const HOW_TO_GET_ORT: &str = "install one with `pip install onnxruntime` (`onnxruntime-gpu` for CUDA), point --ort-lib or ORT_DYLIB_PATH at libonnxruntime.so, or use --ep tract (embedded, no onnxruntime needed)";
 
+/// What onnxruntime itself may print: only fatal messages (errors are returned, and reported
+/// by onnx-lora on one line).
+const LOG_LEVEL: ort::logging::LogLevel = ort::logging::LogLevel::Fatal;
+
 /// The environment is process-wide in onnxruntime, and so is the loaded library.
 static ENV: OnceLock<Environment> = OnceLock::new();
 
@@ -46,6 +54,7 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
         .with_name("onnx-lora")
         .build()
         .map_err(|e| Error::Backend(format!("onnxruntime ({}): {e}", lib.display())))?;
+    env.set_log_level(LOG_LEVEL);
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -179,8 +188,10 @@ fn libs_in(dir: &Path) -> Vec<PathBuf> {
 pub struct OrtBackend {
     session: Session,
     ep: Ep,
-    /// Run options carrying the active LoRA adapters, when any.
-    run_options: Option<ort::session::RunOptions>,
+    /// How messages name the model.
+    label: String,
+    /// Run options: a quiet log, and the active LoRA adapters.
+    run_options: ort::session::RunOptions,
 }
 
 impl OrtBackend {
@@ -196,15 +207,16 @@ impl OrtBackend {
     ) -> Result<Self> {
         let env = environment(ort_lib)?;
         let named = Named { path: model, label };
+        let run_options = run_options()?;
+        let backend = |session, ep| OrtBackend {
+            session,
+            ep,
+            label: label.to_string(),
+            run_options,
+        };
         if matches!(ep, Ep::Auto | Ep::Cuda) {
             match cuda_session(env, model) {
-                Ok(session) => {
-                    return Ok(OrtBackend {
-                        session,
-                        ep: Ep::Cuda,
-                        run_options: None,
-                    });
-                }
+                Ok(session) => return Ok(backend(session, Ep::Cuda)),
                 Err(e) if ep == Ep::Cuda => return Err(e.into_error(&named)),
                 Err(e) => notes.push(format!(
                     "CUDA execution provider not available ({}); running on onnxruntime's CPU",
@@ -215,11 +227,7 @@ impl OrtBackend {
         let session = builder(env)?
             .commit_from_file(model)
             .map_err(|e| session_error(&named, "CPU", e))?;
-        Ok(OrtBackend {
-            session,
-            ep: Ep::Cpu,
-            run_options: None,
-        })
+        Ok(backend(session, Ep::Cpu))
     }
 }
 
@@ -244,10 +252,7 @@ impl Named<'_> {
 
 fn builder(env: &Environment) -> Result<SessionBuilder> {
     Session::builder(env)
-        .and_then(|b| {
-            b.with_log_level(ort::logging::LogLevel::Error)
-                .map_err(Into::into)
-        })
+        .and_then(|b| b.with_log_level(LOG_LEVEL).map_err(Into::into))
         .map_err(|e| Error::Backend(format!("onnxruntime: {e}")))
 }
 
@@ -317,11 +322,7 @@ impl Backend for OrtBackend {
     }
 
     fn activate_adapters(&mut self, adapters: &[std::path::PathBuf]) -> Result<()> {
-        if adapters.is_empty() {
-            return Ok(());
-        }
-        let mut opts = ort::session::RunOptions::new()
-            .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+        let opts = &mut self.run_options;
         for path in adapters {
             let adapter = ort::session::Adapter::from_file(path, None).map_err(|e| {
                 Error::Backend(format!(
@@ -332,7 +333,6 @@ impl Backend for OrtBackend {
             opts.add_adapter(&adapter)
                 .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
         }
-        self.run_options = Some(opts);
         Ok(())
     }
 
@@ -346,16 +346,30 @@ impl Backend for OrtBackend {
                 .ok_or_else(|| Error::Verify(format!("no value for model input '{name}'")))?;
             inputs.push((name.to_string(), to_ort(name, arr)?.into_dyn()));
         }
-        let outputs = match &self.run_options {
-            Some(opts) => self.session.run_with_options(inputs, opts),
-            None => self.session.run(inputs),
-        }
-        .map_err(|e| Error::Backend(format!("onnxruntime run failed: {e}")))?;
+        let outputs = self
+            .session
+            .run_with_options(inputs, &self.run_options)
+            .map_err(|e| {
+                Error::Backend(format!(
+                    "{}: onnxruntime failed to run the model: {}",
+                    self.label,
+                    e.to_string().trim_end()
+                ))
+            })?;
         outputs
             .into_iter()
             .map(|(name, v)| Ok((name.to_string(), from_ort(name, v)?)))
             .collect()
     }
+}
+
+/// Run options that keep onnxruntime's run log quiet below Fatal.
+fn run_options() -> Result<ort::session::RunOptions> {
+    let mut opts = ort::session::RunOptions::new()
+        .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+    opts.set_log_level(LOG_LEVEL)
+        .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+    Ok(opts)
 }
 
 fn element_type(dtype: DataType) -> Option<TensorElementType> {
