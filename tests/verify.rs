@@ -55,6 +55,35 @@ fn verify(args: &[&str]) -> Run {
     verify_in(args, &[], &root())
 }
 
+/// `verify ARGS` where the search for onnxruntime finds nothing: no --ort-lib, no
+/// ORT_DYLIB_PATH, an ONNX_LORA_PYTHON that does not exist, no python3 on PATH, a working
+/// folder without .venv (the machine has no system-wide libonnxruntime).
+fn verify_without_ort(args: &[&str]) -> Run {
+    let cwd = tempfile::tempdir().unwrap();
+    let bin = cwd.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    verify_in(
+        args,
+        &[
+            ("ORT_DYLIB_PATH", None),
+            ("ONNX_LORA_PYTHON", Some("/nonexistent/python")),
+            ("PATH", Some(bin.to_str().unwrap())),
+            ("LD_LIBRARY_PATH", None),
+        ],
+        cwd.path(),
+    )
+}
+
+/// Asserts an error: exit 2, nothing on stdout, one line on stderr containing each of `want`.
+fn expect_error(r: &Run, what: &str, want: &[&str]) {
+    expect_code(r, 2, what);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{what}: {}", r.stderr);
+    assert!(r.stdout.is_empty(), "{what}: {}", r.stdout);
+    for w in want {
+        assert!(r.stderr.contains(w), "{what}: no '{w}' in {}", r.stderr);
+    }
+}
+
 fn expect_code(r: &Run, code: i32, what: &str) {
     assert_eq!(
         r.code, code,
@@ -413,16 +442,62 @@ fn no_onnxruntime_says_how_to_get_it() {
 
 #[test]
 fn auto_falls_back_to_tract_without_onnxruntime() {
+    let r = verify_without_ort(&[&file("mlp.onnx"), &file("mlp.onnx"), "--json"]);
+    expect_code(&r, 0, "auto without onnxruntime");
+    assert!(
+        r.stderr.contains("no onnxruntime library found") && r.stderr.contains("tract"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(verdict(&records(&r))["ep"], "tract");
+}
+
+#[test]
+fn a_named_onnxruntime_library_that_does_not_load_is_an_error_with_auto() {
+    // The user named a library: tract standing in for it would hide the mistake.
+    let lib = "/nonexistent/libonnxruntime.so";
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--ort-lib", lib]);
+    expect_error(
+        &r,
+        "--ort-lib, --ep auto",
+        &[lib, "--ort-lib", "could not be loaded"],
+    );
+    assert!(!r.stderr.contains("note"), "{}", r.stderr);
+    let r = verify_in(
+        &[&file("mlp.onnx"), &file("mlp.onnx")],
+        &[("ORT_DYLIB_PATH", Some(lib))],
+        &root(),
+    );
+    expect_error(&r, "ORT_DYLIB_PATH, --ep auto", &[lib, "ORT_DYLIB_PATH"]);
+    // A file that exists but is no onnxruntime library; and inject --verify the same way.
+    let not_a_lib = file("inputs.npz");
     let r = verify(&[
         &file("mlp.onnx"),
         &file("mlp.onnx"),
         "--ort-lib",
-        "/nonexistent",
-        "--json",
+        &not_a_lib,
     ]);
-    expect_code(&r, 0, "auto without onnxruntime");
-    assert!(r.stderr.contains("tract"), "{}", r.stderr);
-    assert_eq!(verdict(&records(&r))["ep"], "tract");
+    expect_error(&r, "not a library", &[&not_a_lib, "could not be loaded"]);
+    let out = data().join("injected.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        &file("mlp.onnx"),
+        "--rank",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "--ort-lib",
+        lib,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    // Its report of what it wrote, then the error.
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("onnx-lora: error: ") && last.contains(lib) && !err.contains("note"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -465,7 +540,7 @@ fn tract_says_when_it_cannot_run_a_model() {
         "Det on onnxruntime",
     );
     // As the fallback for a missing onnxruntime, the error says how to get onnxruntime.
-    let r = verify(&[&det, &det, "--ort-lib", "/nonexistent"]);
+    let r = verify_without_ort(&[&det, &det]);
     expect_code(&r, 2, "Det on the tract fallback");
     assert!(r.stderr.contains("pip install onnxruntime"), "{}", r.stderr);
 }

@@ -37,7 +37,8 @@ integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz files is
 --ep auto runs on CUDA when onnxruntime can register it (onnxruntime-gpu), on onnxruntime's CPU
 otherwise, and on the embedded tract when no onnxruntime library is found. onnxruntime is
 looked for with --ort-lib, ORT_DYLIB_PATH, the Python onnxruntime package ($ONNX_LORA_PYTHON,
-./.venv/bin/python, python3), ./.venv, then the system library paths.
+./.venv/bin/python, python3), ./.venv, then the system library paths; a library named with
+--ort-lib or ORT_DYLIB_PATH that does not load is an error, never a fallback to tract.
 
 Exit codes: 0 every output equal within tolerance, 1 different (values, shapes or a missing
 output), 2 error.")]

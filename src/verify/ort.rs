@@ -9,6 +9,9 @@
 //! 5. `libonnxruntime.so` through the dynamic loader (`LD_LIBRARY_PATH`, the loader cache),
 //!    then `/usr/local/lib` and `/usr/lib`.
 //!
+//! A library named in one of the first two ways that does not load is an error, even with
+//! `--ep auto`: only when the search (3 to 5) finds nothing does `auto` fall back to tract.
+//!
 //! Models are opened from their path (`commit_from_file`), never from a copy in memory: a
 //! large model is not held twice.
 //!
@@ -58,16 +61,21 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
     Ok(ENV.get_or_init(|| env))
 }
 
-/// Finds and opens the library; returns the path that loaded.
-fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
-    let pinned = explicit
+/// The library the user named, and where (`--ort-lib`, else a non-empty `ORT_DYLIB_PATH`):
+/// only that one is tried, and failing to load it is an error even with `--ep auto`.
+pub fn pinned_library(explicit: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+    explicit
         .map(|p| (p.to_path_buf(), "--ort-lib"))
         .or_else(|| {
             std::env::var_os("ORT_DYLIB_PATH")
                 .filter(|v| !v.is_empty())
                 .map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH"))
-        });
-    if let Some((path, origin)) = pinned {
+        })
+}
+
+/// Finds and opens the library; returns the path that loaded.
+fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some((path, origin)) = pinned_library(explicit) {
         return try_load(&path).map(|()| path.clone()).map_err(|e| {
             Error::Backend(format!(
                 "onnxruntime library '{}' (from {origin}) could not be loaded: {e}; {HOW_TO_GET_ORT}",
