@@ -300,10 +300,28 @@ fn shape_mismatch_and_missing_outputs_are_differences() {
     ]);
     expect_code(&r, 1, "shape mismatch");
     let recs = records(&r);
-    assert_eq!(output(&recs, "logits")["status"], "shape_mismatch");
-    assert_eq!(
-        output(&recs, "logits")["shape_a"],
-        serde_json::json!([1, 3, 8])
+    let logits = output(&recs, "logits");
+    assert_eq!(logits["status"], "shape_mismatch");
+    assert_eq!(logits["shape_a"], serde_json::json!([1, 3, 8]));
+    assert_eq!(logits["shape_b"], serde_json::json!([2, 5, 8]));
+    // Values of different shapes are not compared: no mismatch count, not "0 of N".
+    assert_eq!(logits["mismatches"], Value::Null, "{logits}");
+    assert_eq!(logits["missing_in"], Value::Null, "{logits}");
+    let r = verify(&[
+        &file("mlp.onnx"),
+        "--expect",
+        &file("expected.npz"),
+        "--dim",
+        "sequence=3",
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 1, "shape mismatch, text");
+    let line = r.stdout.lines().find(|l| l.starts_with("logits")).unwrap();
+    assert!(
+        line.contains("SHAPE [1, 3, 8] vs [2, 5, 8]") && !line.contains("0/"),
+        "{}",
+        r.stdout
     );
     let r = verify(&[
         &file("mlp_single.onnx"),
@@ -314,8 +332,31 @@ fn shape_mismatch_and_missing_outputs_are_differences() {
     ]);
     expect_code(&r, 1, "missing output");
     let recs = records(&r);
-    assert_eq!(output(&recs, "hidden")["status"], "missing");
+    let hidden = output(&recs, "hidden");
+    assert_eq!(hidden["status"], "missing");
+    assert_eq!(hidden["missing_in"], "a", "{hidden}");
+    assert_eq!(hidden["mismatches"], Value::Null, "{hidden}");
     assert_eq!(output(&recs, "logits")["status"], "pass");
+    assert_eq!(output(&recs, "logits")["mismatches"], 0);
+    // Both ways round, in the table: which side lacks it, and no "0/N" mismatch count.
+    for (a, b, status) in [
+        ("mlp_single.onnx", "mlp.onnx", "MISSING in A"),
+        ("mlp.onnx", "mlp_single.onnx", "MISSING in B"),
+    ] {
+        let r = verify(&[&file(a), &file(b), "--ep", "cpu"]);
+        expect_code(&r, 1, status);
+        let line = r.stdout.lines().find(|l| l.starts_with("hidden")).unwrap();
+        assert!(
+            line.contains(status) && !line.contains("0/"),
+            "{status}: {}",
+            r.stdout
+        );
+        assert!(
+            r.stdout.contains("FAIL: 1 of 2 outputs differ"),
+            "{}",
+            r.stdout
+        );
+    }
 }
 
 #[test]

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use onnx_lora::verify::{self, Ep, OutputComparison, VerifyOptions, VerifyReport};
+use onnx_lora::verify::compare::Side;
+use onnx_lora::verify::{self, Ep, OutputComparison, Status, VerifyOptions, VerifyReport};
 use serde::Serialize;
 
 use super::output::{json_line, table};
@@ -41,7 +42,7 @@ looked for with --ort-lib, ORT_DYLIB_PATH, the Python onnxruntime package ($ONNX
 --ort-lib or ORT_DYLIB_PATH that does not load is an error, never a fallback to tract.
 
 Exit codes: 0 every output equal within tolerance, 1 different (values, shapes or a missing
-output), 2 error.")]
+output: STATUS says MISSING in A / B, or SHAPE a vs b), 2 error.")]
 pub struct Args {
     /// The model to check.
     a: PathBuf,
@@ -161,7 +162,9 @@ fn print_json(r: &VerifyReport) -> anyhow::Result<()> {
 }
 
 fn print_text(r: &VerifyReport) {
-    let rows: Vec<Vec<String>> = r.outputs.iter().map(row).collect();
+    // With --expect only A ran: the reference is the stored file.
+    let reference = if r.models.len() == 1 { "--expect" } else { "B" };
+    let rows: Vec<Vec<String>> = r.outputs.iter().map(|o| row(o, reference)).collect();
     print!(
         "{}",
         table(
@@ -189,7 +192,8 @@ fn print_text(r: &VerifyReport) {
     }
 }
 
-fn row(o: &OutputComparison) -> Vec<String> {
+/// A table row; `reference` names the reference side in a missing output's status.
+fn row(o: &OutputComparison, reference: &str) -> Vec<String> {
     let both = |a: Option<String>, b: Option<String>| match (a, b) {
         (Some(a), Some(b)) if a == b => a,
         (a, b) => format!(
@@ -199,10 +203,18 @@ fn row(o: &OutputComparison) -> Vec<String> {
         ),
     };
     let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3e}"));
-    let status = serde_json::to_value(o.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let shape = |s: &Option<Vec<usize>>| s.as_ref().map_or("-".into(), |s| format!("{s:?}"));
+    let status = match (o.status, o.missing_in) {
+        (Status::Missing, Some(Side::A)) => "MISSING in A".to_string(),
+        (Status::Missing, _) => format!("MISSING in {reference}"),
+        (Status::ShapeMismatch, _) => {
+            format!("SHAPE {} vs {}", shape(&o.shape_a), shape(&o.shape_b))
+        }
+        (status, _) => serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+    };
     vec![
         o.name.clone(),
         status,
@@ -213,7 +225,8 @@ fn row(o: &OutputComparison) -> Vec<String> {
         both(o.dtype_a.clone(), o.dtype_b.clone()),
         num(o.max_abs_diff),
         num(o.max_rel_diff),
-        format!("{}/{}", o.mismatches, o.numel),
+        o.mismatches
+            .map_or("-".into(), |m| format!("{m}/{}", o.numel)),
         format!("{:e}", o.atol),
         format!("{:e}", o.rtol),
     ]
