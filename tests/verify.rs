@@ -1,7 +1,7 @@
 //! `onnx-lora verify` end to end, on models made by tests/py/make_verify_models.py (an MLP with
 //! embeddings; the same with one bias element moved by 1e-2; an fp16 copy; a single-output
-//! copy; a Det model tract cannot run) and outputs onnxruntime computed in Python. Tests that need onnxruntime fail, never
-//! skip, when it is missing.
+//! copy; copies taking other inputs; a Det model tract cannot run) and outputs onnxruntime
+//! computed in Python. Tests that need onnxruntime fail, never skip, when it is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -608,4 +608,86 @@ fn usage_errors() {
         "cpu",
     ]);
     expect_code(&r, 2, "--dim without =");
+}
+
+#[test]
+fn models_taking_different_inputs_are_an_error() {
+    let (a, renamed, int32) = (
+        file("mlp.onnx"),
+        file("mlp_renamed.onnx"),
+        file("mlp_int32.onnx"),
+    );
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&a, &renamed, "--ep", ep]);
+        expect_error(
+            &r,
+            "renamed input",
+            &[
+                &format!("{a} and {renamed} take different inputs"),
+                "token_type_ids (int64) vs segment_ids (int64)",
+            ],
+        );
+    }
+    let r = verify(&[&int32, &a, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "input of another type",
+        &["take different inputs: input_ids (int32) vs input_ids (int64)"],
+    );
+    // An input only one model takes.
+    let r = verify(&[&file("det.onnx"), &file("det.onnx"), "--ep", "cpu"]);
+    expect_code(&r, 0, "det");
+    let r = verify(&[&a, &file("det.onnx"), "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "no common input",
+        &["input_ids (int64), token_type_ids (int64), attention_mask (int64) vs x (float32)"],
+    );
+}
+
+#[test]
+fn symbolic_dims_may_differ_in_name() {
+    // mlp_dims.onnx names its dims N and L: the same inputs, and --dim may use either name.
+    let (a, b) = (file("mlp.onnx"), file("mlp_dims.onnx"));
+    for dim in ["sequence=3", "L=3"] {
+        let r = verify(&[&a, &b, "--ep", "cpu", "--dim", dim, "--json"]);
+        expect_code(&r, 0, dim);
+        let recs = records(&r);
+        assert_eq!(
+            output(&recs, "logits")["shape_b"],
+            serde_json::json!([1, 3, 8]),
+            "{dim}"
+        );
+    }
+}
+
+#[test]
+fn a_dim_no_input_has_is_an_error() {
+    let m = file("mlp.onnx");
+    let r = verify(&[&m, &m, "--ep", "cpu", "--dim", "seqence=3"]);
+    expect_error(
+        &r,
+        "--dim typo",
+        &[
+            "--dim seqence",
+            "has a symbolic dimension of that name",
+            "they have batch, sequence",
+        ],
+    );
+    let r = verify(&[
+        &m,
+        "--expect",
+        &file("expected.npz"),
+        "--inputs",
+        &file("inputs.npz"),
+        "--ep",
+        "cpu",
+        "--dim",
+        "batch_size=2",
+    ]);
+    expect_error(&r, "--dim with --expect", &["--dim batch_size", &m]);
+    // det.onnx has one symbolic dim, and the message lists it.
+    let single = file("det.onnx");
+    let r = verify(&[&single, &single, "--ep", "cpu", "--dim", "rows=3"]);
+    expect_error(&r, "--dim rows", &["--dim rows", "they have batch"]);
 }

@@ -29,11 +29,14 @@ less precise side), on CPU and when CUDA ran:
   integers and bool: exact
 --atol / --rtol replace the defaults for every output.
 
+A and B must take the same inputs (names, element types, fixed dims).
+
 Generated inputs (without --inputs, or for inputs the file lacks), repeatable with --seed:
-symbolic dims come from --dim, else a name containing 'batch' is 1, 'past' 0, 'seq', 'len' or
-'total' 8, any other 1 ('past_sequence_length + 1' style sums are added up); inputs named
-*mask* are all ones; integer inputs that index a Gather table are drawn below its size, other
-integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz files is uint16 bits.
+symbolic dims come from --dim (which must name a symbolic dim of the inputs), else a name
+containing 'batch' is 1, 'past' 0, 'seq', 'len' or 'total' 8, any other 1
+('past_sequence_length + 1' style sums are added up); inputs named *mask* are all ones; integer
+inputs that index a Gather table are drawn below its size, other integers in 0..4, bools at
+random; floats are N(0, 1). bfloat16 in .npz files is uint16 bits.
 
 --ep auto runs on CUDA when onnxruntime can register it (onnxruntime-gpu), on onnxruntime's CPU
 otherwise, and on the embedded tract when no onnxruntime library is found. onnxruntime is
@@ -59,7 +62,7 @@ pub struct Args {
     /// or .npy for a single-output model).
     #[arg(long, value_name = "FILE")]
     expect: Option<PathBuf>,
-    /// Value of a symbolic dimension for generated inputs (repeatable).
+    /// Value of a symbolic dimension of the inputs, for generated inputs (repeatable).
     #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim)]
     dims: Vec<(String, usize)>,
     /// Seed of the generated inputs.

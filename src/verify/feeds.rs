@@ -267,6 +267,150 @@ pub fn make_feeds(
     Ok((feeds, notes))
 }
 
+/// `[batch, 8, ?]`: fixed dims as numbers, symbolic ones by name, unnamed ones as `?`.
+pub fn format_dims(dims: &[Dim]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(v) => v.to_string(),
+            Dim::Param(p) => p.clone(),
+            Dim::Unknown => "?".into(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The inputs of two models that must take the same feeds: the same names with the same
+/// element types and compatible shapes (equal ranks and equal fixed dims; symbolic dims may
+/// differ in name). The merged spec keeps A's order, takes a fixed dim where either model fixes
+/// one, a symbolic dim by the name `dims` (`--dim`) sets, A's first, and the smaller Gather
+/// bound. `Err` describes the difference: `x (float32) vs z (float32)`, or which side alone
+/// takes an input (`only a takes ...`, where the caller names A and B).
+pub fn common_inputs(
+    a: &[InputSpec],
+    b: &[InputSpec],
+    dims: &HashMap<String, usize>,
+) -> std::result::Result<Vec<InputSpec>, InputDifference> {
+    let compatible = |x: &InputSpec, y: &InputSpec| {
+        x.dtype == y.dtype
+            && (x.dims.len() == y.dims.len() || x.dims.is_empty() || y.dims.is_empty())
+            && x.dims.iter().zip(&y.dims).all(|p| match p {
+                (Dim::Fixed(u), Dim::Fixed(v)) => u == v,
+                _ => true,
+            })
+    };
+    let counterpart = |x: &InputSpec, other: &[InputSpec]| {
+        other
+            .iter()
+            .find(|y| y.name == x.name)
+            .is_some_and(|y| compatible(x, y))
+    };
+    // Shapes are worth showing only where the name and type agree (the shape is the difference).
+    let describe = |x: &InputSpec, other: &[InputSpec]| {
+        let same_type = other.iter().any(|y| y.name == x.name && y.dtype == x.dtype);
+        if same_type {
+            format!("{} ({} {})", x.name, x.dtype, format_dims(&x.dims))
+        } else {
+            format!("{} ({})", x.name, x.dtype)
+        }
+    };
+    let only_a: Vec<String> = a
+        .iter()
+        .filter(|x| !counterpart(x, b))
+        .map(|x| describe(x, b))
+        .collect();
+    let only_b: Vec<String> = b
+        .iter()
+        .filter(|y| !counterpart(y, a))
+        .map(|y| describe(y, a))
+        .collect();
+    if !only_a.is_empty() || !only_b.is_empty() {
+        return Err(InputDifference { only_a, only_b });
+    }
+    let merged = a
+        .iter()
+        .map(|x| {
+            let Some(y) = b.iter().find(|y| y.name == x.name) else {
+                return x.clone();
+            };
+            let dims = if x.dims.is_empty() {
+                y.dims.clone()
+            } else if y.dims.is_empty() {
+                x.dims.clone()
+            } else {
+                x.dims
+                    .iter()
+                    .zip(&y.dims)
+                    .map(|p| match p {
+                        (Dim::Fixed(v), _) | (_, Dim::Fixed(v)) => Dim::Fixed(*v),
+                        (Dim::Param(p), Dim::Param(q))
+                            if !dims.contains_key(p) && dims.contains_key(q) =>
+                        {
+                            Dim::Param(q.clone())
+                        }
+                        (Dim::Param(p), _) | (_, Dim::Param(p)) => Dim::Param(p.clone()),
+                        (Dim::Unknown, Dim::Unknown) => Dim::Unknown,
+                    })
+                    .collect()
+            };
+            let index_bound = match (x.index_bound, y.index_bound) {
+                (Some(u), Some(v)) => Some(u.min(v)),
+                (u, v) => u.or(v),
+            };
+            InputSpec {
+                name: x.name.clone(),
+                dtype: x.dtype,
+                dims,
+                index_bound,
+            }
+        })
+        .collect();
+    Ok(merged)
+}
+
+/// How two models' inputs differ: each side's inputs the other does not take alike.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputDifference {
+    pub only_a: Vec<String>,
+    pub only_b: Vec<String>,
+}
+
+impl InputDifference {
+    /// `x (float32) vs z (float32)`, or `only A takes x (float32)` when B has nothing in its
+    /// place (`a`, `b` name the models).
+    pub fn describe(&self, a: &str, b: &str) -> String {
+        match (self.only_a.is_empty(), self.only_b.is_empty()) {
+            (false, false) => format!("{} vs {}", self.only_a.join(", "), self.only_b.join(", ")),
+            (false, true) => format!("only {a} takes {}", self.only_a.join(", ")),
+            _ => format!("only {b} takes {}", self.only_b.join(", ")),
+        }
+    }
+}
+
+/// The symbolic dimension names `--dim` may set for these inputs: every dim_param, and each
+/// named term of a sum such as `past_sequence_length + 1`, in order of appearance.
+pub fn symbolic_dims(specs: &[InputSpec]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    };
+    for spec in specs {
+        for d in &spec.dims {
+            let Dim::Param(p) = d else { continue };
+            add(p);
+            if p.contains('+') {
+                p.split('+')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty() && t.parse::<usize>().is_err())
+                    .for_each(&mut add);
+            }
+        }
+    }
+    out
+}
+
 /// FNV-1a, to give each input name its own random stream.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -344,6 +488,71 @@ mod tests {
             "{mean} {var}"
         );
         assert!((0..1000).all(|_| r.below(5) < 5));
+    }
+
+    fn spec(name: &str, dtype: DataType, dims: Vec<Dim>) -> InputSpec {
+        InputSpec {
+            name: name.into(),
+            dtype,
+            dims,
+            index_bound: None,
+        }
+    }
+
+    #[test]
+    fn common_inputs_merge_alike_and_describe_differences() {
+        let p = |n: &str| Dim::Param(n.into());
+        let a = vec![spec(
+            "x",
+            DataType::Float,
+            vec![p("batch"), p("seq"), p("h")],
+        )];
+        let b = vec![spec(
+            "x",
+            DataType::Float,
+            vec![p("N"), Dim::Fixed(4), p("w")],
+        )];
+        let dims = HashMap::from([("w".to_string(), 3)]);
+        let merged = common_inputs(&a, &b, &dims).unwrap();
+        // A fixed dim wins, then the name --dim sets, then A's name.
+        assert_eq!(merged[0].dims, vec![p("batch"), Dim::Fixed(4), p("w")]);
+        let b = vec![spec("z", DataType::Float, vec![])];
+        let d = common_inputs(&a, &b, &dims).unwrap_err();
+        assert_eq!(d.describe("a", "b"), "x (float32) vs z (float32)");
+        let b = vec![spec(
+            "x",
+            DataType::Float,
+            vec![Dim::Fixed(2), Dim::Fixed(3)],
+        )];
+        let a = vec![spec(
+            "x",
+            DataType::Float,
+            vec![Dim::Fixed(3), Dim::Fixed(2)],
+        )];
+        let d = common_inputs(&a, &b, &dims).unwrap_err();
+        assert_eq!(
+            d.describe("a", "b"),
+            "x (float32 [3, 2]) vs x (float32 [2, 3])"
+        );
+        let d = common_inputs(&a, &[], &dims).unwrap_err();
+        assert_eq!(d.describe("a", "b"), "only a takes x (float32)");
+    }
+
+    #[test]
+    fn symbolic_dims_include_the_terms_of_sums() {
+        let s = spec(
+            "mask",
+            DataType::Int64,
+            vec![
+                Dim::Param("batch".into()),
+                Dim::Param("past_sequence_length + 1".into()),
+                Dim::Fixed(2),
+            ],
+        );
+        assert_eq!(
+            symbolic_dims(&[s]),
+            vec!["batch", "past_sequence_length + 1", "past_sequence_length"]
+        );
     }
 
     #[test]

@@ -153,26 +153,57 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
     Ok(())
 }
 
-/// Feeds for the union of the models' inputs (the first model's declaration wins).
+/// Feeds for the models' inputs, which must be alike (see [`feeds::common_inputs`]); `--dim`
+/// must name a symbolic dimension of them.
 fn prepare_feeds(
     models: &[&Model],
     opts: &VerifyOptions,
     notes: &mut Vec<String>,
 ) -> Result<Tensors> {
-    let mut specs: Vec<feeds::InputSpec> = Vec::new();
-    for m in models {
-        let loaded = onnx::load(m.path)?;
-        for s in feeds::model_inputs(&loaded)? {
-            if !specs.iter().any(|x| x.name == s.name) {
-                specs.push(s);
-            }
-        }
-    }
-    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
     let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
+    let mut per_model = Vec::with_capacity(models.len());
+    for m in models {
+        per_model.push(feeds::model_inputs(&onnx::load(m.path)?)?);
+    }
+    let named: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
+    check_dims(&opts.dims, &per_model, &named)?;
+    let specs = match per_model.as_slice() {
+        [a, b] => feeds::common_inputs(a, b, &dims).map_err(|d| {
+            Error::Verify(format!(
+                "{} and {} take different inputs: {}",
+                named[0],
+                named[1],
+                d.describe(&named[0], &named[1])
+            ))
+        })?,
+        _ => per_model.concat(),
+    };
+    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
     let (feeds, more) = feeds::make_feeds(&specs, provided.as_ref(), &dims, opts.seed)?;
     notes.extend(more);
     Ok(feeds)
+}
+
+/// Every `--dim NAME` must be a symbolic dimension of some model's inputs: a typo would
+/// otherwise be ignored.
+fn check_dims(
+    dims: &[(String, usize)],
+    per_model: &[Vec<feeds::InputSpec>],
+    named: &[String],
+) -> Result<()> {
+    let known = feeds::symbolic_dims(&per_model.concat());
+    let Some((name, _)) = dims.iter().find(|(n, _)| !known.contains(n)) else {
+        return Ok(());
+    };
+    let inputs_of = named.join(" or ");
+    let have = if known.is_empty() {
+        "they have none".to_string()
+    } else {
+        format!("they have {}", known.join(", "))
+    };
+    Err(Error::Usage(format!(
+        "--dim {name}: no input of {inputs_of} has a symbolic dimension of that name ({have})"
+    )))
 }
 
 /// Opens the model, runs it `opts.runs` times, and drops it before returning (two large
