@@ -11,6 +11,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::*;
+use onnx_lora::onnx::DataType;
+use onnx_lora::verify::ArrayData;
+use onnx_lora::verify::npz::{read_arrays, write_npz};
 use serde_json::Value;
 
 /// The generated models and data, made once per test binary.
@@ -82,6 +85,24 @@ fn expect_error(r: &Run, what: &str, want: &[&str]) {
     for w in want {
         assert!(r.stderr.contains(w), "{what}: no '{w}' in {}", r.stderr);
     }
+}
+
+/// Writes `arrays` as an npz in the data folder; returns its path.
+fn npz(name: &str, arrays: &[(String, ArrayData)]) -> String {
+    let path = file(name);
+    write_npz(Path::new(&path), arrays).unwrap();
+    path
+}
+
+/// inputs.npz with `input` replaced by `arr` (or left out when `None`).
+fn inputs_with(input: &str, arr: Option<ArrayData>) -> Vec<(String, ArrayData)> {
+    let mut arrays = read_arrays(Path::new(&file("inputs.npz"))).unwrap();
+    let i = arrays.iter().position(|(n, _)| n == input).unwrap();
+    match arr {
+        Some(a) => arrays[i].1 = a,
+        None => drop(arrays.remove(i)),
+    }
+    arrays
 }
 
 fn expect_code(r: &Run, code: i32, what: &str) {
@@ -690,4 +711,88 @@ fn a_dim_no_input_has_is_an_error() {
     let single = file("det.onnx");
     let r = verify(&[&single, &single, "--ep", "cpu", "--dim", "rows=3"]);
     expect_error(&r, "--dim rows", &["--dim rows", "they have batch"]);
+}
+
+#[test]
+fn inputs_file_must_hold_every_input() {
+    let m = file("mlp.onnx");
+    let f = npz("no_mask.npz", &inputs_with("attention_mask", None));
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&m, &m, "--inputs", &f, "--ep", ep]);
+        expect_error(
+            &r,
+            "missing input",
+            &[&f, "no array 'attention_mask'", "must hold every input"],
+        );
+    }
+    let r = verify(&[&m, "--inputs", &f, "--expect", &file("expected.npz")]);
+    expect_error(&r, "missing input, --expect", &[&f, "'attention_mask'"]);
+}
+
+#[test]
+fn inputs_file_arrays_must_be_of_the_inputs_kind() {
+    let m = file("mlp.onnx");
+    let ids = read_arrays(Path::new(&file("inputs.npz")))
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1;
+    let values: Vec<f64> = ids.values().unwrap().collect();
+    let as_type = |dt| ArrayData::from_f64(dt, ids.shape.clone(), &values).unwrap();
+    // Floats for int64 ids: refused, naming the input, the array's type and the input's.
+    let f = npz(
+        "float_ids.npz",
+        &inputs_with("input_ids", Some(as_type(DataType::Float))),
+    );
+    let r = verify(&[&m, &m, "--inputs", &f, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "float ids",
+        &[&f, "array 'input_ids' is float32", "takes int64"],
+    );
+    // int32 ids for int64: the same values, the same outputs as the stored ones.
+    let f = npz(
+        "int32_ids.npz",
+        &inputs_with("input_ids", Some(as_type(DataType::Int32))),
+    );
+    let r = verify(&[
+        &m,
+        "--inputs",
+        &f,
+        "--expect",
+        &file("expected.npz"),
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 0, "int32 ids");
+    // int64 values an int32 input cannot hold: refused, not saturated.
+    let mut big = values.clone();
+    big[0] = 5e9;
+    let big = ArrayData::from_f64(DataType::Int64, ids.shape.clone(), &big).unwrap();
+    let f = npz("big_ids.npz", &inputs_with("input_ids", Some(big)));
+    let int32 = file("mlp_int32.onnx");
+    let r = verify(&[&int32, &int32, "--inputs", &f, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "ids beyond int32",
+        &[&f, "5000000000", "int32 cannot hold"],
+    );
+    // A float input: int64 refused, float64 converted (same kind).
+    let det = file("det.onnx");
+    let x: Vec<f64> = (0..9).map(|i| ((i * 7) % 5) as f64 - 1.5).collect();
+    for (dt, code) in [(DataType::Int64, 2), (DataType::Double, 0)] {
+        let arr = ArrayData::from_f64(dt, vec![1, 3, 3], &x).unwrap();
+        let f = npz(&format!("x_{}.npz", dt.name()), &[("x".into(), arr)]);
+        let r = verify(&[&det, &det, "--inputs", &f, "--ep", "cpu"]);
+        if code == 2 {
+            expect_error(
+                &r,
+                "int64 for float32",
+                &["array 'x' is int64", "takes float32"],
+            );
+        } else {
+            expect_code(&r, 0, "float64 for float32");
+        }
+    }
 }

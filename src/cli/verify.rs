@@ -29,14 +29,17 @@ less precise side), on CPU and when CUDA ran:
   integers and bool: exact
 --atol / --rtol replace the defaults for every output.
 
-A and B must take the same inputs (names, element types, fixed dims).
+--inputs must hold every model input, as arrays of the input's kind: float64 may feed a float32
+input, int32 an int64 one (when the values fit), uint16 bits a bfloat16 one; integers never feed
+float inputs, nor floats integer ones. A and B must take the same inputs (names, element types,
+fixed dims).
 
-Generated inputs (without --inputs, or for inputs the file lacks), repeatable with --seed:
-symbolic dims come from --dim (which must name a symbolic dim of the inputs), else a name
-containing 'batch' is 1, 'past' 0, 'seq', 'len' or 'total' 8, any other 1
-('past_sequence_length + 1' style sums are added up); inputs named *mask* are all ones; integer
-inputs that index a Gather table are drawn below its size, other integers in 0..4, bools at
-random; floats are N(0, 1). bfloat16 in .npz files is uint16 bits.
+Generated inputs (without --inputs), repeatable with --seed: symbolic dims come from --dim
+(which must name a symbolic dim of the inputs), else a name containing 'batch' is 1, 'past'
+0, 'seq', 'len' or 'total' 8, any other 1 ('past_sequence_length + 1' style sums are added
+up); inputs named *mask* are all ones; integer inputs that index a Gather table are drawn
+below its size, other integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz
+files is uint16 bits.
 
 --ep auto runs on CUDA when onnxruntime can register it (onnxruntime-gpu), on onnxruntime's CPU
 otherwise, and on the embedded tract when no onnxruntime library is found. onnxruntime is
@@ -55,7 +58,7 @@ pub struct Args {
     /// Where to run: auto (CUDA, else CPU, else tract), cuda, cpu (onnxruntime), tract.
     #[arg(long, value_enum, default_value_t = Ep::Auto)]
     ep: Ep,
-    /// Inputs by name from an .npz (inputs it lacks are generated).
+    /// Inputs by name from an .npz (it must hold every input).
     #[arg(long, value_name = "FILE.npz")]
     inputs: Option<PathBuf>,
     /// Compare A's outputs with these stored ones instead of running B (.npz by output name,

@@ -1,5 +1,10 @@
 //! Model inputs for verification: read from an npz, or generated repeatably from a seed.
 //!
+//! An npz given with `--inputs` must hold every input, each array of the input's kind: an
+//! array may differ from the input's element type only within floats (float64 for a float32
+//! input), within integers (int32 for int64 ids, when every value fits) or as uint16 bits for
+//! bfloat16. Integers never stand in for floats, nor floats for integers.
+//!
 //! Generation rules (documented in `onnx-lora verify --help` too):
 //! - Symbolic dimensions take the value given with `--dim NAME=VALUE`; otherwise a name
 //!   containing `batch` is 1, one containing `past` is 0 (an empty KV cache), one containing
@@ -16,6 +21,7 @@
 //! the same values whichever model, or pair of models, it is generated for.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
@@ -228,36 +234,25 @@ pub fn generate(spec: &InputSpec, dims: &HashMap<String, usize>, seed: u64) -> R
         .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))
 }
 
-/// Feeds for `specs`: the arrays from `provided` (cast to the declared type; uint16 becomes
-/// bfloat16 by its bits), generated ones for the rest. Returns the feeds and notes on what
-/// was generated or left unused.
+/// Feeds for `specs`: the arrays from `provided` (the `--inputs` file and its arrays), which
+/// must hold every input (see the module doc for the types they may have), or generated ones
+/// when no file is given. Returns the feeds and notes on arrays the models do not take.
 pub fn make_feeds(
     specs: &[InputSpec],
-    provided: Option<&Tensors>,
+    provided: Option<(&Path, &[(String, ArrayData)])>,
     dims: &HashMap<String, usize>,
     seed: u64,
 ) -> Result<(Tensors, Vec<String>)> {
     let mut feeds = Vec::with_capacity(specs.len());
     let mut notes = Vec::new();
     for spec in specs {
-        let given = provided.and_then(|p| p.iter().find(|(n, _)| *n == spec.name));
-        let arr = match given {
-            Some((_, a)) => a
-                .cast(spec.dtype)
-                .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))?,
-            None => {
-                if provided.is_some() {
-                    notes.push(format!(
-                        "input '{}' is not in --inputs: generated",
-                        spec.name
-                    ));
-                }
-                generate(spec, dims, seed)?
-            }
+        let arr = match provided {
+            Some((path, arrays)) => given_input(spec, path, arrays)?,
+            None => generate(spec, dims, seed)?,
         };
         feeds.push((spec.name.clone(), arr));
     }
-    for (name, _) in provided.into_iter().flatten() {
+    for (name, _) in provided.map(|(_, a)| a).unwrap_or_default() {
         if !specs.iter().any(|s| s.name == *name) {
             notes.push(format!(
                 "'{name}' in --inputs is not a model input: ignored"
@@ -265,6 +260,70 @@ pub fn make_feeds(
         }
     }
     Ok((feeds, notes))
+}
+
+/// The array of `path` that feeds `spec`, in the input's element type.
+fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) -> Result<ArrayData> {
+    let err = |reason: String| Error::Npz {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some((_, arr)) = arrays.iter().find(|(n, _)| *n == spec.name) else {
+        return Err(err(format!(
+            "no array '{}' for the model input of that name ({} {}); --inputs must hold every input",
+            spec.name,
+            spec.dtype,
+            format_dims(&spec.dims)
+        )));
+    };
+    let refused = || {
+        err(format!(
+            "array '{}' is {} but the model input '{}' takes {}; store it as {} (or a type of the same kind)",
+            spec.name, arr.dtype, spec.name, spec.dtype, spec.dtype
+        ))
+    };
+    let (from, to) = (kind(arr.dtype), kind(spec.dtype));
+    let bf16_bits = arr.dtype == DataType::Uint16 && spec.dtype == DataType::Bfloat16;
+    if from != to && !bf16_bits {
+        return Err(refused());
+    }
+    let cast = arr
+        .cast(spec.dtype)
+        .map_err(|e| err(format!("array '{}': {e}", spec.name)))?;
+    if to == Kind::Integer && arr.dtype != spec.dtype {
+        // Integers convert only when every value survives (no saturation, no sign flip).
+        let lost = arr
+            .values()?
+            .zip(cast.values()?)
+            .find(|(a, b)| a != b)
+            .map(|(a, _)| a);
+        if let Some(v) = lost {
+            return Err(err(format!(
+                "array '{}' is {} and holds {v}, which the model input's {} cannot hold",
+                spec.name, arr.dtype, spec.dtype
+            )));
+        }
+    }
+    Ok(cast)
+}
+
+/// What an element type holds, for deciding which arrays may feed an input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Float,
+    Integer,
+    Bool,
+    Other,
+}
+
+fn kind(dtype: DataType) -> Kind {
+    use DataType::*;
+    match dtype {
+        Float | Float16 | Bfloat16 | Double => Kind::Float,
+        Int8 | Int16 | Int32 | Int64 | Uint8 | Uint16 | Uint32 | Uint64 => Kind::Integer,
+        Bool => Kind::Bool,
+        _ => Kind::Other,
+    }
 }
 
 /// `[batch, 8, ?]`: fixed dims as numbers, symbolic ones by name, unnamed ones as `?`.
@@ -553,6 +612,29 @@ mod tests {
             symbolic_dims(&[s]),
             vec!["batch", "past_sequence_length + 1", "past_sequence_length"]
         );
+    }
+
+    #[test]
+    fn given_arrays_keep_their_kind() {
+        let path = Path::new("in.npz");
+        let ids = spec("ids", DataType::Int64, vec![Dim::Fixed(2)]);
+        let given = |dt, v: &[f64]| -> Tensors {
+            vec![("ids".into(), ArrayData::from_f64(dt, vec![2], v).unwrap())]
+        };
+        let got = given_input(&ids, path, &given(DataType::Int32, &[3.0, 4.0])).unwrap();
+        assert_eq!(
+            (got.dtype, got.values().unwrap().collect::<Vec<_>>()),
+            (DataType::Int64, vec![3.0, 4.0])
+        );
+        for dt in [DataType::Float, DataType::Double, DataType::Bool] {
+            let e = given_input(&ids, path, &given(dt, &[3.0, 4.0])).unwrap_err();
+            assert!(e.to_string().contains(&format!("is {dt} but")), "{e}");
+        }
+        let u8_ids = spec("ids", DataType::Uint8, vec![Dim::Fixed(2)]);
+        let e = given_input(&u8_ids, path, &given(DataType::Int64, &[3.0, -1.0])).unwrap_err();
+        assert!(e.to_string().contains("holds -1"), "{e}");
+        let e = given_input(&ids, path, &[]).unwrap_err();
+        assert!(e.to_string().starts_with("in.npz: no array 'ids'"), "{e}");
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub use tensor::{ArrayData, Tensors};
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
     pub ep: Ep,
-    /// Feeds from this `.npz` (missing inputs are generated).
+    /// Feeds from this `.npz`, which must hold every input (else feeds are generated).
     pub inputs: Option<PathBuf>,
     /// Values of symbolic dimensions (`--dim NAME=VALUE`).
     pub dims: Vec<(String, usize)>,
@@ -179,7 +179,8 @@ fn prepare_feeds(
         _ => per_model.concat(),
     };
     let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
-    let (feeds, more) = feeds::make_feeds(&specs, provided.as_ref(), &dims, opts.seed)?;
+    let provided = opts.inputs.as_deref().zip(provided.as_deref());
+    let (feeds, more) = feeds::make_feeds(&specs, provided, &dims, opts.seed)?;
     notes.extend(more);
     Ok(feeds)
 }
