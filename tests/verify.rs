@@ -1,7 +1,7 @@
 //! `onnx-lora verify` end to end, on models made by tests/py/make_verify_models.py (an MLP with
 //! embeddings; the same with one bias element moved by 1e-2; an fp16 copy; a single-output
-//! copy; a Det model tract cannot run) and outputs onnxruntime computed in Python. Tests that need onnxruntime fail, never
-//! skip, when it is missing.
+//! copy; copies taking other inputs; a Det model tract cannot run) and outputs onnxruntime
+//! computed in Python. Tests that need onnxruntime fail, never skip, when it is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,6 +11,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::*;
+use onnx_lora::onnx::DataType;
+use onnx_lora::verify::ArrayData;
+use onnx_lora::verify::npz::{read_arrays, write_npz};
 use serde_json::Value;
 
 /// The generated models and data, made once per test binary.
@@ -53,6 +56,53 @@ fn verify_in(args: &[&str], env: &[(&str, Option<&str>)], cwd: &Path) -> Run {
 
 fn verify(args: &[&str]) -> Run {
     verify_in(args, &[], &root())
+}
+
+/// `verify ARGS` where the search for onnxruntime finds nothing: no --ort-lib, no
+/// ORT_DYLIB_PATH, an ONNX_LORA_PYTHON that does not exist, no python3 on PATH, a working
+/// folder without .venv (the machine has no system-wide libonnxruntime).
+fn verify_without_ort(args: &[&str]) -> Run {
+    let cwd = tempfile::tempdir().unwrap();
+    let bin = cwd.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    verify_in(
+        args,
+        &[
+            ("ORT_DYLIB_PATH", None),
+            ("ONNX_LORA_PYTHON", Some("/nonexistent/python")),
+            ("PATH", Some(bin.to_str().unwrap())),
+            ("LD_LIBRARY_PATH", None),
+        ],
+        cwd.path(),
+    )
+}
+
+/// Asserts an error: exit 2, nothing on stdout, one line on stderr containing each of `want`.
+fn expect_error(r: &Run, what: &str, want: &[&str]) {
+    expect_code(r, 2, what);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{what}: {}", r.stderr);
+    assert!(r.stdout.is_empty(), "{what}: {}", r.stdout);
+    for w in want {
+        assert!(r.stderr.contains(w), "{what}: no '{w}' in {}", r.stderr);
+    }
+}
+
+/// Writes `arrays` as an npz in the data folder; returns its path.
+fn npz(name: &str, arrays: &[(String, ArrayData)]) -> String {
+    let path = file(name);
+    write_npz(Path::new(&path), arrays).unwrap();
+    path
+}
+
+/// inputs.npz with `input` replaced by `arr` (or left out when `None`).
+fn inputs_with(input: &str, arr: Option<ArrayData>) -> Vec<(String, ArrayData)> {
+    let mut arrays = read_arrays(Path::new(&file("inputs.npz"))).unwrap();
+    let i = arrays.iter().position(|(n, _)| n == input).unwrap();
+    match arr {
+        Some(a) => arrays[i].1 = a,
+        None => drop(arrays.remove(i)),
+    }
+    arrays
 }
 
 fn expect_code(r: &Run, code: i32, what: &str) {
@@ -271,10 +321,28 @@ fn shape_mismatch_and_missing_outputs_are_differences() {
     ]);
     expect_code(&r, 1, "shape mismatch");
     let recs = records(&r);
-    assert_eq!(output(&recs, "logits")["status"], "shape_mismatch");
-    assert_eq!(
-        output(&recs, "logits")["shape_a"],
-        serde_json::json!([1, 3, 8])
+    let logits = output(&recs, "logits");
+    assert_eq!(logits["status"], "shape_mismatch");
+    assert_eq!(logits["shape_a"], serde_json::json!([1, 3, 8]));
+    assert_eq!(logits["shape_b"], serde_json::json!([2, 5, 8]));
+    // Values of different shapes are not compared: no mismatch count, not "0 of N".
+    assert_eq!(logits["mismatches"], Value::Null, "{logits}");
+    assert_eq!(logits["missing_in"], Value::Null, "{logits}");
+    let r = verify(&[
+        &file("mlp.onnx"),
+        "--expect",
+        &file("expected.npz"),
+        "--dim",
+        "sequence=3",
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 1, "shape mismatch, text");
+    let line = r.stdout.lines().find(|l| l.starts_with("logits")).unwrap();
+    assert!(
+        line.contains("SHAPE [1, 3, 8] vs [2, 5, 8]") && !line.contains("0/"),
+        "{}",
+        r.stdout
     );
     let r = verify(&[
         &file("mlp_single.onnx"),
@@ -285,8 +353,31 @@ fn shape_mismatch_and_missing_outputs_are_differences() {
     ]);
     expect_code(&r, 1, "missing output");
     let recs = records(&r);
-    assert_eq!(output(&recs, "hidden")["status"], "missing");
+    let hidden = output(&recs, "hidden");
+    assert_eq!(hidden["status"], "missing");
+    assert_eq!(hidden["missing_in"], "a", "{hidden}");
+    assert_eq!(hidden["mismatches"], Value::Null, "{hidden}");
     assert_eq!(output(&recs, "logits")["status"], "pass");
+    assert_eq!(output(&recs, "logits")["mismatches"], 0);
+    // Both ways round, in the table: which side lacks it, and no "0/N" mismatch count.
+    for (a, b, status) in [
+        ("mlp_single.onnx", "mlp.onnx", "MISSING in A"),
+        ("mlp.onnx", "mlp_single.onnx", "MISSING in B"),
+    ] {
+        let r = verify(&[&file(a), &file(b), "--ep", "cpu"]);
+        expect_code(&r, 1, status);
+        let line = r.stdout.lines().find(|l| l.starts_with("hidden")).unwrap();
+        assert!(
+            line.contains(status) && !line.contains("0/"),
+            "{status}: {}",
+            r.stdout
+        );
+        assert!(
+            r.stdout.contains("FAIL: 1 of 2 outputs differ"),
+            "{}",
+            r.stdout
+        );
+    }
 }
 
 #[test]
@@ -413,16 +504,62 @@ fn no_onnxruntime_says_how_to_get_it() {
 
 #[test]
 fn auto_falls_back_to_tract_without_onnxruntime() {
+    let r = verify_without_ort(&[&file("mlp.onnx"), &file("mlp.onnx"), "--json"]);
+    expect_code(&r, 0, "auto without onnxruntime");
+    assert!(
+        r.stderr.contains("no onnxruntime library found") && r.stderr.contains("tract"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(verdict(&records(&r))["ep"], "tract");
+}
+
+#[test]
+fn a_named_onnxruntime_library_that_does_not_load_is_an_error_with_auto() {
+    // The user named a library: tract standing in for it would hide the mistake.
+    let lib = "/nonexistent/libonnxruntime.so";
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--ort-lib", lib]);
+    expect_error(
+        &r,
+        "--ort-lib, --ep auto",
+        &[lib, "--ort-lib", "could not be loaded"],
+    );
+    assert!(!r.stderr.contains("note"), "{}", r.stderr);
+    let r = verify_in(
+        &[&file("mlp.onnx"), &file("mlp.onnx")],
+        &[("ORT_DYLIB_PATH", Some(lib))],
+        &root(),
+    );
+    expect_error(&r, "ORT_DYLIB_PATH, --ep auto", &[lib, "ORT_DYLIB_PATH"]);
+    // A file that exists but is no onnxruntime library; and inject --verify the same way.
+    let not_a_lib = file("inputs.npz");
     let r = verify(&[
         &file("mlp.onnx"),
         &file("mlp.onnx"),
         "--ort-lib",
-        "/nonexistent",
-        "--json",
+        &not_a_lib,
     ]);
-    expect_code(&r, 0, "auto without onnxruntime");
-    assert!(r.stderr.contains("tract"), "{}", r.stderr);
-    assert_eq!(verdict(&records(&r))["ep"], "tract");
+    expect_error(&r, "not a library", &[&not_a_lib, "could not be loaded"]);
+    let out = data().join("injected.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        &file("mlp.onnx"),
+        "--rank",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "--ort-lib",
+        lib,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    // Its report of what it wrote, then the error.
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("onnx-lora: error: ") && last.contains(lib) && !err.contains("note"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -465,7 +602,7 @@ fn tract_says_when_it_cannot_run_a_model() {
         "Det on onnxruntime",
     );
     // As the fallback for a missing onnxruntime, the error says how to get onnxruntime.
-    let r = verify(&[&det, &det, "--ort-lib", "/nonexistent"]);
+    let r = verify_without_ort(&[&det, &det]);
     expect_code(&r, 2, "Det on the tract fallback");
     assert!(r.stderr.contains("pip install onnxruntime"), "{}", r.stderr);
 }
@@ -492,4 +629,170 @@ fn usage_errors() {
         "cpu",
     ]);
     expect_code(&r, 2, "--dim without =");
+}
+
+#[test]
+fn models_taking_different_inputs_are_an_error() {
+    let (a, renamed, int32) = (
+        file("mlp.onnx"),
+        file("mlp_renamed.onnx"),
+        file("mlp_int32.onnx"),
+    );
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&a, &renamed, "--ep", ep]);
+        expect_error(
+            &r,
+            "renamed input",
+            &[
+                &format!("{a} and {renamed} take different inputs"),
+                "token_type_ids (int64) vs segment_ids (int64)",
+            ],
+        );
+    }
+    let r = verify(&[&int32, &a, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "input of another type",
+        &["take different inputs: input_ids (int32) vs input_ids (int64)"],
+    );
+    // An input only one model takes.
+    let r = verify(&[&file("det.onnx"), &file("det.onnx"), "--ep", "cpu"]);
+    expect_code(&r, 0, "det");
+    let r = verify(&[&a, &file("det.onnx"), "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "no common input",
+        &["input_ids (int64), token_type_ids (int64), attention_mask (int64) vs x (float32)"],
+    );
+}
+
+#[test]
+fn symbolic_dims_may_differ_in_name() {
+    // mlp_dims.onnx names its dims N and L: the same inputs, and --dim may use either name.
+    let (a, b) = (file("mlp.onnx"), file("mlp_dims.onnx"));
+    for dim in ["sequence=3", "L=3"] {
+        let r = verify(&[&a, &b, "--ep", "cpu", "--dim", dim, "--json"]);
+        expect_code(&r, 0, dim);
+        let recs = records(&r);
+        assert_eq!(
+            output(&recs, "logits")["shape_b"],
+            serde_json::json!([1, 3, 8]),
+            "{dim}"
+        );
+    }
+}
+
+#[test]
+fn a_dim_no_input_has_is_an_error() {
+    let m = file("mlp.onnx");
+    let r = verify(&[&m, &m, "--ep", "cpu", "--dim", "seqence=3"]);
+    expect_error(
+        &r,
+        "--dim typo",
+        &[
+            "--dim seqence",
+            "has a symbolic dimension of that name",
+            "they have batch, sequence",
+        ],
+    );
+    let r = verify(&[
+        &m,
+        "--expect",
+        &file("expected.npz"),
+        "--inputs",
+        &file("inputs.npz"),
+        "--ep",
+        "cpu",
+        "--dim",
+        "batch_size=2",
+    ]);
+    expect_error(&r, "--dim with --expect", &["--dim batch_size", &m]);
+    // det.onnx has one symbolic dim, and the message lists it.
+    let single = file("det.onnx");
+    let r = verify(&[&single, &single, "--ep", "cpu", "--dim", "rows=3"]);
+    expect_error(&r, "--dim rows", &["--dim rows", "they have batch"]);
+}
+
+#[test]
+fn inputs_file_must_hold_every_input() {
+    let m = file("mlp.onnx");
+    let f = npz("no_mask.npz", &inputs_with("attention_mask", None));
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&m, &m, "--inputs", &f, "--ep", ep]);
+        expect_error(
+            &r,
+            "missing input",
+            &[&f, "no array 'attention_mask'", "must hold every input"],
+        );
+    }
+    let r = verify(&[&m, "--inputs", &f, "--expect", &file("expected.npz")]);
+    expect_error(&r, "missing input, --expect", &[&f, "'attention_mask'"]);
+}
+
+#[test]
+fn inputs_file_arrays_must_be_of_the_inputs_kind() {
+    let m = file("mlp.onnx");
+    let ids = read_arrays(Path::new(&file("inputs.npz")))
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1;
+    let values: Vec<f64> = ids.values().unwrap().collect();
+    let as_type = |dt| ArrayData::from_f64(dt, ids.shape.clone(), &values).unwrap();
+    // Floats for int64 ids: refused, naming the input, the array's type and the input's.
+    let f = npz(
+        "float_ids.npz",
+        &inputs_with("input_ids", Some(as_type(DataType::Float))),
+    );
+    let r = verify(&[&m, &m, "--inputs", &f, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "float ids",
+        &[&f, "array 'input_ids' is float32", "takes int64"],
+    );
+    // int32 ids for int64: the same values, the same outputs as the stored ones.
+    let f = npz(
+        "int32_ids.npz",
+        &inputs_with("input_ids", Some(as_type(DataType::Int32))),
+    );
+    let r = verify(&[
+        &m,
+        "--inputs",
+        &f,
+        "--expect",
+        &file("expected.npz"),
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 0, "int32 ids");
+    // int64 values an int32 input cannot hold: refused, not saturated.
+    let mut big = values.clone();
+    big[0] = 5e9;
+    let big = ArrayData::from_f64(DataType::Int64, ids.shape.clone(), &big).unwrap();
+    let f = npz("big_ids.npz", &inputs_with("input_ids", Some(big)));
+    let int32 = file("mlp_int32.onnx");
+    let r = verify(&[&int32, &int32, "--inputs", &f, "--ep", "cpu"]);
+    expect_error(
+        &r,
+        "ids beyond int32",
+        &[&f, "5000000000", "int32 cannot hold"],
+    );
+    // A float input: int64 refused, float64 converted (same kind).
+    let det = file("det.onnx");
+    let x: Vec<f64> = (0..9).map(|i| ((i * 7) % 5) as f64 - 1.5).collect();
+    for (dt, code) in [(DataType::Int64, 2), (DataType::Double, 0)] {
+        let arr = ArrayData::from_f64(dt, vec![1, 3, 3], &x).unwrap();
+        let f = npz(&format!("x_{}.npz", dt.name()), &[("x".into(), arr)]);
+        let r = verify(&[&det, &det, "--inputs", &f, "--ep", "cpu"]);
+        if code == 2 {
+            expect_error(
+                &r,
+                "int64 for float32",
+                &["array 'x' is int64", "takes float32"],
+            );
+        } else {
+            expect_code(&r, 0, "float64 for float32");
+        }
+    }
 }

@@ -1,11 +1,34 @@
 //! `verify` and `--verify` on the real exports: each fixture passes against itself and against
 //! PEFT's stored base outputs on onnxruntime and tract (so the two agree), fails against the
-//! same model with an adapter merged in, and fold / inject `--verify` report PASS.
+//! same model with an adapter merged in, and fold / inject `--verify` report PASS. Runtime
+//! failures (a tract panic, an onnxruntime run error) are one-line errors naming the model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
+use onnx_lora::onnx::DataType;
+use onnx_lora::verify::ArrayData;
+use onnx_lora::verify::npz::write_npz;
+
+/// Asserts a one-line error (exit 2, nothing on stdout) containing each of `want`; returns
+/// stderr.
+fn one_line_error(args: &[&str], want: &[&str]) -> String {
+    let o = onnx_lora(args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    assert!(out.is_empty(), "{args:?}: {out}");
+    for w in want {
+        assert!(err.contains(w), "{args:?}: no '{w}' in {err}");
+    }
+    err
+}
 
 fn code(args: &[&str]) -> (Option<i32>, String) {
     let o = onnx_lora(args);
@@ -179,4 +202,123 @@ fn fold_verify_covers_whole_replacements() {
         assert_eq!(c, Some(0), "{text}");
         assert!(text.contains("PASS") && out.exists(), "{text}");
     }
+}
+
+#[test]
+fn out_of_range_ids_are_one_line_errors_naming_the_model() {
+    // fixtures/llama/dynamo has a vocabulary of 128 and takes [1, 8] ids and mask: id 1000 is
+    // beyond its embedding table. tract panics on it, onnxruntime fails the run.
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids1000.npz");
+    write_npz(
+        &ids,
+        &[
+            (
+                "input_ids".into(),
+                ArrayData::from_f64(DataType::Int64, vec![1, 8], &[1000.0; 8]).unwrap(),
+            ),
+            (
+                "attention_mask".into(),
+                ArrayData::from_f64(DataType::Int64, vec![1, 8], &[1.0; 8]).unwrap(),
+            ),
+        ],
+    )
+    .unwrap();
+    let f = ids.to_str().unwrap();
+    let err = one_line_error(
+        &["verify", m, m, "--inputs", f, "--ep", "tract"],
+        &[&format!("tract failed on {m}: ")],
+    );
+    assert!(!err.contains("panicked at"), "{err}");
+    // onnxruntime's own logger prints nothing: the one line is ours, naming the model.
+    let err = one_line_error(
+        &["verify", m, m, "--inputs", f, "--ep", "cpu"],
+        &[&format!("{m}: onnxruntime failed to run the model: ")],
+    );
+    assert!(!err.contains('\x1b'), "no coloured log line: {err}");
+}
+
+#[test]
+fn onnxruntime_run_errors_are_one_line_naming_the_model() {
+    // The genai model's KV cache dim is symbolic: at its default of 1 the run fails inside
+    // onnxruntime, which must not log its own (coloured) line.
+    let model = fixtures().join("llama_genai/model.onnx");
+    let m = model.to_str().unwrap();
+    let err = one_line_error(
+        &["verify", m, m, "--ep", "cpu"],
+        &[&format!("{m}: onnxruntime failed to run the model")],
+    );
+    assert!(!err.contains('\x1b'), "{err}");
+    let (c, out) = code(&["verify", m, m, "--ep", "cpu", "--dim", "kv_cache_dim=16"]);
+    assert_eq!(c, Some(0), "{out}");
+}
+
+#[test]
+fn verify_references_are_named_not_their_scratch_files() {
+    // fold --verify and inject --adapter --verify build their reference in a scratch file that
+    // is gone afterwards: the report names what the reference is.
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    let ad = case.adapters.iter().find(|a| a.name == "plain").unwrap();
+    let (m, a) = (case.onnx.to_str().unwrap(), ad.dir.to_str().unwrap());
+    let out = dir.path().join("out.onnx");
+    let o = out.to_str().unwrap();
+    for (args, label) in [
+        (
+            vec!["fold", m, a, "-o", o, "--verify", "--ep", "cpu"],
+            "the unmerged reference (base + adapters as branches)",
+        ),
+        (
+            vec![
+                "inject",
+                m,
+                "--adapter",
+                a,
+                "-o",
+                o,
+                "--verify",
+                "--ep",
+                "cpu",
+            ],
+            "the reference (base with the adapter folded in)",
+        ),
+    ] {
+        let (c, text) = code(&args);
+        assert_eq!(c, Some(0), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("{label}: cpu, ")) && !text.contains("reference.onnx"),
+            "{args:?}: {text}"
+        );
+        let mut json = args.clone();
+        json.push("--json");
+        let text = onnx_lora_ok(&json);
+        let verdict: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(verdict["type"], "verdict", "{text}");
+        assert_eq!(verdict["models"][1]["model"], label, "{text}");
+        assert_eq!(verdict["models"][0]["model"], o, "{text}");
+    }
+    // Folding branches back compares with the input model itself: named by its path.
+    let injected = dir.path().join("injected.onnx");
+    onnx_lora_ok(&["inject", m, "--rank", "2", "-o", injected.to_str().unwrap()]);
+    let text = onnx_lora_ok(&[
+        "fold",
+        injected.to_str().unwrap(),
+        "-o",
+        o,
+        "--verify",
+        "--ep",
+        "cpu",
+    ]);
+    assert!(
+        text.contains(&format!("{}: cpu, ", injected.display()))
+            && !text.contains("reference.onnx"),
+        "{text}"
+    );
+    assert!(Path::new(o).exists());
 }

@@ -129,11 +129,20 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let Some(saved) = saved else {
         return Ok(super::EXIT_OK);
     };
+    // The reference lives in a scratch file: messages name what it is.
+    let label = if adapters.is_empty() {
+        args.model.display().to_string()
+    } else {
+        UNMERGED_REFERENCE.to_string()
+    };
     match &reference {
-        Some(r) => super::verify::check_against(&saved.model, r, &args.runtime, args.json),
+        Some(r) => super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json),
         None => Ok(super::EXIT_OK),
     }
 }
+
+/// How `--verify` messages name the reference it compares a fold with.
+const UNMERGED_REFERENCE: &str = "the unmerged reference (base + adapters as branches)";
 
 /// The report; `saved` is None for a dry run.
 fn print_report(

@@ -317,7 +317,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         return Ok(super::EXIT_OK);
     }
     match &reference {
-        Some(r) => super::verify::check_against(&saved.model, r, &args.runtime, args.json),
+        Some(r) => super::verify::check_against(
+            &saved.model,
+            r,
+            "the reference (base with the adapter folded in)",
+            &args.runtime,
+            args.json,
+        ),
         None => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
     }
 }

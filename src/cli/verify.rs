@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use onnx_lora::verify::{self, Ep, OutputComparison, VerifyOptions, VerifyReport};
+use anyhow::Context;
+use onnx_lora::verify::compare::Side;
+use onnx_lora::verify::{self, Ep, OutputComparison, Status, VerifyOptions, VerifyReport};
 use serde::Serialize;
 
 use super::output::{json_line, table};
@@ -27,19 +29,26 @@ less precise side), on CPU and when CUDA ran:
   integers and bool: exact
 --atol / --rtol replace the defaults for every output.
 
-Generated inputs (without --inputs, or for inputs the file lacks), repeatable with --seed:
-symbolic dims come from --dim, else a name containing 'batch' is 1, 'past' 0, 'seq', 'len' or
-'total' 8, any other 1 ('past_sequence_length + 1' style sums are added up); inputs named
-*mask* are all ones; integer inputs that index a Gather table are drawn below its size, other
-integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz files is uint16 bits.
+--inputs must hold every model input, as arrays of the input's kind: float64 may feed a float32
+input, int32 an int64 one (when the values fit), uint16 bits a bfloat16 one; integers never feed
+float inputs, nor floats integer ones. A and B must take the same inputs (names, element types,
+fixed dims).
+
+Generated inputs (without --inputs), repeatable with --seed: symbolic dims come from --dim
+(which must name a symbolic dim of the inputs), else a name containing 'batch' is 1, 'past'
+0, 'seq', 'len' or 'total' 8, any other 1 ('past_sequence_length + 1' style sums are added
+up); inputs named *mask* are all ones; integer inputs that index a Gather table are drawn
+below its size, other integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz
+files is uint16 bits.
 
 --ep auto runs on CUDA when onnxruntime can register it (onnxruntime-gpu), on onnxruntime's CPU
 otherwise, and on the embedded tract when no onnxruntime library is found. onnxruntime is
 looked for with --ort-lib, ORT_DYLIB_PATH, the Python onnxruntime package ($ONNX_LORA_PYTHON,
-./.venv/bin/python, python3), ./.venv, then the system library paths.
+./.venv/bin/python, python3), ./.venv, then the system library paths; a library named with
+--ort-lib or ORT_DYLIB_PATH that does not load is an error, never a fallback to tract.
 
 Exit codes: 0 every output equal within tolerance, 1 different (values, shapes or a missing
-output), 2 error.")]
+output: STATUS says MISSING in A / B, or SHAPE a vs b), 2 error.")]
 pub struct Args {
     /// The model to check.
     a: PathBuf,
@@ -49,14 +58,14 @@ pub struct Args {
     /// Where to run: auto (CUDA, else CPU, else tract), cuda, cpu (onnxruntime), tract.
     #[arg(long, value_enum, default_value_t = Ep::Auto)]
     ep: Ep,
-    /// Inputs by name from an .npz (inputs it lacks are generated).
+    /// Inputs by name from an .npz (it must hold every input).
     #[arg(long, value_name = "FILE.npz")]
     inputs: Option<PathBuf>,
     /// Compare A's outputs with these stored ones instead of running B (.npz by output name,
     /// or .npy for a single-output model).
     #[arg(long, value_name = "FILE")]
     expect: Option<PathBuf>,
-    /// Value of a symbolic dimension for generated inputs (repeatable).
+    /// Value of a symbolic dimension of the inputs, for generated inputs (repeatable).
     #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim)]
     dims: Vec<(String, usize)>,
     /// Seed of the generated inputs.
@@ -105,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         runs: args.runs,
         ort_lib: args.ort_lib,
         adapters: args.adapters,
+        reference_label: None,
     };
     let report = match (&args.b, &args.expect) {
         (_, Some(expected)) => verify::verify_expected(&args.a, expected, &opts)?,
@@ -158,7 +168,9 @@ fn print_json(r: &VerifyReport) -> anyhow::Result<()> {
 }
 
 fn print_text(r: &VerifyReport) {
-    let rows: Vec<Vec<String>> = r.outputs.iter().map(row).collect();
+    // With --expect only A ran: the reference is the stored file.
+    let reference = if r.models.len() == 1 { "--expect" } else { "B" };
+    let rows: Vec<Vec<String>> = r.outputs.iter().map(|o| row(o, reference)).collect();
     print!(
         "{}",
         table(
@@ -173,10 +185,7 @@ fn print_text(r: &VerifyReport) {
         let plural = if m.runs == 1 { "" } else { "s" };
         println!(
             "{}: {}, {:.3} ms per run ({} run{plural})",
-            m.model.display(),
-            m.ep,
-            m.mean_ms,
-            m.runs
+            m.model, m.ep, m.mean_ms, m.runs
         );
     }
     let failed = r.outputs.iter().filter(|o| !o.passed).count();
@@ -189,7 +198,8 @@ fn print_text(r: &VerifyReport) {
     }
 }
 
-fn row(o: &OutputComparison) -> Vec<String> {
+/// A table row; `reference` names the reference side in a missing output's status.
+fn row(o: &OutputComparison, reference: &str) -> Vec<String> {
     let both = |a: Option<String>, b: Option<String>| match (a, b) {
         (Some(a), Some(b)) if a == b => a,
         (a, b) => format!(
@@ -199,10 +209,18 @@ fn row(o: &OutputComparison) -> Vec<String> {
         ),
     };
     let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3e}"));
-    let status = serde_json::to_value(o.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let shape = |s: &Option<Vec<usize>>| s.as_ref().map_or("-".into(), |s| format!("{s:?}"));
+    let status = match (o.status, o.missing_in) {
+        (Status::Missing, Some(Side::A)) => "MISSING in A".to_string(),
+        (Status::Missing, _) => format!("MISSING in {reference}"),
+        (Status::ShapeMismatch, _) => {
+            format!("SHAPE {} vs {}", shape(&o.shape_a), shape(&o.shape_b))
+        }
+        (status, _) => serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+    };
     vec![
         o.name.clone(),
         status,
@@ -213,7 +231,8 @@ fn row(o: &OutputComparison) -> Vec<String> {
         both(o.dtype_a.clone(), o.dtype_b.clone()),
         num(o.max_abs_diff),
         num(o.max_rel_diff),
-        format!("{}/{}", o.mismatches, o.numel),
+        o.mismatches
+            .map_or("-".into(), |m| format!("{m}/{}", o.numel)),
         format!("{:e}", o.atol),
         format!("{:e}", o.rtol),
     ]
@@ -239,23 +258,39 @@ pub(super) fn check(
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
+    check_labeled(model, reference, None, runtime, json)
+}
+
+/// `check`, with messages naming the reference by `label` instead of its path.
+fn check_labeled(
+    model: &std::path::Path,
+    reference: &std::path::Path,
+    label: Option<&str>,
+    runtime: &RuntimeArgs,
+    json: bool,
+) -> anyhow::Result<u8> {
     let opts = VerifyOptions {
         ep: runtime.ep,
         ort_lib: runtime.ort_lib.clone(),
+        reference_label: label.map(str::to_string),
         ..VerifyOptions::default()
     };
     verdict(&verify::verify_models(model, reference, &opts)?, json)
 }
 
-/// `check` against a model in memory: written to a scratch folder first (runtimes take paths).
+/// `check` against a model in memory, written to a scratch folder first (runtimes take paths)
+/// that is gone when this returns: messages name it by `label` (what the reference is), never
+/// by that path.
 pub(super) fn check_against(
     model: &std::path::Path,
     reference: &onnx_lora::onnx::LoadedModel,
+    label: &str,
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("reference.onnx");
-    onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())?;
-    check(model, &path, runtime, json)
+    onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())
+        .with_context(|| format!("--verify: writing {label}"))?;
+    check_labeled(model, &path, Some(label), runtime, json)
 }

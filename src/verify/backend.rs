@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use super::tensor::{ArrayData, Tensors};
 
 /// Where to run. `Auto` (the default) is CUDA when onnxruntime can register it, onnxruntime's
-/// CPU otherwise, and tract when no onnxruntime library is found.
+/// CPU otherwise, and tract when the search finds no onnxruntime library (one named with
+/// `--ort-lib` or `ORT_DYLIB_PATH` must load).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Ep {
@@ -65,21 +66,29 @@ pub trait Backend {
     }
 }
 
-/// Opens `model` on `ep`. With `Auto`, a missing onnxruntime library means tract (said in
-/// `notes`), and a CUDA EP that does not register means CPU.
+/// Opens `model` on `ep`. With `Auto`, no onnxruntime library found by the search means tract
+/// (said in `notes`; a library named by `--ort-lib` or `ORT_DYLIB_PATH` that does not load is
+/// an error), and a CUDA EP that does not register means CPU.
+///
+/// `label` names the model in messages (its path, or a description of a temporary file).
 pub fn open(
     model: &Path,
+    label: &str,
     ep: Ep,
     ort_lib: Option<&Path>,
     notes: &mut Vec<String>,
 ) -> Result<Box<dyn Backend>> {
     if ep == Ep::Tract {
-        return Ok(Box::new(super::tract::TractBackend::open(model, false)?));
+        return Ok(Box::new(super::tract::TractBackend::open(
+            model, label, false,
+        )?));
     }
-    match open_ort(model, ep, ort_lib, notes) {
+    match open_ort(model, label, ep, ort_lib, notes) {
         Err(OrtOpenError::NoLibrary(reason)) if ep == Ep::Auto => {
             notes.push(format!("{reason}; using the embedded tract backend"));
-            Ok(Box::new(super::tract::TractBackend::open(model, true)?))
+            Ok(Box::new(super::tract::TractBackend::open(
+                model, label, true,
+            )?))
         }
         Err(OrtOpenError::NoLibrary(reason)) => Err(Error::Backend(reason)),
         Err(OrtOpenError::Other(e)) => Err(e),
@@ -98,17 +107,22 @@ enum OrtOpenError {
 #[cfg(feature = "ort")]
 fn open_ort(
     model: &Path,
+    label: &str,
     ep: Ep,
     ort_lib: Option<&Path>,
     notes: &mut Vec<String>,
 ) -> std::result::Result<Box<dyn Backend>, OrtOpenError> {
     use super::ort as o;
     match o::environment(ort_lib) {
+        // A library the user named (--ort-lib, ORT_DYLIB_PATH) is never replaced by tract.
+        Err(e @ Error::Backend(_)) if o::pinned_library(ort_lib).is_some() => {
+            return Err(OrtOpenError::Other(e));
+        }
         Err(Error::Backend(reason)) => return Err(OrtOpenError::NoLibrary(reason)),
         Err(e) => return Err(OrtOpenError::Other(e)),
         Ok(_) => {}
     }
-    o::OrtBackend::open(model, ep, ort_lib, notes)
+    o::OrtBackend::open(model, label, ep, ort_lib, notes)
         .map(|b| Box::new(b) as Box<dyn Backend>)
         .map_err(OrtOpenError::Other)
 }
@@ -116,6 +130,7 @@ fn open_ort(
 #[cfg(not(feature = "ort"))]
 fn open_ort(
     _: &Path,
+    _: &str,
     _: Ep,
     _: Option<&Path>,
     _: &mut Vec<String>,

@@ -69,12 +69,22 @@ pub enum Status {
     Missing,
 }
 
+/// A side of a comparison: model A, or the reference B (model B or the `--expect` file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    A,
+    B,
+}
+
 /// One output compared.
 #[derive(Clone, Debug, Serialize)]
 pub struct OutputComparison {
     pub name: String,
     pub status: Status,
     pub passed: bool,
+    /// The side that lacks the output (`Missing` only).
+    pub missing_in: Option<Side>,
     /// Shape and type on each side (`None` where the output is missing).
     pub shape_a: Option<Vec<usize>>,
     pub shape_b: Option<Vec<usize>>,
@@ -84,8 +94,9 @@ pub struct OutputComparison {
     pub max_abs_diff: Option<f64>,
     /// Largest |a - b| / |b| over elements finite on both sides with b != 0.
     pub max_rel_diff: Option<f64>,
-    /// Elements out of tolerance (NaN or infinity mismatches included).
-    pub mismatches: usize,
+    /// Elements out of tolerance (NaN or infinity mismatches included); `None` when the values
+    /// were not compared (a missing output, different shapes).
+    pub mismatches: Option<usize>,
     pub numel: usize,
     pub atol: f64,
     pub rtol: f64,
@@ -142,13 +153,18 @@ pub fn compare(
         name: name.to_string(),
         status: Status::Missing,
         passed: false,
+        missing_in: match (a, b) {
+            (None, _) => Some(Side::A),
+            (_, None) => Some(Side::B),
+            _ => None,
+        },
         shape_a: a.map(|x| x.shape.clone()),
         shape_b: b.map(|x| x.shape.clone()),
         dtype_a: a.map(|x| x.dtype.name()),
         dtype_b: b.map(|x| x.dtype.name()),
         max_abs_diff: None,
         max_rel_diff: None,
-        mismatches: 0,
+        mismatches: None,
         numel: a.or(b).map_or(0, ArrayData::numel),
         atol: tol.atol,
         rtol: tol.rtol,
@@ -172,7 +188,7 @@ pub fn compare(
     };
     c.max_abs_diff = stats.max_abs;
     c.max_rel_diff = stats.max_rel;
-    c.mismatches = stats.mismatches;
+    c.mismatches = Some(stats.mismatches);
     c.passed = stats.mismatches == 0;
     c.status = if c.passed {
         Status::Pass
@@ -227,7 +243,7 @@ mod tests {
         let c = compare("y", Some(&f32s(&[2.29])), Some(&f32s(&[2.0])), over, false);
         assert!(c.passed, "{c:?}");
         let c = compare("y", Some(&f32s(&[2.31])), Some(&f32s(&[2.0])), over, false);
-        assert_eq!((c.passed, c.mismatches), (false, 1));
+        assert_eq!((c.passed, c.mismatches), (false, Some(1)));
     }
 
     #[test]
@@ -237,7 +253,7 @@ mod tests {
         assert!(compare("y", Some(&a), Some(&a.clone()), over, false).passed);
         let b = f32s(&[1.0, f64::NEG_INFINITY, 1.0]);
         let c = compare("y", Some(&a), Some(&b), over, false);
-        assert_eq!((c.mismatches, c.max_abs_diff), (2, Some(0.0)));
+        assert_eq!((c.mismatches, c.max_abs_diff), (Some(2), Some(0.0)));
     }
 
     #[test]
@@ -250,9 +266,13 @@ mod tests {
             over,
             false,
         );
-        assert_eq!(c.status, Status::ShapeMismatch);
+        assert_eq!((c.status, c.mismatches), (Status::ShapeMismatch, None));
         let all = compare_all(&vec![("y".into(), f32s(&[1.0]))], &vec![], over, false);
         assert_eq!(all[0].status, Status::Missing);
+        assert_eq!(
+            (all[0].missing_in, all[0].mismatches),
+            (Some(Side::B), None)
+        );
         assert!(!all[0].passed);
     }
 

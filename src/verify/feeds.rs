@@ -1,5 +1,10 @@
 //! Model inputs for verification: read from an npz, or generated repeatably from a seed.
 //!
+//! An npz given with `--inputs` must hold every input, each array of the input's kind: an
+//! array may differ from the input's element type only within floats (float64 for a float32
+//! input), within integers (int32 for int64 ids, when every value fits) or as uint16 bits for
+//! bfloat16. Integers never stand in for floats, nor floats for integers.
+//!
 //! Generation rules (documented in `onnx-lora verify --help` too):
 //! - Symbolic dimensions take the value given with `--dim NAME=VALUE`; otherwise a name
 //!   containing `batch` is 1, one containing `past` is 0 (an empty KV cache), one containing
@@ -16,6 +21,7 @@
 //! the same values whichever model, or pair of models, it is generated for.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
@@ -228,36 +234,25 @@ pub fn generate(spec: &InputSpec, dims: &HashMap<String, usize>, seed: u64) -> R
         .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))
 }
 
-/// Feeds for `specs`: the arrays from `provided` (cast to the declared type; uint16 becomes
-/// bfloat16 by its bits), generated ones for the rest. Returns the feeds and notes on what
-/// was generated or left unused.
+/// Feeds for `specs`: the arrays from `provided` (the `--inputs` file and its arrays), which
+/// must hold every input (see the module doc for the types they may have), or generated ones
+/// when no file is given. Returns the feeds and notes on arrays the models do not take.
 pub fn make_feeds(
     specs: &[InputSpec],
-    provided: Option<&Tensors>,
+    provided: Option<(&Path, &[(String, ArrayData)])>,
     dims: &HashMap<String, usize>,
     seed: u64,
 ) -> Result<(Tensors, Vec<String>)> {
     let mut feeds = Vec::with_capacity(specs.len());
     let mut notes = Vec::new();
     for spec in specs {
-        let given = provided.and_then(|p| p.iter().find(|(n, _)| *n == spec.name));
-        let arr = match given {
-            Some((_, a)) => a
-                .cast(spec.dtype)
-                .map_err(|e| Error::Verify(format!("input '{}': {e}", spec.name)))?,
-            None => {
-                if provided.is_some() {
-                    notes.push(format!(
-                        "input '{}' is not in --inputs: generated",
-                        spec.name
-                    ));
-                }
-                generate(spec, dims, seed)?
-            }
+        let arr = match provided {
+            Some((path, arrays)) => given_input(spec, path, arrays)?,
+            None => generate(spec, dims, seed)?,
         };
         feeds.push((spec.name.clone(), arr));
     }
-    for (name, _) in provided.into_iter().flatten() {
+    for (name, _) in provided.map(|(_, a)| a).unwrap_or_default() {
         if !specs.iter().any(|s| s.name == *name) {
             notes.push(format!(
                 "'{name}' in --inputs is not a model input: ignored"
@@ -265,6 +260,214 @@ pub fn make_feeds(
         }
     }
     Ok((feeds, notes))
+}
+
+/// The array of `path` that feeds `spec`, in the input's element type.
+fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) -> Result<ArrayData> {
+    let err = |reason: String| Error::Npz {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some((_, arr)) = arrays.iter().find(|(n, _)| *n == spec.name) else {
+        return Err(err(format!(
+            "no array '{}' for the model input of that name ({} {}); --inputs must hold every input",
+            spec.name,
+            spec.dtype,
+            format_dims(&spec.dims)
+        )));
+    };
+    let refused = || {
+        err(format!(
+            "array '{}' is {} but the model input '{}' takes {}; store it as {} (or a type of the same kind)",
+            spec.name, arr.dtype, spec.name, spec.dtype, spec.dtype
+        ))
+    };
+    let (from, to) = (kind(arr.dtype), kind(spec.dtype));
+    let bf16_bits = arr.dtype == DataType::Uint16 && spec.dtype == DataType::Bfloat16;
+    if from != to && !bf16_bits {
+        return Err(refused());
+    }
+    let cast = arr
+        .cast(spec.dtype)
+        .map_err(|e| err(format!("array '{}': {e}", spec.name)))?;
+    if to == Kind::Integer && arr.dtype != spec.dtype {
+        // Integers convert only when every value survives (no saturation, no sign flip).
+        let lost = arr
+            .values()?
+            .zip(cast.values()?)
+            .find(|(a, b)| a != b)
+            .map(|(a, _)| a);
+        if let Some(v) = lost {
+            return Err(err(format!(
+                "array '{}' is {} and holds {v}, which the model input's {} cannot hold",
+                spec.name, arr.dtype, spec.dtype
+            )));
+        }
+    }
+    Ok(cast)
+}
+
+/// What an element type holds, for deciding which arrays may feed an input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Float,
+    Integer,
+    Bool,
+    Other,
+}
+
+fn kind(dtype: DataType) -> Kind {
+    use DataType::*;
+    match dtype {
+        Float | Float16 | Bfloat16 | Double => Kind::Float,
+        Int8 | Int16 | Int32 | Int64 | Uint8 | Uint16 | Uint32 | Uint64 => Kind::Integer,
+        Bool => Kind::Bool,
+        _ => Kind::Other,
+    }
+}
+
+/// `[batch, 8, ?]`: fixed dims as numbers, symbolic ones by name, unnamed ones as `?`.
+pub fn format_dims(dims: &[Dim]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(v) => v.to_string(),
+            Dim::Param(p) => p.clone(),
+            Dim::Unknown => "?".into(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The inputs of two models that must take the same feeds: the same names with the same
+/// element types and compatible shapes (equal ranks and equal fixed dims; symbolic dims may
+/// differ in name). The merged spec keeps A's order, takes a fixed dim where either model fixes
+/// one, a symbolic dim by the name `dims` (`--dim`) sets, A's first, and the smaller Gather
+/// bound. `Err` describes the difference: `x (float32) vs z (float32)`, or which side alone
+/// takes an input (`only a takes ...`, where the caller names A and B).
+pub fn common_inputs(
+    a: &[InputSpec],
+    b: &[InputSpec],
+    dims: &HashMap<String, usize>,
+) -> std::result::Result<Vec<InputSpec>, InputDifference> {
+    let compatible = |x: &InputSpec, y: &InputSpec| {
+        x.dtype == y.dtype
+            && (x.dims.len() == y.dims.len() || x.dims.is_empty() || y.dims.is_empty())
+            && x.dims.iter().zip(&y.dims).all(|p| match p {
+                (Dim::Fixed(u), Dim::Fixed(v)) => u == v,
+                _ => true,
+            })
+    };
+    let counterpart = |x: &InputSpec, other: &[InputSpec]| {
+        other
+            .iter()
+            .find(|y| y.name == x.name)
+            .is_some_and(|y| compatible(x, y))
+    };
+    // Shapes are worth showing only where the name and type agree (the shape is the difference).
+    let describe = |x: &InputSpec, other: &[InputSpec]| {
+        let same_type = other.iter().any(|y| y.name == x.name && y.dtype == x.dtype);
+        if same_type {
+            format!("{} ({} {})", x.name, x.dtype, format_dims(&x.dims))
+        } else {
+            format!("{} ({})", x.name, x.dtype)
+        }
+    };
+    let only_a: Vec<String> = a
+        .iter()
+        .filter(|x| !counterpart(x, b))
+        .map(|x| describe(x, b))
+        .collect();
+    let only_b: Vec<String> = b
+        .iter()
+        .filter(|y| !counterpart(y, a))
+        .map(|y| describe(y, a))
+        .collect();
+    if !only_a.is_empty() || !only_b.is_empty() {
+        return Err(InputDifference { only_a, only_b });
+    }
+    let merged = a
+        .iter()
+        .map(|x| {
+            let Some(y) = b.iter().find(|y| y.name == x.name) else {
+                return x.clone();
+            };
+            let dims = if x.dims.is_empty() {
+                y.dims.clone()
+            } else if y.dims.is_empty() {
+                x.dims.clone()
+            } else {
+                x.dims
+                    .iter()
+                    .zip(&y.dims)
+                    .map(|p| match p {
+                        (Dim::Fixed(v), _) | (_, Dim::Fixed(v)) => Dim::Fixed(*v),
+                        (Dim::Param(p), Dim::Param(q))
+                            if !dims.contains_key(p) && dims.contains_key(q) =>
+                        {
+                            Dim::Param(q.clone())
+                        }
+                        (Dim::Param(p), _) | (_, Dim::Param(p)) => Dim::Param(p.clone()),
+                        (Dim::Unknown, Dim::Unknown) => Dim::Unknown,
+                    })
+                    .collect()
+            };
+            let index_bound = match (x.index_bound, y.index_bound) {
+                (Some(u), Some(v)) => Some(u.min(v)),
+                (u, v) => u.or(v),
+            };
+            InputSpec {
+                name: x.name.clone(),
+                dtype: x.dtype,
+                dims,
+                index_bound,
+            }
+        })
+        .collect();
+    Ok(merged)
+}
+
+/// How two models' inputs differ: each side's inputs the other does not take alike.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputDifference {
+    pub only_a: Vec<String>,
+    pub only_b: Vec<String>,
+}
+
+impl InputDifference {
+    /// `x (float32) vs z (float32)`, or `only A takes x (float32)` when B has nothing in its
+    /// place (`a`, `b` name the models).
+    pub fn describe(&self, a: &str, b: &str) -> String {
+        match (self.only_a.is_empty(), self.only_b.is_empty()) {
+            (false, false) => format!("{} vs {}", self.only_a.join(", "), self.only_b.join(", ")),
+            (false, true) => format!("only {a} takes {}", self.only_a.join(", ")),
+            _ => format!("only {b} takes {}", self.only_b.join(", ")),
+        }
+    }
+}
+
+/// The symbolic dimension names `--dim` may set for these inputs: every dim_param, and each
+/// named term of a sum such as `past_sequence_length + 1`, in order of appearance.
+pub fn symbolic_dims(specs: &[InputSpec]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    };
+    for spec in specs {
+        for d in &spec.dims {
+            let Dim::Param(p) = d else { continue };
+            add(p);
+            if p.contains('+') {
+                p.split('+')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty() && t.parse::<usize>().is_err())
+                    .for_each(&mut add);
+            }
+        }
+    }
+    out
 }
 
 /// FNV-1a, to give each input name its own random stream.
@@ -344,6 +547,94 @@ mod tests {
             "{mean} {var}"
         );
         assert!((0..1000).all(|_| r.below(5) < 5));
+    }
+
+    fn spec(name: &str, dtype: DataType, dims: Vec<Dim>) -> InputSpec {
+        InputSpec {
+            name: name.into(),
+            dtype,
+            dims,
+            index_bound: None,
+        }
+    }
+
+    #[test]
+    fn common_inputs_merge_alike_and_describe_differences() {
+        let p = |n: &str| Dim::Param(n.into());
+        let a = vec![spec(
+            "x",
+            DataType::Float,
+            vec![p("batch"), p("seq"), p("h")],
+        )];
+        let b = vec![spec(
+            "x",
+            DataType::Float,
+            vec![p("N"), Dim::Fixed(4), p("w")],
+        )];
+        let dims = HashMap::from([("w".to_string(), 3)]);
+        let merged = common_inputs(&a, &b, &dims).unwrap();
+        // A fixed dim wins, then the name --dim sets, then A's name.
+        assert_eq!(merged[0].dims, vec![p("batch"), Dim::Fixed(4), p("w")]);
+        let b = vec![spec("z", DataType::Float, vec![])];
+        let d = common_inputs(&a, &b, &dims).unwrap_err();
+        assert_eq!(d.describe("a", "b"), "x (float32) vs z (float32)");
+        let b = vec![spec(
+            "x",
+            DataType::Float,
+            vec![Dim::Fixed(2), Dim::Fixed(3)],
+        )];
+        let a = vec![spec(
+            "x",
+            DataType::Float,
+            vec![Dim::Fixed(3), Dim::Fixed(2)],
+        )];
+        let d = common_inputs(&a, &b, &dims).unwrap_err();
+        assert_eq!(
+            d.describe("a", "b"),
+            "x (float32 [3, 2]) vs x (float32 [2, 3])"
+        );
+        let d = common_inputs(&a, &[], &dims).unwrap_err();
+        assert_eq!(d.describe("a", "b"), "only a takes x (float32)");
+    }
+
+    #[test]
+    fn symbolic_dims_include_the_terms_of_sums() {
+        let s = spec(
+            "mask",
+            DataType::Int64,
+            vec![
+                Dim::Param("batch".into()),
+                Dim::Param("past_sequence_length + 1".into()),
+                Dim::Fixed(2),
+            ],
+        );
+        assert_eq!(
+            symbolic_dims(&[s]),
+            vec!["batch", "past_sequence_length + 1", "past_sequence_length"]
+        );
+    }
+
+    #[test]
+    fn given_arrays_keep_their_kind() {
+        let path = Path::new("in.npz");
+        let ids = spec("ids", DataType::Int64, vec![Dim::Fixed(2)]);
+        let given = |dt, v: &[f64]| -> Tensors {
+            vec![("ids".into(), ArrayData::from_f64(dt, vec![2], v).unwrap())]
+        };
+        let got = given_input(&ids, path, &given(DataType::Int32, &[3.0, 4.0])).unwrap();
+        assert_eq!(
+            (got.dtype, got.values().unwrap().collect::<Vec<_>>()),
+            (DataType::Int64, vec![3.0, 4.0])
+        );
+        for dt in [DataType::Float, DataType::Double, DataType::Bool] {
+            let e = given_input(&ids, path, &given(dt, &[3.0, 4.0])).unwrap_err();
+            assert!(e.to_string().contains(&format!("is {dt} but")), "{e}");
+        }
+        let u8_ids = spec("ids", DataType::Uint8, vec![Dim::Fixed(2)]);
+        let e = given_input(&u8_ids, path, &given(DataType::Int64, &[3.0, -1.0])).unwrap_err();
+        assert!(e.to_string().contains("holds -1"), "{e}");
+        let e = given_input(&ids, path, &[]).unwrap_err();
+        assert!(e.to_string().starts_with("in.npz: no array 'ids'"), "{e}");
     }
 
     #[test]

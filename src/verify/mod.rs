@@ -39,7 +39,7 @@ pub use tensor::{ArrayData, Tensors};
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
     pub ep: Ep,
-    /// Feeds from this `.npz` (missing inputs are generated).
+    /// Feeds from this `.npz`, which must hold every input (else feeds are generated).
     pub inputs: Option<PathBuf>,
     /// Values of symbolic dimensions (`--dim NAME=VALUE`).
     pub dims: Vec<(String, usize)>,
@@ -53,6 +53,9 @@ pub struct VerifyOptions {
     pub ort_lib: Option<PathBuf>,
     /// onnxruntime `.onnx_adapter` files active while running the first model (A).
     pub adapters: Vec<PathBuf>,
+    /// How messages and the report name model B instead of its path (for a temporary file,
+    /// such as the reference `fold --verify` builds).
+    pub reference_label: Option<String>,
 }
 
 impl Default for VerifyOptions {
@@ -67,6 +70,7 @@ impl Default for VerifyOptions {
             runs: 1,
             ort_lib: None,
             adapters: Vec::new(),
+            reference_label: None,
         }
     }
 }
@@ -74,7 +78,8 @@ impl Default for VerifyOptions {
 /// One model's run: where it ran and how long a run took.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelRun {
-    pub model: PathBuf,
+    /// The model's path, or the label it was given ([`VerifyOptions::reference_label`]).
+    pub model: String,
     pub ep: Ep,
     pub runs: usize,
     /// Mean wall time of one run, in milliseconds (session creation and tract's plan
@@ -100,9 +105,11 @@ pub struct VerifyReport {
 pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     check_options(opts)?;
     let mut notes = Vec::new();
-    let feeds = prepare_feeds(&[a, b], opts, &mut notes)?;
-    let (out_a, run_a) = run_model(a, &feeds, opts, &opts.adapters, &mut notes)?;
-    let (out_b, run_b) = run_model(b, &feeds, opts, &[], &mut notes)?;
+    let a = Model::new(a, None);
+    let b = Model::new(b, opts.reference_label.as_deref());
+    let feeds = prepare_feeds(&[&a, &b], opts, &mut notes)?;
+    let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
+    let (out_b, run_b) = run_model(&b, &feeds, opts, &[], &mut notes)?;
     Ok(report(&out_a, &out_b, vec![run_a, run_b], opts, notes))
 }
 
@@ -112,10 +119,26 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     check_options(opts)?;
     let mut notes = Vec::new();
     let stored = npz::read_arrays(expected)?;
-    let feeds = prepare_feeds(&[a], opts, &mut notes)?;
-    let (out_a, run_a) = run_model(a, &feeds, opts, &opts.adapters, &mut notes)?;
+    let a = Model::new(a, None);
+    let feeds = prepare_feeds(&[&a], opts, &mut notes)?;
+    let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
     let stored = align_expected(expected, stored, &out_a)?;
     Ok(report(&out_a, &stored, vec![run_a], opts, notes))
+}
+
+/// A model file and how messages name it.
+struct Model<'p> {
+    path: &'p Path,
+    label: String,
+}
+
+impl<'p> Model<'p> {
+    fn new(path: &'p Path, label: Option<&str>) -> Self {
+        Model {
+            path,
+            label: label.map_or_else(|| path.display().to_string(), str::to_string),
+        }
+    }
 }
 
 fn check_options(opts: &VerifyOptions) -> Result<()> {
@@ -130,38 +153,76 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
     Ok(())
 }
 
-/// Feeds for the union of the models' inputs (the first model's declaration wins).
+/// Feeds for the models' inputs, which must be alike (see [`feeds::common_inputs`]); `--dim`
+/// must name a symbolic dimension of them.
 fn prepare_feeds(
-    models: &[&Path],
+    models: &[&Model],
     opts: &VerifyOptions,
     notes: &mut Vec<String>,
 ) -> Result<Tensors> {
-    let mut specs: Vec<feeds::InputSpec> = Vec::new();
-    for m in models {
-        let loaded = onnx::load(m)?;
-        for s in feeds::model_inputs(&loaded)? {
-            if !specs.iter().any(|x| x.name == s.name) {
-                specs.push(s);
-            }
-        }
-    }
-    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
     let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
-    let (feeds, more) = feeds::make_feeds(&specs, provided.as_ref(), &dims, opts.seed)?;
+    let mut per_model = Vec::with_capacity(models.len());
+    for m in models {
+        per_model.push(feeds::model_inputs(&onnx::load(m.path)?)?);
+    }
+    let named: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
+    check_dims(&opts.dims, &per_model, &named)?;
+    let specs = match per_model.as_slice() {
+        [a, b] => feeds::common_inputs(a, b, &dims).map_err(|d| {
+            Error::Verify(format!(
+                "{} and {} take different inputs: {}",
+                named[0],
+                named[1],
+                d.describe(&named[0], &named[1])
+            ))
+        })?,
+        _ => per_model.concat(),
+    };
+    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
+    let provided = opts.inputs.as_deref().zip(provided.as_deref());
+    let (feeds, more) = feeds::make_feeds(&specs, provided, &dims, opts.seed)?;
     notes.extend(more);
     Ok(feeds)
+}
+
+/// Every `--dim NAME` must be a symbolic dimension of some model's inputs: a typo would
+/// otherwise be ignored.
+fn check_dims(
+    dims: &[(String, usize)],
+    per_model: &[Vec<feeds::InputSpec>],
+    named: &[String],
+) -> Result<()> {
+    let known = feeds::symbolic_dims(&per_model.concat());
+    let Some((name, _)) = dims.iter().find(|(n, _)| !known.contains(n)) else {
+        return Ok(());
+    };
+    let inputs_of = named.join(" or ");
+    let have = if known.is_empty() {
+        "they have none".to_string()
+    } else {
+        format!("they have {}", known.join(", "))
+    };
+    Err(Error::Usage(format!(
+        "--dim {name}: no input of {inputs_of} has a symbolic dimension of that name ({have})"
+    )))
 }
 
 /// Opens the model, runs it `opts.runs` times, and drops it before returning (two large
 /// models are never loaded at once).
 fn run_model(
-    path: &Path,
+    model: &Model,
     feeds: &Tensors,
     opts: &VerifyOptions,
     adapters: &[PathBuf],
     notes: &mut Vec<String>,
 ) -> Result<(Tensors, ModelRun)> {
-    let mut backend = backend::open(path, opts.ep, opts.ort_lib.as_deref(), notes)?;
+    let mut backend = backend::open(
+        model.path,
+        &model.label,
+        opts.ep,
+        opts.ort_lib.as_deref(),
+        notes,
+    )?;
     backend.activate_adapters(adapters)?;
     backend.prepare(feeds)?;
     let start = Instant::now();
@@ -171,7 +232,7 @@ fn run_model(
     }
     let mean_ms = start.elapsed().as_secs_f64() * 1e3 / opts.runs as f64;
     let run = ModelRun {
-        model: path.to_path_buf(),
+        model: model.label.clone(),
         ep: backend.ep(),
         runs: opts.runs,
         mean_ms,

@@ -9,8 +9,15 @@
 //! 5. `libonnxruntime.so` through the dynamic loader (`LD_LIBRARY_PATH`, the loader cache),
 //!    then `/usr/local/lib` and `/usr/lib`.
 //!
+//! A library named in one of the first two ways that does not load is an error, even with
+//! `--ep auto`: only when the search (3 to 5) finds nothing does `auto` fall back to tract.
+//!
 //! Models are opened from their path (`commit_from_file`), never from a copy in memory: a
 //! large model is not held twice.
+//!
+//! onnxruntime's own logger is set to print nothing below Fatal (environment, sessions and
+//! runs): its errors come back as values and are reported once, in the CLI's one line, naming
+//! the model.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +38,10 @@ use super::tensor::{ArrayData, Tensors};
 /// The one line said when no library could be loaded.
 pub const HOW_TO_GET_ORT: &str = "install one with `pip install onnxruntime` (`onnxruntime-gpu` for CUDA), point --ort-lib or ORT_DYLIB_PATH at libonnxruntime.so, or use --ep tract (embedded, no onnxruntime needed)";
 
+/// What onnxruntime itself may print: only fatal messages (errors are returned, and reported
+/// by onnx-lora on one line).
+const LOG_LEVEL: ort::logging::LogLevel = ort::logging::LogLevel::Fatal;
+
 /// The environment is process-wide in onnxruntime, and so is the loaded library.
 static ENV: OnceLock<Environment> = OnceLock::new();
 
@@ -46,19 +57,25 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
         .with_name("onnx-lora")
         .build()
         .map_err(|e| Error::Backend(format!("onnxruntime ({}): {e}", lib.display())))?;
+    env.set_log_level(LOG_LEVEL);
     Ok(ENV.get_or_init(|| env))
 }
 
-/// Finds and opens the library; returns the path that loaded.
-fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
-    let pinned = explicit
+/// The library the user named, and where (`--ort-lib`, else a non-empty `ORT_DYLIB_PATH`):
+/// only that one is tried, and failing to load it is an error even with `--ep auto`.
+pub fn pinned_library(explicit: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+    explicit
         .map(|p| (p.to_path_buf(), "--ort-lib"))
         .or_else(|| {
             std::env::var_os("ORT_DYLIB_PATH")
                 .filter(|v| !v.is_empty())
                 .map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH"))
-        });
-    if let Some((path, origin)) = pinned {
+        })
+}
+
+/// Finds and opens the library; returns the path that loaded.
+fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some((path, origin)) = pinned_library(explicit) {
         return try_load(&path).map(|()| path.clone()).map_err(|e| {
             Error::Backend(format!(
                 "onnxruntime library '{}' (from {origin}) could not be loaded: {e}; {HOW_TO_GET_ORT}",
@@ -179,60 +196,79 @@ fn libs_in(dir: &Path) -> Vec<PathBuf> {
 pub struct OrtBackend {
     session: Session,
     ep: Ep,
-    /// Run options carrying the active LoRA adapters, when any.
-    run_options: Option<ort::session::RunOptions>,
+    /// How messages name the model.
+    label: String,
+    /// Run options: a quiet log, and the active LoRA adapters.
+    run_options: ort::session::RunOptions,
 }
 
 impl OrtBackend {
     /// Opens `model` on `ep` (`Auto`: CUDA when it registers and the session builds, else CPU;
     /// `Cuda`: CUDA or an error). Reasons for falling back to CPU are pushed to `notes`.
+    /// `label` names the model in messages.
     pub fn open(
         model: &Path,
+        label: &str,
         ep: Ep,
         ort_lib: Option<&Path>,
         notes: &mut Vec<String>,
     ) -> Result<Self> {
         let env = environment(ort_lib)?;
+        let named = Named { path: model, label };
+        let run_options = run_options()?;
+        let backend = |session, ep| OrtBackend {
+            session,
+            ep,
+            label: label.to_string(),
+            run_options,
+        };
         if matches!(ep, Ep::Auto | Ep::Cuda) {
             match cuda_session(env, model) {
-                Ok(session) => {
-                    return Ok(OrtBackend {
-                        session,
-                        ep: Ep::Cuda,
-                        run_options: None,
-                    });
-                }
-                Err(e) if ep == Ep::Cuda => return Err(e.into_error(model)),
+                Ok(session) => return Ok(backend(session, Ep::Cuda)),
+                Err(e) if ep == Ep::Cuda => return Err(e.into_error(&named)),
                 Err(e) => notes.push(format!(
                     "CUDA execution provider not available ({}); running on onnxruntime's CPU",
-                    e.reason()
+                    named.relabel(&e.reason())
                 )),
             }
         }
         let session = builder(env)?
             .commit_from_file(model)
-            .map_err(|e| session_error(model, "CPU", e))?;
-        Ok(OrtBackend {
-            session,
-            ep: Ep::Cpu,
-            run_options: None,
-        })
+            .map_err(|e| session_error(&named, "CPU", e))?;
+        Ok(backend(session, Ep::Cpu))
+    }
+}
+
+/// A model's path and how messages name it.
+struct Named<'a> {
+    path: &'a Path,
+    label: &'a str,
+}
+
+impl Named<'_> {
+    /// onnxruntime's message with the model's path (which it quotes, e.g. when loading fails)
+    /// replaced by its label.
+    fn relabel(&self, msg: &str) -> String {
+        let path = self.path.to_string_lossy();
+        if path.is_empty() || path == self.label {
+            msg.to_string()
+        } else {
+            msg.replace(&*path, self.label)
+        }
     }
 }
 
 fn builder(env: &Environment) -> Result<SessionBuilder> {
     Session::builder(env)
-        .and_then(|b| {
-            b.with_log_level(ort::logging::LogLevel::Error)
-                .map_err(Into::into)
-        })
+        .and_then(|b| b.with_log_level(LOG_LEVEL).map_err(Into::into))
         .map_err(|e| Error::Backend(format!("onnxruntime: {e}")))
 }
 
-fn session_error(model: &Path, ep: &str, e: impl std::fmt::Display) -> Error {
+fn session_error(model: &Named, ep: &str, e: impl std::fmt::Display) -> Error {
     Error::Backend(format!(
-        "{}: onnxruntime could not load the model on {ep}: {e}",
-        model.display()
+        "{}: onnxruntime could not load the model on {ep}: {}",
+        model.label,
+        model.relabel(&e.to_string())
     ))
 }
 
@@ -254,7 +290,7 @@ impl CudaFailure {
         }
     }
 
-    fn into_error(self, model: &Path) -> Error {
+    fn into_error(self, model: &Named) -> Error {
         match self {
             CudaFailure::Register(e) => Error::Backend(format!(
                 "the CUDA execution provider could not be registered ({e}); it needs onnxruntime-gpu (pip install onnxruntime-gpu) with a matching CUDA runtime and cuDNN, and an NVIDIA driver"
@@ -294,11 +330,7 @@ impl Backend for OrtBackend {
     }
 
     fn activate_adapters(&mut self, adapters: &[std::path::PathBuf]) -> Result<()> {
-        if adapters.is_empty() {
-            return Ok(());
-        }
-        let mut opts = ort::session::RunOptions::new()
-            .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+        let opts = &mut self.run_options;
         for path in adapters {
             let adapter = ort::session::Adapter::from_file(path, None).map_err(|e| {
                 Error::Backend(format!(
@@ -309,7 +341,6 @@ impl Backend for OrtBackend {
             opts.add_adapter(&adapter)
                 .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
         }
-        self.run_options = Some(opts);
         Ok(())
     }
 
@@ -323,16 +354,30 @@ impl Backend for OrtBackend {
                 .ok_or_else(|| Error::Verify(format!("no value for model input '{name}'")))?;
             inputs.push((name.to_string(), to_ort(name, arr)?.into_dyn()));
         }
-        let outputs = match &self.run_options {
-            Some(opts) => self.session.run_with_options(inputs, opts),
-            None => self.session.run(inputs),
-        }
-        .map_err(|e| Error::Backend(format!("onnxruntime run failed: {e}")))?;
+        let outputs = self
+            .session
+            .run_with_options(inputs, &self.run_options)
+            .map_err(|e| {
+                Error::Backend(format!(
+                    "{}: onnxruntime failed to run the model: {}",
+                    self.label,
+                    e.to_string().trim_end()
+                ))
+            })?;
         outputs
             .into_iter()
             .map(|(name, v)| Ok((name.to_string(), from_ort(name, v)?)))
             .collect()
     }
+}
+
+/// Run options that keep onnxruntime's run log quiet below Fatal.
+fn run_options() -> Result<ort::session::RunOptions> {
+    let mut opts = ort::session::RunOptions::new()
+        .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+    opts.set_log_level(LOG_LEVEL)
+        .map_err(|e| Error::Backend(format!("onnxruntime run options: {e}")))?;
+    Ok(opts)
 }
 
 fn element_type(dtype: DataType) -> Option<TensorElementType> {

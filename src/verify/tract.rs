@@ -1,8 +1,12 @@
 //! The embedded backend: tract, pure Rust, nothing to install. It covers common ops but not
 //! all of ONNX (no bfloat16, few contrib ops); when it cannot run a model the error says so and
 //! points at onnxruntime (`--ep cpu`).
+//!
+//! tract panics on some inputs (a Gather index beyond its table, for one): loading, optimizing
+//! and running are each caught ([`guarded`]) and the panic becomes an error naming the model,
+//! with Rust's panic message kept off stderr.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -15,7 +19,8 @@ use super::tensor::{ArrayData, Tensors};
 
 /// A model loaded in tract; the runnable plan is made for the feeds' concrete shapes.
 pub struct TractBackend {
-    path: PathBuf,
+    /// How messages name the model (its path, or a description of a temporary file).
+    label: String,
     /// Consumed by `prepare` (optimizing takes the model by value).
     model: Option<InferenceModel>,
     inputs: Vec<String>,
@@ -31,29 +36,28 @@ const HINT_CHOSEN: &str = "try onnxruntime (--ep cpu)";
 const HINT_FALLBACK: &str = "onnxruntime may (--ep cpu), but no onnxruntime library was found: install one with `pip install onnxruntime` or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime.so";
 
 impl TractBackend {
-    /// Loads the model from its path; `fallback` says tract stands in for a missing
-    /// onnxruntime (errors then say how to get onnxruntime).
-    pub fn open(path: &Path, fallback: bool) -> Result<Self> {
+    /// Loads the model from its path; `label` names it in messages; `fallback` says tract
+    /// stands in for a missing onnxruntime (errors then say how to get onnxruntime).
+    pub fn open(path: &Path, label: &str, fallback: bool) -> Result<Self> {
         let hint = if fallback { HINT_FALLBACK } else { HINT_CHOSEN };
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| unsupported(path, &e, hint))?;
+        let model = guarded(label, hint, || tract_onnx::onnx().model_for_path(path))?
+            .map_err(|e| unsupported(label, &e, hint))?;
         let name_of = |o: &OutletId| {
             model
                 .outlet_label(*o)
                 .unwrap_or(&model.node(o.node).name)
                 .to_string()
         };
-        let inputs = inputs_or_outputs(path, model.input_outlets(), hint)?
+        let inputs = inputs_or_outputs(label, model.input_outlets(), hint)?
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect();
-        let outputs = inputs_or_outputs(path, model.output_outlets(), hint)?
+        let outputs = inputs_or_outputs(label, model.output_outlets(), hint)?
             .iter()
             .map(name_of)
             .collect();
         Ok(TractBackend {
-            path: path.to_path_buf(),
+            label: label.to_string(),
             model: Some(model),
             inputs,
             outputs,
@@ -63,24 +67,63 @@ impl TractBackend {
     }
 
     fn err(&self, e: &anyhow::Error) -> Error {
-        unsupported(&self.path, e, self.hint)
+        unsupported(&self.label, e, self.hint)
     }
 }
 
 fn inputs_or_outputs<'m>(
-    path: &Path,
+    label: &str,
     r: TractResult<&'m [OutletId]>,
     hint: &str,
 ) -> Result<&'m [OutletId]> {
-    r.map_err(|e| unsupported(path, &e, hint))
+    r.map_err(|e| unsupported(label, &e, hint))
 }
 
-fn unsupported(path: &Path, e: &anyhow::Error, hint: &str) -> Error {
+fn unsupported(label: &str, e: &anyhow::Error, hint: &str) -> Error {
     Error::Backend(format!(
-        "{}: tract cannot run this model: {}; {hint}",
-        path.display(),
+        "{label}: tract cannot run this model: {}; {hint}",
         format!("{e:#}").replace('\n', " ")
     ))
+}
+
+/// Runs `f` (a call into tract), turning a panic into an error naming the model, with nothing
+/// printed for it: see [`quiet_panics`].
+fn guarded<T>(label: &str, hint: &str, f: impl FnOnce() -> T) -> Result<T> {
+    quiet_panics();
+    QUIET.set(true);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.set(false);
+    result.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Error::Backend(format!(
+            "tract failed on {label}: {}; {hint}",
+            msg.replace('\n', " ")
+        ))
+    })
+}
+
+thread_local! {
+    /// Set while this thread is inside [`guarded`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the panic hook, once per process, so that a panic on a thread inside [`guarded`]
+/// prints nothing (the default hook would print the message and a backtrace hint on stderr);
+/// every other panic goes to the previous hook as before.
+fn quiet_panics() {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.get() {
+                previous(info);
+            }
+        }));
+    });
 }
 
 impl Backend for TractBackend {
@@ -97,25 +140,23 @@ impl Backend for TractBackend {
         let Some(mut model) = self.model.take() else {
             return Err(Error::Verify(format!(
                 "{}: tract was prepared for other input shapes",
-                self.path.display()
+                self.label
             )));
         };
         for (i, arr) in ordered.iter().enumerate() {
             let dt = datum_type(arr.dtype).ok_or_else(|| {
                 Error::Backend(format!(
                     "{}: tract has no {} tensors; {}",
-                    self.path.display(),
-                    arr.dtype,
-                    self.hint
+                    self.label, arr.dtype, self.hint
                 ))
             })?;
             let fact = InferenceFact::dt_shape(dt, arr.shape.clone());
             model.set_input_fact(i, fact).map_err(|e| self.err(&e))?;
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| self.err(&e))?;
+        let plan = guarded(&self.label, self.hint, || {
+            model.into_optimized().and_then(|m| m.into_runnable())
+        })?
+        .map_err(|e| self.err(&e))?;
         self.plan = Some((shapes, plan));
         Ok(())
     }
@@ -130,7 +171,8 @@ impl Backend for TractBackend {
         let Some((_, plan)) = &self.plan else {
             return Err(Error::Verify("tract plan missing".into()));
         };
-        let outs = plan.run(inputs).map_err(|e| self.err(&e))?;
+        let outs =
+            guarded(&self.label, self.hint, || plan.run(inputs))?.map_err(|e| self.err(&e))?;
         self.outputs
             .iter()
             .zip(outs)

@@ -11,6 +11,9 @@
   wrong.npz         expected.npz with logits moved by 0.5
   logits.npy        onnxruntime's logits of mlp_single.onnx on inputs.npz
   det.onnx          a Det node: onnxruntime runs it, tract does not implement it
+  mlp_renamed.onnx  mlp.onnx with token_type_ids named segment_ids
+  mlp_int32.onnx    mlp.onnx taking input_ids as int32
+  mlp_dims.onnx     mlp.onnx with its symbolic dims named N and L instead of batch and sequence
 
 Usage: make_verify_models.py OUT_DIR
 """
@@ -38,14 +41,15 @@ def weights(dtype):
     return {k: v.astype(dtype) for k, v in w.items()}
 
 
-def model(dtype, perturb=False, outputs=("logits", "hidden")):
+def model(dtype, perturb=False, outputs=("logits", "hidden"), types="token_type_ids",
+          ids_type=TensorProto.INT64, dims=("batch", "sequence")):
     w = weights(dtype)
     if perturb:
         w["b2"][0] += dtype(1e-2)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes = [
         helper.make_node("Gather", ["word_emb", "input_ids"], ["we"]),
-        helper.make_node("Cast", ["token_type_ids"], ["tt32"], to=TensorProto.INT32),
+        helper.make_node("Cast", [types], ["tt32"], to=TensorProto.INT32),
         helper.make_node("Gather", ["type_emb", "tt32"], ["te"]),
         helper.make_node("Add", ["we", "te"], ["emb"]),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=elem),
@@ -57,13 +61,13 @@ def model(dtype, perturb=False, outputs=("logits", "hidden")):
         helper.make_node("MatMul", ["hidden", "w2"], ["l0"]),
         helper.make_node("Add", ["l0", "b2"], ["logits"]),
     ]
-    ids = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+    ids = lambda n, t=TensorProto.INT64: helper.make_tensor_value_info(n, t, list(dims))
     shapes = {"logits": O, "hidden": H}
-    outs = [helper.make_tensor_value_info(o, elem, ["batch", "sequence", shapes[o]]) for o in outputs]
+    outs = [helper.make_tensor_value_info(o, elem, [*dims, shapes[o]]) for o in outputs]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
     inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis"))
     graph = helper.make_graph(
-        nodes, "mlp", [ids("input_ids"), ids("token_type_ids"), ids("attention_mask")], outs, inits
+        nodes, "mlp", [ids("input_ids", ids_type), ids(types), ids("attention_mask")], outs, inits
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -94,6 +98,9 @@ def main(out):
     onnx.save(model(np.float32, perturb=True), p("mlp_perturbed.onnx"))
     onnx.save(model(np.float16), p("mlp_fp16.onnx"))
     onnx.save(model(np.float32, outputs=("logits",)), p("mlp_single.onnx"))
+    onnx.save(model(np.float32, types="segment_ids"), p("mlp_renamed.onnx"))
+    onnx.save(model(np.float32, ids_type=TensorProto.INT32), p("mlp_int32.onnx"))
+    onnx.save(model(np.float32, dims=("N", "L")), p("mlp_dims.onnx"))
     f = feeds()
     np.savez(p("inputs.npz"), **f)
     expected = run(p("mlp.onnx"), f)
