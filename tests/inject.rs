@@ -357,6 +357,23 @@ fn assert_base_structure(base: &Path, back: &Path, tag: &str) {
         .map(|n| n.op_type().to_string())
         .collect();
     assert_eq!(ops_a, ops_b, "{tag}");
+    // No leftover branch constants: every initializer is the base's or a folded copy.
+    let base_inits: std::collections::HashSet<String> = a
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    for t in &b.proto.graph.as_ref().unwrap().initializer {
+        assert!(
+            base_inits.contains(t.name()) || t.name().contains(".lora_folded"),
+            "{tag}: initializer '{}' left behind",
+            t.name()
+        );
+    }
 }
 
 /// `export-peft` of the injected model gives the adapter's LoRA part under PEFT's keys and
@@ -470,6 +487,7 @@ fn fused_shared_projections_match_peft_and_fold_back() {
             onnx_lora_ok(&["fold", s(&fused), "-o", s(&back)]);
             let (ok, msg) = ort_compare(&back, &case.inputs, &ad.unmerged, case.tol(), &[]);
             assert!(ok, "{tag} folded back: {msg}");
+            assert_base_structure(&case.onnx, &back, &format!("{tag} folded back"));
         }
         let fresh = dir
             .path()

@@ -354,12 +354,29 @@ fn peft_layout(c: &Candidate, a: F32Tensor, b: F32Tensor) -> (F32Tensor, F32Tens
     (t(a), t(b))
 }
 
-/// Removes branch nodes and parameters and gives base nodes their outputs back.
+/// Removes branch nodes and parameters and gives base nodes their outputs back. Constants
+/// only the removed nodes read (a fused group's split sizes) go too.
 fn remove_branches(model: &mut LoadedModel, graph: &ModelGraph, found: &[Found]) {
-    let params: HashSet<&str> = found
+    let mut params: HashSet<String> = found
         .iter()
-        .flat_map(|f| f.params.iter().map(String::as_str))
+        .flat_map(|f| f.params.iter().cloned())
         .collect();
+    let mut branch_inputs = HashSet::new();
+    let mut other_inputs = HashSet::new();
+    for view in &graph.graphs {
+        for n in view.loc.get(&model.proto).iter().flat_map(|g| &g.node) {
+            let set = if n.metadata(BRANCH_KEY).is_some() {
+                &mut branch_inputs
+            } else {
+                &mut other_inputs
+            };
+            set.extend(n.input.iter().cloned());
+        }
+        for o in view.loc.get(&model.proto).iter().flat_map(|g| &g.output) {
+            other_inputs.insert(o.name().to_string());
+        }
+    }
+    params.extend(branch_inputs.difference(&other_inputs).cloned());
     for view in &graph.graphs {
         let Some(gp) = view.loc.get_mut(&mut model.proto) else {
             continue;
