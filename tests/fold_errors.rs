@@ -1011,3 +1011,22 @@ fn export_peft_refuses_a_serving_models_empty_factors() {
     );
     assert!(!out.exists());
 }
+
+/// `inject --adapter --verify` on a quantized base says why it cannot build its reference (the
+/// adapter folded into the weights) and what to do instead; nothing is written.
+#[test]
+fn verify_of_a_branch_beside_a_quantized_weight_says_why_not() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    for model in ["nbits.onnx", "dq.onnx"] {
+        let err = inject_fails(
+            &env,
+            model,
+            &["--adapter", ad.to_str().unwrap(), "--verify"],
+        );
+        assert!(
+            err.contains("has a quantized weight") && err.contains("inject without --verify"),
+            "{err}"
+        );
+    }
+}

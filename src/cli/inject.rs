@@ -146,6 +146,21 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // written: if it cannot be, nothing is.
     let reference = match (&adapter, args.verify && !args.as_inputs) {
         (Some(adapter), true) => {
+            // The reference folds the adapter, which a quantized weight cannot take.
+            let graph = ModelGraph::build(&model.proto);
+            let cands = target::find_candidates(&model.proto, &graph);
+            if let Some((m, c)) = adapter.modules.iter().find_map(|m| {
+                let found = target::resolve_module(&cands, &m.path, |c| c.quantized, |_, _| false);
+                found.ok().map(|f| (m, f[0]))
+            }) {
+                anyhow::bail!(
+                    "{}: --verify compares with the adapter folded into the weights, and module '{}' has a quantized weight ('{}', {}) that cannot take it; inject without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`",
+                    args.model.display(),
+                    m.path,
+                    c.weight,
+                    c.op
+                );
+            }
             let mut folded = model.clone();
             fold(
                 &mut folded,
