@@ -1030,3 +1030,19 @@ fn verify_of_a_branch_beside_a_quantized_weight_says_why_not() {
         );
     }
 }
+
+/// A folder given as the model, and a file that is no safetensors given as the adapter, are
+/// named as such.
+#[test]
+fn wrong_kinds_of_input_are_named() {
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = onnx_lora(&["fold", &s(&ad), &s(&ad), "-o", &s(&env.p("o.onnx"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is a folder, not a file"), "{err}");
+    let model = env.p("linear.onnx");
+    let err = fold_fails(&model, &model, &env.p("o.onnx"), &[]);
+    assert!(err.contains("linear.onnx: not a safetensors file"), "{err}");
+}

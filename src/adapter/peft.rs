@@ -162,10 +162,17 @@ impl Adapter {
     pub fn load(path: &Path) -> Result<Adapter> {
         if path.is_file() {
             let buf = map_file(path)?;
-            if let Ok(st) = SafeTensors::deserialize(&buf)
-                && super::kohya::is_kohya(&st)
-            {
-                return super::kohya::load(path, &buf, &st);
+            match SafeTensors::deserialize(&buf) {
+                Ok(st) if super::kohya::is_kohya(&st) => {
+                    return super::kohya::load(path, &buf, &st);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Error::Adapter {
+                        path: path.to_path_buf(),
+                        reason: format!("not a safetensors file: {e}"),
+                    });
+                }
             }
         }
         let (weights, config_path) = if path.is_dir() {

@@ -166,7 +166,14 @@ pub fn map_file(path: &Path) -> Result<Bytes> {
 /// `map_file`, also keeping the open file.
 fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::Usage(format!(
+            "{}: is a folder, not a file",
+            path.display()
+        )));
+    }
+    let len = meta.len();
     if len == 0 {
         return Ok((Bytes::new(), Arc::new(file)));
     }
