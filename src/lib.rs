@@ -3,7 +3,8 @@
 //! The pipeline: [`onnx::load`] memory-maps a model (and its external data) and decodes it
 //! zero-copy; [`graph::ModelGraph`] indexes it; [`target::find_candidates`] finds the weights
 //! LoRA can adapt and the module paths they came from; rewrites edit the proto; and
-//! [`onnx::save`] writes the result atomically, streaming untouched tensors.
+//! [`onnx::save`] writes the result atomically, streaming untouched tensors. Every temp file
+//! a writer makes is registered in [`cleanup`], so an interrupted run can remove them.
 //!
 //! ```no_run
 //! # fn main() -> onnx_lora::Result<()> {
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod adapter;
+pub mod cleanup;
 pub mod error;
 pub mod graph;
 pub mod onnx;

@@ -12,5 +12,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Before any other thread starts: they all inherit the blocked SIGINT / SIGTERM / SIGHUP.
+    cli::interrupt::install();
     cli::main()
 }

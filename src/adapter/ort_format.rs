@@ -145,16 +145,16 @@ impl Buf {
 pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]) -> Result<()> {
     let dir = crate::onnx::io::output_dir(path)?;
     crate::onnx::io::check_outputs(&[path], inputs)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".onnx-lora-")
-        .suffix(".adapter.tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
+    let mut tmp =
+        crate::cleanup::temp_file_in(&dir, ".adapter.tmp").map_err(|e| Error::io(&dir, e))?;
     std::io::Write::write_all(tmp.as_file_mut(), &encode(params, 1, 1))
         .map_err(|e| Error::io(path, e))?;
     crate::onnx::io::make_readable(tmp.as_file(), path)?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    tmp.commit(Vec::new(), |t| {
+        t.persist(path)
+            .map(drop)
+            .map_err(|e| Error::io(path, e.error))
+    })
 }
 
 #[cfg(test)]

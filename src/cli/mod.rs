@@ -1,12 +1,13 @@
 //! The command line: clap definitions, one module per subcommand, output helpers. The binary
 //! only orchestrates; everything it does is in the library. Exit codes: 0 success, 1 the
-//! models differ (verify), 2 any error.
+//! models differ (verify), 2 any error, 128 + the signal when interrupted (`interrupt`).
 
 mod convert;
 mod export;
 mod fold;
 mod inject;
 mod inspect;
+pub mod interrupt;
 mod output;
 mod save_args;
 mod verify;
@@ -33,7 +34,8 @@ pub const EXIT_ERROR: u8 = 2;
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
   onnx-lora verify base.onnx folded.onnx
 
-Exit codes: 0 success, 1 models differ (verify), 2 error."
+Exit codes: 0 success, 1 models differ (verify), 2 error, 130 / 143 interrupted (SIGINT /
+SIGTERM; temporary files are removed)."
 )]
 pub struct Cli {
     #[command(subcommand)]

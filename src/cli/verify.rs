@@ -288,7 +288,8 @@ pub(super) fn check_against(
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let dir = tempfile::tempdir()?;
+    // Registered, so an interrupt removes it (and the reference in it) too.
+    let dir = onnx_lora::cleanup::temp_dir_in(&std::env::temp_dir())?;
     let path = dir.path().join("reference.onnx");
     onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())
         .with_context(|| format!("--verify: writing {label}"))?;

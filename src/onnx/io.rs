@@ -1,8 +1,9 @@
 //! Loading and saving models. Loading memory-maps the `.onnx` file and every external data
 //! file it names, and decodes zero-copy: `raw_data` and external tensors are `Bytes` slices of
 //! those maps, so untouched weights are never copied in memory. Saving is atomic (temp files in
-//! the destination folder, then rename) and streams tensor bytes straight from the maps into
-//! one page-aligned external data file when the layout asks for it.
+//! the destination folder, registered in [`crate::cleanup`] until renamed, then rename) and
+//! streams tensor bytes straight from the maps into one page-aligned external data file when
+//! the layout asks for it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -637,10 +638,7 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
     match &external_name {
         None => {}
         Some(name) => {
-            let tmp = tempfile::Builder::new()
-                .prefix(".onnx-lora-")
-                .suffix(".data.tmp")
-                .tempfile_in(&out_dir)
+            let tmp = crate::cleanup::temp_file_in(&out_dir, ".data.tmp")
                 .map_err(|e| Error::io(&out_dir, e))?;
             let (bytes, count) = write_external(
                 model,
@@ -675,11 +673,8 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
             opts.protobuf_limit
         )));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".onnx-lora-")
-        .suffix(".onnx.tmp")
-        .tempfile_in(&out_dir)
-        .map_err(|e| Error::io(&out_dir, e))?;
+    let mut tmp =
+        crate::cleanup::temp_file_in(&out_dir, ".onnx.tmp").map_err(|e| Error::io(&out_dir, e))?;
     let mut buf = Vec::with_capacity(encoded_len as usize);
     proto
         .encode(&mut buf)
@@ -694,18 +689,26 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
     }
     report.model_bytes = encoded_len;
     make_readable(tmp.as_file(), out)?;
+    // The data file is in place first so the model never points at a missing one; until the
+    // model follows, the data file stays registered as a temp (an interrupt removes it), and if
+    // the model cannot follow, the data file goes too.
+    let mut staged = Vec::new();
     if let (Some(data), Some(dest)) = (data_tmp, &report.external_data) {
         make_readable(data.as_file(), dest)?;
-        data.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+        staged.push(data.stage(dest, |t| {
+            t.persist(dest)
+                .map(drop)
+                .map_err(|e| Error::io(dest, e.error))
+        })?);
     }
-    // The data file is in place first so the model never points at a missing one; if the model
-    // cannot follow, the data file goes too.
-    if let Err(e) = tmp.persist(out) {
-        if let Some(dest) = &report.external_data {
-            let _ = std::fs::remove_file(dest);
-        }
-        return Err(Error::io(out, e.error));
-    }
+    tmp.commit(staged, |t| {
+        t.persist(out).map(drop).map_err(|e| {
+            if let Some(dest) = &report.external_data {
+                let _ = std::fs::remove_file(dest);
+            }
+            Error::io(out, e.error)
+        })
+    })?;
     Ok(report)
 }
 

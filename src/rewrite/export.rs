@@ -168,7 +168,8 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
     })
 }
 
-/// Creates `dir` with these files atomically: built in a temp folder beside it, then renamed.
+/// Creates `dir` with these files atomically: built in a temp folder beside it (registered in
+/// [`crate::cleanup`] until renamed), then renamed.
 fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     if dir.exists() {
         return Err(Error::Usage(format!(
@@ -180,18 +181,17 @@ fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".onnx-lora-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let tmp = crate::cleanup::temp_dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     for (name, bytes) in files {
         std::fs::write(tmp.path().join(name), bytes)
             .map_err(|e| Error::io(tmp.path().join(name), e))?;
     }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
-        Error::io(dir, e)
+    tmp.commit(Vec::new(), |t| {
+        let kept = t.keep();
+        std::fs::rename(&kept, dir).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&kept);
+            Error::io(dir, e)
+        })
     })?;
     #[cfg(unix)]
     {

@@ -1,0 +1,279 @@
+//! Temporary files and folders being written: a process-wide registry of their paths, so that
+//! a run interrupted by a signal can remove them before it exits (the binary's signal thread
+//! calls [`remove_all_for_exit`]).
+//!
+//! Writers create their temps through [`temp_file_in`] / [`temp_dir_in`], which return the
+//! temp wrapped in a [`Tracked`]: its path is in the registry from its creation (made with the
+//! registry locked, so no interrupt falls in between) until it is renamed into place
+//! ([`Tracked::commit`], also with the registry locked) or dropped (the temp deletes itself
+//! first, then its path leaves the registry). An interrupt therefore either removes a temp
+//! before it is renamed, or finds it already in place and complete.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// The name every temp starts with (hidden, and recognisable in an output folder).
+pub const TEMP_PREFIX: &str = ".onnx-lora-";
+
+/// What a registered path is, which says how to remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+}
+
+struct Entry {
+    id: u64,
+    path: PathBuf,
+    kind: Kind,
+}
+
+struct Registry {
+    next: u64,
+    live: Vec<Entry>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    next: 0,
+    live: Vec::new(),
+});
+
+/// The registry, also after a panic elsewhere while it was locked (its state is always whole).
+fn lock() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    fn add(&mut self, path: PathBuf, kind: Kind) -> Guard {
+        let id = self.next;
+        self.next += 1;
+        self.live.push(Entry { id, path, kind });
+        Guard { id }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.live.retain(|e| e.id != id);
+    }
+
+    /// Removes every registered path from the disk, the newest first (a temp file inside a
+    /// temp folder before the folder), and empties the registry. Returns how many were removed.
+    fn remove_all(&mut self) -> usize {
+        let mut removed = 0;
+        for e in self.live.drain(..).rev() {
+            let done = match e.kind {
+                Kind::File => std::fs::remove_file(&e.path),
+                Kind::Dir => std::fs::remove_dir_all(&e.path),
+            };
+            removed += usize::from(done.is_ok());
+        }
+        removed
+    }
+}
+
+/// One registered path: it leaves the registry when this is dropped (or committed).
+#[must_use = "the path leaves the registry when the guard is dropped"]
+#[derive(Debug)]
+pub struct Guard {
+    id: u64,
+}
+
+impl Guard {
+    /// Registers `path` (a temp being written) until the returned guard is dropped.
+    pub fn register(path: PathBuf, kind: Kind) -> Guard {
+        lock().add(path, kind)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        lock().remove(self.id);
+    }
+}
+
+/// A temp (`tempfile::NamedTempFile` or `tempfile::TempDir`) whose path is registered. It
+/// derefs to the temp. Dropped, the temp deletes itself first, then its path is unregistered.
+#[must_use]
+#[derive(Debug)]
+pub struct Tracked<T> {
+    // Field order is drop order: the temp goes before its path leaves the registry.
+    temp: T,
+    guard: Guard,
+}
+
+impl<T> std::ops::Deref for Tracked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.temp
+    }
+}
+
+impl<T> std::ops::DerefMut for Tracked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.temp
+    }
+}
+
+impl<T> Tracked<T> {
+    /// Puts the temp in place with `place` (a rename) while the registry is locked; once it
+    /// succeeds, the temp's path and those of `also` (files already put in place that only
+    /// this one completes, see [`Tracked::stage`]) leave the registry in the same step. On an
+    /// error everything stays registered until dropped. `place` must not register anything.
+    pub fn commit<R, E>(
+        self,
+        also: Vec<Guard>,
+        place: impl FnOnce(T) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let Tracked { temp, guard } = self;
+        let mut reg = lock();
+        let result = place(temp);
+        if result.is_ok() {
+            for g in std::iter::once(guard).chain(also) {
+                reg.remove(g.id);
+                std::mem::forget(g);
+            }
+        } else {
+            // The guards lock the registry as they drop.
+            drop(reg);
+            drop(guard);
+            drop(also);
+        }
+        result
+    }
+
+    /// Puts the temp in place at `dest` with `place` (a rename) while the registry is
+    /// locked, but keeps `dest` registered: for a file that is only complete once another one
+    /// is in place (external data before the model that points at it). The returned guard is
+    /// given to that one's [`Tracked::commit`]; dropped, `dest` stays on disk.
+    pub fn stage<E>(self, dest: &Path, place: impl FnOnce(T) -> Result<(), E>) -> Result<Guard, E> {
+        let Tracked { temp, guard } = self;
+        let mut reg = lock();
+        if let Err(e) = place(temp) {
+            drop(reg); // before the guard, which locks the registry as it drops
+            return Err(e);
+        }
+        if let Some(e) = reg.live.iter_mut().find(|e| e.id == guard.id) {
+            e.path = dest.to_path_buf();
+        }
+        drop(reg);
+        Ok(guard)
+    }
+}
+
+/// Creates a temp with `make` while the registry is locked and registers its path.
+fn track<T>(
+    kind: Kind,
+    make: impl FnOnce() -> io::Result<T>,
+    path: fn(&T) -> &Path,
+) -> io::Result<Tracked<T>> {
+    let mut reg = lock();
+    let temp = make()?;
+    let guard = reg.add(path(&temp).to_path_buf(), kind);
+    Ok(Tracked { temp, guard })
+}
+
+/// A registered temp file `.onnx-lora-XXXX<suffix>` in `dir`.
+pub fn temp_file_in(dir: &Path, suffix: &str) -> io::Result<Tracked<tempfile::NamedTempFile>> {
+    track(
+        Kind::File,
+        || {
+            tempfile::Builder::new()
+                .prefix(TEMP_PREFIX)
+                .suffix(suffix)
+                .tempfile_in(dir)
+        },
+        |t| t.path(),
+    )
+}
+
+/// A registered temp folder `.onnx-lora-XXXX` in `dir`.
+pub fn temp_dir_in(dir: &Path) -> io::Result<Tracked<tempfile::TempDir>> {
+    track(
+        Kind::Dir,
+        || tempfile::Builder::new().prefix(TEMP_PREFIX).tempdir_in(dir),
+        |t| t.path(),
+    )
+}
+
+/// Removes every registered temp and returns how many were removed; for a process about to
+/// exit on a signal. The registry stays locked for good, so that no writer can create a temp
+/// or rename one into place afterwards: call it only right before exiting.
+pub fn remove_all_for_exit() -> usize {
+    let mut reg = lock();
+    let removed = reg.remove_all();
+    std::mem::forget(reg);
+    removed
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn registered(path: &Path) -> bool {
+        lock().live.iter().any(|e| e.path == path)
+    }
+
+    #[test]
+    fn dropped_temp_file_is_deleted_and_unregistered() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+        let path = tmp.path().to_path_buf();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.starts_with(TEMP_PREFIX) && name.ends_with(".onnx.tmp"),
+            "{name}"
+        );
+        assert!(registered(&path) && path.exists());
+        drop(tmp);
+        assert!(!registered(&path) && !path.exists());
+    }
+
+    #[test]
+    fn committed_temp_is_unregistered_with_what_it_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, model) = (dir.path().join("m.onnx.data"), dir.path().join("m.onnx"));
+        let d = temp_file_in(dir.path(), ".data.tmp").unwrap();
+        let staged = d.stage(&data, |t| t.persist(&data).map(drop)).unwrap();
+        assert!(registered(&data) && data.exists());
+        let m = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+        let m_path = m.path().to_path_buf();
+        m.commit(vec![staged], |t| t.persist(&model).map(drop))
+            .unwrap();
+        assert!(!registered(&data) && !registered(&model) && !registered(&m_path));
+        assert!(data.exists() && model.exists());
+    }
+
+    #[test]
+    fn failed_commit_deletes_the_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+        let path = m.path().to_path_buf();
+        let bad = dir.path().join("missing/m.onnx");
+        assert!(m.commit(vec![], |t| t.persist(&bad).map(drop)).is_err());
+        assert!(!registered(&path) && !path.exists());
+    }
+
+    #[test]
+    fn remove_all_removes_files_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = Registry {
+            next: 0,
+            live: Vec::new(),
+        };
+        let folder = dir.path().join(".onnx-lora-dir");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("a"), b"a").unwrap();
+        let file = folder.join(".onnx-lora-x.onnx.tmp");
+        std::fs::write(&file, b"x").unwrap();
+        let guards = [
+            reg.add(folder.clone(), Kind::Dir),
+            reg.add(file.clone(), Kind::File),
+            reg.add(dir.path().join("gone"), Kind::File),
+        ];
+        assert_eq!(reg.remove_all(), 2);
+        assert!(!folder.exists() && reg.live.is_empty());
+        // Local guards: not in the process registry.
+        guards.into_iter().for_each(std::mem::forget);
+    }
+}

@@ -1,0 +1,254 @@
+//! Interrupts: SIGTERM / SIGINT while a model is being written end the run with 128 + the
+//! signal and one line on stderr, and leave no temp file and no output in the output folder;
+//! only those signals are blocked, in every thread of the process.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use onnx_lora::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use prost::Message;
+
+/// A one-MatMul model `y = x @ W` whose W holds `mb` MiB of float32 (inline).
+fn write_big_model(path: &Path, mb: usize) {
+    let n = mb * (1 << 20) / 4;
+    let cols = 1024;
+    let raw: Vec<u8> = (0..n as u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![NodeProto {
+                input: vec!["x".into(), "W".into()],
+                output: vec!["y".into()],
+                op_type: Some("MatMul".into()),
+                name: Some("/fc/MatMul".into()),
+                ..Default::default()
+            }],
+            initializer: vec![TensorProto {
+                name: Some("W".into()),
+                dims: vec![(n / cols) as i64, cols as i64],
+                data_type: Some(1),
+                raw_data: Some(raw.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+fn temps(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".onnx-lora-"))
+        .collect()
+}
+
+/// The name and `SigBlk` / `SigIgn` masks of every thread of `pid` (Linux `/proc`).
+#[cfg(target_os = "linux")]
+fn thread_masks(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut masks = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return masks;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if let (Some(blk), Some(ign)) = (field("SigBlk:"), field("SigIgn:")) {
+            masks.push((name, blk, ign));
+        }
+    }
+    masks
+}
+
+/// Checks that every thread of `pid` blocks SIGINT, SIGTERM and SIGHUP, and nothing else, and
+/// does not ignore SIGPIPE.
+#[cfg(target_os = "linux")]
+fn check_masks(pid: u32) {
+    let bit = |s: libc::c_int| 1u64 << (s - 1);
+    let ours = bit(libc::SIGINT) | bit(libc::SIGTERM) | bit(libc::SIGHUP);
+    // glibc blocks every signal for a moment while a thread is created: a thread showing more
+    // than ours is looked at again.
+    let mut extra = Vec::new();
+    for _ in 0..50 {
+        let masks = thread_masks(pid);
+        assert!(!masks.is_empty());
+        extra.clear();
+        for (name, blk, ign) in masks {
+            assert_eq!(ign & bit(libc::SIGPIPE), 0, "{name}: SIGPIPE is ignored");
+            // The signal thread's mask reads empty while it waits in `sigwait` (the kernel
+            // unblocks what it waits for).
+            if name.starts_with("onnx-lora-sig") {
+                assert_eq!(blk & !ours, 0, "{name}: blocked signals {blk:#x}");
+                continue;
+            }
+            assert_eq!(
+                blk & ours,
+                ours,
+                "{name}: blocked signals {blk:#x}, expected {ours:#x}"
+            );
+            if blk != ours {
+                extra.push(format!("{name}: {blk:#x}"));
+            }
+        }
+        if extra.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    panic!("threads block more than SIGINT, SIGTERM and SIGHUP ({ours:#x}): {extra:?}");
+}
+
+enum Outcome {
+    /// The signal reached the run while it was writing.
+    Interrupted { code: Option<i32>, stderr: String },
+    /// The write was over before the signal: the model was too small to catch it.
+    TooFast,
+}
+
+/// Converts a `mb` MiB model with `extra` flags into an empty folder and sends `sig` as soon
+/// as a temp file appears there.
+fn interrupt_convert(
+    sig: libc::c_int,
+    mb: usize,
+    extra: &[&str],
+) -> (Outcome, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.onnx");
+    write_big_model(&input, mb);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("m.onnx");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .arg("convert")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if !temps(&out_dir).is_empty() {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "no temp file appeared in {} while converting ({:?}): {}",
+                out_dir.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // While it writes: SIGINT, SIGTERM and SIGHUP are blocked in every thread, nothing else
+    // is, and SIGPIPE is not ignored.
+    #[cfg(target_os = "linux")]
+    check_masks(child.id());
+    // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    // A write that finished first exits 0, or ends on the signal with the output complete.
+    let finished = o.status.success() || (out.exists() && temps(&out_dir).is_empty());
+    let outcome = if finished {
+        Outcome::TooFast
+    } else {
+        Outcome::Interrupted {
+            code: o.status.code(),
+            stderr,
+        }
+    };
+    (outcome, out_dir, dir)
+}
+
+/// Interrupts a conversion (a bigger model each time the write was over first) and checks
+/// the exit status, the message and that the output folder is left empty.
+fn check_interrupted(sig: libc::c_int, name: &str, extra: &[&str]) {
+    for mb in [64, 128, 256] {
+        let (outcome, out_dir, _dir) = interrupt_convert(sig, mb, extra);
+        let Outcome::Interrupted { code, stderr } = outcome else {
+            eprintln!("a {mb} MiB model was written before the signal; trying a bigger one");
+            continue;
+        };
+        assert_eq!(code, Some(128 + sig), "exit status; stderr: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("onnx-lora: interrupted ({name}); removed "))
+                && stderr.trim_end().ends_with("temporary file(s)")
+                && !stderr.contains("removed 0 "),
+            "{stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in the output folder: {left:?}");
+        return;
+    }
+    panic!("every write finished before the signal: this machine writes too fast for the test");
+}
+
+#[test]
+fn sigterm_while_writing_inline_removes_the_temp_file() {
+    check_interrupted(libc::SIGTERM, "SIGTERM", &["--inline", "-q"]);
+}
+
+#[test]
+fn sigint_while_writing_external_data_removes_both_files() {
+    check_interrupted(libc::SIGINT, "SIGINT", &["--external-data", "-q"]);
+}
+
+#[test]
+fn an_uninterrupted_run_is_unchanged() {
+    // The signal thread neither delays nor changes a normal run.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.onnx");
+    write_big_model(&input, 1);
+    let out = dir.path().join("out.onnx");
+    let o = common::onnx_lora(&[
+        "convert",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.exists() && temps(dir.path()).is_empty());
+}
