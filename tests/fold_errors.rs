@@ -47,12 +47,13 @@ impl Env {
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-    /// A LoRA for the 2-group 3×3 conv of grouped.onnx (4 output channels).
+    /// A LoRA for the 2-group 3×3 conv of grouped.onnx (4 input and output channels), in
+    /// PEFT's layout: A reads all 4 inputs, B is grouped (r / 2 = 1 channel per output).
     fn grouped_conv_adapter(&self) -> PathBuf {
-        let conv = lora("conv", 2 * 3 * 3, 4, 0.1);
-        let mut t = refs(&conv);
-        t[0].1 = vec![2, 2, 3, 3];
-        t[1].1 = vec![4, 2, 1, 1];
+        let t = vec![
+            ("conv.lora_A.weight", vec![2, 4, 3, 3], vec![0.1; 2 * 4 * 9]),
+            ("conv.lora_B.weight", vec![4, 1, 1, 1], vec![0.1; 4]),
+        ];
         write_adapter(&self.p("adc"), config(), &t)
     }
     /// Runs fold expecting failure; returns stderr after checking exit 2, one line, no output.

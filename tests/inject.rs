@@ -53,10 +53,14 @@ fn has_whole(ad: &AdapterCase) -> bool {
     })
 }
 
-/// Adapters whose injected model has branches (LyCORIS files have none: they go into the
-/// weights).
+/// Adapters whose injected model has branches that fold back (LyCORIS files have none: they
+/// go into the weights; branches on grouped convolutions cannot be merged, in PEFT either).
 fn has_branches(ad: &AdapterCase) -> bool {
-    branchable(ad) && !ad.features.iter().any(|f| f == "lycoris")
+    branchable(ad)
+        && !ad
+            .features
+            .iter()
+            .any(|f| f == "lycoris" || f == "grouped_conv")
 }
 
 /// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv,
@@ -675,4 +679,52 @@ fn inspect_of_injected_models_lists_layers_not_branch_nodes() {
             assert!(!again.exists());
         }
     }
+}
+
+/// LoRA on grouped convolutions, in PEFT's layout (A over every input channel, B grouped):
+/// branches match PEFT's unmerged forward (with the other fixtures), export-peft gives back
+/// PEFT's keys and shapes with the same values, and folding (which PEFT refuses too) is refused.
+#[test]
+fn grouped_conv_branches_export_in_peft_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases() {
+        for ad in case
+            .adapters
+            .iter()
+            .filter(|a| a.features.iter().any(|f| f == "grouped_conv"))
+        {
+            let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
+            let inj = dir.path().join(format!("{tag}_inj.onnx"));
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&inj),
+            ]);
+            let exported = dir.path().join(format!("{tag}_peft"));
+            onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
+            assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
+            let read = |d: &Path| {
+                let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+                let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+                st.tensors()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.data().to_vec()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            };
+            let (want, got) = (read(&ad.dir), read(&exported));
+            for (k, v) in &got {
+                assert_eq!(Some(v), want.get(k), "{tag}: {k}");
+            }
+            let o = onnx_lora(&["fold", s(&inj), "-o", s(&dir.path().join("back.onnx"))]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(err.contains("grouped convolution"), "{err}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "{checked}");
 }

@@ -62,8 +62,9 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
                 let found = resolve_module(&cands, path, accept, same)
                     .unwrap_or_else(|e| panic!("{} {}: {e}", case.label(), ad.name));
                 let c = found[0];
+                // PEFT's conv A reads every input channel, grouped layer or not.
                 let n_in: i64 = if c.op == "Conv" {
-                    c.shape[1..].iter().product()
+                    c.in_features * c.shape[2..].iter().product::<i64>()
                 } else {
                     c.in_features
                 };

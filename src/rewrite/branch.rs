@@ -74,7 +74,6 @@ pub(crate) fn node(
     }
 }
 
-/// The branch's nodes for `c` (whose proto is `base`). `y_base` is the new name of the base
 /// The branch's nodes for `c` (whose proto is `base`), added to the value `y` (the base
 /// node's output, or its bias Add's). `y_base` is `y`'s new name; the last node produces `y`.
 pub fn branch_nodes(
@@ -129,6 +128,14 @@ pub fn branch_nodes(
             );
             let spatial = c.shape.len().saturating_sub(2);
             b.attribute = vec![ints("kernel_shape", &vec![1; spatial])];
+            if c.groups() > 1 {
+                b.attribute.push(AttributeProto {
+                    name: Some("group".into()),
+                    r#type: Some(AttributeType::Int as i32),
+                    i: Some(c.groups() as i64),
+                    ..Default::default()
+                });
+            }
             nodes.push(b);
         }
         "Gather" => {

@@ -96,6 +96,13 @@ pub fn fresh_branches(
         .map(|c| {
             let n_in = factor_in(c);
             let n_out = c.out_features.max(0) as usize;
+            if !rank.is_multiple_of(c.groups()) {
+                return Err(Error::Usage(format!(
+                    "rank {rank} is not a multiple of the {} groups of convolution '{}' (PEFT's rule for grouped convolutions)",
+                    c.groups(),
+                    c.module
+                )));
+            }
             if rank > n_in.max(n_out) {
                 return Err(Error::Usage(format!(
                     "rank {rank} is larger than both sides of '{}' ({n_in} inputs, {n_out} outputs); a rank past min({n_in}, {n_out}) adds nothing",
@@ -120,13 +127,13 @@ pub fn fresh_branches(
                         .map(|_| rng.normal() / rank as f32)
                         .collect(),
                 };
-                (a, vec![0.0; n_out * rank])
+                (a, vec![0.0; n_out * rank / c.groups()])
             };
             Ok(BranchSpec {
                 cand: (*c).clone(),
                 name: branch_name(c, strip_prefix),
                 a: Matrix::new(rank, n_in, a)?,
-                b: Matrix::new(n_out, rank, b)?,
+                b: Matrix::new(n_out, rank / c.groups(), b)?,
                 scale,
                 magnitude: None,
                 bias: None,
@@ -239,7 +246,8 @@ fn spec_from_module(
 /// Columns of A: input features, times the kernel size for convolutions.
 pub(super) fn factor_in(c: &Candidate) -> usize {
     if c.op == "Conv" {
-        c.shape[1..].iter().product::<i64>().max(0) as usize
+        // PEFT's conv lora_A reads every input channel, grouped layer or not.
+        (c.in_features * c.shape[2..].iter().product::<i64>()).max(0) as usize
     } else {
         c.in_features.max(0) as usize
     }
@@ -271,6 +279,12 @@ pub fn inject(
             return Err(Error::Target(format!(
                 "node '{}' is targeted twice",
                 br.cand.node
+            )));
+        }
+        if br.magnitude.is_some() && br.cand.groups() > 1 {
+            return Err(Error::Target(format!(
+                "module '{}': DoRA on a grouped convolution is not supported",
+                br.name
             )));
         }
         if as_inputs && (br.magnitude.is_some() || br.bias.is_some()) {
@@ -534,9 +548,9 @@ pub fn graph_factors(br: &BranchSpec) -> (Vec<i64>, Vec<f32>, Vec<i64>, Vec<f32>
     let r = br.a.rows as i64;
     let c = &br.cand;
     if c.op == "Conv" {
-        let mut a_dims = vec![r];
-        a_dims.extend_from_slice(&c.shape[1..]);
-        let mut b_dims = vec![br.b.rows as i64, r];
+        let mut a_dims = vec![r, c.in_features];
+        a_dims.extend_from_slice(&c.shape[2..]);
+        let mut b_dims = vec![br.b.rows as i64, br.b.cols as i64];
         b_dims.extend(std::iter::repeat_n(1, c.shape.len().saturating_sub(2)));
         (a_dims, br.a.data.clone(), b_dims, br.b.data.clone())
     } else {

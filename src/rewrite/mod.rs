@@ -52,7 +52,9 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
 }
 
 /// A module's A (r, in) and B (out, r) as matrices, checked against a weight with `n_in`
-/// inputs (times the kernel size for convolutions) and `n_out` outputs.
+/// inputs (times the kernel size for convolutions) and `n_out` outputs. For a grouped Conv
+/// PEFT's B is itself grouped: (out, r / groups), each group of outputs reading its slice of
+/// the r channels A gives.
 pub(crate) fn factors(
     m: &ModuleAdapter,
     c: &Candidate,
@@ -68,7 +70,8 @@ pub(crate) fn factors(
     let r = a.shape[0];
     let a_cols: usize = a.shape[1..].iter().product();
     let b_cols: usize = b.shape[1..].iter().product();
-    if a_cols != n_in || b.shape[0] != n_out || b_cols != r {
+    let groups = c.groups();
+    if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r || !r.is_multiple_of(groups) {
         return Err(Error::Target(format!(
             "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {n_in} in, {n_out} out)",
             m.path, a.shape, b.shape, c.weight, c.op, c.shape
@@ -76,7 +79,7 @@ pub(crate) fn factors(
     }
     Ok((
         Matrix::new(r, a_cols, a.data.clone())?,
-        Matrix::new(b.shape[0], r, b.data.clone())?,
+        Matrix::new(b.shape[0], b_cols, b.data.clone())?,
     ))
 }
 

@@ -97,6 +97,16 @@ impl Candidate {
         matches!(self.op.as_str(), "MatMul" | "Gemm" | "MatMulNBits")
     }
 
+    /// A Conv's groups (its weight holds in / groups input channels); 1 for other layers.
+    pub fn groups(&self) -> usize {
+        match (self.op.as_str(), self.shape.get(1)) {
+            ("Conv", Some(&per_group)) if per_group > 0 => {
+                (self.in_features / per_group).max(1) as usize
+            }
+            _ => 1,
+        }
+    }
+
     /// Whether `inject` can put a branch beside the node: the layer's own input and output are
     /// graph values. In onnxruntime's fused ops (Attention, EmbedLayerNormalization) the
     /// projection or lookup happens inside the op; only `fold` can change those weights.
