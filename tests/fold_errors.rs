@@ -1047,3 +1047,29 @@ fn wrong_kinds_of_input_are_named() {
     let err = fold_fails(&model, &model, &env.p("o.onnx"), &[]);
     assert!(err.contains("linear.onnx: not a safetensors file"), "{err}");
 }
+
+/// Every writer's JSON report names what it wrote in `output`.
+#[test]
+fn writer_reports_name_their_output() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let last = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let train = env.p("train.onnx");
+    let out = onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "-o",
+        &s(&train),
+        "--json",
+    ]);
+    assert_eq!(last(&out)["output"], s(&train));
+    let conv = env.p("conv.onnx");
+    let out = onnx_lora_ok(&["convert", &s(&train), "-o", &s(&conv), "--json"]);
+    assert_eq!(last(&out)["output"], s(&conv));
+    let peft = env.p("peft");
+    let out = onnx_lora_ok(&["export-peft", &s(&train), "-o", &s(&peft), "--json"]);
+    assert_eq!(last(&out)["output"], s(&peft));
+    assert_eq!(last(&out)["type"], "report");
+}

@@ -635,16 +635,24 @@ fn inspect_of_injected_models_lists_layers_not_branch_nodes() {
         let o = onnx_lora(&["inspect", s(p), "--json"]);
         assert!(o.status.success());
         let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let mut listed = 0;
         for line in out.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let m = v["module"].as_str().unwrap_or_default();
             assert!(!m.contains(".lora_"), "branch node listed: {line}");
+            listed += usize::from(v["type"] == "candidate");
         }
+        // The JSON report counts the branches too, as the text output's note does.
+        let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
         let o = onnx_lora(&["inspect", s(p)]);
-        (
-            out.lines().count(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
+        let note = String::from_utf8_lossy(&o.stderr).to_string();
+        let branches = report["branches"].as_u64().unwrap();
+        assert_eq!(
+            branches > 0,
+            note.contains("LoRA branches injected"),
+            "{report} / {note}"
+        );
+        (listed, note)
     };
     let (base, note) = count(&model);
     assert!(!note.contains("injected"), "{note}");

@@ -140,7 +140,12 @@ fn inspect_json_lines_have_the_documented_fields() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(lines.len() > 10);
-    for l in &lines {
+    // Candidates, then one report record with the counts.
+    let (report, candidates) = lines.split_last().unwrap();
+    assert_eq!(report["type"], "report", "{report}");
+    assert_eq!(report["listed"], candidates.len(), "{report}");
+    assert_eq!(report["branches"], 0, "{report}");
+    for l in candidates {
         assert_eq!(l["type"], "candidate");
         for k in [
             "module", "node", "op", "weight", "shape", "layout", "dtype", "shared",
@@ -158,12 +163,9 @@ fn inspect_json_lines_have_the_documented_fields() {
     ]);
     let modules: Vec<String> = out
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["module"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "candidate")
+        .map(|v| v["module"].as_str().unwrap().to_string())
         .collect();
     assert!(
         !modules.is_empty()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use onnx_lora::onnx;
 
-use super::output::json_line;
+use super::output::report_line;
 use super::save_args::SaveArgs;
 
 /// Re-write a model with its weights inline or in one external data file. Nothing else
@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let report = onnx::save(&model, &args.output, &args.save.options())?;
     if args.json {
-        json_line("report", &report)?;
+        report_line(&report, &report.model)?;
     } else {
         match &report.external_data {
             Some(d) => eprintln!(

@@ -8,7 +8,7 @@ use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{export_peft, serving_adapter_params};
 
-use super::output::json_line;
+use super::output::{json_line, report_line};
 
 /// Write a PEFT adapter as an onnxruntime `.onnx_adapter` file for a serving model made with
 /// `inject --as-inputs`, with exactly the parameter names and layouts its inputs expect.
@@ -82,7 +82,7 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     let report =
         export_peft(&model, &args.output).with_context(|| args.model.display().to_string())?;
     if args.json {
-        json_line("report", &report)?;
+        report_line(&report, &args.output)?;
     } else {
         eprintln!(
             "wrote {} ({} modules, r = {}, lora_alpha = {})",

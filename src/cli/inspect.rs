@@ -48,10 +48,20 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let spec = args.all_linear.then_some(target::TargetSpec::AllLinear);
     let chosen = target::select(&cands, spec.as_ref(), &args.targets)
         .with_context(|| args.model.display().to_string())?;
+    let (branches, weight_form) = onnx_lora::rewrite::count_injected(&model, &graph);
     if args.json {
         for c in &chosen {
             json_line("candidate", c)?;
         }
+        json_line(
+            "report",
+            &serde_json::json!({
+                "candidates": cands.len(),
+                "listed": chosen.len(),
+                "branches": branches + weight_form,
+                "weight_form": weight_form,
+            }),
+        )?;
         return Ok(super::EXIT_OK);
     }
     let rows: Vec<Vec<String>> = chosen
@@ -99,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
-    match onnx_lora::rewrite::count_injected(&model, &graph) {
+    match (branches, weight_form) {
         (0, 0) => {}
         (n, 0) => eprintln!(
             "{n} LoRA branches injected by onnx-lora (their nodes are not listed; `onnx-lora fold MODEL -o OUT` merges them)"

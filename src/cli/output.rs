@@ -14,6 +14,16 @@ pub fn json_line<T: Serialize>(kind: &str, data: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a `report` record naming the file or folder written in `output`, as every writer's
+/// report does.
+pub fn report_line<T: Serialize>(data: &T, output: &std::path::Path) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(data)?;
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("output".into(), serde_json::json!(output));
+    }
+    json_line("report", &v)
+}
+
 /// Left-aligned text table with a header row.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
