@@ -1073,3 +1073,63 @@ fn writer_reports_name_their_output() {
     assert_eq!(last(&out)["output"], s(&peft));
     assert_eq!(last(&out)["type"], "report");
 }
+
+/// A branch whose scale is not one finite number (a hand-edited or corrupted model) is refused
+/// by fold-back and export-peft, naming the branch.
+#[test]
+fn a_branch_scale_must_be_one_finite_number() {
+    use prost::Message;
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let train = env.p("train.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "-o",
+        &s(&train),
+        "--inline",
+    ]);
+    for (name, values) in [("nan.onnx", vec![f32::NAN]), ("vec.onnx", vec![1.0, 2.0])] {
+        let mut m = onnx_lora::onnx::load(&train).unwrap().proto;
+        let g = m.graph.as_mut().unwrap();
+        let t = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.name() == "fc.lora_scale")
+            .unwrap();
+        t.raw_data = Some(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        );
+        t.dims = vec![values.len() as i64];
+        let bad = env.p(name);
+        std::fs::write(&bad, m.encode_to_vec()).unwrap();
+        for args in [
+            vec![
+                "fold".to_string(),
+                s(&bad),
+                "-o".into(),
+                s(&env.p("back.onnx")),
+            ],
+            vec![
+                "export-peft".to_string(),
+                s(&bad),
+                "-o".into(),
+                s(&env.p("peft")),
+            ],
+        ] {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = onnx_lora(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("injected branch 'fc'") && err.contains("must be one finite number"),
+                "{err}"
+            );
+        }
+        assert!(!env.p("back.onnx").exists() && !env.p("peft").exists());
+    }
+}

@@ -204,7 +204,16 @@ pub fn find_branches(
             let (_, mut node) = producer(&last).ok_or_else(|| broken("branch output not found"))?;
             if role(node) == Some("scale") {
                 let (n, s) = param(node.input.get(1))?;
-                scale = s.data.first().copied().unwrap_or(1.0);
+                scale = match s.data.as_slice() {
+                    [v] if v.is_finite() => *v,
+                    other => {
+                        return Err(broken(&format!(
+                            "its scale '{n}' must be one finite number, not {:?}{}",
+                            &other[..other.len().min(4)],
+                            if other.len() > 4 { " ..." } else { "" }
+                        )));
+                    }
+                };
                 params.push(n);
                 last = node.input.first().cloned().unwrap_or_default();
                 node = producer(&last).ok_or_else(|| broken("lora_B not found"))?.1;
