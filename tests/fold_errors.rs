@@ -960,33 +960,31 @@ fn inject_options_are_checked_and_weights_may_be_negative() {
         err.contains("--strip-prefix 'f' is no leading dotted component"),
         "{err}"
     );
-    let out = env.p("neg.onnx");
-    onnx_lora_ok(&[
-        "fold",
-        &s(&env.p("linear.onnx")),
-        &s(&ad),
-        "--weight",
-        "-0.5",
-        "--scale",
-        "-2",
-        "-o",
-        &s(&out),
-    ]);
-    // -0.5 · -2 = 1: the same as folding it plainly
-    onnx_lora_ok(&[
-        "fold",
-        &s(&env.p("linear.onnx")),
-        &s(&ad),
-        "-o",
-        &s(&env.p("plain.onnx")),
-    ]);
-    let o = onnx_lora(&["verify", &s(&out), &s(&env.p("plain.onnx")), "--ep", "cpu"]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    // --weight -1 undoes the adapter: equal to --weight 1 --scale -1, not to the plain fold.
+    let fold_to = |name: &str, extra: &[&str]| {
+        let out = env.p(name);
+        let mut args = vec![
+            "fold".to_string(),
+            s(&env.p("linear.onnx")),
+            s(&ad),
+            "-o".into(),
+            s(&out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        onnx_lora_ok(&args);
+        out
+    };
+    let neg = fold_to("neg.onnx", &["--weight", "-1"]);
+    let scaled = fold_to("scaled.onnx", &["--weight", "1", "--scale", "-1"]);
+    let plain = fold_to("plain.onnx", &[]);
+    let verify = |a: &Path, b: &Path| {
+        onnx_lora(&["verify", &s(a), &s(b), "--ep", "cpu"])
+            .status
+            .code()
+    };
+    assert_eq!(verify(&neg, &scaled), Some(0));
+    assert_eq!(verify(&neg, &plain), Some(1));
 }
 
 /// export-peft refuses what PEFT could not load: a serving model's rank-0 default factors.

@@ -12,19 +12,18 @@ use onnx_lora::graph::ModelGraph;
 use onnx_lora::rewrite::module_paths;
 use onnx_lora::target::{Candidate, find_candidates, resolve_module};
 
-fn load(case: &Case) -> Vec<Candidate> {
+fn load(case: &Case) -> (onnx_lora::onnx::LoadedModel, ModelGraph, Vec<Candidate>) {
     let m = onnx_lora::onnx::load(&case.onnx).unwrap();
     let g = ModelGraph::build(&m.proto);
-    find_candidates(&m.proto, &g)
+    let cands = find_candidates(&m.proto, &g);
+    (m, g, cands)
 }
 
 #[test]
 fn every_adapter_module_resolves_to_one_fitting_weight() {
     let mut resolved = 0;
     for case in cases() {
-        let model = onnx_lora::onnx::load(&case.onnx).unwrap();
-        let graph = ModelGraph::build(&model.proto);
-        let cands = find_candidates(&model.proto, &graph);
+        let (model, graph, cands) = load(&case);
         let same =
             |a: &Candidate, b: &Candidate| onnx_lora::rewrite::same_values(&model, &graph, a, b);
         for ad in &case.adapters {
@@ -102,7 +101,7 @@ fn module_paths_match_the_generators_ground_truth() {
         let truth_path = case.onnx.with_file_name("weights.json");
         let truth: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&truth_path).unwrap()).unwrap();
-        let cands = load(&case);
+        let (_, _, cands) = load(&case);
         let mut checked = 0;
         for t in truth.as_array().unwrap() {
             let (Some(node), Some(module)) = (t["node"].as_str(), t["module"].as_str()) else {

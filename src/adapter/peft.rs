@@ -37,8 +37,8 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     pub use_dora: bool,
     pub fan_in_fan_out: bool,
-    pub rank_pattern: Vec<(String, f32)>,
-    pub alpha_pattern: Vec<(String, f32)>,
+    pub rank_pattern: Vec<Pattern>,
+    pub alpha_pattern: Vec<Pattern>,
     pub target_modules: Option<TargetSpec>,
     pub init_lora_weights: Value,
     pub raw: Value,
@@ -175,15 +175,7 @@ impl Adapter {
                 }
             }
         }
-        let (weights, config_path) = if path.is_dir() {
-            (
-                path.join("adapter_model.safetensors"),
-                path.join("adapter_config.json"),
-            )
-        } else {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            (path.to_path_buf(), dir.join("adapter_config.json"))
-        };
+        let (weights, config_path) = peft_files(path);
         let err = |reason: String| Error::Adapter {
             path: path.to_path_buf(),
             reason,
@@ -237,18 +229,8 @@ impl Adapter {
     /// The files it was read from (to be never overwritten): the adapter file, and the
     /// config and weights of an adapter folder.
     pub fn files(&self) -> Vec<PathBuf> {
-        let dir = if self.path.is_dir() {
-            self.path.as_path()
-        } else {
-            self.path.parent().unwrap_or(Path::new("."))
-        };
-        let mut files = vec![dir.join("adapter_config.json")];
-        if self.path.is_dir() {
-            files.push(dir.join("adapter_model.safetensors"));
-        } else {
-            files.push(self.path.clone());
-        }
-        files
+        let (weights, config) = peft_files(&self.path);
+        vec![weights, config]
     }
 
     /// The adapter split into its low-rank part and, if it has any, the part no branch can
@@ -360,18 +342,44 @@ impl Adapter {
     }
 }
 
-/// The value of the first pattern (file order) matching `path` as `(.*\.)?(KEY)$`.
-/// Keys that do not compile are refused when the config is read.
-pub fn pattern_value(patterns: &[(String, f32)], path: &str) -> Option<f32> {
-    patterns.iter().find_map(|(key, v)| {
-        let re = pattern_regex(key).ok()?;
-        re.is_match(path).then_some(*v)
-    })
+/// A `rank_pattern` / `alpha_pattern` entry: its key compiled as PEFT matches it,
+/// `(.*\.)?(KEY)$` from the start of a module path, and its value.
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    pub key: String,
+    pub regex: Regex,
+    pub value: f32,
 }
 
-/// PEFT's matching of a pattern key against a module path: `(.*\.)?(KEY)$` from the start.
-fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
-    Regex::new(&format!(r"^(.*\.)?({key})$"))
+impl Pattern {
+    pub fn new(key: &str, value: f32) -> std::result::Result<Pattern, regex::Error> {
+        Ok(Pattern {
+            key: key.to_string(),
+            regex: Regex::new(&format!(r"^(.*\.)?({key})$"))?,
+            value,
+        })
+    }
+}
+
+/// A PEFT adapter's weights and config: the folder's `adapter_model.safetensors` and
+/// `adapter_config.json`, or a weights file and the config beside it.
+fn peft_files(path: &Path) -> (PathBuf, PathBuf) {
+    if path.is_dir() {
+        (
+            path.join("adapter_model.safetensors"),
+            path.join("adapter_config.json"),
+        )
+    } else {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        (path.to_path_buf(), dir.join("adapter_config.json"))
+    }
+}
+
+/// The value of the first pattern (file order) matching `path`.
+pub fn pattern_value(patterns: &[Pattern], path: &str) -> Option<f32> {
+    patterns
+        .iter()
+        .find_map(|p| p.regex.is_match(path).then_some(p.value))
 }
 
 impl AdapterConfig {
@@ -409,7 +417,7 @@ impl AdapterConfig {
                     .ok_or_else(|| format!("{k} is {v}, not true or false")),
             }
         };
-        let patterns = |k: &str| -> std::result::Result<Vec<(String, f32)>, String> {
+        let patterns = |k: &str| -> std::result::Result<Vec<Pattern>, String> {
             let Some(v) = present(k) else {
                 return Ok(Vec::new());
             };
@@ -418,15 +426,15 @@ impl AdapterConfig {
                 .ok_or_else(|| format!("{k} is {v}, not an object of module patterns"))?;
             o.iter()
                 .map(|(key, v)| {
-                    if let Err(e) = pattern_regex(key) {
-                        return Err(format!(
-                            "{k} key '{key}' is not a regular expression onnx-lora can evaluate (look-around and back-references are not supported): {e}"
-                        ));
-                    }
-                    v.as_f64()
+                    let value = v
+                        .as_f64()
                         .filter(|&x| (x as f32).is_finite())
-                        .map(|x| (key.clone(), x as f32))
-                        .ok_or_else(|| format!("{k}['{key}'] is {v}, not a number"))
+                        .ok_or_else(|| format!("{k}['{key}'] is {v}, not a number"))?;
+                    Pattern::new(key, value as f32).map_err(|e| {
+                        format!(
+                            "{k} key '{key}' is not a regular expression onnx-lora can evaluate (look-around and back-references are not supported): {e}"
+                        )
+                    })
                 })
                 .collect()
         };
@@ -439,12 +447,13 @@ impl AdapterConfig {
                 as usize,
         };
         let rank_pattern = patterns("rank_pattern")?;
-        if let Some((key, v)) = rank_pattern
+        if let Some(p) = rank_pattern
             .iter()
-            .find(|(_, v)| *v < 1.0 || v.fract() != 0.0)
+            .find(|p| p.value < 1.0 || p.value.fract() != 0.0)
         {
             return Err(format!(
-                "rank_pattern['{key}'] is {v}, not a positive integer"
+                "rank_pattern['{}'] is {}, not a positive integer",
+                p.key, p.value
             ));
         }
         Ok(AdapterConfig {
@@ -671,10 +680,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patterns_match_like_peft() {
+    fn patterns_match_like_peft() -> Result<(), regex::Error> {
         let p = vec![
-            ("layers.1.self_attn.q_proj".to_string(), 16.0),
-            (r".*\.0\..*".to_string(), 2.0),
+            Pattern::new("layers.1.self_attn.q_proj", 16.0)?,
+            Pattern::new(r".*\.0\..*", 2.0)?,
         ];
         assert_eq!(
             pattern_value(&p, "model.layers.1.self_attn.q_proj"),
@@ -683,6 +692,7 @@ mod tests {
         assert_eq!(pattern_value(&p, "model.layers.0.mlp.up_proj"), Some(2.0));
         assert_eq!(pattern_value(&p, "model.layers.11.self_attn.q_proj"), None);
         assert_eq!(pattern_value(&p, "model.xlayers.1.self_attn.q_proj"), None);
+        Ok(())
     }
 
     #[test]

@@ -7,8 +7,8 @@ use onnx_lora::adapter::{Adapter, ort_format};
 use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
-    FoldOptions, Init, adapter_branches, fold, fresh_branches, fuse_shared, inject, inject_weight,
-    serving_adapter_params, unbranch::find_all, write_whole_values,
+    FoldOptions, Init, adapter_branches, check_one_branch_per_module, fold, fresh_branches,
+    fuse_shared, inject, inject_weight, module_paths, serving_adapter_params, write_whole_values,
 };
 use onnx_lora::target::{self, TargetSpec};
 
@@ -149,14 +149,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             // The reference folds the adapter, which a quantized weight cannot take.
             let graph = ModelGraph::build(&model.proto);
             let cands = target::find_candidates(&model.proto, &graph);
-            if let Some((m, c)) = adapter.modules.iter().find_map(|m| {
-                let found = target::resolve_module(&cands, &m.path, |c| c.quantized, |_, _| false);
-                found.ok().map(|f| (m, f[0]))
+            let (paths, _) = module_paths(adapter, &cands)?;
+            if let Some((path, c)) = paths.iter().flatten().find_map(|p| {
+                let found = target::resolve_module(&cands, p, |c| c.quantized, |_, _| false);
+                found.ok().map(|f| (p, f[0]))
             }) {
                 anyhow::bail!(
                     "{}: --verify compares with the adapter folded into the weights, and module '{}' has a quantized weight ('{}', {}) that cannot take it; inject without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`",
                     args.model.display(),
-                    m.path,
+                    path,
                     c.weight,
                     c.op
                 );
@@ -238,42 +239,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
-    // One branch per module: a module called several times (a layer shared across calls) would
-    // get one per call, which fold-back and export-peft cannot take back as one module.
-    if let Some(br) = branches
-        .iter()
-        .find(|b| branches.iter().filter(|o| o.name == b.name).count() > 1)
-    {
-        let nodes: Vec<&str> = branches
-            .iter()
-            .filter(|o| o.name == br.name)
-            .map(|o| o.cand.node.as_str())
-            .collect();
-        anyhow::bail!(
-            "{}: module '{}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
-            args.model.display(),
-            br.name,
-            nodes.len(),
-            nodes.join(", ")
-        );
-    }
-    // A layer with a branch already (an earlier inject) takes no second one: fold-back and
-    // export-peft know one branch per layer.
-    let mut probe = model.clone();
-    let (_, existing) = find_all(&mut probe)?;
-    if let Some(br) = branches.iter().find(|b| {
-        existing
-            .iter()
-            .any(|f| f.cand.graph == b.cand.graph && f.cand.node == b.cand.node)
-    }) {
-        anyhow::bail!(
-            "{}: module '{}' ({}) already has a branch from an earlier inject; fold it first (`onnx-lora fold {} -o OUT`) or target other layers",
-            args.model.display(),
-            br.name,
-            br.cand.node,
-            args.model.display()
-        );
-    }
+    check_one_branch_per_module(&model, &branches)
+        .with_context(|| args.model.display().to_string())?;
     let reports = match args.form {
         FormArg::Branch => inject(&mut model, &branches, args.as_inputs),
         FormArg::Weight => inject_weight(&mut model, &branches),
@@ -292,7 +259,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     inputs.extend(adapter.iter().flat_map(Adapter::files));
     let adapter_out = match (&args.adapter_out, &adapter) {
         (Some(path), Some(adapter)) => {
-            onnx::io::check_outputs(&[&args.output, path], &inputs)?;
+            // (the model's external data file, if it gets one, is named after the output)
+            let data = PathBuf::from(format!("{}.data", args.output.display()));
+            onnx::io::check_outputs(&[&args.output, path, &data], &inputs)?;
             Some((path, serving_adapter_params(&model, adapter)?))
         }
         _ => None,

@@ -30,8 +30,8 @@ less precise side), on CPU and when CUDA ran:
 --atol / --rtol replace the defaults for every output.
 
 --inputs must hold every model input, as arrays of the input's kind: float64 may feed a float32
-input, int32 an int64 one (when the values fit), uint16 bits a bfloat16 one; integers never feed
-float inputs, nor floats integer ones. A and B must take the same inputs (names, element types,
+input, any integer type an integer one (when every value fits), uint16 bits a bfloat16 one;
+integers never feed float inputs, nor floats integer ones. A and B must take the same inputs (names, element types,
 fixed dims).
 
 Generated inputs (without --inputs), repeatable with --seed: symbolic dims come from --dim

@@ -241,7 +241,7 @@ pub fn outer_reads(g: &GraphProto) -> BTreeSet<&str> {
 }
 
 /// A constant value found by following a node input back to where it is defined.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ConstSource {
     /// `graphs[graph].initializer[index]`.
     Initializer { graph: usize, index: usize },

@@ -46,6 +46,16 @@ pub fn meta(k: &str, v: &str) -> StringStringEntryProto {
     }
 }
 
+/// An int attribute.
+pub(crate) fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -129,12 +139,7 @@ pub fn branch_nodes(
             let spatial = c.shape.len().saturating_sub(2);
             b.attribute = vec![ints("kernel_shape", &vec![1; spatial])];
             if c.groups() > 1 {
-                b.attribute.push(AttributeProto {
-                    name: Some("group".into()),
-                    r#type: Some(AttributeType::Int as i32),
-                    i: Some(c.groups() as i64),
-                    ..Default::default()
-                });
+                b.attribute.push(int("group", c.groups() as i64));
             }
             nodes.push(b);
         }

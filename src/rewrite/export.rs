@@ -177,10 +177,7 @@ fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
             dir.display()
         )));
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let parent = crate::onnx::io::output_dir(dir)?;
     let tmp = crate::cleanup::temp_dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     for (name, bytes) in files {
         std::fs::write(tmp.path().join(name), bytes)

@@ -354,9 +354,10 @@ const TIE_SAMPLES: usize = 256;
 
 /// Gives the trainable tokens of each embedding table to the output layers tied to it, as
 /// PEFT's tied token adapter does: a linear layer mapping the table's dim to its vocabulary
-/// whose channels hold exactly the table's rows, at the tokens and across the vocabulary (an
-/// export keeps tied weights as two equal copies, or one shared tensor). A layer the adapter gives its own rows is left to
-/// them. One shared tensor is changed in place, for all its readers.
+/// that reads the table's own tensor, or whose channels hold exactly the table's rows at the
+/// tokens and across the vocabulary (an export keeps tied weights as two equal copies, or one
+/// shared tensor). A layer the adapter gives its own rows is left to them. One shared tensor
+/// is changed in place, for all its readers.
 fn tie_token_heads<'a>(
     model: &LoadedModel,
     graph: &ModelGraph,
@@ -413,19 +414,27 @@ fn tie_token_heads<'a>(
             // Tied means equal at every token, not just at these: untrained rows (reserved
             // tokens, often all zero in both) are equal in untied models too. The token rows
             // and rows spread over the whole vocabulary must all match.
-            let w = weights::stored(model, graph, c)?;
-            let spread = (0..TIE_SAMPLES).map(|i| i * table.n_in / TIE_SAMPLES);
+            // One shared tensor is tied; a copy must hold the table's rows.
+            let same_tensor = c.graph == jobs[ji].cand.graph && c.source == jobs[ji].cand.source;
             let mut equal = true;
-            for (&t, orig) in rows.indices.iter().zip(&originals) {
-                if w.line(true, t)? != *orig {
-                    equal = false;
-                    break;
-                }
-            }
-            for t in spread {
-                if !equal || w.line(true, t)? != table.line(false, t)? {
-                    equal = false;
-                    break;
+            if !same_tensor {
+                let w = weights::stored(model, graph, c)?;
+                let samples = (0..TIE_SAMPLES).map(|i| i * table.n_in / TIE_SAMPLES);
+                for (t, orig) in rows
+                    .indices
+                    .iter()
+                    .copied()
+                    .zip(originals.iter().map(Some))
+                    .chain(samples.map(|t| (t, None)))
+                {
+                    let want = match orig {
+                        Some(o) => o.clone(),
+                        None => table.line(false, t)?,
+                    };
+                    if w.line(true, t)? != want {
+                        equal = false;
+                        break;
+                    }
                 }
             }
             if equal {
@@ -685,16 +694,11 @@ impl LazyTensor for MergePlan {
 /// also returns the report and the bias delta (lora_bias), which are computed now.
 fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
     let c = &job.cand;
-    if c.op == "Conv" {
-        let node = graph
-            .node(&model.proto, c.graph, c.node_index)
-            .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
-        if node.attr_i("group").unwrap_or(1) != 1 {
-            return Err(Error::Target(format!(
-                "module '{}' ({}) is a grouped convolution (group > 1): folding LoRA into it is not supported",
-                c.module, c.node
-            )));
-        }
+    if c.groups() > 1 {
+        return Err(Error::Target(format!(
+            "module '{}' ({}) is a grouped convolution (group > 1): folding LoRA into it is not supported (PEFT's merge refuses it too)",
+            c.module, c.node
+        )));
     }
     let weight = weights::stored(model, graph, c)?;
     let mut rep = ModuleReport {
@@ -1004,13 +1008,15 @@ fn full_values(
         false
     } else {
         let base = w.decode()?.values;
-        let dist = |v: &[f32]| -> f64 {
-            v.iter()
-                .zip(&base)
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .sum()
-        };
-        let (kept, flipped) = (dist(&t.data), dist(&transposed()?));
+        let n = t.shape[0];
+        let (mut kept, mut flipped) = (0f64, 0f64);
+        for i in 0..n {
+            for j in 0..n {
+                let b = base[i * n + j];
+                kept += f64::from(t.data[i * n + j] - b).powi(2);
+                flipped += f64::from(t.data[j * n + i] - b).powi(2);
+            }
+        }
         if kept < 0.25 * flipped {
             false
         } else if flipped < 0.25 * kept {

@@ -104,12 +104,6 @@ fn fuse_group(
             metadata_props: vec![meta(BRANCH_KEY, FUSED_BRANCH), meta(ROLE_KEY, role)],
             ..Default::default()
         };
-    let int_attr = |name: &str, i: i64| AttributeProto {
-        name: Some(name.into()),
-        i: Some(i),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    };
     let mut concat = node(
         "Concat",
         members.iter().map(|m| m.input[1].clone()).collect(),
@@ -117,7 +111,7 @@ fn fuse_group(
         format!("{stem}_concat"),
         "lora_A_concat",
     );
-    concat.attribute.push(int_attr("axis", 1));
+    concat.attribute.push(super::branch::int("axis", 1));
     let matmul = node(
         "MatMul",
         vec![x.to_string(), cat],
@@ -133,7 +127,7 @@ fn fuse_group(
         format!("{stem}_split"),
         SPLIT_ROLE,
     );
-    split.attribute.push(int_attr("axis", -1));
+    split.attribute.push(super::branch::int("axis", -1));
     if opset >= 13 {
         let sizes = format!("{stem}.split");
         split.input.push(sizes.clone());

@@ -105,8 +105,9 @@ pub fn fresh_branches(
             }
             if rank > n_in.max(n_out) {
                 return Err(Error::Usage(format!(
-                    "rank {rank} is larger than both sides of '{}' ({n_in} inputs, {n_out} outputs); a rank past min({n_in}, {n_out}) adds nothing",
-                    c.module
+                    "rank {rank} is larger than both sides of '{}' ({n_in} inputs, {n_out} outputs), surely a mistake (the update's rank is at most {})",
+                    c.module,
+                    n_in.min(n_out)
                 )));
             }
             let mut rng = Rng::new(seed ^ fnv(&c.module) ^ fnv(&c.node));
@@ -263,6 +264,54 @@ fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
         Some(rest) if rest.starts_with('.') => rest[1..].to_string(),
         _ => base,
     }
+}
+
+/// Refuses what `inject` cannot carry as one branch per module, which fold-back and
+/// export-peft rely on: a module called several times (a layer shared across calls: the same
+/// name, or TorchScript's `query_1` reading `query`'s weight), or a layer that already has a
+/// branch from an earlier inject.
+pub fn check_one_branch_per_module(model: &LoadedModel, branches: &[BranchSpec]) -> Result<()> {
+    let mut by_name: HashMap<&str, Vec<&BranchSpec>> = HashMap::new();
+    let mut by_weight: HashMap<(usize, String), &str> = HashMap::new();
+    for b in branches {
+        by_name.entry(b.name.as_str()).or_default().push(b);
+        if let Some(src) = &b.cand.source {
+            let key = (b.cand.graph, format!("{src:?}"));
+            let first = *by_weight.entry(key).or_insert(b.name.as_str());
+            let call = crate::target::select::without_call_suffixes(&b.cand.module);
+            if first != b.name && crate::target::select::without_call_suffixes(first) == call {
+                by_name.entry(first).or_default().push(b);
+            }
+        }
+    }
+    let mut shared: Vec<(&&str, &Vec<&BranchSpec>)> =
+        by_name.iter().filter(|(_, v)| v.len() > 1).collect();
+    shared.sort_by_key(|(name, _)| **name);
+    if let Some((name, calls)) = shared.first() {
+        let nodes: Vec<&str> = calls.iter().map(|b| b.cand.node.as_str()).collect();
+        return Err(Error::Target(format!(
+            "module '{name}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
+            nodes.len(),
+            nodes.join(", ")
+        )));
+    }
+    let graph = ModelGraph::build(&model.proto);
+    if super::count_injected(model, &graph) == (0, 0) {
+        return Ok(());
+    }
+    let mut probe = model.clone();
+    let (_, existing) = super::unbranch::find_all(&mut probe)?;
+    if let Some(b) = branches.iter().find(|b| {
+        existing
+            .iter()
+            .any(|f| f.cand.graph == b.cand.graph && f.cand.node == b.cand.node)
+    }) {
+        return Err(Error::Target(format!(
+            "module '{}' ({}) already has a branch from an earlier inject; fold it first (`onnx-lora fold MODEL -o OUT`) or target other layers",
+            b.name, b.cand.node
+        )));
+    }
+    Ok(())
 }
 
 /// Adds every branch to the model.

@@ -17,8 +17,8 @@ pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
 pub use fuse::fuse_shared;
 pub use inject::{
-    BranchReport, BranchSpec, Init, adapter_branches, fresh_branches, inject, unmerged_reference,
-    write_whole_values,
+    BranchReport, BranchSpec, Init, adapter_branches, check_one_branch_per_module, fresh_branches,
+    inject, unmerged_reference, write_whole_values,
 };
 pub use unbranch::{count_injected, fold_branches};
 pub use weight_form::inject_weight;
@@ -71,7 +71,7 @@ pub(crate) fn factors(
     let a_cols: usize = a.shape[1..].iter().product();
     let b_cols: usize = b.shape[1..].iter().product();
     let groups = c.groups();
-    if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r || !r.is_multiple_of(groups) {
+    if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r {
         return Err(Error::Target(format!(
             "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {n_in} in, {n_out} out)",
             m.path, a.shape, b.shape, c.weight, c.op, c.shape

@@ -25,7 +25,7 @@ use super::weights::{all_names, unique_name};
 use crate::adapter::peft::F32Tensor;
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
-use crate::onnx::pb::{AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType};
+use crate::onnx::pb::{NodeProto, TensorProto};
 use crate::onnx::pb_ext::NodeExt;
 use crate::onnx::{DataType, LoadedModel};
 
@@ -88,7 +88,7 @@ pub fn inject_weight(
                 "its weight is quantized, and merging at load would dequantize it",
             ));
         }
-        if c.op == "Conv" && base.attr_i("group").unwrap_or(1) != 1 {
+        if c.groups() > 1 {
             return Err(refuse("grouped convolutions have no weight form here"));
         }
         if br.magnitude.is_some() && br.bias.is_some() {
@@ -195,12 +195,7 @@ fn plan(
             }
             let out = v(&format!("{}_cast", to.name()), taken);
             let mut cn = n("Cast", vec![value], &out, CAST, taken);
-            cn.attribute = vec![AttributeProto {
-                name: Some("to".into()),
-                i: Some(to.to_i32() as i64),
-                r#type: Some(AttributeType::Int as i32),
-                ..Default::default()
-            }];
+            cn.attribute = vec![super::branch::int("to", to.to_i32() as i64)];
             pre.push(cn);
             out
         };

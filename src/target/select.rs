@@ -202,7 +202,7 @@ pub fn resolve_module<'a>(
 
 /// A module path with TorchScript's call suffixes (`query_1` for the second call of `query`)
 /// taken off each component.
-fn without_call_suffixes(path: &str) -> String {
+pub(crate) fn without_call_suffixes(path: &str) -> String {
     path.split('.')
         .map(|part| match part.rsplit_once('_') {
             Some((stem, n))
