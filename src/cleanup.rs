@@ -206,8 +206,9 @@ pub fn remove_all_for_exit() -> usize {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     use super::*;
 
     fn registered(path: &Path) -> bool {
@@ -215,11 +216,15 @@ mod tests {
     }
 
     #[test]
-    fn dropped_temp_file_is_deleted_and_unregistered() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+    fn dropped_temp_file_is_deleted_and_unregistered() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let tmp = temp_file_in(dir.path(), ".onnx.tmp")?;
         let path = tmp.path().to_path_buf();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .ok_or("no file name")?
+            .to_string_lossy()
+            .to_string();
         assert!(
             name.starts_with(TEMP_PREFIX) && name.ends_with(".onnx.tmp"),
             "{name}"
@@ -227,45 +232,47 @@ mod tests {
         assert!(registered(&path) && path.exists());
         drop(tmp);
         assert!(!registered(&path) && !path.exists());
+        Ok(())
     }
 
     #[test]
-    fn committed_temp_is_unregistered_with_what_it_completes() {
-        let dir = tempfile::tempdir().unwrap();
+    fn committed_temp_is_unregistered_with_what_it_completes() -> TestResult {
+        let dir = tempfile::tempdir()?;
         let (data, model) = (dir.path().join("m.onnx.data"), dir.path().join("m.onnx"));
-        let d = temp_file_in(dir.path(), ".data.tmp").unwrap();
-        let staged = d.stage(&data, |t| t.persist(&data).map(drop)).unwrap();
+        let d = temp_file_in(dir.path(), ".data.tmp")?;
+        let staged = d.stage(&data, |t| t.persist(&data).map(drop))?;
         assert!(registered(&data) && data.exists());
-        let m = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+        let m = temp_file_in(dir.path(), ".onnx.tmp")?;
         let m_path = m.path().to_path_buf();
-        m.commit(vec![staged], |t| t.persist(&model).map(drop))
-            .unwrap();
+        m.commit(vec![staged], |t| t.persist(&model).map(drop))?;
         assert!(!registered(&data) && !registered(&model) && !registered(&m_path));
         assert!(data.exists() && model.exists());
+        Ok(())
     }
 
     #[test]
-    fn failed_commit_deletes_the_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = temp_file_in(dir.path(), ".onnx.tmp").unwrap();
+    fn failed_commit_deletes_the_temp() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let m = temp_file_in(dir.path(), ".onnx.tmp")?;
         let path = m.path().to_path_buf();
         let bad = dir.path().join("missing/m.onnx");
         assert!(m.commit(vec![], |t| t.persist(&bad).map(drop)).is_err());
         assert!(!registered(&path) && !path.exists());
+        Ok(())
     }
 
     #[test]
-    fn remove_all_removes_files_and_folders() {
-        let dir = tempfile::tempdir().unwrap();
+    fn remove_all_removes_files_and_folders() -> TestResult {
+        let dir = tempfile::tempdir()?;
         let mut reg = Registry {
             next: 0,
             live: Vec::new(),
         };
         let folder = dir.path().join(".onnx-lora-dir");
-        std::fs::create_dir(&folder).unwrap();
-        std::fs::write(folder.join("a"), b"a").unwrap();
+        std::fs::create_dir(&folder)?;
+        std::fs::write(folder.join("a"), b"a")?;
         let file = folder.join(".onnx-lora-x.onnx.tmp");
-        std::fs::write(&file, b"x").unwrap();
+        std::fs::write(&file, b"x")?;
         let guards = [
             reg.add(folder.clone(), Kind::Dir),
             reg.add(file.clone(), Kind::File),
@@ -275,5 +282,6 @@ mod tests {
         assert!(!folder.exists() && reg.live.is_empty());
         // Local guards: not in the process registry.
         guards.into_iter().for_each(std::mem::forget);
+        Ok(())
     }
 }

@@ -513,8 +513,9 @@ impl Rng {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     use super::*;
 
     #[test]
@@ -559,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn common_inputs_merge_alike_and_describe_differences() {
+    fn common_inputs_merge_alike_and_describe_differences() -> TestResult {
         let p = |n: &str| Dim::Param(n.into());
         let a = vec![spec(
             "x",
@@ -572,7 +573,7 @@ mod tests {
             vec![p("N"), Dim::Fixed(4), p("w")],
         )];
         let dims = HashMap::from([("w".to_string(), 3)]);
-        let merged = common_inputs(&a, &b, &dims).unwrap();
+        let merged = common_inputs(&a, &b, &dims).map_err(|d| d.describe("a", "b"))?;
         // A fixed dim wins, then the name --dim sets, then A's name.
         assert_eq!(merged[0].dims, vec![p("batch"), Dim::Fixed(4), p("w")]);
         let b = vec![spec("z", DataType::Float, vec![])];
@@ -595,6 +596,7 @@ mod tests {
         );
         let d = common_inputs(&a, &[], &dims).unwrap_err();
         assert_eq!(d.describe("a", "b"), "only a takes x (float32)");
+        Ok(())
     }
 
     #[test]
@@ -615,26 +617,27 @@ mod tests {
     }
 
     #[test]
-    fn given_arrays_keep_their_kind() {
+    fn given_arrays_keep_their_kind() -> TestResult {
         let path = Path::new("in.npz");
         let ids = spec("ids", DataType::Int64, vec![Dim::Fixed(2)]);
-        let given = |dt, v: &[f64]| -> Tensors {
-            vec![("ids".into(), ArrayData::from_f64(dt, vec![2], v).unwrap())]
+        let given = |dt, v: &[f64]| -> Result<Tensors, Box<dyn std::error::Error>> {
+            Ok(vec![("ids".into(), ArrayData::from_f64(dt, vec![2], v)?)])
         };
-        let got = given_input(&ids, path, &given(DataType::Int32, &[3.0, 4.0])).unwrap();
+        let got = given_input(&ids, path, &given(DataType::Int32, &[3.0, 4.0])?)?;
         assert_eq!(
-            (got.dtype, got.values().unwrap().collect::<Vec<_>>()),
+            (got.dtype, got.values()?.collect::<Vec<_>>()),
             (DataType::Int64, vec![3.0, 4.0])
         );
         for dt in [DataType::Float, DataType::Double, DataType::Bool] {
-            let e = given_input(&ids, path, &given(dt, &[3.0, 4.0])).unwrap_err();
+            let e = given_input(&ids, path, &given(dt, &[3.0, 4.0])?).unwrap_err();
             assert!(e.to_string().contains(&format!("is {dt} but")), "{e}");
         }
         let u8_ids = spec("ids", DataType::Uint8, vec![Dim::Fixed(2)]);
-        let e = given_input(&u8_ids, path, &given(DataType::Int64, &[3.0, -1.0])).unwrap_err();
+        let e = given_input(&u8_ids, path, &given(DataType::Int64, &[3.0, -1.0])?).unwrap_err();
         assert!(e.to_string().contains("holds -1"), "{e}");
         let e = given_input(&ids, path, &[]).unwrap_err();
         assert!(e.to_string().starts_with("in.npz: no array 'ids'"), "{e}");
+        Ok(())
     }
 
     #[test]
