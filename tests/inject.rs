@@ -31,15 +31,13 @@ fn max_diff(v: &serde_json::Value) -> f64 {
 /// calls; values they replace outright, modules_to_save, trainable tokens and trained biases,
 /// go into the weights).
 fn branchable(ad: &AdapterCase) -> bool {
-    !ad.refuse && !ad.features.iter().any(|f| f == "shared_layer")
+    !ad.refuse && !ad.has("shared_layer")
 }
 
 /// The model has layers shared across calls (ALBERT): inject refuses them (one branch per
 /// module), so fresh branches on every linear layer are refused too.
 fn has_shared_layers(case: &Case) -> bool {
-    case.adapters
-        .iter()
-        .any(|a| a.features.iter().any(|f| f == "shared_layer"))
+    case.adapters.iter().any(|a| a.has("shared_layer"))
 }
 
 /// The adapter holds parts no branch can carry (modules_to_save, trainable tokens, trained
@@ -697,11 +695,7 @@ fn grouped_conv_branches_export_in_peft_layout() {
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
     for case in cases() {
-        for ad in case
-            .adapters
-            .iter()
-            .filter(|a| a.features.iter().any(|f| f == "grouped_conv"))
-        {
+        for ad in case.adapters.iter().filter(|a| a.has("grouped_conv")) {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
             onnx_lora_ok(&[

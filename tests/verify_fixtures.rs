@@ -74,8 +74,7 @@ fn fixtures_pass_against_themselves_and_peft_outputs_on_both_backends() {
 fn merged_adapter_is_detected_on_both_backends() {
     let dir = tempfile::tempdir().unwrap();
     for case in cases().into_iter().filter(|c| c.dtype == "float32") {
-        let foldable =
-            |a: &&AdapterCase| !a.refuse && !a.features.iter().any(|f| f == "grouped_conv");
+        let foldable = |a: &&AdapterCase| !a.refuse && !a.has("grouped_conv");
         let Some(ad) = case.adapters.iter().find(foldable) else {
             continue;
         };
@@ -187,7 +186,7 @@ fn fold_verify_covers_whole_replacements() {
     let peft = case
         .adapters
         .iter()
-        .find(|a| a.features.iter().any(|f| f == "modules_to_save"))
+        .find(|a| a.has("modules_to_save"))
         .expect("a modules_to_save fixture adapter");
     for (i, adapter) in [ad, peft.dir.clone()].iter().enumerate() {
         let out = dir.path().join(format!("x{i}.onnx"));

@@ -143,6 +143,13 @@ pub struct AdapterCase {
     pub refuse: bool,
 }
 
+impl AdapterCase {
+    /// Whether the generator listed `feature` for this adapter.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
 impl Case {
     pub fn label(&self) -> String {
         format!("{}/{}", self.model, self.exporter)
