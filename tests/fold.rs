@@ -451,6 +451,7 @@ fn stacked_adapters_in_references_and_second_injects() {
         "-o",
         &s(&out),
         "--verify",
+        "--json",
     ]);
     assert_eq!(
         o.status.code(),
@@ -458,6 +459,19 @@ fn stacked_adapters_in_references_and_second_injects() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A weight both adapters change reports each delta, in order (rslora: alpha / sqrt(r)).
+    let q0 = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "module" && v["module"] == "model.layers.0.self_attn.q_proj")
+        .unwrap();
+    let steps: Vec<(u64, f64)> = q0["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|st| (st["rank"].as_u64().unwrap(), st["scale"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(steps, vec![(4, 2.0), (4, 4.0)], "{q0}");
     let out = dir.path().join("dora.onnx");
     let o = onnx_lora(&[
         "fold",

@@ -171,8 +171,20 @@ fn print_report(
                 m.module.clone(),
                 m.op.clone(),
                 m.weight.clone(),
-                m.rank.to_string(),
-                format!("{:.4}", m.scale),
+                // several deltas on one weight: each one's, in order
+                if m.steps.len() > 1 {
+                    let ranks: Vec<String> = m.steps.iter().map(|s| s.rank.to_string()).collect();
+                    ranks.join("+")
+                } else {
+                    m.rank.to_string()
+                },
+                if m.steps.len() > 1 {
+                    let scales: Vec<String> =
+                        m.steps.iter().map(|s| format!("{:.4}", s.scale)).collect();
+                    scales.join("+")
+                } else {
+                    format!("{:.4}", m.scale)
+                },
                 m.max_abs_delta
                     .get()
                     .map(|d| format!("{d:.3e}"))

@@ -75,6 +75,18 @@ pub struct ModuleReport {
     /// The layer's bias was replaced by a trained one (modules_to_save, PEFT's bias option).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub bias_replaced: bool,
+    /// Every delta merged into this weight, in order, when there are several (adapters given
+    /// together); `rank` and `scale` above are the last one's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
+}
+
+/// One delta merged into a weight.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub module: String,
+    pub rank: usize,
+    pub scale: f32,
 }
 
 /// One projection's columns in a packed weight.
@@ -715,6 +727,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         copy: None,
         tokens: Vec::new(),
         bias_replaced: false,
+        steps: Vec::new(),
     };
     let mut bias: Option<BiasChange> = None;
     let mut steps = Vec::new();
@@ -792,6 +805,11 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             let s = step.scale / gemm_alpha(model, graph, c);
             rep.rank = m.rank();
             rep.scale = s;
+            rep.steps.push(StepReport {
+                module: m.path.clone(),
+                rank: rep.rank,
+                scale: s,
+            });
             steps.push(OwnedStep::Dense {
                 lycoris: l.clone(),
                 scale: s,
@@ -838,6 +856,11 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         rep.rank = m.rank();
         rep.scale = s;
+        rep.steps.push(StepReport {
+            module: m.path.clone(),
+            rank: rep.rank,
+            scale: s,
+        });
         steps.push(OwnedStep::LowRank {
             a,
             b,
@@ -860,6 +883,9 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         steps,
         max_abs_delta: rep.max_abs_delta.clone(),
     };
+    if rep.steps.len() < 2 {
+        rep.steps.clear();
+    }
     Ok((Arc::new(plan), rep, bias))
 }
 
