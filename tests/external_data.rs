@@ -561,3 +561,38 @@ fn inline_tensors_must_hold_what_their_shape_needs() {
     fails_with(&["convert", &s(&empty), "-o", &s(&out)], "it has no graph");
     assert!(!out.exists());
 }
+
+/// A field this schema does not define (a newer ONNX's) cannot be kept by a rewrite: the run
+/// says so on stderr and still writes the fields it knows.
+#[test]
+fn unknown_fields_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let w = TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    };
+    let mut bytes = matmul_model(w).encode_to_vec();
+    let known = write_model(
+        dir.path(),
+        "known.onnx",
+        &ModelProto::decode(&bytes[..]).unwrap(),
+    );
+    bytes.extend_from_slice(&[0x98, 0x06, 0x01]); // field 99, varint 1
+    let p = dir.path().join("newer.onnx");
+    std::fs::write(&p, &bytes).unwrap();
+    let out = dir.path().join("out.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = onnx_lora(&["convert", &s(&p), "-o", &s(&out)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("newer.onnx: 3 bytes of the file are not fields"),
+        "{err}"
+    );
+    let o = onnx_lora(&["convert", &s(&known), "-o", &s(&out)]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+}

@@ -31,7 +31,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let model = onnx::load(&args.model)?;
+    let model = super::load_for_rewrite(&args.model)?;
     let report = onnx::save(&model, &args.output, &args.save.options())?;
     if args.json {
         report_line(&report, &report.model)?;

@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.adapters.len()
         );
     }
-    let mut model = onnx::load(&args.model)?;
+    let mut model = super::load_for_rewrite(&args.model)?;
     let adapters = args
         .adapters
         .iter()

@@ -140,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             "--form weight needs constant factors in the weight itself; it cannot be combined with --as-inputs or --fuse-shared"
         );
     }
-    let mut model = onnx::load(&args.model)?;
+    let mut model = super::load_for_rewrite(&args.model)?;
     let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.

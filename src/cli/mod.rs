@@ -101,6 +101,20 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
+/// Loads a model that will be rewritten, warning when the file holds bytes the decoder did not
+/// read (fields of a newer ONNX), which the output cannot keep.
+fn load_for_rewrite(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::LoadedModel> {
+    let model = onnx_lora::onnx::load(path)?;
+    if model.unread_bytes > 0 {
+        eprintln!(
+            "onnx-lora: warning: {}: {} bytes of the file are not fields this onnx-lora reads (a newer ONNX, or an unusual encoding); the output holds only the fields it knows",
+            path.display(),
+            model.unread_bytes
+        );
+    }
+    Ok(model)
+}
+
 /// The model's path for error messages, with a hint when some of its layers are in weight form
 /// (`inject --form weight`): those are no targets until the model is folded back.
 fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> String {

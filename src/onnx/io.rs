@@ -42,6 +42,10 @@ pub struct LoadedModel {
     external_files: HashMap<String, Arc<File>>,
     /// Tensors a rewrite will compute when the model is written, by pending key.
     pending: HashMap<String, Arc<dyn LazyTensor>>,
+    /// How far the file's size is from the size of what was decoded from it: fields this
+    /// schema does not define (a newer ONNX), which a rewrite cannot keep, or another encoding
+    /// of known ones. 0 for a model written by onnx / torch / onnxruntime.
+    pub unread_bytes: u64,
 }
 
 /// A tensor value computed on demand: rewrites of many large weights register one per weight,
@@ -208,6 +212,7 @@ impl LoadedModel {
             err,
         })?;
         let mut model = Self::from_proto(path, proto)?;
+        model.unread_bytes = (buf.len() as u64).abs_diff(model.proto.encoded_len() as u64);
         model.source = buf;
         Ok(model)
     }
@@ -257,6 +262,7 @@ impl LoadedModel {
             source_file: None,
             external_files,
             pending: HashMap::new(),
+            unread_bytes: 0,
         })
     }
 
