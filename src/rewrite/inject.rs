@@ -272,15 +272,17 @@ fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
 /// branch from an earlier inject.
 pub fn check_one_branch_per_module(model: &LoadedModel, branches: &[BranchSpec]) -> Result<()> {
     let mut by_name: HashMap<&str, Vec<&BranchSpec>> = HashMap::new();
-    let mut by_weight: HashMap<(usize, String), &str> = HashMap::new();
+    // The first branch on each weight: a later one whose module is a later call of its module
+    // (or the reverse) counts under its name.
+    let mut by_weight: HashMap<(usize, &crate::graph::ConstSource), &BranchSpec> = HashMap::new();
     for b in branches {
         by_name.entry(b.name.as_str()).or_default().push(b);
         if let Some(src) = &b.cand.source {
-            let key = (b.cand.graph, format!("{src:?}"));
-            let first = *by_weight.entry(key).or_insert(b.name.as_str());
-            let call = crate::target::select::without_call_suffixes(&b.cand.module);
-            if first != b.name && crate::target::select::without_call_suffixes(first) == call {
-                by_name.entry(first).or_default().push(b);
+            let first = *by_weight.entry((b.cand.graph, src)).or_insert(b);
+            let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
+            let (f, m) = (first.cand.module.as_str(), b.cand.module.as_str());
+            if first.name != b.name && (later(f, m) || later(m, f)) {
+                by_name.entry(first.name.as_str()).or_default().push(b);
             }
         }
     }

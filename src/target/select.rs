@@ -173,11 +173,10 @@ pub fn resolve_module<'a>(
     }
     let first = found[0];
     if first.source.is_some() {
-        let call = without_call_suffixes(&first.module);
         for c in &pool {
             if c.source == first.source
                 && !found.iter().any(|f| std::ptr::eq(*f, *c))
-                && without_call_suffixes(&c.module) == call
+                && is_later_call(&first.module, &c.module)
             {
                 found.push(c);
             }
@@ -200,25 +199,34 @@ pub fn resolve_module<'a>(
     Ok(found)
 }
 
-/// A module path with TorchScript's call suffixes (`query_1` for the second call of `query`)
-/// taken off each component.
-pub(crate) fn without_call_suffixes(path: &str) -> String {
-    path.split('.')
-        .map(|part| match part.rsplit_once('_') {
-            Some((stem, n))
-                if !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                stem
-            }
-            _ => part,
+/// Whether `later` names a later call of the module at `first` as TorchScript scopes it:
+/// the same path with `_N` added to one or more components (`attention.query` →
+/// `attention.query_1`, `attention_2.query`). `conv_1` and `conv_2` are different modules.
+pub(crate) fn is_later_call(first: &str, later: &str) -> bool {
+    let (f, l): (Vec<&str>, Vec<&str>) = (first.split('.').collect(), later.split('.').collect());
+    f.len() == l.len()
+        && first != later
+        && f.iter().zip(&l).all(|(a, b)| {
+            a == b
+                || b.strip_prefix(a)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
         })
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_calls_are_scoped_with_suffixes() {
+        assert!(is_later_call("a.attention.query", "a.attention.query_1"));
+        assert!(is_later_call("a.attention.query", "a.attention_2.query_2"));
+        assert!(!is_later_call("a.conv_1", "a.conv_2"));
+        assert!(!is_later_call("a.query", "a.query"));
+        assert!(!is_later_call("a.query", "a.query_x"));
+        assert!(!is_later_call("a.query", "b.query_1"));
+    }
 
     #[test]
     fn suffix_matching() -> Result<(), Box<dyn std::error::Error>> {
