@@ -225,55 +225,71 @@ fn diff_stats(pairs: impl Iterator<Item = (f64, f64)>, tol: Tolerance) -> DiffSt
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    fn f32s(v: &[f64]) -> ArrayData {
-        ArrayData::from_f64(DataType::Float, vec![v.len()], v).unwrap()
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn f32s(v: &[f64]) -> crate::error::Result<ArrayData> {
+        ArrayData::from_f64(DataType::Float, vec![v.len()], v)
     }
 
     #[test]
-    fn allclose_semantics() {
+    fn allclose_semantics() -> TestResult {
         let over = ToleranceOverride {
             atol: Some(0.1),
             rtol: Some(0.1),
         };
         // |a-b| = 0.29 <= 0.1 + 0.1*2 = 0.3 passes; 0.31 fails.
-        let c = compare("y", Some(&f32s(&[2.29])), Some(&f32s(&[2.0])), over, false);
+        let c = compare(
+            "y",
+            Some(&f32s(&[2.29])?),
+            Some(&f32s(&[2.0])?),
+            over,
+            false,
+        );
         assert!(c.passed, "{c:?}");
-        let c = compare("y", Some(&f32s(&[2.31])), Some(&f32s(&[2.0])), over, false);
+        let c = compare(
+            "y",
+            Some(&f32s(&[2.31])?),
+            Some(&f32s(&[2.0])?),
+            over,
+            false,
+        );
         assert_eq!((c.passed, c.mismatches), (false, Some(1)));
+        Ok(())
     }
 
     #[test]
-    fn nan_and_inf() {
+    fn nan_and_inf() -> TestResult {
         let over = ToleranceOverride::default();
-        let a = f32s(&[f64::NAN, f64::INFINITY, 1.0]);
+        let a = f32s(&[f64::NAN, f64::INFINITY, 1.0])?;
         assert!(compare("y", Some(&a), Some(&a.clone()), over, false).passed);
-        let b = f32s(&[1.0, f64::NEG_INFINITY, 1.0]);
+        let b = f32s(&[1.0, f64::NEG_INFINITY, 1.0])?;
         let c = compare("y", Some(&a), Some(&b), over, false);
         assert_eq!((c.mismatches, c.max_abs_diff), (Some(2), Some(0.0)));
+        Ok(())
     }
 
     #[test]
-    fn shapes_and_missing() {
+    fn shapes_and_missing() -> TestResult {
         let over = ToleranceOverride::default();
         let c = compare(
             "y",
-            Some(&f32s(&[1.0])),
-            Some(&f32s(&[1.0, 2.0])),
+            Some(&f32s(&[1.0])?),
+            Some(&f32s(&[1.0, 2.0])?),
             over,
             false,
         );
         assert_eq!((c.status, c.mismatches), (Status::ShapeMismatch, None));
-        let all = compare_all(&vec![("y".into(), f32s(&[1.0]))], &vec![], over, false);
+        let all = compare_all(&vec![("y".into(), f32s(&[1.0])?)], &vec![], over, false);
         assert_eq!(all[0].status, Status::Missing);
         assert_eq!(
             (all[0].missing_in, all[0].mismatches),
             (Some(Side::B), None)
         );
         assert!(!all[0].passed);
+        Ok(())
     }
 
     #[test]
