@@ -66,6 +66,22 @@ fn matmul_model(w: TensorProto) -> ModelProto {
     }
 }
 
+/// The bytes of W [4, 3] float32: 0, 1, ..., 11.
+fn weight_bytes() -> Vec<u8> {
+    (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect()
+}
+
+/// W [4, 3] float32 inline (raw_data).
+fn inline_weight() -> TensorProto {
+    TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        raw_data: Some(weight_bytes().into()),
+        ..Default::default()
+    }
+}
+
 fn external_weight(location: &str, offset: u64, length: u64) -> TensorProto {
     let e = |k: &str, v: String| StringStringEntryProto {
         key: Some(k.into()),
@@ -130,14 +146,7 @@ fn written_external_data_is_aligned_and_loads_in_onnxruntime() {
 #[test]
 fn large_tensors_go_external_small_stay_inline() {
     let dir = tempfile::tempdir().unwrap();
-    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let w = TensorProto {
-        name: Some("W".into()),
-        dims: vec![4, 3],
-        data_type: Some(1),
-        raw_data: Some(raw.into()),
-        ..Default::default()
-    };
+    let w = inline_weight();
     let src = write_model(dir.path(), "in.onnx", &matmul_model(w));
     let out = dir.path().join("a.onnx");
     // 48 bytes: under the default 1 KiB threshold, so it stays inline and no data file appears.
@@ -246,14 +255,8 @@ fn garbage_input_is_one_line_exit_2() {
 fn weights_go_external_automatically_past_the_protobuf_limit() {
     // The real limit is 2 GiB; the same decision is exercised with a limit below this model.
     let dir = tempfile::tempdir().unwrap();
-    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let w = TensorProto {
-        name: Some("W".into()),
-        dims: vec![4, 3],
-        data_type: Some(1),
-        raw_data: Some(raw.clone().into()),
-        ..Default::default()
-    };
+    let raw = weight_bytes();
+    let w = inline_weight();
     // An extra 4 KiB initializer, so going external saves more than the references cost.
     let mut m = matmul_model(w);
     let big: Vec<u8> = (0..1024u32)
@@ -427,8 +430,7 @@ fn fails_with(args: &[&str], expect: &str) -> String {
 #[test]
 fn outputs_never_replace_any_input_file() {
     let dir = tempfile::tempdir().unwrap();
-    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    std::fs::write(dir.path().join("w.bin"), &raw).unwrap();
+    std::fs::write(dir.path().join("w.bin"), weight_bytes()).unwrap();
     let src = write_model(
         dir.path(),
         "m.onnx",
@@ -567,14 +569,7 @@ fn inline_tensors_must_hold_what_their_shape_needs() {
 #[test]
 fn unknown_fields_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let raw: Vec<u8> = (0..12u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let w = TensorProto {
-        name: Some("W".into()),
-        dims: vec![4, 3],
-        data_type: Some(1),
-        raw_data: Some(raw.into()),
-        ..Default::default()
-    };
+    let w = inline_weight();
     let mut bytes = matmul_model(w).encode_to_vec();
     let known = write_model(
         dir.path(),
