@@ -2,8 +2,8 @@
 
     python benches/serving_latency.py --base model.onnx --branches branches.onnx \
         --serving serving.onnx --adapter serving.onnx_adapter [--folded folded.onnx] \
-        [--fused fused.onnx] [--weight weight.onnx] [--runs 40] [--rounds 4] [--seq 16] \
-        [--threads N]
+        [--fused fused.onnx] [--weight weight.onnx] [--gated gated.onnx] [--runs 40] \
+        [--rounds 4] [--seq 16] [--threads N]
 
   base            the model as exported
   branches        `onnx-lora inject --adapter` (unmerged: base + s*B(A(x)) beside each weight)
@@ -12,6 +12,8 @@
                   when the session loads
   serving idle    `onnx-lora inject --as-inputs` run with no adapter (empty default weights)
   serving active  the same model with the `.onnx_adapter` activated through RunOptions
+  gated idle / gated active  the same with `--idle-gate` (optional): one If that runs the base
+                  graph while every LoRA input is empty; same adapter file
   folded          `onnx-lora fold` output (optional; should cost what the base costs)
 
 Batch 1, `--seq` tokens, input `input_ids`, onnxruntime's default session options.
@@ -148,6 +150,7 @@ def main():
     p.add_argument("--folded")
     p.add_argument("--fused", help="the branches model made with inject --fuse-shared")
     p.add_argument("--weight", help="the branches model made with inject --form weight")
+    p.add_argument("--gated", help="the serving model made with inject --as-inputs --idle-gate")
     p.add_argument("--runs", type=int, default=40,
                    help=f"timed runs per model and round, in blocks of {BLOCK} (default 40)")
     p.add_argument("--rounds", type=int, default=4,
@@ -173,6 +176,8 @@ def main():
     if args.weight:
         deployments.append(("weight form", args.weight, None))
     deployments += [("serving idle", args.serving, None), ("serving active", args.serving, args.adapter)]
+    if args.gated:
+        deployments += [("gated idle", args.gated, None), ("gated active", args.gated, args.adapter)]
     if args.folded:
         deployments.append(("folded", args.folded, None))
 
@@ -214,7 +219,10 @@ def main():
 
     print("goals (performance issue):")
     # The weight form is an unmerged deployment of the adapter too: the branches' goal.
-    for label, goal in GOALS + ([("weight form", 1.03)] if args.weight else []):
+    # So is the gated serving model a serving model: the serving goals.
+    extra = ([("weight form", 1.03)] if args.weight else []) + (
+        [("gated idle", 1.02), ("gated active", 1.03)] if args.gated else [])
+    for label, goal in GOALS + extra:
         verdict = "PASS" if ratios[label] <= goal else "MISS"
         print(f"  [{verdict}] {f'{label} <= {goal:.2f}x':<34} {ratios[label]:.3f}x")
 
@@ -231,6 +239,9 @@ def main():
         print(f"max |fused - branches|:           {diff('branches fused', 'branches (adapter)'):.3g}")
     if args.weight:
         print(f"max |weight form - branches|:     {diff('weight form', 'branches (adapter)'):.3g}")
+    if args.gated:
+        print(f"max |gated idle - base|:          {diff('gated idle', 'base'):.3g}")
+        print(f"max |gated active - branches|:    {diff('gated active', 'branches (adapter)'):.3g}")
     print(f"max |branches - base| (adapter effect): {diff('branches (adapter)', 'base'):.3g}")
 
 

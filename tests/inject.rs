@@ -1,7 +1,8 @@
 //! `inject` against PEFT and onnxruntime: fresh branches leave every fixture's output equal to
 //! the base; `--adapter` matches PEFT's unmerged forward; the serving model (`--as-inputs`) is
 //! the base when idle and PEFT's forward with the written `.onnx_adapter` active, adapters
-//! swapping on one session; fold(inject(adapter)) equals fold(adapter); export-peft round-trips.
+//! swapping on one session (also behind the idle gate); fold(inject(adapter)) equals
+//! fold(adapter); export-peft round-trips.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -206,6 +207,25 @@ fn serving_model_swaps_adapters_on_one_session() {
             }
         }
         let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+        py("ort_swap.py", &refs);
+        // The idle-gated serving model takes the same adapter files: the base graph while
+        // idle, PEFT's forward with each adapter active, on one session.
+        let gated = dir
+            .path()
+            .join(format!("{}_{}_gated.onnx", case.model, case.exporter));
+        onnx_lora_ok(&[
+            "inject",
+            s(&case.onnx),
+            "--as-inputs",
+            "--idle-gate",
+            "--adapter",
+            s(&first.dir),
+            "-o",
+            s(&gated),
+        ]);
+        let mut gated_args = args.clone();
+        gated_args[0] = gated;
+        let refs: Vec<&Path> = gated_args.iter().map(PathBuf::as_path).collect();
         py("ort_swap.py", &refs);
         // The same through the ort crate's Adapter (verify --adapter).
         let first_file = &args[4];
@@ -729,4 +749,165 @@ fn grouped_conv_branches_export_in_peft_layout() {
         }
     }
     assert!(checked >= 2, "{checked}");
+}
+
+/// The idle gate is the flat serving model inside an If: taking it off gives exactly the flat
+/// model `inject --as-inputs` writes, putting it back and off again changes nothing, the idle
+/// path is the base (onnxruntime and tract), and fold / inspect / a second inject see through it.
+#[test]
+fn idle_gate_wraps_the_flat_serving_model() {
+    use onnx_lora::rewrite::{gate, is_gated, ungate};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut checked, mut tract_checked) = (0, 0);
+    for case in cases() {
+        let Some(ad) = case.adapters.iter().find(|a| servable(a)) else {
+            continue;
+        };
+        let tag = format!("{}_{}", case.model, case.exporter);
+        // One file name in two folders: external data locations are then the same.
+        let (flat, gated) = (
+            dir.path().join(format!("{tag}_flat/model.onnx")),
+            dir.path().join(format!("{tag}_gated/model.onnx")),
+        );
+        std::fs::create_dir_all(flat.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(gated.parent().unwrap()).unwrap();
+        let common = [
+            "inject",
+            s(&case.onnx),
+            "--as-inputs",
+            "--adapter",
+            s(&ad.dir),
+        ];
+        if !onnx_lora(&[&common[..], &["-o", s(&flat)]].concat())
+            .status
+            .success()
+        {
+            continue; // (a model --as-inputs cannot serve: tested above)
+        }
+        onnx_lora_ok(&[&common[..], &["--idle-gate", "-o", s(&gated)]].concat());
+        let flat_model = onnx_lora::onnx::load(&flat).unwrap();
+        let mut g = onnx_lora::onnx::load(&gated).unwrap();
+        assert!(is_gated(&g) && !is_gated(&flat_model), "{tag}");
+        let top = g.proto.graph.as_ref().unwrap();
+        assert_eq!(top.node.last().unwrap().op_type(), "If", "{tag}");
+        assert!(ungate(&mut g).unwrap(), "{tag}");
+        assert!(g.proto == flat_model.proto, "{tag}: ungated != flat");
+        let mut again = flat_model.clone();
+        gate(&mut again).unwrap();
+        assert!(ungate(&mut again).unwrap());
+        assert!(
+            again.proto == flat_model.proto,
+            "{tag}: gate + ungate changed the model"
+        );
+
+        // Idle: the base, through onnxruntime (to float rounding: it optimizes an If's body
+        // on its own, and may pick other kernels there) and through tract.
+        let d = ort_diff(&case.onnx, &gated, &case.inputs);
+        assert!(max_diff(&d) <= 1e-6, "{tag}: {d}");
+        // (tract cannot run some fp16 exports, gated or not)
+        let tract_runs_base = onnx_lora(&["verify", s(&case.onnx), s(&case.onnx), "--ep", "tract"])
+            .status
+            .success();
+        let o = onnx_lora(&["verify", s(&gated), s(&case.onnx), "--ep", "tract"]);
+        assert_eq!(
+            o.status.code(),
+            Some(if tract_runs_base { 0 } else { 2 }),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        tract_checked += usize::from(tract_runs_base);
+
+        // inspect lists what the flat model has, and says the model is gated.
+        let report = |m: &Path| {
+            let out = onnx_lora_ok(&["inspect", s(m), "--json"]);
+            let last: serde_json::Value =
+                serde_json::from_str(out.lines().last().unwrap()).unwrap();
+            (out.lines().count(), last)
+        };
+        let (n_flat, r_flat) = report(&flat);
+        let (n_gated, r_gated) = report(&gated);
+        assert_eq!(n_flat, n_gated, "{tag}");
+        assert_eq!(r_gated["branches"], r_flat["branches"], "{tag}");
+        assert_eq!(
+            (
+                r_gated["idle_gate"].as_bool(),
+                r_flat["idle_gate"].as_bool()
+            ),
+            (Some(true), Some(false))
+        );
+
+        // fold (no adapter) takes the branches and the gate out: the base's structure.
+        let back = dir.path().join(format!("{tag}_back.onnx"));
+        onnx_lora_ok(&["fold", s(&gated), "-o", s(&back)]);
+        let back_model = onnx_lora::onnx::load(&back).unwrap();
+        assert!(!is_gated(&back_model), "{tag}");
+        let base_model = onnx_lora::onnx::load(&case.onnx).unwrap();
+        let ops = |m: &onnx_lora::onnx::LoadedModel| -> Vec<String> {
+            m.proto
+                .graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .map(|n| n.op_type().to_string())
+                .collect()
+        };
+        assert_eq!(ops(&back_model), ops(&base_model), "{tag}");
+
+        // A second inject sees the branches behind the gate.
+        let again_out = dir.path().join(format!("{tag}_again.onnx"));
+        let o = onnx_lora(&[
+            "inject",
+            s(&gated),
+            "--as-inputs",
+            "--adapter",
+            s(&ad.dir),
+            "-o",
+            s(&again_out),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{tag}: {err}");
+        assert!(err.contains("already has a branch"), "{tag}: {err}");
+        assert!(!again_out.exists());
+        checked += 1;
+    }
+    assert!(
+        checked >= 4 && tract_checked >= 2,
+        "only {checked} cases, {tract_checked} in tract"
+    );
+}
+
+/// The gate's Max over int64 sizes needs opset 12: an older model is refused, nothing written.
+#[test]
+fn idle_gate_refuses_old_opsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases().into_iter().find(|c| c.model == "llama").unwrap();
+    let mut m = onnx_lora::onnx::load(&case.onnx).unwrap();
+    for o in &mut m.proto.opset_import {
+        if o.domain().is_empty() {
+            o.version = Some(11);
+        }
+    }
+    let old = dir.path().join("opset11.onnx");
+    onnx_lora::onnx::save(&m, &old, &Default::default()).unwrap();
+    let out = dir.path().join("gated.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        s(&old),
+        "--as-inputs",
+        "--idle-gate",
+        "-o",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("opset 12") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists());
+    // --idle-gate needs --as-inputs.
+    let o = onnx_lora(&["inject", s(&case.onnx), "--idle-gate", "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!out.exists());
 }

@@ -938,6 +938,21 @@ fn main() -> Result<()> {
                 true,
             ),
             (
+                "inject gated",
+                "inject --as-inputs --idle-gate --adapter",
+                vec![
+                    "inject".into(),
+                    os(&model),
+                    "--as-inputs".into(),
+                    "--idle-gate".into(),
+                    "--adapter".into(),
+                    os(&adapter_dir),
+                    "-o".into(),
+                    os(&o("inject_gated").join("model.onnx")),
+                ],
+                true,
+            ),
+            (
                 "inspect",
                 "inspect model.onnx (stdout to a file)",
                 vec!["inspect".into(), os(&model)],
@@ -1145,6 +1160,10 @@ fn main() -> Result<()> {
                 let weight = o("inject_weight").join("model.onnx");
                 if weight.is_file() {
                     c.arg("--weight").arg(&weight);
+                }
+                let gated = o("inject_gated").join("model.onnx");
+                if gated.is_file() {
+                    c.arg("--gated").arg(&gated);
                 }
                 let status = c.status()?;
                 if !status.success() {

@@ -78,7 +78,8 @@ pub struct PeftArgs {
 }
 
 pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
-    let model = onnx::load(&args.model)?;
+    let mut model = onnx::load(&args.model)?;
+    onnx_lora::rewrite::ungate(&mut model)?;
     let report =
         export_peft(&model, &args.output).with_context(|| args.model.display().to_string())?;
     if args.json {

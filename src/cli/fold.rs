@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.adapters.len()
         );
     }
-    let mut model = super::load_for_rewrite(&args.model)?;
+    let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapters = args
         .adapters
         .iter()
@@ -114,6 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         fold(&mut model, &adapters, &opts)
     }
     .with_context(|| format!("fold into {label}"))?;
+    // A gated serving model keeps its gate while it still serves LoRA inputs.
+    if was_gated && onnx_lora::rewrite::gate::serves_inputs(&model) {
+        onnx_lora::rewrite::gate(&mut model)?;
+    }
     let saved = match &args.output {
         Some(out) if !args.dry_run => {
             let mut opts = args.save.options();

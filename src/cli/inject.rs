@@ -8,7 +8,8 @@ use onnx_lora::graph::ModelGraph;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{
     FoldOptions, Init, adapter_branches, check_one_branch_per_module, fold, fresh_branches,
-    fuse_shared, inject, inject_weight, module_paths, serving_adapter_params, write_whole_values,
+    fuse_shared, gate, inject, inject_weight, module_paths, serving_adapter_params,
+    write_whole_values,
 };
 use onnx_lora::target::{self, TargetSpec};
 
@@ -40,6 +41,8 @@ enum FormArg {
   onnx-lora inject model.onnx --adapter adapter/ -o unmerged.onnx
   onnx-lora inject model.onnx --adapter adapter/ --form weight -o unmerged.onnx
   onnx-lora inject model.onnx --as-inputs --target 'q_proj|v_proj' -o serving.onnx
+  onnx-lora inject model.onnx --as-inputs --idle-gate --adapter adapter/ \\
+      --adapter-out adapter.onnx_adapter -o serving.onnx
 
 With --adapter, what the adapter replaces outright (modules_to_save, trainable tokens, trained
 biases) and LyCORIS LoHa / LoKr deltas have no branch form: they are written into the weights,
@@ -91,6 +94,12 @@ pub struct Args {
     /// file whose parameter names and layouts are exactly the serving model's inputs.
     #[arg(long, value_name = "FILE", requires_all = ["as_inputs", "adapter"])]
     adapter_out: Option<PathBuf>,
+    /// With --as-inputs: wrap the graph in one If that runs the base graph while no adapter is
+    /// active (every LoRA input empty), so idle runs cost what the base costs. onnxruntime then
+    /// prepacks each weight for both paths when a session loads: loading takes longer and
+    /// briefly needs about twice the model's memory (see README, "Serving cost").
+    #[arg(long, requires = "as_inputs")]
+    idle_gate: bool,
     /// Branches that read the same activation (q/k/v) share one MatMul on their concatenated
     /// A matrices, split per branch.
     #[arg(long)]
@@ -140,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             "--form weight needs constant factors in the weight itself; it cannot be combined with --as-inputs or --fuse-shared"
         );
     }
-    let mut model = super::load_for_rewrite(&args.model)?;
+    let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
@@ -254,6 +263,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         let groups = fuse_shared(&mut model)?;
         eprintln!("fused the A projections of {groups} groups of branches sharing an input");
+    }
+    if args.idle_gate || was_gated {
+        gate(&mut model).with_context(|| format!("--idle-gate: {}", args.model.display()))?;
     }
     let mut inputs = model.files();
     inputs.extend(adapter.iter().flat_map(Adapter::files));

@@ -42,7 +42,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let model = onnx::load(&args.model)?;
+    let mut model = onnx::load(&args.model)?;
+    // A gated serving model is inspected as the graph its If runs with an adapter active.
+    let gated = onnx_lora::rewrite::ungate(&mut model)?;
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
     let spec = args.all_linear.then_some(target::TargetSpec::AllLinear);
@@ -60,6 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 "listed": chosen.len(),
                 "branches": branches + weight_form,
                 "weight_form": weight_form,
+                "idle_gate": gated,
             }),
         )?;
         return Ok(super::EXIT_OK);
@@ -109,6 +112,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
+    if gated {
+        eprintln!(
+            "idle gate: the graph is one If that runs the base graph while every LoRA input is empty (listed: the graph it runs with an adapter)"
+        );
+    }
     match (branches, weight_form) {
         (0, 0) => {}
         (n, 0) => eprintln!(

@@ -115,6 +115,14 @@ fn load_for_rewrite(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::L
     Ok(model)
 }
 
+/// Loads a model that will be rewritten with its idle gate (`inject --idle-gate`) taken off, so
+/// that passes see the flat serving graph; also says whether it had one.
+fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::LoadedModel, bool)> {
+    let mut model = load_for_rewrite(path)?;
+    let gated = onnx_lora::rewrite::ungate(&mut model)?;
+    Ok((model, gated))
+}
+
 /// The model's path for error messages, with a hint when some of its layers are in weight form
 /// (`inject --form weight`): those are no targets until the model is folded back.
 fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> String {

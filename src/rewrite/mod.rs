@@ -8,6 +8,7 @@ pub mod branch;
 pub mod export;
 pub mod fold;
 pub mod fuse;
+pub mod gate;
 pub mod inject;
 pub mod unbranch;
 pub mod weight_form;
@@ -16,6 +17,7 @@ pub(crate) mod weights;
 pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};
 pub use fuse::fuse_shared;
+pub use gate::{gate, is_gated, ungate};
 pub use inject::{
     BranchReport, BranchSpec, Init, adapter_branches, check_one_branch_per_module, fresh_branches,
     inject, unmerged_reference, write_whole_values,
