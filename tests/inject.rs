@@ -800,6 +800,20 @@ fn idle_gate_wraps_the_flat_serving_model() {
             "{tag}: gate + ungate changed the model"
         );
 
+        // A gate with a node of someone else's beside it is refused, and nothing changes.
+        let mut tampered = onnx_lora::onnx::load(&gated).unwrap();
+        let graph = tampered.proto.graph.as_mut().unwrap();
+        let mut extra = graph.node[0].clone();
+        extra.metadata_props.clear();
+        graph.node.push(extra);
+        let before = tampered.proto.clone();
+        let err = ungate(&mut tampered).unwrap_err().to_string();
+        assert!(err.contains("not one onnx-lora wrote"), "{err}");
+        assert!(
+            tampered.proto == before,
+            "{tag}: a refused ungate changed the model"
+        );
+
         // Idle: the base, through onnxruntime (to float rounding: it optimizes an If's body
         // on its own, and may pick other kernels there) and through tract.
         let d = ort_diff(&case.onnx, &gated, &case.inputs);

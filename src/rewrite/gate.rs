@@ -294,30 +294,33 @@ pub fn ungate(model: &mut LoadedModel) -> Result<bool> {
     else {
         return Ok(false);
     };
-    let iff = g.node.swap_remove(at);
+    // Checked before anything changes: the If's then-body fits its outputs, and every other
+    // node of the main graph is one of the gate's.
     let bad = || Error::Target(format!("{path}: its idle gate is not one onnx-lora wrote"));
+    let fits = g.node[at]
+        .attr("then_branch")
+        .and_then(|a| a.g.as_ref())
+        .is_some_and(|t| t.output.len() == g.node[at].output.len());
+    let only_gate = g
+        .node
+        .iter()
+        .all(|n| n.metadata(ROLE_KEY) == Some(GATE_ROLE));
+    if !fits || !only_gate {
+        return Err(bad());
+    }
+    let iff = g.node.swap_remove(at);
     let then_branch = iff
         .attribute
         .into_iter()
         .find(|a| a.name() == "then_branch")
         .and_then(|a| a.g)
         .ok_or_else(bad)?;
-    if then_branch.output.len() != iff.output.len() {
-        return Err(bad());
-    }
-    // Inputs of the gate's other nodes that the graph does not otherwise need: the constant.
+    // Inputs of the gate's other nodes that are no graph inputs: the constant.
     let gate_inputs: HashSet<String> = g
         .node
         .iter()
-        .filter(|n| n.metadata(ROLE_KEY) == Some(GATE_ROLE))
         .flat_map(|n| n.input.iter().cloned())
         .collect();
-    if g.node
-        .iter()
-        .any(|n| n.metadata(ROLE_KEY) != Some(GATE_ROLE))
-    {
-        return Err(bad());
-    }
     let mut nodes = then_branch.node;
     let mut map = HashMap::new();
     for (inner, outer) in then_branch.output.iter().zip(&iff.output) {
