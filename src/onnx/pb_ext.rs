@@ -151,6 +151,15 @@ pub fn is_external(t: &TensorProto) -> bool {
     t.data_location == Some(super::pb::tensor_proto::DataLocation::External as i32)
 }
 
+/// The version of the default (`ai.onnx`) operator set the model imports, if it imports it.
+pub fn default_opset(model: &ModelProto) -> Option<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        .map(|o| o.version())
+}
+
 /// Number of elements of a tensor with these dims (negative dims count as 0).
 pub fn numel(dims: &[i64]) -> usize {
     dims.iter().map(|&d| d.max(0) as usize).product()

@@ -28,13 +28,7 @@ pub const FUSED_BRANCH: &str = "(fused)";
 /// Fuses every group of two or more MatMul lora_A nodes that read the same value; returns the
 /// number of groups fused.
 pub fn fuse_shared(model: &mut LoadedModel) -> Result<usize> {
-    let opset = model
-        .proto
-        .opset_import
-        .iter()
-        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-        .map(|o| o.version())
-        .unwrap_or(13);
+    let opset = crate::onnx::pb_ext::default_opset(&model.proto).unwrap_or(13);
     let graph = ModelGraph::build(&model.proto);
     let mut taken = all_names(&model.proto);
     let mut fused = 0;

@@ -109,13 +109,7 @@ pub fn gate(model: &mut LoadedModel) -> Result<usize> {
     if is_gated(model) {
         return Err(Error::Target(format!("{path}: the model is already gated")));
     }
-    let opset = model
-        .proto
-        .opset_import
-        .iter()
-        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-        .map(|o| o.version())
-        .unwrap_or(0);
+    let opset = crate::onnx::pb_ext::default_opset(&model.proto).unwrap_or(0);
     if opset < MIN_OPSET {
         return Err(Error::Target(format!(
             "{path}: the idle gate needs opset {MIN_OPSET} or later (the model imports {opset}); serve it without --idle-gate"
