@@ -925,3 +925,96 @@ fn idle_gate_refuses_old_opsets() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!out.exists());
 }
+
+/// Graph outputs no node computes (a graph input, an initializer) stay the main graph's own,
+/// and an output listed twice is one output of the If: the gated model loads, its idle path
+/// is the base on every output, and taking the gate off gives the flat serving model.
+#[test]
+fn idle_gate_keeps_outputs_that_no_node_computes() {
+    use onnx_lora::onnx::pb::{
+        TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
+        tensor_shape_proto::dimension::Value as DimValue, type_proto,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "torchscript")
+        .unwrap();
+    let mut m = onnx_lora::onnx::load(&case.onnx).unwrap();
+    let g = m.proto.graph.as_mut().unwrap();
+    let input = g.input[0].clone();
+    let init = g.initializer.iter().find(|t| t.dims.len() == 1).unwrap();
+    let init_out = ValueInfoProto {
+        name: init.name.clone(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: init.data_type,
+                shape: Some(TensorShapeProto {
+                    dim: vec![Dimension {
+                        value: Some(DimValue::DimValue(init.dims[0])),
+                        denotation: None,
+                    }],
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    };
+    let first = g.output[0].clone();
+    g.output.extend([input, init_out, first]);
+    let base = dir.path().join("outputs.onnx");
+    onnx_lora::onnx::save(&m, &base, &Default::default()).unwrap();
+
+    let (flat, gated) = (
+        dir.path().join("flat/model.onnx"),
+        dir.path().join("gated/model.onnx"),
+    );
+    std::fs::create_dir_all(flat.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(gated.parent().unwrap()).unwrap();
+    onnx_lora_ok(&["inject", s(&base), "--as-inputs", "-o", s(&flat)]);
+    onnx_lora_ok(&[
+        "inject",
+        s(&base),
+        "--as-inputs",
+        "--idle-gate",
+        "-o",
+        s(&gated),
+    ]);
+    let d = ort_diff(&base, &gated, &case.inputs);
+    assert_eq!(
+        d.as_object().unwrap().len(),
+        3,
+        "four outputs, three names: {d}"
+    );
+    assert!(max_diff(&d) <= 1e-6, "{d}");
+    let mut g = onnx_lora::onnx::load(&gated).unwrap();
+    let iff = g.proto.graph.as_ref().unwrap().node.last().unwrap().clone();
+    assert_eq!(
+        iff.output,
+        vec![first_name(&m)],
+        "only the computed output, once"
+    );
+    assert!(onnx_lora::rewrite::ungate(&mut g).unwrap());
+    assert!(g.proto == onnx_lora::onnx::load(&flat).unwrap().proto);
+
+    // --adapter-out without an adapter to write is an error, not silently nothing.
+    let ao = dir.path().join("a.onnx_adapter");
+    let out = dir.path().join("x.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        s(&case.onnx),
+        "--as-inputs",
+        "--target",
+        "k_proj",
+        "--adapter-out",
+        s(&ao),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!ao.exists() && !out.exists());
+}
+
+fn first_name(m: &onnx_lora::onnx::LoadedModel) -> String {
+    m.proto.graph.as_ref().unwrap().output[0].name().to_string()
+}

@@ -149,6 +149,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             "--form weight needs constant factors in the weight itself; it cannot be combined with --as-inputs or --fuse-shared"
         );
     }
+    // (clap does not enforce --adapter-out's requirements when --target is given)
+    if args.adapter_out.is_some() && (args.adapter.is_none() || !args.as_inputs) {
+        anyhow::bail!("--adapter-out writes the --adapter given with --as-inputs; give both");
+    }
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is

@@ -8,9 +8,10 @@
 //!                     ┘                        └─ else: the base graph (branches left out)
 //! ```
 //!
-//! Both bodies read the initializers of the main graph, which stay there; each body's outputs
-//! are the graph's outputs, renamed inside the body (`<name>.lora_active` / `.lora_idle`) so
-//! that no body defines a name the main graph defines.
+//! Both bodies read the initializers of the main graph, which stay there. The If gives the graph
+//! outputs that nodes compute (each once), renamed inside each body (`<name>.lora_active` /
+//! `.lora_idle`) so that no body defines a name the main graph defines; an output that is a
+//! graph input or an initializer stays the main graph's own.
 
 use std::collections::{HashMap, HashSet};
 
@@ -28,8 +29,6 @@ use crate::onnx::pb_ext::NodeExt;
 pub const GATE_ROLE: &str = "idle_gate";
 /// Branch metadata value of the gate's nodes.
 const GATE_BRANCH: &str = "(idle gate)";
-/// Role of an Identity a body needs when a graph output is no node's output there.
-const OUTPUT_ROLE: &str = "idle_gate_output";
 /// The first opset whose Max takes int64 (Size gives int64).
 const MIN_OPSET: i64 = 12;
 
@@ -166,7 +165,25 @@ pub fn gate(model: &mut LoadedModel) -> Result<usize> {
         .collect();
     let active = std::mem::take(&mut g.node);
     let active_info = std::mem::take(&mut g.value_info);
-    let outputs = g.output.clone();
+    // The If gives the graph outputs that nodes compute, each once; an output that is a graph
+    // input or an initializer is the same on both paths and stays the main graph's own.
+    let produced: HashSet<&str> = active
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .map(String::as_str)
+        .collect();
+    let mut seen = HashSet::new();
+    let outputs: Vec<ValueInfoProto> = g
+        .output
+        .iter()
+        .filter(|o| produced.contains(o.name()) && seen.insert(o.name()))
+        .cloned()
+        .collect();
+    if outputs.is_empty() {
+        return Err(Error::Target(format!(
+            "{path}: no graph output is computed by the graph's nodes, so there is nothing to gate"
+        )));
+    }
     let then_branch = body(active, active_info, &outputs, "lora_active", &mut taken);
     let else_branch = body(idle, idle_info, &outputs, "lora_idle", &mut taken);
 
@@ -221,8 +238,8 @@ fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
     }
 }
 
-/// One body of the If: `nodes` with the graph outputs renamed `<name>.<suffix>` (an Identity
-/// gives one that no node produces, such as a graph input passed through).
+/// One body of the If: `nodes` with the graph outputs (each computed by one of them) renamed
+/// `<name>.<suffix>`.
 fn body(
     mut nodes: Vec<NodeProto>,
     mut value_info: Vec<ValueInfoProto>,
@@ -230,28 +247,11 @@ fn body(
     suffix: &str,
     taken: &mut HashSet<String>,
 ) -> GraphProto {
-    let produced: HashSet<String> = nodes
-        .iter()
-        .flat_map(|n| n.output.iter().cloned())
-        .collect();
     let mut map = HashMap::new();
-    let mut pass = Vec::new();
     let mut body_outputs = Vec::new();
     for o in outputs {
         let new = unique_name(&format!("{}.{suffix}", o.name()), taken);
-        if produced.contains(o.name()) && !map.contains_key(o.name()) {
-            map.insert(o.name().to_string(), new.clone());
-        } else {
-            let name = unique_name(&format!("{new}.identity"), taken);
-            pass.push(node(
-                "Identity",
-                vec![o.name().to_string()],
-                new.clone(),
-                name,
-                GATE_BRANCH,
-                OUTPUT_ROLE,
-            ));
-        }
+        map.insert(o.name().to_string(), new.clone());
         body_outputs.push(ValueInfoProto {
             name: Some(new),
             ..o.clone()
@@ -263,7 +263,6 @@ fn body(
             v.name = Some(n.clone());
         }
     }
-    nodes.extend(pass);
     GraphProto {
         node: nodes,
         name: Some(suffix.into()),
@@ -320,7 +319,6 @@ pub fn ungate(model: &mut LoadedModel) -> Result<bool> {
     for (inner, outer) in then_branch.output.iter().zip(&iff.output) {
         map.insert(inner.name().to_string(), outer.clone());
     }
-    nodes.retain(|n| n.metadata(ROLE_KEY) != Some(OUTPUT_ROLE));
     rename_in_nodes(&mut nodes, &map);
     let mut value_info = then_branch.value_info;
     for v in &mut value_info {
