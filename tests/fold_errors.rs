@@ -1131,3 +1131,77 @@ fn a_branch_scale_must_be_one_finite_number() {
         assert!(!env.p("back.onnx").exists() && !env.p("peft").exists());
     }
 }
+
+/// `--verify` that cannot check the output leaves nothing this run wrote: neither the model,
+/// nor its external data, nor inject's `.onnx_adapter`. An onnxruntime library that does not
+/// load is found before anything is written (one line, exit 2); a CUDA EP that does not
+/// register (the test venv's onnxruntime is CPU-only) only when the session is made, after
+/// the write, and the written files are removed.
+#[test]
+fn failed_verify_leaves_no_output() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    let plain = case.adapters.iter().find(|a| a.name == "plain").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let data = dir.path().join("out.onnx.data");
+    let file = dir.path().join("out.onnx_adapter");
+    let bad_lib = ["--ep", "cpu", "--ort-lib", "/nonexistent/libonnxruntime.so"];
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let fold = |extra: &[&str]| {
+        let mut a = vec![
+            "fold".to_string(),
+            s(&case.onnx),
+            s(&plain.dir),
+            "-o".into(),
+            s(&out),
+            "--verify".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let inject = |extra: &[&str]| {
+        let mut a = vec![
+            "inject".to_string(),
+            s(&case.onnx),
+            "--as-inputs".into(),
+            "--adapter".into(),
+            s(&plain.dir),
+            "--adapter-out".into(),
+            s(&file),
+            "-o".into(),
+            s(&out),
+            "--verify".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    for args in [fold(&bad_lib), inject(&bad_lib)] {
+        let o = onnx_lora(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("--verify") && err.contains("/nonexistent"),
+            "{err}"
+        );
+        assert!(!out.exists() && !data.exists() && !file.exists(), "{err}");
+    }
+    for args in [fold(&["--ep", "cuda"]), inject(&["--ep", "cuda"])] {
+        let o = onnx_lora(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        match o.status.code() {
+            Some(0) => assert!(out.exists(), "{err}"), // a CUDA onnxruntime with a GPU
+            Some(2) => {
+                assert!(err.contains("removed") && err.contains("CUDA"), "{err}");
+                assert!(!out.exists() && !data.exists() && !file.exists(), "{err}");
+            }
+            c => panic!("{c:?}: {err}"),
+        }
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&data);
+        let _ = std::fs::remove_file(&file);
+    }
+}

@@ -85,6 +85,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.adapters.len()
         );
     }
+    if args.verify && args.output.is_some() && !args.dry_run {
+        args.runtime.preflight()?;
+    }
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapters = args
         .adapters
@@ -139,10 +142,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         UNMERGED_REFERENCE.to_string()
     };
-    match &reference {
-        Some(r) => super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json),
-        None => Ok(super::EXIT_OK),
-    }
+    let Some(r) = &reference else {
+        return Ok(super::EXIT_OK);
+    };
+    let written: Vec<_> = std::iter::once(saved.model.clone())
+        .chain(saved.external_data.clone())
+        .collect();
+    super::keep_if_verified(
+        super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json),
+        &written,
+    )
 }
 
 /// How `--verify` messages name the reference it compares a fold with.

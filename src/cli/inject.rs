@@ -153,6 +153,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.adapter_out.is_some() && (args.adapter.is_none() || !args.as_inputs) {
         anyhow::bail!("--adapter-out writes the --adapter given with --as-inputs; give both");
     }
+    if args.verify {
+        args.runtime.preflight()?;
+    }
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is
@@ -316,7 +319,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !args.verify {
         return Ok(super::EXIT_OK);
     }
-    match &reference {
+    let result = match &reference {
         Some(r) => super::verify::check_against(
             &saved.model,
             r,
@@ -325,7 +328,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.json,
         ),
         None => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
-    }
+    };
+    let written: Vec<PathBuf> = std::iter::once(saved.model.clone())
+        .chain(saved.external_data.clone())
+        .chain(args.adapter_out.clone())
+        .collect();
+    super::keep_if_verified(result, &written)
 }
 
 fn print_report(

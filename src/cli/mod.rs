@@ -123,6 +123,35 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
     Ok((model, gated))
 }
 
+/// What `--verify` says of the files this run wrote: when they do not pass (the models differ,
+/// or the check itself fails), they are removed, so that no unverified output is left looking
+/// like a result.
+fn keep_if_verified(
+    result: anyhow::Result<u8>,
+    written: &[std::path::PathBuf],
+) -> anyhow::Result<u8> {
+    if matches!(result, Ok(EXIT_OK)) {
+        return result;
+    }
+    for f in written {
+        let _ = std::fs::remove_file(f);
+    }
+    let names = written
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match result {
+        Ok(code) => {
+            eprintln!("onnx-lora: removed {names}: it did not pass --verify");
+            Ok(code)
+        }
+        Err(e) => Err(e.context(format!(
+            "--verify could not check the output, removed {names}"
+        ))),
+    }
+}
+
 /// The model's path for error messages, with a hint when some of its layers are in weight form
 /// (`inject --form weight`): those are no targets until the model is folded back.
 fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> String {

@@ -252,6 +252,15 @@ pub struct RuntimeArgs {
     pub ort_lib: Option<PathBuf>,
 }
 
+impl RuntimeArgs {
+    /// What --verify needs that can be checked before a rewrite writes anything (the
+    /// onnxruntime library), so that a check that cannot run leaves nothing written.
+    pub(super) fn preflight(&self) -> anyhow::Result<()> {
+        onnx_lora::verify::backend::preflight(self.ep, self.ort_lib.as_deref())
+            .map_err(|e| anyhow::anyhow!("--verify: {e}"))
+    }
+}
+
 pub(super) fn check(
     model: &std::path::Path,
     reference: &std::path::Path,

@@ -96,6 +96,36 @@ pub fn open(
     }
 }
 
+/// Checks, before a rewrite writes anything, what `open` will need that needs no model: the
+/// onnxruntime library for `Cpu` and `Cuda`, and with `Auto` a library the user named
+/// (`--ort-lib`, `ORT_DYLIB_PATH`), which is never replaced by tract. (Whether CUDA registers
+/// is known only when a session is made.)
+pub fn preflight(ep: Ep, ort_lib: Option<&Path>) -> Result<()> {
+    #[cfg(feature = "ort")]
+    {
+        use super::ort as o;
+        let needed = match ep {
+            Ep::Tract => false,
+            Ep::Auto => o::pinned_library(ort_lib).is_some(),
+            Ep::Cpu | Ep::Cuda => true,
+        };
+        if needed {
+            o::environment(ort_lib)?;
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "ort"))]
+    {
+        let _ = ort_lib;
+        match ep {
+            Ep::Cpu | Ep::Cuda => Err(Error::Backend(
+                "onnx-lora was built without its `ort` feature (onnxruntime)".into(),
+            )),
+            Ep::Auto | Ep::Tract => Ok(()),
+        }
+    }
+}
+
 // Without the `ort` feature only `NoLibrary` is ever made.
 #[cfg_attr(not(feature = "ort"), allow(dead_code))]
 enum OrtOpenError {
