@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use onnx_lora::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use onnx_lora::onnx::pb::{
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
+    tensor_shape_proto::dimension::Value as DimValue, type_proto,
+};
 use prost::Message;
 
-/// A one-MatMul model `y = x @ W` whose W holds `mb` MiB of float32 (inline).
+/// A one-MatMul model `y = x @ W` (x [1, rows]) whose W holds `mb` MiB of float32 (inline).
 fn write_big_model(path: &Path, mb: usize) {
     let n = mb * (1 << 20) / 4;
     let cols = 1024;
@@ -35,6 +39,8 @@ fn write_big_model(path: &Path, mb: usize) {
                 name: Some("/fc/MatMul".into()),
                 ..Default::default()
             }],
+            input: vec![float_info("x", &[1, (n / cols) as i64])],
+            output: vec![float_info("y", &[1, cols as i64])],
             initializer: vec![TensorProto {
                 name: Some("W".into()),
                 dims: vec![(n / cols) as i64, cols as i64],
@@ -47,6 +53,28 @@ fn write_big_model(path: &Path, mb: usize) {
         ..Default::default()
     };
     std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+fn float_info(name: &str, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(DimValue::DimValue(d)),
+                            denotation: None,
+                        })
+                        .collect(),
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
 }
 
 fn temps(dir: &Path) -> Vec<String> {
@@ -251,4 +279,67 @@ fn an_uninterrupted_run_is_unchanged() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(out.exists() && temps(dir.path()).is_empty());
+}
+
+/// SIGTERM while `--verify` checks an output already in place removes that output: an
+/// unverified output is never left looking like a result.
+#[test]
+fn sigterm_while_verifying_removes_the_output() {
+    for mb in [64, 128, 256] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.onnx");
+        write_big_model(&input, mb);
+        let out_dir = dir.path().join("out");
+        std::fs::create_dir(&out_dir).unwrap();
+        let out = out_dir.join("m.onnx");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+            .args([
+                "inject",
+                input.to_str().unwrap(),
+                "--target",
+                "fc",
+                "--rank",
+                "2",
+            ])
+            .args([
+                "-o",
+                out.to_str().unwrap(),
+                "--verify",
+                "--ep",
+                "tract",
+                "-q",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            eprintln!("a {mb} MiB model was verified before the signal; trying a bigger one");
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+        // (after inject's report line)
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("onnx-lora: interrupted (SIGTERM); removed ")
+                && !last.contains("removed 0 "),
+            "{stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in the output folder: {left:?}");
+        return;
+    }
+    panic!("every run was verified before the signal: this machine is too fast for the test");
 }

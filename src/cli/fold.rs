@@ -121,13 +121,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if was_gated && onnx_lora::rewrite::gate::serves_inputs(&model) {
         onnx_lora::rewrite::gate(&mut model)?;
     }
-    let saved = match &args.output {
+    let (saved, held) = match &args.output {
         Some(out) if !args.dry_run => {
             let mut opts = args.save.options();
             opts.protect = adapters.iter().flat_map(Adapter::files).collect();
-            Some(onnx::save(&model, out, &opts)?)
+            // Checked by --verify before it counts as a result.
+            if reference.is_some() {
+                let (saved, held) = onnx::io::save_provisional(&model, out, &opts)?;
+                (Some(saved), Some(held))
+            } else {
+                (Some(onnx::save(&model, out, &opts)?), None)
+            }
         }
-        _ => None,
+        _ => (None, None),
     };
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
@@ -142,16 +148,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         UNMERGED_REFERENCE.to_string()
     };
-    let Some(r) = &reference else {
+    let (Some(r), Some(held)) = (&reference, held) else {
         return Ok(super::EXIT_OK);
     };
     let written: Vec<_> = std::iter::once(saved.model.clone())
         .chain(saved.external_data.clone())
         .collect();
-    super::keep_if_verified(
-        super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json),
-        &written,
-    )
+    super::verify_written(held, &written, || {
+        super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json)
+    })
 }
 
 /// How `--verify` messages name the reference it compares a fold with.

@@ -287,7 +287,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let mut opts = args.save.options();
     opts.protect = inputs.clone();
-    let saved = onnx::save(&model, &args.output, &opts)?;
+    // Checked by --verify before it counts as a result.
+    let (saved, mut held) = if args.verify {
+        let (saved, held) = onnx::io::save_provisional(&model, &args.output, &opts)?;
+        (saved, Some(held))
+    } else {
+        (onnx::save(&model, &args.output, &opts)?, None)
+    };
     if let Some((path, params)) = adapter_out {
         // The model's own files are outputs of this run too: on failure, none is left.
         inputs.push(saved.model.clone());
@@ -298,6 +304,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 let _ = std::fs::remove_file(data);
             }
             return Err(e.into());
+        }
+        if let Some(held) = &mut held {
+            held.also(path.clone());
         }
         eprintln!("wrote {} ({} parameters)", path.display(), params.len());
     }
@@ -316,10 +325,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         form,
         args.json,
     )?;
-    if !args.verify {
+    let Some(held) = held else {
         return Ok(super::EXIT_OK);
-    }
-    let result = match &reference {
+    };
+    let written: Vec<PathBuf> = std::iter::once(saved.model.clone())
+        .chain(saved.external_data.clone())
+        .chain(args.adapter_out.clone())
+        .collect();
+    super::verify_written(held, &written, || match &reference {
         Some(r) => super::verify::check_against(
             &saved.model,
             r,
@@ -328,12 +341,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.json,
         ),
         None => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
-    };
-    let written: Vec<PathBuf> = std::iter::once(saved.model.clone())
-        .chain(saved.external_data.clone())
-        .chain(args.adapter_out.clone())
-        .collect();
-    super::keep_if_verified(result, &written)
+    })
 }
 
 fn print_report(

@@ -123,13 +123,17 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
     Ok((model, gated))
 }
 
-/// What `--verify` says of the files this run wrote: when they do not pass (the models differ,
-/// or the check itself fails), they are removed, so that no unverified output is left looking
-/// like a result.
-fn keep_if_verified(
-    result: anyhow::Result<u8>,
+/// Runs `--verify`'s `check` on the files this run wrote (`held` since they were put in place:
+/// an interrupt removes them, as it does temps); when they do not pass (the models
+/// differ, or the check itself fails) they are removed, so that no unverified output is left
+/// looking like a result.
+fn verify_written(
+    held: onnx_lora::onnx::io::Provisional,
     written: &[std::path::PathBuf],
+    check: impl FnOnce() -> anyhow::Result<u8>,
 ) -> anyhow::Result<u8> {
+    let result = check();
+    drop(held);
     if matches!(result, Ok(EXIT_OK)) {
         return result;
     }

@@ -600,6 +600,40 @@ pub struct SaveReport {
 /// Writes `model` to `out` atomically with the requested tensor layout. Nothing is left at
 /// `out` (or its data file) when this fails.
 pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
+    save_impl(model, out, opts, false).map(|(report, _)| report)
+}
+
+/// Output files in place but not yet accepted (written by [`save_provisional`]): while this is
+/// held, an interrupt removes them as it removes temps; dropped, they stay where they are.
+#[must_use = "the output files are accepted when this is dropped"]
+pub struct Provisional(#[allow(dead_code)] Vec<crate::cleanup::Guard>);
+
+impl Provisional {
+    /// Holds one more file this run put in place (e.g. an adapter written beside the model).
+    pub fn also(&mut self, path: PathBuf) {
+        self.0.push(crate::cleanup::Guard::register(
+            path,
+            crate::cleanup::Kind::File,
+        ));
+    }
+}
+
+/// `save`, with the written files kept registered (see [`Provisional`]) from the moment they
+/// are in place, for a check that runs on them before they count as a result.
+pub fn save_provisional(
+    model: &LoadedModel,
+    out: &Path,
+    opts: &SaveOptions,
+) -> Result<(SaveReport, Provisional)> {
+    save_impl(model, out, opts, true).map(|(report, held)| (report, Provisional(held)))
+}
+
+fn save_impl(
+    model: &LoadedModel,
+    out: &Path,
+    opts: &SaveOptions,
+    provisional: bool,
+) -> Result<(SaveReport, Vec<crate::cleanup::Guard>)> {
     let out_dir = output_dir(out)?;
     let file_name = out
         .file_name()
@@ -707,15 +741,20 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
                 .map_err(|e| Error::io(dest, e.error))
         })?);
     }
-    tmp.commit(staged, |t| {
+    let persist = |t: tempfile::NamedTempFile| {
         t.persist(out).map(drop).map_err(|e| {
             if let Some(dest) = &report.external_data {
                 let _ = std::fs::remove_file(dest);
             }
             Error::io(out, e.error)
         })
-    })?;
-    Ok(report)
+    };
+    if provisional {
+        staged.push(tmp.stage(out, persist)?);
+        return Ok((report, staged));
+    }
+    tmp.commit(staged, persist)?;
+    Ok((report, Vec::new()))
 }
 
 /// Temp files are created private (0600); the output gets the usual 0644.
