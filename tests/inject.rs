@@ -868,6 +868,19 @@ fn idle_gate_wraps_the_flat_serving_model() {
         };
         assert_eq!(ops(&back_model), ops(&base_model), "{tag}");
 
+        // fold with the adapter keeps the gate (the model still serves LoRA inputs), and its
+        // idle path is the base with the adapter folded in.
+        let folded = dir.path().join(format!("{tag}_folded.onnx"));
+        let folded_gated = dir.path().join(format!("{tag}_folded_gated.onnx"));
+        onnx_lora_ok(&["fold", s(&case.onnx), s(&ad.dir), "-o", s(&folded)]);
+        onnx_lora_ok(&["fold", s(&gated), s(&ad.dir), "-o", s(&folded_gated)]);
+        assert!(
+            is_gated(&onnx_lora::onnx::load(&folded_gated).unwrap()),
+            "{tag}"
+        );
+        let d = ort_diff(&folded, &folded_gated, &case.inputs);
+        assert!(max_diff(&d) <= 1e-5, "{tag}: {d}");
+
         // A second inject sees the branches behind the gate.
         let again_out = dir.path().join(format!("{tag}_again.onnx"));
         let o = onnx_lora(&[

@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long)]
     allow_unmatched: bool,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
-    /// branches) on the same inputs and compare; exit 1 when they differ.
+    /// branches) on the same inputs and compare; exit 1 when they differ (the output is then
+    /// removed, as when the check cannot run).
     #[arg(long)]
     verify: bool,
     #[command(flatten)]
@@ -85,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.adapters.len()
         );
     }
-    if args.verify && args.output.is_some() && !args.dry_run {
+    if args.verify {
         args.runtime.preflight()?;
     }
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
@@ -154,7 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let written: Vec<_> = std::iter::once(saved.model.clone())
         .chain(saved.external_data.clone())
         .collect();
-    super::verify_written(held, &written, || {
+    super::verify_written(held, &written, args.json, || {
         super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json)
     })
 }

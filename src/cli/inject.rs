@@ -119,8 +119,9 @@ pub struct Args {
     #[arg(short, long)]
     output: PathBuf,
     /// After writing, compare the result with its reference on the same inputs: the base for
-    /// fresh branches and idle serving models, the folded adapter for --adapter; exit 1 when
-    /// they differ.
+    /// fresh branches and idle serving models (no adapter active), the folded adapter for
+    /// --adapter; exit 1 when they differ (the written files are then removed, as when the
+    /// check cannot run).
     #[arg(long)]
     verify: bool,
     #[command(flatten)]
@@ -272,7 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         eprintln!("fused the A projections of {groups} groups of branches sharing an input");
     }
     if args.idle_gate || was_gated {
-        gate(&mut model).with_context(|| format!("--idle-gate: {}", args.model.display()))?;
+        gate(&mut model)?;
     }
     let mut inputs = model.files();
     inputs.extend(adapter.iter().flat_map(Adapter::files));
@@ -332,7 +333,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .chain(saved.external_data.clone())
         .chain(args.adapter_out.clone())
         .collect();
-    super::verify_written(held, &written, || match &reference {
+    super::verify_written(held, &written, args.json, || match &reference {
         Some(r) => super::verify::check_against(
             &saved.model,
             r,

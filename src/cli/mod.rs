@@ -35,7 +35,7 @@ pub const EXIT_ERROR: u8 = 2;
   onnx-lora verify base.onnx folded.onnx
 
 Exit codes: 0 success, 1 models differ (verify), 2 error, 130 / 143 interrupted (SIGINT /
-SIGTERM; temporary files are removed)."
+SIGTERM; temporary files are removed). An output that does not pass --verify is removed."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -124,23 +124,29 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
 }
 
 /// Runs `--verify`'s `check` on the files this run wrote (`held` since they were put in place:
-/// an interrupt removes them, as it does temps); when they do not pass (the models
-/// differ, or the check itself fails) they are removed, so that no unverified output is left
-/// looking like a result.
+/// an interrupt removes them, as it does temps); when they do not pass (the models differ, or
+/// the check itself fails) they are removed, so that no unverified output is left looking like
+/// a result, and the run says which (with `json`, also as a `removed` record).
 fn verify_written(
     held: onnx_lora::onnx::io::Provisional,
     written: &[std::path::PathBuf],
+    json: bool,
     check: impl FnOnce() -> anyhow::Result<u8>,
 ) -> anyhow::Result<u8> {
     let result = check();
-    drop(held);
     if matches!(result, Ok(EXIT_OK)) {
         return result;
     }
-    for f in written {
-        let _ = std::fs::remove_file(f);
+    // Removed while still held, so that an interrupt in between removes them too.
+    let removed: Vec<&std::path::PathBuf> = written
+        .iter()
+        .filter(|f| std::fs::remove_file(f).is_ok())
+        .collect();
+    drop(held);
+    if json {
+        output::json_line("removed", &serde_json::json!({ "files": removed }))?;
     }
-    let names = written
+    let names = removed
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
@@ -167,5 +173,53 @@ fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> 
             path.display(),
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn written(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+        let files = vec![dir.join("out.onnx"), dir.join("out.onnx.data")];
+        for f in &files {
+            std::fs::write(f, b"x")?;
+        }
+        Ok(files)
+    }
+
+    fn held() -> onnx_lora::onnx::io::Provisional {
+        onnx_lora::onnx::io::Provisional::default()
+    }
+
+    #[test]
+    fn verify_written_keeps_a_pass_and_removes_the_rest() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let files = written(dir.path())?;
+        assert_eq!(
+            verify_written(held(), &files, false, || Ok(EXIT_OK))?,
+            EXIT_OK
+        );
+        assert!(files.iter().all(|f| f.exists()));
+        // The models differ: exit 1, files gone.
+        assert_eq!(
+            verify_written(held(), &files, false, || Ok(EXIT_MISMATCH))?,
+            EXIT_MISMATCH
+        );
+        assert!(files.iter().all(|f| !f.exists()));
+        // The check fails: the error says what was removed.
+        let files = written(dir.path())?;
+        let err = verify_written(held(), &files, false, || anyhow::bail!("no CUDA"))
+            .err()
+            .ok_or("an error")?;
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("removed") && msg.contains("out.onnx.data") && msg.contains("no CUDA"),
+            "{msg}"
+        );
+        assert!(files.iter().all(|f| !f.exists()));
+        Ok(())
     }
 }

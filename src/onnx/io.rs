@@ -606,6 +606,7 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
 /// Output files in place but not yet accepted (written by [`save_provisional`]): while this is
 /// held, an interrupt removes them as it removes temps; dropped, they stay where they are.
 #[must_use = "the output files are accepted when this is dropped"]
+#[derive(Default)]
 pub struct Provisional(#[allow(dead_code)] Vec<crate::cleanup::Guard>);
 
 impl Provisional {

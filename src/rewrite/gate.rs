@@ -34,7 +34,7 @@ const MIN_OPSET: i64 = 12;
 
 /// Whether the model's main graph is an idle gate.
 pub fn is_gated(model: &LoadedModel) -> bool {
-    gate_node(model).is_some()
+    model.proto.graph.as_ref().and_then(gate_position).is_some()
 }
 
 /// Whether the main graph has branches whose factors are graph inputs (what `gate` switches).
@@ -46,11 +46,11 @@ pub fn serves_inputs(model: &LoadedModel) -> bool {
         .is_some_and(|g| !served(g).a_inputs.is_empty())
 }
 
-fn gate_node(model: &LoadedModel) -> Option<&NodeProto> {
-    let g = model.proto.graph.as_ref()?;
+/// Where the gate's If is among the main graph's nodes.
+fn gate_position(g: &GraphProto) -> Option<usize> {
     g.node
         .iter()
-        .find(|n| n.op_type() == "If" && n.metadata(ROLE_KEY) == Some(GATE_ROLE))
+        .position(|n| n.op_type() == "If" && n.metadata(ROLE_KEY) == Some(GATE_ROLE))
 }
 
 /// Served branches of the main graph: the branch name, its lora_A factor input, and (from its
@@ -126,6 +126,7 @@ pub fn gate(model: &mut LoadedModel) -> Result<usize> {
             "{path}: no LoRA inputs to gate (make the serving model with `inject --as-inputs`)"
         )));
     }
+    // (inject --as-inputs refuses DoRA and lora_bias already; a model edited by hand may not)
     if let Some(n) = g.node.iter().find(|n| {
         n.metadata(BRANCH_KEY)
             .is_some_and(|b| s.branches.contains(b))
@@ -258,11 +259,7 @@ fn body(
         });
     }
     rename_in_nodes(&mut nodes, &map);
-    for v in &mut value_info {
-        if let Some(n) = map.get(v.name()) {
-            v.name = Some(n.clone());
-        }
-    }
+    rename_infos(&mut value_info, &map);
     GraphProto {
         node: nodes,
         name: Some(suffix.into()),
@@ -280,11 +277,7 @@ pub fn ungate(model: &mut LoadedModel) -> Result<bool> {
     let Some(g) = model.proto.graph.as_mut() else {
         return Ok(false);
     };
-    let Some(at) = g
-        .node
-        .iter()
-        .position(|n| n.op_type() == "If" && n.metadata(ROLE_KEY) == Some(GATE_ROLE))
-    else {
+    let Some(at) = gate_position(g) else {
         return Ok(false);
     };
     // Checked before anything changes: the If's then-body fits its outputs, and every other
@@ -308,12 +301,13 @@ pub fn ungate(model: &mut LoadedModel) -> Result<bool> {
         .find(|a| a.name() == "then_branch")
         .and_then(|a| a.g)
         .ok_or_else(bad)?;
-    // Inputs of the gate's other nodes that are no graph inputs: the constant.
-    let gate_inputs: HashSet<String> = g
+    // The gate's constant 0: the second input of its Greater.
+    let zero = g
         .node
         .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .collect();
+        .find(|n| n.op_type() == "Greater")
+        .and_then(|n| n.input.get(1))
+        .cloned();
     let mut nodes = then_branch.node;
     let mut map = HashMap::new();
     for (inner, outer) in then_branch.output.iter().zip(&iff.output) {
@@ -321,20 +315,20 @@ pub fn ungate(model: &mut LoadedModel) -> Result<bool> {
     }
     rename_in_nodes(&mut nodes, &map);
     let mut value_info = then_branch.value_info;
-    for v in &mut value_info {
+    rename_infos(&mut value_info, &map);
+    g.initializer.retain(|t| Some(t.name()) != zero.as_deref());
+    g.node = nodes;
+    g.value_info = value_info;
+    Ok(true)
+}
+
+/// Renames value infos by `map`.
+fn rename_infos(infos: &mut [ValueInfoProto], map: &HashMap<String, String>) {
+    for v in infos {
         if let Some(n) = map.get(v.name()) {
             v.name = Some(n.clone());
         }
     }
-    let inputs: HashSet<&str> = g.input.iter().map(|v| v.name()).collect();
-    let consts: HashSet<String> = gate_inputs
-        .into_iter()
-        .filter(|n| !inputs.contains(n.as_str()))
-        .collect();
-    g.initializer.retain(|t| !consts.contains(t.name()));
-    g.node = nodes;
-    g.value_info = value_info;
-    Ok(true)
 }
 
 /// Renames values (node inputs and outputs, and what nested graphs read or output) by `map`.
@@ -351,11 +345,7 @@ fn rename_in_nodes(nodes: &mut [NodeProto], map: &HashMap<String, String>) {
         for a in &mut n.attribute {
             for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
                 rename_in_nodes(&mut g.node, map);
-                for o in &mut g.output {
-                    if let Some(new) = map.get(o.name()) {
-                        o.name = Some(new.clone());
-                    }
-                }
+                rename_infos(&mut g.output, map);
             }
         }
     }

@@ -98,8 +98,8 @@ pub fn open(
 
 /// Checks, before a rewrite writes anything, what `open` will need that needs no model: the
 /// onnxruntime library for `Cpu` and `Cuda`, and with `Auto` a library the user named
-/// (`--ort-lib`, `ORT_DYLIB_PATH`), which is never replaced by tract. (Whether CUDA registers
-/// is known only when a session is made.)
+/// (`--ort-lib`, `ORT_DYLIB_PATH`), which is never replaced by tract; and for `Cuda` that the
+/// CUDA EP registers.
 pub fn preflight(ep: Ep, ort_lib: Option<&Path>) -> Result<()> {
     #[cfg(feature = "ort")]
     {
@@ -111,6 +111,9 @@ pub fn preflight(ep: Ep, ort_lib: Option<&Path>) -> Result<()> {
         };
         if needed {
             o::environment(ort_lib)?;
+        }
+        if ep == Ep::Cuda {
+            o::check_cuda(ort_lib)?;
         }
         Ok(())
     }

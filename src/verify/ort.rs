@@ -301,9 +301,10 @@ impl CudaFailure {
     }
 }
 
-/// A session on the CUDA EP; registration failures are errors, not silent CPU fallbacks.
+/// A session builder with the CUDA EP registered; registration failures are errors, not
+/// silent CPU fallbacks.
 #[cfg(feature = "cuda")]
-fn cuda_session(env: &Environment, model: &Path) -> std::result::Result<Session, CudaFailure> {
+fn cuda_builder(env: &Environment) -> std::result::Result<SessionBuilder, CudaFailure> {
     // TF32 would trade fp32 accuracy for speed: a verification wants the fp32 it asks for.
     let cuda = ort::ep::CUDA::default()
         .with_tf32(false)
@@ -312,16 +313,34 @@ fn cuda_session(env: &Environment, model: &Path) -> std::result::Result<Session,
     builder(env)
         .map_err(CudaFailure::Other)?
         .with_execution_providers([cuda])
-        .map_err(|e| CudaFailure::Register(e.to_string().trim_end_matches('.').to_string()))?
+        .map_err(|e| CudaFailure::Register(e.to_string().trim_end_matches('.').to_string()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_builder(_: &Environment) -> std::result::Result<SessionBuilder, CudaFailure> {
+    Err(CudaFailure::Register(
+        "onnx-lora was built without its `cuda` feature".into(),
+    ))
+}
+
+/// A session on the CUDA EP.
+fn cuda_session(env: &Environment, model: &Path) -> std::result::Result<Session, CudaFailure> {
+    cuda_builder(env)?
         .commit_from_file(model)
         .map_err(|e| CudaFailure::Commit(e.to_string()))
 }
 
-#[cfg(not(feature = "cuda"))]
-fn cuda_session(_: &Environment, _: &Path) -> std::result::Result<Session, CudaFailure> {
-    Err(CudaFailure::Register(
-        "onnx-lora was built without its `cuda` feature".into(),
-    ))
+/// Whether the CUDA EP registers (no model needed): the error `Ep::Cuda` would give.
+pub fn check_cuda(ort_lib: Option<&Path>) -> Result<()> {
+    let env = environment(ort_lib)?;
+    match cuda_builder(env) {
+        Ok(_) => Ok(()),
+        Err(e @ CudaFailure::Register(_)) => Err(e.into_error(&Named {
+            path: Path::new(""),
+            label: "",
+        })),
+        Err(e) => Err(Error::Backend(e.reason())),
+    }
 }
 
 impl Backend for OrtBackend {
