@@ -77,6 +77,16 @@ fn float_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     }
 }
 
+/// Asserts that the output folder holds nothing.
+fn assert_empty(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the output folder: {left:?}");
+}
+
 fn temps(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -238,12 +248,7 @@ fn check_interrupted(sig: libc::c_int, name: &str, extra: &[&str]) {
                 && !stderr.contains("removed 0 "),
             "{stderr}"
         );
-        let left: Vec<_> = std::fs::read_dir(&out_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(left.is_empty(), "left in the output folder: {left:?}");
+        assert_empty(&out_dir);
         return;
     }
     panic!("every write finished before the signal: this machine writes too fast for the test");
@@ -333,12 +338,7 @@ fn sigterm_while_verifying_removes_the_output() {
                 && !last.contains("removed 0 "),
             "{stderr}"
         );
-        let left: Vec<_> = std::fs::read_dir(&out_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(left.is_empty(), "left in the output folder: {left:?}");
+        assert_empty(&out_dir);
         return;
     }
     panic!("every run was verified before the signal: this machine is too fast for the test");
