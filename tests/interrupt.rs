@@ -77,6 +77,18 @@ fn float_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     }
 }
 
+/// A temp folder holding an `mb` MiB model `in.onnx` and an empty folder `out`; the model's
+/// path, that folder, and the output path `out/m.onnx` in it.
+fn big_model_and_out_dir(mb: usize) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.onnx");
+    write_big_model(&input, mb);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("m.onnx");
+    (dir, input, out_dir, out)
+}
+
 /// Asserts that the output folder holds nothing.
 fn assert_empty(dir: &Path) {
     let left: Vec<_> = std::fs::read_dir(dir)
@@ -178,12 +190,7 @@ fn interrupt_convert(
     mb: usize,
     extra: &[&str],
 ) -> (Outcome, PathBuf, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.onnx");
-    write_big_model(&input, mb);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let out = out_dir.join("m.onnx");
+    let (dir, input, out_dir, out) = big_model_and_out_dir(mb);
     let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
         .arg("convert")
         .arg(&input)
@@ -291,12 +298,7 @@ fn an_uninterrupted_run_is_unchanged() {
 #[test]
 fn sigterm_while_verifying_removes_the_output() {
     for mb in [64, 128, 256] {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in.onnx");
-        write_big_model(&input, mb);
-        let out_dir = dir.path().join("out");
-        std::fs::create_dir(&out_dir).unwrap();
-        let out = out_dir.join("m.onnx");
+        let (_dir, input, out_dir, out) = big_model_and_out_dir(mb);
         let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
             .args([
                 "inject",

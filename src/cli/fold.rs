@@ -152,9 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let (Some(r), Some(held)) = (&reference, held) else {
         return Ok(super::EXIT_OK);
     };
-    let written: Vec<_> = std::iter::once(saved.model.clone())
-        .chain(saved.external_data.clone())
-        .collect();
+    let written = saved.files();
     super::verify_written(held, &written, args.json, || {
         super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json)
     })

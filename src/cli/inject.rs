@@ -297,12 +297,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     if let Some((path, params)) = adapter_out {
         // The model's own files are outputs of this run too: on failure, none is left.
-        inputs.push(saved.model.clone());
-        inputs.extend(saved.external_data.clone());
+        inputs.extend(saved.files());
         if let Err(e) = ort_format::write(path, &params, &inputs) {
-            let _ = std::fs::remove_file(&saved.model);
-            if let Some(data) = &saved.external_data {
-                let _ = std::fs::remove_file(data);
+            for f in saved.files() {
+                let _ = std::fs::remove_file(f);
             }
             return Err(e.into());
         }
@@ -329,10 +327,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let Some(held) = held else {
         return Ok(super::EXIT_OK);
     };
-    let written: Vec<PathBuf> = std::iter::once(saved.model.clone())
-        .chain(saved.external_data.clone())
-        .chain(args.adapter_out.clone())
-        .collect();
+    let mut written = saved.files();
+    written.extend(args.adapter_out.clone());
     super::verify_written(held, &written, args.json, || match &reference {
         Some(r) => super::verify::check_against(
             &saved.model,

@@ -254,7 +254,8 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     /// What --verify needs that can be checked before a rewrite writes anything (the
-    /// onnxruntime library), so that a check that cannot run leaves nothing written.
+    /// onnxruntime library; for --ep cuda, the CUDA EP), so that a check that cannot run
+    /// leaves nothing written.
     pub(super) fn preflight(&self) -> anyhow::Result<()> {
         onnx_lora::verify::backend::preflight(self.ep, self.ort_lib.as_deref())
             .map_err(|e| anyhow::anyhow!("--verify: {e}"))

@@ -597,6 +597,15 @@ pub struct SaveReport {
     pub external_tensors: usize,
 }
 
+impl SaveReport {
+    /// The files written: the model and, if any, its external data file.
+    pub fn files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.model.clone())
+            .chain(self.external_data.clone())
+            .collect()
+    }
+}
+
 /// Writes `model` to `out` atomically with the requested tensor layout. Nothing is left at
 /// `out` (or its data file) when this fails.
 pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
