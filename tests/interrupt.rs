@@ -345,3 +345,57 @@ fn sigterm_while_verifying_removes_the_output() {
     }
     panic!("every run was verified before the signal: this machine is too fast for the test");
 }
+
+/// SIGTERM after `inject --as-inputs --adapter-out` put the serving model in place but before
+/// its adapter file is: a run's outputs count only once all are in place, so both go.
+#[test]
+fn sigterm_between_the_model_and_its_adapter_file_removes_both() {
+    for mb in [64, 128, 256] {
+        let (dir, input, out_dir, out) = big_model_and_out_dir(mb);
+        // Factors as large as the weight: the adapter file takes as long to write as the model.
+        let rows = mb * (1 << 20) / 4 / 1024;
+        let r = 1024;
+        let adapter = common::write_adapter(
+            &dir.path().join("adapter"),
+            serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": r,
+                "target_modules": ["fc"]}),
+            &[
+                ("fc.lora_A.weight", vec![r, rows], vec![0.5; r * rows]),
+                ("fc.lora_B.weight", vec![1024, r], vec![0.25; 1024 * r]),
+            ],
+        );
+        let served = out_dir.join("m.onnx_adapter");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+            .args(["inject", input.to_str().unwrap()])
+            .args(["--adapter", adapter.to_str().unwrap(), "--as-inputs"])
+            .args(["--adapter-out", served.to_str().unwrap()])
+            .args(["-o", out.to_str().unwrap(), "-q"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let adapter_was_there = served.exists();
+        // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() || adapter_was_there {
+            eprintln!("the {mb} MiB run finished before the signal; trying a bigger one");
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("onnx-lora: interrupted (SIGTERM); removed ")
+                && !last.contains("removed 0 "),
+            "{stderr}"
+        );
+        assert_empty(&out_dir);
+        return;
+    }
+    panic!("no run was interrupted between the model and its adapter file");
+}

@@ -143,6 +143,33 @@ impl Buf {
 
 /// Writes an adapter file atomically, never over one of the run's `inputs`.
 pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]) -> Result<()> {
+    encoded_temp(path, params, inputs)?.commit(Vec::new(), |t| {
+        t.persist(path)
+            .map(drop)
+            .map_err(|e| Error::io(path, e.error))
+    })
+}
+
+/// [`write`], with the file kept registered for removal on an interrupt from the moment it is
+/// in place (see [`crate::cleanup::Tracked::stage`]) until the returned guard is dropped.
+pub fn write_staged(
+    path: &Path,
+    params: &[AdapterParam],
+    inputs: &[std::path::PathBuf],
+) -> Result<crate::cleanup::Guard> {
+    encoded_temp(path, params, inputs)?.stage(path, |t| {
+        t.persist(path)
+            .map(drop)
+            .map_err(|e| Error::io(path, e.error))
+    })
+}
+
+/// The encoded adapter in a registered temp file beside `path`.
+fn encoded_temp(
+    path: &Path,
+    params: &[AdapterParam],
+    inputs: &[std::path::PathBuf],
+) -> Result<crate::cleanup::Tracked<tempfile::NamedTempFile>> {
     let dir = crate::onnx::io::output_dir(path)?;
     crate::onnx::io::check_outputs(&[path], inputs)?;
     let mut tmp =
@@ -150,11 +177,7 @@ pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]
     std::io::Write::write_all(tmp.as_file_mut(), &encode(params, 1, 1))
         .map_err(|e| Error::io(path, e))?;
     crate::onnx::io::make_readable(tmp.as_file(), path)?;
-    tmp.commit(Vec::new(), |t| {
-        t.persist(path)
-            .map(drop)
-            .map_err(|e| Error::io(path, e.error))
-    })
+    Ok(tmp)
 }
 
 #[cfg(test)]

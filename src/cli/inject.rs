@@ -288,27 +288,25 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let mut opts = args.save.options();
     opts.protect = inputs.clone();
-    // Checked by --verify before it counts as a result.
-    let (saved, mut held) = if args.verify {
-        let (saved, held) = onnx::io::save_provisional(&model, &args.output, &opts)?;
-        (saved, Some(held))
-    } else {
-        (onnx::save(&model, &args.output, &opts)?, None)
-    };
+    // Held until the run's outputs are all in place (an interrupt before that removes them),
+    // and with --verify until they pass the check.
+    let (saved, mut held) = onnx::io::save_provisional(&model, &args.output, &opts)?;
     if let Some((path, params)) = adapter_out {
         // The model's own files are outputs of this run too: on failure, none is left.
         inputs.extend(saved.files());
-        if let Err(e) = ort_format::write(path, &params, &inputs) {
-            for f in saved.files() {
-                let _ = std::fs::remove_file(f);
+        match ort_format::write_staged(path, &params, &inputs) {
+            Ok(guard) => held.hold(guard),
+            Err(e) => {
+                for f in saved.files() {
+                    let _ = std::fs::remove_file(f);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
-        if let Some(held) = &mut held {
-            held.also(path.clone());
         }
         eprintln!("wrote {} ({} parameters)", path.display(), params.len());
     }
+    // Without --verify the outputs are accepted once all are in place.
+    let held = args.verify.then_some(held);
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

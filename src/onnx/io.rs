@@ -619,12 +619,10 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
 pub struct Provisional(#[allow(dead_code)] Vec<crate::cleanup::Guard>);
 
 impl Provisional {
-    /// Holds one more file this run put in place (e.g. an adapter written beside the model).
-    pub fn also(&mut self, path: PathBuf) {
-        self.0.push(crate::cleanup::Guard::register(
-            path,
-            crate::cleanup::Kind::File,
-        ));
+    /// Holds one more file this run put in place, registered when it was put there (by
+    /// [`crate::cleanup::Tracked::stage`], e.g. an adapter written beside the model).
+    pub fn hold(&mut self, guard: crate::cleanup::Guard) {
+        self.0.push(guard);
     }
 }
 
