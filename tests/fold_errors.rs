@@ -1205,3 +1205,124 @@ fn failed_verify_leaves_no_output() {
         let _ = std::fs::remove_file(&file);
     }
 }
+
+/// Runs the binary, failing the test if it has not ended within 30 s (an open that blocks).
+#[cfg(unix)]
+fn onnx_lora_within_30s(args: &[&str]) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("onnx-lora {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Special files: an output path that is a FIFO or a device (or a link to one) is refused, not
+/// replaced by the renamed output; an input that is one is refused before it is opened (a FIFO
+/// would block the open, `/dev/zero` would be read forever).
+#[cfg(unix)]
+#[test]
+fn special_files_are_refused_as_outputs_and_inputs() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::new();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&env.p("linear.onnx"));
+    let fifo = env.p("fifo");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // (a link, so that a regression would replace the link rather than the machine's /dev/null)
+    let null = env.p("null");
+    std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+    let refused = |args: &[&str], what: &str| {
+        let o = onnx_lora_within_30s(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(what), "{args:?}: {err}");
+    };
+    let adapter = s(&ad);
+    let serving = s(&env.p("serving.onnx"));
+    for (out, what) in [(&fifo, "is a FIFO"), (&null, "is a device")] {
+        let o = s(out);
+        refused(&["fold", &model, &adapter, "-o", &o], what);
+        refused(&["convert", &model, "-o", &o], what);
+        refused(
+            &[
+                "inject",
+                &model,
+                "--as-inputs",
+                "--adapter",
+                &adapter,
+                "--adapter-out",
+                &o,
+                "-o",
+                &serving,
+            ],
+            what,
+        );
+        assert!(!env.p("serving.onnx").exists());
+        let name = out.file_name().unwrap().to_str().unwrap();
+        let folded = s(&env.p("folded.onnx"));
+        refused(
+            &["convert", &model, "-o", &folded, "--external-data", name],
+            what,
+        );
+        assert!(!env.p("folded.onnx").exists());
+    }
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&null).unwrap().is_symlink());
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+
+    // Inputs: the model, the adapter's config and weights, stored inputs for verify.
+    let out = s(&env.p("out.onnx"));
+    refused(&["fold", &s(&fifo), &s(&ad), "-o", &out], "is a FIFO");
+    refused(&["inspect", &s(&null)], "is a device");
+    for (file, target) in [
+        ("adapter_config.json", &fifo),
+        ("adapter_config.json", &PathBuf::from("/dev/zero")),
+        ("adapter_model.safetensors", &fifo),
+    ] {
+        let bad = env.p("bad_adapter");
+        let _ = std::fs::remove_dir_all(&bad);
+        std::fs::create_dir(&bad).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            if f == file {
+                std::os::unix::fs::symlink(target, bad.join(f)).unwrap();
+            } else {
+                std::fs::copy(ad.join(f), bad.join(f)).unwrap();
+            }
+        }
+        refused(&["fold", &model, &s(&bad), "-o", &out], file);
+    }
+    refused(
+        &[
+            "verify",
+            &model,
+            &model,
+            "--inputs",
+            &s(&fifo),
+            "--ep",
+            "tract",
+        ],
+        "is a FIFO",
+    );
+    assert!(!env.p("out.onnx").exists());
+}

@@ -186,8 +186,9 @@ impl Adapter {
             }
             return Err(err(format!("no {} found", weights.display())));
         }
-        let config_text = std::fs::read_to_string(&config_path)
-            .map_err(|e| err(format!("cannot read {}: {e}", config_path.display())))?;
+        let config_bytes = crate::onnx::io::read_input(&config_path)?;
+        let config_text = String::from_utf8(config_bytes)
+            .map_err(|_| err(format!("{}: is not UTF-8 text", config_path.display())))?;
         let config = AdapterConfig::parse(&config_text)
             .map_err(|r| err(format!("{}: {r}", config_path.display())))?;
         let buf = map_file(&weights)?;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -168,16 +168,60 @@ pub fn map_file(path: &Path) -> Result<Bytes> {
     map_file_open(path).map(|(bytes, _)| bytes)
 }
 
-/// `map_file`, also keeping the open file.
-fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+/// Opens a file the run reads, refusing anything but a regular file (through links) before
+/// opening it: a folder, and a FIFO, device or socket, whose open or read may block or never
+/// end (`/dev/zero`).
+pub fn open_input(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::Usage(format!(
             "{}: is a folder, not a file",
             path.display()
         )));
     }
+    if !meta.is_file() {
+        return Err(Error::Usage(format!(
+            "{}: is {}, not a regular file",
+            path.display(),
+            special_kind(&meta)
+        )));
+    }
+    File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// What a file that is neither a folder nor a regular file is, for messages.
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    let _ = meta;
+    "a special file"
+}
+
+/// Reads a whole (small) input file, as [`open_input`] opens it.
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    open_input(path)?
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(buf)
+}
+
+/// `map_file`, also keeping the open file.
+fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
+    let file = open_input(path)?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     let len = meta.len();
     if len == 0 {
         return Ok((Bytes::new(), Arc::new(file)));
@@ -812,6 +856,15 @@ pub fn check_outputs(outputs: &[&Path], inputs: &[PathBuf]) -> Result<()> {
                 return Err(Error::Usage(format!(
                     "{}: is a folder; the output must be a file path",
                     out.display()
+                )));
+            }
+            // The output is renamed onto its path when complete: that would replace a device
+            // (`/dev/null`), FIFO or socket rather than write to it.
+            if !meta.is_file() {
+                return Err(Error::Usage(format!(
+                    "{}: is {}; onnx-lora writes its output to a temp file and renames it onto the path, which would replace it: give a regular file path",
+                    out.display(),
+                    special_kind(&meta)
                 )));
             }
             if let Some(input) = inputs.iter().find(|p| same_file(&meta, p)) {

@@ -30,7 +30,7 @@ fn npz_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Reads every array of an `.npz` file, in the archive's order, named as `np.savez` keyed
 /// them (the `.npy` suffix of the entry names is dropped).
 pub fn read_npz(path: &Path) -> Result<Tensors> {
-    let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let buf = crate::onnx::io::read_input(path)?;
     let entries = central_directory(&buf).map_err(|r| npz_err(path, r))?;
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
@@ -44,15 +44,15 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
 
 /// Reads one `.npy` file.
 pub fn read_npy(path: &Path) -> Result<ArrayData> {
-    let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let buf = crate::onnx::io::read_input(path)?;
     parse_npy(&buf).map_err(|r| npz_err(path, r))
 }
 
 /// Whether the file is a `.npy` (by its magic bytes, whatever its name).
 pub fn is_npy(path: &Path) -> Result<bool> {
     let mut head = [0u8; 6];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
+    let n = crate::onnx::io::open_input(path)?
+        .read(&mut head)
         .map_err(|e| Error::io(path, e))?;
     Ok(head[..n] == *NPY_MAGIC)
 }
