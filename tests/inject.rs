@@ -429,6 +429,20 @@ fn write_whole_part(src: &Path, dst: &Path) {
 /// for a kohya file, its lora_down / lora_up (of the model's part) under the targets' dotted
 /// module paths.
 fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
+    if ad.dir.is_dir() && ad.has("edited") {
+        // The file holds more than PEFT loads: the factors of the modules it targets (the
+        // generator's `targets`, read from PEFT's loaded model), without DoRA / lora_bias
+        // tensors its config does not enable.
+        let mut keys = lora_keys(&ad.dir);
+        keys.retain(|(k, _)| {
+            ad.targets.iter().any(|t| {
+                [".lora_A.weight", ".lora_B.weight"]
+                    .iter()
+                    .any(|part| *k == format!("base_model.model.{t}{part}"))
+            })
+        });
+        return keys;
+    }
     if ad.dir.is_dir() {
         return lora_keys(&ad.dir);
     }

@@ -178,14 +178,16 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             lora_alpha: max_rank as f32,
             use_rslora: false,
             use_dora: false,
+            lora_bias: false,
             fan_in_fan_out: false,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
-            target_modules: None,
+            scope: Default::default(),
             init_lora_weights: Value::Bool(true),
             raw,
         },
         modules: out,
+        ignored: Vec::new(),
     })
 }
 

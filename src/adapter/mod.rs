@@ -6,5 +6,7 @@ pub mod kohya;
 pub mod lycoris;
 pub mod ort_format;
 pub mod peft;
+pub mod pyregex;
+pub mod scope;
 
 pub use peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind, TokenRows};

@@ -16,7 +16,6 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::onnx::io::map_file;
-use crate::target::TargetSpec;
 
 /// Initialisations that change the base weights during training: folding such an adapter onto
 /// the original base is wrong.
@@ -39,7 +38,10 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     pub rank_pattern: Vec<Pattern>,
     pub alpha_pattern: Vec<Pattern>,
-    pub target_modules: Option<TargetSpec>,
+    /// Which LoRA modules PEFT loads (`target_modules` and what narrows it).
+    pub scope: super::scope::Scope,
+    /// `lora_bias`: PEFT loads `lora_B.bias` tensors only then.
+    pub lora_bias: bool,
     pub init_lora_weights: Value,
     pub raw: Value,
 }
@@ -154,6 +156,8 @@ pub struct Adapter {
     pub path: PathBuf,
     pub config: AdapterConfig,
     pub modules: Vec<ModuleAdapter>,
+    /// What the file holds that PEFT does not load, and so is left out (for warnings).
+    pub ignored: Vec<String>,
 }
 
 impl Adapter {
@@ -198,13 +202,17 @@ impl Adapter {
                 weights.display()
             ))
         })?;
-        let modules = group_modules(&st, &config.raw)
+        let mut modules = group_modules(&st, &config.raw)
             .map_err(|r| err(format!("{}: {r}", weights.display())))?;
+        let ignored = keep_what_peft_loads(&mut modules, &config).map_err(err)?;
         if modules.is_empty() {
-            return Err(err(format!(
-                "{}: holds no adapter tensors",
-                weights.display()
-            )));
+            let why = match ignored.first() {
+                Some(what) => {
+                    format!("holds no adapter tensors PEFT would load (it ignores {what})")
+                }
+                None => "holds no adapter tensors".into(),
+            };
+            return Err(err(format!("{}: {why}", weights.display())));
         }
         // PEFT refuses to load factors of another rank than the config gives the module.
         for m in &modules {
@@ -224,6 +232,7 @@ impl Adapter {
             path: path.to_path_buf(),
             config,
             modules,
+            ignored,
         })
     }
 
@@ -263,6 +272,7 @@ impl Adapter {
             path: self.path.clone(),
             config: self.config.clone(),
             modules,
+            ignored: Vec::new(),
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)
@@ -353,10 +363,12 @@ pub struct Pattern {
 }
 
 impl Pattern {
-    pub fn new(key: &str, value: f32) -> std::result::Result<Pattern, regex::Error> {
+    /// Refuses a key whose regex Python's `re` (PEFT) would read differently.
+    pub fn new(key: &str, value: f32) -> std::result::Result<Pattern, String> {
+        super::pyregex::check(key)?;
         Ok(Pattern {
             key: key.to_string(),
-            regex: Regex::new(&format!(r"^(.*\.)?({key})$"))?,
+            regex: Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| e.to_string())?,
             value,
         })
     }
@@ -433,7 +445,7 @@ impl AdapterConfig {
                         .ok_or_else(|| format!("{k}['{key}'] is {v}, not a number"))?;
                     Pattern::new(key, value as f32).map_err(|e| {
                         format!(
-                            "{k} key '{key}' is not a regular expression onnx-lora can evaluate (look-around and back-references are not supported): {e}"
+                            "{k} key '{key}' is not a regular expression onnx-lora can evaluate as PEFT does (look-around and back-references are not supported): {e}"
                         )
                     })
                 })
@@ -465,9 +477,8 @@ impl AdapterConfig {
             fan_in_fan_out: flag("fan_in_fan_out")?,
             rank_pattern,
             alpha_pattern: patterns("alpha_pattern")?,
-            target_modules: raw
-                .get("target_modules")
-                .and_then(TargetSpec::from_peft_json),
+            scope: super::scope::Scope::from_config(&raw)?,
+            lora_bias: flag("lora_bias")?,
             init_lora_weights: raw
                 .get("init_lora_weights")
                 .cloned()
@@ -498,6 +509,70 @@ pub(crate) fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32T
         shape: view.shape().to_vec(),
         data,
     })
+}
+
+/// Leaves out what PEFT would not load from the file, as it does, and returns what was left
+/// out: the LoRA modules the config does not target, DoRA magnitudes without `use_dora`, and
+/// `lora_B` biases without `lora_bias`. A DoRA config whose module has no magnitude is refused
+/// (PEFT would take the base weight's norm for it and warn of a missing key).
+fn keep_what_peft_loads(
+    modules: &mut Vec<ModuleAdapter>,
+    config: &AdapterConfig,
+) -> std::result::Result<Vec<String>, String> {
+    let is_lora = |m: &ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
+    // With weight tying PEFT also targets the layers the model ties to the input embedding
+    // (`lm_head`), which only the model knows: their LoRAs are kept.
+    let ties = config.raw.get("ensure_weight_tying") == Some(&Value::Bool(true))
+        && config.scope.targets_an_embedding();
+    let mut untargeted = Vec::new();
+    modules.retain(|m| {
+        // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
+        // by transformers or diffusers) may carry a wrapper prefix of their own.
+        let peft_keyed = m.keys.iter().all(|k| k.starts_with("base_model.model."));
+        let targeted = !is_lora(m)
+            || ties
+            || if peft_keyed {
+                config.scope.targets(&m.path)
+            } else {
+                crate::target::select::dotted_suffixes(&m.path).any(|p| config.scope.targets(p))
+            };
+        if !targeted {
+            untargeted.push(m.path.clone());
+        }
+        targeted
+    });
+    let (mut magnitudes, mut biases) = (Vec::new(), Vec::new());
+    for m in modules.iter_mut().filter(|m| is_lora(m)) {
+        if !config.use_dora && m.magnitude.take().is_some() {
+            magnitudes.push(m.path.clone());
+        }
+        if config.use_dora && m.magnitude.is_none() {
+            return Err(format!(
+                "use_dora is true but module '{}' has no lora_magnitude_vector (PEFT would take the base weight's norm for it and warn of a missing key); refusing an incomplete DoRA adapter",
+                m.path
+            ));
+        }
+        if !config.lora_bias && m.bias_b.take().is_some() {
+            biases.push(m.path.clone());
+        }
+    }
+    let mut ignored = Vec::new();
+    let mut note = |list: Vec<String>, what: &str| {
+        if let Some(first) = list.first() {
+            let more = match list.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            ignored.push(format!("{what} of {} module(s) ('{first}'{more}): PEFT does not load them, nor does onnx-lora", list.len()));
+        }
+    };
+    note(
+        untargeted,
+        "the LoRA factors that adapter_config.json does not target (target_modules, layers_to_transform, exclude_modules, modules_to_save)",
+    );
+    note(magnitudes, "the DoRA magnitudes (use_dora is false)");
+    note(biases, "the lora_B biases (lora_bias is false)");
+    Ok(ignored)
 }
 
 /// Groups the safetensors keys by module, in the order modules first appear.
@@ -547,6 +622,31 @@ fn group_modules(
             ));
         }
         let m = &mut modules[idx];
+        let taken = match &part {
+            Part::A | Part::EmbA => m.a.is_some(),
+            Part::B | Part::EmbB => m.b.is_some(),
+            Part::Magnitude => m.magnitude.is_some(),
+            Part::BiasB => m.bias_b.is_some(),
+            Part::Full(p) => m.full.contains_key(*p),
+        };
+        if taken {
+            return Err(format!(
+                "keys {} give module '{path}' the same tensor twice (with and without PEFT's base_model.model. prefix?)",
+                m.keys
+                    .iter()
+                    .chain([&key])
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Part::Full(p) = part
+            && !matches!(p, "weight" | "bias")
+        {
+            return Err(format!(
+                "key '{key}' is not a tensor onnx-lora can apply (LoRA factors, DoRA magnitudes, lora_B biases, trainable tokens, or a whole weight / bias)"
+            ));
+        }
         m.keys.push(key.clone());
         match part {
             Part::A => (m.a, m.kind) = (Some(t), ModuleKind::Lora),
@@ -681,7 +781,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patterns_match_like_peft() -> Result<(), regex::Error> {
+    fn patterns_match_like_peft() -> Result<(), String> {
         let p = vec![
             Pattern::new("layers.1.self_attn.q_proj", 16.0)?,
             Pattern::new(r".*\.0\..*", 2.0)?,

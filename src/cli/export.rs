@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use onnx_lora::adapter::{Adapter, ort_format};
+use onnx_lora::adapter::ort_format;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{export_peft, serving_adapter_params};
 
@@ -35,7 +35,7 @@ pub struct AdapterArgs {
 
 pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
-    let adapter = Adapter::load(&args.adapter)?;
+    let adapter = super::load_adapter(&args.adapter)?;
     let params = serving_adapter_params(&model, &adapter)?;
     let mut inputs = model.files();
     inputs.extend(adapter.files());

@@ -93,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let adapters = args
         .adapters
         .iter()
-        .map(|p| Adapter::load(p))
+        .map(|p| super::load_adapter(p))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = FoldOptions {
         weights: args.weights.clone(),

@@ -158,7 +158,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         args.runtime.preflight()?;
     }
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
-    let adapter = args.adapter.as_deref().map(Adapter::load).transpose()?;
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(super::load_adapter)
+        .transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
     let reference = match (&adapter, args.verify && !args.as_inputs) {

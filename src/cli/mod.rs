@@ -123,6 +123,15 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
     Ok((model, gated))
 }
 
+/// Loads an adapter, saying on stderr what in it PEFT would not load and so is left out.
+fn load_adapter(path: &std::path::Path) -> anyhow::Result<onnx_lora::adapter::Adapter> {
+    let adapter = onnx_lora::adapter::Adapter::load(path)?;
+    for what in &adapter.ignored {
+        eprintln!("onnx-lora: warning: {}: ignoring {what}", path.display());
+    }
+    Ok(adapter)
+}
+
 /// Runs `--verify`'s `check` on the files this run wrote (`held` since they were put in place:
 /// an interrupt removes them, as it does temps); when they do not pass (the models differ, or
 /// the check itself fails) they are removed, so that no unverified output is left looking like

@@ -20,23 +20,6 @@ pub enum TargetSpec {
     AllLinear,
 }
 
-impl TargetSpec {
-    /// Reads PEFT's `target_modules` JSON value (list, string, or "all-linear").
-    pub fn from_peft_json(v: &serde_json::Value) -> Option<TargetSpec> {
-        match v {
-            serde_json::Value::String(s) if s == "all-linear" => Some(TargetSpec::AllLinear),
-            serde_json::Value::String(s) => Some(TargetSpec::Regex(s.clone())),
-            serde_json::Value::Array(items) => Some(TargetSpec::Names(
-                items
-                    .iter()
-                    .filter_map(|i| i.as_str().map(str::to_string))
-                    .collect(),
-            )),
-            _ => None,
-        }
-    }
-}
-
 /// `path` and each of its dotted suffixes, longest first.
 pub fn dotted_suffixes(path: &str) -> impl Iterator<Item = &str> {
     std::iter::once(path).chain(path.match_indices('.').map(move |(i, _)| &path[i + 1..]))
