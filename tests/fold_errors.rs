@@ -1327,3 +1327,86 @@ fn special_files_are_refused_as_outputs_and_inputs() {
     );
     assert!(!env.p("out.onnx").exists());
 }
+
+/// Tensors and layers that say something impossible are refused in one line (or, for a layer,
+/// not taken as a target), never a panic or a misread: a shape too large to exist or negative in
+/// external data, a tensor stored in segments, raw_data set but empty beside typed values, a
+/// Conv group that overflows, a Gemm with alpha = 0, a conv LoRA whose kernel is not the layer's.
+#[test]
+fn impossible_tensors_and_layers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    py("make_malformed_models.py", &[dir.path()]);
+    let p = |n: &str| dir.path().join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for (model, what) in [
+        ("ext_huge.onnx", "is too large"),
+        ("ext_negative.onnx", "negative dimension"),
+        ("segment.onnx", "stored in segments"),
+        ("raw_empty.onnx", "holds 0 bytes of raw data"),
+    ] {
+        let o = onnx_lora(&["inspect", &s(&p(model))]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{model}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{model}: {err}");
+        assert!(
+            err.contains("fc.weight") && err.contains(what),
+            "{model}: {err}"
+        );
+        let out = p("out.onnx");
+        let o = onnx_lora(&["convert", &s(&p(model)), "-o", &s(&out)]);
+        assert_eq!(o.status.code(), Some(2), "{model}");
+        assert!(!out.exists());
+    }
+    // A group that overflows the input width: no valid Conv, so no candidate.
+    let o = onnx_lora(&["inspect", &s(&p("huge_group.onnx")), "--json"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("\"candidates\":0"), "{stdout}");
+
+    let fc = write_adapter(&p("fc"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let err = fold_fails(&p("gemm_alpha0.onnx"), &fc, &p("out.onnx"), &[]);
+    assert!(err.contains("Gemm alpha = 0"), "{err}");
+    // PEFT's conv LoRA: lora_A has the layer's kernel (here 3×3 against the layer's 1×9, the
+    // same 18 values per output once flattened), lora_B is 1×1.
+    let conv = write_adapter(
+        &p("conv"),
+        config(),
+        &[
+            ("conv.lora_A.weight", vec![2, 2, 3, 3], vec![0.1; 36]),
+            ("conv.lora_B.weight", vec![4, 2, 1, 1], vec![0.1; 8]),
+        ],
+    );
+    let err = fold_fails(&p("conv_1x9.onnx"), &conv, &p("out.onnx"), &[]);
+    assert!(err.contains("do not fit weight 'conv.weight'"), "{err}");
+    let o = onnx_lora(&[
+        "inject",
+        &s(&p("conv_1x9.onnx")),
+        "--adapter",
+        &s(&conv),
+        "-o",
+        &s(&p("out.onnx")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!p("out.onnx").exists());
+    // The layer's own 1×9 kernel fits.
+    let conv = write_adapter(
+        &p("conv19"),
+        config(),
+        &[
+            ("conv.lora_A.weight", vec![2, 2, 1, 9], vec![0.1; 36]),
+            ("conv.lora_B.weight", vec![4, 2, 1, 1], vec![0.1; 8]),
+        ],
+    );
+    onnx_lora_ok(&[
+        "fold",
+        &s(&p("conv_1x9.onnx")),
+        &s(&conv),
+        "-o",
+        &s(&p("out.onnx")),
+    ]);
+}

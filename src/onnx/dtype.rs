@@ -109,7 +109,7 @@ impl DataType {
 
     /// Bytes that `n` elements take in `raw_data` (sub-byte types are packed, rounded up).
     pub fn raw_len(self, n: usize) -> Option<usize> {
-        self.bits().map(|b| (n * b).div_ceil(8))
+        self.bits().map(|b| n.saturating_mul(b).div_ceil(8))
     }
 
     /// True for the float types onnx-lora can fold into (fp32, fp16, bf16, fp64).

@@ -99,18 +99,8 @@ fn pending_key(t: &TensorProto) -> Option<&str> {
 /// Checks that an inline tensor holds as many values as its shape says (what onnxruntime
 /// checks when it loads the model), so that no reader indexes past its data.
 fn check_inline_len(t: &TensorProto) -> std::result::Result<(), String> {
-    if t.segment.is_some() {
-        return Ok(());
-    }
-    if t.dims.iter().any(|&d| d < 0) {
-        return Err(format!("negative dimension in shape {:?}", t.dims));
-    }
-    let n = t
-        .dims
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
-        .filter(|&n| n <= isize::MAX as usize / 16)
-        .ok_or_else(|| format!("shape {:?} is too large", t.dims))?;
+    check_no_segment(t)?;
+    let n = super::pb_ext::checked_numel(&t.dims)?;
     let dtype = DataType::from_i32(t.data_type());
     let typed = match dtype {
         DataType::Float => Some(t.float_data.len()),
@@ -129,7 +119,8 @@ fn check_inline_len(t: &TensorProto) -> std::result::Result<(), String> {
         _ => None,
     };
     let raw = t.raw_data.as_ref().map_or(0, |r| r.len());
-    if t.raw_data.is_some() && (raw > 0 || typed == Some(0)) {
+    // Set, raw_data is the data (onnxruntime reads it, even empty, before any typed field).
+    if t.raw_data.is_some() {
         if let Some(expected) = dtype.raw_len(n)
             && raw != expected
         {
@@ -147,6 +138,17 @@ fn check_inline_len(t: &TensorProto) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a tensor stored in segments (`TensorProto.segment`, one part of a tensor split over
+/// several protos): nothing writes them, and its data is not its shape's.
+fn check_no_segment(t: &TensorProto) -> std::result::Result<(), String> {
+    match t.segment {
+        Some(_) => {
+            Err("is stored in segments (TensorProto.segment), which onnx-lora does not read".into())
+        }
+        None => Ok(()),
+    }
 }
 
 /// Bytes a tensor's data takes, from its dims and type (None for strings and unknown types).
@@ -488,8 +490,10 @@ impl ExternalRef {
                 self.offset, end, self.location, file_len
             ));
         }
+        check_no_segment(t)?;
+        let n = super::pb_ext::checked_numel(&t.dims)?;
         let dtype = DataType::from_i32(t.data_type());
-        if let Some(expected) = dtype.raw_len(numel(&t.dims))
+        if let Some(expected) = dtype.raw_len(n)
             && (end - self.offset) as usize != expected
         {
             return Err(format!(

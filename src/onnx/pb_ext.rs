@@ -160,7 +160,22 @@ pub fn default_opset(model: &ModelProto) -> Option<i64> {
         .map(|o| o.version())
 }
 
-/// Number of elements of a tensor with these dims (negative dims count as 0).
+/// Number of elements of a tensor with these dims (negative dims count as 0, and a count past
+/// `usize` saturates): for tensors [`checked_numel`] has accepted.
 pub fn numel(dims: &[i64]) -> usize {
-    dims.iter().map(|&d| d.max(0) as usize).product()
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(0) as usize))
+        .unwrap_or(usize::MAX)
+}
+
+/// Number of elements of a stored tensor's shape, refusing negative dims and counts too large
+/// for any file (what a loader checks before it trusts the shape).
+pub fn checked_numel(dims: &[i64]) -> Result<usize, String> {
+    if dims.iter().any(|&d| d < 0) {
+        return Err(format!("negative dimension in shape {dims:?}"));
+    }
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+        .filter(|&n| n <= isize::MAX as usize / 16)
+        .ok_or_else(|| format!("shape {dims:?} is too large"))
 }

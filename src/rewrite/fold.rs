@@ -712,6 +712,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             c.module, c.node
         )));
     }
+    check_gemm_alpha(model, graph, c)?;
     let weight = weights::stored(model, graph, c)?;
     let mut rep = ModuleReport {
         module: c.module.clone(),
@@ -950,6 +951,26 @@ pub(super) fn gemm_alpha(model: &LoadedModel, graph: &ModelGraph, c: &Candidate)
         .and_then(|n| n.attr_f("alpha"))
         .filter(|a| *a != 0.0)
         .unwrap_or(1.0)
+}
+
+/// Refuses a Gemm whose `alpha` is 0 or not finite: its weight is stored as W / alpha, which a
+/// delta cannot be folded into.
+pub(super) fn check_gemm_alpha(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+) -> Result<()> {
+    let alpha = graph
+        .node(&model.proto, c.graph, c.node_index)
+        .filter(|n| n.op_type() == "Gemm")
+        .and_then(|n| n.attr_f("alpha"));
+    match alpha {
+        Some(a) if a == 0.0 || !a.is_finite() => Err(Error::Target(format!(
+            "module '{}' ({}): Gemm alpha = {a}, so its weight cannot take a delta",
+            c.module, c.node
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn shape_err(

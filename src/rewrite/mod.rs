@@ -74,7 +74,16 @@ pub(crate) fn factors(
     let a_cols: usize = a.shape[1..].iter().product();
     let b_cols: usize = b.shape[1..].iter().product();
     let groups = c.groups();
-    if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r {
+    // A conv's lora_A has the layer's kernel and lora_B a 1×1 one (PEFT refuses others); the
+    // flattened sizes alone could match another kernel's.
+    let conv_kernels_fit = c.op != "Conv"
+        || ((a.shape.len() == 2
+            || a.shape[2..]
+                .iter()
+                .map(|&d| d as i64)
+                .eq(c.shape[2..].iter().copied()))
+            && b.shape.iter().skip(2).all(|&d| d == 1));
+    if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r || !conv_kernels_fit {
         return Err(Error::Target(format!(
             "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {n_in} in, {n_out} out)",
             m.path, a.shape, b.shape, c.weight, c.op, c.shape

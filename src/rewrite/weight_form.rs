@@ -164,6 +164,7 @@ fn plan(
     } else {
         (&a_name, &b_name)
     };
+    super::fold::check_gemm_alpha(model, graph, c)?;
     let alpha = super::fold::gemm_alpha(model, graph, c);
     let mut initializers = vec![
         initializer(first, &f.first.0, &f.first.1, compute)?,

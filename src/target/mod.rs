@@ -255,8 +255,10 @@ fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layo
             if shape.len() < 3 {
                 return None;
             }
+            // (a group count below 1, or one that overflows, is no valid Conv)
             let groups = node.attr_i("group").unwrap_or(1);
-            Some((Layout::Conv, shape[1] * groups, shape[0]))
+            let in_features = (groups >= 1).then(|| shape[1].checked_mul(groups))??;
+            Some((Layout::Conv, in_features, shape[0]))
         }
         "Gather" | "EmbedLayerNormalization" => {
             (shape.len() == 2).then(|| (Layout::Embedding, shape[0], shape[1]))
