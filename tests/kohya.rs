@@ -133,6 +133,30 @@ fn lycoris_parts_that_cannot_be_read_are_refused() {
         let err = fails("ly.safetensors", &tensors);
         assert!(err.contains(expect), "{err}");
     }
+    // Factors that do not fit together are refused naming the module, by a planning run
+    // (--dry-run) as by a real one.
+    let out = "lora_unet_down_blocks_0_attentions_0_proj_out";
+    for (w1b, w2b, what) in [
+        (vec![3, 16], vec![2, 16], "do not multiply"),
+        (vec![2, 16], vec![2, 8], "LoHa halves of different sizes"),
+    ] {
+        let t: Vec<(String, Vec<usize>)> = vec![
+            (format!("{out}.hada_w1_a"), vec![16, 2]),
+            (format!("{out}.hada_w1_b"), w1b),
+            (format!("{out}.hada_w2_a"), vec![16, 2]),
+            (format!("{out}.hada_w2_b"), w2b),
+        ];
+        let err = fails("ly.safetensors", &t);
+        assert!(err.contains("proj_out") && err.contains(what), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let refs: Vec<(&str, Vec<usize>)> =
+            t.iter().map(|(k, s)| (k.as_str(), s.clone())).collect();
+        let file = write_kohya(&dir.path().join("ly.safetensors"), &refs);
+        let o = onnx_lora(&["fold", s(&unet()), s(&file), "--dry-run"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("proj_out") && err.contains(what), "{err}");
+    }
 }
 
 #[test]

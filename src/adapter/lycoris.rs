@@ -99,6 +99,47 @@ impl Lycoris {
         }
     }
 
+    /// Checks that the factors fit together as [`Lycoris::delta`] will combine them, from their
+    /// shapes alone (so that a run that only plans, `fold --dry-run`, refuses them too).
+    pub fn check(&self) -> Result<()> {
+        let halves = match self {
+            Lycoris::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                tucker,
+            } => {
+                let (h1, h2) = match tucker {
+                    Some((t1, t2)) => (tucker_len(t1, w1b, w1a)?, tucker_len(t2, w2b, w2a)?),
+                    None => (product_len(w1a, w1b)?, product_len(w2a, w2b)?),
+                };
+                (h1 == h2)
+                    .then_some(())
+                    .ok_or_else(|| format!("LoHa halves of different sizes ({h1} and {h2})"))
+            }
+            Lycoris::LoKr { w1, w2, t2 } => {
+                let (a, c) = factor_dims(w1)?;
+                let (out, inner, k) = self.dims()?;
+                let w1_len = match w1 {
+                    KronFactor::Whole(w) => w.data.len(),
+                    KronFactor::Product(wa, wb) => product_len(wa, wb)?,
+                };
+                let w2_len = match (w2, t2) {
+                    (KronFactor::Whole(w), _) => w.data.len(),
+                    (KronFactor::Product(wa, wb), Some(t)) => tucker_len(t, wb, wa)?,
+                    (KronFactor::Product(wa, wb), None) => product_len(wa, wb)?,
+                };
+                let fits =
+                    a > 0 && c > 0 && w1_len == a * c && w2_len == (out / a) * (inner / c) * k;
+                fits.then_some(()).ok_or_else(|| {
+                    format!("LoKr factors of {w1_len} and {w2_len} values do not make a ({out}, {inner}·{k}) delta")
+                })
+            }
+        };
+        halves.map_err(Error::Target)
+    }
+
     /// ΔW (unscaled) in torch's layout: `out` rows of `in·kh·kw` values.
     pub fn delta(&self) -> Result<Vec<f32>> {
         match self {
@@ -195,8 +236,8 @@ fn factor_dims(f: &KronFactor) -> Result<(usize, usize)> {
     }
 }
 
-/// a·b for a (m, r) and b (r, n…), flattened over b's trailing dimensions.
-fn product(a: &F32Tensor, b: &F32Tensor) -> Result<Vec<f32>> {
+/// The number of values of a·b ([`product`]), checking that the factors multiply.
+fn product_len(a: &F32Tensor, b: &F32Tensor) -> Result<usize> {
     let (m, r) = (dim(a, 0)?, dim(a, 1)?);
     if dim(b, 0)? != r || a.data.len() != m * r {
         return Err(Error::Target(format!(
@@ -204,7 +245,14 @@ fn product(a: &F32Tensor, b: &F32Tensor) -> Result<Vec<f32>> {
             a.shape, b.shape
         )));
     }
-    let n = b.data.len() / r.max(1);
+    Ok(m * (b.data.len() / r.max(1)))
+}
+
+/// a·b for a (m, r) and b (r, n…), flattened over b's trailing dimensions.
+fn product(a: &F32Tensor, b: &F32Tensor) -> Result<Vec<f32>> {
+    let m = dim(a, 0)?;
+    let r = dim(a, 1)?;
+    let n = product_len(a, b)? / m.max(1);
     let mut out = vec![0f32; m * n];
     out.par_chunks_mut(n.max(1))
         .enumerate()
@@ -219,9 +267,8 @@ fn product(a: &F32Tensor, b: &F32Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// einsum("i j k, j r, i p -> p r k", t, wb, wa) for a core t (r1, r2, kh·kw), wb (r2, in) and
-/// wa (r1, out): the (out, in, kh·kw) weight of a Tucker-decomposed factor.
-fn rebuild_tucker(t: &F32Tensor, wb: &F32Tensor, wa: &F32Tensor) -> Result<Vec<f32>> {
+/// The number of values [`rebuild_tucker`] gives, checking that core and factors fit.
+fn tucker_len(t: &F32Tensor, wb: &F32Tensor, wa: &F32Tensor) -> Result<usize> {
     let (r1, r2, k) = (dim(t, 0)?, dim(t, 1)?, kernel(t)?);
     let (inn, out) = (dim(wb, 1)?, dim(wa, 1)?);
     if dim(wb, 0)? != r2 || dim(wa, 0)? != r1 || t.data.len() != r1 * r2 * k {
@@ -230,6 +277,15 @@ fn rebuild_tucker(t: &F32Tensor, wb: &F32Tensor, wa: &F32Tensor) -> Result<Vec<f
             t.shape, wb.shape, wa.shape
         )));
     }
+    Ok(out * inn * k)
+}
+
+/// einsum("i j k, j r, i p -> p r k", t, wb, wa) for a core t (r1, r2, kh·kw), wb (r2, in) and
+/// wa (r1, out): the (out, in, kh·kw) weight of a Tucker-decomposed factor.
+fn rebuild_tucker(t: &F32Tensor, wb: &F32Tensor, wa: &F32Tensor) -> Result<Vec<f32>> {
+    tucker_len(t, wb, wa)?;
+    let (r1, r2, k) = (dim(t, 0)?, dim(t, 1)?, kernel(t)?);
+    let (inn, out) = (dim(wb, 1)?, dim(wa, 1)?);
     // tmp[i, r, k] = Σ_j t[i, j, k] · wb[j, r]
     let mut tmp = vec![0f32; r1 * inn * k];
     for i in 0..r1 {

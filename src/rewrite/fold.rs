@@ -790,6 +790,8 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             continue;
         }
         if let Some(l) = &m.lycoris {
+            l.check()
+                .map_err(|e| Error::Target(format!("module '{}': {e}", m.path)))?;
             let (out, inn) = l.shape()?;
             if step.role.is_some() || out != weight.n_out || inn != weight.n_in {
                 return Err(Error::Target(format!(
