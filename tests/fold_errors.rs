@@ -240,6 +240,9 @@ fn weighted_adapters_add_up() {
     assert!(d["y"].as_f64().unwrap() < 1e-5, "{d}");
     let d: serde_json::Value = serde_json::from_str(&py("ort_diff.py", &[&both, &m])).unwrap();
     assert!(d["y"].as_f64().unwrap() > 1e-2, "{d}");
+    // One --weight per adapter or none: one for two is ambiguous, refused.
+    let err = fold_fails(&m, &a, &env.p("o.onnx"), &[&s(&b), "--weight", "0.5"]);
+    assert!(err.contains("1 --weight values for 2 adapters"), "{err}");
 }
 
 /// A q/k/v module whose layer holds no packed weight, or whose width does not fit the packed
@@ -1409,4 +1412,25 @@ fn impossible_tensors_and_layers_are_refused() {
         "-o",
         &s(&p("out.onnx")),
     ]);
+    // A weight that is also a graph output keeps its value there: the layer gets a copy.
+    let out = p("out.onnx");
+    let report = onnx_lora_ok(&[
+        "fold",
+        &s(&p("weight_output.onnx")),
+        &s(&fc),
+        "-o",
+        &s(&out),
+        "--json",
+    ]);
+    assert!(report.contains("\"copy\":\"fc.weight"), "{report}");
+    let folded = onnx_lora::onnx::load(&out).unwrap();
+    let g = folded.proto.graph.as_ref().unwrap();
+    let kept = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == "fc.weight")
+        .unwrap();
+    let ones: Vec<u8> = (0..32).flat_map(|_| 1f32.to_le_bytes()).collect();
+    assert_eq!(kept.raw_data.as_deref(), Some(&ones[..]));
+    assert!(g.output.iter().any(|o| o.name() == "fc.weight"));
 }

@@ -729,6 +729,39 @@ fn inputs_file_must_hold_every_input() {
     expect_error(&r, "missing input, --expect", &[&f, "'attention_mask'"]);
 }
 
+/// An array must have the input's declared shape (onnxruntime refuses another; tract would
+/// broadcast it), and an npz may not hold two arrays of one name (numpy reads the last).
+#[test]
+fn inputs_file_arrays_must_fit_the_inputs_shape_once() {
+    let m = file("mlp.onnx");
+    let arrays = read_arrays(Path::new(&file("inputs.npz"))).unwrap();
+    let (_, ids) = arrays
+        .iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .clone();
+    let mut flat = ids.clone();
+    flat.shape = vec![ids.shape.iter().product()];
+    let f = npz("flat_ids.npz", &inputs_with("input_ids", Some(flat)));
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[&m, &m, "--inputs", &f, "--ep", ep]);
+        expect_error(
+            &r,
+            "flat ids",
+            &[&f, "array 'input_ids' has shape", "input takes"],
+        );
+    }
+    let mut twice = arrays.clone();
+    twice.push(("input_ids".into(), ids));
+    let f = npz("twice.npz", &twice);
+    let r = verify(&[&m, &m, "--inputs", &f, "--ep", "tract"]);
+    expect_error(
+        &r,
+        "two arrays of one name",
+        &[&f, "two arrays named 'input_ids'"],
+    );
+}
+
 #[test]
 fn inputs_file_arrays_must_be_of_the_inputs_kind() {
     let m = file("mlp.onnx");

@@ -50,7 +50,8 @@ pub struct Args {
     /// rank, scale), without merging or writing anything.
     #[arg(long, conflicts_with_all = ["output", "verify"])]
     dry_run: bool,
-    /// Weight of each adapter's delta, in adapter order (default 1; may be negative).
+    /// Weight of each adapter's delta: one per adapter, in adapter order, or none (each 1); may
+    /// be negative.
     #[arg(long = "weight", value_name = "W", allow_negative_numbers = true)]
     weights: Vec<f32>,
     /// Multiplies every delta (may be negative).
@@ -79,9 +80,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    if args.weights.len() > args.adapters.len() {
+    if !args.weights.is_empty() && args.weights.len() != args.adapters.len() {
         anyhow::bail!(
-            "{} --weight values for {} adapters",
+            "{} --weight values for {} adapters: give one per adapter, in adapter order, or none (each 1)",
             args.weights.len(),
             args.adapters.len()
         );

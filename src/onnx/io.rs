@@ -290,7 +290,8 @@ impl LoadedModel {
                         t,
                         format!("cannot open '{}': {source}", file.display()),
                     ),
-                    other => other,
+                    // (a folder or special file: its message names only the file)
+                    other => external_err(path, t, other.to_string()),
                 })?;
                 external.insert(r.location.clone(), data);
                 external_files.insert(r.location.clone(), opened);

@@ -322,11 +322,33 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
             continue;
         };
         let me = (c.graph, c.node_index);
-        let others: Vec<String> = final_users(model, graph, &src)
+        let mut others: Vec<String> = final_users(model, graph, &src)
             .iter()
             .filter(|&&u| u != me)
             .filter_map(|&(g, n)| graph.node(model, g, n).map(NodeExt::label))
             .collect();
+        // A weight the graph also gives out as an output is read by whoever runs the model.
+        let (g, value) = match src {
+            ConstSource::Initializer { graph: g, index } => (
+                g,
+                graph.graphs[g]
+                    .loc
+                    .get(model)
+                    .and_then(|p| p.initializer.get(index))
+                    .map(|t| t.name().to_string()),
+            ),
+            ConstSource::Constant { graph: g, node } => (
+                g,
+                graph
+                    .node(model, g, node)
+                    .and_then(|n| n.output.first().cloned()),
+            ),
+        };
+        if let (Some(value), Some(proto)) = (value, graph.graphs[g].loc.get(model))
+            && proto.output.iter().any(|o| o.name() == value)
+        {
+            others.push(format!("graph output '{value}'"));
+        }
         c.shared = !others.is_empty();
         c.shared_with = others;
     }

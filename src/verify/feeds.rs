@@ -282,6 +282,21 @@ fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) ->
             spec.name, arr.dtype, spec.name, spec.dtype, spec.dtype
         ))
     };
+    // The shape as declared (onnxruntime refuses another; tract would broadcast it).
+    let fits = spec.dims.is_empty()
+        || (arr.shape.len() == spec.dims.len()
+            && arr.shape.iter().zip(&spec.dims).all(|(&n, d)| match d {
+                Dim::Fixed(f) => n == *f,
+                _ => true,
+            }));
+    if !fits {
+        return Err(err(format!(
+            "array '{}' has shape {:?} but the model input takes {}",
+            spec.name,
+            arr.shape,
+            format_dims(&spec.dims)
+        )));
+    }
     let (from, to) = (kind(arr.dtype), kind(spec.dtype));
     let bf16_bits = arr.dtype == DataType::Uint16 && spec.dtype == DataType::Bfloat16;
     if from != to && !bf16_bits {

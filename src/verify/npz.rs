@@ -37,6 +37,10 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
         let bytes = entry_data(&buf, &e).map_err(|r| npz_err(path, format!("{}: {r}", e.name)))?;
         let arr = parse_npy(&bytes).map_err(|r| npz_err(path, format!("{}: {r}", e.name)))?;
         let name = e.name.strip_suffix(".npy").unwrap_or(&e.name).to_string();
+        if out.iter().any(|(n, _)| *n == name) {
+            // (numpy reads the last one, a zip reader may take the first)
+            return Err(npz_err(path, format!("holds two arrays named '{name}'")));
+        }
         out.push((name, arr));
     }
     Ok(out)

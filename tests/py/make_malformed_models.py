@@ -8,6 +8,7 @@ checker): a reader must refuse them in one line, never panic or misread them.
   huge_group.onnx   Conv whose group is 2^62
   gemm_alpha0.onnx  Gemm (transB=1) on /fc/Gemm with alpha = 0
   conv_1x9.onnx     Conv /conv/Conv with a [4, 2, 1, 9] kernel (pads keep the width)
+  weight_output.onnx  linear MatMul /fc/MatMul whose weight fc.weight [8, 4] is also a graph output
 
 Usage: make_malformed_models.py OUT_DIR
 """
@@ -68,3 +69,9 @@ x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 8])
 w = numpy_helper.from_array(np.ones((4, 8), np.float32), "fc.weight")
 save([helper.make_node("Gemm", ["x", "fc.weight"], ["y"], name="/fc/Gemm", transB=1, alpha=0.0)],
      [x], [y], [w], "gemm_alpha0.onnx")
+
+x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 8])
+w = numpy_helper.from_array(np.ones((8, 4), np.float32), "fc.weight")
+w_out = helper.make_tensor_value_info("fc.weight", TP.FLOAT, [8, 4])
+save([helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="/fc/MatMul")], [x], [y, w_out], [w],
+     "weight_output.onnx")
