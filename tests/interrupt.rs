@@ -293,13 +293,47 @@ fn an_uninterrupted_run_is_unchanged() {
     assert!(out.exists() && temps(dir.path()).is_empty());
 }
 
+/// Waits until `out` is in place (or the run ends), then sends the run SIGTERM. False when the
+/// run finished first, or `too_late` says the signal came after the moment under test;
+/// otherwise asserts that the run ended on the signal, removing what it wrote, and that
+/// `out_dir` is empty.
+fn interrupt_once_in_place(
+    mut child: std::process::Child,
+    out: &Path,
+    out_dir: &Path,
+    too_late: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let late = too_late();
+    // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if o.status.success() || late {
+        return false;
+    }
+    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    // (after inject's report line)
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("onnx-lora: interrupted (SIGTERM); removed ")
+            && !last.contains("removed 0 "),
+        "{stderr}"
+    );
+    assert_empty(out_dir);
+    true
+}
+
 /// SIGTERM while `--verify` checks an output already in place removes that output: an
 /// unverified output is never left looking like a result.
 #[test]
 fn sigterm_while_verifying_removes_the_output() {
     for mb in [64, 128, 256] {
         let (_dir, input, out_dir, out) = big_model_and_out_dir(mb);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        let child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
             .args([
                 "inject",
                 input.to_str().unwrap(),
@@ -320,28 +354,10 @@ fn sigterm_while_verifying_removes_the_output() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
+        if interrupt_once_in_place(child, &out, &out_dir, || false) {
+            return;
         }
-        // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let o = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        if o.status.success() {
-            eprintln!("a {mb} MiB model was verified before the signal; trying a bigger one");
-            continue;
-        }
-        assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
-        // (after inject's report line)
-        let last = stderr.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("onnx-lora: interrupted (SIGTERM); removed ")
-                && !last.contains("removed 0 "),
-            "{stderr}"
-        );
-        assert_empty(&out_dir);
-        return;
+        eprintln!("a {mb} MiB model was verified before the signal; trying a bigger one");
     }
     panic!("every run was verified before the signal: this machine is too fast for the test");
 }
@@ -365,7 +381,7 @@ fn sigterm_between_the_model_and_its_adapter_file_removes_both() {
             ],
         );
         let served = out_dir.join("m.onnx_adapter");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        let child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
             .args(["inject", input.to_str().unwrap()])
             .args(["--adapter", adapter.to_str().unwrap(), "--as-inputs"])
             .args(["--adapter-out", served.to_str().unwrap()])
@@ -374,28 +390,10 @@ fn sigterm_between_the_model_and_its_adapter_file_removes_both() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
+        if interrupt_once_in_place(child, &out, &out_dir, || served.exists()) {
+            return;
         }
-        let adapter_was_there = served.exists();
-        // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let o = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        if o.status.success() || adapter_was_there {
-            eprintln!("the {mb} MiB run finished before the signal; trying a bigger one");
-            continue;
-        }
-        assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
-        let last = stderr.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("onnx-lora: interrupted (SIGTERM); removed ")
-                && !last.contains("removed 0 "),
-            "{stderr}"
-        );
-        assert_empty(&out_dir);
-        return;
+        eprintln!("the {mb} MiB run finished before the signal; trying a bigger one");
     }
     panic!("no run was interrupted between the model and its adapter file");
 }

@@ -142,6 +142,7 @@ impl Lycoris {
 
     /// ΔW (unscaled) in torch's layout: `out` rows of `in·kh·kw` values.
     pub fn delta(&self) -> Result<Vec<f32>> {
+        self.check()?;
         match self {
             Lycoris::LoHa {
                 w1a,
@@ -156,13 +157,6 @@ impl Lycoris {
                     }
                     None => (product(w1a, w1b)?, product(w2a, w2b)?),
                 };
-                if h1.len() != h2.len() {
-                    return Err(Error::Target(format!(
-                        "LoHa halves of different sizes ({} and {})",
-                        h1.len(),
-                        h2.len()
-                    )));
-                }
                 Ok(h1.iter().zip(&h2).map(|(x, y)| x * y).collect())
             }
             Lycoris::LoKr { w1, w2, t2 } => {
@@ -172,24 +166,13 @@ impl Lycoris {
                     KronFactor::Product(wa, wb) => product(wa, wb)?,
                 };
                 let (out, inner, k) = self.dims()?;
-                if a == 0 || c == 0 {
-                    return Err(Error::Target(
-                        "LoKr w1 factor with an empty dimension".into(),
-                    ));
-                }
+                // (a, c > 0 and the factors' sizes: `check`)
                 let (b, d) = (out / a, inner / c);
                 let w2 = match (w2, t2) {
                     (KronFactor::Whole(w), _) => w.data.clone(),
                     (KronFactor::Product(wa, wb), Some(t)) => rebuild_tucker(t, wb, wa)?,
                     (KronFactor::Product(wa, wb), None) => product(wa, wb)?,
                 };
-                if w1.len() != a * c || w2.len() != b * d * k {
-                    return Err(Error::Target(format!(
-                        "LoKr factors of {} and {} values do not make a ({out}, {inner}·{k}) delta",
-                        w1.len(),
-                        w2.len()
-                    )));
-                }
                 // (w1 ⊗ w2)[i·b + j, (p·d + l)·k + q] = w1[i, p] · w2[j, l, q]
                 let mut out_v = vec![0f32; out * inner * k];
                 out_v
