@@ -1656,3 +1656,38 @@ fn branch_nodes_must_be_the_ops_their_roles_say() {
     });
     every_reader_refuses(&env, &bad, &["injected branch 'conv'", "does not convolve"]);
 }
+
+/// Branch names are module names: two branches with one name are refused by every reader,
+/// and export-peft refuses names that are no module path (which it would write as keys).
+#[test]
+fn branch_names_must_be_distinct_module_paths() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let two = injected(&env, "shared_bias.onnx", &[], "two.onnx");
+    let rename = |from: &Path, out: &str, name: &'static str| {
+        edited(&env, from, out, move |g| {
+            for p in g.node.iter_mut().flat_map(|n| n.metadata_props.iter_mut()) {
+                if p.key() == "onnx-lora.branch" {
+                    p.value = Some(name.into());
+                }
+            }
+        })
+    };
+    let same = rename(&two, "same.onnx", "same.module");
+    every_reader_refuses(&env, &same, &["both named 'same.module'"]);
+    let lin = injected(&env, "linear.onnx", &[], "lin.onnx");
+    for name in ["", "a..b", ".a", "a/b", "a b", "a\nb", "../x"] {
+        let bad = rename(&lin, "bad.onnx", name);
+        let dir = env.p("peft");
+        let o = onnx_lora(&["export-peft", &s(&bad), "-o", &s(&dir)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name:?}: {err}");
+        assert!(
+            err.contains(&format!("injected branch {name:?}"))
+                && err.contains("no module path PEFT can load"),
+            "{name:?}: {err}"
+        );
+        assert!(!dir.exists());
+    }
+}
