@@ -1077,7 +1077,8 @@ fn writer_reports_name_their_output() {
 }
 
 /// A branch whose scale is not one finite number (a hand-edited or corrupted model) is refused
-/// by fold-back and export-peft, naming the branch.
+/// by fold-back and export-peft, naming the branch, in either form (the weight form's scale
+/// broadcasts over A's rank columns, so a vector would scale each one differently).
 #[test]
 fn a_branch_scale_must_be_one_finite_number() {
     use prost::Message;
@@ -1091,8 +1092,23 @@ fn a_branch_scale_must_be_one_finite_number() {
         &s(&train),
         "--inline",
     ]);
-    for (name, values) in [("nan.onnx", vec![f32::NAN]), ("vec.onnx", vec![1.0, 2.0])] {
-        let mut m = onnx_lora::onnx::load(&train).unwrap().proto;
+    let weight_form = env.p("train_w.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "--form",
+        "weight",
+        "-o",
+        &s(&weight_form),
+        "--inline",
+    ]);
+    for (train, name, values) in [
+        (&train, "nan.onnx", vec![f32::NAN]),
+        (&train, "vec.onnx", vec![1.0, 2.0]),
+        (&weight_form, "nan.onnx", vec![f32::NAN]),
+        (&weight_form, "vec.onnx", vec![2.0, 3.0]),
+    ] {
+        let mut m = onnx_lora::onnx::load(train).unwrap().proto;
         let g = m.graph.as_mut().unwrap();
         let t = g
             .initializer
@@ -1433,4 +1449,352 @@ fn impossible_tensors_and_layers_are_refused() {
     let ones: Vec<u8> = (0..32).flat_map(|_| 1f32.to_le_bytes()).collect();
     assert_eq!(kept.raw_data.as_deref(), Some(&ones[..]));
     assert!(g.output.iter().any(|o| o.name() == "fc.weight"));
+}
+
+/// `inject MODEL ARGS... -o OUT` (inline) on an edge model; returns the injected model's path.
+fn injected(env: &Env, model: &str, args: &[&str], out: &str) -> PathBuf {
+    let out = env.p(out);
+    let mut all: Vec<String> = vec!["inject".into(), env.p(model).to_str().unwrap().into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["--inline".into(), "-o".into(), out.to_str().unwrap().into()]);
+    onnx_lora_ok(&all.iter().map(String::as_str).collect::<Vec<_>>());
+    out
+}
+
+/// A copy of `model` at `out` (in `env`) with `edit` applied to its proto.
+fn edited(
+    env: &Env,
+    model: &Path,
+    out: &str,
+    edit: impl FnOnce(&mut onnx_lora::onnx::pb::GraphProto),
+) -> PathBuf {
+    use prost::Message;
+    let mut m = onnx_lora::onnx::load(model).unwrap().proto;
+    edit(m.graph.as_mut().unwrap());
+    let out = env.p(out);
+    std::fs::write(&out, m.encode_to_vec()).unwrap();
+    out
+}
+
+/// Runs fold (no adapter), export-peft and inject on an injected model expecting each to
+/// refuse it: exit 2, one line containing every one of `expect`, nothing written. (A layer in
+/// weight form is no target, so inject of a one-layer model in weight form finds no target
+/// before it reads the branch: only its exit and line are checked there.)
+fn every_reader_refuses(env: &Env, model: &Path, expect: &[&str]) {
+    let nodes = onnx_lora::onnx::load(model)
+        .unwrap()
+        .proto
+        .graph
+        .unwrap()
+        .node;
+    let weight_form = nodes.iter().any(|n| role_of(n) == "weight_add");
+    // Convolutions are targeted by name (the default targets are linear layers).
+    let target = if nodes.iter().any(|n| n.op_type() == "Conv") {
+        "conv"
+    } else {
+        ".*"
+    };
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (out, dir) = (env.p("back.onnx"), env.p("peft"));
+    for args in [
+        vec!["fold".to_string(), s(model), "-o".into(), s(&out)],
+        vec!["export-peft".to_string(), s(model), "-o".into(), s(&dir)],
+        vec![
+            "inject".to_string(),
+            s(model),
+            "-t".into(),
+            target.into(),
+            "-o".into(),
+            s(&out),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = onnx_lora(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        for e in expect
+            .iter()
+            .filter(|_| !(weight_form && args[0] == "inject"))
+        {
+            assert!(err.contains(e), "{args:?}: expected '{e}' in: {err}");
+        }
+        assert!(!out.exists() && !dir.exists(), "{args:?}: wrote output");
+    }
+}
+
+fn set_tensor(g: &mut onnx_lora::onnx::pb::GraphProto, name: &str, dims: &[i64], values: &[f32]) {
+    let t = g.initializer.iter_mut().find(|t| t.name() == name).unwrap();
+    t.raw_data = Some(
+        values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
+    );
+    t.dims = dims.to_vec();
+}
+
+fn role_of(n: &onnx_lora::onnx::pb::NodeProto) -> &str {
+    n.metadata_props
+        .iter()
+        .find(|p| p.key() == "onnx-lora.role")
+        .map_or("", |p| p.value())
+}
+
+/// A branch factor that is no matrix (a scalar lora_A or lora_B, in either form, on a linear
+/// layer or a convolution) is refused by every reader of injected models, naming the tensor.
+#[test]
+fn injected_factors_must_have_their_layers_dimensions() {
+    let env = Env::new();
+    let lin = injected(&env, "linear.onnx", &[], "lin.onnx");
+    let conv = injected(&env, "conv_nobias.onnx", &["-t", "conv"], "conv.onnx");
+    let wf = injected(&env, "linear.onnx", &["--form", "weight"], "wf.onnx");
+    for (model, tensor) in [
+        (&lin, "fc.lora_A.weight"),
+        (&lin, "fc.lora_B.weight"),
+        (&conv, "conv.lora_A.weight"),
+        (&conv, "conv.lora_B.weight"),
+        (&wf, "fc.lora_A.weight"),
+        (&wf, "fc.lora_B.weight"),
+    ] {
+        let bad = edited(&env, model, "bad.onnx", |g| {
+            set_tensor(g, tensor, &[], &[0.5])
+        });
+        every_reader_refuses(&env, &bad, &["injected branch", tensor, "shape []"]);
+    }
+    // Factors of the wrong size for the layer: named with the layer's weight.
+    let bad = edited(&env, &lin, "bad.onnx", |g| {
+        set_tensor(g, "fc.lora_A.weight", &[4, 2], &[0.5; 8])
+    });
+    every_reader_refuses(&env, &bad, &["module 'fc'", "do not fit weight"]);
+}
+
+/// The weight form's scale Mul commutes: with its inputs swapped the model is the same, and
+/// fold-back and export-peft read it as before.
+#[test]
+fn a_weight_form_scale_mul_with_swapped_inputs_is_the_same_branch() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let wf = injected(
+        &env,
+        "linear.onnx",
+        &["--form", "weight", "--rank", "2"],
+        "wf.onnx",
+    );
+    // "Train" it: B is zero after inject.
+    let trained = edited(&env, &wf, "trained.onnx", |g| {
+        let v: Vec<f32> = (0..8).map(|i| i as f32 * 0.1 - 0.5).collect();
+        set_tensor(g, "fc.lora_B.weight", &[2, 4], &v)
+    });
+    let swapped = edited(&env, &trained, "swapped.onnx", |g| {
+        let n = g
+            .node
+            .iter_mut()
+            .find(|n| role_of(n) == "weight_scale")
+            .unwrap();
+        n.input.swap(0, 1);
+    });
+    for m in [&trained, &swapped] {
+        let stem = m.file_stem().unwrap().to_str().unwrap();
+        onnx_lora_ok(&[
+            "fold",
+            &s(m),
+            "-o",
+            &s(&env.p(&format!("{stem}_back.onnx"))),
+        ]);
+        onnx_lora_ok(&[
+            "export-peft",
+            &s(m),
+            "-o",
+            &s(&env.p(&format!("{stem}_peft"))),
+        ]);
+    }
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(env.p("trained_back.onnx")),
+        read(env.p("swapped_back.onnx"))
+    );
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            read(env.p("trained_peft").join(f)),
+            read(env.p("swapped_peft").join(f))
+        );
+    }
+}
+
+fn tag(n: &mut onnx_lora::onnx::pb::NodeProto, branch: &str, role: &str) {
+    use onnx_lora::onnx::pb::StringStringEntryProto as E;
+    let e = |k: &str, v: &str| E {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    };
+    n.metadata_props = vec![e("onnx-lora.branch", branch), e("onnx-lora.role", role)];
+}
+
+/// Adds `node` (op, inputs, output) to the graph, its output a graph output.
+fn add_node(
+    g: &mut onnx_lora::onnx::pb::GraphProto,
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+) -> usize {
+    g.node.push(onnx_lora::onnx::pb::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("extra_{output}")),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    });
+    g.output.push(onnx_lora::onnx::pb::ValueInfoProto {
+        name: Some(output.into()),
+        ..Default::default()
+    });
+    g.node.len() - 1
+}
+
+/// Fold-back removes a branch's nodes and tensors: when something outside the branch reads
+/// them (a node, a graph output), or a node carries branch metadata without being part of a
+/// branch, every reader refuses, naming the tensor or node.
+#[test]
+fn branch_values_used_outside_the_branch_are_refused() {
+    let env = Env::new();
+    let lin = injected(&env, "linear.onnx", &[], "lin.onnx");
+    let wf = injected(&env, "linear.onnx", &["--form", "weight"], "wf.onnx");
+    type Edit = Box<dyn Fn(&mut onnx_lora::onnx::pb::GraphProto)>;
+    let cases: Vec<(&PathBuf, Edit, Vec<&str>)> = vec![
+        (
+            &lin,
+            Box::new(|g| {
+                add_node(g, "Identity", &["fc.lora_A.weight"], "leak");
+            }),
+            vec!["'fc.lora_A.weight'", "extra_leak"],
+        ),
+        (
+            &lin,
+            Box::new(|g| {
+                add_node(g, "Mul", &["y", "fc.lora_scale"], "z");
+            }),
+            vec!["'fc.lora_scale'", "extra_z"],
+        ),
+        (
+            &lin,
+            Box::new(|g| {
+                add_node(g, "Identity", &["y.base"], "leak");
+            }),
+            vec!["'y.base'", "extra_leak"],
+        ),
+        (
+            &lin,
+            Box::new(|g| {
+                let lb = g.node.iter().find(|n| role_of(n) == "lora_B").unwrap();
+                let out = lb.output[0].clone();
+                g.output.push(onnx_lora::onnx::pb::ValueInfoProto {
+                    name: Some(out),
+                    ..Default::default()
+                });
+            }),
+            vec!["graph output"],
+        ),
+        (
+            &lin,
+            Box::new(|g| {
+                let i = add_node(g, "Softmax", &["y"], "z");
+                tag(&mut g.node[i], "fc", "lora_A");
+            }),
+            vec!["extra_z", "is a Softmax, not"],
+        ),
+        (
+            &lin,
+            Box::new(|g| {
+                let i = add_node(g, "Add", &["y", "y"], "z");
+                tag(&mut g.node[i], "fc", "lora_bias");
+            }),
+            vec!["extra_z", "not part of a branch"],
+        ),
+        (
+            &wf,
+            Box::new(|g| {
+                add_node(g, "Identity", &["fc.lora_A.weight"], "leak");
+            }),
+            vec!["'fc.lora_A.weight'", "extra_leak"],
+        ),
+        (
+            &wf,
+            Box::new(|g| {
+                let i = add_node(g, "Mul", &["y", "y"], "z");
+                tag(&mut g.node[i], "fc", "weight_dora");
+            }),
+            vec!["extra_z", "not part of a branch"],
+        ),
+    ];
+    for (model, edit, expect) in cases {
+        let bad = edited(&env, model, "bad.onnx", edit);
+        every_reader_refuses(&env, &bad, &expect);
+    }
+}
+
+/// A node is read as the branch part its role names only when it is that op (and a conv
+/// lora_A convolves as its layer): a branch whose Add became a Sub, or whose scale Mul a Div,
+/// computes something else, and every reader refuses it.
+#[test]
+fn branch_nodes_must_be_the_ops_their_roles_say() {
+    let env = Env::new();
+    let lin = injected(&env, "linear.onnx", &[], "lin.onnx");
+    let conv = injected(&env, "conv_nobias.onnx", &["-t", "conv"], "conv.onnx");
+    let wf = injected(&env, "linear.onnx", &["--form", "weight"], "wf.onnx");
+    for (model, role, op) in [
+        (&lin, "add", "Sub"),
+        (&lin, "scale", "Div"),
+        (&lin, "lora_B", "Gemm"),
+        (&wf, "weight_add", "Sub"),
+        (&wf, "weight_scale", "Div"),
+        (&wf, "weight_delta", "Add"),
+    ] {
+        let bad = edited(&env, model, "bad.onnx", |g| {
+            let n = g.node.iter_mut().find(|n| role_of(n) == role).unwrap();
+            n.op_type = Some(op.into());
+        });
+        every_reader_refuses(&env, &bad, &[&format!(" {op}, not ")]);
+    }
+    let bad = edited(&env, &conv, "bad.onnx", |g| {
+        let n = g.node.iter_mut().find(|n| role_of(n) == "lora_A").unwrap();
+        n.attribute.retain(|a| a.name() != "pads");
+    });
+    every_reader_refuses(&env, &bad, &["injected branch 'conv'", "does not convolve"]);
+}
+
+/// Branch names are module names: two branches with one name are refused by every reader,
+/// and export-peft refuses names that are no module path (which it would write as keys).
+#[test]
+fn branch_names_must_be_distinct_module_paths() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let two = injected(&env, "shared_bias.onnx", &[], "two.onnx");
+    let rename = |from: &Path, out: &str, name: &'static str| {
+        edited(&env, from, out, move |g| {
+            for p in g.node.iter_mut().flat_map(|n| n.metadata_props.iter_mut()) {
+                if p.key() == "onnx-lora.branch" {
+                    p.value = Some(name.into());
+                }
+            }
+        })
+    };
+    let same = rename(&two, "same.onnx", "same.module");
+    every_reader_refuses(&env, &same, &["both named 'same.module'"]);
+    let lin = injected(&env, "linear.onnx", &[], "lin.onnx");
+    for name in ["", "a..b", ".a", "a/b", "a b", "a\nb", "../x"] {
+        let bad = rename(&lin, "bad.onnx", name);
+        let dir = env.p("peft");
+        let o = onnx_lora(&["export-peft", &s(&bad), "-o", &s(&dir)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name:?}: {err}");
+        assert!(
+            err.contains(&format!("injected branch {name:?}"))
+                && err.contains("no module path PEFT can load"),
+            "{name:?}: {err}"
+        );
+        assert!(!dir.exists());
+    }
 }

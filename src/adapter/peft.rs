@@ -117,7 +117,11 @@ impl ModuleAdapter {
     pub fn rank(&self) -> usize {
         match &self.lycoris {
             Some(l) => l.rank().unwrap_or(1),
-            None => self.a.as_ref().map(|a| a.shape[0]).unwrap_or(0),
+            None => self
+                .a
+                .as_ref()
+                .and_then(|a| a.shape.first().copied())
+                .unwrap_or(0),
         }
     }
 

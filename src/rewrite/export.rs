@@ -58,12 +58,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
                 m.path
             )));
         }
-        super::factors(
-            m,
-            &f.cand,
-            super::inject::factor_in(&f.cand),
-            f.cand.out_features.max(0) as usize,
-        )?;
+        check_module_path(&m.path)?;
         if !f.scale.is_finite() || f.scale == 0.0 {
             return Err(Error::Target(format!(
                 "module '{}': its branch scale is {} (lora_alpha cannot be recovered from it)",
@@ -166,6 +161,21 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         r,
         lora_alpha,
     })
+}
+
+/// A branch name PEFT can look a module up by (and a key in the safetensors file can carry):
+/// dotted names, none empty, without whitespace, control characters, '/' or a backslash.
+fn check_module_path(path: &str) -> Result<()> {
+    let bad = |c: char| c.is_whitespace() || c.is_control() || c == '/' || c == '\\';
+    if path
+        .split('.')
+        .any(|part| part.is_empty() || part.contains(bad))
+    {
+        return Err(Error::Target(format!(
+            "injected branch {path:?}: its name is no module path PEFT can load (dotted names, none empty, without whitespace, control characters, '/' or '\\'); rename its nodes' onnx-lora.branch to the module's path"
+        )));
+    }
+    Ok(())
 }
 
 /// Creates `dir` with these files atomically: built in a temp folder beside it (registered in

@@ -22,6 +22,9 @@ use crate::onnx::pb_ext::NodeExt;
 
 /// Role of the Split that hands each fused branch its slice.
 pub const SPLIT_ROLE: &str = "lora_A_split";
+/// Role of the MatMul of the concatenated A's, and of that Concat.
+pub const FUSED_ROLE: &str = "lora_A_fused";
+pub const CONCAT_ROLE: &str = "lora_A_concat";
 /// Branch value of the shared nodes (they belong to several branches).
 pub const FUSED_BRANCH: &str = "(fused)";
 
@@ -103,7 +106,7 @@ fn fuse_group(
         members.iter().map(|m| m.input[1].clone()).collect(),
         vec![cat.clone()],
         format!("{stem}_concat"),
-        "lora_A_concat",
+        CONCAT_ROLE,
     );
     concat.attribute.push(super::branch::int("axis", 1));
     let matmul = node(
@@ -111,7 +114,7 @@ fn fuse_group(
         vec![x.to_string(), cat],
         vec![prod.clone()],
         format!("{stem}_matmul"),
-        "lora_A_fused",
+        FUSED_ROLE,
     );
     let ranks: Vec<i64> = group.iter().map(|&(_, r)| r).collect();
     let mut split = node(

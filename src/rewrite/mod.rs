@@ -70,6 +70,12 @@ pub(crate) fn factors(
             m.path
         )));
     };
+    if a.shape.len() < 2 || b.shape.len() < 2 {
+        return Err(Error::Target(format!(
+            "module '{}': lora_A {:?} and lora_B {:?} must have at least 2 dimensions",
+            m.path, a.shape, b.shape
+        )));
+    }
     let r = a.shape[0];
     let a_cols: usize = a.shape[1..].iter().product();
     let b_cols: usize = b.shape[1..].iter().product();

@@ -17,7 +17,7 @@
 //! `lora_bias` (never with DoRA in PEFT) adds s·b to the layer's constant bias (Gemm C, Conv B,
 //! the Add after a MatMul), also folded at load, or after the node when it has none.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use super::branch::{BRANCH_KEY, ROLE_KEY, initializer, node};
 use super::inject::{BranchReport, BranchSpec, activation_dtype, anchor, dora_constants};
@@ -30,16 +30,16 @@ use crate::onnx::pb_ext::NodeExt;
 use crate::onnx::{DataType, LoadedModel};
 
 /// Roles of the nodes a weight-space branch adds (`onnx-lora.role`).
-const DELTA: &str = "weight_delta";
-const RESHAPE: &str = "weight_reshape";
-const SCALE: &str = "weight_scale";
+pub(crate) const DELTA: &str = "weight_delta";
+pub(crate) const RESHAPE: &str = "weight_reshape";
+pub(crate) const SCALE: &str = "weight_scale";
 pub(crate) const ADD: &str = "weight_add";
-const DORA: &str = "weight_dora";
-const BIAS_SCALE: &str = "weight_bias_scale";
-const BIAS_MERGE: &str = "weight_bias_merge";
-const BIAS_ADD: &str = "weight_bias_add";
+pub(crate) const DORA: &str = "weight_dora";
+pub(crate) const BIAS_SCALE: &str = "weight_bias_scale";
+pub(crate) const BIAS_MERGE: &str = "weight_bias_merge";
+pub(crate) const BIAS_ADD: &str = "weight_bias_add";
 /// A Cast between the model's dtype and the merge's (float32 for 16-bit models).
-const CAST: &str = "weight_cast";
+pub(crate) const CAST: &str = "weight_cast";
 
 /// One branch's edit, decided on the read-only graph and applied with the others in one pass.
 struct Plan {
@@ -405,12 +405,13 @@ pub(crate) struct Taken {
 }
 
 /// Per graph: its index, (merged value, W) pairs the nodes read again, (y_base, y) output
-/// renames, and the parameters to remove.
+/// renames, the parameters to remove, and the branches' nodes (indices) to remove.
 type GraphEdits = (
     usize,
     Vec<(String, String)>,
     Vec<(String, String)>,
     HashSet<String>,
+    HashSet<usize>,
 );
 
 fn role(n: &NodeProto) -> Option<&str> {
@@ -418,7 +419,9 @@ fn role(n: &NodeProto) -> Option<&str> {
 }
 
 /// Takes every weight-space branch out of `model`: each node reads its weight W again, and
-/// the branch's nodes and parameters are removed. Returns the branches' parameters.
+/// the branch's nodes and parameters are removed. Returns the branches' parameters. A branch
+/// is read only when it is what `inject --form weight` writes (see
+/// `unbranch::check_removable`); the factors must be matrices and the scale one number.
 pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
     let graph = ModelGraph::build(&model.proto);
     let mut taken = Vec::new();
@@ -430,38 +433,54 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
         let mut restore = Vec::new();
         let mut rename = Vec::new();
         let mut params = HashSet::new();
-        let mut shapes = Vec::new();
-        for add in gp.node.iter().filter(|n| role(n) == Some(ADD)) {
+        let mut members = HashSet::new();
+        // Values removed with the branches (value -> branch), checked unused elsewhere.
+        let mut removed = BTreeMap::new();
+        for (add_index, add) in gp
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| role(n) == Some(ADD))
+        {
             let name = add.metadata(BRANCH_KEY).unwrap_or_default().to_string();
             let broken = |why: &str| Error::Target(format!("injected branch '{name}': {why}"));
-            let producer = |v: &str| view.producer.get(v).map(|&i| &gp.node[i]);
-            let mut param = |v: Option<&String>| -> Result<F32Tensor> {
+            let producer = |v: &str| view.producer.get(v).map(|&i| (i, &gp.node[i]));
+            let mut nodes = vec![add_index];
+            let mut names = Vec::new();
+            let mut param = |v: Option<&String>| -> Result<(String, F32Tensor)> {
                 let v = v.ok_or_else(|| broken("missing parameter input"))?;
-                params.insert(v.clone());
-                super::unbranch::param_value(model, &graph, gi, v)
-                    .map_err(|e| broken(&e.to_string()))
+                names.push(v.clone());
+                let t = super::unbranch::param_value(model, &graph, gi, v)
+                    .map_err(|e| broken(&e.to_string()))?;
+                Ok((v.clone(), t))
             };
             // Through this branch's Casts (16-bit models merge in float32).
-            let back = |v: String| match producer(&v) {
-                Some(p) if role(p) == Some(CAST) => p.input.first().cloned().unwrap_or_default(),
+            let back = |v: String, nodes: &mut Vec<usize>| match producer(&v) {
+                Some((i, p)) if role(p) == Some(CAST) => {
+                    nodes.push(i);
+                    p.input.first().cloned().unwrap_or_default()
+                }
                 _ => v,
             };
-            let fwd = |v: String| match view.consumers_of(&v) {
+            let fwd = |v: String, nodes: &mut Vec<usize>| match view.consumers_of(&v) {
                 [u] if role(&gp.node[*u]) == Some(CAST) => {
+                    nodes.push(*u);
                     gp.node[*u].output.first().cloned().unwrap_or_default()
                 }
                 _ => v,
             };
-            let w = back(add.input.first().cloned().unwrap_or_default());
-            let mut delta = add
+            let w = back(add.input.first().cloned().unwrap_or_default(), &mut nodes);
+            let (mut delta_at, mut delta) = add
                 .input
                 .get(1)
                 .and_then(|v| producer(v))
                 .ok_or_else(|| broken("its delta MatMul is missing"))?;
+            let mut shape = None;
             if role(delta) == Some(RESHAPE) {
                 // The target shape (int64): removed with the parameters, not read.
-                shapes.extend(delta.input.get(1).cloned());
-                delta = delta
+                shape = delta.input.get(1).cloned();
+                nodes.push(delta_at);
+                (delta_at, delta) = delta
                     .input
                     .first()
                     .and_then(|v| producer(v))
@@ -470,29 +489,46 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
             if role(delta) != Some(DELTA) {
                 return Err(broken("its delta MatMul is missing"));
             }
-            let scale_node = delta
+            nodes.push(delta_at);
+            let (scale_at, scale_node) = delta
                 .input
                 .first()
                 .and_then(|v| producer(v))
-                .filter(|n| role(n) == Some(SCALE))
+                .filter(|(_, n)| role(n) == Some(SCALE))
                 .ok_or_else(|| broken("its scale node is missing"))?;
-            let weight_scale = param(scale_node.input.get(1))?
-                .data
-                .first()
-                .copied()
-                .unwrap_or(1.0);
-            let first = param(scale_node.input.first())?;
+            nodes.push(scale_at);
+            // Mul commutes: the first factor is the matrix, the scale the other input.
+            let mut first = param(scale_node.input.first())?;
+            let mut s = param(scale_node.input.get(1))?;
+            if first.1.shape.len() != 2 && s.1.shape.len() == 2 {
+                std::mem::swap(&mut first, &mut s);
+            }
+            let weight_scale = super::unbranch::one_number(&s.1.data).map_err(|got| {
+                broken(&format!(
+                    "its scale '{}' must be one finite number, not {got}",
+                    s.0
+                ))
+            })?;
             let second = param(delta.input.get(1))?;
+            for (n, t) in [&first, &second] {
+                if t.shape.len() != 2 {
+                    return Err(broken(&format!(
+                        "its factor '{n}' has shape {:?}; weight-form factors are matrices",
+                        t.shape
+                    )));
+                }
+            }
             let mut merged = add.output.first().cloned().unwrap_or_default();
             let mut dora_factor = None;
             if let [u] = view.consumers_of(&merged)
                 && role(&gp.node[*u]) == Some(DORA)
             {
                 let dn = &gp.node[*u];
-                dora_factor = Some(param(dn.input.get(1))?.data);
+                nodes.push(*u);
+                dora_factor = Some(param(dn.input.get(1))?.1.data);
                 merged = dn.output.first().cloned().unwrap_or_default();
             }
-            let merged = fwd(merged);
+            let merged = fwd(merged, &mut nodes);
             let [user] = view.consumers_of(&merged) else {
                 return Err(broken("its merged weight must feed exactly one node"));
             };
@@ -501,57 +537,76 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                 || (base.op_type() == "Gemm" && base.attr_i("transB").unwrap_or(0) != 0);
             let mut base_output = base.output.first().cloned().unwrap_or_default();
             let mut lora_bias = None;
+            let mut kept = vec![merged.clone()];
             // lora_bias: merged into the layer's bias, or added after the node.
-            if let Some(bn) = gp.node.iter().find(|n| {
+            if let Some((bi, bn)) = gp.node.iter().enumerate().find(|(_, n)| {
                 matches!(role(n), Some(BIAS_MERGE | BIAS_ADD))
                     && n.metadata(BRANCH_KEY) == Some(&name)
             }) {
-                let term = bn
-                    .input
-                    .get(1)
-                    .and_then(|v| producer(&back(v.clone())))
-                    .filter(|n| role(n) == Some(BIAS_SCALE))
+                nodes.push(bi);
+                let term_value = back(bn.input.get(1).cloned().unwrap_or_default(), &mut nodes);
+                let (term_at, term) = producer(&term_value)
+                    .filter(|(_, n)| role(n) == Some(BIAS_SCALE))
                     .ok_or_else(|| broken("its lora_bias scale node is missing"))?;
-                lora_bias = Some(param(term.input.first())?.data);
+                nodes.push(term_at);
+                lora_bias = Some(param(term.input.first())?.1.data);
                 param(term.input.get(1))?;
                 let input = bn.input.first().cloned().unwrap_or_default();
                 let output = bn.output.first().cloned().unwrap_or_default();
                 if role(bn) == Some(BIAS_MERGE) {
-                    restore.push((fwd(output), back(input)));
+                    let merged_bias = fwd(output, &mut nodes);
+                    kept.push(merged_bias.clone());
+                    restore.push((merged_bias, back(input, &mut nodes)));
                 } else {
                     if input == base_output {
                         base_output = output.clone();
                     }
+                    // The node's own output, renamed back: read by the Add alone.
+                    removed.insert(input.clone(), name.clone());
+                    kept.push(output.clone());
                     rename.push((input, output));
                 }
             }
             restore.push((merged, w));
+            names.extend(shape);
+            for &i in &nodes {
+                for o in gp.node[i].output.iter().filter(|o| !kept.contains(o)) {
+                    removed.insert(o.clone(), name.clone());
+                }
+            }
+            for v in &names {
+                removed.insert(v.clone(), name.clone());
+            }
+            params.extend(names);
+            members.extend(nodes);
             taken.push(Taken {
                 name,
                 graph: gi,
                 base_output,
-                first,
-                second,
+                first: first.1,
+                second: second.1,
                 b_first,
                 weight_scale,
                 dora_factor,
                 lora_bias,
             });
         }
-        params.extend(shapes);
+        super::unbranch::check_removable(model, &graph, gi, &members, &removed, |n| {
+            role(n).is_some_and(|r| r.starts_with("weight_"))
+        })?;
         if !restore.is_empty() {
-            edits.push((gi, restore, rename, params));
+            edits.push((gi, restore, rename, params, members));
         }
     }
-    let names: HashSet<String> = taken.iter().map(|t| t.name.clone()).collect();
-    for (gi, restore, rename, params) in edits {
+    // Deepest graphs first: removing nodes of a graph moves the nodes its subgraphs hang on.
+    for (gi, restore, rename, params, members) in edits.into_iter().rev() {
         let Some(gp) = graph.graphs[gi].loc.get_mut(&mut model.proto) else {
             continue;
         };
-        gp.node.retain(|n| {
-            !(n.metadata(ROLE_KEY)
-                .is_some_and(|r| r.starts_with("weight_"))
-                && n.metadata(BRANCH_KEY).is_some_and(|b| names.contains(b)))
+        let mut index = 0;
+        gp.node.retain(|_| {
+            index += 1;
+            !members.contains(&(index - 1))
         });
         gp.initializer.retain(|t| !params.contains(t.name()));
         for n in gp.node.iter_mut() {
