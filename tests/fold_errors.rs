@@ -1798,3 +1798,48 @@ fn branch_names_must_be_distinct_module_paths() {
         assert!(!dir.exists());
     }
 }
+
+/// Branches in the main graph and in an If body fold back to the base everywhere: the body is
+/// found again after the main graph lost its branch nodes.
+#[test]
+fn branches_in_subgraphs_fold_back() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = env.p("subgraph.onnx");
+    let (inj, back) = (env.p("inj.onnx"), env.p("back.onnx"));
+    let report = onnx_lora_ok(&[
+        "inject",
+        &s(&model),
+        "--target",
+        "a|b",
+        "--rank",
+        "2",
+        "-o",
+        &s(&inj),
+        "--json",
+    ]);
+    assert_eq!(report.matches("\"type\":\"branch\"").count(), 2, "{report}");
+    onnx_lora_ok(&["fold", &s(&inj), "-o", &s(&back)]);
+    fn ops(g: &onnx_lora::onnx::pb::GraphProto, out: &mut Vec<String>) {
+        for n in &g.node {
+            out.push(n.op_type().to_string());
+            assert!(
+                n.metadata_props
+                    .iter()
+                    .all(|p| !p.key().starts_with("onnx-lora")),
+                "{} kept its branch metadata",
+                n.name()
+            );
+            for a in &n.attribute {
+                a.g.iter().chain(&a.graphs).for_each(|g| ops(g, out));
+            }
+        }
+    }
+    let ops_of = |p: &Path| {
+        let m = onnx_lora::onnx::load(p).unwrap();
+        let mut out = Vec::new();
+        ops(m.proto.graph.as_ref().unwrap(), &mut out);
+        out
+    };
+    assert_eq!(ops_of(&back), ops_of(&model));
+}

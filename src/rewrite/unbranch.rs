@@ -646,7 +646,9 @@ fn remove_branches(model: &mut LoadedModel, graph: &ModelGraph, found: &[Found])
         }
     }
     params.extend(branch_inputs.difference(&other_inputs).cloned());
-    for view in &graph.graphs {
+    // Subgraphs first (each comes after its parent): a subgraph is located through its
+    // parents' node indices, which removing their branch nodes shifts.
+    for view in graph.graphs.iter().rev() {
         let Some(gp) = view.loc.get_mut(&mut model.proto) else {
             continue;
         };

@@ -9,6 +9,7 @@
   tied.onnx        one table E [16, 8] feeding /embed/Gather and /lm_head/Gemm (transB=1):
                    tied embeddings stored once
   tied_nbits.onnx  /embed/Gather on E [16, 8] and a 4-bit /lm_head/MatMulNBits head (K=8, N=16)
+  subgraph.onnx    /a/MatMul, then an If whose then-branch holds /b/MatMul with its own weight
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -123,6 +124,22 @@ def main(out):
                             numpy_helper.from_array(hq, "Hq"),
                             numpy_helper.from_array(np.full(16, 0.1, np.float32), "Hs")]),
          os.path.join(out, "tied_nbits.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+    # /a/MatMul in the main graph, then an If whose then-branch runs /b/MatMul on it with the
+    # body's own weight: branches on both need the body found again after the main graph changed
+    x8 = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "Wb"], ["t"], name="/b/MatMul")], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+                               [numpy_helper.from_array(f32(8, 8), "Wb")])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["e"], name="/keep/Identity")], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "Wa"], ["h"], name="/a/MatMul"),
+                            helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g,
+                                             name="/gate/If")],
+                           "subgraph", [x8, cond], [yi], [numpy_helper.from_array(f32(8, 8), "Wa")]),
+         os.path.join(out, "subgraph.onnx"))
 
 
 if __name__ == "__main__":
