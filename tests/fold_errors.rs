@@ -1843,3 +1843,53 @@ fn branches_in_subgraphs_fold_back() {
     };
     assert_eq!(ops_of(&back), ops_of(&model));
 }
+
+/// An injected DoRA branch whose factor does not have one value per output channel (a
+/// broadcast [1]) is refused when read back, not cut short.
+#[test]
+fn injected_dora_factor_must_cover_the_outputs() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let inj = dir.path().join("inj.onnx");
+    let llama = fixtures().join("llama");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&llama.join("torchscript/model.onnx")),
+        "--adapter",
+        &s(&llama.join("adapters/dora")),
+        "-o",
+        &s(&inj),
+        "-q",
+    ]);
+    let mut m = onnx_lora::onnx::load(&inj).unwrap().proto;
+    let t = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == "model.layers.0.self_attn.q_proj.dora_scale")
+        .unwrap();
+    t.dims = vec![1];
+    t.raw_data = Some(1.5f32.to_le_bytes().to_vec().into());
+    let bad = dir.path().join("bad.onnx");
+    std::fs::write(&bad, m.encode_to_vec()).unwrap();
+    let out = dir.path().join("out");
+    for args in [
+        vec!["fold", bad.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        vec![
+            "export-peft",
+            bad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let o = onnx_lora(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("DoRA factor has 1 values"), "{err}");
+        assert!(!out.exists());
+    }
+}

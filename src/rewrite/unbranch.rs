@@ -588,6 +588,15 @@ fn dora_magnitude(
     let bm = crate::tensor::Matrix::new(b.shape[0], r, b.data.clone())?;
     crate::tensor::add_low_rank(&mut w.values, w.orient, &am, &bm, scale);
     let norms = crate::tensor::out_norms(&w.values, w.orient, w.n_out);
+    if factor.len() != norms.len() {
+        return Err(Error::Target(format!(
+            "branch '{}': its DoRA factor has {} values but the layer ({}) has {} output channels",
+            c.module,
+            factor.len(),
+            c.node,
+            norms.len()
+        )));
+    }
     let data: Vec<f32> = factor.iter().zip(&norms).map(|(f, n)| f * n).collect();
     Ok(F32Tensor {
         shape: vec![data.len()],
