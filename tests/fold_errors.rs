@@ -1893,3 +1893,41 @@ fn injected_dora_factor_must_cover_the_outputs() {
         assert!(!out.exists());
     }
 }
+
+/// A `target_modules` regex onnx-lora cannot evaluate as Python does (look-around, as ms-swift
+/// writes) selects nothing out: the file's modules fold, with a warning naming the rule.
+#[test]
+fn an_unevaluable_target_regex_keeps_the_files_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = fixtures().join("llama/adapters/plain");
+    let ad = dir.path().join("swift");
+    std::fs::create_dir(&ad).unwrap();
+    std::fs::copy(
+        plain.join("adapter_model.safetensors"),
+        ad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config["target_modules"] = r"^(model(?=\.).*\.(q_proj|v_proj))$".into();
+    std::fs::write(ad.join("adapter_config.json"), config.to_string()).unwrap();
+    let model = fixtures().join("llama/torchscript/model.onnx");
+    let (direct, swift) = (
+        dir.path().join("direct.onnx"),
+        dir.path().join("swift.onnx"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    onnx_lora_ok(&["fold", &s(&model), &s(&plain), "-o", &s(&direct)]);
+    let o = onnx_lora(&["fold", &s(&model), &s(&ad), "-o", &s(&swift)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("target_modules pattern") && err.contains("cannot evaluate it as Python does"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&direct).unwrap(),
+        std::fs::read(&swift).unwrap()
+    );
+}

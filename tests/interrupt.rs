@@ -296,7 +296,8 @@ fn an_uninterrupted_run_is_unchanged() {
 }
 
 /// Waits until `out` is in place (or the run ends), then sends the run SIGTERM. False when the
-/// run finished first, or `too_late` says the signal came after the moment under test;
+/// run finished first, or `too_late` (asked after the run ended) says the signal came after the
+/// moment under test;
 /// otherwise asserts that the run ended on the signal, removing what it wrote, and that
 /// `out_dir` is empty.
 fn interrupt_once_in_place(
@@ -309,12 +310,12 @@ fn interrupt_once_in_place(
     while !out.exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(200));
     }
-    let late = too_late();
     // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let o = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
-    if o.status.success() || late {
+    // (asked once the run has ended: what it kept shows when the signal came)
+    if o.status.success() || too_late() {
         return false;
     }
     assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{stderr}");

@@ -525,21 +525,25 @@ fn keep_what_peft_loads(
 ) -> std::result::Result<Vec<String>, String> {
     let is_lora = |m: &ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
     // With weight tying PEFT also targets the layers the model ties to the input embedding
-    // (`lm_head`), which only the model knows: their LoRAs are kept.
+    // (`lm_head`), which only the model knows: LoRAs on such layers are kept.
     let ties = config.raw.get("ensure_weight_tying") == Some(&Value::Bool(true))
         && config.scope.targets_an_embedding();
     let mut untargeted = Vec::new();
     modules.retain(|m| {
         // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
         // by transformers or diffusers) may carry a wrapper prefix of their own.
+        // (transformers saves its own module paths; diffusers one wrapper component more)
         let peft_keyed = m.keys.iter().all(|k| k.starts_with("base_model.model."));
-        let targeted = !is_lora(m)
-            || ties
-            || if peft_keyed {
-                config.scope.targets(&m.path)
-            } else {
-                crate::target::select::dotted_suffixes(&m.path).any(|p| config.scope.targets(p))
-            };
+        let mut paths = vec![m.path.as_str()];
+        if !peft_keyed && let Some((_, rest)) = m.path.split_once('.') {
+            paths.push(rest);
+        }
+        let tied = ties
+            && m.path
+                .rsplit('.')
+                .next()
+                .is_some_and(|l| super::scope::EMBEDDING_LAYER_NAMES.contains(&l));
+        let targeted = !is_lora(m) || tied || config.scope.keeps(&paths);
         if !targeted {
             untargeted.push(m.path.clone());
         }
@@ -561,6 +565,11 @@ fn keep_what_peft_loads(
         }
     }
     let mut ignored = Vec::new();
+    for rule in &config.scope.unevaluable {
+        ignored.push(format!(
+            "{rule}: onnx-lora cannot evaluate it as Python does; the file's modules are applied as they are (PEFT saves only those it targeted)"
+        ));
+    }
     let mut note = |list: Vec<String>, what: &str| {
         if let Some(first) = list.first() {
             let more = match list.len() {

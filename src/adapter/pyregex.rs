@@ -10,7 +10,31 @@ pub fn check(pattern: &str) -> Result<(), String> {
     let mut i = 0;
     let differs =
         |what: &str| format!("it uses {what}, which Python's re reads differently or rejects");
+    // What the last token was: a quantifier may follow only an atom, or a quantifier once as
+    // its lazy `?` (Python reads `*+` as possessive and rejects `**`; Rust nests them).
+    #[derive(PartialEq)]
+    enum Last {
+        Atom,
+        Quantifier,
+        Lazy,
+    }
+    let mut last = Last::Atom;
     while i < chars.len() {
+        let is_quantifier = matches!(chars[i], '*' | '+' | '?')
+            || (chars[i] == '{' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if is_quantifier {
+            last = match last {
+                Last::Quantifier if chars[i] == '?' => Last::Lazy,
+                Last::Quantifier | Last::Lazy => {
+                    return Err(differs(
+                        "a quantifier right after another (possessive in Python)",
+                    ));
+                }
+                Last::Atom => Last::Quantifier,
+            };
+        } else {
+            last = Last::Atom;
+        }
         match chars[i] {
             '\\' => {
                 i = escape(&chars, i + 1, false).map_err(|w| differs(&w))?;
@@ -125,6 +149,8 @@ mod tests {
             r"(?P<l>\d+)\.mlp",
             r"[^.]+\.w[]a-]",
             r"\x71_proj",
+            r".*?q_proj",
+            r"a+?b??c{1,2}?",
         ] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
@@ -142,6 +168,10 @@ mod tests {
             r"[a",
             r"\b{start}q",
             "q\\",
+            r".*+_proj",
+            r"a**",
+            r"a{1}{1}",
+            r"a*?+",
         ] {
             assert!(check(bad).is_err(), "{bad}");
         }

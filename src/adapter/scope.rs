@@ -7,6 +7,9 @@
 use regex::Regex;
 use serde_json::Value;
 
+/// The layer names PEFT's weight tying looks for (its `EMBEDDING_LAYER_NAMES`).
+pub const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// The config's targeting rules, compiled.
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
@@ -14,6 +17,9 @@ pub struct Scope {
     modules_to_save: Vec<Regex>,
     target: Option<Target>,
     layers: Option<Layers>,
+    /// The rules left out because their regex is one onnx-lora cannot evaluate as Python does
+    /// (look-around, as ms-swift writes into `target_modules`), for a warning.
+    pub unevaluable: Vec<String>,
 }
 
 /// A list of module names (exact or dotted suffix) or one regex over the whole module path.
@@ -40,38 +46,51 @@ struct Layers {
 }
 
 impl Scope {
-    /// Reads the rules from the config; a value of the wrong type or a regex onnx-lora cannot
-    /// evaluate as Python does is an error naming the key.
+    /// Reads the rules from the config; a value of the wrong type is an error naming the key.
+    /// A rule whose regex onnx-lora cannot evaluate as Python does is left out and named in
+    /// `unevaluable`: PEFT saves only the modules it targeted, so the file's modules stand.
     pub fn from_config(raw: &Value) -> Result<Scope, String> {
         let present = |k: &str| raw.get(k).filter(|v| !v.is_null());
+        let unevaluable = std::cell::RefCell::new(Vec::new());
         let regex = |k: &str, p: &str, wrap: &dyn Fn(&str) -> String| {
-            super::pyregex::check(p)
-                .and_then(|()| Regex::new(&wrap(p)).map_err(|e| e.to_string()))
-                .map_err(|e| format!("{k} pattern '{p}' cannot be evaluated as PEFT does: {e}"))
+            let compiled = super::pyregex::check(p)
+                .and_then(|()| Regex::new(&wrap(p)).map_err(|e| e.to_string()));
+            match compiled {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    unevaluable
+                        .borrow_mut()
+                        .push(format!("{k} pattern '{p}' ({e})"));
+                    None
+                }
+            }
         };
         let names = |k: &str| -> Result<Option<Names>, String> {
             match present(k) {
                 None => Ok(None),
                 Some(Value::String(p)) => {
-                    Ok(Some(Names::Regex(regex(k, p, &|p| format!("^(?:{p})$"))?)))
+                    Ok(regex(k, p, &|p| format!("^(?:{p})$")).map(Names::Regex))
                 }
                 Some(v) => strings(k, v).map(|l| Some(Names::List(l))),
             }
         };
         let target = match present("target_modules") {
-            Some(Value::String(s)) if s == "all-linear" => Some(Target::AllLinear),
+            // (PEFT compares it lowercased)
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
+                Some(Target::AllLinear)
+            }
             _ => names("target_modules")?.map(Target::Names),
         };
         let modules_to_save = match present("modules_to_save") {
             None => Vec::new(),
             Some(v) => strings("modules_to_save", v)?
                 .iter()
-                .map(|m| {
+                .filter_map(|m| {
                     regex("modules_to_save", m, &|m| {
                         format!(r"^(?:(?:^|.*\.){m}(?:$|\..*))")
                     })
                 })
-                .collect::<Result<_, _>>()?,
+                .collect(),
         };
         let layers = match present("layers_to_transform") {
             None => None,
@@ -83,45 +102,60 @@ impl Scope {
                 .ok_or_else(|| {
                     format!("layers_to_transform is {v}, not a layer index or a list of them")
                 })?;
+                // Some(None): PEFT's default layer pattern; None: a pattern onnx-lora cannot
+                // evaluate, so no narrowing by layer.
                 let patterns = match present("layers_pattern") {
-                    None => None,
-                    Some(Value::String(p)) if p.is_empty() => None,
-                    Some(Value::Array(a)) if a.is_empty() => None,
+                    None => Some(None),
+                    Some(Value::String(p)) if p.is_empty() => Some(None),
+                    Some(Value::Array(a)) if a.is_empty() => Some(None),
                     Some(v) => {
                         let list = match v {
                             Value::String(p) => vec![p.clone()],
                             v => strings("layers_pattern", v)?,
                         };
-                        Some(
-                            list.iter()
-                                .map(|p| {
-                                    regex("layers_pattern", p, &|p| {
-                                        format!(r"^(?:(?:^|.*?\.){p}\.(?P<idx>\d+)\.)")
-                                    })
+                        list.iter()
+                            .map(|p| {
+                                regex("layers_pattern", p, &|p| {
+                                    format!(r"^(?:(?:^|.*?\.){p}\.(?P<idx>\d+)\.)")
                                 })
-                                .collect::<Result<_, _>>()?,
-                        )
+                            })
+                            .collect::<Option<Vec<Regex>>>()
+                            .map(Some)
                     }
                 };
                 // An empty list selects nothing in PEFT's check: no narrowing.
-                (!indices.is_empty() || !v.is_array()).then_some(Layers { indices, patterns })
+                patterns
+                    .filter(|_| !indices.is_empty() || !v.is_array())
+                    .map(|patterns| Layers { indices, patterns })
             }
         };
+        let exclude = names("exclude_modules")?;
         Ok(Scope {
-            exclude: names("exclude_modules")?,
+            exclude,
             modules_to_save,
             target,
             layers,
+            unevaluable: unevaluable.into_inner(),
         })
     }
 
     /// Whether PEFT gives the module at `path` (its name in the base model) a LoRA layer.
     pub fn targets(&self, path: &str) -> bool {
-        if self.exclude.as_ref().is_some_and(|n| n.matches(path))
+        self.keeps(&[path])
+    }
+
+    /// [`Scope::targets`] for a module that may be named by any of `paths` (its path with and
+    /// without a wrapper prefix): no name excludes it, and one selects it.
+    pub fn keeps(&self, paths: &[&str]) -> bool {
+        !paths.iter().any(|p| self.excluded(p)) && paths.iter().any(|p| self.selected(p))
+    }
+
+    fn excluded(&self, path: &str) -> bool {
+        self.exclude.as_ref().is_some_and(|n| n.matches(path))
             || self.modules_to_save.iter().any(|r| r.is_match(path))
-        {
-            return false;
-        }
+    }
+
+    fn selected(&self, path: &str) -> bool {
         let names = match &self.target {
             None | Some(Target::AllLinear) => return true,
             Some(Target::Names(n)) => n,
@@ -137,7 +171,6 @@ impl Scope {
     /// (`embed_tokens` or `lm_head`): with `ensure_weight_tying`, PEFT then also gives the
     /// layers tied to the input embedding (which the model decides) a LoRA of their own.
     pub fn targets_an_embedding(&self) -> bool {
-        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
         match &self.target {
             Some(Target::Names(Names::Regex(r))) => {
                 EMBEDDING_LAYER_NAMES.iter().any(|n| r.is_match(n))
@@ -246,15 +279,45 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_and_python_only_regexes_are_refused() {
+    fn bad_values_are_refused_and_unevaluable_rules_left_out() {
         for config in [
             serde_json::json!({"target_modules": 3}),
-            serde_json::json!({"target_modules": "[[:alpha:]]_proj"}),
-            serde_json::json!({"exclude_modules": "(?i)q"}),
             serde_json::json!({"layers_to_transform": "1"}),
             serde_json::json!({"layers_to_transform": [1], "layers_pattern": 5}),
         ] {
             assert!(Scope::from_config(&config).is_err(), "{config}");
         }
+        // A rule onnx-lora cannot evaluate as Python does selects nothing out, and is named.
+        for config in [
+            serde_json::json!({"target_modules": "^(model(?=\\.).*\\.(q_proj|v_proj))$"}),
+            serde_json::json!({"target_modules": "[[:alpha:]]_proj"}),
+            serde_json::json!({"target_modules": ["q_proj"], "exclude_modules": "(?i)Q.*"}),
+            serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [1],
+                "layers_pattern": "(?<=model\\.)layers"}),
+        ] {
+            let s = scope(config.clone());
+            assert_eq!(s.unevaluable.len(), 1, "{config}");
+            assert!(s.targets("model.layers.0.self_attn.q_proj"), "{config}");
+        }
+        assert!(scope(serde_json::json!({"target_modules": "ALL-LINEAR"})).targets("x"));
+    }
+
+    #[test]
+    fn unprefixed_paths_are_kept_by_any_name_and_excluded_by_any() {
+        let s = scope(
+            serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [1],
+            "exclude_modules": ["unet.blocks.1.q_proj"]}),
+        );
+        // (a diffusers key: the pipeline part before the model's own path)
+        assert!(!s.keeps(&["unet.blocks.2.q_proj", "blocks.2.q_proj"]));
+        assert!(!s.keeps(&["unet.blocks.1.q_proj", "blocks.1.q_proj"]));
+        assert!(!s.keeps(&[
+            "model.layers.0.self_attn.q_proj",
+            "layers.0.self_attn.q_proj"
+        ]));
+        assert!(s.keeps(&[
+            "model.layers.1.self_attn.q_proj",
+            "layers.1.self_attn.q_proj"
+        ]));
     }
 }
