@@ -139,13 +139,9 @@ impl Scope {
         })
     }
 
-    /// Whether PEFT gives the module at `path` (its name in the base model) a LoRA layer.
-    pub fn targets(&self, path: &str) -> bool {
-        self.keeps(&[path])
-    }
-
-    /// [`Scope::targets`] for a module that may be named by any of `paths` (its path with and
-    /// without a wrapper prefix): no name excludes it, and one selects it.
+    /// Whether PEFT gives a module a LoRA layer, for a module that may be named by any of
+    /// `paths` (its name in the base model, with and without a wrapper prefix): no name
+    /// excludes it, and one selects it.
     pub fn keeps(&self, paths: &[&str]) -> bool {
         !paths.iter().any(|p| self.excluded(p)) && paths.iter().any(|p| self.selected(p))
     }
@@ -234,37 +230,37 @@ mod tests {
     #[test]
     fn targets_like_peft() {
         let s = scope(serde_json::json!({"target_modules": ["q_proj", "v_proj"]}));
-        assert!(s.targets("model.layers.0.self_attn.q_proj"));
-        assert!(!s.targets("model.layers.0.self_attn.k_proj"));
+        assert!(s.keeps(&["model.layers.0.self_attn.q_proj"]));
+        assert!(!s.keeps(&["model.layers.0.self_attn.k_proj"]));
         let s = scope(serde_json::json!({"target_modules": ".*\\.(q|k)_proj"}));
-        assert!(s.targets("model.layers.0.self_attn.k_proj"));
-        assert!(!s.targets("model.layers.0.self_attn.v_proj"));
+        assert!(s.keeps(&["model.layers.0.self_attn.k_proj"]));
+        assert!(!s.keeps(&["model.layers.0.self_attn.v_proj"]));
         let s = scope(serde_json::json!({"target_modules": "q_proj"}));
         assert!(
-            !s.targets("model.layers.0.self_attn.q_proj"),
+            !s.keeps(&["model.layers.0.self_attn.q_proj"]),
             "a string is a full match"
         );
         let s =
             scope(serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [1]}));
-        assert!(s.targets("model.layers.1.self_attn.q_proj"));
-        assert!(!s.targets("model.layers.0.self_attn.q_proj"));
-        assert!(!s.targets("model.layers.10.self_attn.q_proj"));
+        assert!(s.keeps(&["model.layers.1.self_attn.q_proj"]));
+        assert!(!s.keeps(&["model.layers.0.self_attn.q_proj"]));
+        assert!(!s.keeps(&["model.layers.10.self_attn.q_proj"]));
         let s = scope(
             serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": 0,
             "layers_pattern": "layers"}),
         );
-        assert!(s.targets("model.layers.0.self_attn.q_proj"));
-        assert!(!s.targets("model.layers.2.self_attn.q_proj"));
+        assert!(s.keeps(&["model.layers.0.self_attn.q_proj"]));
+        assert!(!s.keeps(&["model.layers.2.self_attn.q_proj"]));
         let s = scope(serde_json::json!({"target_modules": ["q_proj", "v_proj"],
             "exclude_modules": ["v_proj"], "modules_to_save": ["lm_head"]}));
-        assert!(!s.targets("model.layers.0.self_attn.v_proj"));
-        assert!(s.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!s.keeps(&["model.layers.0.self_attn.v_proj"]));
+        assert!(s.keeps(&["model.layers.0.self_attn.q_proj"]));
         let s = scope(serde_json::json!({"target_modules": ["lm_head", "q_proj"],
             "modules_to_save": ["lm_head"]}));
-        assert!(!s.targets("lm_head"));
+        assert!(!s.keeps(&["lm_head"]));
         let s = scope(serde_json::json!({"target_modules": "all-linear"}));
-        assert!(s.targets("anything"));
-        assert!(scope(serde_json::json!({})).targets("anything"));
+        assert!(s.keeps(&["anything"]));
+        assert!(scope(serde_json::json!({})).keeps(&["anything"]));
     }
 
     #[test]
@@ -297,9 +293,9 @@ mod tests {
         ] {
             let s = scope(config.clone());
             assert_eq!(s.unevaluable.len(), 1, "{config}");
-            assert!(s.targets("model.layers.0.self_attn.q_proj"), "{config}");
+            assert!(s.keeps(&["model.layers.0.self_attn.q_proj"]), "{config}");
         }
-        assert!(scope(serde_json::json!({"target_modules": "ALL-LINEAR"})).targets("x"));
+        assert!(scope(serde_json::json!({"target_modules": "ALL-LINEAR"})).keeps(&["x"]));
     }
 
     #[test]
