@@ -14,6 +14,8 @@
 
 pub mod backend;
 pub mod compare;
+#[cfg(all(feature = "cuda", unix))]
+mod cuda_libs;
 pub mod feeds;
 pub mod npz;
 #[cfg(feature = "ort")]

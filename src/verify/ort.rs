@@ -45,6 +45,9 @@ const LOG_LEVEL: ort::logging::LogLevel = ort::logging::LogLevel::Fatal;
 /// The environment is process-wide in onnxruntime, and so is the loaded library.
 static ENV: OnceLock<Environment> = OnceLock::new();
 
+/// The path of the library `ENV` was made from.
+static LIB: OnceLock<PathBuf> = OnceLock::new();
+
 /// Loads onnxruntime (see the module doc for the search order) and creates the environment.
 /// Later calls reuse the first library loaded.
 pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
@@ -58,6 +61,7 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
         .build()
         .map_err(|e| Error::Backend(format!("onnxruntime ({}): {e}", lib.display())))?;
     env.set_log_level(LOG_LEVEL);
+    let _ = LIB.set(lib);
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -115,11 +119,7 @@ fn try_load(path: &Path) -> std::result::Result<(), String> {
 /// for the dynamic loader comes last but one).
 fn discovered_candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let pythons = std::env::var_os("ONNX_LORA_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from(".venv/bin/python"), PathBuf::from("python3")]);
-    for py in pythons {
+    for py in pythons() {
         if let Some(dir) = python_capi_dir(&py) {
             out.extend(libs_in(&dir));
         }
@@ -134,6 +134,15 @@ fn discovered_candidates() -> Vec<PathBuf> {
     let mut seen = std::collections::HashSet::new();
     out.retain(|p| seen.insert(p.clone()));
     out
+}
+
+/// The Python interpreters asked where their onnxruntime package is, in order.
+fn pythons() -> Vec<PathBuf> {
+    std::env::var_os("ONNX_LORA_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from(".venv/bin/python"), PathBuf::from("python3")])
+        .collect()
 }
 
 /// `libonnxruntime.so` (or the platform's equivalent).
@@ -306,6 +315,7 @@ impl CudaFailure {
 #[cfg(feature = "cuda")]
 fn cuda_builder(env: &Environment) -> std::result::Result<SessionBuilder, CudaFailure> {
     // TF32 would trade fp32 accuracy for speed: a verification wants the fp32 it asks for.
+    let pip = pip_cuda_libraries();
     let cuda = ort::ep::CUDA::default()
         .with_tf32(false)
         .build()
@@ -313,7 +323,47 @@ fn cuda_builder(env: &Environment) -> std::result::Result<SessionBuilder, CudaFa
     builder(env)
         .map_err(CudaFailure::Other)?
         .with_execution_providers([cuda])
-        .map_err(|e| CudaFailure::Register(e.to_string().trim_end_matches('.').to_string()))
+        .map_err(|e| {
+            let mut msg = e
+                .to_string()
+                .trim()
+                .trim_end_matches('.')
+                .trim()
+                .to_string();
+            if let Some((p, name)) = pip.and_then(|p| Some((p, p.missing.as_ref()?))) {
+                let looked = if p.searched.is_empty() {
+                    "no pip `nvidia` packages were found".to_string()
+                } else {
+                    let dirs: Vec<String> =
+                        p.searched.iter().map(|d| d.display().to_string()).collect();
+                    format!("not in the pip `nvidia` packages of {}", dirs.join(", "))
+                };
+                msg.push_str(&format!("; {name}: {looked}"));
+            }
+            CudaFailure::Register(msg)
+        })
+}
+
+/// Opens, once, the CUDA libraries pip installed that the provider beside the loaded
+/// onnxruntime needs (see [`super::cuda_libs`]).
+#[cfg(all(feature = "cuda", unix))]
+fn pip_cuda_libraries() -> Option<&'static super::cuda_libs::Prepared> {
+    static PREPARED: OnceLock<Option<super::cuda_libs::Prepared>> = OnceLock::new();
+    PREPARED
+        .get_or_init(|| super::cuda_libs::prepare(LIB.get()?, &pythons()))
+        .as_ref()
+}
+
+/// Elsewhere than on Unix, pip's CUDA libraries are left to the system's loader.
+#[cfg(all(feature = "cuda", not(unix)))]
+struct NoPip {
+    missing: Option<String>,
+    searched: Vec<PathBuf>,
+}
+
+#[cfg(all(feature = "cuda", not(unix)))]
+fn pip_cuda_libraries() -> Option<&'static NoPip> {
+    None
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -327,7 +377,7 @@ fn cuda_builder(_: &Environment) -> std::result::Result<SessionBuilder, CudaFail
 fn cuda_session(env: &Environment, model: &Path) -> std::result::Result<Session, CudaFailure> {
     cuda_builder(env)?
         .commit_from_file(model)
-        .map_err(|e| CudaFailure::Commit(e.to_string()))
+        .map_err(|e| CudaFailure::Commit(e.to_string().trim().to_string()))
 }
 
 /// Whether the CUDA EP registers (no model needed): the error `Ep::Cuda` would give.
@@ -349,9 +399,19 @@ impl Backend for OrtBackend {
     }
 
     fn activate_adapters(&mut self, adapters: &[std::path::PathBuf]) -> Result<()> {
+        // On CUDA the factors go to the GPU once, at load; left in host memory, onnxruntime
+        // would copy every one of them to the device on every run.
+        let device = (self.ep == Ep::Cuda)
+            .then(|| cuda_allocator(&self.session))
+            .flatten();
         let opts = &mut self.run_options;
         for path in adapters {
-            let adapter = ort::session::Adapter::from_file(path, None).map_err(|e| {
+            let loaded = match &device {
+                Some(alloc) => ort::session::Adapter::from_file(path, Some(alloc))
+                    .or_else(|_| ort::session::Adapter::from_file(path, None)),
+                None => ort::session::Adapter::from_file(path, None),
+            };
+            let adapter = loaded.map_err(|e| {
                 Error::Backend(format!(
                     "{}: not a usable LoRA adapter: {e}",
                     path.display()
@@ -388,6 +448,19 @@ impl Backend for OrtBackend {
             .map(|(name, v)| Ok((name.to_string(), from_ort(name, v)?)))
             .collect()
     }
+}
+
+/// An allocator of the session's CUDA device memory (`None` if onnxruntime has none for it).
+fn cuda_allocator(session: &Session) -> Option<Allocator> {
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    let info = MemoryInfo::new(
+        AllocationDevice::CUDA,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .ok()?;
+    Allocator::new(session, info).ok()
 }
 
 /// Run options that keep onnxruntime's run log quiet below Fatal.
