@@ -406,6 +406,7 @@ fn dims_and_runs() {
     for m in models {
         assert_eq!(m["runs"], 3);
         assert!(m["mean_ms"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["first_ms"].as_f64().unwrap() > 0.0, "{m}");
     }
     // Default dims: batch 1, sequence 8.
     let r = verify(&[

@@ -77,7 +77,8 @@ pub struct Args {
     /// Relative tolerance for every output (default: by type, see below).
     #[arg(long, value_name = "Y")]
     rtol: Option<f64>,
-    /// Run each model N times and report the mean time per run.
+    /// Run each model N times and report the mean time per run (the first run, which pays for
+    /// one-time setup, is left out of the mean when N > 1).
     #[arg(long, value_name = "N", default_value_t = 1)]
     runs: usize,
     /// JSON Lines on stdout: one "output" record per output, then a "verdict".
@@ -182,11 +183,14 @@ fn print_text(r: &VerifyReport) {
         )
     );
     for m in &r.models {
-        let plural = if m.runs == 1 { "" } else { "s" };
-        println!(
-            "{}: {}, {:.3} ms per run ({} run{plural})",
-            m.model, m.ep, m.mean_ms, m.runs
-        );
+        if m.runs == 1 {
+            println!("{}: {}, {:.3} ms per run (1 run)", m.model, m.ep, m.mean_ms);
+        } else {
+            println!(
+                "{}: {}, {:.3} ms per run (mean of runs 2 to {}; the first took {:.3} ms)",
+                m.model, m.ep, m.mean_ms, m.runs, m.first_ms
+            );
+        }
     }
     let failed = r.outputs.iter().filter(|o| !o.passed).count();
     let n = r.outputs.len();
