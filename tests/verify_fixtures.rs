@@ -323,3 +323,35 @@ fn verify_references_are_named_not_their_scratch_files() {
     );
     assert!(Path::new(o).exists());
 }
+
+/// `scripts/cuda_check.py`, run by hand where there is a GPU, keeps working between such runs:
+/// its dry run on onnxruntime's CPU makes and checks the serving model of every fixture.
+#[test]
+fn cuda_check_script_dry_run_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(root().join("scripts/cuda_check.py"))
+        .args(["--bin", env!("CARGO_BIN_EXE_onnx-lora"), "--ep", "cpu"])
+        .args(["--only", "serving", "--jobs", "2", "--out"])
+        .arg(&report);
+    if let Some(lib) = std::env::var_os("ORT_DYLIB_PATH") {
+        cmd.arg("--ort-lib").arg(lib);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert!(results.len() >= 10, "only {} checks: {text}", results.len());
+    for x in results {
+        assert_eq!(x["ok"], true, "{x}");
+        assert_eq!(x["ep"], "cpu", "{x}");
+        assert!(x["check"].as_str().unwrap().ends_with(" serving"), "{x}");
+    }
+}
