@@ -1,7 +1,7 @@
 //! Writing onnxruntime's `.onnx_adapter` files: a FlatBuffer (namespace
 //! `onnxruntime.adapters`, file identifier "TORT") whose root `Adapter` table holds
 //! format_version (1), adapter_version, model_version and a vector of `Parameter` tables
-//! { name, dims: [int64], data_type: int32 (ONNX DataType), raw_data: [uint8] aligned to 8 }.
+//! `{ name, dims: [int64], data_type: int32 (ONNX DataType), raw_data: [uint8] aligned to 8 }`.
 //! onnxruntime feeds each parameter to the graph input of the same name.
 //!
 //! The buffer is laid out front to back (every offset points forward), which FlatBuffers

@@ -13,7 +13,7 @@
 //! `--ep auto`: only when the search (3 to 5) finds nothing does `auto` fall back to tract.
 //!
 //! Before the CUDA EP is registered, the CUDA libraries its provider needs and the loader
-//! cannot find are opened from pip's `nvidia` packages ([`super::cuda_libs`]).
+//! cannot find are opened from pip's `nvidia` packages (see the `cuda_libs` module).
 //!
 //! Models are opened from their path (`commit_from_file`), never from a copy in memory: a
 //! large model is not held twice.

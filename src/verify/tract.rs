@@ -3,7 +3,7 @@
 //! points at onnxruntime (`--ep cpu`).
 //!
 //! tract panics on some inputs (a Gather index beyond its table, for one): loading, optimizing
-//! and running are each caught ([`guarded`]) and the panic becomes an error naming the model,
+//! and running are each caught (`guarded`) and the panic becomes an error naming the model,
 //! with Rust's panic message kept off stderr.
 
 use std::path::Path;
