@@ -150,7 +150,7 @@ pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]
     })
 }
 
-/// [`write`], with the file kept registered for removal on an interrupt from the moment it is
+/// [`write()`], with the file kept registered for removal on an interrupt from the moment it is
 /// in place (see [`crate::cleanup::Tracked::stage`]) until the returned guard is dropped.
 pub fn write_staged(
     path: &Path,

@@ -436,7 +436,7 @@ struct Sample {
     wall: f64,
     /// ru_maxrss of the child (wait4), bytes: anonymous memory plus mapped file pages touched.
     max_rss: u64,
-    /// Largest RssAnon seen by polling /proc/<pid>/status every few ms (heap, not file maps).
+    /// Largest RssAnon seen by polling `/proc/<pid>/status` every few ms (heap, not file maps).
     peak_anon: u64,
 }
 
