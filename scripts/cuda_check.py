@@ -41,6 +41,8 @@ def run(cmd, timeout=300, env=None):
         return p.returncode, p.stdout, p.stderr, time.time() - t
     except subprocess.TimeoutExpired:
         return 124, "", f"timed out after {timeout} s", time.time() - t
+    except OSError as e:  # a missing binary or tool: a failed check, not a traceback
+        return 127, "", f"{cmd[0]}: {e}", time.time() - t
 
 
 def verdict(stdout):
@@ -182,7 +184,7 @@ def latency(chk):
         "gated active": (os.path.join(d, "out/inject_gated/model.onnx"),
                          os.path.join(d, "out/inject_serving/model.onnx_adapter")),
     }
-    ms = {}
+    ms = {}  # label -> {round: mean ms}
     for rnd in range(a.rounds):
         for label, (path, adapter) in models.items():
             if not os.path.exists(path):
@@ -196,14 +198,15 @@ def latency(chk):
                 res.setdefault("errors", []).append(f"{label}: rc {rc}: {e.strip()[-300:]}")
                 continue
             # A runs first, with the adapter; B is the same file without it.
-            ms.setdefault(label, []).append(v["models"][0]["mean_ms"])
+            ms.setdefault(label, {})[rnd] = v["models"][0]["mean_ms"]
     # Each round's ratio to that round's base, then the median over rounds.
-    base = ms.get("base", [])
-    res["mean_ms"] = {k: [round(x, 3) for x in v] for k, v in ms.items()}
-    res["ratio_to_base"] = {
-        k: round(sorted(x / b for x, b in zip(v, base))[len(v) // 2], 3)
-        for k, v in ms.items() if len(v) == len(base)
-    }
+    base = ms.get("base", {})
+    res["mean_ms"] = {k: [round(x, 3) for x in v.values()] for k, v in ms.items()}
+    res["ratio_to_base"] = {}
+    for k, v in ms.items():
+        ratios = sorted(x / base[r] for r, x in v.items() if r in base)
+        if ratios:
+            res["ratio_to_base"][k] = round(ratios[len(ratios) // 2], 3)
     res["ok"] = "errors" not in res
     return res
 

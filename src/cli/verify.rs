@@ -185,6 +185,11 @@ fn print_text(r: &VerifyReport) {
     for m in &r.models {
         if m.runs == 1 {
             println!("{}: {}, {:.3} ms per run (1 run)", m.model, m.ep, m.mean_ms);
+        } else if m.runs == 2 {
+            println!(
+                "{}: {}, {:.3} ms per run (the second run; the first took {:.3} ms)",
+                m.model, m.ep, m.mean_ms, m.first_ms
+            );
         } else {
             println!(
                 "{}: {}, {:.3} ms per run (mean of runs 2 to {}; the first took {:.3} ms)",

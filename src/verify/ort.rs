@@ -343,6 +343,9 @@ fn cuda_builder(env: &Environment) -> std::result::Result<SessionBuilder, CudaFa
                 };
                 msg.push_str(&format!("; {name}: {looked}"));
             }
+            if let Some(failed) = pip.and_then(|p| p.failed.as_ref()) {
+                msg.push_str(&format!("; could not open {failed}"));
+            }
             CudaFailure::Register(msg)
         })
 }
@@ -361,6 +364,7 @@ fn pip_cuda_libraries() -> Option<&'static super::cuda_libs::Prepared> {
 #[cfg(all(feature = "cuda", not(unix)))]
 struct NoPip {
     missing: Option<String>,
+    failed: Option<String>,
     searched: Vec<PathBuf>,
 }
 
