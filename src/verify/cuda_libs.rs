@@ -487,6 +487,25 @@ mod tests {
         }
     }
 
+    /// `ensure(provider)` through [`fake_loader`], CUDA 13 folders: whether it opened, what was
+    /// done, and the folders searched.
+    fn ensure_with(
+        lib: &Path,
+        provider: &Path,
+        deps: &[(&str, &[&str])],
+    ) -> (bool, Prepared, Vec<PathBuf>) {
+        let mut opened = Vec::new();
+        let mut prepared = Prepared::default();
+        let mut sites = Sites::new(lib, &[], Some(13));
+        let ok = ensure(
+            provider,
+            &mut sites,
+            &mut fake_loader(deps, &mut opened),
+            &mut prepared,
+        );
+        (ok, prepared, sites.searched())
+    }
+
     /// The provider's missing dependencies, and theirs first, are opened from pip's folders
     /// beside the library until the provider opens; a name found nowhere stops it.
     #[test]
@@ -507,15 +526,7 @@ mod tests {
             ),
             ("libcublas.so.13", &["libcublasLt.so.13"]),
         ];
-        let mut opened = Vec::new();
-        let mut prepared = Prepared::default();
-        let mut sites = Sites::new(&lib, &[], Some(13));
-        let ok = ensure(
-            &provider,
-            &mut sites,
-            &mut fake_loader(deps, &mut opened),
-            &mut prepared,
-        );
+        let (ok, prepared, _) = ensure_with(&lib, &provider, deps);
         assert!(ok, "{prepared:?}");
         let names: Vec<_> = prepared
             .loaded
@@ -540,19 +551,11 @@ mod tests {
         // A dependency no folder holds is named, and nothing more is tried.
         let deps: &[(&str, &[&str])] =
             &[("libonnxruntime_providers_cuda.so", &["libcurand.so.10"])];
-        let mut opened = Vec::new();
-        let mut prepared = Prepared::default();
-        let mut sites = Sites::new(&lib, &[], Some(13));
-        let ok = ensure(
-            &provider,
-            &mut sites,
-            &mut fake_loader(deps, &mut opened),
-            &mut prepared,
-        );
+        let (ok, prepared, searched) = ensure_with(&lib, &provider, deps);
         assert!(!ok);
         assert!(prepared.loaded.is_empty());
         assert_eq!(prepared.missing.as_deref(), Some("libcurand.so.10"));
-        assert_eq!(sites.searched(), std::slice::from_ref(&site));
+        assert_eq!(searched, std::slice::from_ref(&site));
 
         // A found library that fails for another reason is named with its error.
         let mut prepared = Prepared::default();
