@@ -543,10 +543,16 @@ fn shared_layers_fold_and_inject_refuses() {
                 case.label()
             );
             // With the adapter, and fresh (dynamo names every call alike; TorchScript's
-            // `query_1` reads `query`'s weight): one branch per module cannot carry it.
+            // `query_1` reads `query`'s weight): one branch per module cannot carry it, also
+            // when the targets name only the first call (`query` matches no `query_1`).
             let onnx = case.onnx.to_str().unwrap();
             let out = dir.path().join("inj.onnx");
-            for extra in [vec!["--adapter", ad.dir.to_str().unwrap()], vec![]] {
+            for extra in [
+                vec!["--adapter", ad.dir.to_str().unwrap()],
+                vec![],
+                vec!["--target", "query"],
+                vec!["--target", "ffn_output"],
+            ] {
                 let mut args = vec!["inject", onnx, "-o", out.to_str().unwrap()];
                 args.extend(extra);
                 let o = onnx_lora(&args);

@@ -260,7 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
-    check_one_branch_per_module(&model, &branches)
+    check_one_branch_per_module(&model, &branches, &cands)
         .with_context(|| args.model.display().to_string())?;
     let reports = match args.form {
         FormArg::Branch => inject(&mut model, &branches, args.as_inputs),

@@ -268,29 +268,60 @@ fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
 
 /// Refuses what `inject` cannot carry as one branch per module, which fold-back and
 /// export-peft rely on: a module called several times (a layer shared across calls: the same
-/// name, or TorchScript's `query_1` reading `query`'s weight), or a layer that already has a
+/// name, or TorchScript's `query_1` reading `query`'s weight), whether the targets picked
+/// every call or one (`cands`: every candidate of the model), or a layer that already has a
 /// branch from an earlier inject.
-pub fn check_one_branch_per_module(model: &LoadedModel, branches: &[BranchSpec]) -> Result<()> {
-    let mut by_name: HashMap<&str, Vec<&BranchSpec>> = HashMap::new();
+pub fn check_one_branch_per_module(
+    model: &LoadedModel,
+    branches: &[BranchSpec],
+    cands: &[Candidate],
+) -> Result<()> {
+    let mut by_name: HashMap<&str, Vec<&str>> = HashMap::new();
+    let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.
     let mut by_weight: HashMap<(usize, &crate::graph::ConstSource), &BranchSpec> = HashMap::new();
     for b in branches {
-        by_name.entry(b.name.as_str()).or_default().push(b);
+        by_name
+            .entry(b.name.as_str())
+            .or_default()
+            .push(b.cand.node.as_str());
         if let Some(src) = &b.cand.source {
             let first = *by_weight.entry((b.cand.graph, src)).or_insert(b);
-            let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
             let (f, m) = (first.cand.module.as_str(), b.cand.module.as_str());
             if first.name != b.name && (later(f, m) || later(m, f)) {
-                by_name.entry(first.name.as_str()).or_default().push(b);
+                by_name
+                    .entry(first.name.as_str())
+                    .or_default()
+                    .push(b.cand.node.as_str());
             }
         }
     }
-    let mut shared: Vec<(&&str, &Vec<&BranchSpec>)> =
+    // Calls of a targeted module that the targets left out: the same module name on another
+    // node, or a later call's scope on the same weight.
+    for b in branches {
+        let other_call = |c: &&Candidate| {
+            (c.graph, c.node_index) != (b.cand.graph, b.cand.node_index)
+                && !branches
+                    .iter()
+                    .any(|o| (o.cand.graph, o.cand.node_index) == (c.graph, c.node_index))
+                && (c.module == b.cand.module
+                    || (c.graph == b.cand.graph
+                        && c.source.is_some()
+                        && c.source == b.cand.source
+                        && (later(&b.cand.module, &c.module) || later(&c.module, &b.cand.module))))
+        };
+        for c in cands.iter().filter(other_call) {
+            by_name
+                .entry(b.name.as_str())
+                .or_default()
+                .push(c.node.as_str());
+        }
+    }
+    let mut shared: Vec<(&&str, &Vec<&str>)> =
         by_name.iter().filter(|(_, v)| v.len() > 1).collect();
     shared.sort_by_key(|(name, _)| **name);
-    if let Some((name, calls)) = shared.first() {
-        let nodes: Vec<&str> = calls.iter().map(|b| b.cand.node.as_str()).collect();
+    if let Some((name, nodes)) = shared.first() {
         return Err(Error::Target(format!(
             "module '{name}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
             nodes.len(),
