@@ -109,6 +109,23 @@ fn non_finite_results_are_refused() {
     );
     let err = env.fold_fails("linear.onnx", &ad);
     assert!(err.contains("non-finite"), "{err}");
+    // Finite in float32 but beyond float16's ±65504: stored, it would be Inf.
+    let big = env.p("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let plain = fixtures().join("llama/adapters/plain");
+    std::fs::copy(
+        plain.join("adapter_model.safetensors"),
+        big.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("adapter_config.json")).unwrap())
+            .unwrap();
+    cfg["lora_alpha"] = serde_json::json!(8e6);
+    std::fs::write(big.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let model = fixtures().join("llama_fp16/dynamo/model.onnx");
+    let err = fold_fails(&model, &big, &env.p("out16.onnx"), &[]);
+    assert!(err.contains("beyond float16's range"), "{err}");
 }
 
 #[test]
