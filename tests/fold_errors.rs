@@ -128,6 +128,43 @@ fn non_finite_results_are_refused() {
     assert!(err.contains("beyond float16's range"), "{err}");
 }
 
+/// Outputs that are NaN throughout on both sides compare equal (numpy's equal_nan), and verify
+/// says that this checked nothing.
+#[test]
+fn verify_notes_outputs_with_no_finite_element() {
+    let env = Env::new();
+    let nan = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        onnx_lora::verify::ArrayData::from_f64(
+            onnx_lora::onnx::DataType::Float,
+            shape,
+            &vec![f64::NAN; n],
+        )
+        .unwrap()
+    };
+    let feeds = env.p("nan_in.npz");
+    let expect = env.p("nan_out.npz");
+    onnx_lora::verify::npz::write_npz(&feeds, &[("x".into(), nan(vec![2, 8]))]).unwrap();
+    onnx_lora::verify::npz::write_npz(&expect, &[("y".into(), nan(vec![2, 4]))]).unwrap();
+    let model = env.p("linear.onnx");
+    let o = onnx_lora(&[
+        "verify",
+        model.to_str().unwrap(),
+        "--inputs",
+        feeds.to_str().unwrap(),
+        "--expect",
+        expect.to_str().unwrap(),
+        "--ep",
+        "tract",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("output 'y' has no element finite in both"),
+        "{err}"
+    );
+}
+
 #[test]
 fn quantized_and_grouped_weights_are_refused() {
     let env = Env::new();

@@ -20,7 +20,8 @@ use super::output::{json_line, table};
   onnx-lora verify serving.onnx --adapter fr.onnx_adapter --inputs in.npz --expect fr.npz
 
 Comparison: an element passes when |a - b| <= atol + rtol * |b| (numpy.allclose; B or the
---expect file is the reference b; NaN equals NaN). Default tolerances by the compared type (the
+--expect file is the reference b; NaN equals NaN, and an output NaN or Inf throughout passes
+with a note). Default tolerances by the compared type (the
 less precise side), on CPU and when CUDA ran:
   float32    atol 1e-4  rtol 1e-4   (CUDA 5e-4, 5e-4)
   float16    atol 1e-2  rtol 1e-2   (CUDA 2e-2, 2e-2)

@@ -297,6 +297,16 @@ fn report(
     let mut eps: Vec<&str> = models.iter().map(|m| m.ep.name()).collect();
     eps.dedup();
     let mut notes = notes;
+    // NaN equals NaN (numpy's equal_nan): an output with no finite element on either side
+    // passes, but says nothing about the models.
+    for o in &outputs {
+        if o.passed && o.numel > 0 && o.mismatches.is_some() && o.max_abs_diff.is_none() {
+            notes.push(format!(
+                "output '{}' has no element finite in both (NaN or Inf throughout): it compared equal, which checks nothing",
+                o.name
+            ));
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
     VerifyReport {
