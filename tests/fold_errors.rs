@@ -1018,6 +1018,22 @@ fn inject_options_are_checked_and_weights_may_be_negative() {
         err.contains("--strip-prefix 'f' is no leading dotted component"),
         "{err}"
     );
+    // Options that only mean something with another are refused without it, not ignored.
+    let err = inject_fails(&env, "linear.onnx", &["--allow-unmatched"]);
+    assert!(err.contains("--adapter"), "{err}");
+    let o = onnx_lora(&[
+        "convert",
+        &s(&env.p("linear.onnx")),
+        "-o",
+        &s(&env.p("c.onnx")),
+        "--inline",
+        "--threshold",
+        "10",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    assert!(!env.p("c.onnx").exists());
     // --weight -1 undoes the adapter: equal to --weight 1 --scale -1, not to the plain fold.
     let fold_to = |name: &str, extra: &[&str]| {
         let out = env.p(name);
@@ -1121,6 +1137,41 @@ fn writer_reports_name_their_output() {
         "--json",
     ]);
     assert_eq!(last(&out)["output"], s(&train));
+    assert_eq!(last(&out)["external_data"], serde_json::Value::Null);
+    assert_eq!(last(&out)["adapter_out"], serde_json::Value::Null);
+    // A serving model's report names its adapter file and its external data.
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let (srv, file) = (env.p("srv.onnx"), env.p("srv.onnx_adapter"));
+    let out = onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "--as-inputs",
+        "--adapter",
+        &s(&ad),
+        "--adapter-out",
+        &s(&file),
+        "--external-data",
+        "--threshold",
+        "0",
+        "-o",
+        &s(&srv),
+        "--json",
+    ]);
+    assert_eq!(last(&out)["adapter_out"], s(&file));
+    assert_eq!(last(&out)["external_data"], format!("{}.data", s(&srv)));
+    // An adapter over a module the serving model has no inputs for is refused by name.
+    let other = write_adapter(&env.p("ad2"), config(), &refs(&lora("gc", 8, 4, 0.1)));
+    let o = onnx_lora(&[
+        "export-adapter",
+        &s(&other),
+        "--model",
+        &s(&srv),
+        "-o",
+        &s(&env.p("x.onnx_adapter")),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("module 'gc' has no LoRA input in"), "{err}");
     let conv = env.p("conv.onnx");
     let out = onnx_lora_ok(&["convert", &s(&train), "-o", &s(&conv), "--json"]);
     assert_eq!(last(&out)["output"], s(&conv));

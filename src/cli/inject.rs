@@ -48,7 +48,7 @@ With --adapter, what the adapter replaces outright (modules_to_save, trainable t
 biases) and LyCORIS LoHa / LoKr deltas have no branch form: they are written into the weights,
 as in PEFT's unmerged model (--as-inputs refuses them).
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
-(PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r, 1, 1]) with the scale
+(PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r / groups, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
 pub struct Args {
     /// The base ONNX model.
@@ -85,7 +85,7 @@ pub struct Args {
     #[arg(long, value_name = "ADAPTER")]
     adapter: Option<PathBuf>,
     /// With --adapter: warn about adapter modules that match no weight instead of failing.
-    #[arg(long)]
+    #[arg(long, requires = "adapter")]
     allow_unmatched: bool,
     /// Make the branch weights graph inputs with empty defaults (multi-LoRA serving).
     #[arg(long)]
@@ -322,7 +322,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         &reports,
         &replaced,
         &unmatched,
-        &saved.model,
+        &saved,
+        args.adapter_out.as_deref(),
         form,
         args.json,
     )?;
@@ -347,10 +348,12 @@ fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
     replaced: &[onnx_lora::rewrite::ModuleReport],
     unmatched: &[String],
-    output: &std::path::Path,
+    saved: &onnx::io::SaveReport,
+    adapter_out: Option<&std::path::Path>,
     form: &str,
     json: bool,
 ) -> anyhow::Result<()> {
+    let output = saved.model.as_path();
     if json {
         for r in reports {
             json_line("branch", r)?;
@@ -360,7 +363,9 @@ fn print_report(
         }
         json_line(
             "report",
-            &serde_json::json!({"output": output, "branches": reports.len(), "form": form, "replaced": replaced.len(), "unmatched": unmatched}),
+            &serde_json::json!({"output": output, "external_data": saved.external_data,
+                "adapter_out": adapter_out, "branches": reports.len(), "form": form,
+                "replaced": replaced.len(), "unmatched": unmatched}),
         )?;
         return Ok(());
     }

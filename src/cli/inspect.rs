@@ -13,7 +13,7 @@ use super::output::{json_line, table};
 #[command(after_help = "Examples:
   onnx-lora inspect model.onnx
   onnx-lora inspect model.onnx --target 'q_proj|v_proj'
-  onnx-lora inspect model.onnx --target 'layers\\.[0-3]\\..*' --json | jq .module
+  onnx-lora inspect model.onnx --target 'layers\\.[0-3]\\..*' --json | jq -r 'select(.type == \"candidate\") | .module'
 
 --target is a regex that must match the whole module path or a dotted suffix of it, so it
 works whatever prefix the export added. --json prints one JSON object per line.

@@ -34,8 +34,8 @@ pub const EXIT_ERROR: u8 = 2;
   onnx-lora convert model.onnx -o out.onnx --external-data out.onnx.data
   onnx-lora verify base.onnx folded.onnx
 
-Exit codes: 0 success, 1 models differ (verify), 2 error, 130 / 143 interrupted (SIGINT /
-SIGTERM; temporary files are removed). An output that does not pass --verify is removed."
+Exit codes: 0 success, 1 models differ (verify), 2 error, 130 / 143 / 129 interrupted (SIGINT /
+SIGTERM / SIGHUP; temporary files are removed). An output that does not pass --verify is removed."
 )]
 pub struct Cli {
     #[command(subcommand)]

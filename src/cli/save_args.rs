@@ -17,7 +17,7 @@ pub struct SaveArgs {
     pub inline: bool,
     /// Smallest tensor, in bytes, that goes to external data (int32/int64 tensors under the
     /// default stay inline at any threshold: onnxruntime reads shapes and axes from them).
-    #[arg(long, default_value_t = DEFAULT_THRESHOLD, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD, value_name = "BYTES", conflicts_with = "inline")]
     pub threshold: usize,
     /// No progress bar (one is shown on stderr when it is a terminal).
     #[arg(long, short = 'q')]

@@ -296,6 +296,13 @@ pub fn serving_adapter_params(
             });
         }
         let matches: Vec<&String> = inputs.keys().filter(|n| fits(m, n)).collect();
+        if matches.is_empty() {
+            return Err(Error::Target(format!(
+                "module '{}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for (or some of them)",
+                m.path,
+                serving.path.display()
+            )));
+        }
         let [name] = matches.as_slice() else {
             return Err(Error::Target(format!(
                 "module '{}' matches {} LoRA inputs of {} ({})",
