@@ -355,3 +355,52 @@ fn cuda_check_script_dry_run_on_cpu() {
         assert!(x["check"].as_str().unwrap().ends_with(" serving"), "{x}");
     }
 }
+
+/// `--output` compares only the named outputs: an `--expect` file holding the logits alone (as
+/// the genai fixture's) checks a model that also gives out its KV cache; a name neither side
+/// has is an error listing what they have.
+#[test]
+fn output_limits_the_comparison() {
+    let dir = fixtures().join("llama_genai");
+    let (model, inputs, expect) = (
+        dir.join("model.onnx"),
+        dir.join("inputs.npz"),
+        dir.join("base.npz"),
+    );
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["verify", model.to_str().unwrap(), "--inputs"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.push(inputs.to_str().unwrap().into());
+        v.push("--expect".into());
+        v.push(expect.to_str().unwrap().into());
+        v.extend(["--ep", "cpu", "--json"].iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        onnx_lora(&refs)
+    };
+    let all = run(&[]);
+    assert_eq!(
+        all.status.code(),
+        Some(1),
+        "the KV cache is not in base.npz"
+    );
+    let one = run(&["--output", "logits"]);
+    let out = String::from_utf8_lossy(&one.stdout);
+    assert_eq!(one.status.code(), Some(0), "{out}");
+    let outputs: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "output")
+        .collect();
+    assert_eq!(outputs.len(), 1, "{out}");
+    assert_eq!(outputs[0]["name"], "logits");
+    let a = args(&["--output", "logitz"]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    one_line_error(&refs, &["--output logitz", "present.0.key"]);
+}

@@ -82,6 +82,10 @@ pub struct Args {
     /// one-time setup, is left out of the mean when N > 1).
     #[arg(long, value_name = "N", default_value_t = 1)]
     runs: usize,
+    /// Compare only this output (repeatable; default: every output of either side), e.g.
+    /// when the --expect file holds some of the model's outputs.
+    #[arg(long = "output", value_name = "NAME")]
+    outputs: Vec<String>,
     /// JSON Lines on stdout: one "output" record per output, then a "verdict".
     #[arg(long)]
     json: bool,
@@ -117,6 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ort_lib: args.ort_lib,
         adapters: args.adapters,
         reference_label: None,
+        outputs: args.outputs,
     };
     let report = match (&args.b, &args.expect) {
         (_, Some(expected)) => verify::verify_expected(&args.a, expected, &opts)?,

@@ -58,6 +58,8 @@ pub struct VerifyOptions {
     /// How messages and the report name model B instead of its path (for a temporary file,
     /// such as the reference `fold --verify` builds).
     pub reference_label: Option<String>,
+    /// Compare only these outputs (`--output`; empty: every output).
+    pub outputs: Vec<String>,
 }
 
 impl Default for VerifyOptions {
@@ -73,6 +75,7 @@ impl Default for VerifyOptions {
             ort_lib: None,
             adapters: Vec::new(),
             reference_label: None,
+            outputs: Vec::new(),
         }
     }
 }
@@ -115,6 +118,7 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     let feeds = prepare_feeds(&[&a, &b], opts, &mut notes)?;
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
     let (out_b, run_b) = run_model(&b, &feeds, opts, &[], &mut notes)?;
+    let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
     Ok(report(&out_a, &out_b, vec![run_a, run_b], opts, notes))
 }
 
@@ -128,7 +132,41 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let feeds = prepare_feeds(&[&a], opts, &mut notes)?;
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
     let stored = align_expected(expected, stored, &out_a)?;
+    let (out_a, stored) = select_outputs(out_a, stored, &opts.outputs, "the --expect file")?;
     Ok(report(&out_a, &stored, vec![run_a], opts, notes))
+}
+
+/// Keeps only the outputs named in `names` (all of them when it is empty); a name that neither
+/// side has is an error listing what they have.
+fn select_outputs(
+    a: Tensors,
+    b: Tensors,
+    names: &[String],
+    b_is: &str,
+) -> Result<(Tensors, Tensors)> {
+    if names.is_empty() {
+        return Ok((a, b));
+    }
+    let has = |t: &Tensors, n: &str| t.iter().any(|(m, _)| m == n);
+    if let Some(n) = names.iter().find(|n| !has(&a, n) && !has(&b, n)) {
+        let list = |t: &Tensors| {
+            t.iter()
+                .map(|(m, _)| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(Error::Usage(format!(
+            "--output {n}: neither A ({}) nor {b_is} ({}) has an output of that name",
+            list(&a),
+            list(&b)
+        )));
+    }
+    let keep = |t: Tensors| -> Tensors {
+        t.into_iter()
+            .filter(|(m, _)| names.iter().any(|n| n == m))
+            .collect()
+    };
+    Ok((keep(a), keep(b)))
 }
 
 /// A model file and how messages name it.
