@@ -123,17 +123,30 @@ pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> 
         other => return Err(Error::tensor(name, format!("cannot write {other} weights"))),
     };
     let mut out = vec![0u8; values.len() * width];
-    out.par_chunks_mut(CHUNK * width)
+    // The first finite value that a narrower type would store as Inf, by chunk.
+    let overflow = out
+        .par_chunks_mut(CHUNK * width)
         .zip(values.par_chunks(CHUNK))
-        .for_each(|(dst, src)| {
+        .enumerate()
+        .filter_map(|(chunk, (dst, src))| {
             let slots = dst.chunks_exact_mut(width);
+            let mut first = None;
+            let mut note = |i: usize, inf: bool, v: f32| {
+                if inf && v.is_finite() && first.is_none() {
+                    first = Some(chunk * CHUNK + i);
+                }
+            };
             match dtype {
-                DataType::Float16 => slots
-                    .zip(src)
-                    .for_each(|(d, v)| d.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
-                DataType::Bfloat16 => slots
-                    .zip(src)
-                    .for_each(|(d, v)| d.copy_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+                DataType::Float16 => slots.zip(src).enumerate().for_each(|(i, (d, v))| {
+                    let h = f16::from_f32(*v);
+                    note(i, h.is_infinite(), *v);
+                    d.copy_from_slice(&h.to_le_bytes());
+                }),
+                DataType::Bfloat16 => slots.zip(src).enumerate().for_each(|(i, (d, v))| {
+                    let h = bf16::from_f32(*v);
+                    note(i, h.is_infinite(), *v);
+                    d.copy_from_slice(&h.to_le_bytes());
+                }),
                 DataType::Double => slots
                     .zip(src)
                     .for_each(|(d, v)| d.copy_from_slice(&(*v as f64).to_le_bytes())),
@@ -141,7 +154,19 @@ pub fn from_f32(values: &[f32], dtype: DataType, name: &str) -> Result<Vec<u8>> 
                     .zip(src)
                     .for_each(|(d, v)| d.copy_from_slice(&v.to_le_bytes())),
             }
-        });
+            first
+        })
+        .min();
+    if let Some(i) = overflow {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "value {} (element {i}) is beyond {}'s range: it would be stored as Inf",
+                values[i],
+                dtype.name()
+            ),
+        ));
+    }
     Ok(out)
 }
 
