@@ -126,6 +126,20 @@ fn non_finite_results_are_refused() {
     let model = fixtures().join("llama_fp16/dynamo/model.onnx");
     let err = fold_fails(&model, &big, &env.p("out16.onnx"), &[]);
     assert!(err.contains("beyond float16's range"), "{err}");
+    // inject's factors and scale go through the same writer.
+    let out = env.p("inj16.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        model.to_str().unwrap(),
+        "--adapter",
+        big.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("beyond float16's range"), "{err}");
+    assert!(!out.exists());
 }
 
 /// Outputs that are NaN throughout on both sides compare equal (numpy's equal_nan), and verify
