@@ -14,12 +14,12 @@
 //!
 //! How each is opened is what was seen to work on an H200 (onnxruntime-gpu 1.31.1, torch's CUDA
 //! 13 wheels, the system's CUDA and cuDNN moved away): the provider is only probed, lazily and
-//! locally (opened with `RTLD_NOW` it fails: it binds `Provider_GetHost`, which onnxruntime's
-//! `libonnxruntime_providers_shared.so` provides when onnxruntime loads it); the libraries taken
-//! from pip are opened `RTLD_NOW | RTLD_GLOBAL`, as Python's `preload_dlls` leaves them in the
-//! process. With pip's cuDNN opened local instead, every session failed at its first cuDNN
-//! kernel ("dlopen failed for libcudnn.so") in one of the runs that led here; the cause was not
-//! isolated, so the configuration that passed every check is the one kept.
+//! locally, and that probe never succeeds on its own (the provider binds `Provider_GetHost` at
+//! load, which onnxruntime's `libonnxruntime_providers_shared.so` supplies once onnxruntime has
+//! loaded it); it serves to name the libraries the loader cannot find. Those, and cuDNN, are
+//! opened from pip `RTLD_NOW | RTLD_GLOBAL`. (A version that opened cuDNN only after a
+//! successful probe never opened it, and every CUDA session then failed at its first cuDNN
+//! kernel: "dlopen failed for libcudnn.so".)
 //!
 //! Where the `nvidia` folders are looked for: above the onnxruntime library (the `site-packages`
 //! of a Python `onnxruntime-gpu`), then in the `site-packages` of the same interpreters the
@@ -76,24 +76,35 @@ pub fn provider_beside(ort_lib: &Path) -> PathBuf {
 /// NVIDIA driver. `pythons` are the interpreters whose `site-packages` are searched after the
 /// library's own.
 pub fn prepare(ort_lib: &Path, pythons: &[PathBuf]) -> Option<Prepared> {
-    let lib = loaded_path(ort_lib)?;
-    let provider = provider_beside(&lib);
-    if !provider.is_file() || Dl::probe_name("libcuda.so.1").is_err() {
+    prepare_with(&loaded_path(ort_lib)?, pythons, &mut Dl)
+}
+
+/// [`prepare`] for the library at `lib` (an absolute path), through `dl`.
+fn prepare_with(lib: &Path, pythons: &[PathBuf], dl: &mut dyn Loader) -> Option<Prepared> {
+    let provider = provider_beside(lib);
+    if !provider.is_file() || dl.probe_name("libcuda.so.1").is_err() {
         return None;
     }
     let major = elf_needed(&provider).and_then(|n| cuda_major(&n));
-    let mut sites = Sites::new(&lib, pythons, major);
-    // The provider is probed; what it needs is opened for good.
-    let mut open = |p: &Path| {
-        if p == provider {
-            Dl::probe(p)
-        } else {
-            Dl::open_global(p)
-        }
-    };
+    let mut sites = Sites::new(lib, pythons, major);
     let mut prepared = Prepared::default();
-    let provider_opened = ensure(&provider, &mut sites, &mut open, &mut prepared);
-    let pip_cudnn = if provider_opened && Dl::probe_name(CUDNN).is_err() {
+    // The provider is probed; what it needs is opened for good. The provider itself never
+    // opens here: it binds `Provider_GetHost` at load (lazily or not), which onnxruntime's
+    // shared provider library supplies once onnxruntime loads it. What matters is that its
+    // libraries were found; cuDNN is not among them.
+    ensure(
+        &provider,
+        &mut sites,
+        &mut |p: &Path| {
+            if p == provider {
+                dl.probe(p)
+            } else {
+                dl.open_global(p)
+            }
+        },
+        &mut prepared,
+    );
+    let pip_cudnn = if dl.probe_name(CUDNN).is_err() {
         sites.find(CUDNN)
     } else {
         None
@@ -102,7 +113,7 @@ pub fn prepare(ort_lib: &Path, pythons: &[PathBuf]) -> Option<Prepared> {
         .iter()
         .flat_map(|m| cudnn_files(m.parent().unwrap_or(Path::new(""))))
     {
-        if Dl::open_global(&part).is_ok() {
+        if dl.open_global(&part).is_ok() {
             prepared.loaded.push(part);
         }
     }
@@ -389,26 +400,36 @@ fn python_site_dirs(python: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// How libraries are opened: [`Dl`], or a stand-in in tests.
+trait Loader {
+    /// Whether the library at `path` opens (`RTLD_LAZY | RTLD_LOCAL`).
+    fn probe(&mut self, path: &Path) -> Result<(), String>;
+    /// Whether the loader finds and opens `name` by itself.
+    fn probe_name(&mut self, name: &str) -> Result<(), String>;
+    /// Opens `path` for good (`RTLD_NOW | RTLD_GLOBAL`).
+    fn open_global(&mut self, path: &Path) -> Result<(), String>;
+}
+
 /// `dlopen`, kept open for the life of the process (onnxruntime opens the same libraries; the
 /// loader matches a dependency to a library already open by its name).
 struct Dl;
 
-impl Dl {
-    /// `RTLD_LAZY | RTLD_LOCAL`: whether it opens, binding nothing yet.
-    fn probe(path: &Path) -> Result<(), String> {
+impl Loader for Dl {
+    fn probe(&mut self, path: &Path) -> Result<(), String> {
         Self::open_c(&Self::c_path(path)?, libc::RTLD_LAZY | libc::RTLD_LOCAL)
     }
 
-    fn probe_name(name: &str) -> Result<(), String> {
+    fn probe_name(&mut self, name: &str) -> Result<(), String> {
         let c = CString::new(name).map_err(|e| e.to_string())?;
         Self::open_c(&c, libc::RTLD_LAZY | libc::RTLD_LOCAL)
     }
 
-    /// `RTLD_NOW | RTLD_GLOBAL`.
-    fn open_global(path: &Path) -> Result<(), String> {
+    fn open_global(&mut self, path: &Path) -> Result<(), String> {
         Self::open_c(&Self::c_path(path)?, libc::RTLD_NOW | libc::RTLD_GLOBAL)
     }
+}
 
+impl Dl {
     fn c_path(path: &Path) -> Result<CString, String> {
         CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())
     }
@@ -611,6 +632,96 @@ mod tests {
             Some(13)
         );
         assert_eq!(cuda_major(&["libcurand.so.10".into()]), None);
+    }
+
+    /// A loader like onnxruntime-gpu 1.31's on an H200 with only pip's CUDA: the driver is
+    /// there; the provider needs `deps`, and once they are open it still fails to open on its
+    /// own (`Provider_GetHost`); cuDNN is not on the loader's path.
+    struct GpuLike {
+        deps: Vec<&'static str>,
+        global: Vec<PathBuf>,
+    }
+
+    impl Loader for GpuLike {
+        fn probe(&mut self, path: &Path) -> Result<(), String> {
+            let missing = self
+                .deps
+                .iter()
+                .find(|d| !self.global.iter().any(|g| g.ends_with(d)));
+            Err(match missing {
+                Some(d) => {
+                    format!("{d}: cannot open shared object file: No such file or directory")
+                }
+                None => format!("{}: undefined symbol: Provider_GetHost", path.display()),
+            })
+        }
+        fn probe_name(&mut self, name: &str) -> Result<(), String> {
+            match name {
+                "libcuda.so.1" => Ok(()),
+                _ => Err(format!("{name}: cannot open shared object file")),
+            }
+        }
+        fn open_global(&mut self, path: &Path) -> Result<(), String> {
+            self.global.push(path.to_path_buf());
+            Ok(())
+        }
+    }
+
+    /// The provider never opens on its own, yet its libraries and cuDNN (parts first) are all
+    /// opened from pip, globally. (A version that waited for the provider to open before cuDNN
+    /// never opened cuDNN, and every CUDA session failed at its first cuDNN kernel.)
+    #[test]
+    fn prepare_opens_dependencies_and_cudnn_though_the_provider_never_opens() {
+        let t = tempfile::tempdir().unwrap();
+        let site = t.path().join("site-packages");
+        let lib = site.join("onnxruntime/capi/libonnxruntime.so.1.31.1");
+        touch(&lib);
+        touch(&provider_beside(&lib));
+        for n in ["libcublasLt.so.13", "libcudart.so.13"] {
+            touch(&site.join("nvidia/cu13/lib").join(n));
+        }
+        for n in ["libcudnn.so.9", "libcudnn_graph.so.9", "libcudnn_ops.so.9"] {
+            touch(&site.join("nvidia/cudnn/lib").join(n));
+        }
+        let mut dl = GpuLike {
+            deps: vec!["libcublasLt.so.13", "libcudart.so.13"],
+            global: Vec::new(),
+        };
+        let got = prepare_with(&lib, &[], &mut dl).expect("a provider and a driver");
+        let rel = |v: &[PathBuf]| -> Vec<String> {
+            v.iter()
+                .map(|p| {
+                    p.strip_prefix(&site)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect()
+        };
+        let want = [
+            "nvidia/cu13/lib/libcublasLt.so.13",
+            "nvidia/cu13/lib/libcudart.so.13",
+            "nvidia/cudnn/lib/libcudnn_graph.so.9",
+            "nvidia/cudnn/lib/libcudnn_ops.so.9",
+            "nvidia/cudnn/lib/libcudnn.so.9",
+        ];
+        assert_eq!(rel(&got.loaded), want);
+        assert_eq!(rel(&dl.global), want);
+        assert_eq!((got.missing, got.failed), (None, None));
+        // No driver: nothing is tried.
+        struct NoDriver;
+        impl Loader for NoDriver {
+            fn probe(&mut self, _: &Path) -> Result<(), String> {
+                panic!("probed without a driver")
+            }
+            fn probe_name(&mut self, name: &str) -> Result<(), String> {
+                Err(format!("{name}: cannot open shared object file"))
+            }
+            fn open_global(&mut self, _: &Path) -> Result<(), String> {
+                panic!("opened without a driver")
+            }
+        }
+        assert!(prepare_with(&lib, &[], &mut NoDriver).is_none());
     }
 
     /// cuDNN's parts come before its main library.
