@@ -142,6 +142,35 @@ fn non_finite_results_are_refused() {
     assert!(!out.exists());
 }
 
+/// Nodes without names give candidates without module paths; they are no calls of one module
+/// (a fresh inject on every linear layer works, and --verify passes).
+#[test]
+fn nameless_nodes_are_not_one_module() {
+    let env = Env::new();
+    let out = env.p("anon_inj.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        env.p("anon.onnx").to_str().unwrap(),
+        "--rank",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "--ep",
+        "tract",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let branches = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "branch")
+        .count();
+    assert_eq!(branches, 2, "{stdout}");
+}
+
 /// Outputs that are NaN throughout on both sides compare equal (numpy's equal_nan), and verify
 /// says that this checked nothing.
 #[test]

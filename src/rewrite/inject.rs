@@ -280,14 +280,16 @@ pub fn check_one_branch_per_module(
     let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.
-    let mut by_weight: HashMap<(usize, &crate::graph::ConstSource), &BranchSpec> = HashMap::new();
+    // (The source names the graph that holds the weight: a later call inside a subgraph reading
+    // the main graph's weight counts too.)
+    let mut by_weight: HashMap<&crate::graph::ConstSource, &BranchSpec> = HashMap::new();
     for b in branches {
         by_name
             .entry(b.name.as_str())
             .or_default()
             .push(b.cand.node.as_str());
         if let Some(src) = &b.cand.source {
-            let first = *by_weight.entry((b.cand.graph, src)).or_insert(b);
+            let first = *by_weight.entry(src).or_insert(b);
             let (f, m) = (first.cand.module.as_str(), b.cand.module.as_str());
             if first.name != b.name && (later(f, m) || later(m, f)) {
                 by_name
@@ -298,18 +300,23 @@ pub fn check_one_branch_per_module(
         }
     }
     // Calls of a targeted module that the targets left out: the same module name on another
-    // node, or a later call's scope on the same weight.
+    // node, or a later call's scope on the same weight (of the same op and shape: TorchScript
+    // also merges equal initializers of different modules, `proj` and `proj_1` both zeros).
+    let targeted: HashSet<(usize, usize)> = branches
+        .iter()
+        .map(|b| (b.cand.graph, b.cand.node_index))
+        .collect();
     for b in branches {
         let other_call = |c: &&Candidate| {
-            (c.graph, c.node_index) != (b.cand.graph, b.cand.node_index)
-                && !branches
-                    .iter()
-                    .any(|o| (o.cand.graph, o.cand.node_index) == (c.graph, c.node_index))
-                && (c.module == b.cand.module
-                    || (c.graph == b.cand.graph
-                        && c.source.is_some()
-                        && c.source == b.cand.source
-                        && (later(&b.cand.module, &c.module) || later(&c.module, &b.cand.module))))
+            let same_name = !b.cand.module.is_empty() && c.module == b.cand.module;
+            let later_call = || {
+                c.source.is_some()
+                    && c.source == b.cand.source
+                    && c.op == b.cand.op
+                    && c.shape == b.cand.shape
+                    && (later(&b.cand.module, &c.module) || later(&c.module, &b.cand.module))
+            };
+            (same_name || later_call()) && !targeted.contains(&(c.graph, c.node_index))
         };
         for c in cands.iter().filter(other_call) {
             by_name

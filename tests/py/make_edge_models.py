@@ -10,6 +10,8 @@
                    tied embeddings stored once
   tied_nbits.onnx  /embed/Gather on E [16, 8] and a 4-bit /lm_head/MatMulNBits head (K=8, N=16)
   subgraph.onnx    /a/MatMul, then an If whose then-branch holds /b/MatMul with its own weight
+  anon.onnx        a Gather and two MatMuls on nodes without names, weights named W0, W1, E
+                   (nothing gives a module path)
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -140,6 +142,17 @@ def main(out):
                                              name="/gate/If")],
                            "subgraph", [x8, cond], [yi], [numpy_helper.from_array(f32(8, 8), "Wa")]),
          os.path.join(out, "subgraph.onnx"))
+
+    # No names anywhere: no module paths for any candidate
+    ids2 = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])
+    ya = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])
+    save(helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["h0"]),
+                            helper.make_node("MatMul", ["h0", "W0"], ["h1"]),
+                            helper.make_node("MatMul", ["h1", "W1"], ["y"])],
+                           "anon", [ids2], [ya],
+                           [numpy_helper.from_array(f32(16, 8), "E"), numpy_helper.from_array(f32(8, 8), "W0"),
+                            numpy_helper.from_array(f32(8, 4), "W1")]),
+         os.path.join(out, "anon.onnx"))
 
 
 if __name__ == "__main__":
