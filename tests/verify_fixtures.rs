@@ -403,4 +403,43 @@ fn output_limits_the_comparison() {
     let a = args(&["--output", "logitz"]);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     one_line_error(&refs, &["--output logitz", "present.0.key"]);
+    // A lone .npy is the output --output names (without it, the model has too many outputs).
+    let tmp = tempfile::tempdir().unwrap();
+    let npy = tmp.path().join("logits.npy");
+    let script = format!(
+        "import numpy as np; np.save({:?}, np.load({:?})['logits'])",
+        npy.to_str().unwrap(),
+        expect.to_str().unwrap()
+    );
+    let o = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let with_npy = |extra: &[&str]| {
+        let mut v = vec![
+            "verify",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--expect",
+            npy.to_str().unwrap(),
+            "--ep",
+            "cpu",
+        ];
+        v.extend(extra);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let a = with_npy(&["--output", "logits"]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = onnx_lora(&refs);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let a = with_npy(&[]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    one_line_error(&refs, &["name the one it holds with --output"]);
 }

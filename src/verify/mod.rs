@@ -131,7 +131,7 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let a = Model::new(a, None);
     let feeds = prepare_feeds(&[&a], opts, &mut notes)?;
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
-    let stored = align_expected(expected, stored, &out_a)?;
+    let stored = align_expected(expected, stored, &out_a, &opts.outputs)?;
     let (out_a, stored) = select_outputs(out_a, stored, &opts.outputs, "the --expect file")?;
     Ok(report(&out_a, &stored, vec![run_a], opts, notes))
 }
@@ -290,21 +290,31 @@ fn run_model(
     Ok((outputs, run))
 }
 
-/// Names a lone `.npy` after the model's only output and turns uint16 into bfloat16 where the
+/// Names a lone `.npy` after the model's only output (or the one `--output` names) and turns uint16 into bfloat16 where the
 /// model's output is bfloat16.
-fn align_expected(path: &Path, mut stored: Tensors, outputs: &Tensors) -> Result<Tensors> {
+fn align_expected(
+    path: &Path,
+    mut stored: Tensors,
+    outputs: &Tensors,
+    selected: &[String],
+) -> Result<Tensors> {
     if npz::is_npy(path)? {
-        if outputs.len() != 1 {
-            return Err(Error::Npz {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "a .npy holds one array but the model has {} outputs; store them in an .npz by name",
-                    outputs.len()
-                ),
-            });
-        }
-        for (name, _) in &mut stored {
-            name.clone_from(&outputs[0].0);
+        // The array is the model's only output, or the one output `--output` names.
+        let name = match (outputs.as_slice(), selected) {
+            (_, [one]) => one.clone(),
+            ([(only, _)], _) => only.clone(),
+            _ => {
+                return Err(Error::Npz {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "a .npy holds one array but the model has {} outputs; name the one it holds with --output, or store them in an .npz by name",
+                        outputs.len()
+                    ),
+                });
+            }
+        };
+        for (n, _) in &mut stored {
+            n.clone_from(&name);
         }
     }
     for (name, arr) in &mut stored {
