@@ -113,8 +113,13 @@ fn prepare_with(lib: &Path, pythons: &[PathBuf], dl: &mut dyn Loader) -> Option<
         .iter()
         .flat_map(|m| cudnn_files(m.parent().unwrap_or(Path::new(""))))
     {
-        if dl.open_global(&part).is_ok() {
-            prepared.loaded.push(part);
+        match dl.open_global(&part) {
+            Ok(()) => prepared.loaded.push(part),
+            Err(e) => {
+                let _ = prepared
+                    .failed
+                    .get_or_insert_with(|| format!("{}: {}", part.display(), e.trim()));
+            }
         }
     }
     prepared.searched = sites.searched();
@@ -245,7 +250,8 @@ fn elf_needed(path: &Path) -> Option<Vec<String>> {
     };
     let sh = read(shoff, u64::from(shnum) * 64)?;
     let section = |i: usize| -> Option<(u32, u64, u64, u32)> {
-        let s = sh.get(i * 64..(i + 1) * 64)?;
+        let start = i.checked_mul(64)?;
+        let s = sh.get(start..start.checked_add(64)?)?;
         Some((
             u32_at(s, 4)?,
             u64_at(s, 0x18)?,
@@ -640,6 +646,8 @@ mod tests {
     struct GpuLike {
         deps: Vec<&'static str>,
         global: Vec<PathBuf>,
+        /// A library whose opening fails (an undefined symbol, say).
+        broken: Option<&'static str>,
     }
 
     impl Loader for GpuLike {
@@ -662,6 +670,9 @@ mod tests {
             }
         }
         fn open_global(&mut self, path: &Path) -> Result<(), String> {
+            if self.broken.is_some_and(|b| path.ends_with(b)) {
+                return Err("undefined symbol: cudnnGraphNothing".into());
+            }
             self.global.push(path.to_path_buf());
             Ok(())
         }
@@ -686,6 +697,7 @@ mod tests {
         let mut dl = GpuLike {
             deps: vec!["libcublasLt.so.13", "libcudart.so.13"],
             global: Vec::new(),
+            broken: None,
         };
         let got = prepare_with(&lib, &[], &mut dl).expect("a provider and a driver");
         let rel = |v: &[PathBuf]| -> Vec<String> {
@@ -708,6 +720,19 @@ mod tests {
         assert_eq!(rel(&got.loaded), want);
         assert_eq!(rel(&dl.global), want);
         assert_eq!((got.missing, got.failed), (None, None));
+        // A cuDNN part that does not open is named (the others still open).
+        let mut dl = GpuLike {
+            deps: vec![],
+            global: Vec::new(),
+            broken: Some("libcudnn_ops.so.9"),
+        };
+        let got = prepare_with(&lib, &[], &mut dl).unwrap();
+        let failed = got.failed.unwrap_or_default();
+        assert!(
+            failed.contains("libcudnn_ops.so.9: undefined symbol"),
+            "{failed}"
+        );
+        assert_eq!(got.loaded.len(), 2, "{:?}", got.loaded);
         // No driver: nothing is tried.
         struct NoDriver;
         impl Loader for NoDriver {
