@@ -63,7 +63,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE.npz")]
     inputs: Option<PathBuf>,
     /// Compare A's outputs with these stored ones instead of running B (.npz by output name,
-    /// or .npy for a single-output model).
+    /// or .npy for a single-output model or the one --output names).
     #[arg(long, value_name = "FILE")]
     expect: Option<PathBuf>,
     /// Value of a symbolic dimension of the inputs, for generated inputs (repeatable).
