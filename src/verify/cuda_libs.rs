@@ -514,6 +514,17 @@ mod tests {
         }
     }
 
+    /// A `site-packages` holding onnxruntime-gpu's library and CUDA provider (empty files):
+    /// the folder (kept while it lives), the `site-packages` path, the library's path.
+    fn fake_site() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let site = t.path().join("site-packages");
+        let lib = site.join("onnxruntime/capi/libonnxruntime.so.1.31.1");
+        touch(&lib);
+        touch(&provider_beside(&lib));
+        (t, site, lib)
+    }
+
     /// `ensure(provider)` through [`fake_loader`], CUDA 13 folders: whether it opened, what was
     /// done, and the folders searched.
     fn ensure_with(
@@ -537,12 +548,8 @@ mod tests {
     /// beside the library until the provider opens; a name found nowhere stops it.
     #[test]
     fn ensure_opens_missing_dependencies_depth_first() {
-        let t = tempfile::tempdir().unwrap();
-        let site = t.path().join("site-packages");
-        let lib = site.join("onnxruntime/capi/libonnxruntime.so.1.31.1");
-        touch(&lib);
+        let (_t, site, lib) = fake_site();
         let provider = provider_beside(&lib);
-        touch(&provider);
         for n in ["libcublasLt.so.13", "libcublas.so.13", "libcudart.so.13"] {
             touch(&site.join("nvidia/cu13/lib").join(n));
         }
@@ -683,11 +690,7 @@ mod tests {
     /// never opened cuDNN, and every CUDA session failed at its first cuDNN kernel.)
     #[test]
     fn prepare_opens_dependencies_and_cudnn_though_the_provider_never_opens() {
-        let t = tempfile::tempdir().unwrap();
-        let site = t.path().join("site-packages");
-        let lib = site.join("onnxruntime/capi/libonnxruntime.so.1.31.1");
-        touch(&lib);
-        touch(&provider_beside(&lib));
+        let (_t, site, lib) = fake_site();
         for n in ["libcublasLt.so.13", "libcudart.so.13"] {
             touch(&site.join("nvidia/cu13/lib").join(n));
         }
