@@ -367,30 +367,41 @@ fn output_limits_the_comparison() {
         dir.join("inputs.npz"),
         dir.join("base.npz"),
     );
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["verify", model.to_str().unwrap(), "--inputs"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.push(inputs.to_str().unwrap().into());
-        v.push("--expect".into());
-        v.push(expect.to_str().unwrap().into());
-        v.extend(["--ep", "cpu", "--json"].iter().map(|s| s.to_string()));
-        v.extend(extra.iter().map(|s| s.to_string()));
+    // `verify MODEL --inputs .. --expect EXPECT --ep cpu --json EXTRA..`
+    let args = |expect: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "verify".into(),
+            model.to_str().unwrap().into(),
+            "--inputs".into(),
+            inputs.to_str().unwrap().into(),
+            "--expect".into(),
+            expect.to_str().unwrap().into(),
+        ];
+        v.extend(
+            ["--ep", "cpu", "--json"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string()),
+        );
         v
     };
-    let run = |extra: &[&str]| {
-        let a = args(extra);
+    let run = |expect: &Path, extra: &[&str]| {
+        let a = args(expect, extra);
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         onnx_lora(&refs)
     };
-    let all = run(&[]);
+    let fails_with = |expect: &Path, extra: &[&str], want: &[&str]| {
+        let a = args(expect, extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        one_line_error(&refs, want);
+    };
+    let all = run(&expect, &[]);
     assert_eq!(
         all.status.code(),
         Some(1),
         "the KV cache is not in base.npz"
     );
-    let one = run(&["--output", "logits"]);
+    let one = run(&expect, &["--output", "logits"]);
     let out = String::from_utf8_lossy(&one.stdout);
     assert_eq!(one.status.code(), Some(0), "{out}");
     let outputs: Vec<serde_json::Value> = out
@@ -400,9 +411,11 @@ fn output_limits_the_comparison() {
         .collect();
     assert_eq!(outputs.len(), 1, "{out}");
     assert_eq!(outputs[0]["name"], "logits");
-    let a = args(&["--output", "logitz"]);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    one_line_error(&refs, &["--output logitz", "present.0.key"]);
+    fails_with(
+        &expect,
+        &["--output", "logitz"],
+        &["--output logitz", "present.0.key"],
+    );
     // A lone .npy is the output --output names (without it, the model has too many outputs).
     let tmp = tempfile::tempdir().unwrap();
     let npy = tmp.path().join("logits.npy");
@@ -416,30 +429,12 @@ fn output_limits_the_comparison() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let with_npy = |extra: &[&str]| {
-        let mut v = vec![
-            "verify",
-            model.to_str().unwrap(),
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "--expect",
-            npy.to_str().unwrap(),
-            "--ep",
-            "cpu",
-        ];
-        v.extend(extra);
-        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
-    };
-    let a = with_npy(&["--output", "logits"]);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let o = onnx_lora(&refs);
+    let o = run(&npy, &["--output", "logits"]);
     assert_eq!(
         o.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let a = with_npy(&[]);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    one_line_error(&refs, &["name the one it holds with --output"]);
+    fails_with(&npy, &[], &["name the one it holds with --output"]);
 }
