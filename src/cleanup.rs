@@ -8,10 +8,14 @@
 //! ([`Tracked::commit`], also with the registry locked) or dropped (the temp deletes itself
 //! first, then its path leaves the registry). An interrupt therefore either removes a temp
 //! before it is renamed, or finds it already in place and complete.
+//!
+//! It also holds what the run is doing ([`doing`]), which the last line of a run that has to
+//! stop at once names (the binary's handler of a failed allocation, which then removes the
+//! temps with [`try_remove_all_for_exit`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
 /// The name every temp starts with (hidden, and recognisable in an output folder).
 pub const TEMP_PREFIX: &str = ".onnx-lora-";
@@ -57,15 +61,19 @@ impl Registry {
     }
 
     /// Removes every registered path from the disk, the newest first (a temp file inside a
-    /// temp folder before the folder), and empties the registry. Returns how many were removed.
-    fn remove_all(&mut self) -> usize {
+    /// temp folder before the folder), and empties the registry. Returns how many were removed,
+    /// and gives each one's path to `on_removed`.
+    fn remove_all(&mut self, mut on_removed: impl FnMut(&Path)) -> usize {
         let mut removed = 0;
         for e in self.live.drain(..).rev() {
             let done = match e.kind {
                 Kind::File => std::fs::remove_file(&e.path),
                 Kind::Dir => std::fs::remove_dir_all(&e.path),
             };
-            removed += usize::from(done.is_ok());
+            if done.is_ok() {
+                on_removed(&e.path);
+                removed += 1;
+            }
         }
         removed
     }
@@ -195,12 +203,86 @@ pub fn temp_dir_in(dir: &Path) -> io::Result<Tracked<tempfile::TempDir>> {
     )
 }
 
+/// Like [`remove_all_for_exit`], for a thread that may itself hold the registry (a failed
+/// allocation can happen anywhere): waits up to about a second for the lock, and gives up
+/// (`None`) rather than wait for good. Each removed path is given to `on_removed`.
+pub fn try_remove_all_for_exit(on_removed: impl FnMut(&Path)) -> Option<usize> {
+    for _ in 0..100 {
+        let mut reg = match REGISTRY.try_lock() {
+            Ok(reg) => reg,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let removed = reg.remove_all(on_removed);
+        std::mem::forget(reg);
+        return Some(removed);
+    }
+    None
+}
+
+/// What a run is doing now ("running m.onnx"), empty when nothing was said.
+struct Activity(Mutex<String>);
+
+/// The process's activity.
+static ACTIVITY: Activity = Activity(Mutex::new(String::new()));
+
+impl Activity {
+    fn set(&'static self, what: String) -> Doing {
+        let mut now = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Doing {
+            activity: self,
+            before: std::mem::replace(&mut *now, what),
+        }
+    }
+
+    fn try_with(&self, f: impl FnOnce(&str)) {
+        let now = match self.0.try_lock() {
+            Ok(now) => now,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if !now.is_empty() {
+            f(&now);
+        }
+    }
+}
+
+/// Says what the run is doing until the returned guard is dropped, which restores what was
+/// said before (phases nest: "running out.onnx" inside "checking out.onnx").
+pub fn doing(what: impl Into<String>) -> Doing {
+    ACTIVITY.set(what.into())
+}
+
+/// The guard of [`doing`].
+#[must_use = "what the run is doing is forgotten when the guard is dropped"]
+pub struct Doing {
+    activity: &'static Activity,
+    before: String,
+}
+
+impl Drop for Doing {
+    fn drop(&mut self) {
+        let mut now = self.activity.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *now = std::mem::take(&mut self.before);
+    }
+}
+
+/// Calls `f` with what the run is doing, without waiting for the lock and without
+/// allocating: for a run that has to stop at once. Nothing is called when another thread is
+/// changing it, or nothing was said.
+pub fn with_activity_for_exit(f: impl FnOnce(&str)) {
+    ACTIVITY.try_with(f);
+}
+
 /// Removes every registered temp and returns how many were removed; for a process about to
 /// exit on a signal. The registry stays locked for good, so that no writer can create a temp
 /// or rename one into place afterwards: call it only right before exiting.
 pub fn remove_all_for_exit() -> usize {
     let mut reg = lock();
-    let removed = reg.remove_all();
+    let removed = reg.remove_all(|_| {});
     std::mem::forget(reg);
     removed
 }
@@ -262,6 +344,25 @@ mod tests {
     }
 
     #[test]
+    fn doing_nests_and_restores() {
+        // A local activity: the process's is shared with tests running in parallel.
+        static LOCAL: Activity = Activity(Mutex::new(String::new()));
+        let said = || {
+            let mut s = String::new();
+            LOCAL.try_with(|a| s = a.to_string());
+            s
+        };
+        let outer = LOCAL.set("writing out.onnx".into());
+        {
+            let _inner = LOCAL.set("running out.onnx".into());
+            assert_eq!(said(), "running out.onnx");
+        }
+        assert_eq!(said(), "writing out.onnx");
+        drop(outer);
+        assert_eq!(said(), "");
+    }
+
+    #[test]
     fn remove_all_removes_files_and_folders() -> TestResult {
         let dir = tempfile::tempdir()?;
         let mut reg = Registry {
@@ -278,7 +379,9 @@ mod tests {
             reg.add(file.clone(), Kind::File),
             reg.add(dir.path().join("gone"), Kind::File),
         ];
-        assert_eq!(reg.remove_all(), 2);
+        let mut seen = Vec::new();
+        assert_eq!(reg.remove_all(|p| seen.push(p.to_path_buf())), 2);
+        assert_eq!(seen, [file, folder.clone()]);
         assert!(!folder.exists() && reg.live.is_empty());
         // Local guards: not in the process registry.
         guards.into_iter().for_each(std::mem::forget);

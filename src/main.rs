@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 mod cli;
 
+/// The system allocator; a failed allocation ends the run with one line and exit 2 (`cli::oom`).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: cli::oom::Checked = cli::oom::Checked;
+
 fn main() -> ExitCode {
     // Like other Unix filters: a closed stdout (`onnx-lora inspect m.onnx | head`) ends the
     // process quietly instead of a panic from `println!`.

@@ -2079,3 +2079,63 @@ fn an_unevaluable_target_regex_keeps_the_files_modules() {
         std::fs::read(&swift).unwrap()
     );
 }
+
+/// Runs onnx-lora with its address space limited to `kib` KiB (`ulimit -v`), in `dir`.
+fn onnx_lora_limited(kib: u64, args: &[&str], dir: &Path) -> std::process::Output {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_onnx-lora"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// A run that needs more memory than it may have ends with one line saying so (what it was
+/// running, the size) and exit 2, not Rust's abort, and removes what it was writing: here the
+/// output `--verify` was checking.
+#[test]
+fn running_out_of_memory_is_one_line_and_leaves_no_output() {
+    let env = Env::new();
+    // huge_output.onnx makes 512 MiB each run: over a 1 GiB address space with its copies.
+    let model = env.p("huge_output.onnx");
+    let model = model.to_str().unwrap();
+    let out = env.p("out.onnx");
+    let o = onnx_lora_limited(
+        1 << 20,
+        &["inject", model, "--rank", "2", "-o", out.to_str().unwrap(), "--verify", "--ep", "tract"],
+        env.dir.path(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("onnx-lora: error: out of memory while running ")
+            && last.contains("could not be allocated")
+            && last.contains(&format!("removed {}", out.display())),
+        "{err}"
+    );
+    assert!(!err.contains("memory allocation of"), "Rust's abort message: {err}");
+    assert!(!out.exists(), "the unverified output is left");
+    let temps: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".onnx-lora-"))
+        .collect();
+    assert!(temps.is_empty(), "temps left: {temps:?}");
+    // verify alone, same model: the line names what it was running.
+    let o = onnx_lora_limited(1 << 20, &["verify", model, model, "--ep", "tract"], env.dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.lines().count() <= 2
+            && err.contains(&format!("onnx-lora: error: out of memory while running {model}: ")),
+        "{err}"
+    );
+    // Under the same limit a small model passes: what fails is the huge one's memory.
+    let small = env.p("linear.onnx");
+    let small = small.to_str().unwrap();
+    let o = onnx_lora_limited(1 << 20, &["verify", small, small, "--ep", "tract"], env.dir.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -157,6 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.verify {
         args.runtime.preflight()?;
     }
+    let _doing = onnx_lora::cleanup::doing(format!("injecting into {}", args.model.display()));
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
     let adapter = args
         .adapter

@@ -1,6 +1,7 @@
 //! The command line: clap definitions, one module per subcommand, output helpers. The binary
 //! only orchestrates; everything it does is in the library. Exit codes: 0 success, 1 the
-//! models differ (verify), 2 any error, 128 + the signal when interrupted (`interrupt`).
+//! models differ (verify), 2 any error (also running out of memory: `oom`), 128 + the signal
+//! when interrupted (`interrupt`).
 
 mod convert;
 mod export;
@@ -8,6 +9,8 @@ mod fold;
 mod inject;
 mod inspect;
 pub mod interrupt;
+#[cfg(unix)]
+pub mod oom;
 mod output;
 mod save_args;
 mod verify;

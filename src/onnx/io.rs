@@ -237,6 +237,7 @@ fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
 /// Loads a model: mmap, zero-copy decode, and validation of every external data reference.
 pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
     let path = path.as_ref();
+    let _doing = crate::cleanup::doing(format!("reading {}", path.display()));
     let (buf, file) = map_file_open(path)?;
     let mut model = LoadedModel::from_bytes(path, buf)?;
     model.source_file = Some(file);
@@ -691,6 +692,7 @@ fn save_impl(
     opts: &SaveOptions,
     provisional: bool,
 ) -> Result<(SaveReport, Vec<crate::cleanup::Guard>)> {
+    let _doing = crate::cleanup::doing(format!("writing {}", out.display()));
     let out_dir = output_dir(out)?;
     let file_name = out
         .file_name()

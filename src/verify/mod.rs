@@ -127,7 +127,10 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
 pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     check_options(opts)?;
     let mut notes = Vec::new();
-    let stored = npz::read_arrays(expected)?;
+    let stored = {
+        let _doing = crate::cleanup::doing(format!("reading {}", expected.display()));
+        npz::read_arrays(expected)?
+    };
     let a = Model::new(a, None);
     let feeds = prepare_feeds(&[&a], opts, &mut notes)?;
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
@@ -203,6 +206,7 @@ fn prepare_feeds(
     opts: &VerifyOptions,
     notes: &mut Vec<String>,
 ) -> Result<Tensors> {
+    let _doing = crate::cleanup::doing("making the models' inputs");
     let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
     let mut per_model = Vec::with_capacity(models.len());
     for m in models {
@@ -259,6 +263,7 @@ fn run_model(
     adapters: &[PathBuf],
     notes: &mut Vec<String>,
 ) -> Result<(Tensors, ModelRun)> {
+    let _doing = crate::cleanup::doing(format!("running {}", model.label));
     let mut backend = backend::open(
         model.path,
         &model.label,
@@ -336,6 +341,7 @@ fn report(
     opts: &VerifyOptions,
     notes: Vec<String>,
 ) -> VerifyReport {
+    let _doing = crate::cleanup::doing("comparing the outputs");
     let gpu = models.iter().any(|m| m.ep == Ep::Cuda);
     let tol = ToleranceOverride {
         atol: opts.atol,

@@ -12,6 +12,8 @@
   subgraph.onnx    /a/MatMul, then an If whose then-branch holds /b/MatMul with its own weight
   anon.onnx        a Gather and two MatMuls on nodes without names, weights named W0, W1, E
                    (nothing gives a module path)
+  huge_output.onnx linear.onnx with a second output `ones`, 2^27 float32 ones (512 MiB) from
+                   a ConstantOfShape: running it needs more memory than a tight limit allows
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -153,6 +155,17 @@ def main(out):
                            [numpy_helper.from_array(f32(16, 8), "E"), numpy_helper.from_array(f32(8, 8), "W0"),
                             numpy_helper.from_array(f32(8, 4), "W1")]),
          os.path.join(out, "anon.onnx"))
+
+    # A second output of 2^27 ones: 512 MiB each time the model runs
+    ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
+    fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [1.0])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul"),
+                            helper.make_node("ConstantOfShape", ["n"], ["ones"], value=fill,
+                                             name="/ones/ConstantOfShape")],
+                           "huge_output", [x], [y, ones],
+                           [numpy_helper.from_array(f32(8, 4), "W"),
+                            numpy_helper.from_array(np.array([2**27], np.int64), "n")]),
+         os.path.join(out, "huge_output.onnx"))
 
 
 if __name__ == "__main__":

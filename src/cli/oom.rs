@@ -1,0 +1,137 @@
+//! A failed allocation (a model that needs more memory than the machine gives the process):
+//! one line on stderr naming its size and what the run was doing, the temps and unverified
+//! outputs removed (`onnx_lora::cleanup`), exit 2, where Rust would abort (exit 134, a
+//! backtrace, the files left behind).
+//!
+//! The binary's global allocator is the system's, checked: every allocation that returns null
+//! ends here instead of in Rust's abort. onnxruntime allocates through C++ and reports its own
+//! failures as errors; this covers tract, the inputs and outputs onnx-lora copies, and the
+//! rewrites. (A process the kernel's OOM killer stops gets no last word: that is SIGKILL.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The system allocator, whose failures end the run through [`failed`].
+pub struct Checked;
+
+// SAFETY: every call is forwarded to `System` unchanged; only a null result is acted on, and
+// `failed` does not return.
+unsafe impl GlobalAlloc for Checked {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.alloc(layout) };
+        if p.is_null() {
+            failed(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if p.is_null() {
+            failed(layout.size());
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if p.is_null() {
+            failed(new_size);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Set by the first failure: one that happens while handling it aborts.
+static FAILING: AtomicBool = AtomicBool::new(false);
+
+/// Ends the run after an allocation of `size` bytes failed. It allocates nothing itself
+/// (removing the temps may, a path's worth, and a failure there aborts).
+#[cold]
+fn failed(size: usize) -> ! {
+    if FAILING.swap(true, Ordering::SeqCst) {
+        std::process::abort();
+    }
+    let mut line = Line::new();
+    // SAFETY: isatty on the standard error descriptor.
+    if unsafe { libc::isatty(libc::STDERR_FILENO) } == 1 {
+        // Over whatever was on the line (a progress bar).
+        line.push("\r\x1b[2K");
+    }
+    line.push("onnx-lora: error: out of memory");
+    onnx_lora::cleanup::with_activity_for_exit(|what| {
+        line.push(" while ");
+        line.push(what);
+    });
+    let (unit, per) = if size >= 1 << 30 { ("GiB", 1u64 << 30) } else { ("MiB", 1 << 20) };
+    let _ = write!(
+        line,
+        ": {size} bytes ({:.1} {unit}) could not be allocated",
+        size as f64 / per as f64
+    );
+    // The run's temps, and its outputs not yet accepted (those `--verify` was checking).
+    let mut first = true;
+    let removed = onnx_lora::cleanup::try_remove_all_for_exit(|path| {
+        line.push(if first { "; removed " } else { ", " });
+        first = false;
+        let _ = write!(line, "{}", path.display());
+    });
+    if removed.is_none() {
+        line.push("; the files this run was writing could not be removed");
+    }
+    line.push("\n");
+    line.write_to_stderr();
+    // `_exit`: other threads may still be running, and no destructor or exit handler (Rust's,
+    // onnxruntime's) may run under them, nor allocate.
+    // SAFETY: ends the process; nothing is used after it.
+    unsafe { libc::_exit(i32::from(super::EXIT_ERROR)) }
+}
+
+/// A message built on the stack (cut at its capacity).
+struct Line {
+    buf: [u8; 2048],
+    len: usize,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            buf: [0; 2048],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: &str) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+    }
+
+    fn write_to_stderr(&self) {
+        let mut rest = &self.buf[..self.len];
+        while !rest.is_empty() {
+            // SAFETY: writes bytes of a live buffer to the standard error descriptor.
+            let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                return;
+            }
+            rest = &rest[n as usize..];
+        }
+    }
+}
+
+impl std::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s);
+        Ok(())
+    }
+}
