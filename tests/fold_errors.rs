@@ -140,6 +140,18 @@ fn non_finite_results_are_refused() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("beyond float16's range"), "{err}");
     assert!(!out.exists());
+    // A merged bias too (lora_bias): the error names the module.
+    let mut t = lora("fc", 8, 4, 0.1);
+    t.push(("fc.lora_B.bias".into(), vec![4], vec![1e6; 4]));
+    let mut cfg = config();
+    cfg["lora_bias"] = true.into();
+    let ad = write_adapter(&env.p("adb"), cfg, &refs(&t));
+    let err = env.fold_fails("linear_bias_fp16.onnx", &ad);
+    assert!(
+        err.contains("module 'fc': the merged bias's value")
+            && err.contains("beyond float16's range"),
+        "{err}"
+    );
 }
 
 /// Nodes without names give candidates without module paths; they are no calls of one module

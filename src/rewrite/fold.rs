@@ -699,18 +699,27 @@ impl LazyTensor for MergePlan {
             return Ok(crate::tensor::f32_into_bytes(w.values));
         }
         // (A finite float32 can still round to Inf in a narrower type: refused there.)
-        let bytes = from_f32(&w.values, w.dtype, &self.weight.name).map_err(|e| match e {
-            Error::Tensor { tensor, reason } => Error::Tensor {
-                tensor,
-                reason: format!(
-                    "module '{}': the merged weight's {reason}; nothing written",
-                    self.module
-                ),
-            },
-            other => other,
-        })?;
+        let bytes = encode_merged(&w.values, w.dtype, &self.weight.name, &self.module, "weight")?;
         Ok(bytes.into())
     }
+}
+
+/// `from_f32` for a merged `what` ("weight", "bias") of `module`: a value beyond the stored
+/// type's range is refused naming the module as well as the tensor.
+fn encode_merged(
+    values: &[f32],
+    dtype: crate::onnx::DataType,
+    tensor: &str,
+    module: &str,
+    what: &str,
+) -> Result<Vec<u8>> {
+    from_f32(values, dtype, tensor).map_err(|e| match e {
+        Error::Tensor { tensor, reason } => Error::Tensor {
+            tensor,
+            reason: format!("module '{module}': the merged {what}'s {reason}; nothing written"),
+        },
+        other => other,
+    })
 }
 
 /// Checks one node's steps against its weight and plans the merge (which runs at save time);
@@ -1170,7 +1179,8 @@ fn apply_bias(
         )));
     }
     let b = change.apply(Some(&old), gemm_beta(model, graph, c));
-    let raw = from_f32(&b, dtype, t.name())?;
+    let module = if c.module.is_empty() { &c.node } else { &c.module };
+    let raw = encode_merged(&b, dtype, t.name(), module, "bias")?;
     // A bias tensor other nodes read too (identical values deduplicated by an exporter or
     // optimizer) is copied for this node, so only its bias changes.
     let shared = graph.graphs[c.graph].consumers_of(&value).len() > 1;

@@ -12,6 +12,7 @@
   subgraph.onnx    /a/MatMul, then an If whose then-branch holds /b/MatMul with its own weight
   anon.onnx        a Gather and two MatMuls on nodes without names, weights named W0, W1, E
                    (nothing gives a module path)
+  linear_bias_fp16.onnx  float16 y = x @ W + b on /fc/MatMul and /fc/Add
   huge_output.onnx linear.onnx with a second output `ones`, 2^27 float32 ones (512 MiB) from
                    a ConstantOfShape: running it needs more memory than a tight limit allows
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
@@ -155,6 +156,15 @@ def main(out):
                            [numpy_helper.from_array(f32(16, 8), "E"), numpy_helper.from_array(f32(8, 8), "W0"),
                             numpy_helper.from_array(f32(8, 4), "W1")]),
          os.path.join(out, "anon.onnx"))
+
+    xh = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 8])
+    yh = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="/fc/MatMul"),
+                            helper.make_node("Add", ["h", "b"], ["y"], name="/fc/Add")],
+                           "linear_bias_fp16", [xh], [yh],
+                           [numpy_helper.from_array(f32(8, 4).astype(np.float16), "W"),
+                            numpy_helper.from_array(f32(4).astype(np.float16), "b")]),
+         os.path.join(out, "linear_bias_fp16.onnx"))
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
