@@ -590,4 +590,16 @@ fn unknown_fields_are_reported() {
     );
     let o = onnx_lora(&["convert", &s(&known), "-o", &s(&out)]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    // A run that fails says only its error, on one line (nothing was written to warn about).
+    let bad = dir.path().join("adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), "{").unwrap();
+    std::fs::write(bad.join("adapter_model.safetensors"), b"").unwrap();
+    let out2 = dir.path().join("out2.onnx");
+    let o = onnx_lora(&["fold", &s(&p), &s(&bad), "-o", &s(&out2)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("adapter_config.json") && !err.contains("warning"), "{err}");
+    assert!(!out2.exists());
 }

@@ -31,8 +31,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let model = super::load_for_rewrite(&args.model)?;
+    let model = onnx::load(&args.model)?;
     let report = onnx::save(&model, &args.output, &args.save.options())?;
+    super::warn_unread(&args.model, &model);
     if args.json {
         report_line(&report, &report.model)?;
     } else {

@@ -138,6 +138,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         _ => (None, None),
     };
+    if saved.is_some() {
+        super::warn_unread(&args.model, &model);
+    }
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

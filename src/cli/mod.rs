@@ -104,10 +104,10 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
-/// Loads a model that will be rewritten, warning when the file holds bytes the decoder did not
-/// read (fields of a newer ONNX), which the output cannot keep.
-fn load_for_rewrite(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::LoadedModel> {
-    let model = onnx_lora::onnx::load(path)?;
+/// Once the output of a rewrite of `model` (read from `path`) is written: a warning when the
+/// file held bytes the decoder did not read (fields of a newer ONNX), which the output could
+/// not keep. (Said after the write, so that a run that fails says only its error.)
+fn warn_unread(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) {
     if model.unread_bytes > 0 {
         eprintln!(
             "onnx-lora: warning: {}: {} bytes of the file are not fields this onnx-lora reads (a newer ONNX, or an unusual encoding); the output holds only the fields it knows",
@@ -115,13 +115,12 @@ fn load_for_rewrite(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::L
             model.unread_bytes
         );
     }
-    Ok(model)
 }
 
 /// Loads a model that will be rewritten with its idle gate (`inject --idle-gate`) taken off, so
 /// that passes see the flat serving graph; also says whether it had one.
 fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::LoadedModel, bool)> {
-    let mut model = load_for_rewrite(path)?;
+    let mut model = onnx_lora::onnx::load(path)?;
     let gated = onnx_lora::rewrite::ungate(&mut model)?;
     Ok((model, gated))
 }
