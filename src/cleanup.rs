@@ -265,7 +265,11 @@ pub struct Doing {
 
 impl Drop for Doing {
     fn drop(&mut self) {
-        let mut now = self.activity.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut now = self
+            .activity
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *now = std::mem::take(&mut self.before);
     }
 }

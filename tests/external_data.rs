@@ -380,6 +380,49 @@ fn large_untouched_tensors_copy_exactly_from_every_source_file() {
     }
 }
 
+/// A weight in a typed field (`float_data`, as `onnx.helper.make_tensor` writes without
+/// `raw=True`) goes external like a `raw_data` one, with the same values; inline output keeps
+/// the typed field as it was.
+#[test]
+fn typed_field_tensors_go_external_with_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let typed = TensorProto {
+        name: Some("W".into()),
+        dims: vec![4, 3],
+        data_type: Some(1),
+        float_data: (0..12).map(|i| i as f32 * 0.5 - 2.0).collect(),
+        ..Default::default()
+    };
+    let src = write_model(dir.path(), "typed.onnx", &matmul_model(typed.clone()));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("ext.onnx");
+    onnx_lora_ok(&[
+        "convert",
+        &s(&src),
+        "-o",
+        &s(&out),
+        "--external-data",
+        "--threshold",
+        "0",
+    ]);
+    let m = onnx_lora::onnx::load(&out).unwrap();
+    let w = &m.proto.graph.as_ref().unwrap().initializer[0];
+    assert!(w.float_data.is_empty() && w.raw_data.is_none(), "{w:?}");
+    assert_eq!(w.external_data[0].value(), "ext.onnx.data");
+    let want: Vec<u8> = typed
+        .float_data
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(m.tensor_bytes(w).unwrap(), Bytes::from(want));
+    py("ort_run.py", &[&src, &out]);
+    // Inline, the typed field stays as it was.
+    let again = dir.path().join("again.onnx");
+    onnx_lora_ok(&["convert", &s(&src), "-o", &s(&again)]);
+    let m = onnx_lora::onnx::load(&again).unwrap();
+    assert_eq!(m.proto.graph.as_ref().unwrap().initializer[0], typed);
+}
+
 /// `--threshold 0` moves every float tensor out but keeps the small int64 shape / axes
 /// constants inline, which onnxruntime's shape inference must read: the model still runs.
 #[test]
@@ -600,6 +643,9 @@ fn unknown_fields_are_reported() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("adapter_config.json") && !err.contains("warning"), "{err}");
+    assert!(
+        err.contains("adapter_config.json") && !err.contains("warning"),
+        "{err}"
+    );
     assert!(!out2.exists());
 }

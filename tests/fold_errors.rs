@@ -2116,7 +2116,17 @@ fn running_out_of_memory_is_one_line_and_leaves_no_output() {
     let out = env.p("out.onnx");
     let o = onnx_lora_limited(
         1 << 20,
-        &["inject", model, "--rank", "2", "-o", out.to_str().unwrap(), "--verify", "--ep", "tract"],
+        &[
+            "inject",
+            model,
+            "--rank",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+            "--verify",
+            "--ep",
+            "tract",
+        ],
         env.dir.path(),
     );
     let err = String::from_utf8_lossy(&o.stderr);
@@ -2128,7 +2138,10 @@ fn running_out_of_memory_is_one_line_and_leaves_no_output() {
             && last.contains(&format!("removed {}", out.display())),
         "{err}"
     );
-    assert!(!err.contains("memory allocation of"), "Rust's abort message: {err}");
+    assert!(
+        !err.contains("memory allocation of"),
+        "Rust's abort message: {err}"
+    );
     assert!(!out.exists(), "the unverified output is left");
     let temps: Vec<_> = std::fs::read_dir(env.dir.path())
         .unwrap()
@@ -2137,17 +2150,32 @@ fn running_out_of_memory_is_one_line_and_leaves_no_output() {
         .collect();
     assert!(temps.is_empty(), "temps left: {temps:?}");
     // verify alone, same model: the line names what it was running.
-    let o = onnx_lora_limited(1 << 20, &["verify", model, model, "--ep", "tract"], env.dir.path());
+    let o = onnx_lora_limited(
+        1 << 20,
+        &["verify", model, model, "--ep", "tract"],
+        env.dir.path(),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.lines().count() <= 2
-            && err.contains(&format!("onnx-lora: error: out of memory while running {model}: ")),
+            && err.contains(&format!(
+                "onnx-lora: error: out of memory while running {model}: "
+            )),
         "{err}"
     );
     // Under the same limit a small model passes: what fails is the huge one's memory.
     let small = env.p("linear.onnx");
     let small = small.to_str().unwrap();
-    let o = onnx_lora_limited(1 << 20, &["verify", small, small, "--ep", "tract"], env.dir.path());
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = onnx_lora_limited(
+        1 << 20,
+        &["verify", small, small, "--ep", "tract"],
+        env.dir.path(),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -72,7 +72,11 @@ fn failed(size: usize) -> ! {
         line.push(" while ");
         line.push(what);
     });
-    let (unit, per) = if size >= 1 << 30 { ("GiB", 1u64 << 30) } else { ("MiB", 1 << 20) };
+    let (unit, per) = if size >= 1 << 30 {
+        ("GiB", 1u64 << 30)
+    } else {
+        ("MiB", 1 << 20)
+    };
     let _ = write!(
         line,
         ": {size} bytes ({:.1} {unit}) could not be allocated",

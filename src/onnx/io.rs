@@ -67,11 +67,7 @@ impl PendingValues<'_> {
         let key = format!("{PENDING_PREFIX}{}", self.map.len());
         self.map.insert(key.clone(), value);
         t.raw_data = None;
-        t.float_data.clear();
-        t.int32_data.clear();
-        t.int64_data.clear();
-        t.double_data.clear();
-        t.uint64_data.clear();
+        clear_typed_fields(t);
         t.external_data = vec![StringStringEntryProto {
             key: Some("location".into()),
             value: Some(key),
@@ -535,6 +531,15 @@ pub fn check_location(location: &str) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Empties the typed data fields (`float_data`, `int32_data`, ...).
+fn clear_typed_fields(t: &mut TensorProto) {
+    t.float_data.clear();
+    t.int32_data.clear();
+    t.int64_data.clear();
+    t.double_data.clear();
+    t.uint64_data.clear();
 }
 
 /// Encodes the typed data fields (`float_data`, `int32_data`, ...) in the `raw_data` layout.
@@ -1033,17 +1038,25 @@ fn write_external(
         let mut done = 0u64;
         let mut count = 0usize;
         let mut place = |t: &mut TensorProto| -> Result<()> {
-            // Tensors in typed fields (`float_data`, ...) stay as they are: moving them would
-            // change their representation, and exporters only use those fields for small tensors.
             let fixed = DataType::from_i32(t.data_type()).bits().is_some();
             let bytes = match pending_key(t) {
                 Some(_) if goes_out(t) => rx
                     .recv()
                     .map_err(|_| Error::tensor(t.name(), "the merge thread stopped"))??,
                 Some(_) => return Ok(()),
-                None => match t.raw_data.clone().filter(|_| fixed && goes_out(t)) {
-                    Some(b) => b,
-                    None => return Ok(()),
+                None if !(fixed && goes_out(t)) => return Ok(()),
+                None => match &t.raw_data {
+                    Some(b) => b.clone(),
+                    // Typed fields (`float_data`, ...): the same values in the raw layout,
+                    // which is what external data holds. A type with no encoding here (4-bit
+                    // types) stays inline.
+                    None => match typed_fields_to_raw(t) {
+                        Ok(b) if Some(b.len()) == expected_len(t) => {
+                            clear_typed_fields(t);
+                            Bytes::from(b)
+                        }
+                        _ => return Ok(()),
+                    },
                 },
             };
             let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;

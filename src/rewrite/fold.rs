@@ -699,7 +699,13 @@ impl LazyTensor for MergePlan {
             return Ok(crate::tensor::f32_into_bytes(w.values));
         }
         // (A finite float32 can still round to Inf in a narrower type: refused there.)
-        let bytes = encode_merged(&w.values, w.dtype, &self.weight.name, &self.module, "weight")?;
+        let bytes = encode_merged(
+            &w.values,
+            w.dtype,
+            &self.weight.name,
+            &self.module,
+            "weight",
+        )?;
         Ok(bytes.into())
     }
 }
@@ -1179,7 +1185,11 @@ fn apply_bias(
         )));
     }
     let b = change.apply(Some(&old), gemm_beta(model, graph, c));
-    let module = if c.module.is_empty() { &c.node } else { &c.module };
+    let module = if c.module.is_empty() {
+        &c.node
+    } else {
+        &c.module
+    };
     let raw = encode_merged(&b, dtype, t.name(), module, "bias")?;
     // A bias tensor other nodes read too (identical values deduplicated by an exporter or
     // optimizer) is copied for this node, so only its bias changes.
