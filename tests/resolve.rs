@@ -192,3 +192,51 @@ fn inspect_json_lines_have_the_documented_fields() {
         "{out}"
     );
 }
+
+/// ALBERT calls its one layer three times. inspect lists every call under the module's own
+/// path (the one PEFT names), for TorchScript's `query_1` / `query_2` scopes as for dynamo's
+/// repeated paths, with `call` / `calls`; `--target` selects all calls of a module.
+#[test]
+fn inspect_lists_calls_of_a_shared_layer_under_its_module() {
+    let mut per_exporter = Vec::new();
+    for exporter in ["torchscript", "dynamo"] {
+        let model = fixtures().join(format!("albert/{exporter}/model.onnx"));
+        let model = model.to_str().unwrap();
+        let out = onnx_lora_ok(&["inspect", model, "--json"]);
+        let cands: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["type"] == "candidate")
+            .collect();
+        let mut modules = std::collections::BTreeMap::<String, Vec<u64>>::new();
+        for c in &cands {
+            let module = c["module"].as_str().unwrap().to_string();
+            assert!(
+                !module.rsplit('.').next().unwrap().ends_with("_1") && !module.contains("_2."),
+                "{exporter}: a call's scope listed as a module: {c}"
+            );
+            if let Some(n) = c.get("call") {
+                assert_eq!(c["calls"], 3, "{exporter}: {c}");
+                modules.entry(module).or_default().push(n.as_u64().unwrap());
+            }
+        }
+        // The six linear layers of the shared block, each called 3 times, calls 1, 2, 3.
+        assert_eq!(modules.len(), 6, "{exporter}: {modules:?}");
+        assert!(
+            modules.values().all(|n| n == &[1, 2, 3]),
+            "{exporter}: {modules:?}"
+        );
+        let out = onnx_lora_ok(&["inspect", model, "--target", "query"]);
+        let rows: Vec<&str> = out.lines().skip(1).collect();
+        assert_eq!(rows.len(), 3, "{exporter}: {out}");
+        for (i, r) in rows.iter().enumerate() {
+            assert!(
+                r.starts_with("encoder.albert_layer_groups.0.albert_layers.0.attention.query ")
+                    && r.contains(&format!("call {}/3", i + 1)),
+                "{exporter}: {out}"
+            );
+        }
+        per_exporter.push(modules.into_keys().collect::<Vec<_>>());
+    }
+    assert_eq!(per_exporter[0], per_exporter[1]);
+}

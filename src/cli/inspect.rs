@@ -19,6 +19,9 @@ use super::output::{json_line, table};
 works whatever prefix the export added. --json prints one JSON object per line.
 
 FLAGS: shared (the weight also feeds other nodes; fold gives the target its own copy),
+call N/M (the N-th of M calls of a layer shared across calls, as ALBERT's: TorchScript scopes
+the later calls `query_1`, `query_2`; they are listed, and --target selects them, under the
+module's own path, which adapters name),
 subgraph (inside an If/Loop/Scan body), quantized (fold refuses it; inject puts a float branch
 beside it), packed-qkv (one weight holds the q, k and v projections side by side, as in
 onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
@@ -46,14 +49,37 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // A gated serving model is inspected as the graph its If runs with an adapter active.
     let gated = onnx_lora::rewrite::ungate(&mut model)?;
     let graph = ModelGraph::build(&model.proto);
-    let cands = target::find_candidates(&model.proto, &graph);
+    let found = target::find_candidates(&model.proto, &graph);
+    // A later call of a shared layer (`attention.query_1`) is listed, and selected, under the
+    // module it calls: the path an adapter names.
+    let calls = target::module_calls(&found);
+    let cands: Vec<target::Candidate> = found
+        .iter()
+        .zip(&calls)
+        .map(|(c, call)| match call {
+            Some(call) => target::Candidate {
+                module: found[call.first].module.clone(),
+                ..c.clone()
+            },
+            None => c.clone(),
+        })
+        .collect();
+    let call_of = |c: &target::Candidate| {
+        let i = cands.iter().position(|d| std::ptr::eq(d, c))?;
+        calls[i]
+    };
     let spec = args.all_linear.then_some(target::TargetSpec::AllLinear);
     let chosen = target::select(&cands, spec.as_ref(), &args.targets)
         .with_context(|| args.model.display().to_string())?;
     let (branches, weight_form) = onnx_lora::rewrite::count_injected(&model, &graph);
     if args.json {
         for c in &chosen {
-            json_line("candidate", c)?;
+            let mut v = serde_json::to_value(c)?;
+            if let Some(call) = call_of(c) {
+                v["call"] = call.number.into();
+                v["calls"] = call.of.into();
+            }
+            json_line("candidate", &v)?;
         }
         json_line(
             "report",
@@ -70,18 +96,21 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let rows: Vec<Vec<String>> = chosen
         .iter()
         .map(|c| {
-            let mut flags = Vec::new();
+            let mut flags: Vec<String> = Vec::new();
             if c.shared {
-                flags.push("shared");
+                flags.push("shared".into());
             }
             if c.in_subgraph {
-                flags.push("subgraph");
+                flags.push("subgraph".into());
             }
             if c.quantized {
-                flags.push("quantized");
+                flags.push("quantized".into());
             }
             if c.packed.is_some() {
-                flags.push("packed-qkv");
+                flags.push("packed-qkv".into());
+            }
+            if let Some(call) = call_of(c) {
+                flags.push(format!("call {}/{}", call.number, call.of));
             }
             vec![
                 match (&c.packed, c.module.is_empty()) {

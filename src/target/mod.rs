@@ -16,7 +16,7 @@ use crate::onnx::DataType;
 use crate::onnx::pb::{ModelProto, NodeProto};
 use crate::onnx::pb_ext::NodeExt;
 
-pub use select::{TargetSpec, resolve_module, select};
+pub use select::{Call, TargetSpec, module_calls, resolve_module, select};
 
 /// How the stored weight is laid out relative to the layer it implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -182,6 +182,51 @@ pub fn resolve_module<'a>(
     Ok(found)
 }
 
+/// One call of a module called several times (a layer shared across calls, as ALBERT's): its
+/// nodes carry the module's path (dynamo), or TorchScript scopes the later calls `_1`, `_2`
+/// and they read the first call's weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// The candidate of the module's first call (its module path is the module's).
+    pub first: usize,
+    /// Which call this is, from 1, in graph order.
+    pub number: usize,
+    /// How many calls the module has.
+    pub of: usize,
+}
+
+/// For each candidate, the call of a shared module it is (None for a module called once).
+pub fn module_calls(cands: &[Candidate]) -> Vec<Option<Call>> {
+    let mut out: Vec<Option<Call>> = vec![None; cands.len()];
+    for (i, c) in cands.iter().enumerate() {
+        if out[i].is_some() || c.module.is_empty() {
+            continue;
+        }
+        let later: Vec<usize> = (i + 1..cands.len())
+            .filter(|&j| {
+                let d = &cands[j];
+                out[j].is_none()
+                    && (d.module == c.module
+                        || (c.source.is_some()
+                            && d.source == c.source
+                            && is_later_call(&c.module, &d.module)))
+            })
+            .collect();
+        let of = later.len() + 1;
+        if of == 1 {
+            continue;
+        }
+        for (number, j) in std::iter::once(i).chain(later).enumerate() {
+            out[j] = Some(Call {
+                first: i,
+                number: number + 1,
+                of,
+            });
+        }
+    }
+    out
+}
+
 /// Whether `later` names a later call of the module at `first` as TorchScript scopes it:
 /// the same path with `_N` added to one or more components (`attention.query` →
 /// `attention.query_1`, `attention_2.query`). `conv_1` and `conv_2` are different modules.
@@ -200,6 +245,64 @@ pub(crate) fn is_later_call(first: &str, later: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_calls_group_repeated_and_scoped_paths() {
+        let cand = |module: &str, weight: &str| Candidate {
+            module: module.into(),
+            evidence: super::super::Evidence::NodeName,
+            other_paths: vec![],
+            node: String::new(),
+            op: "MatMul".into(),
+            weight: weight.into(),
+            shape: vec![2, 2],
+            layout: super::super::Layout::InOut,
+            dtype: "float32".into(),
+            in_features: 2,
+            out_features: 2,
+            shared: false,
+            shared_with: vec![],
+            in_subgraph: false,
+            quantized: false,
+            packed: None,
+            through: vec![],
+            graph: 0,
+            node_index: 0,
+            // One initializer per weight name.
+            source: Some(crate::graph::ConstSource::Initializer {
+                graph: 0,
+                index: weight.bytes().map(usize::from).sum(),
+            }),
+            chain: vec![],
+            weight_input: 1,
+        };
+        let cands = [
+            cand("a.query", "W"),
+            cand("a.key", "K"),
+            cand("a.query_1", "W"),
+            cand("a.query_2", "X"), // another weight: a different module
+            cand("a.key", "K2"),    // the same path: a second call, whatever its weight
+            cand("conv_1", "C1"),
+            cand("conv_2", "C2"),
+        ];
+        let calls = module_calls(&cands);
+        let got: Vec<Option<(usize, usize, usize)>> = calls
+            .iter()
+            .map(|c| c.map(|c| (c.first, c.number, c.of)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Some((0, 1, 2)),
+                Some((1, 1, 2)),
+                Some((0, 2, 2)),
+                None,
+                Some((1, 2, 2)),
+                None,
+                None
+            ]
+        );
+    }
 
     #[test]
     fn later_calls_are_scoped_with_suffixes() {
