@@ -565,3 +565,49 @@ fn shared_layers_fold_and_inject_refuses() {
     }
     assert!(checked >= 2, "{checked}");
 }
+
+/// A model converted to float16 with float32 inputs and outputs (keep_io_types) computes in
+/// float16: `--verify` compares the fold with the unmerged reference at float16's tolerances
+/// and passes (at float32's it failed a correct fold, and removed it); `--atol` / `--rtol`
+/// set them, and need `--verify`.
+#[test]
+fn verify_of_a_float16_model_with_float32_io_passes_a_correct_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let keepio = dir.path().join("keepio.onnx");
+    let base = fixtures().join("llama/dynamo/model.onnx");
+    py("to_fp16_keepio.py", &[&base, &keepio]);
+    let adapter = fixtures().join("llama/adapters/plain");
+    let out = dir.path().join("out.onnx");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let fold = |extra: &[&str]| {
+        let mut args = vec![
+            "fold".to_string(),
+            s(&keepio),
+            s(&adapter),
+            "-o".into(),
+            s(&out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        onnx_lora(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = fold(&["--verify", "--ep", "cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("the models compute in float16"), "{err}");
+    assert!(out.exists());
+    // float32's defaults fail it: the difference is float16 rounding.
+    let o = fold(&[
+        "--verify", "--ep", "cpu", "--atol", "1e-4", "--rtol", "1e-4",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists(), "an output that did not pass stays");
+    let o = fold(&["--atol", "1e-2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--verify"), "{err}");
+}

@@ -229,6 +229,35 @@ fn default_tolerances_follow_the_dtype() {
     ]);
     let recs = records(&r);
     assert_eq!(output(&recs, "logits")["atol"].as_f64(), Some(1e-4));
+    assert!(output(&recs, "logits").get("tolerance_of").is_none());
+}
+
+/// A model that computes in float16 behind float32 inputs and outputs (onnxruntime's
+/// converter, keep_io_types) differs from its float32 original by float16 rounding: its
+/// float32 outputs take float16's tolerances, with a note; --atol / --rtol still decide.
+#[test]
+fn models_computing_in_float16_take_its_tolerances() {
+    let (a, b) = (file("mlp_keepio.onnx"), file("mlp.onnx"));
+    let r = verify(&[&a, &b, "--ep", "cpu", "--json"]);
+    expect_code(&r, 0, "keep_io fp16 vs fp32");
+    let recs = records(&r);
+    let logits = output(&recs, "logits");
+    assert_eq!(logits["dtype_a"].as_str(), Some("float32"), "{logits}");
+    assert_eq!(logits["tolerance_of"].as_str(), Some("float16"), "{logits}");
+    assert_eq!(
+        (logits["atol"].as_f64(), logits["rtol"].as_f64()),
+        (Some(1e-2), Some(1e-2))
+    );
+    // The difference is float16's, beyond float32's tolerance: the loosening is needed.
+    assert!(logits["max_abs_diff"].as_f64().unwrap() > 1e-4, "{logits}");
+    assert!(
+        r.stderr.contains("the models compute in float16") && r.stderr.contains("logits"),
+        "{}",
+        r.stderr
+    );
+    let r = verify(&[&a, &b, "--ep", "cpu", "--atol", "1e-6", "--rtol", "0"]);
+    expect_code(&r, 1, "explicit tolerances");
+    assert!(!r.stderr.contains("compute in float16"), "{}", r.stderr);
 }
 
 #[test]

@@ -28,6 +28,9 @@ less precise side), on CPU and when CUDA ran:
   bfloat16   atol 5e-2  rtol 5e-2   (CUDA 1e-1, 5e-2)
   float64    atol 1e-7  rtol 1e-6   (CUDA 1e-6, 1e-5)
   integers and bool: exact
+A float output of a more precise type than the models compute in (float16 weights or casts
+behind float32 inputs and outputs, as keep_io_types conversions make) takes the tolerances of
+the type they compute in, and a note says so.
 --atol / --rtol replace the defaults for every output.
 
 --inputs must hold every model input, as arrays of the input's kind: float64 may feed a float32
@@ -265,6 +268,13 @@ pub struct RuntimeArgs {
     /// `onnx-lora verify --help`).
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// --verify's absolute tolerance for every output (default: by type, see `onnx-lora
+    /// verify --help`).
+    #[arg(long, value_name = "X", requires = "verify")]
+    pub atol: Option<f64>,
+    /// --verify's relative tolerance for every output (default: by type).
+    #[arg(long, value_name = "Y", requires = "verify")]
+    pub rtol: Option<f64>,
 }
 
 impl RuntimeArgs {
@@ -297,6 +307,8 @@ fn check_labeled(
     let opts = VerifyOptions {
         ep: runtime.ep,
         ort_lib: runtime.ort_lib.clone(),
+        atol: runtime.atol,
+        rtol: runtime.rtol,
         reference_label: label.map(str::to_string),
         ..VerifyOptions::default()
     };

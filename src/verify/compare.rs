@@ -45,13 +45,7 @@ pub fn default_tolerance(dtype: DataType, gpu: bool) -> Tolerance {
 
 /// Of two types, the one whose default tolerance is looser (the less precise float).
 fn coarser(a: DataType, b: DataType) -> DataType {
-    let rank = |d: DataType| match d {
-        DataType::Bfloat16 => 4,
-        DataType::Float16 => 3,
-        DataType::Float => 2,
-        DataType::Double => 1,
-        _ => 0,
-    };
+    let rank = |d: DataType| super::precision::coarseness(d).unwrap_or(0);
     if rank(a) >= rank(b) { a } else { b }
 }
 
@@ -100,6 +94,10 @@ pub struct OutputComparison {
     pub numel: usize,
     pub atol: f64,
     pub rtol: f64,
+    /// The type whose default tolerances were taken when it is not the output's own: the
+    /// less precise type the models compute in ([`ToleranceOverride::compute`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance_of: Option<String>,
 }
 
 /// User overrides of the tolerances (either may be left to the default).
@@ -107,6 +105,10 @@ pub struct OutputComparison {
 pub struct ToleranceOverride {
     pub atol: Option<f64>,
     pub rtol: Option<f64>,
+    /// The least precise float type the models compute in: float outputs get the default
+    /// tolerance of that type when it is looser than their own (float16 weights behind
+    /// float32 inputs and outputs).
+    pub compute: Option<DataType>,
 }
 
 /// Compares every output by name: A's outputs in order, then those only B has.
@@ -144,7 +146,15 @@ pub fn compare(
         (Some(x), None) | (None, Some(x)) => x.dtype,
         (None, None) => DataType::Float,
     };
+    let own = dtype;
+    let dtype = match over.compute {
+        Some(c) if super::precision::coarseness(dtype).is_some() => coarser(dtype, c),
+        _ => dtype,
+    };
     let def = default_tolerance(dtype, gpu);
+    // Said only where a default was taken.
+    let tolerance_of =
+        (dtype != own && (over.atol.is_none() || over.rtol.is_none())).then(|| dtype.name());
     let tol = Tolerance {
         atol: over.atol.unwrap_or(def.atol),
         rtol: over.rtol.unwrap_or(def.rtol),
@@ -168,6 +178,7 @@ pub fn compare(
         numel: a.or(b).map_or(0, ArrayData::numel),
         atol: tol.atol,
         rtol: tol.rtol,
+        tolerance_of,
     };
     let (Some(x), Some(y)) = (a, b) else {
         return c;
@@ -239,6 +250,7 @@ mod tests {
         let over = ToleranceOverride {
             atol: Some(0.1),
             rtol: Some(0.1),
+            compute: None,
         };
         // |a-b| = 0.29 <= 0.1 + 0.1*2 = 0.3 passes; 0.31 fails.
         let c = compare(

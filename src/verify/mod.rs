@@ -20,6 +20,7 @@ pub mod feeds;
 pub mod npz;
 #[cfg(feature = "ort")]
 pub mod ort;
+pub mod precision;
 pub mod tensor;
 pub mod tract;
 
@@ -119,7 +120,15 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
     let (out_b, run_b) = run_model(&b, &feeds, opts, &[], &mut notes)?;
     let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
-    Ok(report(&out_a, &out_b, vec![run_a, run_b], opts, notes))
+    let compute = compute_precision(&[&a, &b])?;
+    Ok(report(
+        &out_a,
+        &out_b,
+        vec![run_a, run_b],
+        opts,
+        compute,
+        notes,
+    ))
 }
 
 /// Runs `a` and compares its outputs with those stored in `expected` (`.npz` by output name, or
@@ -136,7 +145,8 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
     let stored = align_expected(expected, stored, &out_a, &opts.outputs)?;
     let (out_a, stored) = select_outputs(out_a, stored, &opts.outputs, "the --expect file")?;
-    Ok(report(&out_a, &stored, vec![run_a], opts, notes))
+    let compute = compute_precision(&[&a])?;
+    Ok(report(&out_a, &stored, vec![run_a], opts, compute, notes))
 }
 
 /// Keeps only the outputs named in `names` (all of them when it is empty); a name that neither
@@ -170,6 +180,18 @@ fn select_outputs(
             .collect()
     };
     Ok((keep(a), keep(b)))
+}
+
+/// The least precise float type the models compute in (see [`precision`]).
+fn compute_precision(models: &[&Model]) -> Result<Option<DataType>> {
+    let mut coarsest: Option<DataType> = None;
+    for m in models {
+        let d = precision::compute_precision(&onnx::load(m.path)?.proto);
+        if d.and_then(precision::coarseness) > coarsest.and_then(precision::coarseness) {
+            coarsest = d;
+        }
+    }
+    Ok(coarsest)
 }
 
 /// A model file and how messages name it.
@@ -339,6 +361,7 @@ fn report(
     b: &Tensors,
     models: Vec<ModelRun>,
     opts: &VerifyOptions,
+    compute: Option<DataType>,
     notes: Vec<String>,
 ) -> VerifyReport {
     let _doing = crate::cleanup::doing("comparing the outputs");
@@ -346,11 +369,29 @@ fn report(
     let tol = ToleranceOverride {
         atol: opts.atol,
         rtol: opts.rtol,
+        compute,
     };
     let outputs = compare::compare_all(a, b, tol, gpu);
     let mut eps: Vec<&str> = models.iter().map(|m| m.ep.name()).collect();
     eps.dedup();
     let mut notes = notes;
+    // Float outputs more precise than the models compute took that type's tolerances: said,
+    // since the table shows the output's own type.
+    let loosened: Vec<&OutputComparison> = outputs
+        .iter()
+        .filter(|o| o.tolerance_of.is_some())
+        .collect();
+    if let Some(first) = loosened.first() {
+        let of = first.tolerance_of.as_deref().unwrap_or_default();
+        notes.push(format!(
+            "the models compute in {of} (weights or casts of that type): {} compared with {of}'s default tolerances",
+            loosened
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     // NaN equals NaN (numpy's equal_nan): an output with no finite element on either side
     // passes, but says nothing about the models.
     for o in &outputs {

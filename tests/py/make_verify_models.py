@@ -14,6 +14,8 @@
   mlp_renamed.onnx  mlp.onnx with token_type_ids named segment_ids
   mlp_int32.onnx    mlp.onnx taking input_ids as int32
   mlp_dims.onnx     mlp.onnx with its symbolic dims named N and L instead of batch and sequence
+  mlp_keepio.onnx   mlp.onnx converted to float16 by onnxruntime's converter with
+                    keep_io_types=True: float16 weights and compute, float32 outputs
 
 Usage: make_verify_models.py OUT_DIR
 """
@@ -101,6 +103,8 @@ def main(out):
     onnx.save(model(np.float32, types="segment_ids"), p("mlp_renamed.onnx"))
     onnx.save(model(np.float32, ids_type=TensorProto.INT32), p("mlp_int32.onnx"))
     onnx.save(model(np.float32, dims=("N", "L")), p("mlp_dims.onnx"))
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    onnx.save(convert_float_to_float16(model(np.float32), keep_io_types=True), p("mlp_keepio.onnx"))
     f = feeds()
     np.savez(p("inputs.npz"), **f)
     expected = run(p("mlp.onnx"), f)
