@@ -2179,3 +2179,54 @@ fn running_out_of_memory_is_one_line_and_leaves_no_output() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// onnxruntime's quantize_dynamic (MatMulInteger on DynamicQuantizeLinear's int8 activations,
+/// an int8 embedding table dequantized after its Gather): inspect lists the layers as
+/// quantized; fold and inject refuse them in one line that says why and what to do, instead
+/// of "matches no weight".
+#[test]
+fn dynamically_quantized_layers_are_named_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("qdyn.onnx");
+    py(
+        "quantize_dynamic.py",
+        &[&fixtures().join("llama/torchscript/model.onnx"), &q],
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = onnx_lora_ok(&["inspect", &s(&q), "--json"]);
+    let cands: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "candidate")
+        .collect();
+    let of = |op: &str| cands.iter().filter(|c| c["op"] == op).count();
+    assert_eq!(of("MatMulInteger"), 15, "{out}");
+    assert!(cands.iter().all(|c| c["quantized"] == true), "{out}");
+    assert!(
+        cands
+            .iter()
+            .any(|c| c["op"] == "Gather" && c["module"] == "model.embed_tokens"),
+        "{out}"
+    );
+    let adapter = fixtures().join("llama/adapters/plain");
+    let err = fold_fails(&q, &adapter, &dir.path().join("f.onnx"), &[]);
+    assert!(
+        err.contains("quantized activations (MatMulInteger")
+            && err.contains("fold the adapter into the float model, then quantize"),
+        "{err}"
+    );
+    for extra in [&["--adapter", &s(&adapter)][..], &["--rank", "4"][..]] {
+        let out = dir.path().join("i.onnx");
+        let mut args = vec!["inject".to_string(), s(&q), "-o".into(), s(&out)];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let o = onnx_lora(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("MatMulInteger") && err.contains("cannot put a float branch"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -234,11 +234,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 .with_context(|| label.clone())?;
             if let Some(c) = chosen.iter().find(|c| !c.branchable()) {
                 anyhow::bail!(
-                    "{}: '{}' ({} {}) cannot take a branch: onnxruntime's fused op computes the layer inside; `onnx-lora fold` can change its weight",
+                    "{}: '{}' cannot take a branch: {}",
                     args.model.display(),
                     c.module,
-                    c.op,
-                    c.node
+                    c.no_branch_reason()
                 );
             }
             if chosen.is_empty() {

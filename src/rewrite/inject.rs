@@ -193,10 +193,10 @@ pub fn adapter_branches(
                     same,
                 ) =>
             {
-                let c = found[0];
                 return Err(Error::Target(format!(
-                    "module '{}' is computed inside onnxruntime's fused {} node '{}': inject cannot put a branch beside it; `onnx-lora fold` merges it",
-                    m.path, c.op, c.node
+                    "module '{}': {}",
+                    m.path,
+                    found[0].no_branch_reason()
                 )));
             }
             Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {

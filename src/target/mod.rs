@@ -94,7 +94,10 @@ pub struct Candidate {
 
 impl Candidate {
     pub fn is_linear(&self) -> bool {
-        matches!(self.op.as_str(), "MatMul" | "Gemm" | "MatMulNBits")
+        matches!(
+            self.op.as_str(),
+            "MatMul" | "Gemm" | "MatMulNBits" | "MatMulInteger"
+        )
     }
 
     /// A Conv's groups (its weight holds in / groups input channels); 1 for other layers.
@@ -111,10 +114,34 @@ impl Candidate {
     /// graph values. In onnxruntime's fused ops (Attention, EmbedLayerNormalization) the
     /// projection or lookup happens inside the op; only `fold` can change those weights.
     pub fn branchable(&self) -> bool {
-        matches!(
-            self.op.as_str(),
-            "MatMul" | "Gemm" | "MatMulNBits" | "Conv" | "Gather"
-        )
+        match self.op.as_str() {
+            "MatMul" | "Gemm" | "MatMulNBits" | "Conv" => true,
+            "Gather" => !self.quantized,
+            _ => false,
+        }
+    }
+
+    /// Why `inject` cannot put a branch beside the node (see [`Candidate::branchable`]), for
+    /// the message that refuses it.
+    pub fn no_branch_reason(&self) -> String {
+        if self.dynamically_quantized() {
+            format!(
+                "its input and output are quantized ({} {}, as onnxruntime's quantization writes it), so inject cannot put a float branch beside it; fold the adapter into the float model, then quantize that",
+                self.op, self.node
+            )
+        } else {
+            format!(
+                "it is computed inside onnxruntime's fused {} node '{}', so inject cannot put a branch beside it; `onnx-lora fold` merges it",
+                self.op, self.node
+            )
+        }
+    }
+
+    /// A layer whose activations are quantized too (MatMulInteger from quantize_dynamic, a
+    /// Gather from an integer table followed by DequantizeLinear): no float value to branch
+    /// from, nor a float weight to fold into.
+    pub fn dynamically_quantized(&self) -> bool {
+        self.op == "MatMulInteger" || (self.op == "Gather" && self.quantized)
     }
 }
 
@@ -141,7 +168,7 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
 
 fn weight_input(node: &NodeProto) -> Option<usize> {
     match (node.domain(), node.op_type()) {
-        ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv") => Some(1),
+        ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv" | "MatMulInteger") => Some(1),
         ("" | "ai.onnx", "Gather") => (node.attr_i("axis").unwrap_or(0) == 0).then_some(0),
         ("com.microsoft", "MatMulNBits" | "Attention") => Some(1),
         // onnxruntime's fused embedding + LayerNorm: input 2 is the word embedding table.
@@ -167,7 +194,7 @@ fn candidate(
     let mut through = Vec::new();
     let mut chain = Vec::new();
     let mut transposes = 0usize;
-    let mut quantized = node.op_type() == "MatMulNBits";
+    let mut quantized = matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
     // Walk back through pass-through ops to the constant.
     let source = loop {
         if let Some(src) = graph.const_source(model, gi, &value) {
@@ -197,9 +224,20 @@ fn candidate(
     let shape = tensor.dims.clone();
     let dtype = DataType::from_i32(tensor.data_type());
     // A Gather from an integer table is shape arithmetic, not an embedding (even with constant
-    // indices, as for folded position ids, a float table is one).
+    // indices, as for folded position ids, a float table is one), unless what it gathers is
+    // dequantized (a quantized embedding table).
     if node.op_type() == "Gather" && !dtype.is_foldable_float() {
-        return None;
+        let dequantized = node.output.first().is_some_and(|y| {
+            view.consumers_of(y).iter().any(|&u| {
+                graph
+                    .node(model, gi, u)
+                    .is_some_and(|n| n.op_type() == "DequantizeLinear")
+            })
+        });
+        if !dequantized {
+            return None;
+        }
+        quantized = true;
     }
     let (layout, in_features, out_features) = layout_of(node, &shape, transposes)?;
     let (module, evidence, other_paths) =
@@ -239,7 +277,7 @@ fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layo
     match node.op_type() {
         // onnxruntime's Attention: weight [in, q + k + v].
         "Attention" => (shape.len() == 2).then(|| (Layout::InOut, shape[0], shape[1])),
-        "MatMul" | "Gemm" => {
+        "MatMul" | "Gemm" | "MatMulInteger" => {
             if shape.len() != 2 {
                 return None;
             }
