@@ -2230,3 +2230,44 @@ fn dynamically_quantized_layers_are_named_and_refused() {
         assert!(!out.exists());
     }
 }
+
+/// A weight-only quantized layer (DequantizeLinear of a constant → MatMul with float
+/// activations) cannot be loaded by onnxruntime inside an If: `--idle-gate` refuses it in one
+/// line; the flat serving model is written.
+#[test]
+fn idle_gate_refuses_weight_only_quantized_layers() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let gated = env.p("dq_gated.onnx");
+    let o = onnx_lora(&[
+        "inject",
+        &s(&env.p("dq.onnx")),
+        "--rank",
+        "2",
+        "--as-inputs",
+        "--idle-gate",
+        "-o",
+        &s(&gated),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("'/fc/MatMul'")
+            && err.contains("weight-only")
+            && err.contains("without --idle-gate"),
+        "{err}"
+    );
+    assert!(!gated.exists());
+    let flat = env.p("dq_flat.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("dq.onnx")),
+        "--rank",
+        "2",
+        "--as-inputs",
+        "-o",
+        &s(&flat),
+    ]);
+    assert!(flat.exists());
+}

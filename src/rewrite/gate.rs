@@ -62,6 +62,40 @@ struct Served {
     restore: HashMap<String, String>,
 }
 
+/// A MatMul / Gemm whose weight is a DequantizeLinear of a constant while its activation is
+/// not dequantized (weight-only quantization, as onnxruntime's MatMulNBitsQuantizer writes
+/// in QDQ format): onnxruntime's rewrite of that pair into MatMulNBits fails to load inside
+/// an If body when the weight lives in the outer graph. (Fully quantized QDQ layers load.)
+fn weight_only_dequantized(g: &GraphProto) -> Option<&NodeProto> {
+    let producer: HashMap<&str, &NodeProto> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect();
+    let constant: HashSet<&str> = g
+        .initializer
+        .iter()
+        .map(|t| t.name())
+        .chain(
+            g.node
+                .iter()
+                .filter(|n| n.op_type() == "Constant")
+                .flat_map(|n| n.output.iter().map(String::as_str)),
+        )
+        .collect();
+    let dequantized = |v: Option<&String>| {
+        v.and_then(|v| producer.get(v.as_str()))
+            .filter(|p| p.op_type() == "DequantizeLinear")
+    };
+    g.node.iter().find(|n| {
+        matches!(n.op_type(), "MatMul" | "Gemm")
+            && dequantized(n.input.get(1))
+                .and_then(|dq| dq.input.first())
+                .is_some_and(|w| constant.contains(w.as_str()))
+            && dequantized(n.input.first()).is_none()
+    })
+}
+
 fn served(g: &GraphProto) -> Served {
     let inputs: HashSet<&str> = g.input.iter().map(|v| v.name()).collect();
     let factor = |n: &NodeProto| -> Option<String> {
@@ -139,6 +173,12 @@ pub fn gate(model: &mut LoadedModel) -> Result<usize> {
             "{path}: branch '{}' has a '{}' node; only plain LoRA branches can be gated",
             n.metadata(BRANCH_KEY).unwrap_or_default(),
             n.metadata(ROLE_KEY).unwrap_or_default()
+        )));
+    }
+    if let Some(n) = weight_only_dequantized(g) {
+        return Err(Error::Target(format!(
+            "{path}: node '{}' reads a weight dequantized from a constant beside float activations (weight-only quantization); onnxruntime cannot load such a layer inside an If (its DequantizeLinear→MatMulNBits rewrite misses weights of the outer graph), so it cannot be gated; serve the model without --idle-gate",
+            n.label()
         )));
     }
 
