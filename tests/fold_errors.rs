@@ -2271,3 +2271,25 @@ fn idle_gate_refuses_weight_only_quantized_layers() {
     ]);
     assert!(flat.exists());
 }
+
+/// Layers inside model-local functions (TorchScript's export_modules_as_functions) are no
+/// targets: inspect says so, and fold's error names the function and how to inline it,
+/// instead of only "matches no weight".
+#[test]
+fn layers_inside_local_functions_are_named_in_the_error() {
+    let env = Env::new();
+    let model = env.p("funcs.onnx");
+    let o = onnx_lora(&["inspect", model.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("model-local functions") && err.contains("'Block': 1"),
+        "{err}"
+    );
+    let ad = write_adapter(&env.p("adf"), config(), &refs(&lora("blocks.0", 8, 8, 0.1)));
+    let err = env.fold_fails("funcs.onnx", &ad);
+    assert!(
+        err.contains("'Block': 1") && err.contains("inline_local_functions"),
+        "{err}"
+    );
+}

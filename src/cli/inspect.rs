@@ -141,6 +141,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
+    if let Some(note) = super::functions_note(&model) {
+        eprintln!("note: {note}");
+    }
     if gated {
         eprintln!(
             "idle gate: the graph is one If that runs the base graph while every LoRA input is empty (listed: the graph it runs with an adapter)"

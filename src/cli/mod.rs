@@ -174,17 +174,35 @@ fn verify_written(
 }
 
 /// The model's path for error messages, with a hint when some of its layers are in weight form
-/// (`inject --form weight`): those are no targets until the model is folded back.
+/// (`inject --form weight`): those are no targets until the model is folded back; or inside
+/// model-local functions, which onnx-lora does not look into.
 fn model_label(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) -> String {
     let graph = onnx_lora::graph::ModelGraph::build(&model.proto);
-    match onnx_lora::rewrite::count_injected(model, &graph) {
-        (_, 0) => path.display().to_string(),
-        (_, w) => format!(
-            "{} ({w} of its layers are in weight form and no targets; `onnx-lora fold {} -o OUT` merges them first)",
-            path.display(),
+    let mut label = path.display().to_string();
+    if let (_, w @ 1..) = onnx_lora::rewrite::count_injected(model, &graph) {
+        label.push_str(&format!(
+            " ({w} of its layers are in weight form and no targets; `onnx-lora fold {} -o OUT` merges them first)",
             path.display()
-        ),
+        ));
     }
+    if let Some(note) = functions_note(model) {
+        label.push_str(&format!(" ({note})"));
+    }
+    label
+}
+
+/// Says which model-local functions hold layers onnx-lora does not look into, and how to make
+/// them visible; None when none does.
+fn functions_note(model: &onnx_lora::onnx::LoadedModel) -> Option<String> {
+    let hidden = onnx_lora::target::layers_in_functions(&model.proto);
+    if hidden.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = hidden.iter().map(|(f, n)| format!("'{f}': {n}")).collect();
+    Some(format!(
+        "MatMul / Gemm / Conv nodes inside model-local functions are no targets ({}); inline the functions first, e.g. with onnx.inliner.inline_local_functions",
+        list.join(", ")
+    ))
 }
 
 #[cfg(test)]

@@ -149,6 +149,25 @@ impl Candidate {
 /// the node that uses it.
 const PASS_THROUGH: [&str; 4] = ["Transpose", "Identity", "Cast", "DequantizeLinear"];
 
+/// Layers onnx-lora does not look into: the MatMul / Gemm / Conv nodes inside the model's
+/// local functions (TorchScript's `export_modules_as_functions`), as (function name, count)
+/// for each function that has any.
+pub fn layers_in_functions(model: &ModelProto) -> Vec<(String, usize)> {
+    model
+        .functions
+        .iter()
+        .map(|f| {
+            let n = f
+                .node
+                .iter()
+                .filter(|n| matches!(n.op_type(), "MatMul" | "Gemm" | "Conv"))
+                .count();
+            (f.name().to_string(), n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 /// Finds every candidate in the model, in graph order.
 pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate> {
     let mut out = Vec::new();

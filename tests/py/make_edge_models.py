@@ -13,6 +13,9 @@
   anon.onnx        a Gather and two MatMuls on nodes without names, weights named W0, W1, E
                    (nothing gives a module path)
   linear_bias_fp16.onnx  float16 y = x @ W + b on /fc/MatMul and /fc/Add
+  funcs.onnx       two calls of a model-local function 'Block' (a MatMul on its weight
+                   argument) on main-graph weights blocks.0.w / blocks.1.w, as TorchScript's
+                   export_modules_as_functions writes
   huge_output.onnx linear.onnx with a second output `ones`, 2^27 float32 ones (512 MiB) from
                    a ConstantOfShape: running it needs more memory than a tight limit allows
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
@@ -165,6 +168,21 @@ def main(out):
                            [numpy_helper.from_array(f32(8, 4).astype(np.float16), "W"),
                             numpy_helper.from_array(f32(4).astype(np.float16), "b")]),
          os.path.join(out, "linear_bias_fp16.onnx"))
+
+    block = helper.make_function("local", "Block", ["x", "w"], ["y"],
+                                 [helper.make_node("MatMul", ["x", "w"], ["y"], name="/MatMul")],
+                                 [helper.make_opsetid("", 17)])
+    xf = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    yf = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    g = helper.make_graph([helper.make_node("Block", ["x", "blocks.0.w"], ["h"], domain="local", name="/blocks.0/Block"),
+                           helper.make_node("Block", ["h", "blocks.1.w"], ["y"], domain="local", name="/blocks.1/Block")],
+                          "funcs", [xf], [yf],
+                          [numpy_helper.from_array(f32(8, 8), "blocks.0.w"),
+                           numpy_helper.from_array(f32(8, 8), "blocks.1.w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                          functions=[block])
+    m.ir_version = 10
+    onnx.save(m, os.path.join(out, "funcs.onnx"))
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
