@@ -222,7 +222,7 @@ pub(crate) fn execute(
         if let Some(name) = copy {
             let c = &jobs[i].cand;
             report.notes.push(format!(
-                "{}: weight '{}' is shared with {}; the node got its own copy '{}' (PEFT's merge would change the others too)",
+                "{}: weight '{}' is shared with {}; the node got its own copy '{}', so the others keep theirs (where the model ties these weights, PEFT's merge would change them too; an exporter's deduplication of equal values ties nothing)",
                 c.module,
                 c.weight,
                 c.shared_with.join(", "),
