@@ -40,8 +40,9 @@ fixed dims).
 
 Generated inputs (without --inputs), repeatable with --seed: symbolic dims come from --dim
 (which must name a symbolic dim of the inputs), else a name containing 'batch' is 1, 'past'
-0, 'seq', 'len' or 'total' 8, any other 1 ('past_sequence_length + 1' style sums are added
-up); inputs named *mask* are all ones; integer inputs that index a Gather table are drawn
+0, 'seq', 'len' or 'total' 8, any other 8 on a token axis (a non-leading axis of ids that
+index an embedding table, or of a mask) and 1 elsewhere ('past_sequence_length + 1' style sums
+are added up); inputs named *mask* are all ones; integer inputs that index a Gather table are drawn
 below its size, other integers in 0..4, bools at random; floats are N(0, 1). bfloat16 in .npz
 files is uint16 bits.
 

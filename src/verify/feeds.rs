@@ -8,9 +8,11 @@
 //! Generation rules (documented in `onnx-lora verify --help` too):
 //! - Symbolic dimensions take the value given with `--dim NAME=VALUE`; otherwise a name
 //!   containing `batch` is 1, one containing `past` is 0 (an empty KV cache), one containing
-//!   `seq`, `len` or `total` is 8 ([`DEFAULT_SEQUENCE`]), any other is 1. A dim_param that is
-//!   a sum such as `past_sequence_length + 1` is evaluated term by term. Unnamed dynamic dims
-//!   are 1.
+//!   `seq`, `len` or `total` is 8 ([`DEFAULT_SEQUENCE`]). Any other is 8 too where it sizes a
+//!   token axis (a non-leading axis of an input that indexes an embedding table, or of a
+//!   mask: TorchScript exports name them as their `dynamic_axes` say, `s`), and 1 elsewhere.
+//!   A dim_param that is a sum such as `past_sequence_length + 1` is evaluated term by term.
+//!   Unnamed dynamic dims are 1.
 //! - Inputs whose name contains `mask` are all ones.
 //! - Integer inputs that index a Gather over a constant table (directly or through Cast,
 //!   Unsqueeze, Reshape, Squeeze, Flatten, Identity) are drawn uniformly below the table's
@@ -194,16 +196,44 @@ fn resolve_param(p: &str, dims: &HashMap<String, usize>) -> Result<usize> {
             })
             .sum();
     }
+    Ok(named_default(p).unwrap_or(DEFAULT_BATCH))
+}
+
+/// The default a dim_param's name gives it, when its name says what it is.
+fn named_default(p: &str) -> Option<usize> {
     let lower = p.to_ascii_lowercase();
-    Ok(if lower.contains("batch") {
-        DEFAULT_BATCH
+    if lower.contains("batch") {
+        Some(DEFAULT_BATCH)
     } else if lower.contains("past") {
-        0
+        Some(0)
     } else if ["seq", "len", "total"].iter().any(|k| lower.contains(k)) {
-        DEFAULT_SEQUENCE
+        Some(DEFAULT_SEQUENCE)
     } else {
-        DEFAULT_BATCH
-    })
+        None
+    }
+}
+
+/// `dims` (the `--dim` values) with [`DEFAULT_SEQUENCE`] added for each dim_param whose name
+/// says nothing but which sizes a token axis: a non-leading axis of an integer input that
+/// indexes an embedding table, or of a mask. So that a model exported with `dynamic_axes`
+/// named `b` and `s` is checked on 8 tokens, not 1.
+fn with_token_dims(specs: &[InputSpec], dims: &HashMap<String, usize>) -> HashMap<String, usize> {
+    let mut out = dims.clone();
+    for spec in specs {
+        let tokens = spec.index_bound.is_some() || spec.name.to_ascii_lowercase().contains("mask");
+        if !tokens {
+            continue;
+        }
+        for d in spec.dims.iter().skip(1) {
+            if let Dim::Param(p) = d
+                && !p.contains('+')
+                && named_default(p).is_none()
+            {
+                out.entry(p.clone()).or_insert(DEFAULT_SEQUENCE);
+            }
+        }
+    }
+    out
 }
 
 /// The most values one generated input may have (a typo in --dim should not exhaust memory).
@@ -245,6 +275,7 @@ pub fn make_feeds(
 ) -> Result<(Tensors, Vec<String>)> {
     let mut feeds = Vec::with_capacity(specs.len());
     let mut notes = Vec::new();
+    let dims = &with_token_dims(specs, dims);
     for spec in specs {
         let arr = match provided {
             Some((path, arrays)) => given_input(spec, path, arrays)?,
@@ -652,6 +683,39 @@ mod tests {
         assert!(e.to_string().contains("holds -1"), "{e}");
         let e = given_input(&ids, path, &[]).unwrap_err();
         assert!(e.to_string().starts_with("in.npz: no array 'ids'"), "{e}");
+        Ok(())
+    }
+
+    /// TorchScript exports name dims as their `dynamic_axes` say (`b`, `s`): a dim of no
+    /// known name on a token axis (after the first, of ids or a mask) is a sequence.
+    #[test]
+    fn unnamed_token_dims_are_sequences() -> Result<()> {
+        let p = |n: &str| Dim::Param(n.into());
+        let ids = InputSpec {
+            name: "input_ids".into(),
+            dtype: DataType::Int64,
+            dims: vec![p("b"), p("s")],
+            index_bound: Some(100),
+        };
+        let mask = InputSpec {
+            name: "attention_mask".into(),
+            dtype: DataType::Int64,
+            dims: vec![p("b"), p("m")],
+            index_bound: None,
+        };
+        let feat = InputSpec {
+            name: "pixels".into(),
+            dtype: DataType::Float,
+            dims: vec![p("b"), p("h")],
+            index_bound: None,
+        };
+        let given = HashMap::from([("m".to_string(), 3)]);
+        let dims = with_token_dims(&[ids.clone(), mask, feat.clone()], &given);
+        assert_eq!(resolve_shape(&ids, &dims)?, vec![1, DEFAULT_SEQUENCE]);
+        assert_eq!(dims.get("m"), Some(&3), "--dim wins");
+        assert_eq!(resolve_shape(&feat, &dims)?, vec![1, 1], "not a token axis");
+        let (feeds, _) = make_feeds(&[ids], None, &HashMap::new(), 0)?;
+        assert_eq!(feeds[0].1.shape, vec![1, DEFAULT_SEQUENCE]);
         Ok(())
     }
 
