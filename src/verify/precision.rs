@@ -117,17 +117,16 @@ mod tests {
         );
         assert_eq!(compute_precision(&keep_io), Some(DataType::Float16));
         // A Cast to float16 inside an If branch.
-        let mut outer = model(&[DataType::Float], vec![]);
-        let inner = model(&[], vec![cast(DataType::Float16)]).graph;
-        outer.graph.as_mut().unwrap().node.push(NodeProto {
+        let if_node = NodeProto {
             op_type: Some("If".into()),
             attribute: vec![AttributeProto {
                 name: Some("then_branch".into()),
-                g: inner,
+                g: model(&[], vec![cast(DataType::Float16)]).graph,
                 ..Default::default()
             }],
             ..Default::default()
-        });
+        };
+        let outer = model(&[DataType::Float], vec![if_node]);
         assert_eq!(compute_precision(&outer), Some(DataType::Float16));
         let bf = model(&[DataType::Float16, DataType::Bfloat16], vec![]);
         assert_eq!(compute_precision(&bf), Some(DataType::Bfloat16));

@@ -34,6 +34,17 @@ pub fn onnx_lora_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the binary expecting an error: exit 2, one line on stderr, nothing at `out`. Returns
+/// stderr.
+pub fn onnx_lora_fails(args: &[&str], out: &Path) -> String {
+    let o = onnx_lora(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "onnx-lora {args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "onnx-lora {args:?}: {err}");
+    assert!(!out.exists(), "onnx-lora {args:?} left {}", out.display());
+    err
+}
+
 /// Runs the binary; on failure notes `what` with its stderr in `failures` and returns None, so
 /// a loop over fixtures can report every failing case at once.
 pub fn onnx_lora_or_note(args: &[&str], what: &str, failures: &mut Vec<String>) -> Option<Output> {
