@@ -2225,6 +2225,32 @@ fn dynamically_quantized_layers_are_named_and_refused() {
             "{err}"
         );
     }
+    // Partly quantized (the MLPs left float): the default targets leave the quantized layers
+    // out with a warning and inject the rest.
+    let part = dir.path().join("part.onnx");
+    let llama = fixtures().join("llama/torchscript/model.onnx");
+    py("quantize_dynamic.py", &[&llama, &part, Path::new("mlp")]);
+    let out = dir.path().join("part_inj.onnx");
+    let o = onnx_lora(&["inject", &s(&part), "--rank", "4", "-o", &s(&out), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("8 linear layer(s) left out") && err.contains("MatMulInteger"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let branches: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "branch")
+        .collect();
+    assert_eq!(branches.len(), 6, "{stdout}");
+    assert!(
+        branches
+            .iter()
+            .all(|b| b["module"].as_str().unwrap().contains(".mlp.")),
+        "{stdout}"
+    );
 }
 
 /// A weight-only quantized layer (DequantizeLinear of a constant → MatMul with float

@@ -230,8 +230,26 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             .with_context(|| label.clone())?,
         None => {
             let spec = args.targets.is_empty().then_some(TargetSpec::AllLinear);
-            let chosen = target::select(&cands, spec.as_ref(), &args.targets)
+            let mut chosen = target::select(&cands, spec.as_ref(), &args.targets)
                 .with_context(|| label.clone())?;
+            // The default (every linear layer) leaves out layers that take no branch (quantized
+            // activations) when others remain, and says so; named targets must all take one.
+            if spec.is_some() && chosen.iter().any(|c| c.branchable()) {
+                let skipped: Vec<String> = chosen
+                    .iter()
+                    .filter(|c| !c.branchable())
+                    .map(|c| c.module.clone())
+                    .collect();
+                if let Some(first) = chosen.iter().find(|c| !c.branchable()) {
+                    eprintln!(
+                        "onnx-lora: warning: {} linear layer(s) left out ({}): {}",
+                        skipped.len(),
+                        skipped.join(", "),
+                        first.no_branch_reason()
+                    );
+                }
+                chosen.retain(|c| c.branchable());
+            }
             if let Some(c) = chosen.iter().find(|c| !c.branchable()) {
                 anyhow::bail!(
                     "{}: '{}' cannot take a branch: {}",
