@@ -619,4 +619,17 @@ fn verify_of_a_float16_model_with_float32_io_passes_a_correct_fold() {
         &out,
     );
     assert!(err.contains("--verify"), "{err}");
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &s(&keepio),
+            &s(&adapter),
+            "-o",
+            &s(&out),
+            "--verify",
+            "--atol=-1",
+        ],
+        &out,
+    );
+    assert!(err.contains("finite number >= 0"), "{err}");
 }

@@ -2215,7 +2215,18 @@ fn dynamically_quantized_layers_are_named_and_refused() {
             && err.contains("fold the adapter into the float model, then quantize"),
         "{err}"
     );
-    for extra in [&["--adapter", &s(&adapter)][..], &["--rank", "4"][..]] {
+    // With --verify too: the refusal is the layer's, not advice to drop --verify.
+    let err = fold_fails(&q, &adapter, &dir.path().join("f.onnx"), &["--verify"]);
+    assert!(
+        err.contains("MatMulInteger") && !err.contains("without --verify"),
+        "{err}"
+    );
+    let ad = s(&adapter);
+    for extra in [
+        &["--adapter", &ad][..],
+        &["--rank", "4"],
+        &["--adapter", &ad, "--verify"],
+    ] {
         let out = dir.path().join("i.onnx");
         let mut args = vec!["inject".to_string(), s(&q), "-o".into(), s(&out)];
         args.extend(extra.iter().map(|a| a.to_string()));

@@ -106,12 +106,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let reference = match (args.verify, adapters.is_empty()) {
         (false, _) => None,
         (true, true) => Some(model.clone()),
-        (true, false) => Some(
-            unmerged_reference(&model, &adapters, &opts.weights, opts.scale)
-                .context(
+        (true, false) => {
+            let all: Vec<&Adapter> = adapters.iter().collect();
+            super::refuse_dynamically_quantized(&args.model, &model, &all)?;
+            Some(
+                unmerged_reference(&model, &adapters, &opts.weights, opts.scale).context(
                     "--verify cannot build its unmerged reference, the base with the adapters as branches (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
                 )?,
-        ),
+            )
+        }
     };
     let label = super::model_label(&args.model, &model);
     let report = if adapters.is_empty() {

@@ -168,6 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // written: if it cannot be, nothing is.
     let reference = match (&adapter, args.verify && !args.as_inputs) {
         (Some(adapter), true) => {
+            super::refuse_dynamically_quantized(&args.model, &model, &[adapter])?;
             // The reference folds the adapter, which a quantized weight cannot take.
             let graph = ModelGraph::build(&model.proto);
             let cands = target::find_candidates(&model.proto, &graph);

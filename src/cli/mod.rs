@@ -134,6 +134,34 @@ fn load_adapter(path: &std::path::Path) -> anyhow::Result<onnx_lora::adapter::Ad
     Ok(adapter)
 }
 
+/// Refuses, for `--verify`, an adapter module on a layer whose activations are quantized
+/// (MatMulInteger): no reference can be built with it, and neither fold nor inject can take
+/// it, so the refusal is the layer's own, not advice to drop `--verify`.
+fn refuse_dynamically_quantized(
+    path: &std::path::Path,
+    model: &onnx_lora::onnx::LoadedModel,
+    adapters: &[&onnx_lora::adapter::Adapter],
+) -> anyhow::Result<()> {
+    use onnx_lora::target;
+    let graph = onnx_lora::graph::ModelGraph::build(&model.proto);
+    let cands = target::find_candidates(&model.proto, &graph);
+    for adapter in adapters {
+        let (paths, _) = onnx_lora::rewrite::module_paths(adapter, &cands)?;
+        for p in paths.iter().flatten() {
+            let found =
+                target::resolve_module(&cands, p, |c| c.dynamically_quantized(), |_, _| false);
+            if let Ok(found) = found {
+                anyhow::bail!(
+                    "{}: module '{p}': {}",
+                    path.display(),
+                    found[0].no_branch_reason()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `--verify`'s `check` on the files this run wrote (`held` since they were put in place:
 /// an interrupt removes them, as it does temps); when they do not pass (the models differ, or
 /// the check itself fails) they are removed, so that no unverified output is left looking like

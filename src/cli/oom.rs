@@ -10,7 +10,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The system allocator, whose failures end the run through [`failed`].
 pub struct Checked;
@@ -51,15 +51,24 @@ unsafe impl GlobalAlloc for Checked {
     }
 }
 
-/// Set by the first failure: one that happens while handling it aborts.
-static FAILING: AtomicBool = AtomicBool::new(false);
+/// The thread ending the run after a failure (its pthread id), 0 while none is.
+static HANDLER: AtomicUsize = AtomicUsize::new(0);
 
-/// Ends the run after an allocation of `size` bytes failed. It allocates nothing itself
-/// (removing the temps may, a path's worth, and a failure there aborts).
+/// Ends the run after an allocation of `size` bytes failed. It allocates nothing itself but
+/// what removing the temps takes (paths; a folder's listing). Another thread that fails
+/// meanwhile waits for the end; the handling thread failing again aborts, its message
+/// already written.
 #[cold]
 fn failed(size: usize) -> ! {
-    if FAILING.swap(true, Ordering::SeqCst) {
-        std::process::abort();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as usize;
+    match HANDLER.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => {}
+        Err(h) if h == me => std::process::abort(),
+        Err(_) => loop {
+            // SAFETY: waits for a signal; the handling thread ends the process meanwhile.
+            unsafe { libc::pause() };
+        },
     }
     let mut line = Line::new();
     // SAFETY: isatty on the standard error descriptor.
@@ -82,18 +91,21 @@ fn failed(size: usize) -> ! {
         ": {size} bytes ({:.1} {unit}) could not be allocated",
         size as f64 / per as f64
     );
+    // Written before the removal, which may allocate: the line's end follows it.
+    line.write_to_stderr();
+    let mut end = Line::new();
     // The run's temps, and its outputs not yet accepted (those `--verify` was checking).
     let mut first = true;
     let removed = onnx_lora::cleanup::try_remove_all_for_exit(|path| {
-        line.push(if first { "; removed " } else { ", " });
+        end.push(if first { "; removed " } else { ", " });
         first = false;
-        let _ = write!(line, "{}", path.display());
+        let _ = write!(end, "{}", path.display());
     });
     if removed.is_none() {
-        line.push("; the files this run was writing could not be removed");
+        end.push("; the files this run was writing could not be removed");
     }
-    line.push("\n");
-    line.write_to_stderr();
+    end.push("\n");
+    end.write_to_stderr();
     // `_exit`: other threads may still be running, and no destructor or exit handler (Rust's,
     // onnxruntime's) may run under them, nor allocate.
     // SAFETY: ends the process; nothing is used after it.

@@ -271,11 +271,19 @@ pub struct RuntimeArgs {
     pub ort_lib: Option<PathBuf>,
     /// --verify's absolute tolerance for every output (default: by type, see `onnx-lora
     /// verify --help`).
-    #[arg(long, value_name = "X", requires = "verify")]
+    #[arg(long, value_name = "X", requires = "verify", value_parser = parse_tolerance)]
     pub atol: Option<f64>,
     /// --verify's relative tolerance for every output (default: by type).
-    #[arg(long, value_name = "Y", requires = "verify")]
+    #[arg(long, value_name = "Y", requires = "verify", value_parser = parse_tolerance)]
     pub rtol: Option<f64>,
+}
+
+/// A tolerance: a finite number >= 0, checked before a rewrite writes anything.
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a finite number >= 0")),
+    }
 }
 
 impl RuntimeArgs {

@@ -62,37 +62,51 @@ struct Served {
     restore: HashMap<String, String>,
 }
 
-/// A MatMul / Gemm whose weight is a DequantizeLinear of a constant while its activation is
-/// not dequantized (weight-only quantization, as onnxruntime's MatMulNBitsQuantizer writes
-/// in QDQ format): onnxruntime's rewrite of that pair into MatMulNBits fails to load inside
-/// an If body when the weight lives in the outer graph. (Fully quantized QDQ layers load.)
+/// A MatMul / Gemm whose weight is a DequantizeLinear (through a Cast or not) of a constant
+/// while its activation is not dequantized (weight-only quantization, as onnxruntime's
+/// MatMulNBitsQuantizer writes in QDQ format), in `g` or its subgraphs: onnxruntime's rewrite
+/// of that pattern into MatMulNBits fails to load inside an If body when the weight lives in
+/// the outer graph. (Fully quantized QDQ layers load.)
 fn weight_only_dequantized(g: &GraphProto) -> Option<&NodeProto> {
+    weight_only_in(g, &HashSet::new())
+}
+
+/// [`weight_only_dequantized`] in `g`, whose enclosing graphs hold the constants `outer`.
+fn weight_only_in<'g>(g: &'g GraphProto, outer: &HashSet<&str>) -> Option<&'g NodeProto> {
     let producer: HashMap<&str, &NodeProto> = g
         .node
         .iter()
         .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
         .collect();
-    let constant: HashSet<&str> = g
-        .initializer
-        .iter()
-        .map(|t| t.name())
-        .chain(
-            g.node
-                .iter()
-                .filter(|n| n.op_type() == "Constant")
-                .flat_map(|n| n.output.iter().map(String::as_str)),
-        )
-        .collect();
+    let mut constant: HashSet<&str> = outer.clone();
+    constant.extend(g.initializer.iter().map(|t| t.name()));
+    constant.extend(
+        g.node
+            .iter()
+            .filter(|n| n.op_type() == "Constant")
+            .flat_map(|n| n.output.iter().map(String::as_str)),
+    );
+    // The DequantizeLinear that produces `v`, through one Cast.
     let dequantized = |v: Option<&String>| {
-        v.and_then(|v| producer.get(v.as_str()))
-            .filter(|p| p.op_type() == "DequantizeLinear")
+        let mut p = v.and_then(|v| producer.get(v.as_str()))?;
+        if p.op_type() == "Cast" {
+            p = p.input.first().and_then(|v| producer.get(v.as_str()))?;
+        }
+        (p.op_type() == "DequantizeLinear").then_some(*p)
     };
-    g.node.iter().find(|n| {
+    let found = g.node.iter().find(|n| {
         matches!(n.op_type(), "MatMul" | "Gemm")
             && dequantized(n.input.get(1))
                 .and_then(|dq| dq.input.first())
                 .is_some_and(|w| constant.contains(w.as_str()))
             && dequantized(n.input.first()).is_none()
+    });
+    found.or_else(|| {
+        g.node
+            .iter()
+            .flat_map(|n| &n.attribute)
+            .flat_map(|a| a.g.iter().chain(&a.graphs))
+            .find_map(|sub| weight_only_in(sub, &constant))
     })
 }
 
@@ -388,5 +402,79 @@ fn rename_in_nodes(nodes: &mut [NodeProto], map: &HashMap<String, String>) {
                 rename_infos(&mut g.output, map);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb::TensorProto;
+
+    fn n(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(format!("/{output}/{op}")),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn graph(nodes: Vec<NodeProto>, inits: &[&str]) -> GraphProto {
+        GraphProto {
+            node: nodes,
+            initializer: inits
+                .iter()
+                .map(|s| TensorProto {
+                    name: Some(s.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn weight_only_dequantization_is_found_through_casts_and_in_subgraphs() {
+        let dq = n("DequantizeLinear", &["wq", "s"], "w");
+        // Weight-only: float activation x.
+        let g = graph(
+            vec![dq.clone(), n("MatMul", &["x", "w"], "y")],
+            &["wq", "s"],
+        );
+        assert!(weight_only_dequantized(&g).is_some());
+        // Through a Cast (onnxruntime fuses DequantizeLinear -> Cast -> MatMul too).
+        let g = graph(
+            vec![
+                dq.clone(),
+                n("Cast", &["w"], "wc"),
+                n("MatMul", &["x", "wc"], "y"),
+            ],
+            &["wq", "s"],
+        );
+        assert!(weight_only_dequantized(&g).is_some());
+        // Fully quantized (the activation is dequantized too): onnxruntime loads it gated.
+        let g = graph(
+            vec![
+                dq.clone(),
+                n("DequantizeLinear", &["xq", "s"], "x"),
+                n("MatMul", &["x", "w"], "y"),
+            ],
+            &["wq", "s"],
+        );
+        assert!(weight_only_dequantized(&g).is_none());
+        // Inside an If body, on a weight of the outer graph.
+        let body = graph(vec![dq, n("MatMul", &["x", "w"], "y")], &[]);
+        let mut iff = n("If", &["c"], "out");
+        iff.attribute.push(crate::onnx::pb::AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(body),
+            ..Default::default()
+        });
+        let g = graph(vec![iff], &["wq", "s"]);
+        assert_eq!(
+            weight_only_dequantized(&g).map(|n| n.name()),
+            Some("/y/MatMul")
+        );
     }
 }

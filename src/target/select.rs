@@ -196,7 +196,13 @@ pub struct Call {
 }
 
 /// For each candidate, the call of a shared module it is (None for a module called once).
-pub fn module_calls(cands: &[Candidate]) -> Vec<Option<Call>> {
+/// Nodes of one module path are calls of one layer when they read one weight or copies with
+/// equal values (`same_values`, as `resolve_module` takes them); a module path over different
+/// weights (`F.linear` twice in one module) is no shared layer.
+pub fn module_calls(
+    cands: &[Candidate],
+    same_values: impl Fn(&Candidate, &Candidate) -> bool,
+) -> Vec<Option<Call>> {
     let mut out: Vec<Option<Call>> = vec![None; cands.len()];
     for (i, c) in cands.iter().enumerate() {
         if out[i].is_some() || c.module.is_empty() {
@@ -206,7 +212,7 @@ pub fn module_calls(cands: &[Candidate]) -> Vec<Option<Call>> {
             .filter(|&j| {
                 let d = &cands[j];
                 out[j].is_none()
-                    && (d.module == c.module
+                    && ((d.module == c.module && (d.source == c.source || same_values(c, d)))
                         || (c.source.is_some()
                             && d.source == c.source
                             && is_later_call(&c.module, &d.module)))
@@ -281,11 +287,15 @@ mod tests {
             cand("a.key", "K"),
             cand("a.query_1", "W"),
             cand("a.query_2", "X"), // another weight: a different module
-            cand("a.key", "K2"),    // the same path: a second call, whatever its weight
+            cand("a.key", "K2"),    // the same path over an equal copy: a second call
             cand("conv_1", "C1"),
             cand("conv_2", "C2"),
+            cand("mlp", "M1"),
+            cand("mlp", "M2"), // the same path over other values: no shared layer
         ];
-        let calls = module_calls(&cands);
+        let calls = module_calls(&cands, |a, b| {
+            a.weight.starts_with('K') && b.weight.starts_with('K')
+        });
         let got: Vec<Option<(usize, usize, usize)>> = calls
             .iter()
             .map(|c| c.map(|c| (c.first, c.number, c.of)))
@@ -298,6 +308,8 @@ mod tests {
                 Some((0, 2, 2)),
                 None,
                 Some((1, 2, 2)),
+                None,
+                None,
                 None,
                 None
             ]

@@ -1,5 +1,5 @@
 //! The precision a model computes in, for choosing comparison tolerances: the least precise
-//! float type among its stored tensors and its casts. A model converted to float16 with
+//! float type among its stored tensors (but scalars and small constants) and its casts. A model converted to float16 with
 //! float32 inputs and outputs (`keep_io_types`) computes in float16, and two such models
 //! differ by float16 rounding even where their outputs are float32.
 
@@ -35,8 +35,12 @@ fn coarser(a: Option<DataType>, b: DataType) -> DataType {
     }
 }
 
-/// Calls `f` with every float type of `g`'s initializers, Constant values and Cast targets,
-/// in its subgraphs too.
+/// Tensors smaller than this (scalars, small constants) say nothing of the precision a model
+/// computes in: an fp32 model may hold a float16 epsilon.
+const MIN_ELEMENTS: usize = 16;
+
+/// Calls `f` with every float type of `g`'s initializers and Constant values (of at least
+/// [`MIN_ELEMENTS`]) and Cast targets, in its subgraphs too.
 fn visit(g: &GraphProto, f: &mut impl FnMut(DataType)) {
     let mut float = |code: i32| {
         let d = DataType::from_i32(code);
@@ -44,7 +48,10 @@ fn visit(g: &GraphProto, f: &mut impl FnMut(DataType)) {
             f(d);
         }
     };
-    for t in &g.initializer {
+    let sized = |t: &crate::onnx::pb::TensorProto| {
+        crate::onnx::pb_ext::checked_numel(&t.dims).is_ok_and(|n| n >= MIN_ELEMENTS)
+    };
+    for t in g.initializer.iter().filter(|t| sized(t)) {
         float(t.data_type());
     }
     for n in &g.node {
@@ -55,7 +62,11 @@ fn visit(g: &GraphProto, f: &mut impl FnMut(DataType)) {
                 }
             }
             "Constant" => {
-                if let Some(t) = n.attr("value").and_then(|a| a.t.as_ref()) {
+                if let Some(t) = n
+                    .attr("value")
+                    .and_then(|a| a.t.as_ref())
+                    .filter(|t| sized(t))
+                {
                     float(t.data_type());
                 }
             }
@@ -83,6 +94,7 @@ mod tests {
                     .iter()
                     .map(|d| TensorProto {
                         data_type: Some(d.to_i32()),
+                        dims: vec![4, 4],
                         ..Default::default()
                     })
                     .collect(),
@@ -130,5 +142,14 @@ mod tests {
         assert_eq!(compute_precision(&outer), Some(DataType::Float16));
         let bf = model(&[DataType::Float16, DataType::Bfloat16], vec![]);
         assert_eq!(compute_precision(&bf), Some(DataType::Bfloat16));
+        // A float16 scalar in a float32 model (an epsilon) says nothing.
+        let mut eps = model(&[DataType::Float], vec![]);
+        if let Some(g) = eps.graph.as_mut() {
+            g.initializer.push(TensorProto {
+                data_type: Some(DataType::Float16.to_i32()),
+                ..Default::default()
+            });
+        }
+        assert_eq!(compute_precision(&eps), Some(DataType::Float));
     }
 }
