@@ -423,6 +423,44 @@ fn typed_field_tensors_go_external_with_their_values() {
     assert_eq!(m.proto.graph.as_ref().unwrap().initializer[0], typed);
 }
 
+/// The progress total counts only what goes external: a 4-bit tensor in typed fields, which
+/// stays inline, is not in it, so the bar ends at its total.
+#[test]
+fn progress_ends_at_its_total_when_a_typed_tensor_stays_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = matmul_model(TensorProto {
+        float_data: (0..12).map(|i| i as f32).collect(),
+        raw_data: None,
+        ..inline_weight()
+    });
+    let int4 = TensorProto {
+        name: Some("packed".into()),
+        dims: vec![64],
+        data_type: Some(22), // INT4, two per int32_data entry
+        int32_data: vec![0x21; 32],
+        ..Default::default()
+    };
+    m.graph.as_mut().unwrap().initializer.push(int4.clone());
+    let src = write_model(dir.path(), "in.onnx", &m);
+    let model = onnx_lora::onnx::load(&src).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let opts = onnx_lora::onnx::io::SaveOptions {
+        layout: onnx_lora::onnx::io::TensorLayout::External { name: None },
+        threshold: 0,
+        progress: Some(onnx_lora::onnx::io::Progress(std::sync::Arc::new(
+            move |done, total| log.lock().unwrap().push((done, total)),
+        ))),
+        ..Default::default()
+    };
+    let out = dir.path().join("out.onnx");
+    let report = onnx_lora::onnx::save(&model, &out, &opts).unwrap();
+    assert_eq!(report.external_tensors, 1);
+    assert_eq!(*seen.lock().unwrap(), vec![(48, 48)]);
+    let written = onnx_lora::onnx::load(&out).unwrap();
+    assert_eq!(written.proto.graph.as_ref().unwrap().initializer[1], int4);
+}
+
 /// `--threshold 0` moves every float tensor out but keeps the small int64 shape / axes
 /// constants inline, which onnxruntime's shape inference must read: the model still runs.
 #[test]
@@ -648,4 +686,41 @@ fn unknown_fields_are_reported() {
         "{err}"
     );
     assert!(!out2.exists());
+}
+
+/// Rewriting an output inline where an earlier run wrote `<output>.data`: the old data file is
+/// not this run's to delete, so it stays, and the run says it is unused (stderr, and JSON).
+#[test]
+fn an_earlier_data_file_left_unused_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = write_model(dir.path(), "in.onnx", &matmul_model(inline_weight()));
+    let (src, out) = (src.to_str().unwrap(), dir.path().join("out.onnx"));
+    let out = out.to_str().unwrap();
+    let data = dir.path().join("out.onnx.data");
+    let convert = |extra: &[&str]| {
+        let mut args = vec!["convert", src, "-o", out];
+        args.extend(extra);
+        onnx_lora(&args)
+    };
+    let first = convert(&["--external-data", "--threshold", "0"]);
+    assert!(first.status.success());
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("note:"));
+    let second = convert(&["--inline"]);
+    assert!(second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "note: {} is left from an earlier output",
+            data.display()
+        )),
+        "{stderr}"
+    );
+    assert!(data.exists(), "the earlier data file is not removed");
+    let json = convert(&["--inline", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["stale_data"], serde_json::json!(data));
+    // Written with its data again, the file is in use: no note.
+    let third = convert(&["--external-data", "--threshold", "0"]);
+    assert!(!String::from_utf8_lossy(&third.stderr).contains("note:"));
+    py("ort_run.py", &[Path::new(src), Path::new(out)]);
 }

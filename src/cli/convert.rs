@@ -33,7 +33,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let report = onnx::save(&model, &args.output, &args.save.options())?;
-    super::warn_unread(&args.model, &model);
+    super::warn_after_write(&args.model, &model, &report);
     if args.json {
         report_line(&report, &report.model)?;
     } else {

@@ -141,8 +141,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         _ => (None, None),
     };
-    if saved.is_some() {
-        super::warn_unread(&args.model, &model);
+    if let Some(saved) = &saved {
+        super::warn_after_write(&args.model, &model, saved);
     }
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");

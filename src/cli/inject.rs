@@ -330,7 +330,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     // Without --verify the outputs are accepted once all are in place.
     let held = args.verify.then_some(held);
-    super::warn_unread(&args.model, &model);
+    super::warn_after_write(&args.model, &model, &saved);
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

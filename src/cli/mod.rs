@@ -104,10 +104,22 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
-/// Once the output of a rewrite of `model` (read from `path`) is written: a warning when the
-/// file held bytes the decoder did not read (fields of a newer ONNX), which the output could
-/// not keep. (Said after the write, so that a run that fails says only its error.)
-fn warn_unread(path: &std::path::Path, model: &onnx_lora::onnx::LoadedModel) {
+/// Once the output of a rewrite of `model` (read from `path`) is written (`saved`): a warning
+/// when the file held bytes the decoder did not read (fields of a newer ONNX), which the output
+/// could not keep, and a note when an earlier `<output>.data` beside the output is now unused.
+/// (Said after the write, so that a run that fails says only its error.)
+fn warn_after_write(
+    path: &std::path::Path,
+    model: &onnx_lora::onnx::LoadedModel,
+    saved: &onnx_lora::onnx::io::SaveReport,
+) {
+    if let Some(stale) = &saved.stale_data {
+        eprintln!(
+            "onnx-lora: note: {} is left from an earlier output; {} does not use it (delete it if nothing else does)",
+            stale.display(),
+            saved.model.display()
+        );
+    }
     if model.unread_bytes > 0 {
         eprintln!(
             "onnx-lora: warning: {}: {} bytes of the file are not fields this onnx-lora reads (a newer ONNX, or an unusual encoding); the output holds only the fields it knows",

@@ -650,6 +650,10 @@ pub struct SaveReport {
     pub external_data: Option<PathBuf>,
     pub external_bytes: u64,
     pub external_tensors: usize,
+    /// `<output>.data` beside the output, left from an earlier write, which this output does
+    /// not use (it is inline, or its data went elsewhere). Not removed: this run did not write it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_data: Option<PathBuf>,
 }
 
 impl SaveReport {
@@ -792,6 +796,10 @@ fn save_impl(
             .map_err(|e| Error::io(tmp.path(), e))?;
     }
     report.model_bytes = encoded_len;
+    let sidecar = out_dir.join(format!("{file_name}.data"));
+    if report.external_data.as_ref() != Some(&sidecar) && sidecar.symlink_metadata().is_ok() {
+        report.stale_data = Some(sidecar);
+    }
     make_readable(tmp.as_file(), out)?;
     // The data file is in place first so the model never points at a missing one; until the
     // model follows, the data file stays registered as a temp (an interrupt removes it), and if
@@ -978,7 +986,6 @@ fn inline_everything(
 }
 
 /// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
-/// Streams every initializer of at least `threshold` bytes into `file` at 4096-aligned offsets
 /// and points the tensors there. Expects every tensor inline or pending (see
 /// `inline_everything`). Pending values are computed on a second thread one tensor ahead of
 /// the writer (a channel of one), so merging overlaps writing while at most two computed
@@ -1005,16 +1012,30 @@ fn write_external(
                 ) && n < DEFAULT_THRESHOLD)
         })
     };
+    // First what goes out, for the progress total and the merge thread's order. Typed fields
+    // (`float_data`, ...) become the same values in the raw layout, which is what external data
+    // holds; a type with no such encoding here (4-bit types) stays inline.
     let mut total = 0u64;
     let mut keys: Vec<String> = Vec::new();
     if let Some(g) = proto.graph.as_mut() {
         initializers_mut(g, &mut |t: &mut TensorProto| -> Result<()> {
-            if goes_out(t) {
-                total += expected_len(t).unwrap_or(0) as u64;
-                if let Some(k) = pending_key(t) {
-                    keys.push(k.to_string());
+            if !goes_out(t) {
+                return Ok(());
+            }
+            if let Some(k) = pending_key(t) {
+                keys.push(k.to_string());
+            } else if DataType::from_i32(t.data_type()).bits().is_none() {
+                return Ok(());
+            } else if t.raw_data.is_none() {
+                match typed_fields_to_raw(t) {
+                    Ok(b) if Some(b.len()) == expected_len(t) => {
+                        clear_typed_fields(t);
+                        t.raw_data = Some(Bytes::from(b));
+                    }
+                    _ => return Ok(()),
                 }
             }
+            total += expected_len(t).unwrap_or(0) as u64;
             Ok(())
         })?;
     }
@@ -1045,18 +1066,10 @@ fn write_external(
                     .map_err(|_| Error::tensor(t.name(), "the merge thread stopped"))??,
                 Some(_) => return Ok(()),
                 None if !(fixed && goes_out(t)) => return Ok(()),
+                // (typed fields were made raw above, where they could be)
                 None => match &t.raw_data {
                     Some(b) => b.clone(),
-                    // Typed fields (`float_data`, ...): the same values in the raw layout,
-                    // which is what external data holds. A type with no encoding here (4-bit
-                    // types) stays inline.
-                    None => match typed_fields_to_raw(t) {
-                        Ok(b) if Some(b.len()) == expected_len(t) => {
-                            clear_typed_fields(t);
-                            Bytes::from(b)
-                        }
-                        _ => return Ok(()),
-                    },
+                    None => return Ok(()),
                 },
             };
             let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
