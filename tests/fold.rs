@@ -155,7 +155,8 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
             ) else {
                 continue;
             };
-            // Every q/k/v module of the adapter went into a slice of a packed weight.
+            // Every q/k/v module of the adapter went into a slice of a packed weight (also
+            // one that only trained its bias, with bias="all").
             let stdout = String::from_utf8_lossy(&o.stdout).to_string();
             let slices = packed_slices(&stdout);
             // q, k and v are thirds of the packed weight's outputs.
@@ -166,8 +167,13 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
                 "value" | "v_lin" => Some(2),
                 _ => None,
             };
-            let qkv = ad.targets.iter().filter(|t| role(t).is_some()).count();
-            assert_eq!(slices.len(), qkv, "{}: {stdout}", ad.name);
+            for t in ad.targets.iter().filter(|t| role(t).is_some()) {
+                assert!(
+                    slices.iter().any(|s| s["module"] == t.as_str()),
+                    "{} {t}: {stdout}",
+                    ad.name
+                );
+            }
             for s in &slices {
                 let module = s["module"].as_str().unwrap();
                 let col = s["columns"][0].as_u64().unwrap();

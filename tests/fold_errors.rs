@@ -645,7 +645,83 @@ fn a_trained_bias_on_a_shared_bias_tensor_changes_one_layer() {
     );
     let err = fold_fails(&env.p("linear.onnx"), &ad, &env.p("norm.onnx"), &[]);
     assert!(
-        err.contains("encoder.norm.bias") && err.contains("norm layers"),
+        err.contains("encoder.norm.bias") && err.contains("normalization layers"),
+        "{err}"
+    );
+}
+
+/// PEFT's bias="all" trains norm layers' biases, and modules_to_save can hold a norm layer:
+/// they replace the layer's scale and bias. A tensor other layers read too (deduplicated) is
+/// copied for this layer; a layer without a bias cannot take one.
+#[test]
+fn trained_norm_values_replace_the_layers_own() {
+    let env = Env::new();
+    let model = env.p("norms.onnx");
+    let params_of = |out: &Path, node: &str| -> Vec<(String, Vec<f32>)> {
+        let m = onnx_lora::onnx::load(out).unwrap();
+        let g = m.proto.graph.as_ref().unwrap();
+        let n = g.node.iter().find(|n| n.name() == node).unwrap();
+        n.input[1..]
+            .iter()
+            .map(|v| {
+                let t = g.initializer.iter().find(|t| t.name() == v).unwrap();
+                let b = m.tensor_bytes(t).unwrap();
+                let vals = b
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+                (v.clone(), vals.collect())
+            })
+            .collect()
+    };
+    let before = params_of(&model, "/b/norm/LayerNormalization");
+    let bias = (0..8).map(|i| i as f32 * 0.25).collect::<Vec<_>>();
+    let scale = vec![1.5; 8];
+    type Tensors<'a> = Vec<(&'a str, Vec<usize>, Vec<f32>)>;
+    let cases: [(&str, Tensors); 2] = [
+        ("bias", vec![("a.norm.bias", vec![8], bias.clone())]),
+        (
+            "whole",
+            vec![
+                ("a.norm.weight", vec![8], scale.clone()),
+                ("a.norm.bias", vec![8], bias.clone()),
+            ],
+        ),
+    ];
+    for (name, tensors) in cases {
+        let ad = write_adapter(&env.p(name), config(), &tensors);
+        let out = env.p(&format!("{name}.onnx"));
+        onnx_lora_ok(&[
+            "fold",
+            model.to_str().unwrap(),
+            ad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let a = params_of(&out, "/a/norm/LayerNormalization");
+        assert_eq!(a[1].1, bias, "{name}: /a/norm's bias");
+        assert_ne!(a[1].0, "beta", "{name}: /a/norm reads its own copy");
+        if name == "whole" {
+            assert_eq!(a[0].1, scale, "{name}: /a/norm's scale");
+        }
+        assert_eq!(
+            params_of(&out, "/b/norm/LayerNormalization"),
+            before,
+            "{name}: /b/norm"
+        );
+        let diff: serde_json::Value =
+            serde_json::from_str(&py("ort_diff.py", &[&model, &out])).unwrap();
+        assert!(diff["ya"].as_f64().unwrap() > 0.1, "{name}: {diff}");
+        assert_eq!(diff["yb"].as_f64().unwrap(), 0.0, "{name}: {diff}");
+        assert_eq!(diff["yc"].as_f64().unwrap(), 0.0, "{name}: {diff}");
+    }
+    let ad = write_adapter(
+        &env.p("nobias"),
+        config(),
+        &[("c.norm.bias", vec![8], bias)],
+    );
+    let err = env.fold_fails("norms.onnx", &ad);
+    assert!(
+        err.contains("module 'c.norm'") && err.contains("has no constant bias"),
         "{err}"
     );
 }

@@ -27,7 +27,7 @@ use crate::graph::ModelGraph;
 use crate::onnx::LoadedModel;
 use crate::onnx::io::LazyTensor;
 use crate::onnx::pb_ext::NodeExt;
-use crate::target::{Candidate, find_candidates, packed, resolve_module};
+use crate::target::{Candidate, Layout, find_candidates, norm, packed, resolve_module};
 use crate::tensor::{Matrix, Orientation, add_low_rank, from_f32, out_norms, scale_out};
 
 #[derive(Clone, Debug)]
@@ -148,9 +148,10 @@ pub fn fold(
 ) -> Result<FoldReport> {
     let graph = ModelGraph::build(&model.proto);
     let cands = find_candidates(&model.proto, &graph);
+    let norms = norm::find_norm_params(&model.proto, &graph);
     let mut report = FoldReport::default();
     let same = |a: &Candidate, b: &Candidate| weights::same_values(model, &graph, a, b);
-    let mut jobs = plan(&cands, adapters, opts, &mut report, same)?;
+    let mut jobs = plan(&cands, &norms, adapters, opts, &mut report, same)?;
     tie_token_heads(model, &graph, &cands, &mut jobs, &mut report)?;
     execute(model, &graph, &jobs, &mut report)?;
     Ok(report)
@@ -212,6 +213,10 @@ pub(crate) fn execute(
                 )
             });
         }
+        // A job that only changes the bias (a trained bias alone) leaves the weight as it is.
+        if results[i].0.steps.is_empty() {
+            continue;
+        }
         let copy = weights::write(
             model,
             graph,
@@ -239,6 +244,7 @@ pub(crate) fn execute(
 /// Matches every adapter module to the weight it adapts, grouped by node.
 fn plan<'a>(
     cands: &[Candidate],
+    norms: &[Candidate],
     adapters: &'a [Adapter],
     opts: &FoldOptions,
     report: &mut FoldReport,
@@ -284,15 +290,20 @@ fn plan<'a>(
                         unmatched.push(format!("{} ({pe})", module.keys.join(", ")));
                         continue;
                     }
-                    _ => {
-                        let hint = if module.kind == ModuleKind::Full {
-                            "; whole tensors fold into linear, conv and embedding layers only, and PEFT's bias=\"all\" also trains the biases of norm layers"
-                        } else {
-                            ""
-                        };
-                        unmatched.push(format!("{} ({e}{hint})", module.keys.join(", ")));
-                        continue;
-                    }
+                    _ => match (module.kind, norm_targets(norms, module, path, &same_values)) {
+                        (ModuleKind::Full, Some(found)) => {
+                            found?.into_iter().map(|c| (c, None)).collect()
+                        }
+                        _ => {
+                            let hint = if module.kind == ModuleKind::Full {
+                                "; whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMS, group, instance and batch norms, and onnxruntime's fusions of them)"
+                            } else {
+                                ""
+                            };
+                            unmatched.push(format!("{} ({e}{hint})", module.keys.join(", ")));
+                            continue;
+                        }
+                    },
                 },
             };
             for (c, role) in found {
@@ -302,10 +313,11 @@ fn plan<'a>(
                     fan_in_fan_out: adapter.config.fan_in_fan_out,
                     role,
                 };
-                match jobs
-                    .iter_mut()
-                    .find(|j| j.cand.graph == c.graph && j.cand.node_index == c.node_index)
-                {
+                // (a norm layer's scale and bias are two jobs on one node)
+                match jobs.iter_mut().find(|j| {
+                    (j.cand.graph, j.cand.node_index, j.cand.weight_input)
+                        == (c.graph, c.node_index, c.weight_input)
+                }) {
                     Some(j) => j.steps.push(step),
                     None => jobs.push(Job {
                         cand: c.clone(),
@@ -326,6 +338,34 @@ fn plan<'a>(
         report.unmatched = unmatched;
     }
     Ok(jobs)
+}
+
+/// The normalization-layer parameters a whole-values module replaces (PEFT's `bias="all"`
+/// trains norm biases; `modules_to_save` may hold a norm layer): each of its tensors resolved to
+/// the layer's parameter of that name. None when no normalization layer has the module's path.
+fn norm_targets(
+    norms: &[Candidate],
+    module: &ModuleAdapter,
+    path: &str,
+    same_values: impl Fn(&Candidate, &Candidate) -> bool,
+) -> Option<Result<Vec<Candidate>>> {
+    let of =
+        |name: &str| resolve_module(norms, path, |c| norm::param(c) == Some(name), &same_values);
+    // (the layer's scale and bias are two tensors: each is resolved on its own)
+    let layer = ["weight", "bias"].iter().find_map(|n| of(n).ok())?[0];
+    let mut out = Vec::new();
+    for name in module.full.keys() {
+        match of(name) {
+            Ok(found) => out.extend(one_write_per_weight(found)),
+            Err(_) => {
+                return Some(Err(Error::Target(format!(
+                    "module '{}': the adapter holds a trained {name}, but the normalization layer ({} {}) has no constant {name}",
+                    module.path, layer.op, layer.node
+                ))));
+            }
+        }
+    }
+    Some(Ok(out))
 }
 
 /// The calls of one module that read one shared weight, and are all its readers, change it
@@ -732,6 +772,9 @@ fn encode_merged(
 /// also returns the report and the bias delta (lora_bias), which are computed now.
 fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
     let c = &job.cand;
+    if c.layout == Layout::Norm {
+        return plan_norm(model, graph, job);
+    }
     if c.groups() > 1 {
         return Err(Error::Target(format!(
             "module '{}' ({}) is a grouped convolution (group > 1): folding LoRA into it is not supported (PEFT's merge refuses it too)",
@@ -799,8 +842,8 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                 // Gemm computes alpha·x·W: the layer's weight W' is stored as W' / alpha.
                 values.iter_mut().for_each(|v| *v /= alpha);
                 steps.push(OwnedStep::Replace(values));
+                rep.replaced = true;
             }
-            rep.replaced = true;
         }
         // A trained bias (modules_to_save; PEFT's bias="all" / "lora_only", saved as
         // `<module>.base_layer.bias` beside a LoRA) replaces the layer's.
@@ -916,6 +959,58 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         rep.steps.clear();
     }
     Ok((Arc::new(plan), rep, bias))
+}
+
+/// A normalization layer's scale or bias (`norm::param`), replaced by the adapter's trained
+/// values.
+fn plan_norm(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merged> {
+    let c = &job.cand;
+    let name = norm::param(c).unwrap_or("weight");
+    let weight = weights::stored(model, graph, c)?;
+    let mut steps = Vec::new();
+    for step in &job.steps {
+        let m = step.module;
+        let Some(t) = m.full.get(name) else { continue };
+        if t.data.len() != weight.n_out {
+            return Err(shape_err(
+                c,
+                m,
+                &format!("trained {name}"),
+                &t.shape,
+                weight.n_out,
+            ));
+        }
+        if !steps.is_empty() {
+            return Err(Error::Target(format!(
+                "module '{}': '{}' gets two trained values",
+                m.path, c.weight
+            )));
+        }
+        steps.push(OwnedStep::Replace(t.data.clone()));
+    }
+    let rep = ModuleReport {
+        module: c.module.clone(),
+        node: c.node.clone(),
+        op: c.op.clone(),
+        weight: c.weight.clone(),
+        rank: 0,
+        scale: 0.0,
+        dora: false,
+        replaced: name == "weight",
+        max_abs_delta: DeltaCell::default(),
+        packed: Vec::new(),
+        copy: None,
+        tokens: Vec::new(),
+        bias_replaced: name == "bias",
+        steps: Vec::new(),
+    };
+    let plan = MergePlan {
+        weight,
+        module: c.module.clone(),
+        steps,
+        max_abs_delta: rep.max_abs_delta.clone(),
+    };
+    Ok((Arc::new(plan), rep, None))
 }
 
 /// The q/k/v widths of a packed weight, when any step is a slice of it.

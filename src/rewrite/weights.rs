@@ -22,7 +22,7 @@ pub struct WeightValues {
 
 pub fn orientation(layout: Layout) -> Option<Orientation> {
     match layout {
-        Layout::OutIn | Layout::Conv => Some(Orientation::OutIn),
+        Layout::OutIn | Layout::Conv | Layout::Norm => Some(Orientation::OutIn),
         Layout::InOut | Layout::Embedding => Some(Orientation::InOut),
         Layout::Quantized => None,
     }

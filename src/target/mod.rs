@@ -6,6 +6,7 @@
 //! adapter module paths against the candidates.
 
 pub mod evidence;
+pub mod norm;
 pub mod packed;
 pub mod select;
 
@@ -32,6 +33,8 @@ pub enum Layout {
     Embedding,
     /// Packed low-bit weight (MatMulNBits): cannot be folded into.
     Quantized,
+    /// `[channels]`: a normalization layer's scale or bias (see `norm`); replaced whole only.
+    Norm,
 }
 
 /// Where the module path came from.
@@ -208,37 +211,16 @@ fn candidate(
         return None;
     }
     let wi = weight_input(node)?;
-    let mut value = node.input.get(wi)?.clone();
     let view = &graph.graphs[gi];
-    let mut through = Vec::new();
-    let mut chain = Vec::new();
-    let mut transposes = 0usize;
-    let mut quantized = matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
-    // Walk back through pass-through ops to the constant.
-    let source = loop {
-        if let Some(src) = graph.const_source(model, gi, &value) {
-            break src;
-        }
-        let &p = view.producer.get(&value)?;
-        let pn = graph.node(model, gi, p)?;
-        if !PASS_THROUGH.contains(&pn.op_type()) {
-            return None;
-        }
-        match pn.op_type() {
-            "Transpose" => {
-                let perm = pn.attr_ints("perm").unwrap_or(&[]);
-                if !(perm.is_empty() || perm == [1, 0]) {
-                    return None;
-                }
-                transposes += 1;
-            }
-            "DequantizeLinear" => quantized = true,
-            _ => {}
-        }
-        through.insert(0, pn.op_type().to_string());
-        chain.insert(0, p);
-        value = pn.input.first()?.clone();
-    };
+    let Walked {
+        source,
+        value,
+        through,
+        chain,
+        transposes,
+        dequantized,
+    } = walk_to_const(model, graph, gi, node.input.get(wi)?)?;
+    let mut quantized = dequantized || matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
     let tensor = graph.const_tensor(model, &source)?;
     let shape = tensor.dims.clone();
     let dtype = DataType::from_i32(tensor.data_type());
@@ -288,6 +270,60 @@ fn candidate(
         source: Some(source),
         chain,
         weight_input: wi,
+    })
+}
+
+/// A constant found behind a node input (see [`walk_to_const`]).
+struct Walked {
+    source: ConstSource,
+    /// The value that names the constant (an initializer, or a Constant's output).
+    value: String,
+    /// The pass-through ops in between, weight first, and their node indices.
+    through: Vec<String>,
+    chain: Vec<usize>,
+    transposes: usize,
+    /// A DequantizeLinear is on the way.
+    dequantized: bool,
+}
+
+/// Walks back from `input` through pass-through ops (`PASS_THROUGH`; a Transpose only as a
+/// 2-D swap) to the constant it reads; None when it reads anything else.
+fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str) -> Option<Walked> {
+    let view = &graph.graphs[gi];
+    let mut value = input.to_string();
+    let (mut through, mut chain) = (Vec::new(), Vec::new());
+    let (mut transposes, mut dequantized) = (0usize, false);
+    let source = loop {
+        if let Some(src) = graph.const_source(model, gi, &value) {
+            break src;
+        }
+        let &p = view.producer.get(&value)?;
+        let pn = graph.node(model, gi, p)?;
+        if !PASS_THROUGH.contains(&pn.op_type()) {
+            return None;
+        }
+        match pn.op_type() {
+            "Transpose" => {
+                let perm = pn.attr_ints("perm").unwrap_or(&[]);
+                if !(perm.is_empty() || perm == [1, 0]) {
+                    return None;
+                }
+                transposes += 1;
+            }
+            "DequantizeLinear" => dequantized = true,
+            _ => {}
+        }
+        through.insert(0, pn.op_type().to_string());
+        chain.insert(0, p);
+        value = pn.input.first()?.clone();
+    };
+    Some(Walked {
+        source,
+        value,
+        through,
+        chain,
+        transposes,
+        dequantized,
     })
 }
 

@@ -18,6 +18,9 @@
                    export_modules_as_functions writes
   huge_output.onnx linear.onnx with a second output `ones`, 2^27 float32 ones (512 MiB) from
                    a ConstantOfShape: running it needs more memory than a tight limit allows
+  norms.onnx       LayerNormalization on /a/norm, /b/norm (sharing one bias tensor `beta`, as an
+                   exporter deduplicates equal values) and /c/norm (no bias), all three
+                   sharing the scale `gamma`; outputs ya, yb, yc
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -183,6 +186,18 @@ def main(out):
                           functions=[block])
     m.ir_version = 10
     onnx.save(m, os.path.join(out, "funcs.onnx"))
+
+    x8 = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    norm_outs = [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [2, 8]) for k in "abc"]
+    save(helper.make_graph([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ya"],
+                                             name="/a/norm/LayerNormalization"),
+                            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["yb"],
+                                             name="/b/norm/LayerNormalization"),
+                            helper.make_node("LayerNormalization", ["x", "gamma"], ["yc"],
+                                             name="/c/norm/LayerNormalization")],
+                           "norms", [x8], norm_outs,
+                           [numpy_helper.from_array(f32(8), "gamma"), numpy_helper.from_array(f32(8), "beta")]),
+         os.path.join(out, "norms.onnx"))
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
