@@ -637,6 +637,33 @@ fn a_trained_bias_on_a_shared_bias_tensor_changes_one_layer() {
         err.contains("a trained bias") && err.contains("cannot be weighted"),
         "{err}"
     );
+    // A trained bias alone leaves the layer's weight as it is: shared with another layer, it
+    // is not copied.
+    let ad = write_adapter(
+        &env.p("bias_only"),
+        config(),
+        &[("a.bias", vec![4], vec![0.5; 4])],
+    );
+    let out = env.p("bias_only.onnx");
+    let o = onnx_lora_ok(&[
+        "fold",
+        env.p("shared.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let m = onnx_lora::onnx::load(&out).unwrap();
+    let g = m.proto.graph.as_ref().unwrap();
+    let reads = |node: &str| g.node.iter().find(|n| n.name() == node).unwrap().input[1].clone();
+    assert_eq!(
+        (reads("/a/MatMul"), reads("/b/MatMul")),
+        ("W".into(), "W".into()),
+        "{o}"
+    );
+    let diff: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&env.p("shared.onnx"), &out])).unwrap();
+    assert!((diff["ya"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{diff}");
+    assert_eq!(diff["yb"].as_f64().unwrap(), 0.0, "{diff}");
     // A trained bias of a module that is no weight's (a norm layer, with bias="all") is named.
     let ad = write_adapter(
         &env.p("norm"),
