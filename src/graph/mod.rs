@@ -300,6 +300,18 @@ impl ModelGraph {
         }
     }
 
+    /// Every node of the main graph and of its subgraphs, as (graph, node index, node).
+    pub fn nodes<'m>(
+        &'m self,
+        model: &'m ModelProto,
+    ) -> impl Iterator<Item = (usize, usize, &'m NodeProto)> + 'm {
+        self.graphs
+            .iter()
+            .enumerate()
+            .filter_map(move |(gi, view)| view.loc.get(model).map(|g| (gi, g)))
+            .flat_map(|(gi, g)| g.node.iter().enumerate().map(move |(ni, n)| (gi, ni, n)))
+    }
+
     /// The node proto at (graph, index).
     pub fn node<'m>(
         &self,

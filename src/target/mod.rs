@@ -17,7 +17,7 @@ use crate::onnx::DataType;
 use crate::onnx::pb::{ModelProto, NodeProto};
 use crate::onnx::pb_ext::NodeExt;
 
-pub use select::{Call, TargetSpec, module_calls, resolve_module, select};
+pub use select::{Call, TargetSpec, export_root, module_calls, resolve_module, select};
 
 /// How the stored weight is laid out relative to the layer it implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -173,17 +173,10 @@ pub fn layers_in_functions(model: &ModelProto) -> Vec<(String, usize)> {
 
 /// Finds every candidate in the model, in graph order.
 pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    for (gi, view) in graph.graphs.iter().enumerate() {
-        let Some(proto) = view.loc.get(model) else {
-            continue;
-        };
-        for (ni, node) in proto.node.iter().enumerate() {
-            if let Some(c) = candidate(model, graph, gi, ni, node) {
-                out.push(c);
-            }
-        }
-    }
+    let mut out: Vec<Candidate> = graph
+        .nodes(model)
+        .filter_map(|(gi, ni, node)| candidate(model, graph, gi, ni, node))
+        .collect();
     mark_shared(model, graph, &mut out);
     out
 }
@@ -212,17 +205,10 @@ fn candidate(
     }
     let wi = weight_input(node)?;
     let view = &graph.graphs[gi];
-    let Walked {
-        source,
-        value,
-        through,
-        chain,
-        transposes,
-        dequantized,
-    } = walk_to_const(model, graph, gi, node.input.get(wi)?)?;
-    let mut quantized = dequantized || matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
-    let tensor = graph.const_tensor(model, &source)?;
-    let shape = tensor.dims.clone();
+    let walked = walk_to_const(model, graph, gi, node.input.get(wi)?)?;
+    let mut quantized =
+        walked.dequantized || matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
+    let tensor = graph.const_tensor(model, &walked.source)?;
     let dtype = DataType::from_i32(tensor.data_type());
     // A Gather from an integer table is shape arithmetic, not an embedding (even with constant
     // indices, as for folded position ids, a float table is one), unless what it gathers is
@@ -240,41 +226,27 @@ fn candidate(
         }
         quantized = true;
     }
-    let (layout, in_features, out_features) = layout_of(node, &shape, transposes)?;
+    let (layout, in_features, out_features) = layout_of(node, &tensor.dims, walked.transposes)?;
     let (module, evidence, other_paths) =
-        module_path(model, graph, gi, node, tensor.name(), &value);
+        module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
     Some(Candidate {
         module,
         evidence,
         other_paths,
-        node: node.label(),
-        op: node.op_type().to_string(),
-        weight: match &source {
-            ConstSource::Initializer { .. } => tensor.name().to_string(),
-            ConstSource::Constant { .. } => value.clone(),
-        },
-        shape,
-        layout,
-        dtype: dtype.name(),
-        in_features,
-        out_features,
-        shared: false,
-        shared_with: Vec::new(),
-        in_subgraph: gi != 0,
         quantized,
         packed,
-        through,
-        graph: gi,
-        node_index: ni,
-        source: Some(source),
-        chain,
-        weight_input: wi,
+        ..walked.candidate(
+            (gi, ni, node, wi),
+            tensor,
+            layout,
+            (in_features, out_features),
+        )
     })
 }
 
 /// A constant found behind a node input (see [`walk_to_const`]).
-struct Walked {
+pub(crate) struct Walked {
     source: ConstSource,
     /// The value that names the constant (an initializer, or a Constant's output).
     value: String,
@@ -284,6 +256,47 @@ struct Walked {
     transposes: usize,
     /// A DequantizeLinear is on the way.
     dequantized: bool,
+}
+
+impl Walked {
+    /// The candidate of `node` (at `at`: graph, node index, node, weight input) reading this
+    /// constant, `tensor`; no module path yet, not shared, not quantized, not packed.
+    fn candidate(
+        self,
+        at: (usize, usize, &NodeProto, usize),
+        tensor: &crate::onnx::pb::TensorProto,
+        layout: Layout,
+        (in_features, out_features): (i64, i64),
+    ) -> Candidate {
+        let (gi, ni, node, wi) = at;
+        Candidate {
+            module: String::new(),
+            evidence: Evidence::None,
+            other_paths: Vec::new(),
+            node: node.label(),
+            op: node.op_type().to_string(),
+            weight: match &self.source {
+                ConstSource::Initializer { .. } => tensor.name().to_string(),
+                ConstSource::Constant { .. } => self.value,
+            },
+            shape: tensor.dims.clone(),
+            layout,
+            dtype: DataType::from_i32(tensor.data_type()).name(),
+            in_features,
+            out_features,
+            shared: false,
+            shared_with: Vec::new(),
+            in_subgraph: gi != 0,
+            quantized: false,
+            packed: None,
+            through: self.through,
+            graph: gi,
+            node_index: ni,
+            source: Some(self.source),
+            chain: self.chain,
+            weight_input: wi,
+        }
+    }
 }
 
 /// Walks back from `input` through pass-through ops (`PASS_THROUGH`; a Transpose only as a

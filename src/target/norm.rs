@@ -68,22 +68,16 @@ pub fn param(c: &Candidate) -> Option<&'static str> {
 /// else from the parameter's name (`encoder.layer.0.output.LayerNorm.bias`) when this node
 /// alone reads it (an exporter's deduplicated tensor names one layer of several).
 pub fn find_norm_params(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    for (gi, view) in graph.graphs.iter().enumerate() {
-        let Some(proto) = view.loc.get(model) else {
-            continue;
-        };
-        for (ni, node) in proto.node.iter().enumerate() {
-            if node.metadata(crate::onnx::pb_ext::BRANCH_KEY).is_some() {
-                continue;
-            }
-            for &(input, _) in params(node) {
-                if let Some(c) = norm_param(model, graph, gi, ni, node, input) {
-                    out.push(c);
-                }
-            }
-        }
-    }
+    // (nodes onnx-lora added are no layers of the model)
+    let mut out: Vec<Candidate> = graph
+        .nodes(model)
+        .filter(|(_, _, node)| node.metadata(crate::onnx::pb_ext::BRANCH_KEY).is_none())
+        .flat_map(|(gi, ni, node)| {
+            params(node)
+                .iter()
+                .filter_map(move |&(input, _)| norm_param(model, graph, gi, ni, node, input))
+        })
+        .collect();
     mark_shared(model, graph, &mut out);
     for c in out.iter_mut().filter(|c| c.module.is_empty() && !c.shared) {
         let stem = c
@@ -127,27 +121,6 @@ fn norm_param(
         module,
         evidence,
         other_paths,
-        node: node.label(),
-        op: node.op_type().to_string(),
-        weight: match &walked.source {
-            crate::graph::ConstSource::Initializer { .. } => tensor.name().to_string(),
-            crate::graph::ConstSource::Constant { .. } => walked.value.clone(),
-        },
-        shape: tensor.dims.clone(),
-        layout: Layout::Norm,
-        dtype: dtype.name(),
-        in_features: 1,
-        out_features: numel,
-        shared: false,
-        shared_with: Vec::new(),
-        in_subgraph: gi != 0,
-        quantized: false,
-        packed: None,
-        through: walked.through,
-        graph: gi,
-        node_index: ni,
-        source: Some(walked.source),
-        chain: walked.chain,
-        weight_input: input,
+        ..walked.candidate((gi, ni, node, input), tensor, Layout::Norm, (1, numel))
     })
 }
