@@ -691,12 +691,21 @@ fn trained_norm_values_replace_the_layers_own() {
         n.input[1..]
             .iter()
             .map(|v| {
+                // (through the Identity nodes in between)
+                let mut v = v.clone();
+                while let Some(id) = g
+                    .node
+                    .iter()
+                    .find(|n| n.output[0] == v && n.op_type() == "Identity")
+                {
+                    v = id.input[0].clone();
+                }
                 let t = g.initializer.iter().find(|t| t.name() == v).unwrap();
                 let b = m.tensor_bytes(t).unwrap();
                 let vals = b
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
-                (v.clone(), vals.collect())
+                (v, vals.collect())
             })
             .collect()
     };
@@ -2428,4 +2437,182 @@ fn layers_inside_local_functions_are_named_in_the_error() {
         err.contains("'Block': 1") && err.contains("inline_local_functions"),
         "{err}"
     );
+}
+
+/// One file of an encoder-decoder export names its layers without `model.encoder.`: the
+/// adapter's decoder modules (`model.decoder.layers.0.fc1`) must not be taken for the encoder's
+/// layers of the same name. The root that leaves no module of its own missing wins; when two fit
+/// alike, `--root` says which.
+#[test]
+fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
+    let env = Env::new();
+    let model = env.p("encoder.onnx");
+    let m = model.to_str().unwrap();
+    let lora_of = |paths: &[&str]| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        paths.iter().flat_map(|p| lora(p, 8, 8, 0.1)).collect()
+    };
+    let enc = [
+        "model.encoder.layers.0.fc1",
+        "model.encoder.layers.0.self_attn.q_proj",
+    ];
+    let dec = [
+        "model.decoder.layers.0.fc1",
+        "model.decoder.layers.0.self_attn.q_proj",
+        "model.decoder.layers.0.encoder_attn.q_proj",
+    ];
+    let adapter =
+        |name: &str, paths: &[&str]| write_adapter(&env.p(name), config(), &refs(&lora_of(paths)));
+    let only_enc = adapter("enc", &enc);
+    let both = adapter("both", &[&enc[..], &dec[..]].concat());
+    let want = env.p("want.onnx");
+    onnx_lora_ok(&[
+        "fold",
+        m,
+        only_enc.to_str().unwrap(),
+        "-o",
+        want.to_str().unwrap(),
+    ]);
+    // The decoder's modules are not in this file: named, as unmatched.
+    let err = fold_fails(&model, &both, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("3 adapter module(s) match no weight")
+            && err.contains("model.decoder.layers.0.fc1")
+            && err.contains("under 'model.encoder'"),
+        "{err}"
+    );
+    let same = |out: &Path| {
+        let diff: serde_json::Value =
+            serde_json::from_str(&py("ort_diff.py", &[&want, out])).unwrap();
+        assert_eq!(diff["y"].as_f64().unwrap(), 0.0, "{diff}");
+    };
+    let got = env.p("got.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    onnx_lora_ok(&["fold", m, &s(&both), "-o", &s(&got), "--allow-unmatched"]);
+    same(&got);
+    // inject --verify folds its reference with --allow-unmatched too.
+    let inj = env.p("inj.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        m,
+        "--adapter",
+        &s(&both),
+        "-o",
+        &s(&inj),
+        "--allow-unmatched",
+        "--verify",
+    ]);
+    // fc1 alone fits under either root: said, and --root decides.
+    let tie = adapter("tie", &[enc[0], dec[0]]);
+    let err = fold_fails(&model, &tie, &env.p("no.onnx"), &["--allow-unmatched"]);
+    assert!(
+        err.contains("--root") && err.contains("'model.decoder'"),
+        "{err}"
+    );
+    let fc1 = adapter("fc1", &[enc[0]]);
+    onnx_lora_ok(&["fold", m, &s(&fc1), "-o", &s(&want)]);
+    let args = [
+        "fold",
+        m,
+        &s(&tie),
+        "-o",
+        &s(&got),
+        "--allow-unmatched",
+        "--root",
+        "model.encoder",
+    ];
+    onnx_lora_ok(&args);
+    same(&got);
+}
+
+/// bias="all" on a SEQ_CLS model also saves the classifier's bias as
+/// `classifier.modules_to_save.bias` (the trained copy, as `classifier.bias`) and
+/// `classifier.original_module.bias` (the base's own): PEFT loads the folder, and so does fold.
+#[test]
+fn a_modules_to_save_layers_wrapper_keys_are_read_as_peft_does() {
+    let env = Env::new();
+    let weight = (0..32).map(|i| i as f32 * 0.01).collect::<Vec<_>>();
+    let plain = write_adapter(
+        &env.p("plain"),
+        config(),
+        &[
+            ("a.weight", vec![4, 8], weight.clone()),
+            ("a.bias", vec![4], vec![0.5; 4]),
+        ],
+    );
+    let wrapped = write_adapter(
+        &env.p("wrapped"),
+        config(),
+        &[
+            ("a.weight", vec![4, 8], weight),
+            ("a.bias", vec![4], vec![0.5; 4]),
+            ("a.modules_to_save.bias", vec![4], vec![0.5; 4]),
+            ("a.original_module.bias", vec![4], vec![-3.0; 4]),
+        ],
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&env.p("shared_bias.onnx"));
+    let (a, b) = (env.p("plain.onnx"), env.p("wrapped.onnx"));
+    onnx_lora_ok(&["fold", &model, &s(&plain), "-o", &s(&a)]);
+    onnx_lora_ok(&["fold", &model, &s(&wrapped), "-o", &s(&b)]);
+    let diff: serde_json::Value = serde_json::from_str(&py("ort_diff.py", &[&a, &b])).unwrap();
+    assert_eq!(diff["ya"].as_f64().unwrap(), 0.0, "{diff}");
+    // A trained copy that disagrees with the module's own tensor is two tensors for one place.
+    let bad = write_adapter(
+        &env.p("bad"),
+        config(),
+        &[
+            ("a.bias", vec![4], vec![0.5; 4]),
+            ("a.modules_to_save.bias", vec![4], vec![0.7; 4]),
+        ],
+    );
+    let err = fold_fails(&env.p("shared_bias.onnx"), &bad, &env.p("no.onnx"), &[]);
+    assert!(err.contains("the same tensor twice"), "{err}");
+}
+
+/// A merged decoder holds each layer once per If body (with and without past), one of which
+/// runs per call: inject's refusal says so, and what to do instead.
+#[test]
+fn inject_on_a_merged_decoder_says_why_not() {
+    let env = Env::new();
+    let out = env.p("out.onnx");
+    let m = env.p("merged.onnx");
+    let err = onnx_lora_fails(
+        &[
+            "inject",
+            m.to_str().unwrap(),
+            "--rank",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &out,
+    );
+    assert!(
+        err.contains("module 'fc' is in 2 subgraphs")
+            && err.contains("decoder_with_past_model.onnx"),
+        "{err}"
+    );
+}
+
+/// verify runs a model with a generated one-element bool input (a merged decoder's
+/// `use_cache_branch`) with both values, so a difference in either If body is found, whichever
+/// value the seed gives.
+#[test]
+fn verify_compares_both_sides_of_a_switch_input() {
+    let env = Env::new();
+    let (a, b) = (env.p("merged.onnx"), env.p("merged_other.onnx"));
+    for seed in ["0", "1", "2", "3"] {
+        let o = onnx_lora(&[
+            "verify",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "--seed",
+            seed,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "seed {seed}: {err}");
+        assert!(err.contains("flipped (use_cache_branch="), "{err}");
+    }
+    let o = onnx_lora(&["verify", a.to_str().unwrap(), a.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

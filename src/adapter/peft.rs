@@ -22,7 +22,7 @@ use crate::onnx::io::map_file;
 const BASE_CHANGING_INITS: [&str; 5] = ["pissa", "olora", "corda", "lora_ga", "loftq"];
 
 /// A tensor read from the adapter, in f32.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct F32Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
@@ -162,6 +162,10 @@ pub struct Adapter {
     pub modules: Vec<ModuleAdapter>,
     /// What the file holds that PEFT does not load, and so is left out (for warnings).
     pub ignored: Vec<String>,
+    /// The module path prefix under which the model's paths sit in the adapter's, when the
+    /// user names it (`--root`, for one part of a model exported to several files); else it
+    /// is found (`target::export_root`).
+    pub root: Option<String>,
 }
 
 impl Adapter {
@@ -237,6 +241,7 @@ impl Adapter {
             config,
             modules,
             ignored,
+            root: None,
         })
     }
 
@@ -277,6 +282,7 @@ impl Adapter {
             config: self.config.clone(),
             modules,
             ignored: Vec::new(),
+            root: self.root.clone(),
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)
@@ -615,6 +621,15 @@ fn group_modules(
             modules.push(m);
             continue;
         }
+        // bias="all" on a modules_to_save layer (SEQ_CLS's classifier) also saves the untouched
+        // original's bias as `<module>.original_module.bias`: the base's own values, which
+        // PEFT's trained copy does not use.
+        if stripped
+            .rsplit_once('.')
+            .is_some_and(|(rest, _)| rest.ends_with(".original_module"))
+        {
+            continue;
+        }
         let (path, part) = split_key(stripped)
             .ok_or_else(|| format!("key '{key}' is not a LoRA parameter key"))?;
         let idx = match modules
@@ -642,6 +657,14 @@ fn group_modules(
             Part::BiasB => m.bias_b.is_some(),
             Part::Full(p) => m.full.contains_key(*p),
         };
+        // (and the trained copy's as `<module>.modules_to_save.bias`, as `<module>.bias` holds it)
+        if taken
+            && let Part::Full(p) = part
+            && m.full.get(p).is_some_and(|had| *had == t)
+        {
+            m.keys.push(key.clone());
+            continue;
+        }
         if taken {
             return Err(format!(
                 "keys {} give module '{path}' the same tensor twice (with and without PEFT's base_model.model. prefix?)",
@@ -784,6 +807,7 @@ fn split_key(key: &str) -> Option<(&str, Part<'_>)> {
     let module = rest
         .strip_suffix(".base_layer")
         .or_else(|| rest.split_once(".modules_to_save.").map(|(m, _)| m))
+        .or_else(|| rest.strip_suffix(".modules_to_save"))
         .or_else(|| rest.strip_suffix(".original_module").map(|_| ""))
         .unwrap_or(rest);
     (!module.is_empty()).then_some((module, Part::Full(param)))
@@ -818,6 +842,8 @@ mod tests {
         let (p, part) =
             split_key("classifier.modules_to_save.default.weight").ok_or("not a LoRA key")?;
         assert!(p == "classifier" && matches!(part, Part::Full("weight")));
+        let (p, part) = split_key("classifier.modules_to_save.bias").ok_or("not a LoRA key")?;
+        assert!(p == "classifier" && matches!(part, Part::Full("bias")));
         let (p, _) = split_key("lm_head.base_layer.weight").ok_or("not a LoRA key")?;
         assert_eq!(p, "lm_head");
         Ok(())

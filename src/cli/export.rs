@@ -35,7 +35,7 @@ pub struct AdapterArgs {
 
 pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
-    let adapter = super::load_adapter(&args.adapter)?;
+    let adapter = super::load_adapter(&args.adapter, None)?;
     let params = serving_adapter_params(&model, &adapter)?;
     let mut inputs = model.files();
     inputs.extend(adapter.files());

@@ -65,6 +65,10 @@ pub struct Args {
     /// Warn about adapter modules that match no weight instead of failing.
     #[arg(long)]
     allow_unmatched: bool,
+    /// The adapters' module path under which this file's paths sit, when that cannot be told
+    /// (one file of an encoder-decoder export: `--root model.encoder`).
+    #[arg(long, value_name = "PREFIX")]
+    root: Option<String>,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
     /// branches) on the same inputs and compare; exit 1 when they differ (the output is then
     /// removed, as when the check cannot run).
@@ -95,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let adapters = args
         .adapters
         .iter()
-        .map(|p| super::load_adapter(p))
+        .map(|p| super::load_adapter(p, args.root.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = FoldOptions {
         weights: args.weights.clone(),

@@ -87,6 +87,10 @@ pub struct Args {
     /// With --adapter: warn about adapter modules that match no weight instead of failing.
     #[arg(long, requires = "adapter")]
     allow_unmatched: bool,
+    /// With --adapter: its module path under which this file's paths sit, when that cannot be
+    /// told (one file of an encoder-decoder export: `--root model.encoder`).
+    #[arg(long, value_name = "PREFIX", requires = "adapter")]
+    root: Option<String>,
     /// Make the branch weights graph inputs with empty defaults (multi-LoRA serving).
     #[arg(long)]
     as_inputs: bool,
@@ -162,7 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let adapter = args
         .adapter
         .as_deref()
-        .map(super::load_adapter)
+        .map(|p| super::load_adapter(p, args.root.as_deref()))
         .transpose()?;
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
@@ -189,7 +193,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             fold(
                 &mut folded,
                 std::slice::from_ref(adapter),
-                &FoldOptions::default(),
+                &FoldOptions {
+                    allow_unmatched: args.allow_unmatched,
+                    ..Default::default()
+                },
             )
             .context("--verify: folding the adapter for the reference")?;
             Some(folded)
@@ -211,11 +218,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     m.replaced_what()
                 );
             }
-            let (low, rep) = write_whole_values(&mut model, adapter, 1.0)
+            let (low, rep) = write_whole_values(&mut model, adapter, 1.0, args.allow_unmatched)
                 .with_context(|| format!("{}", args.model.display()))?;
             if let Some(rep) = rep {
                 for n in &rep.notes {
                     eprintln!("note: {n}");
+                }
+                for u in &rep.unmatched {
+                    eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
                 }
                 replaced = rep.modules;
             }

@@ -137,9 +137,14 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
     Ok((model, gated))
 }
 
-/// Loads an adapter, saying on stderr what in it PEFT would not load and so is left out.
-fn load_adapter(path: &std::path::Path) -> anyhow::Result<onnx_lora::adapter::Adapter> {
-    let adapter = onnx_lora::adapter::Adapter::load(path)?;
+/// Loads an adapter, saying on stderr what in it PEFT would not load and so is left out;
+/// `root` is the user's `--root`.
+fn load_adapter(
+    path: &std::path::Path,
+    root: Option<&str>,
+) -> anyhow::Result<onnx_lora::adapter::Adapter> {
+    let mut adapter = onnx_lora::adapter::Adapter::load(path)?;
+    adapter.root = root.map(str::to_string);
     for what in &adapter.ignored {
         eprintln!("onnx-lora: warning: {}: ignoring {what}", path.display());
     }

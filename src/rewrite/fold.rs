@@ -81,6 +81,28 @@ pub struct ModuleReport {
     pub steps: Vec<StepReport>,
 }
 
+impl ModuleReport {
+    /// The report of a change to `c`'s weight, before anything is known of it.
+    fn of(c: &Candidate) -> ModuleReport {
+        ModuleReport {
+            module: c.module.clone(),
+            node: c.node.clone(),
+            op: c.op.clone(),
+            weight: c.weight.clone(),
+            rank: 0,
+            scale: 0.0,
+            dora: false,
+            replaced: false,
+            max_abs_delta: DeltaCell::default(),
+            packed: Vec::new(),
+            copy: None,
+            tokens: Vec::new(),
+            bias_replaced: false,
+            steps: Vec::new(),
+        }
+    }
+}
+
 /// One delta merged into a weight.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepReport {
@@ -183,6 +205,19 @@ pub(crate) fn execute(
             std::cmp::Reverse(c.node_index),
         )
     });
+    // (each job's node output, and its chain nodes', before anything moves them)
+    let output_of = |c: &Candidate, i: usize| {
+        graph
+            .node(&model.proto, c.graph, i)
+            .and_then(|n| n.output.first().cloned())
+    };
+    let outputs: Vec<(Option<String>, Vec<String>)> = jobs
+        .iter()
+        .map(|j| {
+            let chain = j.cand.chain.iter().filter_map(|&i| output_of(&j.cand, i));
+            (output_of(&j.cand, j.cand.node_index), chain.collect())
+        })
+        .collect();
     // Bias deltas into existing biases (in place); layers without one get a new bias below.
     let mut new_bias = vec![false; jobs.len()];
     for (i, (job, (_, _, bias))) in jobs.iter().zip(&results).enumerate() {
@@ -190,7 +225,18 @@ pub(crate) fn execute(
             new_bias[i] = !apply_bias(model, graph, &job.cand, bias, &mut taken)?;
         }
     }
+    // Writes insert nodes (a private copy's pass-through chain before its node, a new bias's
+    // Add after it): each job finds its node, and its chain's, by the output they had.
     for i in order {
+        let cand = Candidate {
+            node_index: now_at(model, graph, &jobs[i].cand, outputs[i].0.as_deref())?,
+            chain: outputs[i]
+                .1
+                .iter()
+                .map(|o| now_at(model, graph, &jobs[i].cand, Some(o)))
+                .collect::<Result<_>>()?,
+            ..jobs[i].cand.clone()
+        };
         if new_bias[i]
             && let Some(bias) = &results[i].2
         {
@@ -220,12 +266,12 @@ pub(crate) fn execute(
         let copy = weights::write(
             model,
             graph,
-            &jobs[i].cand,
+            &cand,
             weights::TensorData::Lazy(results[i].0.clone()),
             &mut taken,
         )?;
         if let Some(name) = copy {
-            let c = &jobs[i].cand;
+            let c = &cand;
             report.notes.push(format!(
                 "{}: weight '{}' is shared with {}; the node got its own copy '{}', so the others keep theirs (where the model ties these weights, PEFT's merge would change them too; an exporter's deduplication of equal values ties nothing)",
                 c.module,
@@ -233,12 +279,37 @@ pub(crate) fn execute(
                 c.shared_with.join(", "),
                 name
             ));
-            if let Some(m) = report.modules.iter_mut().find(|m| m.node == c.node) {
+            if let Some(m) = report
+                .modules
+                .iter_mut()
+                .find(|m| m.node == c.node && m.weight == c.weight)
+            {
                 m.copy = Some(name);
             }
         }
     }
     Ok(())
+}
+
+/// Where the node of `c` that wrote `output` is now (nodes inserted before it move it on).
+fn now_at(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    output: Option<&str>,
+) -> Result<usize> {
+    let Some(output) = output else {
+        return Ok(c.node_index);
+    };
+    graph.graphs[c.graph]
+        .loc
+        .get(&model.proto)
+        .and_then(|g| {
+            g.node
+                .iter()
+                .position(|n| n.output.first().map(String::as_str) == Some(output))
+        })
+        .ok_or_else(|| Error::tensor(&c.weight, "its node is gone"))
 }
 
 /// Matches every adapter module to the weight it adapts, grouped by node.
@@ -255,7 +326,10 @@ fn plan<'a>(
     for (ai, adapter) in adapters.iter().enumerate() {
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
-        let (paths, notes) = super::module_paths(adapter, cands)?;
+        // (the export's root is found among its norm layers too: an adapter may train only
+        // their biases)
+        let all: Vec<Candidate> = cands.iter().chain(norms).cloned().collect();
+        let (paths, notes) = super::module_paths(adapter, &all)?;
         report.notes.extend(notes);
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
@@ -329,8 +403,15 @@ fn plan<'a>(
     }
     if !unmatched.is_empty() {
         if !opts.allow_unmatched {
+            // (where the export's root is below the adapter's, the report's note says so)
+            let root = report
+                .notes
+                .iter()
+                .find(|n| n.starts_with("this export's module paths"))
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default();
             return Err(Error::Target(format!(
-                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest)",
+                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest{root})",
                 unmatched.len(),
                 unmatched.join("; ")
             )));
@@ -783,22 +864,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
     }
     check_gemm_alpha(model, graph, c)?;
     let weight = weights::stored(model, graph, c)?;
-    let mut rep = ModuleReport {
-        module: c.module.clone(),
-        node: c.node.clone(),
-        op: c.op.clone(),
-        weight: c.weight.clone(),
-        rank: 0,
-        scale: 0.0,
-        dora: false,
-        replaced: false,
-        max_abs_delta: DeltaCell::default(),
-        packed: Vec::new(),
-        copy: None,
-        tokens: Vec::new(),
-        bias_replaced: false,
-        steps: Vec::new(),
-    };
+    let mut rep = ModuleReport::of(c);
     let mut bias: Option<BiasChange> = None;
     let mut steps = Vec::new();
     let widths = packed_widths(c, job, weight.n_out)?;
@@ -989,20 +1055,9 @@ fn plan_norm(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merge
         steps.push(OwnedStep::Replace(t.data.clone()));
     }
     let rep = ModuleReport {
-        module: c.module.clone(),
-        node: c.node.clone(),
-        op: c.op.clone(),
-        weight: c.weight.clone(),
-        rank: 0,
-        scale: 0.0,
-        dora: false,
         replaced: name == "weight",
-        max_abs_delta: DeltaCell::default(),
-        packed: Vec::new(),
-        copy: None,
-        tokens: Vec::new(),
         bias_replaced: name == "bias",
-        steps: Vec::new(),
+        ..ModuleReport::of(c)
     };
     let plan = MergePlan {
         weight,
@@ -1233,11 +1288,35 @@ fn bias_value(
                 _ => return None,
             };
             let v = user.input.get(k).filter(|v| !v.is_empty())?;
-            graph
-                .const_source(&model.proto, c.graph, v)
-                .map(|_| (*u, k, v.clone()))
+            bias_source(model, graph, c.graph, v).map(|_| (*u, k, v.clone()))
         }
     }
+}
+
+/// The constant behind a bias value: itself, or through Identity nodes (TorchScript reads a
+/// deduplicated tensor that way); and whether it was behind Identity nodes.
+fn bias_source(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    gi: usize,
+    value: &str,
+) -> Option<(crate::graph::ConstSource, bool)> {
+    let view = &graph.graphs[gi];
+    let mut v = value.to_string();
+    let mut behind = false;
+    // (at most one step per node: a malformed cycle of Identity nodes ends the walk)
+    for _ in 0..=view.producer.len() {
+        if let Some(src) = graph.const_source(&model.proto, gi, &v) {
+            return Some((src, behind));
+        }
+        let node = graph.node(&model.proto, gi, *view.producer.get(&v)?)?;
+        if node.op_type() != "Identity" {
+            return None;
+        }
+        v = node.input.first()?.clone();
+        behind = true;
+    }
+    None
 }
 
 /// Gemm computes beta·C: a bias delta d goes in as d / beta.
@@ -1263,7 +1342,7 @@ fn apply_bias(
     let Some((user, input, value)) = bias_value(model, graph, c) else {
         return Ok(false);
     };
-    let Some(src) = graph.const_source(&model.proto, c.graph, &value) else {
+    let Some((src, behind_identity)) = bias_source(model, graph, c.graph, &value) else {
         return Ok(false);
     };
     let t = graph
@@ -1288,7 +1367,9 @@ fn apply_bias(
     let raw = encode_merged(&b, dtype, t.name(), module, "bias")?;
     // A bias tensor other nodes read too (identical values deduplicated by an exporter or
     // optimizer) is copied for this node, so only its bias changes.
-    let shared = graph.graphs[c.graph].consumers_of(&value).len() > 1;
+    // (a bias read through Identity nodes, an exporter's deduplicated tensor, gets a copy that
+    // the node reads directly)
+    let shared = behind_identity || graph.graphs[c.graph].consumers_of(&value).len() > 1;
     let base = if c.module.is_empty() {
         format!("{}.bias", c.node)
     } else {

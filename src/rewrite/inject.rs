@@ -276,7 +276,8 @@ pub fn check_one_branch_per_module(
     branches: &[BranchSpec],
     cands: &[Candidate],
 ) -> Result<()> {
-    let mut by_name: HashMap<&str, Vec<&str>> = HashMap::new();
+    // (the nodes each module name is found on, with the graph that holds each)
+    let mut by_name: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
     let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.
@@ -287,7 +288,7 @@ pub fn check_one_branch_per_module(
         by_name
             .entry(b.name.as_str())
             .or_default()
-            .push(b.cand.node.as_str());
+            .push((b.cand.node.as_str(), b.cand.graph));
         if let Some(src) = &b.cand.source {
             let first = *by_weight.entry(src).or_insert(b);
             let (f, m) = (first.cand.module.as_str(), b.cand.module.as_str());
@@ -295,7 +296,7 @@ pub fn check_one_branch_per_module(
                 by_name
                     .entry(first.name.as_str())
                     .or_default()
-                    .push(b.cand.node.as_str());
+                    .push((b.cand.node.as_str(), b.cand.graph));
             }
         }
     }
@@ -322,17 +323,30 @@ pub fn check_one_branch_per_module(
             by_name
                 .entry(b.name.as_str())
                 .or_default()
-                .push(c.node.as_str());
+                .push((c.node.as_str(), c.graph));
         }
     }
-    let mut shared: Vec<(&&str, &Vec<&str>)> =
+    let mut shared: Vec<(&&str, &Vec<(&str, usize)>)> =
         by_name.iter().filter(|(_, v)| v.len() > 1).collect();
     shared.sort_by_key(|(name, _)| **name);
     if let Some((name, nodes)) = shared.first() {
+        let labels: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+        let mut graphs: Vec<usize> = nodes.iter().map(|(_, g)| *g).collect();
+        graphs.sort_unstable();
+        graphs.dedup();
+        // One node per subgraph: the bodies of an If, of which one runs per call (a merged
+        // decoder, with and without past), not calls of a shared layer.
+        if graphs.len() == nodes.len() && !graphs.contains(&0) {
+            return Err(Error::Target(format!(
+                "module '{name}' is in {} subgraphs of this export (nodes {}; the bodies of an If, as in a merged decoder with and without past); inject puts one branch per module, so it refuses this one: inject into the separate files (decoder_model.onnx, decoder_with_past_model.onnx), or `onnx-lora fold`, which merges an adapter into every body",
+                nodes.len(),
+                labels.join(", ")
+            )));
+        }
         return Err(Error::Target(format!(
             "module '{name}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
             nodes.len(),
-            nodes.join(", ")
+            labels.join(", ")
         )));
     }
     let graph = ModelGraph::build(&model.proto);
@@ -757,12 +771,14 @@ fn fnv(s: &str) -> u64 {
 
 /// Writes the values an adapter replaces outright (modules_to_save, trainable tokens, trained
 /// biases) into the model's weights, as they are in PEFT's unmerged model (no branch can carry
-/// them), with `weight` (which must be 1 for them). Returns the adapter's low-rank part, for branches, and the fold
-/// report of the whole part, if it had one.
+/// them), with `weight` (which must be 1 for them). Returns the adapter's low-rank part, for
+/// branches, and the fold report of the whole part, if it had one (with `allow_unmatched`, what
+/// matched no weight is listed there instead of failing).
 pub fn write_whole_values(
     model: &mut LoadedModel,
     adapter: &Adapter,
     weight: f32,
+    allow_unmatched: bool,
 ) -> Result<(Adapter, Option<super::FoldReport>)> {
     let (low, whole) = adapter.split_whole();
     let Some(whole) = whole else {
@@ -770,6 +786,7 @@ pub fn write_whole_values(
     };
     let opts = super::FoldOptions {
         weights: vec![weight],
+        allow_unmatched,
         ..Default::default()
     };
     let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
@@ -790,7 +807,8 @@ pub fn unmerged_reference(
     let mut branched: HashMap<(usize, String), bool> = HashMap::new();
     for (i, adapter) in adapters.iter().enumerate() {
         let w = weights.get(i).copied().unwrap_or(1.0) * scale;
-        let (low, _) = write_whole_values(&mut reference, adapter, w)?;
+        // (the fold this checks has already refused what matches no weight, unless allowed)
+        let (low, _) = write_whole_values(&mut reference, adapter, w, true)?;
         let graph = ModelGraph::build(&reference.proto);
         let cands = crate::target::find_candidates(&reference.proto, &graph);
         let (mut branches, _) = adapter_branches(&reference, &graph, &cands, &low, true)?;

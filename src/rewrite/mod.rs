@@ -102,7 +102,8 @@ pub(crate) fn factors(
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
-/// out), and notes on what was left out. PEFT paths are used as they are. kohya's underscored
+/// out), and notes on what was left out. PEFT paths are used as they are, less the prefix the
+/// export's paths lack (`target::export_root`), when it has one. kohya's underscored
 /// names are bound to the candidate module path of the best `kohya::fit` (the same underscored,
 /// then rooted above, then rooted below, as transformers 5's CLIPTextModel without
 /// `text_model.`); several paths fitting equally well is an error. A kohya part none of whose
@@ -112,12 +113,33 @@ pub fn module_paths(
     cands: &[Candidate],
 ) -> Result<(Vec<Option<String>>, Vec<String>)> {
     if adapter.modules.iter().all(|m| m.part.is_none()) {
-        let paths = adapter
-            .modules
+        let all: Vec<&str> = adapter.modules.iter().map(|m| m.path.as_str()).collect();
+        let root = crate::target::export_root(&all, cands, adapter.root.as_deref())?;
+        let Some(root) = root else {
+            return Ok((
+                all.iter().map(|p| Some(p.to_string())).collect(),
+                Vec::new(),
+            ));
+        };
+        // Under the root, a path the export does not have as it is is looked up without it; the
+        // rest as they are (those the export lacks are another part's).
+        let found = |p: &str| {
+            cands
+                .iter()
+                .any(|c| crate::target::select::name_matches(&c.module, p))
+        };
+        let paths: Vec<Option<String>> = all
             .iter()
-            .map(|m| Some(m.path.clone()))
+            .map(|p| match p.strip_prefix(root.as_str()) {
+                Some(rest) if !found(p) => Some(rest.to_string()),
+                _ => Some(p.to_string()),
+            })
             .collect();
-        return Ok((paths, Vec::new()));
+        let note = format!(
+            "this export's module paths are the adapter's under '{}'",
+            root.trim_end_matches('.')
+        );
+        return Ok((paths, vec![note]));
     }
     let mut model_paths: Vec<&str> = cands
         .iter()

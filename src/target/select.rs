@@ -86,6 +86,68 @@ pub fn select<'a>(
 /// Known differences between exporters' scope names for the same module.
 const ALIASES: [(&str, &str); 2] = [("self_attn", "attn"), ("attn", "self_attn")];
 
+/// Where an export's module paths sit in an adapter's: the prefix (ending in `.`) that the
+/// adapter's `paths` lose in the export, when the export's root is below PEFT's (`layers.0.fc1`
+/// in a file of the encoder alone, `model.encoder.layers.0.fc1` in the adapter); None when every
+/// path is found as it is. One root serves the whole adapter, so that the decoder's
+/// `model.decoder.layers.0.fc1` is not taken for the encoder's layer. Of several roots that fit,
+/// the one under which no adapter module is missing wins, then the one that fits more modules;
+/// a tie is an error unless `forced` names the root.
+pub fn export_root(
+    paths: &[&str],
+    cands: &[Candidate],
+    forced: Option<&str>,
+) -> Result<Option<String>> {
+    if let Some(r) = forced
+        .map(|r| r.trim_end_matches('.'))
+        .filter(|r| !r.is_empty())
+    {
+        return Ok(Some(format!("{r}.")));
+    }
+    let found = |p: &str| {
+        cands
+            .iter()
+            .any(|c| !c.module.is_empty() && name_matches(&c.module, p))
+    };
+    let direct = |p: &str| {
+        found(p)
+            || ALIASES.iter().any(|(from, to)| {
+                let alias = p.split('.').map(|s| if s == *from { *to } else { s });
+                found(&alias.collect::<Vec<_>>().join("."))
+            })
+    };
+    let is_module = |s: &str| cands.iter().any(|c| c.module == s);
+    let rest: Vec<&str> = paths.iter().copied().filter(|p| !direct(p)).collect();
+    let mut roots: Vec<&str> = rest
+        .iter()
+        .filter_map(|p| {
+            dotted_suffixes(p)
+                .skip(1)
+                .filter(|s| s.contains('.'))
+                .find(|s| is_module(s))
+                .map(|s| &p[..p.len() - s.len()])
+        })
+        .collect();
+    roots.sort_unstable();
+    roots.dedup();
+    // (modules missing under the root, modules it fits), the best first
+    let score = |r: &str| {
+        let under: Vec<&str> = rest.iter().filter_map(|p| p.strip_prefix(r)).collect();
+        let fits = under.iter().filter(|s| is_module(s)).count();
+        (under.len() - fits, std::cmp::Reverse(fits))
+    };
+    roots.sort_by_key(|r| score(r));
+    match roots.as_slice() {
+        [] => Ok(None),
+        [best, next, ..] if score(best) == score(next) => Err(Error::Target(format!(
+            "the adapter's modules fit this export under '{}' and under '{}' alike (the export's module paths lack the part that tells them apart, as in one file of an encoder-decoder export); say which part this file is with --root",
+            best.trim_end_matches('.'),
+            next.trim_end_matches('.')
+        ))),
+        [best, ..] => Ok(Some(best.to_string())),
+    }
+}
+
 /// The candidates that a PEFT module path (without `base_model.model.`) adapts, among those
 /// `accept` allows (by op kind): every call of the module. A module called several times (a
 /// layer shared across calls, as ALBERT's) has a node per call; TorchScript suffixes the later
@@ -118,19 +180,6 @@ pub fn resolve_module<'a>(
                 if !found.is_empty() {
                     break;
                 }
-            }
-        }
-    }
-    if found.is_empty() {
-        // The export's root may sit below PEFT's (the module path has a prefix the export lacks).
-        for suffix in dotted_suffixes(path).skip(1).filter(|s| s.contains('.')) {
-            found = pool
-                .iter()
-                .copied()
-                .filter(|c| c.module == suffix)
-                .collect();
-            if !found.is_empty() {
-                break;
             }
         }
     }

@@ -117,8 +117,36 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     let a = Model::new(a, None);
     let b = Model::new(b, opts.reference_label.as_deref());
     let feeds = prepare_feeds(&[&a, &b], opts, &mut notes)?;
-    let (out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
-    let (out_b, run_b) = run_model(&b, &feeds, opts, &[], &mut notes)?;
+    let (mut out_a, run_a) = run_model(&a, &feeds, opts, &opts.adapters, &mut notes)?;
+    let (mut out_b, run_b) = run_model(&b, &feeds, opts, &[], &mut notes)?;
+    // A generated one-element bool input is a switch (a merged decoder's `use_cache_branch`
+    // picks an If body): the models run again with every switch flipped, so that both sides
+    // of it are compared; those outputs are named with the switches' values.
+    let switches: Vec<usize> = feeds
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, f))| f.dtype == DataType::Bool && f.data.len() == 1)
+        .map(|(i, _)| i)
+        .collect();
+    if opts.inputs.is_none() && !switches.is_empty() {
+        let mut flipped = feeds.clone();
+        for &i in &switches {
+            flipped[i].1.data[0] = u8::from(flipped[i].1.data[0] == 0);
+        }
+        let label = switches
+            .iter()
+            .map(|&i| format!("{}={}", flipped[i].0, flipped[i].1.data[0] != 0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (more_a, _) = run_model(&a, &flipped, opts, &opts.adapters, &mut notes)?;
+        let (more_b, _) = run_model(&b, &flipped, opts, &[], &mut notes)?;
+        let named = |t: Tensors| t.into_iter().map(|(n, v)| (format!("{n} [{label}]"), v));
+        out_a.extend(named(more_a));
+        out_b.extend(named(more_b));
+        notes.push(format!(
+            "the models also ran with the switch input(s) flipped ({label}): outputs marked [{label}]"
+        ));
+    }
     let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
     let compute = compute_precision(&[&a, &b])?;
     Ok(report(

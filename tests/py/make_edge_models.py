@@ -19,8 +19,14 @@
   huge_output.onnx linear.onnx with a second output `ones`, 2^27 float32 ones (512 MiB) from
                    a ConstantOfShape: running it needs more memory than a tight limit allows
   norms.onnx       LayerNormalization on /a/norm, /b/norm (sharing one bias tensor `beta`, as an
-                   exporter deduplicates equal values) and /c/norm (no bias), all three
-                   sharing the scale `gamma`; outputs ya, yb, yc
+                   exporter deduplicates equal values; /a/norm reads both through Identity
+                   nodes) and /c/norm (no bias), all three sharing the scale `gamma`; outputs
+                   ya, yb, yc
+  encoder.onnx     y = (x @ W0) @ Wq on /layers.0/fc1/MatMul and /layers.0/self_attn/q_proj/MatMul:
+                   one file of an encoder-decoder export, whose paths lack `model.encoder.`
+  merged.onnx      an If on the bool input `use_cache_branch` whose two bodies each hold a
+                   /fc/MatMul on the outer graph's W (a merged decoder's with / without past);
+                   merged_other.onnx: its with-past body reads another weight, W2
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -189,7 +195,10 @@ def main(out):
 
     x8 = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
     norm_outs = [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [2, 8]) for k in "abc"]
-    save(helper.make_graph([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ya"],
+    # /a/norm reads both through Identity nodes, as TorchScript exports deduplicated tensors
+    save(helper.make_graph([helper.make_node("Identity", ["gamma"], ["gamma_a"], name="/Identity"),
+                            helper.make_node("Identity", ["beta"], ["beta_a"], name="/Identity_1"),
+                            helper.make_node("LayerNormalization", ["x", "gamma_a", "beta_a"], ["ya"],
                                              name="/a/norm/LayerNormalization"),
                             helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["yb"],
                                              name="/b/norm/LayerNormalization"),
@@ -198,6 +207,31 @@ def main(out):
                            "norms", [x8], norm_outs,
                            [numpy_helper.from_array(f32(8), "gamma"), numpy_helper.from_array(f32(8), "beta")]),
          os.path.join(out, "norms.onnx"))
+
+    enc_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
+                            helper.make_node("MatMul", ["h", "Wq"], ["y"],
+                                             name="/layers.0/self_attn/q_proj/MatMul")],
+                           "encoder", [x8], [enc_y],
+                           [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
+         os.path.join(out, "encoder.onnx"))
+
+    body_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    bodies = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                                name, [], [body_y]) for name in ("with_past", "without_past")]
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    save(helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                                             then_branch=bodies[0], else_branch=bodies[1])],
+                           "merged", [x, flag], [y], [numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "merged.onnx"))
+    # the same, but the with-past body reads another weight
+    other = [helper.make_graph([helper.make_node("MatMul", ["x", "W2"], ["y"], name="/fc/MatMul")],
+                               "with_past", [], [body_y]), bodies[1]]
+    save(helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                                             then_branch=other[0], else_branch=other[1])],
+                           "merged", [x, flag], [y], [numpy_helper.from_array(f32(8, 4), "W"),
+                                                      numpy_helper.from_array(f32(8, 4), "W2")]),
+         os.path.join(out, "merged_other.onnx"))
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
