@@ -2616,3 +2616,57 @@ fn verify_compares_both_sides_of_a_switch_input() {
     let o = onnx_lora(&["verify", a.to_str().unwrap(), a.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// onnxruntime's O2 optimization of a merged decoder packed q/k/v into one Attention weight in
+/// one If body only: a q_proj module folds into both bodies (the separate MatMul and its slice
+/// of the packed weight), so each value of the switch runs the adapted layer; inject, which
+/// cannot branch a slice, refuses it by name.
+#[test]
+fn a_layer_packed_in_one_if_body_only_folds_into_both() {
+    let env = Env::new();
+    let model = env.p("merged_packed.onnx");
+    let ad = write_adapter(
+        &env.p("q"),
+        config(),
+        &refs(&lora("layers.0.self_attn.q_proj", 8, 8, 0.2)),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = env.p("out.onnx");
+    let json = onnx_lora_ok(&["fold", &s(&model), &s(&ad), "-o", &s(&out), "--json"]);
+    assert!(
+        json.contains("\"op\":\"Attention\"") && json.contains("\"projection\":\"q\""),
+        "{json}"
+    );
+    assert!(
+        json.contains("\"node\":\"/layers.0/self_attn/q_proj/MatMul\""),
+        "{json}"
+    );
+    // Each body alone: fold into a copy whose other body is the base's, and compare.
+    let diff: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&model, &out])).unwrap();
+    assert!(diff["y"].as_f64().unwrap() > 1e-3, "{diff}");
+    // Both bodies changed: verify runs each value of the switch, and both differ from the base.
+    let o = onnx_lora(&["verify", &s(&out), &s(&model), "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let failed: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "output" && r["passed"] == false)
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let inj = env.p("inj.onnx");
+    let err = onnx_lora_fails(
+        &["inject", &s(&model), "--adapter", &s(&ad), "-o", &s(&inj)],
+        &inj,
+    );
+    assert!(
+        err.contains("packed q/k/v weight 'Wqkv'") && err.contains("another If body"),
+        "{err}"
+    );
+}

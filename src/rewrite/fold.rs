@@ -350,10 +350,18 @@ fn plan<'a>(
                 accept,
                 &same_values,
             ) {
-                Ok(found) => one_write_per_weight(found)
-                    .into_iter()
-                    .map(|c| (c, None))
-                    .collect(),
+                Ok(found) => {
+                    // The same layer packed in another If body (q/k/v fused in one body only).
+                    let twin = (is_linear_lora(module) || module.kind == ModuleKind::Full)
+                        .then(|| packed::twin(cands, path, &found))
+                        .flatten();
+                    let mut calls: Vec<(Candidate, Option<usize>)> = one_write_per_weight(found)
+                        .into_iter()
+                        .map(|c| (c, None))
+                        .collect();
+                    calls.extend(twin.map(|(c, role)| (c.clone(), Some(role))));
+                    calls
+                }
                 Err(e) => match packed::resolve(cands, path) {
                     Some(Ok((c, role)))
                         if is_linear_lora(module) || module.kind == ModuleKind::Full =>

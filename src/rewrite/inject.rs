@@ -184,6 +184,16 @@ pub fn adapter_branches(
             |c| super::accepts(m, c) && c.branchable(),
             same,
         ) {
+            Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
+                return Err(Error::Target(format!(
+                    "module '{}' is also the {} slice of the packed q/k/v weight '{}' ({} {}) in another If body (onnxruntime fused q/k/v in that body only): inject cannot put a branch on one slice; `onnx-lora fold` merges into both",
+                    m.path,
+                    crate::target::packed::ROLE_NAMES[role],
+                    c.weight,
+                    c.op,
+                    c.node
+                )));
+            }
             Ok(f) => f,
             Err(_)
                 if let Ok(found) = resolve_module(

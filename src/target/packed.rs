@@ -200,6 +200,22 @@ pub fn resolve<'a>(cands: &'a [Candidate], path: &str) -> Option<Result<(&'a Can
     })
 }
 
+/// The packed weight that computes the projection `path` in another body of an If than the
+/// layers `found` for it there (onnxruntime fused q/k/v in one body of a merged decoder only),
+/// with the projection's index; None when the found layers are not all in subgraphs, or no
+/// packed weight in another subgraph holds the projection.
+pub fn twin<'a>(
+    cands: &'a [Candidate],
+    path: &str,
+    found: &[&Candidate],
+) -> Option<(&'a Candidate, usize)> {
+    if found.is_empty() || found.iter().any(|c| !c.in_subgraph) {
+        return None;
+    }
+    let (c, role) = resolve(cands, path)?.ok()?;
+    (c.in_subgraph && found.iter().all(|f| f.graph != c.graph)).then_some((c, role))
+}
+
 /// The q, k and v widths of a packed weight with `total` outputs, from the node's own sizes
 /// or from the widths the adapter's modules have (`known[role]`): any two give the third; one
 /// alone assumes k and v have the same width (true of multi-head and grouped-query attention).

@@ -27,6 +27,11 @@
   merged.onnx      an If on the bool input `use_cache_branch` whose two bodies each hold a
                    /fc/MatMul on the outer graph's W (a merged decoder's with / without past);
                    merged_other.onnx: its with-past body reads another weight, W2
+  merged_packed.onnx  a merged decoder layer whose two If bodies compute q/k/v differently, as
+                   onnxruntime's O2 optimization leaves Whisper's: `with_past` one
+                   com.microsoft.Attention on the packed Wqkv [8, 24], `without_past` separate
+                   /layers.0/self_attn/{q,k,v}_proj MatMuls summed; both end in
+                   /layers.0/self_attn/out_proj/MatMul (x [1, 4, 8] -> y [1, 4, 8])
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -232,6 +237,29 @@ def main(out):
                            "merged", [x, flag], [y], [numpy_helper.from_array(f32(8, 4), "W"),
                                                       numpy_helper.from_array(f32(8, 4), "W2")]),
          os.path.join(out, "merged_other.onnx"))
+
+    x3 = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y3 = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])
+    body_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])
+    out_proj = helper.make_node("MatMul", ["h", "Wo"], ["y"], name="/layers.0/self_attn/out_proj/MatMul")
+    fused = helper.make_graph(
+        [helper.make_node("Attention", ["x", "Wqkv", "bqkv"], ["h"], name="Attention_0",
+                          domain="com.microsoft", num_heads=2), out_proj],
+        "with_past", [], [body_out])
+    split = helper.make_graph(
+        [helper.make_node("MatMul", ["x", f"W{p}"], [p], name=f"/layers.0/self_attn/{p}_proj/MatMul")
+         for p in "qkv"]
+        + [helper.make_node("Sum", ["q", "k", "v"], ["h"], name="/layers.0/self_attn/Sum"), out_proj],
+        "without_past", [], [body_out])
+    wq, wk, wv = f32(8, 8), f32(8, 8), f32(8, 8)
+    save(helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                                             then_branch=fused, else_branch=split)],
+                           "merged_packed", [x3, flag], [y3],
+                           [numpy_helper.from_array(np.concatenate([wq, wk, wv], 1), "Wqkv"),
+                            numpy_helper.from_array(np.zeros(24, np.float32), "bqkv"),
+                            numpy_helper.from_array(wq, "Wq"), numpy_helper.from_array(wk, "Wk"),
+                            numpy_helper.from_array(wv, "Wv"), numpy_helper.from_array(f32(8, 8), "Wo")]),
+         os.path.join(out, "merged_packed.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
