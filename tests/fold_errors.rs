@@ -2448,8 +2448,14 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     let env = Env::new();
     let model = env.p("encoder.onnx");
     let m = model.to_str().unwrap();
+    // (each module its own values, so that a decoder module folded in place of the encoder's
+    // changes the result)
     let lora_of = |paths: &[&str]| -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        paths.iter().flat_map(|p| lora(p, 8, 8, 0.1)).collect()
+        let fill = |p: &str| {
+            0.1 + if p.contains("decoder") { 0.2 } else { 0.0 }
+                + if p.ends_with("q_proj") { 0.05 } else { 0.0 }
+        };
+        paths.iter().flat_map(|p| lora(p, 8, 8, fill(p))).collect()
     };
     let enc = [
         "model.encoder.layers.0.fc1",
@@ -2641,7 +2647,7 @@ fn a_layer_packed_in_one_if_body_only_folds_into_both() {
         json.contains("\"node\":\"/layers.0/self_attn/q_proj/MatMul\""),
         "{json}"
     );
-    // Each body alone: fold into a copy whose other body is the base's, and compare.
+    // (ort_diff takes the larger difference over both values of the switch)
     let diff: serde_json::Value =
         serde_json::from_str(&py("ort_diff.py", &[&model, &out])).unwrap();
     assert!(diff["y"].as_f64().unwrap() > 1e-3, "{diff}");
@@ -2669,4 +2675,72 @@ fn a_layer_packed_in_one_if_body_only_folds_into_both() {
         err.contains("packed q/k/v weight 'Wqkv'") && err.contains("another If body"),
         "{err}"
     );
+}
+
+/// Malformed or unusual inputs from a fuzzing campaign: each ends in one line (or succeeds),
+/// never a hang or a panic.
+#[test]
+fn fuzzed_inputs_end_in_one_line() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = env.p("out.onnx");
+    // A weight behind an Identity that feeds itself: no candidate, found at once.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .args(["inspect", &s(&env.p("cycle.onnx"))])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("inspect of a pass-through cycle did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A 70000-character name prints in the table (a format width that large would panic).
+    let table = onnx_lora_ok(&["inspect", &s(&env.p("long_name.onnx"))]);
+    assert!(table.contains(&"w".repeat(70000)), "{}", &table[..200]);
+    // Branches need opset 7's Add; the gate needs IR 4.
+    let err = onnx_lora_fails(&["inject", &s(&env.p("opset6.onnx")), "-o", &s(&out)], &out);
+    assert!(err.contains("opset 6: inject needs opset 7"), "{err}");
+    let gate = [
+        "inject",
+        &s(&env.p("ir3.onnx")),
+        "--as-inputs",
+        "--idle-gate",
+        "-o",
+        &s(&out),
+    ];
+    let err = onnx_lora_fails(&gate, &out);
+    assert!(
+        err.contains("IR version 3: --idle-gate needs IR version 4"),
+        "{err}"
+    );
+    // Integer weights take no weight-form branch either.
+    let args = [
+        "inject",
+        &s(&env.p("int_weight.onnx")),
+        "--form",
+        "weight",
+        "-o",
+        &s(&out),
+    ];
+    let err = onnx_lora_fails(&args, &out);
+    assert!(err.contains("int32 weights cannot be adapted"), "{err}");
+    // A NaN weight or scale is refused by the parser, before anything is read.
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    for opt in ["--weight", "--scale"] {
+        let args = [
+            "fold",
+            &s(&env.p("linear.onnx")),
+            &s(&ad),
+            "-o",
+            &s(&out),
+            opt,
+            "nan",
+        ];
+        let err = onnx_lora_fails(&args, &out);
+        assert!(err.contains("'nan' is not a finite number"), "{err}");
+    }
 }

@@ -52,14 +52,20 @@ pub struct Args {
     dry_run: bool,
     /// Weight of each adapter's delta: one per adapter, in adapter order, or none (each 1); may
     /// be negative.
-    #[arg(long = "weight", value_name = "W", allow_negative_numbers = true)]
+    #[arg(
+        long = "weight",
+        value_name = "W",
+        allow_negative_numbers = true,
+        value_parser = super::finite
+    )]
     weights: Vec<f32>,
     /// Multiplies every delta (may be negative).
     #[arg(
         long,
         default_value_t = 1.0,
         value_name = "S",
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = super::finite
     )]
     scale: f32,
     /// Warn about adapter modules that match no weight instead of failing.
@@ -96,11 +102,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let _doing = onnx_lora::cleanup::doing(format!("folding into {}", args.model.display()));
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
-    let adapters = args
+    let mut adapters = args
         .adapters
         .iter()
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
+    for a in &mut adapters {
+        onnx_lora::rewrite::settle_root(&model, a)
+            .with_context(|| format!("{}", a.path.display()))?;
+    }
     let opts = FoldOptions {
         weights: args.weights.clone(),
         scale: args.scale,

@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8, conflicts_with = "adapter")]
     rank: usize,
     /// LoRA alpha of fresh branches (scale = alpha / rank); default: the rank (scale 1).
-    #[arg(long, value_parser = finite, conflicts_with = "adapter")]
+    #[arg(long, value_parser = super::finite, conflicts_with = "adapter")]
     alpha: Option<f32>,
     /// Scale alpha / sqrt(rank) instead of alpha / rank.
     #[arg(long, conflicts_with = "adapter")]
@@ -137,14 +137,6 @@ pub struct Args {
     json: bool,
 }
 
-/// A finite number (NaN or infinity would make every output NaN).
-fn finite(s: &str) -> Result<f32, String> {
-    s.parse::<f32>()
-        .ok()
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| format!("'{s}' is not a finite number"))
-}
-
 pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.rank == 0 {
         anyhow::bail!("--rank must be at least 1");
@@ -163,11 +155,30 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let _doing = onnx_lora::cleanup::doing(format!("injecting into {}", args.model.display()));
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
-    let adapter = args
+    // The branch's Add / Mul / MatMul broadcast as opset 7 defines them (onnxruntime runs no
+    // older Add); the gate's If reads initializers that IR < 4 would have to list as inputs.
+    if let Some(v) = onnx_lora::onnx::pb_ext::default_opset(&model.proto).filter(|v| *v < 7) {
+        anyhow::bail!(
+            "{}: opset {v}: inject needs opset 7 or later (its branches broadcast as opset 7's Add and Mul do); convert the model first (onnx.version_converter)",
+            args.model.display()
+        );
+    }
+    if args.idle_gate && model.proto.ir_version() < 4 {
+        anyhow::bail!(
+            "{}: IR version {}: --idle-gate needs IR version 4 or later (its If bodies read initializers that older IR versions must also list as graph inputs)",
+            args.model.display(),
+            model.proto.ir_version()
+        );
+    }
+    let mut adapter = args
         .adapter
         .as_deref()
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .transpose()?;
+    if let Some(a) = &mut adapter {
+        onnx_lora::rewrite::settle_root(&model, a)
+            .with_context(|| format!("{}", a.path.display()))?;
+    }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
     let reference = match (&adapter, args.verify && !args.as_inputs) {

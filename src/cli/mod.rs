@@ -99,6 +99,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A finite number, for options that scale values (NaN or infinity would make every output
+/// NaN).
+fn finite(s: &str) -> Result<f32, String> {
+    s.parse::<f32>()
+        .ok()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| format!("'{s}' is not a finite number"))
+}
+
 /// The error and its causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")

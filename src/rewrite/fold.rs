@@ -218,6 +218,17 @@ pub(crate) fn execute(
             (output_of(&j.cand, j.cand.node_index), chain.collect())
         })
         .collect();
+    // (and a weight held by a Constant node, by that node's output)
+    let constants: Vec<Option<(usize, String)>> = jobs
+        .iter()
+        .map(|j| match j.cand.source {
+            Some(crate::graph::ConstSource::Constant { graph: g, node }) => graph
+                .node(&model.proto, g, node)
+                .and_then(|n| n.output.first().cloned())
+                .map(|o| (g, o)),
+            _ => None,
+        })
+        .collect();
     // Bias deltas into existing biases (in place); layers without one get a new bias below.
     let mut new_bias = vec![false; jobs.len()];
     for (i, (job, (_, _, bias))) in jobs.iter().zip(&results).enumerate() {
@@ -235,18 +246,25 @@ pub(crate) fn execute(
                 .iter()
                 .map(|o| now_at(model, graph, &jobs[i].cand, Some(o)))
                 .collect::<Result<_>>()?,
+            source: match &constants[i] {
+                Some((g, o)) => {
+                    let at = Candidate {
+                        graph: *g,
+                        ..jobs[i].cand.clone()
+                    };
+                    Some(crate::graph::ConstSource::Constant {
+                        graph: *g,
+                        node: now_at(model, graph, &at, Some(o))?,
+                    })
+                }
+                None => jobs[i].cand.source.clone(),
+            },
             ..jobs[i].cand.clone()
         };
         if new_bias[i]
             && let Some(bias) = &results[i].2
         {
-            create_bias(
-                model,
-                graph,
-                &jobs[i].cand,
-                &bias.apply(None, 1.0),
-                &mut taken,
-            )?;
+            create_bias(model, graph, &cand, &bias.apply(None, 1.0), &mut taken)?;
             report.notes.push(if !bias.set.is_empty() {
                 format!(
                     "{}: the layer had no bias; the adapter's trained bias was added",
@@ -378,7 +396,7 @@ fn plan<'a>(
                         }
                         _ => {
                             let hint = if module.kind == ModuleKind::Full {
-                                "; whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMS, group, instance and batch norms, and onnxruntime's fusions of them)"
+                                "; whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMS, group and batch norms, and onnxruntime's fusions of them)"
                             } else {
                                 ""
                             };

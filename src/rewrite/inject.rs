@@ -229,13 +229,16 @@ pub fn adapter_branches(
             if let Some(saved) = m.full.get("weight") {
                 super::weights::check_saved_base(model, graph, c, &m.path, saved)?;
             }
-            out.push(spec_from_module(c, m, path, adapter.scaling(m))?);
+            // (a PEFT module's branch keeps the adapter's own path, also where the export
+            // lacks its root: serving inputs and export-peft use PEFT's names)
+            let name = if m.part.is_none() { &m.path } else { path };
+            out.push(spec_from_module(c, m, name, adapter.scaling(m))?);
         }
     }
     Ok((out, unmatched))
 }
 
-/// A branch for module `m` on candidate `c`, named by the module's model path `path`.
+/// A branch for module `m` on candidate `c`, named `path`.
 fn spec_from_module(
     c: &Candidate,
     m: &ModuleAdapter,

@@ -29,6 +29,8 @@ pub use weights::same_values;
 
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
 use crate::error::{Error, Result};
+use crate::graph::ModelGraph;
+use crate::onnx::LoadedModel;
 use crate::target::Candidate;
 use crate::tensor::Matrix;
 
@@ -99,6 +101,21 @@ pub(crate) fn factors(
         Matrix::new(r, a_cols, a.data.clone())?,
         Matrix::new(b.shape[0], b_cols, b.data.clone())?,
     ))
+}
+
+/// Settles `adapter.root` for the whole adapter (see `target::export_root`; the user's `--root`
+/// stands), so that its parts (the low-rank part inject branches, the whole values written
+/// into the weights, `fold --verify`'s reference) all look its modules up under one root.
+pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
+    if adapter.modules.iter().any(|m| m.part.is_some()) {
+        return Ok(()); // kohya modules are bound to the model's paths instead
+    }
+    let graph = ModelGraph::build(&model.proto);
+    let mut cands = crate::target::find_candidates(&model.proto, &graph);
+    cands.extend(crate::target::norm::find_norm_params(&model.proto, &graph));
+    let paths: Vec<&str> = adapter.modules.iter().map(|m| m.path.as_str()).collect();
+    adapter.root = crate::target::export_root(&paths, &cands, adapter.root.as_deref())?;
+    Ok(())
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left

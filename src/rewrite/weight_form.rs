@@ -88,6 +88,18 @@ pub fn inject_weight(
                 "its weight is quantized, and merging at load would dequantize it",
             ));
         }
+        let dtype = crate::onnx::DataType::from_i32(
+            super::weights::tensor(&model.proto, &graph, c)?.data_type(),
+        );
+        if !dtype.is_foldable_float() {
+            return Err(Error::tensor(
+                &c.weight,
+                format!(
+                    "module '{}': {dtype} weights cannot be adapted (float32, float16, bfloat16, float64 only)",
+                    br.name
+                ),
+            ));
+        }
         if c.groups() > 1 {
             return Err(refuse("grouped convolutions have no weight form here"));
         }

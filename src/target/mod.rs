@@ -306,10 +306,13 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
     let mut value = input.to_string();
     let (mut through, mut chain) = (Vec::new(), Vec::new());
     let (mut transposes, mut dequantized) = (0usize, false);
+    // (at most one step per node: a malformed cycle of pass-through nodes ends the walk)
+    let mut steps = 0..=view.producer.len();
     let source = loop {
         if let Some(src) = graph.const_source(model, gi, &value) {
             break src;
         }
+        steps.next()?;
         let &p = view.producer.get(&value)?;
         let pn = graph.node(model, gi, p)?;
         if !PASS_THROUGH.contains(&pn.op_type()) {

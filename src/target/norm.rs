@@ -1,5 +1,6 @@
-//! Normalization layers (LayerNormalization and onnxruntime's fusions of it, RMS, group,
-//! instance and batch norms): no LoRA targets them, but PEFT's `bias="all"` trains their biases
+//! Normalization layers (LayerNormalization and onnxruntime's fusions of it, RMS, group and
+//! batch norms; not InstanceNormalization, which torch's exporters use for GroupNorm with
+//! placeholder unit scales, the real ones in a Mul and Add after it): no LoRA targets them, but PEFT's `bias="all"` trains their biases
 //! and `modules_to_save` can replace them whole. Each constant scale or bias becomes a
 //! `Candidate` of layout `Norm`, whose values a fold replaces.
 
@@ -18,7 +19,6 @@ const SCALE_BIAS: Params = &[(1, "weight"), (2, "bias")];
 const NORM_OPS: &[(&str, &str, Params)] = &[
     ("", "LayerNormalization", SCALE_BIAS),
     ("", "GroupNormalization", SCALE_BIAS),
-    ("", "InstanceNormalization", SCALE_BIAS),
     ("", "BatchNormalization", SCALE_BIAS),
     ("", "RMSNormalization", &[(1, "weight")]),
     ("", "SimplifiedLayerNormalization", &[(1, "weight")]),

@@ -162,7 +162,10 @@ pub fn resolve<'a>(cands: &'a [Candidate], path: &str) -> Option<Result<(&'a Can
         .filter_map(|&c| {
             let scope = &c.packed.as_ref()?.scope;
             let cp = common_prefix(parent, scope);
-            (!scope.is_empty() && (cp >= depth.max(1) || packed.len() == 1 && depth == 0))
+            // The scope must share a block below the layer number with the module's parent
+            // (`layers.0.self_attn` for `layers.0.self_attn.out_proj`): a layer's cross-attention
+            // (`layers.0.encoder_attn.v_proj`) is not its packed self-attention.
+            (!scope.is_empty() && (cp > depth || packed.len() == 1 && depth == 0))
                 .then_some((cp, c))
         })
         .collect();

@@ -116,7 +116,11 @@ pub fn export_root(
                 found(&alias.collect::<Vec<_>>().join("."))
             })
     };
-    let is_module = |s: &str| cands.iter().any(|c| c.module == s);
+    // (a q/k/v projection the export packed into one weight counts as there)
+    let is_module = |s: &str| {
+        cands.iter().any(|c| c.module == s)
+            || matches!(super::packed::resolve(cands, s), Some(Ok(_)))
+    };
     let rest: Vec<&str> = paths.iter().copied().filter(|p| !direct(p)).collect();
     let mut roots: Vec<&str> = rest
         .iter()

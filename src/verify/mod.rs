@@ -138,14 +138,22 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
             .map(|&i| format!("{}={}", flipped[i].0, flipped[i].1.data[0] != 0))
             .collect::<Vec<_>>()
             .join(", ");
-        let (more_a, _) = run_model(&a, &flipped, opts, &opts.adapters, &mut notes)?;
-        let (more_b, _) = run_model(&b, &flipped, opts, &[], &mut notes)?;
-        let named = |t: Tensors| t.into_iter().map(|(n, v)| (format!("{n} [{label}]"), v));
-        out_a.extend(named(more_a));
-        out_b.extend(named(more_b));
-        notes.push(format!(
-            "the models also ran with the switch input(s) flipped ({label}): outputs marked [{label}]"
-        ));
+        // (a bool that is no switch may not run the other way: then only the first run counts)
+        let more = run_model(&a, &flipped, opts, &opts.adapters, &mut notes)
+            .and_then(|(x, _)| run_model(&b, &flipped, opts, &[], &mut notes).map(|(y, _)| (x, y)));
+        match more {
+            Ok((more_a, more_b)) => {
+                let named = |t: Tensors| t.into_iter().map(|(n, v)| (format!("{n} [{label}]"), v));
+                out_a.extend(named(more_a));
+                out_b.extend(named(more_b));
+                notes.push(format!(
+                    "the models also ran with the switch input(s) flipped ({label}): outputs marked [{label}]"
+                ));
+            }
+            Err(e) => notes.push(format!(
+                "a run with the bool input(s) flipped ({label}) failed, so only the generated values are compared: {e}"
+            )),
+        }
     }
     let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
     let compute = compute_precision(&[&a, &b])?;
@@ -202,9 +210,16 @@ fn select_outputs(
             list(&b)
         )));
     }
+    // (an output of the run with a switch flipped is `NAME [switch=…]`)
     let keep = |t: Tensors| -> Tensors {
         t.into_iter()
-            .filter(|(m, _)| names.iter().any(|n| n == m))
+            .filter(|(m, _)| {
+                names.iter().any(|n| {
+                    m == n
+                        || m.strip_prefix(n.as_str())
+                            .is_some_and(|r| r.starts_with(" ["))
+                })
+            })
             .collect()
     };
     Ok((keep(a), keep(b)))

@@ -32,6 +32,10 @@
                    com.microsoft.Attention on the packed Wqkv [8, 24], `without_past` separate
                    /layers.0/self_attn/{q,k,v}_proj MatMuls summed; both end in
                    /layers.0/self_attn/out_proj/MatMul (x [1, 4, 8] -> y [1, 4, 8])
+  cycle.onnx       /fc/MatMul's weight read through an Identity that feeds itself (malformed)
+  long_name.onnx   linear.onnx with a 70000-character weight name
+  opset6.onnx      linear.onnx at opset 6; ir3.onnx: at IR version 3 (W also a graph input)
+  int_weight.onnx  an int32 MatMul on /fc/MatMul
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
@@ -260,6 +264,25 @@ def main(out):
                             numpy_helper.from_array(wq, "Wq"), numpy_helper.from_array(wk, "Wk"),
                             numpy_helper.from_array(wv, "Wv"), numpy_helper.from_array(f32(8, 8), "Wo")]),
          os.path.join(out, "merged_packed.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+    def linear(w_name="W", dtype=TensorProto.FLOAT, w=None, extra_inputs=()):
+        xi = helper.make_tensor_value_info("x", dtype, [2, 8])
+        yi = helper.make_tensor_value_info("y", dtype, [2, 4])
+        w = f32(8, 4) if w is None else w
+        return helper.make_graph([helper.make_node("MatMul", ["x", w_name], ["y"], name="/fc/MatMul")],
+                                 "linear", [xi, *extra_inputs], [yi], [numpy_helper.from_array(w, w_name)])
+
+    g = linear("W")
+    g.node.insert(0, helper.make_node("Identity", ["z"], ["z"], name="/self"))
+    g.node[1].input[1] = "z"
+    save(g, os.path.join(out, "cycle.onnx"))
+    save(linear("w" * 70000), os.path.join(out, "long_name.onnx"))
+    save(linear(), os.path.join(out, "opset6.onnx"), opset=6)
+    m3 = helper.make_model(linear(extra_inputs=[helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 4])]),
+                           opset_imports=[helper.make_opsetid("", 9)])
+    m3.ir_version = 3
+    onnx.save(m3, os.path.join(out, "ir3.onnx"))
+    save(linear(dtype=TensorProto.INT32, w=np.ones((8, 4), np.int32)), os.path.join(out, "int_weight.onnx"))
 
     # A second output of 2^27 ones: 512 MiB each time the model runs
     ones = helper.make_tensor_value_info("ones", TensorProto.FLOAT, [2**27])
