@@ -185,14 +185,13 @@ pub fn adapter_branches(
             same,
         ) {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
-                return Err(Error::Target(format!(
-                    "module '{}' is also the {} slice of the packed q/k/v weight '{}' ({} {}) in another If body (onnxruntime fused q/k/v in that body only): inject cannot put a branch on one slice; `onnx-lora fold` merges into both",
-                    m.path,
-                    crate::target::packed::ROLE_NAMES[role],
-                    c.weight,
-                    c.op,
-                    c.node
-                )));
+                return Err(packed_slice_refusal(
+                    m,
+                    c,
+                    role,
+                    " in another If body (onnxruntime fused q/k/v in that body only)",
+                    "merges into both",
+                ));
             }
             Ok(f) => f,
             Err(_)
@@ -210,14 +209,7 @@ pub fn adapter_branches(
                 )));
             }
             Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {
-                return Err(Error::Target(format!(
-                    "module '{}' is the {} slice of the packed q/k/v weight '{}' ({} {}): inject cannot put a branch on one slice; `onnx-lora fold` merges it",
-                    m.path,
-                    crate::target::packed::ROLE_NAMES[role],
-                    c.weight,
-                    c.op,
-                    c.node
-                )));
+                return Err(packed_slice_refusal(m, c, role, "", "merges it"));
             }
             Err(e) if allow_unmatched => {
                 unmatched.push(e.to_string());
@@ -236,6 +228,26 @@ pub fn adapter_branches(
         }
     }
     Ok((out, unmatched))
+}
+
+/// inject's refusal of a module that is (`where_`: also, elsewhere) the `role` slice of the
+/// packed q/k/v weight of `c`; `fold_does` says what fold does instead.
+fn packed_slice_refusal(
+    m: &ModuleAdapter,
+    c: &Candidate,
+    role: usize,
+    where_: &str,
+    fold_does: &str,
+) -> Error {
+    let also = if where_.is_empty() { "" } else { "also " };
+    Error::Target(format!(
+        "module '{}' is {also}the {} slice of the packed q/k/v weight '{}' ({} {}){where_}: inject cannot put a branch on one slice; `onnx-lora fold` {fold_does}",
+        m.path,
+        crate::target::packed::ROLE_NAMES[role],
+        c.weight,
+        c.op,
+        c.node
+    ))
 }
 
 /// A branch for module `m` on candidate `c`, named `path`.
