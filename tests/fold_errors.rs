@@ -2728,6 +2728,20 @@ fn fuzzed_inputs_end_in_one_line() {
     ];
     let err = onnx_lora_fails(&args, &out);
     assert!(err.contains("int32 weights cannot be adapted"), "{err}");
+    // A conv-shaped lora_A on a MatMul names the layer and the shapes.
+    let conv = write_adapter(
+        &env.p("conv"),
+        config(),
+        &[
+            ("fc.lora_A.weight", vec![2, 8, 1], vec![0.1; 16]),
+            ("fc.lora_B.weight", vec![4, 2], vec![0.1; 8]),
+        ],
+    );
+    let err = fold_fails(&env.p("linear.onnx"), &conv, &out, &[]);
+    assert!(
+        err.contains("module 'fc' is MatMul /fc/MatMul") && err.contains("A [2, 8, 1], B [4, 2]"),
+        "{err}"
+    );
     // A NaN weight or scale is refused by the parser, before anything is read.
     let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
     for opt in ["--weight", "--scale"] {

@@ -400,7 +400,9 @@ fn plan<'a>(
                             } else {
                                 ""
                             };
-                            unmatched.push(format!("{} ({e}{hint})", module.keys.join(", ")));
+                            let why = super::kind_mismatch(module, cands, path)
+                                .unwrap_or_else(|| format!("{e}{hint}"));
+                            unmatched.push(format!("{} ({why})", module.keys.join(", ")));
                             continue;
                         }
                     },

@@ -212,10 +212,13 @@ pub fn adapter_branches(
                 return Err(packed_slice_refusal(m, c, role, "", "merges it"));
             }
             Err(e) if allow_unmatched => {
-                unmatched.push(e.to_string());
+                unmatched
+                    .push(super::kind_mismatch(m, cands, path).unwrap_or_else(|| e.to_string()));
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(super::kind_mismatch(m, cands, path).map_or(e, Error::Target));
+            }
         };
         for c in found {
             if let Some(saved) = m.full.get("weight") {

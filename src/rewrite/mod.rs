@@ -56,6 +56,21 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
 }
 
+/// Why module `m` found nothing at `path` when a layer there is of another kind than its
+/// factors are for (a conv-shaped lora_A on a MatMul): that layer and the factors' shapes, for
+/// the message; None when no layer of any kind has the path.
+pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
+    let c = crate::target::resolve_module(cands, path, |c| !accepts(m, c), |_, _| true).ok()?[0];
+    let shapes = match (&m.a, &m.b) {
+        (Some(a), Some(b)) => format!("its factors have shapes A {:?}, B {:?}", a.shape, b.shape),
+        _ => format!("it holds {}", m.keys.join(", ")),
+    };
+    Some(format!(
+        "module '{path}' is {} {} (weight '{}' {:?}), which the adapter's module does not fit: {shapes}",
+        c.op, c.node, c.weight, c.shape
+    ))
+}
+
 /// A module's A (r, in) and B (out, r) as matrices, checked against a weight with `n_in`
 /// inputs (times the kernel size for convolutions) and `n_out` outputs. For a grouped Conv
 /// PEFT's B is itself grouped: (out, r / groups), each group of outputs reading its slice of
