@@ -408,6 +408,33 @@ pub fn pattern_value(patterns: &[Pattern], path: &str) -> Option<f32> {
 impl AdapterConfig {
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
         let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        // Keys whose type alone says the file is not what PEFT writes (PEFT would not load it).
+        let shape_of = |k: &str, ok: fn(&Value) -> bool, what: &str| match raw.get(k) {
+            Some(v) if !v.is_null() && !ok(v) => Err(format!("{k} is {v}, not {what}")),
+            _ => Ok(()),
+        };
+        shape_of("peft_type", Value::is_string, "a string")?;
+        shape_of(
+            "bias",
+            |v| matches!(v.as_str(), Some("none" | "all" | "lora_only")),
+            "\"none\", \"all\" or \"lora_only\"",
+        )?;
+        shape_of("ensure_weight_tying", Value::is_boolean, "true or false")?;
+        shape_of(
+            "layers_pattern",
+            |v| v.is_string() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            "a string or a list of strings",
+        )?;
+        shape_of(
+            "init_lora_weights",
+            |v| v.is_boolean() || v.is_string(),
+            "true, false or a method name",
+        )?;
+        shape_of(
+            "trainable_token_indices",
+            |v| v.is_array() || v.is_object(),
+            "a list of token ids or an object of them by module",
+        )?;
         let peft_type = raw
             .get("peft_type")
             .and_then(Value::as_str)
@@ -831,6 +858,32 @@ mod tests {
         assert_eq!(pattern_value(&p, "model.layers.11.self_attn.q_proj"), None);
         assert_eq!(pattern_value(&p, "model.xlayers.1.self_attn.q_proj"), None);
         Ok(())
+    }
+
+    #[test]
+    fn config_keys_of_the_wrong_type_are_refused() {
+        for (json, says) in [
+            (r#"{"peft_type": 5}"#, "peft_type is 5, not a string"),
+            (r#"{"bias": 1}"#, "bias is 1, not"),
+            (r#"{"bias": "some"}"#, r#"bias is "some", not"#),
+            (
+                r#"{"ensure_weight_tying": "yes"}"#,
+                "ensure_weight_tying is \"yes\"",
+            ),
+            (r#"{"init_lora_weights": 3}"#, "init_lora_weights is 3"),
+            (r#"{"layers_pattern": 5}"#, "layers_pattern is 5"),
+            (
+                r#"{"trainable_token_indices": "x"}"#,
+                "trainable_token_indices is \"x\"",
+            ),
+        ] {
+            match AdapterConfig::parse(json) {
+                Err(e) => assert!(e.contains(says), "{json}: {e}"),
+                Ok(_) => panic!("{json} was accepted"),
+            }
+        }
+        let fine = r#"{"bias": "all", "init_lora_weights": "gaussian", "layers_pattern": ["h"]}"#;
+        assert!(AdapterConfig::parse(fine).is_ok(), "{fine}");
     }
 
     #[test]
