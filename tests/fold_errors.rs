@@ -2728,6 +2728,21 @@ fn fuzzed_inputs_end_in_one_line() {
     ];
     let err = onnx_lora_fails(&args, &out);
     assert!(err.contains("int32 weights cannot be adapted"), "{err}");
+    let err = onnx_lora_fails(
+        &["inject", &s(&env.p("int_weight.onnx")), "-o", &s(&out)],
+        &out,
+    );
+    assert!(
+        err.contains("module 'fc' (MatMul /fc/MatMul): int32 layers take no branch"),
+        "{err}"
+    );
+    // (a model with nothing to export is named once)
+    let peft = env.p("peft");
+    let err = onnx_lora_fails(
+        &["export-peft", &s(&env.p("linear.onnx")), "-o", &s(&peft)],
+        &peft,
+    );
+    assert_eq!(err.matches("linear.onnx").count(), 1, "{err}");
     // A conv-shaped lora_A on a MatMul names the layer and the shapes.
     let conv = write_adapter(
         &env.p("conv"),

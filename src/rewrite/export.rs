@@ -32,10 +32,9 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
     let mut model = model.clone();
     let (_, found) = find_all(&mut model)?;
     if found.is_empty() {
-        return Err(Error::Target(format!(
-            "{}: no injected LoRA branches to export",
-            model.path.display()
-        )));
+        return Err(Error::Target(
+            "no injected LoRA branches to export".to_string(),
+        ));
     }
     let r = found[0].module.rank();
     let lora_alpha = found[0].scale * r as f32;

@@ -418,6 +418,16 @@ pub fn inject(
                 br.name
             )));
         }
+        // (a quantized base takes a float branch beside it: its activations are float)
+        let dtype = crate::onnx::DataType::from_i32(
+            super::weights::tensor(&model.proto, &graph, &br.cand)?.data_type(),
+        );
+        if !br.cand.quantized && !dtype.is_foldable_float() {
+            return Err(Error::Target(format!(
+                "module '{}' ({} {}): {dtype} layers take no branch (float32, float16, bfloat16, float64 only)",
+                br.name, br.cand.op, br.cand.node
+            )));
+        }
         if as_inputs && (br.magnitude.is_some() || br.bias.is_some()) {
             return Err(Error::Target(format!(
                 "module '{}': DoRA and lora_bias cannot be served through LoRA inputs; inject without --as-inputs",
