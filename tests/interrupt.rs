@@ -253,7 +253,7 @@ fn check_interrupted(sig: libc::c_int, name: &str, extra: &[&str]) {
         assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr}");
         assert!(
             stderr.starts_with(&format!("onnx-lora: interrupted ({name}); removed "))
-                && stderr.trim_end().ends_with("temporary file(s)")
+                && stderr.trim_end().ends_with("unfinished file(s)")
                 && !stderr.contains("removed 0 "),
             "{stderr}"
         );

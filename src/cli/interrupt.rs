@@ -57,7 +57,7 @@ fn wait(set: libc::sigset_t) {
         let clear = if err.is_terminal() { "\r\x1b[2K" } else { "" };
         let _ = writeln!(
             err,
-            "{clear}onnx-lora: interrupted ({name}); removed {removed} temporary file(s)"
+            "{clear}onnx-lora: interrupted ({name}); removed {removed} unfinished file(s)"
         );
     }
     // `_exit`, not `exit`: the other threads are still running, and neither Rust's nor the
