@@ -195,7 +195,7 @@ pub(crate) fn execute(
     report.modules = results.iter().map(|(_, rep, _)| rep.clone()).collect();
     let mut taken = weights::all_names(&model.proto);
     // In-place writes first, then private copies: deepest graphs first and, within a graph,
-    // from the last node back, so inserted nodes never shift an index still to be used.
+    // from the last node back (each job also finds its node again below, by name).
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| {
         let c = &jobs[i].cand;
