@@ -217,10 +217,12 @@ pub fn write(
         .const_tensor(proto, &source)
         .ok_or_else(|| Error::tensor(&c.weight, "weight tensor not found"))?
         .clone();
+    // (a norm layer's bias copy is named as its bias)
+    let param = crate::target::norm::param(c).unwrap_or("weight");
     let base = if c.module.is_empty() {
         c.weight.clone()
     } else {
-        format!("{}.weight", c.module)
+        format!("{}.{param}", c.module)
     };
     let name = unique_name(&format!("{base}.lora_folded"), taken);
     let mut copy = TensorProto {
