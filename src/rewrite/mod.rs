@@ -155,15 +155,12 @@ pub fn module_paths(
         };
         // Under the root, a path the export does not have as it is is looked up without it; the
         // rest as they are (those the export lacks are another part's).
-        let found = |p: &str| {
-            cands
-                .iter()
-                .any(|c| crate::target::select::name_matches(&c.module, p))
-        };
         let paths: Vec<Option<String>> = all
             .iter()
             .map(|p| match p.strip_prefix(root.as_str()) {
-                Some(rest) if !found(p) => Some(rest.to_string()),
+                Some(rest) if !crate::target::select::found_as_is(cands, p) => {
+                    Some(rest.to_string())
+                }
                 _ => Some(p.to_string()),
             })
             .collect();

@@ -86,6 +86,29 @@ pub fn select<'a>(
 /// Known differences between exporters' scope names for the same module.
 const ALIASES: [(&str, &str); 2] = [("self_attn", "attn"), ("attn", "self_attn")];
 
+/// `path` with each known scope-name difference applied (`self_attn` → `attn`), where it changes.
+fn aliases(path: &str) -> impl Iterator<Item = String> + '_ {
+    ALIASES.iter().filter_map(move |(from, to)| {
+        let alias = path
+            .split('.')
+            .map(|s| if s == *from { *to } else { s })
+            .collect::<Vec<_>>()
+            .join(".");
+        (alias != path).then_some(alias)
+    })
+}
+
+/// Whether some candidate has module path `path` as it is (or a path it is a dotted suffix
+/// of), or under a scope-name alias: what `resolve_module` finds without an export root.
+pub fn found_as_is(cands: &[Candidate], path: &str) -> bool {
+    let found = |p: &str| {
+        cands
+            .iter()
+            .any(|c| !c.module.is_empty() && name_matches(&c.module, p))
+    };
+    found(path) || aliases(path).any(|a| found(&a))
+}
+
 /// Where an export's module paths sit in an adapter's: the prefix (ending in `.`) that the
 /// adapter's `paths` lose in the export, when the export's root is below PEFT's (`layers.0.fc1`
 /// in a file of the encoder alone, `model.encoder.layers.0.fc1` in the adapter); None when every
@@ -104,18 +127,7 @@ pub fn export_root(
     {
         return Ok(Some(format!("{r}.")));
     }
-    let found = |p: &str| {
-        cands
-            .iter()
-            .any(|c| !c.module.is_empty() && name_matches(&c.module, p))
-    };
-    let direct = |p: &str| {
-        found(p)
-            || ALIASES.iter().any(|(from, to)| {
-                let alias = p.split('.').map(|s| if s == *from { *to } else { s });
-                found(&alias.collect::<Vec<_>>().join("."))
-            })
-    };
+    let direct = |p: &str| found_as_is(cands, p);
     // (a q/k/v projection the export packed into one weight counts as there)
     let is_module = |s: &str| {
         cands.iter().any(|c| c.module == s)
@@ -173,17 +185,10 @@ pub fn resolve_module<'a>(
     };
     let mut found = by(path);
     if found.is_empty() {
-        for (from, to) in ALIASES {
-            let alias = path
-                .split('.')
-                .map(|s| if s == from { to } else { s })
-                .collect::<Vec<_>>()
-                .join(".");
-            if alias != path {
-                found = by(&alias);
-                if !found.is_empty() {
-                    break;
-                }
+        for alias in aliases(path) {
+            found = by(&alias);
+            if !found.is_empty() {
+                break;
             }
         }
     }
