@@ -130,12 +130,15 @@ fn packed_slices(stdout: &str) -> Vec<serde_json::Value> {
 /// onnxruntime's transformer optimizer packs q/k/v into one Attention weight and drops their
 /// node names, and fuses embeddings into EmbedLayerNormalization: adapter modules on q/k/v land
 /// in the right columns of the right layer, embedding adapters in the fused op's table.
+/// `--verify` builds its reference with those layers in weight space (also DoRA and
+/// lora_bias on a slice) and passes.
 #[test]
 fn packed_qkv_of_ort_optimized_models_match_peft() {
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     let mut sliced = 0;
     let mut fused_embeddings = 0;
+    let mut verified = 0;
     for (case, packed, fused) in optimized_cases() {
         assert!(!packed.is_empty(), "{}: no packed weights", case.label());
         for ad in &case.adapters {
@@ -200,8 +203,31 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
             if !ok {
                 failures.push(format!("{} {}: {msg}", case.label(), ad.name));
             }
+            // --verify's reference takes the packed and fused layers in weight space.
+            let checked = dir
+                .path()
+                .join(format!("{}_{}_v.onnx", case.model, ad.name));
+            let o = onnx_lora(&[
+                "fold",
+                case.onnx.to_str().unwrap(),
+                ad.dir.to_str().unwrap(),
+                "-o",
+                checked.to_str().unwrap(),
+                "--verify",
+                "--json",
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            let verdict = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["type"] == "verdict");
+            match verdict {
+                Some(v) if o.status.success() && v["passed"] == true => verified += 1,
+                _ => failures.push(format!("{what} --verify: {err}")),
+            }
         }
     }
+    assert!(verified >= 8, "only {verified} folds were verified");
     assert!(sliced >= 8, "only {sliced} packed slices were folded");
     assert!(fused_embeddings >= 1, "no fused embedding was folded");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -209,7 +235,7 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
 
 /// onnxruntime-genai's model builder packs q/k/v into one `qkv_proj` MatMul per layer, with
 /// grouped-query attention (q 64, k and v 32 wide): fold places each projection's columns from
-/// the adapter's own widths and matches PEFT.
+/// the adapter's own widths and matches PEFT, and `--verify` passes.
 #[test]
 fn packed_qkv_of_genai_builder_model_matches_peft() {
     let root = fixtures().join("llama_genai");
@@ -261,6 +287,33 @@ fn packed_qkv_of_genai_builder_model_matches_peft() {
             &["--differs", root.join("base.npz").to_str().unwrap()],
         );
         assert!(ok, "{name}: {msg}");
+        // --verify's reference reads the packed weight plus the runtime's B·A, on generated
+        // inputs (the KV cache's head size set with --dim) and on the fixture's.
+        let inputs = root.join("inputs.npz");
+        let adapter = root.join(ad["dir"].as_str().unwrap());
+        for feeds in [
+            vec!["--dim", "kv_cache_dim=16"],
+            vec!["--inputs", inputs.to_str().unwrap()],
+        ] {
+            let checked = dir.path().join(format!("{name}_v.onnx"));
+            let mut args = vec![
+                "fold",
+                model.to_str().unwrap(),
+                adapter.to_str().unwrap(),
+                "-o",
+                checked.to_str().unwrap(),
+                "--verify",
+                "--ep",
+                "cpu",
+                "--json",
+            ];
+            args.extend(feeds);
+            let stdout = onnx_lora_ok(&args);
+            assert!(
+                stdout.contains("\"type\":\"verdict\"") && stdout.contains("\"passed\":true"),
+                "{name}: {stdout}"
+            );
+        }
     }
 }
 

@@ -475,21 +475,63 @@ fn trainable_tokens_errors_name_the_module() {
     ]);
 }
 
-/// `fold --verify` needs the adapters as branches for its reference; where a layer cannot
-/// take one (packed q/k/v), it says so before writing anything.
+/// `fold --verify` needs the adapters unmerged for its reference; where that cannot be built
+/// (a DoRA adapter on a packed q/k/v weight another adapter changes too), it says so before
+/// writing anything. Its inputs file is checked first too, and its runtime flags need it.
 #[test]
 fn verify_without_a_possible_reference_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let err = fold_fails(
-        &fixtures().join("bert/ort_optimized/model.onnx"),
-        &fixtures().join("bert/adapters/plain"),
-        &dir.path().join("out.onnx"),
-        &["--verify"],
+    let root = fixtures().join("llama_genai");
+    let model = root.join("model.onnx");
+    let (plain, dora) = (root.join("adapter"), root.join("adapter_dora"));
+    let out = dir.path().join("out.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &s(&model),
+            &s(&plain),
+            &s(&dora),
+            "-o",
+            &s(&out),
+            "--verify",
+        ],
+        &out,
     );
     assert!(
-        err.contains("--verify cannot build its unmerged reference"),
+        err.contains("--verify cannot build its unmerged reference")
+            && err.contains("model.layers.0.attn.qkv_proj")
+            && err.contains("one is DoRA"),
         "{err}"
     );
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &s(&model),
+            &s(&plain),
+            "-o",
+            &s(&out),
+            "--verify",
+            "--inputs",
+            &s(&dir.path().join("none.npz")),
+        ],
+        &out,
+    );
+    assert!(
+        err.contains("--inputs") && err.contains("none.npz"),
+        "{err}"
+    );
+    let o = onnx_lora(&[
+        "fold",
+        &s(&model),
+        &s(&plain),
+        "-o",
+        &s(&out),
+        "--dim",
+        "x=1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!out.exists());
 }
 
 /// LoRA factors with fewer than two dimensions are a malformed adapter: one line naming the
@@ -2628,8 +2670,8 @@ fn verify_compares_both_sides_of_a_switch_input() {
 
 /// onnxruntime's O2 optimization of a merged decoder packed q/k/v into one Attention weight in
 /// one If body only: a q_proj module folds into both bodies (the separate MatMul and its slice
-/// of the packed weight), so each value of the switch runs the adapted layer; inject, which
-/// cannot branch a slice, refuses it by name.
+/// of the packed weight), so each value of the switch runs the adapted layer, and `--verify`
+/// checks both; inject, which cannot branch a slice, refuses it by name.
 #[test]
 fn a_layer_packed_in_one_if_body_only_folds_into_both() {
     let env = Env::new();
@@ -2669,6 +2711,24 @@ fn a_layer_packed_in_one_if_body_only_folds_into_both() {
         .map(|r| r["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(failed.len(), 2, "{failed:?}");
+    // --verify's reference: a branch on the MatMul in one body, the packed weight plus the
+    // runtime's B·A in the other; each value of the switch is compared.
+    let checked = env.p("checked.onnx");
+    let json = onnx_lora_ok(&[
+        "fold",
+        &s(&model),
+        &s(&ad),
+        "-o",
+        &s(&checked),
+        "--verify",
+        "--json",
+    ]);
+    let switched = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "output" && r["passed"] == true)
+        .count();
+    assert_eq!(switched, 2, "{json}");
     let inj = env.p("inj.onnx");
     let err = onnx_lora_fails(
         &["inject", &s(&model), "--adapter", &s(&ad), "-o", &s(&inj)],

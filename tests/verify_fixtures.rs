@@ -272,7 +272,7 @@ fn verify_references_are_named_not_their_scratch_files() {
     for (args, label) in [
         (
             vec!["fold", m, a, "-o", o, "--verify", "--ep", "cpu"],
-            "the unmerged reference (base + adapters as branches)",
+            "the unmerged reference (base + adapters: PEFT's unmerged forward)",
         ),
         (
             vec![

@@ -21,6 +21,7 @@ use super::save_args::SaveArgs;
   onnx-lora fold unet.onnx my_style.safetensors -o unet.style.onnx   # a kohya LoRA
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
   onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
+  onnx-lora fold genai/model.onnx adapter/ -o out.onnx --verify --dim kv_cache_dim=16
   onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (reads, writes nothing)
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
@@ -76,7 +77,8 @@ pub struct Args {
     #[arg(long, value_name = "PREFIX")]
     root: Option<String>,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
-    /// branches) on the same inputs and compare; exit 1 when they differ (the output is then
+    /// branches; in weight space on packed q/k/v and fused layers) on the same inputs and
+    /// compare; exit 1 when they differ (the output is then
     /// removed, as when the check cannot run).
     #[arg(long)]
     verify: bool,
@@ -125,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             super::refuse_dynamically_quantized(&args.model, &model, &all)?;
             Some(
                 unmerged_reference(&model, &adapters, &opts.weights, opts.scale).context(
-                    "--verify cannot build its unmerged reference, the base with the adapters as branches (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
+                    "--verify cannot build its unmerged reference, the base with the adapters unmerged (fold without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)",
                 )?,
             )
         }
@@ -181,7 +183,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 }
 
 /// How `--verify` messages name the reference it compares a fold with.
-const UNMERGED_REFERENCE: &str = "the unmerged reference (base + adapters as branches)";
+const UNMERGED_REFERENCE: &str =
+    "the unmerged reference (base + adapters: PEFT's unmerged forward)";
 
 /// The report; `saved` is None for a dry run.
 fn print_report(

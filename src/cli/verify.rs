@@ -276,6 +276,13 @@ pub struct RuntimeArgs {
     /// --verify's relative tolerance for every output (default: by type).
     #[arg(long, value_name = "Y", requires = "verify", value_parser = parse_tolerance)]
     pub rtol: Option<f64>,
+    /// --verify's inputs by name from an .npz (it must hold every input; default: generated).
+    #[arg(long, value_name = "FILE.npz", requires = "verify")]
+    pub inputs: Option<PathBuf>,
+    /// Value of a symbolic dimension of --verify's generated inputs (repeatable), e.g. a KV
+    /// cache's head size.
+    #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim, requires = "verify")]
+    pub dims: Vec<(String, usize)>,
 }
 
 /// A tolerance: a finite number >= 0, checked before a rewrite writes anything.
@@ -287,10 +294,14 @@ fn parse_tolerance(s: &str) -> Result<f64, String> {
 }
 
 impl RuntimeArgs {
-    /// What --verify needs that can be checked before a rewrite writes anything (the
-    /// onnxruntime library; for --ep cuda, the CUDA EP), so that a check that cannot run
+    /// What --verify needs that can be checked before a rewrite writes anything (its inputs
+    /// file, the onnxruntime library; for --ep cuda, the CUDA EP), so that a check that cannot run
     /// leaves nothing written.
     pub(super) fn preflight(&self) -> anyhow::Result<()> {
+        if let Some(npz) = &self.inputs {
+            std::fs::File::open(npz)
+                .map_err(|e| anyhow::anyhow!("--verify: --inputs {}: {e}", npz.display()))?;
+        }
         onnx_lora::verify::backend::preflight(self.ep, self.ort_lib.as_deref())
             .map_err(|e| anyhow::anyhow!("--verify: {e}"))
     }
@@ -318,6 +329,8 @@ fn check_labeled(
         ort_lib: runtime.ort_lib.clone(),
         atol: runtime.atol,
         rtol: runtime.rtol,
+        inputs: runtime.inputs.clone(),
+        dims: runtime.dims.clone(),
         reference_label: label.map(str::to_string),
         ..VerifyOptions::default()
     };

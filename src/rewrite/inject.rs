@@ -33,7 +33,8 @@ pub struct BranchSpec {
     pub a: Matrix,
     pub b: Matrix,
     pub scale: f32,
-    /// DoRA magnitude per output channel.
+    /// DoRA magnitude per output channel; NaN for a channel DoRA leaves alone (a packed q/k/v
+    /// weight whose other projections are plain LoRA: weight form only).
     pub magnitude: Option<Vec<f32>>,
     /// lora_B's bias (`lora_bias`), unscaled.
     pub bias: Option<Vec<f32>>,
@@ -152,8 +153,25 @@ pub fn adapter_branches(
     adapter: &Adapter,
     allow_unmatched: bool,
 ) -> Result<(Vec<BranchSpec>, Vec<String>)> {
+    adapter_branches_or_deltas(model, graph, cands, adapter, allow_unmatched, None)
+}
+
+/// `adapter_branches`, where `deltas` (when given) takes what has no branch form but a weight
+/// form: the slices of a packed q/k/v weight (one spec per packed weight, its modules' factors
+/// side by side) and layers inside onnxruntime's fused ops (EmbedLayerNormalization's table).
+/// Without `deltas` those are refused.
+fn adapter_branches_or_deltas(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    adapter: &Adapter,
+    allow_unmatched: bool,
+    mut deltas: Option<&mut Vec<BranchSpec>>,
+) -> Result<(Vec<BranchSpec>, Vec<String>)> {
     adapter.check_foldable()?;
     let mut out = Vec::new();
+    // (packed weight, the module's projection, the module) for `deltas`
+    let mut slices: Vec<(&Candidate, usize, &ModuleAdapter)> = Vec::new();
     let mut unmatched = Vec::new();
     let (paths, _) = super::module_paths(adapter, cands)?;
     for (m, path) in adapter.modules.iter().zip(&paths) {
@@ -185,13 +203,17 @@ pub fn adapter_branches(
             same,
         ) {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
-                return Err(packed_slice_refusal(
-                    m,
-                    c,
-                    role,
-                    " in another If body (onnxruntime fused q/k/v in that body only)",
-                    "merges into both",
-                ));
+                if deltas.is_none() {
+                    return Err(packed_slice_refusal(
+                        m,
+                        c,
+                        role,
+                        " in another If body (onnxruntime fused q/k/v in that body only)",
+                        "merges into both",
+                    ));
+                }
+                slices.push((c, role, m));
+                f
             }
             Ok(f) => f,
             Err(_)
@@ -202,14 +224,28 @@ pub fn adapter_branches(
                     same,
                 ) =>
             {
-                return Err(Error::Target(format!(
-                    "module '{}': {}",
-                    m.path,
-                    found[0].no_branch_reason()
-                )));
+                match deltas.as_deref_mut() {
+                    Some(d) if found.iter().all(|c| !c.quantized) => {
+                        for c in found {
+                            d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        return Err(Error::Target(format!(
+                            "module '{}': {}",
+                            m.path,
+                            found[0].no_branch_reason()
+                        )));
+                    }
+                }
             }
             Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {
-                return Err(packed_slice_refusal(m, c, role, "", "merges it"));
+                if deltas.is_none() {
+                    return Err(packed_slice_refusal(m, c, role, "", "merges it"));
+                }
+                slices.push((c, role, m));
+                continue;
             }
             Err(e) if allow_unmatched => {
                 unmatched
@@ -230,7 +266,132 @@ pub fn adapter_branches(
             out.push(spec_from_module(c, m, name, adapter.scaling(m))?);
         }
     }
+    if let Some(d) = deltas {
+        let mut packed: Vec<&Candidate> = slices.iter().map(|(c, ..)| *c).collect();
+        packed.sort_by_key(|c| (c.graph, c.node_index, c.weight_input));
+        packed.dedup_by_key(|c| (c.graph, c.node_index, c.weight_input));
+        for c in packed {
+            let on_c: Vec<(usize, &ModuleAdapter)> = slices
+                .iter()
+                .filter(|(s, ..)| {
+                    (s.graph, s.node_index, s.weight_input)
+                        == (c.graph, c.node_index, c.weight_input)
+                })
+                .map(|&(_, role, m)| (role, m))
+                .collect();
+            d.push(packed_spec(c, &on_c, |m| adapter.scaling(m))?);
+        }
+    }
     Ok((out, unmatched))
+}
+
+/// One spec for the projections `slices` ((q 0, k 1 or v 2; module)) of the packed weight `c`:
+/// their A's stacked, and their scaled B's placed at their projections' outputs (zeros
+/// elsewhere), so that B·A is the packed weight's whole delta. Scale 1.
+fn packed_spec(
+    c: &Candidate,
+    slices: &[(usize, &ModuleAdapter)],
+    scaling: impl Fn(&ModuleAdapter) -> f32,
+) -> Result<BranchSpec> {
+    use crate::target::packed::{ROLE_NAMES, widths};
+    let total = c.out_features.max(0) as usize;
+    let n_in = factor_in(c);
+    let mut known = [None; 3];
+    for &(role, m) in slices {
+        let w = m.b.as_ref().map_or(0, |b| b.shape[0]);
+        if known[role].is_some_and(|k| k != w) {
+            return Err(Error::Target(format!(
+                "modules for the {} projection of packed weight '{}' disagree on its width",
+                ROLE_NAMES[role], c.weight
+            )));
+        }
+        known[role] = Some(w);
+    }
+    let fits = |w: &[usize; 3]| known.iter().zip(w).all(|(k, w)| k.is_none_or(|k| k == *w));
+    let Some(w) = c
+        .packed
+        .as_ref()
+        .and_then(|p| widths(p, total, known))
+        .filter(fits)
+    else {
+        return Err(Error::Target(format!(
+            "packed q/k/v weight '{}' ({} {}, {total} outputs) cannot be split to fit {}",
+            c.weight,
+            c.op,
+            c.node,
+            slices
+                .iter()
+                .map(|(_, m)| m.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let mut factors = Vec::new();
+    for &(role, m) in slices {
+        let (a, b) = super::factors(m, c, n_in, w[role])?;
+        factors.push((role, a, b, scaling(m)));
+    }
+    let rank: usize = factors.iter().map(|(_, a, ..)| a.rows).sum();
+    let mut a_all = Vec::with_capacity(rank * n_in);
+    let mut b_all = vec![0.0f32; total * rank];
+    // (DoRA and lora_bias per output channel, where a projection has them)
+    let mut magnitude = vec![f32::NAN; total];
+    let mut bias = vec![0.0f32; total];
+    let mut col = 0;
+    for ((role, a, b, s), (_, m)) in factors.iter().zip(slices) {
+        a_all.extend_from_slice(&a.data);
+        let start: usize = w[..*role].iter().sum();
+        for i in 0..b.rows {
+            for j in 0..b.cols {
+                b_all[(start + i) * rank + col + j] = s * b.data[i * b.cols + j];
+            }
+        }
+        col += a.rows;
+        let channels = start..start + w[*role];
+        if let Some(mag) = &m.magnitude {
+            if mag.data.len() != w[*role] {
+                return Err(Error::Target(format!(
+                    "module '{}': lora_magnitude_vector has {} values for {} output channels",
+                    m.path,
+                    mag.data.len(),
+                    w[*role]
+                )));
+            }
+            magnitude[channels.clone()].copy_from_slice(&mag.data);
+        }
+        if let Some(lb) = &m.bias_b {
+            if lb.data.len() != w[*role] {
+                return Err(Error::Target(format!(
+                    "module '{}': lora_B.bias has {} values for {} output channels",
+                    m.path,
+                    lb.data.len(),
+                    w[*role]
+                )));
+            }
+            bias[channels]
+                .iter_mut()
+                .zip(&lb.data)
+                .for_each(|(o, v)| *o = s * v);
+        }
+    }
+    let dora = slices.iter().any(|(_, m)| m.magnitude.is_some());
+    let lora_bias = slices.iter().any(|(_, m)| m.bias_b.is_some());
+    Ok(BranchSpec {
+        cand: c.clone(),
+        name: format!(
+            "{}.packed",
+            if c.module.is_empty() {
+                &c.weight
+            } else {
+                &c.module
+            }
+        ),
+        a: Matrix::new(rank, n_in, a_all)?,
+        b: Matrix::new(total, rank, b_all)?,
+        scale: 1.0,
+        magnitude: dora.then_some(magnitude),
+        bias: lora_bias.then_some(bias),
+    })
 }
 
 /// inject's refusal of a module that is (`where_`: also, elsewhere) the `role` slice of the
@@ -643,7 +804,11 @@ pub(super) fn dora_constants(
             norms.len()
         )));
     }
-    let f: Vec<f32> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+    let f: Vec<f32> = m
+        .iter()
+        .zip(&norms)
+        .map(|(m, n)| if m.is_nan() { 1.0 } else { m / n })
+        .collect();
     let node = graph.node(&model.proto, c.graph, c.node_index);
     let bias = match c.op.as_str() {
         "Gemm" | "Conv" => node
@@ -833,7 +998,10 @@ pub fn write_whole_values(
 
 /// The adapted model's unmerged forward as a graph: `model` with every adapter as branches
 /// (applied in order, each scaled by its weight and `scale`; later adapters' branches nest
-/// inside earlier ones on the same node). `fold --verify` compares its result with this.
+/// inside earlier ones on the same node). Layers with no branch form (a projection packed
+/// with others into one q/k/v weight, a table inside onnxruntime's fused embedding op) read
+/// W + s·A·B computed by the runtime instead (`--form weight`'s nodes). `fold --verify`
+/// compares its result with this.
 pub fn unmerged_reference(
     model: &LoadedModel,
     adapters: &[Adapter],
@@ -841,6 +1009,8 @@ pub fn unmerged_reference(
     scale: f32,
 ) -> Result<LoadedModel> {
     let mut reference = model.clone();
+    // Layers that take the adapters in weight space (packed q/k/v, fused ops), added last.
+    let mut in_weight: Vec<BranchSpec> = Vec::new();
     // Layers branched by earlier adapters, and whether one of those branches is DoRA.
     let mut branched: HashMap<(usize, String), bool> = HashMap::new();
     for (i, adapter) in adapters.iter().enumerate() {
@@ -849,9 +1019,12 @@ pub fn unmerged_reference(
         let (low, _) = write_whole_values(&mut reference, adapter, w, true)?;
         let graph = ModelGraph::build(&reference.proto);
         let cands = crate::target::find_candidates(&reference.proto, &graph);
-        let (mut branches, _) = adapter_branches(&reference, &graph, &cands, &low, true)?;
+        let mut deltas = Vec::new();
+        let (mut branches, _) =
+            adapter_branches_or_deltas(&reference, &graph, &cands, &low, true, Some(&mut deltas))?;
         branches.iter_mut().for_each(|b| b.scale *= w);
-        for b in &branches {
+        deltas.iter_mut().for_each(|b| b.scale *= w);
+        for b in branches.iter().chain(&deltas) {
             let dora = b.magnitude.is_some();
             let key = (b.cand.graph, b.cand.node.clone());
             if let Some(earlier_dora) = branched.insert(key, dora)
@@ -864,6 +1037,66 @@ pub fn unmerged_reference(
             }
         }
         inject(&mut reference, &branches, false)?;
+        // (one delta per layer, all adapters': the weight form edits a node once)
+        for d in deltas {
+            let key = |c: &Candidate| (c.graph, c.node.clone(), c.weight.clone(), c.weight_input);
+            match in_weight.iter_mut().find(|e| key(&e.cand) == key(&d.cand)) {
+                Some(e) => *e = summed(e, &d)?,
+                None => in_weight.push(d),
+            }
+        }
     }
+    if in_weight.is_empty() {
+        return Ok(reference);
+    }
+    // The branches moved the nodes: find each layer again.
+    let graph = ModelGraph::build(&reference.proto);
+    let cands = crate::target::find_candidates(&reference.proto, &graph);
+    for d in &mut in_weight {
+        let same = |c: &&Candidate| {
+            (c.graph, &c.node, &c.weight, c.weight_input)
+                == (
+                    d.cand.graph,
+                    &d.cand.node,
+                    &d.cand.weight,
+                    d.cand.weight_input,
+                )
+        };
+        d.cand = cands
+            .iter()
+            .find(same)
+            .cloned()
+            .ok_or_else(|| Error::Target(format!("node '{}' not found again", d.cand.node)))?;
+    }
+    super::weight_form::inject_weight(&mut reference, &in_weight)?;
     Ok(reference)
+}
+
+/// One spec whose B·A is the sum of both specs' scaled B·A (their ranks side by side; scale 1).
+fn summed(x: &BranchSpec, y: &BranchSpec) -> Result<BranchSpec> {
+    if [x, y]
+        .iter()
+        .any(|s| s.magnitude.is_some() || s.bias.is_some())
+    {
+        return Err(Error::Target(format!(
+            "module '{}': two adapters change it in weight space and one has DoRA or lora_bias; the reference does not model that",
+            y.name
+        )));
+    }
+    let rank = x.a.rows + y.a.rows;
+    let mut a = x.a.data.clone();
+    a.extend_from_slice(&y.a.data);
+    let mut b = Vec::with_capacity(x.b.rows * rank);
+    for i in 0..x.b.rows {
+        for s in [x, y] {
+            let row = &s.b.data[i * s.b.cols..(i + 1) * s.b.cols];
+            b.extend(row.iter().map(|v| v * s.scale));
+        }
+    }
+    Ok(BranchSpec {
+        a: Matrix::new(rank, x.a.cols, a)?,
+        b: Matrix::new(x.b.rows, rank, b)?,
+        scale: 1.0,
+        ..x.clone()
+    })
 }

@@ -287,6 +287,12 @@ fn plan(
                     rewires.push((at, input, merged_bias));
                     None
                 }
+                None if !matches!(c.op.as_str(), "MatMul" | "Gemm" | "Conv") => {
+                    return Err(Error::Target(format!(
+                        "module '{}' ({} {}): lora_bias needs the node's constant bias input, and it has none",
+                        br.name, c.op, c.node
+                    )));
+                }
                 None => {
                     let y = base
                         .output
@@ -335,6 +341,12 @@ fn bias_site(
         |v: &String| !v.is_empty() && graph.const_source(&model.proto, c.graph, v).is_some();
     match c.op.as_str() {
         "Gemm" | "Conv" => base
+            .input
+            .get(2)
+            .filter(|v| constant(v))
+            .map(|v| (c.node_index, 2, v.clone())),
+        // (onnxruntime's Attention: packed q/k/v bias)
+        "Attention" => base
             .input
             .get(2)
             .filter(|v| constant(v))
