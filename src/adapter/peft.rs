@@ -172,6 +172,10 @@ impl Adapter {
     /// Reads a PEFT adapter folder, an `.safetensors` file with `adapter_config.json` beside it,
     /// or a kohya LoRA `.safetensors` file (recognised by its keys).
     pub fn load(path: &Path) -> Result<Adapter> {
+        if path.exists() && !path.is_dir() && !path.is_file() {
+            // (a FIFO or a device: refused by name before anything opens it)
+            crate::onnx::io::open_input(path)?;
+        }
         if path.is_file() {
             let buf = map_file(path)?;
             match SafeTensors::deserialize(&buf) {
@@ -197,6 +201,12 @@ impl Adapter {
                 return Err(err("only adapter_model.bin (pickle) found: save the adapter with safe_serialization=True".into()));
             }
             return Err(err(format!("no {} found", weights.display())));
+        }
+        if path.is_file() && !config_path.exists() {
+            return Err(err(format!(
+                "neither a kohya LoRA file (lora_unet_* / lora_te_* keys) nor a PEFT adapter's weights (no {} beside it)",
+                config_path.display()
+            )));
         }
         let config_bytes = crate::onnx::io::read_input(&config_path)?;
         let config_text = String::from_utf8(config_bytes)

@@ -261,6 +261,10 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
             return Err(Error::Usage(format!("{flag} must be a finite number >= 0")));
         }
     }
+    // (onnxruntime would block on a FIFO, and name neither a missing file nor a device)
+    for path in &opts.adapters {
+        crate::onnx::io::open_input(path)?;
+    }
     Ok(())
 }
 
