@@ -1045,3 +1045,105 @@ fn idle_gate_keeps_outputs_that_no_node_computes() {
 fn first_name(m: &onnx_lora::onnx::LoadedModel) -> String {
     m.proto.graph.as_ref().unwrap().output[0].name().to_string()
 }
+
+/// Fresh A is kaiming-uniform (a = √5) as PEFT draws it: bound 1/√fan_in, where a conv's
+/// fan_in counts its kernel (torch's rule for the `[r, in, kh, kw]` tensor).
+#[test]
+fn fresh_kaiming_bound_counts_a_convs_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("conv.onnx");
+    let model = fixtures().join("convnet/torchscript/model.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        s(&model),
+        "--rank",
+        "4",
+        "--target",
+        "conv1",
+        "--target",
+        "conv3",
+        "--target",
+        "fc",
+        "-o",
+        s(&out),
+    ]);
+    let m = onnx_lora::onnx::load(&out).unwrap();
+    let graph = m.proto.graph.as_ref().unwrap();
+    let mut checked = 0;
+    for (name, fan_in) in [
+        ("conv1.lora_A.weight", 3 * 3 * 3),
+        ("conv3.lora_A.weight", 8 * 3 * 3),
+        ("fc.lora_A.weight", 16),
+    ] {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name() == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        let v = onnx_lora::tensor::to_f32(
+            &m.tensor_bytes(t).unwrap(),
+            onnx_lora::onnx::DataType::Float,
+            name,
+        )
+        .unwrap();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        // (the draws fill the interval: the largest of 4·fan_in of them lies near the bound)
+        assert!(
+            max <= bound && max > 0.8 * bound,
+            "{name}: max |A| {max}, bound {bound}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
+/// `inject --as-inputs --adapter --adapter-out --verify` checks the serving model idle against
+/// the base, then with the written adapter file active against the adapter folded in: two
+/// verdicts. tract, which cannot activate an adapter, is refused for it before writing.
+#[test]
+fn serving_verify_checks_the_written_adapter_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let adapter = fixtures().join("llama/adapters/plain");
+    let out = dir.path().join("serving.onnx");
+    let file = dir.path().join("plain.onnx_adapter");
+    let args = |ep: &'static str| {
+        vec![
+            "inject".to_string(),
+            s(&model).into(),
+            "--as-inputs".into(),
+            "--adapter".into(),
+            s(&adapter).into(),
+            "--adapter-out".into(),
+            s(&file).into(),
+            "-o".into(),
+            s(&out).into(),
+            "--verify".into(),
+            "--ep".into(),
+            ep.into(),
+            "--json".into(),
+        ]
+    };
+    let refused = args("tract");
+    let o = onnx_lora(&refused.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("tract cannot activate LoRA adapters"), "{err}");
+    assert!(!out.exists() && !file.exists());
+    let stdout = onnx_lora_ok(&args("cpu").iter().map(String::as_str).collect::<Vec<_>>());
+    let verdicts: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "verdict")
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{stdout}");
+    assert!(verdicts.iter().all(|v| v["passed"] == true), "{stdout}");
+    let reference =
+        |v: &serde_json::Value| v["models"][1]["model"].as_str().unwrap_or("").to_string();
+    assert!(reference(&verdicts[0]).ends_with("model.onnx"), "{stdout}");
+    assert!(
+        reference(&verdicts[1]).contains("adapter folded in"),
+        "{stdout}"
+    );
+}

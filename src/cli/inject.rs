@@ -124,8 +124,9 @@ pub struct Args {
     output: PathBuf,
     /// After writing, compare the result with its reference on the same inputs: the base for
     /// fresh branches and idle serving models (no adapter active), the folded adapter for
-    /// --adapter; exit 1 when they differ (the written files are then removed, as when the
-    /// check cannot run).
+    /// --adapter, and for a serving model's --adapter-out file, active (onnxruntime only), the
+    /// folded adapter too, after the idle check; exit 1 when they differ (the written files are
+    /// then removed, as when the check cannot run).
     #[arg(long)]
     verify: bool,
     #[command(flatten)]
@@ -151,6 +152,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         anyhow::bail!("--adapter-out writes the --adapter given with --as-inputs; give both");
     }
     if args.verify {
+        if args.adapter_out.is_some() && args.runtime.ep == onnx_lora::verify::Ep::Tract {
+            anyhow::bail!(
+                "--verify checks the --adapter-out file active in the serving model, which needs onnxruntime (tract cannot activate LoRA adapters): use --ep auto, cpu or cuda"
+            );
+        }
         args.runtime.preflight()?;
     }
     let _doing = onnx_lora::cleanup::doing(format!("injecting into {}", args.model.display()));
@@ -181,7 +187,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
-    let reference = match (&adapter, args.verify && !args.as_inputs) {
+    // (a serving model is checked idle against the base, and with its --adapter-out file
+    // active against this reference)
+    let reference = match (
+        &adapter,
+        args.verify && (!args.as_inputs || args.adapter_out.is_some()),
+    ) {
         (Some(adapter), true) => {
             super::refuse_dynamically_quantized(&args.model, &model, &[adapter])?;
             // The reference folds the adapter, which a quantized weight cannot take.
@@ -373,15 +384,31 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let mut written = saved.files();
     written.extend(args.adapter_out.clone());
-    super::verify_written(held, &written, args.json, || match &reference {
-        Some(r) => super::verify::check_against(
-            &saved.model,
-            r,
-            "the reference (base with the adapter folded in)",
-            &args.runtime,
-            args.json,
-        ),
-        None => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
+    const FOLDED: &str = "the reference (base with the adapter folded in)";
+    super::verify_written(held, &written, args.json, || {
+        match (&reference, args.as_inputs, args.adapter_out.as_deref()) {
+            (Some(r), false, _) => {
+                super::verify::check_against(&saved.model, r, FOLDED, &args.runtime, args.json, &[])
+            }
+            // A serving model: idle it is the base; with the written adapter active, the
+            // adapter folded in.
+            (Some(r), true, Some(adapter_file)) => {
+                let idle =
+                    super::verify::check(&saved.model, &args.model, &args.runtime, args.json)?;
+                if idle != super::EXIT_OK {
+                    return Ok(idle);
+                }
+                super::verify::check_against(
+                    &saved.model,
+                    r,
+                    FOLDED,
+                    &args.runtime,
+                    args.json,
+                    &[adapter_file.to_path_buf()],
+                )
+            }
+            _ => super::verify::check(&saved.model, &args.model, &args.runtime, args.json),
+        }
     })
 }
 

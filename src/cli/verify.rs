@@ -313,7 +313,7 @@ pub(super) fn check(
     runtime: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
-    check_labeled(model, reference, None, runtime, json)
+    check_labeled(model, reference, None, runtime, json, &[])
 }
 
 /// `check`, with messages naming the reference by `label` instead of its path.
@@ -323,8 +323,10 @@ fn check_labeled(
     label: Option<&str>,
     runtime: &RuntimeArgs,
     json: bool,
+    adapters: &[PathBuf],
 ) -> anyhow::Result<u8> {
     let opts = VerifyOptions {
+        adapters: adapters.to_vec(),
         ep: runtime.ep,
         ort_lib: runtime.ort_lib.clone(),
         atol: runtime.atol,
@@ -339,18 +341,19 @@ fn check_labeled(
 
 /// `check` against a model in memory, written to a scratch folder first (runtimes take paths)
 /// that is gone when this returns: messages name it by `label` (what the reference is), never
-/// by that path.
+/// by that path. `adapters` (onnxruntime LoRA files) are active while `model` runs.
 pub(super) fn check_against(
     model: &std::path::Path,
     reference: &onnx_lora::onnx::LoadedModel,
     label: &str,
     runtime: &RuntimeArgs,
     json: bool,
+    adapters: &[PathBuf],
 ) -> anyhow::Result<u8> {
     // Registered, so an interrupt removes it (and the reference in it) too.
     let dir = onnx_lora::cleanup::temp_dir_in(&std::env::temp_dir())?;
     let path = dir.path().join("reference.onnx");
     onnx_lora::onnx::save(reference, &path, &super::save_args::SaveArgs::scratch())
         .with_context(|| format!("--verify: writing {label}"))?;
-    check_labeled(model, &path, Some(label), runtime, json)
+    check_labeled(model, &path, Some(label), runtime, json, adapters)
 }

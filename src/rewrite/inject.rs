@@ -120,7 +120,8 @@ pub fn fresh_branches(
             } else {
                 let a = match init {
                     Init::Kaiming => {
-                        let bound = 1.0 / (c.in_features.max(1) as f32).sqrt();
+                        // torch's fan_in of A: its input features times a conv's kernel size
+                        let bound = 1.0 / (n_in.max(1) as f32).sqrt();
                         (0..rank * n_in)
                             .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
                             .collect()
@@ -696,8 +697,17 @@ fn add_branch(
     let y = gp
         .node
         .get(anchor)
-        .and_then(|n| n.output.first().cloned())
-        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?;
+        .ok_or_else(|| Error::tensor(&c.weight, "node not found"))?
+        .output
+        .first()
+        .cloned()
+        .filter(|y| !y.is_empty())
+        .ok_or_else(|| {
+            Error::Target(format!(
+                "node '{}' has no output to add a branch to",
+                c.node
+            ))
+        })?;
     let y_base = unique_name(&format!("{y}.base"), taken);
     let mut nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
     // Node and intermediate value names unique in the model (a layer may already have a branch,
