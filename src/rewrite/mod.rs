@@ -123,7 +123,14 @@ pub(crate) fn factors(
 /// into the weights, `fold --verify`'s reference) all look its modules up under one root.
 pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     if adapter.modules.iter().any(|m| m.part.is_some()) {
-        return Ok(()); // kohya modules are bound to the model's paths instead
+        // kohya modules are bound to the model's paths instead
+        if let Some(r) = &adapter.root {
+            return Err(Error::Usage(format!(
+                "{}: --root '{r}' applies to PEFT adapters; a kohya file's modules are found by their own names",
+                adapter.path.display()
+            )));
+        }
+        return Ok(());
     }
     let graph = ModelGraph::build(&model.proto);
     let mut cands = crate::target::find_candidates(&model.proto, &graph);

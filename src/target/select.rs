@@ -125,7 +125,14 @@ pub fn export_root(
         .map(|r| r.trim_end_matches('.'))
         .filter(|r| !r.is_empty())
     {
-        return Ok(Some(format!("{r}.")));
+        let root = format!("{r}.");
+        if !paths.iter().any(|p| p.starts_with(&root)) {
+            return Err(Error::Usage(format!(
+                "--root '{r}': none of the adapter's module paths starts with it (they are like '{}')",
+                paths.first().copied().unwrap_or_default()
+            )));
+        }
+        return Ok(Some(root));
     }
     let direct = |p: &str| found_as_is(cands, p);
     // (a q/k/v projection the export packed into one weight counts as there)
