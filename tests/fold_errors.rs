@@ -1661,6 +1661,46 @@ fn special_files_are_refused_as_outputs_and_inputs() {
         ],
         "is a FIFO",
     );
+    // An onnxruntime adapter for verify, and an adapter file (kohya's form) for fold.
+    for (bad, what) in [(&fifo, "is a FIFO"), (&null, "is a device")] {
+        refused(
+            &[
+                "verify",
+                &model,
+                &model,
+                "--adapter",
+                &s(bad),
+                "--ep",
+                "cpu",
+            ],
+            what,
+        );
+        refused(&["fold", &model, &s(bad), "-o", &out], what);
+    }
+    refused(
+        &[
+            "verify",
+            &model,
+            &model,
+            "--adapter",
+            &s(&env.p("none.onnx_adapter")),
+            "--ep",
+            "cpu",
+        ],
+        "none.onnx_adapter: No such file",
+    );
+    // A .safetensors file that is neither kohya's nor beside a PEFT config names itself.
+    let lone = env.p("lone");
+    std::fs::create_dir(&lone).unwrap();
+    std::fs::copy(
+        ad.join("adapter_model.safetensors"),
+        lone.join("w.safetensors"),
+    )
+    .unwrap();
+    refused(
+        &["fold", &model, &s(&lone.join("w.safetensors")), "-o", &out],
+        "w.safetensors: neither a kohya LoRA file",
+    );
     assert!(!env.p("out.onnx").exists());
 }
 
@@ -2835,4 +2875,86 @@ fn fuzzed_inputs_end_in_one_line() {
         let err = onnx_lora_fails(&args, &out);
         assert!(err.contains("'nan' is not a finite number"), "{err}");
     }
+}
+
+/// What the CLI reports is what happened: a `--root` no adapter path starts with is refused
+/// (and `--root` on a kohya file), `inspect --json` still tells on stderr how many branches a
+/// model has, folding those back says where the deltas came from, and a report names the
+/// external data beside the output as the output was given.
+#[test]
+fn reports_say_what_happened() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&env.p("linear.onnx"));
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let out = env.p("out.onnx");
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &model,
+            &s(&ad),
+            "-o",
+            &s(&out),
+            "--root",
+            "nonsense",
+        ],
+        &out,
+    );
+    assert!(
+        err.contains("--root 'nonsense': none of the adapter's module paths starts with it"),
+        "{err}"
+    );
+    let unet = fixtures().join("unet/torchscript/model.onnx");
+    let kohya = fixtures().join("unet/adapters/locon.safetensors");
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &s(&unet),
+            &s(&kohya),
+            "-o",
+            &s(&out),
+            "--root",
+            "unet",
+        ],
+        &out,
+    );
+    assert!(err.contains("applies to PEFT adapters"), "{err}");
+
+    let inj = env.p("inj.onnx");
+    onnx_lora_ok(&["inject", &model, "--rank", "2", "-o", &s(&inj)]);
+    let o = onnx_lora(&["inspect", &s(&inj), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 LoRA branches injected by onnx-lora"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"branches\":1"));
+    let o = onnx_lora(&["fold", &s(&inj), "-o", &s(&env.p("back.onnx"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("folded 1 weights from its injected branches into"),
+        "{err}"
+    );
+
+    // (run in the models' folder, with a bare output name)
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .current_dir(env.p(""))
+        .args([
+            "convert",
+            "linear.onnx",
+            "-o",
+            "ext.onnx",
+            "--external-data",
+        ])
+        .args(["--threshold", "0", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("\"external_data\":\"ext.onnx.data\""),
+        "{stdout}"
+    );
 }

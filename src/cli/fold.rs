@@ -178,7 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let written = saved.files();
     super::verify_written(held, &written, args.json, || {
-        super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json)
+        super::verify::check_against(&saved.model, r, &label, &args.runtime, args.json, &[])
     })
 }
 
@@ -257,17 +257,21 @@ fn print_report(
     for n in &report.notes {
         eprintln!("note: {n}");
     }
+    // (no adapter given: the model's own injected branches were folded back)
+    let from = match adapters {
+        0 => "its injected branches".to_string(),
+        1 => "1 adapter".to_string(),
+        n => format!("{n} adapters"),
+    };
     match saved {
         Some(saved) => eprintln!(
-            "folded {} weights from {} adapter(s) into {}",
+            "folded {} weights from {from} into {}",
             report.modules.len(),
-            adapters,
             saved.model.display()
         ),
         None => eprintln!(
-            "dry run: {} weights would change ({} adapter(s)); nothing written",
+            "dry run: {} weights would change (from {from}); nothing written",
             report.modules.len(),
-            adapters
         ),
     }
     Ok(())

@@ -75,6 +75,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_context(|| args.model.display().to_string())?;
     let (branches, weight_form) = onnx_lora::rewrite::count_injected(&model, &graph);
     if args.json {
+        // (the same notes on stderr: stdout stays JSON)
+        notes(&model, gated, branches, weight_form);
         for c in &chosen {
             let mut v = serde_json::to_value(c)?;
             if let Some(call) = call_of(c) {
@@ -143,7 +145,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
-    if let Some(note) = super::functions_note(&model) {
+    notes(&model, gated, branches, weight_form);
+    Ok(super::EXIT_OK)
+}
+
+/// What stderr tells beside the list: model-local functions, the idle gate, injected branches.
+fn notes(model: &onnx::LoadedModel, gated: bool, branches: usize, weight_form: usize) {
+    if let Some(note) = super::functions_note(model) {
         eprintln!("note: {note}");
     }
     if gated {
@@ -161,5 +169,4 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             n + w
         ),
     }
-    Ok(super::EXIT_OK)
 }

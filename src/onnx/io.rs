@@ -765,7 +765,8 @@ fn save_impl(
                     .map_err(|e| Error::io(tmp.path(), e))?;
             }
             if count > 0 {
-                report.external_data = Some(out_dir.join(name));
+                // (named beside `out` as the user wrote it: `out.onnx.data`, not `./out.onnx.data`)
+                report.external_data = Some(out.with_file_name(name));
                 report.external_bytes = bytes;
                 report.external_tensors = count;
                 data_tmp = Some(tmp);
@@ -796,7 +797,7 @@ fn save_impl(
             .map_err(|e| Error::io(tmp.path(), e))?;
     }
     report.model_bytes = encoded_len;
-    let sidecar = out_dir.join(format!("{file_name}.data"));
+    let sidecar = out.with_file_name(format!("{file_name}.data"));
     if report.external_data.as_ref() != Some(&sidecar) && sidecar.symlink_metadata().is_ok() {
         report.stale_data = Some(sidecar);
     }

@@ -150,7 +150,11 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
         name: c.weight.clone(),
         dtype,
         orient,
-        n_in: numel.checked_div(n_out).unwrap_or(0),
+        // (a weight with no outputs still has its inputs: the message on it says so)
+        n_in: numel.checked_div(n_out).unwrap_or_else(|| match c.layout {
+            Layout::Conv => crate::onnx::pb_ext::numel(t.dims.get(1..).unwrap_or_default()),
+            _ => c.in_features.max(0) as usize,
+        }),
         n_out,
         bytes: model.tensor_bytes(t)?,
     })
