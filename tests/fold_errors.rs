@@ -1706,7 +1706,7 @@ fn special_files_are_refused_as_outputs_and_inputs() {
 
 /// Tensors and layers that say something impossible are refused in one line (or, for a layer,
 /// not taken as a target), never a panic or a misread: a shape too large to exist or negative in
-/// external data, a tensor stored in segments, raw_data set but empty beside typed values, a
+/// external data, strings or untyped bytes in external data, a tensor stored in segments, raw_data set but empty beside typed values, a
 /// Conv group that overflows, a Gemm with alpha = 0, a conv LoRA whose kernel is not the layer's.
 #[test]
 fn impossible_tensors_and_layers_are_refused() {
@@ -1719,6 +1719,8 @@ fn impossible_tensors_and_layers_are_refused() {
         ("ext_negative.onnx", "negative dimension"),
         ("segment.onnx", "stored in segments"),
         ("raw_empty.onnx", "holds 0 bytes of raw data"),
+        ("ext_string.onnx", "cannot be stored as external data"),
+        ("ext_undefined.onnx", "cannot be stored as external data"),
     ] {
         let o = onnx_lora(&["inspect", &s(&p(model))]);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -491,9 +491,13 @@ impl ExternalRef {
         check_no_segment(t)?;
         let n = super::pb_ext::checked_numel(&t.dims)?;
         let dtype = DataType::from_i32(t.data_type());
-        if let Some(expected) = dtype.raw_len(n)
-            && (end - self.offset) as usize != expected
-        {
+        // (as onnxruntime: strings are stored inline, and bytes of no known type have no size)
+        let Some(expected) = dtype.raw_len(n) else {
+            return Err(format!(
+                "a {dtype} tensor cannot be stored as external data (strings are stored inline, and other types need a known element size)"
+            ));
+        };
+        if (end - self.offset) as usize != expected {
             return Err(format!(
                 "holds {} bytes but a {} tensor of shape {:?} needs {}",
                 end - self.offset,

@@ -3,6 +3,8 @@ checker): a reader must refuse them in one line, never panic or misread them.
 
   ext_huge.onnx     MatMul weight in external data (w.bin, 64 bytes) with dims [2^62, 4]
   ext_negative.onnx the same weight with dims [-4, 4] and length 0
+  ext_string.onnx   the weight as a [4, 4] STRING tensor in external data (ORT refuses it)
+  ext_undefined.onnx  the same with data_type 0 (UNDEFINED)
   segment.onnx      inline weight with TensorProto.segment set and 8 bytes for a [4, 4] shape
   raw_empty.onnx    inline weight with raw_data set but empty, its values in float_data
   huge_group.onnx   Conv whose group is 2^62
@@ -43,6 +45,12 @@ for name, dims, length in [("ext_huge.onnx", [1 << 62, 4], "64"), ("ext_negative
     w.data_location = TP.EXTERNAL
     w.external_data.add(key="location", value="w.bin")
     w.external_data.add(key="length", value=length)
+    matmul(w, name)
+for name, dtype in [("ext_string.onnx", TP.STRING), ("ext_undefined.onnx", TP.UNDEFINED)]:
+    w = TP(name="fc.weight", data_type=dtype, dims=[4, 4])
+    w.data_location = TP.EXTERNAL
+    w.external_data.add(key="location", value="w.bin")
+    w.external_data.add(key="length", value="64")
     matmul(w, name)
 
 w = numpy_helper.from_array(np.ones((4, 4), np.float32), "fc.weight")
