@@ -2960,3 +2960,54 @@ fn reports_say_what_happened() {
         "{stdout}"
     );
 }
+
+/// A 4-bit packed q/k/v projection (a model builder's int4 `qkv_proj` MatMulNBits) cannot be
+/// folded into, but takes one float branch for its q and v modules: the model then computes
+/// what folding the adapter into its float twin's packed weight does.
+#[test]
+fn a_quantized_packed_projection_takes_one_float_branch() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let mut t = lora("layers.0.self_attn.q_proj", 8, 4, 0.1);
+    t.extend(lora("layers.0.self_attn.v_proj", 8, 4, -0.2));
+    let ad = write_adapter(&env.p("qv"), config(), &refs(&t));
+    let inspect = onnx_lora_ok(&["inspect", &s(&env.p("qkv_nbits.onnx"))]);
+    assert!(inspect.contains("quantized,packed-qkv"), "{inspect}");
+    let branched = env.p("branched.onnx");
+    let json = onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("qkv_nbits.onnx")),
+        "--adapter",
+        &s(&ad),
+        "-o",
+        &s(&branched),
+        "--json",
+    ]);
+    assert!(
+        json.contains("\"op\":\"MatMulNBits\"") && json.contains("\"rank\":4"),
+        "{json}"
+    );
+    let folded = env.p("folded.onnx");
+    let json = onnx_lora_ok(&[
+        "fold",
+        &s(&env.p("qkv_nbits_float.onnx")),
+        &s(&ad),
+        "-o",
+        &s(&folded),
+        "--json",
+    ]);
+    assert!(json.contains("\"projection\":\"v\""), "{json}");
+    let d: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&branched, &folded])).unwrap();
+    assert!(d["y"].as_f64().unwrap() < 1e-4, "{d}");
+    // (the adapter changes the output; the twin is the quantized base)
+    let d: serde_json::Value =
+        serde_json::from_str(&py("ort_diff.py", &[&env.p("qkv_nbits.onnx"), &branched])).unwrap();
+    assert!(d["y"].as_f64().unwrap() > 1e-2, "{d}");
+    let d: serde_json::Value = serde_json::from_str(&py(
+        "ort_diff.py",
+        &[&env.p("qkv_nbits.onnx"), &env.p("qkv_nbits_float.onnx")],
+    ))
+    .unwrap();
+    assert!(d["y"].as_f64().unwrap() < 1e-2, "{d}");
+}

@@ -539,25 +539,107 @@ fn fused_shared_projections_match_peft_and_fold_back() {
     assert!(fused_any, "no fixture had branches sharing an input");
 }
 
-/// A q/k/v module of a model that packs them into one weight is refused by inject with a
-/// message naming the packed weight and pointing to fold; nothing is written.
+/// The q/k/v modules of a model that packs them into one `qkv_proj` MatMul (onnxruntime-genai's
+/// model builder, grouped-query attention) become one branch on the packed weight, each
+/// module's B at its columns: the branch form and the weight form match PEFT (also DoRA on a
+/// slice), folding the branch back matches PEFT, and export-peft gives the adapter back bit
+/// for bit. Serving inputs (one per module) are refused by name, and so is a packed weight
+/// inside onnxruntime's Attention, whose projection is no graph value.
 #[test]
-fn packed_qkv_slices_are_refused_with_a_pointer_to_fold() {
+fn packed_qkv_slices_take_one_branch_per_packed_weight() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.onnx");
     let root = fixtures().join("llama_genai");
+    let model = root.join("model.onnx");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("info.json")).unwrap()).unwrap();
+    let inputs = root.join("inputs.npz");
+    let base = root.join("base.npz");
+    let mut checked = 0;
+    for (name, ad) in info["adapters"].as_object().unwrap() {
+        let adapter = root.join(ad["dir"].as_str().unwrap());
+        let expected = root.join(ad["outputs"].as_str().unwrap());
+        let p = |what: &str| dir.path().join(format!("{name}_{what}.onnx"));
+        let stdout = onnx_lora_ok(&[
+            "inject",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "-o",
+            s(&p("branch")),
+            "--json",
+        ]);
+        // (one branch per layer's packed weight, named by it)
+        assert!(
+            stdout.contains("\"module\":\"model.layers.0.attn.qkv_proj\""),
+            "{name}: {stdout}"
+        );
+        onnx_lora_ok(&[
+            "inject",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--form",
+            "weight",
+            "-o",
+            s(&p("weight")),
+        ]);
+        onnx_lora_ok(&["fold", s(&p("branch")), "-o", s(&p("back"))]);
+        for form in ["branch", "weight", "back"] {
+            let (ok, msg) =
+                ort_compare(&p(form), &inputs, &expected, 1e-4, &["--differs", s(&base)]);
+            assert!(ok, "{name} {form}: {msg}");
+        }
+        let exported = dir.path().join(format!("{name}_peft"));
+        onnx_lora_ok(&["export-peft", s(&p("branch")), "-o", s(&exported)]);
+        let tensors = |d: &Path| {
+            let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut all: Vec<(String, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().to_vec(), v.data().to_vec()))
+                .collect();
+            all.sort();
+            all
+        };
+        assert!(
+            tensors(&adapter) == tensors(&exported),
+            "{name}: export-peft differs"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    let out = dir.path().join("serving.onnx");
     let o = onnx_lora(&[
         "inject",
-        root.join("model.onnx").to_str().unwrap(),
+        s(&model),
         "--adapter",
-        root.join("adapter").to_str().unwrap(),
+        s(&root.join("adapter")),
+        "--as-inputs",
         "-o",
-        out.to_str().unwrap(),
+        s(&out),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("packed q/k/v weight 'model.layers.0.attn.qkv_proj.MatMul.weight'")
+        err.contains(
+            "is a slice of the packed q/k/v weight 'model.layers.0.attn.qkv_proj.MatMul.weight'"
+        ) && err.contains("without --as-inputs"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = onnx_lora(&[
+        "inject",
+        s(&fixtures().join("bert/ort_optimized/model.onnx")),
+        "--adapter",
+        s(&fixtures().join("bert/adapters/plain")),
+        "-o",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("slice of the packed q/k/v weight 'Attention_0_qkv_weight'")
             && err.contains("onnx-lora fold"),
         "{err}"
     );

@@ -24,6 +24,45 @@ use crate::target::Candidate;
 
 pub use crate::onnx::pb_ext::{BRANCH_KEY, ROLE_KEY};
 
+/// Metadata key of a branch on a packed q/k/v weight: the projections it carries (JSON list of
+/// [`Slice`]), so that export-peft gives each module back its own factors.
+pub const SLICES_KEY: &str = "onnx-lora.slices";
+
+/// One adapter module's part of a branch on a packed q/k/v weight: its rows of the branch's A
+/// (`ranks`), its output columns of the weight (`columns`, where its B sits, scaled by
+/// `scale`; zeros elsewhere), and whether its magnitude (DoRA) and lora_B bias are in the
+/// branch's.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Slice {
+    pub module: String,
+    pub ranks: [usize; 2],
+    pub columns: [usize; 2],
+    pub scale: f32,
+    #[serde(default)]
+    pub dora: bool,
+    #[serde(default)]
+    pub lora_bias: bool,
+}
+
+/// The slices of a branch node's metadata (none when it has no `SLICES_KEY`).
+pub fn slices_of(n: &NodeProto) -> std::result::Result<Vec<Slice>, String> {
+    match n.metadata(SLICES_KEY) {
+        None => Ok(Vec::new()),
+        Some(text) => serde_json::from_str(text).map_err(|e| format!("{SLICES_KEY}: {e}")),
+    }
+}
+
+/// Marks `nodes` as a branch carrying `slices` (nothing when there are none).
+pub fn mark_slices(nodes: &mut [NodeProto], slices: &[Slice]) {
+    if slices.is_empty() {
+        return;
+    }
+    let text = serde_json::to_string(slices).unwrap_or_default();
+    for n in nodes {
+        n.metadata_props.push(meta(SLICES_KEY, &text));
+    }
+}
+
 /// Names of a branch's parameters in the graph.
 #[derive(Clone, Debug)]
 pub struct BranchNames {

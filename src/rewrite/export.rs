@@ -8,8 +8,9 @@ use std::path::Path;
 use safetensors::{Dtype, tensor::TensorView};
 use serde::Serialize;
 
-use super::unbranch::find_all;
+use super::unbranch::{Found, find_all};
 use crate::adapter::ort_format::AdapterParam;
+use crate::adapter::peft::F32Tensor;
 use crate::adapter::{Adapter, ModuleAdapter, kohya};
 use crate::error::{Error, Result};
 use crate::onnx::pb::type_proto;
@@ -36,6 +37,16 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             "no injected LoRA branches to export".to_string(),
         ));
     }
+    // A branch on a packed q/k/v weight gives back the adapter modules it carries.
+    let mut split = Vec::with_capacity(found.len());
+    for f in found {
+        if f.slices.is_empty() {
+            split.push(f);
+        } else {
+            split.extend(per_slice(&f)?);
+        }
+    }
+    let found = split;
     let r = found[0].module.rank();
     let lora_alpha = found[0].scale * r as f32;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
@@ -160,6 +171,65 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         r,
         lora_alpha,
     })
+}
+
+/// The modules a branch on a packed q/k/v weight carries, each with its rows of A, its block
+/// of B (unscaled by its own scale, which the module's scale takes), and its columns of the
+/// magnitude and lora_B bias. B must be zero outside the blocks (as inject writes it): a branch
+/// trained as one has no per-module factors.
+fn per_slice(f: &Found) -> Result<Vec<Found>> {
+    let m = &f.module;
+    let (Some(a), Some(b)) = (&m.a, &m.b) else {
+        return Ok(Vec::new());
+    };
+    let (rank, n_in, total) = (a.shape[0], a.shape.get(1).copied().unwrap_or(0), b.shape[0]);
+    let at = |i: usize, j: usize| b.data[i * rank + j];
+    let mut out = Vec::with_capacity(f.slices.len());
+    for s in &f.slices {
+        let ([r0, r1], [c0, c1]) = (s.ranks, s.columns);
+        if r0 > r1 || r1 > rank || c0 > c1 || c1 > total || s.scale == 0.0 || !s.scale.is_finite() {
+            return Err(Error::Target(format!(
+                "injected branch '{}': its slice for module '{}' (ranks {:?}, columns {:?}, scale {}) does not fit its factors ([{rank}, {n_in}], [{total}, {rank}])",
+                m.path, s.module, s.ranks, s.columns, s.scale
+            )));
+        }
+        let outside = (0..total)
+            .filter(|i| !(c0..c1).contains(i))
+            .any(|i| (r0..r1).any(|j| at(i, j) != 0.0));
+        if outside {
+            return Err(Error::Target(format!(
+                "injected branch '{}' on packed weight '{}': module '{}' has lora_B values outside its columns {:?} (trained as one branch?), so it has no factors of its own; fold the model instead",
+                m.path, f.cand.weight, s.module, s.columns
+            )));
+        }
+        let a_s = F32Tensor {
+            shape: vec![r1 - r0, n_in],
+            data: a.data[r0 * n_in..r1 * n_in].to_vec(),
+        };
+        let b_s = F32Tensor {
+            shape: vec![c1 - c0, r1 - r0],
+            data: (c0..c1)
+                .flat_map(|i| (r0..r1).map(move |j| (i, j)))
+                .map(|(i, j)| at(i, j) / s.scale)
+                .collect(),
+        };
+        let part = |t: &Option<F32Tensor>, on: bool, by: f32| {
+            t.as_ref().filter(|_| on).map(|t| F32Tensor {
+                shape: vec![c1 - c0],
+                data: t.data[c0..c1].iter().map(|v| v / by).collect(),
+            })
+        };
+        let module = ModuleAdapter {
+            a: Some(a_s),
+            b: Some(b_s),
+            magnitude: part(&m.magnitude, s.dora, 1.0),
+            bias_b: part(&m.bias_b, s.lora_bias, s.scale),
+            keys: vec![s.module.clone()],
+            ..ModuleAdapter::empty(&s.module, crate::adapter::ModuleKind::Lora, None)
+        };
+        out.push(f.carrying(module, f.scale * s.scale));
+    }
+    Ok(out)
 }
 
 /// A branch name PEFT can look a module up by (and a key in the safetensors file can carry):

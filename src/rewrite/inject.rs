@@ -38,6 +38,8 @@ pub struct BranchSpec {
     pub magnitude: Option<Vec<f32>>,
     /// lora_B's bias (`lora_bias`), unscaled.
     pub bias: Option<Vec<f32>>,
+    /// On a packed q/k/v weight: the adapter modules whose factors the branch's carry.
+    pub slices: Vec<super::branch::Slice>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +142,7 @@ pub fn fresh_branches(
                 scale,
                 magnitude: None,
                 bias: None,
+                slices: Vec::new(),
             })
         })
         .collect()
@@ -158,9 +161,9 @@ pub fn adapter_branches(
 }
 
 /// `adapter_branches`, where `deltas` (when given) takes what has no branch form but a weight
-/// form: the slices of a packed q/k/v weight (one spec per packed weight, its modules' factors
-/// side by side) and layers inside onnxruntime's fused ops (EmbedLayerNormalization's table).
-/// Without `deltas` those are refused.
+/// form: layers inside onnxruntime's fused ops (an Attention's packed q/k/v weight,
+/// EmbedLayerNormalization's table). Without `deltas` those are refused. The q/k/v modules of
+/// a weight packed in a node of its own (`qkv_proj`) become one branch on it (`packed_spec`).
 fn adapter_branches_or_deltas(
     model: &LoadedModel,
     graph: &ModelGraph,
@@ -171,7 +174,7 @@ fn adapter_branches_or_deltas(
 ) -> Result<(Vec<BranchSpec>, Vec<String>)> {
     adapter.check_foldable()?;
     let mut out = Vec::new();
-    // (packed weight, the module's projection, the module) for `deltas`
+    // (packed weight, the module's projection, the module)
     let mut slices: Vec<(&Candidate, usize, &ModuleAdapter)> = Vec::new();
     let mut unmatched = Vec::new();
     let (paths, _) = super::module_paths(adapter, cands)?;
@@ -204,7 +207,7 @@ fn adapter_branches_or_deltas(
             same,
         ) {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
-                if deltas.is_none() {
+                if deltas.is_none() && !c.branchable() {
                     return Err(packed_slice_refusal(
                         m,
                         c,
@@ -242,7 +245,7 @@ fn adapter_branches_or_deltas(
                 }
             }
             Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {
-                if deltas.is_none() {
+                if deltas.is_none() && !c.branchable() {
                     return Err(packed_slice_refusal(m, c, role, "", "merges it"));
                 }
                 slices.push((c, role, m));
@@ -267,7 +270,9 @@ fn adapter_branches_or_deltas(
             out.push(spec_from_module(c, m, name, adapter.scaling(m))?);
         }
     }
-    if let Some(d) = deltas {
+    // One branch per packed weight that a node computes from x (a `qkv_proj` MatMul, also a
+    // quantized one); inside a fused op (Attention), the reference's weight form.
+    {
         let mut packed: Vec<&Candidate> = slices.iter().map(|(c, ..)| *c).collect();
         packed.sort_by_key(|c| (c.graph, c.node_index, c.weight_input));
         packed.dedup_by_key(|c| (c.graph, c.node_index, c.weight_input));
@@ -280,7 +285,11 @@ fn adapter_branches_or_deltas(
                 })
                 .map(|&(_, role, m)| (role, m))
                 .collect();
-            d.push(packed_spec(c, &on_c, |m| adapter.scaling(m))?);
+            let spec = packed_spec(c, &on_c, |m| adapter.scaling(m))?;
+            match deltas.as_deref_mut() {
+                Some(d) if !c.branchable() => d.push(spec),
+                _ => out.push(spec),
+            }
         }
     }
     Ok((out, unmatched))
@@ -339,9 +348,18 @@ fn packed_spec(
     let mut magnitude = vec![f32::NAN; total];
     let mut bias = vec![0.0f32; total];
     let mut col = 0;
+    let mut parts = Vec::with_capacity(slices.len());
     for ((role, a, b, s), (_, m)) in factors.iter().zip(slices) {
         a_all.extend_from_slice(&a.data);
         let start: usize = w[..*role].iter().sum();
+        parts.push(super::branch::Slice {
+            module: m.path.clone(),
+            ranks: [col, col + a.rows],
+            columns: [start, start + w[*role]],
+            scale: *s,
+            dora: m.magnitude.is_some(),
+            lora_bias: m.bias_b.is_some(),
+        });
         for i in 0..b.rows {
             for j in 0..b.cols {
                 b_all[(start + i) * rank + col + j] = s * b.data[i * b.cols + j];
@@ -379,19 +397,18 @@ fn packed_spec(
     let lora_bias = slices.iter().any(|(_, m)| m.bias_b.is_some());
     Ok(BranchSpec {
         cand: c.clone(),
-        name: format!(
-            "{}.packed",
-            if c.module.is_empty() {
-                &c.weight
-            } else {
-                &c.module
-            }
-        ),
+        // (named by the packed layer; the slices name the adapter's modules)
+        name: if c.module.is_empty() {
+            c.weight.clone()
+        } else {
+            c.module.clone()
+        },
         a: Matrix::new(rank, n_in, a_all)?,
         b: Matrix::new(total, rank, b_all)?,
         scale: 1.0,
         magnitude: dora.then_some(magnitude),
         bias: lora_bias.then_some(bias),
+        slices: parts,
     })
 }
 
@@ -431,6 +448,7 @@ fn spec_from_module(
         scale,
         magnitude: m.magnitude.as_ref().map(|t| t.data.clone()),
         bias: m.bias_b.as_ref().map(|t| t.data.clone()),
+        slices: Vec::new(),
     })
 }
 
@@ -590,6 +608,12 @@ pub fn inject(
                 br.name, br.cand.op, br.cand.node
             )));
         }
+        if as_inputs && !br.slices.is_empty() {
+            return Err(Error::Target(format!(
+                "module '{}' is a slice of the packed q/k/v weight '{}': --as-inputs gives each module its own LoRA inputs, which a packed weight's one branch cannot read; inject without --as-inputs",
+                br.slices[0].module, br.cand.weight
+            )));
+        }
         if as_inputs && (br.magnitude.is_some() || br.bias.is_some()) {
             return Err(Error::Target(format!(
                 "module '{}': DoRA and lora_bias cannot be served through LoRA inputs; inject without --as-inputs",
@@ -710,6 +734,7 @@ fn add_branch(
         })?;
     let y_base = unique_name(&format!("{y}.base"), taken);
     let mut nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
+    super::branch::mark_slices(&mut nodes, &br.slices);
     // Node and intermediate value names unique in the model (a layer may already have a branch,
     // e.g. in the reference of several adapters); the last node still produces y.
     let mut renamed: HashMap<String, String> = HashMap::new();

@@ -26,10 +26,27 @@ pub struct Found {
     pub cand: Candidate,
     pub module: ModuleAdapter,
     pub scale: f32,
+    /// On a packed q/k/v weight, the adapter modules the branch carries.
+    pub slices: Vec<super::branch::Slice>,
     /// The Add's output: the base node gets this name back.
     y: String,
     y_base: String,
     params: Vec<String>,
+}
+
+impl Found {
+    /// The same branch site carrying `module` at `scale` (a packed branch's slice, for export).
+    pub(crate) fn carrying(&self, module: ModuleAdapter, scale: f32) -> Found {
+        Found {
+            cand: self.cand.clone(),
+            module,
+            scale,
+            slices: Vec::new(),
+            y: self.y.clone(),
+            y_base: self.y_base.clone(),
+            params: self.params.clone(),
+        }
+    }
 }
 
 /// Folds every injected branch (either form) into its base weight and removes the branches.
@@ -112,6 +129,7 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
             cand: cand.clone(),
             module,
             scale,
+            slices: t.slices,
             y: String::new(),
             y_base: String::new(),
             params: Vec::new(),
@@ -487,6 +505,7 @@ pub fn find_branches(
                 cand: cand.clone(),
                 module,
                 scale,
+                slices: super::branch::slices_of(add).map_err(|e| broken(&e))?,
                 y,
                 y_base,
                 params,

@@ -318,6 +318,11 @@ fn plan(
         lora_b: b_name,
         dtype,
     };
+    super::branch::mark_slices(&mut pre, &br.slices);
+    let mut post = post;
+    if let Some((_, _, n)) = &mut post {
+        super::branch::mark_slices(std::slice::from_mut(n), &br.slices);
+    }
     let plan = Plan {
         graph: c.graph,
         node_index: c.node_index,
@@ -426,6 +431,8 @@ pub(crate) struct Taken {
     pub weight_scale: f32,
     pub dora_factor: Option<Vec<f32>>,
     pub lora_bias: Option<Vec<f32>>,
+    /// On a packed q/k/v weight, the modules the branch carries.
+    pub slices: Vec<super::branch::Slice>,
 }
 
 /// Per graph: its index, (merged value, W) pairs the nodes read again, (y_base, y) output
@@ -603,6 +610,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
             }
             params.extend(names);
             members.extend(nodes);
+            let slices = super::branch::slices_of(add).map_err(|e| broken(&e))?;
             taken.push(Taken {
                 name,
                 graph: gi,
@@ -613,6 +621,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                 weight_scale,
                 dora_factor,
                 lora_bias,
+                slices,
             });
         }
         super::unbranch::check_removable(model, &graph, gi, &members, &removed, |n| {

@@ -61,10 +61,11 @@ pub(crate) fn packing(
         });
     }
     let leaf = module.rsplit('.').next()?;
-    (matches!(node.op_type(), "MatMul" | "Gemm") && PACKED_NAMES.contains(&leaf)).then(|| Packed {
-        scope: module.to_string(),
-        widths: None,
-    })
+    (matches!(node.op_type(), "MatMul" | "Gemm" | "MatMulNBits") && PACKED_NAMES.contains(&leaf))
+        .then(|| Packed {
+            scope: module.to_string(),
+            widths: None,
+        })
 }
 
 /// The module path of the nearest node after `node` that names one: node evidence
@@ -149,10 +150,7 @@ fn layer_depth(path: &str) -> usize {
 /// an error when packed weights exist but none (or more than one) lies in the module's layer.
 pub fn resolve<'a>(cands: &'a [Candidate], path: &str) -> Option<Result<(&'a Candidate, usize)>> {
     let (parent, role) = role(path)?;
-    let packed: Vec<&Candidate> = cands
-        .iter()
-        .filter(|c| c.packed.is_some() && !c.quantized)
-        .collect();
+    let packed: Vec<&Candidate> = cands.iter().filter(|c| c.packed.is_some()).collect();
     if packed.is_empty() {
         return None;
     }

@@ -134,12 +134,10 @@ pub fn export_root(
         }
         return Ok(Some(root));
     }
-    let direct = |p: &str| found_as_is(cands, p);
     // (a q/k/v projection the export packed into one weight counts as there)
-    let is_module = |s: &str| {
-        cands.iter().any(|c| c.module == s)
-            || matches!(super::packed::resolve(cands, s), Some(Ok(_)))
-    };
+    let packed = |s: &str| matches!(super::packed::resolve(cands, s), Some(Ok(_)));
+    let direct = |p: &str| found_as_is(cands, p) || packed(p);
+    let is_module = |s: &str| cands.iter().any(|c| c.module == s) || packed(s);
     let rest: Vec<&str> = paths.iter().copied().filter(|p| !direct(p)).collect();
     let mut roots: Vec<&str> = rest
         .iter()

@@ -39,6 +39,9 @@
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
+  qkv_nbits.onnx   a 4-bit MatMulNBits /layers.0/attn/qkv_proj/MatMulNBits packing q, k, v (4
+                   wide each, K=8), as a model builder's int4 export; qkv_nbits_float.onnx its
+                   float twin (/layers.0/attn/qkv_proj/MatMul)
 
 Usage: make_edge_models.py OUT_DIR
 """
@@ -294,6 +297,24 @@ def main(out):
                            [numpy_helper.from_array(f32(8, 4), "W"),
                             numpy_helper.from_array(np.array([2**27], np.int64), "n")]),
          os.path.join(out, "huge_output.onnx"))
+
+    # A 4-bit packed q/k/v projection (K=8, N=12: q, k, v 4 wide each), as a model builder
+    # writes an int4 `qkv_proj`, and its float twin.
+    packed = rng.integers(0, 255, (12, 1, 8), dtype=np.uint8)
+    scales = (rng.uniform(0.05, 0.3, 12)).astype(np.float32)
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(12, 16)[:, :8].astype(np.float32)
+    w_qkv = ((nibbles - 8.0) * scales[:, None]).T.astype(np.float32)  # [K, N]
+    yq = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"],
+                                             name="/layers.0/attn/qkv_proj/MatMul")],
+                           "qkv_nbits_float", [x], [yq], [numpy_helper.from_array(w_qkv, "W")]),
+         os.path.join(out, "qkv_nbits_float.onnx"))
+    nb = helper.make_node("MatMulNBits", ["x", "Wq", "scales"], ["y"],
+                          name="/layers.0/attn/qkv_proj/MatMulNBits", domain="com.microsoft",
+                          K=8, N=12, bits=4, block_size=16)
+    save(helper.make_graph([nb], "qkv_nbits", [x], [yq], [numpy_helper.from_array(packed, "Wq"),
+                                                          numpy_helper.from_array(scales, "scales")]),
+         os.path.join(out, "qkv_nbits.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
 
 if __name__ == "__main__":
