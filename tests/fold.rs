@@ -676,3 +676,59 @@ fn verify_of_a_float16_model_with_float32_io_passes_a_correct_fold() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// `fold --verify`'s reference is checked against PEFT itself, not only against the fold: on
+/// models that pack q/k/v (onnxruntime's Attention, a model builder's `qkv_proj`) and fuse
+/// embeddings, where it takes those layers in weight space, the reference computes PEFT's
+/// unmerged outputs (so a check that passes is not the fold compared with itself).
+#[test]
+fn the_unmerged_reference_of_packed_and_fused_layers_is_peft() {
+    use onnx_lora::adapter::Adapter;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = |model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path| {
+        let m = onnx_lora::onnx::load(model).unwrap();
+        let mut a = Adapter::load(adapter).unwrap();
+        onnx_lora::rewrite::settle_root(&m, &mut a).unwrap();
+        let r = onnx_lora::rewrite::unmerged_reference(&m, &[a], &[], 1.0).unwrap();
+        onnx_lora::onnx::save(&r, out, &onnx_lora::onnx::SaveOptions::default()).unwrap();
+    };
+    let mut checked = 0;
+    for (case, _, _) in optimized_cases() {
+        for ad in &case.adapters {
+            let out = dir
+                .path()
+                .join(format!("{}_{}_ref.onnx", case.model, ad.name));
+            reference(&case.onnx, &ad.dir, &out);
+            let (ok, msg) = ort_compare(
+                &out,
+                &case.inputs,
+                &ad.unmerged,
+                case.tol(),
+                &["--differs", case.base.to_str().unwrap()],
+            );
+            assert!(ok, "{} {}: {msg}", case.label(), ad.name);
+            checked += 1;
+        }
+    }
+    let root = fixtures().join("llama_genai");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("info.json")).unwrap()).unwrap();
+    for (name, ad) in info["adapters"].as_object().unwrap() {
+        let out = dir.path().join(format!("genai_{name}_ref.onnx"));
+        reference(
+            &root.join("model.onnx"),
+            &root.join(ad["dir"].as_str().unwrap()),
+            &out,
+        );
+        let (ok, msg) = ort_compare(
+            &out,
+            &root.join("inputs.npz"),
+            &root.join(ad["outputs"].as_str().unwrap()),
+            1e-4,
+            &["--differs", root.join("base.npz").to_str().unwrap()],
+        );
+        assert!(ok, "genai {name}: {msg}");
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} references checked");
+}

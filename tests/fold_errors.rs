@@ -2903,7 +2903,7 @@ fn reports_say_what_happened() {
         &out,
     );
     assert!(
-        err.contains("--root 'nonsense': none of the adapter's module paths starts with it"),
+        err.contains("--root 'nonsense': none of the adapters' module paths begins with it"),
         "{err}"
     );
     let unet = fixtures().join("unet/torchscript/model.onnx");
@@ -3010,4 +3010,158 @@ fn a_quantized_packed_projection_takes_one_float_branch() {
     ))
     .unwrap();
     assert!(d["y"].as_f64().unwrap() < 1e-2, "{d}");
+}
+
+/// What `--verify` needs is checked before a rewrite writes anything, and the check covers
+/// what was written: `--inputs` that is a FIFO and a `--dim` no input has are refused; a
+/// serving model's `--adapter-out` file on a quantized base is checked active against the
+/// adapter as branches (no fold can be its reference); `--root` is taken by the adapters whose
+/// paths begin with it, not forced on the others; and two adapters with lora_bias on one
+/// packed weight sum in the reference.
+#[test]
+fn verify_options_and_references_cover_what_is_written() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let out = env.p("out.onnx");
+    let fifo = env.p("fifo");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let linear = s(&env.p("linear.onnx"));
+    for (extra, what) in [
+        (vec!["--inputs", fifo.to_str().unwrap()], "is a FIFO"),
+        (vec!["--dim", "nope=3"], "--dim nope"),
+    ] {
+        let mut args = vec![
+            "fold",
+            &linear,
+            ad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.push("--verify");
+        args.extend(extra);
+        let o = onnx_lora_within_30s(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(what), "{err}");
+        assert!(!out.exists());
+    }
+
+    let serving = env.p("serving.onnx");
+    let file = env.p("fc.onnx_adapter");
+    let json = onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("nbits.onnx")),
+        "--as-inputs",
+        "--adapter",
+        &s(&ad),
+        "--adapter-out",
+        &s(&file),
+        "-o",
+        &s(&serving),
+        "--verify",
+        "--ep",
+        "cpu",
+        "--json",
+    ]);
+    let verdicts: Vec<serde_json::Value> = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "verdict")
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{json}");
+    assert!(verdicts.iter().all(|v| v["passed"] == true), "{json}");
+    assert!(
+        verdicts[1]["models"][1]["model"]
+            .as_str()
+            .unwrap()
+            .contains("adapter as branches"),
+        "{json}"
+    );
+
+    // One adapter under the encoder's root, one with the export's own paths.
+    let model = s(&env.p("encoder.onnx"));
+    let rooted = write_adapter(
+        &env.p("rooted"),
+        config(),
+        &refs(&lora("model.encoder.layers.0.fc1", 8, 8, 0.1)),
+    );
+    let own = write_adapter(
+        &env.p("own"),
+        config(),
+        &refs(&lora("layers.0.self_attn.q_proj", 8, 8, 0.1)),
+    );
+    let json = onnx_lora_ok(&[
+        "fold",
+        &model,
+        &s(&rooted),
+        &s(&own),
+        "-o",
+        &s(&out),
+        "--root",
+        "model.encoder",
+        "--json",
+    ]);
+    assert!(json.contains("\"modules\":2"), "{json}");
+
+    // lora_bias from two adapters on one packed q/k/v weight.
+    let with_bias = |name: &str, fill: f32| {
+        let mut t = lora("layers.0.self_attn.q_proj", 8, 4, fill);
+        t.push((
+            "layers.0.self_attn.q_proj.lora_B.bias".into(),
+            vec![4],
+            vec![fill; 4],
+        ));
+        write_adapter(
+            &env.p(name),
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "lora_bias": true}),
+            &refs(&t),
+        )
+    };
+    let (b1, b2) = (with_bias("b1", 0.1), with_bias("b2", -0.3));
+    let json = onnx_lora_ok(&[
+        "fold",
+        &s(&env.p("qkv_nbits_float.onnx")),
+        &s(&b1),
+        &s(&b2),
+        "-o",
+        &s(&out),
+        "--verify",
+        "--json",
+    ]);
+    assert!(json.contains("\"passed\":true"), "{json}");
+
+    // Trainable tokens after an embedding LoRA: fold replaces the rows the LoRA changed, which
+    // the reference (LoRA beside the weights) cannot follow, so it refuses; the other order
+    // checks.
+    let bert = fixtures().join("bert/torchscript/model.onnx");
+    let (emb, tok) = (
+        fixtures().join("bert/adapters/embedding"),
+        fixtures().join("bert/adapters/trainable_tokens"),
+    );
+    let out = env.p("tokens.onnx");
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            &s(&bert),
+            &s(&emb),
+            &s(&tok),
+            "-o",
+            &s(&out),
+            "--verify",
+        ],
+        &out,
+    );
+    assert!(err.contains("cannot follow that order"), "{err}");
+    onnx_lora_ok(&[
+        "fold",
+        &s(&bert),
+        &s(&tok),
+        &s(&emb),
+        "-o",
+        &s(&out),
+        "--verify",
+    ]);
 }

@@ -104,11 +104,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let _doing = onnx_lora::cleanup::doing(format!("folding into {}", args.model.display()));
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
+    if args.verify {
+        args.runtime.check_feeds(&model, &args.model)?;
+    }
     let mut adapters = args
         .adapters
         .iter()
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
+    super::check_root(args.root.as_deref(), &adapters)?;
     for a in &mut adapters {
         onnx_lora::rewrite::settle_root(&model, a)
             .with_context(|| format!("{}", a.path.display()))?;

@@ -158,9 +158,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             );
         }
         args.runtime.preflight()?;
+        if args.adapter_out.is_some() {
+            onnx_lora::verify::backend::require_ort(args.runtime.ort_lib.as_deref())
+                .map_err(|e| anyhow::anyhow!("--verify checks the --adapter-out file active, which needs onnxruntime: {e}"))?;
+        }
     }
     let _doing = onnx_lora::cleanup::doing(format!("injecting into {}", args.model.display()));
     let (mut model, was_gated) = super::load_ungated(&args.model)?;
+    if args.verify {
+        args.runtime.check_feeds(&model, &args.model)?;
+    }
     // The branch's Add / Mul / MatMul broadcast as opset 7 defines them (onnxruntime runs no
     // older Add); the gate's If reads initializers that IR < 4 would have to list as inputs.
     if let Some(v) = onnx_lora::onnx::pb_ext::default_opset(&model.proto).filter(|v| *v < 7) {
@@ -181,6 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .as_deref()
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .transpose()?;
+    super::check_root(args.root.as_deref(), adapter.as_slice())?;
     if let Some(a) = &mut adapter {
         onnx_lora::rewrite::settle_root(&model, a)
             .with_context(|| format!("{}", a.path.display()))?;
@@ -188,7 +196,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
     // (a serving model is checked idle against the base, and with its --adapter-out file
-    // active against this reference)
+    // active against this reference; where a quantized weight cannot take the fold, against
+    // the adapter as branches, which a serving model's active run must compute)
     let reference = match (
         &adapter,
         args.verify && (!args.as_inputs || args.adapter_out.is_some()),
@@ -199,29 +208,47 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let graph = ModelGraph::build(&model.proto);
             let cands = target::find_candidates(&model.proto, &graph);
             let (paths, _) = module_paths(adapter, &cands)?;
-            if let Some((path, c)) = paths.iter().flatten().find_map(|p| {
+            let quantized = paths.iter().flatten().find_map(|p| {
                 let found = target::resolve_module(&cands, p, |c| c.quantized, |_, _| false);
-                found.ok().map(|f| (p, f[0]))
-            }) {
-                anyhow::bail!(
+                let packed = || match target::packed::resolve(&cands, p) {
+                    Some(Ok((c, _))) if c.quantized => Some(c),
+                    _ => None,
+                };
+                found.ok().map(|f| f[0]).or_else(packed).map(|c| (p, c))
+            });
+            match quantized {
+                Some((_, _)) if args.as_inputs => {
+                    let mut branched = model.clone();
+                    let (branches, _) =
+                        adapter_branches(&branched, &graph, &cands, adapter, args.allow_unmatched)?;
+                    onnx_lora::rewrite::inject(&mut branched, &branches, false)
+                        .context("--verify: the adapter as branches, for the reference")?;
+                    Some((
+                        branched,
+                        "the reference (base with the adapter as branches)",
+                    ))
+                }
+                Some((path, c)) => anyhow::bail!(
                     "{}: --verify compares with the adapter folded into the weights, and module '{}' has a quantized weight ('{}', {}) that cannot take it; inject without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`",
                     args.model.display(),
                     path,
                     c.weight,
                     c.op
-                );
+                ),
+                None => {
+                    let mut folded = model.clone();
+                    fold(
+                        &mut folded,
+                        std::slice::from_ref(adapter),
+                        &FoldOptions {
+                            allow_unmatched: args.allow_unmatched,
+                            ..Default::default()
+                        },
+                    )
+                    .context("--verify: folding the adapter for the reference")?;
+                    Some((folded, "the reference (base with the adapter folded in)"))
+                }
             }
-            let mut folded = model.clone();
-            fold(
-                &mut folded,
-                std::slice::from_ref(adapter),
-                &FoldOptions {
-                    allow_unmatched: args.allow_unmatched,
-                    ..Default::default()
-                },
-            )
-            .context("--verify: folding the adapter for the reference")?;
-            Some(folded)
         }
         _ => None,
     };
@@ -384,15 +411,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let mut written = saved.files();
     written.extend(args.adapter_out.clone());
-    const FOLDED: &str = "the reference (base with the adapter folded in)";
     super::verify_written(held, &written, args.json, || {
         match (&reference, args.as_inputs, args.adapter_out.as_deref()) {
-            (Some(r), false, _) => {
-                super::verify::check_against(&saved.model, r, FOLDED, &args.runtime, args.json, &[])
+            (Some((r, label)), false, _) => {
+                super::verify::check_against(&saved.model, r, label, &args.runtime, args.json, &[])
             }
             // A serving model: idle it is the base; with the written adapter active, the
             // adapter folded in.
-            (Some(r), true, Some(adapter_file)) => {
+            (Some((r, label)), true, Some(adapter_file)) => {
                 let idle =
                     super::verify::check(&saved.model, &args.model, &args.runtime, args.json)?;
                 if idle != super::EXIT_OK {
@@ -401,7 +427,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 super::verify::check_against(
                     &saved.model,
                     r,
-                    FOLDED,
+                    label,
                     &args.runtime,
                     args.json,
                     &[adapter_file.to_path_buf()],

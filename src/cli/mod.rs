@@ -147,17 +147,47 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
 }
 
 /// Loads an adapter, saying on stderr what in it PEFT would not load and so is left out;
-/// `root` is the user's `--root`.
+/// `root` is the user's `--root`, which a PEFT adapter some of whose module paths begin with it
+/// takes (see `check_root`).
 fn load_adapter(
     path: &std::path::Path,
     root: Option<&str>,
 ) -> anyhow::Result<onnx_lora::adapter::Adapter> {
     let mut adapter = onnx_lora::adapter::Adapter::load(path)?;
-    adapter.root = root.map(str::to_string);
+    let peft = adapter.modules.iter().all(|m| m.part.is_none());
+    adapter.root = root
+        .map(|r| r.trim_end_matches('.'))
+        .filter(|r| {
+            let prefix = format!("{r}.");
+            peft && adapter.modules.iter().any(|m| m.path.starts_with(&prefix))
+        })
+        .map(str::to_string);
     for what in &adapter.ignored {
         eprintln!("onnx-lora: warning: {}: ignoring {what}", path.display());
     }
     Ok(adapter)
+}
+
+/// Refuses a `--root` that no adapter took: none of the PEFT adapters' module paths begins
+/// with it (a typo), or there is no PEFT adapter (kohya files bind their modules by name).
+fn check_root(root: Option<&str>, adapters: &[onnx_lora::adapter::Adapter]) -> anyhow::Result<()> {
+    let Some(root) = root else { return Ok(()) };
+    if adapters.is_empty() || adapters.iter().any(|a| a.root.is_some()) {
+        return Ok(());
+    }
+    let peft: Vec<&onnx_lora::adapter::Adapter> = adapters
+        .iter()
+        .filter(|a| a.modules.iter().all(|m| m.part.is_none()))
+        .collect();
+    match peft.first().and_then(|a| a.modules.first()) {
+        None => anyhow::bail!(
+            "--root '{root}' applies to PEFT adapters; a kohya file's modules are found by their own names"
+        ),
+        Some(m) => anyhow::bail!(
+            "--root '{root}': none of the adapters' module paths begins with it (they are like '{}')",
+            m.path
+        ),
+    }
 }
 
 /// Refuses, for `--verify`, an adapter module on a layer whose activations are quantized

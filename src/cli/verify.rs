@@ -294,14 +294,26 @@ fn parse_tolerance(s: &str) -> Result<f64, String> {
 }
 
 impl RuntimeArgs {
-    /// What --verify needs that can be checked before a rewrite writes anything (its inputs
-    /// file, the onnxruntime library; for --ep cuda, the CUDA EP), so that a check that cannot run
+    /// `--inputs` and `--dim`, checked against the model a rewrite reads before it writes
+    /// anything (a FIFO, a folder, a file that is no .npz, a dim name the inputs lack).
+    pub(super) fn check_feeds(
+        &self,
+        model: &onnx_lora::onnx::LoadedModel,
+        path: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        onnx_lora::verify::check_feed_options(
+            model,
+            &path.display().to_string(),
+            self.inputs.as_deref(),
+            &self.dims,
+        )
+        .map_err(|e| anyhow::anyhow!("--verify: {e}"))
+    }
+
+    /// What --verify needs that can be checked before a rewrite writes anything (the
+    /// onnxruntime library; for --ep cuda, the CUDA EP), so that a check that cannot run
     /// leaves nothing written.
     pub(super) fn preflight(&self) -> anyhow::Result<()> {
-        if let Some(npz) = &self.inputs {
-            std::fs::File::open(npz)
-                .map_err(|e| anyhow::anyhow!("--verify: --inputs {}: {e}", npz.display()))?;
-        }
         onnx_lora::verify::backend::preflight(self.ep, self.ort_lib.as_deref())
             .map_err(|e| anyhow::anyhow!("--verify: {e}"))
     }

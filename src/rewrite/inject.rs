@@ -207,7 +207,8 @@ fn adapter_branches_or_deltas(
             same,
         ) {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
-                if deltas.is_none() && !c.branchable() {
+                // (inject puts one branch per module: not one per If body)
+                if deltas.is_none() {
                     return Err(packed_slice_refusal(
                         m,
                         c,
@@ -1049,6 +1050,23 @@ pub fn unmerged_reference(
     // Layers branched by earlier adapters, and whether one of those branches is DoRA.
     let mut branched: HashMap<(usize, String), bool> = HashMap::new();
     for (i, adapter) in adapters.iter().enumerate() {
+        // The reference writes each adapter's replaced values into the weights and adds every
+        // low-rank part beside them: it cannot replace what an earlier adapter's LoRA changed
+        // (fold does, in the adapters' order).
+        for m in adapter.modules.iter().filter(|m| m.replaces_values()) {
+            let earlier = adapters[..i]
+                .iter()
+                .find(|e| e.modules.iter().any(|l| l.path == m.path && l.a.is_some()));
+            if let Some(e) = earlier {
+                return Err(Error::Usage(format!(
+                    "module '{}': {} replaces values ({}) of a layer whose LoRA from {}, an earlier adapter, the reference keeps beside the weights; it cannot follow that order",
+                    m.path,
+                    adapter.path.display(),
+                    m.replaced_what(),
+                    e.path.display()
+                )));
+            }
+        }
         let w = weights.get(i).copied().unwrap_or(1.0) * scale;
         // (the fold this checks has already refused what matches no weight, unless allowed)
         let (low, _) = write_whole_values(&mut reference, adapter, w, true)?;
@@ -1109,15 +1127,18 @@ pub fn unmerged_reference(
 
 /// One spec whose B·A is the sum of both specs' scaled B·A (their ranks side by side; scale 1).
 fn summed(x: &BranchSpec, y: &BranchSpec) -> Result<BranchSpec> {
-    if [x, y]
-        .iter()
-        .any(|s| s.magnitude.is_some() || s.bias.is_some())
-    {
+    // (the reference refuses DoRA on a layer two adapters change before it gets here)
+    if [x, y].iter().any(|s| s.magnitude.is_some()) {
         return Err(Error::Target(format!(
-            "module '{}': two adapters change it in weight space and one has DoRA or lora_bias; the reference does not model that",
+            "layer '{}': two adapters change it and one is DoRA; the reference does not model that",
             y.name
         )));
     }
+    // lora_B biases add up, each at its spec's scale.
+    let bias = (x.bias.is_some() || y.bias.is_some()).then(|| {
+        let at = |s: &BranchSpec, i: usize| s.bias.as_ref().map_or(0.0, |b| b[i] * s.scale);
+        (0..x.b.rows).map(|i| at(x, i) + at(y, i)).collect()
+    });
     let rank = x.a.rows + y.a.rows;
     let mut a = x.a.data.clone();
     a.extend_from_slice(&y.a.data);
@@ -1132,6 +1153,7 @@ fn summed(x: &BranchSpec, y: &BranchSpec) -> Result<BranchSpec> {
         a: Matrix::new(rank, x.a.cols, a)?,
         b: Matrix::new(x.b.rows, rank, b)?,
         scale: 1.0,
+        bias,
         ..x.clone()
     })
 }

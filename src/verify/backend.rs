@@ -129,6 +129,22 @@ pub fn preflight(ep: Ep, ort_lib: Option<&Path>) -> Result<()> {
     }
 }
 
+/// Checks that onnxruntime loads, for what only it can run (LoRA adapter files), whatever
+/// `--ep auto` would fall back to.
+pub fn require_ort(ort_lib: Option<&Path>) -> Result<()> {
+    #[cfg(feature = "ort")]
+    {
+        super::ort::environment(ort_lib).map(|_| ())
+    }
+    #[cfg(not(feature = "ort"))]
+    {
+        let _ = ort_lib;
+        Err(Error::Backend(
+            "onnx-lora was built without its `ort` feature (onnxruntime)".into(),
+        ))
+    }
+}
+
 // Without the `ort` feature only `NoLibrary` is ever made.
 #[cfg_attr(not(feature = "ort"), allow(dead_code))]
 enum OrtOpenError {

@@ -128,6 +128,15 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
         .filter(|(_, (_, f))| f.dtype == DataType::Bool && f.data.len() == 1)
         .map(|(i, _)| i)
         .collect();
+    if opts.inputs.is_some() {
+        for &i in &switches {
+            notes.push(format!(
+                "--inputs sets the switch {}={}: only that value was run (generated inputs run both)",
+                feeds[i].0,
+                feeds[i].1.data[0] != 0
+            ));
+        }
+    }
     if opts.inputs.is_none() && !switches.is_empty() {
         let mut flipped = feeds.clone();
         for &i in &switches {
@@ -299,6 +308,23 @@ fn prepare_feeds(
     let (feeds, more) = feeds::make_feeds(&specs, provided, &dims, opts.seed)?;
     notes.extend(more);
     Ok(feeds)
+}
+
+/// What a rewrite's `--verify` can check before writing anything: its `--inputs` file reads
+/// as arrays, and each `--dim` names a symbolic dimension of `model`'s inputs.
+pub fn check_feed_options(
+    model: &onnx::LoadedModel,
+    label: &str,
+    inputs: Option<&Path>,
+    dims: &[(String, usize)],
+) -> Result<()> {
+    if let Some(path) = inputs {
+        npz::read_arrays(path)?;
+    }
+    if !dims.is_empty() {
+        check_dims(dims, &[feeds::model_inputs(model)?], &[label.to_string()])?;
+    }
+    Ok(())
 }
 
 /// Every `--dim NAME` must be a symbolic dimension of some model's inputs: a typo would
