@@ -568,9 +568,13 @@ fn packed_qkv_slices_take_one_branch_per_packed_weight() {
             s(&p("branch")),
             "--json",
         ]);
-        // (one branch per layer's packed weight, named by it)
+        // (one branch per layer's packed weight, named by it, listing the modules it carries)
         assert!(
             stdout.contains("\"module\":\"model.layers.0.attn.qkv_proj\""),
+            "{name}: {stdout}"
+        );
+        assert!(
+            stdout.contains("\"slices\":[{\"module\":\"model.layers.0.self_attn."),
             "{name}: {stdout}"
         );
         onnx_lora_ok(&[

@@ -61,6 +61,9 @@ pub struct BranchReport {
     pub lora_b: String,
     #[serde(rename = "dtype", serialize_with = "dtype_name")]
     pub dtype: DataType,
+    /// On a packed q/k/v weight: the adapter modules the branch carries.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<super::branch::Slice>,
 }
 
 fn dtype_name<S: serde::Serializer>(d: &DataType, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -801,6 +804,7 @@ fn add_branch(
         lora_a: names.a,
         lora_b: names.b,
         dtype,
+        slices: br.slices.clone(),
     })
 }
 

@@ -317,6 +317,7 @@ fn plan(
         lora_a: a_name,
         lora_b: b_name,
         dtype,
+        slices: br.slices.clone(),
     };
     super::branch::mark_slices(&mut pre, &br.slices);
     let mut post = post;

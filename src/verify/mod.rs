@@ -319,7 +319,7 @@ pub fn check_feed_options(
     dims: &[(String, usize)],
 ) -> Result<()> {
     if let Some(path) = inputs {
-        npz::read_arrays(path)?;
+        npz::read_arrays(path).map_err(|e| Error::Usage(format!("--inputs: {e}")))?;
     }
     if !dims.is_empty() {
         check_dims(dims, &[feeds::model_inputs(model)?], &[label.to_string()])?;
