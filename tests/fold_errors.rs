@@ -3165,3 +3165,70 @@ fn verify_options_and_references_cover_what_is_written() {
         "--verify",
     ]);
 }
+
+/// A Gemm with alpha ≠ 1 applies alpha·W: DoRA's norm is that of alpha·W + s·B·A, and a
+/// lora_B bias adds s·b whatever alpha is. The same layer stored as alpha = 0.5 on the doubled
+/// weight and as alpha = 1 (the encoding torch exports, checked against PEFT by the fixtures)
+/// gives the same results under fold, inject in both forms, and fold-back.
+#[test]
+fn gemm_alpha_scales_the_weight_only() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let mut dora = lora("fc", 8, 4, 0.1);
+    dora.push((
+        "fc.lora_magnitude_vector".into(),
+        vec![4],
+        vec![0.5, 1.5, 2.0, 0.7],
+    ));
+    let mut biased = lora("fc", 8, 4, -0.2);
+    biased.push(("fc.lora_B.bias".into(), vec![4], vec![0.3, -0.1, 0.2, 0.4]));
+    let adapters = [
+        write_adapter(
+            &env.p("dora"),
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}),
+            &refs(&dora),
+        ),
+        write_adapter(
+            &env.p("lora_bias"),
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "lora_bias": true}),
+            &refs(&biased),
+        ),
+    ];
+    for ad in &adapters {
+        let run = |model: &str, how: &str| {
+            let out = env.p(&format!("{model}.{how}.onnx"));
+            let m = s(&env.p(&format!("{model}.onnx")));
+            match how {
+                "fold" => onnx_lora_ok(&["fold", &m, &s(ad), "-o", &s(&out)]),
+                "branch" => onnx_lora_ok(&["inject", &m, "--adapter", &s(ad), "-o", &s(&out)]),
+                "weight" => onnx_lora_ok(&[
+                    "inject",
+                    &m,
+                    "--adapter",
+                    &s(ad),
+                    "--form",
+                    "weight",
+                    "-o",
+                    &s(&out),
+                ]),
+                _ => {
+                    let branched = s(&env.p(&format!("{model}.branch.onnx")));
+                    onnx_lora_ok(&["fold", &branched, "-o", &s(&out)])
+                }
+            };
+            out
+        };
+        for how in ["fold", "branch", "weight", "back"] {
+            let (half, one) = (run("gemm_half", how), run("gemm_one", how));
+            let d: serde_json::Value =
+                serde_json::from_str(&py("ort_diff.py", &[&half, &one])).unwrap();
+            assert!(d["y"].as_f64().unwrap() < 1e-5, "{ad:?} {how}: {d}");
+            let d: serde_json::Value =
+                serde_json::from_str(&py("ort_diff.py", &[&env.p("gemm_one.onnx"), &one])).unwrap();
+            assert!(
+                d["y"].as_f64().unwrap() > 1e-2,
+                "{ad:?} {how}: no effect {d}"
+            );
+        }
+    }
+}

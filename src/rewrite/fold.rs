@@ -983,7 +983,8 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             continue;
         }
         // Gemm computes alpha·x·W: the layer's delta is ΔW, so the weight takes ΔW / alpha.
-        let s = step.scale / gemm_alpha(model, graph, c);
+        let alpha = gemm_alpha(model, graph, c);
+        let s = step.scale / alpha;
         let (a, b) = super::factors(m, c, weight.n_in, cols.len())?;
         // A slice's B gets zero rows for the other projections' channels.
         let b = if cols.len() == weight.n_out {
@@ -1003,7 +1004,9 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                     cols.len(),
                 ));
             }
-            Some(mag) => Some(mag.data.clone()),
+            // The merge divides by the norm of the stored weight, W + (s / alpha)·B·A, which
+            // is the layer's ‖alpha·W + s·B·A‖ / |alpha|: m / |alpha| gives PEFT's factor.
+            Some(mag) => Some(mag.data.iter().map(|v| v / alpha.abs()).collect()),
             None => None,
         };
         rep.dora |= magnitude.is_some();
@@ -1015,10 +1018,11 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
                 .get_or_insert_with(|| BiasChange::new(weight.n_out))
                 .add
                 .get_or_insert_with(|| vec![0.0; weight.n_out]);
+            // (the bias term s·b is the layer's own: alpha scales x·W only)
             acc[cols.clone()]
                 .iter_mut()
                 .zip(&bb.data)
-                .for_each(|(x, y)| *x += s * y);
+                .for_each(|(x, y)| *x += step.scale * y);
         }
         rep.rank = m.rank();
         rep.scale = s;

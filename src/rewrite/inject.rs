@@ -833,9 +833,7 @@ pub(super) fn dora_constants(
         return Ok(None);
     };
     let c = &br.cand;
-    let mut w = super::weights::read(model, graph, c)?;
-    crate::tensor::add_low_rank(&mut w.values, w.orient, &br.a, &br.b, br.scale);
-    let norms = crate::tensor::out_norms(&w.values, w.orient, w.n_out);
+    let norms = super::weights::effective_norms(model, graph, c, &br.a, &br.b, br.scale)?;
     if m.len() != norms.len() {
         return Err(Error::Target(format!(
             "module '{}': lora_magnitude_vector has {} values for {} output channels",

@@ -601,12 +601,10 @@ fn dora_magnitude(
     scale: f32,
     factor: &[f32],
 ) -> Result<F32Tensor> {
-    let mut w = super::weights::read(model, graph, c)?;
     let r = a.shape[0];
     let am = crate::tensor::Matrix::new(r, a.data.len() / r.max(1), a.data.clone())?;
     let bm = crate::tensor::Matrix::new(b.shape[0], r, b.data.clone())?;
-    crate::tensor::add_low_rank(&mut w.values, w.orient, &am, &bm, scale);
-    let norms = crate::tensor::out_norms(&w.values, w.orient, w.n_out);
+    let norms = super::weights::effective_norms(model, graph, c, &am, &bm, scale)?;
     if factor.len() != norms.len() {
         return Err(Error::Target(format!(
             "branch '{}': its DoRA factor has {} values but the layer ({}) has {} output channels",

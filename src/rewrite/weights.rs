@@ -10,7 +10,7 @@ use crate::onnx::io::PendingValues;
 use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::{DataType, LoadedModel};
 use crate::target::{Candidate, Layout};
-use crate::tensor::{Orientation, to_f32};
+use crate::tensor::{Matrix, Orientation, to_f32};
 
 /// A candidate's weight, decoded.
 pub struct WeightValues {
@@ -110,6 +110,25 @@ impl StoredWeight {
 }
 
 /// Decodes the candidate's weight to f32 in its stored order.
+/// The per-output-channel norms of the weight the layer applies with `scale`·B·A added:
+/// ‖alpha·W + s·B·A‖ for a Gemm, whose stored W the node scales by alpha (DoRA's denominator).
+pub(crate) fn effective_norms(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    a: &Matrix,
+    b: &Matrix,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let mut w = read(model, graph, c)?;
+    let alpha = super::fold::gemm_alpha(model, graph, c);
+    if alpha != 1.0 {
+        w.values.iter_mut().for_each(|v| *v *= alpha);
+    }
+    crate::tensor::add_low_rank(&mut w.values, w.orient, a, b, scale);
+    Ok(crate::tensor::out_norms(&w.values, w.orient, w.n_out))
+}
+
 pub fn read(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<WeightValues> {
     stored(model, graph, c)?.decode()
 }

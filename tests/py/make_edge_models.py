@@ -39,6 +39,8 @@
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
                    twins: a branch beside the quantized base must compute what folding into
                    the float twin does)
+  gemm_half.onnx, gemm_one.onnx  one layer /fc/Gemm (transB=1, bias C) as alpha = 0.5 on the
+                   doubled weight and as alpha = 1: the same function
   qkv_nbits.onnx   a 4-bit MatMulNBits /layers.0/attn/qkv_proj/MatMulNBits packing q, k, v (4
                    wide each, K=8), as a model builder's int4 export; qkv_nbits_float.onnx its
                    float twin (/layers.0/attn/qkv_proj/MatMul)
@@ -315,6 +317,16 @@ def main(out):
     save(helper.make_graph([nb], "qkv_nbits", [x], [yq], [numpy_helper.from_array(packed, "Wq"),
                                                           numpy_helper.from_array(scales, "scales")]),
          os.path.join(out, "qkv_nbits.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+    # The same layer as a Gemm that scales its stored weight by alpha = 0.5 (W stored doubled)
+    # and as one with alpha = 1: one function, two encodings.
+    w_fc, c_fc = f32(4, 8), f32(4)
+    for name, alpha, w in [("gemm_half.onnx", 0.5, 2 * w_fc), ("gemm_one.onnx", 1.0, w_fc)]:
+        gemm = helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="/fc/Gemm", transB=1,
+                                alpha=alpha)
+        save(helper.make_graph([gemm], "gemm", [x], [y], [numpy_helper.from_array(w, "W"),
+                                                          numpy_helper.from_array(c_fc, "C")]),
+             os.path.join(out, name))
 
 
 if __name__ == "__main__":
