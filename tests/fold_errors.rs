@@ -3232,3 +3232,72 @@ fn gemm_alpha_scales_the_weight_only() {
         }
     }
 }
+
+/// Adapters on different projections of one packed q/k/v weight, one of them DoRA: PEFT rescales
+/// only the DoRA module's outputs, so `fold --verify`'s reference takes both (stacked branches
+/// on a `qkv_proj`, one summed weight-space delta inside an Attention) and passes, in either
+/// order. Two modules of one adapter on the same projection are refused.
+#[test]
+fn dora_on_one_projection_of_a_packed_weight_stacks_with_others() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let dora_k = |name: &str, n: usize| {
+        let mut t = lora("layers.0.self_attn.k_proj", 8, n, 0.1);
+        t.push((
+            "layers.0.self_attn.k_proj.lora_magnitude_vector".into(),
+            vec![n],
+            (0..n).map(|i| 0.5 + i as f32 * 0.1).collect(),
+        ));
+        write_adapter(
+            &env.p(name),
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}),
+            &refs(&t),
+        )
+    };
+    let plain_q = |name: &str, n: usize| {
+        write_adapter(
+            &env.p(name),
+            config(),
+            &refs(&lora("layers.0.self_attn.q_proj", 8, n, -0.2)),
+        )
+    };
+    for (model, width) in [("qkv_nbits_float.onnx", 4), ("merged_packed.onnx", 8)] {
+        let (dk, pq) = (
+            dora_k(&format!("dk{width}"), width),
+            plain_q(&format!("pq{width}"), width),
+        );
+        for (first, second) in [(&dk, &pq), (&pq, &dk)] {
+            let out = env.p(&format!("{model}.out.onnx"));
+            let json = onnx_lora_ok(&[
+                "fold",
+                &s(&env.p(model)),
+                &s(first),
+                &s(second),
+                "-o",
+                &s(&out),
+                "--verify",
+                "--json",
+            ]);
+            assert!(
+                json.contains("\"type\":\"verdict\"") && !json.contains("\"passed\":false"),
+                "{model}: {json}"
+            );
+        }
+    }
+    let mut t = lora("layers.0.self_attn.q_proj", 8, 4, 0.1);
+    t.extend(lora("layers.0.attn.q_proj", 8, 4, 0.2));
+    let twice = write_adapter(&env.p("twice"), config(), &refs(&t));
+    let out = env.p("twice.onnx");
+    let err = onnx_lora_fails(
+        &[
+            "inject",
+            &s(&env.p("qkv_nbits_float.onnx")),
+            "--adapter",
+            &s(&twice),
+            "-o",
+            &s(&out),
+        ],
+        &out,
+    );
+    assert!(err.contains("are both the q projection"), "{err}");
+}

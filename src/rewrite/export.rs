@@ -184,6 +184,42 @@ fn per_slice(f: &Found) -> Result<Vec<Found>> {
     };
     let (rank, n_in, total) = (a.shape[0], a.shape.get(1).copied().unwrap_or(0), b.shape[0]);
     let at = |i: usize, j: usize| b.data[i * rank + j];
+    let broken = |why: String| {
+        Error::Target(format!(
+            "injected branch '{}' on packed weight '{}': {why}",
+            m.path, f.cand.weight
+        ))
+    };
+    // The slices are distinct modules whose ranks tile A's rows and whose columns do not
+    // overlap: nothing trained is left out, nothing given twice.
+    let mut by_rank: Vec<&super::branch::Slice> = f.slices.iter().collect();
+    by_rank.sort_by_key(|s| s.ranks[0]);
+    let mut next = 0;
+    for s in &by_rank {
+        if s.ranks[0] != next || s.ranks[1] <= s.ranks[0] {
+            return Err(broken(format!(
+                "its slices' ranks do not tile its {rank} rows of A (module '{}' has {:?})",
+                s.module, s.ranks
+            )));
+        }
+        next = s.ranks[1];
+    }
+    if next != rank {
+        return Err(broken(format!(
+            "its slices' ranks cover {next} of its {rank} rows of A"
+        )));
+    }
+    for (i, s) in f.slices.iter().enumerate() {
+        for t in &f.slices[..i] {
+            if t.module == s.module || (s.columns[0] < t.columns[1] && t.columns[0] < s.columns[1])
+            {
+                return Err(broken(format!(
+                    "slices '{}' and '{}' name one module or overlap in columns",
+                    t.module, s.module
+                )));
+            }
+        }
+    }
     let mut out = Vec::with_capacity(f.slices.len());
     for s in &f.slices {
         let ([r0, r1], [c0, c1]) = (s.ranks, s.columns);
@@ -200,6 +236,19 @@ fn per_slice(f: &Found) -> Result<Vec<Found>> {
             return Err(Error::Target(format!(
                 "injected branch '{}' on packed weight '{}': module '{}' has lora_B values outside its columns {:?} (trained as one branch?), so it has no factors of its own; fold the model instead",
                 m.path, f.cand.weight, s.module, s.columns
+            )));
+        }
+        if let Some(v) = b
+            .data
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| (c0..c1).contains(&(k / rank)) && (r0..r1).contains(&(k % rank)))
+            .map(|(_, v)| v / s.scale)
+            .find(|v| !v.is_finite())
+        {
+            return Err(broken(format!(
+                "module '{}': its lora_B over its scale {} gives {v}",
+                s.module, s.scale
             )));
         }
         let a_s = F32Tensor {

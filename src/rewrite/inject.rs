@@ -255,6 +255,14 @@ fn adapter_branches_or_deltas(
                 slices.push((c, role, m));
                 continue;
             }
+            // (packed weights that none, or several, of fit: their own message)
+            Err(_) if let Some(Err(e)) = crate::target::packed::resolve(cands, path) => {
+                if !allow_unmatched {
+                    return Err(e);
+                }
+                unmatched.push(e.to_string());
+                continue;
+            }
             Err(e) if allow_unmatched => {
                 unmatched
                     .push(super::kind_mismatch(m, cands, path).unwrap_or_else(|| e.to_string()));
@@ -311,15 +319,15 @@ fn packed_spec(
     let total = c.out_features.max(0) as usize;
     let n_in = factor_in(c);
     let mut known = [None; 3];
-    for &(role, m) in slices {
-        let w = m.b.as_ref().map_or(0, |b| b.shape[0]);
-        if known[role].is_some_and(|k| k != w) {
+    for (i, &(role, m)) in slices.iter().enumerate() {
+        // (one module per projection: a second, under another path, would be a second layer)
+        if let Some((_, other)) = slices[..i].iter().find(|(r, _)| *r == role) {
             return Err(Error::Target(format!(
-                "modules for the {} projection of packed weight '{}' disagree on its width",
-                ROLE_NAMES[role], c.weight
+                "modules '{}' and '{}' are both the {} projection of packed weight '{}'",
+                other.path, m.path, ROLE_NAMES[role], c.weight
             )));
         }
-        known[role] = Some(w);
+        known[role] = Some(m.b.as_ref().map_or(0, |b| b.shape[0]));
     }
     let fits = |w: &[usize; 3]| known.iter().zip(w).all(|(k, w)| k.is_none_or(|k| k == *w));
     let Some(w) = c
@@ -1036,10 +1044,10 @@ pub fn write_whole_values(
 
 /// The adapted model's unmerged forward as a graph: `model` with every adapter as branches
 /// (applied in order, each scaled by its weight and `scale`; later adapters' branches nest
-/// inside earlier ones on the same node). Layers with no branch form (a projection packed
-/// with others into one q/k/v weight, a table inside onnxruntime's fused embedding op) read
-/// W + s·A·B computed by the runtime instead (`--form weight`'s nodes). `fold --verify`
-/// compares its result with this.
+/// inside earlier ones on the same node; the q/k/v modules of a `qkv_proj` layer, one branch
+/// as inject gives it). Layers with no branch form (a packed weight inside onnxruntime's
+/// Attention, a table inside its fused embedding op) read W + s·A·B computed by the runtime
+/// instead (`--form weight`'s nodes). `fold --verify` compares its result with this.
 pub fn unmerged_reference(
     model: &LoadedModel,
     adapters: &[Adapter],
@@ -1080,15 +1088,31 @@ pub fn unmerged_reference(
         branches.iter_mut().for_each(|b| b.scale *= w);
         deltas.iter_mut().for_each(|b| b.scale *= w);
         for b in branches.iter().chain(&deltas) {
-            let dora = b.magnitude.is_some();
-            let key = (b.cand.graph, b.cand.node.clone());
-            if let Some(earlier_dora) = branched.insert(key, dora)
-                && (dora || earlier_dora)
-            {
-                return Err(Error::Usage(format!(
-                    "module '{}': two of the adapters change it and one is DoRA, which in PEFT rescales what the adapters before it added; the branch reference does not model that order",
-                    b.name
-                )));
+            // (per layer; on a packed weight per projection, whose columns no other touches)
+            let mut keys = vec![(
+                b.cand.graph,
+                b.cand.node.clone(),
+                b.name.clone(),
+                b.magnitude.is_some(),
+            )];
+            if !b.slices.is_empty() {
+                keys = b
+                    .slices
+                    .iter()
+                    .map(|s| {
+                        let at = format!("{}#{}", b.cand.node, s.columns[0]);
+                        (b.cand.graph, at, s.module.clone(), s.dora)
+                    })
+                    .collect();
+            }
+            for (graph, node, name, dora) in keys {
+                if let Some(earlier_dora) = branched.insert((graph, node), dora)
+                    && (dora || earlier_dora)
+                {
+                    return Err(Error::Usage(format!(
+                        "module '{name}': two of the adapters change it and one is DoRA, which in PEFT rescales what the adapters before it added; the branch reference does not model that order"
+                    )));
+                }
             }
         }
         inject(&mut reference, &branches, false)?;
@@ -1129,13 +1153,35 @@ pub fn unmerged_reference(
 
 /// One spec whose B·A is the sum of both specs' scaled B·A (their ranks side by side; scale 1).
 fn summed(x: &BranchSpec, y: &BranchSpec) -> Result<BranchSpec> {
-    // (the reference refuses DoRA on a layer two adapters change before it gets here)
-    if [x, y].iter().any(|s| s.magnitude.is_some()) {
+    // DoRA on channels the other spec leaves alone (another projection of a packed weight:
+    // the reference refuses DoRA where two adapters change one module before it gets here).
+    let untouched = |by: &BranchSpec, ch: usize| {
+        by.b.data[ch * by.b.cols..(ch + 1) * by.b.cols]
+            .iter()
+            .all(|v| *v == 0.0)
+            && by.bias.as_ref().is_none_or(|b| b[ch] == 0.0)
+    };
+    let dora_apart = |d: &BranchSpec, other: &BranchSpec| {
+        d.magnitude.as_ref().is_none_or(|m| {
+            m.iter()
+                .enumerate()
+                .all(|(ch, v)| v.is_nan() || untouched(other, ch))
+        })
+    };
+    if !(dora_apart(x, y) && dora_apart(y, x)) {
         return Err(Error::Target(format!(
-            "layer '{}': two adapters change it and one is DoRA; the reference does not model that",
+            "layer '{}': two adapters change the same outputs and one is DoRA; the reference does not model that",
             y.name
         )));
     }
+    let magnitude = (x.magnitude.is_some() || y.magnitude.is_some()).then(|| {
+        (0..x.b.rows)
+            .map(|ch| {
+                let of = |s: &BranchSpec| s.magnitude.as_ref().map_or(f32::NAN, |m| m[ch]);
+                if of(x).is_nan() { of(y) } else { of(x) }
+            })
+            .collect()
+    });
     // lora_B biases add up, each at its spec's scale.
     let bias = (x.bias.is_some() || y.bias.is_some()).then(|| {
         let at = |s: &BranchSpec, i: usize| s.bias.as_ref().map_or(0.0, |b| b[i] * s.scale);
@@ -1156,6 +1202,9 @@ fn summed(x: &BranchSpec, y: &BranchSpec) -> Result<BranchSpec> {
         b: Matrix::new(x.b.rows, rank, b)?,
         scale: 1.0,
         bias,
+        magnitude,
+        // (a reference's spec: never exported, so its slices need not follow the sum)
+        slices: Vec::new(),
         ..x.clone()
     })
 }

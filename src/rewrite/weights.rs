@@ -148,7 +148,7 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
         return Err(Error::tensor(
             &c.weight,
             format!(
-                "module '{}' has a quantized weight ({}): it cannot be folded into; use `onnx-lora inject --adapter` to put a float branch beside it",
+                "module '{}' has a quantized weight ({}): it cannot be folded into, nor give DoRA its norm; a LoRA on it stays a float branch beside it, as `onnx-lora inject --adapter` puts one",
                 c.module, c.op
             ),
         ));
