@@ -500,7 +500,7 @@ fn verify_without_a_possible_reference_writes_nothing() {
     );
     assert!(
         err.contains("--verify cannot build its unmerged reference")
-            && err.contains("model.layers.0.attn.qkv_proj")
+            && err.contains("model.layers.0.self_attn.q_proj")
             && err.contains("one is DoRA"),
         "{err}"
     );

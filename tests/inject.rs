@@ -1233,3 +1233,50 @@ fn serving_verify_checks_the_written_adapter_active() {
         "{stdout}"
     );
 }
+
+/// export-peft reads a packed branch's modules from its `onnx-lora.slices` metadata and refuses,
+/// in one line, metadata that does not cover the branch exactly (a slice missing or given
+/// twice), rather than dropping trained rows or writing a module twice.
+#[test]
+fn export_peft_refuses_slices_that_do_not_tile_a_packed_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixtures().join("llama_genai");
+    let injected = dir.path().join("inj.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        s(&root.join("model.onnx")),
+        "--adapter",
+        s(&root.join("adapter")),
+        "-o",
+        s(&injected),
+    ]);
+    let key = "onnx-lora.slices";
+    for (what, edit) in [("one slice left out", 0usize), ("one slice given twice", 1)] {
+        let mut m = onnx_lora::onnx::load(&injected).unwrap();
+        let graph = m.proto.graph.as_mut().unwrap();
+        for n in &mut graph.node {
+            for p in &mut n.metadata_props {
+                if p.key() != key {
+                    continue;
+                }
+                let mut v: Vec<serde_json::Value> = serde_json::from_str(p.value()).unwrap();
+                if edit == 0 {
+                    v.pop();
+                } else {
+                    let first = v[0].clone();
+                    v.push(first);
+                }
+                p.value = Some(serde_json::to_string(&v).unwrap());
+            }
+        }
+        let edited = dir.path().join(format!("edited{edit}.onnx"));
+        onnx_lora::onnx::save(&m, &edited, &onnx_lora::onnx::SaveOptions::default()).unwrap();
+        let out = dir.path().join(format!("peft{edit}"));
+        let o = onnx_lora(&["export-peft", s(&edited), "-o", s(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+        assert!(err.contains("qkv_proj"), "{what}: {err}");
+        assert!(!out.exists(), "{what}");
+    }
+}
