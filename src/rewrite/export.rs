@@ -224,18 +224,18 @@ fn per_slice(f: &Found) -> Result<Vec<Found>> {
     for s in &f.slices {
         let ([r0, r1], [c0, c1]) = (s.ranks, s.columns);
         if r0 > r1 || r1 > rank || c0 > c1 || c1 > total || s.scale == 0.0 || !s.scale.is_finite() {
-            return Err(Error::Target(format!(
-                "injected branch '{}': its slice for module '{}' (ranks {:?}, columns {:?}, scale {}) does not fit its factors ([{rank}, {n_in}], [{total}, {rank}])",
-                m.path, s.module, s.ranks, s.columns, s.scale
+            return Err(broken(format!(
+                "its slice for module '{}' (ranks {:?}, columns {:?}, scale {}) does not fit its factors ([{rank}, {n_in}], [{total}, {rank}])",
+                s.module, s.ranks, s.columns, s.scale
             )));
         }
         let outside = (0..total)
             .filter(|i| !(c0..c1).contains(i))
             .any(|i| (r0..r1).any(|j| at(i, j) != 0.0));
         if outside {
-            return Err(Error::Target(format!(
-                "injected branch '{}' on packed weight '{}': module '{}' has lora_B values outside its columns {:?} (trained as one branch?), so it has no factors of its own; fold the model instead",
-                m.path, f.cand.weight, s.module, s.columns
+            return Err(broken(format!(
+                "module '{}' has lora_B values outside its columns {:?} (trained as one branch?), so it has no factors of its own; fold the model instead",
+                s.module, s.columns
             )));
         }
         if let Some(v) = b
@@ -262,17 +262,29 @@ fn per_slice(f: &Found) -> Result<Vec<Found>> {
                 .map(|(i, j)| at(i, j) / s.scale)
                 .collect(),
         };
-        let part = |t: &Option<F32Tensor>, on: bool, by: f32| {
-            t.as_ref().filter(|_| on).map(|t| F32Tensor {
-                shape: vec![c1 - c0],
-                data: t.data[c0..c1].iter().map(|v| v / by).collect(),
-            })
+        // Its columns of a per-channel tensor (DoRA's magnitude, the lora_B bias).
+        let part = |t: &Option<F32Tensor>, on: bool, by: f32, what: &str| {
+            t.as_ref()
+                .filter(|_| on)
+                .map(|t| match t.data.get(c0..c1) {
+                    Some(d) => Ok(F32Tensor {
+                        shape: vec![c1 - c0],
+                        data: d.iter().map(|v| v / by).collect(),
+                    }),
+                    None => Err(broken(format!(
+                        "its {what} has {} values, too few for module '{}' (columns {:?})",
+                        t.data.len(),
+                        s.module,
+                        s.columns
+                    ))),
+                })
+                .transpose()
         };
         let module = ModuleAdapter {
             a: Some(a_s),
             b: Some(b_s),
-            magnitude: part(&m.magnitude, s.dora, 1.0),
-            bias_b: part(&m.bias_b, s.lora_bias, s.scale),
+            magnitude: part(&m.magnitude, s.dora, 1.0, "magnitude")?,
+            bias_b: part(&m.bias_b, s.lora_bias, s.scale, "lora_B bias")?,
             keys: vec![s.module.clone()],
             ..ModuleAdapter::empty(&s.module, crate::adapter::ModuleKind::Lora, None)
         };

@@ -34,11 +34,11 @@ pub struct BranchSpec {
     pub b: Matrix,
     pub scale: f32,
     /// DoRA magnitude per output channel; NaN for a channel DoRA leaves alone (a packed q/k/v
-    /// weight whose other projections are plain LoRA: weight form only).
+    /// weight whose other projections are plain LoRA).
     pub magnitude: Option<Vec<f32>>,
     /// lora_B's bias (`lora_bias`), unscaled.
     pub bias: Option<Vec<f32>>,
-    /// On a packed q/k/v weight: the adapter modules whose factors the branch's carry.
+    /// On a packed q/k/v weight: the adapter modules whose factors the branch carries.
     pub slices: Vec<super::branch::Slice>,
 }
 
@@ -379,29 +379,27 @@ fn packed_spec(
         }
         col += a.rows;
         let channels = start..start + w[*role];
-        if let Some(mag) = &m.magnitude {
-            if mag.data.len() != w[*role] {
-                return Err(Error::Target(format!(
-                    "module '{}': lora_magnitude_vector has {} values for {} output channels",
-                    m.path,
-                    mag.data.len(),
-                    w[*role]
-                )));
+        // A per-channel tensor of the module: one value per output of its projection.
+        let per_channel = |n: usize, what: &str| {
+            if n == w[*role] {
+                Ok(())
+            } else {
+                Err(Error::Target(format!(
+                    "module '{}': {what} has {n} values for {} output channels",
+                    m.path, w[*role]
+                )))
             }
+        };
+        if let Some(mag) = &m.magnitude {
+            per_channel(mag.data.len(), "lora_magnitude_vector")?;
             magnitude[channels.clone()].copy_from_slice(&mag.data);
         }
         if let Some(lb) = &m.bias_b {
-            if lb.data.len() != w[*role] {
-                return Err(Error::Target(format!(
-                    "module '{}': lora_B.bias has {} values for {} output channels",
-                    m.path,
-                    lb.data.len(),
-                    w[*role]
-                )));
-            }
+            per_channel(lb.data.len(), "lora_B.bias")?;
+            let lb = &lb.data;
             bias[channels]
                 .iter_mut()
-                .zip(&lb.data)
+                .zip(lb)
                 .for_each(|(o, v)| *o = s * v);
         }
     }
