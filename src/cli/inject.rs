@@ -46,7 +46,9 @@ enum FormArg {
 
 With --adapter, what the adapter replaces outright (modules_to_save, trainable tokens, trained
 biases) and LyCORIS LoHa / LoKr deltas have no branch form: they are written into the weights,
-as in PEFT's unmerged model (--as-inputs refuses them).
+as in PEFT's unmerged model (--as-inputs refuses them). The q/k/v modules of a model that
+packs them into one `qkv_proj` weight (onnxruntime-genai's builder, also int4) take one branch
+on it, their factors side by side (export-peft splits it back; --as-inputs refuses it).
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
 (PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r / groups, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]
