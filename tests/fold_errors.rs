@@ -3301,3 +3301,55 @@ fn dora_on_one_projection_of_a_packed_weight_stacks_with_others() {
     );
     assert!(err.contains("are both the q projection"), "{err}");
 }
+
+/// A merged decoder whose two If bodies onnxruntime both fused, each with an Attention on the
+/// outer graph's one packed weight: a q_proj module folds into its columns once (one weight),
+/// so both values of the switch run the adapted layer, and `--verify` checks both; inject,
+/// one branch per module, refuses it by name.
+#[test]
+fn a_layer_packed_in_both_if_bodies_folds_once() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = env.p("merged_packed_both.onnx");
+    let ad = write_adapter(
+        &env.p("q"),
+        config(),
+        &refs(&lora("layers.0.self_attn.q_proj", 8, 8, 0.2)),
+    );
+    let out = env.p("out.onnx");
+    let json = onnx_lora_ok(&[
+        "fold",
+        &s(&model),
+        &s(&ad),
+        "-o",
+        &s(&out),
+        "--verify",
+        "--json",
+    ]);
+    let records: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    let modules = records.iter().filter(|r| r["type"] == "module").count();
+    assert_eq!(modules, 1, "one write of the shared packed weight: {json}");
+    let passed = records
+        .iter()
+        .filter(|r| r["type"] == "output" && r["passed"] == true)
+        .count();
+    assert_eq!(passed, 2, "{json}");
+    // Both bodies changed: each value of the switch differs from the base.
+    let o = onnx_lora(&["verify", &s(&out), &s(&model), "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let failed = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "output" && r["passed"] == false)
+        .count();
+    assert_eq!(failed, 2);
+    let inj = env.p("inj.onnx");
+    let err = onnx_lora_fails(
+        &["inject", &s(&model), "--adapter", &s(&ad), "-o", &s(&inj)],
+        &inj,
+    );
+    assert!(err.contains("Attention"), "{err}");
+}

@@ -212,8 +212,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let (paths, _) = module_paths(adapter, &cands)?;
             let quantized = paths.iter().flatten().find_map(|p| {
                 let found = target::resolve_module(&cands, p, |c| c.quantized, |_, _| false);
-                let packed = || match target::packed::resolve(&cands, p) {
-                    Some(Ok((c, _))) if c.quantized => Some(c),
+                let packed = || match target::packed::resolve_all(&cands, p) {
+                    Some(Ok((found, _))) => found.into_iter().find(|c| c.quantized),
                     _ => None,
                 };
                 found.ok().map(|f| f[0]).or_else(packed).map(|c| (p, c))

@@ -380,11 +380,15 @@ fn plan<'a>(
                     calls.extend(twin.map(|(c, role)| (c.clone(), Some(role))));
                     calls
                 }
-                Err(e) => match packed::resolve(cands, path) {
-                    Some(Ok((c, role)))
+                Err(e) => match packed::resolve_all(cands, path) {
+                    // (one write per weight: the bodies of an If may read the same one)
+                    Some(Ok((found, role)))
                         if is_linear_lora(module) || module.kind == ModuleKind::Full =>
                     {
-                        vec![(c.clone(), Some(role))]
+                        one_write_per_weight(found)
+                            .into_iter()
+                            .map(|c| (c, Some(role)))
+                            .collect()
                     }
                     Some(Err(pe)) => {
                         unmatched.push(format!("{} ({pe})", module.keys.join(", ")));

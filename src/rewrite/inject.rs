@@ -248,15 +248,20 @@ fn adapter_branches_or_deltas(
                     }
                 }
             }
-            Err(_) if let Some(Ok((c, role))) = crate::target::packed::resolve(cands, path) => {
-                if deltas.is_none() && !c.branchable() {
-                    return Err(packed_slice_refusal(m, c, role, "", "merges it"));
+            Err(_)
+                if let Some(Ok((found, role))) =
+                    crate::target::packed::resolve_all(cands, path) =>
+            {
+                for c in found {
+                    if deltas.is_none() && !c.branchable() {
+                        return Err(packed_slice_refusal(m, c, role, "", "merges it"));
+                    }
+                    slices.push((c, role, m));
                 }
-                slices.push((c, role, m));
                 continue;
             }
             // (packed weights that none, or several, of fit: their own message)
-            Err(_) if let Some(Err(e)) = crate::target::packed::resolve(cands, path) => {
+            Err(_) if let Some(Err(e)) = crate::target::packed::resolve_all(cands, path) => {
                 if !allow_unmatched {
                     return Err(e);
                 }

@@ -149,6 +149,29 @@ fn layer_depth(path: &str) -> usize {
 /// index (0 q, 1 k, 2 v). `None` when `path` is no projection or the model packs nothing;
 /// an error when packed weights exist but none (or more than one) lies in the module's layer.
 pub fn resolve<'a>(cands: &'a [Candidate], path: &str) -> Option<Result<(&'a Candidate, usize)>> {
+    resolve_all(cands, path).map(|r| {
+        r.and_then(|(found, role)| match found.as_slice() {
+            [c] => Ok((*c, role)),
+            _ => Err(Error::Target(format!(
+                "module '{path}' is packed into {} weights, one in each body of an If (nodes {})",
+                found.len(),
+                found
+                    .iter()
+                    .map(|c| c.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        })
+    })
+}
+
+/// `resolve`, where the layer's packed weight may be in several bodies of an If (a merged
+/// decoder whose bodies onnxruntime both fused): one candidate per body, all holding the
+/// projection at the same index.
+pub fn resolve_all<'a>(
+    cands: &'a [Candidate],
+    path: &str,
+) -> Option<Result<(Vec<&'a Candidate>, usize)>> {
     let (parent, role) = role(path)?;
     let packed: Vec<&Candidate> = cands.iter().filter(|c| c.packed.is_some()).collect();
     if packed.is_empty() {
@@ -187,8 +210,20 @@ pub fn resolve<'a>(cands: &'a [Candidate], path: &str) -> Option<Result<(&'a Can
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // (the same layer in each body of an If: same scope, one candidate per subgraph)
+    let in_bodies = |cs: &[&Candidate]| {
+        let mut graphs: Vec<usize> = cs.iter().map(|c| c.graph).collect();
+        graphs.sort_unstable();
+        graphs.dedup();
+        graphs.len() == cs.len()
+            && cs.iter().all(|c| c.in_subgraph)
+            && cs.iter().all(|c| {
+                c.packed.as_ref().map(|p| &p.scope) == cs[0].packed.as_ref().map(|p| &p.scope)
+            })
+    };
     Some(match top.as_slice() {
-        [c] => Ok((*c, role)),
+        [c] => Ok((vec![*c], role)),
+        many if many.len() > 1 && in_bodies(many) => Ok((many.to_vec(), role)),
         [] => Err(Error::Target(format!(
             "module '{path}' matches no weight: the model packs q/k/v into {} weight(s) ({}), but none can be placed in '{parent}'",
             packed.len(),

@@ -135,7 +135,7 @@ pub fn export_root(
         return Ok(Some(root));
     }
     // (a q/k/v projection the export packed into one weight counts as there)
-    let packed = |s: &str| matches!(super::packed::resolve(cands, s), Some(Ok(_)));
+    let packed = |s: &str| matches!(super::packed::resolve_all(cands, s), Some(Ok(_)));
     let direct = |p: &str| found_as_is(cands, p) || packed(p);
     let is_module = |s: &str| cands.iter().any(|c| c.module == s) || packed(s);
     let rest: Vec<&str> = paths.iter().copied().filter(|p| !direct(p)).collect();

@@ -32,6 +32,8 @@
                    com.microsoft.Attention on the packed Wqkv [8, 24], `without_past` separate
                    /layers.0/self_attn/{q,k,v}_proj MatMuls summed; both end in
                    /layers.0/self_attn/out_proj/MatMul (x [1, 4, 8] -> y [1, 4, 8])
+  merged_packed_both.onnx  the same layer with both bodies fused: an Attention on the outer
+                   graph's one Wqkv in each
   cycle.onnx       /fc/MatMul's weight read through an Identity that feeds itself (malformed)
   long_name.onnx   linear.onnx with a 70000-character weight name
   opset6.onnx      linear.onnx at opset 6; ir3.onnx: at IR version 3 (W also a graph input)
@@ -269,6 +271,15 @@ def main(out):
                             numpy_helper.from_array(wq, "Wq"), numpy_helper.from_array(wk, "Wk"),
                             numpy_helper.from_array(wv, "Wv"), numpy_helper.from_array(f32(8, 8), "Wo")]),
          os.path.join(out, "merged_packed.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    # both bodies fused, reading the one packed weight of the outer graph
+    fused_too = helper.make_graph(list(fused.node), "without_past", [], [body_out])
+    save(helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                                             then_branch=fused, else_branch=fused_too)],
+                           "merged_packed_both", [x3, flag], [y3],
+                           [numpy_helper.from_array(np.concatenate([wq, wk, wv], 1), "Wqkv"),
+                            numpy_helper.from_array(np.zeros(24, np.float32), "bqkv"),
+                            numpy_helper.from_array(np.eye(8, dtype=np.float32), "Wo")]),
+         os.path.join(out, "merged_packed_both.onnx"), extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
     def linear(w_name="W", dtype=TensorProto.FLOAT, w=None, extra_inputs=()):
         xi = helper.make_tensor_value_info("x", dtype, [2, 8])
