@@ -77,7 +77,7 @@ pub struct Args {
     #[arg(long, value_name = "PREFIX")]
     root: Option<String>,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
-    /// branches; in weight space on packed q/k/v and fused layers) on the same inputs and
+    /// branches; in weight space inside onnxruntime's fused ops) on the same inputs and
     /// compare; exit 1 when they differ (the output is then
     /// removed, as when the check cannot run).
     #[arg(long)]
