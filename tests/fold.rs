@@ -217,11 +217,8 @@ fn packed_qkv_of_ort_optimized_models_match_peft() {
                 "--json",
             ]);
             let err = String::from_utf8_lossy(&o.stderr);
-            let verdict = String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|v| v["type"] == "verdict");
-            match verdict {
+            let verdicts = json_records(&String::from_utf8_lossy(&o.stdout), "verdict");
+            match verdicts.first() {
                 Some(v) if o.status.success() && v["passed"] == true => verified += 1,
                 _ => failures.push(format!("{what} --verify: {err}")),
             }

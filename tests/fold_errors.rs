@@ -2765,10 +2765,9 @@ fn a_layer_packed_in_one_if_body_only_folds_into_both() {
         "--verify",
         "--json",
     ]);
-    let switched = json
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["type"] == "output" && r["passed"] == true)
+    let switched = json_records(&json, "output")
+        .iter()
+        .filter(|r| r["passed"] == true)
         .count();
     assert_eq!(switched, 2, "{json}");
     let inj = env.p("inj.onnx");
@@ -3066,11 +3065,7 @@ fn verify_options_and_references_cover_what_is_written() {
         "cpu",
         "--json",
     ]);
-    let verdicts: Vec<serde_json::Value> = json
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "verdict")
-        .collect();
+    let verdicts = json_records(&json, "verdict");
     assert_eq!(verdicts.len(), 2, "{json}");
     assert!(verdicts.iter().all(|v| v["passed"] == true), "{json}");
     assert!(
@@ -3326,24 +3321,19 @@ fn a_layer_packed_in_both_if_bodies_folds_once() {
         "--verify",
         "--json",
     ]);
-    let records: Vec<serde_json::Value> = json
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .collect();
-    let modules = records.iter().filter(|r| r["type"] == "module").count();
+    let modules = json_records(&json, "module").len();
     assert_eq!(modules, 1, "one write of the shared packed weight: {json}");
-    let passed = records
+    let passed = json_records(&json, "output")
         .iter()
-        .filter(|r| r["type"] == "output" && r["passed"] == true)
+        .filter(|r| r["passed"] == true)
         .count();
     assert_eq!(passed, 2, "{json}");
     // Both bodies changed: each value of the switch differs from the base.
     let o = onnx_lora(&["verify", &s(&out), &s(&model), "--json"]);
     assert_eq!(o.status.code(), Some(1));
-    let failed = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["type"] == "output" && r["passed"] == false)
+    let failed = json_records(&String::from_utf8_lossy(&o.stdout), "output")
+        .iter()
+        .filter(|r| r["passed"] == false)
         .count();
     assert_eq!(failed, 2);
     let inj = env.p("inj.onnx");

@@ -1218,11 +1218,7 @@ fn serving_verify_checks_the_written_adapter_active() {
     assert!(err.contains("tract cannot activate LoRA adapters"), "{err}");
     assert!(!out.exists() && !file.exists());
     let stdout = onnx_lora_ok(&args("cpu").iter().map(String::as_str).collect::<Vec<_>>());
-    let verdicts: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "verdict")
-        .collect();
+    let verdicts = json_records(&stdout, "verdict");
     assert_eq!(verdicts.len(), 2, "{stdout}");
     assert!(verdicts.iter().all(|v| v["passed"] == true), "{stdout}");
     let reference =

@@ -22,6 +22,16 @@ pub fn onnx_lora(args: &[&str]) -> Output {
 }
 
 /// Runs the binary and asserts success, returning stdout.
+/// The JSON Lines records of `kind` (`"verdict"`, `"output"`, `"module"`, ...) in a command's
+/// stdout; lines that are no JSON object are skipped.
+pub fn json_records(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
 pub fn onnx_lora_ok(args: &[&str]) -> String {
     let out = onnx_lora(args);
     assert!(
