@@ -402,11 +402,35 @@ fn dry_run_reports_and_writes_nothing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let modules = records.iter().filter(|r| r["type"] == "module").count();
-    assert_eq!(modules, ad.targets.len(), "{stdout}");
+    let modules: Vec<_> = records.iter().filter(|r| r["type"] == "module").collect();
+    assert_eq!(modules.len(), ad.targets.len(), "{stdout}");
     let report = records.last().unwrap();
     assert_eq!(report["dry_run"], true, "{stdout}");
     assert!(report["output"].is_null(), "{stdout}");
+    // The merges are computed (and dropped): each module's largest change is the one the real
+    // run reports.
+    let out = dir.path().join("real.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        case.onnx.to_str().unwrap(),
+        ad.dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let real = json_records(&String::from_utf8_lossy(&o.stdout), "module");
+    assert_eq!(real.len(), modules.len());
+    for (dry, real) in modules.iter().zip(&real) {
+        let d = dry["max_abs_delta"]
+            .as_f64()
+            .expect("a dry run's max_abs_delta");
+        assert!(d > 0.0, "{dry}");
+        assert_eq!(
+            dry["max_abs_delta"], real["max_abs_delta"],
+            "{dry} vs {real}"
+        );
+    }
     let after: Vec<_> = std::fs::read_dir(case.onnx.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -126,6 +126,19 @@ fn non_finite_results_are_refused() {
     let model = fixtures().join("llama_fp16/dynamo/model.onnx");
     let err = fold_fails(&model, &big, &env.p("out16.onnx"), &[]);
     assert!(err.contains("beyond float16's range"), "{err}");
+    // A dry run computes the merges too, so it refuses what the real run refuses.
+    let o = onnx_lora(&[
+        "fold",
+        model.to_str().unwrap(),
+        big.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("beyond float16's range") && err.contains("module '"),
+        "{err}"
+    );
     // inject's factors and scale go through the same writer.
     let out = env.p("inj16.onnx");
     let o = onnx_lora(&[

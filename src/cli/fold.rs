@@ -22,7 +22,7 @@ use super::save_args::SaveArgs;
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
   onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
   onnx-lora fold genai/model.onnx adapter/ -o out.onnx --verify --dim kv_cache_dim=16
-  onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (reads, writes nothing)
+  onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (merges, writes nothing)
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
 file with its adapter_config.json beside it, or a kohya LoRA .safetensors file (lora_unet_* /
@@ -48,7 +48,9 @@ pub struct Args {
     #[arg(short, long, required_unless_present = "dry_run")]
     output: Option<PathBuf>,
     /// Check that the adapters fit the model and print what would change (module, weight,
-    /// rank, scale), without merging or writing anything.
+    /// rank, scale, largest change), writing nothing: the merges are computed and dropped, so
+    /// a result the real run would refuse (not finite, beyond a float16 weight's range) is
+    /// refused here too.
     #[arg(long, conflicts_with_all = ["output", "verify"])]
     dry_run: bool,
     /// Weight of each adapter's delta: one per adapter, in adapter order, or none (each 1); may
@@ -159,7 +161,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 (Some(onnx::save(&model, out, &opts)?), None)
             }
         }
-        _ => (None, None),
+        // A dry run computes the merged values without writing them: what the real run
+        // would refuse, it refuses, and it reports the largest changes.
+        _ => {
+            model
+                .compute_pending()
+                .with_context(|| format!("fold into {label}"))?;
+            (None, None)
+        }
     };
     if let Some(saved) = &saved {
         super::warn_after_write(&args.model, &model, saved);

@@ -393,6 +393,20 @@ impl LoadedModel {
         )
     }
 
+    /// Computes every pending value the model still references, in the order writing it would,
+    /// one tensor at a time, and drops each: a dry run's check, refusing what writing would
+    /// refuse (non-finite results, values beyond a narrow type's range). Values a rewrite
+    /// measures while computing (a fold's largest change) are set by it.
+    pub fn compute_pending(&self) -> Result<()> {
+        let mut proto = self.proto.clone();
+        for_each_tensor_mut(&mut proto, &mut |t: &mut TensorProto| -> Result<()> {
+            if pending_key(t).is_some() {
+                self.tensor_bytes(t)?;
+            }
+            Ok(())
+        })
+    }
+
     /// The tensor's data as little-endian bytes in the `raw_data` layout: a zero-copy slice for
     /// `raw_data` and external tensors, an encoding of the typed fields otherwise, and for a
     /// pending tensor the value its `LazyTensor` computes (now).
