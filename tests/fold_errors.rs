@@ -2393,24 +2393,22 @@ fn running_out_of_memory_is_one_line_and_leaves_no_output() {
 }
 
 /// onnxruntime's quantize_dynamic (MatMulInteger on DynamicQuantizeLinear's int8 activations,
-/// an int8 embedding table dequantized after its Gather): inspect lists the layers as
-/// quantized; fold and inject refuse them in one line that says why and what to do, instead
-/// of "matches no weight".
+/// then a Cast and a scale Mul; an int8 embedding table dequantized after its Gather): inspect
+/// lists the layers as quantized; inject puts float branches beside them, reading the float
+/// input and adding to the float output. The oracle is the float model with the same branches,
+/// quantized by quantize_dynamic with the branch nodes left float: the same graph, built by
+/// onnxruntime's own tool. fold refuses (int8 weights take no merge), naming the way that works.
 #[test]
-fn dynamically_quantized_layers_are_named_and_refused() {
+fn quantize_dynamic_layers_take_float_branches() {
     let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("qdyn.onnx");
-    py(
-        "quantize_dynamic.py",
-        &[&fixtures().join("llama/torchscript/model.onnx"), &q],
-    );
+    let p = |n: &str| dir.path().join(n);
     let s = |p: &Path| p.to_str().unwrap().to_string();
+    let llama = fixtures().join("llama/torchscript/model.onnx");
+    let inputs = s(&fixtures().join("llama/io/inputs.npz"));
+    let q = p("qdyn.onnx");
+    py("quantize_dynamic.py", &[&llama, &q]);
     let out = onnx_lora_ok(&["inspect", &s(&q), "--json"]);
-    let cands: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == "candidate")
-        .collect();
+    let cands = json_records(&out, "candidate");
     let of = |op: &str| cands.iter().filter(|c| c["op"] == op).count();
     assert_eq!(of("MatMulInteger"), 15, "{out}");
     assert!(cands.iter().all(|c| c["quantized"] == true), "{out}");
@@ -2420,59 +2418,168 @@ fn dynamically_quantized_layers_are_named_and_refused() {
             .any(|c| c["op"] == "Gather" && c["module"] == "model.embed_tokens"),
         "{out}"
     );
-    let adapter = fixtures().join("llama/adapters/plain");
-    let err = fold_fails(&q, &adapter, &dir.path().join("f.onnx"), &[]);
-    assert!(
-        err.contains("quantized activations (MatMulInteger")
-            && err.contains("fold the adapter into the float model, then quantize"),
-        "{err}"
-    );
-    // With --verify too: the refusal is the layer's, not advice to drop --verify.
-    let err = fold_fails(&q, &adapter, &dir.path().join("f.onnx"), &["--verify"]);
-    assert!(
-        err.contains("MatMulInteger") && !err.contains("without --verify"),
-        "{err}"
-    );
-    let ad = s(&adapter);
-    for extra in [
-        &["--adapter", &ad][..],
-        &["--rank", "4"],
-        &["--adapter", &ad, "--verify"],
-    ] {
-        let out = dir.path().join("i.onnx");
-        let mut args = vec!["inject".to_string(), s(&q), "-o".into(), s(&out)];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let err = onnx_lora_fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
+    for adapter in ["plain", "embedding"] {
+        let ad = s(&fixtures().join("llama/adapters").join(adapter));
+        let ours = p(&format!("{adapter}.onnx"));
+        let o = onnx_lora_ok(&[
+            "inject",
+            &s(&q),
+            "--adapter",
+            &ad,
+            "-o",
+            &s(&ours),
+            "--json",
+        ]);
+        let branches = json_records(&o, "branch");
+        let op = if adapter == "plain" {
+            "MatMulInteger"
+        } else {
+            "Gather"
+        };
         assert!(
-            err.contains("MatMulInteger") && err.contains("cannot put a float branch"),
-            "{err}"
+            !branches.is_empty()
+                && branches
+                    .iter()
+                    .all(|b| b["op"] == op && b["dtype"] == "float32"),
+            "{o}"
         );
+        // The twin: the same adapter as branches on the float model, then quantized with the
+        // branch nodes (their names hold "lora") left float.
+        let float = p(&format!("{adapter}_float.onnx"));
+        onnx_lora_ok(&["inject", &s(&llama), "--adapter", &ad, "-o", &s(&float)]);
+        let twin = p(&format!("{adapter}_twin.onnx"));
+        py("quantize_dynamic.py", &[&float, &twin, Path::new("lora")]);
+        let v = onnx_lora(&[
+            "verify",
+            &s(&ours),
+            &s(&twin),
+            "--inputs",
+            &inputs,
+            "--ep",
+            "cpu",
+        ]);
+        assert_eq!(
+            v.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+        // ... and the adapter changes the quantized model's output.
+        let v = onnx_lora(&[
+            "verify",
+            &s(&ours),
+            &s(&q),
+            "--inputs",
+            &inputs,
+            "--ep",
+            "cpu",
+        ]);
+        assert_eq!(
+            v.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+        // export-peft gives the adapter back: folded into the float model, it gives what
+        // the original gives, bit for bit.
+        let back = p(&format!("{adapter}_peft"));
+        onnx_lora_ok(&["export-peft", &s(&ours), "-o", &s(&back)]);
+        let (f1, f2) = (
+            p(&format!("{adapter}_f1.onnx")),
+            p(&format!("{adapter}_f2.onnx")),
+        );
+        onnx_lora_ok(&["fold", &s(&llama), &s(&back), "-o", &s(&f1)]);
+        onnx_lora_ok(&["fold", &s(&llama), &ad, "-o", &s(&f2)]);
+        let v = onnx_lora(&[
+            "verify",
+            &s(&f1),
+            &s(&f2),
+            "--inputs",
+            &inputs,
+            "--atol",
+            "0",
+            "--rtol",
+            "0",
+        ]);
+        assert_eq!(
+            v.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+        // fold cannot merge into the int8 weights, of the model or of its branches.
+        for args in [vec![s(&q), ad.clone()], vec![s(&ours)]] {
+            let f = p("f.onnx");
+            let mut args: Vec<&str> = std::iter::once("fold")
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            args.extend(["-o", f.to_str().unwrap()]);
+            let err = onnx_lora_fails(&args, &f);
+            assert!(
+                err.contains("quantized weight (") && err.contains("cannot be folded into"),
+                "{err}"
+            );
+        }
     }
-    // Partly quantized (the MLPs left float): the default targets leave the quantized layers
-    // out with a warning and inject the rest.
-    let part = dir.path().join("part.onnx");
-    let llama = fixtures().join("llama/torchscript/model.onnx");
-    py("quantize_dynamic.py", &[&llama, &part, Path::new("mlp")]);
-    let out = dir.path().join("part_inj.onnx");
-    let o = onnx_lora(&["inject", &s(&part), "--rank", "4", "-o", &s(&out), "--json"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
-    assert!(
-        err.contains("8 linear layer(s) left out") && err.contains("MatMulInteger"),
-        "{err}"
+    // A serving model: checked idle against the base and active against the branches.
+    let served = p("served.onnx");
+    let ad = s(&fixtures().join("llama/adapters/plain"));
+    let o = onnx_lora(&[
+        "inject",
+        &s(&q),
+        "--adapter",
+        &ad,
+        "--as-inputs",
+        "--adapter-out",
+        &s(&p("served.onnx_adapter")),
+        "-o",
+        &s(&served),
+        "--verify",
+        "--ep",
+        "cpu",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
     );
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let branches: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == "branch")
-        .collect();
-    assert_eq!(branches.len(), 6, "{stdout}");
+    assert_eq!(out.matches("PASS").count(), 2, "{out}");
+    // DoRA needs the weight's norm, which an int8 weight does not give.
+    let dora = s(&fixtures().join("llama/adapters/dora"));
+    let f = p("dora.onnx");
+    let err = onnx_lora_fails(&["inject", &s(&q), "--adapter", &dora, "-o", &s(&f)], &f);
+    assert!(err.contains("nor give DoRA its norm"), "{err}");
+    // A fresh inject takes every linear layer, the quantized ones too.
+    let f = p("fresh.onnx");
+    let o = onnx_lora_ok(&[
+        "inject",
+        &s(&q),
+        "--rank",
+        "4",
+        "-o",
+        &s(&f),
+        "--json",
+        "--verify",
+        "--ep",
+        "cpu",
+    ]);
+    assert_eq!(json_records(&o, "branch").len(), 14, "{o}");
+}
+
+/// A MatMulInteger whose float values are not where quantize_dynamic puts them (here its
+/// output is a graph output: no Cast + scale Mul) takes no branch: the refusal says why.
+#[test]
+fn matmul_integer_without_float_values_is_refused() {
+    let env = Env::new();
+    let m = env.p("mmi.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = env.p("o.onnx");
+    let err = onnx_lora_fails(&["inject", &s(&m), "--rank", "2", "-o", &s(&out)], &out);
     assert!(
-        branches
-            .iter()
-            .all(|b| b["module"].as_str().unwrap().contains(".mlp.")),
-        "{stdout}"
+        err.contains("MatMulInteger") && err.contains("finds no float values"),
+        "{err}"
     );
 }
 

@@ -23,7 +23,7 @@ call N/M (the N-th of M calls of a layer shared across calls, as ALBERT's: Torch
 the later calls `query_1`, `query_2`; they are listed, and --target selects them, under the
 module's own path, which adapters name),
 subgraph (inside an If/Loop/Scan body), quantized (fold refuses it; inject puts a float branch
-beside it, unless its activations are quantized too, as MatMulInteger's), packed-qkv (one weight holds the q, k and v projections side by side, as in
+beside it, for quantize_dynamic's MatMulInteger between the float values around it), packed-qkv (one weight holds the q, k and v projections side by side, as in
 onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
 column slices, placed by the module path named next to it).
 

@@ -191,7 +191,7 @@ fn check_root(root: Option<&str>, adapters: &[onnx_lora::adapter::Adapter]) -> a
 }
 
 /// Refuses, for `--verify`, an adapter module on a layer whose activations are quantized
-/// (MatMulInteger): no reference can be built with it, and neither fold nor inject can take
+/// (MatMulInteger) with no float values around it: no reference can be built with it, and neither fold nor inject can take
 /// it, so the refusal is the layer's own, not advice to drop `--verify`.
 fn refuse_dynamically_quantized(
     path: &std::path::Path,
@@ -204,8 +204,12 @@ fn refuse_dynamically_quantized(
     for adapter in adapters {
         let (paths, _) = onnx_lora::rewrite::module_paths(adapter, &cands)?;
         for p in paths.iter().flatten() {
-            let found =
-                target::resolve_module(&cands, p, |c| c.dynamically_quantized(), |_, _| false);
+            let found = target::resolve_module(
+                &cands,
+                p,
+                |c| c.dynamically_quantized() && !c.branchable(),
+                |_, _| false,
+            );
             if let Ok(found) = found {
                 anyhow::bail!(
                     "{}: module '{p}': {}",

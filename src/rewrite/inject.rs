@@ -671,14 +671,12 @@ pub fn inject(
 }
 
 /// The node whose output the branch is added to: the node itself, or for a MatMul the bias
-/// Add right after it, so onnxruntime can still fuse MatMul + bias exactly as in the base.
+/// Add right after it, so onnxruntime can still fuse MatMul + bias exactly as in the base; for
+/// a layer with quantized input and output, the node giving its float output.
 pub(super) fn anchor(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> usize {
     let view = &graph.graphs[c.graph];
-    let bias_add = || -> Option<usize> {
-        let y = graph
-            .node(&model.proto, c.graph, c.node_index)?
-            .output
-            .first()?;
+    let bias_add = |at: usize| -> Option<usize> {
+        let y = graph.node(&model.proto, c.graph, at)?.output.first()?;
         let [u] = view.consumers_of(y) else {
             return None;
         };
@@ -689,8 +687,12 @@ pub(super) fn anchor(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> 
             && !view.is_graph_output(y))
         .then_some(*u)
     };
-    match c.op.as_str() {
-        "MatMul" => bias_add().unwrap_or(c.node_index),
+    match (c.op.as_str(), &c.float_site) {
+        ("MatMul", _) => bias_add(c.node_index).unwrap_or(c.node_index),
+        // (quantize_dynamic's MatMul: the bias Add after its scale Mul, which onnxruntime
+        // fuses with it as it fuses a MatMul's)
+        ("MatMulInteger", Some(site)) => bias_add(site.anchor).unwrap_or(site.anchor),
+        (_, Some(site)) => site.anchor,
         _ => c.node_index,
     }
 }
@@ -748,7 +750,14 @@ fn add_branch(
             ))
         })?;
     let y_base = unique_name(&format!("{y}.base"), taken);
-    let mut nodes = branch_nodes(c, base, &names, &y, &y_base, &br.name);
+    // A MatMulInteger's branch reads the float x its DynamicQuantizeLinear quantizes.
+    let mut base = base.clone();
+    if let (Some(site), Some(x)) = (&c.float_site, base.input.first_mut())
+        && c.op == "MatMulInteger"
+    {
+        x.clone_from(&site.x);
+    }
+    let mut nodes = branch_nodes(c, &base, &names, &y, &y_base, &br.name);
     super::branch::mark_slices(&mut nodes, &br.slices);
     // Node and intermediate value names unique in the model (a layer may already have a branch,
     // e.g. in the reference of several adapters); the last node still produces y.
@@ -979,7 +988,15 @@ pub(super) fn activation_dtype(model: &LoadedModel, graph: &ModelGraph, c: &Cand
         let n = graph.node(&model.proto, c.graph, c.node_index);
         dtype = input_dtype(model, graph, c.graph, n.and_then(|n| n.input.get(2)));
     }
-    dtype
+    match (c.op.as_str(), &c.float_site) {
+        // (DynamicQuantizeLinear takes float32 only)
+        ("MatMulInteger", _) => DataType::Float,
+        (_, Some(site)) => {
+            let n = graph.node(&model.proto, c.graph, site.anchor);
+            input_dtype(model, graph, c.graph, n.and_then(|n| n.input.get(1)))
+        }
+        _ => dtype,
+    }
 }
 
 fn input_dtype(model: &LoadedModel, graph: &ModelGraph, gi: usize, v: Option<&String>) -> DataType {

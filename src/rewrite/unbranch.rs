@@ -312,7 +312,14 @@ pub fn find_branches(
             let y_base = add.input.first().cloned().unwrap_or_default();
             let (anchor, anchor_node) =
                 producer(&y_base).ok_or_else(|| broken("base node not found"))?;
-            let is_cand = |i: usize| cands.iter().find(|c| c.graph == gi && c.node_index == i);
+            // (a layer with quantized input and output: the node giving its float output)
+            let is_cand = |i: usize| {
+                cands.iter().find(|c| {
+                    c.graph == gi
+                        && (c.node_index == i
+                            || c.float_site.as_ref().is_some_and(|s| s.anchor == i))
+                })
+            };
             // The branch sits on the base node, or on the bias Add after a MatMul.
             let cand = is_cand(anchor)
                 .or_else(|| {
@@ -438,7 +445,10 @@ pub fn find_branches(
                     "its Gemm has transA but the branch reads x untransposed",
                 ));
             }
-            let layer_x = base.input.get(if a_op == "Gather" { 1 } else { 0 });
+            let layer_x = match &cand.float_site {
+                Some(site) => Some(&site.x),
+                None => base.input.get(if a_op == "Gather" { 1 } else { 0 }),
+            };
             if Some(&x) != layer_x {
                 return Err(broken(&format!(
                     "its lora_A reads '{x}', not the input '{}' of its layer '{}'",

@@ -135,11 +135,11 @@ pub fn read(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<We
 
 /// The candidate's weight as stored, checked to be a float weight LoRA can change.
 pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<StoredWeight> {
-    if c.dynamically_quantized() {
+    if c.dynamically_quantized() && c.float_site.is_none() {
         return Err(Error::tensor(
             &c.weight,
             format!(
-                "module '{}' has a quantized weight and quantized activations ({}, as onnxruntime's quantization writes it): it cannot be folded into, nor take a float branch; fold the adapter into the float model, then quantize that",
+                "module '{}' has a quantized weight and quantized activations ({}, as onnxruntime's quantization writes it): it cannot be folded into, nor take a float branch (no DynamicQuantizeLinear before it and Cast + scale Mul after it, as quantize_dynamic writes); fold the adapter into the float model, then quantize that",
                 c.module, c.op
             ),
         ));

@@ -93,6 +93,21 @@ pub struct Candidate {
     /// Which input of the node is the weight.
     #[serde(skip)]
     pub weight_input: usize,
+    /// For a layer whose own input and output are quantized, where its float values are.
+    #[serde(skip)]
+    pub float_site: Option<FloatSite>,
+}
+
+/// Where a layer whose own input and output are quantized (onnxruntime's `quantize_dynamic`:
+/// MatMulInteger between DynamicQuantizeLinear and a Cast + scale Mul; a Gather from an int8
+/// table before DequantizeLinear) has the float values a branch reads and adds to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloatSite {
+    /// The layer's float input: DynamicQuantizeLinear's input; a Gather's indices.
+    pub x: String,
+    /// Index of the node whose float output is the layer's output: the scale Mul after the
+    /// Cast; the DequantizeLinear after the Gather.
+    pub anchor: usize,
 }
 
 impl Candidate {
@@ -119,7 +134,8 @@ impl Candidate {
     pub fn branchable(&self) -> bool {
         match self.op.as_str() {
             "MatMul" | "Gemm" | "MatMulNBits" | "Conv" => true,
-            "Gather" => !self.quantized,
+            "Gather" => !self.quantized || self.float_site.is_some(),
+            "MatMulInteger" => self.float_site.is_some(),
             _ => false,
         }
     }
@@ -129,7 +145,7 @@ impl Candidate {
     pub fn no_branch_reason(&self) -> String {
         if self.dynamically_quantized() {
             format!(
-                "its input and output are quantized ({} {}, as onnxruntime's quantization writes it), so inject cannot put a float branch beside it; fold the adapter into the float model, then quantize that",
+                "its input and output are quantized ({} {}) and it is not between DynamicQuantizeLinear and a Cast + scale Mul (a Gather: before a DequantizeLinear) as onnxruntime's quantize_dynamic writes it, so inject finds no float values to put a branch beside; fold the adapter into the float model, then quantize that",
                 self.op, self.node
             )
         } else {
@@ -230,12 +246,18 @@ fn candidate(
     let (module, evidence, other_paths) =
         module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
+    let float_site = if quantized {
+        float_site(model, graph, gi, node)
+    } else {
+        None
+    };
     Some(Candidate {
         module,
         evidence,
         other_paths,
         quantized,
         packed,
+        float_site,
         ..walked.candidate(
             (gi, ni, node, wi),
             tensor,
@@ -243,6 +265,67 @@ fn candidate(
             (in_features, out_features),
         )
     })
+}
+
+/// The float values around a MatMulInteger or a quantized Gather (see [`FloatSite`]), when
+/// the nodes around it are those `quantize_dynamic` writes and nothing else reads the
+/// quantized values in between.
+fn float_site(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    gi: usize,
+    node: &NodeProto,
+) -> Option<FloatSite> {
+    let view = &graph.graphs[gi];
+    let sole = |v: &str| -> Option<(usize, &NodeProto)> {
+        let [u] = view.consumers_of(v) else {
+            return None;
+        };
+        if view.is_graph_output(v) {
+            return None;
+        }
+        graph.node(model, gi, *u).map(|n| (*u, n))
+    };
+    match node.op_type() {
+        "MatMulInteger" => {
+            let xq = node.input.first()?;
+            let dq = graph.node(model, gi, *view.producer.get(xq)?)?;
+            if dq.op_type() != "DynamicQuantizeLinear" || dq.output.first() != Some(xq) {
+                return None;
+            }
+            let x_scale = dq.output.get(1)?;
+            let (_, cast) = sole(node.output.first()?)?;
+            if cast.op_type() != "Cast" || cast.attr_i("to") != Some(1)
+            /* FLOAT */
+            {
+                return None;
+            }
+            let (mi, mul) = sole(cast.output.first()?)?;
+            // The Mul scales by x's scale (times the weight's, through one more Mul).
+            let scaled_by_x = mul.op_type() == "Mul"
+                && mul.input.iter().any(|v| {
+                    v == x_scale
+                        || view
+                            .producer
+                            .get(v)
+                            .and_then(|&p| graph.node(model, gi, p))
+                            .is_some_and(|p| p.op_type() == "Mul" && p.input.contains(x_scale))
+                });
+            scaled_by_x.then(|| FloatSite {
+                x: dq.input.first().cloned().unwrap_or_default(),
+                anchor: mi,
+            })
+        }
+        "Gather" => {
+            let (di, dq) = sole(node.output.first()?)?;
+            let ids = node.input.get(1)?;
+            (dq.op_type() == "DequantizeLinear").then(|| FloatSite {
+                x: ids.clone(),
+                anchor: di,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// A constant found behind a node input (see [`walk_to_const`]).
@@ -295,6 +378,7 @@ impl Walked {
             source: Some(self.source),
             chain: self.chain,
             weight_input: wi,
+            float_site: None,
         }
     }
 }

@@ -344,6 +344,7 @@ mod tests {
             }),
             chain: vec![],
             weight_input: 1,
+            float_site: None,
         };
         let cands = [
             cand("a.query", "W"),

@@ -101,6 +101,11 @@ def main(out):
     dq = helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], name="/fc/DequantizeLinear")
     mm = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
     save(helper.make_graph([dq, mm], "dq", [x], [y], [wq, s]), os.path.join(out, "dq.onnx"))
+    # MatMulInteger with its int8 input and int32 output as the graph's: no float values.
+    xq = helper.make_tensor_value_info("xq", TensorProto.INT8, [2, 8])
+    yi = helper.make_tensor_value_info("yi", TensorProto.INT32, [2, 4])
+    mmi = helper.make_node("MatMulInteger", ["xq", "Wq"], ["yi"], name="/fc/MatMul_quant")
+    save(helper.make_graph([mmi], "mmi", [xq], [yi], [wq]), os.path.join(out, "mmi.onnx"))
 
     xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])
     yo = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])
