@@ -191,8 +191,9 @@ fn check_root(root: Option<&str>, adapters: &[onnx_lora::adapter::Adapter]) -> a
 }
 
 /// Refuses, for `--verify`, an adapter module on a layer whose activations are quantized
-/// (MatMulInteger) with no float values around it: no reference can be built with it, and neither fold nor inject can take
-/// it, so the refusal is the layer's own, not advice to drop `--verify`.
+/// (MatMulInteger) with no float values around it: no reference can be built with it, and
+/// neither fold nor inject can take it, so the refusal is the layer's own, not advice to drop
+/// `--verify`.
 fn refuse_dynamically_quantized(
     path: &std::path::Path,
     model: &onnx_lora::onnx::LoadedModel,

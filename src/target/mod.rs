@@ -295,9 +295,8 @@ fn float_site(
             }
             let x_scale = dq.output.get(1)?;
             let (_, cast) = sole(node.output.first()?)?;
-            if cast.op_type() != "Cast" || cast.attr_i("to") != Some(1)
-            /* FLOAT */
-            {
+            let to_float = Some(i64::from(DataType::Float.to_i32()));
+            if cast.op_type() != "Cast" || cast.attr_i("to") != to_float {
                 return None;
             }
             let (mi, mul) = sole(cast.output.first()?)?;
