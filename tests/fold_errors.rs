@@ -2568,6 +2568,56 @@ fn quantize_dynamic_layers_take_float_branches() {
     assert_eq!(json_records(&o, "branch").len(), 14, "{o}");
 }
 
+/// torch's exporters fold a BatchNorm after a Conv into its weight (W·γ/σ); an adapter trained
+/// on the conv would need that γ/σ. fold and inject refuse it, naming the way out; inspect
+/// flags the layer. A computed weight beside the conv's own bias (weight normalization) is no
+/// fusion: it folds.
+#[test]
+fn batchnorm_folded_into_a_conv_is_refused() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let t = vec![
+        (
+            "conv.lora_A.weight".to_string(),
+            vec![2, 3, 3, 3],
+            vec![0.1; 54],
+        ),
+        (
+            "conv.lora_B.weight".to_string(),
+            vec![4, 2, 1, 1],
+            vec![0.1; 8],
+        ),
+    ];
+    let ad = s(&write_adapter(&env.p("ad"), config(), &refs(&t)));
+    for model in ["conv_bn_ts.onnx", "conv_bn_dynamo.onnx"] {
+        let m = s(&env.p(model));
+        let out = onnx_lora_ok(&["inspect", &m, "--json"]);
+        let cands = json_records(&out, "candidate");
+        assert!(cands.len() == 1 && cands[0]["norm_folded"] == true, "{out}");
+        let o = env.p("o.onnx");
+        for args in [
+            vec!["fold", &m, &ad, "-o", o.to_str().unwrap()],
+            vec!["inject", &m, "--adapter", &ad, "-o", o.to_str().unwrap()],
+        ] {
+            let err = onnx_lora_fails(&args, &o);
+            assert!(
+                err.contains("module 'conv': the exporter folded the BatchNorm")
+                    && err.contains("TrainingMode.PRESERVE"),
+                "{model}: {err}"
+            );
+        }
+    }
+    let m = s(&env.p("conv_wn_ts.onnx"));
+    let out = onnx_lora_ok(&["inspect", &m, "--json"]);
+    assert!(
+        json_records(&out, "candidate")[0]
+            .get("norm_folded")
+            .is_none(),
+        "{out}"
+    );
+    onnx_lora_ok(&["fold", &m, &ad, "-o", &s(&env.p("wn.onnx"))]);
+}
+
 /// A MatMulInteger whose float values are not where quantize_dynamic puts them (here its
 /// output is a graph output: no Cast + scale Mul) takes no branch: the refusal says why.
 #[test]

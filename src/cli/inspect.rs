@@ -22,7 +22,8 @@ FLAGS: shared (the weight also feeds other nodes; fold gives the target its own 
 call N/M (the N-th of M calls of a layer shared across calls, as ALBERT's: TorchScript scopes
 the later calls `query_1`, `query_2`; they are listed, and --target selects them, under the
 module's own path, which adapters name),
-subgraph (inside an If/Loop/Scan body), quantized (fold refuses it; inject puts a float branch
+subgraph (inside an If/Loop/Scan body), batchnorm-folded (the exporter folded the BatchNorm after
+the layer into its weight: adapters trained on the layer are refused), quantized (fold refuses it; inject puts a float branch
 beside it, for quantize_dynamic's MatMulInteger between the float values around it), packed-qkv (one weight holds the q, k and v projections side by side, as in
 onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
 column slices, placed by the module path named next to it).
@@ -109,6 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
             if c.quantized {
                 flags.push("quantized".into());
+            }
+            if c.norm_folded {
+                flags.push("batchnorm-folded".into());
             }
             if c.packed.is_some() {
                 flags.push("packed-qkv".into());

@@ -413,6 +413,9 @@ fn plan<'a>(
                 },
             };
             for (c, role) in found {
+                if c.norm_folded {
+                    return Err(Error::Target(crate::target::norm_folded_refusal(path, &c)));
+                }
                 let step = Step {
                     module,
                     scale: adapter.scaling(module) * weight,

@@ -278,6 +278,9 @@ fn adapter_branches_or_deltas(
             }
         };
         for c in found {
+            if c.norm_folded {
+                return Err(Error::Target(crate::target::norm_folded_refusal(path, c)));
+            }
             if let Some(saved) = m.full.get("weight") {
                 super::weights::check_saved_base(model, graph, c, &m.path, saved)?;
             }

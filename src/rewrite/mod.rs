@@ -60,6 +60,17 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
 /// factors are for (a conv-shaped lora_A on a MatMul): that layer and the factors' shapes, for
 /// the message; None when no layer of any kind has the path.
 pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
+    // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its
+    // weight keeps the layer's parameter name.
+    let folded = cands.iter().find(|c| {
+        c.norm_folded
+            && c.weight
+                .strip_suffix(".weight")
+                .is_some_and(|w| crate::target::select::name_matches(w, path))
+    });
+    if let Some(c) = folded {
+        return Some(crate::target::norm_folded_refusal(path, c));
+    }
     let c = crate::target::resolve_module(cands, path, |c| !accepts(m, c), |_, _| true).ok()?[0];
     let shapes = match (&m.a, &m.b) {
         (Some(a), Some(b)) => format!("its factors have shapes A {:?}, B {:?}", a.shape, b.shape),

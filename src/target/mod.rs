@@ -75,6 +75,10 @@ pub struct Candidate {
     pub in_subgraph: bool,
     /// Quantized base (MatMulNBits or a DequantizeLinear on the weight path).
     pub quantized: bool,
+    /// The exporter folded a BatchNorm after the layer into its weight (see
+    /// [`norm_folded`]): an adapter trained on the layer cannot be applied to it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub norm_folded: bool,
     /// The weight packs q/k/v projections side by side (onnxruntime's Attention, `qkv_proj`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed: Option<packed::Packed>,
@@ -256,6 +260,7 @@ fn candidate(
         evidence,
         other_paths,
         quantized,
+        norm_folded: norm_folded(node, tensor.name()),
         packed,
         float_site,
         ..walked.candidate(
@@ -265,6 +270,30 @@ fn candidate(
             (in_features, out_features),
         )
     })
+}
+
+/// Whether the exporter folded a BatchNorm that follows the layer into its weight and bias
+/// (W·γ/σ): PEFT's LoRA acts before the BatchNorm, so its delta would need that per-channel
+/// γ/σ, which the export no longer holds. torch's dynamo exporter marks the node with the
+/// optimizer rule that did it; the TorchScript exporter leaves no mark, but gives the Conv a
+/// weight and a bias that are both constants it computed (`onnx::Conv_N`), where a Conv's own
+/// parameters keep their names (a computed weight alone, as weight normalization gives, keeps
+/// its bias's name).
+fn norm_folded(node: &NodeProto, weight: &str) -> bool {
+    let rule = node.metadata("pkg.onnxscript.rewriter.rule_name");
+    let computed = |v: Option<&String>| v.is_some_and(|v| v.starts_with("onnx::Conv_"));
+    rule.is_some_and(|r| r.contains("FuseBatchNorm"))
+        || (node.op_type() == "Conv"
+            && weight.starts_with("onnx::Conv_")
+            && computed(node.input.get(2)))
+}
+
+/// The refusal of an adapter module on a layer with a BatchNorm folded into it.
+pub fn norm_folded_refusal(path: &str, c: &Candidate) -> String {
+    format!(
+        "module '{path}': the exporter folded the BatchNorm after it into its {} node '{}' (weight '{}' holds W·γ/σ), and the adapter's delta would need that γ/σ, which the model no longer holds; export the model with the BatchNorm kept apart (TorchScript: `training=torch.onnx.TrainingMode.PRESERVE`; dynamo: `optimize=False`), or fold the adapter in torch before exporting",
+        c.op, c.node, c.weight
+    )
 }
 
 /// The float values around a MatMulInteger or a quantized Gather (see [`FloatSite`]), when
@@ -370,6 +399,7 @@ impl Walked {
             shared_with: Vec::new(),
             in_subgraph: gi != 0,
             quantized: false,
+            norm_folded: false,
             packed: None,
             through: self.through,
             graph: gi,

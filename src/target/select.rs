@@ -333,6 +333,7 @@ mod tests {
             shared_with: vec![],
             in_subgraph: false,
             quantized: false,
+            norm_folded: false,
             packed: None,
             through: vec![],
             graph: 0,

@@ -101,6 +101,24 @@ def main(out):
     dq = helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], name="/fc/DequantizeLinear")
     mm = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
     save(helper.make_graph([dq, mm], "dq", [x], [y], [wq, s]), os.path.join(out, "dq.onnx"))
+    # A BatchNorm folded into the Conv before it, as torch's exporters write it. TorchScript:
+    # weight and bias both constants it computed (onnx::Conv_N). dynamo: the conv's parameter
+    # name, the node named after the BatchNorm and marked by the optimizer rule. The control:
+    # a computed weight beside the conv's own bias (weight normalization), which is no fusion.
+    xb = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])
+    yb = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])
+    def conv_bn(w, b, name, meta=()):
+        n = helper.make_node("Conv", ["x", w, b], ["y"], name=name, pads=[1, 1, 1, 1])
+        for k, v in meta:
+            n.metadata_props.add(key=k, value=v)
+        return helper.make_graph([n], "conv_bn", [xb], [yb], [numpy_helper.from_array(f32(4, 3, 3, 3), w),
+                                                           numpy_helper.from_array(f32(4), b)])
+    save(conv_bn("onnx::Conv_10", "onnx::Conv_11", "/conv/Conv"), os.path.join(out, "conv_bn_ts.onnx"))
+    save(conv_bn("conv.weight", "conv.weight_bias", "node_Conv_18",
+                 [("pkg.onnxscript.rewriter.rule_name", "FuseBatchNormIntoConv, RemoveOptionalBiasFromConv"),
+                  ("pkg.torch.onnx.name_scopes", "['', 'bn', '_native_batch_norm_legit_no_training']")]),
+         os.path.join(out, "conv_bn_dynamo.onnx"))
+    save(conv_bn("onnx::Conv_10", "conv.bias", "/conv/Conv"), os.path.join(out, "conv_wn_ts.onnx"))
     # MatMulInteger with its int8 input and int32 output as the graph's: no float values.
     xq = helper.make_tensor_value_info("xq", TensorProto.INT8, [2, 8])
     yi = helper.make_tensor_value_info("yi", TensorProto.INT32, [2, 4])
