@@ -1106,6 +1106,65 @@ fn no_writer_overwrites_an_adapter_or_model() {
     assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
 
+/// An adapter rooted above the export (`model.decoder...` in the adapter, `decoder...` in an
+/// OPT export) whose modules_to_save sits outside that root (`lm_head`): inject and
+/// fold --verify write the replaced values apart from the LoRA, and that part has no path
+/// under the root; it must not be refused for it. Same result as the adapter without the root.
+#[test]
+fn a_whole_module_outside_the_settled_root_is_taken() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&fixtures().join("bert/torchscript/model.onnx"));
+    let inputs = s(&fixtures().join("bert/io/inputs.npz"));
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["query"], "modules_to_save": ["position_embeddings"]});
+    let table: Vec<f32> = (0..64 * 32).map(|i| (i % 7) as f32 * 0.01).collect();
+    let adapter = |dir: &str, root: &str| {
+        let q = format!("{root}encoder.layer.0.attention.self.query");
+        let t = lora(&q, 32, 32, 0.05);
+        let mut t = refs(&t);
+        t.push((
+            "embeddings.position_embeddings.weight",
+            vec![64, 32],
+            table.clone(),
+        ));
+        s(&write_adapter(&env.p(dir), cfg.clone(), &t))
+    };
+    let (rooted, plain) = (adapter("rooted", "wrap."), adapter("plain", ""));
+    let (a, b) = (env.p("a.onnx"), env.p("b.onnx"));
+    let o = onnx_lora_ok(&[
+        "inject",
+        &model,
+        "--adapter",
+        &rooted,
+        "-o",
+        &s(&a),
+        "--json",
+    ]);
+    assert_eq!(json_records(&o, "branch").len(), 1, "{o}");
+    assert_eq!(json_records(&o, "replaced").len(), 1, "{o}");
+    onnx_lora_ok(&["inject", &model, "--adapter", &plain, "-o", &s(&b)]);
+    let v = onnx_lora(&[
+        "verify",
+        &s(&a),
+        &s(&b),
+        "--inputs",
+        &inputs,
+        "--atol",
+        "0",
+        "--rtol",
+        "0",
+    ]);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    let f = s(&env.p("f.onnx"));
+    onnx_lora_ok(&["fold", &model, &rooted, "-o", &f, "--verify", "--ep", "cpu"]);
+}
+
 /// A whole weight (modules_to_save) comes in torch's layout for its layer, whatever the
 /// adapter's fan_in_fan_out says about its LoRA targets: a Linear's (out, in) goes into a
 /// MatMul's (in, out) weight transposed.

@@ -287,12 +287,17 @@ impl Adapter {
             }
             low.push(m);
         }
-        let part = |modules| Adapter {
+        // (a part keeps the root only if some of its paths are under it: a root settled for
+        // the whole adapter, `model.`, is none of `lm_head`'s)
+        let part = |modules: Vec<ModuleAdapter>| Adapter {
             path: self.path.clone(),
             config: self.config.clone(),
+            root: self.root.clone().filter(|r| {
+                let under = format!("{}.", r.trim_end_matches('.'));
+                modules.iter().any(|m| m.path.starts_with(&under))
+            }),
             modules,
             ignored: Vec::new(),
-            root: self.root.clone(),
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)
