@@ -1106,6 +1106,25 @@ fn no_writer_overwrites_an_adapter_or_model() {
     assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
 
+/// PEFT's LoRA on a torch.nn.MultiheadAttention nests its out_proj's factors under the
+/// module's base_layer; PEFT loads them (they are no untargeted leftovers to warn about), and
+/// onnx-lora refuses the adapter by name.
+#[test]
+fn a_multihead_attention_lora_is_refused_by_name() {
+    let env = Env::new();
+    let mut t = lora("attn", 16, 48, 0.1);
+    t.extend(lora("attn.base_layer.out_proj", 16, 16, 0.1));
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["attn"]});
+    let ad = write_adapter(&env.p("mha"), cfg, &refs(&t));
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("module 'attn' is PEFT's LoRA on a torch.nn.MultiheadAttention")
+            && !err.contains("PEFT does not load them"),
+        "{err}"
+    );
+}
+
 /// An adapter rooted above the export (`model.decoder...` in the adapter, `decoder...` in an
 /// OPT export) whose modules_to_save sits outside that root (`lm_head`): inject and
 /// fold --verify write the replaced values apart from the LoRA, and that part has no path

@@ -576,6 +576,20 @@ fn keep_what_peft_loads(
     // (`lm_head`), which only the model knows: LoRAs on such layers are kept.
     let ties = config.raw.get("ensure_weight_tying") == Some(&Value::Bool(true))
         && config.scope.targets_an_embedding();
+    // PEFT's LoRA on a torch.nn.MultiheadAttention: factors for its packed in_proj at the
+    // module, and those of its out_proj nested under the module's base_layer. Exports compute
+    // that attention in nodes onnx-lora cannot map the two deltas onto.
+    if let Some((outer, nested)) = modules.iter().filter(|m| is_lora(m)).find_map(|m| {
+        let (outer, _) = m.path.split_once(".base_layer.")?;
+        modules
+            .iter()
+            .any(|o| o.path == outer && is_lora(o))
+            .then(|| (outer.to_string(), m.path.clone()))
+    }) {
+        return Err(format!(
+            "module '{outer}' is PEFT's LoRA on a torch.nn.MultiheadAttention (factors for its packed in_proj at '{outer}', its out_proj's nested at '{nested}'), which onnx-lora does not support; merge it in torch (merge_and_unload) before exporting"
+        ));
+    }
     let mut untargeted = Vec::new();
     modules.retain(|m| {
         // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
