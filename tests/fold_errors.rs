@@ -564,6 +564,72 @@ fn malformed_factor_shapes_are_refused() {
     );
 }
 
+/// Trainable tokens on an embedding module its call sites share (T5's `shared`): the export
+/// names the Gathers after the call sites, and only the table after the module. The tokens go
+/// into that table, once, for both readers. A LoRA on `shared` still matches nothing: PEFT's
+/// LoRA on it leaves the call sites (the same nn.Embedding) as they are.
+#[test]
+fn trainable_tokens_find_a_table_by_its_module_name() {
+    let env = Env::new();
+    let rows: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q"], "trainable_token_indices": {"shared": [2, 5]}});
+    let ad = write_adapter(
+        &env.p("tok"),
+        cfg,
+        &[(
+            "shared.token_adapter.trainable_tokens_delta",
+            vec![2, 8],
+            rows.clone(),
+        )],
+    );
+    let model = env.p("shared_table.onnx");
+    let out = env.p("shared_table.out.onnx");
+    onnx_lora_ok(&[
+        "fold",
+        model.to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let table = |path: &Path| -> Vec<f32> {
+        let m = onnx_lora::onnx::load(path).unwrap();
+        let g = m.proto.graph.as_ref().unwrap();
+        assert_eq!(g.initializer.len(), 1, "{}: one table", path.display());
+        let bytes = m.tensor_bytes(&g.initializer[0]).unwrap();
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let (before, after) = (table(&model), table(&out));
+    for r in 0..16 {
+        let expect = match r {
+            2 => &rows[..8],
+            5 => &rows[8..],
+            _ => &before[r * 8..r * 8 + 8],
+        };
+        assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
+    }
+    let t = vec![
+        (
+            "shared.lora_embedding_A".to_string(),
+            vec![2, 16],
+            vec![0.1; 32],
+        ),
+        (
+            "shared.lora_embedding_B".to_string(),
+            vec![8, 2],
+            vec![0.1; 16],
+        ),
+    ];
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["shared"]});
+    let ad = write_adapter(&env.p("emb"), cfg, &refs(&t));
+    let err = fold_fails(&model, &ad, &env.p("x.onnx"), &[]);
+    assert!(err.contains("module 'shared' matches no weight"), "{err}");
+}
+
 /// Trainable tokens on a table stored once for the embedding and a tied output layer (Gemm
 /// transB=1 on the same initializer): the shared table changes in place, for both readers, as
 /// PEFT's tied token adapter has it; a quantized output layer of the table's shape is noted.

@@ -362,12 +362,26 @@ fn plan<'a>(
                 });
             }
             let accept = |c: &Candidate| super::accepts(module, c);
-            let found: Vec<(Candidate, Option<usize>)> = match resolve_module(
-                cands,
-                path,
-                accept,
-                &same_values,
-            ) {
+            // Trainable tokens on an embedding module that its call sites share (T5's `shared`,
+            // which is encoder.embed_tokens and decoder.embed_tokens): the export names the
+            // Gathers after the call sites, the table after the module. (Not a LoRA: PEFT's
+            // LoRA on `shared` leaves the call sites as they are.)
+            let resolved = resolve_module(cands, path, accept, &same_values).or_else(|e| {
+                let by_table: Vec<&Candidate> = cands
+                    .iter()
+                    .filter(|c| {
+                        module.kind == ModuleKind::Tokens
+                            && accept(c)
+                            && c.other_paths.iter().any(|p| p == path)
+                    })
+                    .collect();
+                if by_table.is_empty() {
+                    Err(e)
+                } else {
+                    Ok(by_table)
+                }
+            });
+            let found: Vec<(Candidate, Option<usize>)> = match resolved {
                 Ok(found) => {
                     // The same layer packed in another If body (q/k/v fused in one body only).
                     let twin = (is_linear_lora(module) || module.kind == ModuleKind::Full)

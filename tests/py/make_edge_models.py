@@ -119,6 +119,16 @@ def main(out):
                   ("pkg.torch.onnx.name_scopes", "['', 'bn', '_native_batch_norm_legit_no_training']")]),
          os.path.join(out, "conv_bn_dynamo.onnx"))
     save(conv_bn("onnx::Conv_10", "conv.bias", "/conv/Conv"), os.path.join(out, "conv_wn_ts.onnx"))
+    # One table that two call sites read (T5's `shared`, which is encoder.embed_tokens and
+    # decoder.embed_tokens): the Gathers are named after the call sites, the table after it.
+    ids_e = helper.make_tensor_value_info("enc_ids", TensorProto.INT64, [1, 3])
+    ids_d = helper.make_tensor_value_info("dec_ids", TensorProto.INT64, [1, 3])
+    ye = helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 3, 8])
+    yd = helper.make_tensor_value_info("d", TensorProto.FLOAT, [1, 3, 8])
+    save(helper.make_graph([helper.make_node("Gather", ["shared.weight", "enc_ids"], ["e"], name="/encoder/embed_tokens/Gather"),
+                            helper.make_node("Gather", ["shared.weight", "dec_ids"], ["d"], name="/decoder/embed_tokens/Gather")],
+                           "shared_table", [ids_e, ids_d], [ye, yd], [numpy_helper.from_array(f32(16, 8), "shared.weight")]),
+         os.path.join(out, "shared_table.onnx"))
     # MatMulInteger with its int8 input and int32 output as the graph's: no float values.
     xq = helper.make_tensor_value_info("xq", TensorProto.INT8, [2, 8])
     yi = helper.make_tensor_value_info("yi", TensorProto.INT32, [2, 4])
