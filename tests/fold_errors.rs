@@ -247,6 +247,25 @@ fn quantized_and_grouped_weights_are_refused() {
     let ad = env.grouped_conv_adapter();
     let err = env.fold_fails("grouped.onnx", &ad);
     assert!(err.contains("group"), "{err}");
+    // inject takes it as a branch; its --verify reference folds, so it says how to check
+    // instead, and writes nothing.
+    let out = env.p("g.onnx");
+    let (m, a) = (env.p("grouped.onnx"), ad.to_str().unwrap().to_string());
+    let args = [
+        "inject",
+        m.to_str().unwrap(),
+        "--adapter",
+        &a,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    onnx_lora_ok(&args);
+    std::fs::remove_file(&out).unwrap();
+    let err = onnx_lora_fails(&[&args[..], &["--verify", "--ep", "cpu"]].concat(), &out);
+    assert!(
+        err.contains("group") && err.contains("inject without --verify"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -249,7 +249,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                             ..Default::default()
                         },
                     )
-                    .context("--verify: folding the adapter for the reference")?;
+                    .context("--verify: folding the adapter for the reference (inject without --verify, then check the output with `onnx-lora verify OUT --expect OUTPUTS.npz`)")?;
                     Some((folded, "the reference (base with the adapter folded in)"))
                 }
             }
