@@ -1191,6 +1191,30 @@ fn no_writer_overwrites_an_adapter_or_model() {
     assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
 
+/// Whole tensors that match no layer: each is listed, and where whole tensors can go is said
+/// once, after the list (it used to follow every module).
+#[test]
+fn unmatched_whole_tensors_say_where_they_fit_once() {
+    let env = Env::new();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["other"], "modules_to_save": ["n1", "n2"]});
+    let ad = write_adapter(
+        &env.p("mts"),
+        cfg,
+        &[
+            ("n1.weight", vec![4], vec![1.0; 4]),
+            ("n2.weight", vec![4], vec![1.0; 4]),
+        ],
+    );
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(
+        err.contains("module 'n1' matches no weight")
+            && err.contains("module 'n2' matches no weight"),
+        "{err}"
+    );
+    assert_eq!(err.matches("Whole tensors fold into").count(), 1, "{err}");
+}
+
 /// PEFT's LoRA on a torch.nn.MultiheadAttention nests its out_proj's factors under the
 /// module's base_layer; PEFT loads them (they are no untargeted leftovers to warn about), and
 /// onnx-lora refuses the adapter by name.

@@ -341,6 +341,8 @@ fn plan<'a>(
 ) -> Result<Vec<Job<'a>>> {
     let mut jobs: Vec<Job<'a>> = Vec::new();
     let mut unmatched = Vec::new();
+    // (said once after the list: where whole tensors can go)
+    let mut whole_unmatched = false;
     for (ai, adapter) in adapters.iter().enumerate() {
         adapter.check_foldable()?;
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
@@ -413,13 +415,11 @@ fn plan<'a>(
                             found?.into_iter().map(|c| (c, None)).collect()
                         }
                         _ => {
-                            let hint = if module.kind == ModuleKind::Full {
-                                "; whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMS, group and batch norms, and onnxruntime's fusions of them)"
-                            } else {
-                                ""
-                            };
-                            let why = super::kind_mismatch(module, cands, path)
-                                .unwrap_or_else(|| format!("{e}{hint}"));
+                            let why =
+                                super::kind_mismatch(module, cands, path).unwrap_or_else(|| {
+                                    whole_unmatched |= module.kind == ModuleKind::Full;
+                                    e.to_string()
+                                });
                             unmatched.push(format!("{} ({why})", module.keys.join(", ")));
                             continue;
                         }
@@ -459,8 +459,13 @@ fn plan<'a>(
                 .find(|n| n.starts_with("this export's module paths"))
                 .map(|n| format!("; {n}"))
                 .unwrap_or_default();
+            let hint = if whole_unmatched {
+                ". Whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMSNormalization, group and batch norms, and onnxruntime's fusions of them; not a norm the export wrote as elementary ops, as torch writes RMSNorm below opset 23)"
+            } else {
+                ""
+            };
             return Err(Error::Target(format!(
-                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest{root})",
+                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest{root}){hint}",
                 unmatched.len(),
                 unmatched.join("; ")
             )));
