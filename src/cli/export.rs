@@ -82,6 +82,17 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     onnx_lora::rewrite::ungate(&mut model)?;
     let report =
         export_peft(&model, &args.output).with_context(|| args.model.display().to_string())?;
+    if let Some(first) = report.left_out.first() {
+        eprintln!(
+            "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights (modules_to_save, trained biases, trainable tokens), and the exported adapter does not hold them: PEFT loading it computes without them",
+            args.model.display(),
+            report.left_out.len(),
+            match report.left_out.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            }
+        );
+    }
     if args.json {
         report_line(&report, &args.output)?;
     } else {

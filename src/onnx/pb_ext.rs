@@ -11,6 +11,10 @@ use super::pb::{
 pub const BRANCH_KEY: &str = "onnx-lora.branch";
 /// Metadata key naming the role of a branch node (`lora_A`, `add`, `weight_add`, ...).
 pub const ROLE_KEY: &str = "onnx-lora.role";
+/// Model metadata key: the adapter modules whose values `inject --adapter` wrote into the
+/// weights (modules_to_save, trained biases, trainable tokens: no branch form), as a JSON list,
+/// so that `export-peft` can say what it does not give back.
+pub const REPLACED_KEY: &str = "onnx-lora.replaced";
 
 pub trait NodeExt {
     fn attr(&self, name: &str) -> Option<&AttributeProto>;

@@ -23,6 +23,8 @@ pub struct PeftExport {
     pub modules: Vec<String>,
     pub r: usize,
     pub lora_alpha: f32,
+    /// Modules whose values inject wrote into the weights (no branch form): not exported.
+    pub left_out: Vec<String>,
 }
 
 /// Writes the model's injected branches as a PEFT adapter folder (adapter_config.json +
@@ -170,6 +172,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         modules,
         r,
         lora_alpha,
+        left_out: super::inject::replaced_modules(&model.proto),
     })
 }
 

@@ -1062,7 +1062,45 @@ pub fn write_whole_values(
         ..Default::default()
     };
     let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
+    record_replaced(
+        &mut model.proto,
+        report.modules.iter().map(|m| m.module.as_str()),
+    );
     Ok((low, Some(report)))
+}
+
+/// Adds `modules` to the model's list of modules whose values were written into its weights
+/// (`REPLACED_KEY`).
+fn record_replaced<'a>(
+    model: &mut crate::onnx::pb::ModelProto,
+    modules: impl Iterator<Item = &'a str>,
+) {
+    use crate::onnx::pb_ext::REPLACED_KEY;
+    let mut list = replaced_modules(model);
+    for m in modules {
+        if !list.iter().any(|l| l == m) {
+            list.push(m.to_string());
+        }
+    }
+    let text = serde_json::to_string(&list).unwrap_or_default();
+    match model
+        .metadata_props
+        .iter_mut()
+        .find(|p| p.key() == REPLACED_KEY)
+    {
+        Some(p) => p.value = Some(text),
+        None => model
+            .metadata_props
+            .push(super::branch::meta(REPLACED_KEY, &text)),
+    }
+}
+
+/// The modules whose values `inject --adapter` wrote into the model's weights (see
+/// `REPLACED_KEY`); none when the model has no such record or an unreadable one.
+pub fn replaced_modules(model: &crate::onnx::pb::ModelProto) -> Vec<String> {
+    crate::onnx::pb_ext::lookup(&model.metadata_props, crate::onnx::pb_ext::REPLACED_KEY)
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default()
 }
 
 /// The adapted model's unmerged forward as a graph: `model` with every adapter as branches
