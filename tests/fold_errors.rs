@@ -1213,6 +1213,16 @@ fn unmatched_whole_tensors_say_where_they_fit_once() {
         "{err}"
     );
     assert_eq!(err.matches("Whole tensors fold into").count(), 1, "{err}");
+    // With --allow-unmatched: warnings, and the same hint once, as a note.
+    let o = onnx_lora(&[
+        "fold",
+        env.p("linear.onnx").to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "--dry-run",
+        "--allow-unmatched",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("Whole tensors fold into").count(), 1, "{err}");
 }
 
 /// PEFT's LoRA on a torch.nn.MultiheadAttention nests its out_proj's factors under the
@@ -1288,6 +1298,34 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&v.stdout)
+    );
+    // The injected model records the module whose values went into its weights, by the
+    // adapter's name for it; export-peft names it as left out. Folded back, the record goes.
+    let replaced = |p: &Path| {
+        let m = onnx_lora::onnx::load(p).unwrap();
+        onnx_lora::rewrite::inject::replaced_modules(&m.proto)
+    };
+    assert_eq!(replaced(&a), ["embeddings.position_embeddings"]);
+    let o = onnx_lora(&["export-peft", &s(&a), "-o", &s(&env.p("back")), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("'embeddings.position_embeddings'") && err.contains("does not hold them"),
+        "{err}"
+    );
+    let report = &json_records(&String::from_utf8_lossy(&o.stdout), "report")[0];
+    assert_eq!(
+        report["left_out"],
+        serde_json::json!(["embeddings.position_embeddings"])
+    );
+    let merged = env.p("merged.onnx");
+    onnx_lora_ok(&["fold", &s(&a), "-o", &s(&merged)]);
+    let m = onnx_lora::onnx::load(&merged).unwrap();
+    assert!(
+        m.proto
+            .metadata_props
+            .iter()
+            .all(|p| p.key() != "onnx-lora.replaced")
     );
     let f = s(&env.p("f.onnx"));
     onnx_lora_ok(&["fold", &model, &rooted, "-o", &f, "--verify", "--ep", "cpu"]);
@@ -2733,6 +2771,14 @@ fn quantize_dynamic_layers_take_float_branches() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(out.matches("PASS").count(), 2, "{out}");
+    // Values that replace a layer's (trainable tokens) cannot go into int8 weights either.
+    let tok = s(&fixtures().join("llama/adapters/trainable_tokens"));
+    let f = p("tok.onnx");
+    let err = onnx_lora_fails(&["inject", &s(&q), "--adapter", &tok, "-o", &s(&f)], &f);
+    assert!(
+        err.contains("nor take values that replace it") && err.contains("float model"),
+        "{err}"
+    );
     // DoRA needs the weight's norm, which an int8 weight does not give.
     let dora = s(&fixtures().join("llama/adapters/dora"));
     let f = p("dora.onnx");
@@ -2794,6 +2840,23 @@ fn batchnorm_folded_into_a_conv_is_refused() {
             );
         }
     }
+    // Fresh branches train after the folded scaling: they fold back into this model, but
+    // export-peft refuses to give them to PEFT, whose conv acts before the BatchNorm.
+    let m = s(&env.p("conv_bn_ts.onnx"));
+    let (t, back) = (env.p("train.onnx"), env.p("back"));
+    onnx_lora_ok(&[
+        "inject",
+        &m,
+        "--target",
+        "conv",
+        "--rank",
+        "2",
+        "-o",
+        &s(&t),
+    ]);
+    let err = onnx_lora_fails(&["export-peft", &s(&t), "-o", &s(&back)], &back);
+    assert!(err.contains("folded the BatchNorm"), "{err}");
+    onnx_lora_ok(&["fold", &s(&t), "-o", &s(&env.p("t_folded.onnx"))]);
     let m = s(&env.p("conv_wn_ts.onnx"));
     let out = onnx_lora_ok(&["inspect", &m, "--json"]);
     assert!(

@@ -166,7 +166,7 @@ fn notes(model: &onnx::LoadedModel, gated: bool, branches: usize, weight_form: u
     match (branches, weight_form) {
         (0, 0) => {}
         (n, 0) => eprintln!(
-            "{n} LoRA branches injected by onnx-lora (their nodes are not listed; `onnx-lora fold MODEL -o OUT` merges them)"
+            "{n} LoRA branches injected by onnx-lora (their nodes are not listed; `onnx-lora fold MODEL -o OUT` merges them, except beside quantized weights, which take no merge)"
         ),
         (n, w) => eprintln!(
             "{} LoRA branches injected by onnx-lora, {w} of them in weight form: those layers read W + s·A·B and are not listed; `onnx-lora fold MODEL -o OUT` merges them",

@@ -71,6 +71,12 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             )));
         }
         check_module_path(&m.path)?;
+        if f.cand.norm_folded {
+            return Err(Error::Target(format!(
+                "module '{}': the exporter folded the BatchNorm after its layer into the weight ('{}' holds W·γ/σ), so the branch learned its delta after that scaling, while PEFT's module acts before the BatchNorm: the factors would compute something else there; fold the branches into this model instead (`onnx-lora fold MODEL -o OUT`)",
+                m.path, f.cand.weight
+            )));
+        }
         if !f.scale.is_finite() || f.scale == 0.0 {
             return Err(Error::Target(format!(
                 "module '{}': its branch scale is {} (lora_alpha cannot be recovered from it)",

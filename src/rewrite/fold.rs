@@ -460,9 +460,9 @@ fn plan<'a>(
                 .map(|n| format!("; {n}"))
                 .unwrap_or_default();
             let hint = if whole_unmatched {
-                ". Whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMSNormalization, group and batch norms, and onnxruntime's fusions of them; not a norm the export wrote as elementary ops, as torch writes RMSNorm below opset 23)"
+                format!(". {WHOLE_FIT}")
             } else {
-                ""
+                String::new()
             };
             return Err(Error::Target(format!(
                 "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest{root}){hint}",
@@ -471,9 +471,15 @@ fn plan<'a>(
             )));
         }
         report.unmatched = unmatched;
+        if whole_unmatched {
+            report.notes.push(WHOLE_FIT.to_string());
+        }
     }
     Ok(jobs)
 }
+
+/// Where whole tensors (modules_to_save, trained biases) can go, for modules that found none.
+const WHOLE_FIT: &str = "Whole tensors fold into linear, conv and embedding layers, and into the scale and bias of normalization layers (LayerNormalization, RMSNormalization, group and batch norms, and onnxruntime's fusions of them; not a norm the export wrote as elementary ops, as torch writes RMSNorm below opset 23)";
 
 /// The normalization-layer parameters a whole-values module replaces (PEFT's `bias="all"`
 /// trains norm biases; `modules_to_save` may hold a norm layer): each of its tensors resolved to

@@ -1062,10 +1062,13 @@ pub fn write_whole_values(
         ..Default::default()
     };
     let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
-    record_replaced(
-        &mut model.proto,
-        report.modules.iter().map(|m| m.module.as_str()),
-    );
+    // (the adapter's module paths, as its user names them; not those --allow-unmatched left
+    // out, which fold lists by their keys)
+    let written = whole.modules.iter().filter(|m| {
+        let keys = m.keys.join(", ");
+        !report.unmatched.iter().any(|u| u.starts_with(&keys))
+    });
+    record_replaced(&mut model.proto, written.map(|m| m.path.as_str()));
     Ok((low, Some(report)))
 }
 
@@ -1081,6 +1084,9 @@ fn record_replaced<'a>(
         if !list.iter().any(|l| l == m) {
             list.push(m.to_string());
         }
+    }
+    if list.is_empty() {
+        return;
     }
     let text = serde_json::to_string(&list).unwrap_or_default();
     match model

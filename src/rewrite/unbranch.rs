@@ -73,6 +73,11 @@ pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
     let mut report = FoldReport::default();
     execute(model, &graph, &jobs, &mut report)?;
     remove_branches(model, &graph, &found);
+    // (with no branches left, export-peft has nothing to leave out)
+    model
+        .proto
+        .metadata_props
+        .retain(|p| p.key() != crate::onnx::pb_ext::REPLACED_KEY);
     Ok(report)
 }
 

@@ -148,7 +148,7 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
         return Err(Error::tensor(
             &c.weight,
             format!(
-                "module '{}' has a quantized weight ({}): it cannot be folded into, nor give DoRA its norm; a LoRA on it stays a float branch beside it, as `onnx-lora inject --adapter` puts one",
+                "module '{}' has a quantized weight ({}): it cannot be folded into, nor take values that replace it (modules_to_save, trained biases, trainable tokens), nor give DoRA its norm; a LoRA on it stays a float branch beside it, as `onnx-lora inject --adapter` puts one; for the rest, apply the adapter to the float model, then quantize that",
                 c.module, c.op
             ),
         ));
