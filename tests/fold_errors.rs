@@ -1282,22 +1282,12 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
     assert_eq!(json_records(&o, "branch").len(), 1, "{o}");
     assert_eq!(json_records(&o, "replaced").len(), 1, "{o}");
     onnx_lora_ok(&["inject", &model, "--adapter", &plain, "-o", &s(&b)]);
-    let v = onnx_lora(&[
-        "verify",
-        &s(&a),
-        &s(&b),
-        "--inputs",
-        &inputs,
-        "--atol",
-        "0",
-        "--rtol",
-        "0",
-    ]);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
+    assert_verify(
+        &a,
+        &b,
+        Path::new(&inputs),
+        &["--atol", "0", "--rtol", "0"],
+        0,
     );
     // The injected model records the module whose values went into its weights, by the
     // adapter's name for it; export-peft names it as left out. Folded back, the record goes.
@@ -2674,37 +2664,9 @@ fn quantize_dynamic_layers_take_float_branches() {
         onnx_lora_ok(&["inject", &s(&llama), "--adapter", &ad, "-o", &s(&float)]);
         let twin = p(&format!("{adapter}_twin.onnx"));
         py("quantize_dynamic.py", &[&float, &twin, Path::new("lora")]);
-        let v = onnx_lora(&[
-            "verify",
-            &s(&ours),
-            &s(&twin),
-            "--inputs",
-            &inputs,
-            "--ep",
-            "cpu",
-        ]);
-        assert_eq!(
-            v.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&v.stdout)
-        );
+        assert_verify(&ours, &twin, Path::new(&inputs), &["--ep", "cpu"], 0);
         // ... and the adapter changes the quantized model's output.
-        let v = onnx_lora(&[
-            "verify",
-            &s(&ours),
-            &s(&q),
-            "--inputs",
-            &inputs,
-            "--ep",
-            "cpu",
-        ]);
-        assert_eq!(
-            v.status.code(),
-            Some(1),
-            "{}",
-            String::from_utf8_lossy(&v.stdout)
-        );
+        assert_verify(&ours, &q, Path::new(&inputs), &["--ep", "cpu"], 1);
         // export-peft gives the adapter back: folded into the float model, it gives what
         // the original gives, bit for bit.
         let back = p(&format!("{adapter}_peft"));
@@ -2715,22 +2677,12 @@ fn quantize_dynamic_layers_take_float_branches() {
         );
         onnx_lora_ok(&["fold", &s(&llama), &s(&back), "-o", &s(&f1)]);
         onnx_lora_ok(&["fold", &s(&llama), &ad, "-o", &s(&f2)]);
-        let v = onnx_lora(&[
-            "verify",
-            &s(&f1),
-            &s(&f2),
-            "--inputs",
-            &inputs,
-            "--atol",
-            "0",
-            "--rtol",
-            "0",
-        ]);
-        assert_eq!(
-            v.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&v.stdout)
+        assert_verify(
+            &f1,
+            &f2,
+            Path::new(&inputs),
+            &["--atol", "0", "--rtol", "0"],
+            0,
         );
         // fold cannot merge into the int8 weights, of the model or of its branches.
         for args in [vec![s(&q), ad.clone()], vec![s(&ours)]] {

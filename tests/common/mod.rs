@@ -32,6 +32,28 @@ pub fn json_records(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Runs `onnx-lora verify A B --inputs INPUTS EXTRA...` and asserts its exit code (0: the
+/// outputs agree, 1: they differ), with verify's table in the message.
+pub fn assert_verify(a: &Path, b: &Path, inputs: &Path, extra: &[&str], code: i32) {
+    let (a, b, i) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+    );
+    let args: Vec<&str> = ["verify", a, b, "--inputs", i]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let o = onnx_lora(&args);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "onnx-lora {args:?}:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 pub fn onnx_lora_ok(args: &[&str]) -> String {
     let out = onnx_lora(args);
     assert!(
