@@ -1296,6 +1296,28 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
         onnx_lora::rewrite::inject::replaced_modules(&m.proto)
     };
     assert_eq!(replaced(&a), ["embeddings.position_embeddings"]);
+    // Only what was written: a whole module --allow-unmatched left out is not recorded.
+    let mut t = lora("encoder.layer.0.attention.self.query", 32, 32, 0.05);
+    t.push(("nope.weight".into(), vec![4], vec![1.0; 4]));
+    t.push((
+        "embeddings.position_embeddings.weight".into(),
+        vec![64, 32],
+        table.clone(),
+    ));
+    let mut cfg_extra = cfg.clone();
+    cfg_extra["modules_to_save"] = serde_json::json!(["position_embeddings", "nope"]);
+    let extra = write_adapter(&env.p("extra"), cfg_extra, &refs(&t));
+    let c = env.p("c.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &model,
+        "--adapter",
+        &s(&extra),
+        "-o",
+        &s(&c),
+        "--allow-unmatched",
+    ]);
+    assert_eq!(replaced(&c), ["embeddings.position_embeddings"]);
     let o = onnx_lora(&["export-peft", &s(&a), "-o", &s(&env.p("back")), "--json"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");

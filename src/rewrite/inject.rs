@@ -1065,8 +1065,8 @@ pub fn write_whole_values(
     // (the adapter's module paths, as its user names them; not those --allow-unmatched left
     // out, which fold lists by their keys)
     let written = whole.modules.iter().filter(|m| {
-        let keys = m.keys.join(", ");
-        !report.unmatched.iter().any(|u| u.starts_with(&keys))
+        let listed = format!("{} (", m.keys.join(", "));
+        !report.unmatched.iter().any(|u| u.starts_with(&listed))
     });
     record_replaced(&mut model.proto, written.map(|m| m.path.as_str()));
     Ok((low, Some(report)))
