@@ -580,7 +580,7 @@ fn keep_what_peft_loads(
     // module, and those of its out_proj nested under the module's base_layer. Exports compute
     // that attention in nodes onnx-lora cannot map the two deltas onto.
     if let Some((outer, nested)) = modules.iter().filter(|m| is_lora(m)).find_map(|m| {
-        let (outer, _) = m.path.split_once(".base_layer.")?;
+        let outer = m.path.strip_suffix(".base_layer.out_proj")?;
         modules
             .iter()
             .any(|o| o.path == outer && is_lora(o))
