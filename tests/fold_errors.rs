@@ -2720,6 +2720,36 @@ fn quantize_dynamic_layers_take_float_branches() {
             );
         }
     }
+    // onnxruntime's fusions of those layers, as a saved optimized model holds them
+    // (DynamicQuantizeMatMul, MatMulIntegerToFloat): the same branches, the same outputs.
+    let opt = p("qdyn_opt.onnx");
+    py("ort_optimize.py", &[&q, &opt]);
+    let out = onnx_lora_ok(&["inspect", &s(&opt), "--json"]);
+    let cands = json_records(&out, "candidate");
+    for op in ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"] {
+        assert!(cands.iter().any(|c| c["op"] == op), "{op}: {out}");
+    }
+    let all = s(&fixtures().join("llama/adapters/all_linear"));
+    let (on_opt, on_q) = (p("on_opt.onnx"), p("on_q.onnx"));
+    let o = onnx_lora_ok(&[
+        "inject",
+        &s(&opt),
+        "--adapter",
+        &all,
+        "-o",
+        &s(&on_opt),
+        "--json",
+    ]);
+    assert!(
+        json_records(&o, "branch")
+            .iter()
+            .any(|b| b["op"] == "DynamicQuantizeMatMul"),
+        "{o}"
+    );
+    onnx_lora_ok(&["inject", &s(&q), "--adapter", &all, "-o", &s(&on_q)]);
+    assert_verify(&on_opt, &on_q, Path::new(&inputs), &["--ep", "cpu"], 0);
+    assert_verify(&on_opt, &opt, Path::new(&inputs), &["--ep", "cpu"], 1);
+    onnx_lora_ok(&["export-peft", &s(&on_opt), "-o", &s(&p("opt_peft"))]);
     // A serving model: checked idle against the base and active against the branches.
     let served = p("served.onnx");
     let ad = s(&fixtures().join("llama/adapters/plain"));

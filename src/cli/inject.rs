@@ -50,7 +50,8 @@ as in PEFT's unmerged model (--as-inputs refuses them). The q/k/v modules of a m
 packs them into one `qkv_proj` weight (onnxruntime-genai's builder, also int4) take one branch
 on it, their factors side by side (export-peft splits it back; --as-inputs refuses it).
 Quantized layers (MatMulNBits, a DequantizeLinear weight, quantize_dynamic's MatMulInteger and
-int8 embedding tables) get a float branch beside them, reading and adding float values.
+int8 embedding tables, onnxruntime's DynamicQuantizeMatMul / MatMulIntegerToFloat) get a float
+branch beside them, reading and adding float values.
 Fresh branches are named <module>.lora_A.weight [in, r] and <module>.lora_B.weight [r, out]
 (PEFT's lora_A / lora_B transposed; conv: [r, in, kh, kw] and [out, r / groups, 1, 1]) with the scale
 in <module>.lora_scale. Default targets: all-linear (every linear layer but the output head).")]

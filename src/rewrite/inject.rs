@@ -753,10 +753,11 @@ fn add_branch(
             ))
         })?;
     let y_base = unique_name(&format!("{y}.base"), taken);
-    // A MatMulInteger's branch reads the float x its DynamicQuantizeLinear quantizes.
+    // A branch beside a quantized MatMul reads the float x its DynamicQuantizeLinear
+    // quantizes (an embedding's indices are its own input).
     let mut base = base.clone();
     if let (Some(site), Some(x)) = (&c.float_site, base.input.first_mut())
-        && c.op == "MatMulInteger"
+        && c.op != "Gather"
     {
         x.clone_from(&site.x);
     }
@@ -993,7 +994,7 @@ pub(super) fn activation_dtype(model: &LoadedModel, graph: &ModelGraph, c: &Cand
     }
     match (c.op.as_str(), &c.float_site) {
         // (DynamicQuantizeLinear takes float32 only)
-        ("MatMulInteger", _) => DataType::Float,
+        ("MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat", _) => DataType::Float,
         (_, Some(site)) => {
             let n = graph.node(&model.proto, c.graph, site.anchor);
             input_dtype(model, graph, c.graph, n.and_then(|n| n.input.get(1)))

@@ -118,7 +118,12 @@ impl Candidate {
     pub fn is_linear(&self) -> bool {
         matches!(
             self.op.as_str(),
-            "MatMul" | "Gemm" | "MatMulNBits" | "MatMulInteger"
+            "MatMul"
+                | "Gemm"
+                | "MatMulNBits"
+                | "MatMulInteger"
+                | "DynamicQuantizeMatMul"
+                | "MatMulIntegerToFloat"
         )
     }
 
@@ -139,7 +144,9 @@ impl Candidate {
         match self.op.as_str() {
             "MatMul" | "Gemm" | "MatMulNBits" | "Conv" => true,
             "Gather" => !self.quantized || self.float_site.is_some(),
-            "MatMulInteger" => self.float_site.is_some(),
+            "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
+                self.float_site.is_some()
+            }
             _ => false,
         }
     }
@@ -164,7 +171,10 @@ impl Candidate {
     /// Gather from an integer table followed by DequantizeLinear): no float value to branch
     /// from, nor a float weight to fold into.
     pub fn dynamically_quantized(&self) -> bool {
-        self.op == "MatMulInteger" || (self.op == "Gather" && self.quantized)
+        matches!(
+            self.op.as_str(),
+            "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat"
+        ) || (self.op == "Gather" && self.quantized)
     }
 }
 
@@ -206,6 +216,8 @@ fn weight_input(node: &NodeProto) -> Option<usize> {
         ("" | "ai.onnx", "MatMul" | "Gemm" | "Conv" | "MatMulInteger") => Some(1),
         ("" | "ai.onnx", "Gather") => (node.attr_i("axis").unwrap_or(0) == 0).then_some(0),
         ("com.microsoft", "MatMulNBits" | "Attention") => Some(1),
+        // onnxruntime's fusions of quantize_dynamic's MatMulInteger (saved optimized models)
+        ("com.microsoft", "DynamicQuantizeMatMul" | "MatMulIntegerToFloat") => Some(1),
         // onnxruntime's fused embedding + LayerNorm: input 2 is the word embedding table.
         ("com.microsoft", "EmbedLayerNormalization") => Some(2),
         _ => None,
@@ -226,8 +238,11 @@ fn candidate(
     let wi = weight_input(node)?;
     let view = &graph.graphs[gi];
     let walked = walk_to_const(model, graph, gi, node.input.get(wi)?)?;
-    let mut quantized =
-        walked.dequantized || matches!(node.op_type(), "MatMulNBits" | "MatMulInteger");
+    let mut quantized = walked.dequantized
+        || matches!(
+            node.op_type(),
+            "MatMulNBits" | "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat"
+        );
     let tensor = graph.const_tensor(model, &walked.source)?;
     let dtype = DataType::from_i32(tensor.data_type());
     // A Gather from an integer table is shape arithmetic, not an embedding (even with constant
@@ -251,7 +266,7 @@ fn candidate(
         module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
     let float_site = if quantized {
-        float_site(model, graph, gi, node)
+        float_site(model, graph, (gi, ni), node)
     } else {
         None
     };
@@ -302,7 +317,7 @@ pub fn norm_folded_refusal(path: &str, c: &Candidate) -> String {
 fn float_site(
     model: &ModelProto,
     graph: &ModelGraph,
-    gi: usize,
+    (gi, ni): (usize, usize),
     node: &NodeProto,
 ) -> Option<FloatSite> {
     let view = &graph.graphs[gi];
@@ -315,16 +330,28 @@ fn float_site(
         }
         graph.node(model, gi, *u).map(|n| (*u, n))
     };
+    // The float x that a DynamicQuantizeLinear quantizes into `xq`.
+    let dequantized_x = |xq: &str| -> Option<(String, String)> {
+        let dq = graph.node(model, gi, *view.producer.get(xq)?)?;
+        (dq.op_type() == "DynamicQuantizeLinear"
+            && dq.output.first().map(String::as_str) == Some(xq))
+        .then(|| Some((dq.input.first()?.clone(), dq.output.get(1)?.clone())))?
+    };
     match node.op_type() {
+        // onnxruntime's fusions: the float output is the node's own; DynamicQuantizeMatMul
+        // takes float x itself.
+        "DynamicQuantizeMatMul" => Some(FloatSite {
+            x: node.input.first()?.clone(),
+            anchor: ni,
+        }),
+        "MatMulIntegerToFloat" => Some(FloatSite {
+            x: dequantized_x(node.input.first()?)?.0,
+            anchor: ni,
+        }),
         "MatMulInteger" => {
-            let xq = node.input.first()?;
-            let dq = graph.node(model, gi, *view.producer.get(xq)?)?;
-            if dq.op_type() != "DynamicQuantizeLinear" || dq.output.first() != Some(xq) {
-                return None;
-            }
-            let x_scale = dq.output.get(1)?;
-            let (_, cast) = sole(node.output.first()?)?;
+            let (x, x_scale) = dequantized_x(node.input.first()?)?;
             let to_float = Some(i64::from(DataType::Float.to_i32()));
+            let (_, cast) = sole(node.output.first()?)?;
             if cast.op_type() != "Cast" || cast.attr_i("to") != to_float {
                 return None;
             }
@@ -332,17 +359,14 @@ fn float_site(
             // The Mul scales by x's scale (times the weight's, through one more Mul).
             let scaled_by_x = mul.op_type() == "Mul"
                 && mul.input.iter().any(|v| {
-                    v == x_scale
+                    *v == x_scale
                         || view
                             .producer
                             .get(v)
                             .and_then(|&p| graph.node(model, gi, p))
-                            .is_some_and(|p| p.op_type() == "Mul" && p.input.contains(x_scale))
+                            .is_some_and(|p| p.op_type() == "Mul" && p.input.contains(&x_scale))
                 });
-            scaled_by_x.then(|| FloatSite {
-                x: dq.input.first().cloned().unwrap_or_default(),
-                anchor: mi,
-            })
+            scaled_by_x.then_some(FloatSite { x, anchor: mi })
         }
         "Gather" => {
             let (di, dq) = sole(node.output.first()?)?;
@@ -461,7 +485,7 @@ fn layout_of(node: &NodeProto, shape: &[i64], transposes: usize) -> Option<(Layo
     match node.op_type() {
         // onnxruntime's Attention: weight [in, q + k + v].
         "Attention" => (shape.len() == 2).then(|| (Layout::InOut, shape[0], shape[1])),
-        "MatMul" | "Gemm" | "MatMulInteger" => {
+        "MatMul" | "Gemm" | "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
             if shape.len() != 2 {
                 return None;
             }
