@@ -583,6 +583,45 @@ fn malformed_factor_shapes_are_refused() {
     );
 }
 
+/// A trainable-tokens adapter for tokens 2 and 5 of `module`'s [16, 8] table (config
+/// `indices`, LoRA `target`), and the rows it holds.
+fn token_adapter(
+    env: &Env,
+    module: &str,
+    target: &str,
+    indices: serde_json::Value,
+) -> (PathBuf, Vec<f32>) {
+    let rows: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": [target], "trainable_token_indices": indices});
+    let key = format!("{module}.token_adapter.trainable_tokens_delta");
+    let ad = write_adapter(
+        &env.p("tok"),
+        cfg,
+        &[(key.as_str(), vec![2, 8], rows.clone())],
+    );
+    (ad, rows)
+}
+
+/// A [16, 8] table's values: `before` with the rows of tokens 2 and 5 replaced by `rows`.
+fn assert_token_rows(before: &[f32], after: &[f32], rows: &[f32]) {
+    for r in 0..16 {
+        let expect = match r {
+            2 => &rows[..8],
+            5 => &rows[8..],
+            _ => &before[r * 8..r * 8 + 8],
+        };
+        assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
+    }
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Trainable tokens on an embedding module its call sites share (T5's `shared`): the export
 /// names the Gathers after the call sites, and only the table after the module. The tokens go
 /// into that table, once, for both readers. A LoRA on `shared` still matches nothing: PEFT's
@@ -590,18 +629,7 @@ fn malformed_factor_shapes_are_refused() {
 #[test]
 fn trainable_tokens_find_a_table_by_its_module_name() {
     let env = Env::new();
-    let rows: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
-    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["q"], "trainable_token_indices": {"shared": [2, 5]}});
-    let ad = write_adapter(
-        &env.p("tok"),
-        cfg,
-        &[(
-            "shared.token_adapter.trainable_tokens_delta",
-            vec![2, 8],
-            rows.clone(),
-        )],
-    );
+    let (ad, rows) = token_adapter(&env, "shared", "q", serde_json::json!({"shared": [2, 5]}));
     let model = env.p("shared_table.onnx");
     let out = env.p("shared_table.out.onnx");
     onnx_lora_ok(&[
@@ -615,21 +643,9 @@ fn trainable_tokens_find_a_table_by_its_module_name() {
         let m = onnx_lora::onnx::load(path).unwrap();
         let g = m.proto.graph.as_ref().unwrap();
         assert_eq!(g.initializer.len(), 1, "{}: one table", path.display());
-        let bytes = m.tensor_bytes(&g.initializer[0]).unwrap();
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        f32s(&m.tensor_bytes(&g.initializer[0]).unwrap())
     };
-    let (before, after) = (table(&model), table(&out));
-    for r in 0..16 {
-        let expect = match r {
-            2 => &rows[..8],
-            5 => &rows[8..],
-            _ => &before[r * 8..r * 8 + 8],
-        };
-        assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
-    }
+    assert_token_rows(&table(&model), &table(&out), &rows);
     let t = vec![
         (
             "shared.lora_embedding_A".to_string(),
@@ -655,18 +671,7 @@ fn trainable_tokens_find_a_table_by_its_module_name() {
 #[test]
 fn trainable_tokens_follow_a_tied_output_layer() {
     let env = Env::new();
-    let rows: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
-    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["fc"], "trainable_token_indices": [2, 5]});
-    let ad = write_adapter(
-        &env.p("tok"),
-        cfg,
-        &[(
-            "embed.token_adapter.trainable_tokens_delta",
-            vec![2, 8],
-            rows.clone(),
-        )],
-    );
+    let (ad, rows) = token_adapter(&env, "embed", "fc", serde_json::json!([2, 5]));
     let out = env.p("tied.out.onnx");
     let o = onnx_lora(&[
         "fold",
@@ -693,22 +698,9 @@ fn trainable_tokens_follow_a_tied_output_layer() {
             .filter(|n| n.input.iter().any(|i| i == floats[0].name()))
             .count();
         assert_eq!(readers, 2, "{}: Gather and Gemm read it", path.display());
-        let bytes = m.tensor_bytes(floats[0]).unwrap();
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        f32s(&m.tensor_bytes(floats[0]).unwrap())
     };
-    let before = table(&env.p("tied.onnx"));
-    let after = table(&out);
-    for r in 0..16 {
-        let expect = match r {
-            2 => &rows[..8],
-            5 => &rows[8..],
-            _ => &before[r * 8..r * 8 + 8],
-        };
-        assert_eq!(&after[r * 8..r * 8 + 8], expect, "row {r}");
-    }
+    assert_token_rows(&table(&env.p("tied.onnx")), &table(&out), &rows);
     // Equal only at the trained tokens' rows (zero in both): not tied, lm_head stays.
     let untied = env.p("untied.out.onnx");
     let o = onnx_lora(&[
