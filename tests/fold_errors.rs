@@ -1218,22 +1218,196 @@ fn unmatched_whole_tensors_say_where_they_fit_once() {
 }
 
 /// PEFT's LoRA on a torch.nn.MultiheadAttention nests its out_proj's factors under the
-/// module's base_layer; PEFT loads them (they are no untargeted leftovers to warn about), and
-/// onnx-lora refuses the adapter by name.
+/// module's base_layer, and PEFT 0.21 adds that delta twice (huggingface/peft#3774; the
+/// fixtures check fold and inject against PEFT's outputs). Here: the version gate, lora_bias,
+/// a file without the in_proj's factors, and a LoRA on the out_proj Linear alone, which
+/// PEFT's forward never runs.
 #[test]
-fn a_multihead_attention_lora_is_refused_by_name() {
-    let env = Env::new();
+fn multihead_attention_loras_follow_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = fixtures().join("mha/torchscript/model.onnx");
+    let mha = |cfg: serde_json::Value, name: &str| {
+        let mut t = lora("attn", 16, 48, 0.1);
+        t.extend(lora("attn.base_layer.out_proj", 16, 16, 0.1));
+        write_adapter(&p(name), cfg, &refs(&t))
+    };
+    // A PEFT newer than the one checked is refused, naming both; none named is taken as
+    // PEFT's current behaviour.
+    for v in ["0.22.0", "0.21.3.dev0", "x"] {
+        let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["attn"], "peft_version": v});
+        let err = fold_fails(&model, &mha(cfg, v), &p("out.onnx"), &[]);
+        assert!(
+            err.contains(&format!("saved by PEFT {v}"))
+                && err.contains("huggingface/peft#3774")
+                && !err.contains("PEFT does not load them"),
+            "{err}"
+        );
+    }
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["attn"], "lora_bias": true});
     let mut t = lora("attn", 16, 48, 0.1);
     t.extend(lora("attn.base_layer.out_proj", 16, 16, 0.1));
+    t.push(("attn.lora_B.bias".into(), vec![48], vec![0.1; 48]));
+    let biased = write_adapter(&p("bias"), cfg, &refs(&t));
+    let err = fold_fails(&model, &biased, &p("out.onnx"), &[]);
+    assert!(err.contains("with lora_bias"), "{err}");
+    // Accepted: the in_proj at alpha / r = 2, the out_proj at twice that, with a note.
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["attn"]});
-    let ad = write_adapter(&env.p("mha"), cfg, &refs(&t));
-    let err = env.fold_fails("linear.onnx", &ad);
+        "target_modules": ["attn"], "peft_version": "0.21.2"});
+    let ad = mha(cfg.clone(), "ok");
+    let o = onnx_lora(&[
+        "fold",
+        &s(&model),
+        &s(&ad),
+        "-o",
+        &s(&p("f.onnx")),
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("module 'attn' is PEFT's LoRA on a torch.nn.MultiheadAttention")
-            && !err.contains("PEFT does not load them"),
+        err.contains(
+            "PEFT's LoRA on a torch.nn.MultiheadAttention; its out_proj delta counts twice"
+        ),
         "{err}"
     );
+    let scales = |stdout: &str| -> Vec<(String, f64)> {
+        json_records(stdout, "module")
+            .iter()
+            .map(|r| {
+                (
+                    r["module"].as_str().unwrap().to_string(),
+                    r["scale"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut got = scales(&String::from_utf8_lossy(&o.stdout));
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, [("attn".into(), 2.0), ("attn.out_proj".into(), 4.0)]);
+    // Without the in_proj's factors (PEFT starts them at B = 0), the out_proj still counts twice.
+    let only_out = write_adapter(
+        &p("only_out"),
+        cfg,
+        &refs(&lora("attn.base_layer.out_proj", 16, 16, 0.1)),
+    );
+    let out = onnx_lora_ok(&[
+        "fold",
+        &s(&model),
+        &s(&only_out),
+        "-o",
+        &s(&p("g.onnx")),
+        "--json",
+    ]);
+    assert_eq!(scales(&out), [("attn.out_proj".into(), 4.0)]);
+    // A LoRA PEFT put on the out_proj Linear itself: refused, saying why and what to target.
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["out_proj"]});
+    let alone = write_adapter(&p("alone"), cfg, &refs(&lora("attn.out_proj", 16, 16, 0.1)));
+    let err = fold_fails(&model, &alone, &p("out.onnx"), &[]);
+    assert!(
+        err.contains(
+            "module 'attn.out_proj' is the out_proj of the torch.nn.MultiheadAttention 'attn'"
+        ) && err.contains("target the attention module ('attn') instead"),
+        "{err}"
+    );
+}
+
+/// export-peft writes branches on a MultiheadAttention's projections as PEFT's LoRA on that
+/// module: the out_proj's nested under its base_layer with B rescaled for PEFT's double
+/// count, and zero in_proj factors when only the out_proj has a branch. Folding the export
+/// gives what folding the trained branches back gives.
+#[test]
+fn multihead_attention_branches_export_as_peft_saves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = fixtures().join("mha/torchscript/model.onnx");
+    let inputs = fixtures().join("mha/io/inputs.npz");
+    for (tag, target, keys) in [
+        (
+            "both",
+            "attn|attn\\.out_proj",
+            ["attn", "attn.base_layer.out_proj"],
+        ),
+        ("out", "out_proj", ["attn", "attn.base_layer.out_proj"]),
+    ] {
+        let inj = p(&format!("{tag}.onnx"));
+        let out = onnx_lora_ok(&[
+            "inject",
+            &s(&model),
+            "-t",
+            target,
+            "--rank",
+            "2",
+            "--alpha",
+            "6",
+            "--inline",
+            "-o",
+            &s(&inj),
+            "--json",
+        ]);
+        // "Train": give every B values.
+        let bs: Vec<String> = json_records(&out, "branch")
+            .iter()
+            .map(|r| r["lora_b"].as_str().unwrap().to_string())
+            .collect();
+        let trained = p(&format!("{tag}_trained.onnx"));
+        {
+            use prost::Message;
+            let mut m = onnx_lora::onnx::load(&inj).unwrap().proto;
+            for t in &mut m.graph.as_mut().unwrap().initializer {
+                if bs.iter().any(|b| b == t.name()) {
+                    let n: i64 = t.dims.iter().product();
+                    let v: Vec<u8> = (0..n)
+                        .flat_map(|i| (0.05 * ((i % 7) as f32 - 3.0)).to_le_bytes())
+                        .collect();
+                    t.raw_data = Some(v.into());
+                    t.float_data.clear();
+                }
+            }
+            std::fs::write(&trained, m.encode_to_vec()).unwrap();
+        }
+        let back = p(&format!("{tag}_back.onnx"));
+        onnx_lora_ok(&["fold", &s(&trained), "-o", &s(&back)]);
+        let peft = p(&format!("{tag}_peft"));
+        onnx_lora_ok(&["export-peft", &s(&trained), "-o", &s(&peft)]);
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            cfg["target_modules"],
+            serde_json::json!(["attn"]),
+            "{tag}: {cfg}"
+        );
+        let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        let mut want: Vec<String> = keys
+            .iter()
+            .flat_map(|k| {
+                ["lora_A.weight", "lora_B.weight"].map(|w| format!("base_model.model.{k}.{w}"))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(names, want, "{tag}");
+        if tag == "out" {
+            let b = st.tensor("base_model.model.attn.lora_B.weight").unwrap();
+            assert!(
+                b.data().iter().all(|&x| x == 0),
+                "{tag}: in_proj B must be zero"
+            );
+        }
+        let refold = p(&format!("{tag}_refold.onnx"));
+        onnx_lora_ok(&["fold", &s(&model), &s(&peft), "-o", &s(&refold)]);
+        assert_verify(&refold, &back, &inputs, &["--atol", "1e-5"], 0);
+        // ...and differs from the base: the trained values went somewhere.
+        assert_verify(&refold, &model, &inputs, &["--atol", "1e-5"], 1);
+    }
 }
 
 /// An adapter rooted above the export (`model.decoder...` in the adapter, `decoder...` in an

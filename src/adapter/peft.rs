@@ -91,7 +91,23 @@ pub struct ModuleAdapter {
     /// kohya files: the part of the pipeline the module belongs to (`unet`, `te`, ...), whose
     /// `path` is then the underscored kohya name. None for PEFT's dotted module paths.
     pub part: Option<&'static str>,
+    /// PEFT's LoRA on a torch `nn.MultiheadAttention`: for its out-projection (saved nested
+    /// at `<attention>.base_layer.out_proj`, `path` then `<attention>.out_proj`), the
+    /// attention module's path. PEFT gives that Linear the attention module's r and alpha,
+    /// and its forward adds the delta twice (see [`MHA_OUT_PROJ_TIMES`]).
+    pub mha_outer: Option<String>,
 }
+
+/// How many times PEFT adds a MultiheadAttention LoRA's out_proj delta: its
+/// `MultiheadAttention.merge` writes `W + ΔW` into the out_proj Linear and then calls that
+/// Linear's own merge, which adds ΔW again; its forward merges that way for every call, and
+/// `merge_and_unload` does too (checked with PEFT 0.21.2; the fix, huggingface/peft#3774,
+/// was not released then). onnx-lora computes what PEFT computes.
+pub const MHA_OUT_PROJ_TIMES: f32 = 2.0;
+
+/// The newest PEFT release whose MultiheadAttention LoRA was checked against onnx-lora (see
+/// [`MHA_OUT_PROJ_TIMES`]); adapters saved by a later one are refused until it is checked.
+pub const MHA_CHECKED_PEFT: (u64, u64, u64) = (0, 21, 2);
 
 impl ModuleAdapter {
     /// A module with no tensors yet.
@@ -109,7 +125,14 @@ impl ModuleAdapter {
             keys: Vec::new(),
             alpha: None,
             part,
+            mha_outer: None,
         }
+    }
+
+    /// The module path PEFT matches `target_modules` and the rank and alpha patterns
+    /// against: a MultiheadAttention out_proj takes its attention module's.
+    pub fn config_path(&self) -> &str {
+        self.mha_outer.as_deref().unwrap_or(&self.path)
     }
 
     /// The rank alpha is divided by: rows of A; a LyCORIS module's factor rank (1 for a LoKr of
@@ -237,7 +260,8 @@ impl Adapter {
             if !matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding) {
                 continue;
             }
-            let r = pattern_value(&config.rank_pattern, &m.path).map_or(config.r, |r| r as usize);
+            let r = pattern_value(&config.rank_pattern, m.config_path())
+                .map_or(config.r, |r| r as usize);
             if m.rank() != r {
                 return Err(err(format!(
                     "module '{}' has factors of rank {} but adapter_config.json gives it r = {r}",
@@ -309,12 +333,17 @@ impl Adapter {
         let r = m.rank().max(1) as f32;
         let alpha = m
             .alpha
-            .or_else(|| pattern_value(&self.config.alpha_pattern, &m.path))
+            .or_else(|| pattern_value(&self.config.alpha_pattern, m.config_path()))
             .unwrap_or(self.config.lora_alpha);
-        if self.config.use_rslora {
-            alpha / r.sqrt()
+        let times = if m.mha_outer.is_some() {
+            MHA_OUT_PROJ_TIMES
         } else {
-            alpha / r
+            1.0
+        };
+        if self.config.use_rslora {
+            times * alpha / r.sqrt()
+        } else {
+            times * alpha / r
         }
     }
 
@@ -576,28 +605,15 @@ fn keep_what_peft_loads(
     // (`lm_head`), which only the model knows: LoRAs on such layers are kept.
     let ties = config.raw.get("ensure_weight_tying") == Some(&Value::Bool(true))
         && config.scope.targets_an_embedding();
-    // PEFT's LoRA on a torch.nn.MultiheadAttention: factors for its packed in_proj at the
-    // module, and those of its out_proj nested under the module's base_layer. Exports compute
-    // that attention in nodes onnx-lora cannot map the two deltas onto.
-    if let Some((outer, nested)) = modules.iter().filter(|m| is_lora(m)).find_map(|m| {
-        let outer = m.path.strip_suffix(".base_layer.out_proj")?;
-        modules
-            .iter()
-            .any(|o| o.path == outer && is_lora(o))
-            .then(|| (outer.to_string(), m.path.clone()))
-    }) {
-        return Err(format!(
-            "module '{outer}' is PEFT's LoRA on a torch.nn.MultiheadAttention (factors for its packed in_proj at '{outer}', its out_proj's nested at '{nested}'), which onnx-lora does not support; merge it in torch (merge_and_unload) before exporting"
-        ));
-    }
+    mha_out_projs(modules, config)?;
     let mut untargeted = Vec::new();
     modules.retain(|m| {
         // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
         // by transformers or diffusers) may carry a wrapper prefix of their own.
         // (transformers saves its own module paths; diffusers one wrapper component more)
         let peft_keyed = m.keys.iter().all(|k| k.starts_with("base_model.model."));
-        let mut paths = vec![m.path.as_str()];
-        if !peft_keyed && let Some((_, rest)) = m.path.split_once('.') {
+        let mut paths = vec![m.config_path()];
+        if !peft_keyed && let Some((_, rest)) = m.config_path().split_once('.') {
             paths.push(rest);
         }
         let tied = ties
@@ -648,6 +664,67 @@ fn keep_what_peft_loads(
     note(magnitudes, "the DoRA magnitudes (use_dora is false)");
     note(biases, "the lora_B biases (lora_bias is false)");
     Ok(ignored)
+}
+
+/// PEFT's LoRA on a torch `nn.MultiheadAttention` at `S`: the factors at `S` adapt its
+/// packed `in_proj_weight` (q, k, v stacked), an ordinary `[3E, E]` Linear weight as far as
+/// the delta goes; those of its out_proj, saved nested at `S.base_layer.out_proj`, adapt the
+/// `S.out_proj` Linear. The nested module is renamed to that Linear's own path, which is
+/// where exports keep its weight (`S.out_proj.weight`), and takes `S`'s config (see
+/// [`ModuleAdapter::mha_outer`]). DoRA is refused by PEFT itself; a lora_B bias and an
+/// adapter from a PEFT newer than the one checked are refused here.
+fn mha_out_projs(
+    modules: &mut [ModuleAdapter],
+    config: &AdapterConfig,
+) -> std::result::Result<(), String> {
+    let is_lora = |m: &ModuleAdapter| m.kind == ModuleKind::Lora;
+    let outers: Vec<(usize, String)> = modules
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| is_lora(m))
+        .filter_map(|(i, m)| {
+            let outer = m.path.strip_suffix(".base_layer.out_proj")?;
+            // (a file may leave the in_proj's factors out: PEFT then starts them with B = 0)
+            (modules.iter().any(|o| o.path == outer && is_lora(o)) || config.scope.keeps(&[outer]))
+                .then(|| (i, outer.to_string()))
+        })
+        .collect();
+    let Some((_, first)) = outers.first() else {
+        return Ok(());
+    };
+    let version = config.raw.get("peft_version").and_then(Value::as_str);
+    if let Some(v) = version
+        && parse_version(v).is_none_or(|got| got > MHA_CHECKED_PEFT)
+    {
+        let (a, b, c) = MHA_CHECKED_PEFT;
+        return Err(format!(
+            "module '{first}' is PEFT's LoRA on a torch.nn.MultiheadAttention, saved by PEFT {v}: PEFT {a}.{b}.{c} adds its out_proj delta twice (huggingface/peft#3774), as onnx-lora does, and onnx-lora has not checked what PEFT {v} does; merge it in torch (merge_and_unload) before exporting"
+        ));
+    }
+    for (i, outer) in outers {
+        let has_bias = |m: &ModuleAdapter| config.lora_bias && m.bias_b.is_some();
+        if has_bias(&modules[i]) || modules.iter().any(|o| o.path == outer && has_bias(o)) {
+            return Err(format!(
+                "module '{outer}' is PEFT's LoRA on a torch.nn.MultiheadAttention with lora_bias, which onnx-lora does not support (PEFT's merge leaves the in_proj's lora_B bias out); merge it in torch (merge_and_unload) before exporting"
+            ));
+        }
+        let m = &mut modules[i];
+        m.path = format!("{outer}.out_proj");
+        m.mha_outer = Some(outer);
+    }
+    Ok(())
+}
+
+/// `major.minor.patch` of a version string (`0.21.2`, `0.22.0.dev0`); None when it has no
+/// such numbers.
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.trim().split(['.', '+', '-']);
+    let mut num = || -> Option<u64> {
+        let p = parts.next()?;
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    Some((num()?, num()?, num().unwrap_or(0)))
 }
 
 /// Groups the safetensors keys by module, in the order modules first appear.

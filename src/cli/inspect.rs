@@ -26,7 +26,10 @@ subgraph (inside an If/Loop/Scan body), batchnorm-folded (the exporter folded th
 the layer into its weight: adapters trained on the layer are refused), quantized (fold refuses it; inject puts a float branch
 beside it, for quantize_dynamic's MatMulInteger between the float values around it), packed-qkv (one weight holds the q, k and v projections side by side, as in
 onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modules into its
-column slices, placed by the module path named next to it).
+column slices, placed by the module path named next to it), mha-in-proj / mha-out-proj (the
+packed in-projection and the out_proj Linear of a torch nn.MultiheadAttention: the module's own
+path names the first, as PEFT's LoRA on that module does; the out_proj, which the attention calls
+by its weight and exporters scope to the attention, is listed under its own path).
 
 On a model with injected branches, the branch nodes are not listed and their number is printed
 on stderr; a layer in weight form (`inject --form weight`) reads W + s·A·B and is counted there
@@ -116,6 +119,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
             if c.packed.is_some() {
                 flags.push("packed-qkv".into());
+            }
+            match c.mha {
+                Some(onnx_lora::target::MhaPart::InProj) => flags.push("mha-in-proj".into()),
+                Some(onnx_lora::target::MhaPart::OutProj) => flags.push("mha-out-proj".into()),
+                None => {}
             }
             if let Some(call) = call_of(c) {
                 flags.push(format!("call {}/{}", call.number, call.of));

@@ -48,7 +48,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             split.extend(per_slice(&f)?);
         }
     }
-    let found = split;
+    let found = peft_mha(split)?;
     let r = found[0].module.rank();
     let lora_alpha = found[0].scale * r as f32;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
@@ -126,6 +126,10 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             lora_bias = true;
         }
         let alpha = f.scale * m.rank() as f32;
+        // (an out_proj nested under its MultiheadAttention takes that module's r and alpha)
+        if m.mha_outer.is_some() {
+            continue;
+        }
         if m.rank() != r {
             rank_pattern.insert(regex::escape(&m.path), m.rank().into());
         }
@@ -180,6 +184,105 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
         lora_alpha,
         left_out: super::inject::replaced_modules(&model.proto),
     })
+}
+
+/// Branches on a torch `nn.MultiheadAttention`'s projections (`target::mark_mha`) as PEFT's
+/// LoRA on that module saves them: the in-projection's factors at the attention module `S`,
+/// the out-projection's nested at `S.base_layer.out_proj` with `S`'s rank and scale, which
+/// PEFT adds twice (`adapter::MHA_OUT_PROJ_TIMES`): its B is rescaled for that. An
+/// out-projection without an in-projection branch gets zero in-projection factors, so that
+/// `S` is targeted. The nested module is marked with `mha_outer`; other branches pass as
+/// they are.
+fn peft_mha(found: Vec<Found>) -> Result<Vec<Found>> {
+    use crate::target::MhaPart;
+    let outer_of = |f: &Found| -> Result<String> {
+        f.module
+            .path
+            .strip_suffix(".out_proj")
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Error::Target(format!(
+                    "branch '{}' is on the out_proj of a torch.nn.MultiheadAttention ('{}'), and PEFT adapts that layer through its attention module, but the branch name does not end in '.out_proj' to say which module that is",
+                    f.module.path, f.cand.weight
+                ))
+            })
+    };
+    let mut nested: BTreeMap<usize, Found> = BTreeMap::new();
+    let mut extra = Vec::new();
+    for (i, f) in found.iter().enumerate() {
+        if f.cand.mha != Some(MhaPart::OutProj) {
+            continue;
+        }
+        let outer = outer_of(f)?;
+        let m = &f.module;
+        if m.magnitude.is_some() || m.bias_b.is_some() {
+            return Err(Error::Target(format!(
+                "branch '{}' is on the out_proj of a torch.nn.MultiheadAttention and has {}, which PEFT's LoRA on that module does not support",
+                m.path,
+                if m.magnitude.is_some() {
+                    "a DoRA magnitude"
+                } else {
+                    "a lora_B bias"
+                }
+            )));
+        }
+        let inner = found
+            .iter()
+            .find(|g| g.cand.mha == Some(MhaPart::InProj) && g.module.path == outer);
+        let (Some(a), Some(b)) = (&m.a, &m.b) else {
+            continue;
+        };
+        let in_scale = match inner {
+            Some(g) => {
+                if g.module.rank() != m.rank() {
+                    return Err(Error::Target(format!(
+                        "branches '{outer}' (rank {}) and '{}' (rank {}) are on one torch.nn.MultiheadAttention, whose PEFT LoRA has one rank for its in_proj and out_proj",
+                        g.module.rank(),
+                        m.path,
+                        m.rank()
+                    )));
+                }
+                g.scale
+            }
+            None => {
+                // zero in_proj factors (E → 3E) at half the out_proj's scale
+                let (r, e) = (m.rank(), f.cand.in_features.max(0) as usize);
+                let zeros = |shape: Vec<usize>| F32Tensor {
+                    data: vec![0.0; shape.iter().product()],
+                    shape,
+                };
+                let module = ModuleAdapter {
+                    a: Some(zeros(vec![r, e])),
+                    b: Some(zeros(vec![3 * e, r])),
+                    keys: vec![outer.clone()],
+                    ..ModuleAdapter::empty(&outer, crate::adapter::ModuleKind::Lora, None)
+                };
+                let s = f.scale / crate::adapter::peft::MHA_OUT_PROJ_TIMES;
+                extra.push(f.carrying(module, s));
+                s
+            }
+        };
+        let by = f.scale / (crate::adapter::peft::MHA_OUT_PROJ_TIMES * in_scale);
+        let path = format!("{outer}.base_layer.out_proj");
+        let module = ModuleAdapter {
+            a: Some(a.clone()),
+            b: Some(F32Tensor {
+                shape: b.shape.clone(),
+                data: b.data.iter().map(|v| v * by).collect(),
+            }),
+            keys: vec![path.clone()],
+            mha_outer: Some(outer),
+            ..ModuleAdapter::empty(&path, crate::adapter::ModuleKind::Lora, None)
+        };
+        nested.insert(i, f.carrying(module, in_scale));
+    }
+    let mut out: Vec<Found> = found
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| nested.remove(&i).unwrap_or(f))
+        .collect();
+    out.extend(extra);
+    Ok(out)
 }
 
 /// The modules a branch on a packed q/k/v weight carries, each with its rows of A, its block

@@ -41,6 +41,9 @@ use crate::tensor::Matrix;
 /// layers and convolutions (their shape decides at the merge). `inject`
 /// also needs the candidate to be `branchable`.
 pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
+    if mha_out_proj_alone(m, c) {
+        return false;
+    }
     match m.kind {
         ModuleKind::Embedding => matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization"),
         ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
@@ -56,10 +59,28 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
 }
 
+/// A low-rank module on a torch `nn.MultiheadAttention`'s out_proj Linear that is not part of
+/// PEFT's LoRA on the attention module (`ModuleAdapter::mha_outer`): the attention never calls
+/// that Linear, so PEFT's forward never runs its LoRA.
+fn mha_out_proj_alone(m: &ModuleAdapter, c: &Candidate) -> bool {
+    c.mha == Some(crate::target::MhaPart::OutProj)
+        && m.mha_outer.is_none()
+        && matches!(m.kind, ModuleKind::Lora | ModuleKind::Lycoris)
+}
+
 /// Why module `m` found nothing at `path` when a layer there is of another kind than its
 /// factors are for (a conv-shaped lora_A on a MatMul): that layer and the factors' shapes, for
 /// the message; None when no layer of any kind has the path.
 pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
+    if let Some(c) = cands
+        .iter()
+        .find(|c| mha_out_proj_alone(m, c) && crate::target::select::name_matches(&c.module, path))
+    {
+        let outer = c.other_paths.first().map_or("", String::as_str);
+        return Some(format!(
+            "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: a LoRA on the Linear alone never runs in PEFT's forward, which it leaves unchanged; target the attention module ('{outer}') instead"
+        ));
+    }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its
     // weight keeps the layer's parameter name.
     let folded = cands.iter().find(|c| {

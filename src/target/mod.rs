@@ -82,6 +82,10 @@ pub struct Candidate {
     /// The weight packs q/k/v projections side by side (onnxruntime's Attention, `qkv_proj`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed: Option<packed::Packed>,
+    /// The layer is one of a torch `nn.MultiheadAttention`'s two projections (see
+    /// [`mark_mha`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mha: Option<MhaPart>,
     /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub through: Vec<String>,
@@ -208,7 +212,57 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
         .filter_map(|(gi, ni, node)| candidate(model, graph, gi, ni, node))
         .collect();
     mark_shared(model, graph, &mut out);
+    mark_mha(&mut out);
     out
+}
+
+/// Which projection of a torch `nn.MultiheadAttention` a layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MhaPart {
+    /// The packed in-projection (`in_proj_weight`: q, k and v stacked, E → 3E).
+    InProj,
+    /// The `out_proj` Linear (E → E).
+    OutProj,
+}
+
+/// Finds torch `nn.MultiheadAttention` modules. Such a module computes its in-projection
+/// from its own packed `in_proj_weight` and calls its `out_proj` Linear's weight itself
+/// rather than that Linear, so both exporters put both products in the attention module's
+/// scope `S`; the out-projection's weight keeps its name, `S.out_proj.weight`. That Linear
+/// is a module of its own (PEFT adapts it at `S.out_proj`), so the candidate takes its path,
+/// `S` staying as other evidence, when `S` also holds exactly one E → 3E in-projection.
+fn mark_mha(cands: &mut [Candidate]) {
+    for o in 0..cands.len() {
+        let c = &cands[o];
+        if !c.is_linear() || c.quantized || c.module.is_empty() || c.in_features != c.out_features {
+            continue;
+        }
+        let own = format!("{}.out_proj", c.module);
+        if !c.other_paths.contains(&own) {
+            continue;
+        }
+        let ins: Vec<usize> = (0..cands.len())
+            .filter(|&i| {
+                let d = &cands[i];
+                i != o
+                    && d.is_linear()
+                    && d.module == c.module
+                    && d.in_features == c.in_features
+                    && d.out_features == 3 * c.in_features
+            })
+            .collect();
+        let [i] = ins[..] else {
+            continue;
+        };
+        let c = &mut cands[o];
+        let scope = std::mem::replace(&mut c.module, own.clone());
+        c.other_paths.retain(|p| *p != own);
+        c.other_paths.insert(0, scope);
+        c.evidence = Evidence::WeightName;
+        c.mha = Some(MhaPart::OutProj);
+        cands[i].mha = Some(MhaPart::InProj);
+    }
 }
 
 fn weight_input(node: &NodeProto) -> Option<usize> {
@@ -425,6 +479,7 @@ impl Walked {
             quantized: false,
             norm_folded: false,
             packed: None,
+            mha: None,
             through: self.through,
             graph: gi,
             node_index: ni,

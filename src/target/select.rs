@@ -335,6 +335,7 @@ mod tests {
             quantized: false,
             norm_folded: false,
             packed: None,
+            mha: None,
             through: vec![],
             graph: 0,
             node_index: 0,
