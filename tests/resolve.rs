@@ -240,3 +240,50 @@ fn inspect_lists_calls_of_a_shared_layer_under_its_module() {
     }
     assert_eq!(per_exporter[0], per_exporter[1]);
 }
+
+/// A torch `nn.MultiheadAttention`'s out_proj takes its own path, and both projections are
+/// marked, in both exports; in a dynamo export whose scope is some other class (a custom module
+/// calling a child `out_proj`'s weight itself), nothing is relabelled.
+#[test]
+fn multihead_attention_projections_are_found_by_class_and_weight_name() {
+    use onnx_lora::target::MhaPart;
+    for exporter in ["torchscript", "dynamo"] {
+        let path = fixtures().join(format!("mha/{exporter}/model.onnx"));
+        let m = onnx_lora::onnx::load(&path).unwrap();
+        let g = ModelGraph::build(&m.proto);
+        let parts: Vec<(String, Option<MhaPart>)> = find_candidates(&m.proto, &g)
+            .into_iter()
+            .map(|c| (c.module, c.mha))
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                ("embed".into(), None),
+                ("attn".into(), Some(MhaPart::InProj)),
+                ("attn.out_proj".into(), Some(MhaPart::OutProj)),
+                ("fc".into(), None)
+            ],
+            "{exporter}"
+        );
+    }
+    let mut m = onnx_lora::onnx::load(fixtures().join("mha/dynamo/model.onnx")).unwrap();
+    let mut edited = 0;
+    for n in &mut m.proto.graph.as_mut().unwrap().node {
+        for p in &mut n.metadata_props {
+            if p.key() == "pkg.torch.onnx.class_hierarchy"
+                && p.value().contains("MultiheadAttention")
+            {
+                p.value = Some(p.value().replace(
+                    "torch.nn.modules.activation.MultiheadAttention",
+                    "__main__.CustomAttn",
+                ));
+                edited += 1;
+            }
+        }
+    }
+    assert!(edited > 2);
+    let g = ModelGraph::build(&m.proto);
+    let cands = find_candidates(&m.proto, &g);
+    assert!(cands.iter().all(|c| c.mha.is_none()));
+    assert_eq!(cands.iter().filter(|c| c.module == "attn").count(), 2);
+}

@@ -327,6 +327,24 @@ impl Adapter {
         (part(low), whole)
     }
 
+    /// A note for an adapter with PEFT's MultiheadAttention LoRA: its out_proj deltas count
+    /// twice (see [`MHA_OUT_PROJ_TIMES`]). None for other adapters.
+    pub fn mha_note(&self) -> Option<String> {
+        let mha: Vec<&str> = self
+            .modules
+            .iter()
+            .filter_map(|m| m.mha_outer.as_deref())
+            .collect();
+        let first = mha.first()?;
+        let more = match mha.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        Some(format!(
+            "'{first}'{more}: PEFT's LoRA on a torch.nn.MultiheadAttention; its out_proj delta counts twice, as PEFT adds it (huggingface/peft#3774)"
+        ))
+    }
+
     /// The scaling for a module: alpha / r (or / sqrt(r) with rslora), with per-module alpha
     /// from `alpha_pattern`. r is the stored rank (rows of A), which `rank_pattern` already set.
     pub fn scaling(&self, m: &ModuleAdapter) -> f32 {

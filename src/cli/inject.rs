@@ -398,6 +398,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
+    if let Some(n) = adapter.as_ref().and_then(Adapter::mha_note) {
+        eprintln!("note: {n}");
+    }
     let form = match args.form {
         FormArg::Branch => "branch",
         FormArg::Weight => "weight",

@@ -165,20 +165,6 @@ fn load_adapter(
     for what in &adapter.ignored {
         eprintln!("onnx-lora: warning: {}: ignoring {what}", path.display());
     }
-    let mha: Vec<&str> = adapter
-        .modules
-        .iter()
-        .filter_map(|m| m.mha_outer.as_deref())
-        .collect();
-    if let Some(first) = mha.first() {
-        let more = match mha.len() {
-            1 => String::new(),
-            n => format!(" and {} more", n - 1),
-        };
-        eprintln!(
-            "note: '{first}'{more}: PEFT's LoRA on a torch.nn.MultiheadAttention; its out_proj delta counts twice, as PEFT adds it (huggingface/peft#3774)"
-        );
-    }
     Ok(adapter)
 }
 

@@ -351,6 +351,7 @@ fn plan<'a>(
         let all: Vec<Candidate> = cands.iter().chain(norms).cloned().collect();
         let (paths, notes) = super::module_paths(adapter, &all)?;
         report.notes.extend(notes);
+        report.notes.extend(adapter.mha_note());
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
             if module.replaces_values() && weight != 1.0 {

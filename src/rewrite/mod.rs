@@ -78,7 +78,13 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
     {
         let outer = c.other_paths.first().map_or("", String::as_str);
         return Some(format!(
-            "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: a LoRA on the Linear alone never runs in PEFT's forward, which it leaves unchanged; target the attention module ('{outer}') instead"
+            "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: PEFT's forward never runs a LoRA on the Linear (its merge_and_unload would merge it; the two disagree), and only PEFT's LoRA on the attention module adapts the out_proj (nested at '{outer}.base_layer.out_proj'); train without the out_proj in target_modules"
+        ));
+    }
+    if m.mha_outer.is_some() {
+        let outer = path.strip_suffix(".out_proj").unwrap_or(path);
+        return Some(format!(
+            "module '{path}' is the out_proj of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}' (a cross-attention, whose query is not its key and value, splits it) and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
         ));
     }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its

@@ -4,6 +4,9 @@
 
 /// Metadata key where torch's dynamo exporter records a node's module scopes.
 pub const NAME_SCOPES_KEY: &str = "pkg.torch.onnx.name_scopes";
+/// Metadata key where torch's dynamo exporter records the classes of a node's module scopes
+/// (the same list as `name_scopes`, class names instead of paths).
+pub const CLASS_HIERARCHY_KEY: &str = "pkg.torch.onnx.class_hierarchy";
 /// Metadata key where onnxscript's optimizer records what a folded constant came from.
 pub const FOLDED_FROM_KEY: &str = "pkg.onnxscript.optimizer.folded_from";
 

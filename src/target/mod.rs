@@ -212,7 +212,7 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
         .filter_map(|(gi, ni, node)| candidate(model, graph, gi, ni, node))
         .collect();
     mark_shared(model, graph, &mut out);
-    mark_mha(&mut out);
+    mark_mha(model, graph, &mut out);
     out
 }
 
@@ -230,38 +230,65 @@ pub enum MhaPart {
 /// from its own packed `in_proj_weight` and calls its `out_proj` Linear's weight itself
 /// rather than that Linear, so both exporters put both products in the attention module's
 /// scope `S`; the out-projection's weight keeps its name, `S.out_proj.weight`. That Linear
-/// is a module of its own (PEFT adapts it at `S.out_proj`), so the candidate takes its path,
-/// `S` staying as other evidence, when `S` also holds exactly one E → 3E in-projection.
-fn mark_mha(cands: &mut [Candidate]) {
+/// is a module of its own (PEFT adapts it at `S.out_proj`), so an E → E candidate whose
+/// weight is named so takes that path, `S` staying as other evidence, when `S` also holds an
+/// E → 3E in-projection. An attention called several times has a node per call, reading one
+/// weight (TorchScript scopes the later calls `S_1`, ...); each call's out-projection takes
+/// the path under its call's scope (`S_1.out_proj`, a later call of `S.out_proj`). Where dynamo recorded the calling module's class, it must be a
+/// MultiheadAttention: a custom module calling a child `out_proj`'s weight is none.
+fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
+    let class_of = |c: &Candidate| -> Option<String> {
+        let node = graph.node(model, c.graph, c.node_index)?;
+        let list = evidence::parse_py_str_list(node.metadata(evidence::CLASS_HIERARCHY_KEY)?)?;
+        list.len().checked_sub(2).map(|i| list[i].clone())
+    };
+    let not_mha = |c: &Candidate| class_of(c).is_some_and(|k| !k.ends_with("MultiheadAttention"));
     for o in 0..cands.len() {
         let c = &cands[o];
         if !c.is_linear() || c.quantized || c.module.is_empty() || c.in_features != c.out_features {
             continue;
         }
-        let own = format!("{}.out_proj", c.module);
-        if !c.other_paths.contains(&own) {
+        // The attention module the weight's name puts the out_proj Linear in: the node's
+        // scope, or the scope of which the node's is a later call.
+        let Some(outer) = c.other_paths.iter().find_map(|p| {
+            let outer = p.strip_suffix(".out_proj")?;
+            (outer == c.module || select::is_later_call(outer, &c.module))
+                .then(|| outer.to_string())
+        }) else {
             continue;
-        }
+        };
+        let is_call = |m: &str| m == outer || m == c.module || select::is_later_call(&outer, m);
         let ins: Vec<usize> = (0..cands.len())
             .filter(|&i| {
                 let d = &cands[i];
                 i != o
                     && d.is_linear()
-                    && d.module == c.module
+                    && !d.quantized
+                    && is_call(&d.module)
                     && d.in_features == c.in_features
                     && d.out_features == 3 * c.in_features
             })
             .collect();
-        let [i] = ins[..] else {
+        let Some(&first) = ins.first() else {
             continue;
         };
+        if ins.iter().any(|&i| cands[i].source != cands[first].source)
+            || not_mha(c)
+            || ins.iter().any(|&i| not_mha(&cands[i]))
+        {
+            continue;
+        }
+        // (a later call's node keeps its call's scope, as other layers' later calls do)
+        let own = format!("{}.out_proj", c.module);
         let c = &mut cands[o];
         let scope = std::mem::replace(&mut c.module, own.clone());
         c.other_paths.retain(|p| *p != own);
         c.other_paths.insert(0, scope);
         c.evidence = Evidence::WeightName;
         c.mha = Some(MhaPart::OutProj);
-        cands[i].mha = Some(MhaPart::InProj);
+        for i in ins {
+            cands[i].mha = Some(MhaPart::InProj);
+        }
     }
 }
 
