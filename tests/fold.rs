@@ -623,6 +623,20 @@ fn shared_layers_fold_and_inject_refuses() {
                 "{}: a shared layer's weight changes in place",
                 case.label()
             );
+            // TorchScript's later calls (`query_1`) could also be modules of their own whose
+            // equal weights it merged: the report says which nodes were taken as calls.
+            let report = json_records(&stdout, "report");
+            let noted = report[0]["notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n.as_str().unwrap().contains("taken as its later call"));
+            assert_eq!(
+                noted,
+                case.exporter == "torchscript",
+                "{}: {stdout}",
+                case.label()
+            );
             // With the adapter, and fresh (dynamo names every call alike; TorchScript's
             // `query_1` reads `query`'s weight): one branch per module cannot carry it, also
             // when the targets name only the first call (`query` matches no `query_1`).

@@ -287,3 +287,36 @@ fn multihead_attention_projections_are_found_by_class_and_weight_name() {
     assert!(cands.iter().all(|c| c.mha.is_none()));
     assert_eq!(cands.iter().filter(|c| c.module == "attn").count(), 2);
 }
+
+/// dynamo names every call of a module by the module's own path, so a dynamo scope `attn_1` is
+/// a module of its own, also when the exporter merged its weights with `attn`'s because their
+/// values are equal: it is no later call of `attn` (TorchScript's `attn_1` is).
+#[test]
+fn a_dynamo_scope_with_a_call_suffix_is_a_module_of_its_own() {
+    let mut m = onnx_lora::onnx::load(fixtures().join("mha_twice/dynamo/model.onnx")).unwrap();
+    // the second call's nodes, renamed as a sibling module `attn_1` would be
+    for n in &mut m.proto.graph.as_mut().unwrap().node {
+        if matches!(n.name(), "node_MatMul_85" | "node_linear_3") {
+            for p in &mut n.metadata_props {
+                if p.key() == "pkg.torch.onnx.name_scopes" {
+                    p.value = Some(p.value().replace("'attn'", "'attn_1'"));
+                }
+            }
+        }
+    }
+    let g = ModelGraph::build(&m.proto);
+    let cands = find_candidates(&m.proto, &g);
+    let modules: Vec<&str> = cands.iter().map(|c| c.module.as_str()).collect();
+    // (the merged out_proj weight's name, `attn.out_proj.weight`, puts it in `attn`, not in
+    // `attn_1`: that layer keeps its scope)
+    assert_eq!(
+        modules,
+        ["embed", "attn", "attn.out_proj", "attn_1", "attn_1", "fc"]
+    );
+    let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
+    assert!(calls.iter().all(Option::is_none), "{calls:?}");
+    for path in ["attn", "attn.out_proj"] {
+        let found = resolve_module(&cands, path, |_| true, |_, _| false).unwrap();
+        assert_eq!(found.len(), 1, "{path}");
+    }
+}

@@ -696,10 +696,11 @@ fn mha_out_projs(
     config: &AdapterConfig,
 ) -> std::result::Result<(), String> {
     let is_lora = |m: &ModuleAdapter| m.kind == ModuleKind::Lora;
+    // (the nested out_proj's factors, or only its trained bias, as bias="all" saves it)
     let outers: Vec<(usize, String)> = modules
         .iter()
         .enumerate()
-        .filter(|(_, m)| is_lora(m))
+        .filter(|(_, m)| matches!(m.kind, ModuleKind::Lora | ModuleKind::Full))
         .filter_map(|(i, m)| {
             let outer = m.path.strip_suffix(".base_layer.out_proj")?;
             // (a file may leave the in_proj's factors out: PEFT then starts them with B = 0)
@@ -961,6 +962,13 @@ fn split_key(key: &str) -> Option<(&str, Part<'_>)> {
         .or_else(|| rest.strip_suffix(".modules_to_save"))
         .or_else(|| rest.strip_suffix(".original_module").map(|_| ""))
         .unwrap_or(rest);
+    // torch's MultiheadAttention keeps its packed in-projection as parameters of its own:
+    // they are the weight and bias of its in-projection layer (`target::mark_mha`).
+    let param = match param {
+        "in_proj_weight" => "weight",
+        "in_proj_bias" => "bias",
+        p => p,
+    };
     (!module.is_empty()).then_some((module, Part::Full(param)))
 }
 
@@ -1023,6 +1031,11 @@ mod tests {
         assert!(p == "classifier" && matches!(part, Part::Full("bias")));
         let (p, _) = split_key("lm_head.base_layer.weight").ok_or("not a LoRA key")?;
         assert_eq!(p, "lm_head");
+        // a MultiheadAttention's own packed in-projection parameters
+        let (p, part) = split_key("attn.in_proj_weight").ok_or("not a LoRA key")?;
+        assert!(p == "attn" && matches!(part, Part::Full("weight")));
+        let (p, part) = split_key("attn.modules_to_save.default.in_proj_bias").ok_or("no key")?;
+        assert!(p == "attn" && matches!(part, Part::Full("bias")));
         Ok(())
     }
 }

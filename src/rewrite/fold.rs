@@ -386,6 +386,22 @@ fn plan<'a>(
             });
             let found: Vec<(Candidate, Option<usize>)> = match resolved {
                 Ok(found) => {
+                    // TorchScript names a module's later calls `x_1`, as it would name a module
+                    // of its own called `x_1`, and merges equal initializers: the two cannot be
+                    // told apart there.
+                    let later: Vec<&str> = found
+                        .iter()
+                        .filter(|c| c.module != found[0].module)
+                        .map(|c| c.node.as_str())
+                        .collect();
+                    if !later.is_empty() {
+                        report.notes.push(format!(
+                            "module '{path}' (node {}) is also changed at {}, taken as its later call{}: TorchScript names calls so and reads one weight for them. A module of its own with that name and equal values (the exporter merges equal weights) would be changed too; the dynamo exporter names the two apart",
+                            found[0].node,
+                            later.join(", "),
+                            if later.len() > 1 { "s" } else { "" }
+                        ));
+                    }
                     // The same layer packed in another If body (q/k/v fused in one body only).
                     let twin = (is_linear_lora(module) || module.kind == ModuleKind::Full)
                         .then(|| packed::twin(cands, path, &found))

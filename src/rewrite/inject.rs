@@ -504,7 +504,7 @@ pub fn check_one_branch_per_module(
 ) -> Result<()> {
     // (the nodes each module name is found on, with the graph that holds each)
     let mut by_name: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
-    let later = |x: &str, y: &str| crate::target::select::is_later_call(x, y);
+    let later = |x: &Candidate, y: &Candidate| crate::target::select::later_call_of(x, y);
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.
     // (The source names the graph that holds the weight: a later call inside a subgraph reading
@@ -517,7 +517,7 @@ pub fn check_one_branch_per_module(
             .push((b.cand.node.as_str(), b.cand.graph));
         if let Some(src) = &b.cand.source {
             let first = *by_weight.entry(src).or_insert(b);
-            let (f, m) = (first.cand.module.as_str(), b.cand.module.as_str());
+            let (f, m) = (&first.cand, &b.cand);
             if first.name != b.name && (later(f, m) || later(m, f)) {
                 by_name
                     .entry(first.name.as_str())
@@ -541,7 +541,7 @@ pub fn check_one_branch_per_module(
                     && c.source == b.cand.source
                     && c.op == b.cand.op
                     && c.shape == b.cand.shape
-                    && (later(&b.cand.module, &c.module) || later(&c.module, &b.cand.module))
+                    && (later(&b.cand, c) || later(c, &b.cand))
             };
             (same_name || later_call()) && !targeted.contains(&(c.graph, c.node_index))
         };

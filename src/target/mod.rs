@@ -249,26 +249,35 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
             continue;
         }
         // The attention module the weight's name puts the out_proj Linear in: the node's
-        // scope, or the scope of which the node's is a later call.
+        // scope, or (TorchScript's scope names only: dynamo names every call by the module's
+        // path) the scope of which the node's is a later call.
+        let torchscript = c.evidence == Evidence::NodeName;
         let Some(outer) = c.other_paths.iter().find_map(|p| {
             let outer = p.strip_suffix(".out_proj")?;
-            (outer == c.module || select::is_later_call(outer, &c.module))
+            (outer == c.module || torchscript && select::is_later_call(outer, &c.module))
                 .then(|| outer.to_string())
         }) else {
             continue;
         };
-        let is_call = |m: &str| m == outer || m == c.module || select::is_later_call(&outer, m);
-        let ins: Vec<usize> = (0..cands.len())
-            .filter(|&i| {
-                let d = &cands[i];
-                i != o
-                    && d.is_linear()
-                    && !d.quantized
-                    && is_call(&d.module)
-                    && d.in_features == c.in_features
-                    && d.out_features == 3 * c.in_features
-            })
-            .collect();
+        // The in-projection in the same scope; else, for a later call whose in-projection
+        // TorchScript named after the first call's, the module's.
+        let in_proj = |scope: &dyn Fn(&str) -> bool| -> Vec<usize> {
+            (0..cands.len())
+                .filter(|&i| {
+                    let d = &cands[i];
+                    i != o
+                        && d.is_linear()
+                        && !d.quantized
+                        && scope(&d.module)
+                        && d.in_features == c.in_features
+                        && d.out_features == 3 * c.in_features
+                })
+                .collect()
+        };
+        let mut ins = in_proj(&|m| m == c.module);
+        if ins.is_empty() && torchscript {
+            ins = in_proj(&|m| m == outer || select::is_later_call(&outer, m));
+        }
         let Some(&first) = ins.first() else {
             continue;
         };
@@ -284,7 +293,7 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         let scope = std::mem::replace(&mut c.module, own.clone());
         c.other_paths.retain(|p| *p != own);
         c.other_paths.insert(0, scope);
-        c.evidence = Evidence::WeightName;
+        // (the evidence stays the scope's: the path is the call's scope and the Linear's name)
         c.mha = Some(MhaPart::OutProj);
         for i in ins {
             cands[i].mha = Some(MhaPart::InProj);

@@ -222,7 +222,7 @@ pub fn resolve_module<'a>(
         for c in &pool {
             if c.source == first.source
                 && !found.iter().any(|f| std::ptr::eq(*f, *c))
-                && is_later_call(&first.module, &c.module)
+                && later_call_of(first, c)
             {
                 found.push(c);
             }
@@ -276,9 +276,7 @@ pub fn module_calls(
                 let d = &cands[j];
                 out[j].is_none()
                     && ((d.module == c.module && (d.source == c.source || same_values(c, d)))
-                        || (c.source.is_some()
-                            && d.source == c.source
-                            && is_later_call(&c.module, &d.module)))
+                        || (c.source.is_some() && d.source == c.source && later_call_of(c, d)))
             })
             .collect();
         let of = later.len() + 1;
@@ -294,6 +292,16 @@ pub fn module_calls(
         }
     }
     out
+}
+
+/// Whether candidate `later` is a later call of the module of candidate `first` by
+/// TorchScript's scope names ([`is_later_call`]). The dynamo exporter names every call of a
+/// module by the module's own path, so there a scope `attn_1` is another module, also when
+/// the exporter merged its weight with `attn`'s because their values are equal.
+pub(crate) fn later_call_of(first: &Candidate, later: &Candidate) -> bool {
+    first.evidence == super::Evidence::NodeName
+        && later.evidence == super::Evidence::NodeName
+        && is_later_call(&first.module, &later.module)
 }
 
 /// Whether `later` names a later call of the module at `first` as TorchScript scopes it:
