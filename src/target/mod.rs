@@ -234,8 +234,9 @@ pub enum MhaPart {
 /// weight is named so takes that path, `S` staying as other evidence, when `S` also holds an
 /// E → 3E in-projection. An attention called several times has a node per call, reading one
 /// weight (TorchScript scopes the later calls `S_1`, ...); each call's out-projection takes
-/// the path under its call's scope (`S_1.out_proj`, a later call of `S.out_proj`). Where dynamo recorded the calling module's class, it must be a
-/// MultiheadAttention: a custom module calling a child `out_proj`'s weight is none.
+/// the path under its call's scope (`S_1.out_proj`, a later call of `S.out_proj`). Where
+/// dynamo recorded the calling module's class, it must be a MultiheadAttention: a custom
+/// module calling a child `out_proj`'s weight is none.
 fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
     let class_of = |c: &Candidate| -> Option<String> {
         let node = graph.node(model, c.graph, c.node_index)?;
