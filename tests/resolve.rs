@@ -286,6 +286,29 @@ fn multihead_attention_projections_are_found_by_class_and_weight_name() {
     let cands = find_candidates(&m.proto, &g);
     assert!(cands.iter().all(|c| c.mha.is_none()));
     assert_eq!(cands.iter().filter(|c| c.module == "attn").count(), 2);
+    // An out_proj weight named after another attention (the exporter merges equal weights
+    // across modules, as in an untrained stack): dynamo's class record still places it.
+    let mut m = onnx_lora::onnx::load(fixtures().join("mha/dynamo/model.onnx")).unwrap();
+    let graph = m.proto.graph.as_mut().unwrap();
+    for t in &mut graph.initializer {
+        if t.name() == "attn.out_proj.weight" {
+            t.name = Some("other.out_proj.weight".into());
+        }
+    }
+    for n in &mut graph.node {
+        for i in &mut n.input {
+            if i == "attn.out_proj.weight" {
+                *i = "other.out_proj.weight".into();
+            }
+        }
+    }
+    let g = ModelGraph::build(&m.proto);
+    let out_proj: Vec<(String, Option<MhaPart>)> = find_candidates(&m.proto, &g)
+        .into_iter()
+        .filter(|c| c.weight == "other.out_proj.weight")
+        .map(|c| (c.module, c.mha))
+        .collect();
+    assert_eq!(out_proj, [("attn.out_proj".into(), Some(MhaPart::OutProj))]);
 }
 
 /// dynamo names every call of a module by the module's own path, so a dynamo scope `attn_1` is
@@ -307,11 +330,18 @@ fn a_dynamo_scope_with_a_call_suffix_is_a_module_of_its_own() {
     let g = ModelGraph::build(&m.proto);
     let cands = find_candidates(&m.proto, &g);
     let modules: Vec<&str> = cands.iter().map(|c| c.module.as_str()).collect();
-    // (the merged out_proj weight's name, `attn.out_proj.weight`, puts it in `attn`, not in
-    // `attn_1`: that layer keeps its scope)
+    // (the merged out_proj weight is named after `attn`'s; dynamo's class record places the
+    // second one in `attn_1`)
     assert_eq!(
         modules,
-        ["embed", "attn", "attn.out_proj", "attn_1", "attn_1", "fc"]
+        [
+            "embed",
+            "attn",
+            "attn.out_proj",
+            "attn_1",
+            "attn_1.out_proj",
+            "fc"
+        ]
     );
     let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
     assert!(calls.iter().all(Option::is_none), "{calls:?}");

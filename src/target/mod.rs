@@ -235,8 +235,9 @@ pub enum MhaPart {
 /// E → 3E in-projection. An attention called several times has a node per call, reading one
 /// weight (TorchScript scopes the later calls `S_1`, ...); each call's out-projection takes
 /// the path under its call's scope (`S_1.out_proj`, a later call of `S.out_proj`). Where
-/// dynamo recorded the calling module's class, it must be a MultiheadAttention: a custom
-/// module calling a child `out_proj`'s weight is none.
+/// dynamo recorded the calling module's class, it must be a MultiheadAttention (a custom
+/// module calling a child `out_proj`'s weight is none), and then a weight named after another
+/// module's out_proj (equal weights the exporter merged) is this one's too.
 fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
     let class_of = |c: &Candidate| -> Option<String> {
         let node = graph.node(model, c.graph, c.node_index)?;
@@ -252,9 +253,16 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // The attention module the weight's name puts the out_proj Linear in: the node's
         // scope, or (TorchScript's scope names only: dynamo names every call by the module's
         // path) the scope of which the node's is a later call.
+        // Where dynamo recorded that the scope is a MultiheadAttention, any `*.out_proj`
+        // weight name will do: the exporter merges equal weights across modules (the layers
+        // of an untrained stack), naming them after one of them.
         let torchscript = c.evidence == Evidence::NodeName;
+        let is_mha = class_of(c).is_some_and(|k| k.ends_with("MultiheadAttention"));
         let Some(outer) = c.other_paths.iter().find_map(|p| {
             let outer = p.strip_suffix(".out_proj")?;
+            if is_mha {
+                return Some(c.module.clone());
+            }
             (outer == c.module || torchscript && select::is_later_call(outer, &c.module))
                 .then(|| outer.to_string())
         }) else {
