@@ -665,6 +665,16 @@ fn shared_layers_fold_and_inject_refuses() {
                     "{}: {err}",
                     case.label()
                 );
+                // (each call's node named once)
+                let nodes: Vec<&str> = err
+                    .split_once("(nodes ")
+                    .and_then(|(_, rest)| rest.split_once(':'))
+                    .map(|(list, _)| list.split(", ").collect())
+                    .unwrap_or_default();
+                let mut unique = nodes.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!((nodes.len(), unique.len()), (calls, calls), "{err}");
             }
             checked += 1;
         }

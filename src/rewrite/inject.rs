@@ -552,6 +552,11 @@ pub fn check_one_branch_per_module(
                 .push((c.node.as_str(), c.graph));
         }
     }
+    // (a node found both as a later call and by its name counts once)
+    for nodes in by_name.values_mut() {
+        let mut seen = HashSet::new();
+        nodes.retain(|n| seen.insert(*n));
+    }
     let mut shared: Vec<(&&str, &Vec<(&str, usize)>)> =
         by_name.iter().filter(|(_, v)| v.len() > 1).collect();
     shared.sort_by_key(|(name, _)| **name);
