@@ -257,7 +257,9 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // weight name will do: the exporter merges equal weights across modules (the layers
         // of an untrained stack), naming them after one of them.
         let torchscript = c.evidence == Evidence::NodeName;
-        let is_mha = class_of(c).is_some_and(|k| k.ends_with("MultiheadAttention"));
+        // (dynamo's record of the scope's class: Some(true) for a MultiheadAttention)
+        let class_is_mha = class_of(c).map(|k| k.ends_with("MultiheadAttention"));
+        let is_mha = class_is_mha == Some(true);
         let Some(outer) = c.other_paths.iter().find_map(|p| {
             let outer = p.strip_suffix(".out_proj")?;
             if is_mha {
@@ -291,7 +293,7 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
             continue;
         };
         if ins.iter().any(|&i| cands[i].source != cands[first].source)
-            || not_mha(c)
+            || class_is_mha == Some(false)
             || ins.iter().any(|&i| not_mha(&cands[i]))
         {
             continue;
