@@ -14,8 +14,9 @@ What it checks, every fixture in fixtures/manifest.json and kohya_manifest.json:
   3. `fold` of every adapter, run on CUDA, matches PEFT's unmerged forward;
   4. `inject --adapter` (branches) likewise;
   5. `inject --as-inputs` with the adapter activated through onnxruntime's LoRA API on CUDA;
-  6. with --cpu-ort-lib (a CPU-only onnxruntime): --ep cuda fails with exit 2 and one line,
-     --ep auto falls back to onnxruntime's CPU with a note;
+  6. with --cpu-ort-lib (a CPU-only onnxruntime, 1.31 or later like any onnxruntime onnx-lora
+     loads): --ep cuda fails with exit 2 and one line, --ep auto falls back to onnxruntime's CPU
+     with a note;
   7. with --bench: a Llama-shaped model (`bench --size small|full`) and its deployments, timed
      on CUDA (`verify --runs`; batch 1, 16 tokens), as ratios to the base.
 Comparisons use verify's CUDA default tolerances. Exit status 0 when every check passed.
@@ -215,7 +216,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", required=True, help="the onnx-lora binary")
     p.add_argument("--ort-lib", help="onnxruntime-gpu's libonnxruntime.so (default: onnx-lora's search)")
-    p.add_argument("--cpu-ort-lib", help="a CPU-only libonnxruntime.so, to check refusal and fallback")
+    p.add_argument("--cpu-ort-lib", help="a CPU-only libonnxruntime.so (1.31 or later), to check refusal and fallback")
     p.add_argument("--ep", default="cuda", help="EP the fixture checks demand (cpu: a dry run)")
     p.add_argument("--bench", help="the bench binary, to time a Llama-shaped model on CUDA")
     p.add_argument("--bench-size", default="small", choices=["tiny", "small", "full"])
