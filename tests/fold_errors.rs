@@ -75,14 +75,12 @@ fn unmatched_modules_are_listed() {
         "{err}"
     );
     let out = env.p("partial.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        env.p("linear.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--allow-unmatched",
-    ]);
+    let o = onnx_lora(&fold_args(
+        &env.p("linear.onnx"),
+        &[&ad],
+        &out,
+        &["--allow-unmatched"],
+    ));
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("warning: unmatched adapter module"));
     assert!(out.exists());
@@ -286,13 +284,7 @@ fn shared_initializer_gets_a_private_copy() {
     let env = Env::new();
     let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("a", 8, 4, 0.1)));
     let out = env.p("out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        env.p("shared.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = onnx_lora(&fold_args(&env.p("shared.onnx"), &[&ad], &out, &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("shared with"));
     let diff: serde_json::Value =
@@ -320,13 +312,7 @@ fn quantized_bases_get_a_float_branch() {
             "-o",
             branched.to_str().unwrap(),
         ]);
-        onnx_lora_ok(&[
-            "fold",
-            env.p(float).to_str().unwrap(),
-            ad.to_str().unwrap(),
-            "-o",
-            folded.to_str().unwrap(),
-        ]);
+        fold_ok(&env.p(float), &[&ad], &folded, &[]);
         onnx_lora_ok(&[
             "inject",
             env.p(quant).to_str().unwrap(),
@@ -498,13 +484,7 @@ fn trainable_tokens_errors_name_the_module() {
     assert!(err.contains("cannot be weighted"), "{err}");
     // At weight 1 the same adapter folds.
     let out = env.p("ok.onnx");
-    onnx_lora_ok(&[
-        "fold",
-        env.p("linear.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    fold_ok(&env.p("linear.onnx"), &[&ad], &out, &[]);
 }
 
 /// `fold --verify` needs the adapters unmerged for its reference; where that cannot be built
@@ -519,15 +499,7 @@ fn verify_without_a_possible_reference_writes_nothing() {
     let out = dir.path().join("out.onnx");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let err = onnx_lora_fails(
-        &[
-            "fold",
-            &s(&model),
-            &s(&plain),
-            &s(&dora),
-            "-o",
-            &s(&out),
-            "--verify",
-        ],
+        &fold_args(&model, &[&plain, &dora], &out, &["--verify"]),
         &out,
     );
     assert!(
@@ -537,31 +509,19 @@ fn verify_without_a_possible_reference_writes_nothing() {
         "{err}"
     );
     let err = onnx_lora_fails(
-        &[
-            "fold",
-            &s(&model),
-            &s(&plain),
-            "-o",
-            &s(&out),
-            "--verify",
-            "--inputs",
-            &s(&dir.path().join("none.npz")),
-        ],
+        &fold_args(
+            &model,
+            &[&plain],
+            &out,
+            &["--verify", "--inputs", &s(&dir.path().join("none.npz"))],
+        ),
         &out,
     );
     assert!(
         err.contains("--inputs") && err.contains("none.npz"),
         "{err}"
     );
-    let o = onnx_lora(&[
-        "fold",
-        &s(&model),
-        &s(&plain),
-        "-o",
-        &s(&out),
-        "--dim",
-        "x=1",
-    ]);
+    let o = onnx_lora(&fold_args(&model, &[&plain], &out, &["--dim", "x=1"]));
     assert_eq!(o.status.code(), Some(2));
     assert!(!out.exists());
 }
@@ -632,13 +592,7 @@ fn trainable_tokens_find_a_table_by_its_module_name() {
     let (ad, rows) = token_adapter(&env, "shared", "q", serde_json::json!({"shared": [2, 5]}));
     let model = env.p("shared_table.onnx");
     let out = env.p("shared_table.out.onnx");
-    onnx_lora_ok(&[
-        "fold",
-        model.to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    fold_ok(&model, &[&ad], &out, &[]);
     let table = |path: &Path| -> Vec<f32> {
         let m = onnx_lora::onnx::load(path).unwrap();
         let g = m.proto.graph.as_ref().unwrap();
@@ -673,13 +627,7 @@ fn trainable_tokens_follow_a_tied_output_layer() {
     let env = Env::new();
     let (ad, rows) = token_adapter(&env, "embed", "fc", serde_json::json!([2, 5]));
     let out = env.p("tied.out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        env.p("tied.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = onnx_lora(&fold_args(&env.p("tied.onnx"), &[&ad], &out, &[]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -703,13 +651,12 @@ fn trainable_tokens_follow_a_tied_output_layer() {
     assert_token_rows(&table(&env.p("tied.onnx")), &table(&out), &rows);
     // Equal only at the trained tokens' rows (zero in both): not tied, lm_head stays.
     let untied = env.p("untied.out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        env.p("untied_equal_rows.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        untied.to_str().unwrap(),
-    ]);
+    let o = onnx_lora(&fold_args(
+        &env.p("untied_equal_rows.onnx"),
+        &[&ad],
+        &untied,
+        &[],
+    ));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("tied embeddings"), "{err}");
@@ -726,13 +673,12 @@ fn trainable_tokens_follow_a_tied_output_layer() {
         init(&src, "E"),
         "the table took the rows"
     );
-    let o = onnx_lora(&[
-        "fold",
-        env.p("tied_nbits.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        env.p("nbits.out.onnx").to_str().unwrap(),
-    ]);
+    let o = onnx_lora(&fold_args(
+        &env.p("tied_nbits.onnx"),
+        &[&ad],
+        &env.p("nbits.out.onnx"),
+        &[],
+    ));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("quantized output layer"), "{err}");
@@ -747,13 +693,7 @@ fn a_trained_bias_on_a_shared_bias_tensor_changes_one_layer() {
     t.push(("a.base_layer.bias".into(), vec![4], vec![0.25; 4]));
     let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
     let out = env.p("out.onnx");
-    onnx_lora_ok(&[
-        "fold",
-        env.p("shared_bias.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    fold_ok(&env.p("shared_bias.onnx"), &[&ad], &out, &[]);
     let diff: serde_json::Value =
         serde_json::from_str(&py("ort_diff.py", &[&env.p("shared_bias.onnx"), &out])).unwrap();
     assert!(diff["ya"].as_f64().unwrap() > 1e-3, "{diff}");
@@ -777,13 +717,7 @@ fn a_trained_bias_on_a_shared_bias_tensor_changes_one_layer() {
         &[("a.bias", vec![4], vec![0.5; 4])],
     );
     let out = env.p("bias_only.onnx");
-    let o = onnx_lora_ok(&[
-        "fold",
-        env.p("shared.onnx").to_str().unwrap(),
-        ad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = fold_ok(&env.p("shared.onnx"), &[&ad], &out, &[]);
     let m = onnx_lora::onnx::load(&out).unwrap();
     let g = m.proto.graph.as_ref().unwrap();
     let reads = |node: &str| g.node.iter().find(|n| n.name() == node).unwrap().input[1].clone();
@@ -858,13 +792,7 @@ fn trained_norm_values_replace_the_layers_own() {
     for (name, tensors) in cases {
         let ad = write_adapter(&env.p(name), config(), &tensors);
         let out = env.p(&format!("{name}.onnx"));
-        onnx_lora_ok(&[
-            "fold",
-            model.to_str().unwrap(),
-            ad.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        fold_ok(&model, &[&ad], &out, &[]);
         let a = params_of(&out, "/a/norm/LayerNormalization");
         assert_eq!(a[1].1, bias, "{name}: /a/norm's bias");
         assert_eq!(
@@ -917,13 +845,12 @@ fn unsupported_lora_variants_are_refused_by_name() {
         let ad = write_adapter(&env.p(key), cfg, &refs(&t));
         if value == serde_json::json!({}) {
             // An empty config object is no variant: the adapter folds.
-            onnx_lora_ok(&[
-                "fold",
-                env.p("linear.onnx").to_str().unwrap(),
-                ad.to_str().unwrap(),
-                "-o",
-                env.p(&format!("{key}.onnx")).to_str().unwrap(),
-            ]);
+            fold_ok(
+                &env.p("linear.onnx"),
+                &[&ad],
+                &env.p(&format!("{key}.onnx")),
+                &[],
+            );
             continue;
         }
         let err = env.fold_fails("linear.onnx", &ad);
@@ -1226,7 +1153,6 @@ fn unmatched_whole_tensors_say_where_they_fit_once() {
 fn multihead_attention_loras_follow_peft() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let s = |p: &Path| p.to_str().unwrap().to_string();
     let model = fixtures().join("mha/torchscript/model.onnx");
     let mha = |cfg: serde_json::Value, name: &str| {
         let mut t = lora("attn", 16, 48, 0.1);
@@ -1258,14 +1184,7 @@ fn multihead_attention_loras_follow_peft() {
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
         "target_modules": ["attn"], "peft_version": "0.21.2"});
     let ad = mha(cfg.clone(), "ok");
-    let o = onnx_lora(&[
-        "fold",
-        &s(&model),
-        &s(&ad),
-        "-o",
-        &s(&p("f.onnx")),
-        "--json",
-    ]);
+    let o = onnx_lora(&fold_args(&model, &[&ad], &p("f.onnx"), &["--json"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     // (with --json the note is in the report)
@@ -1297,14 +1216,7 @@ fn multihead_attention_loras_follow_peft() {
         cfg,
         &refs(&lora("attn.base_layer.out_proj", 16, 16, 0.1)),
     );
-    let out = onnx_lora_ok(&[
-        "fold",
-        &s(&model),
-        &s(&only_out),
-        "-o",
-        &s(&p("g.onnx")),
-        "--json",
-    ]);
+    let out = fold_ok(&model, &[&only_out], &p("g.onnx"), &["--json"]);
     assert_eq!(scales(&out), [("attn.out_proj".into(), 4.0)]);
     // A LoRA PEFT put on the out_proj Linear itself: refused, saying why and what to target.
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
@@ -1318,6 +1230,58 @@ fn multihead_attention_loras_follow_peft() {
             && err.contains("train without the out_proj in target_modules"),
         "{err}"
     );
+}
+
+/// PEFT's MultiheadAttention LoRA on a scope that holds no packed in-projection (as a
+/// cross-attention's export, which splits it): both of its modules are unmatched with the
+/// MultiheadAttention explanation, not fitted to another layer in that scope (here `fc`, a
+/// 16 → 16 Linear the in-projection's [48, r] lora_B cannot fit), also under
+/// --allow-unmatched, where the rest folds and no out_proj note is printed.
+#[test]
+fn multihead_attention_lora_without_its_in_projection_is_unmatched() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["fc", "head"], "peft_version": "0.21.2"});
+    let mut t = lora("fc", 16, 48, 0.1);
+    t.extend(lora("fc.base_layer.out_proj", 16, 16, 0.1));
+    t.extend(lora("head", 16, 10, 0.1));
+    let ad = write_adapter(&p("ad"), cfg, &refs(&t));
+    let in_proj = "module 'fc' is the packed in-projection of PEFT's LoRA on the torch.nn.MultiheadAttention 'fc', which this export does not show";
+    let out_proj = "module 'fc.out_proj' is the out_proj of PEFT's LoRA on the torch.nn.MultiheadAttention 'fc'";
+    for exporter in ["torchscript", "dynamo"] {
+        let model = fixtures().join(format!("twins/{exporter}/model.onnx"));
+        let err = fold_fails(&model, &ad, &p("out.onnx"), &[]);
+        assert!(
+            err.contains(in_proj) && err.contains(out_proj) && !err.contains("do not fit"),
+            "{exporter}: {err}"
+        );
+        for cmd in [["fold", "-"], ["inject", "--adapter"]] {
+            let out = p(&format!("{exporter}_{}.onnx", cmd[0]));
+            let mut args = vec![cmd[0], model.to_str().unwrap()];
+            if cmd[1] != "-" {
+                args.push(cmd[1]);
+            }
+            args.extend([
+                ad.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--allow-unmatched",
+            ]);
+            let o = onnx_lora(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{exporter} {}: {err}", cmd[0]);
+            assert!(
+                err.contains("warning: unmatched adapter module:")
+                    && err.contains(in_proj)
+                    && err.contains(out_proj)
+                    && !err.contains("counts twice"),
+                "{exporter} {}: {err}",
+                cmd[0]
+            );
+            assert!(out.exists());
+        }
+    }
 }
 
 /// export-peft writes branches on a MultiheadAttention's projections as PEFT's LoRA on that
@@ -1602,13 +1566,7 @@ fn weight_form_lora_bias_on_a_biasless_conv_is_per_channel() {
         "-o",
         &s(&env.p("exported")),
     ]);
-    onnx_lora_ok(&[
-        "fold",
-        &s(&model),
-        &s(&env.p("exported")),
-        "-o",
-        &s(&env.p("re.onnx")),
-    ]);
+    fold_ok(&model, &[&env.p("exported")], &env.p("re.onnx"), &[]);
     for other in ["back.onnx", "re.onnx"] {
         let o = onnx_lora(&[
             "verify",
@@ -2200,23 +2158,10 @@ fn impossible_tensors_and_layers_are_refused() {
             ("conv.lora_B.weight", vec![4, 2, 1, 1], vec![0.1; 8]),
         ],
     );
-    onnx_lora_ok(&[
-        "fold",
-        &s(&p("conv_1x9.onnx")),
-        &s(&conv),
-        "-o",
-        &s(&p("out.onnx")),
-    ]);
+    fold_ok(&p("conv_1x9.onnx"), &[&conv], &p("out.onnx"), &[]);
     // A weight that is also a graph output keeps its value there: the layer gets a copy.
     let out = p("out.onnx");
-    let report = onnx_lora_ok(&[
-        "fold",
-        &s(&p("weight_output.onnx")),
-        &s(&fc),
-        "-o",
-        &s(&out),
-        "--json",
-    ]);
+    let report = fold_ok(&p("weight_output.onnx"), &[&fc], &out, &["--json"]);
     assert!(report.contains("\"copy\":\"fc.weight"), "{report}");
     let folded = onnx_lora::onnx::load(&out).unwrap();
     let g = folded.proto.graph.as_ref().unwrap();
@@ -3350,15 +3295,7 @@ fn a_layer_packed_in_one_if_body_only_folds_into_both() {
     // --verify's reference: a branch on the MatMul in one body, the packed weight plus the
     // runtime's B·A in the other; each value of the switch is compared.
     let checked = env.p("checked.onnx");
-    let json = onnx_lora_ok(&[
-        "fold",
-        &s(&model),
-        &s(&ad),
-        "-o",
-        &s(&checked),
-        "--verify",
-        "--json",
-    ]);
+    let json = fold_ok(&model, &[&ad], &checked, &["--verify", "--json"]);
     let switched = json_records(&json, "output")
         .iter()
         .filter(|r| r["passed"] == true)
@@ -3502,15 +3439,7 @@ fn reports_say_what_happened() {
     let unet = fixtures().join("unet/torchscript/model.onnx");
     let kohya = fixtures().join("unet/adapters/locon.safetensors");
     let err = onnx_lora_fails(
-        &[
-            "fold",
-            &s(&unet),
-            &s(&kohya),
-            "-o",
-            &s(&out),
-            "--root",
-            "unet",
-        ],
+        &fold_args(&unet, &[&kohya], &out, &["--root", "unet"]),
         &out,
     );
     assert!(err.contains("applies to PEFT adapters"), "{err}");
@@ -3581,14 +3510,7 @@ fn a_quantized_packed_projection_takes_one_float_branch() {
         "{json}"
     );
     let folded = env.p("folded.onnx");
-    let json = onnx_lora_ok(&[
-        "fold",
-        &s(&env.p("qkv_nbits_float.onnx")),
-        &s(&ad),
-        "-o",
-        &s(&folded),
-        "--json",
-    ]);
+    let json = fold_ok(&env.p("qkv_nbits_float.onnx"), &[&ad], &folded, &["--json"]);
     assert!(json.contains("\"projection\":\"v\""), "{json}");
     let d: serde_json::Value =
         serde_json::from_str(&py("ort_diff.py", &[&branched, &folded])).unwrap();
@@ -3710,16 +3632,12 @@ fn verify_options_and_references_cover_what_is_written() {
         )
     };
     let (b1, b2) = (with_bias("b1", 0.1), with_bias("b2", -0.3));
-    let json = onnx_lora_ok(&[
-        "fold",
-        &s(&env.p("qkv_nbits_float.onnx")),
-        &s(&b1),
-        &s(&b2),
-        "-o",
-        &s(&out),
-        "--verify",
-        "--json",
-    ]);
+    let json = fold_ok(
+        &env.p("qkv_nbits_float.onnx"),
+        &[&b1, &b2],
+        &out,
+        &["--verify", "--json"],
+    );
     assert!(json.contains("\"passed\":true"), "{json}");
 
     // Trainable tokens after an embedding LoRA: fold replaces the rows the LoRA changed, which
@@ -3731,28 +3649,9 @@ fn verify_options_and_references_cover_what_is_written() {
         fixtures().join("bert/adapters/trainable_tokens"),
     );
     let out = env.p("tokens.onnx");
-    let err = onnx_lora_fails(
-        &[
-            "fold",
-            &s(&bert),
-            &s(&emb),
-            &s(&tok),
-            "-o",
-            &s(&out),
-            "--verify",
-        ],
-        &out,
-    );
+    let err = onnx_lora_fails(&fold_args(&bert, &[&emb, &tok], &out, &["--verify"]), &out);
     assert!(err.contains("cannot follow that order"), "{err}");
-    onnx_lora_ok(&[
-        "fold",
-        &s(&bert),
-        &s(&tok),
-        &s(&emb),
-        "-o",
-        &s(&out),
-        "--verify",
-    ]);
+    fold_ok(&bert, &[&tok, &emb], &out, &["--verify"]);
 }
 
 /// A Gemm with alpha ≠ 1 applies alpha·W: DoRA's norm is that of alpha·W + s·B·A, and a
@@ -3857,16 +3756,12 @@ fn dora_on_one_projection_of_a_packed_weight_stacks_with_others() {
         );
         for (first, second) in [(&dk, &pq), (&pq, &dk)] {
             let out = env.p(&format!("{model}.out.onnx"));
-            let json = onnx_lora_ok(&[
-                "fold",
-                &s(&env.p(model)),
-                &s(first),
-                &s(second),
-                "-o",
-                &s(&out),
-                "--verify",
-                "--json",
-            ]);
+            let json = fold_ok(
+                &env.p(model),
+                &[first, second],
+                &out,
+                &["--verify", "--json"],
+            );
             assert!(
                 json.contains("\"type\":\"verdict\"") && !json.contains("\"passed\":false"),
                 "{model}: {json}"
@@ -3906,15 +3801,7 @@ fn a_layer_packed_in_both_if_bodies_folds_once() {
         &refs(&lora("layers.0.self_attn.q_proj", 8, 8, 0.2)),
     );
     let out = env.p("out.onnx");
-    let json = onnx_lora_ok(&[
-        "fold",
-        &s(&model),
-        &s(&ad),
-        "-o",
-        &s(&out),
-        "--verify",
-        "--json",
-    ]);
+    let json = fold_ok(&model, &[&ad], &out, &["--verify", "--json"]);
     let modules = json_records(&json, "module").len();
     assert_eq!(modules, 1, "one write of the shared packed weight: {json}");
     let passed = json_records(&json, "output")

@@ -350,3 +350,31 @@ fn a_dynamo_scope_with_a_call_suffix_is_a_module_of_its_own() {
         assert_eq!(found.len(), 1, "{path}");
     }
 }
+
+/// TorchScript scopes a sibling module `fc_1` whose weights equal `fc`'s as it scopes a later
+/// call of `fc`, and merges the two weights; it reads the merged bias through an Identity named
+/// `fc_1.bias`, which a later call (reading `fc.bias`) never has. So `fc_1` is a module of its
+/// own, while an attention truly called twice keeps its later call.
+#[test]
+fn a_torchscript_sibling_with_its_own_parameter_names_is_no_later_call() {
+    let calls = |path: &str| {
+        let m = onnx_lora::onnx::load(fixtures().join(path)).unwrap();
+        let g = ModelGraph::build(&m.proto);
+        let cands = find_candidates(&m.proto, &g);
+        let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
+        let found: Vec<String> = resolve_module(&cands, "fc", |_| true, |_, _| false)
+            .unwrap()
+            .iter()
+            .map(|c| c.node.clone())
+            .collect();
+        (calls.iter().flatten().count(), found)
+    };
+    let (n, fc) = calls("twins/torchscript/model.onnx");
+    assert_eq!((n, fc), (0, vec!["/fc/MatMul".to_string()]));
+    // (both calls of the attention, in_proj and out_proj: 4 nodes in calls)
+    let m = onnx_lora::onnx::load(fixtures().join("mha_twice/torchscript/model.onnx")).unwrap();
+    let g = ModelGraph::build(&m.proto);
+    let cands = find_candidates(&m.proto, &g);
+    let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
+    assert_eq!(calls.iter().flatten().count(), 4, "{calls:?}");
+}

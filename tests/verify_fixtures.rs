@@ -81,13 +81,7 @@ fn merged_adapter_is_detected_on_both_backends() {
         let folded = dir
             .path()
             .join(format!("{}_{}.onnx", case.model, case.exporter));
-        onnx_lora_ok(&[
-            "fold",
-            case.onnx.to_str().unwrap(),
-            ad.dir.to_str().unwrap(),
-            "-o",
-            folded.to_str().unwrap(),
-        ]);
+        fold_ok(&case.onnx, &[&ad.dir], &folded, &[]);
         for ep in ["cpu", "tract"] {
             let (c, out) = code(&[
                 "verify",

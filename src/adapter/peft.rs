@@ -96,6 +96,9 @@ pub struct ModuleAdapter {
     /// attention module's path. PEFT gives that Linear the attention module's r and alpha,
     /// and its forward adds the delta twice (see [`MHA_OUT_PROJ_TIMES`]).
     pub mha_outer: Option<String>,
+    /// PEFT's LoRA on a torch `nn.MultiheadAttention`: this module is the attention's own
+    /// (its factors adapt the packed `in_proj_weight`, E → 3E), beside a nested out_proj.
+    pub mha_in_proj: bool,
 }
 
 /// How many times PEFT adds a MultiheadAttention LoRA's out_proj delta: its
@@ -126,6 +129,7 @@ impl ModuleAdapter {
             alpha: None,
             part,
             mha_outer: None,
+            mha_in_proj: false,
         }
     }
 
@@ -726,6 +730,9 @@ fn mha_out_projs(
             return Err(format!(
                 "module '{outer}' is PEFT's LoRA on a torch.nn.MultiheadAttention with lora_bias, which onnx-lora does not support (PEFT's merge leaves the in_proj's lora_B bias out); merge it in torch (merge_and_unload) before exporting"
             ));
+        }
+        if let Some(o) = modules.iter_mut().find(|o| o.path == outer && is_lora(o)) {
+            o.mha_in_proj = true;
         }
         let m = &mut modules[i];
         m.path = format!("{outer}.out_proj");

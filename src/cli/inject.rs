@@ -343,7 +343,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             (fresh, Vec::new())
         }
     };
-    check_one_branch_per_module(&model, &branches, &cands)
+    // (the adapter's modules: a TorchScript scope `x_1` it names is no later call of `x`)
+    let named = match &low {
+        Some(low) => onnx_lora::rewrite::named_paths(&cands, &[module_paths(low, &cands)?.0]),
+        None => Vec::new(),
+    };
+    check_one_branch_per_module(&model, &branches, &cands, &named)
         .with_context(|| args.model.display().to_string())?;
     let reports = match args.form {
         FormArg::Branch => inject(&mut model, &branches, args.as_inputs),
@@ -398,7 +403,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    if let Some(n) = adapter.as_ref().and_then(Adapter::mha_note) {
+    // (only where PEFT's MultiheadAttention LoRA became branches)
+    if let Some(n) = adapter
+        .as_ref()
+        .filter(|_| branches.iter().any(|b| b.cand.mha.is_some()))
+        .and_then(Adapter::mha_note)
+    {
         eprintln!("note: {n}");
     }
     let form = match args.form {

@@ -343,15 +343,24 @@ fn plan<'a>(
     let mut unmatched = Vec::new();
     // (said once after the list: where whole tensors can go)
     let mut whole_unmatched = false;
-    for (ai, adapter) in adapters.iter().enumerate() {
+    // (the export's root is found among its norm layers too: an adapter may train only their
+    // biases)
+    let all: Vec<Candidate> = cands.iter().chain(norms).cloned().collect();
+    let mut looked_up = Vec::with_capacity(adapters.len());
+    for adapter in adapters {
         adapter.check_foldable()?;
+        looked_up.push(super::module_paths(adapter, &all)?);
+    }
+    // (every adapter's modules: a later call one of them names is a module of its own)
+    let named = super::named_paths(
+        &all,
+        &looked_up.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+    );
+    for (ai, (adapter, (paths, notes))) in adapters.iter().zip(looked_up).enumerate() {
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
-        // (the export's root is found among its norm layers too: an adapter may train only
-        // their biases)
-        let all: Vec<Candidate> = cands.iter().chain(norms).cloned().collect();
-        let (paths, notes) = super::module_paths(adapter, &all)?;
         report.notes.extend(notes);
-        report.notes.extend(adapter.mha_note());
+        // (PEFT's MultiheadAttention LoRA found in the model: its note follows the modules')
+        let mut mha_found = false;
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
             if module.replaces_values() && weight != 1.0 {
@@ -369,34 +378,40 @@ fn plan<'a>(
             // which is encoder.embed_tokens and decoder.embed_tokens): the export names the
             // Gathers after the call sites, the table after the module. (Not a LoRA: PEFT's
             // LoRA on `shared` leaves the call sites as they are.)
-            let resolved = resolve_module(cands, path, accept, &same_values).or_else(|e| {
-                let by_table: Vec<&Candidate> = cands
-                    .iter()
-                    .filter(|c| {
-                        module.kind == ModuleKind::Tokens
-                            && accept(c)
-                            && c.other_paths.iter().any(|p| p == path)
-                    })
-                    .collect();
-                if by_table.is_empty() {
-                    Err(e)
-                } else {
-                    Ok(by_table)
-                }
-            });
+            let resolved = resolve_module(cands, path, accept, &same_values)
+                .map(|found| super::drop_named_later_calls(found, &named))
+                .or_else(|e| {
+                    let by_table: Vec<&Candidate> = cands
+                        .iter()
+                        .filter(|c| {
+                            module.kind == ModuleKind::Tokens
+                                && accept(c)
+                                && c.other_paths.iter().any(|p| p == path)
+                        })
+                        .collect();
+                    if by_table.is_empty() {
+                        Err(e)
+                    } else {
+                        Ok(by_table)
+                    }
+                });
             let found: Vec<(Candidate, Option<usize>)> = match resolved {
                 Ok(found) => {
                     // TorchScript names a module's later calls `x_1`, as it would name a module
-                    // of its own called `x_1`, and merges equal initializers: the two cannot be
-                    // told apart there.
+                    // of its own called `x_1`, and merges equal initializers: where the node
+                    // reads no parameter named after either and no adapter names `x_1`, the two
+                    // cannot be told apart.
                     let later: Vec<&str> = found
                         .iter()
-                        .filter(|c| c.module != found[0].module)
+                        .filter(|c| {
+                            c.module != found[0].module
+                                && !crate::target::select::reads_others_params(c)
+                        })
                         .map(|c| c.node.as_str())
                         .collect();
                     if !later.is_empty() {
                         report.notes.push(format!(
-                            "module '{path}' (node {}) is also changed at {}, taken as its later call{}: TorchScript names calls so and reads one weight for them. A module of its own with that name and equal values (the exporter merges equal weights) would be changed too; the dynamo exporter names the two apart",
+                            "module '{path}' (node {}) is also changed at {}, taken as its later call{}: TorchScript names calls so and reads one weight for them. A module of its own with that name, values equal to this one's (the exporter merges equal weights) and no parameter the export names after it (a bias) would be changed too; the dynamo exporter names the two apart",
                             found[0].node,
                             later.join(", "),
                             if later.len() > 1 { "s" } else { "" }
@@ -447,6 +462,7 @@ fn plan<'a>(
                 if c.norm_folded {
                     return Err(Error::Target(crate::target::norm_folded_refusal(path, &c)));
                 }
+                mha_found |= module.mha_outer.is_some() || module.mha_in_proj;
                 let step = Step {
                     module,
                     scale: adapter.scaling(module) * weight,
@@ -465,6 +481,9 @@ fn plan<'a>(
                     }),
                 }
             }
+        }
+        if mha_found {
+            report.notes.extend(adapter.mha_note());
         }
     }
     if !unmatched.is_empty() {

@@ -160,13 +160,15 @@ pub fn adapter_branches(
     adapter: &Adapter,
     allow_unmatched: bool,
 ) -> Result<(Vec<BranchSpec>, Vec<String>)> {
-    adapter_branches_or_deltas(model, graph, cands, adapter, allow_unmatched, None)
+    adapter_branches_or_deltas(model, graph, cands, adapter, allow_unmatched, None, &[])
 }
 
 /// `adapter_branches`, where `deltas` (when given) takes what has no branch form but a weight
 /// form: layers inside onnxruntime's fused ops (an Attention's packed q/k/v weight,
 /// EmbedLayerNormalization's table). Without `deltas` those are refused. The q/k/v modules of
 /// a weight packed in a node of its own (`qkv_proj`) become one branch on it (`packed_spec`).
+/// A later call that this adapter or `also_named` (other adapters' paths) names is a module
+/// of its own (`drop_named_later_calls`).
 fn adapter_branches_or_deltas(
     model: &LoadedModel,
     graph: &ModelGraph,
@@ -174,6 +176,7 @@ fn adapter_branches_or_deltas(
     adapter: &Adapter,
     allow_unmatched: bool,
     mut deltas: Option<&mut Vec<BranchSpec>>,
+    also_named: &[String],
 ) -> Result<(Vec<BranchSpec>, Vec<String>)> {
     adapter.check_foldable()?;
     let mut out = Vec::new();
@@ -181,6 +184,8 @@ fn adapter_branches_or_deltas(
     let mut slices: Vec<(&Candidate, usize, &ModuleAdapter)> = Vec::new();
     let mut unmatched = Vec::new();
     let (paths, _) = super::module_paths(adapter, cands)?;
+    let mut named = super::named_paths(cands, std::slice::from_ref(&paths));
+    named.extend(also_named.iter().cloned());
     for (m, path) in adapter.modules.iter().zip(&paths) {
         let Some(path) = path else { continue };
         if m.has_no_branch_form() {
@@ -208,7 +213,9 @@ fn adapter_branches_or_deltas(
             path,
             |c| super::accepts(m, c) && c.branchable(),
             same,
-        ) {
+        )
+        .map(|found| super::drop_named_later_calls(found, &named))
+        {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
                 // (inject puts one branch per module: not one per If body)
                 if deltas.is_none() {
@@ -234,7 +241,7 @@ fn adapter_branches_or_deltas(
             {
                 match deltas.as_deref_mut() {
                     Some(d) if found.iter().all(|c| !c.quantized) => {
-                        for c in found {
+                        for c in super::drop_named_later_calls(found, &named) {
                             d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
                         }
                         continue;
@@ -496,15 +503,20 @@ fn branch_name(c: &Candidate, strip_prefix: Option<&str>) -> String {
 /// export-peft rely on: a module called several times (a layer shared across calls: the same
 /// name, or TorchScript's `query_1` reading `query`'s weight), whether the targets picked
 /// every call or one (`cands`: every candidate of the model), or a layer that already has a
-/// branch from an earlier inject.
+/// branch from an earlier inject. A scope that an adapter names (`named`: `named_paths` of
+/// the adapter's lookups; empty for fresh branches) is a module of its own, never a later
+/// call.
 pub fn check_one_branch_per_module(
     model: &LoadedModel,
     branches: &[BranchSpec],
     cands: &[Candidate],
+    named: &[String],
 ) -> Result<()> {
     // (the nodes each module name is found on, with the graph that holds each)
     let mut by_name: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
-    let later = |x: &Candidate, y: &Candidate| crate::target::select::later_call_of(x, y);
+    let later = |x: &Candidate, y: &Candidate| {
+        crate::target::select::later_call_of(x, y) && !super::is_named(&y.module, named)
+    };
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.
     // (The source names the graph that holds the weight: a later call inside a subgraph reading
@@ -535,7 +547,10 @@ pub fn check_one_branch_per_module(
         .collect();
     for b in branches {
         let other_call = |c: &&Candidate| {
-            let same_name = !b.cand.module.is_empty() && c.module == b.cand.module;
+            let same_name = !b.cand.module.is_empty()
+                && c.module == b.cand.module
+                && !crate::target::select::reads_others_params(c)
+                && !crate::target::select::reads_others_params(&b.cand);
             let later_call = || {
                 c.source.is_some()
                     && c.source == b.cand.source
@@ -1128,6 +1143,18 @@ pub fn unmerged_reference(
     scale: f32,
 ) -> Result<LoadedModel> {
     let mut reference = model.clone();
+    // (every adapter's modules: a later call one of them names is a module of its own, as
+    // fold takes it)
+    let named = {
+        let graph = ModelGraph::build(&model.proto);
+        let mut cands = crate::target::find_candidates(&model.proto, &graph);
+        cands.extend(crate::target::norm::find_norm_params(&model.proto, &graph));
+        let mut paths = Vec::with_capacity(adapters.len());
+        for adapter in adapters {
+            paths.push(super::module_paths(adapter, &cands)?.0);
+        }
+        super::named_paths(&cands, &paths)
+    };
     // Layers that take the adapters in weight space (packed q/k/v, fused ops), added last.
     let mut in_weight: Vec<BranchSpec> = Vec::new();
     // Layers branched by earlier adapters, and whether one of those branches is DoRA.
@@ -1156,8 +1183,15 @@ pub fn unmerged_reference(
         let graph = ModelGraph::build(&reference.proto);
         let cands = crate::target::find_candidates(&reference.proto, &graph);
         let mut deltas = Vec::new();
-        let (mut branches, _) =
-            adapter_branches_or_deltas(&reference, &graph, &cands, &low, true, Some(&mut deltas))?;
+        let (mut branches, _) = adapter_branches_or_deltas(
+            &reference,
+            &graph,
+            &cands,
+            &low,
+            true,
+            Some(&mut deltas),
+            &named,
+        )?;
         branches.iter_mut().for_each(|b| b.scale *= w);
         deltas.iter_mut().for_each(|b| b.scale *= w);
         for b in branches.iter().chain(&deltas) {

@@ -44,6 +44,13 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     if mha_out_proj_alone(m, c) {
         return false;
     }
+    // (PEFT's LoRA on a MultiheadAttention adapts the attention's packed in-projection and its
+    // out_proj, as onnx-lora finds them; nothing else in its scope)
+    if m.mha_in_proj && c.mha != Some(crate::target::MhaPart::InProj)
+        || m.mha_outer.is_some() && c.mha != Some(crate::target::MhaPart::OutProj)
+    {
+        return false;
+    }
     match m.kind {
         ModuleKind::Embedding => matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization"),
         ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
@@ -81,10 +88,15 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
             "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: PEFT's forward never runs a LoRA on the Linear (its merge_and_unload would merge it; the two disagree), and only PEFT's LoRA on the attention module adapts the out_proj (nested at '{outer}.base_layer.out_proj'); train without the out_proj in target_modules"
         ));
     }
-    if m.mha_outer.is_some() {
+    if m.mha_outer.is_some() || m.mha_in_proj {
         let outer = path.strip_suffix(".out_proj").unwrap_or(path);
+        let which = if m.mha_in_proj {
+            "packed in-projection"
+        } else {
+            "out_proj"
+        };
         return Some(format!(
-            "module '{path}' is the out_proj of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}' (a cross-attention, whose query is not its key and value, splits it) and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
+            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}' (a cross-attention, whose query is not its key and value, splits it) and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
         ));
     }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its
@@ -301,4 +313,47 @@ pub fn module_paths(
         ));
     }
     Ok((paths, notes))
+}
+
+/// The model's module paths that adapters name (`paths`: `module_paths`' lookups, all
+/// adapters together): the path each lookup resolves to by name, where it resolves.
+pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<String> {
+    let mut out: Vec<String> = paths
+        .iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let found = crate::target::resolve_module(cands, p, |_| true, |_, _| false).ok()?;
+            Some(found[0].module.clone())
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A module's resolved nodes less the later calls (TorchScript's scope `x_1` reading `x`'s
+/// weight) that an adapter names as a module of its own (`named`): factors saved for `x_1`
+/// prove that scope is a module, not `x` called again, unless the node reads `x`'s own
+/// parameters (then it is `x`'s call, which TorchScript scoped like the module `x_1`).
+pub(crate) fn drop_named_later_calls<'a>(
+    found: Vec<&'a Candidate>,
+    named: &[String],
+) -> Vec<&'a Candidate> {
+    let Some(first) = found.first().map(|c| c.module.clone()) else {
+        return found;
+    };
+    found
+        .into_iter()
+        .filter(|c| {
+            c.module == first
+                || crate::target::select::reads_others_params(c)
+                || !is_named(&c.module, named)
+        })
+        .collect()
+}
+
+/// Whether an adapter names the module at model path `module` (`named`: `named_paths`).
+pub(crate) fn is_named(module: &str, named: &[String]) -> bool {
+    named.iter().any(|p| p == module)
 }

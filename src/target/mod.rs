@@ -104,6 +104,11 @@ pub struct Candidate {
     /// For a layer whose own input and output are quantized, where its float values are.
     #[serde(skip)]
     pub float_site: Option<FloatSite>,
+    /// Names of the constants the layer reads as its parameters, as it reads them (its weight,
+    /// its bias: a Gemm's or Conv's third input, the constant an Add after it adds), where
+    /// they are named like a parameter (`fc_1.bias`; see [`mark_params`]).
+    #[serde(skip)]
+    pub params: Vec<String>,
 }
 
 /// Where a layer whose own input and output are quantized (onnxruntime's `quantize_dynamic`:
@@ -212,8 +217,60 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
         .filter_map(|(gi, ni, node)| candidate(model, graph, gi, ni, node))
         .collect();
     mark_shared(model, graph, &mut out);
+    mark_params(model, graph, &mut out);
     mark_mha(model, graph, &mut out);
     out
+}
+
+/// Records the parameter names each layer reads (`Candidate::params`): its weight input and
+/// its bias as the node reads them, before any pass-through op. The TorchScript exporter keeps
+/// a parameter's own name where it can; where it merges equal parameters of two modules, it
+/// reads the first's through an Identity named after the second's (`fc_1.bias`). So a layer
+/// that reads a parameter named under its own scope is that module's, not a later call of
+/// another (see [`select::later_call_of`]).
+fn mark_params(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
+    for c in cands.iter_mut() {
+        let Some(node) = graph.node(model, c.graph, c.node_index) else {
+            continue;
+        };
+        let view = &graph.graphs[c.graph];
+        // (a constant as seen from this graph, directly or through one Identity)
+        let constant = |v: &str| {
+            graph.const_source(model, c.graph, v).is_some()
+                || view.producer.get(v).is_some_and(|&p| {
+                    graph.node(model, c.graph, p).is_some_and(|n| {
+                        n.op_type() == "Identity"
+                            && n.input
+                                .first()
+                                .is_some_and(|i| graph.const_source(model, c.graph, i).is_some())
+                    })
+                })
+        };
+        let mut names: Vec<&str> = node
+            .input
+            .get(c.weight_input)
+            .map(String::as_str)
+            .into_iter()
+            .collect();
+        if matches!(node.op_type(), "Gemm" | "Conv") {
+            names.extend(node.input.get(2).map(String::as_str));
+        }
+        if let Some(y) = node.output.first() {
+            for &u in view.consumers_of(y) {
+                if let Some(add) = graph
+                    .node(model, c.graph, u)
+                    .filter(|n| n.op_type() == "Add")
+                {
+                    names.extend(add.input.iter().map(String::as_str).filter(|i| *i != y));
+                }
+            }
+        }
+        c.params = names
+            .into_iter()
+            .filter(|n| !n.is_empty() && n.contains('.') && !n.starts_with('/') && constant(n))
+            .map(str::to_string)
+            .collect();
+    }
 }
 
 /// Which projection of a torch `nn.MultiheadAttention` a layer is.
@@ -260,7 +317,14 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // (dynamo's record of the scope's class: Some(true) for a MultiheadAttention)
         let class_is_mha = class_of(c).map(|k| k.ends_with("MultiheadAttention"));
         let is_mha = class_is_mha == Some(true);
-        let Some(outer) = c.other_paths.iter().find_map(|p| {
+        // (the weight's name, and the name the node reads it by: TorchScript reads a weight
+        // it merged with another module's through an Identity named after its own)
+        let read_as = c
+            .params
+            .first()
+            .and_then(|p| p.strip_suffix(".weight"))
+            .map(str::to_string);
+        let Some(outer) = c.other_paths.iter().chain(&read_as).find_map(|p| {
             let outer = p.strip_suffix(".out_proj")?;
             if is_mha {
                 return Some(c.module.clone());
@@ -534,6 +598,7 @@ impl Walked {
             chain: self.chain,
             weight_input: wi,
             float_site: None,
+            params: Vec::new(),
         }
     }
 }

@@ -182,13 +182,20 @@ pub fn resolve_module<'a>(
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<&'a Candidate>> {
     let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
+    // (a node that reads another module's parameters is that module's call, whatever its scope)
     let by = |p: &str| -> Vec<&'a Candidate> {
         pool.iter()
             .copied()
-            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
+            .filter(|c| {
+                !c.module.is_empty() && name_matches(&c.module, p) && !reads_others_params(c)
+            })
             .collect()
     };
     let mut found = by(path);
+    // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`)
+    if found.iter().any(|c| c.module == path) {
+        found.retain(|c| c.module == path);
+    }
     if found.is_empty() {
         for alias in aliases(path) {
             found = by(&alias);
@@ -218,6 +225,27 @@ pub fn resolve_module<'a>(
         }));
     }
     let first = found[0];
+    // TorchScript scopes a module's later call `x_1` as it scopes a module `x_1`, and numbers
+    // the nodes of one scope apart: two nodes of that scope on one weight that `x` reads too,
+    // neither reading a parameter named after either, may be either.
+    if found.len() > 1
+        && first.source.is_some()
+        && found
+            .iter()
+            .all(|c| c.module == first.module && c.source == first.source)
+        && let Some(x) = pool
+            .iter()
+            .find(|c| c.source == first.source && later_call_of(c, first))
+    {
+        let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
+        return Err(Error::Target(format!(
+            "module '{path}' is ambiguous in this TorchScript export: it scopes nodes {} alike, on the weight that '{}' ({}) reads too, and one of them may be a later call of '{}'; nothing the export names (a bias) tells which (a dynamo export names calls by their module)",
+            nodes.join(", "),
+            x.module,
+            x.node,
+            x.module
+        )));
+    }
     if first.source.is_some() {
         for c in &pool {
             if c.source == first.source
@@ -275,7 +303,10 @@ pub fn module_calls(
             .filter(|&j| {
                 let d = &cands[j];
                 out[j].is_none()
-                    && ((d.module == c.module && (d.source == c.source || same_values(c, d)))
+                    && ((d.module == c.module
+                        && !reads_others_params(c)
+                        && !reads_others_params(d)
+                        && (d.source == c.source || same_values(c, d)))
                         || (c.source.is_some() && d.source == c.source && later_call_of(c, d)))
             })
             .collect();
@@ -302,6 +333,44 @@ pub(crate) fn later_call_of(first: &Candidate, later: &Candidate) -> bool {
     first.evidence == super::Evidence::NodeName
         && later.evidence == super::Evidence::NodeName
         && is_later_call(&first.module, &later.module)
+        && !reads_own_params(later)
+}
+
+/// Whether a TorchScript-scoped layer reads a parameter of the module of which its scope names
+/// a later call (`fc.bias` at scope `fc_1`): then it is that call, also where a module of its
+/// own named `fc_1` exists and TorchScript gave the call's node that scope too
+/// (`/fc_1/MatMul` beside the module's `/fc_1/MatMul_1`). A layer that also reads a
+/// parameter of its own (a bias beside a tied weight) is its own module's.
+pub(crate) fn reads_others_params(c: &Candidate) -> bool {
+    let depth = c.module.split('.').count();
+    // (a module whose weight is tied to another's reads that one's and its own bias: its own)
+    c.evidence == super::Evidence::NodeName
+        && !reads_own_params(c)
+        && c.params.iter().any(|p| {
+            p.rsplit_once('.').is_some_and(|(owner, _)| {
+                let at_depth: Vec<&str> = owner.split('.').take(depth).collect();
+                !owns(&c.module, owner) && is_later_call(&at_depth.join("."), &c.module)
+            })
+        })
+}
+
+/// Whether parameter owner `owner` is module `module` or inside it.
+fn owns(module: &str, owner: &str) -> bool {
+    owner == module
+        || owner
+            .strip_prefix(module)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// Whether a layer reads a parameter named under its own module path (`fc_1.bias` at scope
+/// `fc_1`, `attn_1.out_proj.weight` at `attn_1`): TorchScript names a module's later call
+/// `fc_1` too, but that call reads `fc`'s parameters, and no `fc_1.*` exists unless a module
+/// `fc_1` does.
+fn reads_own_params(c: &Candidate) -> bool {
+    c.params.iter().any(|p| {
+        p.rsplit_once('.')
+            .is_some_and(|(owner, _)| owns(&c.module, owner))
+    })
 }
 
 /// Whether `later` names a later call of the module at `first` as TorchScript scopes it:
@@ -323,9 +392,9 @@ pub(crate) fn is_later_call(first: &str, later: &str) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn module_calls_group_repeated_and_scoped_paths() {
-        let cand = |module: &str, weight: &str| Candidate {
+    /// A TorchScript-scoped candidate over weight `weight` (one initializer per name).
+    fn cand(module: &str, weight: &str) -> Candidate {
+        Candidate {
             module: module.into(),
             evidence: super::super::Evidence::NodeName,
             other_paths: vec![],
@@ -355,7 +424,12 @@ mod tests {
             chain: vec![],
             weight_input: 1,
             float_site: None,
-        };
+            params: vec![],
+        }
+    }
+
+    #[test]
+    fn module_calls_group_repeated_and_scoped_paths() {
         let cands = [
             cand("a.query", "W"),
             cand("a.key", "K"),
@@ -388,6 +462,59 @@ mod tests {
                 None
             ]
         );
+    }
+
+    /// A module at exactly the adapter's path is the one it names, before modules whose paths
+    /// end with it (`fc_1` and `blocks.0.fc_1` over different weights).
+    #[test]
+    fn an_exact_path_is_taken_before_suffix_matches() {
+        let cands = [cand("blocks.0.fc_1", "A"), cand("fc_1", "B")];
+        let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].module, "fc_1");
+        let found = resolve_module(&cands, "0.fc_1", |_| true, |_, _| false).unwrap();
+        assert_eq!(found[0].module, "blocks.0.fc_1");
+    }
+
+    /// A scope that looks like a later call but reads a parameter named under its own path
+    /// (TorchScript's Identity `fc_1.bias` of a merged `fc.bias`) is a module of its own; one
+    /// reading the first call's parameters, or unnamed constants, is a later call.
+    #[test]
+    fn own_named_parameters_make_a_module() {
+        let cand = |module: &str, params: &[&str]| {
+            let mut c = cand(module, "W");
+            c.params = params.iter().map(|p| p.to_string()).collect();
+            c
+        };
+        let first = cand("fc", &["fc.bias"]);
+        assert!(later_call_of(&first, &cand("fc_1", &["fc.bias"])));
+        assert!(later_call_of(&first, &cand("fc_1", &["onnx::MatMul_21"])));
+        assert!(later_call_of(&first, &cand("fc_1", &[])));
+        assert!(!later_call_of(&first, &cand("fc_1", &["fc_1.bias"])));
+        // (an out_proj Linear whose weight its attention reads, scoped to the attention)
+        let attn = cand("attn", &["attn.out_proj.weight"]);
+        assert!(!later_call_of(
+            &attn,
+            &cand("attn_1", &["attn_1.out_proj.weight"])
+        ));
+        assert!(later_call_of(
+            &attn,
+            &cand("attn_1", &["attn.out_proj.weight"])
+        ));
+        // (a prefix of the path that is no dotted parent is no owner)
+        assert!(later_call_of(&attn, &cand("attn_1", &["attn_10.bias"])));
+        // Reading the other module's parameters makes a node that module's call, whatever its
+        // scope, unless it reads one of its own too (a weight tied to `fc`'s, its own bias).
+        assert!(reads_others_params(&cand("fc_1", &["fc.bias"])));
+        assert!(reads_others_params(&cand(
+            "attn_1.out_proj",
+            &["attn.out_proj.weight"]
+        )));
+        assert!(!reads_others_params(&cand(
+            "fc_1",
+            &["fc.weight", "fc_1.bias"]
+        )));
+        assert!(!reads_others_params(&cand("fc_1", &["head.bias"])));
     }
 
     #[test]

@@ -392,19 +392,30 @@ pub fn write_adapter(
     dir.to_path_buf()
 }
 
+/// The arguments of `fold MODEL ADAPTER... -o OUT EXTRA...`.
+pub fn fold_args<'a>(
+    model: &'a Path,
+    adapters: &[&'a Path],
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["fold", model.to_str().unwrap()];
+    args.extend(adapters.iter().map(|a| a.to_str().unwrap()));
+    args.extend(["-o", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs `fold MODEL ADAPTER... -o OUT EXTRA...` expecting success; returns stdout.
+pub fn fold_ok(model: &Path, adapters: &[&Path], out: &Path, extra: &[&str]) -> String {
+    onnx_lora_ok(&fold_args(model, adapters, out, extra))
+}
+
 /// Runs `fold MODEL ADAPTER -o OUT EXTRA...` expecting failure; returns stderr after checking
 /// exit 2, one line, no output and the model file untouched.
 pub fn fold_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
     let before = std::fs::read(model).unwrap();
-    let mut args = vec![
-        "fold",
-        model.to_str().unwrap(),
-        adapter.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = onnx_lora(&args);
+    let o = onnx_lora(&fold_args(model, &[adapter], out, extra));
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
