@@ -1256,6 +1256,23 @@ fn multihead_attention_lora_without_its_in_projection_is_unmatched() {
             err.contains(in_proj) && err.contains(out_proj) && !err.contains("do not fit"),
             "{exporter}: {err}"
         );
+        // (inject names both too)
+        let out = p("inj.onnx");
+        let args = [
+            "inject",
+            model.to_str().unwrap(),
+            "--adapter",
+            ad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        let err = onnx_lora_fails(&args, &out);
+        assert!(
+            err.contains("2 adapter modules fit no layer")
+                && err.contains(in_proj)
+                && err.contains(out_proj),
+            "{exporter}: {err}"
+        );
         for cmd in [["fold", "-"], ["inject", "--adapter"]] {
             let out = p(&format!("{exporter}_{}.onnx", cmd[0]));
             let mut args = vec![cmd[0], model.to_str().unwrap()];

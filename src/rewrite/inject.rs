@@ -183,6 +183,7 @@ fn adapter_branches_or_deltas(
     // (packed weight, the module's projection, the module)
     let mut slices: Vec<(&Candidate, usize, &ModuleAdapter)> = Vec::new();
     let mut unmatched = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
     let (paths, _) = super::module_paths(adapter, cands)?;
     let mut named = super::named_paths(cands, std::slice::from_ref(&paths));
     named.extend(also_named.iter().cloned());
@@ -275,13 +276,15 @@ fn adapter_branches_or_deltas(
                 unmatched.push(e.to_string());
                 continue;
             }
-            Err(e) if allow_unmatched => {
-                unmatched
-                    .push(super::kind_mismatch(m, cands, path).unwrap_or_else(|| e.to_string()));
-                continue;
-            }
+            // (every module that fits nothing is named, as fold names them)
             Err(e) => {
-                return Err(super::kind_mismatch(m, cands, path).map_or(e, Error::Target));
+                let why = super::kind_mismatch(m, cands, path).unwrap_or_else(|| e.to_string());
+                if allow_unmatched {
+                    unmatched.push(why);
+                } else {
+                    refused.push(why);
+                }
+                continue;
             }
         };
         for c in found {
@@ -295,6 +298,16 @@ fn adapter_branches_or_deltas(
             // lacks its root: serving inputs and export-peft use PEFT's names)
             let name = if m.part.is_none() { &m.path } else { path };
             out.push(spec_from_module(c, m, name, adapter.scaling(m))?);
+        }
+    }
+    match refused.len() {
+        0 => {}
+        1 => return Err(Error::Target(refused.remove(0))),
+        n => {
+            return Err(Error::Target(format!(
+                "{n} adapter modules fit no layer: {} (use --allow-unmatched to inject the rest)",
+                refused.join("; ")
+            )));
         }
     }
     // One branch per packed weight that a node computes from x (a `qkv_proj` MatMul, also a
