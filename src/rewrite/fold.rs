@@ -379,7 +379,7 @@ fn plan<'a>(
             // Gathers after the call sites, the table after the module. (Not a LoRA: PEFT's
             // LoRA on `shared` leaves the call sites as they are.)
             let resolved = resolve_module(cands, path, accept, &same_values)
-                .map(|found| super::drop_named_later_calls(found, &named))
+                .map(|found| super::drop_named_later_calls(found, &named, cands))
                 .or_else(|e| {
                     let by_table: Vec<&Candidate> = cands
                         .iter()
@@ -398,15 +398,13 @@ fn plan<'a>(
             let found: Vec<(Candidate, Option<usize>)> = match resolved {
                 Ok(found) => {
                     // TorchScript names a module's later calls `x_1`, as it would name a module
-                    // of its own called `x_1`, and merges equal initializers: where the node
-                    // reads no parameter named after either and no adapter names `x_1`, the two
-                    // cannot be told apart.
+                    // of its own called `x_1`, and merges equal initializers; the parameter
+                    // names it reads tell them apart only where the exporter named a merged
+                    // parameter after its module (torch 2.15 does, through an Identity), so
+                    // each node taken as a later call is noted.
                     let later: Vec<&str> = found
                         .iter()
-                        .filter(|c| {
-                            c.module != found[0].module
-                                && !crate::target::select::reads_others_params(c)
-                        })
+                        .filter(|c| c.module != found[0].module)
                         .map(|c| c.node.as_str())
                         .collect();
                     if !later.is_empty() {

@@ -215,7 +215,7 @@ fn adapter_branches_or_deltas(
             |c| super::accepts(m, c) && c.branchable(),
             same,
         )
-        .map(|found| super::drop_named_later_calls(found, &named))
+        .map(|found| super::drop_named_later_calls(found, &named, cands))
         {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
                 // (inject puts one branch per module: not one per If body)
@@ -242,7 +242,7 @@ fn adapter_branches_or_deltas(
             {
                 match deltas.as_deref_mut() {
                     Some(d) if found.iter().all(|c| !c.quantized) => {
-                        for c in super::drop_named_later_calls(found, &named) {
+                        for c in super::drop_named_later_calls(found, &named, cands) {
                             d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
                         }
                         continue;

@@ -335,21 +335,27 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
 /// A module's resolved nodes less the later calls (TorchScript's scope `x_1` reading `x`'s
 /// weight) that an adapter names as a module of its own (`named`): factors saved for `x_1`
 /// prove that scope is a module, not `x` called again, unless the node reads `x`'s own
-/// parameters (then it is `x`'s call, which TorchScript scoped like the module `x_1`).
+/// parameters beside a node of the module `x_1` itself (then it is `x`'s call, which
+/// TorchScript scoped like the module).
 pub(crate) fn drop_named_later_calls<'a>(
     found: Vec<&'a Candidate>,
     named: &[String],
+    cands: &[Candidate],
 ) -> Vec<&'a Candidate> {
+    use crate::target::select::reads_others_params;
     let Some(first) = found.first().map(|c| c.module.clone()) else {
         return found;
     };
+    // (`x`'s call by its parameters, beside a node of the module `x_1` itself)
+    let call_beside_module = |c: &Candidate| {
+        reads_others_params(c)
+            && cands
+                .iter()
+                .any(|d| d.module == c.module && !reads_others_params(d))
+    };
     found
         .into_iter()
-        .filter(|c| {
-            c.module == first
-                || crate::target::select::reads_others_params(c)
-                || !is_named(&c.module, named)
-        })
+        .filter(|c| c.module == first || call_beside_module(c) || !is_named(&c.module, named))
         .collect()
 }
 

@@ -182,14 +182,21 @@ pub fn resolve_module<'a>(
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<&'a Candidate>> {
     let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
-    // (a node that reads another module's parameters is that module's call, whatever its scope)
+    // (a node that reads another module's parameters is that module's call where a node of the
+    // scope's own module competes for its name: `fc`'s second call beside the module `fc_1`)
     let by = |p: &str| -> Vec<&'a Candidate> {
-        pool.iter()
+        let all: Vec<&'a Candidate> = pool
+            .iter()
             .copied()
-            .filter(|c| {
-                !c.module.is_empty() && name_matches(&c.module, p) && !reads_others_params(c)
-            })
-            .collect()
+            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
+            .collect();
+        if all.iter().any(|c| !reads_others_params(c)) {
+            all.into_iter()
+                .filter(|c| !reads_others_params(c))
+                .collect()
+        } else {
+            all
+        }
     };
     let mut found = by(path);
     // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`)
@@ -474,6 +481,20 @@ mod tests {
         assert_eq!(found[0].module, "fc_1");
         let found = resolve_module(&cands, "0.fc_1", |_| true, |_, _| false).unwrap();
         assert_eq!(found[0].module, "blocks.0.fc_1");
+    }
+
+    /// A scope whose nodes all read another module's parameters (an export that names merged
+    /// parameters after the first module) is still found by its name.
+    #[test]
+    fn a_scope_of_others_params_alone_is_found_by_name() {
+        let mut fc = cand("fc", "W");
+        fc.params = vec!["fc.bias".into()];
+        let mut fc_1 = cand("fc_1", "W");
+        fc_1.params = vec!["fc.bias".into()];
+        let cands = [fc, fc_1];
+        let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].module, "fc_1");
     }
 
     /// A scope that looks like a later call but reads a parameter named under its own path
