@@ -139,14 +139,7 @@ fn non_finite_results_are_refused() {
     );
     // inject's factors and scale go through the same writer.
     let out = env.p("inj16.onnx");
-    let o = onnx_lora(&[
-        "inject",
-        model.to_str().unwrap(),
-        "--adapter",
-        big.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = onnx_lora(&inject_args(&model, &big, &out, &[]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("beyond float16's range"), "{err}");
@@ -1258,15 +1251,7 @@ fn multihead_attention_lora_without_its_in_projection_is_unmatched() {
         );
         // (inject names both too)
         let out = p("inj.onnx");
-        let args = [
-            "inject",
-            model.to_str().unwrap(),
-            "--adapter",
-            ad.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        let err = onnx_lora_fails(&args, &out);
+        let err = onnx_lora_fails(&inject_args(&model, &ad, &out, &[]), &out);
         assert!(
             err.contains("2 adapter modules fit no layer")
                 && err.contains(in_proj)

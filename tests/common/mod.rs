@@ -406,6 +406,25 @@ pub fn fold_args<'a>(
     args
 }
 
+/// The arguments of `inject MODEL --adapter ADAPTER -o OUT EXTRA...`.
+pub fn inject_args<'a>(
+    model: &'a Path,
+    adapter: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "inject",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Runs `fold MODEL ADAPTER... -o OUT EXTRA...` expecting success; returns stdout.
 pub fn fold_ok(model: &Path, adapters: &[&Path], out: &Path, extra: &[&str]) -> String {
     onnx_lora_ok(&fold_args(model, adapters, out, extra))
