@@ -331,12 +331,14 @@ impl Adapter {
         (part(low), whole)
     }
 
-    /// A note for an adapter with PEFT's MultiheadAttention LoRA: its out_proj deltas count
-    /// twice (see [`MHA_OUT_PROJ_TIMES`]). None for other adapters.
-    pub fn mha_note(&self) -> Option<String> {
+    /// A note for an adapter with PEFT's MultiheadAttention LoRA whose out_proj deltas were
+    /// applied (`applied`: the modules the model took): they count twice (see
+    /// [`MHA_OUT_PROJ_TIMES`]). None when no such delta was applied.
+    pub fn mha_note(&self, applied: impl Fn(&ModuleAdapter) -> bool) -> Option<String> {
         let mha: Vec<&str> = self
             .modules
             .iter()
+            .filter(|m| m.kind == ModuleKind::Lora && applied(m))
             .filter_map(|m| m.mha_outer.as_deref())
             .collect();
         let first = mha.first()?;

@@ -403,11 +403,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    // (only where PEFT's MultiheadAttention LoRA became branches)
+    // (only where the out_proj part of PEFT's MultiheadAttention LoRA became branches)
     if let Some(n) = adapter
         .as_ref()
-        .filter(|_| branches.iter().any(|b| b.cand.mha.is_some()))
-        .and_then(Adapter::mha_note)
+        .and_then(|a| a.mha_note(|m| branches.iter().any(|b| b.name == m.path)))
     {
         eprintln!("note: {n}");
     }

@@ -20,6 +20,18 @@ impl GraphLoc {
         self.0.is_empty()
     }
 
+    /// Whether this graph and `other` are bodies of the two branches of one If (at any depth
+    /// below them): one run executes at most one of them.
+    pub fn alternative_to(&self, other: &GraphLoc) -> bool {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .find(|(a, b)| a != b)
+            .is_some_and(|((na, aa, _), (nb, ab, _))| {
+                na == nb && aa != ab && [aa, ab].iter().all(|a| a.ends_with("_branch"))
+            })
+    }
+
     /// The graph at this location.
     pub fn get<'m>(&self, model: &'m ModelProto) -> Option<&'m GraphProto> {
         let mut g = model.graph.as_ref()?;
@@ -271,6 +283,34 @@ impl ModelGraph {
             }
             if view.inputs.iter().any(|i| i == value) {
                 return None;
+            }
+            cur = view.parent;
+        }
+        None
+    }
+
+    /// `const_source`, also where `value` is the output of an Identity of a constant, in the
+    /// graph that defines `value` or in an enclosing one (TorchScript reads a merged parameter
+    /// through an Identity at the top of the main graph, named after the parameter).
+    pub fn const_source_through_identity(
+        &self,
+        model: &ModelProto,
+        gi: usize,
+        value: &str,
+    ) -> Option<ConstSource> {
+        let mut cur = Some(gi);
+        while let Some(g) = cur {
+            let view = &self.graphs[g];
+            if let Some(&p) = view.producer.get(value) {
+                let node = view.loc.get(model)?.node.get(p)?;
+                return if node.op_type() == "Identity" && node.domain().is_empty() {
+                    self.const_source(model, g, node.input.first()?)
+                } else {
+                    self.const_source(model, g, value)
+                };
+            }
+            if view.initializers.contains_key(value) || view.inputs.iter().any(|i| i == value) {
+                return self.const_source(model, g, value);
             }
             cur = view.parent;
         }

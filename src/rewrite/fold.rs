@@ -359,8 +359,9 @@ fn plan<'a>(
     for (ai, (adapter, (paths, notes))) in adapters.iter().zip(looked_up).enumerate() {
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
         report.notes.extend(notes);
-        // (PEFT's MultiheadAttention LoRA found in the model: its note follows the modules')
-        let mut mha_found = false;
+        // (the modules of PEFT's MultiheadAttention LoRA whose out_proj delta was applied: the
+        // note follows the modules')
+        let mut mha_applied: Vec<&str> = Vec::new();
         for (module, path) in adapter.modules.iter().zip(&paths) {
             let Some(path) = path else { continue };
             if module.replaces_values() && weight != 1.0 {
@@ -460,7 +461,7 @@ fn plan<'a>(
                 if c.norm_folded {
                     return Err(Error::Target(crate::target::norm_folded_refusal(path, &c)));
                 }
-                mha_found |= module.mha_outer.is_some() || module.mha_in_proj;
+                mha_applied.push(&module.path);
                 let step = Step {
                     module,
                     scale: adapter.scaling(module) * weight,
@@ -480,9 +481,9 @@ fn plan<'a>(
                 }
             }
         }
-        if mha_found {
-            report.notes.extend(adapter.mha_note());
-        }
+        report
+            .notes
+            .extend(adapter.mha_note(|m| mha_applied.contains(&m.path.as_str())));
     }
     if !unmatched.is_empty() {
         if !opts.allow_unmatched {

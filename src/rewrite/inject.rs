@@ -270,10 +270,11 @@ fn adapter_branches_or_deltas(
             }
             // (packed weights that none, or several, of fit: their own message)
             Err(_) if let Some(Err(e)) = crate::target::packed::resolve_all(cands, path) => {
-                if !allow_unmatched {
-                    return Err(e);
+                if allow_unmatched {
+                    unmatched.push(e.to_string());
+                } else {
+                    refused.push(e.to_string());
                 }
-                unmatched.push(e.to_string());
                 continue;
             }
             // (every module that fits nothing is named, as fold names them)
@@ -302,7 +303,13 @@ fn adapter_branches_or_deltas(
     }
     match refused.len() {
         0 => {}
-        1 => return Err(Error::Target(refused.remove(0))),
+        1 if out.is_empty() && slices.is_empty() => return Err(Error::Target(refused.remove(0))),
+        1 => {
+            return Err(Error::Target(format!(
+                "{} (use --allow-unmatched to inject the rest)",
+                refused.remove(0)
+            )));
+        }
         n => {
             return Err(Error::Target(format!(
                 "{n} adapter modules fit no layer: {} (use --allow-unmatched to inject the rest)",
@@ -528,7 +535,7 @@ pub fn check_one_branch_per_module(
     // (the nodes each module name is found on, with the graph that holds each)
     let mut by_name: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
     let later = |x: &Candidate, y: &Candidate| {
-        crate::target::select::later_call_of(x, y) && !super::is_named(&y.module, named)
+        crate::target::select::later_call_of(x, y) && !super::named_takes(y, named, cands)
     };
     // The first branch on each weight: a later one whose module is a later call of its module
     // (or the reverse) counts under its name.

@@ -88,7 +88,22 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
             "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: PEFT's forward never runs a LoRA on the Linear (its merge_and_unload would merge it; the two disagree), and only PEFT's LoRA on the attention module adapts the out_proj (nested at '{outer}.base_layer.out_proj'); train without the out_proj in target_modules"
         ));
     }
+    // (where a layer at the path is the part the module adapts, the lookup's own error says
+    // what went wrong)
+    let part = if m.mha_in_proj {
+        crate::target::MhaPart::InProj
+    } else {
+        crate::target::MhaPart::OutProj
+    };
+    let part_there = || {
+        cands
+            .iter()
+            .any(|c| c.mha == Some(part) && crate::target::select::name_matches(&c.module, path))
+    };
     if m.mha_outer.is_some() || m.mha_in_proj {
+        if part_there() {
+            return None;
+        }
         let outer = path.strip_suffix(".out_proj").unwrap_or(path);
         let which = if m.mha_in_proj {
             "packed in-projection"
@@ -334,32 +349,69 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
 
 /// A module's resolved nodes less the later calls (TorchScript's scope `x_1` reading `x`'s
 /// weight) that an adapter names as a module of its own (`named`): factors saved for `x_1`
-/// prove that scope is a module, not `x` called again, unless the node reads `x`'s own
-/// parameters beside a node of the module `x_1` itself (then it is `x`'s call, which
-/// TorchScript scoped like the module).
+/// prove that scope is a module, not `x` called again, except for the nodes that the lookup
+/// of `x_1` itself leaves to `x` (`named_takes`).
 pub(crate) fn drop_named_later_calls<'a>(
     found: Vec<&'a Candidate>,
     named: &[String],
     cands: &[Candidate],
 ) -> Vec<&'a Candidate> {
-    use crate::target::select::reads_others_params;
     let Some(first) = found.first().map(|c| c.module.clone()) else {
         return found;
     };
-    // (`x`'s call by its parameters, beside a node of the module `x_1` itself)
-    let call_beside_module = |c: &Candidate| {
-        reads_others_params(c)
-            && cands
-                .iter()
-                .any(|d| d.module == c.module && !reads_others_params(d))
-    };
     found
         .into_iter()
-        .filter(|c| c.module == first || call_beside_module(c) || !is_named(&c.module, named))
+        .filter(|c| c.module == first || !named_takes(c, named, cands))
         .collect()
+}
+
+/// Whether node `c` belongs to a module that an adapter names at its scope (`named`): the
+/// lookup of that path takes it. That lookup leaves to `x` a node of the scope `x_1` that
+/// reads `x`'s parameters, or none, beside a node of the module `x_1` itself (TorchScript
+/// scoped `x`'s call like the module). Where the lookup fails (an ambiguous scope), every
+/// node of the scope counts as the named module's.
+pub(crate) fn named_takes(c: &Candidate, named: &[String], cands: &[Candidate]) -> bool {
+    is_named(&c.module, named)
+        && crate::target::resolve_module(cands, &c.module, |_| true, |_, _| true)
+            .ok()
+            .is_none_or(|found| {
+                found
+                    .iter()
+                    .any(|f| (f.graph, f.node_index) == (c.graph, c.node_index))
+            })
 }
 
 /// Whether an adapter names the module at model path `module` (`named`: `named_paths`).
 pub(crate) fn is_named(module: &str, named: &[String]) -> bool {
     named.iter().any(|p| p == module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::{MhaPart, test_candidate};
+
+    /// The MultiheadAttention explanation is for a path with no layer of the part a module of
+    /// PEFT's attention LoRA adapts; where that layer is there, the lookup's own error stands.
+    #[test]
+    fn the_attention_explanation_is_only_for_a_missing_part() {
+        let mut m = ModuleAdapter::empty("attn", ModuleKind::Lora, None);
+        m.mha_in_proj = true;
+        let mut c = test_candidate("attn", "W");
+        assert!(
+            kind_mismatch(&m, std::slice::from_ref(&c), "attn")
+                .is_some_and(|w| w.contains("MultiheadAttention"))
+        );
+        c.mha = Some(MhaPart::InProj);
+        assert_eq!(kind_mismatch(&m, std::slice::from_ref(&c), "attn"), None);
+        let mut m = ModuleAdapter::empty("attn.out_proj", ModuleKind::Lora, None);
+        m.mha_outer = Some("attn".into());
+        let mut o = test_candidate("attn.out_proj", "O");
+        assert!(kind_mismatch(&m, std::slice::from_ref(&o), "attn.out_proj").is_some());
+        o.mha = Some(MhaPart::OutProj);
+        assert_eq!(
+            kind_mismatch(&m, std::slice::from_ref(&o), "attn.out_proj"),
+            None
+        );
+    }
 }

@@ -109,6 +109,10 @@ pub struct Candidate {
     /// they are named like a parameter (`fc_1.bias`; see [`mark_params`]).
     #[serde(skip)]
     pub params: Vec<String>,
+    /// The name the layer reads its weight by, where `params` holds it (TorchScript reads a
+    /// weight it merged with another module's through an Identity named after its own).
+    #[serde(skip)]
+    pub weight_read_as: Option<String>,
 }
 
 /// Where a layer whose own input and output are quantized (onnxruntime's `quantize_dynamic`:
@@ -234,17 +238,12 @@ fn mark_params(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
             continue;
         };
         let view = &graph.graphs[c.graph];
-        // (a constant as seen from this graph, directly or through one Identity)
+        // (a constant as seen from this graph, directly or through one Identity, which may sit
+        // in an enclosing graph)
         let constant = |v: &str| {
-            graph.const_source(model, c.graph, v).is_some()
-                || view.producer.get(v).is_some_and(|&p| {
-                    graph.node(model, c.graph, p).is_some_and(|n| {
-                        n.op_type() == "Identity"
-                            && n.input
-                                .first()
-                                .is_some_and(|i| graph.const_source(model, c.graph, i).is_some())
-                    })
-                })
+            graph
+                .const_source_through_identity(model, c.graph, v)
+                .is_some()
         };
         let mut names: Vec<&str> = node
             .input
@@ -265,11 +264,15 @@ fn mark_params(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
                 }
             }
         }
+        let weight = names.first().copied();
         c.params = names
             .into_iter()
             .filter(|n| !n.is_empty() && n.contains('.') && !n.starts_with('/') && constant(n))
             .map(str::to_string)
             .collect();
+        c.weight_read_as = weight
+            .filter(|w| c.params.iter().any(|p| p == w))
+            .map(str::to_string);
     }
 }
 
@@ -320,8 +323,8 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // (the weight's name, and the name the node reads it by: TorchScript reads a weight
         // it merged with another module's through an Identity named after its own)
         let read_as = c
-            .params
-            .first()
+            .weight_read_as
+            .as_deref()
             .and_then(|p| p.strip_suffix(".weight"))
             .map(str::to_string);
         let Some(outer) = c.other_paths.iter().chain(&read_as).find_map(|p| {
@@ -599,6 +602,7 @@ impl Walked {
             weight_input: wi,
             float_site: None,
             params: Vec::new(),
+            weight_read_as: None,
         }
     }
 }
@@ -835,4 +839,42 @@ fn is_within(graph: &ModelGraph, inner: usize, outer: usize) -> bool {
         cur = graph.graphs[p].parent;
     }
     false
+}
+
+/// A TorchScript-scoped candidate over weight `weight` (one initializer per name).
+#[cfg(test)]
+pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
+    Candidate {
+        module: module.into(),
+        evidence: Evidence::NodeName,
+        other_paths: vec![],
+        node: String::new(),
+        op: "MatMul".into(),
+        weight: weight.into(),
+        shape: vec![2, 2],
+        layout: Layout::InOut,
+        dtype: "float32".into(),
+        in_features: 2,
+        out_features: 2,
+        shared: false,
+        shared_with: vec![],
+        in_subgraph: false,
+        quantized: false,
+        norm_folded: false,
+        packed: None,
+        mha: None,
+        through: vec![],
+        graph: 0,
+        node_index: 0,
+        // One initializer per weight name.
+        source: Some(crate::graph::ConstSource::Initializer {
+            graph: 0,
+            index: weight.bytes().map(usize::from).sum(),
+        }),
+        chain: vec![],
+        weight_input: 1,
+        float_site: None,
+        params: vec![],
+        weight_read_as: None,
+    }
 }

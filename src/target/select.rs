@@ -173,8 +173,15 @@ pub fn export_root(
 /// `accept` allows (by op kind): every call of the module. A module called several times (a
 /// layer shared across calls, as ALBERT's) has a node per call; TorchScript suffixes the later
 /// calls' scopes `_1`, `_2`, and they read the same weight. The calls read one weight, or copies
-/// with equal values (`same_values`, which dynamo exports make); zero matches, or matches on
-/// different weights, is an error that lists what was found.
+/// with equal values (`same_values`, which dynamo exports make).
+///
+/// A module at exactly `path` is taken before modules whose paths end with it, also under a
+/// scope-name alias. Where TorchScript gave a later call of `x` the scope of a module `x_1`,
+/// the parameter names tell them apart: a node reading only `x`'s parameters beside a node of
+/// `x_1`'s own is `x`'s call, and so is a node reading none beside one reading `x_1`'s. It is
+/// an error when nothing matches, when the matches read different weights, or when two nodes
+/// of such a scope in one graph read nothing that tells them apart; the message lists what was
+/// found.
 pub fn resolve_module<'a>(
     cands: &'a [Candidate],
     path: &str,
@@ -198,14 +205,18 @@ pub fn resolve_module<'a>(
             all
         }
     };
-    let mut found = by(path);
     // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`)
-    if found.iter().any(|c| c.module == path) {
-        found.retain(|c| c.module == path);
-    }
+    let by_exact_first = |p: &str| {
+        let mut found = by(p);
+        if found.iter().any(|c| c.module == p) {
+            found.retain(|c| c.module == p);
+        }
+        found
+    };
+    let mut found = by_exact_first(path);
     if found.is_empty() {
         for alias in aliases(path) {
-            found = by(&alias);
+            found = by_exact_first(&alias);
             if !found.is_empty() {
                 break;
             }
@@ -231,28 +242,41 @@ pub fn resolve_module<'a>(
             )
         }));
     }
-    let first = found[0];
     // TorchScript scopes a module's later call `x_1` as it scopes a module `x_1`, and numbers
-    // the nodes of one scope apart: two nodes of that scope on one weight that `x` reads too,
-    // neither reading a parameter named after either, may be either.
+    // the nodes of one scope apart: of the nodes of that scope on one weight that `x` reads
+    // too, those reading a parameter named after the scope are the module's, and the others
+    // `x`'s later calls; where none reads one, two nodes of one graph may be either (the copies
+    // of one node in an If's two bodies are one node).
     if found.len() > 1
-        && first.source.is_some()
+        && found[0].source.is_some()
         && found
             .iter()
-            .all(|c| c.module == first.module && c.source == first.source)
-        && let Some(x) = pool
-            .iter()
-            .find(|c| c.source == first.source && later_call_of(c, first))
+            .all(|c| c.module == found[0].module && c.source == found[0].source)
     {
-        let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
-        return Err(Error::Target(format!(
-            "module '{path}' is ambiguous in this TorchScript export: it scopes nodes {} alike, on the weight that '{}' ({}) reads too, and one of them may be a later call of '{}'; nothing the export names (a bias) tells which (a dynamo export names calls by their module)",
-            nodes.join(", "),
-            x.module,
-            x.node,
-            x.module
-        )));
+        let call_of = |n: &Candidate| {
+            pool.iter()
+                .copied()
+                .find(|c| c.source == n.source && later_call_of(c, n))
+        };
+        if found.iter().any(|c| reads_own_params(c)) {
+            found.retain(|c| call_of(c).is_none());
+        } else if let Some(x) = call_of(found[0])
+            && found
+                .iter()
+                .enumerate()
+                .any(|(i, a)| found[i + 1..].iter().any(|b| b.graph == a.graph))
+        {
+            let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
+            return Err(Error::Target(format!(
+                "module '{path}' is ambiguous in this TorchScript export: it scopes nodes {} alike, on the weight that '{}' ({}) reads too, and one of them may be a later call of '{}'; nothing the export names (a bias) tells which (a dynamo export names calls by their module)",
+                nodes.join(", "),
+                x.module,
+                x.node,
+                x.module
+            )));
+        }
     }
+    let first = found[0];
     if first.source.is_some() {
         for c in &pool {
             if c.source == first.source
@@ -296,10 +320,13 @@ pub struct Call {
 /// For each candidate, the call of a shared module it is (None for a module called once).
 /// Nodes of one module path are calls of one layer when they read one weight or copies with
 /// equal values (`same_values`, as `resolve_module` takes them); a module path over different
-/// weights (`F.linear` twice in one module) is no shared layer.
+/// weights (`F.linear` twice in one module) is no shared layer. Nodes in graphs of which one
+/// run executes one only (`alternatives`: the two bodies of an If, as a merged decoder's with
+/// and without past) are not calls of each other.
 pub fn module_calls(
     cands: &[Candidate],
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
+    alternatives: impl Fn(usize, usize) -> bool,
 ) -> Vec<Option<Call>> {
     let mut out: Vec<Option<Call>> = vec![None; cands.len()];
     for (i, c) in cands.iter().enumerate() {
@@ -310,6 +337,7 @@ pub fn module_calls(
             .filter(|&j| {
                 let d = &cands[j];
                 out[j].is_none()
+                    && !alternatives(c.graph, d.graph)
                     && ((d.module == c.module
                         && !reads_others_params(c)
                         && !reads_others_params(d)
@@ -399,41 +427,7 @@ pub(crate) fn is_later_call(first: &str, later: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// A TorchScript-scoped candidate over weight `weight` (one initializer per name).
-    fn cand(module: &str, weight: &str) -> Candidate {
-        Candidate {
-            module: module.into(),
-            evidence: super::super::Evidence::NodeName,
-            other_paths: vec![],
-            node: String::new(),
-            op: "MatMul".into(),
-            weight: weight.into(),
-            shape: vec![2, 2],
-            layout: super::super::Layout::InOut,
-            dtype: "float32".into(),
-            in_features: 2,
-            out_features: 2,
-            shared: false,
-            shared_with: vec![],
-            in_subgraph: false,
-            quantized: false,
-            norm_folded: false,
-            packed: None,
-            mha: None,
-            through: vec![],
-            graph: 0,
-            node_index: 0,
-            // One initializer per weight name.
-            source: Some(crate::graph::ConstSource::Initializer {
-                graph: 0,
-                index: weight.bytes().map(usize::from).sum(),
-            }),
-            chain: vec![],
-            weight_input: 1,
-            float_site: None,
-            params: vec![],
-        }
-    }
+    use crate::target::test_candidate as cand;
 
     #[test]
     fn module_calls_group_repeated_and_scoped_paths() {
@@ -448,9 +442,11 @@ mod tests {
             cand("mlp", "M1"),
             cand("mlp", "M2"), // the same path over other values: no shared layer
         ];
-        let calls = module_calls(&cands, |a, b| {
-            a.weight.starts_with('K') && b.weight.starts_with('K')
-        });
+        let calls = module_calls(
+            &cands,
+            |a, b| a.weight.starts_with('K') && b.weight.starts_with('K'),
+            |_, _| false,
+        );
         let got: Vec<Option<(usize, usize, usize)>> = calls
             .iter()
             .map(|c| c.map(|c| (c.first, c.number, c.of)))
@@ -481,6 +477,53 @@ mod tests {
         assert_eq!(found[0].module, "fc_1");
         let found = resolve_module(&cands, "0.fc_1", |_| true, |_, _| false).unwrap();
         assert_eq!(found[0].module, "blocks.0.fc_1");
+    }
+
+    /// Under a scope-name alias too, a module at exactly the path is taken first.
+    #[test]
+    fn an_exact_alias_path_is_taken_before_suffix_matches() {
+        let cands = [cand("x.attn.q", "A"), cand("attn.q", "B")];
+        let found = resolve_module(&cands, "self_attn.q", |_| true, |_, _| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].module, "attn.q");
+    }
+
+    /// A bias-less `fc` called twice beside a module `fc_1` with a bias, on one merged weight:
+    /// TorchScript scopes `fc`'s second call like the module. In either node order, the node
+    /// reading `fc_1.bias` is `fc_1`, the other `fc`'s call; with no bias to tell them apart,
+    /// two such nodes in one graph are refused, and the copies of one node in an If's two
+    /// bodies are one node.
+    #[test]
+    fn a_scope_shared_with_a_later_call_is_told_apart_by_its_own_parameters() {
+        let mut own = cand("fc_1", "W");
+        own.params = vec!["fc_1.bias".into()];
+        own.node_index = 2;
+        let mut call = cand("fc_1", "W");
+        call.node_index = 1;
+        for order in [[own.clone(), call.clone()], [call.clone(), own.clone()]] {
+            let cands = [cand("fc", "W"), order[0].clone(), order[1].clone()];
+            let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].node_index, 2);
+            let found = resolve_module(&cands, "fc", |_| true, |_, _| false).unwrap();
+            let nodes: Vec<usize> = found.iter().map(|c| c.node_index).collect();
+            assert_eq!(nodes, [0, 1]);
+        }
+        let mut bare = own.clone();
+        bare.params.clear();
+        let cands = [cand("fc", "W"), bare.clone(), call.clone()];
+        let err = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ambiguous in this TorchScript export"),
+            "{err}"
+        );
+        // (one node in each body of an If)
+        let (mut then, mut other) = (bare.clone(), bare);
+        (then.graph, other.graph) = (1, 2);
+        let cands = [cand("fc", "W"), then, other];
+        let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
+        assert_eq!(found.len(), 2);
     }
 
     /// A scope whose nodes all read another module's parameters (an export that names merged

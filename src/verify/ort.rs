@@ -95,8 +95,11 @@ fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
         match try_load(&path) {
             Ok(()) => return Ok(path),
             // A file that exists but does not load (wrong version, missing dependencies) is
-            // worth naming; the bare name the dynamic loader did not find is not.
-            Err(e) if path.is_absolute() => failed.push(format!("{}: {e}", path.display())),
+            // worth naming; the bare name the dynamic loader did not find is not, but one it
+            // found in an older version is.
+            Err(e) if path.is_absolute() || e.contains("is not compatible") => {
+                failed.push(format!("{}: {e}", path.display()))
+            }
             Err(_) => {}
         }
     }

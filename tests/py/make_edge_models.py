@@ -47,6 +47,19 @@
                    wide each, K=8), as a model builder's int4 export; qkv_nbits_float.onnx its
                    float twin (/layers.0/attn/qkv_proj/MatMul)
 
+  if_twins.onnx    TorchScript twins in a merged decoder: module fc_1's weight equals fc's and
+                   was merged into W; each If body runs /fc/MatMul + /fc/Add (fc.bias) then
+                   /fc_1/MatMul + /fc_1/Add, reading fc_1.bias through an Identity of fc.bias at
+                   the top of the main graph (x [2, 8] -> y [2, 8]); if_twins_nobias.onnx the
+                   same without biases (nothing the export names tells fc_1 from a later call)
+  collide.onnx, collide_own_first.onnx  a bias-less fc called twice beside a module fc_1 with
+                   a bias, all on one merged W, TorchScript scoping fc's second call like the
+                   module: /fc/MatMul, /fc_1/MatMul (fc's call) then /fc_1/MatMul_1 + /fc_1/Add
+                   (fc_1.bias); and the module's nodes first (/fc_1/MatMul + /fc_1/Add, then
+                   fc's call /fc_1/MatMul_1)
+  *_renamed.onnx   each of the four with module fc_1 named proj (its nodes and bias): the same
+                   function with nothing to tell apart, the reference for the four
+
 Usage: make_edge_models.py OUT_DIR
 """
 import os
@@ -371,6 +384,50 @@ def main(out):
         save(helper.make_graph([gemm], "gemm", [x], [y], [numpy_helper.from_array(w, "W"),
                                                           numpy_helper.from_array(c_fc, "C")]),
              os.path.join(out, name))
+
+    twins(out)
+
+
+def twins(out):
+    """TorchScript's merged equal weights (see the docstring: if_twins, collide)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    w, b, b1 = f32(8, 8), f32(8), f32(8)
+    for mod in ("fc_1", "proj"):
+        tail = "" if mod == "fc_1" else "_renamed"
+        for bias in (True, False):
+            def body(name):
+                nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul")]
+                if bias:
+                    nodes.append(helper.make_node("Add", ["a", "fc.bias"], ["a2"], name="/fc/Add"))
+                nodes.append(helper.make_node("MatMul", ["a2" if bias else "a", "W"],
+                                              ["c" if bias else "y"], name=f"/{mod}/MatMul"))
+                if bias:
+                    nodes.append(helper.make_node("Add", ["c", f"{mod}.bias"], ["y"], name=f"/{mod}/Add"))
+                return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+            top = ([helper.make_node("Identity", ["fc.bias"], [f"{mod}.bias"], name="Identity_0")]
+                   if bias else [])
+            inits = [numpy_helper.from_array(w, "W")]
+            if bias:
+                inits.append(numpy_helper.from_array(b, "fc.bias"))
+            save(helper.make_graph(top + [helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                                                              then_branch=body("with_past"),
+                                                              else_branch=body("without_past"))],
+                                   "merged_twins", [x, flag], [y], inits),
+                 os.path.join(out, f"if_twins{'' if bias else '_nobias'}{tail}.onnx"))
+        for own_first in (False, True):
+            call = lambda i, o, n: helper.make_node("MatMul", [i, "W"], [o], name=n)
+            own = lambda i, o, n: [helper.make_node("MatMul", [i, "W"], ["m"], name=n),
+                                   helper.make_node("Add", ["m", f"{mod}.bias"], [o], name=f"/{mod}/Add")]
+            first = helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul")
+            if own_first:
+                nodes = [first, *own("a", "b", f"/{mod}/MatMul"), call("b", "y", "/fc_1/MatMul_1" if mod == "fc_1" else "/fc_1/MatMul")]
+            else:
+                nodes = [first, call("a", "b", "/fc_1/MatMul"), *own("b", "y", f"/{mod}/MatMul_1" if mod == "fc_1" else f"/{mod}/MatMul")]
+            save(helper.make_graph(nodes, "collide", [x], [y],
+                                   [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b1, f"{mod}.bias")]),
+                 os.path.join(out, f"collide{'_own_first' if own_first else ''}{tail}.onnx"))
 
 
 if __name__ == "__main__":
