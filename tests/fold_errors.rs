@@ -3866,6 +3866,8 @@ fn merged_twins_fold_as_their_renamed_models() {
         "if_twins_nobias",
         "collide",
         "collide_own_first",
+        "distinct",
+        "distinct_nobias",
     ] {
         let (m, renamed) = (
             env.p(&format!("{model}.onnx")),
@@ -3905,14 +3907,137 @@ fn merged_twins_fold_as_their_renamed_models() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 11);
-    // inspect: the two bodies of an If are not two calls; a later call inside one body is.
-    for (model, calls) in [("if_twins", None), ("if_twins_nobias", Some(2))] {
+    assert_eq!(checked, 17);
+    // inspect: the two bodies of an If are not two calls; a later call inside one body is, and
+    // a call in each body after one in the main graph makes two calls per run.
+    for (model, calls) in [
+        ("if_twins", vec![None; 4]),
+        (
+            "if_twins_nobias",
+            vec![Some((1, 2)), Some((2, 2)), Some((1, 2)), Some((2, 2))],
+        ),
+        (
+            "main_if_calls",
+            vec![Some((1, 2)), Some((2, 2)), Some((2, 2))],
+        ),
+    ] {
         let out = onnx_lora_ok(&["inspect", &s(&env.p(&format!("{model}.onnx"))), "--json"]);
-        let cands = json_records(&out, "candidate");
-        assert_eq!(cands.len(), 4, "{out}");
-        for c in cands {
-            assert_eq!(c["calls"].as_u64(), calls, "{model}: {c}");
-        }
+        let got: Vec<Option<(u64, u64)>> = json_records(&out, "candidate")
+            .iter()
+            .map(|c| Some((c["call"].as_u64()?, c["calls"].as_u64()?)))
+            .collect();
+        assert_eq!(got, calls, "{model}: {out}");
     }
+}
+
+/// inject takes a TorchScript scope that an adapter names as the module its lookup finds:
+/// `fc_1` beside `fc`'s call in the same scope is one branch, computing what fold computes;
+/// `fc`, called twice, is refused.
+#[test]
+fn inject_branches_a_module_scoped_like_a_later_call() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for model in ["collide", "collide_own_first"] {
+        let m = env.p(&format!("{model}.onnx"));
+        let ad = write_adapter(
+            &env.p(&format!("{model}_a")),
+            config(),
+            &refs(&lora("fc_1", 8, 8, -0.2)),
+        );
+        let (inj, folded) = (
+            env.p(&format!("{model}_inj.onnx")),
+            env.p(&format!("{model}_f.onnx")),
+        );
+        let report = onnx_lora_ok(&inject_args(&m, &ad, &inj, &["--json"]));
+        assert_eq!(
+            json_records(&report, "branch").len(),
+            1,
+            "{model}: {report}"
+        );
+        fold_ok(&m, &[&ad], &folded, &[]);
+        let o = onnx_lora(&["verify", &s(&inj), &s(&folded), "--ep", "cpu"]);
+        assert!(
+            o.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ad = write_adapter(
+            &env.p(&format!("{model}_b")),
+            config(),
+            &refs(&lora("fc", 8, 8, 0.3)),
+        );
+        let out = env.p("no.onnx");
+        let err = onnx_lora_fails(&inject_args(&m, &ad, &out, &[]), &out);
+        assert!(
+            err.contains("module 'fc' is called 2 times"),
+            "{model}: {err}"
+        );
+    }
+}
+
+/// Where nothing tells a TorchScript scope `fc_1` from `fc`'s later call (no bias; two nodes on
+/// the one weight that may run in one pass, also one in the main graph and one in an If
+/// body), an adapter naming `fc_1` is refused as ambiguous, and so is `fc`, whose calls it
+/// leaves unknown: under --allow-unmatched neither is folded.
+#[test]
+fn an_ambiguous_scope_leaves_both_modules_unmatched() {
+    let env = Env::new();
+    let mut t = lora("fc", 8, 8, 0.3);
+    t.extend(lora("fc_1", 8, 8, -0.2));
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
+    for model in ["collide_nobias", "main_if_twins"] {
+        let m = env.p(&format!("{model}.onnx"));
+        let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
+        assert!(
+            err.contains("2 adapter module(s) match no weight")
+                && err.contains("module 'fc_1' is ambiguous in this TorchScript export")
+                && err.contains("module 'fc' may also be called at node /fc_1/MatMul"),
+            "{model}: {err}"
+        );
+        let out = env.p(&format!("{model}_out.onnx"));
+        let o = onnx_lora(&fold_args(&m, &[&ad], &out, &["--allow-unmatched"]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{model}: {err}");
+        assert_eq!(
+            err.matches("warning: unmatched adapter module").count(),
+            2,
+            "{model}: {err}"
+        );
+        let o = onnx_lora(&[
+            "verify",
+            m.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--ep",
+            "cpu",
+        ]);
+        assert!(
+            o.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// inject's refusal of a module that fits no layer says how to inject the others, when there
+/// are others.
+#[test]
+fn inject_refusal_hints_at_the_rest_only_when_there_is_a_rest() {
+    let env = Env::new();
+    let model = env.p("linear.onnx");
+    let out = env.p("out.onnx");
+    let mut t = lora("fc", 8, 4, 0.1);
+    t.extend(lora("nope", 8, 4, 0.1));
+    let both = write_adapter(&env.p("both"), config(), &refs(&t));
+    let err = onnx_lora_fails(&inject_args(&model, &both, &out, &[]), &out);
+    assert!(
+        err.contains("module 'nope' matches no weight")
+            && err.contains("(use --allow-unmatched to inject the rest)"),
+        "{err}"
+    );
+    let alone = write_adapter(&env.p("alone"), config(), &refs(&lora("nope", 8, 4, 0.1)));
+    let err = onnx_lora_fails(&inject_args(&model, &alone, &out, &[]), &out);
+    assert!(
+        err.contains("module 'nope' matches no weight") && !err.contains("--allow-unmatched"),
+        "{err}"
+    );
 }

@@ -343,7 +343,7 @@ fn a_dynamo_scope_with_a_call_suffix_is_a_module_of_its_own() {
             "fc"
         ]
     );
-    let calls = onnx_lora::target::module_calls(&cands, |_, _| false, |_, _| false);
+    let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
     assert!(calls.iter().all(Option::is_none), "{calls:?}");
     for path in ["attn", "attn.out_proj"] {
         let found = resolve_module(&cands, path, |_| true, |_, _| false).unwrap();
@@ -361,7 +361,7 @@ fn a_torchscript_sibling_with_its_own_parameter_names_is_no_later_call() {
         let m = onnx_lora::onnx::load(fixtures().join(path)).unwrap();
         let g = ModelGraph::build(&m.proto);
         let cands = find_candidates(&m.proto, &g);
-        let calls = onnx_lora::target::module_calls(&cands, |_, _| false, |_, _| false);
+        let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
         let found: Vec<String> = resolve_module(&cands, "fc", |_| true, |_, _| false)
             .unwrap()
             .iter()
@@ -375,6 +375,6 @@ fn a_torchscript_sibling_with_its_own_parameter_names_is_no_later_call() {
     let m = onnx_lora::onnx::load(fixtures().join("mha_twice/torchscript/model.onnx")).unwrap();
     let g = ModelGraph::build(&m.proto);
     let cands = find_candidates(&m.proto, &g);
-    let calls = onnx_lora::target::module_calls(&cands, |_, _| false, |_, _| false);
+    let calls = onnx_lora::target::module_calls(&cands, |_, _| false);
     assert_eq!(calls.iter().flatten().count(), 4, "{calls:?}");
 }

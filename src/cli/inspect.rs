@@ -56,11 +56,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let found = target::find_candidates(&model.proto, &graph);
     // A later call of a shared layer (`attention.query_1`) is listed, and selected, under the
     // module it calls: the path an adapter names.
-    let calls = target::module_calls(
-        &found,
-        |a, b| onnx_lora::rewrite::same_values(&model, &graph, a, b),
-        |a, b| graph.graphs[a].loc.alternative_to(&graph.graphs[b].loc),
-    );
+    let calls = target::module_calls(&found, |a, b| {
+        onnx_lora::rewrite::same_values(&model, &graph, a, b)
+    });
     let cands: Vec<target::Candidate> = found
         .iter()
         .zip(&calls)

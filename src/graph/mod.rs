@@ -451,4 +451,67 @@ mod tests {
         assert_eq!(mg.graphs[1].parent, Some(0));
         assert!(mg.graphs[1].loc.get(&model).is_some());
     }
+
+    /// An If's then and else bodies (at any depth below them) are alternatives; a body and
+    /// the main graph, two bodies of different Ifs, or a Loop body and anything are not.
+    #[test]
+    fn only_the_two_branches_of_one_if_are_alternatives() {
+        let loc = |steps: &[(usize, &str)]| {
+            GraphLoc(steps.iter().map(|&(n, a)| (n, a.to_string(), 0)).collect())
+        };
+        let then = loc(&[(3, "then_branch")]);
+        let other = loc(&[(3, "else_branch")]);
+        assert!(then.alternative_to(&other));
+        assert!(loc(&[(3, "then_branch"), (0, "body")]).alternative_to(&other));
+        assert!(!then.alternative_to(&then));
+        assert!(!then.alternative_to(&GraphLoc::default()));
+        assert!(!then.alternative_to(&loc(&[(4, "else_branch")])));
+        assert!(!loc(&[(3, "body")]).alternative_to(&loc(&[(3, "then_branch")])));
+    }
+
+    /// A value an If body reads from the main graph through an Identity of an initializer is
+    /// that initializer; another producer is no constant.
+    #[test]
+    fn constants_are_followed_through_an_outer_identity() {
+        let body = GraphProto {
+            node: vec![node("Add", &["x", "fc_1.bias"], "y")],
+            ..Default::default()
+        };
+        let iff = NodeProto {
+            input: vec!["cond".into()],
+            output: vec!["out".into()],
+            op_type: Some("If".into()),
+            attribute: vec![crate::onnx::pb::AttributeProto {
+                name: Some("then_branch".into()),
+                g: Some(body),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let model = ModelProto {
+            graph: Some(GraphProto {
+                node: vec![
+                    node("Identity", &["fc.bias"], "fc_1.bias"),
+                    node("Relu", &["x"], "r"),
+                    iff,
+                ],
+                initializer: vec![TensorProto {
+                    name: Some("fc.bias".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mg = ModelGraph::build(&model);
+        let init = Some(ConstSource::Initializer { graph: 0, index: 0 });
+        assert_eq!(mg.const_source(&model, 1, "fc_1.bias"), None);
+        assert_eq!(
+            mg.const_source_through_identity(&model, 1, "fc_1.bias"),
+            init
+        );
+        assert_eq!(mg.const_source_through_identity(&model, 1, "fc.bias"), init);
+        assert_eq!(mg.const_source_through_identity(&model, 1, "r"), None);
+        assert_eq!(mg.const_source_through_identity(&model, 1, "nothing"), None);
+    }
 }

@@ -380,7 +380,7 @@ fn plan<'a>(
             // Gathers after the call sites, the table after the module. (Not a LoRA: PEFT's
             // LoRA on `shared` leaves the call sites as they are.)
             let resolved = resolve_module(cands, path, accept, &same_values)
-                .map(|found| super::drop_named_later_calls(found, &named, cands))
+                .and_then(|found| super::drop_named_later_calls(found, &named, cands))
                 .or_else(|e| {
                     let by_table: Vec<&Candidate> = cands
                         .iter()

@@ -153,6 +153,9 @@ pub fn fresh_branches(
 
 /// Branches carrying a PEFT adapter's factors (the unmerged deployment). `cands` are those of
 /// `model`; a base weight the adapter saved beside a LoRA is checked against the model's.
+/// Without `allow_unmatched`, the modules that fit no layer are refused together in one
+/// error; a module that fits a layer it cannot branch (a layer folded with a BatchNorm, a
+/// saved base weight unlike the model's, a DoRA embedding) stops the lookup at once.
 pub fn adapter_branches(
     model: &LoadedModel,
     graph: &ModelGraph,
@@ -215,7 +218,7 @@ fn adapter_branches_or_deltas(
             |c| super::accepts(m, c) && c.branchable(),
             same,
         )
-        .map(|found| super::drop_named_later_calls(found, &named, cands))
+        .and_then(|found| super::drop_named_later_calls(found, &named, cands))
         {
             Ok(f) if let Some((c, role)) = crate::target::packed::twin(cands, path, &f) => {
                 // (inject puts one branch per module: not one per If body)
@@ -242,7 +245,7 @@ fn adapter_branches_or_deltas(
             {
                 match deltas.as_deref_mut() {
                     Some(d) if found.iter().all(|c| !c.quantized) => {
-                        for c in super::drop_named_later_calls(found, &named, cands) {
+                        for c in super::drop_named_later_calls(found, &named, cands)? {
                             d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
                         }
                         continue;
@@ -303,7 +306,7 @@ fn adapter_branches_or_deltas(
     }
     match refused.len() {
         0 => {}
-        1 if out.is_empty() && slices.is_empty() => return Err(Error::Target(refused.remove(0))),
+        1 if paths.iter().flatten().count() == 1 => return Err(Error::Target(refused.remove(0))),
         1 => {
             return Err(Error::Target(format!(
                 "{} (use --allow-unmatched to inject the rest)",
@@ -567,10 +570,20 @@ pub fn check_one_branch_per_module(
         .collect();
     for b in branches {
         let other_call = |c: &&Candidate| {
+            // (a node of the scope that the scope's lookup leaves to another module is that
+            // module's call: `fc`'s, which TorchScript scoped like the module `fc_1`)
             let same_name = !b.cand.module.is_empty()
                 && c.module == b.cand.module
-                && !crate::target::select::reads_others_params(c)
-                && !crate::target::select::reads_others_params(&b.cand);
+                && match (
+                    super::scope_takes(c, cands),
+                    super::scope_takes(&b.cand, cands),
+                ) {
+                    (Ok(in_c), Ok(in_b)) => in_c && in_b,
+                    _ => {
+                        !crate::target::select::reads_others_params(c)
+                            && !crate::target::select::reads_others_params(&b.cand)
+                    }
+                };
             let later_call = || {
                 c.source.is_some()
                     && c.source == b.cand.source

@@ -98,7 +98,7 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
     let part_there = || {
         cands
             .iter()
-            .any(|c| c.mha == Some(part) && crate::target::select::name_matches(&c.module, path))
+            .any(|c| c.mha == Some(part) && crate::target::select::matches_path(&c.module, path))
     };
     if m.mha_outer.is_some() || m.mha_in_proj {
         if part_there() {
@@ -331,16 +331,19 @@ pub fn module_paths(
 }
 
 /// The model's module paths that adapters name (`paths`: `module_paths`' lookups, all
-/// adapters together): the path each lookup resolves to by name, where it resolves.
+/// adapters together): the path each lookup resolves to by name, where it resolves, and the
+/// path itself where a module has exactly that path but its lookup fails (an ambiguous scope).
 pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<String> {
     let mut out: Vec<String> = paths
         .iter()
         .flatten()
         .flatten()
-        .filter_map(|p| {
-            let found = crate::target::resolve_module(cands, p, |_| true, |_, _| false).ok()?;
-            Some(found[0].module.clone())
-        })
+        .filter_map(
+            |p| match crate::target::resolve_module(cands, p, |_| true, |_, _| false) {
+                Ok(found) => Some(found[0].module.clone()),
+                Err(_) => cands.iter().any(|c| c.module == *p).then(|| p.clone()),
+            },
+        )
         .collect();
     out.sort_unstable();
     out.dedup();
@@ -350,35 +353,52 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
 /// A module's resolved nodes less the later calls (TorchScript's scope `x_1` reading `x`'s
 /// weight) that an adapter names as a module of its own (`named`): factors saved for `x_1`
 /// prove that scope is a module, not `x` called again, except for the nodes that the lookup
-/// of `x_1` itself leaves to `x` (`named_takes`).
+/// of `x_1` itself leaves to `x` ([`scope_takes`]). Where that lookup fails (`x_1` is
+/// ambiguous), so does this one: its nodes may be `x`'s calls or not.
 pub(crate) fn drop_named_later_calls<'a>(
     found: Vec<&'a Candidate>,
     named: &[String],
     cands: &[Candidate],
-) -> Vec<&'a Candidate> {
+) -> Result<Vec<&'a Candidate>> {
     let Some(first) = found.first().map(|c| c.module.clone()) else {
-        return found;
+        return Ok(found);
     };
-    found
-        .into_iter()
-        .filter(|c| c.module == first || !named_takes(c, named, cands))
-        .collect()
+    let mut out = Vec::with_capacity(found.len());
+    for c in found {
+        if c.module == first || !is_named(&c.module, named) {
+            out.push(c);
+            continue;
+        }
+        match scope_takes(c, cands) {
+            Ok(true) => {}
+            Ok(false) => out.push(c),
+            Err(e) => {
+                return Err(Error::Target(format!(
+                    "module '{first}' may also be called at node {} of the scope '{}', which an adapter names as a module of its own: {e}",
+                    c.node, c.module
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
-/// Whether node `c` belongs to a module that an adapter names at its scope (`named`): the
-/// lookup of that path takes it. That lookup leaves to `x` a node of the scope `x_1` that
-/// reads `x`'s parameters, or none, beside a node of the module `x_1` itself (TorchScript
-/// scoped `x`'s call like the module). Where the lookup fails (an ambiguous scope), every
-/// node of the scope counts as the named module's.
+/// Whether the lookup of node `c`'s own scope (`fc_1`) takes it: that lookup leaves to `x`
+/// a node of the scope that reads `x`'s parameters, or none, beside a node of the module
+/// `fc_1` itself (TorchScript scoped `x`'s call like the module). An error where the lookup
+/// fails.
+pub(crate) fn scope_takes(c: &Candidate, cands: &[Candidate]) -> Result<bool> {
+    let found = crate::target::resolve_module(cands, &c.module, |_| true, |_, _| true)?;
+    Ok(found
+        .iter()
+        .any(|f| (f.graph, f.node_index) == (c.graph, c.node_index)))
+}
+
+/// Whether node `c` belongs to a module that an adapter names at its scope (`named`): its
+/// scope's lookup takes it ([`scope_takes`]), or fails (an ambiguous scope, which the lookups
+/// of both modules refuse).
 pub(crate) fn named_takes(c: &Candidate, named: &[String], cands: &[Candidate]) -> bool {
-    is_named(&c.module, named)
-        && crate::target::resolve_module(cands, &c.module, |_| true, |_, _| true)
-            .ok()
-            .is_none_or(|found| {
-                found
-                    .iter()
-                    .any(|f| (f.graph, f.node_index) == (c.graph, c.node_index))
-            })
+    is_named(&c.module, named) && scope_takes(c, cands).unwrap_or(true)
 }
 
 /// Whether an adapter names the module at model path `module` (`named`: `named_paths`).

@@ -91,6 +91,10 @@ pub struct Candidate {
     pub through: Vec<String>,
     #[serde(skip)]
     pub graph: usize,
+    /// Where that graph sits in the model (which If / Loop body), to tell the two bodies of
+    /// an If, of which a run executes one, from graphs that may both run.
+    #[serde(skip)]
+    pub graph_loc: crate::graph::GraphLoc,
     #[serde(skip)]
     pub node_index: usize,
     #[serde(skip)]
@@ -220,6 +224,9 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
         .nodes(model)
         .filter_map(|(gi, ni, node)| candidate(model, graph, gi, ni, node))
         .collect();
+    for c in &mut out {
+        c.graph_loc = graph.graphs[c.graph].loc.clone();
+    }
     mark_shared(model, graph, &mut out);
     mark_params(model, graph, &mut out);
     mark_mha(model, graph, &mut out);
@@ -596,6 +603,7 @@ impl Walked {
             mha: None,
             through: self.through,
             graph: gi,
+            graph_loc: crate::graph::GraphLoc::default(),
             node_index: ni,
             source: Some(self.source),
             chain: self.chain,
@@ -865,6 +873,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         mha: None,
         through: vec![],
         graph: 0,
+        graph_loc: crate::graph::GraphLoc::default(),
         node_index: 0,
         // One initializer per weight name.
         source: Some(crate::graph::ConstSource::Initializer {

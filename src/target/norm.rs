@@ -78,6 +78,9 @@ pub fn find_norm_params(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate
                 .filter_map(move |&(input, _)| norm_param(model, graph, gi, ni, node, input))
         })
         .collect();
+    for c in &mut out {
+        c.graph_loc = graph.graphs[c.graph].loc.clone();
+    }
     mark_shared(model, graph, &mut out);
     for c in out.iter_mut().filter(|c| c.module.is_empty() && !c.shared) {
         let stem = c

@@ -98,6 +98,13 @@ fn aliases(path: &str) -> impl Iterator<Item = String> + '_ {
     })
 }
 
+/// Whether module path `module` is `path` or ends with it, as it is or under a scope-name
+/// alias (what `resolve_module` matches by name).
+pub(crate) fn matches_path(module: &str, path: &str) -> bool {
+    !module.is_empty()
+        && (name_matches(module, path) || aliases(path).any(|a| name_matches(module, &a)))
+}
+
 /// Whether some candidate has module path `path` as it is (or a path it is a dotted suffix
 /// of), or under a scope-name alias: what `resolve_module` finds without an export root.
 pub fn found_as_is(cands: &[Candidate], path: &str) -> bool {
@@ -177,11 +184,12 @@ pub fn export_root(
 ///
 /// A module at exactly `path` is taken before modules whose paths end with it, also under a
 /// scope-name alias. Where TorchScript gave a later call of `x` the scope of a module `x_1`,
-/// the parameter names tell them apart: a node reading only `x`'s parameters beside a node of
-/// `x_1`'s own is `x`'s call, and so is a node reading none beside one reading `x_1`'s. It is
-/// an error when nothing matches, when the matches read different weights, or when two nodes
-/// of such a scope in one graph read nothing that tells them apart; the message lists what was
-/// found.
+/// what each node reads tells them apart: a node reading only `x`'s parameters beside a node
+/// of `x_1`'s own is `x`'s call; so is a node on `x`'s weight beside one that cannot be a call
+/// of `x` (it reads `x_1`'s parameters, or a weight that `x` does not read). It is an error
+/// when nothing matches, when the matches read different weights, or when two nodes of such a
+/// scope on `x`'s weight, either of which may be `x`'s call, may run in one pass (not the two
+/// bodies of an If); the message lists what was found.
 pub fn resolve_module<'a>(
     cands: &'a [Candidate],
     path: &str,
@@ -243,28 +251,25 @@ pub fn resolve_module<'a>(
         }));
     }
     // TorchScript scopes a module's later call `x_1` as it scopes a module `x_1`, and numbers
-    // the nodes of one scope apart: of the nodes of that scope on one weight that `x` reads
-    // too, those reading a parameter named after the scope are the module's, and the others
-    // `x`'s later calls; where none reads one, two nodes of one graph may be either (the copies
-    // of one node in an If's two bodies are one node).
-    if found.len() > 1
-        && found[0].source.is_some()
-        && found
-            .iter()
-            .all(|c| c.module == found[0].module && c.source == found[0].source)
-    {
+    // the nodes of one scope apart. Of the nodes of such a scope, one that cannot be a later
+    // call (it reads a parameter named after the scope, or a weight that no `x` reads) is the
+    // module's, and the others, each on the weight of an `x` it may be a later call of, are
+    // those calls. Where every node may be, two nodes on one weight that may run in one pass
+    // (not the two bodies of an If) may be either.
+    if found.len() > 1 && found.iter().all(|c| c.module == found[0].module) {
         let call_of = |n: &Candidate| {
             pool.iter()
                 .copied()
-                .find(|c| c.source == n.source && later_call_of(c, n))
+                .find(|c| c.source.is_some() && c.source == n.source && later_call_of(c, n))
         };
-        if found.iter().any(|c| reads_own_params(c)) {
+        if found.iter().any(|c| call_of(c).is_none()) {
             found.retain(|c| call_of(c).is_none());
         } else if let Some(x) = call_of(found[0])
-            && found
-                .iter()
-                .enumerate()
-                .any(|(i, a)| found[i + 1..].iter().any(|b| b.graph == a.graph))
+            && found.iter().enumerate().any(|(i, a)| {
+                found[i + 1..]
+                    .iter()
+                    .any(|b| b.source == a.source && !a.graph_loc.alternative_to(&b.graph_loc))
+            })
         {
             let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
             return Err(Error::Target(format!(
@@ -320,39 +325,49 @@ pub struct Call {
 /// For each candidate, the call of a shared module it is (None for a module called once).
 /// Nodes of one module path are calls of one layer when they read one weight or copies with
 /// equal values (`same_values`, as `resolve_module` takes them); a module path over different
-/// weights (`F.linear` twice in one module) is no shared layer. Nodes in graphs of which one
-/// run executes one only (`alternatives`: the two bodies of an If, as a merged decoder's with
-/// and without past) are not calls of each other.
+/// weights (`F.linear` twice in one module) is no shared layer. Nodes in the two bodies of an
+/// If (a merged decoder's with and without past), of which a run executes one, are not calls
+/// of each other: a call's number counts the calls before it that may run with it.
 pub fn module_calls(
     cands: &[Candidate],
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
-    alternatives: impl Fn(usize, usize) -> bool,
 ) -> Vec<Option<Call>> {
     let mut out: Vec<Option<Call>> = vec![None; cands.len()];
     for (i, c) in cands.iter().enumerate() {
         if out[i].is_some() || c.module.is_empty() {
             continue;
         }
-        let later: Vec<usize> = (i + 1..cands.len())
-            .filter(|&j| {
+        let group: Vec<usize> = std::iter::once(i)
+            .chain((i + 1..cands.len()).filter(|&j| {
                 let d = &cands[j];
                 out[j].is_none()
-                    && !alternatives(c.graph, d.graph)
+                    && !c.graph_loc.alternative_to(&d.graph_loc)
                     && ((d.module == c.module
                         && !reads_others_params(c)
                         && !reads_others_params(d)
                         && (d.source == c.source || same_values(c, d)))
                         || (c.source.is_some() && d.source == c.source && later_call_of(c, d)))
+            }))
+            .collect();
+        let numbers: Vec<usize> = group
+            .iter()
+            .enumerate()
+            .map(|(k, &j)| {
+                let loc = &cands[j].graph_loc;
+                1 + group[..k]
+                    .iter()
+                    .filter(|&&e| !cands[e].graph_loc.alternative_to(loc))
+                    .count()
             })
             .collect();
-        let of = later.len() + 1;
-        if of == 1 {
+        let of = numbers.iter().copied().max().unwrap_or(1);
+        if group.len() == 1 {
             continue;
         }
-        for (number, j) in std::iter::once(i).chain(later).enumerate() {
+        for (&j, &number) in group.iter().zip(&numbers) {
             out[j] = Some(Call {
                 first: i,
-                number: number + 1,
+                number,
                 of,
             });
         }
@@ -442,11 +457,9 @@ mod tests {
             cand("mlp", "M1"),
             cand("mlp", "M2"), // the same path over other values: no shared layer
         ];
-        let calls = module_calls(
-            &cands,
-            |a, b| a.weight.starts_with('K') && b.weight.starts_with('K'),
-            |_, _| false,
-        );
+        let calls = module_calls(&cands, |a, b| {
+            a.weight.starts_with('K') && b.weight.starts_with('K')
+        });
         let got: Vec<Option<(usize, usize, usize)>> = calls
             .iter()
             .map(|c| c.map(|c| (c.first, c.number, c.of)))
@@ -521,6 +534,8 @@ mod tests {
         // (one node in each body of an If)
         let (mut then, mut other) = (bare.clone(), bare);
         (then.graph, other.graph) = (1, 2);
+        then.graph_loc = crate::graph::GraphLoc(vec![(3, "then_branch".into(), 0)]);
+        other.graph_loc = crate::graph::GraphLoc(vec![(3, "else_branch".into(), 0)]);
         let cands = [cand("fc", "W"), then, other];
         let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
         assert_eq!(found.len(), 2);

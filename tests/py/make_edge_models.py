@@ -57,8 +57,17 @@
                    module: /fc/MatMul, /fc_1/MatMul (fc's call) then /fc_1/MatMul_1 + /fc_1/Add
                    (fc_1.bias); and the module's nodes first (/fc_1/MatMul + /fc_1/Add, then
                    fc's call /fc_1/MatMul_1)
-  *_renamed.onnx   each of the four with module fc_1 named proj (its nodes and bias): the same
-                   function with nothing to tell apart, the reference for the four
+  distinct.onnx, distinct_nobias.onnx  the same collision with module fc_1 on a weight of its
+                   own (fc's call /fc_1/MatMul, then the module's /fc_1/MatMul_1, with and
+                   without its bias)
+  *_renamed.onnx   each of these with module fc_1 named proj (its nodes and bias): the same
+                   function with nothing to tell apart, the reference for them
+  collide_nobias.onnx  the collision with no bias anywhere (/fc/MatMul, /fc_1/MatMul,
+                   /fc_1/MatMul_1 on one W): nothing tells fc_1 from fc's call
+  main_if_twins.onnx  fc's call /fc_1/MatMul in the main graph and a bias-less /fc_1/MatMul in
+                   an If's then-branch, on one W: both may run in one pass
+  main_if_calls.onnx  /fc/MatMul in the main graph and /fc_1/MatMul (its later call) in both
+                   bodies of an If, on one W: two calls per run
 
 Usage: make_edge_models.py OUT_DIR
 """
@@ -393,7 +402,7 @@ def twins(out):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
     flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
-    w, b, b1 = f32(8, 8), f32(8), f32(8)
+    w, b, b1, w1 = f32(8, 8), f32(8), f32(8), f32(8, 8)
     for mod in ("fc_1", "proj"):
         tail = "" if mod == "fc_1" else "_renamed"
         for bias in (True, False):
@@ -428,6 +437,39 @@ def twins(out):
             save(helper.make_graph(nodes, "collide", [x], [y],
                                    [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b1, f"{mod}.bias")]),
                  os.path.join(out, f"collide{'_own_first' if own_first else ''}{tail}.onnx"))
+        for bias in (True, False):
+            nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
+                     helper.make_node("MatMul", ["a", "W"], ["b"], name="/fc_1/MatMul"),
+                     helper.make_node("MatMul", ["b", "W1"], ["m" if bias else "y"],
+                                      name="/fc_1/MatMul_1" if mod == "fc_1" else f"/{mod}/MatMul")]
+            inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w1, "W1")]
+            if bias:
+                nodes.append(helper.make_node("Add", ["m", f"{mod}.bias"], ["y"], name=f"/{mod}/Add"))
+                inits.append(numpy_helper.from_array(b1, f"{mod}.bias"))
+            save(helper.make_graph(nodes, "distinct", [x], [y], inits),
+                 os.path.join(out, f"distinct{'' if bias else '_nobias'}{tail}.onnx"))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
+             helper.make_node("MatMul", ["a", "W"], ["b"], name="/fc_1/MatMul"),
+             helper.make_node("MatMul", ["b", "W"], ["y"], name="/fc_1/MatMul_1")]
+    save(helper.make_graph(nodes, "collide", [x], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "collide_nobias.onnx"))
+    flag0 = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    body_y = helper.make_tensor_value_info("yy", TensorProto.FLOAT, [2, 8])
+    then = helper.make_graph([helper.make_node("MatMul", ["b", "W"], ["yy"], name="/fc_1/MatMul")],
+                             "then", [], [body_y])
+    other = helper.make_graph([helper.make_node("Identity", ["b"], ["yy"], name="/Identity")],
+                              "else", [], [body_y])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
+             helper.make_node("MatMul", ["a", "W"], ["b"], name="/fc_1/MatMul"),
+             helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=then, else_branch=other)]
+    save(helper.make_graph(nodes, "main_if", [x, flag0], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "main_if_twins.onnx"))
+    bodies = [helper.make_graph([helper.make_node("MatMul", ["a", "W"], ["yy"], name="/fc_1/MatMul")],
+                                name, [], [body_y]) for name in ("then", "else")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
+             helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=bodies[0], else_branch=bodies[1])]
+    save(helper.make_graph(nodes, "main_if", [x, flag0], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "main_if_calls.onnx"))
 
 
 if __name__ == "__main__":
