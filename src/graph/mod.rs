@@ -391,6 +391,21 @@ mod tests {
         }
     }
 
+    /// An If node on `cond` whose then-branch is `body`.
+    fn if_then(body: GraphProto) -> NodeProto {
+        NodeProto {
+            input: vec!["cond".into()],
+            output: vec!["out".into()],
+            op_type: Some("If".into()),
+            attribute: vec![crate::onnx::pb::AttributeProto {
+                name: Some("then_branch".into()),
+                g: Some(body),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn topo_order_is_stable_and_repairs_order() {
         // Sorted already: the original order comes back.
@@ -427,17 +442,7 @@ mod tests {
             node: vec![node("Identity", &["w"], "z")],
             ..Default::default()
         };
-        let iff = NodeProto {
-            input: vec!["cond".into()],
-            output: vec!["out".into()],
-            op_type: Some("If".into()),
-            attribute: vec![crate::onnx::pb::AttributeProto {
-                name: Some("then_branch".into()),
-                g: Some(body),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let iff = if_then(body);
         let model = ModelProto {
             graph: Some(GraphProto {
                 node: vec![node("Relu", &["x"], "w"), iff],
@@ -477,17 +482,7 @@ mod tests {
             node: vec![node("Add", &["x", "fc_1.bias"], "y")],
             ..Default::default()
         };
-        let iff = NodeProto {
-            input: vec!["cond".into()],
-            output: vec!["out".into()],
-            op_type: Some("If".into()),
-            attribute: vec![crate::onnx::pb::AttributeProto {
-                name: Some("then_branch".into()),
-                g: Some(body),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let iff = if_then(body);
         let model = ModelProto {
             graph: Some(GraphProto {
                 node: vec![

@@ -555,8 +555,11 @@ fn one_write_per_weight(found: Vec<&Candidate>) -> Vec<Candidate> {
             .filter(|f| f.source.is_some() && f.source == c.source)
             .map(|f| f.node.as_str())
             .collect();
-        let all_readers =
-            calls.len() > 1 && c.shared_with.iter().all(|r| calls.contains(&r.as_str()));
+        // (by count too: nodes in different graphs may share a name, `fc`'s call and a
+        // module `fc_1` both `/fc_1/MatMul`)
+        let all_readers = calls.len() > 1
+            && c.shared_with.len() + 1 == calls.len()
+            && c.shared_with.iter().all(|r| calls.contains(&r.as_str()));
         if !all_readers {
             out.push((*c).clone());
         } else if !out.iter().any(|o| o.source == c.source) {

@@ -332,7 +332,7 @@ pub fn module_paths(
 
 /// The model's module paths that adapters name (`paths`: `module_paths`' lookups, all
 /// adapters together): the path each lookup resolves to by name, where it resolves, and the
-/// path itself where a module has exactly that path but its lookup fails (an ambiguous scope).
+/// one module path it names where its lookup fails (an ambiguous scope).
 pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<String> {
     let mut out: Vec<String> = paths
         .iter()
@@ -341,7 +341,22 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
         .filter_map(
             |p| match crate::target::resolve_module(cands, p, |_| true, |_, _| false) {
                 Ok(found) => Some(found[0].module.clone()),
-                Err(_) => cands.iter().any(|c| c.module == *p).then(|| p.clone()),
+                // (the model's path, also where the export adds a wrapper prefix, when one
+                // module has it)
+                Err(_) if cands.iter().any(|c| c.module == *p) => Some(p.clone()),
+                Err(_) => {
+                    let mut at: Vec<&str> = cands
+                        .iter()
+                        .filter(|c| crate::target::select::matches_path(&c.module, p))
+                        .map(|c| c.module.as_str())
+                        .collect();
+                    at.sort_unstable();
+                    at.dedup();
+                    match at.as_slice() {
+                        [one] => Some(one.to_string()),
+                        _ => None,
+                    }
+                }
             },
         )
         .collect();

@@ -188,8 +188,10 @@ pub fn export_root(
 /// of `x_1`'s own is `x`'s call; so is a node on `x`'s weight beside one that cannot be a call
 /// of `x` (it reads `x_1`'s parameters, or a weight that `x` does not read). It is an error
 /// when nothing matches, when the matches read different weights, or when two nodes of such a
-/// scope on `x`'s weight, either of which may be `x`'s call, may run in one pass (not the two
-/// bodies of an If); the message lists what was found.
+/// scope on `x`'s weight, either of which may be `x`'s call, may run in one pass; nodes in
+/// the two bodies of an If are taken as copies of one layer (a merged decoder's), which an
+/// export where one body holds `x`'s call and the other the module `x_1` would break. The
+/// message lists what was found.
 pub fn resolve_module<'a>(
     cands: &'a [Candidate],
     path: &str,

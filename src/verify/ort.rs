@@ -97,9 +97,6 @@ fn load_library(explicit: Option<&Path>) -> Result<PathBuf> {
             // A file that exists but does not load (wrong version, missing dependencies) is
             // worth naming; the bare name the dynamic loader did not find is not, but one it
             // found in an older version is.
-            // (ort's message for an old version names the file the loader opened, which the
-            // search may try by its path and by the bare name: once)
-            Err(e) if failed.iter().any(|f| f.ends_with(e.as_str())) => {}
             Err(e) if path.is_absolute() => failed.push(format!("{}: {e}", path.display())),
             Err(e) if e.contains("is not compatible") => {
                 failed.push(format!("the dynamic loader's {}: {e}", path.display()))

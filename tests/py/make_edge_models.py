@@ -63,9 +63,13 @@
   *_renamed.onnx   each of these with module fc_1 named proj (its nodes and bias): the same
                    function with nothing to tell apart, the reference for them
   collide_nobias.onnx  the collision with no bias anywhere (/fc/MatMul, /fc_1/MatMul,
-                   /fc_1/MatMul_1 on one W): nothing tells fc_1 from fc's call
+                   /fc_1/MatMul_1 on one W): nothing tells fc_1 from fc's call;
+                   collide_nobias_prefixed.onnx the same under a wrapper scope /m/
   main_if_twins.onnx  fc's call /fc_1/MatMul in the main graph and a bias-less /fc_1/MatMul in
                    an If's then-branch, on one W: both may run in one pass
+  main_if_module.onnx  fc's call /fc_1/MatMul in the main graph and module fc_1's
+                   /fc_1/MatMul + /fc_1/Add (fc_1.bias) in an If's else-branch, on one W (one
+                   node name in two graphs); main_if_module_renamed.onnx its reference
   main_if_calls.onnx  /fc/MatMul in the main graph and /fc_1/MatMul (its later call) in both
                    bodies of an If, on one W: two calls per run
 
@@ -403,6 +407,8 @@ def twins(out):
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
     flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
     w, b, b1, w1 = f32(8, 8), f32(8), f32(8), f32(8, 8)
+    flag0 = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    body_y = helper.make_tensor_value_info("yy", TensorProto.FLOAT, [2, 8])
     for mod in ("fc_1", "proj"):
         tail = "" if mod == "fc_1" else "_renamed"
         for bias in (True, False):
@@ -448,13 +454,28 @@ def twins(out):
                 inits.append(numpy_helper.from_array(b1, f"{mod}.bias"))
             save(helper.make_graph(nodes, "distinct", [x], [y], inits),
                  os.path.join(out, f"distinct{'' if bias else '_nobias'}{tail}.onnx"))
+        # fc's call in the main graph, the module in an If's else body: one node name in two
+        # graphs
+        then = helper.make_graph([helper.make_node("Identity", ["b"], ["yy"], name="/Identity")],
+                                 "then", [], [body_y])
+        other = helper.make_graph([helper.make_node("MatMul", ["b", "W"], ["m"], name=f"/{mod}/MatMul"),
+                                   helper.make_node("Add", ["m", f"{mod}.bias"], ["yy"], name=f"/{mod}/Add")],
+                                  "else", [], [body_y])
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
+                 helper.make_node("MatMul", ["a", "W"], ["b"], name="/fc_1/MatMul"),
+                 helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=then, else_branch=other)]
+        save(helper.make_graph(nodes, "main_if", [x, flag0], [y],
+                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b1, f"{mod}.bias")]),
+             os.path.join(out, f"main_if_module{tail}.onnx"))
     nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="/fc/MatMul"),
              helper.make_node("MatMul", ["a", "W"], ["b"], name="/fc_1/MatMul"),
              helper.make_node("MatMul", ["b", "W"], ["y"], name="/fc_1/MatMul_1")]
     save(helper.make_graph(nodes, "collide", [x], [y], [numpy_helper.from_array(w, "W")]),
          os.path.join(out, "collide_nobias.onnx"))
-    flag0 = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
-    body_y = helper.make_tensor_value_info("yy", TensorProto.FLOAT, [2, 8])
+    for n in nodes:
+        n.name = n.name.replace("/fc", "/m/fc")
+    save(helper.make_graph(nodes, "collide", [x], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "collide_nobias_prefixed.onnx"))
     then = helper.make_graph([helper.make_node("MatMul", ["b", "W"], ["yy"], name="/fc_1/MatMul")],
                              "then", [], [body_y])
     other = helper.make_graph([helper.make_node("Identity", ["b"], ["yy"], name="/Identity")],
