@@ -3910,7 +3910,8 @@ fn merged_twins_fold_as_their_renamed_models() {
     }
     assert_eq!(checked, 20);
     // inspect: the two bodies of an If are not two calls; a later call inside one body is, and
-    // a call in each body after one in the main graph makes two calls per run.
+    // a call in each body after one in the main graph makes two calls per run; calls are
+    // numbered in the order they run, a body's at its If.
     for (model, calls) in [
         ("if_twins", vec![None; 4]),
         (
@@ -3921,6 +3922,10 @@ fn merged_twins_fold_as_their_renamed_models() {
             "main_if_calls",
             vec![Some((1, 2)), Some((2, 2)), Some((2, 2))],
         ),
+        (
+            "if_then_main_call",
+            vec![Some((2, 2)), Some((1, 2)), Some((1, 2))],
+        ),
     ] {
         let out = onnx_lora_ok(&["inspect", &s(&env.p(&format!("{model}.onnx"))), "--json"]);
         let got: Vec<Option<(u64, u64)>> = json_records(&out, "candidate")
@@ -3928,6 +3933,13 @@ fn merged_twins_fold_as_their_renamed_models() {
             .map(|c| Some((c["call"].as_u64()?, c["calls"].as_u64()?)))
             .collect();
         assert_eq!(got, calls, "{model}: {out}");
+        // (a later call is listed under the module it calls, also where the main graph lists
+        // it before the bodies)
+        if model != "if_twins" {
+            for c in json_records(&out, "candidate") {
+                assert_eq!(c["module"], "fc", "{model}: {out}");
+            }
+        }
     }
 }
 
@@ -4017,6 +4029,52 @@ fn an_ambiguous_scope_leaves_both_modules_unmatched() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+}
+
+/// The same ambiguous scopes on a table that onnxruntime's EmbedLayerNormalization reads (a
+/// layer `--verify`'s reference takes in weight space): under --allow-unmatched both modules
+/// stay unmatched there too, and `--verify` checks the output against the base.
+#[test]
+fn an_ambiguous_scope_in_a_fused_op_is_unmatched_under_verify() {
+    let env = Env::new();
+    let emb = |module: &str, fill: f32| {
+        vec![
+            (
+                format!("{module}.lora_embedding_A"),
+                vec![2, 10],
+                vec![fill; 20],
+            ),
+            (
+                format!("{module}.lora_embedding_B"),
+                vec![8, 2],
+                vec![fill; 16],
+            ),
+        ]
+    };
+    let mut t = emb("emb", 0.3);
+    t.extend(emb("emb_1", -0.2));
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
+    let m = env.p("emb_collide_nobias.onnx");
+    let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("2 adapter module(s) match no weight")
+            && err.contains("is ambiguous in this TorchScript export"),
+        "{err}"
+    );
+    let out = env.p("out.onnx");
+    let o = onnx_lora(&fold_args(
+        &m,
+        &[&ad],
+        &out,
+        &["--allow-unmatched", "--verify", "--ep", "cpu"],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("warning: unmatched adapter module").count(),
+        2,
+        "{err}"
+    );
 }
 
 /// inject's refusal of a module that fits no layer says how to inject the others, when there

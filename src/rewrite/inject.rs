@@ -245,8 +245,15 @@ fn adapter_branches_or_deltas(
             {
                 match deltas.as_deref_mut() {
                     Some(d) if found.iter().all(|c| !c.quantized) => {
-                        for c in super::drop_named_later_calls(found, &named, cands)? {
-                            d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
+                        // (an ambiguous scope is unmatched or refused, as in the `Err(e)` arm)
+                        match super::drop_named_later_calls(found, &named, cands) {
+                            Ok(found) => {
+                                for c in found {
+                                    d.push(spec_from_module(c, m, &m.path, adapter.scaling(m))?);
+                                }
+                            }
+                            Err(e) if allow_unmatched => unmatched.push(e.to_string()),
+                            Err(e) => refused.push(e.to_string()),
                         }
                         continue;
                     }

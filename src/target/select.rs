@@ -318,7 +318,7 @@ pub fn resolve_module<'a>(
 pub struct Call {
     /// The candidate of the module's first call (its module path is the module's).
     pub first: usize,
-    /// Which call this is, from 1, in graph order.
+    /// Which call this is, from 1, in the order the calls run.
     pub number: usize,
     /// How many calls the module has.
     pub of: usize,
@@ -329,21 +329,24 @@ pub struct Call {
 /// equal values (`same_values`, as `resolve_module` takes them); a module path over different
 /// weights (`F.linear` twice in one module) is no shared layer. Nodes in the two bodies of an
 /// If (a merged decoder's with and without past), of which a run executes one, are not calls
-/// of each other: a call's number counts the calls before it that may run with it.
+/// of each other: a call's number follows the calls before it (in the order the nodes run, a
+/// body's at its If or Loop) that may run with it.
 pub fn module_calls(
     cands: &[Candidate],
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Vec<Option<Call>> {
     let mut out: Vec<Option<Call>> = vec![None; cands.len()];
-    for (i, c) in cands.iter().enumerate() {
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by_cached_key(|&i| run_position(&cands[i]));
+    for (at, &i) in order.iter().enumerate() {
+        let c = &cands[i];
         if out[i].is_some() || c.module.is_empty() {
             continue;
         }
         let group: Vec<usize> = std::iter::once(i)
-            .chain((i + 1..cands.len()).filter(|&j| {
+            .chain(order[at + 1..].iter().copied().filter(|&j| {
                 let d = &cands[j];
                 out[j].is_none()
-                    && !c.graph_loc.alternative_to(&d.graph_loc)
                     && ((d.module == c.module
                         && !reads_others_params(c)
                         && !reads_others_params(d)
@@ -351,19 +354,21 @@ pub fn module_calls(
                         || (c.source.is_some() && d.source == c.source && later_call_of(c, d)))
             }))
             .collect();
-        let numbers: Vec<usize> = group
-            .iter()
-            .enumerate()
-            .map(|(k, &j)| {
-                let loc = &cands[j].graph_loc;
-                1 + group[..k]
-                    .iter()
-                    .filter(|&&e| !cands[e].graph_loc.alternative_to(loc))
-                    .count()
-            })
-            .collect();
+        // (one more than the calls before it that may run with it: copies of a call in an
+        // If's two bodies are one call)
+        let mut numbers: Vec<usize> = Vec::with_capacity(group.len());
+        for &j in &group {
+            let loc = &cands[j].graph_loc;
+            let before = group
+                .iter()
+                .zip(&numbers)
+                .filter(|&(&e, _)| !cands[e].graph_loc.alternative_to(loc))
+                .map(|(_, &n)| n)
+                .max();
+            numbers.push(1 + before.unwrap_or(0));
+        }
         let of = numbers.iter().copied().max().unwrap_or(1);
-        if group.len() == 1 {
+        if of == 1 {
             continue;
         }
         for (&j, &number) in group.iter().zip(&numbers) {
@@ -375,6 +380,18 @@ pub fn module_calls(
         }
     }
     out
+}
+
+/// Where a candidate's node runs in the model, for ordering calls: the index of each
+/// enclosing If / Loop node in its graph, outermost first, then the node's own index (a graph's
+/// nodes are listed in an order they can run in).
+fn run_position(c: &Candidate) -> Vec<usize> {
+    c.graph_loc
+        .0
+        .iter()
+        .map(|(node, _, _)| *node)
+        .chain([c.node_index])
+        .collect()
 }
 
 /// Whether candidate `later` is a later call of the module of candidate `first` by
@@ -478,6 +495,45 @@ mod tests {
                 None,
                 None,
                 None
+            ]
+        );
+    }
+
+    /// Calls are numbered in the order they run: a call inside an If or Loop body runs at its
+    /// If or Loop, also where the main graph lists a later call before the body's graph.
+    #[test]
+    fn module_calls_follow_run_order_across_bodies() {
+        let at = |module: &str, loc: &[(usize, &str)], node: usize| {
+            let mut c = cand(module, "W");
+            c.graph_loc =
+                crate::graph::GraphLoc(loc.iter().map(|&(n, a)| (n, a.to_string(), 0)).collect());
+            c.graph = usize::from(!loc.is_empty());
+            c.node_index = node;
+            c
+        };
+        let numbers = |cands: &[Candidate]| -> Vec<Option<(usize, usize, usize)>> {
+            module_calls(cands, |_, _| false)
+                .iter()
+                .map(|c| c.map(|c| (c.first, c.number, c.of)))
+                .collect()
+        };
+        // (the main graph's `fc_1` after a Loop whose body calls `fc` first)
+        let cands = [at("fc_1", &[], 7), at("fc", &[(5, "body")], 0)];
+        assert_eq!(numbers(&cands), [Some((1, 2, 2)), Some((1, 1, 2))]);
+        // (`fc`, an If whose two bodies hold copies of its second call, then a third call)
+        let cands = [
+            at("fc", &[], 0),
+            at("fc_2", &[], 5),
+            at("fc_1", &[(3, "then_branch")], 1),
+            at("fc_1", &[(3, "else_branch")], 1),
+        ];
+        assert_eq!(
+            numbers(&cands),
+            [
+                Some((0, 1, 3)),
+                Some((0, 3, 3)),
+                Some((0, 2, 3)),
+                Some((0, 2, 3))
             ]
         );
     }

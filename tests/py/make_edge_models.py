@@ -72,6 +72,10 @@
                    node name in two graphs); main_if_module_renamed.onnx its reference
   main_if_calls.onnx  /fc/MatMul in the main graph and /fc_1/MatMul (its later call) in both
                    bodies of an If, on one W: two calls per run
+  emb_collide_nobias.onnx  collide_nobias's scopes on EmbedLayerNormalization nodes reading one
+                   word embedding table E
+  if_then_main_call.onnx  /fc/MatMul in both bodies of an If, then /fc_1/MatMul (its later call)
+                   in the main graph, on one W: the main graph lists the second call first
 
 Usage: make_edge_models.py OUT_DIR
 """
@@ -491,6 +495,27 @@ def twins(out):
              helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=bodies[0], else_branch=bodies[1])]
     save(helper.make_graph(nodes, "main_if", [x, flag0], [y], [numpy_helper.from_array(w, "W")]),
          os.path.join(out, "main_if_calls.onnx"))
+    bodies = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["yy"], name="/fc/MatMul")],
+                                name, [], [body_y]) for name in ("then", "else")]
+    nodes = [helper.make_node("If", ["flag"], ["a"], name="/If", then_branch=bodies[0], else_branch=bodies[1]),
+             helper.make_node("MatMul", ["a", "W"], ["y"], name="/fc_1/MatMul")]
+    save(helper.make_graph(nodes, "if_main", [x, flag0], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "if_then_main_call.onnx"))
+    # the same scopes on an embedding table that onnxruntime's EmbedLayerNormalization reads
+    # (a layer with no branch form): /emb/ and two nodes scoped /emb_1/, no bias
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT32, [2, 3])
+    ye = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])
+    eln = lambda o, n: helper.make_node("EmbedLayerNormalization", ["ids", "", "E", "P", "", "g", "b"],
+                                        [o, o + "_mask"], name=n, domain="com.microsoft", epsilon=1e-5)
+    nodes = [eln("e0", "/emb/EmbedLayerNormalization"), eln("e1", "/emb_1/EmbedLayerNormalization"),
+             eln("e2", "/emb_1/EmbedLayerNormalization_1"),
+             helper.make_node("Add", ["e0", "e1"], ["s"], name="/Add"),
+             helper.make_node("Add", ["s", "e2"], ["y"], name="/Add_1")]
+    inits = [numpy_helper.from_array(f32(10, 8), "E"), numpy_helper.from_array(f32(3, 8), "P"),
+             numpy_helper.from_array(f32(8), "g"), numpy_helper.from_array(f32(8), "b")]
+    save(helper.make_graph(nodes, "emb_collide", [ids], [ye], inits),
+         os.path.join(out, "emb_collide_nobias.onnx"),
+         extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
 
 
 if __name__ == "__main__":
