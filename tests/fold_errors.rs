@@ -3940,6 +3940,8 @@ fn merged_twins_fold_as_their_renamed_models() {
                 assert_eq!(c["module"], "fc", "{model}: {out}");
             }
         }
+        // (the bodies' copies are told apart: no scope is ambiguous)
+        assert!(!out.contains("ambiguous_scope"), "{model}: {out}");
     }
 }
 
@@ -4000,6 +4002,19 @@ fn an_ambiguous_scope_leaves_both_modules_unmatched() {
     let ad = write_adapter(&env.p("ad"), config(), &refs(&t));
     for model in ["collide_nobias", "main_if_twins", "collide_nobias_prefixed"] {
         let m = env.p(&format!("{model}.onnx"));
+        // inspect flags the scope's nodes, listed as fc's calls
+        let o = onnx_lora(&["inspect", m.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{model}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        let flagged: Vec<bool> = json_records(&out, "candidate")
+            .iter()
+            .map(|c| c["ambiguous_scope"] == true)
+            .collect();
+        assert_eq!(flagged, [false, true, true], "{model}: {out}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("flagged ambiguous-scope (scope "),
+            "{model}"
+        );
         let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
         assert!(
             err.contains("2 adapter module(s) match no weight")

@@ -70,22 +70,34 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             None => c.clone(),
         })
         .collect();
-    let call_of = |c: &target::Candidate| {
-        let i = cands.iter().position(|d| std::ptr::eq(d, c))?;
-        calls[i]
-    };
+    // (a scope that fold refuses as ambiguous when an adapter names it)
+    let ambiguous = target::ambiguous_scopes(&found);
+    let at = |c: &target::Candidate| cands.iter().position(|d| std::ptr::eq(d, c));
+    let call_of = |c: &target::Candidate| calls[at(c)?];
+    let is_ambiguous = |c: &target::Candidate| at(c).is_some_and(|i| ambiguous[i]);
     let spec = args.all_linear.then_some(target::TargetSpec::AllLinear);
     let chosen = target::select(&cands, spec.as_ref(), &args.targets)
         .with_context(|| args.model.display().to_string())?;
     let (branches, weight_form) = onnx_lora::rewrite::count_injected(&model, &graph);
+    // (their scopes, for the note)
+    let mut chosen_ambiguous: Vec<&str> = chosen
+        .iter()
+        .filter_map(|c| at(c).filter(|&i| ambiguous[i]))
+        .map(|i| found[i].module.as_str())
+        .collect();
+    chosen_ambiguous.sort_unstable();
+    chosen_ambiguous.dedup();
     if args.json {
         // (the same notes on stderr: stdout stays JSON)
-        notes(&model, gated, branches, weight_form);
+        notes(&model, gated, branches, weight_form, &chosen_ambiguous);
         for c in &chosen {
             let mut v = serde_json::to_value(c)?;
             if let Some(call) = call_of(c) {
                 v["call"] = call.number.into();
                 v["calls"] = call.of.into();
+            }
+            if is_ambiguous(c) {
+                v["ambiguous_scope"] = true.into();
             }
             json_line("candidate", &v)?;
         }
@@ -128,6 +140,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             if let Some(call) = call_of(c) {
                 flags.push(format!("call {}/{}", call.number, call.of));
             }
+            if is_ambiguous(c) {
+                flags.push("ambiguous-scope".into());
+            }
             vec![
                 match (&c.packed, c.module.is_empty()) {
                     (Some(p), true) if !p.scope.is_empty() => format!("(q/k/v near {})", p.scope),
@@ -157,14 +172,26 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         )
     );
     eprintln!("{} of {} candidates", chosen.len(), cands.len());
-    notes(&model, gated, branches, weight_form);
+    notes(&model, gated, branches, weight_form, &chosen_ambiguous);
     Ok(super::EXIT_OK)
 }
 
 /// What stderr tells beside the list: model-local functions, the idle gate, injected branches.
-fn notes(model: &onnx::LoadedModel, gated: bool, branches: usize, weight_form: usize) {
+fn notes(
+    model: &onnx::LoadedModel,
+    gated: bool,
+    branches: usize,
+    weight_form: usize,
+    ambiguous: &[&str],
+) {
     if let Some(note) = super::functions_note(model) {
         eprintln!("note: {note}");
+    }
+    if !ambiguous.is_empty() {
+        eprintln!(
+            "note: the nodes flagged ambiguous-scope (scope {}) are listed as later calls of the module before them on their weight; nothing the export names (a bias) tells them from a module of that scope, so fold and inject refuse both modules if an adapter names the scope",
+            ambiguous.join(", ")
+        );
     }
     if gated {
         eprintln!(

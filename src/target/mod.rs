@@ -17,7 +17,9 @@ use crate::onnx::DataType;
 use crate::onnx::pb::{ModelProto, NodeProto};
 use crate::onnx::pb_ext::NodeExt;
 
-pub use select::{Call, TargetSpec, export_root, module_calls, resolve_module, select};
+pub use select::{
+    Call, TargetSpec, ambiguous_scopes, export_root, module_calls, resolve_module, select,
+};
 
 /// How the stored weight is laid out relative to the layer it implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

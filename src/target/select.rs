@@ -202,18 +202,12 @@ pub fn resolve_module<'a>(
     // (a node that reads another module's parameters is that module's call where a node of the
     // scope's own module competes for its name: `fc`'s second call beside the module `fc_1`)
     let by = |p: &str| -> Vec<&'a Candidate> {
-        let all: Vec<&'a Candidate> = pool
-            .iter()
-            .copied()
-            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
-            .collect();
-        if all.iter().any(|c| !reads_others_params(c)) {
-            all.into_iter()
-                .filter(|c| !reads_others_params(c))
-                .collect()
-        } else {
-            all
-        }
+        scope_nodes(
+            pool.iter()
+                .copied()
+                .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
+                .collect(),
+        )
     };
     // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`)
     let by_exact_first = |p: &str| {
@@ -259,20 +253,9 @@ pub fn resolve_module<'a>(
     // those calls. Where every node may be, two nodes on one weight that may run in one pass
     // (not the two bodies of an If) may be either.
     if found.len() > 1 && found.iter().all(|c| c.module == found[0].module) {
-        let call_of = |n: &Candidate| {
-            pool.iter()
-                .copied()
-                .find(|c| c.source.is_some() && c.source == n.source && later_call_of(c, n))
-        };
-        if found.iter().any(|c| call_of(c).is_none()) {
-            found.retain(|c| call_of(c).is_none());
-        } else if let Some(x) = call_of(found[0])
-            && found.iter().enumerate().any(|(i, a)| {
-                found[i + 1..]
-                    .iter()
-                    .any(|b| b.source == a.source && !a.graph_loc.alternative_to(&b.graph_loc))
-            })
-        {
+        if found.iter().any(|c| call_of_in(&pool, c).is_none()) {
+            found.retain(|c| call_of_in(&pool, c).is_none());
+        } else if let Some(x) = ambiguous_scope_call(&pool, &found) {
             let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
             return Err(Error::Target(format!(
                 "module '{path}' is ambiguous in this TorchScript export: it scopes nodes {} alike, on the weight that '{}' ({}) reads too, and one of them may be a later call of '{}'; nothing the export names (a bias) tells which (a dynamo export names calls by their module)",
@@ -309,6 +292,77 @@ pub fn resolve_module<'a>(
         )));
     }
     Ok(found)
+}
+
+/// The nodes of a scope as its lookup keeps them: a node reading another module's parameters
+/// is that module's call, unless every node does.
+fn scope_nodes(all: Vec<&Candidate>) -> Vec<&Candidate> {
+    if all.iter().any(|c| !reads_others_params(c)) {
+        all.into_iter()
+            .filter(|c| !reads_others_params(c))
+            .collect()
+    } else {
+        all
+    }
+}
+
+/// The `x` whose later call node `n` may be by TorchScript's scope names: a candidate of
+/// `pool` on `n`'s weight whose scope `n`'s extends (`fc` for `/fc_1/MatMul`).
+fn call_of_in<'a>(pool: &[&'a Candidate], n: &Candidate) -> Option<&'a Candidate> {
+    pool.iter()
+        .copied()
+        .find(|c| c.source.is_some() && c.source == n.source && later_call_of(c, n))
+}
+
+/// Where the nodes of one scope (`found`), each of which may be a later call of a module `x`,
+/// hold two on one weight that may run in one pass: nothing tells which is `x`'s call and
+/// which the scope's own module (see [`resolve_module`]). Returns that `x`.
+fn ambiguous_scope_call<'a>(
+    pool: &[&'a Candidate],
+    found: &[&'a Candidate],
+) -> Option<&'a Candidate> {
+    if found.iter().any(|c| call_of_in(pool, c).is_none()) {
+        return None;
+    }
+    let x = call_of_in(pool, found.first()?)?;
+    found
+        .iter()
+        .enumerate()
+        .any(|(i, a)| {
+            found[i + 1..]
+                .iter()
+                .any(|b| b.source == a.source && !a.graph_loc.alternative_to(&b.graph_loc))
+        })
+        .then_some(x)
+}
+
+/// For each candidate, whether its TorchScript scope is one that [`resolve_module`] refuses as
+/// ambiguous when an adapter names it: the scope's nodes may each be a later call of another
+/// module on their weight, and nothing (a bias) tells which is the scope's own module.
+pub fn ambiguous_scopes(cands: &[Candidate]) -> Vec<bool> {
+    let pool: Vec<&Candidate> = cands.iter().collect();
+    let mut out = vec![false; cands.len()];
+    let mut modules: Vec<&str> = cands
+        .iter()
+        .map(|c| c.module.as_str())
+        .filter(|m| !m.is_empty())
+        .collect();
+    modules.sort_unstable();
+    modules.dedup();
+    for module in modules {
+        let found = scope_nodes(
+            pool.iter()
+                .copied()
+                .filter(|c| c.module == module)
+                .collect(),
+        );
+        if found.len() > 1 && ambiguous_scope_call(&pool, &found).is_some() {
+            for (o, c) in out.iter_mut().zip(cands) {
+                *o |= found.iter().any(|f| std::ptr::eq(*f, c));
+            }
+        }
+    }
+    out
 }
 
 /// One call of a module called several times (a layer shared across calls, as ALBERT's): its
@@ -597,6 +651,14 @@ mod tests {
         let cands = [cand("fc", "W"), then, other];
         let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
         assert_eq!(found.len(), 2);
+        // (inspect flags the scope the lookup refuses, and only that one)
+        assert_eq!(ambiguous_scopes(&cands), [false, false, false]);
+        let mut bare = own.clone();
+        bare.params.clear();
+        let cands = [cand("fc", "W"), bare, call.clone()];
+        assert_eq!(ambiguous_scopes(&cands), [false, true, true]);
+        let cands = [cand("fc", "W"), own, call];
+        assert_eq!(ambiguous_scopes(&cands), [false, false, false]);
     }
 
     /// A scope whose nodes all read another module's parameters (an export that names merged
