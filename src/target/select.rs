@@ -342,23 +342,17 @@ fn ambiguous_scope_call<'a>(
 pub fn ambiguous_scopes(cands: &[Candidate]) -> Vec<bool> {
     let pool: Vec<&Candidate> = cands.iter().collect();
     let mut out = vec![false; cands.len()];
-    let mut modules: Vec<&str> = cands
-        .iter()
-        .map(|c| c.module.as_str())
-        .filter(|m| !m.is_empty())
-        .collect();
-    modules.sort_unstable();
-    modules.dedup();
-    for module in modules {
-        let found = scope_nodes(
-            pool.iter()
-                .copied()
-                .filter(|c| c.module == module)
-                .collect(),
-        );
+    let mut scopes: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, c) in cands.iter().enumerate() {
+        if !c.module.is_empty() {
+            scopes.entry(&c.module).or_default().push(i);
+        }
+    }
+    for nodes in scopes.values().filter(|n| n.len() > 1) {
+        let found = scope_nodes(nodes.iter().map(|&i| &cands[i]).collect());
         if found.len() > 1 && ambiguous_scope_call(&pool, &found).is_some() {
-            for (o, c) in out.iter_mut().zip(cands) {
-                *o |= found.iter().any(|f| std::ptr::eq(*f, c));
+            for &i in nodes {
+                out[i] |= found.iter().any(|f| std::ptr::eq(*f, &cands[i]));
             }
         }
     }
