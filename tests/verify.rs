@@ -592,6 +592,82 @@ fn a_named_onnxruntime_library_that_does_not_load_is_an_error_with_auto() {
     );
 }
 
+/// A stand-in onnxruntime library that reports an old version (what `ort` checks before
+/// anything else), compiled with the C compiler that links this crate; in a folder of its own
+/// as `libonnxruntime.so`.
+fn old_onnxruntime(dir: &Path) -> PathBuf {
+    let src = dir.join("old_ort.c");
+    std::fs::write(
+        &src,
+        "#include <stdint.h>\n\
+         typedef struct { const void *(*get_api)(uint32_t); const char *(*version)(void); } base_t;\n\
+         static const void *get_api(uint32_t v) { (void)v; return 0; }\n\
+         static const char *version(void) { return \"1.22.0\"; }\n\
+         static const base_t base = { get_api, version };\n\
+         const base_t *OrtGetApiBase(void) { return &base; }\n",
+    )
+    .unwrap();
+    let lib = dir.join("libonnxruntime.so");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("{cc}: {e}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lib
+}
+
+/// An onnxruntime older than `ort` needs is named with its version, whether the user named it
+/// or the dynamic loader found it by its bare name; `--ep auto` then falls back to tract.
+#[test]
+fn an_older_onnxruntime_is_named_with_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = old_onnxruntime(dir.path());
+    let lib_s = lib.to_str().unwrap();
+    let r = verify(&[&file("mlp.onnx"), &file("mlp.onnx"), "--ort-lib", lib_s]);
+    expect_error(
+        &r,
+        "--ort-lib old",
+        &[
+            lib_s,
+            "could not be loaded",
+            "'1.22.0'",
+            "pip install onnxruntime",
+        ],
+    );
+    // (found by the loader: the search finds nothing else)
+    let cwd = tempfile::tempdir().unwrap();
+    let bin = cwd.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let env = [
+        ("ORT_DYLIB_PATH", None),
+        ("ONNX_LORA_PYTHON", Some("/nonexistent/python")),
+        ("PATH", Some(bin.to_str().unwrap())),
+        ("LD_LIBRARY_PATH", Some(dir.path().to_str().unwrap())),
+    ];
+    let both = [file("mlp.onnx"), file("mlp.onnx")];
+    let args = |ep: &'static str| [both[0].as_str(), both[1].as_str(), "--ep", ep];
+    let r = verify_in(&args("cpu"), &env, cwd.path());
+    expect_error(
+        &r,
+        "bare name, old",
+        &[
+            "no onnxruntime library found",
+            "the dynamic loader's libonnxruntime.so",
+            "'1.22.0'",
+        ],
+    );
+    let r = verify_in(&args("auto"), &env, cwd.path());
+    expect_code(&r, 0, "bare name, old, auto");
+    assert!(
+        r.stderr.contains("'1.22.0'") && r.stderr.contains("tract"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn finds_onnxruntime_through_python() {
     // Neither ORT_DYLIB_PATH nor a ./.venv: only the interpreter named by ONNX_LORA_PYTHON.
