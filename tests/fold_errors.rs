@@ -3945,6 +3945,121 @@ fn merged_twins_fold_as_their_renamed_models() {
     }
 }
 
+/// A module's calls are found, and numbered in the order they run, whatever order the graph
+/// lists them in (a later call first, one in a Loop listed first, the copies of a layer in an
+/// If's two bodies on different copies of its weight, either body first); a scope is looked up
+/// at its own path before a module deeper down with the same name (`fc_1`, not
+/// `blocks.0.fc_1`), and `inspect` flags what fold refuses.
+#[test]
+fn calls_are_found_whatever_their_order() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    type Row = (String, Option<(u64, u64)>, bool);
+    let row = |m: &str, call: Option<(u64, u64)>, amb: bool| -> Row { (m.into(), call, amb) };
+    for (model, want) in [
+        (
+            "union_scopes",
+            vec![
+                row("fc", Some((1, 3)), false),
+                row("fc", Some((2, 3)), true),
+                row("fc", Some((3, 3)), true),
+                row("blocks.0.fc_1", None, false),
+            ],
+        ),
+        (
+            "later_call_first",
+            vec![
+                row("fc", Some((1, 2)), false),
+                row("fc", Some((2, 2)), false),
+            ],
+        ),
+        (
+            "later_call_in_loop_first",
+            vec![
+                row("fc", Some((2, 2)), false),
+                row("fc", Some((1, 2)), false),
+            ],
+        ),
+        (
+            "collide_nobias_reordered",
+            vec![
+                row("fc", Some((1, 3)), true),
+                row("fc", Some((2, 3)), true),
+                row("fc", Some((3, 3)), false),
+            ],
+        ),
+        (
+            "if_local_copy_then_first",
+            vec![
+                row("fc", Some((2, 2)), false),
+                row("fc", Some((1, 2)), false),
+                row("fc", Some((1, 2)), false),
+            ],
+        ),
+        (
+            "if_local_copy_else_first",
+            vec![
+                row("fc", Some((2, 2)), false),
+                row("fc", Some((1, 2)), false),
+                row("fc", Some((1, 2)), false),
+            ],
+        ),
+    ] {
+        let out = onnx_lora_ok(&["inspect", &s(&env.p(&format!("{model}.onnx"))), "--json"]);
+        let got: Vec<Row> = json_records(&out, "candidate")
+            .iter()
+            .map(|c| {
+                (
+                    c["module"].as_str().unwrap_or_default().to_string(),
+                    c["call"].as_u64().zip(c["calls"].as_u64()),
+                    c["ambiguous_scope"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{model}: {out}");
+    }
+    // fold refuses the root's ambiguous fc_1 (it used to take blocks.0.fc_1 for it), and fc with
+    // it; under --allow-unmatched blocks.0.fc_1 alone is folded
+    let m = env.p("union_scopes.onnx");
+    let ad = write_adapter(&env.p("fc_1"), config(), &refs(&lora("fc_1", 8, 8, 0.3)));
+    let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("module 'fc_1' is ambiguous in this TorchScript export"),
+        "{err}"
+    );
+    let mut t = lora("fc", 8, 8, 0.3);
+    t.extend(lora("fc_1", 8, 8, -0.2));
+    t.extend(lora("blocks.0.fc_1", 8, 8, 0.1));
+    let all = write_adapter(&env.p("all"), config(), &refs(&t));
+    let out = fold_ok(
+        &m,
+        &[&all],
+        &env.p("u.onnx"),
+        &["--allow-unmatched", "--json"],
+    );
+    let records = json_records(&out, "module");
+    let folded: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["module"].as_str())
+        .collect();
+    assert_eq!(folded, ["blocks.0.fc_1"], "{out}");
+    // fold takes /fc_1/MatMul as fc's later call in either body order, and the two compute alike
+    let ad = write_adapter(&env.p("fc"), config(), &refs(&lora("fc", 8, 8, 0.3)));
+    let mut outs = Vec::new();
+    for first in ["then", "else"] {
+        let m = env.p(&format!("if_local_copy_{first}_first.onnx"));
+        let out = env.p(&format!("if_{first}_out.onnx"));
+        let report = fold_ok(&m, &[&ad], &out, &["--json"]);
+        assert!(
+            report.contains("is also changed at /fc_1/MatMul, taken as its later call"),
+            "{first}: {report}"
+        );
+        outs.push(s(&out));
+    }
+    let o = onnx_lora(&["verify", &outs[0], &outs[1], "--ep", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// inject takes a TorchScript scope that an adapter names as the module its lookup finds:
 /// `fc_1` beside `fc`'s call in the same scope is one branch, computing what fold computes;
 /// `fc`, called twice, is refused.

@@ -189,7 +189,7 @@ fn notes(
     }
     if !ambiguous.is_empty() {
         eprintln!(
-            "note: the nodes flagged ambiguous-scope (scope {}) are listed as later calls of the module before them on their weight; nothing the export names (a bias) tells them from a module of that scope, so fold and inject refuse both modules if an adapter names the scope",
+            "note: the nodes flagged ambiguous-scope (scope {}) are listed as calls of the module on their weight whose later calls they may be; nothing the export names (a bias) tells them from a module of that scope, so fold and inject refuse both modules if an adapter names the scope",
             ambiguous.join(", ")
         );
     }

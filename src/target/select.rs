@@ -199,22 +199,27 @@ pub fn resolve_module<'a>(
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<&'a Candidate>> {
     let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
-    // (a node that reads another module's parameters is that module's call where a node of the
-    // scope's own module competes for its name: `fc`'s second call beside the module `fc_1`)
-    let by = |p: &str| -> Vec<&'a Candidate> {
-        scope_nodes(
-            pool.iter()
-                .copied()
-                .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
-                .collect(),
-        )
-    };
-    // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`)
-    let by_exact_first = |p: &str| {
-        let mut found = by(p);
+    // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`; then, in
+    // each scope, a node that reads another module's parameters is that module's call where a
+    // node of the scope's own module competes for its name: `fc`'s second call beside the
+    // module `fc_1`)
+    let by_exact_first = |p: &str| -> Vec<&'a Candidate> {
+        let mut found: Vec<&'a Candidate> = pool
+            .iter()
+            .copied()
+            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
+            .collect();
         if found.iter().any(|c| c.module == p) {
             found.retain(|c| c.module == p);
         }
+        let mut scopes: Vec<&str> = found.iter().map(|c| c.module.as_str()).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        let kept: Vec<&Candidate> = scopes
+            .into_iter()
+            .flat_map(|m| scope_nodes(found.iter().copied().filter(|c| c.module == m).collect()))
+            .collect();
+        found.retain(|c| kept.iter().any(|k| std::ptr::eq(*k, *c)));
         found
     };
     let mut found = by_exact_first(path);
@@ -266,15 +271,17 @@ pub fn resolve_module<'a>(
             )));
         }
     }
+    // (later calls of any node found, not only the first: where the copies of a layer in an
+    // If's two bodies read copies of its weight, a later call reads one of them)
     let first = found[0];
-    if first.source.is_some() {
-        for c in &pool {
-            if c.source == first.source
-                && !found.iter().any(|f| std::ptr::eq(*f, *c))
-                && later_call_of(first, c)
-            {
-                found.push(c);
-            }
+    let scope = found.len();
+    for c in &pool {
+        if !found.iter().any(|f| std::ptr::eq(*f, *c))
+            && found[..scope]
+                .iter()
+                .any(|f| f.source.is_some() && c.source == f.source && later_call_of(f, c))
+        {
+            found.push(c);
         }
     }
     if found
@@ -364,7 +371,8 @@ pub fn ambiguous_scopes(cands: &[Candidate]) -> Vec<bool> {
 /// and they read the first call's weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Call {
-    /// The candidate of the module's first call (its module path is the module's).
+    /// A candidate at the module's own path (the first call in a TorchScript export, unless
+    /// an optimizer reordered the graph): the path the calls are listed under.
     pub first: usize,
     /// Which call this is, from 1, in the order the calls run.
     pub number: usize,
@@ -372,36 +380,41 @@ pub struct Call {
     pub of: usize,
 }
 
-/// For each candidate, the call of a shared module it is (None for a module called once).
-/// Nodes of one module path are calls of one layer when they read one weight or copies with
-/// equal values (`same_values`, as `resolve_module` takes them); a module path over different
-/// weights (`F.linear` twice in one module) is no shared layer. Nodes in the two bodies of an
-/// If (a merged decoder's with and without past), of which a run executes one, are not calls
-/// of each other: a call's number follows the calls before it (in the order the nodes run, a
-/// body's at its If or Loop) that may run with it.
+/// For each candidate, the call of a shared module it is (None for a module called once): the
+/// calls are the nodes that [`resolve_module`] finds for the module's path, as fold takes them
+/// (a scope refused as ambiguous makes no group of its own; its nodes stay with the module
+/// whose later calls they may be). Nodes in the two bodies of an If (a merged decoder's with
+/// and without past), of which a run executes one, are not calls of each other, and their
+/// weights are not compared: a call's number follows the calls before it (in the order the
+/// nodes run, a body's at its If or Loop) that may run with it.
 pub fn module_calls(
     cands: &[Candidate],
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Vec<Option<Call>> {
     let mut out: Vec<Option<Call>> = vec![None; cands.len()];
-    let mut order: Vec<usize> = (0..cands.len()).collect();
-    order.sort_by_cached_key(|&i| run_position(&cands[i]));
-    for (at, &i) in order.iter().enumerate() {
-        let c = &cands[i];
-        if out[i].is_some() || c.module.is_empty() {
+    let same = |a: &Candidate, b: &Candidate| {
+        a.graph_loc.alternative_to(&b.graph_loc) || same_values(a, b)
+    };
+    let index = |c: &Candidate| cands.iter().position(|d| std::ptr::eq(d, c));
+    let mut paths: Vec<&str> = cands
+        .iter()
+        .map(|c| c.module.as_str())
+        .filter(|m| !m.is_empty())
+        .collect();
+    // (a module's path sorts before its later calls' scopes, `fc` before `fc_1`: a node found
+    // for both is the module's call)
+    paths.sort_unstable();
+    paths.dedup();
+    for path in paths {
+        let Ok(found) = resolve_module(cands, path, |_| true, same) else {
             continue;
-        }
-        let group: Vec<usize> = std::iter::once(i)
-            .chain(order[at + 1..].iter().copied().filter(|&j| {
-                let d = &cands[j];
-                out[j].is_none()
-                    && ((d.module == c.module
-                        && !reads_others_params(c)
-                        && !reads_others_params(d)
-                        && (d.source == c.source || same_values(c, d)))
-                        || (c.source.is_some() && d.source == c.source && later_call_of(c, d)))
-            }))
+        };
+        let mut group: Vec<usize> = found
+            .iter()
+            .filter_map(|c| index(c))
+            .filter(|&i| out[i].is_none())
             .collect();
+        group.sort_by_cached_key(|&i| run_position(&cands[i]));
         // (one more than the calls before it that may run with it: copies of a call in an
         // If's two bodies are one call)
         let mut numbers: Vec<usize> = Vec::with_capacity(group.len());
@@ -419,12 +432,13 @@ pub fn module_calls(
         if of == 1 {
             continue;
         }
+        let first = group
+            .iter()
+            .copied()
+            .find(|&i| cands[i].module == path)
+            .unwrap_or(group[0]);
         for (&j, &number) in group.iter().zip(&numbers) {
-            out[j] = Some(Call {
-                first: i,
-                number,
-                of,
-            });
+            out[j] = Some(Call { first, number, of });
         }
     }
     out

@@ -74,6 +74,12 @@
                    bodies of an If, on one W: two calls per run
   emb_collide_nobias.onnx  collide_nobias's scopes on EmbedLayerNormalization nodes reading one
                    word embedding table E
+  union_scopes.onnx  collide_nobias on fc.weight beside a module blocks.0.fc_1 of its own
+  later_call_first.onnx  /fc_1/MatMul (fc's later call) listed before /fc/MatMul, one W
+  later_call_in_loop_first.onnx  the same with /fc_1/MatMul in a Loop listed first
+  collide_nobias_reordered.onnx  collide_nobias with the scope fc_1's nodes listed first
+  if_local_copy_{then,else}_first.onnx  /fc/MatMul in both bodies of an If, the else one on a
+                   body-local equal copy, then /fc_1/MatMul on W; either body attribute first
   if_then_main_call.onnx  /fc/MatMul in both bodies of an If, then /fc_1/MatMul (its later call)
                    in the main graph, on one W: the main graph lists the second call first
 
@@ -403,6 +409,7 @@ def main(out):
              os.path.join(out, name))
 
     twins(out)
+    call_order(out)
 
 
 def twins(out):
@@ -516,6 +523,56 @@ def twins(out):
     save(helper.make_graph(nodes, "emb_collide", [ids], [ye], inits),
          os.path.join(out, "emb_collide_nobias.onnx"),
          extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+
+def call_order(out):
+    """Calls listed out of their scopes' order, and scopes beside a module deeper down (see the
+    docstring: union_scopes, later_call_first, ...)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    flag = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    w, w1 = f32(8, 8), f32(8, 8)
+    mm = lambda i, o, n, wn="W": helper.make_node("MatMul", [i, wn], [o], name=n)
+    add = lambda a, b, o: helper.make_node("Add", [a, b], [o], name=f"/Add_{o}")
+    # collide_nobias on a weight named fc.weight, beside a module blocks.0.fc_1 of its own
+    nodes = [mm("x", "a", "/fc/MatMul", "fc.weight"), mm("a", "b", "/fc_1/MatMul", "fc.weight"),
+             mm("b", "c", "/fc_1/MatMul_1", "fc.weight"),
+             mm("c", "y", "/blocks.0/fc_1/MatMul", "blocks.0.fc_1.weight")]
+    save(helper.make_graph(nodes, "union", [x], [y], [numpy_helper.from_array(w, "fc.weight"),
+                                                      numpy_helper.from_array(w1, "blocks.0.fc_1.weight")]),
+         os.path.join(out, "union_scopes.onnx"))
+    # fc's later call listed (and run) before fc: independent branches in another topological order
+    nodes = [mm("x", "b", "/fc_1/MatMul"), mm("x", "a", "/fc/MatMul"), add("a", "b", "y")]
+    save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "later_call_first.onnx"))
+    it = helper.make_tensor_value_info("it", TensorProto.INT64, [])
+    cin = helper.make_tensor_value_info("cin", TensorProto.BOOL, [])
+    cout = helper.make_tensor_value_info("cout", TensorProto.BOOL, [])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 8])
+    vo = helper.make_tensor_value_info("vo", TensorProto.FLOAT, [2, 8])
+    body = helper.make_graph([helper.make_node("Identity", ["cin"], ["cout"]), mm("v", "vo", "/fc_1/MatMul")],
+                             "body", [it, cin, v], [cout, vo])
+    nodes = [helper.make_node("Loop", ["trip", "", "x"], ["b"], name="/Loop", body=body),
+             mm("x", "a", "/fc/MatMul"), add("a", "b", "y")]
+    save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W"),
+                                                  numpy_helper.from_array(np.array(2, np.int64), "trip")]),
+         os.path.join(out, "later_call_in_loop_first.onnx"))
+    nodes = [mm("x", "b", "/fc_1/MatMul"), mm("x", "c", "/fc_1/MatMul_1"), mm("x", "a", "/fc/MatMul"),
+             add("a", "b", "s"), add("s", "c", "y")]
+    save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "collide_nobias_reordered.onnx"))
+    # fc in both bodies of an If, the else body on an equal copy of its own; fc's later call after
+    # the If on W; with either body's attribute first
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])
+    then = helper.make_graph([mm("x", "t", "/fc/MatMul")], "then", [], [t])
+    other = helper.make_graph([mm("x", "t", "/fc/MatMul", "We")], "else", [], [t],
+                              [numpy_helper.from_array(w, "We")])
+    for first in ("then", "else"):
+        iff = helper.make_node("If", ["flag"], ["a"], name="/If", then_branch=then, else_branch=other)
+        iff.attribute.sort(key=lambda a: a.name != f"{first}_branch")
+        save(helper.make_graph([iff, mm("a", "y", "/fc_1/MatMul")], "g", [x, flag], [y],
+                               [numpy_helper.from_array(w, "W")]),
+             os.path.join(out, f"if_local_copy_{first}_first.onnx"))
 
 
 if __name__ == "__main__":
