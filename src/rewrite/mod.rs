@@ -242,13 +242,7 @@ pub fn module_paths(
         );
         return Ok((paths, vec![note]));
     }
-    let mut model_paths: Vec<&str> = cands
-        .iter()
-        .map(|c| c.module.as_str())
-        .filter(|p| !p.is_empty())
-        .collect();
-    model_paths.sort_unstable();
-    model_paths.dedup();
+    let model_paths = crate::target::select::module_paths_in(cands);
     let mut bound: Vec<Option<String>> = Vec::with_capacity(adapter.modules.len());
     for m in &adapter.modules {
         // The paths of the best kind of fit only.

@@ -366,6 +366,18 @@ pub fn ambiguous_scopes(cands: &[Candidate]) -> Vec<bool> {
     out
 }
 
+/// The module paths the candidates name, sorted, each once.
+pub fn module_paths_in(cands: &[Candidate]) -> Vec<&str> {
+    let mut paths: Vec<&str> = cands
+        .iter()
+        .map(|c| c.module.as_str())
+        .filter(|m| !m.is_empty())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    paths
+}
+
 /// One call of a module called several times (a layer shared across calls, as ALBERT's): its
 /// nodes carry the module's path (dynamo), or TorchScript scopes the later calls `_1`, `_2`
 /// and they read the first call's weight.
@@ -396,16 +408,9 @@ pub fn module_calls(
         a.graph_loc.alternative_to(&b.graph_loc) || same_values(a, b)
     };
     let index = |c: &Candidate| cands.iter().position(|d| std::ptr::eq(d, c));
-    let mut paths: Vec<&str> = cands
-        .iter()
-        .map(|c| c.module.as_str())
-        .filter(|m| !m.is_empty())
-        .collect();
     // (a module's path sorts before its later calls' scopes, `fc` before `fc_1`: a node found
     // for both is the module's call)
-    paths.sort_unstable();
-    paths.dedup();
-    for path in paths {
+    for path in module_paths_in(cands) {
         let Ok(found) = resolve_module(cands, path, |_| true, same) else {
             continue;
         };
