@@ -3949,7 +3949,7 @@ fn merged_twins_fold_as_their_renamed_models() {
 /// lists them in (a later call first, one in a Loop listed first, the copies of a layer in an
 /// If's two bodies on different copies of its weight, either body first); a scope is looked up
 /// at its own path before a module deeper down with the same name (`fc_1`, not
-/// `blocks.0.fc_1`), and `inspect` flags what fold refuses.
+/// `blocks.0.fc_1`), also under a wrapper scope, and `inspect` flags what fold refuses.
 #[test]
 fn calls_are_found_whatever_their_order() {
     let env = Env::new();
@@ -3989,6 +3989,24 @@ fn calls_are_found_whatever_their_order() {
             ],
         ),
         (
+            "union_scopes_wrapped",
+            vec![
+                row("m.fc", Some((1, 3)), false),
+                row("m.fc", Some((2, 3)), true),
+                row("m.fc", Some((3, 3)), true),
+                row("m.blocks.0.fc_1", None, false),
+            ],
+        ),
+        (
+            "if_copies_calls",
+            vec![
+                row("fc", Some((1, 2)), false),
+                row("fc", Some((2, 2)), false),
+                row("fc", Some((1, 2)), false),
+                row("fc", Some((2, 2)), false),
+            ],
+        ),
+        (
             "if_local_copy_then_first",
             vec![
                 row("fc", Some((2, 2)), false),
@@ -4019,30 +4037,56 @@ fn calls_are_found_whatever_their_order() {
         assert_eq!(got, want, "{model}: {out}");
     }
     // fold refuses the root's ambiguous fc_1 (it used to take blocks.0.fc_1 for it), and fc with
-    // it; under --allow-unmatched blocks.0.fc_1 alone is folded
-    let m = env.p("union_scopes.onnx");
+    // it; under --allow-unmatched blocks.0.fc_1 alone is folded; the same under a wrapper scope
     let ad = write_adapter(&env.p("fc_1"), config(), &refs(&lora("fc_1", 8, 8, 0.3)));
-    let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
-    assert!(
-        err.contains("module 'fc_1' is ambiguous in this TorchScript export"),
-        "{err}"
-    );
     let mut t = lora("fc", 8, 8, 0.3);
     t.extend(lora("fc_1", 8, 8, -0.2));
     t.extend(lora("blocks.0.fc_1", 8, 8, 0.1));
     let all = write_adapter(&env.p("all"), config(), &refs(&t));
-    let out = fold_ok(
-        &m,
-        &[&all],
-        &env.p("u.onnx"),
-        &["--allow-unmatched", "--json"],
+    for (model, prefix) in [("union_scopes", ""), ("union_scopes_wrapped", "m.")] {
+        let m = env.p(&format!("{model}.onnx"));
+        let err = fold_fails(&m, &ad, &env.p("no.onnx"), &[]);
+        assert!(
+            err.contains("module 'fc_1' is ambiguous in this TorchScript export"),
+            "{model}: {err}"
+        );
+        let out = env.p(&format!("{model}_u.onnx"));
+        let report = fold_ok(&m, &[&all], &out, &["--allow-unmatched", "--json"]);
+        let records = json_records(&report, "module");
+        let folded: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["module"].as_str())
+            .collect();
+        assert_eq!(
+            folded,
+            [format!("{prefix}blocks.0.fc_1")],
+            "{model}: {report}"
+        );
+    }
+    // under a wrapper, `fc_1` is the outer module of its own, not blocks.0.fc's later call
+    // scoped blocks.0.fc_1 (which reads blocks.0.fc's weight)
+    let report = fold_ok(
+        &env.p("deep_call_wrapped.onnx"),
+        &[&ad],
+        &env.p("deep.onnx"),
+        &["--json"],
     );
-    let records = json_records(&out, "module");
-    let folded: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["module"].as_str())
-        .collect();
-    assert_eq!(folded, ["blocks.0.fc_1"], "{out}");
+    let records = json_records(&report, "module");
+    let folded: Vec<&str> = records.iter().filter_map(|r| r["node"].as_str()).collect();
+    assert_eq!(folded, ["/m/fc_1/MatMul"], "{report}");
+    // a merged decoder with a weight copy per body: fc's later call is found in both bodies
+    let fc = write_adapter(&env.p("fc_only"), config(), &refs(&lora("fc", 8, 8, 0.3)));
+    let report = fold_ok(
+        &env.p("if_copies_calls.onnx"),
+        &[&fc],
+        &env.p("copies.onnx"),
+        &["--json"],
+    );
+    assert!(
+        report.contains("is also changed at /fc_1/MatMul, /fc_1/MatMul, taken as its later calls")
+            && !report.contains("\"copy\""),
+        "{report}"
+    );
     // fold takes /fc_1/MatMul as fc's later call in either body order, and the two compute alike
     let ad = write_adapter(&env.p("fc"), config(), &refs(&lora("fc", 8, 8, 0.3)));
     let mut outs = Vec::new();

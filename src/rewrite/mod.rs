@@ -335,22 +335,12 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
         .filter_map(
             |p| match crate::target::resolve_module(cands, p, |_| true, |_, _| false) {
                 Ok(found) => Some(found[0].module.clone()),
-                // (the model's path, also where the export adds a wrapper prefix, when one
-                // module has it)
-                Err(_) if cands.iter().any(|c| c.module == *p) => Some(p.clone()),
-                Err(_) => {
-                    let mut at: Vec<&str> = cands
-                        .iter()
-                        .filter(|c| crate::target::select::matches_path(&c.module, p))
-                        .map(|c| c.module.as_str())
-                        .collect();
-                    at.sort_unstable();
-                    at.dedup();
-                    match at.as_slice() {
-                        [one] => Some(one.to_string()),
-                        _ => None,
-                    }
-                }
+                // (the model's path, also where the export adds a wrapper prefix, when the
+                // path names one module)
+                Err(_) => match crate::target::select::modules_named(cands, p).as_slice() {
+                    [one] => Some(one.to_string()),
+                    _ => None,
+                },
             },
         )
         .collect();

@@ -105,6 +105,43 @@ pub(crate) fn matches_path(module: &str, path: &str) -> bool {
         && (name_matches(module, path) || aliases(path).any(|a| name_matches(module, &a)))
 }
 
+/// The candidates whose module path `path` names: those at exactly that path, else those at
+/// it under the shortest wrapper prefix where that prefix begins every other match's
+/// (`m.fc_1`, not `m.blocks.0.fc_1`), else every module path ending with it.
+fn named_by<'a>(cands: impl Iterator<Item = &'a Candidate>, path: &str) -> Vec<&'a Candidate> {
+    let mut found: Vec<&Candidate> = cands
+        .filter(|c| !c.module.is_empty() && name_matches(&c.module, path))
+        .collect();
+    // (the prefix each match adds to the path: none where it is exact)
+    let outer = found
+        .iter()
+        .map(|c| &c.module[..c.module.len() - path.len()])
+        .min_by_key(|w| w.len());
+    if let Some(outer) = outer
+        && found.iter().all(|c| c.module.starts_with(outer))
+    {
+        found.retain(|c| c.module.len() - path.len() == outer.len());
+    }
+    found
+}
+
+/// The module paths that `path` names ([`named_by`]), as it is or else under a scope-name
+/// alias; several where it is ambiguous.
+pub fn modules_named<'a>(cands: &'a [Candidate], path: &str) -> Vec<&'a str> {
+    for p in std::iter::once(path.to_string()).chain(aliases(path)) {
+        let mut found: Vec<&str> = named_by(cands.iter(), &p)
+            .into_iter()
+            .map(|c| c.module.as_str())
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    Vec::new()
+}
+
 /// Whether some candidate has module path `path` as it is (or a path it is a dotted suffix
 /// of), or under a scope-name alias: what `resolve_module` finds without an export root.
 pub fn found_as_is(cands: &[Candidate], path: &str) -> bool {
@@ -199,19 +236,12 @@ pub fn resolve_module<'a>(
     same_values: impl Fn(&Candidate, &Candidate) -> bool,
 ) -> Result<Vec<&'a Candidate>> {
     let pool: Vec<&Candidate> = cands.iter().filter(|c| accept(c)).collect();
-    // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`; then, in
-    // each scope, a node that reads another module's parameters is that module's call where a
-    // node of the scope's own module competes for its name: `fc`'s second call beside the
-    // module `fc_1`)
+    // (a module at exactly that path is the one named: `fc_1`, not `blocks.0.fc_1`, also
+    // under a wrapper: `m.fc_1`, not `m.blocks.0.fc_1`; then, in each scope, a node that reads
+    // another module's parameters is that module's call where a node of the scope's own
+    // module competes for its name: `fc`'s second call beside the module `fc_1`)
     let by_exact_first = |p: &str| -> Vec<&'a Candidate> {
-        let mut found: Vec<&'a Candidate> = pool
-            .iter()
-            .copied()
-            .filter(|c| !c.module.is_empty() && name_matches(&c.module, p))
-            .collect();
-        if found.iter().any(|c| c.module == p) {
-            found.retain(|c| c.module == p);
-        }
+        let mut found = named_by(pool.iter().copied(), p);
         let mut scopes: Vec<&str> = found.iter().map(|c| c.module.as_str()).collect();
         scopes.sort_unstable();
         scopes.dedup();
@@ -606,7 +636,8 @@ mod tests {
     }
 
     /// A module at exactly the adapter's path is the one it names, before modules whose paths
-    /// end with it (`fc_1` and `blocks.0.fc_1` over different weights).
+    /// end with it (`fc_1` and `blocks.0.fc_1` over different weights), and so is one under the
+    /// shortest wrapper prefix where that prefix begins the others'.
     #[test]
     fn an_exact_path_is_taken_before_suffix_matches() {
         let cands = [cand("blocks.0.fc_1", "A"), cand("fc_1", "B")];
@@ -615,6 +646,15 @@ mod tests {
         assert_eq!(found[0].module, "fc_1");
         let found = resolve_module(&cands, "0.fc_1", |_| true, |_, _| false).unwrap();
         assert_eq!(found[0].module, "blocks.0.fc_1");
+        // (under a wrapper prefix, the shortest where it begins the others'; else ambiguous)
+        let cands = [cand("m.blocks.0.fc_1", "A"), cand("m.fc_1", "B")];
+        let found = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap();
+        assert_eq!((found.len(), found[0].module.as_str()), (1, "m.fc_1"));
+        assert_eq!(modules_named(&cands, "fc_1"), ["m.fc_1"]);
+        let cands = [cand("dec.blocks.0.fc_1", "A"), cand("enc.fc_1", "B")];
+        let err = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap_err();
+        assert!(err.to_string().contains("matches 2 weights"), "{err}");
+        assert_eq!(modules_named(&cands, "fc_1").len(), 2);
     }
 
     /// Under a scope-name alias too, a module at exactly the path is taken first.

@@ -75,6 +75,11 @@
   emb_collide_nobias.onnx  collide_nobias's scopes on EmbedLayerNormalization nodes reading one
                    word embedding table E
   union_scopes.onnx  collide_nobias on fc.weight beside a module blocks.0.fc_1 of its own
+  union_scopes_wrapped.onnx  the same under a wrapper scope /m/
+  deep_call_wrapped.onnx  under /m/: a module fc_1 of its own and blocks.0.fc called twice
+                   (/m/blocks.0/fc_1/MatMul on blocks.0.fc's weight)
+  if_copies_calls.onnx  an If whose bodies each hold /fc/MatMul and /fc_1/MatMul on a copy of
+                   the weight of their own
   later_call_first.onnx  /fc_1/MatMul (fc's later call) listed before /fc/MatMul, one W
   later_call_in_loop_first.onnx  the same with /fc_1/MatMul in a Loop listed first
   collide_nobias_reordered.onnx  collide_nobias with the scope fc_1's nodes listed first
@@ -541,6 +546,27 @@ def call_order(out):
     save(helper.make_graph(nodes, "union", [x], [y], [numpy_helper.from_array(w, "fc.weight"),
                                                       numpy_helper.from_array(w1, "blocks.0.fc_1.weight")]),
          os.path.join(out, "union_scopes.onnx"))
+    # the same under a wrapper scope /m/ (no path is the adapter's exactly)
+    for n in nodes:
+        n.name = "/m" + n.name
+        n.input[1] = "m." + n.input[1]
+    save(helper.make_graph(nodes, "union", [x], [y], [numpy_helper.from_array(w, "m.fc.weight"),
+                                                      numpy_helper.from_array(w1, "m.blocks.0.fc_1.weight")]),
+         os.path.join(out, "union_scopes_wrapped.onnx"))
+    # under /m/: a module fc_1 of its own, and blocks.0.fc called twice (its later call scoped
+    # blocks.0.fc_1, reading blocks.0.fc's weight)
+    nodes = [mm("x", "a", "/m/fc_1/MatMul", "m.fc_1.weight"),
+             mm("a", "b", "/m/blocks.0/fc/MatMul", "m.blocks.0.fc.weight"),
+             mm("b", "y", "/m/blocks.0/fc_1/MatMul", "m.blocks.0.fc.weight")]
+    save(helper.make_graph(nodes, "deep", [x], [y], [numpy_helper.from_array(w, "m.fc_1.weight"),
+                                                     numpy_helper.from_array(w1, "m.blocks.0.fc.weight")]),
+         os.path.join(out, "deep_call_wrapped.onnx"))
+    # a merged decoder that keeps a copy of the weight per body, fc called twice in each
+    bodies = [helper.make_graph([mm("x", "a", "/fc/MatMul", f"{name}W"), mm("a", "t", "/fc_1/MatMul", f"{name}W")],
+                                name, [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])],
+                                [numpy_helper.from_array(w, f"{name}W")]) for name in ("then", "else")]
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=bodies[0], else_branch=bodies[1])]
+    save(helper.make_graph(nodes, "g", [x, flag], [y], []), os.path.join(out, "if_copies_calls.onnx"))
     # fc's later call listed (and run) before fc: independent branches in another topological order
     nodes = [mm("x", "b", "/fc_1/MatMul"), mm("x", "a", "/fc/MatMul"), add("a", "b", "y")]
     save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W")]),
