@@ -3949,7 +3949,8 @@ fn merged_twins_fold_as_their_renamed_models() {
 /// lists them in (a later call first, one in a Loop listed first, the copies of a layer in an
 /// If's two bodies on different copies of its weight, either body first); a scope is looked up
 /// at its own path before a module deeper down with the same name (`fc_1`, not
-/// `blocks.0.fc_1`), also under a wrapper scope, and `inspect` flags what fold refuses.
+/// `blocks.0.fc_1`), also under a wrapper scope and whatever its kind, and `inspect` flags what
+/// fold refuses.
 #[test]
 fn calls_are_found_whatever_their_order() {
     let env = Env::new();
@@ -4074,6 +4075,18 @@ fn calls_are_found_whatever_their_order() {
     let records = json_records(&report, "module");
     let folded: Vec<&str> = records.iter().filter_map(|r| r["node"].as_str()).collect();
     assert_eq!(folded, ["/m/fc_1/MatMul"], "{report}");
+    // the module the path names is found before its kind is checked: inject refuses fc_1, a
+    // MatMulInteger with no float values, rather than branch the float blocks.0.fc_1
+    let ad = write_adapter(&env.p("fc_1_84"), config(), &refs(&lora("fc_1", 8, 4, 0.3)));
+    let m = env.p("mmi_beside_deeper.onnx");
+    let out = env.p("mmi_out.onnx");
+    let err = onnx_lora_fails(&inject_args(&m, &ad, &out, &[]), &out);
+    assert!(
+        err.contains(
+            "module 'fc_1': its input and output are quantized (MatMulInteger /fc_1/MatMul_quant)"
+        ),
+        "{err}"
+    );
     // a merged decoder with a weight copy per body: fc's later call is found in both bodies
     let fc = write_adapter(&env.p("fc_only"), config(), &refs(&lora("fc", 8, 8, 0.3)));
     let report = fold_ok(

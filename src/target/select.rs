@@ -240,8 +240,11 @@ pub fn resolve_module<'a>(
     // under a wrapper: `m.fc_1`, not `m.blocks.0.fc_1`; then, in each scope, a node that reads
     // another module's parameters is that module's call where a node of the scope's own
     // module competes for its name: `fc`'s second call beside the module `fc_1`)
+    // (the path names a module among all candidates, then `accept` filters its nodes: a
+    // module of another kind is no reason to take a deeper one)
     let by_exact_first = |p: &str| -> Vec<&'a Candidate> {
-        let mut found = named_by(pool.iter().copied(), p);
+        let mut found = named_by(cands.iter(), p);
+        found.retain(|c| accept(c));
         let mut scopes: Vec<&str> = found.iter().map(|c| c.module.as_str()).collect();
         scopes.sort_unstable();
         scopes.dedup();

@@ -74,6 +74,7 @@
                    bodies of an If, on one W: two calls per run
   emb_collide_nobias.onnx  collide_nobias's scopes on EmbedLayerNormalization nodes reading one
                    word embedding table E
+  mmi_beside_deeper.onnx  mmi.onnx's layer scoped fc_1 beside a float /blocks.0/fc_1/MatMul
   union_scopes.onnx  collide_nobias on fc.weight beside a module blocks.0.fc_1 of its own
   union_scopes_wrapped.onnx  the same under a wrapper scope /m/
   deep_call_wrapped.onnx  under /m/: a module fc_1 of its own and blocks.0.fc called twice
@@ -175,6 +176,12 @@ def main(out):
     yi = helper.make_tensor_value_info("yi", TensorProto.INT32, [2, 4])
     mmi = helper.make_node("MatMulInteger", ["xq", "Wq"], ["yi"], name="/fc/MatMul_quant")
     save(helper.make_graph([mmi], "mmi", [xq], [yi], [wq]), os.path.join(out, "mmi.onnx"))
+    # the same layer scoped fc_1 beside a float blocks.0.fc_1 (a deeper module, same suffix)
+    mmi.name = "/fc_1/MatMul_quant"
+    deeper = helper.make_node("MatMul", ["x", "W"], ["y"], name="/blocks.0/fc_1/MatMul")
+    save(helper.make_graph([mmi, deeper], "mmi_deeper", [xq, x], [yi, y],
+                           [wq, numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "mmi_beside_deeper.onnx"))
 
     xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])
     yo = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])
