@@ -213,6 +213,51 @@ fn bad_locations_are_refused() {
     assert_refused("missing.bin", 0, 48, "cannot open");
 }
 
+/// A data file that links to outside the model's folder is refused, as onnxruntime refuses
+/// it: a planted link would copy any file into the output. The Hugging Face cache's layout (the
+/// model and its data both links into one blobs folder) and links inside the folder are read.
+#[test]
+fn data_links_may_not_leave_the_models_folder() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        d
+    };
+    let (blobs, snap, planted) = (folder("blobs"), folder("snap"), folder("planted"));
+    std::fs::write(blobs.join("w.bin"), weight_bytes()).unwrap();
+    let model = matmul_model(external_weight("w.bin", 0, 48));
+    let blob_model = write_model(&blobs, "m.onnx", &model);
+    symlink(&blob_model, snap.join("m.onnx")).unwrap();
+    symlink(blobs.join("w.bin"), snap.join("w.bin")).unwrap();
+    let out = dir.path().join("out.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let convert = |m: &Path| onnx_lora(&["convert", &s(m), "-o", &s(&out)]);
+    let o = convert(&snap.join("m.onnx"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // a regular model file whose data file links out of its folder
+    let m = write_model(&planted, "m.onnx", &model);
+    symlink(blobs.join("w.bin"), planted.join("w.bin")).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    for o in [convert(&m), onnx_lora(&["inspect", &s(&m)])] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("tensor 'W'") && err.contains("outside the model's folder"),
+            "{err}"
+        );
+    }
+    assert!(!out.exists());
+    // a link that stays inside the folder is followed
+    std::fs::remove_file(planted.join("w.bin")).unwrap();
+    std::fs::write(planted.join("real.bin"), weight_bytes()).unwrap();
+    symlink(planted.join("real.bin"), planted.join("w.bin")).unwrap();
+    let o = convert(&m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn output_never_overwrites_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,6 +622,24 @@ fn outputs_never_replace_any_input_file() {
         ],
         "does not exist",
     );
+    // A file where the folder should be; an external data name that leaves the folder.
+    fails_with(
+        &["convert", &s(&src), "-o", &s(&src.join("x.onnx"))],
+        "is not a folder",
+    );
+    for name in ["../esc.data", "/tmp/esc.data"] {
+        fails_with(
+            &[
+                "convert",
+                &s(&src),
+                "-o",
+                &s(&dir.path().join("o.onnx")),
+                "--external-data",
+                name,
+            ],
+            "o.onnx: external data name refused: location",
+        );
+    }
     std::fs::remove_dir(dir.path().join("sub")).unwrap();
     assert_eq!(listing(), files, "nothing written");
     for (p, b) in [&src, &data].iter().zip(&before) {

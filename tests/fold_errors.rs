@@ -3171,6 +3171,40 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     ];
     onnx_lora_ok(&args);
     same(&got);
+    // An adapter on the decoder alone fits the encoder's file under 'model.decoder' as well as
+    // the decoder's: the encoder's file takes no encoder states, so it is not taken for the
+    // decoder (PEFT leaves the encoder as it is); the decoder's file is. --root overrides.
+    let only_dec = adapter("dec", &dec[..2]);
+    let err = fold_fails(&model, &only_dec, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("fit this file under 'model.decoder'")
+            && err.contains("no input of this file is named for them (it may be the encoder)")
+            && err.contains("say so with --root model.decoder"),
+        "{err}"
+    );
+    let o = onnx_lora(&inject_args(&model, &only_dec, &env.p("no.onnx"), &[]));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!env.p("no.onnx").exists());
+    let decoder = env.p("decoder.onnx");
+    let report = fold_ok(&decoder, &[&only_dec], &got, &["--json"]);
+    assert!(
+        report.contains("this export's module paths are the adapter's under 'model.decoder'")
+            && json_records(&report, "module").len() == 2,
+        "{report}"
+    );
+    fold_ok(&model, &[&only_dec], &got, &["--root", "model.decoder"]);
+    // and the other way round: an adapter on the encoder alone is not taken for the decoder's
+    let err = fold_fails(&decoder, &only_enc, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("fit this file under 'model.encoder'")
+            && err.contains("its input 'encoder_hidden_states' is named for an encoder's states"),
+        "{err}"
+    );
 }
 
 /// bias="all" on a SEQ_CLS model also saves the classifier's bias as
@@ -4286,4 +4320,140 @@ fn inject_refusal_hints_at_the_rest_only_when_there_is_a_rest() {
         err.contains("module 'nope' matches no weight") && !err.contains("--allow-unmatched"),
         "{err}"
     );
+}
+
+/// A layer called many times (an unrolled loop): one write of its weight, each call listing the
+/// others as its weight's readers, and messages that name a few calls and count the rest.
+#[test]
+fn a_layer_called_many_times_is_one_write_and_brief_messages() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let m = env.p("many_calls.onnx");
+    let out = onnx_lora_ok(&["inspect", &s(&m), "--json"]);
+    let cands = json_records(&out, "candidate");
+    assert_eq!(cands.len(), 40, "{out}");
+    for (i, c) in cands.iter().enumerate() {
+        assert_eq!(c["module"], "fc", "{c}");
+        assert_eq!(c["calls"], 40, "{c}");
+        let others = c["shared_with"].as_array().expect("shared_with");
+        assert_eq!(others.len(), 39, "{c}");
+        assert!(!others.iter().any(|o| *o == c["node"]), "{i}: {c}");
+    }
+    let ad = write_adapter(&env.p("fc"), config(), &refs(&lora("fc", 8, 8, 0.3)));
+    let folded = env.p("many_out.onnx");
+    let report = fold_ok(&m, &[&ad], &folded, &["--json"]);
+    assert!(
+        report.contains(
+            "is also changed at /fc_1/MatMul, /fc_2/MatMul, /fc_3/MatMul, /fc_4/MatMul, /fc_5/MatMul, /fc_6/MatMul, /fc_7/MatMul, /fc_8/MatMul, … and 31 more, taken as its later calls"
+        ) && !report.contains("/fc_39/")
+            && !report.contains("\"copy\""),
+        "{report}"
+    );
+    assert_eq!(json_records(&report, "module").len(), 1, "{report}");
+    // the calls still read one weight: changed once, in place
+    let after = onnx_lora_ok(&["inspect", &s(&folded), "--json"]);
+    let weights: std::collections::BTreeSet<String> = json_records(&after, "candidate")
+        .iter()
+        .map(|c| c["weight"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(weights.len(), 1, "{after}");
+    // a second fold of the same adapter doubles the change: one write per fold, not 40
+    let twice = env.p("many_twice.onnx");
+    fold_ok(&folded, &[&ad], &twice, &[]);
+    let doubled = env.p("many_doubled.onnx");
+    fold_ok(&m, &[&ad, &ad], &doubled, &[]);
+    let o = onnx_lora(&["verify", &s(&twice), &s(&doubled), "--ep", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = onnx_lora(&["verify", &s(&folded), &s(&doubled), "--ep", "cpu"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // inject refuses the shared layer, naming a few of its calls
+    let inj = env.p("many_inj.onnx");
+    let err = onnx_lora_fails(&inject_args(&m, &ad, &inj, &[]), &inj);
+    assert!(
+        err.contains(
+            "module 'fc' is called 40 times in this export (nodes /fc/MatMul, /fc_1/MatMul,"
+        ) && err.contains("… and 32 more: one layer shared across calls"),
+        "{err}"
+    );
+}
+
+/// An adapter path that ends several module paths names the shortest (`layers.0.fc1`, not
+/// `encoder.layers.0.fc1`, also under a wrapper `m.`): fold and inject say which they took and
+/// what they left unchanged, and say nothing when the adapter names the deeper module too.
+#[test]
+fn a_path_beside_a_deeper_match_says_which_it_took() {
+    let env = Env::new();
+    let one = write_adapter(
+        &env.p("one"),
+        config(),
+        &refs(&lora("layers.0.fc1", 8, 8, 0.2)),
+    );
+    let mut t = lora("layers.0.fc1", 8, 8, 0.2);
+    t.extend(lora("encoder.layers.0.fc1", 8, 8, 0.2));
+    let both = write_adapter(&env.p("both"), config(), &refs(&t));
+    for (model, pre, taken) in [
+        (
+            "nested_stacks",
+            "",
+            "adapter path 'layers.0.fc1' is the export's module 'layers.0.fc1'",
+        ),
+        (
+            "nested_stacks_wrapped",
+            "m.",
+            "adapter path 'layers.0.fc1' is taken as 'm.layers.0.fc1', the shortest module path ending with it",
+        ),
+    ] {
+        let m = env.p(&format!("{model}.onnx"));
+        let note =
+            format!("{taken}; '{pre}encoder.layers.0.fc1' ends with it too and is left unchanged");
+        let out = env.p(&format!("{model}_f.onnx"));
+        let report = fold_ok(&m, &[&one], &out, &["--json"]);
+        let modules: Vec<String> = json_records(&report, "module")
+            .iter()
+            .map(|r| r["module"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(modules, [format!("{pre}layers.0.fc1")], "{report}");
+        assert!(report.contains(&note), "{model}: {report}");
+        let inj = env.p(&format!("{model}_i.onnx"));
+        let o = onnx_lora(&inject_args(&m, &one, &inj, &[]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.contains(&note), "{model}: {err}");
+        // the adapter names both: both change, and nothing is left to note
+        let report = fold_ok(&m, &[&both], &out, &["--json"]);
+        assert_eq!(json_records(&report, "module").len(), 2, "{report}");
+        assert!(!report.contains("left unchanged"), "{model}: {report}");
+        let o = onnx_lora(&inject_args(&m, &both, &inj, &[]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && !err.contains("left unchanged"),
+            "{model}: {err}"
+        );
+    }
+}
+
+/// A graph in which two nodes write one value is no ONNX graph: fold and inject refuse it,
+/// naming the value and the nodes, rather than rewrite one of them.
+#[test]
+fn a_value_written_twice_is_refused() {
+    let env = Env::new();
+    let m = env.p("written_twice.onnx");
+    let ad = write_adapter(&env.p("ad"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let out = env.p("out.onnx");
+    let want = "value 'y' is written by two nodes (/fc/MatMul and /fc/MatMul)";
+    let err = fold_fails(&m, &ad, &out, &[]);
+    assert!(err.contains(want), "{err}");
+    for extra in [
+        &["--adapter", ad.to_str().unwrap()][..],
+        &["--rank", "2"][..],
+    ] {
+        let mut args = vec!["inject", m.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend(extra);
+        let err = onnx_lora_fails(&args, &out);
+        assert!(err.contains(want), "{err}");
+    }
 }

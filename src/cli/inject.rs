@@ -309,7 +309,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     eprintln!(
                         "onnx-lora: warning: {} linear layer(s) left out ({}): {}",
                         skipped.len(),
-                        skipped.join(", "),
+                        onnx_lora::target::list_names(
+                            skipped.iter().map(String::as_str),
+                            skipped.len(),
+                            8
+                        ),
                         first.no_branch_reason()
                     );
                 }
@@ -345,7 +349,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     // (the adapter's modules: a TorchScript scope `x_1` it names is no later call of `x`)
     let named = match &low {
-        Some(low) => onnx_lora::rewrite::named_paths(&cands, &[module_paths(low, &cands)?.0]),
+        Some(low) => {
+            let paths = [module_paths(low, &cands)?.0];
+            let named = onnx_lora::rewrite::named_paths(&cands, &paths);
+            if let Some(n) = onnx_lora::rewrite::deeper_matches_note(&cands, &paths, &named) {
+                eprintln!("note: {n}");
+            }
+            named
+        }
         None => Vec::new(),
     };
     check_one_branch_per_module(&model, &branches, &cands, &named)

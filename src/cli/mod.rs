@@ -142,6 +142,15 @@ fn warn_after_write(
 /// that passes see the flat serving graph; also says whether it had one.
 fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::LoadedModel, bool)> {
     let mut model = onnx_lora::onnx::load(path)?;
+    if let Some((value, a, b)) = onnx_lora::graph::written_twice(&model.proto) {
+        return Err(onnx_lora::Error::InvalidModel {
+            path: path.to_path_buf(),
+            reason: format!(
+                "value '{value}' is written by two nodes ({a} and {b}); an ONNX graph assigns each value once"
+            ),
+        }
+        .into());
+    }
     let gated = onnx_lora::rewrite::ungate(&mut model)?;
     Ok((model, gated))
 }

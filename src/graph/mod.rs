@@ -110,6 +110,28 @@ impl ModelGraph {
     }
 }
 
+/// The first value that two nodes of one graph both write, with the two nodes' labels: an
+/// ONNX graph assigns each value once, and the rewrites find a value's one producer.
+pub fn written_twice(model: &ModelProto) -> Option<(String, String, String)> {
+    use crate::onnx::pb_ext::NodeExt;
+    fn rec(g: &GraphProto) -> Option<(String, String, String)> {
+        let mut by: HashMap<&str, &NodeProto> = HashMap::new();
+        for n in &g.node {
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if let Some(first) = by.insert(o, n) {
+                    return Some((o.clone(), first.label(), n.label()));
+                }
+            }
+        }
+        g.node
+            .iter()
+            .flat_map(|n| &n.attribute)
+            .flat_map(|a| a.g.iter().chain(&a.graphs))
+            .find_map(rec)
+    }
+    rec(model.graph.as_ref()?)
+}
+
 fn build_rec(g: &GraphProto, loc: GraphLoc, parent: Option<usize>, out: &mut Vec<GraphView>) {
     let me = out.len();
     out.push(GraphView::new(g, loc.clone(), parent));

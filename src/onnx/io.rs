@@ -281,6 +281,8 @@ impl LoadedModel {
             let r = ExternalRef::parse(t).map_err(|reason| external_err(path, t, reason))?;
             if !external.contains_key(&r.location) {
                 let file = dir.join(&r.location);
+                check_contained(path, &dir, &file)
+                    .map_err(|reason| external_err(path, t, reason))?;
                 let (data, opened) = map_file_open(&file).map_err(|e| match e {
                     Error::Io { err: source, .. } => external_err(
                         path,
@@ -524,6 +526,37 @@ impl ExternalRef {
     }
 }
 
+/// Where a data file's links lead, as onnxruntime (1.24 and later) checks: inside the model's
+/// folder, or beside the file that the model's own path links to (the Hugging Face cache links
+/// a snapshot's model and data files to `blobs/`). A link leading anywhere else would make a run
+/// copy whatever file it names into its output. A file that does not resolve is left to the
+/// open, which says so.
+fn check_contained(model: &Path, dir: &Path, file: &Path) -> std::result::Result<(), String> {
+    let Ok(real) = std::fs::canonicalize(file) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let inside = |d: &Path| std::fs::canonicalize(d).is_ok_and(|d| real.starts_with(d));
+    let beside_real_model = || {
+        std::fs::canonicalize(model)
+            .ok()
+            .and_then(|m| m.parent().map(Path::to_path_buf))
+            .is_some_and(|d| real.starts_with(d))
+    };
+    if inside(dir) || beside_real_model() {
+        return Ok(());
+    }
+    Err(format!(
+        "'{}' links to {}, outside the model's folder (and not beside the file the model's path links to); onnxruntime refuses such a link too",
+        file.display(),
+        real.display()
+    ))
+}
+
 /// A location must stay inside the model's folder: relative, no `..`, no in-memory pointers.
 pub fn check_location(location: &str) -> std::result::Result<(), String> {
     if location.is_empty() {
@@ -739,7 +772,12 @@ fn save_impl(
     }
     .map(|name| name.unwrap_or_else(|| format!("{file_name}.data")));
     if let Some(name) = &external_name {
-        check_location(name).map_err(Error::Usage)?;
+        check_location(name).map_err(|e| {
+            Error::Usage(format!(
+                "{}: external data name refused: {e}; give a plain file name, written beside the output",
+                out.display()
+            ))
+        })?;
         if name.contains(['/', '\\']) {
             return Err(Error::Usage(format!(
                 "external data name '{name}' must be a plain file name beside the output"
@@ -820,6 +858,15 @@ fn save_impl(
         report.stale_data = Some(sidecar);
     }
     make_readable(tmp.as_file(), out)?;
+    if let (Some(_), Some(dest)) = (&data_tmp, &report.external_data)
+        && dest.symlink_metadata().is_ok()
+        && out.symlink_metadata().is_ok()
+    {
+        // An earlier model at `out` may read the data file about to be replaced: it goes
+        // first, so that no moment (a SIGKILL between the two renames) leaves it beside data it
+        // does not describe. Until the new model is in place, the output is missing instead.
+        std::fs::remove_file(out).map_err(|e| Error::io(out, e))?;
+    }
     // The data file is in place first so the model never points at a missing one; until the
     // model follows, the data file stays registered as a temp (an interrupt removes it), and if
     // the model cannot follow, the data file goes too.
@@ -877,8 +924,13 @@ pub(crate) fn output_dir(out: &Path) -> Result<PathBuf> {
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a folder"
+        } else {
+            "does not exist"
+        };
         return Err(Error::Usage(format!(
-            "{}: the folder {} does not exist",
+            "{}: the folder {} {what}",
             out.display(),
             dir.display()
         )));

@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::weights;
 use crate::adapter::{Adapter, ModuleAdapter, ModuleKind};
 use crate::error::{Error, Result};
-use crate::graph::ModelGraph;
+use crate::graph::{ConstSource, ModelGraph};
 use crate::onnx::LoadedModel;
 use crate::onnx::io::LazyTensor;
 use crate::onnx::pb_ext::NodeExt;
@@ -294,7 +294,7 @@ pub(crate) fn execute(
                 "{}: weight '{}' is shared with {}; the node got its own copy '{}', so the others keep theirs (where the model ties these weights, PEFT's merge would change them too; an exporter's deduplication of equal values ties nothing)",
                 c.module,
                 c.weight,
-                c.shared_with.join(", "),
+                c.shared_with.listed(8),
                 name
             ));
             if let Some(m) = report
@@ -356,6 +356,11 @@ fn plan<'a>(
         &all,
         &looked_up.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
     );
+    report.notes.extend(super::deeper_matches_note(
+        &all,
+        &looked_up.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        &named,
+    ));
     for (ai, (adapter, (paths, notes))) in adapters.iter().zip(looked_up).enumerate() {
         let weight = opts.weights.get(ai).copied().unwrap_or(1.0) * opts.scale;
         report.notes.extend(notes);
@@ -412,7 +417,7 @@ fn plan<'a>(
                         report.notes.push(format!(
                             "module '{path}' (node {}) is also changed at {}, taken as its later call{}: TorchScript names calls so and reads one weight for them. A module of its own with that name, values equal to this one's (the exporter merges equal weights) and no parameter the export names after it (a bias) would be changed too; the dynamo exporter names the two apart",
                             found[0].node,
-                            later.join(", "),
+                            crate::target::list_names(later.iter().copied(), later.len(), 8),
                             if later.len() > 1 { "s" } else { "" }
                         ));
                     }
@@ -500,7 +505,7 @@ fn plan<'a>(
                 String::new()
             };
             return Err(Error::Target(format!(
-                "{} adapter module(s) match no weight: {} (use --allow-unmatched to fold the rest{root}){hint}",
+                "{} adapter module(s) match no weight: {} (use --allow-unmatched to apply the rest{root}){hint}",
                 unmatched.len(),
                 unmatched.join("; ")
             )));
@@ -548,25 +553,44 @@ fn norm_targets(
 /// once in place (a layer shared across calls, as ALBERT's): the first call stands for them,
 /// no longer counted as shared. Copies with equal values (dynamo's) each change.
 fn one_write_per_weight(found: Vec<&Candidate>) -> Vec<Candidate> {
+    use std::collections::HashMap;
+    // The calls reading each weight, by node label and by count (nodes in different graphs
+    // may share a name: `fc`'s call and a module `fc_1` both `/fc_1/MatMul`).
+    let mut calls: HashMap<&ConstSource, (HashSet<&str>, usize)> = HashMap::new();
+    for f in &found {
+        if let Some(s) = &f.source {
+            let (names, count) = calls.entry(s).or_default();
+            names.insert(f.node.as_str());
+            *count += 1;
+        }
+    }
+    // Whether every reader of the weight is one of them (made once per weight: a layer an
+    // unrolled loop calls thousands of times is one group).
+    let mut only_calls: HashMap<&ConstSource, bool> = HashMap::new();
+    let mut written: HashSet<&ConstSource> = HashSet::new();
     let mut out: Vec<Candidate> = Vec::new();
     for c in &found {
-        let calls: Vec<&str> = found
-            .iter()
-            .filter(|f| f.source.is_some() && f.source == c.source)
-            .map(|f| f.node.as_str())
-            .collect();
-        // (by count too: nodes in different graphs may share a name, `fc`'s call and a
-        // module `fc_1` both `/fc_1/MatMul`)
-        let all_readers = calls.len() > 1
-            && c.shared_with.len() + 1 == calls.len()
-            && c.shared_with.iter().all(|r| calls.contains(&r.as_str()));
-        if !all_readers {
-            out.push((*c).clone());
-        } else if !out.iter().any(|o| o.source == c.source) {
-            let mut first = (*c).clone();
-            first.shared = false;
-            first.shared_with.clear();
-            out.push(first);
+        let all_readers = c.source.as_ref().is_some_and(|s| {
+            let (names, count) = &calls[s];
+            *count > 1
+                && c.shared_with.len() + 1 == *count
+                && *only_calls.entry(s).or_insert_with(|| {
+                    c.shared_with
+                        .all()
+                        .iter()
+                        .all(|r| names.contains(r.as_str()))
+                })
+        });
+        match (&c.source, all_readers) {
+            (Some(s), true) => {
+                if written.insert(s) {
+                    let mut first = (*c).clone();
+                    first.shared = false;
+                    first.shared_with = Default::default();
+                    out.push(first);
+                }
+            }
+            _ => out.push((*c).clone()),
         }
     }
     out

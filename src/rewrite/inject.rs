@@ -626,13 +626,13 @@ pub fn check_one_branch_per_module(
             return Err(Error::Target(format!(
                 "module '{name}' is in {} subgraphs of this export (nodes {}; the bodies of an If, as in a merged decoder with and without past); inject puts one branch per module, so it refuses this one: inject into the separate files (decoder_model.onnx, decoder_with_past_model.onnx), or `onnx-lora fold`, which merges an adapter into every body",
                 nodes.len(),
-                labels.join(", ")
+                crate::target::list_names(labels.iter().copied(), labels.len(), 8)
             )));
         }
         return Err(Error::Target(format!(
             "module '{name}' is called {} times in this export (nodes {}: one layer shared across calls); inject puts one branch per module, so it refuses this one: `onnx-lora fold` merges an adapter into every call",
             nodes.len(),
-            labels.join(", ")
+            crate::target::list_names(labels.iter().copied(), labels.len(), 8)
         )));
     }
     let graph = ModelGraph::build(&model.proto);

@@ -201,8 +201,82 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     let mut cands = crate::target::find_candidates(&model.proto, &graph);
     cands.extend(crate::target::norm::find_norm_params(&model.proto, &graph));
     let paths: Vec<&str> = adapter.modules.iter().map(|m| m.path.as_str()).collect();
+    let forced = adapter.root.is_some();
     adapter.root = crate::target::export_root(&paths, &cands, adapter.root.as_deref())?;
+    if let (false, Some(root)) = (forced, &adapter.root)
+        && let Some(why) = not_the_part(root, &model.proto)
+    {
+        let root = root.trim_end_matches('.');
+        return Err(Error::InvalidModel {
+            path: model.path.clone(),
+            reason: format!(
+                "the adapter's modules fit this file under '{root}' (its module paths lack that prefix), but nothing shows the file is that part: {why}. If it is another part, this adapter does not change it; if it is '{root}', say so with --root {root}"
+            ),
+        });
+    }
     Ok(())
+}
+
+/// Where an export root inferred from module paths names one part of a model made of several
+/// whose other parts have the same paths below them (an encoder-decoder's encoder and
+/// decoder, a text and a vision tower), the paths cannot tell which part a file holds: its
+/// inputs can. Why the file does not look like the root's part; None where it does, or where
+/// the root names no such part.
+fn not_the_part(root: &str, model: &crate::onnx::pb::ModelProto) -> Option<String> {
+    use crate::onnx::DataType;
+    use crate::onnx::pb::type_proto::Value;
+    let part = root
+        .trim_end_matches('.')
+        .rsplit('.')
+        .next()?
+        .to_ascii_lowercase();
+    let graph = model.graph.as_ref()?;
+    // (name, element type) of each input that is not an initializer
+    let inputs: Vec<(String, DataType)> = graph
+        .input
+        .iter()
+        .filter(|i| !graph.initializer.iter().any(|t| t.name() == i.name()))
+        .map(|i| {
+            let dtype = match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(Value::TensorType(t)) => DataType::from_i32(t.elem_type()),
+                _ => DataType::Other(0),
+            };
+            (i.name().to_string(), dtype)
+        })
+        .collect();
+    let for_encoder = inputs
+        .iter()
+        .find(|(n, _)| n.to_ascii_lowercase().contains("encoder"));
+    let integer = inputs
+        .iter()
+        .any(|(_, t)| matches!(t, DataType::Int64 | DataType::Int32));
+    let float = inputs.iter().any(|(_, t)| {
+        matches!(
+            t,
+            DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
+        )
+    });
+    if part.contains("decoder") {
+        for_encoder.is_none().then(|| {
+            "a decoder of an encoder-decoder model takes the encoder's states, and no input of this file is named for them (it may be the encoder)".to_string()
+        })
+    } else if part.contains("text") {
+        (!integer)
+            .then(|| "a text model takes token ids, and this file has no integer input".to_string())
+    } else if ["vision", "visual", "image", "audio", "speech"]
+        .iter()
+        .any(|p| part.contains(p))
+    {
+        (!float).then(|| {
+            format!("a {part} part takes pixel or audio values, and this file has no floating-point input")
+        })
+    } else if part.contains("encoder") {
+        for_encoder.map(|(n, _)| {
+            format!("its input '{n}' is named for an encoder's states, which a decoder takes (it may be the decoder)")
+        })
+    } else {
+        None
+    }
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
@@ -349,6 +423,62 @@ pub fn named_paths(cands: &[Candidate], paths: &[Vec<Option<String>>]) -> Vec<St
     out
 }
 
+/// Where an adapter path names the shortest of several modules ending with it (`layers.0.fc1`
+/// is `m.layers.0.fc1`, not `m.encoder.layers.0.fc1`), the deeper ones that no adapter path
+/// names stay unchanged: one note naming an example and counting the rest, so that the choice
+/// is seen. None where no such module exists (a TorchScript scope `blocks.0.fc_1` whose nodes
+/// may all be `blocks.0.fc`'s later calls counts as none).
+pub fn deeper_matches_note(
+    cands: &[Candidate],
+    paths: &[Vec<Option<String>>],
+    named: &[String],
+) -> Option<String> {
+    let mut example: Option<(&str, &str, &str)> = None;
+    let mut left: Vec<&str> = Vec::new();
+    for p in paths.iter().flatten().flatten() {
+        let taken = crate::target::select::modules_named(cands, p);
+        let Some(&first) = taken.first() else {
+            continue;
+        };
+        let mut deeper: Vec<&str> = cands
+            .iter()
+            .map(|c| c.module.as_str())
+            .filter(|m| {
+                !m.is_empty()
+                    && crate::target::select::name_matches(m, p)
+                    && !taken.contains(m)
+                    && !named.iter().any(|n| n == m)
+            })
+            .collect();
+        deeper.sort_unstable();
+        deeper.dedup();
+        // (a scope whose nodes may all be another module's later calls need be no module)
+        deeper.retain(|m| !crate::target::select::may_be_calls_only(cands, m));
+        if let (None, Some(&d)) = (example, deeper.first()) {
+            example = Some((p, first, d));
+        }
+        left.extend(deeper);
+    }
+    left.sort_unstable();
+    left.dedup();
+    let (p, first, d) = example?;
+    let taken = if p == first {
+        format!("adapter path '{p}' is the export's module '{first}'")
+    } else {
+        format!("adapter path '{p}' is taken as '{first}', the shortest module path ending with it")
+    };
+    Some(format!(
+        "{taken}; '{d}' ends with it too and is left unchanged{}",
+        match left.len() - 1 {
+            0 => String::new(),
+            n => format!(
+                " ({n} more such module{} in this export)",
+                if n > 1 { "s" } else { "" }
+            ),
+        }
+    ))
+}
+
 /// A module's resolved nodes less the later calls (TorchScript's scope `x_1` reading `x`'s
 /// weight) that an adapter names as a module of its own (`named`): factors saved for `x_1`
 /// prove that scope is a module, not `x` called again, except for the nodes that the lookup
@@ -409,6 +539,43 @@ pub(crate) fn is_named(module: &str, named: &[String]) -> bool {
 mod tests {
     use super::*;
     use crate::target::{MhaPart, test_candidate};
+
+    /// A part named by an inferred root is taken only where the file's inputs fit it.
+    #[test]
+    fn an_inferred_root_needs_inputs_that_fit_its_part() {
+        use crate::onnx::pb::{GraphProto, ModelProto, TypeProto, ValueInfoProto, type_proto};
+        let model = |inputs: &[(&str, i32)]| ModelProto {
+            graph: Some(GraphProto {
+                input: inputs
+                    .iter()
+                    .map(|&(name, elem)| ValueInfoProto {
+                        name: Some(name.into()),
+                        r#type: Some(TypeProto {
+                            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                                elem_type: Some(elem),
+                                shape: None,
+                            })),
+                            denotation: None,
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (float, int64) = (1, 7);
+        let encoder = model(&[("input_ids", int64), ("attention_mask", int64)]);
+        let decoder = model(&[("input_ids", int64), ("encoder_hidden_states", float)]);
+        let vision = model(&[("pixel_values", float)]);
+        let fits = |root: &str, m: &ModelProto| not_the_part(root, m).is_none();
+        assert!(fits("model.encoder.", &encoder) && !fits("model.decoder.", &encoder));
+        assert!(fits("decoder.", &decoder) && !fits("model.encoder.", &decoder));
+        assert!(fits("text_model.", &encoder) && !fits("text_model.", &vision));
+        assert!(fits("vision_model.", &vision) && !fits("vision_model.", &encoder));
+        // (a root that names no such part: a wrapper, taken as before)
+        assert!(fits("model.", &vision) && fits("bert.", &decoder));
+    }
 
     /// The MultiheadAttention explanation is for a path with no layer of the part a module of
     /// PEFT's attention LoRA adapts; where that layer is there, the lookup's own error stands.

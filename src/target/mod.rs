@@ -72,8 +72,8 @@ pub struct Candidate {
     pub out_features: i64,
     /// The weight also feeds other nodes (tied or deduplicated initializers).
     pub shared: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub shared_with: Vec<String>,
+    #[serde(skip_serializing_if = "SharedWith::is_empty")]
+    pub shared_with: SharedWith,
     pub in_subgraph: bool,
     /// Quantized base (MatMulNBits or a DequantizeLinear on the weight path).
     pub quantized: bool,
@@ -597,7 +597,7 @@ impl Walked {
             in_features,
             out_features,
             shared: false,
-            shared_with: Vec::new(),
+            shared_with: SharedWith::default(),
             in_subgraph: gi != 0,
             quantized: false,
             norm_folded: false,
@@ -742,43 +742,118 @@ fn module_path(
     }
 }
 
+/// The other readers of a candidate's weight (node labels, and `graph output 'x'` when the
+/// graph gives the weight out). The list is made once per weight and shared by all its readers:
+/// a layer called thousands of times would otherwise hold, per call, the list of all the others.
+#[derive(Clone, Debug, Default)]
+pub struct SharedWith {
+    /// Every reader of the weight, this candidate included.
+    all: std::sync::Arc<[String]>,
+    /// This candidate's place in `all`.
+    me: Option<usize>,
+}
+
+impl SharedWith {
+    /// The readers other than this candidate.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let me = self.me;
+        self.all
+            .iter()
+            .enumerate()
+            .filter(move |&(i, _)| Some(i) != me)
+            .map(|(_, r)| r.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len() - usize::from(self.me.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every reader of the weight, this candidate among them when it is a node that reads it.
+    pub fn all(&self) -> &[String] {
+        &self.all
+    }
+
+    /// `a, b, c`, or the first `max` and how many more.
+    pub fn listed(&self, max: usize) -> String {
+        list_names(self.iter(), self.len(), max)
+    }
+}
+
+impl Serialize for SharedWith {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// `a, b, c`, or the first `max` names of `len` and `… and N more`: a message names a few
+/// nodes, not the thousands of calls an unrolled loop makes.
+pub fn list_names<'a>(names: impl Iterator<Item = &'a str>, len: usize, max: usize) -> String {
+    let shown: Vec<&str> = names.take(max).collect();
+    let list = shown.join(", ");
+    if len > shown.len() {
+        format!("{list}, … and {} more", len - shown.len())
+    } else {
+        list
+    }
+}
+
 /// Marks candidates whose stored weight also feeds other nodes.
 fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
+    type Readers = (Vec<(usize, usize)>, std::sync::Arc<[String]>);
+    let mut by_source: std::collections::HashMap<ConstSource, Readers> = Default::default();
     for c in cands.iter_mut() {
         let Some(src) = c.source.clone() else {
             continue;
         };
-        let me = (c.graph, c.node_index);
-        let mut others: Vec<String> = final_users(model, graph, &src)
-            .iter()
-            .filter(|&&u| u != me)
-            .filter_map(|&(g, n)| graph.node(model, g, n).map(NodeExt::label))
-            .collect();
-        // A weight the graph also gives out as an output is read by whoever runs the model.
-        let (g, value) = match src {
-            ConstSource::Initializer { graph: g, index } => (
-                g,
-                graph.graphs[g]
-                    .loc
-                    .get(model)
-                    .and_then(|p| p.initializer.get(index))
-                    .map(|t| t.name().to_string()),
-            ),
-            ConstSource::Constant { graph: g, node } => (
-                g,
-                graph
-                    .node(model, g, node)
-                    .and_then(|n| n.output.first().cloned()),
-            ),
+        let (nodes, all) = by_source
+            .entry(src.clone())
+            .or_insert_with(|| readers(model, graph, &src));
+        let me = nodes.iter().position(|&u| u == (c.graph, c.node_index));
+        c.shared_with = SharedWith {
+            all: all.clone(),
+            me,
         };
-        if let (Some(value), Some(proto)) = (value, graph.graphs[g].loc.get(model))
-            && proto.output.iter().any(|o| o.name() == value)
-        {
-            others.push(format!("graph output '{value}'"));
-        }
-        c.shared = !others.is_empty();
-        c.shared_with = others;
+        c.shared = !c.shared_with.is_empty();
     }
+}
+
+/// Every node that reads a constant (and its label), then `graph output 'x'` when the graph
+/// gives the constant out: whoever runs the model reads it too.
+fn readers(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    src: &ConstSource,
+) -> (Vec<(usize, usize)>, std::sync::Arc<[String]>) {
+    let (nodes, mut labels): (Vec<(usize, usize)>, Vec<String>) = final_users(model, graph, src)
+        .into_iter()
+        .filter_map(|(g, n)| graph.node(model, g, n).map(|node| ((g, n), node.label())))
+        .unzip();
+    let (g, value) = match *src {
+        ConstSource::Initializer { graph: g, index } => (
+            g,
+            graph.graphs[g]
+                .loc
+                .get(model)
+                .and_then(|p| p.initializer.get(index))
+                .map(|t| t.name().to_string()),
+        ),
+        ConstSource::Constant { graph: g, node } => (
+            g,
+            graph
+                .node(model, g, node)
+                .and_then(|n| n.output.first().cloned()),
+        ),
+    };
+    if let (Some(value), Some(proto)) = (value, graph.graphs[g].loc.get(model))
+        && proto.output.iter().any(|o| o.name() == value)
+    {
+        labels.push(format!("graph output '{value}'"));
+    }
+    (nodes, labels.into())
 }
 
 /// Nodes that use a constant's value, looking through pass-through ops.
@@ -867,7 +942,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         in_features: 2,
         out_features: 2,
         shared: false,
-        shared_with: vec![],
+        shared_with: SharedWith::default(),
         in_subgraph: false,
         quantized: false,
         norm_folded: false,
@@ -887,5 +962,41 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         float_site: None,
         params: vec![],
         weight_read_as: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_names_counts_what_it_leaves_out() {
+        let names = ["a", "b", "c"];
+        assert_eq!(list_names(names.iter().copied(), 3, 8), "a, b, c");
+        assert_eq!(
+            list_names(names.iter().copied(), 3, 2),
+            "a, b, … and 1 more"
+        );
+        assert_eq!(list_names(std::iter::empty(), 0, 2), "");
+    }
+
+    #[test]
+    fn shared_with_leaves_out_its_own_reader() {
+        let all: std::sync::Arc<[String]> = vec!["/a".to_string(), "/b".into(), "/c".into()].into();
+        let mine = SharedWith {
+            all: all.clone(),
+            me: Some(1),
+        };
+        assert_eq!(mine.iter().collect::<Vec<_>>(), ["/a", "/c"]);
+        assert_eq!((mine.len(), mine.all().len()), (2, 3));
+        assert_eq!(
+            serde_json::to_value(&mine).unwrap(),
+            serde_json::json!(["/a", "/c"])
+        );
+        assert_eq!(mine.listed(1), "/a, … and 1 more");
+        // (a reader that is not one of the nodes, as a graph output: every entry is another)
+        let outside = SharedWith { all, me: None };
+        assert_eq!(outside.len(), 3);
+        assert!(SharedWith::default().is_empty());
     }
 }

@@ -297,7 +297,7 @@ pub fn resolve_module<'a>(
             let nodes: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
             return Err(Error::Target(format!(
                 "module '{path}' is ambiguous in this TorchScript export: it scopes nodes {} alike, on the weight that '{}' ({}) reads too, and one of them may be a later call of '{}'; nothing the export names (a bias) tells which (a dynamo export names calls by their module)",
-                nodes.join(", "),
+                super::list_names(nodes.iter().copied(), nodes.len(), 8),
                 x.module,
                 x.node,
                 x.module
@@ -328,7 +328,7 @@ pub fn resolve_module<'a>(
         return Err(Error::Target(format!(
             "module '{path}' is ambiguous: it matches {} weights: {}",
             list.len(),
-            list.join(", ")
+            super::list_names(list.iter().map(String::as_str), list.len(), 8)
         )));
     }
     Ok(found)
@@ -352,6 +352,14 @@ fn call_of_in<'a>(pool: &[&'a Candidate], n: &Candidate) -> Option<&'a Candidate
     pool.iter()
         .copied()
         .find(|c| c.source.is_some() && c.source == n.source && later_call_of(c, n))
+}
+
+/// Whether every node scoped `module` may be a later call of another module (TorchScript's
+/// `x_1` on `x`'s weight): then the scope need not be a module of its own.
+pub(crate) fn may_be_calls_only(cands: &[Candidate], module: &str) -> bool {
+    let pool: Vec<&Candidate> = cands.iter().collect();
+    let mut nodes = cands.iter().filter(|c| c.module == module).peekable();
+    nodes.peek().is_some() && nodes.all(|n| call_of_in(&pool, n).is_some())
 }
 
 /// Where the nodes of one scope (`found`), each of which may be a later call of a module `x`,
@@ -546,10 +554,10 @@ fn reads_own_params(c: &Candidate) -> bool {
 /// the same path with `_N` added to one or more components (`attention.query` →
 /// `attention.query_1`, `attention_2.query`). `conv_1` and `conv_2` are different modules.
 pub(crate) fn is_later_call(first: &str, later: &str) -> bool {
-    let (f, l): (Vec<&str>, Vec<&str>) = (first.split('.').collect(), later.split('.').collect());
-    f.len() == l.len()
-        && first != later
-        && f.iter().zip(&l).all(|(a, b)| {
+    // (without collecting the parts: the lookup asks this of every pair of candidates)
+    first != later
+        && first.split('.').count() == later.split('.').count()
+        && first.split('.').zip(later.split('.')).all(|(a, b)| {
             a == b
                 || b.strip_prefix(a)
                     .and_then(|rest| rest.strip_prefix('_'))

@@ -24,6 +24,8 @@
                    ya, yb, yc
   encoder.onnx     y = (x @ W0) @ Wq on /layers.0/fc1/MatMul and /layers.0/self_attn/q_proj/MatMul:
                    one file of an encoder-decoder export, whose paths lack `model.encoder.`
+  decoder.onnx     the same layers, plus an input encoder_hidden_states added to y: the
+                   decoder's file of such an export
   merged.onnx      an If on the bool input `use_cache_branch` whose two bodies each hold a
                    /fc/MatMul on the outer graph's W (a merged decoder's with / without past);
                    merged_other.onnx: its with-past body reads another weight, W2
@@ -36,6 +38,7 @@
                    graph's one Wqkv in each
   cycle.onnx       /fc/MatMul's weight read through an Identity that feeds itself (malformed)
   long_name.onnx   linear.onnx with a 70000-character weight name
+  written_twice.onnx  linear.onnx with its node listed twice (invalid: y written twice)
   opset6.onnx      linear.onnx at opset 6; ir3.onnx: at IR version 3 (W also a graph input)
   int_weight.onnx  an int32 MatMul on /fc/MatMul
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
@@ -88,6 +91,8 @@
                    body-local equal copy, then /fc_1/MatMul on W; either body attribute first
   if_then_main_call.onnx  /fc/MatMul in both bodies of an If, then /fc_1/MatMul (its later call)
                    in the main graph, on one W: the main graph lists the second call first
+  nested_stacks{,_wrapped}.onnx  layers.0.fc1 beside encoder.layers.0.fc1 (under /m/ when wrapped)
+  many_calls.onnx  one W called 40 times in a chain (/fc/MatMul, /fc_1/MatMul, ... /fc_39/MatMul)
 
 Usage: make_edge_models.py OUT_DIR
 """
@@ -117,6 +122,10 @@ def main(out):
     save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
                            "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W")]),
          os.path.join(out, "linear.onnx"))
+    # invalid: the node listed twice, both writing y (onnxruntime and the checker refuse it)
+    twice = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    save(helper.make_graph([twice, twice], "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "written_twice.onnx"))
 
     # MatMulNBits: K=8, N=4, bits=4, block_size=16 -> B uint8 [N, 1, 8], scales [N]
     packed = rng.integers(0, 255, (4, 1, 8), dtype=np.uint8)
@@ -312,6 +321,15 @@ def main(out):
                            "encoder", [x8], [enc_y],
                            [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
          os.path.join(out, "encoder.onnx"))
+    # the same layers in a decoder's file: it takes the encoder's states (added to its output)
+    states = helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, [2, 8])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
+                            helper.make_node("MatMul", ["h", "Wq"], ["q"],
+                                             name="/layers.0/self_attn/q_proj/MatMul"),
+                            helper.make_node("Add", ["q", "encoder_hidden_states"], ["y"], name="/Add")],
+                           "decoder", [x8, states], [enc_y],
+                           [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
+         os.path.join(out, "decoder.onnx"))
 
     body_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
     bodies = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
@@ -594,6 +612,20 @@ def call_order(out):
              add("a", "b", "s"), add("s", "c", "y")]
     save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W")]),
          os.path.join(out, "collide_nobias_reordered.onnx"))
+    # nested stacks: layers.0.fc1 beside encoder.layers.0.fc1, as they are and under a wrapper /m/
+    for pre in ("", "m."):
+        scope = "/" + pre.rstrip(".") if pre else ""
+        nodes = [mm("x", "a", f"{scope}/layers.0/fc1/MatMul", f"{pre}layers.0.fc1.weight"),
+                 mm("a", "y", f"{scope}/encoder/layers.0/fc1/MatMul", f"{pre}encoder.layers.0.fc1.weight")]
+        save(helper.make_graph(nodes, "g", [x], [y],
+                               [numpy_helper.from_array(w, f"{pre}layers.0.fc1.weight"),
+                                numpy_helper.from_array(w1, f"{pre}encoder.layers.0.fc1.weight")]),
+             os.path.join(out, f"nested_stacks{'_wrapped' if pre else ''}.onnx"))
+    # fc called 40 times (an unrolled loop): /fc/MatMul, /fc_1/MatMul, ..., /fc_39/MatMul
+    nodes = [mm("x" if i == 0 else f"h{i}", "y" if i == 39 else f"h{i + 1}",
+                "/fc/MatMul" if i == 0 else f"/fc_{i}/MatMul") for i in range(40)]
+    save(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "W")]),
+         os.path.join(out, "many_calls.onnx"))
     # fc in both bodies of an If, the else body on an equal copy of its own; fc's later call after
     # the If on W; with either body's attribute first
     t = helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])
