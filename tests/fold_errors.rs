@@ -3178,7 +3178,7 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     let err = fold_fails(&model, &only_dec, &env.p("no.onnx"), &[]);
     assert!(
         err.contains("fit this file under 'model.decoder'")
-            && err.contains("no input of this file is named for them (it may be the encoder)")
+            && err.contains("no input of this file is named for them nor feeds layers of its own (it may be the encoder)")
             && err.contains("say so with --root model.decoder"),
         "{err}"
     );
@@ -3203,6 +3203,51 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     assert!(
         err.contains("fit this file under 'model.encoder'")
             && err.contains("its input 'encoder_hidden_states' is named for an encoder's states"),
+        "{err}"
+    );
+    // A decoder whose encoder states have another name shows them by a layer that reads them
+    // alone (the cross-attention's key projection).
+    let memory = env.p("decoder_memory.onnx");
+    let report = fold_ok(&memory, &[&only_dec], &got, &["--json"]);
+    assert_eq!(json_records(&report, "module").len(), 2, "{report}");
+    let err = fold_fails(&memory, &only_enc, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains(
+            "layers /layers.0/fc1/MatMul and /layers.0/encoder_attn/k_proj/MatMul read separate inputs"
+        ),
+        "{err}"
+    );
+    // export-adapter checks the same for a serving model of the encoder alone.
+    let serving = env.p("serving.onnx");
+    let sv = serving.to_str().unwrap();
+    onnx_lora_ok(&["inject", m, "--as-inputs", "--rank", "2", "-o", sv]);
+    let exported = env.p("enc.onnx_adapter");
+    let export = |ad: &Path| {
+        onnx_lora(&[
+            "export-adapter",
+            ad.to_str().unwrap(),
+            "--model",
+            serving.to_str().unwrap(),
+            "-o",
+            exported.to_str().unwrap(),
+        ])
+    };
+    let o = export(&only_enc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&exported).unwrap();
+    let o = export(&only_dec);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2)
+            && err.contains("fit this serving model's LoRA inputs under 'model.decoder'")
+            && !exported.exists(),
+        "{err}"
+    );
+    // Every component of the root counts: a bert2bert's decoder is 'decoder.bert'.
+    let b2b = adapter("b2b", &["decoder.bert.layers.0.fc1"]);
+    let err = fold_fails(&model, &b2b, &env.p("no.onnx"), &[]);
+    assert!(
+        err.contains("under 'decoder.bert'") && err.contains("(it may be the encoder)"),
         "{err}"
     );
 }

@@ -119,7 +119,12 @@ pub fn written_twice(model: &ModelProto) -> Option<(String, String, String)> {
         for n in &g.node {
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 if let Some(first) = by.insert(o, n) {
-                    return Some((o.clone(), first.label(), n.label()));
+                    let second = if std::ptr::eq(first, n) {
+                        format!("{} again", n.label())
+                    } else {
+                        n.label()
+                    };
+                    return Some((o.clone(), first.label(), second));
                 }
             }
         }

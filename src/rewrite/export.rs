@@ -2,7 +2,7 @@
 //! (`export-peft`), and an onnxruntime `.onnx_adapter` for a serving model made with
 //! `inject --as-inputs` (`export-adapter`), with exactly the names and layouts its inputs have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use safetensors::{Dtype, tensor::TensorView};
@@ -511,6 +511,39 @@ pub fn serving_adapter_params(
         .filter(|m| inputs.keys().any(|n| fits(m, n)))
         .filter_map(|m| m.part)
         .collect();
+    // Where the serving model's paths lack a prefix of the adapter's (one part of an
+    // encoder-decoder served alone), the file must look like the part that prefix names, as
+    // fold and inject check (`target::part`): a decoder's adapter is no encoder's.
+    let roots: HashSet<&str> = adapter
+        .modules
+        .iter()
+        .filter(|m| m.part.is_none())
+        .filter_map(|m| {
+            let n = inputs
+                .keys()
+                .find(|n| n.len() < m.path.len() && name_matches(&m.path, n))?;
+            Some(&m.path[..m.path.len() - n.len()])
+        })
+        .collect();
+    if !roots.is_empty() {
+        let graph = crate::graph::ModelGraph::build(&serving.proto);
+        let cands = crate::target::find_candidates(&serving.proto, &graph);
+        let mut roots: Vec<&str> = roots.into_iter().collect();
+        roots.sort_unstable();
+        for root in roots {
+            if let Some(why) =
+                crate::target::part::not_the_part(root, &serving.proto, &graph, &cands)
+            {
+                let root = root.trim_end_matches('.');
+                return Err(Error::InvalidModel {
+                    path: serving.path.clone(),
+                    reason: format!(
+                        "the adapter's modules fit this serving model's LoRA inputs under '{root}' (its module paths lack that prefix), but nothing shows the file is that part: {why}. If it is another part, this adapter does not change it"
+                    ),
+                });
+            }
+        }
+    }
     let mut params = Vec::new();
     for m in &adapter.modules {
         if m.part

@@ -204,7 +204,7 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     let forced = adapter.root.is_some();
     adapter.root = crate::target::export_root(&paths, &cands, adapter.root.as_deref())?;
     if let (false, Some(root)) = (forced, &adapter.root)
-        && let Some(why) = not_the_part(root, &model.proto)
+        && let Some(why) = crate::target::part::not_the_part(root, &model.proto, &graph, &cands)
     {
         let root = root.trim_end_matches('.');
         return Err(Error::InvalidModel {
@@ -215,68 +215,6 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Where an export root inferred from module paths names one part of a model made of several
-/// whose other parts have the same paths below them (an encoder-decoder's encoder and
-/// decoder, a text and a vision tower), the paths cannot tell which part a file holds: its
-/// inputs can. Why the file does not look like the root's part; None where it does, or where
-/// the root names no such part.
-fn not_the_part(root: &str, model: &crate::onnx::pb::ModelProto) -> Option<String> {
-    use crate::onnx::DataType;
-    use crate::onnx::pb::type_proto::Value;
-    let part = root
-        .trim_end_matches('.')
-        .rsplit('.')
-        .next()?
-        .to_ascii_lowercase();
-    let graph = model.graph.as_ref()?;
-    // (name, element type) of each input that is not an initializer
-    let inputs: Vec<(String, DataType)> = graph
-        .input
-        .iter()
-        .filter(|i| !graph.initializer.iter().any(|t| t.name() == i.name()))
-        .map(|i| {
-            let dtype = match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-                Some(Value::TensorType(t)) => DataType::from_i32(t.elem_type()),
-                _ => DataType::Other(0),
-            };
-            (i.name().to_string(), dtype)
-        })
-        .collect();
-    let for_encoder = inputs
-        .iter()
-        .find(|(n, _)| n.to_ascii_lowercase().contains("encoder"));
-    let integer = inputs
-        .iter()
-        .any(|(_, t)| matches!(t, DataType::Int64 | DataType::Int32));
-    let float = inputs.iter().any(|(_, t)| {
-        matches!(
-            t,
-            DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
-        )
-    });
-    if part.contains("decoder") {
-        for_encoder.is_none().then(|| {
-            "a decoder of an encoder-decoder model takes the encoder's states, and no input of this file is named for them (it may be the encoder)".to_string()
-        })
-    } else if part.contains("text") {
-        (!integer)
-            .then(|| "a text model takes token ids, and this file has no integer input".to_string())
-    } else if ["vision", "visual", "image", "audio", "speech"]
-        .iter()
-        .any(|p| part.contains(p))
-    {
-        (!float).then(|| {
-            format!("a {part} part takes pixel or audio values, and this file has no floating-point input")
-        })
-    } else if part.contains("encoder") {
-        for_encoder.map(|(n, _)| {
-            format!("its input '{n}' is named for an encoder's states, which a decoder takes (it may be the decoder)")
-        })
-    } else {
-        None
-    }
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
@@ -539,43 +477,6 @@ pub(crate) fn is_named(module: &str, named: &[String]) -> bool {
 mod tests {
     use super::*;
     use crate::target::{MhaPart, test_candidate};
-
-    /// A part named by an inferred root is taken only where the file's inputs fit it.
-    #[test]
-    fn an_inferred_root_needs_inputs_that_fit_its_part() {
-        use crate::onnx::pb::{GraphProto, ModelProto, TypeProto, ValueInfoProto, type_proto};
-        let model = |inputs: &[(&str, i32)]| ModelProto {
-            graph: Some(GraphProto {
-                input: inputs
-                    .iter()
-                    .map(|&(name, elem)| ValueInfoProto {
-                        name: Some(name.into()),
-                        r#type: Some(TypeProto {
-                            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                                elem_type: Some(elem),
-                                shape: None,
-                            })),
-                            denotation: None,
-                        }),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let (float, int64) = (1, 7);
-        let encoder = model(&[("input_ids", int64), ("attention_mask", int64)]);
-        let decoder = model(&[("input_ids", int64), ("encoder_hidden_states", float)]);
-        let vision = model(&[("pixel_values", float)]);
-        let fits = |root: &str, m: &ModelProto| not_the_part(root, m).is_none();
-        assert!(fits("model.encoder.", &encoder) && !fits("model.decoder.", &encoder));
-        assert!(fits("decoder.", &decoder) && !fits("model.encoder.", &decoder));
-        assert!(fits("text_model.", &encoder) && !fits("text_model.", &vision));
-        assert!(fits("vision_model.", &vision) && !fits("vision_model.", &encoder));
-        // (a root that names no such part: a wrapper, taken as before)
-        assert!(fits("model.", &vision) && fits("bert.", &decoder));
-    }
 
     /// The MultiheadAttention explanation is for a path with no layer of the part a module of
     /// PEFT's attention LoRA adapts; where that layer is there, the lookup's own error stands.

@@ -8,6 +8,7 @@
 pub mod evidence;
 pub mod norm;
 pub mod packed;
+pub mod part;
 pub mod select;
 
 use serde::Serialize;

@@ -26,6 +26,8 @@
                    one file of an encoder-decoder export, whose paths lack `model.encoder.`
   decoder.onnx     the same layers, plus an input encoder_hidden_states added to y: the
                    decoder's file of such an export
+  decoder_memory.onnx  the same, its encoder states an input `memory` that a cross-attention
+                   k_proj reads alone
   merged.onnx      an If on the bool input `use_cache_branch` whose two bodies each hold a
                    /fc/MatMul on the outer graph's W (a merged decoder's with / without past);
                    merged_other.onnx: its with-past body reads another weight, W2
@@ -330,6 +332,18 @@ def main(out):
                            "decoder", [x8, states], [enc_y],
                            [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
          os.path.join(out, "decoder.onnx"))
+    # a decoder whose encoder-states input has another name (nn.Transformer's `memory`): its
+    # cross-attention's key projection reads it alone
+    memory = helper.make_tensor_value_info("memory", TensorProto.FLOAT, [2, 8])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
+                            helper.make_node("MatMul", ["h", "Wq"], ["q"],
+                                             name="/layers.0/self_attn/q_proj/MatMul"),
+                            helper.make_node("MatMul", ["memory", "Wk"], ["k"],
+                                             name="/layers.0/encoder_attn/k_proj/MatMul"),
+                            helper.make_node("Add", ["q", "k"], ["y"], name="/Add")],
+                           "decoder", [x8, memory], [enc_y],
+                           [numpy_helper.from_array(f32(8, 8), n) for n in ("W0", "Wq", "Wk")]),
+         os.path.join(out, "decoder_memory.onnx"))
 
     body_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
     bodies = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
