@@ -317,33 +317,27 @@ def main(out):
          os.path.join(out, "norms.onnx"))
 
     enc_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
-    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
-                            helper.make_node("MatMul", ["h", "Wq"], ["y"],
-                                             name="/layers.0/self_attn/q_proj/MatMul")],
-                           "encoder", [x8], [enc_y],
-                           [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
-         os.path.join(out, "encoder.onnx"))
+
+    def part_file(name, inputs=(), tail=(), weights=()):
+        """layers.0.fc1 then layers.0.self_attn.q_proj on x (q, or y without `tail` nodes)."""
+        q_out = "q" if tail else "y"
+        nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
+                 helper.make_node("MatMul", ["h", "Wq"], [q_out], name="/layers.0/self_attn/q_proj/MatMul"),
+                 *tail]
+        save(helper.make_graph(nodes, name, [x8, *inputs], [enc_y],
+                               [numpy_helper.from_array(f32(8, 8), n) for n in ("W0", "Wq", *weights)]),
+             os.path.join(out, f"{name}.onnx"))
+
+    part_file("encoder")
     # the same layers in a decoder's file: it takes the encoder's states (added to its output)
     states = helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, [2, 8])
-    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
-                            helper.make_node("MatMul", ["h", "Wq"], ["q"],
-                                             name="/layers.0/self_attn/q_proj/MatMul"),
-                            helper.make_node("Add", ["q", "encoder_hidden_states"], ["y"], name="/Add")],
-                           "decoder", [x8, states], [enc_y],
-                           [numpy_helper.from_array(f32(8, 8), "W0"), numpy_helper.from_array(f32(8, 8), "Wq")]),
-         os.path.join(out, "decoder.onnx"))
+    part_file("decoder", [states], [helper.make_node("Add", ["q", "encoder_hidden_states"], ["y"], name="/Add")])
     # a decoder whose encoder-states input has another name (nn.Transformer's `memory`): its
     # cross-attention's key projection reads it alone
     memory = helper.make_tensor_value_info("memory", TensorProto.FLOAT, [2, 8])
-    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
-                            helper.make_node("MatMul", ["h", "Wq"], ["q"],
-                                             name="/layers.0/self_attn/q_proj/MatMul"),
-                            helper.make_node("MatMul", ["memory", "Wk"], ["k"],
-                                             name="/layers.0/encoder_attn/k_proj/MatMul"),
-                            helper.make_node("Add", ["q", "k"], ["y"], name="/Add")],
-                           "decoder", [x8, memory], [enc_y],
-                           [numpy_helper.from_array(f32(8, 8), n) for n in ("W0", "Wq", "Wk")]),
-         os.path.join(out, "decoder_memory.onnx"))
+    part_file("decoder_memory", [memory],
+              [helper.make_node("MatMul", ["memory", "Wk"], ["k"], name="/layers.0/encoder_attn/k_proj/MatMul"),
+               helper.make_node("Add", ["q", "k"], ["y"], name="/Add")], ["Wk"])
 
     body_y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
     bodies = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
