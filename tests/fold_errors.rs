@@ -3222,27 +3222,52 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     let sv = serving.to_str().unwrap();
     onnx_lora_ok(&["inject", m, "--as-inputs", "--rank", "2", "-o", sv]);
     let exported = env.p("enc.onnx_adapter");
-    let export = |ad: &Path| {
-        onnx_lora(&[
+    let export = |ad: &Path, extra: &[&str]| {
+        let mut args = vec![
             "export-adapter",
             ad.to_str().unwrap(),
             "--model",
             serving.to_str().unwrap(),
             "-o",
             exported.to_str().unwrap(),
-        ])
+        ];
+        args.extend(extra);
+        onnx_lora(&args)
     };
-    let o = export(&only_enc);
+    let o = export(&only_enc, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_file(&exported).unwrap();
-    let o = export(&only_dec);
+    let o = export(&only_dec, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.code() == Some(2)
-            && err.contains("fit this serving model's LoRA inputs under 'model.decoder'")
+            && err.contains("fit this file under 'model.decoder'")
             && !exported.exists(),
         "{err}"
     );
+    // --root says which part it is; the other part's modules are left out with --allow-unmatched
+    let o = export(&only_dec, &["--root", "model.decoder"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&exported).unwrap();
+    let o = export(&both, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2)
+            && err.contains("module 'model.decoder.layers.0.")
+            && err.contains("has no LoRA input")
+            && err.contains("under 'model.encoder'"),
+        "{err}"
+    );
+    let o = export(&both, &["--allow-unmatched", "--json"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let params = &json_records(&stdout, "report")[0]["parameters"];
+    assert_eq!(params.as_array().map(Vec::len), Some(4), "{stdout}");
+    // An If between an encoder's layers (a body reading the layer before) is one stream.
+    let with_if = env.p("encoder_if.onnx");
+    fold_ok(&with_if, &[&only_enc], &got, &[]);
+    let err = fold_fails(&with_if, &only_dec, &env.p("no.onnx"), &[]);
+    assert!(err.contains("(it may be the encoder)"), "{err}");
     // Every component of the root counts: a bert2bert's decoder is 'decoder.bert'.
     let b2b = adapter("b2b", &["decoder.bert.layers.0.fc1"]);
     let err = fold_fails(&model, &b2b, &env.p("no.onnx"), &[]);

@@ -28,6 +28,14 @@ pub struct AdapterArgs {
     /// The .onnx_adapter file to write.
     #[arg(short, long)]
     output: PathBuf,
+    /// Leave out, with a warning, adapter modules the serving model has no LoRA inputs for
+    /// (another part's, when it serves one part of an encoder-decoder) instead of failing.
+    #[arg(long)]
+    allow_unmatched: bool,
+    /// The adapter's module path under which the serving model's paths sit, when that cannot
+    /// be told (a model of one part of an encoder-decoder: `--root model.encoder`).
+    #[arg(long, value_name = "PREFIX")]
+    root: Option<String>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -35,8 +43,14 @@ pub struct AdapterArgs {
 
 pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
-    let adapter = super::load_adapter(&args.adapter, None)?;
-    let params = serving_adapter_params(&model, &adapter)?;
+    let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
+    super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
+    onnx_lora::rewrite::settle_root(&model, &mut adapter)
+        .with_context(|| format!("{}", adapter.path.display()))?;
+    let (params, unmatched) = serving_adapter_params(&model, &adapter, args.allow_unmatched)?;
+    for u in &unmatched {
+        eprintln!("onnx-lora: warning: no LoRA input for adapter module {u}; left out");
+    }
     let mut inputs = model.files();
     inputs.extend(adapter.files());
     ort_format::write(&args.output, &params, &inputs)?;

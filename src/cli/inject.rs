@@ -385,7 +385,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             // (the model's external data file, if it gets one, is named after the output)
             let data = PathBuf::from(format!("{}.data", args.output.display()));
             onnx::io::check_outputs(&[&args.output, path, &data], &inputs)?;
-            Some((path, serving_adapter_params(&model, adapter)?))
+            Some((
+                path,
+                serving_adapter_params(&model, adapter, args.allow_unmatched)?.0,
+            ))
         }
         _ => None,
     };

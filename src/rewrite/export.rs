@@ -2,7 +2,7 @@
 //! (`export-peft`), and an onnxruntime `.onnx_adapter` for a serving model made with
 //! `inject --as-inputs` (`export-adapter`), with exactly the names and layouts its inputs have.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::{Dtype, tensor::TensorView};
@@ -490,7 +490,8 @@ fn serving_inputs(model: &LoadedModel) -> BTreeMap<String, ([i64; 2], [i64; 2], 
 pub fn serving_adapter_params(
     serving: &LoadedModel,
     adapter: &Adapter,
-) -> Result<Vec<AdapterParam>> {
+    allow_unmatched: bool,
+) -> Result<(Vec<AdapterParam>, Vec<String>)> {
     adapter.check_foldable()?;
     let inputs = serving_inputs(serving);
     if inputs.is_empty() {
@@ -499,53 +500,34 @@ pub fn serving_adapter_params(
             serving.path.display()
         )));
     }
-    // PEFT modules by dotted path; kohya's by underscored name (as `module_paths` binds them),
-    // leaving out a pipeline part (lora_te_*, ...) none of whose modules is in this model.
-    let fits = |m: &ModuleAdapter, n: &str| match m.part {
-        None => name_matches(n, &m.path) || name_matches(&m.path, n),
-        Some(_) => kohya::fit(&m.path, n).is_some(),
+    // PEFT modules by the path fold looks them up by (under the export root the serving
+    // model's paths lack, `settle_root`: one part of an encoder-decoder served alone); kohya's
+    // by underscored name (as `module_paths` binds them), leaving out a pipeline part (lora_te_*,
+    // ...) none of whose modules is in this model.
+    let lookup: Vec<Option<String>> = if adapter.modules.iter().all(|m| m.part.is_none()) {
+        let graph = crate::graph::ModelGraph::build(&serving.proto);
+        let cands = crate::target::find_candidates(&serving.proto, &graph);
+        super::module_paths(adapter, &cands)?.0
+    } else {
+        vec![None; adapter.modules.len()]
+    };
+    let fits = |i: usize, n: &str| {
+        let m = &adapter.modules[i];
+        match m.part {
+            None => name_matches(n, lookup[i].as_deref().unwrap_or(&m.path)),
+            Some(_) => kohya::fit(&m.path, n).is_some(),
+        }
     };
     let parts_in_model: Vec<&str> = adapter
         .modules
         .iter()
-        .filter(|m| inputs.keys().any(|n| fits(m, n)))
-        .filter_map(|m| m.part)
+        .enumerate()
+        .filter(|&(i, _)| inputs.keys().any(|n| fits(i, n)))
+        .filter_map(|(_, m)| m.part)
         .collect();
-    // Where the serving model's paths lack a prefix of the adapter's (one part of an
-    // encoder-decoder served alone), the file must look like the part that prefix names, as
-    // fold and inject check (`target::part`): a decoder's adapter is no encoder's.
-    let roots: HashSet<&str> = adapter
-        .modules
-        .iter()
-        .filter(|m| m.part.is_none())
-        .filter_map(|m| {
-            let n = inputs
-                .keys()
-                .find(|n| n.len() < m.path.len() && name_matches(&m.path, n))?;
-            Some(&m.path[..m.path.len() - n.len()])
-        })
-        .collect();
-    if !roots.is_empty() {
-        let graph = crate::graph::ModelGraph::build(&serving.proto);
-        let cands = crate::target::find_candidates(&serving.proto, &graph);
-        let mut roots: Vec<&str> = roots.into_iter().collect();
-        roots.sort_unstable();
-        for root in roots {
-            if let Some(why) =
-                crate::target::part::not_the_part(root, &serving.proto, &graph, &cands)
-            {
-                let root = root.trim_end_matches('.');
-                return Err(Error::InvalidModel {
-                    path: serving.path.clone(),
-                    reason: format!(
-                        "the adapter's modules fit this serving model's LoRA inputs under '{root}' (its module paths lack that prefix), but nothing shows the file is that part: {why}. If it is another part, this adapter does not change it"
-                    ),
-                });
-            }
-        }
-    }
     let mut params = Vec::new();
-    for m in &adapter.modules {
+    let mut unmatched = Vec::new();
+    for (i, m) in adapter.modules.iter().enumerate() {
         if m.part
             .is_some_and(|p| !parts_in_model.is_empty() && !parts_in_model.contains(&p))
         {
@@ -570,12 +552,24 @@ pub fn serving_adapter_params(
                 ),
             });
         }
-        let matches: Vec<&String> = inputs.keys().filter(|n| fits(m, n)).collect();
+        let matches: Vec<&String> = inputs.keys().filter(|n| fits(i, n)).collect();
         if matches.is_empty() {
+            if allow_unmatched {
+                unmatched.push(m.path.clone());
+                continue;
+            }
             return Err(Error::Target(format!(
-                "module '{}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for (or some of them)",
+                "module '{}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for, or some of them (--allow-unmatched leaves the others out){}",
                 m.path,
-                serving.path.display()
+                serving.path.display(),
+                adapter
+                    .root
+                    .as_ref()
+                    .map(|r| format!(
+                        "; its module paths are the adapter's under '{}'",
+                        r.trim_end_matches('.')
+                    ))
+                    .unwrap_or_default()
             )));
         }
         let [name] = matches.as_slice() else {
@@ -621,5 +615,5 @@ pub fn serving_adapter_params(
             dtype,
         });
     }
-    Ok(params)
+    Ok((params, unmatched))
 }

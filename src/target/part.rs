@@ -107,43 +107,56 @@ fn data_inputs(g: &GraphProto) -> Vec<(&str, DataType)> {
 /// Two layers of the main graph whose inputs depend on disjoint sets of the graph's data
 /// inputs (by node label): a decoder's cross-attention keys and values read the encoder's
 /// states alone, its self-attention the tokens. Embedding lookups are left out (token and
-/// position ids are separate inputs in an encoder too).
+/// position ids are separate inputs in an encoder too). A node with subgraphs (If, Loop)
+/// depends on what its bodies read from this graph too.
 fn two_streams(
     g: &GraphProto,
     graph: &ModelGraph,
     cands: &[Candidate],
     inputs: &[(&str, DataType)],
 ) -> Option<(String, String)> {
+    // (which data inputs each value depends on: one bit per input)
+    type Bits = Vec<u64>;
+    let words = inputs.len().div_ceil(64).max(1);
     let main = graph.main()?;
-    // (which data inputs each value depends on, one bit per input; more than 64 share the last)
-    let mut deps: HashMap<&str, u64> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _))| (*n, 1u64 << i.min(63)))
-        .collect();
+    let mut deps: HashMap<&str, Bits> = HashMap::new();
+    for (i, (n, _)) in inputs.iter().enumerate() {
+        let mut b = vec![0u64; words];
+        b[i / 64] |= 1 << (i % 64);
+        deps.insert(n, b);
+    }
+    let reads = |node: &'_ crate::onnx::pb::NodeProto, deps: &HashMap<&str, Bits>| -> Bits {
+        let mut m = vec![0u64; words];
+        let bodies = node
+            .attribute
+            .iter()
+            .flat_map(|a| a.g.iter().chain(&a.graphs))
+            .flat_map(crate::graph::outer_reads);
+        for v in node.input.iter().map(String::as_str).chain(bodies) {
+            if let Some(d) = deps.get(v) {
+                m.iter_mut().zip(d).for_each(|(x, y)| *x |= y);
+            }
+        }
+        m
+    };
     for ni in main.topo_order() {
         let Some(node) = g.node.get(ni) else { continue };
-        let mask = node
-            .input
-            .iter()
-            .fold(0u64, |m, i| m | deps.get(i.as_str()).copied().unwrap_or(0));
+        let mask = reads(node, &deps);
         for o in &node.output {
-            deps.insert(o, mask);
+            deps.insert(o, mask.clone());
         }
     }
-    let mut seen: Vec<(u64, &str)> = Vec::new();
+    let mut seen: Vec<(Bits, &str)> = Vec::new();
     for c in cands.iter().filter(|c| c.graph == 0 && c.op != "Gather") {
         let Some(node) = g.node.get(c.node_index) else {
             continue;
         };
-        let mask = node
-            .input
-            .iter()
-            .fold(0u64, |m, i| m | deps.get(i.as_str()).copied().unwrap_or(0));
-        if mask == 0 || seen.iter().any(|(m, _)| *m == mask) {
+        let mask = reads(node, &deps);
+        if mask.iter().all(|&w| w == 0) || seen.iter().any(|(m, _)| *m == mask) {
             continue;
         }
-        if let Some((_, other)) = seen.iter().find(|(m, _)| m & mask == 0) {
+        let disjoint = |m: &Bits| m.iter().zip(&mask).all(|(x, y)| x & y == 0);
+        if let Some((_, other)) = seen.iter().find(|(m, _)| disjoint(m)) {
             return Some((other.to_string(), c.node.clone()));
         }
         seen.push((mask, &c.node));

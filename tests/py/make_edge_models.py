@@ -28,6 +28,7 @@
                    decoder's file of such an export
   decoder_memory.onnx  the same, its encoder states an input `memory` that a cross-attention
                    k_proj reads alone
+  encoder_if.onnx  encoder.onnx with an If on a bool input `flag` between its two layers
   merged.onnx      an If on the bool input `use_cache_branch` whose two bodies each hold a
                    /fc/MatMul on the outer graph's W (a merged decoder's with / without past);
                    merged_other.onnx: its with-past body reads another weight, W2
@@ -335,6 +336,18 @@ def main(out):
     # a decoder whose encoder-states input has another name (nn.Transformer's `memory`): its
     # cross-attention's key projection reads it alone
     memory = helper.make_tensor_value_info("memory", TensorProto.FLOAT, [2, 8])
+    # an encoder with an If between its layers (the bodies read fc1's output from the main graph)
+    t8 = helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])
+    bodies = [helper.make_graph([helper.make_node(op, ["h"], ["t"])], name, [], [t8])
+              for op, name in (("Identity", "then"), ("Neg", "else"))]
+    flag_in = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="/layers.0/fc1/MatMul"),
+                            helper.make_node("If", ["flag"], ["t"], name="/If", then_branch=bodies[0],
+                                             else_branch=bodies[1]),
+                            helper.make_node("MatMul", ["t", "Wq"], ["y"], name="/layers.0/self_attn/q_proj/MatMul")],
+                           "encoder_if", [x8, flag_in], [enc_y],
+                           [numpy_helper.from_array(f32(8, 8), n) for n in ("W0", "Wq")]),
+         os.path.join(out, "encoder_if.onnx"))
     part_file("decoder_memory", [memory],
               [helper.make_node("MatMul", ["memory", "Wk"], ["k"], name="/layers.0/encoder_attn/k_proj/MatMul"),
                helper.make_node("Add", ["q", "k"], ["y"], name="/Add")], ["Wk"])
