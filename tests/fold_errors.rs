@@ -3268,6 +3268,13 @@ fn one_part_of_an_encoder_decoder_export_takes_only_its_own_modules() {
     fold_ok(&with_if, &[&only_enc], &got, &[]);
     let err = fold_fails(&with_if, &only_dec, &env.p("no.onnx"), &[]);
     assert!(err.contains("(it may be the encoder)"), "{err}");
+    // An adapter for a decoder-only model (PEFT's CAUSAL_LM, OPT's `model.decoder`) names a
+    // model with no encoder: its decoder needs no encoder states.
+    let mut causal = config();
+    causal["task_type"] = "CAUSAL_LM".into();
+    let causal = write_adapter(&env.p("causal"), causal, &refs(&lora_of(&dec[..2])));
+    let report = fold_ok(&model, &[&causal], &got, &["--json"]);
+    assert_eq!(json_records(&report, "module").len(), 2, "{report}");
     // Every component of the root counts: a bert2bert's decoder is 'decoder.bert'.
     let b2b = adapter("b2b", &["decoder.bert.layers.0.fc1"]);
     let err = fold_fails(&model, &b2b, &env.p("no.onnx"), &[]);

@@ -204,7 +204,13 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     let forced = adapter.root.is_some();
     adapter.root = crate::target::export_root(&paths, &cands, adapter.root.as_deref())?;
     if let (false, Some(root)) = (forced, &adapter.root)
-        && let Some(why) = crate::target::part::not_the_part(root, &model.proto, &graph, &cands)
+        && let Some(why) = crate::target::part::not_the_part(
+            root,
+            &model.proto,
+            &graph,
+            &cands,
+            adapter.config.raw.get("task_type").and_then(|t| t.as_str()) == Some("CAUSAL_LM"),
+        )
     {
         let root = root.trim_end_matches('.');
         return Err(Error::InvalidModel {

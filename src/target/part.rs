@@ -17,6 +17,7 @@ use crate::onnx::pb::{GraphProto, ModelProto};
 /// - a decoder (of an encoder-decoder) takes the encoder's states: an input named for them
 ///   (`encoder_hidden_states`, Optimum's files), or, whatever the names, layers fed by two
 ///   separate inputs (its cross-attention projects the encoder's states alone);
+///   (not asked of an adapter for a decoder-only model, `decoder_only`: there is no encoder);
 /// - an encoder shows neither;
 /// - a text part takes integer token ids; a vision / image / audio / speech part takes values
 ///   (floating-point, or uint8 pixels).
@@ -25,6 +26,7 @@ pub fn not_the_part(
     model: &ModelProto,
     graph: &ModelGraph,
     cands: &[Candidate],
+    decoder_only: bool,
 ) -> Option<String> {
     let words: Vec<String> = root
         .trim_end_matches('.')
@@ -45,7 +47,9 @@ pub fn not_the_part(
             format!("layers {a} and {b} read separate inputs, as a decoder's self- and cross-attention do")
         })
     };
-    if has(&["decoder"]) && decoder_sign().is_none() {
+    // (an adapter trained for a decoder-only model, PEFT's CAUSAL_LM: its model has no
+    // encoder, so a root naming its decoder is no choice between parts: OPT's `model.decoder`)
+    if has(&["decoder"]) && !decoder_only && decoder_sign().is_none() {
         return Some(
             "a decoder of an encoder-decoder model takes the encoder's states, and no input of this file is named for them nor feeds layers of its own (it may be the encoder)"
                 .into(),
@@ -197,7 +201,7 @@ mod tests {
         let decoder = model(&[("input_ids", int64), ("encoder_hidden_states", float)]);
         let vision = model(&[("pixel_values", float)]);
         let fits = |root: &str, m: &ModelProto| {
-            not_the_part(root, m, &ModelGraph::build(m), &[]).is_none()
+            not_the_part(root, m, &ModelGraph::build(m), &[], false).is_none()
         };
         assert!(fits("model.encoder.", &encoder) && !fits("model.decoder.", &encoder));
         assert!(fits("decoder.", &decoder) && !fits("model.encoder.", &decoder));
@@ -206,6 +210,17 @@ mod tests {
         // (every component counts: a bert2bert's decoder; words, not substrings)
         assert!(!fits("decoder.bert.", &encoder) && fits("decoder.bert.", &decoder));
         assert!(fits("context_model.", &vision) && fits("speecht5.", &encoder));
+        // (a decoder-only model's adapter: its decoder needs no encoder states)
+        assert!(
+            not_the_part(
+                "model.decoder.",
+                &encoder,
+                &ModelGraph::build(&encoder),
+                &[],
+                true
+            )
+            .is_none()
+        );
         let pixels = model(&[("pixel_values", 2)]);
         assert!(fits("vision_tower.", &pixels));
         // (a root that names no such part: a wrapper, taken as before)
