@@ -16,8 +16,9 @@ use crate::onnx::pb::{GraphProto, ModelProto};
 ///
 /// - a decoder (of an encoder-decoder) takes the encoder's states: an input named for them
 ///   (`encoder_hidden_states`, Optimum's files), or, whatever the names, layers fed by two
-///   separate inputs (its cross-attention projects the encoder's states alone);
-///   (not asked of an adapter for a decoder-only model, `decoder_only`: there is no encoder);
+///   separate inputs (its cross-attention projects the encoder's states alone); not asked
+///   where the adapter is for a decoder-only model (`decoder_only`, PEFT's CAUSAL_LM: OPT's
+///   `model.decoder` is no choice between parts);
 /// - an encoder shows neither;
 /// - a text part takes integer token ids; a vision / image / audio / speech part takes values
 ///   (floating-point, or uint8 pixels).
@@ -47,8 +48,6 @@ pub fn not_the_part(
             format!("layers {a} and {b} read separate inputs, as a decoder's self- and cross-attention do")
         })
     };
-    // (an adapter trained for a decoder-only model, PEFT's CAUSAL_LM: its model has no
-    // encoder, so a root naming its decoder is no choice between parts: OPT's `model.decoder`)
     if has(&["decoder"]) && !decoder_only && decoder_sign().is_none() {
         return Some(
             "a decoder of an encoder-decoder model takes the encoder's states, and no input of this file is named for them nor feeds layers of its own (it may be the encoder)"
