@@ -320,6 +320,8 @@ fn every_feature_is_covered_by_the_fixtures() {
         "loha",
         "lokr",
         "tucker",
+        "sgm",
+        "adapter_bf16",
     ] {
         assert!(
             all.iter().any(|x| x == f),

@@ -458,15 +458,12 @@ fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut keys = Vec::new();
     for t in &ad.targets {
-        // The file's name for the target: its path with '_' for '.', under the part's prefix
-        // (and, for the text encoder, kohya's `text_model_` level).
-        let suffix = format!("{}.lora_down.weight", t.replace('.', "_"));
-        let names = st.names();
-        let found: Vec<&&str> = names.iter().filter(|k| k.ends_with(&suffix)).collect();
-        let [down] = found.as_slice() else {
-            panic!("{}: {t}: {found:?}", ad.name)
-        };
-        let stem = down.trim_end_matches(".lora_down.weight");
+        // The file's name for the target, as the generator wrote it (SDXL files name the
+        // original UNet's blocks).
+        let stem = ad
+            .kohya_names
+            .get(t)
+            .unwrap_or_else(|| panic!("{}: {t}: no kohya_name in the manifest", ad.name));
         for (kohya, peft) in [("lora_down", "lora_A"), ("lora_up", "lora_B")] {
             let shape = st
                 .tensor(&format!("{stem}.{kohya}.weight"))

@@ -1,5 +1,5 @@
 //! kohya LoRA files on bad or partial input: LyCORIS algorithms, original (sgm) UNet block
-//! names, half modules and non-scalar alphas are refused with one line naming the key and no
+//! names with no place in the model or mixed with diffusers', half modules and non-scalar alphas are refused with one line naming the key and no
 //! output; a text-encoder part the model lacks is left out and reported, while a file with only
 //! such a part matches nothing. (Folds that match diffusers' own kohya loader: tests/fold.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -159,10 +159,52 @@ fn lycoris_parts_that_cannot_be_read_are_refused() {
     }
 }
 
+/// A proj_in module's factors under `name` (the fixture UNet's 16-channel 1x1 convolutions),
+/// without an alpha (scale 1: the delta is not zero).
+fn proj_in_named(name: &str) -> Vec<(String, Vec<usize>)> {
+    vec![
+        (format!("{name}.lora_down.weight"), vec![2, 16, 1, 1]),
+        (format!("{name}.lora_up.weight"), vec![16, 2, 1, 1]),
+    ]
+}
+
 #[test]
-fn original_unet_block_names_get_a_pointer_to_diffusers_names() {
-    let err = fails(
+fn original_unet_block_names_are_found_in_diffusers_blocks() {
+    // The fixture UNet (one layer per block): input block 1 is down block 0's first layer, whose
+    // attention is `_1`; input block 2 is its downsampler, which has no attention.
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, t: &[(String, Vec<usize>)]| {
+        let refs: Vec<(&str, Vec<usize>)> =
+            t.iter().map(|(k, s)| (k.as_str(), s.clone())).collect();
+        write_kohya(&dir.path().join(name), &refs)
+    };
+    let sgm = write(
         "sgm.safetensors",
+        &proj_in_named("lora_unet_input_blocks_1_1_proj_in"),
+    );
+    let diffusers = write("diffusers.safetensors", &proj_in_named(PROJ_IN));
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    let report = onnx_lora_ok(&fold_args(&unet(), &[&sgm], &a, &["--json"]));
+    assert!(
+        report.contains("1 UNet module(s) named by SDXL's original (sgm) blocks"),
+        "{report}"
+    );
+    onnx_lora_ok(&fold_args(&unet(), &[&diffusers], &b, &[]));
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+
+    // a module with no place in the model's blocks
+    let err = fails(
+        "nowhere.safetensors",
+        &proj_in_named("lora_unet_input_blocks_2_1_proj_in"),
+    );
+    assert!(
+        err.contains("lora_unet_input_blocks_2_1_proj_in")
+            && err.contains("no module of this model's diffusers blocks"),
+        "{err}"
+    );
+    // both namings in one file: diffusers would drop the sgm half
+    let err = fails(
+        "mixed.safetensors",
         &proj_in(&[
             (
                 "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
@@ -175,7 +217,7 @@ fn original_unet_block_names_get_a_pointer_to_diffusers_names() {
         ]),
     );
     assert!(
-        err.contains("lora_unet_input_blocks_1_1_proj_in") && err.contains("sgm"),
+        err.contains("lora_unet_input_blocks_1_1_proj_in") && err.contains("both"),
         "{err}"
     );
 }

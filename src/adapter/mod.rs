@@ -1,5 +1,6 @@
 //! Adapter formats: reading PEFT LoRA adapters (`adapter_config.json` +
-//! `adapter_model.safetensors`) and kohya LoRA files (LyCORIS LoHa / LoKr too) into
+//! `adapter_model.safetensors`) and kohya LoRA files (LyCORIS LoHa / LoKr too; SDXL's sgm
+//! UNet names mapped to diffusers' in `sgm`) into
 //! per-module factors with their scaling.
 
 pub mod kohya;
@@ -8,5 +9,6 @@ pub mod ort_format;
 pub mod peft;
 pub mod pyregex;
 pub mod scope;
+pub mod sgm;
 
 pub use peft::{Adapter, AdapterConfig, ModuleAdapter, ModuleKind, TokenRows};

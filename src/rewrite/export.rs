@@ -504,18 +504,23 @@ pub fn serving_adapter_params(
     // model's paths lack, `settle_root`: one part of an encoder-decoder served alone); kohya's
     // by underscored name (as `module_paths` binds them), leaving out a pipeline part (lora_te_*,
     // ...) none of whose modules is in this model.
-    let lookup: Vec<Option<String>> = if adapter.modules.iter().all(|m| m.part.is_none()) {
-        let graph = crate::graph::ModelGraph::build(&serving.proto);
-        let cands = crate::target::find_candidates(&serving.proto, &graph);
-        super::module_paths(adapter, &cands)?.0
+    // (kohya's SDXL files name UNet modules by the original blocks: mapped to the model's.)
+    let graph = crate::graph::ModelGraph::build(&serving.proto);
+    let cands = crate::target::find_candidates(&serving.proto, &graph);
+    let (lookup, kohya_names) = if adapter.modules.iter().all(|m| m.part.is_none()) {
+        (super::module_paths(adapter, &cands)?.0, Vec::new())
     } else {
-        vec![None; adapter.modules.len()]
+        let paths = crate::target::select::module_paths_in(&cands);
+        (
+            vec![None; adapter.modules.len()],
+            super::kohya_names(adapter, &paths)?.0,
+        )
     };
     let fits = |i: usize, n: &str| {
         let m = &adapter.modules[i];
         match m.part {
             None => name_matches(n, lookup[i].as_deref().unwrap_or(&m.path)),
-            Some(_) => kohya::fit(&m.path, n).is_some(),
+            Some(_) => kohya::fit(&kohya_names[i], n).is_some(),
         }
     };
     let parts_in_model: Vec<&str> = adapter

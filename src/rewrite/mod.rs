@@ -27,7 +27,7 @@ pub use unbranch::{count_injected, fold_branches};
 pub use weight_form::inject_weight;
 pub use weights::same_values;
 
-use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya};
+use crate::adapter::{Adapter, ModuleAdapter, ModuleKind, kohya, sgm};
 use crate::error::{Error, Result};
 use crate::graph::ModelGraph;
 use crate::onnx::LoadedModel;
@@ -261,12 +261,13 @@ pub fn module_paths(
         return Ok((paths, vec![note]));
     }
     let model_paths = crate::target::select::module_paths_in(cands);
+    let (names, translated) = kohya_names(adapter, &model_paths)?;
     let mut bound: Vec<Option<String>> = Vec::with_capacity(adapter.modules.len());
-    for m in &adapter.modules {
+    for (m, name) in adapter.modules.iter().zip(&names) {
         // The paths of the best kind of fit only.
         let fits: Vec<(kohya::Fit, &str)> = model_paths
             .iter()
-            .filter_map(|p| kohya::fit(&m.path, p).map(|f| (f, *p)))
+            .filter_map(|p| kohya::fit(name, p).map(|f| (f, *p)))
             .collect();
         let best = fits.iter().map(|(f, _)| *f).min();
         let found: Vec<&str> = fits
@@ -291,6 +292,11 @@ pub fn module_paths(
         }
     }
     let mut notes = Vec::new();
+    if translated > 0 {
+        notes.push(format!(
+            "{translated} UNet module(s) named by SDXL's original (sgm) blocks (input_blocks_…) found in this model's diffusers blocks"
+        ));
+    }
     let mut parts: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();
     parts.sort_unstable();
     parts.dedup();
@@ -309,16 +315,16 @@ pub fn module_paths(
             paths.push(None);
             continue;
         }
-        if b.is_none()
-            && part == "unet"
-            && ["input_blocks_", "middle_block_", "output_blocks_"]
-                .iter()
-                .any(|p| m.path.starts_with(p))
-        {
+        if b.is_none() && part == "unet" && sgm::is_sgm_block(&m.path) {
+            let why = if sgm::UnetLayout::from_paths(model_paths.iter().copied()).is_none() {
+                "and this model has neither those blocks nor diffusers' (down_blocks / mid_block / up_blocks)"
+            } else {
+                "and no module of this model's diffusers blocks is at that place"
+            };
             return Err(Error::Adapter {
                 path: adapter.path.clone(),
                 reason: format!(
-                    "kohya module 'lora_unet_{}' uses the original (sgm) UNet block names, which this model does not have; convert the LoRA to diffusers' names first (diffusers' load_lora_weights does)",
+                    "kohya module 'lora_unet_{}' uses SDXL's original (sgm) UNet block names, {why}",
                     m.path
                 ),
             });
@@ -340,6 +346,23 @@ pub fn module_paths(
         ));
     }
     Ok((paths, notes))
+}
+
+/// The names a kohya file's modules are bound by (`sgm::bind_names`: SDXL's original UNet block
+/// names mapped to the model's diffusers blocks), and how many were mapped.
+pub(crate) fn kohya_names<'a>(
+    adapter: &'a Adapter,
+    model_paths: &[&str],
+) -> Result<(Vec<std::borrow::Cow<'a, str>>, usize)> {
+    let names: Vec<(&str, bool)> = adapter
+        .modules
+        .iter()
+        .map(|m| (m.path.as_str(), m.part == Some("unet")))
+        .collect();
+    sgm::bind_names(&names, model_paths).map_err(|reason| Error::Adapter {
+        path: adapter.path.clone(),
+        reason,
+    })
 }
 
 /// The model's module paths that adapters name (`paths`: `module_paths`' lookups, all

@@ -184,6 +184,8 @@ pub struct AdapterCase {
     pub features: Vec<String>,
     /// The adapter must be refused (base-changing init).
     pub refuse: bool,
+    /// kohya files: each target's name in the file (its keys' stem), by module path.
+    pub kohya_names: std::collections::BTreeMap<String, String>,
 }
 
 impl AdapterCase {
@@ -271,6 +273,20 @@ fn manifest_cases(file: &str) -> Vec<Case> {
                             kinds: strings(ad, "kinds"),
                             features: strings(ad, "features"),
                             refuse: ad.get("refuse").and_then(|r| r.as_bool()).unwrap_or(false),
+                            kohya_names: ad
+                                .get("per_target")
+                                .and_then(|t| t.as_object())
+                                .map(|t| {
+                                    t.iter()
+                                        .filter_map(|(path, v)| {
+                                            Some((
+                                                path.clone(),
+                                                v.get("kohya_name")?.as_str()?.to_string(),
+                                            ))
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
                         })
                         .collect()
                 })
