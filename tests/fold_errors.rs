@@ -398,6 +398,38 @@ fn packed_qkv_that_cannot_be_placed_is_refused() {
 }
 
 /// A closed stdout (`| head`) ends the process without a panic message.
+/// A write that fails midway (here past a file-size limit, as a full disk would) is one line
+/// naming the output, exit code 2, and leaves neither the output nor a temp file.
+#[cfg(unix)]
+#[test]
+fn a_failed_write_names_the_output_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("unet/torchscript/model.onnx"); // ~1 MB, weights inline
+    let adapter = fixtures().join("unet/adapters/no_alpha.safetensors");
+    let out = dir.path().join("out.onnx");
+    // (`ulimit -f` counts 512- or 1024-byte blocks: 100 of them is far below the model)
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 100 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_onnx-lora"))
+        .arg("fold")
+        .args([&model, &adapter])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("{}: File too large", out.display())),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn closed_stdout_is_not_a_panic() {
     use std::process::{Command, Stdio};

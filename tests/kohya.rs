@@ -1,7 +1,9 @@
-//! kohya LoRA files on bad or partial input: LyCORIS algorithms, original (sgm) UNet block
-//! names with no place in the model or mixed with diffusers', half modules and non-scalar alphas are refused with one line naming the key and no
-//! output; a text-encoder part the model lacks is left out and reported, while a file with only
-//! such a part matches nothing. (Folds that match diffusers' own kohya loader: tests/fold.rs.)
+//! kohya LoRA files on bad or partial input: LyCORIS algorithms, half modules and non-scalar
+//! alphas are refused with one line naming the key and no output; SDXL's original (sgm) UNet
+//! block names are found in diffusers' blocks (unmatched where they have no place, refused when
+//! mixed with diffusers' names); a text-encoder part the model lacks is left out and reported,
+//! while a file with only such a part matches nothing. (Folds that match diffusers' own kohya
+//! loader: tests/fold.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -192,16 +194,38 @@ fn original_unet_block_names_are_found_in_diffusers_blocks() {
     onnx_lora_ok(&fold_args(&unet(), &[&diffusers], &b, &[]));
     assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
 
-    // a module with no place in the model's blocks
-    let err = fails(
-        "nowhere.safetensors",
-        &proj_in_named("lora_unet_input_blocks_2_1_proj_in"),
-    );
+    // a module with no place in the model's blocks (input block 2 is a downsampler), and one
+    // whose place is a module the model lacks (a second transformer block): unmatched, named
+    // by the file's keys and by where they were looked for; --allow-unmatched folds the rest
+    let mut t = proj_in_named("lora_unet_input_blocks_1_1_proj_in");
+    t.extend(proj_in_named("lora_unet_input_blocks_2_1_proj_in"));
+    let deeper = "lora_unet_input_blocks_1_1_transformer_blocks_1_attn1_to_q";
+    t.push((format!("{deeper}.lora_down.weight"), vec![2, 16]));
+    t.push((format!("{deeper}.lora_up.weight"), vec![16, 2]));
+    let err = fails("unplaced.safetensors", &t);
     assert!(
-        err.contains("lora_unet_input_blocks_2_1_proj_in")
-            && err.contains("no module of this model's diffusers blocks"),
+        err.contains("2 adapter module(s) match no weight")
+            && err.contains("lora_unet_input_blocks_2_1_proj_in.lora_down.weight")
+            && err.contains(&format!("{deeper}.lora_down.weight"))
+            && err.contains("down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q"),
         "{err}"
     );
+    let unplaced = write("unplaced.safetensors", &t);
+    let c = dir.path().join("c.onnx");
+    let o = onnx_lora(&fold_args(
+        &unet(),
+        &[&unplaced],
+        &c,
+        &["--allow-unmatched"],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 UNet module(s) named by SDXL's original (sgm) blocks")
+            && err.matches("unmatched adapter module").count() == 2,
+        "{err}"
+    );
+    assert!(std::fs::read(&c).unwrap() == std::fs::read(&b).unwrap());
     // both namings in one file: diffusers would drop the sgm half
     let err = fails(
         "mixed.safetensors",

@@ -33,6 +33,15 @@ pub fn is_sgm_block(name: &str) -> bool {
     SGM_BLOCKS.iter().any(|p| name.starts_with(p))
 }
 
+/// Whether a kohya UNet module name is an sgm name: a block's, or one of the UNet's own
+/// layers outside the blocks (time and added embeddings, the output convolution).
+fn is_sgm_name(name: &str) -> bool {
+    is_sgm_block(name)
+        || ["time_embed_", "label_emb_", "out_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+}
+
 /// Whether a kohya UNet module name uses diffusers' block names.
 fn is_diffusers_block(name: &str) -> bool {
     ["down_blocks_", "mid_block_", "up_blocks_"]
@@ -184,9 +193,13 @@ impl UnetLayout {
     }
 }
 
-/// `<n>_<rest>` (or `<n>` alone) → (n, rest).
+/// `<n>_<rest>` (or `<n>` alone) → (n, rest); a number as sd-scripts writes it (no sign, no
+/// leading zero).
 fn one_index(s: &str) -> Option<(usize, &str)> {
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if end > 1 && s.starts_with('0') {
+        return None;
+    }
     let n = s[..end].parse().ok()?;
     match &s[end..] {
         "" => Some((n, "")),
@@ -201,44 +214,40 @@ fn two_indices(s: &str) -> Option<(usize, usize, &str)> {
     Some((i, j, rest))
 }
 
-/// The names a kohya file's modules are bound by (`names`: the UNet modules' underscored names
-/// and `is_unet` for each): sgm-named UNet modules translated by the model's layout (`paths`:
-/// its dotted module paths), the rest as they are; and how many were translated. A model
+/// The names a kohya file's modules are bound by (`names`: the modules' underscored names and
+/// whether each is the UNet's): sgm-named UNet modules translated by the model's layout
+/// (`paths`: its dotted module paths), the rest as they are (Borrowed: not translated). A model
 /// whose own paths use the sgm names (no diffusers blocks) takes them as they are. Err: the
 /// file names UNet blocks both ways (diffusers would keep one naming and drop the other).
 pub fn bind_names<'a>(
     names: &[(&'a str, bool)],
     paths: &[&str],
-) -> Result<(Vec<Cow<'a, str>>, usize), String> {
+) -> Result<Vec<Cow<'a, str>>, String> {
+    let as_they_are = || names.iter().map(|(n, _)| Cow::Borrowed(*n)).collect();
+    if !names.iter().any(|(n, unet)| *unet && is_sgm_name(n)) {
+        return Ok(as_they_are());
+    }
     let sgm = names.iter().find(|(n, unet)| *unet && is_sgm_block(n));
-    let Some((first_sgm, _)) = sgm else {
-        return Ok((names.iter().map(|(n, _)| Cow::Borrowed(*n)).collect(), 0));
-    };
-    if let Some((d, _)) = names
+    let diffusers = names
         .iter()
-        .find(|(n, unet)| *unet && is_diffusers_block(n))
-    {
+        .find(|(n, unet)| *unet && is_diffusers_block(n));
+    if let (Some((s, _)), Some((d, _))) = (sgm, diffusers) {
         return Err(format!(
-            "the file names UNet blocks both in SDXL's original (sgm) form ('lora_unet_{first_sgm}') and in diffusers' form ('lora_unet_{d}'); keep one"
+            "the file names UNet blocks both in SDXL's original (sgm) form ('lora_unet_{s}') and in diffusers' form ('lora_unet_{d}'); keep one"
         ));
     }
     let Some(layout) = UnetLayout::from_paths(paths.iter().copied()) else {
-        return Ok((names.iter().map(|(n, _)| Cow::Borrowed(*n)).collect(), 0));
+        return Ok(as_they_are());
     };
-    let mut translated = 0;
-    let out = names
+    Ok(names
         .iter()
         .map(
             |(n, unet)| match unet.then(|| layout.to_diffusers(n)).flatten() {
-                Some(d) => {
-                    translated += 1;
-                    Cow::Owned(d)
-                }
+                Some(d) => Cow::Owned(d),
                 None => Cow::Borrowed(*n),
             },
         )
-        .collect();
-    Ok((out, translated))
+        .collect())
 }
 
 #[cfg(test)]
@@ -389,7 +398,7 @@ mod tests {
     #[test]
     fn names_bind_one_way_only() {
         let paths = ["down_blocks.0.resnets.0.conv1"];
-        let (names, n) = bind_names(
+        let names = bind_names(
             &[
                 ("input_blocks_1_0_in_layers_2", true),
                 ("text_model_encoder_layers_0_mlp_fc1", false),
@@ -397,16 +406,24 @@ mod tests {
             &paths,
         )
         .unwrap();
-        assert_eq!(n, 1);
-        assert_eq!(names[0], "down_blocks_0_resnets_0_conv1");
-        assert_eq!(names[1], "text_model_encoder_layers_0_mlp_fc1");
+        assert!(matches!(&names[0], Cow::Owned(n) if n == "down_blocks_0_resnets_0_conv1"));
+        assert!(matches!(
+            names[1],
+            Cow::Borrowed("text_model_encoder_layers_0_mlp_fc1")
+        ));
+        // a file with only the UNet's layers outside the blocks
+        let names = bind_names(&[("time_embed_0", true), ("out_2", true)], &paths).unwrap();
+        assert_eq!(names, ["time_embedding_linear_1", "conv_out"]);
         // a model with the sgm names itself: as they are
-        let (names, n) = bind_names(
+        let names = bind_names(
             &[("input_blocks_1_0_in_layers_2", true)],
             &["input_blocks.1.0.in_layers.2"],
         )
         .unwrap();
-        assert_eq!((names[0].as_ref(), n), ("input_blocks_1_0_in_layers_2", 0));
+        assert!(matches!(
+            names[0],
+            Cow::Borrowed("input_blocks_1_0_in_layers_2")
+        ));
         let err = bind_names(
             &[
                 ("input_blocks_1_0_in_layers_2", true),
@@ -416,5 +433,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("both"), "{err}");
+    }
+
+    #[test]
+    fn numbers_are_written_as_sd_scripts_writes_them() {
+        let l = sdxl();
+        assert_eq!(l.to_diffusers("input_blocks_04_1_proj_in"), None);
+        assert_eq!(l.to_diffusers("input_blocks_4_01_proj_in"), None);
+        assert_eq!(l.to_diffusers("input_blocks_+4_1_proj_in"), None);
+        assert!(l.to_diffusers("input_blocks_4_1_proj_in").is_some());
     }
 }

@@ -5,11 +5,18 @@
 //! thread (rayon's pools, the progress bar, onnxruntime's and tract's threads, all started
 //! later) inherits the mask and none of them is interrupted; one dedicated thread takes them
 //! with `sigwait`, so no code runs in a signal handler. Child processes get an empty mask from
-//! `std::process::Command`. Other signals (SIGPIPE, SIGQUIT, ...) keep their usual behaviour.
+//! `std::process::Command`. SIGXFSZ is ignored: a write past a file-size limit (`ulimit -f`)
+//! then fails with EFBIG, an error like a full disk (its temps removed, the output named),
+//! instead of killing the process. Other signals (SIGPIPE, SIGQUIT, ...) keep their usual
+//! behaviour.
 
 /// Starts the signal thread. Call it first thing in `main`, while the process has one thread.
 #[cfg(unix)]
 pub fn install() {
+    // SAFETY: setting a signal's disposition to SIG_IGN runs no code of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // SAFETY: plain libc calls on a local, initialised signal set.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -808,6 +808,7 @@ fn save_impl(
                 model,
                 &mut proto,
                 name,
+                &out.with_file_name(name),
                 opts.threshold,
                 tmp.as_file(),
                 opts.progress.as_ref(),
@@ -815,10 +816,11 @@ fn save_impl(
             )?;
             // Pending values that did not go external (small, or not initializers) come inline.
             materialize_pending(model, &mut proto)?;
+            // (errors name the file being written, not its temp name)
             if opts.sync {
                 tmp.as_file()
                     .sync_data()
-                    .map_err(|e| Error::io(tmp.path(), e))?;
+                    .map_err(|e| Error::io(out.with_file_name(name), e))?;
             }
             if count > 0 {
                 // (named beside `out` as the user wrote it: `out.onnx.data`, not `./out.onnx.data`)
@@ -846,11 +848,9 @@ fn save_impl(
         .map_err(|e| Error::Usage(format!("{}: encoding failed: {e}", out.display())))?;
     tmp.as_file_mut()
         .write_all(&buf)
-        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+        .map_err(|e| Error::io(out, e))?;
     if opts.sync {
-        tmp.as_file()
-            .sync_data()
-            .map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file().sync_data().map_err(|e| Error::io(out, e))?;
     }
     report.model_bytes = encoded_len;
     let sidecar = out.with_file_name(format!("{file_name}.data"));
@@ -1067,6 +1067,8 @@ fn write_external(
     model: &LoadedModel,
     proto: &mut ModelProto,
     location: &str,
+    // (the data file as it will be, beside the output: what errors name)
+    shown: &Path,
     threshold: usize,
     file: &File,
     progress: Option<&Progress>,
@@ -1145,19 +1147,19 @@ fn write_external(
             };
             let pad = (EXTERNAL_ALIGN - pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
             w.write_all(&vec![0u8; pad as usize])
-                .map_err(|e| Error::io(location, e))?;
+                .map_err(|e| Error::io(shown, e))?;
             pos += pad;
             // Untouched tensors of a file go file to file in the kernel; the rest is written.
             let copied = bytes.len() >= COPY_RANGE_MIN
                 && match model.file_span(&bytes) {
                     Some(span) => {
-                        w.flush().map_err(|e| Error::io(location, e))?;
-                        copier.copy(&span, bytes.len() as u64, w.get_ref())?
+                        w.flush().map_err(|e| Error::io(shown, e))?;
+                        copier.copy(&span, bytes.len() as u64, w.get_ref(), shown)?
                     }
                     None => false,
                 };
             if !copied {
-                w.write_all(&bytes).map_err(|e| Error::io(location, e))?;
+                w.write_all(&bytes).map_err(|e| Error::io(shown, e))?;
                 model.release(&bytes);
             }
             let entry = |k: &str, v: String| StringStringEntryProto {
@@ -1175,7 +1177,7 @@ fn write_external(
             done += bytes.len() as u64;
             count += 1;
             if writeback.due(pos) {
-                w.flush().map_err(|e| Error::io(location, e))?;
+                w.flush().map_err(|e| Error::io(shown, e))?;
                 writeback.start(w.get_ref(), pos);
             }
             if let Some(p) = progress {
@@ -1189,7 +1191,7 @@ fn write_external(
             initializers_mut(g, &mut place)?;
         }
         drop(rx);
-        w.flush().map_err(|e| Error::io(location, e))?;
+        w.flush().map_err(|e| Error::io(shown, e))?;
         Ok((pos, count))
     })
 }
@@ -1258,7 +1260,7 @@ impl RangeCopier {
     /// Appends `len` bytes of the span's file from its offset to `out` at its current
     /// position. Ok(false) when nothing was copied and the caller must write the bytes itself.
     #[cfg(target_os = "linux")]
-    fn copy(&mut self, span: &FileSpan, len: u64, out: &File) -> Result<bool> {
+    fn copy(&mut self, span: &FileSpan, len: u64, out: &File, out_path: &Path) -> Result<bool> {
         use std::os::fd::AsRawFd;
         if self.unsupported {
             return Ok(false);
@@ -1294,7 +1296,12 @@ impl RangeCopier {
                     self.unsupported = true;
                     return Ok(false);
                 }
-                return Err(Error::io(path, err));
+                // (a full disk or a size limit is the output's; the rest, the input's)
+                let full = matches!(
+                    err.raw_os_error(),
+                    Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)
+                );
+                return Err(Error::io(if full { out_path } else { path }, err));
             }
             if n == 0 {
                 return Err(Error::io(
@@ -1311,7 +1318,7 @@ impl RangeCopier {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn copy(&mut self, _span: &FileSpan, _len: u64, _out: &File) -> Result<bool> {
+    fn copy(&mut self, _span: &FileSpan, _len: u64, _out: &File, _out_path: &Path) -> Result<bool> {
         Ok(false)
     }
 }

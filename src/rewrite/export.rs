@@ -432,8 +432,7 @@ fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let parent = crate::onnx::io::output_dir(dir)?;
     let tmp = crate::cleanup::temp_dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     for (name, bytes) in files {
-        std::fs::write(tmp.path().join(name), bytes)
-            .map_err(|e| Error::io(tmp.path().join(name), e))?;
+        std::fs::write(tmp.path().join(name), bytes).map_err(|e| Error::io(dir.join(name), e))?;
     }
     tmp.commit(Vec::new(), |t| {
         let kept = t.keep();
@@ -513,7 +512,7 @@ pub fn serving_adapter_params(
         let paths = crate::target::select::module_paths_in(&cands);
         (
             vec![None; adapter.modules.len()],
-            super::kohya_names(adapter, &paths)?.0,
+            super::kohya_names(adapter, &paths)?,
         )
     };
     let fits = |i: usize, n: &str| {
@@ -563,9 +562,16 @@ pub fn serving_adapter_params(
                 unmatched.push(m.path.clone());
                 continue;
             }
+            // (a kohya module by the file's name, and where an sgm name placed it)
+            let shown = match (m.part, kohya_names.get(i)) {
+                (Some(part), Some(std::borrow::Cow::Owned(at))) => {
+                    format!("lora_{part}_{} (at {at} in this model)", m.path)
+                }
+                (Some(part), _) => format!("lora_{part}_{}", m.path),
+                (None, _) => m.path.clone(),
+            };
             return Err(Error::Target(format!(
-                "module '{}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for, or some of them (--allow-unmatched leaves the others out){}",
-                m.path,
+                "module '{shown}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for, or some of them (--allow-unmatched leaves the others out){}",
                 serving.path.display(),
                 adapter
                     .root

@@ -261,7 +261,7 @@ pub fn module_paths(
         return Ok((paths, vec![note]));
     }
     let model_paths = crate::target::select::module_paths_in(cands);
-    let (names, translated) = kohya_names(adapter, &model_paths)?;
+    let names = kohya_names(adapter, &model_paths)?;
     let mut bound: Vec<Option<String>> = Vec::with_capacity(adapter.modules.len());
     for (m, name) in adapter.modules.iter().zip(&names) {
         // The paths of the best kind of fit only.
@@ -292,6 +292,11 @@ pub fn module_paths(
         }
     }
     let mut notes = Vec::new();
+    let translated = names
+        .iter()
+        .zip(&bound)
+        .filter(|(n, b)| matches!(n, std::borrow::Cow::Owned(_)) && b.is_some())
+        .count();
     if translated > 0 {
         notes.push(format!(
             "{translated} UNet module(s) named by SDXL's original (sgm) blocks (input_blocks_…) found in this model's diffusers blocks"
@@ -309,27 +314,15 @@ pub fn module_paths(
     };
     let used: Vec<&str> = parts.iter().copied().filter(|p| in_model(p)).collect();
     let mut paths = Vec::with_capacity(bound.len());
-    for (m, b) in adapter.modules.iter().zip(bound) {
+    for ((m, b), name) in adapter.modules.iter().zip(bound).zip(&names) {
         let part = m.part.unwrap_or("");
         if !used.is_empty() && !used.contains(&part) {
             paths.push(None);
             continue;
         }
-        if b.is_none() && part == "unet" && sgm::is_sgm_block(&m.path) {
-            let why = if sgm::UnetLayout::from_paths(model_paths.iter().copied()).is_none() {
-                "and this model has neither those blocks nor diffusers' (down_blocks / mid_block / up_blocks)"
-            } else {
-                "and no module of this model's diffusers blocks is at that place"
-            };
-            return Err(Error::Adapter {
-                path: adapter.path.clone(),
-                reason: format!(
-                    "kohya module 'lora_unet_{}' uses SDXL's original (sgm) UNet block names, {why}",
-                    m.path
-                ),
-            });
-        }
-        paths.push(Some(b.unwrap_or_else(|| m.path.clone())));
+        // (unbound: looked up by the name it was bound by, which the unmatched message shows
+        // beside the file's keys: an sgm name's place in the model's blocks)
+        paths.push(Some(b.unwrap_or_else(|| name.to_string())));
     }
     for part in parts
         .iter()
@@ -349,11 +342,11 @@ pub fn module_paths(
 }
 
 /// The names a kohya file's modules are bound by (`sgm::bind_names`: SDXL's original UNet block
-/// names mapped to the model's diffusers blocks), and how many were mapped.
+/// names mapped to the model's diffusers blocks, Owned; the rest Borrowed).
 pub(crate) fn kohya_names<'a>(
     adapter: &'a Adapter,
     model_paths: &[&str],
-) -> Result<(Vec<std::borrow::Cow<'a, str>>, usize)> {
+) -> Result<Vec<std::borrow::Cow<'a, str>>> {
     let names: Vec<(&str, bool)> = adapter
         .modules
         .iter()
