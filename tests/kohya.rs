@@ -188,7 +188,7 @@ fn original_unet_block_names_are_found_in_diffusers_blocks() {
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     let report = onnx_lora_ok(&fold_args(&unet(), &[&sgm], &a, &["--json"]));
     assert!(
-        report.contains("1 UNet module(s) named by SDXL's original (sgm) blocks"),
+        report.contains("1 UNet module(s) named as in SDXL's original (sgm) UNet"),
         "{report}"
     );
     onnx_lora_ok(&fold_args(&unet(), &[&diffusers], &b, &[]));
@@ -221,7 +221,7 @@ fn original_unet_block_names_are_found_in_diffusers_blocks() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("1 UNet module(s) named by SDXL's original (sgm) blocks")
+        err.contains("1 UNet module(s) named as in SDXL's original (sgm) UNet")
             && err.matches("unmatched adapter module").count() == 2,
         "{err}"
     );
@@ -319,4 +319,54 @@ fn a_part_the_model_lacks_is_left_out_and_reported() {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// A serving model (linear layers only) has no input for a LoCon's convolutions: export-adapter
+/// names each by the file's name and its place in the model, refused or (--allow-unmatched)
+/// left out; the attention file's modules all find theirs.
+#[test]
+fn serving_adapters_name_sgm_modules_by_the_files_name_and_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = fixtures().join("unet_sdxl");
+    let model = sdxl.join("dynamo/model.onnx");
+    let serving = dir.path().join("serving.onnx");
+    onnx_lora_ok(&["inject", s(&model), "--as-inputs", "-o", s(&serving)]);
+    let locon = sdxl.join("adapters/sgm_locon.safetensors");
+    let out = dir.path().join("locon.onnx_adapter");
+    let args = [
+        "export-adapter",
+        s(&locon),
+        "--model",
+        s(&serving),
+        "-o",
+        s(&out),
+    ];
+    let o = onnx_lora(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "module 'lora_unet_input_blocks_0_0 (at conv_in in this model)' has no LoRA input"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = onnx_lora(&[&args[..], &["--allow-unmatched"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("lora_unet_input_blocks_1_0_in_layers_2 (at down_blocks_0_resnets_0_conv1 in this model)"),
+        "{err}"
+    );
+    let attn = sdxl.join("adapters/sgm_attn.safetensors");
+    let out = dir.path().join("attn.onnx_adapter");
+    onnx_lora_ok(&[
+        "export-adapter",
+        s(&attn),
+        "--model",
+        s(&serving),
+        "-o",
+        s(&out),
+    ]);
+    assert!(out.exists());
 }

@@ -94,8 +94,11 @@ pub struct PeftArgs {
 pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     let mut model = onnx::load(&args.model)?;
     onnx_lora::rewrite::ungate(&mut model)?;
-    let report =
-        export_peft(&model, &args.output).with_context(|| args.model.display().to_string())?;
+    // (what the model holds is named by the model; a failed write names the output itself)
+    let report = export_peft(&model, &args.output).map_err(|e| match e {
+        onnx_lora::Error::Io { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(args.model.display().to_string()),
+    })?;
     if let Some(first) = report.left_out.first() {
         eprintln!(
             "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights (modules_to_save, trained biases, trainable tokens), and the exported adapter does not hold them: PEFT loading it computes without them",

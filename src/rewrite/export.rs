@@ -558,10 +558,6 @@ pub fn serving_adapter_params(
         }
         let matches: Vec<&String> = inputs.keys().filter(|n| fits(i, n)).collect();
         if matches.is_empty() {
-            if allow_unmatched {
-                unmatched.push(m.path.clone());
-                continue;
-            }
             // (a kohya module by the file's name, and where an sgm name placed it)
             let shown = match (m.part, kohya_names.get(i)) {
                 (Some(part), Some(std::borrow::Cow::Owned(at))) => {
@@ -570,6 +566,10 @@ pub fn serving_adapter_params(
                 (Some(part), _) => format!("lora_{part}_{}", m.path),
                 (None, _) => m.path.clone(),
             };
+            if allow_unmatched {
+                unmatched.push(shown);
+                continue;
+            }
             return Err(Error::Target(format!(
                 "module '{shown}' has no LoRA input in {}: a serving model takes adapters over the modules it was made for, or some of them (--allow-unmatched leaves the others out){}",
                 serving.path.display(),

@@ -299,7 +299,7 @@ pub fn module_paths(
         .count();
     if translated > 0 {
         notes.push(format!(
-            "{translated} UNet module(s) named by SDXL's original (sgm) blocks (input_blocks_…) found in this model's diffusers blocks"
+            "{translated} UNet module(s) named as in SDXL's original (sgm) UNet (input_blocks_…, time_embed_…) found in this model's diffusers blocks"
         ));
     }
     let mut parts: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();
