@@ -29,7 +29,7 @@ pub struct UnetLayout {
 const SGM_BLOCKS: [&str; 3] = ["input_blocks_", "middle_block_", "output_blocks_"];
 
 /// Whether a kohya UNet module name uses the sgm block names.
-pub fn is_sgm_block(name: &str) -> bool {
+fn is_sgm_block(name: &str) -> bool {
     SGM_BLOCKS.iter().any(|p| name.starts_with(p))
 }
 
@@ -119,7 +119,8 @@ impl UnetLayout {
                     k += 1;
                     if k == i {
                         let parts = [Some("resnets"), block.attentions.then_some("attentions")];
-                        return self.member("down_blocks", b, l, parts.get(j).copied()??, inner);
+                        let what = parts.get(j).copied()??;
+                        return member(&format!("down_blocks_{b}"), l, what, inner);
                     }
                 }
                 if block.sampler {
@@ -140,7 +141,7 @@ impl UnetLayout {
                 &[("resnets", 0), ("resnets", 1)]
             };
             let (what, n) = seq.get(j)?;
-            return self.member_at("mid_block", *n, what, inner);
+            return member("mid_block", *n, what, inner);
         }
         if let Some(rest) = name.strip_prefix("output_blocks_") {
             let (i, j, inner) = two_indices(rest)?;
@@ -158,7 +159,7 @@ impl UnetLayout {
                         return match *parts.get(j)? {
                             "upsamplers" => (inner == "conv")
                                 .then(|| format!("up_blocks_{b}_upsamplers_0_conv")),
-                            what => self.member("up_blocks", b, l, what, inner),
+                            what => member(&format!("up_blocks_{b}"), l, what, inner),
                         };
                     }
                     k += 1;
@@ -168,29 +169,26 @@ impl UnetLayout {
         }
         None
     }
+}
 
-    /// `<blocks>_<b>_<what>_<l>_<inner>` with a resnet's inner name translated.
-    fn member(&self, blocks: &str, b: usize, l: usize, what: &str, inner: &str) -> Option<String> {
-        self.member_at(&format!("{blocks}_{b}"), l, what, inner)
-    }
-
-    fn member_at(&self, block: &str, l: usize, what: &str, inner: &str) -> Option<String> {
-        let inner = if what == "resnets" {
-            // the sgm ResBlock's layers and diffusers' ResnetBlock2D's
-            match inner {
-                "in_layers_2" => "conv1",
-                "out_layers_3" => "conv2",
-                "emb_layers_1" => "time_emb_proj",
-                "skip_connection" => "conv_shortcut",
-                _ => return None,
-            }
-        } else if inner.is_empty() {
-            return None;
-        } else {
-            inner
-        };
-        Some(format!("{block}_{what}_{l}_{inner}"))
-    }
+/// `<block>_<what>_<l>_<inner>` (`block`: `down_blocks_1`, `mid_block`, ...), with a resnet's
+/// inner layer named as diffusers names it; None for a layer no LoRA targets (a norm) or none.
+fn member(block: &str, l: usize, what: &str, inner: &str) -> Option<String> {
+    let inner = if what == "resnets" {
+        // the sgm ResBlock's layers and diffusers' ResnetBlock2D's
+        match inner {
+            "in_layers_2" => "conv1",
+            "out_layers_3" => "conv2",
+            "emb_layers_1" => "time_emb_proj",
+            "skip_connection" => "conv_shortcut",
+            _ => return None,
+        }
+    } else if inner.is_empty() {
+        return None;
+    } else {
+        inner
+    };
+    Some(format!("{block}_{what}_{l}_{inner}"))
 }
 
 /// `<n>_<rest>` (or `<n>` alone) → (n, rest); a number as sd-scripts writes it (no sign, no
@@ -281,15 +279,9 @@ mod tests {
         }
         paths.push("mid_block.attentions.0.proj_in".into());
         paths.push("mid_block.resnets.1.conv1".into());
-        UnetLayout::from_paths(
-            paths
-                .iter()
-                .map(|p| format!("unet.{p}"))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(String::as_str),
-        )
-        .unwrap()
+        // (rooted: read from the block components wherever they are)
+        let paths: Vec<String> = paths.iter().map(|p| format!("unet.{p}")).collect();
+        UnetLayout::from_paths(paths.iter().map(String::as_str)).unwrap()
     }
 
     #[test]
