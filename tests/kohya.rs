@@ -191,6 +191,17 @@ fn original_unet_block_names_are_found_in_diffusers_blocks() {
         report.contains("1 UNet module(s) named as in SDXL's original (sgm) UNet"),
         "{report}"
     );
+    // (it changed that module: the comparison below is not of two unchanged models)
+    let record: serde_json::Value = report
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "module")
+        .unwrap_or_else(|| panic!("no module record: {report}"));
+    assert_eq!(
+        record["module"], "down_blocks.0.attentions.0.proj_in",
+        "{report}"
+    );
+    assert!(record["max_abs_delta"].as_f64().unwrap() > 0.0, "{report}");
     onnx_lora_ok(&fold_args(&unet(), &[&diffusers], &b, &[]));
     assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
 
