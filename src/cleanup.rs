@@ -9,6 +9,13 @@
 //! first, then its path leaves the registry). An interrupt therefore either removes a temp
 //! before it is renamed, or finds it already in place and complete.
 //!
+//! Temp files are unnamed where the system allows it (Linux `O_TMPFILE`, [`TempFile`]): the
+//! data is written into a file with no name in the output folder, and linked in beside the
+//! output only to be renamed over it, with the registry locked. A run the kernel kills outright
+//! (SIGKILL, the OOM killer), or a machine that loses power, then leaves no partial file
+//! behind: the kernel frees an unnamed file when its last descriptor closes. Elsewhere (other
+//! systems, filesystems without `O_TMPFILE`) a temp is a named `.onnx-lora-XXXX…` file.
+//!
 //! It also holds what the run is doing ([`doing`]), which the last line of a run that has to
 //! stop at once names (the binary's handler of a failed allocation, which then removes the
 //! temps with [`try_remove_all_for_exit`]).
@@ -25,6 +32,9 @@ pub const TEMP_PREFIX: &str = ".onnx-lora-";
 pub enum Kind {
     File,
     Dir,
+    /// An unnamed temp file, registered under the output it will become: nothing on disk to
+    /// remove (the kernel frees it as the process ends), but counted and named as removed.
+    Unnamed,
 }
 
 struct Entry {
@@ -69,6 +79,7 @@ impl Registry {
             let done = match e.kind {
                 Kind::File => std::fs::remove_file(&e.path),
                 Kind::Dir => std::fs::remove_dir_all(&e.path),
+                Kind::Unnamed => Ok(()),
             };
             if done.is_ok() {
                 on_removed(&e.path);
@@ -162,6 +173,7 @@ impl<T> Tracked<T> {
         }
         if let Some(e) = reg.live.iter_mut().find(|e| e.id == guard.id) {
             e.path = dest.to_path_buf();
+            e.kind = Kind::File;
         }
         drop(reg);
         Ok(guard)
@@ -180,18 +192,208 @@ fn track<T>(
     Ok(Tracked { temp, guard })
 }
 
-/// A registered temp file `.onnx-lora-XXXX<suffix>` in `dir`.
-pub fn temp_file_in(dir: &Path, suffix: &str) -> io::Result<Tracked<tempfile::NamedTempFile>> {
-    track(
-        Kind::File,
-        || {
-            tempfile::Builder::new()
-                .prefix(TEMP_PREFIX)
-                .suffix(suffix)
-                .tempfile_in(dir)
+/// A file being written, to be put in place with [`TempFile::persist`]: unnamed where the
+/// system allows it (see the module's documentation), else a named temp.
+#[derive(Debug)]
+pub struct TempFile {
+    inner: TempInner,
+}
+
+#[derive(Debug)]
+enum TempInner {
+    /// An `O_TMPFILE` file and the folder it lives in.
+    #[cfg(target_os = "linux")]
+    Unnamed {
+        file: std::fs::File,
+        dir: PathBuf,
+    },
+    Named(tempfile::NamedTempFile),
+}
+
+impl TempFile {
+    pub fn as_file(&self) -> &std::fs::File {
+        match &self.inner {
+            #[cfg(target_os = "linux")]
+            TempInner::Unnamed { file, .. } => file,
+            TempInner::Named(t) => t.as_file(),
+        }
+    }
+
+    pub fn as_file_mut(&mut self) -> &mut std::fs::File {
+        match &mut self.inner {
+            #[cfg(target_os = "linux")]
+            TempInner::Unnamed { file, .. } => file,
+            TempInner::Named(t) => t.as_file_mut(),
+        }
+    }
+
+    /// Whether the file has no name on disk (nothing is left of it if the process dies).
+    pub fn is_unnamed(&self) -> bool {
+        !matches!(self.inner, TempInner::Named(_))
+    }
+
+    /// Puts the file in place at `dest` (replacing what is there), atomically: a named temp is
+    /// renamed; an unnamed one is linked under a temp name beside `dest`, then renamed.
+    pub fn persist(self, dest: &Path) -> io::Result<()> {
+        match self.inner {
+            #[cfg(target_os = "linux")]
+            TempInner::Unnamed { file, dir } => unnamed::persist(&file, &dir, dest),
+            TempInner::Named(t) => t.persist(dest).map(drop).map_err(|e| e.error),
+        }
+    }
+}
+
+/// Linux `O_TMPFILE`: files without a name until they are linked into place.
+#[cfg(target_os = "linux")]
+mod unnamed {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Cleared once linking an unnamed file failed (no `/proc`, say): later temps are named.
+    static LINKABLE: AtomicBool = AtomicBool::new(true);
+
+    fn c_path(p: &Path) -> io::Result<CString> {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    }
+
+    /// An unnamed file in `dir` (mode 0600), or `None` where the filesystem or the system
+    /// cannot make one (or link one: checked once per process, by linking a first, empty one
+    /// under a temp name and removing that name at once; a file linked once cannot be linked
+    /// again after its name goes, so the probe is not the file returned).
+    pub(super) fn create(dir: &Path) -> io::Result<Option<File>> {
+        static PROBED: AtomicBool = AtomicBool::new(false);
+        if !PROBED.swap(true, Ordering::Relaxed) {
+            let linked = match open(dir)? {
+                Some(probe) => link_beside(&probe, dir).and_then(std::fs::remove_file),
+                None => return Ok(None),
+            };
+            if linked.is_err() {
+                LINKABLE.store(false, Ordering::Relaxed);
+            }
+        }
+        if !LINKABLE.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        open(dir)
+    }
+
+    /// `open(dir, O_TMPFILE)`; `None` where the filesystem or kernel has no `O_TMPFILE`.
+    fn open(dir: &Path) -> io::Result<Option<File>> {
+        let c = c_path(dir)?;
+        // SAFETY: a NUL-terminated path; the returned descriptor is owned by the File below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(Some(unsafe { File::from_raw_fd(fd) }))
+    }
+
+    /// Links `file` into `dir` under a new temp name, returned.
+    fn link_beside(file: &File, dir: &Path) -> io::Result<PathBuf> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|_| io::Error::other("descriptor path"))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        for _ in 0..100 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let name = dir.join(format!(
+                "{}{}-{n}-{nanos:08x}.link.tmp",
+                super::TEMP_PREFIX,
+                std::process::id()
+            ));
+            let c = c_path(&name)?;
+            // SAFETY: two NUL-terminated paths; AT_SYMLINK_FOLLOW links what the descriptor's
+            // /proc entry names, the unnamed file (the documented way for O_TMPFILE files).
+            let rc = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if rc == 0 {
+                return Ok(name);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free temp name to link the output under",
+        ))
+    }
+
+    /// Links the unnamed `file` beside `dest` and renames it over `dest`.
+    pub(super) fn persist(file: &File, dir: &Path, dest: &Path) -> io::Result<()> {
+        let name = link_beside(file, dir)?;
+        std::fs::rename(&name, dest).inspect_err(|_| {
+            let _ = std::fs::remove_file(&name);
+        })
+    }
+}
+
+/// A registered temp file in `dir` that becomes `dest`: unnamed where the system allows it
+/// (registered under `dest`, which is what an interrupted run names as removed), else named
+/// `.onnx-lora-XXXX<suffix>`.
+pub fn temp_file_in(dir: &Path, suffix: &str, dest: &Path) -> io::Result<Tracked<TempFile>> {
+    let mut reg = lock();
+    #[cfg(target_os = "linux")]
+    if let Some(file) = unnamed::create(dir)? {
+        let guard = reg.add(dest.to_path_buf(), Kind::Unnamed);
+        let inner = TempInner::Unnamed {
+            file,
+            dir: dir.to_path_buf(),
+        };
+        return Ok(Tracked {
+            temp: TempFile { inner },
+            guard,
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = dest;
+    named_temp_file_in(&mut reg, dir, suffix)
+}
+
+/// A registered named temp file `.onnx-lora-XXXX<suffix>` in `dir` (the registry is locked).
+fn named_temp_file_in(
+    reg: &mut Registry,
+    dir: &Path,
+    suffix: &str,
+) -> io::Result<Tracked<TempFile>> {
+    let named = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(suffix)
+        .tempfile_in(dir)?;
+    let guard = reg.add(named.path().to_path_buf(), Kind::File);
+    Ok(Tracked {
+        temp: TempFile {
+            inner: TempInner::Named(named),
         },
-        |t| t.path(),
-    )
+        guard,
+    })
 }
 
 /// A registered temp folder `.onnx-lora-XXXX` in `dir`.
@@ -301,23 +503,59 @@ mod tests {
         lock().live.iter().any(|e| e.path == path)
     }
 
+    /// What `dir` holds, by name.
+    fn listing(dir: &Path) -> Result<Vec<String>, std::io::Error> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            names.push(e?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
     #[test]
-    fn dropped_temp_file_is_deleted_and_unregistered() -> TestResult {
+    fn dropped_named_temp_file_is_deleted_and_unregistered() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let tmp = temp_file_in(dir.path(), ".onnx.tmp")?;
-        let path = tmp.path().to_path_buf();
-        let name = path
-            .file_name()
-            .ok_or("no file name")?
-            .to_string_lossy()
-            .to_string();
+        let tmp = named_temp_file_in(&mut lock(), dir.path(), ".onnx.tmp")?;
+        let [name] = &listing(dir.path())?[..] else {
+            return Err("not one file in the folder".into());
+        };
         assert!(
-            name.starts_with(TEMP_PREFIX) && name.ends_with(".onnx.tmp"),
+            name.starts_with(TEMP_PREFIX) && name.ends_with(".onnx.tmp") && !tmp.is_unnamed(),
             "{name}"
         );
-        assert!(registered(&path) && path.exists());
+        let path = dir.path().join(name);
+        assert!(registered(&path));
         drop(tmp);
         assert!(!registered(&path) && !path.exists());
+        Ok(())
+    }
+
+    /// On Linux filesystems with `O_TMPFILE` (ext4, xfs, btrfs, tmpfs) the temp has no name:
+    /// the folder stays empty while it is written, and nothing is left if it is dropped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn temp_file_is_unnamed_where_the_filesystem_allows() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let dest = dir.path().join("m.onnx");
+        let mut tmp = temp_file_in(dir.path(), ".onnx.tmp", &dest)?;
+        if !tmp.is_unnamed() {
+            // (a filesystem without O_TMPFILE: the named temps are tested above)
+            eprintln!("no O_TMPFILE in {}: named temps", dir.path().display());
+            return Ok(());
+        }
+        std::io::Write::write_all(tmp.as_file_mut(), b"partial")?;
+        assert!(listing(dir.path())?.is_empty(), "{:?}", listing(dir.path()));
+        assert!(registered(&dest));
+        drop(tmp);
+        assert!(!registered(&dest) && listing(dir.path())?.is_empty());
+        // Put in place: the file, and no temp name left behind.
+        let mut tmp = temp_file_in(dir.path(), ".onnx.tmp", &dest)?;
+        std::io::Write::write_all(tmp.as_file_mut(), b"whole")?;
+        tmp.commit(vec![], |t| t.persist(&dest))?;
+        assert_eq!(listing(dir.path())?, ["m.onnx"]);
+        assert_eq!(std::fs::read(&dest)?, b"whole");
+        assert!(!registered(&dest));
         Ok(())
     }
 
@@ -325,25 +563,36 @@ mod tests {
     fn committed_temp_is_unregistered_with_what_it_completes() -> TestResult {
         let dir = tempfile::tempdir()?;
         let (data, model) = (dir.path().join("m.onnx.data"), dir.path().join("m.onnx"));
-        let d = temp_file_in(dir.path(), ".data.tmp")?;
-        let staged = d.stage(&data, |t| t.persist(&data).map(drop))?;
-        assert!(registered(&data) && data.exists());
-        let m = temp_file_in(dir.path(), ".onnx.tmp")?;
-        let m_path = m.path().to_path_buf();
-        m.commit(vec![staged], |t| t.persist(&model).map(drop))?;
-        assert!(!registered(&data) && !registered(&model) && !registered(&m_path));
-        assert!(data.exists() && model.exists());
+        for named in [true, false] {
+            let d = if named {
+                named_temp_file_in(&mut lock(), dir.path(), ".data.tmp")?
+            } else {
+                temp_file_in(dir.path(), ".data.tmp", &data)?
+            };
+            let staged = d.stage(&data, |t| t.persist(&data))?;
+            assert!(registered(&data) && data.exists());
+            let m = temp_file_in(dir.path(), ".onnx.tmp", &model)?;
+            m.commit(vec![staged], |t| t.persist(&model))?;
+            assert!(!registered(&data) && !registered(&model));
+            assert_eq!(listing(dir.path())?, ["m.onnx", "m.onnx.data"]);
+        }
         Ok(())
     }
 
     #[test]
     fn failed_commit_deletes_the_temp() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let m = temp_file_in(dir.path(), ".onnx.tmp")?;
-        let path = m.path().to_path_buf();
         let bad = dir.path().join("missing/m.onnx");
-        assert!(m.commit(vec![], |t| t.persist(&bad).map(drop)).is_err());
-        assert!(!registered(&path) && !path.exists());
+        for named in [true, false] {
+            let m = if named {
+                named_temp_file_in(&mut lock(), dir.path(), ".onnx.tmp")?
+            } else {
+                temp_file_in(dir.path(), ".onnx.tmp", &bad)?
+            };
+            assert!(m.commit(vec![], |t| t.persist(&bad)).is_err());
+            assert!(listing(dir.path())?.is_empty(), "{:?}", listing(dir.path()));
+            assert!(!registered(&bad));
+        }
         Ok(())
     }
 
@@ -382,10 +631,12 @@ mod tests {
             reg.add(folder.clone(), Kind::Dir),
             reg.add(file.clone(), Kind::File),
             reg.add(dir.path().join("gone"), Kind::File),
+            // (nothing on disk: counted, named by the output it was to become)
+            reg.add(dir.path().join("out.onnx"), Kind::Unnamed),
         ];
         let mut seen = Vec::new();
-        assert_eq!(reg.remove_all(|p| seen.push(p.to_path_buf())), 2);
-        assert_eq!(seen, [file, folder.clone()]);
+        assert_eq!(reg.remove_all(|p| seen.push(p.to_path_buf())), 3);
+        assert_eq!(seen, [dir.path().join("out.onnx"), file, folder.clone()]);
         assert!(!folder.exists() && reg.live.is_empty());
         // Local guards: not in the process registry.
         guards.into_iter().for_each(std::mem::forget);

@@ -108,6 +108,42 @@ fn temps(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether process `pid` has a file open in `dir`: on Linux a temp being written there has no
+/// name (`O_TMPFILE`), so it shows only among the process's descriptors (as `dir/#N (deleted)`).
+fn writing_into(pid: u32, dir: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(dir) = dir.canonicalize() else {
+            return false;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| target.starts_with(&dir))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (pid, dir);
+        false
+    }
+}
+
+/// Whether `dir` takes unnamed files (`O_TMPFILE`), as onnx-lora's temps are made there.
+#[cfg(target_os = "linux")]
+fn takes_unnamed_files(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; the descriptor is closed at once.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+    if fd >= 0 {
+        // SAFETY: the descriptor opened above.
+        unsafe { libc::close(fd) };
+    }
+    fd >= 0
+}
+
 /// The name and `SigBlk` / `SigIgn` masks of every thread of `pid` (Linux `/proc`).
 #[cfg(target_os = "linux")]
 fn thread_masks(pid: u32) -> Vec<(String, u64, u64)> {
@@ -186,7 +222,7 @@ enum Outcome {
 }
 
 /// Converts a `mb` MiB model with `extra` flags into an empty folder and sends `sig` as soon
-/// as a temp file appears there.
+/// as the run writes there (a temp file appears, or the run holds one open there).
 fn interrupt_convert(
     sig: libc::c_int,
     mb: usize,
@@ -205,7 +241,7 @@ fn interrupt_convert(
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if !temps(&out_dir).is_empty() {
+        if !temps(&out_dir).is_empty() || writing_into(child.id(), &out_dir) {
             break;
         }
         if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
@@ -271,6 +307,39 @@ fn sigterm_while_writing_inline_removes_the_temp_file() {
 #[test]
 fn sigint_while_writing_external_data_removes_both_files() {
     check_interrupted(libc::SIGINT, "SIGINT", &["--external-data", "-q"]);
+}
+
+/// SIGKILL, the signal no handler sees (the kernel's OOM killer sends it), while writing: where
+/// the output folder takes unnamed files (Linux `O_TMPFILE`: ext4, xfs, btrfs, tmpfs), nothing
+/// of the run is left there; elsewhere its named temps are, but never a file at the output's
+/// name.
+#[cfg(target_os = "linux")]
+#[test]
+fn sigkill_while_writing_leaves_no_partial_file() {
+    for mb in [64, 128, 256] {
+        let (outcome, out_dir, _dir) =
+            interrupt_convert(libc::SIGKILL, mb, &["--external-data", "-q"]);
+        let Outcome::Interrupted { code, stderr } = outcome else {
+            eprintln!("a {mb} MiB model was written before the signal; trying a bigger one");
+            continue;
+        };
+        assert_eq!(code, None, "killed by the signal; stderr: {stderr}");
+        if takes_unnamed_files(&out_dir) {
+            assert_empty(&out_dir);
+        } else {
+            let left: Vec<_> = std::fs::read_dir(&out_dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(
+                left.iter().all(|n| n.starts_with(".onnx-lora-")),
+                "{left:?}"
+            );
+        }
+        return;
+    }
+    panic!("every write finished before the signal: this machine writes too fast for the test");
 }
 
 #[test]

@@ -144,9 +144,7 @@ impl Buf {
 /// Writes an adapter file atomically, never over one of the run's `inputs`.
 pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]) -> Result<()> {
     encoded_temp(path, params, inputs)?.commit(Vec::new(), |t| {
-        t.persist(path)
-            .map(drop)
-            .map_err(|e| Error::io(path, e.error))
+        t.persist(path).map_err(|e| Error::io(path, e))
     })
 }
 
@@ -157,11 +155,8 @@ pub fn write_staged(
     params: &[AdapterParam],
     inputs: &[std::path::PathBuf],
 ) -> Result<crate::cleanup::Guard> {
-    encoded_temp(path, params, inputs)?.stage(path, |t| {
-        t.persist(path)
-            .map(drop)
-            .map_err(|e| Error::io(path, e.error))
-    })
+    encoded_temp(path, params, inputs)?
+        .stage(path, |t| t.persist(path).map_err(|e| Error::io(path, e)))
 }
 
 /// The encoded adapter in a registered temp file beside `path`.
@@ -169,11 +164,11 @@ fn encoded_temp(
     path: &Path,
     params: &[AdapterParam],
     inputs: &[std::path::PathBuf],
-) -> Result<crate::cleanup::Tracked<tempfile::NamedTempFile>> {
+) -> Result<crate::cleanup::Tracked<crate::cleanup::TempFile>> {
     let dir = crate::onnx::io::output_dir(path)?;
     crate::onnx::io::check_outputs(&[path], inputs)?;
     let mut tmp =
-        crate::cleanup::temp_file_in(&dir, ".adapter.tmp").map_err(|e| Error::io(&dir, e))?;
+        crate::cleanup::temp_file_in(&dir, ".adapter.tmp", path).map_err(|e| Error::io(&dir, e))?;
     std::io::Write::write_all(tmp.as_file_mut(), &encode(params, 1, 1))
         .map_err(|e| Error::io(path, e))?;
     crate::onnx::io::make_readable(tmp.as_file(), path)?;

@@ -802,8 +802,9 @@ fn save_impl(
     match &external_name {
         None => {}
         Some(name) => {
-            let tmp = crate::cleanup::temp_file_in(&out_dir, ".data.tmp")
-                .map_err(|e| Error::io(&out_dir, e))?;
+            let tmp =
+                crate::cleanup::temp_file_in(&out_dir, ".data.tmp", &out.with_file_name(name))
+                    .map_err(|e| Error::io(&out_dir, e))?;
             let (bytes, count) = write_external(
                 model,
                 &mut proto,
@@ -840,8 +841,8 @@ fn save_impl(
             opts.protobuf_limit
         )));
     }
-    let mut tmp =
-        crate::cleanup::temp_file_in(&out_dir, ".onnx.tmp").map_err(|e| Error::io(&out_dir, e))?;
+    let mut tmp = crate::cleanup::temp_file_in(&out_dir, ".onnx.tmp", out)
+        .map_err(|e| Error::io(&out_dir, e))?;
     let mut buf = Vec::with_capacity(encoded_len as usize);
     proto
         .encode(&mut buf)
@@ -873,18 +874,14 @@ fn save_impl(
     let mut staged = Vec::new();
     if let (Some(data), Some(dest)) = (data_tmp, &report.external_data) {
         make_readable(data.as_file(), dest)?;
-        staged.push(data.stage(dest, |t| {
-            t.persist(dest)
-                .map(drop)
-                .map_err(|e| Error::io(dest, e.error))
-        })?);
+        staged.push(data.stage(dest, |t| t.persist(dest).map_err(|e| Error::io(dest, e)))?);
     }
-    let persist = |t: tempfile::NamedTempFile| {
-        t.persist(out).map(drop).map_err(|e| {
+    let persist = |t: crate::cleanup::TempFile| {
+        t.persist(out).map_err(|e| {
             if let Some(dest) = &report.external_data {
                 let _ = std::fs::remove_file(dest);
             }
-            Error::io(out, e.error)
+            Error::io(out, e)
         })
     };
     if provisional {
