@@ -13,8 +13,10 @@
 //! data is written into a file with no name in the output folder, and linked in beside the
 //! output only to be renamed over it, with the registry locked. A run the kernel kills outright
 //! (SIGKILL, the OOM killer), or a machine that loses power, then leaves no partial file
-//! behind: the kernel frees an unnamed file when its last descriptor closes. Elsewhere (other
-//! systems, filesystems without `O_TMPFILE`) a temp is a named `.onnx-lora-XXXX…` file.
+//! behind (but in the microseconds between that link and the rename): the kernel frees an
+//! unnamed file when its last descriptor closes. Where one cannot be made (other systems,
+//! filesystems without `O_TMPFILE`) a temp is a named `.onnx-lora-XXXX…` file; where one
+//! cannot be linked (no `/proc`), its content is copied into a named temp to be renamed.
 //!
 //! It also holds what the run is doing ([`doing`]), which the last line of a run that has to
 //! stop at once names (the binary's handler of a failed allocation, which then removes the
@@ -72,8 +74,8 @@ impl Registry {
 
     /// Removes every registered path from the disk, the newest first (a temp file inside a
     /// temp folder before the folder), and empties the registry. Returns how many were removed,
-    /// and gives each one's path to `on_removed`.
-    fn remove_all(&mut self, mut on_removed: impl FnMut(&Path)) -> usize {
+    /// and gives each one's path and kind to `on_removed`.
+    fn remove_all(&mut self, mut on_removed: impl FnMut(&Path, Kind)) -> usize {
         let mut removed = 0;
         for e in self.live.drain(..).rev() {
             let done = match e.kind {
@@ -82,7 +84,7 @@ impl Registry {
                 Kind::Unnamed => Ok(()),
             };
             if done.is_ok() {
-                on_removed(&e.path);
+                on_removed(&e.path, e.kind);
                 removed += 1;
             }
         }
@@ -252,40 +254,18 @@ mod unnamed {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-    /// Cleared once linking an unnamed file failed (no `/proc`, say): later temps are named.
-    static LINKABLE: AtomicBool = AtomicBool::new(true);
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn c_path(p: &Path) -> io::Result<CString> {
         CString::new(p.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
     }
 
-    /// An unnamed file in `dir` (mode 0600), or `None` where the filesystem or the system
-    /// cannot make one (or link one: checked once per process, by linking a first, empty one
-    /// under a temp name and removing that name at once; a file linked once cannot be linked
-    /// again after its name goes, so the probe is not the file returned).
-    pub(super) fn create(dir: &Path) -> io::Result<Option<File>> {
-        static PROBED: AtomicBool = AtomicBool::new(false);
-        if !PROBED.swap(true, Ordering::Relaxed) {
-            let linked = match open(dir)? {
-                Some(probe) => link_beside(&probe, dir).and_then(std::fs::remove_file),
-                None => return Ok(None),
-            };
-            if linked.is_err() {
-                LINKABLE.store(false, Ordering::Relaxed);
-            }
-        }
-        if !LINKABLE.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        open(dir)
-    }
-
-    /// `open(dir, O_TMPFILE)`; `None` where the filesystem or kernel has no `O_TMPFILE`.
-    fn open(dir: &Path) -> io::Result<Option<File>> {
-        let c = c_path(dir)?;
+    /// An unnamed file in `dir` (mode 0600), or `None` where it cannot be made (no
+    /// `O_TMPFILE` in this filesystem or kernel, a policy refusing it, ...): the caller then
+    /// makes a named temp, whose error, if that fails too, is the one to report.
+    pub(super) fn create(dir: &Path) -> Option<File> {
+        let c = c_path(dir).ok()?;
         // SAFETY: a NUL-terminated path; the returned descriptor is owned by the File below.
         let fd = unsafe {
             libc::open(
@@ -294,32 +274,30 @@ mod unnamed {
                 0o600 as libc::c_uint,
             )
         };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(None),
-                _ => Err(e),
-            };
-        }
         // SAFETY: `fd` is a new descriptor that nothing else owns.
-        Ok(Some(unsafe { File::from_raw_fd(fd) }))
+        (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// A new temp name in `dir` (`.onnx-lora-<pid>-<n>-<time>.link.tmp`).
+    fn temp_name(dir: &Path) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        dir.join(format!(
+            "{}{}-{n}-{nanos:08x}.link.tmp",
+            super::TEMP_PREFIX,
+            std::process::id()
+        ))
     }
 
     /// Links `file` into `dir` under a new temp name, returned.
     fn link_beside(file: &File, dir: &Path) -> io::Result<PathBuf> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|_| io::Error::other("descriptor path"))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
         for _ in 0..100 {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let name = dir.join(format!(
-                "{}{}-{n}-{nanos:08x}.link.tmp",
-                super::TEMP_PREFIX,
-                std::process::id()
-            ));
+            let name = temp_name(dir);
             let c = c_path(&name)?;
             // SAFETY: two NUL-terminated paths; AT_SYMLINK_FOLLOW links what the descriptor's
             // /proc entry names, the unnamed file (the documented way for O_TMPFILE files).
@@ -346,9 +324,30 @@ mod unnamed {
         ))
     }
 
-    /// Links the unnamed `file` beside `dest` and renames it over `dest`.
+    /// Where the unnamed file cannot be linked (no `/proc` to link it through, say): its
+    /// content copied into a named temp in `dir` (in the kernel, `copy_file_range`), synced,
+    /// whose name is returned.
+    fn copy_beside(file: &File, dir: &Path) -> io::Result<PathBuf> {
+        let mut named = tempfile::Builder::new()
+            .prefix(super::TEMP_PREFIX)
+            .suffix(".copy.tmp")
+            .tempfile_in(dir)?;
+        let mut from = file;
+        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(0))?;
+        std::io::copy(&mut from, named.as_file_mut())?;
+        named
+            .as_file()
+            .set_permissions(file.metadata()?.permissions())?;
+        named.as_file().sync_data()?;
+        named.into_temp_path().keep().map_err(|e| e.error)
+    }
+
+    /// Links the unnamed `file` beside `dest` (or copies it there) and renames it over `dest`.
     pub(super) fn persist(file: &File, dir: &Path, dest: &Path) -> io::Result<()> {
-        let name = link_beside(file, dir)?;
+        let name = match link_beside(file, dir) {
+            Ok(name) => name,
+            Err(_) => copy_beside(file, dir)?,
+        };
         std::fs::rename(&name, dest).inspect_err(|_| {
             let _ = std::fs::remove_file(&name);
         })
@@ -361,7 +360,7 @@ mod unnamed {
 pub fn temp_file_in(dir: &Path, suffix: &str, dest: &Path) -> io::Result<Tracked<TempFile>> {
     let mut reg = lock();
     #[cfg(target_os = "linux")]
-    if let Some(file) = unnamed::create(dir)? {
+    if let Some(file) = unnamed::create(dir) {
         let guard = reg.add(dest.to_path_buf(), Kind::Unnamed);
         let inner = TempInner::Unnamed {
             file,
@@ -407,8 +406,9 @@ pub fn temp_dir_in(dir: &Path) -> io::Result<Tracked<tempfile::TempDir>> {
 
 /// Like [`remove_all_for_exit`], for a thread that may itself hold the registry (a failed
 /// allocation can happen anywhere): waits up to about a second for the lock, and gives up
-/// (`None`) rather than wait for good. Each removed path is given to `on_removed`.
-pub fn try_remove_all_for_exit(on_removed: impl FnMut(&Path)) -> Option<usize> {
+/// (`None`) rather than wait for good. Each removed path is given to `on_removed`, with its
+/// kind (an unnamed file's path is the output it was to become, which is not removed).
+pub fn try_remove_all_for_exit(on_removed: impl FnMut(&Path, Kind)) -> Option<usize> {
     for _ in 0..100 {
         let mut reg = match REGISTRY.try_lock() {
             Ok(reg) => reg,
@@ -488,7 +488,7 @@ pub fn with_activity_for_exit(f: impl FnOnce(&str)) {
 /// or rename one into place afterwards: call it only right before exiting.
 pub fn remove_all_for_exit() -> usize {
     let mut reg = lock();
-    let removed = reg.remove_all(|_| {});
+    let removed = reg.remove_all(|_, _| {});
     std::mem::forget(reg);
     removed
 }
@@ -556,6 +556,38 @@ mod tests {
         assert_eq!(listing(dir.path())?, ["m.onnx"]);
         assert_eq!(std::fs::read(&dest)?, b"whole");
         assert!(!registered(&dest));
+        Ok(())
+    }
+
+    /// A file that cannot be linked (here `O_EXCL`, as where `/proc` is missing) is copied into
+    /// a named temp and renamed into place: the output whole, no temp left.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_unlinkable_unnamed_file_is_copied_into_place() -> TestResult {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir()?;
+        let c = std::ffi::CString::new(dir.path().as_os_str().as_bytes())?;
+        // SAFETY: a NUL-terminated path; the descriptor is owned by the File below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_TMPFILE | libc::O_EXCL | libc::O_RDWR,
+                0o644 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            eprintln!("no O_TMPFILE in {}", dir.path().display());
+            return Ok(());
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        std::io::Write::write_all(&mut file, &data)?;
+        let dest = dir.path().join("m.onnx");
+        unnamed::persist(&file, dir.path(), &dest)?;
+        assert_eq!(std::fs::read(&dest)?, data);
+        assert_eq!(listing(dir.path())?, ["m.onnx"]);
         Ok(())
     }
 
@@ -635,7 +667,7 @@ mod tests {
             reg.add(dir.path().join("out.onnx"), Kind::Unnamed),
         ];
         let mut seen = Vec::new();
-        assert_eq!(reg.remove_all(|p| seen.push(p.to_path_buf())), 3);
+        assert_eq!(reg.remove_all(|p, _| seen.push(p.to_path_buf())), 3);
         assert_eq!(seen, [dir.path().join("out.onnx"), file, folder.clone()]);
         assert!(!folder.exists() && reg.live.is_empty());
         // Local guards: not in the process registry.

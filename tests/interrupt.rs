@@ -469,3 +469,50 @@ fn sigterm_between_the_model_and_its_adapter_file_removes_both() {
     }
     panic!("no run was interrupted between the model and its adapter file");
 }
+
+/// Running out of memory while writing over an earlier output: the line says the unfinished
+/// write was removed, naming the output, and the earlier output is left as it was (on Linux the
+/// file being written has no name; elsewhere its named temp goes).
+#[test]
+fn out_of_memory_while_writing_keeps_the_earlier_output() {
+    let mb = 256;
+    let (_dir, input, out_dir, out) = big_model_and_out_dir(mb);
+    std::fs::write(&out, b"earlier").unwrap();
+    // Enough address space to map the input, not to encode a second copy of it in memory.
+    for extra in [150, 250, 350] {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v {} && exec \"$0\" \"$@\"",
+                (mb + extra) * 1024
+            ))
+            .arg(env!("CARGO_BIN_EXE_onnx-lora"))
+            .args([
+                "convert",
+                input.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .args(["--inline", "-q"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !err.contains("out of memory while writing") {
+            eprintln!("under {} MiB: {err}", mb + extra);
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        if cfg!(target_os = "linux") {
+            let expect = format!("; removed the unfinished write of {}", out.display());
+            assert!(err.trim_end().ends_with(&expect), "{err}");
+        } else {
+            assert!(err.contains("; removed "), "{err}");
+        }
+        assert!(err.contains("could not be allocated"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"earlier");
+        assert!(temps(&out_dir).is_empty(), "{:?}", temps(&out_dir));
+        return;
+    }
+    panic!("no address-space limit made the write run out of memory");
+}

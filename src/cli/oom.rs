@@ -96,9 +96,13 @@ fn failed(size: usize) -> ! {
     let mut end = Line::new();
     // The run's temps, and its outputs not yet accepted (those `--verify` was checking).
     let mut first = true;
-    let removed = onnx_lora::cleanup::try_remove_all_for_exit(|path| {
+    let removed = onnx_lora::cleanup::try_remove_all_for_exit(|path, kind| {
         end.push(if first { "; removed " } else { ", " });
         first = false;
+        if kind == onnx_lora::cleanup::Kind::Unnamed {
+            // (the file being written had no name yet: what is at `path` stays as it was)
+            end.push("the unfinished write of ");
+        }
         let _ = write!(end, "{}", path.display());
     });
     if removed.is_none() {
