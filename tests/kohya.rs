@@ -381,3 +381,120 @@ fn serving_adapters_name_sgm_modules_by_the_files_name_and_their_place() {
     ]);
     assert!(out.exists());
 }
+
+/// A one-MatMul model `y = x @ W` (4 × 4) whose node is named `node`, as TorchScript names a
+/// Linear's (`/decoder/mid_block/attentions.0/to_q/MatMul`), its weight anonymous.
+fn matmul_model(path: &Path, node: &str) {
+    use onnx_lora::onnx::pb::{
+        GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+        TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
+        tensor_shape_proto::dimension::Value as DimValue, type_proto,
+    };
+    use prost::Message;
+    let info = |name: &str| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: [1, 4]
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(DimValue::DimValue(d)),
+                            denotation: None,
+                        })
+                        .collect(),
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    };
+    let raw: Vec<u8> = (0..16).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![NodeProto {
+                input: vec!["x".into(), "onnx::MatMul_7".into()],
+                output: vec!["y".into()],
+                op_type: Some("MatMul".into()),
+                name: Some(node.into()),
+                ..Default::default()
+            }],
+            input: vec![info("x")],
+            output: vec![info("y")],
+            initializer: vec![TensorProto {
+                name: Some("onnx::MatMul_7".into()),
+                dims: vec![4, 4],
+                data_type: Some(1),
+                raw_data: Some(raw.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+/// kohya files adapt the UNet, never a VAE, whose blocks carry the UNet's names under
+/// `encoder.` / `decoder.`: a UNet module matches nothing in a VAE export (one file of a
+/// pipeline exported part by part), while a UNet exported under a wrapper still binds.
+/// (Before, the UNet's name bound under the VAE's `decoder.`.)
+#[test]
+fn unet_modules_match_nothing_in_a_vae() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = "lora_unet_mid_block_attentions_0_to_q";
+    let file = write_kohya(
+        &dir.path().join("unet.safetensors"),
+        &[
+            (&format!("{stem}.lora_down.weight"), vec![2, 4]),
+            (&format!("{stem}.lora_up.weight"), vec![4, 2]),
+        ],
+    );
+    for coder in ["decoder", "encoder"] {
+        let out = dir.path().join(format!("{coder}.out.onnx"));
+        let vae = dir.path().join(format!("{coder}.onnx"));
+        matmul_model(
+            &vae,
+            &format!("/{coder}/mid_block/attentions.0/to_q/MatMul"),
+        );
+        let err = fold_fails(&vae, &file, &out, &[]);
+        assert!(
+            err.contains(stem) && err.contains("match no weight"),
+            "{err}"
+        );
+        // (allowed: the VAE is written unchanged, the module reported unmatched)
+        let o = onnx_lora(&[
+            "fold",
+            s(&vae),
+            s(&file),
+            "-o",
+            s(&out),
+            "--allow-unmatched",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("unmatched adapter module") && err.contains(stem),
+            "{err}"
+        );
+        assert!(err.contains("folded 0 weights"), "{err}");
+    }
+    let out = dir.path().join("out.onnx");
+    let wrapped = dir.path().join("wrapped.onnx");
+    matmul_model(&wrapped, "/unet/mid_block/attentions.0/to_q/MatMul");
+    let o = onnx_lora(&["fold", s(&wrapped), s(&file), "-o", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("\"module\":\"unet.mid_block.attentions.0.to_q\""),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

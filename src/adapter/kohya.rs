@@ -282,6 +282,28 @@ pub fn fit(name: &str, path: &str) -> Option<Fit> {
     }
 }
 
+/// How `path` fits the name of a module of the file's `part` (`lora_<part>_*`): as [`fit`],
+/// except that a UNet module never fits under a VAE's `encoder.` / `decoder.`, whose blocks
+/// have the UNet's names (`decoder.up_blocks.0.resnets.0.conv1`): kohya files adapt no VAE, and
+/// a UNet file folded into a VAE export (one file of a pipeline exported part by part) must
+/// match nothing there rather than change its convolutions.
+pub fn fit_part(part: Option<&str>, name: &str, path: &str) -> Option<Fit> {
+    let f = fit(name, path)?;
+    if part == Some("unet") && f == Fit::RootedAbove && under_vae_coder(name, path) {
+        return None;
+    }
+    Some(f)
+}
+
+/// Whether the dotted components of `path` above the ones that spell `name` end in `encoder`
+/// or `decoder`.
+fn under_vae_coder(name: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('.').collect();
+    (1..parts.len())
+        .find(|&k| underscored(&parts[k..].join(".")) == name)
+        .is_some_and(|k| matches!(parts[k - 1], "encoder" | "decoder"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +326,42 @@ mod tests {
         assert_eq!(
             underscored("down_blocks.0.attentions.0.proj_in"),
             "down_blocks_0_attentions_0_proj_in"
+        );
+    }
+
+    #[test]
+    fn unet_modules_do_not_fit_a_vaes_blocks() {
+        let unet = Some("unet");
+        let name = "up_blocks_0_resnets_0_conv1";
+        assert_eq!(
+            fit_part(unet, name, "decoder.up_blocks.0.resnets.0.conv1"),
+            None
+        );
+        assert_eq!(
+            fit_part(unet, name, "vae.decoder.up_blocks.0.resnets.0.conv1"),
+            None
+        );
+        assert_eq!(
+            fit_part(
+                unet,
+                "down_blocks_1_resnets_0_conv2",
+                "encoder.down_blocks.1.resnets.0.conv2"
+            ),
+            None
+        );
+        // A UNet under a wrapper, or the UNet itself, still fits; so do other parts' modules
+        // (a text encoder's layers sit under `encoder.`).
+        assert_eq!(
+            fit_part(unet, name, "unet.up_blocks.0.resnets.0.conv1"),
+            Some(Fit::RootedAbove)
+        );
+        assert_eq!(
+            fit_part(unet, name, "up_blocks.0.resnets.0.conv1"),
+            Some(Fit::Same)
+        );
+        assert_eq!(
+            fit_part(Some("te"), "layers_0_mlp_fc1", "encoder.layers.0.mlp.fc1"),
+            Some(Fit::RootedAbove)
         );
     }
 }

@@ -519,7 +519,7 @@ pub fn serving_adapter_params(
         let m = &adapter.modules[i];
         match m.part {
             None => name_matches(n, lookup[i].as_deref().unwrap_or(&m.path)),
-            Some(_) => kohya::fit(&kohya_names[i], n).is_some(),
+            part @ Some(_) => kohya::fit_part(part, &kohya_names[i], n).is_some(),
         }
     };
     let parts_in_model: Vec<&str> = adapter

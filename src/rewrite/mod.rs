@@ -226,7 +226,7 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
 /// The model path each of an adapter's modules is looked up by (in module order; None: left
 /// out), and notes on what was left out. PEFT paths are used as they are, less the prefix the
 /// export's paths lack (`target::export_root`), when it has one. kohya's underscored
-/// names are bound to the candidate module path of the best `kohya::fit` (the same underscored,
+/// names are bound to the candidate module path of the best `kohya::fit_part` (the same underscored,
 /// then rooted above, then rooted below, as transformers 5's CLIPTextModel without
 /// `text_model.`); several paths fitting equally well is an error. A kohya part none of whose
 /// modules is in the model (a text encoder's, when the model is the UNet) is left out.
@@ -267,7 +267,7 @@ pub fn module_paths(
         // The paths of the best kind of fit only.
         let fits: Vec<(kohya::Fit, &str)> = model_paths
             .iter()
-            .filter_map(|p| kohya::fit(name, p).map(|f| (f, *p)))
+            .filter_map(|p| kohya::fit_part(m.part, name, p).map(|f| (f, *p)))
             .collect();
         let best = fits.iter().map(|(f, _)| *f).min();
         let found: Vec<&str> = fits
