@@ -131,15 +131,31 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             continue;
         }
         if m.rank() != r {
-            rank_pattern.insert(regex::escape(&m.path), m.rank().into());
+            rank_pattern.insert(m.path.clone(), m.rank().into());
         }
         if (alpha - lora_alpha).abs() > 1e-6 * lora_alpha.abs().max(1.0) {
-            alpha_pattern.insert(regex::escape(&m.path), serde_json::json!(alpha));
+            alpha_pattern.insert(m.path.clone(), serde_json::json!(alpha));
         }
         // GPT-2 style Conv1D exports as Gemm(transB=0) with the torch weight's own layout.
         conv1d |= f.cand.op == "Gemm" && f.cand.layout == crate::target::Layout::InOut;
         modules.push(m.path.clone());
     }
+    // PEFT matches a pattern key as `(.*\.)?(key)$`: a module path that ends another exported
+    // one (a model's own `proj_out` and its blocks' `single_transformer_blocks.0.proj_out`) is
+    // anchored at the start so that it names that module only.
+    let keyed = |patterns: serde_json::Map<String, serde_json::Value>| {
+        patterns
+            .into_iter()
+            .map(|(path, v)| {
+                let key = regex::escape(&path);
+                let ends_another = modules
+                    .iter()
+                    .any(|other| other.len() > path.len() && other.ends_with(&format!(".{path}")));
+                (if ends_another { format!("^{key}") } else { key }, v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let (rank_pattern, alpha_pattern) = (keyed(rank_pattern), keyed(alpha_pattern));
     let config = serde_json::json!({
         "peft_type": "LORA",
         "r": r,
