@@ -258,7 +258,7 @@ pub fn underscored(path: &str) -> String {
 }
 
 /// How a model's dotted module `path` fits a kohya module `name`, best first: the same when
-/// underscored; the path ends with `_<name>` (the export rooted above the trained model); the
+/// underscored; the path ends with `.<name's modules>` (the export rooted above the trained model); the
 /// name ends with `_<path>` for a path of two parts or more (rooted below it: a lone `conv1`
 /// says nothing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -273,7 +273,11 @@ pub fn fit(name: &str, path: &str) -> Option<Fit> {
     let u = underscored(path);
     if u == name {
         Some(Fit::Same)
-    } else if u.ends_with(&format!("_{name}")) {
+    } else if u.ends_with(&format!("_{name}"))
+        // (above at a module boundary: `single_transformer_blocks.0.attn.to_q` is not
+        // `transformer_blocks_0_attn_to_q` rooted above)
+        && path.as_bytes().get(path.len() - name.len() - 1) == Some(&b'.')
+    {
         Some(Fit::RootedAbove)
     } else if path.contains('.') && name.ends_with(&format!("_{u}")) {
         Some(Fit::RootedBelow)
@@ -327,6 +331,17 @@ mod tests {
             underscored("down_blocks.0.attentions.0.proj_in"),
             "down_blocks_0_attentions_0_proj_in"
         );
+    }
+
+    #[test]
+    fn rooted_above_only_at_a_module_boundary() {
+        let name = "transformer_blocks_0_attn_to_q";
+        assert_eq!(fit(name, "single_transformer_blocks.0.attn.to_q"), None);
+        assert_eq!(
+            fit(name, "transformer.transformer_blocks.0.attn.to_q"),
+            Some(Fit::RootedAbove)
+        );
+        assert_eq!(fit(name, "transformer_blocks.0.attn.to_q"), Some(Fit::Same));
     }
 
     #[test]

@@ -572,7 +572,14 @@ pub fn serving_adapter_params(
                 ),
             });
         }
-        let matches: Vec<&String> = inputs.keys().filter(|n| fits(i, n)).collect();
+        let mut matches: Vec<&String> = inputs.keys().filter(|n| fits(i, n)).collect();
+        if let (Some(part), 2..) = (m.part, matches.len()) {
+            // (a kohya name: its best fits only, as fold and inject bind it; `proj_out` is
+            // the model's own before a block's)
+            let fit = |n: &str| kohya::fit_part(Some(part), &kohya_names[i], n);
+            let best = matches.iter().filter_map(|n| fit(n)).min();
+            matches.retain(|n| fit(n) == best);
+        }
         if matches.is_empty() {
             // (a kohya module by the file's name, and where an sgm name placed it)
             let shown = match (m.part, kohya_names.get(i)) {
