@@ -465,11 +465,15 @@ fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
             .get(t)
             .unwrap_or_else(|| panic!("{}: {t}: no kohya_name in the manifest", ad.name));
         for (kohya, peft) in [("lora_down", "lora_A"), ("lora_up", "lora_B")] {
-            let shape = st
-                .tensor(&format!("{stem}.{kohya}.weight"))
-                .unwrap()
-                .shape()
-                .to_vec();
+            // (a fused layer's lora_up is split: each target has its rows)
+            let shape = match ad.lora_up_shapes.get(t) {
+                Some(rows) if kohya == "lora_up" => rows.clone(),
+                _ => st
+                    .tensor(&format!("{stem}.{kohya}.weight"))
+                    .unwrap()
+                    .shape()
+                    .to_vec(),
+            };
             keys.push((format!("base_model.model.{t}.{peft}.weight"), shape));
         }
     }

@@ -30,7 +30,9 @@ lora_te_* keys; text-encoder parts are left out of a UNet, and the report says s
 and LoKr modules too). Module paths
 in the adapter are matched to the model's weights by dotted suffix (kohya's underscored names:
 the path that reads the same with '.' as '_', and SDXL files' original UNet blocks,
-input_blocks_4_1_…, at their place in a diffusers UNet's blocks; see `onnx-lora inspect`). Weights shared with other nodes
+input_blocks_4_1_…, at their place in a diffusers UNet's blocks, and Flux files' original
+modules, double_blocks_0_img_attn_qkv…, on a diffusers Flux export, fused q/k/v split by rows;
+see `onnx-lora inspect`). Weights shared with other nodes
 (tied embeddings) are copied for the adapted node, so only it changes. In models that pack
 q/k/v into one weight (onnxruntime's Attention, a `qkv_proj` layer) a q/k/v module goes into its
 columns of its layer's packed weight (`--json` module records list them under `packed`);

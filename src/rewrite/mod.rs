@@ -185,7 +185,10 @@ pub(crate) fn factors(
 
 /// Settles `adapter.root` for the whole adapter (see `target::export_root`; the user's `--root`
 /// stands), so that its parts (the low-rank part inject branches, the whole values written
-/// into the weights, `fold --verify`'s reference) all look its modules up under one root.
+/// into the weights, `fold --verify`'s reference) all look its modules up under one root. A
+/// kohya file has no root; its modules named by Flux's original model are mapped onto a
+/// diffusers Flux export here (`adapter::bfl`). Every command calls it once per adapter, after
+/// loading it and before anything binds its modules.
 pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     if adapter.modules.iter().any(|m| m.part.is_some()) {
         // kohya modules are bound to the model's paths instead
@@ -195,6 +198,10 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
                 adapter.path.display()
             )));
         }
+        // Flux's original module names onto a diffusers Flux export (fused layers split).
+        let graph = ModelGraph::build(&model.proto);
+        let cands = crate::target::find_candidates(&model.proto, &graph);
+        crate::adapter::bfl::map_onto(adapter, &crate::target::select::module_paths_in(&cands))?;
         return Ok(());
     }
     let graph = ModelGraph::build(&model.proto);
@@ -300,6 +307,26 @@ pub fn module_paths(
     if translated > 0 {
         notes.push(format!(
             "{translated} UNet module(s) named as in SDXL's original (sgm) UNet (input_blocks_…, time_embed_…) found in this model's diffusers blocks"
+        ));
+    }
+    // (Flux's original names: `settle_root` renamed those modules, whose keys keep the file's)
+    let flux: Vec<&str> = adapter
+        .modules
+        .iter()
+        .zip(&bound)
+        .filter(|(_, b)| b.is_some())
+        .filter_map(|(m, _)| {
+            let stem = m.keys.first()?.split_once('.')?.0;
+            (stem.strip_prefix("lora_unet_")? != m.path).then_some(stem)
+        })
+        .collect();
+    if !flux.is_empty() {
+        let mut files = flux.clone();
+        files.dedup();
+        notes.push(format!(
+            "{} module(s) of the file named as in Flux's original model (double_blocks_…, single_blocks_…) found in this model's diffusers blocks, as {} layer(s): fused q/k/v and linear1 split by rows",
+            files.len(),
+            flux.len()
         ));
     }
     let mut parts: Vec<&str> = adapter.modules.iter().filter_map(|m| m.part).collect();

@@ -186,6 +186,9 @@ pub struct AdapterCase {
     pub refuse: bool,
     /// kohya files: each target's name in the file (its keys' stem), by module path.
     pub kohya_names: std::collections::BTreeMap<String, String>,
+    /// kohya files naming a fused layer (Flux's original q/k/v): each target's share of the
+    /// fused lora_up, `[rows, r]`, by module path.
+    pub lora_up_shapes: std::collections::BTreeMap<String, Vec<usize>>,
 }
 
 impl AdapterCase {
@@ -282,6 +285,25 @@ fn manifest_cases(file: &str) -> Vec<Case> {
                                             Some((
                                                 path.clone(),
                                                 v.get("kohya_name")?.as_str()?.to_string(),
+                                            ))
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                            lora_up_shapes: ad
+                                .get("per_target")
+                                .and_then(|t| t.as_object())
+                                .map(|t| {
+                                    t.iter()
+                                        .filter_map(|(path, v)| {
+                                            let shape = v.get("lora_up_shape")?.as_array()?;
+                                            Some((
+                                                path.clone(),
+                                                shape
+                                                    .iter()
+                                                    .filter_map(|d| d.as_u64())
+                                                    .map(|d| d as usize)
+                                                    .collect(),
                                             ))
                                         })
                                         .collect()
