@@ -10,13 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use onnx_lora::onnx::pb::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
-    tensor_shape_proto::dimension::Value as DimValue, type_proto,
-};
-use prost::Message;
-
 /// A one-MatMul model `y = x @ W` (x [1, rows]) whose W holds `mb` MiB of float32 (inline).
 fn write_big_model(path: &Path, mb: usize) {
     let n = mb * (1 << 20) / 4;
@@ -24,57 +17,7 @@ fn write_big_model(path: &Path, mb: usize) {
     let raw: Vec<u8> = (0..n as u32)
         .flat_map(|i| (i as f32).to_le_bytes())
         .collect();
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: vec![NodeProto {
-                input: vec!["x".into(), "W".into()],
-                output: vec!["y".into()],
-                op_type: Some("MatMul".into()),
-                name: Some("/fc/MatMul".into()),
-                ..Default::default()
-            }],
-            input: vec![float_info("x", &[1, (n / cols) as i64])],
-            output: vec![float_info("y", &[1, cols as i64])],
-            initializer: vec![TensorProto {
-                name: Some("W".into()),
-                dims: vec![(n / cols) as i64, cols as i64],
-                data_type: Some(1),
-                raw_data: Some(raw.into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    std::fs::write(path, m.encode_to_vec()).unwrap();
-}
-
-fn float_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(DimValue::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
+    common::write_matmul_model(path, "/fc/MatMul", "W", (n / cols) as i64, cols as i64, raw);
 }
 
 /// A temp folder holding an `mb` MiB model `in.onnx` and an empty folder `out`; the model's

@@ -385,61 +385,8 @@ fn serving_adapters_name_sgm_modules_by_the_files_name_and_their_place() {
 /// A one-MatMul model `y = x @ W` (4 × 4) whose node is named `node`, as TorchScript names a
 /// Linear's (`/decoder/mid_block/attentions.0/to_q/MatMul`), its weight anonymous.
 fn matmul_model(path: &Path, node: &str) {
-    use onnx_lora::onnx::pb::{
-        GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
-        TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
-        tensor_shape_proto::dimension::Value as DimValue, type_proto,
-    };
-    use prost::Message;
-    let info = |name: &str| ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(TensorShapeProto {
-                    dim: [1, 4]
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(DimValue::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    };
     let raw: Vec<u8> = (0..16).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: vec![NodeProto {
-                input: vec!["x".into(), "onnx::MatMul_7".into()],
-                output: vec!["y".into()],
-                op_type: Some("MatMul".into()),
-                name: Some(node.into()),
-                ..Default::default()
-            }],
-            input: vec![info("x")],
-            output: vec![info("y")],
-            initializer: vec![TensorProto {
-                name: Some("onnx::MatMul_7".into()),
-                dims: vec![4, 4],
-                data_type: Some(1),
-                raw_data: Some(raw.into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    std::fs::write(path, m.encode_to_vec()).unwrap();
+    write_matmul_model(path, node, "onnx::MatMul_7", 4, 4, raw);
 }
 
 /// kohya files adapt the UNet, never a VAE, whose blocks carry the UNet's names under

@@ -517,3 +517,73 @@ pub fn copy_adapter(
     .unwrap();
     kept.len()
 }
+
+/// A float32 tensor's value info `name` with the given dims.
+pub fn float_info(name: &str, dims: &[i64]) -> onnx_lora::onnx::pb::ValueInfoProto {
+    use onnx_lora::onnx::pb::{
+        TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto::Dimension,
+        tensor_shape_proto::dimension::Value as DimValue, type_proto,
+    };
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(DimValue::DimValue(d)),
+                            denotation: None,
+                        })
+                        .collect(),
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A one-MatMul model `y = x @ W`, x [1, rows], W [rows, cols] float32 inline (`raw`, little
+/// endian), the node named `node` and the weight `weight`, written to `path`.
+pub fn write_matmul_model(
+    path: &Path,
+    node: &str,
+    weight: &str,
+    rows: i64,
+    cols: i64,
+    raw: Vec<u8>,
+) {
+    use onnx_lora::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use prost::Message;
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![NodeProto {
+                input: vec!["x".into(), weight.into()],
+                output: vec!["y".into()],
+                op_type: Some("MatMul".into()),
+                name: Some(node.into()),
+                ..Default::default()
+            }],
+            input: vec![float_info("x", &[1, rows])],
+            output: vec![float_info("y", &[1, cols])],
+            initializer: vec![TensorProto {
+                name: Some(weight.into()),
+                dims: vec![rows, cols],
+                data_type: Some(1),
+                raw_data: Some(raw.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
