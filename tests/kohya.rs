@@ -445,3 +445,40 @@ fn unet_modules_match_nothing_in_a_vae() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// A Flux file on an export under a wrapper (`transformer.transformer_blocks…`): the mapped
+/// modules bind from the wrapper's root, so the file's final_layer_linear is the transformer's
+/// own `proj_out`, not a single block's `proj_out`; the fold equals diffusers' (before, the
+/// name fitted all three and the run stopped).
+#[test]
+fn flux_names_bind_from_a_wrappers_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = fixtures().join("flux");
+    let wrapped = dir.path().join("wrapped.onnx");
+    py(
+        "under_wrapper.py",
+        &[
+            &flux.join("torchscript/model.onnx"),
+            &wrapped,
+            Path::new("transformer"),
+        ],
+    );
+    let out = dir.path().join("out.onnx");
+    let adapter = flux.join("adapters/bfl.safetensors");
+    let o = onnx_lora(&["fold", s(&wrapped), s(&adapter), "-o", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("\"module\":\"transformer.proj_out\"")
+            && stdout.contains("\"module\":\"transformer.single_transformer_blocks.1.proj_out\""),
+        "{stdout}"
+    );
+    let (ok, msg) = ort_compare(
+        &out,
+        &flux.join("io/inputs.npz"),
+        &flux.join("io/bfl.merged.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+}

@@ -29,12 +29,15 @@ enum Place {
 enum Rows {
     Third,
     Hidden,
+    /// q, k and v together (a diffusers export whose projections were fused: `attn.to_qkv`).
+    Qkv,
     Rest,
 }
 
 /// Where the original module `name` (the kohya name after `lora_unet_`) sits in diffusers'
-/// Flux, if it is one of the original's.
-fn place(name: &str) -> Option<Place> {
+/// Flux, if it is one of the original's; `fused`: the export's attention projections were fused
+/// by diffusers (`fuse_qkv_projections`: `attn.to_qkv`, `attn.to_added_qkv`).
+fn place(name: &str, fused: bool) -> Option<Place> {
     let same = |s: &str| Some(Place::Same(s.to_string()));
     let fixed = match name {
         "img_in" => return same("x_embedder"),
@@ -70,6 +73,8 @@ fn place(name: &str) -> Option<Place> {
             ))
         };
         return match what {
+            "img_attn_qkv" if fused => same(&format!("{b}_attn_to_qkv")),
+            "txt_attn_qkv" if fused => same(&format!("{b}_attn_to_added_qkv")),
             "img_attn_qkv" => qkv(["attn_to_q", "attn_to_k", "attn_to_v"]),
             "txt_attn_qkv" => qkv(["attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj"]),
             "img_attn_proj" => same(&format!("{b}_attn_to_out_0")),
@@ -86,6 +91,10 @@ fn place(name: &str) -> Option<Place> {
     if let Some((i, what)) = block("single_blocks_") {
         let b = format!("single_transformer_blocks_{i}");
         return match what {
+            "linear1" if fused => Some(Place::Split(vec![
+                (format!("{b}_attn_to_qkv"), Rows::Qkv),
+                (format!("{b}_proj_mlp"), Rows::Rest),
+            ])),
             "linear1" => Some(Place::Split(vec![
                 (format!("{b}_attn_to_q"), Rows::Hidden),
                 (format!("{b}_attn_to_k"), Rows::Hidden),
@@ -100,15 +109,42 @@ fn place(name: &str) -> Option<Place> {
     None
 }
 
-/// Whether the model's module paths are diffusers' Flux (transformer blocks, single
-/// transformer blocks) rather than the original's (double / single blocks).
-fn is_diffusers_flux(model_paths: &[&str]) -> bool {
+/// How a diffusers Flux export lays its modules out.
+struct Layout {
+    /// What the export's paths put before the transformer's (`transformer.` under a wrapper;
+    /// empty for the transformer exported alone).
+    root: String,
+    /// Its attention projections were fused before export (`attn.to_qkv`).
+    fused: bool,
+}
+
+/// The layout of the model's module paths when they are diffusers' Flux (transformer blocks,
+/// single transformer blocks) rather than the original's (double / single blocks) or another
+/// model's; None otherwise, or when its single transformer blocks sit under several roots.
+fn diffusers_flux(model_paths: &[&str]) -> Option<Layout> {
     let has = |frag: &str| {
         model_paths
             .iter()
             .any(|p| p.starts_with(frag) || p.contains(&format!(".{frag}")))
     };
-    has("single_transformer_blocks.") && !has("double_blocks.") && !has("single_blocks.")
+    if has("double_blocks.") || has("single_blocks.") {
+        return None;
+    }
+    let mut roots = model_paths.iter().filter_map(|p| {
+        let at = p.find("single_transformer_blocks.")?;
+        (at == 0 || p.as_bytes()[at - 1] == b'.').then(|| &p[..at])
+    });
+    let root = roots.next()?;
+    if roots.any(|r| r != root) {
+        return None;
+    }
+    let fused = model_paths
+        .iter()
+        .any(|p| p.ends_with(".attn.to_qkv") || p.ends_with(".attn.to_added_qkv"));
+    Some(Layout {
+        root: root.to_string(),
+        fused,
+    })
 }
 
 /// Rows `from..to` of a `[out, r]` lora_up.
@@ -125,20 +161,26 @@ fn rows(b: &F32Tensor, from: usize, to: usize) -> F32Tensor {
 /// Maps a kohya file's modules named by the original Flux onto a diffusers Flux export's
 /// (`model_paths`: the model's module paths), splitting fused ones; the rest, and every module
 /// when the model is not diffusers' Flux, stay as they are. Returns how many of the file's
-/// modules were mapped.
+/// modules were mapped. Its errors do not name the file (the caller does).
 pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
-    let original = |m: &ModuleAdapter| m.part == Some("unet") && place(&m.path).is_some();
-    if !adapter.modules.iter().any(original) || !is_diffusers_flux(model_paths) {
+    let original = |m: &ModuleAdapter| m.part == Some("unet") && place(&m.path, false).is_some();
+    if !adapter.modules.iter().any(original) {
         return Ok(0);
     }
-    let err = |reason: String| Error::Adapter {
-        path: adapter.path.clone(),
-        reason,
+    let Some(layout) = diffusers_flux(model_paths) else {
+        return Ok(0);
     };
+    // (named from the model's root: `proj_out` is then the transformer's own, not a block's)
+    let root = super::kohya::underscored(&layout.root);
+    // (the caller names the file: `settle_root`'s errors come with the adapter's path)
+    let err = Error::Target;
     let mut mapped = 0;
     let mut out = Vec::with_capacity(adapter.modules.len() + 8);
     for m in std::mem::take(&mut adapter.modules) {
-        let Some(place) = (m.part == Some("unet")).then(|| place(&m.path)).flatten() else {
+        let Some(place) = (m.part == Some("unet"))
+            .then(|| place(&m.path, layout.fused))
+            .flatten()
+        else {
             out.push(m);
             continue;
         };
@@ -152,7 +194,10 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
             _ => {
                 if let Place::Same(to) = place {
                     // (a LyCORIS module on an unfused Linear moves as it is)
-                    out.push(ModuleAdapter { path: to, ..m });
+                    out.push(ModuleAdapter {
+                        path: format!("{root}{to}"),
+                        ..m
+                    });
                     continue;
                 }
                 return Err(err(format!(
@@ -168,7 +213,10 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
         };
         let out_rows = b.shape[0];
         match place {
-            Place::Same(to) => out.push(ModuleAdapter { path: to, ..m }),
+            Place::Same(to) => out.push(ModuleAdapter {
+                path: format!("{root}{to}"),
+                ..m
+            }),
             Place::Swapped(to) => {
                 if out_rows % 2 != 0 {
                     return Err(err(format!(
@@ -181,7 +229,7 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
                 swapped.shape[0] = out_rows;
                 swapped.data.extend_from_slice(&rows(&b, 0, h).data);
                 out.push(ModuleAdapter {
-                    path: to,
+                    path: format!("{root}{to}"),
                     b: Some(swapped),
                     ..m
                 });
@@ -193,6 +241,7 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
                     .map(|(_, r)| match r {
                         Rows::Third => out_rows / 3,
                         Rows::Hidden => hidden,
+                        Rows::Qkv => 3 * hidden,
                         Rows::Rest => 0,
                     })
                     .sum();
@@ -215,10 +264,11 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
                     let n = match share {
                         Rows::Third => out_rows / 3,
                         Rows::Hidden => hidden,
+                        Rows::Qkv => 3 * hidden,
                         Rows::Rest => out_rows - fixed,
                     };
                     out.push(ModuleAdapter {
-                        path: to,
+                        path: format!("{root}{to}"),
                         a: Some(a.clone()),
                         b: Some(rows(&b, at, at + n)),
                         ..m.clone()
@@ -320,6 +370,60 @@ mod tests {
         let swapped: Vec<f32> = (8..16).chain(0..8).map(|v| v as f32).collect();
         assert_eq!(b(7)?.data, swapped);
         assert!(a.modules.iter().all(|m| m.alpha == Some(2.0)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_wrapped_export_gets_its_root_and_a_fused_one_its_fused_layers() -> TestResult {
+        let paths = |a: &Adapter| a.modules.iter().map(|m| m.path.clone()).collect::<Vec<_>>();
+        // Under a wrapper the model's own proj_out is named from the root, so that it is not
+        // taken for a block's `…single_transformer_blocks.0.proj_out`.
+        let mut a = adapter(vec![
+            module("final_layer_linear", 2, 4, 4),
+            module("double_blocks_0_img_attn_qkv", 2, 4, 12),
+        ]);
+        let wrapped = [
+            "transformer.single_transformer_blocks.0.proj_out",
+            "transformer.proj_out",
+        ];
+        assert_eq!(map_onto(&mut a, &wrapped)?, 2);
+        assert_eq!(
+            paths(&a),
+            [
+                "transformer_proj_out",
+                "transformer_transformer_blocks_0_attn_to_q",
+                "transformer_transformer_blocks_0_attn_to_k",
+                "transformer_transformer_blocks_0_attn_to_v",
+            ]
+        );
+        // diffusers' fuse_qkv_projections before export: q/k/v stay whole.
+        let mut a = adapter(vec![
+            module("double_blocks_0_img_attn_qkv", 2, 4, 12),
+            module("double_blocks_0_txt_attn_qkv", 2, 4, 12),
+            module("single_blocks_0_linear1", 2, 4, 28),
+        ]);
+        let fused = [
+            "transformer_blocks.0.attn.to_qkv",
+            "transformer_blocks.0.attn.to_added_qkv",
+            "single_transformer_blocks.0.attn.to_qkv",
+            "single_transformer_blocks.0.proj_mlp",
+        ];
+        assert_eq!(map_onto(&mut a, &fused)?, 3);
+        assert_eq!(
+            paths(&a),
+            [
+                "transformer_blocks_0_attn_to_qkv",
+                "transformer_blocks_0_attn_to_added_qkv",
+                "single_transformer_blocks_0_attn_to_qkv",
+                "single_transformer_blocks_0_proj_mlp",
+            ]
+        );
+        let rows: Vec<usize> = a
+            .modules
+            .iter()
+            .filter_map(|m| Some(m.b.as_ref()?.shape[0]))
+            .collect();
+        assert_eq!(rows, [12, 12, 12, 16]);
         Ok(())
     }
 

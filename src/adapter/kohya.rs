@@ -1,7 +1,7 @@
 //! kohya-ss (sd-scripts) LoRA files: one `.safetensors` whose keys are
 //! `lora_<part>_<module path with '.' written '_'>.lora_down.weight` (r, in[, kh, kw]),
 //! `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` (scale alpha / r; without it 1), where
-//! `<part>` is `unet`, `te`, `te1` or `te2`; a module may instead hold LyCORIS LoHa
+//! `<part>` is `unet`, `te`, `te1`, `te2` or `te3`; a module may instead hold LyCORIS LoHa
 //! (`hada_*`) or LoKr (`lokr_*`) factors (see `lycoris`). The module paths stay in that
 //! underscored form here; `rewrite` binds them to the model's dotted paths.
 
@@ -16,10 +16,12 @@ use super::peft::{Adapter, AdapterConfig, F32Tensor, ModuleAdapter, ModuleKind, 
 use crate::error::{Error, Result};
 
 /// The parts a kohya file can hold, by key prefix (longest first), with what each part is.
-pub const PARTS: [(&str, &str, &str); 4] = [
+pub const PARTS: [(&str, &str, &str); 5] = [
     ("lora_unet_", "unet", "UNet / diffusion transformer"),
     ("lora_te1_", "te1", "first text encoder"),
     ("lora_te2_", "te2", "second text encoder"),
+    // (sd-scripts' name for Flux's / SD3's T5 encoder)
+    ("lora_te3_", "te3", "third text encoder (T5)"),
     ("lora_te_", "te", "text encoder"),
 ];
 
@@ -80,7 +82,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         })?;
         let Some((part, stem)) = split_part(module) else {
             return Err(err(format!(
-                "key '{key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_ or lora_te2_)"
+                "key '{key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_, lora_te2_ or lora_te3_)"
             )));
         };
         let t = read_f32(st, key).map_err(&err)?;
