@@ -482,3 +482,31 @@ fn flux_names_bind_from_a_wrappers_root() {
     );
     assert!(ok, "{msg}");
 }
+
+/// A fused module whose rows do not fit the model's layers (a single block's linear1 taller than
+/// q, k, v and the MLP's input): the error names the part and the file's module it came from.
+#[test]
+fn a_fused_flux_module_that_does_not_fit_names_the_files_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = "lora_unet_single_blocks_0_linear1";
+    // hidden 16: q, k, v 48 rows, the MLP's input 64; two rows too many
+    let file = write_kohya(
+        &dir.path().join("tall.safetensors"),
+        &[
+            (&format!("{stem}.lora_down.weight"), vec![4, 16]),
+            (&format!("{stem}.lora_up.weight"), vec![114, 4]),
+        ],
+    );
+    let err = fold_fails(
+        &fixtures().join("flux/torchscript/model.onnx"),
+        &file,
+        &dir.path().join("out.onnx"),
+        &[],
+    );
+    assert!(
+        err.contains("single_transformer_blocks_0_proj_mlp")
+            && err.contains(&format!("the file's module '{stem}'"))
+            && err.contains("[66, 4]"),
+        "{err}"
+    );
+}

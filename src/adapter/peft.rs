@@ -133,6 +133,19 @@ impl ModuleAdapter {
         }
     }
 
+    /// The file's own name (its keys' stem) for a kohya module that `adapter::bfl` renamed
+    /// (a Flux module of the original model, or its share of a fused one); None when the
+    /// module goes by the file's name.
+    pub fn renamed_from(&self) -> Option<&str> {
+        let part = self.part?;
+        let stem = self.keys.first()?.split_once('.')?.0;
+        let name = stem
+            .strip_prefix("lora_")?
+            .strip_prefix(part)?
+            .strip_prefix('_')?;
+        (name != self.path).then_some(stem)
+    }
+
     /// The module path PEFT matches `target_modules` and the rank and alpha patterns
     /// against: a MultiheadAttention out_proj takes its attention module's.
     pub fn config_path(&self) -> &str {

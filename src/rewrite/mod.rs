@@ -172,8 +172,13 @@ pub(crate) fn factors(
                 .eq(c.shape[2..].iter().copied()))
             && b.shape.iter().skip(2).all(|&d| d == 1));
     if a_cols != n_in || b.shape[0] != n_out || b_cols * groups != r || !conv_kernels_fit {
+        // (a module `adapter::bfl` renamed, or a share of a fused one: as the file names it)
+        let from = m
+            .renamed_from()
+            .map(|stem| format!(" (from the file's module '{stem}')"))
+            .unwrap_or_default();
         return Err(Error::Target(format!(
-            "module '{}': lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {n_in} in, {n_out} out)",
+            "module '{}'{from}: lora_A {:?} and lora_B {:?} do not fit weight '{}' ({} {:?}: {n_in} in, {n_out} out)",
             m.path, a.shape, b.shape, c.weight, c.op, c.shape
         )));
     }
@@ -198,14 +203,14 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
                 adapter.path.display()
             )));
         }
-        // Flux's original module names onto a diffusers Flux export (fused layers split).
-        let graph = ModelGraph::build(&model.proto);
-        let cands = crate::target::find_candidates(&model.proto, &graph);
-        crate::adapter::bfl::map_onto(adapter, &crate::target::select::module_paths_in(&cands))?;
-        return Ok(());
     }
     let graph = ModelGraph::build(&model.proto);
     let mut cands = crate::target::find_candidates(&model.proto, &graph);
+    if adapter.modules.iter().any(|m| m.part.is_some()) {
+        // Flux's original module names onto a diffusers Flux export (fused layers split).
+        crate::adapter::bfl::map_onto(adapter, &crate::target::select::module_paths_in(&cands))?;
+        return Ok(());
+    }
     cands.extend(crate::target::norm::find_norm_params(&model.proto, &graph));
     let paths: Vec<&str> = adapter.modules.iter().map(|m| m.path.as_str()).collect();
     let forced = adapter.root.is_some();
@@ -309,16 +314,13 @@ pub fn module_paths(
             "{translated} UNet module(s) named as in SDXL's original (sgm) UNet (input_blocks_…, time_embed_…) found in this model's diffusers blocks"
         ));
     }
-    // (Flux's original names: `settle_root` renamed those modules, whose keys keep the file's)
+    // (Flux's original names, which `settle_root` renamed)
     let flux: Vec<&str> = adapter
         .modules
         .iter()
         .zip(&bound)
         .filter(|(_, b)| b.is_some())
-        .filter_map(|(m, _)| {
-            let stem = m.keys.first()?.split_once('.')?.0;
-            (stem.strip_prefix("lora_unet_")? != m.path).then_some(stem)
-        })
+        .filter_map(|(m, _)| m.renamed_from())
         .collect();
     if !flux.is_empty() {
         let mut files = flux.clone();
