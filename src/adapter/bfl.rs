@@ -185,6 +185,14 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
             continue;
         };
         mapped += 1;
+        if let Place::Same(to) = &place {
+            // (any module on an unfused Linear, LyCORIS too, moves as it is)
+            out.push(ModuleAdapter {
+                path: format!("{root}{to}"),
+                ..m
+            });
+            continue;
+        }
         let name = |p: &str| format!("lora_unet_{p}");
         let plain = m.kind == ModuleKind::Lora && m.lycoris.is_none();
         let (a, b) = match (&m.a, &m.b) {
@@ -192,14 +200,6 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
                 (a.clone(), b.clone())
             }
             _ => {
-                if let Place::Same(to) = place {
-                    // (a LyCORIS module on an unfused Linear moves as it is)
-                    out.push(ModuleAdapter {
-                        path: format!("{root}{to}"),
-                        ..m
-                    });
-                    continue;
-                }
                 return Err(err(format!(
                     "kohya module '{}' (Flux's original {} Linear) cannot be split onto this diffusers export's separate layers: only plain LoRA factors (lora_down / lora_up) split by rows",
                     name(&m.path),
@@ -213,10 +213,8 @@ pub fn map_onto(adapter: &mut Adapter, model_paths: &[&str]) -> Result<usize> {
         };
         let out_rows = b.shape[0];
         match place {
-            Place::Same(to) => out.push(ModuleAdapter {
-                path: format!("{root}{to}"),
-                ..m
-            }),
+            // (moved above)
+            Place::Same(_) => {}
             Place::Swapped(to) => {
                 if out_rows % 2 != 0 {
                     return Err(err(format!(
