@@ -11,37 +11,12 @@ use bytes::Bytes;
 use common::*;
 use onnx_lora::onnx::pb::{
     GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    ValueInfoProto, tensor_proto::DataLocation,
+    tensor_proto::DataLocation,
 };
 use prost::Message;
 
 /// A one-MatMul model `y = x @ W` with W [4, 3] float32.
 fn matmul_model(w: TensorProto) -> ModelProto {
-    let vi = |name: &str, dims: [i64; 2]| {
-        ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(onnx_lora::onnx::pb::TypeProto {
-            value: Some(onnx_lora::onnx::pb::type_proto::Value::TensorType(
-                onnx_lora::onnx::pb::type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: Some(onnx_lora::onnx::pb::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| onnx_lora::onnx::pb::tensor_shape_proto::Dimension {
-                                value: Some(
-                                    onnx_lora::onnx::pb::tensor_shape_proto::dimension::Value::DimValue(d),
-                                ),
-                                denotation: None,
-                            })
-                            .collect(),
-                    }),
-                },
-            )),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
-    };
     ModelProto {
         ir_version: Some(8),
         opset_import: vec![OperatorSetIdProto {
@@ -58,8 +33,8 @@ fn matmul_model(w: TensorProto) -> ModelProto {
                 ..Default::default()
             }],
             initializer: vec![w],
-            input: vec![vi("x", [2, 4])],
-            output: vec![vi("y", [2, 3])],
+            input: vec![float_info("x", &[2, 4])],
+            output: vec![float_info("y", &[2, 3])],
             ..Default::default()
         }),
         ..Default::default()

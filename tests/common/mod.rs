@@ -276,39 +276,19 @@ fn manifest_cases(file: &str) -> Vec<Case> {
                             kinds: strings(ad, "kinds"),
                             features: strings(ad, "features"),
                             refuse: ad.get("refuse").and_then(|r| r.as_bool()).unwrap_or(false),
-                            kohya_names: ad
-                                .get("per_target")
-                                .and_then(|t| t.as_object())
-                                .map(|t| {
-                                    t.iter()
-                                        .filter_map(|(path, v)| {
-                                            Some((
-                                                path.clone(),
-                                                v.get("kohya_name")?.as_str()?.to_string(),
-                                            ))
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
-                            lora_up_shapes: ad
-                                .get("per_target")
-                                .and_then(|t| t.as_object())
-                                .map(|t| {
-                                    t.iter()
-                                        .filter_map(|(path, v)| {
-                                            let shape = v.get("lora_up_shape")?.as_array()?;
-                                            Some((
-                                                path.clone(),
-                                                shape
-                                                    .iter()
-                                                    .filter_map(|d| d.as_u64())
-                                                    .map(|d| d as usize)
-                                                    .collect(),
-                                            ))
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
+                            kohya_names: per_target(ad, |v| {
+                                Some(v.get("kohya_name")?.as_str()?.to_string())
+                            }),
+                            lora_up_shapes: per_target(ad, |v| {
+                                let shape = v.get("lora_up_shape")?.as_array()?;
+                                Some(
+                                    shape
+                                        .iter()
+                                        .filter_map(|d| d.as_u64())
+                                        .map(|d| d as usize)
+                                        .collect(),
+                                )
+                            }),
                         })
                         .collect()
                 })
@@ -516,6 +496,21 @@ pub fn copy_adapter(
     )
     .unwrap();
     kept.len()
+}
+
+/// An adapter's `per_target` entries (by module path) that `field` reads a value from.
+fn per_target<T>(
+    ad: &serde_json::Value,
+    field: impl Fn(&serde_json::Value) -> Option<T>,
+) -> std::collections::BTreeMap<String, T> {
+    ad.get("per_target")
+        .and_then(|t| t.as_object())
+        .map(|t| {
+            t.iter()
+                .filter_map(|(path, v)| Some((path.clone(), field(v)?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A float32 tensor's value info `name` with the given dims.
