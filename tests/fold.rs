@@ -322,6 +322,9 @@ fn every_feature_is_covered_by_the_fixtures() {
         "tucker",
         "sgm",
         "adapter_bf16",
+        "diffusers",
+        "metadata",
+        "diffusers_old_keys",
     ] {
         assert!(
             all.iter().any(|x| x == f),

@@ -435,7 +435,7 @@ fn write_whole_part(src: &Path, dst: &Path) {
 
 /// The PEFT keys and shapes an exported adapter must have: the original's, for a PEFT folder;
 /// for a kohya file, its lora_down / lora_up (of the model's part) under the targets' dotted
-/// module paths.
+/// module paths; for a diffusers file, its factors of the model's part.
 fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
     if ad.dir.is_dir() && ad.has("edited") {
         // The file holds more than PEFT loads: the factors of the modules it targets (the
@@ -457,6 +457,18 @@ fn expected_keys(ad: &AdapterCase) -> Vec<(String, Vec<usize>)> {
     let bytes = std::fs::read(&ad.dir).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut keys = Vec::new();
+    if ad.has("diffusers") {
+        // (the file's keys for each target, as the generator read them back from diffusers)
+        for t in &ad.targets {
+            let file = &ad.file_keys[t];
+            for (key, peft) in file.iter().zip(["lora_A", "lora_B"]) {
+                let shape = st.tensor(key).unwrap().shape().to_vec();
+                keys.push((format!("base_model.model.{t}.{peft}.weight"), shape));
+            }
+        }
+        keys.sort();
+        return keys;
+    }
     for t in &ad.targets {
         // The file's name for the target, as the generator wrote it (SDXL files name the
         // original UNet's blocks).

@@ -318,6 +318,7 @@ mod tests {
             modules,
             ignored: Vec::new(),
             root: None,
+            diffusers: None,
         }
     }
 

@@ -191,6 +191,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         modules: out,
         ignored: Vec::new(),
         root: None,
+        diffusers: None,
     })
 }
 

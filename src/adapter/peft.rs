@@ -206,21 +206,36 @@ pub struct Adapter {
     /// user names it (`--root`, for one part of a model exported to several files); else it
     /// is found (`target::export_root`).
     pub root: Option<String>,
+    /// A diffusers LoRA file: every pipeline part it holds, from which `settle_root` takes
+    /// the one that is the model (`adapter::diffusers`); None for other formats.
+    pub diffusers: Option<std::sync::Arc<super::diffusers::DiffusersFile>>,
 }
 
 impl Adapter {
     /// Reads a PEFT adapter folder, an `.safetensors` file with `adapter_config.json` beside it,
-    /// or a kohya LoRA `.safetensors` file (recognised by its keys).
+    /// a kohya LoRA `.safetensors` file (recognised by its keys), or a diffusers LoRA file (a
+    /// `.safetensors` file of LoRA keys without `adapter_config.json` beside it, or a folder
+    /// holding `pytorch_lora_weights.safetensors` and no adapter).
     pub fn load(path: &Path) -> Result<Adapter> {
         if path.exists() && !path.is_dir() && !path.is_file() {
             // (a FIFO or a device: refused by name before anything opens it)
             crate::onnx::io::open_input(path)?;
+        }
+        if path.is_dir()
+            && !path.join("adapter_config.json").exists()
+            && !path.join("adapter_model.safetensors").exists()
+            && path.join(super::diffusers::WEIGHT_NAME).is_file()
+        {
+            return Adapter::load(&path.join(super::diffusers::WEIGHT_NAME));
         }
         if path.is_file() {
             let buf = map_file(path)?;
             match SafeTensors::deserialize(&buf) {
                 Ok(st) if super::kohya::is_kohya(&st) => {
                     return super::kohya::load(path, &buf, &st);
+                }
+                Ok(st) if !peft_files(path).1.exists() && super::diffusers::is_diffusers(&st) => {
+                    return super::diffusers::load(path, &buf, &st);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -244,7 +259,7 @@ impl Adapter {
         }
         if path.is_file() && !config_path.exists() {
             return Err(err(format!(
-                "neither a kohya LoRA file (lora_unet_* / lora_te_* keys) nor a PEFT adapter's weights (no {} beside it)",
+                "neither a kohya LoRA file (lora_unet_* / lora_te_* keys), a diffusers LoRA file (<part>.<module>.lora_A.weight / .lora_B.weight keys) nor a PEFT adapter's weights (no {} beside it)",
                 config_path.display()
             )));
         }
@@ -260,39 +275,30 @@ impl Adapter {
                 weights.display()
             ))
         })?;
-        let mut modules = group_modules(&st, &config.raw)
-            .map_err(|r| err(format!("{}: {r}", weights.display())))?;
-        let ignored = keep_what_peft_loads(&mut modules, &config).map_err(err)?;
-        if modules.is_empty() {
-            let why = match ignored.first() {
-                Some(what) => {
-                    format!("holds no adapter tensors PEFT would load (it ignores {what})")
-                }
-                None => "holds no adapter tensors".into(),
-            };
-            return Err(err(format!("{}: {why}", weights.display())));
-        }
-        // PEFT refuses to load factors of another rank than the config gives the module.
-        for m in &modules {
-            if !matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding) {
-                continue;
-            }
-            let r = pattern_value(&config.rank_pattern, m.config_path())
-                .map_or(config.r, |r| r as usize);
-            if m.rank() != r {
-                return Err(err(format!(
-                    "module '{}' has factors of rank {} but adapter_config.json gives it r = {r}",
-                    m.path,
-                    m.rank()
-                )));
-            }
-        }
+        let mut names: Vec<(String, String)> = st
+            .names()
+            .into_iter()
+            .map(|k| {
+                let stripped = k.strip_prefix("base_model.model.").unwrap_or(k);
+                (k.to_string(), stripped.to_string())
+            })
+            .collect();
+        names.sort();
+        let (modules, ignored) = from_tensors(
+            &config,
+            &names,
+            |k| read_f32(&st, k),
+            &weights.display().to_string(),
+            "adapter_config.json",
+        )
+        .map_err(err)?;
         Ok(Adapter {
             path: path.to_path_buf(),
             config,
             modules,
             ignored,
             root: None,
+            diffusers: None,
         })
     }
 
@@ -339,6 +345,7 @@ impl Adapter {
             }),
             modules,
             ignored: Vec::new(),
+            diffusers: self.diffusers.clone(),
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)
@@ -489,6 +496,11 @@ pub fn pattern_value(patterns: &[Pattern], path: &str) -> Option<f32> {
 impl AdapterConfig {
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
         let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        Self::from_value(raw)
+    }
+
+    /// The config of a JSON object with `adapter_config.json`'s keys.
+    pub fn from_value(raw: Value) -> std::result::Result<Self, String> {
         // Keys whose type alone says the file is not what PEFT writes (PEFT would not load it).
         let shape_of = |k: &str, ok: fn(&Value) -> bool, what: &str| match raw.get(k) {
             Some(v) if !v.is_null() && !ok(v) => Err(format!("{k} is {v}, not {what}")),
@@ -768,18 +780,56 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     Some((num()?, num()?, num().unwrap_or(0)))
 }
 
+/// The modules PEFT loads from an adapter's tensors under `config`, and what it leaves out:
+/// `names` pairs each key of the weights file (`weights`, for messages) with the key as PEFT
+/// reads it (without `base_model.model.` or a pipeline part's prefix), in the order to read
+/// them; `read` decodes a file key; `config_name` names where the config came from.
+pub(crate) fn from_tensors(
+    config: &AdapterConfig,
+    names: &[(String, String)],
+    read: impl Fn(&str) -> std::result::Result<F32Tensor, String>,
+    weights: &str,
+    config_name: &str,
+) -> std::result::Result<(Vec<ModuleAdapter>, Vec<String>), String> {
+    let mut modules =
+        group_modules(names, &read, &config.raw).map_err(|r| format!("{weights}: {r}"))?;
+    let ignored = keep_what_peft_loads(&mut modules, config)?;
+    if modules.is_empty() {
+        let why = match ignored.first() {
+            Some(what) => format!("holds no adapter tensors PEFT would load (it ignores {what})"),
+            None => "holds no adapter tensors".into(),
+        };
+        return Err(format!("{weights}: {why}"));
+    }
+    // PEFT refuses to load factors of another rank than the config gives the module.
+    for m in &modules {
+        if !matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding) {
+            continue;
+        }
+        let r =
+            pattern_value(&config.rank_pattern, m.config_path()).map_or(config.r, |r| r as usize);
+        if m.rank() != r {
+            return Err(format!(
+                "module '{}' has factors of rank {} but {config_name} gives it r = {r}",
+                m.path,
+                m.rank()
+            ));
+        }
+    }
+    Ok((modules, ignored))
+}
+
 /// Groups the safetensors keys by module, in the order modules first appear.
 fn group_modules(
-    st: &SafeTensors,
+    names: &[(String, String)],
+    read: &dyn Fn(&str) -> std::result::Result<F32Tensor, String>,
     config: &Value,
 ) -> std::result::Result<Vec<ModuleAdapter>, String> {
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    names.sort();
     let mut modules: Vec<ModuleAdapter> = Vec::new();
-    for key in names {
-        let stripped = key.strip_prefix("base_model.model.").unwrap_or(&key);
+    for (key, stripped) in names {
+        let stripped = stripped.as_str();
         if let Some(path) = token_module(stripped) {
-            let values = read_f32(st, &key)?;
+            let values = read(key)?;
             let indices = token_indices(config, path).map_err(|r| format!("key '{key}': {r}"))?;
             if values.shape.len() != 2 || values.shape[0] != indices.len() {
                 return Err(format!(
@@ -816,7 +866,7 @@ fn group_modules(
                 modules.len() - 1
             }
         };
-        let t = read_f32(st, &key)?;
+        let t = read(key)?;
         if matches!(part, Part::A | Part::B | Part::EmbA | Part::EmbB) && t.shape.len() < 2 {
             return Err(format!(
                 "key '{key}' has shape {:?}: LoRA factors have at least 2 dimensions",
@@ -844,7 +894,7 @@ fn group_modules(
                 "keys {} give module '{path}' the same tensor twice (with and without PEFT's base_model.model. prefix?)",
                 m.keys
                     .iter()
-                    .chain([&key])
+                    .chain([key])
                     .map(|k| format!("'{k}'"))
                     .collect::<Vec<_>>()
                     .join(", ")

@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-
 use onnx_lora::adapter::ort_format;
 use onnx_lora::onnx;
 use onnx_lora::rewrite::{export_peft, serving_adapter_params};
@@ -20,7 +18,8 @@ use super::output::{json_line, report_line};
 
 Activate one at run time with onnxruntime's LoraAdapter (Python) / Adapter (ort crate).")]
 pub struct AdapterArgs {
-    /// The PEFT adapter (folder or .safetensors with adapter_config.json beside it).
+    /// The PEFT adapter (folder or .safetensors with adapter_config.json beside it), or a
+    /// diffusers / kohya LoRA file.
     adapter: PathBuf,
     /// The serving model (from `inject --as-inputs`).
     #[arg(long)]
@@ -45,8 +44,7 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
     super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
-    onnx_lora::rewrite::settle_root(&model, &mut adapter)
-        .with_context(|| format!("{}", adapter.path.display()))?;
+    super::settle(&model, &mut adapter)?;
     let (params, unmatched) = serving_adapter_params(&model, &adapter, args.allow_unmatched)?;
     for u in &unmatched {
         eprintln!("onnx-lora: warning: no LoRA input for adapter module {u}; left out");

@@ -1,4 +1,4 @@
-//! `onnx-lora fold`: merge PEFT adapters (or kohya LoRA files) into a model's weights.
+//! `onnx-lora fold`: merge PEFT adapters (or diffusers / kohya LoRA files) into a model's weights.
 
 use std::path::PathBuf;
 
@@ -19,15 +19,18 @@ use super::save_args::SaveArgs;
   onnx-lora fold model.onnx a/ b/ --weight 0.7 --weight 0.3 -o mix.onnx
   onnx-lora fold model.onnx adapter/adapter_model.safetensors -o out.onnx --json
   onnx-lora fold unet.onnx my_style.safetensors -o unet.style.onnx   # a kohya LoRA
+  onnx-lora fold flux.onnx pytorch_lora_weights.safetensors -o flux.style.onnx   # diffusers'
   onnx-lora fold trained.onnx -o merged.onnx      # fold injected (trained) branches back
   onnx-lora fold model.onnx adapter/ -o out.onnx --verify --ep cpu
   onnx-lora fold genai/model.onnx adapter/ -o out.onnx --verify --dim kv_cache_dim=16
   onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (merges, writes nothing)
 
 ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
-file with its adapter_config.json beside it, or a kohya LoRA .safetensors file (lora_unet_* /
-lora_te_* keys; text-encoder parts are left out of a UNet, and the report says so; LyCORIS LoHa
-and LoKr modules too). Module paths
+file with its adapter_config.json beside it, a diffusers LoRA file (transformer.* / unet.* /
+text_encoder.* PEFT keys, no adapter_config.json: the config is its metadata or what diffusers
+derives; the part that is the model is taken, the others left out with a warning), or a kohya
+LoRA .safetensors file (lora_unet_* / lora_te_* keys; text-encoder parts are left out of a UNet,
+and the report says so; LyCORIS LoHa and LoKr modules too). Module paths
 in the adapter are matched to the model's weights by dotted suffix (kohya's underscored names:
 the path that reads the same with '.' as '_', and SDXL files' original UNet blocks,
 input_blocks_4_1_…, at their place in a diffusers UNet's blocks, and Flux files' original
@@ -44,7 +47,7 @@ at weight 1 only.")]
 pub struct Args {
     /// The base ONNX model.
     model: PathBuf,
-    /// PEFT adapters (or kohya LoRA files) to merge, in order. None: fold the branches `inject` put into MODEL
+    /// PEFT adapters (or diffusers / kohya LoRA files) to merge, in order. None: fold the branches `inject` put into MODEL
     /// (e.g. trained in place) back into its weights and remove them.
     adapters: Vec<PathBuf>,
     /// Where to write the merged model (atomically; inputs are never modified).
@@ -119,8 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .collect::<Result<Vec<_>, _>>()?;
     super::check_root(args.root.as_deref(), &adapters)?;
     for a in &mut adapters {
-        onnx_lora::rewrite::settle_root(&model, a)
-            .with_context(|| format!("{}", a.path.display()))?;
+        super::settle(&model, a)?;
     }
     let opts = FoldOptions {
         weights: args.weights.clone(),

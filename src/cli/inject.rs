@@ -86,7 +86,7 @@ pub struct Args {
     /// Seed for fresh branches.
     #[arg(long, default_value_t = 0, conflicts_with = "adapter")]
     seed: u64,
-    /// Take the branch weights from this PEFT adapter or kohya LoRA file (targets: its modules).
+    /// Take the branch weights from this PEFT adapter or diffusers / kohya LoRA file (targets: its modules).
     #[arg(long, value_name = "ADAPTER")]
     adapter: Option<PathBuf>,
     /// With --adapter: warn about adapter modules that match no weight instead of failing.
@@ -195,8 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .transpose()?;
     super::check_root(args.root.as_deref(), adapter.as_slice())?;
     if let Some(a) = &mut adapter {
-        onnx_lora::rewrite::settle_root(&model, a)
-            .with_context(|| format!("{}", a.path.display()))?;
+        super::settle(&model, a)?;
     }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.

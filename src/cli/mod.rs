@@ -177,6 +177,24 @@ fn load_adapter(
     Ok(adapter)
 }
 
+/// Settles an adapter on the model (`rewrite::settle_root`), saying on stderr what of it
+/// that left out (a diffusers file's other pipeline parts).
+pub(crate) fn settle(
+    model: &onnx_lora::onnx::io::LoadedModel,
+    adapter: &mut onnx_lora::adapter::Adapter,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let left_out = onnx_lora::rewrite::settle_root(model, adapter)
+        .with_context(|| format!("{}", adapter.path.display()))?;
+    for what in &left_out {
+        eprintln!(
+            "onnx-lora: warning: {}: ignoring {what}",
+            adapter.path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuses a `--root` that no adapter took: none of the PEFT adapters' module paths begins
 /// with it (a typo), or there is no PEFT adapter (kohya files bind their modules by name).
 fn check_root(root: Option<&str>, adapters: &[onnx_lora::adapter::Adapter]) -> anyhow::Result<()> {

@@ -192,9 +192,11 @@ pub(crate) fn factors(
 /// stands), so that its parts (the low-rank part inject branches, the whole values written
 /// into the weights, `fold --verify`'s reference) all look its modules up under one root. A
 /// kohya file has no root; its modules named by Flux's original model are mapped onto a
-/// diffusers Flux export here (`adapter::bfl`). Every command calls it once per adapter, after
-/// loading it and before anything binds its modules.
-pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
+/// diffusers Flux export here (`adapter::bfl`); of a diffusers file, the part that is the
+/// model is taken (`adapter::diffusers`). Every command calls it once per adapter, after
+/// loading it and before anything binds its modules. Returns what it left out of the adapter
+/// (for warnings).
+pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<String>> {
     if adapter.modules.iter().any(|m| m.part.is_some()) {
         // kohya modules are bound to the model's paths instead
         if let Some(r) = &adapter.root {
@@ -209,8 +211,14 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
     if adapter.modules.iter().any(|m| m.part.is_some()) {
         // Flux's original module names onto a diffusers Flux export (fused layers split).
         crate::adapter::bfl::map_onto(adapter, &crate::target::select::module_paths_in(&cands))?;
-        return Ok(());
+        return Ok(Vec::new());
     }
+    // (a diffusers file: the part that is this model, as diffusers loads it)
+    let left_out = crate::adapter::diffusers::settle(
+        adapter,
+        &cands,
+        &crate::target::select::module_paths_in(&cands),
+    )?;
     cands.extend(crate::target::norm::find_norm_params(&model.proto, &graph));
     let paths: Vec<&str> = adapter.modules.iter().map(|m| m.path.as_str()).collect();
     let forced = adapter.root.is_some();
@@ -232,7 +240,7 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    Ok(left_out)
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left

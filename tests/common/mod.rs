@@ -189,6 +189,8 @@ pub struct AdapterCase {
     /// kohya files naming a fused layer (Flux's original q/k/v): each target's share of the
     /// fused lora_up, `[rows, r]`, by module path.
     pub lora_up_shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    /// diffusers files: each target's lora_A and lora_B keys in the file, by module path.
+    pub file_keys: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl AdapterCase {
@@ -278,6 +280,14 @@ fn manifest_cases(file: &str) -> Vec<Case> {
                             refuse: ad.get("refuse").and_then(|r| r.as_bool()).unwrap_or(false),
                             kohya_names: per_target(ad, |v| {
                                 Some(v.get("kohya_name")?.as_str()?.to_string())
+                            }),
+                            file_keys: per_target(ad, |v| {
+                                let keys = v.get("file_keys")?.as_array()?;
+                                Some(
+                                    keys.iter()
+                                        .filter_map(|k| k.as_str().map(str::to_string))
+                                        .collect(),
+                                )
                             }),
                             lora_up_shapes: per_target(ad, |v| {
                                 let shape = v.get("lora_up_shape")?.as_array()?;

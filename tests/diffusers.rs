@@ -1,0 +1,182 @@
+//! diffusers LoRA files (no adapter_config.json) as users hold them: in a folder under
+//! diffusers' file name, saved by a model's own `save_lora_adapter` (no part prefixes), with
+//! parts for other pipeline components (left out and reported) or parts that fit the model
+//! alike (refused). (Folds, injects and serving models that match diffusers' own loaders on
+//! the fixtures' diffusers_* files: tests/fold.rs, tests/inject.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Copies a safetensors file to `dst` with each key renamed by `rename` (None: left out).
+fn rename_keys(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(k, v)| Some((rename(&k)?, v)))
+        .collect();
+    std::fs::write(dst, safetensors::serialize(views, None).unwrap()).unwrap();
+    dst.to_path_buf()
+}
+
+fn flux() -> PathBuf {
+    fixtures().join("flux")
+}
+
+/// Folds `adapter` into the Flux fixture (TorchScript export) and compares with diffusers'
+/// unmerged outputs of `reference`.
+fn folds_as(adapter: &Path, reference: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        s(&flux().join("torchscript/model.onnx")),
+        s(adapter),
+        "-o",
+        s(&out),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    let (ok, msg) = ort_compare(
+        &out,
+        &flux().join("io/inputs.npz"),
+        &flux().join(format!("io/{reference}.npz")),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{}: {msg}", adapter.display());
+    stderr
+}
+
+#[test]
+fn a_folder_holding_diffusers_weights_is_read_as_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("lora");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        flux().join("adapters/diffusers_plain.safetensors"),
+        folder.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    folds_as(&folder, "diffusers_plain");
+}
+
+/// A file saved by the transformer's own `save_lora_adapter` has no `transformer.` prefix:
+/// diffusers loads it through the model's `load_lora_adapter` with the same config.
+#[test]
+fn a_file_without_part_prefixes_is_the_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = rename_keys(
+        &flux().join("adapters/diffusers_plain.safetensors"),
+        &dir.path().join("own.safetensors"),
+        |k| k.strip_prefix("transformer.").map(str::to_string),
+    );
+    folds_as(&file, "diffusers_plain");
+}
+
+/// On a Flux export the file's `.alpha` keys count, with diffusers' unanchored alpha patterns:
+/// a single block's proj_out takes the top-level proj_out's alpha, and that is said.
+#[test]
+fn flux_alphas_count_as_diffusers_counts_them_and_shadowing_is_said() {
+    let stderr = folds_as(
+        &flux().join("adapters/diffusers_alpha.safetensors"),
+        "diffusers_alpha",
+    );
+    assert!(
+        stderr.contains(
+            "'transformer.single_transformer_blocks.0.proj_out.alpha' = 4 takes 8 from pattern 'proj_out'"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("read them only for Flux.1"), "{stderr}");
+}
+
+/// The SD file holds a UNet part (older `.lora.down` keys, `.alpha` keys SD's loader ignores)
+/// and a text-encoder part: on the UNet the text encoder's part is left out, and the reverse.
+#[test]
+fn the_part_that_is_the_model_is_taken_and_the_others_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, other, n) in [("unet", "text_encoder", 12), ("clip_text", "unet", 48)] {
+        let out = dir.path().join(format!("{model}.onnx"));
+        let o = onnx_lora(&[
+            "fold",
+            s(&fixtures().join(format!("{model}/torchscript/model.onnx"))),
+            s(&fixtures().join(format!("{model}/adapters/diffusers_sd.safetensors"))),
+            "-o",
+            s(&out),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "ignoring the file's '{other}' part ({n} module(s))"
+            )),
+            "{model}: {stderr}"
+        );
+        assert_eq!(
+            stderr.contains("ignoring the .alpha keys of 48 module(s)"),
+            model == "unet",
+            "{model}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn parts_that_fit_the_model_alike_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (k, v) in st.tensors() {
+        if let Some(rest) = k.strip_prefix("text_encoder.") {
+            views.push((format!("text_encoder_2.{rest}"), v.clone()));
+            views.push((k.clone(), v));
+        }
+    }
+    let file = dir.path().join("two.safetensors");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let err = fold_fails(
+        &fixtures().join("clip_text/torchscript/model.onnx"),
+        &file,
+        &dir.path().join("out.onnx"),
+        &[],
+    );
+    assert!(
+        err.contains("parts 'text_encoder' and 'text_encoder_2' fit this model alike"),
+        "{err}"
+    );
+}
+
+/// A PEFT adapter's weights without their config stay refused: their scale is in the config.
+#[test]
+fn peft_keys_without_adapter_config_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = rename_keys(
+        &flux().join("adapters/diffusers_plain.safetensors"),
+        &dir.path().join("peft.safetensors"),
+        |k| {
+            Some(format!(
+                "base_model.model.{}",
+                k.strip_prefix("transformer.")?
+            ))
+        },
+    );
+    let err = fold_fails(
+        &flux().join("torchscript/model.onnx"),
+        &file,
+        &dir.path().join("out.onnx"),
+        &[],
+    );
+    assert!(err.contains("nor a PEFT adapter's weights (no "), "{err}");
+}
