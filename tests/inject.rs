@@ -204,6 +204,15 @@ fn serving_model_swaps_adapters_on_one_session() {
                 args.push(file);
                 args.push(other.unmerged.clone());
                 swapped += 1;
+            } else {
+                // (only an adapter over modules the serving model has no inputs for is refused)
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(
+                    err.contains("has no LoRA input"),
+                    "{} {}: {err}",
+                    case.label(),
+                    other.name
+                );
             }
         }
         let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();

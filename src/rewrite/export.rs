@@ -580,6 +580,14 @@ pub fn serving_adapter_params(
             let best = matches.iter().filter_map(|n| fit(n)).min();
             matches.retain(|n| fit(n) == best);
         }
+        if m.part.is_none() && matches.len() > 1 {
+            // (a module at exactly the path is the one named, as fold and inject take it:
+            // `proj_out`, not `single_transformer_blocks.0.proj_out`)
+            let path = lookup[i].as_deref().unwrap_or(&m.path);
+            if matches.iter().any(|n| n.as_str() == path) {
+                matches.retain(|n| n.as_str() == path);
+            }
+        }
         if matches.is_empty() {
             // (a kohya module by the file's name, and where an sgm name placed it)
             let shown = match (m.part, kohya_names.get(i)) {
