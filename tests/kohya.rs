@@ -510,3 +510,31 @@ fn a_fused_flux_module_that_does_not_fit_names_the_files_module() {
         "{err}"
     );
 }
+
+/// fold's `--json` module records name the file's own module for each weight a kohya file
+/// changed (the generator's `kohya_name`), also for each layer a Flux file's fused module was
+/// split into and for SDXL's original block names.
+#[test]
+fn json_module_records_name_the_files_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases().iter().filter(|c| c.exporter == "torchscript") {
+        for ad in case.adapters.iter().filter(|a| !a.kohya_names.is_empty()) {
+            let out = dir.path().join(format!("{}_{}.onnx", case.model, ad.name));
+            let stdout =
+                onnx_lora_ok(&["fold", s(&case.onnx), s(&ad.dir), "-o", s(&out), "--json"]);
+            for r in json_records(&stdout, "module") {
+                let module = r["module"].as_str().unwrap();
+                assert_eq!(
+                    r["adapter_module"].as_str(),
+                    Some(ad.kohya_names[module].as_str()),
+                    "{} {}: {r}",
+                    case.label(),
+                    ad.name
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
+}

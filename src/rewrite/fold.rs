@@ -63,6 +63,10 @@ pub struct ModuleReport {
     pub replaced: bool,
     /// Largest |new - old| element; known once the merge has run (the model was saved).
     pub max_abs_delta: DeltaCell,
+    /// A kohya file's own name for the module (its keys' stem, `lora_unet_…`), which for a
+    /// Flux file's fused module names every layer it was split into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_module: Option<String>,
     /// The slices of a packed q/k/v weight that adapter modules changed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub packed: Vec<PackedSlice>,
@@ -94,6 +98,7 @@ impl ModuleReport {
             dora: false,
             replaced: false,
             max_abs_delta: DeltaCell::default(),
+            adapter_module: None,
             packed: Vec::new(),
             copy: None,
             tokens: Vec::new(),
@@ -101,6 +106,12 @@ impl ModuleReport {
             steps: Vec::new(),
         }
     }
+}
+
+/// A kohya module's name in its file (the stem of its keys); None for other formats.
+fn kohya_stem(m: &ModuleAdapter) -> Option<String> {
+    m.part?;
+    Some(m.keys.first()?.split_once('.')?.0.to_string())
 }
 
 /// One delta merged into a weight.
@@ -1065,6 +1076,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
             let s = step.scale / gemm_alpha(model, graph, c);
             rep.rank = m.rank();
             rep.scale = s;
+            rep.adapter_module = kohya_stem(m);
             rep.steps.push(StepReport {
                 module: m.path.clone(),
                 rank: rep.rank,
@@ -1120,6 +1132,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         rep.rank = m.rank();
         rep.scale = s;
+        rep.adapter_module = kohya_stem(m);
         rep.steps.push(StepReport {
             module: m.path.clone(),
             rank: rep.rank,
