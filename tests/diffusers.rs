@@ -180,3 +180,88 @@ fn peft_keys_without_adapter_config_are_refused() {
     );
     assert!(err.contains("nor a PEFT adapter's weights (no "), "{err}");
 }
+
+/// The scale of every module record of a fold's `--json` output.
+fn scales(stdout: &str) -> Vec<f64> {
+    json_records(stdout, "module")
+        .iter()
+        .map(|r| r["scale"].as_f64().unwrap())
+        .collect()
+}
+
+/// diffusers loads a file without part prefixes only through a model's own
+/// `load_lora_adapter`, which reads no alphas: its `.alpha` keys are left out (every scale 1,
+/// with a warning) unless `--alpha-keys read` says they count, which gives the Flux loader's
+/// result on the same factors.
+#[test]
+fn alpha_keys_of_a_file_without_parts_count_only_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = rename_keys(
+        &flux().join("adapters/diffusers_alpha.safetensors"),
+        &dir.path().join("own.safetensors"),
+        |k| k.strip_prefix("transformer.").map(str::to_string),
+    );
+    let model = flux().join("torchscript/model.onnx");
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&["fold", s(&model), s(&file), "-o", s(&out), "--json"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("which reads no alphas"), "{stderr}");
+    let got = scales(&String::from_utf8_lossy(&o.stdout));
+    assert!(got.len() == 36 && got.iter().all(|s| *s == 1.0), "{got:?}");
+    let o = onnx_lora(&[
+        "fold",
+        s(&model),
+        s(&file),
+        "-o",
+        s(&out),
+        "--alpha-keys",
+        "read",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, msg) = ort_compare(
+        &out,
+        &flux().join("io/inputs.npz"),
+        &flux().join("io/diffusers_alpha.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+}
+
+/// `--alpha-keys ignore` leaves a Flux file's alphas out (every scale 1: diffusers' scale
+/// without alphas); with no diffusers file among the adapters the flag is refused.
+#[test]
+fn alpha_keys_ignore_and_where_the_flag_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = flux().join("torchscript/model.onnx");
+    let out = dir.path().join("out.onnx");
+    let stdout = onnx_lora_ok(&[
+        "fold",
+        s(&model),
+        s(&flux().join("adapters/diffusers_alpha.safetensors")),
+        "-o",
+        s(&out),
+        "--alpha-keys",
+        "ignore",
+        "--json",
+    ]);
+    let got = scales(&stdout);
+    assert!(got.len() == 36 && got.iter().all(|s| *s == 1.0), "{got:?}");
+    let err = onnx_lora_fails(
+        &[
+            "fold",
+            s(&model),
+            s(&flux().join("adapters/bfl.safetensors")),
+            "-o",
+            s(&dir.path().join("no.onnx")),
+            "--alpha-keys",
+            "read",
+        ],
+        &dir.path().join("no.onnx"),
+    );
+    assert!(
+        err.contains("--alpha-keys read applies to diffusers LoRA files"),
+        "{err}"
+    );
+}

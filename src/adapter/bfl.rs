@@ -319,6 +319,7 @@ mod tests {
             ignored: Vec::new(),
             root: None,
             diffusers: None,
+            alpha_keys: None,
         }
     }
 

@@ -276,6 +276,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         ignored: Vec::new(),
         root: None,
         diffusers: Some(file.clone()),
+        alpha_keys: None,
     };
     // (the first part that diffusers could load alone; what a part leaves out is said once the
     // model has chosen the part: `settle`)
@@ -351,14 +352,25 @@ pub fn settle(
         });
     }
     let part = &file.parts[best];
-    let flux = is_flux(model_paths)
-        || (part.is_text_encoder()
-            && file.parts.iter().any(|p| {
-                p.name == "transformer"
-                    && p.module_paths()
-                        .iter()
-                        .any(|m| m == "x_embedder" || m.ends_with(".proj_mlp"))
-            }));
+    // (diffusers' Flux.1 loader: the model is its transformer; a text encoder's part, when the
+    // file's transformer part has single-stream blocks, which of the pipelines that load a
+    // transformer and a text encoder only Flux's has)
+    // (a file without part prefixes loads only through a model's own `load_lora_adapter`,
+    // which takes no alphas)
+    let flux = if let Some(read) = adapter.alpha_keys {
+        read
+    } else if part.name.is_empty() {
+        false
+    } else if part.is_text_encoder() {
+        file.parts.iter().any(|p| {
+            p.name == "transformer"
+                && p.module_paths()
+                    .iter()
+                    .any(|m| m.starts_with("single_transformer_blocks."))
+        })
+    } else {
+        is_flux(model_paths)
+    };
     let strip_text_model = part.is_text_encoder() && without_text_model;
     let mut left_out = build(adapter, &file, best, flux, strip_text_model)?;
     for (_, other) in file.parts.iter().enumerate().filter(|(i, _)| *i != best) {
@@ -374,7 +386,8 @@ pub fn settle(
 }
 
 /// Sets the adapter's config and modules to those of the file's part `at`, as diffusers
-/// loads it: `flux` when diffusers' Flux loader reads it (it alone takes `.alpha` keys),
+/// loads it: `flux` when diffusers' Flux loader reads it (it alone takes `.alpha` keys) or the
+/// user says the alphas count (`Adapter::alpha_keys`),
 /// `strip_text_model` when the text encoder has no `text_model.` level (transformers 5's
 /// CLIPTextModel), whose keys diffusers then reads without it. Returns what it ignores.
 fn build(
@@ -392,10 +405,20 @@ fn build(
     let alphas: &[(String, String, f32)] = if flux { &part.alphas } else { &[] };
     let mut ignored = Vec::new();
     if !flux && let Some((key, _, _)) = part.alphas.first() {
+        let why = if adapter.alpha_keys.is_some() {
+            "--alpha-keys ignore"
+        } else if part.name.is_empty() {
+            "a file without pipeline-part prefixes loads through a model's own load_lora_adapter, which reads no alphas"
+        } else {
+            "diffusers' loaders read them only for Flux.1, and this is not a Flux.1 transformer (nor a text encoder of a file with Flux's single-stream blocks; --alpha-keys read says it is)"
+        };
         ignored.push(format!(
-            "the .alpha keys of {} module(s) ('{key}', ...): diffusers' loaders read them only for Flux.1, and this model is not a diffusers Flux transformer; every module gets the scale diffusers gives it",
+            "the .alpha keys of {} module(s) ('{key}', ...): {why}; every module gets the scale diffusers gives it",
             part.alphas.len()
         ));
+    }
+    if part.is_text_encoder() {
+        readable_text_encoder(part).map_err(&err)?;
     }
     let mut tensors = part.converted(flux);
     if strip_text_model {
@@ -427,7 +450,15 @@ fn build(
                 part.name
             )));
         }
-        Some(m) => (Value::Object(m), format!("its {METADATA_KEY}")),
+        Some(mut m) => {
+            // (diffusers hands PEFT the state dict, and PEFT then adapts the modules the
+            // state dict has factors for, whatever target_modules / exclude_modules say)
+            m.insert("target_modules".into(), json!(module_list(&tensors)));
+            for k in ["exclude_modules", "layers_to_transform", "layers_pattern"] {
+                m.remove(k);
+            }
+            (Value::Object(m), format!("its {METADATA_KEY}"))
+        }
         None => (
             derive_config(&tensors, alphas, part.is_text_encoder()).map_err(&err)?,
             "the config diffusers derives from its factors".to_string(),
@@ -466,19 +497,55 @@ fn build(
             .map(|t| (*t).clone())
             .ok_or_else(|| format!("{k}: not in the file"))
     };
-    let (modules, more) = super::peft::from_tensors(
-        &config,
-        &names,
-        read,
-        &adapter.path.display().to_string(),
-        &source,
-    )
-    .map_err(err)?;
+    let (modules, more) =
+        super::peft::from_tensors(&config, &names, read, "", &source).map_err(err)?;
     ignored.extend(more);
     adapter.config = config;
     adapter.modules = modules;
     adapter.ignored = ignored.clone();
     Ok(ignored)
+}
+
+/// Refuses a text-encoder part diffusers cannot read: its conversion (`convert_state_dict_to_
+/// diffusers`, then `_to_peft`) infers the layout from the attention projections' keys
+/// (`to_out_lora`, PEFT's `q_proj.lora_A`…, `lora_linear_layer`) and fails without them.
+fn readable_text_encoder(part: &FilePart) -> std::result::Result<(), String> {
+    let keys = || part.tensors.iter().map(|(_, k, _)| k.as_str());
+    let attention_peft = keys().any(|k| {
+        [
+            ".q_proj.lora_",
+            ".k_proj.lora_",
+            ".v_proj.lora_",
+            ".out_proj.lora_",
+            "to_k.lora_",
+            "to_q.lora_",
+            "to_v.lora_",
+            "to_out.0.lora_",
+        ]
+        .iter()
+        .any(|p| k.contains(p))
+            && (k.contains("lora_A") || k.contains("lora_B"))
+    });
+    if keys().any(|k| k.contains("to_out_lora") || k.contains("lora_linear_layer"))
+        || attention_peft
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "its '{}' part has no attention projection's factors in a layout diffusers can tell (to_out_lora, q_proj.lora_A…, lora_linear_layer): diffusers refuses such a text-encoder part (\"Could not automatically infer state dict type\")",
+        part.name
+    ))
+}
+
+/// The modules of a part's keys (`<module>.lora…`), as diffusers lists its `target_modules`.
+fn module_list(tensors: &[(&str, String, &F32Tensor)]) -> Vec<String> {
+    let mut targets: Vec<String> = tensors
+        .iter()
+        .map(|(_, k, _)| k.split(".lora").next().unwrap_or(k).to_string())
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    targets
 }
 
 /// The LoraConfig diffusers 0.42's `get_peft_kwargs` builds for a part without metadata:
@@ -509,7 +576,15 @@ fn derive_config(
         }
     }
     let Some(&(_, first)) = ranks.first() else {
-        return Err("no lora_B factor to take the rank from".into());
+        return Err(
+            match tensors
+                .iter()
+                .find_map(|(_, k, _)| k.split_once(".lora_A."))
+            {
+                Some((module, _)) => format!("module '{module}' has only one of lora_A / lora_B"),
+                None => "no lora_B factor to take the rank from".into(),
+            },
+        );
     };
     let mut r = first;
     let mut lora_alpha = first as f64;
@@ -560,12 +635,7 @@ fn derive_config(
             }
         }
     }
-    let mut targets: Vec<String> = tensors
-        .iter()
-        .map(|(_, k, _)| k.split(".lora").next().unwrap_or(k).to_string())
-        .collect();
-    targets.sort_unstable();
-    targets.dedup();
+    let targets = module_list(tensors);
     let dora = tensors
         .iter()
         .any(|(_, k, _)| k.contains("lora_magnitude_vector"));
@@ -727,6 +797,7 @@ mod tests {
         assert!(a.modules.iter().all(|m| !m.path.starts_with("text_model.")));
         // (a module of another name takes r: factors of another rank are what PEFT refuses)
         let mut list = lora("text_encoder.text_projection", 4);
+        list.extend(lora("text_encoder.encoder.layers.0.self_attn.q_proj", 2));
         list.extend(lora("text_encoder.encoder.layers.0.mlp.fc1", 2));
         list.extend(lora("text_encoder.encoder.layers.0.mlp.fc2", 2));
         let e = read(&file(&keys(&list), None))
@@ -770,8 +841,14 @@ mod tests {
         list.extend(lora("transformer.a.to_k", 4));
         let meta = r#"{"transformer.r": 4, "transformer.lora_alpha": 16, "transformer.target_modules": ["to_q"]}"#;
         let a = read(&file(&keys(&list), Some(meta))).map_err(|e| e.to_string())?;
-        assert_eq!(a.modules.len(), 1, "to_k is not targeted");
+        // (PEFT, handed the state dict, adapts every module it has factors for)
+        assert_eq!(
+            a.modules.len(),
+            2,
+            "to_k is adapted though target_modules leaves it out"
+        );
         assert_eq!(scale(&a, "a.to_q"), 4.0);
+        assert_eq!(scale(&a, "a.to_k"), 4.0);
         // (entries for another part only: diffusers would use LoraConfig's defaults)
         let meta = r#"{"unet.r": 4, "unet.lora_alpha": 16}"#;
         let e = read(&file(&keys(&list), Some(meta)))
@@ -810,5 +887,52 @@ mod tests {
         let f = a.diffusers.as_ref().expect("a diffusers file");
         assert_eq!(f.parts[0].name, "");
         Ok(())
+    }
+    #[test]
+    fn a_file_without_part_prefixes_takes_no_alphas() -> TestResult {
+        let mut list = lora("blocks.0.to_q", 4);
+        list.push(("blocks.0.to_q.alpha".into(), vec![], 2.0));
+        let buf = file(&keys(&list), None);
+        let mut a = read(&buf).map_err(|e| e.to_string())?;
+        let f = a.diffusers.clone().expect("a diffusers file");
+        // (`settle` reads no alphas for a file without parts unless told: `flux` false)
+        let said = build(&mut a, &f, 0, false, false).map_err(|e| e.to_string())?;
+        assert_eq!(scale(&a, "blocks.0.to_q"), 1.0);
+        assert!(
+            said.iter()
+                .any(|w| w.contains("load_lora_adapter, which reads no alphas")),
+            "{said:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn text_encoder_parts_diffusers_cannot_read_are_refused() {
+        let mut list = lora("text_encoder.encoder.layers.0.mlp.fc1", 4);
+        list.extend(lora("text_encoder.encoder.layers.0.mlp.fc2", 4));
+        let e = read(&file(&keys(&list), None))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Could not automatically infer state dict type"),
+            "{e}"
+        );
+        list.extend(lora("text_encoder.encoder.layers.0.self_attn.q_proj", 4));
+        assert!(read(&file(&keys(&list), None)).is_ok());
+    }
+
+    #[test]
+    fn a_module_with_only_lora_a_is_named() {
+        let list = [("transformer.a.to_q.lora_A.weight", vec![4, 8], 0.0)];
+        let e = read(&file(&list, None))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("module 'a.to_q' has only one of lora_A / lora_B"),
+            "{e}"
+        );
+        assert_eq!(e.matches("lora.safetensors").count(), 1, "{e}");
     }
 }

@@ -192,6 +192,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         ignored: Vec::new(),
         root: None,
         diffusers: None,
+        alpha_keys: None,
     })
 }
 

@@ -209,6 +209,9 @@ pub struct Adapter {
     /// A diffusers LoRA file: every pipeline part it holds, from which `settle_root` takes
     /// the one that is the model (`adapter::diffusers`); None for other formats.
     pub diffusers: Option<std::sync::Arc<super::diffusers::DiffusersFile>>,
+    /// A diffusers file's `.alpha` keys: Some(true) read, Some(false) ignored, None as its
+    /// model tells (`adapter::diffusers::settle`).
+    pub alpha_keys: Option<bool>,
 }
 
 impl Adapter {
@@ -299,6 +302,7 @@ impl Adapter {
             ignored,
             root: None,
             diffusers: None,
+            alpha_keys: None,
         })
     }
 
@@ -346,6 +350,7 @@ impl Adapter {
             modules,
             ignored: Vec::new(),
             diffusers: self.diffusers.clone(),
+            alpha_keys: self.alpha_keys,
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)
@@ -783,7 +788,8 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
 /// The modules PEFT loads from an adapter's tensors under `config`, and what it leaves out:
 /// `names` pairs each key of the weights file (`weights`, for messages) with the key as PEFT
 /// reads it (without `base_model.model.` or a pipeline part's prefix), in the order to read
-/// them; `read` decodes a file key; `config_name` names where the config came from.
+/// them; `read` decodes a file key; `config_name` names where the config came from. Errors
+/// name `weights` unless it is empty.
 pub(crate) fn from_tensors(
     config: &AdapterConfig,
     names: &[(String, String)],
@@ -791,15 +797,19 @@ pub(crate) fn from_tensors(
     weights: &str,
     config_name: &str,
 ) -> std::result::Result<(Vec<ModuleAdapter>, Vec<String>), String> {
-    let mut modules =
-        group_modules(names, &read, &config.raw).map_err(|r| format!("{weights}: {r}"))?;
+    // (`weights` empty: the adapter's path, which the caller's error names, is the file)
+    let at = |r: String| match weights {
+        "" => r,
+        w => format!("{w}: {r}"),
+    };
+    let mut modules = group_modules(names, &read, &config.raw).map_err(at)?;
     let ignored = keep_what_peft_loads(&mut modules, config)?;
     if modules.is_empty() {
         let why = match ignored.first() {
             Some(what) => format!("holds no adapter tensors PEFT would load (it ignores {what})"),
             None => "holds no adapter tensors".into(),
         };
-        return Err(format!("{weights}: {why}"));
+        return Err(at(why));
     }
     // PEFT refuses to load factors of another rank than the config gives the module.
     for m in &modules {

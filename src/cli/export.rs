@@ -35,6 +35,11 @@ pub struct AdapterArgs {
     /// be told (a model of one part of an encoder-decoder: `--root model.encoder`).
     #[arg(long, value_name = "PREFIX")]
     root: Option<String>,
+    /// diffusers LoRA files: whether their .alpha keys set each module's scale (read: as
+    /// diffusers' Flux.1 loader reads them; ignore: as its other loaders do; default: read on a
+    /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
+    #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"])]
+    alpha_keys: Option<String>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -44,7 +49,8 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
     super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
-    super::settle(&model, &mut adapter)?;
+    super::check_alpha_keys(args.alpha_keys.as_deref(), std::slice::from_ref(&adapter))?;
+    super::settle(&model, &mut adapter, args.alpha_keys.as_deref())?;
     let (params, unmatched) = serving_adapter_params(&model, &adapter, args.allow_unmatched)?;
     for u in &unmatched {
         eprintln!("onnx-lora: warning: no LoRA input for adapter module {u}; left out");

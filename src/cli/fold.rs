@@ -84,6 +84,11 @@ pub struct Args {
     /// (one file of an encoder-decoder export: `--root model.encoder`).
     #[arg(long, value_name = "PREFIX")]
     root: Option<String>,
+    /// diffusers LoRA files: whether their .alpha keys set each module's scale (read: as
+    /// diffusers' Flux.1 loader reads them; ignore: as its other loaders do; default: read on a
+    /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
+    #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"])]
+    alpha_keys: Option<String>,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
     /// branches; in weight space inside onnxruntime's fused ops) on the same inputs and
     /// compare; exit 1 when they differ (the output is then
@@ -121,8 +126,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     super::check_root(args.root.as_deref(), &adapters)?;
+    super::check_alpha_keys(args.alpha_keys.as_deref(), &adapters)?;
     for a in &mut adapters {
-        super::settle(&model, a)?;
+        super::settle(&model, a, args.alpha_keys.as_deref())?;
     }
     let opts = FoldOptions {
         weights: args.weights.clone(),

@@ -96,6 +96,11 @@ pub struct Args {
     /// told (one file of an encoder-decoder export: `--root model.encoder`).
     #[arg(long, value_name = "PREFIX", requires = "adapter")]
     root: Option<String>,
+    /// diffusers LoRA files: whether their .alpha keys set each module's scale (read: as
+    /// diffusers' Flux.1 loader reads them; ignore: as its other loaders do; default: read on a
+    /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
+    #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"], requires = "adapter")]
+    alpha_keys: Option<String>,
     /// Make the branch weights graph inputs with empty defaults (multi-LoRA serving).
     #[arg(long)]
     as_inputs: bool,
@@ -194,8 +199,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .transpose()?;
     super::check_root(args.root.as_deref(), adapter.as_slice())?;
+    super::check_alpha_keys(args.alpha_keys.as_deref(), adapter.as_slice())?;
     if let Some(a) = &mut adapter {
-        super::settle(&model, a)?;
+        super::settle(&model, a, args.alpha_keys.as_deref())?;
     }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.

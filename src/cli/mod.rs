@@ -178,12 +178,19 @@ fn load_adapter(
 }
 
 /// Settles an adapter on the model (`rewrite::settle_root`), saying on stderr what of it
-/// that left out (a diffusers file's other pipeline parts).
+/// that left out (a diffusers file's other pipeline parts); `alpha_keys` is the user's
+/// `--alpha-keys`, for diffusers files only.
 pub(crate) fn settle(
     model: &onnx_lora::onnx::io::LoadedModel,
     adapter: &mut onnx_lora::adapter::Adapter,
+    alpha_keys: Option<&str>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    if let Some(how) = alpha_keys
+        && adapter.diffusers.is_some()
+    {
+        adapter.alpha_keys = Some(how == "read");
+    }
     let left_out = onnx_lora::rewrite::settle_root(model, adapter)
         .with_context(|| format!("{}", adapter.path.display()))?;
     for what in &left_out {
@@ -193,6 +200,20 @@ pub(crate) fn settle(
         );
     }
     Ok(())
+}
+
+/// Refuses `--alpha-keys` when no adapter is a diffusers LoRA file (a typo, or a flag that
+/// would change nothing).
+fn check_alpha_keys(
+    alpha_keys: Option<&str>,
+    adapters: &[onnx_lora::adapter::Adapter],
+) -> anyhow::Result<()> {
+    match (alpha_keys, adapters.iter().any(|a| a.diffusers.is_some())) {
+        (Some(how), false) => anyhow::bail!(
+            "--alpha-keys {how} applies to diffusers LoRA files, and no adapter given is one (PEFT adapters take their scale from adapter_config.json; kohya files always read their alphas)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a `--root` that no adapter took: none of the PEFT adapters' module paths begins
