@@ -265,3 +265,42 @@ fn alpha_keys_ignore_and_where_the_flag_does_not_apply() {
         "{err}"
     );
 }
+
+/// Of two text-encoder parts on the same module paths (SDXL's text_encoder and
+/// text_encoder_2), the model takes the one it has more modules of among those it lacks none
+/// of: here the part holding both layers of the CLIP export, not the one holding layer 0.
+#[test]
+fn the_part_with_more_of_the_models_modules_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (k, v) in st.tensors() {
+        if let Some(rest) = k.strip_prefix("text_encoder.") {
+            if rest.contains(".layers.0.") {
+                views.push((format!("text_encoder_2.{rest}"), v.clone()));
+            }
+            views.push((k.clone(), v));
+        }
+    }
+    let file = dir.path().join("two.safetensors");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = fixtures().join("clip_text/torchscript/model.onnx");
+    let o = onnx_lora(&["fold", s(&model), s(&file), "-o", s(&out)]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ignoring the file's 'text_encoder_2' part (6 module(s))"),
+        "{stderr}"
+    );
+    let (ok, msg) = ort_compare(
+        &out,
+        &fixtures().join("clip_text/io/inputs.npz"),
+        &fixtures().join("clip_text/io/diffusers_sd.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+}
