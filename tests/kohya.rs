@@ -538,3 +538,75 @@ fn json_module_records_name_the_files_module() {
     }
     assert!(checked > 100, "{checked}");
 }
+
+/// ComfyUI's names for a kohya Flux file (`diffusion_model.double_blocks.0.img_attn.qkv.
+/// lora_down.weight`), which diffusers' Flux loader reads as sd-scripts' names with dots for
+/// underscores: the fixture's file renamed so folds as diffusers' reference of the original.
+#[test]
+fn comfyui_names_fold_as_the_kohya_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = fixtures().join("flux");
+    // (Flux's original module paths, dotted as ComfyUI writes them)
+    let dotted = |stem: &str| -> String {
+        let mut p = stem.to_string();
+        for (from, to) in [
+            ("double_blocks_", "double_blocks."),
+            ("single_blocks_", "single_blocks."),
+            ("_img_attn_", ".img_attn."),
+            ("_txt_attn_", ".txt_attn."),
+            ("_img_mlp_", ".img_mlp."),
+            ("_txt_mlp_", ".txt_mlp."),
+            ("_img_mod_lin", ".img_mod.lin"),
+            ("_txt_mod_lin", ".txt_mod.lin"),
+            ("_modulation_lin", ".modulation.lin"),
+            ("_linear1", ".linear1"),
+            ("_linear2", ".linear2"),
+            ("_in_layer", ".in_layer"),
+            ("_out_layer", ".out_layer"),
+            (
+                "final_layer_adaLN_modulation_1",
+                "final_layer.adaLN_modulation.1",
+            ),
+            ("final_layer_linear", "final_layer.linear"),
+        ] {
+            p = p.replace(from, to);
+        }
+        p
+    };
+    let src = std::fs::read(flux.join("adapters/bfl.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let (module, suffix) = k.split_once('.').unwrap();
+            let stem = module.strip_prefix("lora_unet_").unwrap();
+            (format!("diffusion_model.{}.{suffix}", dotted(stem)), v)
+        })
+        .collect();
+    assert!(
+        views
+            .iter()
+            .any(|(k, _)| k == "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight")
+    );
+    let file = dir.path().join("comfy.safetensors");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let out = dir.path().join("out.onnx");
+    let stdout = onnx_lora_ok(&[
+        "fold",
+        s(&flux.join("dynamo/model.onnx")),
+        s(&file),
+        "-o",
+        s(&out),
+        "--json",
+    ]);
+    assert_eq!(json_records(&stdout, "module").len(), 36, "{stdout}");
+    let (ok, msg) = ort_compare(
+        &out,
+        &flux.join("io/inputs.npz"),
+        &flux.join("io/bfl.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+}

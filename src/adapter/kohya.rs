@@ -35,11 +35,44 @@ const LYCORIS: [(&str, &str); 6] = [
     (".b1.weight", "(IA)^3 / GLoRA"),
 ];
 
-/// Whether the file's keys are kohya's (any key under a `lora_<part>_` prefix).
+/// ComfyUI's prefixes for kohya's parts: its module paths are dotted, after the model's name
+/// in ComfyUI (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`).
+const COMFY_PARTS: [(&str, &str); 3] = [
+    ("diffusion_model.", "lora_unet_"),
+    ("text_encoders.clip_l.transformer.", "lora_te1_"),
+    ("text_encoders.t5xxl.transformer.", "lora_te3_"),
+];
+
+/// Key endings of kohya's layout (LoRA and LyCORIS).
+const KOHYA_SUFFIXES: [&str; 5] = [
+    ".lora_down.weight",
+    ".lora_up.weight",
+    ".alpha",
+    ".hada_",
+    ".lokr_",
+];
+
+/// A key in ComfyUI's names as kohya writes it, as diffusers' Flux loader reads such files: the
+/// part's prefix, and the module path's dots as underscores (`diffusion_model.double_blocks.0.
+/// img_attn.qkv.lora_down.weight` → `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`);
+/// None for a key in another layout.
+fn from_comfy(key: &str) -> Option<String> {
+    let (prefix, part) = COMFY_PARTS.iter().find(|(p, _)| key.starts_with(p))?;
+    let rest = &key[prefix.len()..];
+    let at = KOHYA_SUFFIXES.iter().filter_map(|s| rest.find(s)).min()?;
+    Some(format!(
+        "{part}{}{}",
+        rest[..at].replace('.', "_"),
+        &rest[at..]
+    ))
+}
+
+/// Whether the file's keys are kohya's (any key under a `lora_<part>_` prefix, or in ComfyUI's
+/// names for them).
 pub fn is_kohya(st: &SafeTensors) -> bool {
     st.names()
         .iter()
-        .any(|k| PARTS.iter().any(|(p, _, _)| k.starts_with(p)))
+        .any(|k| PARTS.iter().any(|(p, _, _)| k.starts_with(p)) || from_comfy(k).is_some())
 }
 
 /// The part a module name belongs to, and the name without the prefix.
@@ -63,33 +96,49 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         path: path.to_path_buf(),
         reason,
     };
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    // (each key as kohya names it, and the file's key; ComfyUI's names renamed)
+    let mut names: Vec<(String, String)> = st
+        .names()
+        .into_iter()
+        .map(|k| {
+            (
+                from_comfy(k).unwrap_or_else(|| k.to_string()),
+                k.to_string(),
+            )
+        })
+        .collect();
     names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(err(format!(
+            "keys '{}' and '{}' name the same tensor (kohya's and ComfyUI's names for one module)",
+            w[0].1, w[1].1
+        )));
+    }
     let mut modules: BTreeMap<String, ModuleAdapter> = BTreeMap::new();
     let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
     // LyCORIS factors by module, then by key suffix (`hada_w1_a`, `lokr_w2`, ...).
     let mut lyco: BTreeMap<String, BTreeMap<String, F32Tensor>> = BTreeMap::new();
-    for key in &names {
+    for (key, file_key) in &names {
         if let Some((_, what)) = LYCORIS.iter().find(|(frag, _)| key.contains(frag)) {
             return Err(err(format!(
-                "key '{key}': LyCORIS {what} is not supported (plain LoRA only: lora_down / lora_up / alpha)"
+                "key '{file_key}': LyCORIS {what} is not supported (plain LoRA only: lora_down / lora_up / alpha)"
             )));
         }
         let (module, suffix) = key.split_once('.').ok_or_else(|| {
             err(format!(
-                "key '{key}' is not a kohya LoRA key (<module>.lora_down.weight)"
+                "key '{file_key}' is not a kohya LoRA key (<module>.lora_down.weight)"
             ))
         })?;
         let Some((part, stem)) = split_part(module) else {
             return Err(err(format!(
-                "key '{key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_, lora_te2_ or lora_te3_)"
+                "key '{file_key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_, lora_te2_ or lora_te3_)"
             )));
         };
-        let t = read_f32(st, key).map_err(&err)?;
+        let t = read_f32(st, file_key).map_err(&err)?;
         if suffix == "alpha" {
             let Some(&a) = t.data.first().filter(|_| t.data.len() == 1) else {
                 return Err(err(format!(
-                    "key '{key}': alpha has shape {:?}, not a scalar",
+                    "key '{file_key}': alpha has shape {:?}, not a scalar",
                     t.shape
                 )));
             };
@@ -121,7 +170,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             "lora_up.weight" => m.b = Some(t),
             _ => {
                 return Err(err(format!(
-                    "key '{key}' is not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)"
+                    "key '{file_key}' is not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)"
                 )));
             }
         }
@@ -315,6 +364,28 @@ fn under_vae_coder(name: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comfyui_names_read_as_kohyas() {
+        assert_eq!(
+            from_comfy("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight").as_deref(),
+            Some("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+        );
+        assert_eq!(
+            from_comfy(
+                "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.alpha"
+            )
+            .as_deref(),
+            Some("lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha")
+        );
+        assert_eq!(
+            from_comfy("diffusion_model.single_blocks.1.linear1.hada_w1_a").as_deref(),
+            Some("lora_unet_single_blocks_1_linear1.hada_w1_a")
+        );
+        // (PEFT's layout under ComfyUI's prefix is not kohya's)
+        assert_eq!(from_comfy("diffusion_model.x.lora_A.weight"), None);
+        assert_eq!(from_comfy("lora_unet_x.lora_down.weight"), None);
+    }
 
     #[test]
     fn parts_split_longest_prefix_first() {
