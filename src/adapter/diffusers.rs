@@ -50,6 +50,17 @@ const LORA_KEYS: [&str; 6] = [
     ".lora_linear_layer.up.weight",
 ];
 
+/// The endings of the keys PEFT loads from a diffusers file (after its layout's conversion).
+const LORA_PARAMS: [&str; 7] = [
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_B.bias",
+    ".lora_magnitude_vector",
+    ".lora_magnitude_vector.weight",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+];
+
 /// diffusers' `UNET_TO_DIFFUSERS`: its older UNet / transformer layouts (after
 /// `.processor.` → `.`), the first pattern a key contains replaced.
 const UNET_TO_PEFT: [(&str, &str); 11] = [
@@ -107,6 +118,8 @@ pub struct FilePart {
     tensors: Vec<(String, String, F32Tensor)>,
     /// `.alpha` keys: (file key, module path, value).
     alphas: Vec<(String, String, f32)>,
+    /// Its first key in data order (an `.alpha` key or a tensor's).
+    first_key: String,
 }
 
 impl FilePart {
@@ -137,15 +150,9 @@ impl FilePart {
                 None => k,
             }
         };
-        let first_alpha = self.alphas.first().map(|(k, _, _)| k.as_str());
-        let first_tensor = self.tensors.first().map(|(k, _, _)| k.as_str());
-        let first = match (alphas_popped, first_alpha, first_tensor) {
-            (false, Some(a), Some(t)) => Some(if self.order_of(a) < self.order_of(t) {
-                a
-            } else {
-                t
-            }),
-            (_, _, t) => t,
+        let first = match alphas_popped {
+            true => self.tensors.first().map(|(k, _, _)| k.as_str()),
+            false => Some(self.first_key.as_str()),
         };
         let convert = self.is_text_encoder() || first.is_some_and(|k| !k.contains("lora_A"));
         self.tensors
@@ -159,16 +166,6 @@ impl FilePart {
                 (file.as_str(), key, t)
             })
             .collect()
-    }
-
-    /// Position of a file key among the part's keys (alphas and tensors) in data order.
-    fn order_of(&self, key: &str) -> usize {
-        self.tensors
-            .iter()
-            .map(|(k, _, _)| k)
-            .chain(self.alphas.iter().map(|(k, _, _)| k))
-            .position(|k| k == key)
-            .unwrap_or(usize::MAX)
     }
 }
 
@@ -245,6 +242,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
                     name: part,
                     tensors: Vec::new(),
                     alphas: Vec::new(),
+                    first_key: key.clone(),
                 });
                 parts.len() - 1
             }
@@ -485,10 +483,18 @@ fn build(
             if shadowed.len() > 1 { ", ..." } else { "" }
         ));
     }
-    let mut names: Vec<(String, String)> = tensors
+    // (keys that are no LoRA parameter reach PEFT as unexpected keys, which it leaves out)
+    let (mut names, others): (Vec<(String, String)>, Vec<(String, String)>) = tensors
         .iter()
         .map(|(file, key, _)| (file.to_string(), key.clone()))
-        .collect();
+        .partition(|(_, key)| LORA_PARAMS.iter().any(|p| key.ends_with(p)));
+    if let Some((first, _)) = others.first() {
+        ignored.push(format!(
+            "{} key(s) that are no LoRA parameter in diffusers' layouts ('{first}'{}): diffusers hands them to PEFT, which does not load them",
+            others.len(),
+            if others.len() > 1 { ", ..." } else { "" }
+        ));
+    }
     names.sort_by(|a, b| a.1.cmp(&b.1));
     let by_key: BTreeMap<&str, &F32Tensor> = tensors.iter().map(|(f, _, t)| (*f, *t)).collect();
     let read = |k: &str| {
@@ -934,5 +940,39 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.matches("lora.safetensors").count(), 1, "{e}");
+    }
+    #[test]
+    fn the_first_key_in_data_order_decides_the_conversion() -> TestResult {
+        // (diffusers converts a part whose first key is not a lora_A key: here an .alpha key,
+        // which only Flux's loader takes out first)
+        let mut list = vec![("unet.a.alpha".to_string(), vec![], 1.0)];
+        list.extend(lora("unet.a", 4));
+        list.push((
+            "unet.b.processor.to_q_lora.down.weight".into(),
+            vec![4, 8],
+            0.0,
+        ));
+        list.push((
+            "unet.b.processor.to_q_lora.up.weight".into(),
+            vec![8, 4],
+            0.5,
+        ));
+        let a = read(&file(&keys(&list), None)).map_err(|e| e.to_string())?;
+        let mut paths: Vec<&str> = a.modules.iter().map(|m| m.path.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["a", "b.to_q"]);
+        // (without it, b's keys stay in the older layout, which PEFT does not load)
+        let buf = file(&keys(&list[1..]), None);
+        let mut a = read(&buf).map_err(|e| e.to_string())?;
+        let f = a.diffusers.clone().expect("a diffusers file");
+        let said = build(&mut a, &f, 0, false, false).map_err(|e| e.to_string())?;
+        assert_eq!(a.modules.len(), 1);
+        assert!(
+            said.iter()
+                .any(|w| w.contains("2 key(s) that are no LoRA parameter")
+                    && w.contains("'unet.b.processor.to_q_lora.down.weight'")),
+            "{said:?}"
+        );
+        Ok(())
     }
 }
