@@ -9,14 +9,15 @@
 //! from the tensors as diffusers 0.42 derives it (`get_peft_kwargs`). A file may hold several
 //! parts; the one that is the model is taken when the adapter is settled on it (`settle`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use safetensors::SafeTensors;
 use serde_json::{Map, Value, json};
 
-use super::peft::{Adapter, AdapterConfig, F32Tensor, read_f32};
+use bytes::Bytes;
+
+use super::peft::{Adapter, AdapterConfig, read_f32};
 use crate::error::{Error, Result};
 use crate::target::Candidate;
 
@@ -103,6 +104,8 @@ const TEXT_ENCODER_RANKED: [&str; 6] =
 /// A diffusers LoRA file, every part of it read.
 #[derive(Debug)]
 pub struct DiffusersFile {
+    /// The file's bytes (mapped): a part's tensors are decoded when it is built.
+    buf: Bytes,
     pub parts: Vec<FilePart>,
     /// `lora_adapter_metadata`: LoraConfig entries under each part's prefix.
     metadata: Option<Map<String, Value>>,
@@ -113,9 +116,9 @@ pub struct DiffusersFile {
 pub struct FilePart {
     /// `transformer`, `unet`, ...; empty for a file without part prefixes.
     pub name: String,
-    /// (file key, key under the part, tensor), in the file's data order (the order diffusers
+    /// (file key, key under the part, shape), in the file's data order (the order diffusers
     /// reads them in, which decides ties in its config).
-    tensors: Vec<(String, String, F32Tensor)>,
+    tensors: Vec<(String, String, Vec<usize>)>,
     /// `.alpha` keys: (file key, module path, value).
     alphas: Vec<(String, String, f32)>,
     /// Its first key in data order (an `.alpha` key or a tensor's).
@@ -142,7 +145,7 @@ impl FilePart {
     /// Its tensors under PEFT's key layout: (file key, PEFT key, tensor). A UNet /
     /// transformer part is converted when its first key (data order, with the `.alpha` keys
     /// unless `alphas_popped`) is not a `lora_A` key, as diffusers' `load_lora_adapter` does.
-    fn converted(&self, alphas_popped: bool) -> Vec<(&str, String, &F32Tensor)> {
+    fn converted(&self, alphas_popped: bool) -> Vec<(&str, String, &[usize])> {
         let map = |k: &str, table: &[(&str, &str)]| -> String {
             let k = k.replace(".processor.", ".");
             match table.iter().find(|(from, _)| k.contains(from)) {
@@ -163,7 +166,7 @@ impl FilePart {
                     (true, false) => map(key, &UNET_TO_PEFT),
                     (true, true) => map(key, &TEXT_ENCODER_TO_PEFT),
                 };
-                (file.as_str(), key, t)
+                (file.as_str(), key, t.as_slice())
             })
             .collect()
     }
@@ -183,7 +186,7 @@ pub fn is_diffusers(st: &SafeTensors) -> bool {
 /// Reads a diffusers LoRA file (bytes `buf`, parsed as `st`). The adapter it returns holds
 /// the file's first part (transformer / UNet first) as diffusers would load it alone; the
 /// others stay in `Adapter::diffusers` for `settle`.
-pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
+pub fn load(path: &Path, buf: &Bytes, st: &SafeTensors) -> Result<Adapter> {
     let err = |reason: String| Error::Adapter {
         path: path.to_path_buf(),
         reason,
@@ -247,8 +250,8 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
                 parts.len() - 1
             }
         };
-        let t = read_f32(st, key).map_err(&err)?;
         if let Some(module) = rest.strip_suffix(".alpha") {
+            let t = read_f32(st, key).map_err(&err)?;
             let Some(&a) = t.data.first().filter(|_| t.data.len() == 1) else {
                 return Err(err(format!(
                     "key '{key}': alpha has shape {:?}, not a scalar",
@@ -257,7 +260,14 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             };
             parts[i].alphas.push((key.clone(), module.to_string(), a));
         } else {
-            parts[i].tensors.push((key.clone(), rest.to_string(), t));
+            let shape = st
+                .tensor(key)
+                .map_err(|e| err(format!("{key}: {e}")))?
+                .shape()
+                .to_vec();
+            parts[i]
+                .tensors
+                .push((key.clone(), rest.to_string(), shape));
         }
     }
     parts.retain(|p| !p.tensors.is_empty());
@@ -266,7 +276,11 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     if parts.is_empty() {
         return Err(err("holds no LoRA factors".into()));
     }
-    let file = Arc::new(DiffusersFile { parts, metadata });
+    let file = Arc::new(DiffusersFile {
+        buf: buf.clone(),
+        parts,
+        metadata,
+    });
     let mut adapter = Adapter {
         path: path.to_path_buf(),
         config: AdapterConfig::from_value(json!({"r": 1, "lora_alpha": 1})).map_err(&err)?,
@@ -484,7 +498,8 @@ fn build(
         ));
     }
     // (keys that are no LoRA parameter reach PEFT as unexpected keys, which it leaves out)
-    let (mut names, others): (Vec<(String, String)>, Vec<(String, String)>) = tensors
+    type Keys = Vec<(String, String)>;
+    let (mut names, others): (Keys, Keys) = tensors
         .iter()
         .map(|(file, key, _)| (file.to_string(), key.clone()))
         .partition(|(_, key)| LORA_PARAMS.iter().any(|p| key.ends_with(p)));
@@ -496,13 +511,11 @@ fn build(
         ));
     }
     names.sort_by(|a, b| a.1.cmp(&b.1));
-    let by_key: BTreeMap<&str, &F32Tensor> = tensors.iter().map(|(f, _, t)| (*f, *t)).collect();
-    let read = |k: &str| {
-        by_key
-            .get(k)
-            .map(|t| (*t).clone())
-            .ok_or_else(|| format!("{k}: not in the file"))
-    };
+    // (only this part's factors are decoded, once; the modules of a part built before are
+    // dropped first)
+    adapter.modules.clear();
+    let st = SafeTensors::deserialize(&file.buf).map_err(|e| err(e.to_string()))?;
+    let read = |k: &str| read_f32(&st, k);
     let (modules, more) =
         super::peft::from_tensors(&config, &names, read, "", &source).map_err(err)?;
     ignored.extend(more);
@@ -544,7 +557,7 @@ fn readable_text_encoder(part: &FilePart) -> std::result::Result<(), String> {
 }
 
 /// The modules of a part's keys (`<module>.lora…`), as diffusers lists its `target_modules`.
-fn module_list(tensors: &[(&str, String, &F32Tensor)]) -> Vec<String> {
+fn module_list(tensors: &[(&str, String, &[usize])]) -> Vec<String> {
     let mut targets: Vec<String> = tensors
         .iter()
         .map(|(_, k, _)| k.split(".lora").next().unwrap_or(k).to_string())
@@ -561,7 +574,7 @@ fn module_list(tensors: &[(&str, String, &F32Tensor)]) -> Vec<String> {
 /// module whose alpha differs from it (not anchored: diffusers' own keys), which PEFT matches
 /// in that order; `target_modules` every module of the part.
 fn derive_config(
-    tensors: &[(&str, String, &F32Tensor)],
+    tensors: &[(&str, String, &[usize])],
     alphas: &[(String, String, f32)],
     text_encoder: bool,
 ) -> std::result::Result<Value, String> {
@@ -570,15 +583,15 @@ fn derive_config(
         let Some((module, _)) = key.split_once(".lora_B.") else {
             continue;
         };
-        if t.shape.len() < 2 {
+        if t.len() < 2 {
             continue;
         }
         if text_encoder {
             if TEXT_ENCODER_RANKED.iter().any(|s| module.ends_with(s)) {
-                ranks.push((module.to_string(), t.shape[1]));
+                ranks.push((module.to_string(), t[1]));
             }
         } else {
-            ranks.push((format!("^{module}"), t.shape[1]));
+            ranks.push((format!("^{module}"), t[1]));
         }
     }
     let Some(&(_, first)) = ranks.first() else {
@@ -694,8 +707,9 @@ mod tests {
     }
 
     fn read(buf: &[u8]) -> Result<Adapter> {
-        let st = SafeTensors::deserialize(buf).map_err(|e| Error::Usage(e.to_string()))?;
-        load(Path::new("lora.safetensors"), buf, &st)
+        let buf = Bytes::copy_from_slice(buf);
+        let st = SafeTensors::deserialize(&buf).map_err(|e| Error::Usage(e.to_string()))?;
+        load(Path::new("lora.safetensors"), &buf, &st)
     }
 
     fn lora(module: &str, r: usize) -> Vec<(String, Vec<usize>, f32)> {
