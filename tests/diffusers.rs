@@ -153,9 +153,106 @@ fn parts_that_fit_the_model_alike_are_refused() {
         &[],
     );
     assert!(
-        err.contains("parts 'text_encoder' and 'text_encoder_2' fit this model alike"),
+        err.contains("parts 'text_encoder' and 'text_encoder_2' fit this model alike")
+            && err.contains("--part"),
         "{err}"
     );
+    // (--part names the one this model is)
+    let out = dir.path().join("named.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        s(&fixtures().join("clip_text/torchscript/model.onnx")),
+        s(&file),
+        "-o",
+        s(&out),
+        "--part",
+        "text_encoder_2",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ignoring the file's 'text_encoder' part"),
+        "{stderr}"
+    );
+    let (ok, msg) = ort_compare(
+        &out,
+        &fixtures().join("clip_text/io/inputs.npz"),
+        &fixtures().join("clip_text/io/diffusers_sd.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+    let err = fold_fails(
+        &fixtures().join("clip_text/torchscript/model.onnx"),
+        &file,
+        &dir.path().join("no.onnx"),
+        &["--part", "unet"],
+    );
+    assert!(
+        err.contains(
+            "--part unet: the file has no such part (its parts: text_encoder, text_encoder_2)"
+        ),
+        "{err}"
+    );
+}
+
+/// A part whose factors do not fit the model's layers is not the model's, however many of its
+/// module paths the model has: SDXL's text encoders share their paths, not their widths.
+#[test]
+fn a_part_whose_factors_do_not_fit_is_not_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // (text_encoder: layer 0 only; text_encoder_2: both layers, 48 wide where the model is 32)
+    let mut wide: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (k, v) in st.tensors() {
+        let Some(rest) = k.strip_prefix("text_encoder.") else {
+            continue;
+        };
+        let shape: Vec<usize> = v
+            .shape()
+            .iter()
+            .map(|&d| if d == 32 { 48 } else { d })
+            .collect();
+        let n: usize = shape.iter().product();
+        wide.push((format!("text_encoder_2.{rest}"), shape, vec![0u8; n * 4]));
+        if rest.contains(".layers.0.") {
+            views.push((k.clone(), v));
+        }
+    }
+    for (k, shape, data) in &wide {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .unwrap();
+        views.push((k.clone(), view));
+    }
+    let file = dir.path().join("wide.safetensors");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&[
+        "fold",
+        s(&fixtures().join("clip_text/torchscript/model.onnx")),
+        s(&file),
+        "-o",
+        s(&out),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ignoring the file's 'text_encoder_2' part (12 module(s))"),
+        "{stderr}"
+    );
+    let records = json_records(&String::from_utf8_lossy(&o.stdout), "module");
+    assert_eq!(records.len(), 6);
+    assert!(records.iter().all(|r| {
+        r["module"]
+            .as_str()
+            .unwrap()
+            .starts_with("encoder.layers.0.")
+    }));
 }
 
 /// A PEFT adapter's weights without their config stay refused: their scale is in the config.

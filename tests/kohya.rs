@@ -600,7 +600,22 @@ fn comfyui_names_fold_as_the_kohya_file() {
         s(&out),
         "--json",
     ]);
-    assert_eq!(json_records(&stdout, "module").len(), 36, "{stdout}");
+    let records = json_records(&stdout, "module");
+    assert_eq!(records.len(), 36, "{stdout}");
+    // (reported by the file's own names for the modules)
+    assert!(
+        records.iter().all(|r| r["adapter_module"]
+            .as_str()
+            .unwrap()
+            .starts_with("diffusion_model.")),
+        "{stdout}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["adapter_module"] == "diffusion_model.double_blocks.0.img_attn.qkv"),
+        "{stdout}"
+    );
     let (ok, msg) = ort_compare(
         &out,
         &flux.join("io/inputs.npz"),

@@ -320,6 +320,7 @@ mod tests {
             root: None,
             diffusers: None,
             alpha_keys: None,
+            diffusers_part: None,
         }
     }
 

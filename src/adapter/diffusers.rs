@@ -142,6 +142,34 @@ impl FilePart {
         out
     }
 
+    /// Whether some module path of its factors begins with `prefix` (a `--root`).
+    pub fn has_path_under(&self, prefix: &str) -> bool {
+        self.module_paths().iter().any(|p| p.starts_with(prefix))
+    }
+
+    /// Its modules with the shapes of their lora_A and lora_B (as the layout converts them).
+    fn module_shapes(&self) -> Vec<(String, Option<Vec<usize>>, Option<Vec<usize>>)> {
+        let mut out: Vec<(String, Option<Vec<usize>>, Option<Vec<usize>>)> = Vec::new();
+        for (_, key, shape) in self.converted(false) {
+            let Some((module, rest)) = key.split_once(".lora_") else {
+                continue;
+            };
+            let i = match out.iter().position(|(m, _, _)| m == module) {
+                Some(i) => i,
+                None => {
+                    out.push((module.to_string(), None, None));
+                    out.len() - 1
+                }
+            };
+            match rest {
+                "A.weight" => out[i].1 = Some(shape.to_vec()),
+                "B.weight" => out[i].2 = Some(shape.to_vec()),
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// Its tensors under PEFT's key layout: (file key, PEFT key, tensor). A UNet /
     /// transformer part is converted when its first key (data order, with the `.alpha` keys
     /// unless `alphas_popped`) is not a `lora_A` key, as diffusers' `load_lora_adapter` does.
@@ -289,6 +317,7 @@ pub fn load(path: &Path, buf: &Bytes, st: &SafeTensors) -> Result<Adapter> {
         root: None,
         diffusers: Some(file.clone()),
         alpha_keys: None,
+        diffusers_part: None,
     };
     // (the first part that diffusers could load alone; what a part leaves out is said once the
     // model has chosen the part: `settle`)
@@ -331,32 +360,70 @@ pub fn settle(
     let Some(file) = adapter.diffusers.clone() else {
         return Ok(Vec::new());
     };
-    let has = |p: &str| crate::target::select::found_as_is(cands, p);
+    // (a module is the model's where a layer at its path takes factors of its shapes: SDXL's
+    // two text encoders share their module paths, not their widths; a path the model reaches
+    // only through an alias or a packed layer counts by name)
+    let fits = |p: &str, a: &Option<Vec<usize>>, b: &Option<Vec<usize>>| {
+        let named: Vec<&Candidate> = cands
+            .iter()
+            .filter(|c| crate::target::select::name_matches(&c.module, p))
+            .collect();
+        match (a, b) {
+            _ if named.is_empty() => crate::target::select::found_as_is(cands, p),
+            (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => named.iter().any(|c| {
+                c.out_features == b[0] as i64 && (a.len() != 2 || c.in_features == a[1] as i64)
+            }),
+            _ => true,
+        }
+    };
     let without_text_model = !model_paths.iter().any(|p| p.starts_with("text_model."));
     // (modules it lacks, modules it has) of each part
     let score = |part: &FilePart| {
-        let paths = part.module_paths();
-        let found = paths
+        let modules = part.module_shapes();
+        let found = modules
             .iter()
-            .filter(|p| {
-                has(p) || (without_text_model && p.strip_prefix("text_model.").is_some_and(&has))
+            .filter(|(p, a, b)| {
+                fits(p, a, b)
+                    || (without_text_model
+                        && p.strip_prefix("text_model.").is_some_and(|q| fits(q, a, b)))
             })
             .count();
-        (paths.len() - found, std::cmp::Reverse(found))
+        (modules.len() - found, std::cmp::Reverse(found))
     };
     let scores: Vec<_> = file.parts.iter().map(score).collect();
     let mut order: Vec<usize> = (0..file.parts.len()).collect();
     order.sort_by_key(|&i| scores[i]);
-    let best = order[0];
+    let named =
+        match &adapter.diffusers_part {
+            Some(name) => Some(file.parts.iter().position(|p| &p.name == name).ok_or_else(
+                || {
+                    Error::Usage(format!(
+                        "--part {name}: the file has no such part (its parts: {})",
+                        file.parts
+                            .iter()
+                            .map(|p| if p.name.is_empty() {
+                                "(none: keys without part prefixes)"
+                            } else {
+                                p.name.as_str()
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                },
+            )?),
+            None => None,
+        };
+    let best = named.unwrap_or(order[0]);
     let found = |i: usize| scores[i].1.0;
     if let Some(&next) = order.get(1)
+        && named.is_none()
         && found(best) > 0
         && scores[next] == scores[best]
     {
         return Err(Error::Adapter {
             path: adapter.path.clone(),
             reason: format!(
-                "the file's parts '{}' and '{}' fit this model alike ({} of their modules found); diffusers loads each into its own pipeline part",
+                "the file's parts '{}' and '{}' fit this model alike ({} of their modules found); diffusers loads each into its own pipeline part: say which this model is with --part",
                 file.parts[best].name,
                 file.parts[next].name,
                 found(best)
@@ -387,7 +454,7 @@ pub fn settle(
     let mut left_out = build(adapter, &file, best, flux, strip_text_model)?;
     for (_, other) in file.parts.iter().enumerate().filter(|(i, _)| *i != best) {
         left_out.push(format!(
-            "the file's '{}' part ({} module(s)): diffusers loads it into the pipeline's {}, which this model is not (it is the '{}' part)",
+            "the file's '{}' part ({} module(s)): diffusers loads it into the pipeline's {}; this model is taken as the '{}' part",
             other.name,
             other.module_paths().len(),
             other.name,
@@ -418,14 +485,14 @@ fn build(
     let mut ignored = Vec::new();
     if !flux && let Some((key, _, _)) = part.alphas.first() {
         let why = if adapter.alpha_keys.is_some() {
-            "--alpha-keys ignore"
+            "--alpha-keys ignore; every module takes the scale it has without them"
         } else if part.name.is_empty() {
-            "a file without pipeline-part prefixes loads through a model's own load_lora_adapter, which reads no alphas"
+            "a file without pipeline-part prefixes loads through a model's own load_lora_adapter, which reads no alphas; every module gets the scale diffusers gives it"
         } else {
-            "diffusers' loaders read them only for Flux.1, and this is not a Flux.1 transformer (nor a text encoder of a file with Flux's single-stream blocks; --alpha-keys read says it is)"
+            "diffusers' loaders read them only for Flux.1, and this is not a Flux.1 transformer (nor a text encoder of a file with Flux's single-stream blocks; --alpha-keys read says it is); every module gets the scale diffusers gives it"
         };
         ignored.push(format!(
-            "the .alpha keys of {} module(s) ('{key}', ...): {why}; every module gets the scale diffusers gives it",
+            "the .alpha keys of {} module(s) ('{key}', ...): {why}",
             part.alphas.len()
         ));
     }

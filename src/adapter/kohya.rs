@@ -43,14 +43,18 @@ const COMFY_PARTS: [(&str, &str); 3] = [
     ("text_encoders.t5xxl.transformer.", "lora_te3_"),
 ];
 
-/// Key endings of kohya's layout (LoRA and LyCORIS).
-const KOHYA_SUFFIXES: [&str; 5] = [
-    ".lora_down.weight",
-    ".lora_up.weight",
-    ".alpha",
-    ".hada_",
-    ".lokr_",
-];
+/// A key of kohya's layout split into its module and its parameter (`lora_down.weight`,
+/// `lora_up.weight`, `alpha`, a LyCORIS `hada_*` / `lokr_*` factor); None for another key.
+fn split_param(key: &str) -> Option<(&str, &str)> {
+    if let Some(s) = [".lora_down.weight", ".lora_up.weight", ".alpha"]
+        .iter()
+        .find(|s| key.ends_with(*s))
+    {
+        return Some((&key[..key.len() - s.len()], &s[1..]));
+    }
+    let (module, last) = key.rsplit_once('.')?;
+    (last.starts_with("hada_") || last.starts_with("lokr_")).then_some((module, last))
+}
 
 /// A key in ComfyUI's names as kohya writes it, as diffusers' Flux loader reads such files: the
 /// part's prefix, and the module path's dots as underscores (`diffusion_model.double_blocks.0.
@@ -58,13 +62,25 @@ const KOHYA_SUFFIXES: [&str; 5] = [
 /// None for a key in another layout.
 fn from_comfy(key: &str) -> Option<String> {
     let (prefix, part) = COMFY_PARTS.iter().find(|(p, _)| key.starts_with(p))?;
-    let rest = &key[prefix.len()..];
-    let at = KOHYA_SUFFIXES.iter().filter_map(|s| rest.find(s)).min()?;
-    Some(format!(
-        "{part}{}{}",
-        rest[..at].replace('.', "_"),
-        &rest[at..]
-    ))
+    let (module, param) = split_param(&key[prefix.len()..])?;
+    Some(format!("{part}{}.{param}", module.replace('.', "_")))
+}
+
+/// A key as kohya names it (ComfyUI's names turned into kohya's).
+pub fn as_kohya(key: &str) -> std::borrow::Cow<'_, str> {
+    match from_comfy(key) {
+        Some(k) => std::borrow::Cow::Owned(k),
+        None => std::borrow::Cow::Borrowed(key),
+    }
+}
+
+/// The module a file's key belongs to, as the file names it (`lora_unet_…`, or ComfyUI's
+/// `diffusion_model.…`).
+pub fn file_module(key: &str) -> &str {
+    split_param(key)
+        .map(|(m, _)| m)
+        .or_else(|| key.split_once('.').map(|(m, _)| m))
+        .unwrap_or(key)
 }
 
 /// Whether the file's keys are kohya's (any key under a `lora_<part>_` prefix, or in ComfyUI's
@@ -118,6 +134,8 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
     // LyCORIS factors by module, then by key suffix (`hada_w1_a`, `lokr_w2`, ...).
     let mut lyco: BTreeMap<String, BTreeMap<String, F32Tensor>> = BTreeMap::new();
+    // (each module by the file's own name for it, for messages)
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
     for (key, file_key) in &names {
         if let Some((_, what)) = LYCORIS.iter().find(|(frag, _)| key.contains(frag)) {
             return Err(err(format!(
@@ -134,6 +152,9 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
                 "key '{file_key}': unknown prefix (kohya keys start with lora_unet_, lora_te_, lora_te1_, lora_te2_ or lora_te3_)"
             )));
         };
+        shown
+            .entry(module.to_string())
+            .or_insert_with(|| file_module(file_key).to_string());
         let t = read_f32(st, file_key).map_err(&err)?;
         if suffix == "alpha" {
             let Some(&a) = t.data.first().filter(|_| t.data.len() == 1) else {
@@ -153,10 +174,11 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         let m = modules
             .entry(module.to_string())
             .or_insert_with(|| ModuleAdapter::empty(stem, kind, Some(part)));
-        m.keys.push(key.clone());
+        m.keys.push(file_key.clone());
         if m.kind != kind {
             return Err(err(format!(
-                "module '{module}' mixes LoRA (lora_down / lora_up) and LyCORIS (hada_* / lokr_*) keys"
+                "module '{}' mixes LoRA (lora_down / lora_up) and LyCORIS (hada_* / lokr_*) keys",
+                shown[module]
             )));
         }
         if kind == ModuleKind::Lycoris {
@@ -179,7 +201,8 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     let mut max_rank = 0;
     for (name, mut m) in modules {
         if m.kind == ModuleKind::Lycoris {
-            let l = lycoris_module(&name, lyco.remove(&name).unwrap_or_default()).map_err(&err)?;
+            let l = lycoris_module(&shown[&name], lyco.remove(&name).unwrap_or_default())
+                .map_err(&err)?;
             max_rank = max_rank.max(l.rank().unwrap_or(1));
             // Without an alpha, or for a LoKr of two whole factors, the scale is 1.
             m.alpha = match l.rank() {
@@ -195,13 +218,14 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         }
         let (Some(a), Some(b)) = (&m.a, &m.b) else {
             return Err(err(format!(
-                "module '{name}' has only one of lora_down / lora_up"
+                "module '{}' has only one of lora_down / lora_up",
+                shown[&name]
             )));
         };
         if a.shape.len() < 2 || b.shape.len() < 2 || b.shape[1] != a.shape[0] {
             return Err(err(format!(
-                "module '{name}': lora_down {:?} and lora_up {:?} are not LoRA factors (r, in) and (out, r)",
-                a.shape, b.shape
+                "module '{}': lora_down {:?} and lora_up {:?} are not LoRA factors (r, in) and (out, r)",
+                shown[&name], a.shape, b.shape
             )));
         }
         let r = a.shape[0];
@@ -211,7 +235,10 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         out.push(m);
     }
     if let Some(name) = alphas.keys().next() {
-        return Err(err(format!("'{name}.alpha' has no lora_down / lora_up")));
+        return Err(err(format!(
+            "'{}.alpha' has no lora_down / lora_up",
+            shown[name]
+        )));
     }
     if out.is_empty() {
         return Err(err("no LoRA modules in the file".into()));
@@ -242,6 +269,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         root: None,
         diffusers: None,
         alpha_keys: None,
+        diffusers_part: None,
     })
 }
 

@@ -138,12 +138,13 @@ impl ModuleAdapter {
     /// module goes by the file's name.
     pub fn renamed_from(&self) -> Option<&str> {
         let part = self.part?;
-        let stem = self.keys.first()?.split_once('.')?.0;
-        let name = stem
+        let key = self.keys.first()?;
+        let kohya = super::kohya::as_kohya(key);
+        let name = super::kohya::file_module(&kohya)
             .strip_prefix("lora_")?
             .strip_prefix(part)?
             .strip_prefix('_')?;
-        (name != self.path).then_some(stem)
+        (name != self.path).then(|| super::kohya::file_module(key))
     }
 
     /// The module path PEFT matches `target_modules` and the rank and alpha patterns
@@ -212,6 +213,8 @@ pub struct Adapter {
     /// A diffusers file's `.alpha` keys: Some(true) read, Some(false) ignored, None as its
     /// model tells (`adapter::diffusers::settle`).
     pub alpha_keys: Option<bool>,
+    /// A diffusers file's part the user named (`--part`); None: the one that fits the model.
+    pub diffusers_part: Option<String>,
 }
 
 impl Adapter {
@@ -303,6 +306,7 @@ impl Adapter {
             root: None,
             diffusers: None,
             alpha_keys: None,
+            diffusers_part: None,
         })
     }
 
@@ -351,6 +355,7 @@ impl Adapter {
             ignored: Vec::new(),
             diffusers: self.diffusers.clone(),
             alpha_keys: self.alpha_keys,
+            diffusers_part: self.diffusers_part.clone(),
         };
         let whole = (!whole.is_empty()).then(|| part(whole));
         (part(low), whole)

@@ -40,6 +40,10 @@ pub struct AdapterArgs {
     /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
     #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"])]
     alpha_keys: Option<String>,
+    /// diffusers LoRA files holding several pipeline parts: the part this model is
+    /// (transformer, unet, text_encoder, text_encoder_2, ...); default: the part that fits it.
+    #[arg(long, value_name = "NAME")]
+    part: Option<String>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -49,8 +53,17 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
     super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
-    super::check_alpha_keys(args.alpha_keys.as_deref(), std::slice::from_ref(&adapter))?;
-    super::settle(&model, &mut adapter, args.alpha_keys.as_deref())?;
+    super::check_diffusers_flags(
+        args.alpha_keys.as_deref(),
+        args.part.as_deref(),
+        std::slice::from_ref(&adapter),
+    )?;
+    super::settle(
+        &model,
+        &mut adapter,
+        args.alpha_keys.as_deref(),
+        args.part.as_deref(),
+    )?;
     let (params, unmatched) = serving_adapter_params(&model, &adapter, args.allow_unmatched)?;
     for u in &unmatched {
         eprintln!("onnx-lora: warning: no LoRA input for adapter module {u}; left out");

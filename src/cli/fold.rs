@@ -89,6 +89,10 @@ pub struct Args {
     /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
     #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"])]
     alpha_keys: Option<String>,
+    /// diffusers LoRA files holding several pipeline parts: the part this model is
+    /// (transformer, unet, text_encoder, text_encoder_2, ...); default: the part that fits it.
+    #[arg(long, value_name = "NAME")]
+    part: Option<String>,
     /// After writing, run the result and the unmerged reference (the base with the adapters as
     /// branches; in weight space inside onnxruntime's fused ops) on the same inputs and
     /// compare; exit 1 when they differ (the output is then
@@ -126,9 +130,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     super::check_root(args.root.as_deref(), &adapters)?;
-    super::check_alpha_keys(args.alpha_keys.as_deref(), &adapters)?;
+    super::check_diffusers_flags(args.alpha_keys.as_deref(), args.part.as_deref(), &adapters)?;
     for a in &mut adapters {
-        super::settle(&model, a, args.alpha_keys.as_deref())?;
+        super::settle(&model, a, args.alpha_keys.as_deref(), args.part.as_deref())?;
     }
     let opts = FoldOptions {
         weights: args.weights.clone(),

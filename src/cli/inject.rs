@@ -101,6 +101,10 @@ pub struct Args {
     /// Flux.1 transformer export and on the text encoder of a file with Flux's single blocks).
     #[arg(long, value_name = "read|ignore", value_parser = ["read", "ignore"], requires = "adapter")]
     alpha_keys: Option<String>,
+    /// diffusers LoRA files holding several pipeline parts: the part this model is
+    /// (transformer, unet, text_encoder, text_encoder_2, ...); default: the part that fits it.
+    #[arg(long, value_name = "NAME", requires = "adapter")]
+    part: Option<String>,
     /// Make the branch weights graph inputs with empty defaults (multi-LoRA serving).
     #[arg(long)]
     as_inputs: bool,
@@ -199,9 +203,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map(|p| super::load_adapter(p, args.root.as_deref()))
         .transpose()?;
     super::check_root(args.root.as_deref(), adapter.as_slice())?;
-    super::check_alpha_keys(args.alpha_keys.as_deref(), adapter.as_slice())?;
+    super::check_diffusers_flags(
+        args.alpha_keys.as_deref(),
+        args.part.as_deref(),
+        adapter.as_slice(),
+    )?;
     if let Some(a) = &mut adapter {
-        super::settle(&model, a, args.alpha_keys.as_deref())?;
+        super::settle(&model, a, args.alpha_keys.as_deref(), args.part.as_deref())?;
     }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.

@@ -168,7 +168,12 @@ fn load_adapter(
         .map(|r| r.trim_end_matches('.'))
         .filter(|r| {
             let prefix = format!("{r}.");
-            peft && adapter.modules.iter().any(|m| m.path.starts_with(&prefix))
+            // (a diffusers file's part is chosen later: any part's paths may take it)
+            peft && (adapter.modules.iter().any(|m| m.path.starts_with(&prefix))
+                || adapter
+                    .diffusers
+                    .as_ref()
+                    .is_some_and(|f| f.parts.iter().any(|p| p.has_path_under(&prefix))))
         })
         .map(str::to_string);
     for what in &adapter.ignored {
@@ -178,21 +183,27 @@ fn load_adapter(
 }
 
 /// Settles an adapter on the model (`rewrite::settle_root`), saying on stderr what of it
-/// that left out (a diffusers file's other pipeline parts); `alpha_keys` is the user's
-/// `--alpha-keys`, for diffusers files only.
+/// that left out (a diffusers file's other pipeline parts); `alpha_keys` and `part` are the
+/// user's `--alpha-keys` and `--part`, for diffusers files only.
 pub(crate) fn settle(
     model: &onnx_lora::onnx::io::LoadedModel,
     adapter: &mut onnx_lora::adapter::Adapter,
     alpha_keys: Option<&str>,
+    part: Option<&str>,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
-    if let Some(how) = alpha_keys
-        && adapter.diffusers.is_some()
-    {
-        adapter.alpha_keys = Some(how == "read");
+    if adapter.diffusers.is_some() {
+        adapter.alpha_keys = alpha_keys.map(|how| how == "read");
+        adapter.diffusers_part = part.map(str::to_string);
     }
-    let left_out = onnx_lora::rewrite::settle_root(model, adapter)
-        .with_context(|| format!("{}", adapter.path.display()))?;
+    // (an error that names the adapter already is not prefixed with its path again)
+    let path = adapter.path.display().to_string();
+    let left_out = onnx_lora::rewrite::settle_root(model, adapter).map_err(|e| {
+        if e.to_string().starts_with(&path) {
+            anyhow::Error::new(e)
+        } else {
+            anyhow::Error::new(e).context(path.clone())
+        }
+    })?;
     for what in &left_out {
         eprintln!(
             "onnx-lora: warning: {}: ignoring {what}",
@@ -202,18 +213,27 @@ pub(crate) fn settle(
     Ok(())
 }
 
-/// Refuses `--alpha-keys` when no adapter is a diffusers LoRA file (a typo, or a flag that
-/// would change nothing).
-fn check_alpha_keys(
+/// Refuses `--alpha-keys` and `--part` when no adapter is a diffusers LoRA file (a typo, or a
+/// flag that would change nothing).
+fn check_diffusers_flags(
     alpha_keys: Option<&str>,
+    part: Option<&str>,
     adapters: &[onnx_lora::adapter::Adapter],
 ) -> anyhow::Result<()> {
-    match (alpha_keys, adapters.iter().any(|a| a.diffusers.is_some())) {
-        (Some(how), false) => anyhow::bail!(
-            "--alpha-keys {how} applies to diffusers LoRA files, and no adapter given is one (PEFT adapters take their scale from adapter_config.json; kohya files always read their alphas)"
-        ),
-        _ => Ok(()),
+    if adapters.iter().any(|a| a.diffusers.is_some()) {
+        return Ok(());
     }
+    if let Some(how) = alpha_keys {
+        anyhow::bail!(
+            "--alpha-keys {how} applies to diffusers LoRA files, and no adapter given is one (PEFT adapters take their scale from adapter_config.json; kohya files always read their alphas)"
+        );
+    }
+    if let Some(name) = part {
+        anyhow::bail!(
+            "--part {name} applies to diffusers LoRA files, and no adapter given is one (a kohya file's parts are found by their modules)"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a `--root` that no adapter took: none of the PEFT adapters' module paths begins

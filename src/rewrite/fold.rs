@@ -108,10 +108,11 @@ impl ModuleReport {
     }
 }
 
-/// A kohya module's name in its file (the stem of its keys); None for other formats.
+/// A kohya module's name in its file (its keys' module: `lora_unet_…`, or ComfyUI's
+/// `diffusion_model.…`); None for other formats.
 fn kohya_stem(m: &ModuleAdapter) -> Option<String> {
     m.part?;
-    Some(m.keys.first()?.split_once('.')?.0.to_string())
+    Some(crate::adapter::kohya::file_module(m.keys.first()?).to_string())
 }
 
 /// One delta merged into a weight.
