@@ -393,26 +393,10 @@ pub fn settle(
     let scores: Vec<_> = file.parts.iter().map(score).collect();
     let mut order: Vec<usize> = (0..file.parts.len()).collect();
     order.sort_by_key(|&i| scores[i]);
-    let named =
-        match &adapter.diffusers_part {
-            Some(name) => Some(file.parts.iter().position(|p| &p.name == name).ok_or_else(
-                || {
-                    Error::Usage(format!(
-                        "--part {name}: the file has no such part (its parts: {})",
-                        file.parts
-                            .iter()
-                            .map(|p| if p.name.is_empty() {
-                                "(none: keys without part prefixes)"
-                            } else {
-                                p.name.as_str()
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                },
-            )?),
-            None => None,
-        };
+    let named = match &adapter.diffusers_part {
+        Some(name) => Some(part_named(&file, name)?),
+        None => None,
+    };
     let best = named.unwrap_or(order[0]);
     let found = |i: usize| scores[i].1.0;
     if let Some(&next) = order.get(1)
@@ -462,6 +446,27 @@ pub fn settle(
         ));
     }
     Ok(left_out)
+}
+
+/// The index of the file's part `name` (`--part`).
+fn part_named(file: &DiffusersFile, name: &str) -> Result<usize> {
+    file.parts
+        .iter()
+        .position(|p| p.name == name)
+        .ok_or_else(|| {
+            let parts: Vec<&str> = file
+                .parts
+                .iter()
+                .map(|p| match p.name.as_str() {
+                    "" => "(none: keys without part prefixes)",
+                    n => n,
+                })
+                .collect();
+            Error::Usage(format!(
+                "--part {name}: the file has no such part (its parts: {})",
+                parts.join(", ")
+            ))
+        })
 }
 
 /// Sets the adapter's config and modules to those of the file's part `at`, as diffusers
