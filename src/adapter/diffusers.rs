@@ -125,6 +125,9 @@ pub struct FilePart {
     first_key: String,
 }
 
+/// A module's path with the shapes of its lora_A and lora_B, where the file has them.
+type ModuleShapes = (String, Option<Vec<usize>>, Option<Vec<usize>>);
+
 impl FilePart {
     fn is_text_encoder(&self) -> bool {
         self.name.starts_with("text_")
@@ -148,8 +151,8 @@ impl FilePart {
     }
 
     /// Its modules with the shapes of their lora_A and lora_B (as the layout converts them).
-    fn module_shapes(&self) -> Vec<(String, Option<Vec<usize>>, Option<Vec<usize>>)> {
-        let mut out: Vec<(String, Option<Vec<usize>>, Option<Vec<usize>>)> = Vec::new();
+    fn module_shapes(&self) -> Vec<ModuleShapes> {
+        let mut out: Vec<ModuleShapes> = Vec::new();
         for (_, key, shape) in self.converted(false) {
             let Some((module, rest)) = key.split_once(".lora_") else {
                 continue;
