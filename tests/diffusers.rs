@@ -32,29 +32,60 @@ fn flux() -> PathBuf {
     fixtures().join("flux")
 }
 
+fn clip() -> PathBuf {
+    fixtures().join("clip_text/torchscript/model.onnx")
+}
+
+/// Writes, from the clip_text fixture's diffusers file, a file of its text-encoder part and a
+/// `text_encoder_2` copy of those of its keys `second` keeps.
+fn two_text_encoder_parts(dir: &Path, second: impl Fn(&str) -> bool) -> PathBuf {
+    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (k, v) in st.tensors() {
+        if let Some(rest) = k.strip_prefix("text_encoder.") {
+            if second(rest) {
+                views.push((format!("text_encoder_2.{rest}"), v.clone()));
+            }
+            views.push((k.clone(), v));
+        }
+    }
+    let file = dir.join("two.safetensors");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    file
+}
+
+/// Runs `fold` expecting success; returns stdout and stderr.
+fn fold_reports(args: &[&str]) -> (String, String) {
+    let o = onnx_lora(args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{args:?}: {stderr}");
+    (String::from_utf8_lossy(&o.stdout).into_owned(), stderr)
+}
+
+/// Asserts that `out` computes diffusers' unmerged outputs `io/<reference>.npz` of the
+/// fixture `model`.
+fn computes(out: &Path, model: &str, reference: &str) {
+    let io = fixtures().join(model).join("io");
+    let (ok, msg) = ort_compare(
+        out,
+        &io.join("inputs.npz"),
+        &io.join(format!("{reference}.npz")),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{}: {msg}", out.display());
+}
+
 /// Folds `adapter` into the Flux fixture (TorchScript export) and compares with diffusers'
 /// unmerged outputs of `reference`.
 fn folds_as(adapter: &Path, reference: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        s(&flux().join("torchscript/model.onnx")),
-        s(adapter),
-        "-o",
-        s(&out),
-        "--json",
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "{stderr}");
-    let (ok, msg) = ort_compare(
-        &out,
-        &flux().join("io/inputs.npz"),
-        &flux().join(format!("io/{reference}.npz")),
-        1e-4,
-        &[],
-    );
-    assert!(ok, "{}: {msg}", adapter.display());
+    let model = flux().join("torchscript/model.onnx");
+    let (_, stderr) = fold_reports(&["fold", s(&model), s(adapter), "-o", s(&out)]);
+    computes(&out, "flux", reference);
     stderr
 }
 
@@ -108,15 +139,13 @@ fn the_part_that_is_the_model_is_taken_and_the_others_reported() {
     let dir = tempfile::tempdir().unwrap();
     for (model, other, n) in [("unet", "text_encoder", 12), ("clip_text", "unet", 48)] {
         let out = dir.path().join(format!("{model}.onnx"));
-        let o = onnx_lora(&[
+        let (_, stderr) = fold_reports(&[
             "fold",
             s(&fixtures().join(format!("{model}/torchscript/model.onnx"))),
             s(&fixtures().join(format!("{model}/adapters/diffusers_sd.safetensors"))),
             "-o",
             s(&out),
         ]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{stderr}");
         assert!(
             stderr.contains(&format!(
                 "ignoring the file's '{other}' part ({n} module(s))"
@@ -134,24 +163,8 @@ fn the_part_that_is_the_model_is_taken_and_the_others_reported() {
 #[test]
 fn parts_that_fit_the_model_alike_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
-    let bytes = std::fs::read(&src).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
-    for (k, v) in st.tensors() {
-        if let Some(rest) = k.strip_prefix("text_encoder.") {
-            views.push((format!("text_encoder_2.{rest}"), v.clone()));
-            views.push((k.clone(), v));
-        }
-    }
-    let file = dir.path().join("two.safetensors");
-    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
-    let err = fold_fails(
-        &fixtures().join("clip_text/torchscript/model.onnx"),
-        &file,
-        &dir.path().join("out.onnx"),
-        &[],
-    );
+    let file = two_text_encoder_parts(dir.path(), |_| true);
+    let err = fold_fails(&clip(), &file, &dir.path().join("out.onnx"), &[]);
     assert!(
         err.contains("parts 'text_encoder' and 'text_encoder_2' fit this model alike")
             && err.contains("--part"),
@@ -159,31 +172,22 @@ fn parts_that_fit_the_model_alike_are_refused() {
     );
     // (--part names the one this model is)
     let out = dir.path().join("named.onnx");
-    let o = onnx_lora(&[
+    let (_, stderr) = fold_reports(&[
         "fold",
-        s(&fixtures().join("clip_text/torchscript/model.onnx")),
+        s(&clip()),
         s(&file),
         "-o",
         s(&out),
         "--part",
         "text_encoder_2",
     ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
     assert!(
         stderr.contains("ignoring the file's 'text_encoder' part"),
         "{stderr}"
     );
-    let (ok, msg) = ort_compare(
-        &out,
-        &fixtures().join("clip_text/io/inputs.npz"),
-        &fixtures().join("clip_text/io/diffusers_sd.npz"),
-        1e-4,
-        &[],
-    );
-    assert!(ok, "{msg}");
+    computes(&out, "clip_text", "diffusers_sd");
     let err = fold_fails(
-        &fixtures().join("clip_text/torchscript/model.onnx"),
+        &clip(),
         &file,
         &dir.path().join("no.onnx"),
         &["--part", "unet"],
@@ -231,21 +235,12 @@ fn a_part_whose_factors_do_not_fit_is_not_the_models() {
     let file = dir.path().join("wide.safetensors");
     std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
     let out = dir.path().join("out.onnx");
-    let o = onnx_lora(&[
-        "fold",
-        s(&fixtures().join("clip_text/torchscript/model.onnx")),
-        s(&file),
-        "-o",
-        s(&out),
-        "--json",
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (stdout, stderr) = fold_reports(&["fold", s(&clip()), s(&file), "-o", s(&out), "--json"]);
     assert!(
         stderr.contains("ignoring the file's 'text_encoder_2' part (12 module(s))"),
         "{stderr}"
     );
-    let records = json_records(&String::from_utf8_lossy(&o.stdout), "module");
+    let records = json_records(&stdout, "module");
     assert_eq!(records.len(), 6);
     assert!(records.iter().all(|r| {
         r["module"]
@@ -300,13 +295,11 @@ fn alpha_keys_of_a_file_without_parts_count_only_when_told() {
     );
     let model = flux().join("torchscript/model.onnx");
     let out = dir.path().join("out.onnx");
-    let o = onnx_lora(&["fold", s(&model), s(&file), "-o", s(&out), "--json"]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (stdout, stderr) = fold_reports(&["fold", s(&model), s(&file), "-o", s(&out), "--json"]);
     assert!(stderr.contains("which reads no alphas"), "{stderr}");
-    let got = scales(&String::from_utf8_lossy(&o.stdout));
+    let got = scales(&stdout);
     assert!(got.len() == 36 && got.iter().all(|s| *s == 1.0), "{got:?}");
-    let o = onnx_lora(&[
+    fold_reports(&[
         "fold",
         s(&model),
         s(&file),
@@ -315,15 +308,7 @@ fn alpha_keys_of_a_file_without_parts_count_only_when_told() {
         "--alpha-keys",
         "read",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (ok, msg) = ort_compare(
-        &out,
-        &flux().join("io/inputs.npz"),
-        &flux().join("io/diffusers_alpha.npz"),
-        1e-4,
-        &[],
-    );
-    assert!(ok, "{msg}");
+    computes(&out, "flux", "diffusers_alpha");
 }
 
 /// `--alpha-keys ignore` leaves a Flux file's alphas out (every scale 1: diffusers' scale
@@ -369,35 +354,12 @@ fn alpha_keys_ignore_and_where_the_flag_does_not_apply() {
 #[test]
 fn the_part_with_more_of_the_models_modules_wins() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("clip_text/adapters/diffusers_sd.safetensors");
-    let bytes = std::fs::read(&src).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
-    for (k, v) in st.tensors() {
-        if let Some(rest) = k.strip_prefix("text_encoder.") {
-            if rest.contains(".layers.0.") {
-                views.push((format!("text_encoder_2.{rest}"), v.clone()));
-            }
-            views.push((k.clone(), v));
-        }
-    }
-    let file = dir.path().join("two.safetensors");
-    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let file = two_text_encoder_parts(dir.path(), |k| k.contains(".layers.0."));
     let out = dir.path().join("out.onnx");
-    let model = fixtures().join("clip_text/torchscript/model.onnx");
-    let o = onnx_lora(&["fold", s(&model), s(&file), "-o", s(&out)]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (_, stderr) = fold_reports(&["fold", s(&clip()), s(&file), "-o", s(&out)]);
     assert!(
         stderr.contains("ignoring the file's 'text_encoder_2' part (6 module(s))"),
         "{stderr}"
     );
-    let (ok, msg) = ort_compare(
-        &out,
-        &fixtures().join("clip_text/io/inputs.npz"),
-        &fixtures().join("clip_text/io/diffusers_sd.npz"),
-        1e-4,
-        &[],
-    );
-    assert!(ok, "{msg}");
+    computes(&out, "clip_text", "diffusers_sd");
 }
