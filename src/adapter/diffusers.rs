@@ -800,13 +800,18 @@ mod tests {
             .collect()
     }
 
+    /// A file read, then its first part built (`flux`: alphas read; `strip`: without
+    /// `text_model.`): the adapter and what the build left out.
+    fn built(buf: &[u8], flux: bool, strip: bool) -> Result<(Adapter, Vec<String>)> {
+        let mut a = read(buf)?;
+        let f = a.diffusers.clone().expect("a diffusers file");
+        let said = build(&mut a, &f, 0, flux, strip)?;
+        Ok((a, said))
+    }
+
     /// The config `build` gives a file's first part (`flux`: alphas read).
     fn config_of(list: &[(String, Vec<usize>, f32)], flux: bool) -> Result<Adapter> {
-        let buf = file(&keys(list), None);
-        let mut a = read(&buf)?;
-        let f = a.diffusers.clone().expect("a diffusers file");
-        build(&mut a, &f, 0, flux, false)?;
-        Ok(a)
+        Ok(built(&file(&keys(list), None), flux, false)?.0)
     }
 
     fn scale(a: &Adapter, path: &str) -> f32 {
@@ -858,10 +863,7 @@ mod tests {
         list.push(("transformer.proj_out.alpha".into(), vec![], 8.0));
         list.extend(lora("transformer.single.0.proj_out", 4));
         list.push(("transformer.single.0.proj_out.alpha".into(), vec![], 4.0));
-        let buf = file(&keys(&list), None);
-        let mut a = read(&buf).map_err(|e| e.to_string())?;
-        let f = a.diffusers.clone().expect("a diffusers file");
-        let said = build(&mut a, &f, 0, true, false).map_err(|e| e.to_string())?;
+        let (a, said) = built(&file(&keys(&list), None), true, false).map_err(|e| e.to_string())?;
         assert_eq!(scale(&a, "single.0.proj_out"), 2.0);
         assert!(
             said.iter().any(|w| w.contains(
@@ -880,10 +882,7 @@ mod tests {
         );
         list.extend(lora("text_encoder.text_model.encoder.layers.0.mlp.fc1", 2));
         list.extend(lora("text_encoder.text_model.encoder.layers.0.mlp.fc2", 2));
-        let buf = file(&keys(&list), None);
-        let mut a = read(&buf).map_err(|e| e.to_string())?;
-        let f = a.diffusers.clone().expect("a diffusers file");
-        build(&mut a, &f, 0, false, true).map_err(|e| e.to_string())?;
+        let (a, _) = built(&file(&keys(&list), None), false, true).map_err(|e| e.to_string())?;
         assert_eq!(a.config.r, 2);
         assert_eq!(
             a.config.rank_pattern[0].key,
@@ -954,10 +953,7 @@ mod tests {
         // (with alphas, as diffusers' Flux loader refuses)
         list.push(("transformer.a.to_q.alpha".into(), vec![], 2.0));
         let meta = r#"{"transformer.r": 4, "transformer.lora_alpha": 16, "transformer.target_modules": ["to_q"]}"#;
-        let buf = file(&keys(&list), Some(meta));
-        let mut a = read(&buf).map_err(|e| e.to_string())?;
-        let f = a.diffusers.clone().expect("a diffusers file");
-        let e = build(&mut a, &f, 0, true, false)
+        let e = built(&file(&keys(&list), Some(meta)), true, false)
             .map(|_| ())
             .unwrap_err()
             .to_string();
@@ -987,11 +983,9 @@ mod tests {
     fn a_file_without_part_prefixes_takes_no_alphas() -> TestResult {
         let mut list = lora("blocks.0.to_q", 4);
         list.push(("blocks.0.to_q.alpha".into(), vec![], 2.0));
-        let buf = file(&keys(&list), None);
-        let mut a = read(&buf).map_err(|e| e.to_string())?;
-        let f = a.diffusers.clone().expect("a diffusers file");
         // (`settle` reads no alphas for a file without parts unless told: `flux` false)
-        let said = build(&mut a, &f, 0, false, false).map_err(|e| e.to_string())?;
+        let (a, said) =
+            built(&file(&keys(&list), None), false, false).map_err(|e| e.to_string())?;
         assert_eq!(scale(&a, "blocks.0.to_q"), 1.0);
         assert!(
             said.iter()
@@ -1051,10 +1045,8 @@ mod tests {
         paths.sort_unstable();
         assert_eq!(paths, ["a", "b.to_q"]);
         // (without it, b's keys stay in the older layout, which PEFT does not load)
-        let buf = file(&keys(&list[1..]), None);
-        let mut a = read(&buf).map_err(|e| e.to_string())?;
-        let f = a.diffusers.clone().expect("a diffusers file");
-        let said = build(&mut a, &f, 0, false, false).map_err(|e| e.to_string())?;
+        let (a, said) =
+            built(&file(&keys(&list[1..]), None), false, false).map_err(|e| e.to_string())?;
         assert_eq!(a.modules.len(), 1);
         assert!(
             said.iter()
