@@ -768,6 +768,12 @@ fn verify_of_a_float16_model_with_float32_io_passes_a_correct_fold() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(err.contains("the models compute in float16"), "{err}");
+    // The summary line says the output is still under check when it is printed.
+    assert!(
+        err.contains("into ")
+            && err.contains("; checking it (--verify): it is removed unless it passes"),
+        "{err}"
+    );
     assert!(out.exists());
     // float32's defaults fail it: the difference is float16 rounding.
     let o = fold(&[
@@ -780,6 +786,14 @@ fn verify_of_a_float16_model_with_float32_io_passes_a_correct_fold() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!out.exists(), "an output that did not pass is removed");
+    let o = fold(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("folded ") && !err.contains("checking it"),
+        "{err}"
+    );
+    std::fs::remove_file(&out).unwrap();
     let (m, a, o) = (s(&keepio), s(&adapter), s(&out));
     for (extra, want) in [
         (&["--atol", "1e-2"][..], "--verify"),

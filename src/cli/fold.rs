@@ -8,7 +8,7 @@ use onnx_lora::onnx;
 use onnx_lora::onnx::io::SaveReport;
 use onnx_lora::rewrite::{FoldOptions, FoldReport, fold, fold_branches, unmerged_reference};
 
-use super::output::{json_line, table};
+use super::output::{json_line, scale_cell, table};
 use super::save_args::SaveArgs;
 
 /// Merge trained PEFT LoRA adapters into the weights of an ONNX model, exactly as PEFT's
@@ -191,7 +191,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
-    print_report(&report, saved.as_ref(), adapters.len(), args.json)?;
+    print_report(
+        &report,
+        saved.as_ref(),
+        adapters.len(),
+        reference.is_some(),
+        args.json,
+    )?;
     let Some(saved) = saved else {
         return Ok(super::EXIT_OK);
     };
@@ -214,11 +220,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 const UNMERGED_REFERENCE: &str =
     "the unmerged reference (base + adapters: PEFT's unmerged forward)";
 
-/// The report; `saved` is None for a dry run.
+/// The report; `saved` is None for a dry run; `verifying`: --verify checks the output next.
 fn print_report(
     report: &FoldReport,
     saved: Option<&SaveReport>,
     adapters: usize,
+    verifying: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
@@ -249,11 +256,10 @@ fn print_report(
                     m.rank.to_string()
                 },
                 if m.steps.len() > 1 {
-                    let scales: Vec<String> =
-                        m.steps.iter().map(|s| format!("{:.4}", s.scale)).collect();
+                    let scales: Vec<String> = m.steps.iter().map(|s| scale_cell(s.scale)).collect();
                     scales.join("+")
                 } else {
-                    format!("{:.4}", m.scale)
+                    scale_cell(m.scale)
                 },
                 m.max_abs_delta
                     .get()
@@ -293,9 +299,10 @@ fn print_report(
     };
     match saved {
         Some(saved) => eprintln!(
-            "folded {} weights from {from} into {}",
+            "folded {} weights from {from} into {}{}",
             report.modules.len(),
-            saved.model.display()
+            saved.model.display(),
+            super::checking_note(verifying)
         ),
         None => eprintln!(
             "dry run: {} weights would change (from {from}); nothing written",

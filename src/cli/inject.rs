@@ -13,7 +13,7 @@ use onnx_lora::rewrite::{
 };
 use onnx_lora::target::{self, TargetSpec};
 
-use super::output::{json_line, table};
+use super::output::{json_line, scale_cell, table};
 use super::save_args::SaveArgs;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -448,6 +448,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         &saved,
         args.adapter_out.as_deref(),
         form,
+        args.verify,
         args.json,
     )?;
     let Some(held) = held else {
@@ -489,6 +490,7 @@ fn print_report(
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
     form: &str,
+    verifying: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let output = saved.model.as_path();
@@ -520,7 +522,7 @@ fn print_report(
                 r.module.clone(),
                 r.op.clone(),
                 r.rank.to_string(),
-                format!("{:.4}", r.scale),
+                scale_cell(r.scale),
                 r.lora_a.clone(),
                 r.lora_b.clone(),
             ]
@@ -539,9 +541,10 @@ fn print_report(
         ""
     };
     eprintln!(
-        "injected {} branches{form} into {}",
+        "injected {} branches{form} into {}{}",
         reports.len(),
-        output.display()
+        output.display(),
+        super::checking_note(verifying)
     );
     Ok(())
 }

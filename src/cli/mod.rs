@@ -291,6 +291,15 @@ fn refuse_dynamically_quantized(
     Ok(())
 }
 
+/// What the summary line adds while `--verify` has yet to accept the output it names.
+fn checking_note(verifying: bool) -> &'static str {
+    if verifying {
+        "; checking it (--verify): it is removed unless it passes"
+    } else {
+        ""
+    }
+}
+
 /// Runs `--verify`'s `check` on the files this run wrote (`held` since they were put in place:
 /// an interrupt removes them, as it does temps); when they do not pass (the models differ, or
 /// the check itself fails) they are removed, so that no unverified output is left looking like

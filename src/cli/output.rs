@@ -24,6 +24,17 @@ pub fn report_line<T: Serialize>(data: &T, output: &std::path::Path) -> anyhow::
     json_line("report", &v)
 }
 
+/// A scale for a table cell: four decimals, or four significant digits in exponent form where
+/// four decimals would print thirty digits (`alpha` 3e38) or none (a scale below 0.0001).
+pub fn scale_cell(s: f32) -> String {
+    let a = s.abs();
+    if a == 0.0 || (1e-4..1e6).contains(&a) || !a.is_finite() {
+        format!("{s:.4}")
+    } else {
+        format!("{s:.3e}")
+    }
+}
+
 /// Left-aligned text table with a header row.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -53,4 +64,19 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale_cell;
+
+    #[test]
+    fn scales_print_four_decimals_or_four_digits() {
+        assert_eq!(scale_cell(2.0), "2.0000");
+        assert_eq!(scale_cell(0.0), "0.0000");
+        assert_eq!(scale_cell(-0.125), "-0.1250");
+        assert_eq!(scale_cell(7.5e37), "7.500e37");
+        assert_eq!(scale_cell(1.5e-6), "1.500e-6");
+        assert_eq!(scale_cell(f32::INFINITY), "inf");
+    }
 }
