@@ -448,9 +448,21 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         &saved,
         args.adapter_out.as_deref(),
         form,
-        args.verify,
         args.json,
     )?;
+    if !args.json {
+        eprintln!(
+            "injected {} branches{} into {}{}",
+            reports.len(),
+            if form == "weight" {
+                " (weight form)"
+            } else {
+                ""
+            },
+            saved.model.display(),
+            super::checking_note(args.verify)
+        );
+    }
     let Some(held) = held else {
         return Ok(super::EXIT_OK);
     };
@@ -490,7 +502,6 @@ fn print_report(
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
     form: &str,
-    verifying: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let output = saved.model.as_path();
@@ -534,17 +545,6 @@ fn print_report(
             &["MODULE", "OP", "RANK", "SCALE", "LORA_A", "LORA_B"],
             &rows
         )
-    );
-    let form = if form == "weight" {
-        " (weight form)"
-    } else {
-        ""
-    };
-    eprintln!(
-        "injected {} branches{form} into {}{}",
-        reports.len(),
-        output.display(),
-        super::checking_note(verifying)
     );
     Ok(())
 }
