@@ -363,3 +363,40 @@ fn the_part_with_more_of_the_models_modules_wins() {
     );
     computes(&out, "clip_text", "diffusers_sd");
 }
+
+/// Metadata keys PEFT 0.21.2's LoraConfig does not have (a newer PEFT's) are left out with a
+/// warning that says diffusers 0.42 with PEFT 0.21.2 refuses such a file; the rest of the
+/// metadata configures the part as before.
+#[test]
+fn metadata_keys_peft_does_not_have_are_left_out_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = flux().join("adapters/diffusers_meta.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = meta.metadata().clone().unwrap();
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
+    config.insert(
+        "transformer.future_variant_config".into(),
+        serde_json::json!({"k": 2}),
+    );
+    meta.insert(
+        "lora_adapter_metadata".into(),
+        serde_json::to_string(&config).unwrap(),
+    );
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let file = dir.path().join("newer.safetensors");
+    std::fs::write(
+        &file,
+        safetensors::serialize(st.tensors(), Some(meta)).unwrap(),
+    )
+    .unwrap();
+    let stderr = folds_as(&file, "diffusers_meta");
+    assert!(
+        stderr.contains("ignoring the config key(s) PEFT 0.21.2's LoraConfig does not have ('future_variant_config') in its lora_adapter_metadata: diffusers 0.42 with PEFT 0.21.2 refuses"),
+        "{stderr}"
+    );
+    // The committed file, all of whose keys PEFT has, gets no such warning.
+    let stderr = folds_as(&src, "diffusers_meta");
+    assert!(!stderr.contains("does not have"), "{stderr}");
+}

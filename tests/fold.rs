@@ -861,3 +861,47 @@ fn the_unmerged_reference_of_packed_and_fused_layers_is_peft() {
     }
     assert!(checked >= 12, "only {checked} references checked");
 }
+
+/// An adapter_config.json key PEFT 0.21.2's LoraConfig does not have (a newer PEFT's) is left
+/// out, as PEFT leaves it out, with a warning naming it: the fold is PEFT's.
+#[test]
+fn config_keys_peft_does_not_have_are_left_out_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama/adapters/plain");
+    let adapter = dir.path().join("newer");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+    config["future_variant_config"] = serde_json::json!({"k": 2});
+    config["another_new_flag"] = serde_json::json!(true);
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let out = dir.path().join("out.onnx");
+    let o = onnx_lora(&fold_args(&model, &[&adapter], &out, &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.contains("LoraConfig does not have"))
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(
+        warning.starts_with("onnx-lora: warning: ")
+            && warning.contains("('future_variant_config', 'another_new_flag')")
+            && warning.contains("PEFT 0.21.2 leaves them out, with a warning"),
+        "{warning}"
+    );
+    let io = fixtures().join("llama/io");
+    let (ok, msg) = ort_compare(
+        &out,
+        &io.join("inputs.npz"),
+        &io.join("plain.npz"),
+        1e-4,
+        &[],
+    );
+    assert!(ok, "{msg}");
+}

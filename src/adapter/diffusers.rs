@@ -552,6 +552,11 @@ fn build(
         ),
     };
     let config = AdapterConfig::from_value(raw).map_err(|r| err(format!("{source}: {r}")))?;
+    if let Some(note) = super::peft::unknown_keys_note(&config) {
+        ignored.push(format!(
+            "{note} in its {METADATA_KEY}: diffusers 0.42 with PEFT 0.21.2 refuses the file (LoraConfig cannot be built from them), a PEFT that has them may configure a LoRA variant; onnx-lora leaves them out, as PEFT does for adapter_config.json"
+        ));
+    }
     // (diffusers' alpha patterns are not anchored: a module whose path ends with an earlier
     // pattern's takes that pattern's alpha rather than its own)
     let shadowed: Vec<String> = alphas

@@ -298,6 +298,13 @@ impl Adapter {
             "adapter_config.json",
         )
         .map_err(err)?;
+        let mut ignored = ignored;
+        if let Some(note) = unknown_keys_note(&config) {
+            ignored.insert(
+                0,
+                format!("{note}: PEFT 0.21.2 leaves them out, with a warning, and so does onnx-lora (if a newer PEFT wrote them for a LoRA variant, the result is not what that PEFT computes)"),
+            );
+        }
         Ok(Adapter {
             path: path.to_path_buf(),
             config,
@@ -503,7 +510,67 @@ pub fn pattern_value(patterns: &[Pattern], path: &str) -> Option<f32> {
         .find_map(|p| p.regex.is_match(path).then_some(p.value))
 }
 
+/// The fields of PEFT 0.21.2's `LoraConfig` (what `adapter_config.json` may hold).
+const LORA_CONFIG_FIELDS: [&str; 42] = [
+    "alora_invocation_tokens",
+    "alpha_pattern",
+    "arrow_config",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "corda_config",
+    "ensure_weight_tying",
+    "eva_config",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "kasa_config",
+    "layer_replication",
+    "layers_pattern",
+    "layers_to_transform",
+    "loftq_config",
+    "lora_alpha",
+    "lora_bias",
+    "lora_dropout",
+    "lora_ga_config",
+    "megatron_config",
+    "megatron_core",
+    "modules_to_save",
+    "monteclora_config",
+    "peft_type",
+    "peft_version",
+    "qalora_group_size",
+    "r",
+    "rank_pattern",
+    "revision",
+    "runtime_config",
+    "target_modules",
+    "target_parameters",
+    "task_type",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_dora",
+    "use_qalora",
+    "use_rslora",
+    "velora_config",
+];
+
 impl AdapterConfig {
+    /// The keys of the config that PEFT 0.21.2's LoraConfig does not have (a newer PEFT's),
+    /// in the file's order; PEFT leaves them out with a warning.
+    pub fn unknown_keys(&self) -> Vec<&str> {
+        self.raw
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .map(String::as_str)
+                    .filter(|k| !LORA_CONFIG_FIELDS.contains(k))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
         let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         Self::from_value(raw)
@@ -788,6 +855,20 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
         digits.parse().ok()
     };
     Some((num()?, num()?, num().unwrap_or(0)))
+}
+
+/// "the config key(s) ... ('a', 'b')" for the config's keys PEFT 0.21.2's LoraConfig does not have;
+/// None when it has them all.
+pub(crate) fn unknown_keys_note(config: &AdapterConfig) -> Option<String> {
+    let keys = config.unknown_keys();
+    if keys.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = keys.iter().map(|k| format!("'{k}'")).collect();
+    Some(format!(
+        "the config key(s) PEFT 0.21.2's LoraConfig does not have ({})",
+        list.join(", ")
+    ))
 }
 
 /// The modules PEFT loads from an adapter's tensors under `config`, and what it leaves out:
