@@ -285,6 +285,63 @@ fn sigkill_while_writing_leaves_no_partial_file() {
     panic!("every write finished before the signal: this machine writes too fast for the test");
 }
 
+/// SIGKILL while `export-peft` writes the adapter folder: its files are written with no name
+/// (where the folder takes unnamed files) and put into a named temp folder only once all are
+/// complete, so the kill leaves nothing in the output folder.
+#[cfg(target_os = "linux")]
+#[test]
+fn sigkill_while_exporting_peft_leaves_nothing() {
+    for mb in [64, 128, 256] {
+        let (dir, input, out_dir, _) = big_model_and_out_dir(mb);
+        if !takes_unnamed_files(&out_dir) {
+            eprintln!(
+                "{} takes no unnamed files: nothing to check",
+                out_dir.display()
+            );
+            return;
+        }
+        // Factors as large as the weight: the adapter file takes as long to write as the model.
+        let injected = dir.path().join("inj.onnx");
+        common::onnx_lora_ok(&[
+            "inject",
+            input.to_str().unwrap(),
+            "--target",
+            "fc",
+            "--rank",
+            "1024",
+            "-o",
+            injected.to_str().unwrap(),
+            "-q",
+        ]);
+        let folder = out_dir.join("adapter");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+            .args(["export-peft", injected.to_str().unwrap()])
+            .args(["-o", folder.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !writing_into(child.id(), &out_dir) {
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // SAFETY: signals the child this test started (still unwaited, so its pid is its own).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let o = child.wait_with_output().unwrap();
+        if o.status.success() || folder.exists() {
+            eprintln!("the {mb} MiB export finished before the signal; trying a bigger one");
+            continue;
+        }
+        assert_eq!(o.status.code(), None, "killed by the signal");
+        assert_empty(&out_dir);
+        return;
+    }
+    panic!("every export finished before the signal: this machine writes too fast for the test");
+}
+
 #[test]
 fn an_uninterrupted_run_is_unchanged() {
     // The signal thread neither delays nor changes a normal run.

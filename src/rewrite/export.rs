@@ -436,8 +436,11 @@ fn check_module_path(path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` with these files atomically: built in a temp folder beside it (registered in
-/// [`crate::cleanup`] until renamed), then renamed.
+/// Creates `dir` with these files atomically. Each file is written into a temp beside `dir`
+/// (unnamed where the system allows it, [`crate::cleanup::temp_file_in`]: a run killed while
+/// writing leaves nothing), then, all written, they are put into a temp folder beside `dir`,
+/// which is renamed: a kill leaves that folder only in the moments those renames take. Every
+/// temp is registered in [`crate::cleanup`] until it is in place.
 fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     if dir.exists() {
         return Err(Error::Usage(format!(
@@ -446,9 +449,22 @@ fn write_dir(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         )));
     }
     let parent = crate::onnx::io::output_dir(dir)?;
-    let tmp = crate::cleanup::temp_dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut written = Vec::with_capacity(files.len());
     for (name, bytes) in files {
-        std::fs::write(tmp.path().join(name), bytes).map_err(|e| Error::io(dir.join(name), e))?;
+        let dest = dir.join(name);
+        let mut t = crate::cleanup::temp_file_in(&parent, ".tmp", &dest)
+            .map_err(|e| Error::io(&parent, e))?;
+        std::io::Write::write_all(t.as_file_mut(), bytes).map_err(|e| Error::io(&dest, e))?;
+        t.as_file().sync_data().map_err(|e| Error::io(&dest, e))?;
+        crate::onnx::io::make_readable(t.as_file(), &dest)?;
+        written.push((name, t));
+    }
+    let tmp = crate::cleanup::temp_dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    for (name, t) in written {
+        // (inside the registered temp folder once there: an interrupt removes it with it)
+        let inside = tmp.path().join(name);
+        t.commit(Vec::new(), |f| f.persist(&inside))
+            .map_err(|e| Error::io(dir.join(name), e))?;
     }
     tmp.commit(Vec::new(), |t| {
         let kept = t.keep();
