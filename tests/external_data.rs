@@ -762,3 +762,63 @@ fn an_earlier_data_file_left_unused_is_named() {
     assert!(!String::from_utf8_lossy(&third.stderr).contains("note:"));
     py("ort_run.py", &[Path::new(src), Path::new(out)]);
 }
+
+/// A model and its external data are put in place under an exclusive lock on the output folder
+/// (`flock`): a run writing the same output at the same moment places its pair before or after,
+/// never one's model beside the other's data. Here the test holds the lock: the run waits for
+/// it with both files written, and finishes once it is released.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_model_and_its_data_are_put_in_place_under_a_folder_lock() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("m.onnx");
+    let held = std::fs::File::open(&out_dir).unwrap();
+    // SAFETY: a descriptor `held` owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-lora"))
+        .args([
+            "convert",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--external-data", "-q"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A waiter on a lock shows in /proc/locks as "N: -> FLOCK ADVISORY WRITE <pid> ...".
+    let waiting = |pid: u32| {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&"->")
+                    && f.get(2) == Some(&"FLOCK")
+                    && f.get(5) == Some(&pid.to_string().as_str())
+            })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !waiting(child.id()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished while the folder was locked"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never waited for the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(!out.exists() && !out_dir.join("m.onnx.data").exists());
+    drop(held);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.exists() && out_dir.join("m.onnx.data").exists());
+    onnx_lora::onnx::load(&out).unwrap();
+}

@@ -859,6 +859,9 @@ fn save_impl(
         report.stale_data = Some(sidecar);
     }
     make_readable(tmp.as_file(), out)?;
+    // (two runs writing one output with external data put their pairs in place one after the
+    // other: never one's model beside the other's data)
+    let _placing = data_tmp.as_ref().and_then(|_| placing_lock(&out_dir));
     if let (Some(_), Some(dest)) = (&data_tmp, &report.external_data)
         && dest.symlink_metadata().is_ok()
         && out.symlink_metadata().is_ok()
@@ -890,6 +893,23 @@ fn save_impl(
     }
     tmp.commit(staged, persist)?;
     Ok((report, Vec::new()))
+}
+
+/// An exclusive advisory lock (`flock`) on the output folder, held while a model and its
+/// external data file are put in place (released when dropped); None where it cannot be taken
+/// (the placing then goes on without it).
+#[cfg(unix)]
+fn placing_lock(dir: &Path) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir).ok()?;
+    // SAFETY: a descriptor `f` owns, open for the whole call.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    (rc == 0).then_some(f)
+}
+
+#[cfg(not(unix))]
+fn placing_lock(_dir: &Path) -> Option<File> {
+    None
 }
 
 /// Temp files are created private (0600); the output gets the usual 0644.
