@@ -4431,8 +4431,10 @@ fn inject_refusal_hints_at_the_rest_only_when_there_is_a_rest() {
     );
 }
 
-/// A layer called many times (an unrolled loop): one write of its weight, each call listing the
-/// others as its weight's readers, and messages that name a few calls and count the rest.
+/// A layer called many times (an unrolled loop): one write of its weight, each call's record
+/// naming 16 of its weight's other readers and counting them, one `readers` record listing them
+/// all (inspect's output grows with the calls, not with their square), and messages that name
+/// a few calls and count the rest.
 #[test]
 fn a_layer_called_many_times_is_one_write_and_brief_messages() {
     let env = Env::new();
@@ -4445,9 +4447,16 @@ fn a_layer_called_many_times_is_one_write_and_brief_messages() {
         assert_eq!(c["module"], "fc", "{c}");
         assert_eq!(c["calls"], 40, "{c}");
         let others = c["shared_with"].as_array().expect("shared_with");
-        assert_eq!(others.len(), 39, "{c}");
+        assert_eq!(others.len(), 16, "{c}");
+        assert_eq!(c["shared_with_total"], 39, "{c}");
         assert!(!others.iter().any(|o| *o == c["node"]), "{i}: {c}");
     }
+    let readers = json_records(&out, "readers");
+    assert_eq!(readers.len(), 1, "{out}");
+    assert_eq!(readers[0]["weight"], cands[0]["weight"], "{out}");
+    let all: Vec<&serde_json::Value> = readers[0]["readers"].as_array().unwrap().iter().collect();
+    let nodes: Vec<&serde_json::Value> = cands.iter().map(|c| &c["node"]).collect();
+    assert_eq!(all, nodes, "every call, in order");
     let ad = write_adapter(&env.p("fc"), config(), &refs(&lora("fc", 8, 8, 0.3)));
     let folded = env.p("many_out.onnx");
     let report = fold_ok(&m, &[&ad], &folded, &["--json"]);

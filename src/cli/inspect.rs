@@ -90,8 +90,20 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.json {
         // (the same notes on stderr: stdout stays JSON)
         notes(&model, gated, branches, weight_form, &chosen_ambiguous);
+        // (a weight a layer called thousands of times reads: each call's record lists a few
+        // other readers, and one `readers` record lists them all, so the output grows with
+        // the calls rather than with their square)
+        let mut long_lists: Vec<(&str, &[String])> = Vec::new();
         for c in &chosen {
             let mut v = serde_json::to_value(c)?;
+            // (`shared_with` lists the first SHARED_LISTED)
+            if c.shared_with.len() > onnx_lora::target::SHARED_LISTED {
+                v["shared_with_total"] = c.shared_with.len().into();
+                let all = c.shared_with.all();
+                if !long_lists.iter().any(|(_, l)| std::ptr::eq(*l, all)) {
+                    long_lists.push((c.weight.as_str(), all));
+                }
+            }
             if let Some(call) = call_of(c) {
                 v["call"] = call.number.into();
                 v["calls"] = call.of.into();
@@ -100,6 +112,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 v["ambiguous_scope"] = true.into();
             }
             json_line("candidate", &v)?;
+        }
+        for (weight, readers) in long_lists {
+            json_line(
+                "readers",
+                &serde_json::json!({"weight": weight, "readers": readers}),
+            )?;
         }
         json_line(
             "report",

@@ -784,9 +784,14 @@ impl SharedWith {
     }
 }
 
+/// How many of the other readers a serialized [`SharedWith`] lists: a layer called thousands of
+/// times would otherwise make each call's record list all the others (`inspect --json` counts
+/// them, and lists them once per weight).
+pub const SHARED_LISTED: usize = 16;
+
 impl Serialize for SharedWith {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
+        s.collect_seq(self.iter().take(SHARED_LISTED))
     }
 }
 
