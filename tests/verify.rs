@@ -935,3 +935,253 @@ fn inputs_file_arrays_must_be_of_the_inputs_kind() {
         }
     }
 }
+
+/// A one-array npz `name` holding `values` as int64 / uint64 / float64 / float32 arrays.
+fn array_i64(values: &[i64]) -> ArrayData {
+    ArrayData::new(
+        DataType::Int64,
+        vec![values.len()],
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .unwrap()
+}
+
+/// Integer outputs compare exactly, 64-bit values beyond 2^53 included (through f64 they
+/// rounded to equal values and "passed").
+#[test]
+fn integer_outputs_compare_exactly() {
+    let big = [1i64 << 60, (1 << 53) + 1, -(1 << 62), 7];
+    let off: Vec<i64> = big
+        .iter()
+        .map(|v| if *v == 7 { 7 } else { v + 1 })
+        .collect();
+    let inputs = npz("big_in.npz", &[("x".into(), array_i64(&big))]);
+    let same = npz("big_same.npz", &[("y".into(), array_i64(&big))]);
+    let wrong = npz("big_off.npz", &[("y".into(), array_i64(&off))]);
+    for ep in ["cpu", "tract"] {
+        let args = |expect: &str| {
+            verify(&[
+                &file("id_int64.onnx"),
+                "--inputs",
+                &inputs,
+                "--expect",
+                expect,
+                "--ep",
+                ep,
+                "--json",
+            ])
+        };
+        expect_code(&args(&same), 0, "the same integers");
+        let r = args(&wrong);
+        expect_code(&r, 1, "integers one apart");
+        let y = output(&records(&r), "y").clone();
+        assert_eq!(y["mismatches"], 3, "{y}");
+        assert_eq!(y["max_abs_diff"], 1.0, "{y}");
+    }
+}
+
+/// An integer feed converts to the input's type only when every value fits, compared exactly
+/// (a uint64 2^63 saturated to int64's largest and passed); a float64 feed for a float32 input
+/// only when no finite value would become an infinity.
+#[test]
+fn feeds_convert_only_when_every_value_fits() {
+    let top = ArrayData::new(
+        DataType::Uint64,
+        vec![1],
+        (1u64 << 63).to_le_bytes().to_vec(),
+    )
+    .unwrap();
+    let u = npz("u64_top.npz", &[("x".into(), top)]);
+    let r = verify(&[
+        &file("id_int64.onnx"),
+        &file("id_int64.onnx"),
+        "--inputs",
+        &u,
+        "--ep",
+        "cpu",
+    ]);
+    expect_error(
+        &r,
+        "uint64 2^63 into int64",
+        &["holds 9223372036854775808", "int64"],
+    );
+    let fits = ArrayData::new(DataType::Uint64, vec![1], 5u64.to_le_bytes().to_vec()).unwrap();
+    let u = npz("u64_fits.npz", &[("x".into(), fits)]);
+    let r = verify(&[
+        &file("id_int64.onnx"),
+        &file("id_int64.onnx"),
+        "--inputs",
+        &u,
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 0, "uint64 5 into int64");
+    let huge = ArrayData::from_f64(DataType::Double, vec![2], &[1.0, 1e300]).unwrap();
+    let f = npz("f64_huge.npz", &[("x".into(), huge)]);
+    let r = verify(&[
+        &file("id_float.onnx"),
+        &file("id_float.onnx"),
+        "--inputs",
+        &f,
+        "--ep",
+        "cpu",
+    ]);
+    expect_error(
+        &r,
+        "float64 1e300 into float32",
+        &["holds 1e300", "infinity"],
+    );
+}
+
+/// A NaN or infinity against another value is a mismatch the largest finite difference does
+/// not show: JSON counts it in `nonfinite_mismatches`, the table says `non-finite`.
+#[test]
+fn non_finite_mismatches_are_counted_apart() {
+    let x = ArrayData::from_f64(DataType::Float, vec![3], &[1.0, 2.0, 3.0]).unwrap();
+    let inputs = npz("nf_in.npz", &[("x".into(), x)]);
+    let inf = ArrayData::from_f64(DataType::Float, vec![3], &[f64::INFINITY, 2.0, 3.0]).unwrap();
+    let expect = npz("nf_expect.npz", &[("y".into(), inf)]);
+    let args = |json: bool| {
+        let mut a = vec![
+            file("id_float.onnx"),
+            "--inputs".into(),
+            inputs.clone(),
+            "--expect".into(),
+            expect.clone(),
+            "--ep".into(),
+            "tract".into(),
+        ];
+        if json {
+            a.push("--json".into());
+        }
+        verify(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let r = args(true);
+    expect_code(&r, 1, "inf against 1");
+    let y = output(&records(&r), "y").clone();
+    assert_eq!(
+        (
+            &y["mismatches"],
+            &y["nonfinite_mismatches"],
+            &y["max_abs_diff"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(0.0)
+        ),
+        "{y}"
+    );
+    let r = args(false);
+    expect_code(&r, 1, "inf against 1 (text)");
+    let row = r.stdout.lines().find(|l| l.starts_with("y ")).unwrap();
+    assert!(row.contains("non-finite"), "{}", r.stdout);
+}
+
+/// Verification that would compare nothing is an error (a model without outputs) or says so
+/// (outputs without elements); a zero --dim, which makes such inputs (and can crash
+/// onnxruntime's kernels), is refused; a graph output no node makes is named.
+#[test]
+fn comparing_nothing_is_refused_or_said() {
+    for ep in ["cpu", "tract"] {
+        let r = verify(&[
+            &file("no_outputs.onnx"),
+            &file("no_outputs.onnx"),
+            "--ep",
+            ep,
+        ]);
+        if ep == "tract" {
+            expect_error(&r, "no outputs", &["no outputs to compare"]);
+        } else {
+            expect_code(&r, 2, "no outputs (onnxruntime)");
+        }
+        let r = verify(&[&file("dangling.onnx"), &file("dangling.onnx"), "--ep", ep]);
+        expect_error(
+            &r,
+            "dangling output",
+            &["graph output 'zz' is made by no node"],
+        );
+    }
+    let empty = ArrayData::from_f64(DataType::Float, vec![0], &[]).unwrap();
+    let inputs = npz("empty_in.npz", &[("x".into(), empty)]);
+    let r = verify(&[
+        &file("id_float.onnx"),
+        &file("id_float.onnx"),
+        "--inputs",
+        &inputs,
+        "--ep",
+        "cpu",
+    ]);
+    expect_code(&r, 0, "zero-size feeds");
+    assert!(
+        r.stderr.contains("output 'y' has no elements (a zero-size dimension): it compared equal, which checks nothing"),
+        "{}",
+        r.stderr
+    );
+    let r = verify(&[
+        &file("id_float.onnx"),
+        &file("id_float.onnx"),
+        "--dim",
+        "n=0",
+    ]);
+    expect_error(&r, "--dim n=0", &["'n=0'", "give 1 or more"]);
+}
+
+/// Argument errors say what is wrong with the value: a negative tolerance or run count (which
+/// clap took for a flag), a dim too large, a dim given twice with two values.
+#[test]
+fn argument_errors_name_the_value() {
+    let m = file("id_float.onnx");
+    for (args, want) in [
+        (
+            &["--rtol", "-0.5"][..],
+            "'-0.5' is not a finite number >= 0",
+        ),
+        (&["--atol", "-1"][..], "'-1' is not a finite number >= 0"),
+        (
+            &["--runs", "-1"][..],
+            "'-1' is not a number of runs (1 or more)",
+        ),
+        (&["--dim", "n=99999999999999999999"][..], "is too large"),
+        (
+            &["--dim", "n=2", "--dim", "n=3"][..],
+            "--dim n is given twice, as 2 and as 3",
+        ),
+    ] {
+        let mut all = vec![m.as_str(), m.as_str(), "--ep", "tract"];
+        all.extend_from_slice(args);
+        let r = verify(&all);
+        expect_error(&r, &format!("{args:?}"), &[want]);
+    }
+    // the same dim twice with one value is no conflict
+    let r = verify(&[&m, &m, "--ep", "tract", "--dim", "n=2", "--dim", "n=2"]);
+    expect_code(&r, 0, "--dim n=2 twice");
+}
+
+/// A --target pattern that does not compile is refused as the arguments are read, in one line
+/// naming the pattern as written (not the anchored form it is matched in) and what is wrong.
+#[test]
+fn an_invalid_target_pattern_is_refused_up_front() {
+    let model = fixtures().join("llama/torchscript/model.onnx");
+    let m = model.to_str().unwrap();
+    for args in [
+        vec!["inspect", m, "--target", "q_proj|("],
+        vec![
+            "inject",
+            m,
+            "--target",
+            "q_proj|(",
+            "-o",
+            "/nonexistent/out.onnx",
+        ],
+    ] {
+        let o = onnx_lora(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("'q_proj|('") && err.contains("unclosed group") && !err.contains("^(?:"),
+            "{args:?}: {err}"
+        );
+    }
+}

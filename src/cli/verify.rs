@@ -77,14 +77,14 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Absolute tolerance for every output (default: by type, see below).
-    #[arg(long, value_name = "X")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, value_parser = parse_tolerance)]
     atol: Option<f64>,
     /// Relative tolerance for every output (default: by type, see below).
-    #[arg(long, value_name = "Y")]
+    #[arg(long, value_name = "Y", allow_negative_numbers = true, value_parser = parse_tolerance)]
     rtol: Option<f64>,
     /// Run each model N times and report the mean time per run (the first run, which pays for
     /// one-time setup, is left out of the mean when N > 1).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = parse_runs)]
     runs: usize,
     /// Compare only this output (repeatable; default: every output of either side), e.g.
     /// when the --expect file holds some of the model's outputs.
@@ -106,11 +106,30 @@ fn parse_dim(s: &str) -> Result<(String, usize), String> {
     let (name, value) = s
         .split_once('=')
         .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
-    let value = value
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{value}' is not a non-negative integer"))?;
+    let value: usize =
+        value
+            .trim()
+            .parse()
+            .map_err(|e: std::num::ParseIntError| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => format!("'{value}' is too large"),
+                _ => format!("'{value}' is not a positive integer"),
+            })?;
+    if value == 0 {
+        // (onnxruntime's kernels may divide by a zero-size dim and kill the process; nothing
+        // would be compared anyway)
+        return Err(format!(
+            "'{s}': a dimension of 0 makes inputs without elements, which leaves nothing to compare; give 1 or more"
+        ));
+    }
     Ok((name.trim().to_string(), value))
+}
+
+/// `--runs`: at least 1.
+fn parse_runs(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a number of runs (1 or more)")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -248,8 +267,17 @@ fn row(o: &OutputComparison, reference: &str) -> Vec<String> {
             o.shape_b.as_ref().map(|s| format!("{s:?}")),
         ),
         both(o.dtype_a.clone(), o.dtype_b.clone()),
-        num(o.max_abs_diff),
-        num(o.max_rel_diff),
+        // (NaN or infinity against another value: no finite difference says it)
+        if o.nonfinite_mismatches.unwrap_or(0) > 0 {
+            "non-finite".into()
+        } else {
+            num(o.max_abs_diff)
+        },
+        if o.nonfinite_mismatches.unwrap_or(0) > 0 {
+            "non-finite".into()
+        } else {
+            num(o.max_rel_diff)
+        },
         o.mismatches
             .map_or("-".into(), |m| format!("{m}/{}", o.numel)),
         format!("{:e}", o.atol),
@@ -271,10 +299,10 @@ pub struct RuntimeArgs {
     pub ort_lib: Option<PathBuf>,
     /// --verify's absolute tolerance for every output (default: by type, see `onnx-lora
     /// verify --help`).
-    #[arg(long, value_name = "X", requires = "verify", value_parser = parse_tolerance)]
+    #[arg(long, value_name = "X", requires = "verify", allow_negative_numbers = true, value_parser = parse_tolerance)]
     pub atol: Option<f64>,
     /// --verify's relative tolerance for every output (default: by type).
-    #[arg(long, value_name = "Y", requires = "verify", value_parser = parse_tolerance)]
+    #[arg(long, value_name = "Y", requires = "verify", allow_negative_numbers = true, value_parser = parse_tolerance)]
     pub rtol: Option<f64>,
     /// --verify's inputs by name from an .npz (it must hold every input; default: generated).
     #[arg(long, value_name = "FILE.npz", requires = "verify")]

@@ -91,6 +91,9 @@ pub struct OutputComparison {
     /// Elements out of tolerance (NaN or infinity mismatches included); `None` when the values
     /// were not compared (a missing output, different shapes).
     pub mismatches: Option<usize>,
+    /// Of those, the elements NaN or infinite on one side and not the same on the other,
+    /// which `max_abs_diff` and `max_rel_diff` leave out.
+    pub nonfinite_mismatches: Option<usize>,
     pub numel: usize,
     pub atol: f64,
     pub rtol: f64,
@@ -175,6 +178,7 @@ pub fn compare(
         max_abs_diff: None,
         max_rel_diff: None,
         mismatches: None,
+        nonfinite_mismatches: None,
         numel: a.or(b).map_or(0, ArrayData::numel),
         atol: tol.atol,
         rtol: tol.rtol,
@@ -189,8 +193,10 @@ pub fn compare(
         c.status = Status::ShapeMismatch;
         return c;
     }
-    let stats = match (x.values(), y.values()) {
-        (Ok(xs), Ok(ys)) => diff_stats(xs.zip(ys), tol),
+    let stats = match (x.ints(), y.ints(), x.values(), y.values()) {
+        // integers and bool: exact (64-bit values beyond 2^53 included)
+        (Some(xs), Some(ys), _, _) => int_diff_stats(xs.zip(ys)),
+        (_, _, Ok(xs), Ok(ys)) => diff_stats(xs.zip(ys), tol),
         _ => {
             // Unsupported element types were refused when the arrays were made.
             c.status = Status::Differ;
@@ -200,6 +206,7 @@ pub fn compare(
     c.max_abs_diff = stats.max_abs;
     c.max_rel_diff = stats.max_rel;
     c.mismatches = Some(stats.mismatches);
+    c.nonfinite_mismatches = Some(stats.nonfinite);
     c.passed = stats.mismatches == 0;
     c.status = if c.passed {
         Status::Pass
@@ -214,6 +221,22 @@ struct DiffStats {
     max_abs: Option<f64>,
     max_rel: Option<f64>,
     mismatches: usize,
+    nonfinite: usize,
+}
+
+/// Exact comparison of integers: every difference is a mismatch, whatever the tolerance.
+fn int_diff_stats(pairs: impl Iterator<Item = (i128, i128)>) -> DiffStats {
+    let mut s = DiffStats::default();
+    for (a, b) in pairs {
+        let d = (a - b).unsigned_abs() as f64;
+        s.max_abs = Some(s.max_abs.map_or(d, |m| m.max(d)));
+        if b != 0 {
+            let r = d / b.unsigned_abs() as f64;
+            s.max_rel = Some(s.max_rel.map_or(r, |m| m.max(r)));
+        }
+        s.mismatches += (a != b) as usize;
+    }
+    s
 }
 
 fn diff_stats(pairs: impl Iterator<Item = (f64, f64)>, tol: Tolerance) -> DiffStats {
@@ -222,6 +245,7 @@ fn diff_stats(pairs: impl Iterator<Item = (f64, f64)>, tol: Tolerance) -> DiffSt
         if !(a.is_finite() && b.is_finite()) {
             let same = (a.is_nan() && b.is_nan()) || a == b;
             s.mismatches += !same as usize;
+            s.nonfinite += !same as usize;
             continue;
         }
         let d = (a - b).abs();
@@ -280,6 +304,37 @@ mod tests {
         let b = f32s(&[1.0, f64::NEG_INFINITY, 1.0])?;
         let c = compare("y", Some(&a), Some(&b), over, false);
         assert_eq!((c.mismatches, c.max_abs_diff), (Some(2), Some(0.0)));
+        assert_eq!(c.nonfinite_mismatches, Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn integers_compare_exactly() -> TestResult {
+        let i64s = |v: &[i64]| {
+            ArrayData::new(
+                DataType::Int64,
+                vec![v.len()],
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        };
+        let over = ToleranceOverride {
+            atol: Some(0.5),
+            rtol: Some(0.5),
+            compute: None,
+        };
+        let a = i64s(&[1 << 60, (1 << 53) + 1, -(1 << 62), 7])?;
+        let b = i64s(&[(1 << 60) + 1, (1 << 53) + 2, -(1 << 62) - 1, 7])?;
+        let c = compare("y", Some(&a), Some(&b), over, false);
+        assert_eq!(
+            (
+                c.passed,
+                c.mismatches,
+                c.max_abs_diff,
+                c.nonfinite_mismatches
+            ),
+            (false, Some(3), Some(1.0), Some(0))
+        );
+        assert!(compare("y", Some(&a), Some(&a.clone()), over, false).passed);
         Ok(())
     }
 

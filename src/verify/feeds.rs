@@ -308,9 +308,14 @@ fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) ->
         )));
     };
     let refused = || {
+        let store = if spec.dtype == DataType::Bfloat16 {
+            "a float array, or as uint16 holding bfloat16's bits (numpy has no bfloat16)".into()
+        } else {
+            format!("{} (or a type of the same kind)", spec.dtype)
+        };
         err(format!(
-            "array '{}' is {} but the model input '{}' takes {}; store it as {} (or a type of the same kind)",
-            spec.name, arr.dtype, spec.name, spec.dtype, spec.dtype
+            "array '{}' is {} but the model input '{}' takes {}; store it as {store}",
+            spec.name, arr.dtype, spec.name, spec.dtype
         ))
     };
     // The shape as declared (onnxruntime refuses another; tract would broadcast it).
@@ -336,13 +341,27 @@ fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) ->
     let cast = arr
         .cast(spec.dtype)
         .map_err(|e| err(format!("array '{}': {e}", spec.name)))?;
-    if to == Kind::Integer && arr.dtype != spec.dtype {
-        // Integers convert only when every value survives (no saturation, no sign flip).
-        let lost = arr
+    if to == Kind::Float && from == Kind::Float && arr.dtype != spec.dtype {
+        // A finite value the input's type cannot hold would reach the model as an infinity.
+        let over = arr
             .values()?
             .zip(cast.values()?)
-            .find(|(a, b)| a != b)
+            .find(|(a, b)| a.is_finite() && !b.is_finite())
             .map(|(a, _)| a);
+        if let Some(v) = over {
+            return Err(err(format!(
+                "array '{}' is {} and holds {v:e}, beyond what the model input's {} holds (it would be an infinity)",
+                spec.name, arr.dtype, spec.dtype
+            )));
+        }
+    }
+    if to == Kind::Integer && arr.dtype != spec.dtype {
+        // Integers convert only when every value survives (no saturation, no sign flip),
+        // compared exactly (64-bit values beyond 2^53 included).
+        let lost = match (arr.ints(), cast.ints()) {
+            (Some(a), Some(b)) => a.zip(b).find(|(a, b)| a != b).map(|(a, _)| a.to_string()),
+            _ => None,
+        };
         if let Some(v) = lost {
             return Err(err(format!(
                 "array '{}' is {} and holds {v}, which the model input's {} cannot hold",

@@ -166,14 +166,7 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     }
     let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
     let compute = compute_precision(&[&a, &b])?;
-    Ok(report(
-        &out_a,
-        &out_b,
-        vec![run_a, run_b],
-        opts,
-        compute,
-        notes,
-    ))
+    report(&out_a, &out_b, vec![run_a, run_b], opts, compute, notes)
 }
 
 /// Runs `a` and compares its outputs with those stored in `expected` (`.npz` by output name, or
@@ -191,7 +184,7 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let stored = align_expected(expected, stored, &out_a, &opts.outputs)?;
     let (out_a, stored) = select_outputs(out_a, stored, &opts.outputs, "the --expect file")?;
     let compute = compute_precision(&[&a])?;
-    Ok(report(&out_a, &stored, vec![run_a], opts, compute, notes))
+    report(&out_a, &stored, vec![run_a], opts, compute, notes)
 }
 
 /// Keeps only the outputs named in `names` (all of them when it is empty); a name that neither
@@ -288,7 +281,9 @@ fn prepare_feeds(
     let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
     let mut per_model = Vec::with_capacity(models.len());
     for m in models {
-        per_model.push(feeds::model_inputs(&onnx::load(m.path)?)?);
+        let loaded = onnx::load(m.path)?;
+        check_outputs_made(&loaded)?;
+        per_model.push(feeds::model_inputs(&loaded)?);
     }
     let named: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
     check_dims(&opts.dims, &per_model, &named)?;
@@ -327,6 +322,31 @@ pub fn check_feed_options(
     Ok(())
 }
 
+/// Every graph output must be made by a node, or be an input or initializer: a runtime would
+/// refuse the model (tract with a bare "no entry found for key").
+fn check_outputs_made(model: &onnx::LoadedModel) -> Result<()> {
+    let Some(g) = model.proto.graph.as_ref() else {
+        return Ok(());
+    };
+    let made: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .chain(g.input.iter().map(|v| v.name()))
+        .chain(g.initializer.iter().map(|t| t.name()))
+        .collect();
+    match g.output.iter().find(|o| !made.contains(o.name())) {
+        Some(o) => Err(Error::InvalidModel {
+            path: model.path.clone(),
+            reason: format!(
+                "graph output '{}' is made by no node and is no input or initializer, so no runtime can run it",
+                o.name()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Every `--dim NAME` must be a symbolic dimension of some model's inputs: a typo would
 /// otherwise be ignored.
 fn check_dims(
@@ -334,6 +354,13 @@ fn check_dims(
     per_model: &[Vec<feeds::InputSpec>],
     named: &[String],
 ) -> Result<()> {
+    for (i, (name, v)) in dims.iter().enumerate() {
+        if let Some((_, w)) = dims[..i].iter().find(|(n, w)| n == name && w != v) {
+            return Err(Error::Usage(format!(
+                "--dim {name} is given twice, as {w} and as {v}: give it once"
+            )));
+        }
+    }
     let known = feeds::symbolic_dims(&per_model.concat());
     let Some((name, _)) = dims.iter().find(|(n, _)| !known.contains(n)) else {
         return Ok(());
@@ -436,8 +463,15 @@ fn report(
     opts: &VerifyOptions,
     compute: Option<DataType>,
     notes: Vec<String>,
-) -> VerifyReport {
+) -> Result<VerifyReport> {
     let _doing = crate::cleanup::doing("comparing the outputs");
+    if a.is_empty() && b.is_empty() {
+        let names: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+        return Err(Error::Verify(format!(
+            "{}: no outputs to compare, which would check nothing",
+            names.join(" and ")
+        )));
+    }
     let gpu = models.iter().any(|m| m.ep == Ep::Cuda);
     let tol = ToleranceOverride {
         atol: opts.atol,
@@ -474,14 +508,20 @@ fn report(
                 o.name
             ));
         }
+        if o.passed && o.numel == 0 {
+            notes.push(format!(
+                "output '{}' has no elements (a zero-size dimension): it compared equal, which checks nothing",
+                o.name
+            ));
+        }
     }
     let mut seen = std::collections::HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
-    VerifyReport {
+    Ok(VerifyReport {
         ep: eps.join("/"),
         passed: outputs.iter().all(|o| o.passed),
         outputs,
         models,
         notes,
-    }
+    })
 }

@@ -82,8 +82,17 @@ impl ArrayData {
         Ok(self.data.chunks_exact(size).map(dec))
     }
 
+    /// The elements as exact integers, for integer and bool arrays (None for others): 64-bit
+    /// values beyond 2^53, which f64 rounds, compare and convert exactly this way.
+    pub fn ints(&self) -> Option<impl Iterator<Item = i128> + '_> {
+        let dec = int_decoder(self.dtype)?;
+        let size = elem_size(self.dtype).unwrap_or(1);
+        Some(self.data.chunks_exact(size).map(dec))
+    }
+
     /// The array as `to`. numpy has no bfloat16, so a uint16 array becomes bfloat16 by
-    /// reinterpreting its bits (the usual way bf16 is stored in npz); other pairs convert values.
+    /// reinterpreting its bits (the usual way bf16 is stored in npz); integers become other
+    /// integers exactly (saturating where they do not fit); other pairs convert values.
     pub fn cast(&self, to: DataType) -> Result<ArrayData> {
         if self.dtype == to {
             return Ok(self.clone());
@@ -93,6 +102,17 @@ impl ArrayData {
                 dtype: to,
                 ..self.clone()
             });
+        }
+        if let (Some(values), Some((lo, hi))) = (self.ints(), int_range(to))
+            && to != DataType::Bool
+        {
+            let size = elem_size(to).unwrap_or(1);
+            let mut data = Vec::with_capacity(self.numel() * size);
+            for v in values {
+                // (little-endian two's complement: the low `size` bytes of the clamped value)
+                data.extend_from_slice(&v.clamp(lo, hi).to_le_bytes()[..size]);
+            }
+            return Self::new(to, self.shape.clone(), data);
         }
         let values: Vec<f64> = self.values()?.collect();
         Self::from_f64(to, self.shape.clone(), &values)
@@ -141,6 +161,39 @@ fn decoder(dtype: DataType) -> Option<Decoder> {
         Uint32 => |b| u32::from_le_bytes(le(b)) as f64,
         Int64 => |b| i64::from_le_bytes(le(b)) as f64,
         Uint64 => |b| u64::from_le_bytes(le(b)) as f64,
+        _ => return None,
+    })
+}
+
+fn int_decoder(dtype: DataType) -> Option<fn(&[u8]) -> i128> {
+    use DataType::*;
+    Some(match dtype {
+        Int8 => |b| b[0] as i8 as i128,
+        Uint8 => |b| b[0] as i128,
+        Bool => |b| (b[0] != 0) as i128,
+        Int16 => |b| i16::from_le_bytes(le(b)) as i128,
+        Uint16 => |b| u16::from_le_bytes(le(b)) as i128,
+        Int32 => |b| i32::from_le_bytes(le(b)) as i128,
+        Uint32 => |b| u32::from_le_bytes(le(b)) as i128,
+        Int64 => |b| i64::from_le_bytes(le(b)) as i128,
+        Uint64 => |b| u64::from_le_bytes(le(b)) as i128,
+        _ => return None,
+    })
+}
+
+/// The values an integer type (or bool) holds.
+fn int_range(dtype: DataType) -> Option<(i128, i128)> {
+    use DataType::*;
+    Some(match dtype {
+        Int8 => (i8::MIN.into(), i8::MAX.into()),
+        Uint8 => (0, u8::MAX.into()),
+        Bool => (0, 1),
+        Int16 => (i16::MIN.into(), i16::MAX.into()),
+        Uint16 => (0, u16::MAX.into()),
+        Int32 => (i32::MIN.into(), i32::MAX.into()),
+        Uint32 => (0, u32::MAX.into()),
+        Int64 => (i64::MIN.into(), i64::MAX.into()),
+        Uint64 => (0, u64::MAX.into()),
         _ => return None,
     })
 }
@@ -198,6 +251,35 @@ mod tests {
         let a = ArrayData::new(DataType::Uint16, vec![1], one.to_le_bytes().to_vec())?;
         let b = a.cast(DataType::Bfloat16)?;
         assert_eq!(b.values()?.collect::<Vec<_>>(), vec![1.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn integers_beyond_2_pow_53_stay_exact() -> Result<()> {
+        let big: i64 = (1 << 60) + 1;
+        let a = ArrayData::new(DataType::Int64, vec![1], big.to_le_bytes().to_vec())?;
+        assert_eq!(a.ints().unwrap().collect::<Vec<_>>(), vec![big as i128]);
+        let u = a.cast(DataType::Uint64)?;
+        assert_eq!(u.ints().unwrap().collect::<Vec<_>>(), vec![big as i128]);
+        // 2^63 as uint64 saturates to int64's largest (the caller sees the value change)
+        let top = ArrayData::new(
+            DataType::Uint64,
+            vec![1],
+            (1u64 << 63).to_le_bytes().to_vec(),
+        )?;
+        let c = top.cast(DataType::Int64)?;
+        assert_eq!(
+            c.ints().unwrap().collect::<Vec<_>>(),
+            vec![i64::MAX as i128]
+        );
+        let n = ArrayData::new(DataType::Int32, vec![1], (-5i32).to_le_bytes().to_vec())?;
+        let m = n.cast(DataType::Int8)?;
+        assert_eq!(m.ints().unwrap().collect::<Vec<_>>(), vec![-5]);
+        assert!(
+            ArrayData::from_f64(DataType::Float, vec![1], &[1.0])?
+                .ints()
+                .is_none()
+        );
         Ok(())
     }
 

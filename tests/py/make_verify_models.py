@@ -16,6 +16,9 @@
   mlp_dims.onnx     mlp.onnx with its symbolic dims named N and L instead of batch and sequence
   mlp_keepio.onnx   mlp.onnx converted to float16 by onnxruntime's converter with
                     keep_io_types=True: float16 weights and compute, float32 outputs
+  id_int64.onnx     Identity on int64 [n] (y = x); id_float.onnx the same on float32
+  no_outputs.onnx   a graph with an Identity node and no outputs
+  dangling.onnx     a graph output no node makes (`zz`)
 
 Usage: make_verify_models.py OUT_DIR
 """
@@ -122,6 +125,21 @@ def main(out):
     det = helper.make_model(det, opset_imports=[helper.make_opsetid("", 17)])
     det.ir_version = 8
     onnx.save(det, p("det.onnx"))
+    def identity(elem, name, outputs=True, extra_output=None):
+        g = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("x", elem, ["n"])],
+            ([helper.make_tensor_value_info("y", elem, ["n"])] if outputs else [])
+            + ([helper.make_tensor_value_info(extra_output, elem, ["n"])] if extra_output else []),
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+    onnx.save(identity(TensorProto.INT64, "id_int64"), p("id_int64.onnx"))
+    onnx.save(identity(TensorProto.FLOAT, "id_float"), p("id_float.onnx"))
+    onnx.save(identity(TensorProto.FLOAT, "no_outputs", outputs=False), p("no_outputs.onnx"))
+    onnx.save(identity(TensorProto.FLOAT, "dangling", extra_output="zz"), p("dangling.onnx"))
     # The fp16 model must run on onnxruntime's CPU too (the tests compare it with fp32).
     run(p("mlp_fp16.onnx"), f)
     print("ok")
