@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// (no target_modules: every module of the file is targeted, whatever the test names it)
+/// (target_modules ".*": every module of the file is targeted, whatever the test names it)
 fn config() -> serde_json::Value {
-    serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ".*"})
 }
 
 fn lora(module: &str, n_in: usize, n_out: usize, fill: f32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
@@ -641,7 +641,16 @@ fn trainable_tokens_find_a_table_by_its_module_name() {
         "target_modules": ["shared"]});
     let ad = write_adapter(&env.p("emb"), cfg, &refs(&t));
     let err = fold_fails(&model, &ad, &env.p("x.onnx"), &[]);
-    assert!(err.contains("module 'shared' matches no weight"), "{err}");
+    assert!(
+        err.contains("module 'shared' matches no weight")
+            && err.contains("embed_tokens, which PEFT's LoRA on 'shared' does not reach")
+            && err.contains("--allow-unmatched leaves it out"),
+        "{err}"
+    );
+    // ... and left out, the fold is PEFT's: the table as it was.
+    let kept = env.p("kept.onnx");
+    fold_ok(&model, &[&ad], &kept, &["--allow-unmatched"]);
+    assert_eq!(table(&model), table(&kept));
 }
 
 /// Trainable tokens on a table stored once for the embedding and a tied output layer (Gemm
@@ -4574,4 +4583,108 @@ fn a_value_written_twice_is_refused() {
         let err = onnx_lora_fails(&args, &out);
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// adapter_config.json without target_modules: PEFT would target its defaults for the model's
+/// type, which an ONNX file does not say; every module of the file is applied, with a warning
+/// that says so and how to make PEFT agree.
+#[test]
+fn a_config_without_target_modules_is_applied_whole_with_a_warning() {
+    let env = Env::new();
+    for (name, cfg) in [
+        (
+            "absent",
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4}),
+        ),
+        (
+            "null",
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": null}),
+        ),
+    ] {
+        let ad = write_adapter(&env.p(name), cfg, &refs(&lora("fc", 8, 4, 0.1)));
+        let out = env.p(&format!("{name}.onnx"));
+        let o = onnx_lora(&fold_args(&env.p("linear.onnx"), &[&ad], &out, &[]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(
+            err.contains("ignoring PEFT's default target_modules: adapter_config.json gives none")
+                && err.contains("onnx-lora applies every module the file holds (1, 'fc' first)"),
+            "{name}: {err}"
+        );
+    }
+    // with target_modules, no such warning
+    let ad = write_adapter(&env.p("given"), config(), &refs(&lora("fc", 8, 4, 0.1)));
+    let o = onnx_lora(&fold_args(
+        &env.p("linear.onnx"),
+        &[&ad],
+        &env.p("given.onnx"),
+        &[],
+    ));
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("target_modules"));
+}
+
+/// A config naming modules_to_save or trainable tokens the file saved nothing of is refused,
+/// as PEFT fails to load it; a config naming several modules_to_save of which the file holds
+/// one (PEFT's SEQ_CLS adds both `classifier` and `score`) is not.
+#[test]
+fn configs_naming_whole_modules_the_file_lacks_are_refused() {
+    let env = Env::new();
+    let t = lora("fc", 8, 4, 0.1);
+    for (key, value, says) in [
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "names modules_to_save [\"lm_head\"] but the file holds the weights of none of them",
+        ),
+        (
+            "modules_to_save",
+            serde_json::json!(["fc"]),
+            "names modules_to_save [\"fc\"] but the file holds the weights of none of them",
+        ),
+        (
+            "trainable_token_indices",
+            serde_json::json!([1, 2]),
+            "gives trainable_token_indices [1,2] but the file holds no trainable token rows",
+        ),
+    ] {
+        let mut cfg = config();
+        cfg[key] = value;
+        let ad = write_adapter(&env.p(&format!("{key}_missing")), cfg, &refs(&t));
+        let err = env.fold_fails("linear.onnx", &ad);
+        assert!(
+            err.contains(says) && err.contains("PEFT fails to load it"),
+            "{err}"
+        );
+    }
+    let mut cfg = config();
+    cfg["modules_to_save"] = serde_json::json!(["classifier", "fc"]);
+    let whole = vec![("fc.weight", vec![4, 8], vec![0.5; 32])];
+    let ad = write_adapter(&env.p("one_of_two"), cfg, &whole);
+    let o = onnx_lora(&fold_args(
+        &env.p("linear.onnx"),
+        &[&ad],
+        &env.p("one.onnx"),
+        &[],
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Given the folder save_pretrained wrote for an adapter not named "default", the error points
+/// at the subfolder holding it.
+#[test]
+fn a_named_adapters_parent_folder_points_at_its_subfolder() {
+    let env = Env::new();
+    let parent = env.p("saved");
+    write_adapter(
+        &parent.join("myad"),
+        config(),
+        &refs(&lora("fc", 8, 4, 0.1)),
+    );
+    let err = env.fold_fails("linear.onnx", &parent);
+    assert!(
+        err.contains("holds an adapter (save_pretrained puts an adapter not named 'default' in a subfolder of its name): give that folder")
+            && err.contains("myad"),
+        "{err}"
+    );
 }

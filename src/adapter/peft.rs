@@ -261,7 +261,27 @@ impl Adapter {
             if path.join("adapter_model.bin").exists() {
                 return Err(err("only adapter_model.bin (pickle) found: save the adapter with safe_serialization=True".into()));
             }
-            return Err(err(format!("no {} found", weights.display())));
+            // (save_pretrained writes an adapter not named "default" into a subfolder of
+            // that name)
+            let named: Vec<String> = std::fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join("adapter_model.safetensors").is_file())
+                .map(|e| e.path().display().to_string())
+                .collect();
+            return Err(err(match named.as_slice() {
+                [] => format!("no {} found", weights.display()),
+                [one] => format!(
+                    "no {} found; {one} holds an adapter (save_pretrained puts an adapter not named 'default' in a subfolder of its name): give that folder",
+                    weights.display()
+                ),
+                more => format!(
+                    "no {} found; its subfolders {} hold adapters (save_pretrained puts each adapter not named 'default' in a subfolder of its name): give one",
+                    weights.display(),
+                    more.join(", ")
+                ),
+            }));
         }
         if path.is_file() && !config_path.exists() {
             return Err(err(format!(
@@ -299,6 +319,16 @@ impl Adapter {
         )
         .map_err(err)?;
         let mut ignored = ignored;
+        let lora = |m: &&ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
+        if config.raw.get("target_modules").is_none_or(Value::is_null)
+            && let Some(first) = modules.iter().find(lora)
+        {
+            let n = modules.iter().filter(lora).count();
+            ignored.insert(
+                0,
+                format!("PEFT's default target_modules: adapter_config.json gives none, and PEFT would then target its defaults for the model's type (q_proj and v_proj for Llama, c_attn for GPT-2, query and value for BERT, ...) and leave out the file's other modules, but an ONNX file does not say its model type; onnx-lora applies every module the file holds ({n}, '{}' first). Write target_modules into the config to make PEFT load the same", first.path),
+            );
+        }
         if let Some(note) = unknown_keys_note(&config) {
             ignored.insert(
                 0,
@@ -666,6 +696,44 @@ impl AdapterConfig {
                 .ok_or_else(|| format!("r is {v}, not a positive integer"))?
                 as usize,
         };
+        // The combinations PEFT's LoraConfig refuses when it is built (its words).
+        let tm_regex = matches!(present("target_modules"), Some(Value::String(_)));
+        let pattern_given = match present("layers_pattern") {
+            Some(Value::String(p)) => !p.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            _ => false,
+        };
+        if tm_regex && present("layers_to_transform").is_some() {
+            return Err(
+                "layers_to_transform cannot be used when target_modules is a string (a regular expression); PEFT refuses this config"
+                    .into(),
+            );
+        }
+        if tm_regex && present("layers_pattern").is_some() {
+            return Err(
+                "layers_pattern cannot be used when target_modules is a string (a regular expression); PEFT refuses this config"
+                    .into(),
+            );
+        }
+        if pattern_given && present("layers_to_transform").is_none() {
+            return Err(
+                "layers_pattern is given without layers_to_transform, which PEFT requires with it; PEFT refuses this config"
+                    .into(),
+            );
+        }
+        if flag("lora_bias")? {
+            if flag("use_dora")? {
+                return Err(
+                    "lora_bias is not supported with use_dora (PEFT: lora_bias=True is not supported for DoRA); PEFT refuses this config"
+                        .into(),
+                );
+            }
+            if let Some(init) = present("init_lora_weights").filter(|v| !v.is_boolean()) {
+                return Err(format!(
+                    "lora_bias needs init_lora_weights true or false, not {init}; PEFT refuses this config"
+                ));
+            }
+        }
         let rank_pattern = patterns("rank_pattern")?;
         if let Some(p) = rank_pattern
             .iter()
@@ -890,6 +958,29 @@ pub(crate) fn from_tensors(
     };
     let mut modules = group_modules(names, &read, &config.raw).map_err(at)?;
     let ignored = keep_what_peft_loads(&mut modules, config)?;
+    // PEFT fails to load an adapter whose config names whole modules or token rows it saved
+    // nothing of (a KeyError on the first missing tensor): the config and the file disagree.
+    let listed = |k: &str| match config.raw.get(k) {
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        _ => false,
+    };
+    if listed("modules_to_save")
+        && !modules
+            .iter()
+            .any(|m| m.kind == ModuleKind::Full || !m.full.is_empty())
+    {
+        return Err(at(format!(
+            "{config_name} names modules_to_save {} but the file holds the weights of none of them (PEFT fails to load it); remove them from modules_to_save, or give the adapter they were saved with",
+            config.raw["modules_to_save"]
+        )));
+    }
+    if listed("trainable_token_indices") && !modules.iter().any(|m| m.kind == ModuleKind::Tokens) {
+        return Err(at(format!(
+            "{config_name} gives trainable_token_indices {} but the file holds no trainable token rows (PEFT fails to load it); remove them, or give the adapter they were saved with",
+            config.raw["trainable_token_indices"]
+        )));
+    }
     if modules.is_empty() {
         let why = match ignored.first() {
             Some(what) => format!("holds no adapter tensors PEFT would load (it ignores {what})"),
@@ -1182,8 +1273,50 @@ mod tests {
                 Ok(_) => panic!("{json} was accepted"),
             }
         }
-        let fine = r#"{"bias": "all", "init_lora_weights": "gaussian", "layers_pattern": ["h"]}"#;
+        let fine = r#"{"bias": "all", "init_lora_weights": "gaussian", "layers_pattern": ["h"], "layers_to_transform": [0]}"#;
         assert!(AdapterConfig::parse(fine).is_ok(), "{fine}");
+    }
+
+    /// The combinations PEFT's LoraConfig refuses when it is built are refused too.
+    #[test]
+    fn combinations_peft_refuses_are_refused() {
+        for (json, says) in [
+            (
+                r#"{"target_modules": ".*q_proj", "layers_to_transform": [1]}"#,
+                "layers_to_transform cannot be used when target_modules is a string",
+            ),
+            (
+                r#"{"target_modules": ".*q_proj", "layers_pattern": "layers"}"#,
+                "layers_pattern cannot be used when target_modules is a string",
+            ),
+            (
+                r#"{"target_modules": ["q_proj"], "layers_pattern": "layers"}"#,
+                "layers_pattern is given without layers_to_transform",
+            ),
+            (
+                r#"{"use_dora": true, "lora_bias": true}"#,
+                "lora_bias is not supported with use_dora",
+            ),
+            (
+                r#"{"lora_bias": true, "init_lora_weights": "gaussian"}"#,
+                "lora_bias needs init_lora_weights true or false",
+            ),
+        ] {
+            match AdapterConfig::parse(json) {
+                Err(e) => assert!(
+                    e.contains(says) && e.contains("PEFT refuses"),
+                    "{json}: {e}"
+                ),
+                Ok(_) => panic!("{json} was accepted"),
+            }
+        }
+        for fine in [
+            r#"{"target_modules": ["q_proj"], "layers_pattern": "", "layers_to_transform": null}"#,
+            r#"{"target_modules": ".*q_proj", "layers_to_transform": null, "layers_pattern": null}"#,
+            r#"{"lora_bias": true, "init_lora_weights": false}"#,
+        ] {
+            assert!(AdapterConfig::parse(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct Args {
     /// The ONNX model.
     model: PathBuf,
     /// Keep only modules matching this regex (repeatable; any may match).
-    #[arg(long = "target", short = 't', value_name = "REGEX")]
+    #[arg(long = "target", short = 't', value_name = "REGEX", value_parser = super::parse_target)]
     targets: Vec<String>,
     /// Keep only `all-linear` targets (PEFT's: every linear layer but the output head).
     #[arg(long)]

@@ -291,6 +291,11 @@ fn refuse_dynamically_quantized(
     Ok(())
 }
 
+/// `--target REGEX`: a pattern that compiles, checked as the arguments are read.
+fn parse_target(s: &str) -> Result<String, String> {
+    onnx_lora::target::select::full_regex_or_why(s).map(|_| s.to_string())
+}
+
 /// What the summary line adds while `--verify` has yet to accept the output it names.
 fn checking_note(verifying: bool) -> &'static str {
     if verifying {

@@ -33,10 +33,22 @@ pub fn name_matches(module: &str, name: &str) -> bool {
             && module.as_bytes()[module.len() - name.len() - 1] == b'.')
 }
 
-/// Compiles a user regex so that it must match the whole string.
+/// Compiles a user regex so that it must match the whole string. An error names the pattern
+/// as the user wrote it, in one line.
 pub fn full_regex(pattern: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| Error::Usage(format!("invalid target pattern '{pattern}': {e}")))
+    full_regex_or_why(pattern)
+        .map_err(|why| Error::Usage(format!("invalid target pattern '{pattern}': {why}")))
+}
+
+/// [`full_regex`], its error what is wrong with the pattern as the user wrote it (one line).
+pub fn full_regex_or_why(pattern: &str) -> std::result::Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        // (the pattern alone, for an error about what the user wrote; its last line says what)
+        let e = Regex::new(pattern).err().unwrap_or(e);
+        let what = e.to_string();
+        let what = what.lines().last().unwrap_or_default().trim();
+        what.strip_prefix("error: ").unwrap_or(what).to_string()
+    })
 }
 
 fn regex_matches(re: &Regex, module: &str) -> bool {
@@ -266,6 +278,19 @@ pub fn resolve_module<'a>(
     }
     if found.is_empty() {
         let leaf = path.rsplit('.').next().unwrap_or(path);
+        // T5's and BART's `shared`: their encoder and decoder look tokens up through their own
+        // embed_tokens modules, so PEFT's LoRA on `shared` is never called.
+        if leaf == "shared"
+            && pool.iter().any(|c| {
+                c.op == "Gather"
+                    && (c.module.ends_with("encoder.embed_tokens")
+                        || c.module.ends_with("decoder.embed_tokens"))
+            })
+        {
+            return Err(Error::Target(format!(
+                "module '{path}' matches no weight in the model: in T5 and BART the encoder and decoder look tokens up through their own embed_tokens, which PEFT's LoRA on '{path}' does not reach, so it changes no output and the export has no lookup of its own; --allow-unmatched leaves it out, as it changes nothing"
+            )));
+        }
         let near: Vec<String> = pool
             .iter()
             .filter(|c| c.module.rsplit('.').next() == Some(leaf))
