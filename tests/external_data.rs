@@ -822,3 +822,69 @@ fn a_model_and_its_data_are_put_in_place_under_a_folder_lock() {
     assert!(out.exists() && out_dir.join("m.onnx.data").exists());
     onnx_lora::onnx::load(&out).unwrap();
 }
+
+/// Layout flags that change nothing say so: `--threshold` on an output written inline, and
+/// `--external-data` with a threshold no tensor reaches (no data file is written).
+#[test]
+fn layout_flags_without_effect_are_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let inline = fixtures().join("llama/torchscript/model.onnx");
+    let out = dir.path().join("m.onnx");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "convert",
+            inline.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = onnx_lora(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{args:?}: {err}");
+        err
+    };
+    let err = run(&["--threshold", "64"]);
+    assert!(err.contains("note: --threshold had no effect"), "{err}");
+    assert!(!out.with_file_name("m.onnx.data").exists());
+    let err = run(&["--external-data", "--threshold", "1000000000"]);
+    assert!(
+        err.contains("note: no tensor reached --threshold (1000000000 bytes)"),
+        "{err}"
+    );
+    assert!(!out.with_file_name("m.onnx.data").exists());
+    let err = run(&["--external-data", "--threshold", "64"]);
+    assert!(!err.contains("note:"), "{err}");
+    assert!(out.with_file_name("m.onnx.data").exists());
+    let err = run(&[]);
+    assert!(!err.contains("note: --threshold"), "{err}");
+}
+
+/// Without a `length` key a tensor is the bytes its type and shape need from its offset, as
+/// onnxruntime reads it, whatever follows in the file; a file too short for them is refused.
+#[test]
+fn a_tensor_without_length_takes_the_bytes_its_shape_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = external_weight("w.bin", 8, 0);
+    w.external_data.retain(|e| e.key() != "length");
+    let mut data = vec![0xAAu8; 8];
+    data.extend(weight_bytes());
+    data.extend([0x55u8; 30]); // more after the tensor
+    std::fs::write(dir.path().join("w.bin"), &data).unwrap();
+    let src = write_model(dir.path(), "in.onnx", &matmul_model(w.clone()));
+    let m = onnx_lora::onnx::load(&src).unwrap();
+    let t = &m.proto.graph.as_ref().unwrap().initializer[0];
+    assert_eq!(
+        m.tensor_bytes(t).unwrap().as_ref(),
+        weight_bytes().as_slice()
+    );
+    py("ort_run.py", &[&src, &src]);
+    // 8 + 48 bytes needed, 40 there
+    std::fs::write(dir.path().join("w.bin"), vec![0u8; 40]).unwrap();
+    let o = onnx_lora(&["inspect", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("tensor 'W'") && err.contains("bytes 8..56 are outside"),
+        "{err}"
+    );
+}

@@ -63,7 +63,8 @@ pub struct Args {
         long = "target",
         short = 't',
         value_name = "REGEX",
-        conflicts_with = "adapter"
+        conflicts_with = "adapter",
+        value_parser = super::parse_target
     )]
     targets: Vec<String>,
     /// Rank of fresh branches.
@@ -427,6 +428,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // Without --verify the outputs are accepted once all are in place.
     let held = args.verify.then_some(held);
     super::warn_after_write(&args.model, &model, &saved);
+    args.save.note_unused(&saved);
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

@@ -15,10 +15,11 @@ pub struct SaveArgs {
     /// Store every tensor inside the .onnx file.
     #[arg(long)]
     pub inline: bool,
-    /// Smallest tensor, in bytes, that goes to external data (int32/int64 tensors under the
-    /// default stay inline at any threshold: onnxruntime reads shapes and axes from them).
-    #[arg(long, default_value_t = DEFAULT_THRESHOLD, value_name = "BYTES", conflicts_with = "inline")]
-    pub threshold: usize,
+    /// Smallest tensor, in bytes, that goes to external data (default 1024; int32/int64
+    /// tensors under the default stay inline at any threshold: onnxruntime reads shapes and
+    /// axes from them).
+    #[arg(long, value_name = "BYTES", conflicts_with = "inline")]
+    pub threshold: Option<usize>,
     /// No progress bar (one is shown on stderr when it is a terminal).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -35,9 +36,28 @@ impl SaveArgs {
         };
         SaveOptions {
             layout,
-            threshold: self.threshold,
+            threshold: self.threshold.unwrap_or(DEFAULT_THRESHOLD),
             progress: (!self.quiet && std::io::stderr().is_terminal()).then(progress_bar),
             ..SaveOptions::default()
+        }
+    }
+
+    /// Says on stderr when the layout flags given had no effect on what was written: a
+    /// `--threshold` for an output written inline, an `--external-data` that no tensor reached.
+    pub fn note_unused(&self, saved: &onnx_lora::onnx::io::SaveReport) {
+        if saved.external_data.is_some() {
+            return;
+        }
+        let out = saved.model.display();
+        let threshold = self.threshold.unwrap_or(DEFAULT_THRESHOLD);
+        if self.external_data.is_some() {
+            eprintln!(
+                "onnx-lora: note: no tensor reached --threshold ({threshold} bytes): {out} holds them all, and no external data file was written"
+            );
+        } else if self.threshold.is_some() {
+            eprintln!(
+                "onnx-lora: note: --threshold had no effect: {out} is written inline (by default an output keeps external data only where its input had some, or past 2 GiB; --external-data puts the tensors of at least --threshold bytes beside it)"
+            );
         }
     }
 

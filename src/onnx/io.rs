@@ -486,24 +486,13 @@ impl ExternalRef {
     }
 
     /// The byte range in a file of `file_len` bytes, checked against the file and the tensor.
+    /// Without a `length` key the tensor is the bytes its type and shape need from `offset`,
+    /// as onnxruntime reads it (the file may go on: other tensors, or padding).
     fn range(
         &self,
         t: &TensorProto,
         file_len: u64,
     ) -> std::result::Result<std::ops::Range<usize>, String> {
-        let end = match self.length {
-            Some(len) => self
-                .offset
-                .checked_add(len)
-                .ok_or("offset + length overflows")?,
-            None => file_len,
-        };
-        if self.offset > file_len || end > file_len {
-            return Err(format!(
-                "bytes {}..{} are outside '{}' ({} bytes)",
-                self.offset, end, self.location, file_len
-            ));
-        }
         check_no_segment(t)?;
         let n = super::pb_ext::checked_numel(&t.dims)?;
         let dtype = DataType::from_i32(t.data_type());
@@ -513,6 +502,16 @@ impl ExternalRef {
                 "a {dtype} tensor cannot be stored as external data (strings are stored inline, and other types need a known element size)"
             ));
         };
+        let end = self
+            .offset
+            .checked_add(self.length.unwrap_or(expected as u64))
+            .ok_or("offset + length overflows")?;
+        if self.offset > file_len || end > file_len {
+            return Err(format!(
+                "bytes {}..{} are outside '{}' ({} bytes)",
+                self.offset, end, self.location, file_len
+            ));
+        }
         if (end - self.offset) as usize != expected {
             return Err(format!(
                 "holds {} bytes but a {} tensor of shape {:?} needs {}",
