@@ -946,6 +946,18 @@ fn array_i64(values: &[i64]) -> ArrayData {
     .unwrap()
 }
 
+/// `verify MODEL MODEL --inputs INPUTS --ep cpu`: a model against itself on given feeds.
+fn against_itself(model: &str, inputs: &str) -> Run {
+    verify(&[
+        &file(model),
+        &file(model),
+        "--inputs",
+        inputs,
+        "--ep",
+        "cpu",
+    ])
+}
+
 /// Integer outputs compare exactly, 64-bit values beyond 2^53 included (through f64 they
 /// rounded to equal values and "passed").
 #[test]
@@ -992,14 +1004,7 @@ fn feeds_convert_only_when_every_value_fits() {
     )
     .unwrap();
     let u = npz("u64_top.npz", &[("x".into(), top)]);
-    let r = verify(&[
-        &file("id_int64.onnx"),
-        &file("id_int64.onnx"),
-        "--inputs",
-        &u,
-        "--ep",
-        "cpu",
-    ]);
+    let r = against_itself("id_int64.onnx", &u);
     expect_error(
         &r,
         "uint64 2^63 into int64",
@@ -1007,25 +1012,11 @@ fn feeds_convert_only_when_every_value_fits() {
     );
     let fits = ArrayData::new(DataType::Uint64, vec![1], 5u64.to_le_bytes().to_vec()).unwrap();
     let u = npz("u64_fits.npz", &[("x".into(), fits)]);
-    let r = verify(&[
-        &file("id_int64.onnx"),
-        &file("id_int64.onnx"),
-        "--inputs",
-        &u,
-        "--ep",
-        "cpu",
-    ]);
+    let r = against_itself("id_int64.onnx", &u);
     expect_code(&r, 0, "uint64 5 into int64");
     let huge = ArrayData::from_f64(DataType::Double, vec![2], &[1.0, 1e300]).unwrap();
     let f = npz("f64_huge.npz", &[("x".into(), huge)]);
-    let r = verify(&[
-        &file("id_float.onnx"),
-        &file("id_float.onnx"),
-        "--inputs",
-        &f,
-        "--ep",
-        "cpu",
-    ]);
+    let r = against_itself("id_float.onnx", &f);
     expect_error(
         &r,
         "float64 1e300 into float32",
@@ -1104,14 +1095,7 @@ fn comparing_nothing_is_refused_or_said() {
     }
     let empty = ArrayData::from_f64(DataType::Float, vec![0], &[]).unwrap();
     let inputs = npz("empty_in.npz", &[("x".into(), empty)]);
-    let r = verify(&[
-        &file("id_float.onnx"),
-        &file("id_float.onnx"),
-        "--inputs",
-        &inputs,
-        "--ep",
-        "cpu",
-    ]);
+    let r = against_itself("id_float.onnx", &inputs);
     expect_code(&r, 0, "zero-size feeds");
     assert!(
         r.stderr.contains("output 'y' has no elements (a zero-size dimension): it compared equal, which checks nothing"),

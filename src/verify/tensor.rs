@@ -75,11 +75,14 @@ impl ArrayData {
     }
 
     /// The elements as f64 (exact for every type but 64-bit integers beyond 2^53).
-    pub fn values(&self) -> Result<impl Iterator<Item = f64> + '_> {
+    pub fn values(&self) -> Result<Box<dyn Iterator<Item = f64> + '_>> {
+        if let Some(ints) = self.ints() {
+            return Ok(Box::new(ints.map(|v| v as f64)));
+        }
         let dec = decoder(self.dtype)
             .ok_or_else(|| Error::Verify(format!("{} arrays are not supported", self.dtype)))?;
         let size = elem_size(self.dtype).unwrap_or(1);
-        Ok(self.data.chunks_exact(size).map(dec))
+        Ok(Box::new(self.data.chunks_exact(size).map(dec)))
     }
 
     /// The elements as exact integers, for integer and bool arrays (None for others): 64-bit
@@ -152,15 +155,7 @@ fn decoder(dtype: DataType) -> Option<Decoder> {
         Float16 => |b| f16::from_le_bytes(le(b)).to_f64(),
         Bfloat16 => |b| bf16::from_le_bytes(le(b)).to_f64(),
         Double => |b| f64::from_le_bytes(le(b)),
-        Int8 => |b| b[0] as i8 as f64,
-        Uint8 => |b| b[0] as f64,
-        Bool => |b| (b[0] != 0) as u8 as f64,
-        Int16 => |b| i16::from_le_bytes(le(b)) as f64,
-        Uint16 => |b| u16::from_le_bytes(le(b)) as f64,
-        Int32 => |b| i32::from_le_bytes(le(b)) as f64,
-        Uint32 => |b| u32::from_le_bytes(le(b)) as f64,
-        Int64 => |b| i64::from_le_bytes(le(b)) as f64,
-        Uint64 => |b| u64::from_le_bytes(le(b)) as f64,
+        // (integers and bool: `int_decoder`)
         _ => return None,
     })
 }
