@@ -146,7 +146,8 @@ impl DataType {
             Uint2 => "uint2".into(),
             Float8(v) => format!("float8({v})"),
             Float6(v) => format!("float6({v})"),
-            Other(v) => format!("dtype({v})"),
+            Other(0) => "undefined (data_type 0)".into(),
+            Other(v) => format!("unknown (data_type {v})"),
         }
     }
 }
