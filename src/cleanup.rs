@@ -43,6 +43,33 @@ struct Entry {
     id: u64,
     path: PathBuf,
     kind: Kind,
+    /// The file put in place at `path` (device, inode), for a file staged there
+    /// ([`Tracked::stage`]): removed only while `path` is still that file, not one another run
+    /// has put there since.
+    placed: Option<(u64, u64)>,
+}
+
+/// The (device, inode) of the file at `path` (not following a link), where the system has them.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+impl Entry {
+    /// Whether `path` still holds what this run put there (always, where nothing was recorded).
+    fn still_ours(&self) -> bool {
+        self.placed.is_none() || identity(&self.path) == self.placed
+    }
 }
 
 struct Registry {
@@ -64,7 +91,12 @@ impl Registry {
     fn add(&mut self, path: PathBuf, kind: Kind) -> Guard {
         let id = self.next;
         self.next += 1;
-        self.live.push(Entry { id, path, kind });
+        self.live.push(Entry {
+            id,
+            path,
+            kind,
+            placed: None,
+        });
         Guard { id }
     }
 
@@ -79,6 +111,8 @@ impl Registry {
         let mut removed = 0;
         for e in self.live.drain(..).rev() {
             let done = match e.kind {
+                // (a file another run has put at the path since is not this run's to remove)
+                Kind::File if !e.still_ours() => continue,
                 Kind::File => std::fs::remove_file(&e.path),
                 Kind::Dir => std::fs::remove_dir_all(&e.path),
                 Kind::Unnamed => Ok(()),
@@ -103,6 +137,25 @@ impl Guard {
     /// Registers `path` (a temp being written) until the returned guard is dropped.
     pub fn register(path: PathBuf, kind: Kind) -> Guard {
         lock().add(path, kind)
+    }
+
+    /// Whether the registered path still holds the file this run put there ([`Tracked::stage`]);
+    /// true for a path registered otherwise.
+    pub fn still_ours(&self) -> bool {
+        lock()
+            .live
+            .iter()
+            .find(|e| e.id == self.id)
+            .is_none_or(Entry::still_ours)
+    }
+
+    /// The registered path.
+    pub fn path(&self) -> Option<PathBuf> {
+        lock()
+            .live
+            .iter()
+            .find(|e| e.id == self.id)
+            .map(|e| e.path.clone())
     }
 }
 
@@ -176,6 +229,7 @@ impl<T> Tracked<T> {
         if let Some(e) = reg.live.iter_mut().find(|e| e.id == guard.id) {
             e.path = dest.to_path_buf();
             e.kind = Kind::File;
+            e.placed = identity(dest);
         }
         drop(reg);
         Ok(guard)
@@ -645,6 +699,39 @@ mod tests {
         assert_eq!(said(), "writing out.onnx");
         drop(outer);
         assert_eq!(said(), "");
+    }
+
+    /// A staged file another run has replaced at its path since is no longer this run's: it
+    /// is neither removed nor said to be.
+    #[test]
+    fn a_staged_file_replaced_since_is_left_to_its_writer() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("m.onnx.data");
+        let d = temp_file_in(dir.path(), ".data.tmp", &data)?;
+        let staged = d.stage(&data, |t| t.persist(&data))?;
+        assert!(staged.still_ours());
+        // another run renames its own file onto the path
+        let theirs = dir.path().join("theirs");
+        std::fs::write(&theirs, b"theirs")?;
+        std::fs::rename(&theirs, &data)?;
+        assert!(!staged.still_ours());
+        let mut reg = lock();
+        let entry = reg
+            .live
+            .iter()
+            .position(|e| e.path == data)
+            .ok_or("staged")?;
+        let e = reg.live.remove(entry);
+        let mut local = Registry {
+            next: 0,
+            live: vec![e],
+        };
+        drop(reg);
+        assert_eq!(local.remove_all(|_, _| {}), 0);
+        assert_eq!(std::fs::read(&data)?, b"theirs");
+        // (the entry was taken out of the process registry above)
+        std::mem::forget(staged);
+        Ok(())
     }
 
     #[test]

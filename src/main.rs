@@ -19,5 +19,6 @@ fn main() -> ExitCode {
     }
     // Before any other thread starts: they all inherit the blocked SIGINT / SIGTERM / SIGHUP.
     cli::interrupt::install();
+    cli::oom::install_fault_handler();
     cli::main()
 }

@@ -765,8 +765,8 @@ fn an_earlier_data_file_left_unused_is_named() {
 
 /// A model and its external data are put in place under an exclusive lock on the output folder
 /// (`flock`): a run writing the same output at the same moment places its pair before or after,
-/// never one's model beside the other's data. Here the test holds the lock: the run waits for
-/// it with both files written, and finishes once it is released.
+/// never one's model beside the other's data. Here the test holds the lock: the run says it
+/// waits for it, with both files written, and finishes once it is released.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_model_and_its_data_are_put_in_place_under_a_folder_lock() {
@@ -818,7 +818,9 @@ fn a_model_and_its_data_are_put_in_place_under_a_folder_lock() {
     assert!(!out.exists() && !out_dir.join("m.onnx.data").exists());
     drop(held);
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("note: waiting for another process's lock on"), "{err}");
     assert!(out.exists() && out_dir.join("m.onnx.data").exists());
     onnx_lora::onnx::load(&out).unwrap();
 }
@@ -848,7 +850,7 @@ fn layout_flags_without_effect_are_noted() {
     assert!(!out.with_file_name("m.onnx.data").exists());
     let err = run(&["--external-data", "--threshold", "1000000000"]);
     assert!(
-        err.contains("note: no tensor reached --threshold (1000000000 bytes)"),
+        err.contains("note: no tensor went to external data at --threshold 1000000000 bytes"),
         "{err}"
     );
     assert!(!out.with_file_name("m.onnx.data").exists());
@@ -857,6 +859,25 @@ fn layout_flags_without_effect_are_noted() {
     assert!(out.with_file_name("m.onnx.data").exists());
     let err = run(&[]);
     assert!(!err.contains("note: --threshold"), "{err}");
+    // An input with external data keeps it by default: a threshold no tensor reaches decided
+    // that the output has none, and the note says so (not that it had no effect).
+    let external = fixtures().join("llama/dynamo/model.onnx");
+    let out2 = dir.path().join("e.onnx");
+    let o = onnx_lora(&[
+        "convert",
+        external.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--threshold",
+        "1000000000",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("no tensor went to external data at --threshold 1000000000 bytes")
+            && !err.contains("had no effect"),
+        "{err}"
+    );
 }
 
 /// Without a `length` key a tensor is the bytes its type and shape need from its offset, as

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let model = onnx::load(&args.model)?;
     let report = onnx::save(&model, &args.output, &args.save.options())?;
     super::warn_after_write(&args.model, &model, &report);
-    args.save.note_unused(&report);
+    args.save.note_unused(&report, model.files().len() > 1);
     if args.json {
         report_line(&report, &report.model)?;
     } else {

@@ -187,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     if let Some(saved) = &saved {
         super::warn_after_write(&args.model, &model, saved);
-        args.save.note_unused(saved);
+        args.save.note_unused(saved, model.files().len() > 1);
     }
     for u in &report.unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");

@@ -428,7 +428,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // Without --verify the outputs are accepted once all are in place.
     let held = args.verify.then_some(held);
     super::warn_after_write(&args.model, &model, &saved);
-    args.save.note_unused(&saved);
+    args.save.note_unused(&saved, model.files().len() > 1);
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

@@ -319,10 +319,11 @@ fn verify_written(
     if matches!(result, Ok(EXIT_OK)) {
         return result;
     }
-    // Removed while still held, so that an interrupt in between removes them too.
+    // Removed while still held, so that an interrupt in between removes them too; a file
+    // another run has put at one of the paths since is that run's, and stays.
     let removed: Vec<&std::path::PathBuf> = written
         .iter()
-        .filter(|f| std::fs::remove_file(f).is_ok())
+        .filter(|f| held.still_ours(f) && std::fs::remove_file(f).is_ok())
         .collect();
     drop(held);
     if json {

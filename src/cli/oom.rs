@@ -1,7 +1,8 @@
-//! A failed allocation (a model that needs more memory than the machine gives the process):
-//! one line on stderr naming its size and what the run was doing, the temps and unverified
-//! outputs removed (`onnx_lora::cleanup`), exit 2, where Rust would abort (exit 134, a
-//! backtrace, the files left behind).
+//! A failed allocation (a model that needs more memory than the machine gives the process), or
+//! an arithmetic fault in native code (SIGFPE): one line on stderr naming it and what the run
+//! was doing, the temps and unverified outputs removed (`onnx_lora::cleanup`), exit 2, where
+//! Rust would abort (exit 134, a backtrace) or the signal kill the process, the files left
+//! behind.
 //!
 //! The binary's global allocator is the system's, checked: every allocation that returns null
 //! ends here instead of in Rust's abort. onnxruntime allocates through C++ and reports its own
@@ -54,12 +55,53 @@ unsafe impl GlobalAlloc for Checked {
 /// The thread ending the run after a failure (its pthread id), 0 while none is.
 static HANDLER: AtomicUsize = AtomicUsize::new(0);
 
-/// Ends the run after an allocation of `size` bytes failed. It allocates nothing itself but
-/// what removing the temps takes (paths; a folder's listing). Another thread that fails
+/// Ends the run after an allocation of `size` bytes failed.
+#[cold]
+fn failed(size: usize) -> ! {
+    let (unit, per) = if size >= 1 << 30 {
+        ("GiB", 1u64 << 30)
+    } else {
+        ("MiB", 1 << 20)
+    };
+    end_run("out of memory", &|line| {
+        let _ = write!(
+            line,
+            ": {size} bytes ({:.1} {unit}) could not be allocated",
+            size as f64 / per as f64
+        );
+    })
+}
+
+/// Installs the handler of SIGFPE, an arithmetic fault in native code (onnxruntime's kernels
+/// divide by a zero-size dimension in places): one line and exit 2, the temps and unverified
+/// outputs removed, where the process would die of the signal with no word.
+pub fn install_fault_handler() {
+    #[cfg(unix)]
+    // SAFETY: a zeroed sigaction with a handler of the signature SA_SIGINFO is not asked for;
+    // the handler does not return.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_fault as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGFPE, &action, std::ptr::null_mut());
+    }
+}
+
+#[cfg(unix)]
+extern "C" fn on_fault(_: libc::c_int) {
+    end_run(
+        "the model's runtime stopped on an arithmetic fault (SIGFPE) in its native code",
+        &|line| line.push(" (onnxruntime's kernels fault on some zero-size dimensions)"),
+    )
+}
+
+/// Ends the run after a failure nothing can unwind from: one line on stderr, `what` and what
+/// the run was doing, then `detail`, and the files it leaves out. It allocates nothing itself
+/// but what removing the temps takes (paths; a folder's listing). Another thread that fails
 /// meanwhile waits for the end; the handling thread failing again aborts, its message
 /// already written.
 #[cold]
-fn failed(size: usize) -> ! {
+fn end_run(what: &str, detail: &dyn Fn(&mut Line)) -> ! {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() } as usize;
     match HANDLER.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst) {
@@ -76,21 +118,13 @@ fn failed(size: usize) -> ! {
         // Over whatever was on the line (a progress bar).
         line.push("\r\x1b[2K");
     }
-    line.push("onnx-lora: error: out of memory");
-    onnx_lora::cleanup::with_activity_for_exit(|what| {
+    line.push("onnx-lora: error: ");
+    line.push(what);
+    onnx_lora::cleanup::with_activity_for_exit(|doing| {
         line.push(" while ");
-        line.push(what);
+        line.push(doing);
     });
-    let (unit, per) = if size >= 1 << 30 {
-        ("GiB", 1u64 << 30)
-    } else {
-        ("MiB", 1 << 20)
-    };
-    let _ = write!(
-        line,
-        ": {size} bytes ({:.1} {unit}) could not be allocated",
-        size as f64 / per as f64
-    );
+    detail(&mut line);
     // Written before the removal, which may allocate: the line's end follows it.
     line.write_to_stderr();
     let mut end = Line::new();

@@ -42,17 +42,19 @@ impl SaveArgs {
         }
     }
 
-    /// Says on stderr when the layout flags given had no effect on what was written: a
-    /// `--threshold` for an output written inline, an `--external-data` that no tensor reached.
-    pub fn note_unused(&self, saved: &onnx_lora::onnx::io::SaveReport) {
-        if saved.external_data.is_some() {
+    /// Says on stderr when the layout flags given had no effect on what was written: an
+    /// output that could have had external data (`--external-data`, or by default an input
+    /// that had some) but has none at this threshold; a `--threshold` for an output written
+    /// inline by default. `input_external`: the input had external data.
+    pub fn note_unused(&self, saved: &onnx_lora::onnx::io::SaveReport, input_external: bool) {
+        if saved.external_data.is_some() || self.inline {
             return;
         }
         let out = saved.model.display();
         let threshold = self.threshold.unwrap_or(DEFAULT_THRESHOLD);
-        if self.external_data.is_some() {
+        if self.external_data.is_some() || input_external {
             eprintln!(
-                "onnx-lora: note: no tensor reached --threshold ({threshold} bytes): {out} holds them all, and no external data file was written"
+                "onnx-lora: note: no tensor went to external data at --threshold {threshold} bytes (int32 / int64 tensors under 1024 bytes stay inline): {out} holds them all, and no external data file was written"
             );
         } else if self.threshold.is_some() {
             eprintln!(

@@ -728,6 +728,15 @@ pub fn save(model: &LoadedModel, out: &Path, opts: &SaveOptions) -> Result<SaveR
 pub struct Provisional(#[allow(dead_code)] Vec<crate::cleanup::Guard>);
 
 impl Provisional {
+    /// Whether `path`, one of the files held, still holds what this run put there (another run
+    /// writing the same output may have replaced it since); true for a path not held.
+    pub fn still_ours(&self, path: &Path) -> bool {
+        self.0
+            .iter()
+            .find(|g| g.path().as_deref() == Some(path))
+            .is_none_or(crate::cleanup::Guard::still_ours)
+    }
+
     /// Holds one more file this run put in place, registered when it was put there (by
     /// [`crate::cleanup::Tracked::stage`], e.g. an adapter written beside the model).
     pub fn hold(&mut self, guard: crate::cleanup::Guard) {
@@ -902,6 +911,15 @@ fn placing_lock(dir: &Path) -> Option<File> {
     use std::os::fd::AsRawFd;
     let f = File::open(dir).ok()?;
     // SAFETY: a descriptor `f` owns, open for the whole call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Some(f);
+    }
+    // (another run holds it for the moments its renames take, or a process holds it for good)
+    eprintln!(
+        "onnx-lora: note: waiting for another process's lock on {} (another onnx-lora run putting its output in place)",
+        dir.display()
+    );
+    // SAFETY: as above.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
     (rc == 0).then_some(f)
 }

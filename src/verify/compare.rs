@@ -194,8 +194,12 @@ pub fn compare(
         return c;
     }
     let stats = match (x.ints(), y.ints(), x.values(), y.values()) {
-        // integers and bool: exact (64-bit values beyond 2^53 included)
-        (Some(xs), Some(ys), _, _) => int_diff_stats(xs.zip(ys)),
+        // integers and bool: exact (64-bit values beyond 2^53 included), whatever the
+        // tolerances asked for, which the report then shows as 0
+        (Some(xs), Some(ys), _, _) => {
+            (c.atol, c.rtol) = (0.0, 0.0);
+            int_diff_stats(xs.zip(ys))
+        }
         (_, _, Ok(xs), Ok(ys)) => diff_stats(xs.zip(ys), tol),
         _ => {
             // Unsupported element types were refused when the arrays were made.

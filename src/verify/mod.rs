@@ -322,8 +322,8 @@ pub fn check_feed_options(
     Ok(())
 }
 
-/// Every graph output must be made by a node, or be an input or initializer: a runtime would
-/// refuse the model (tract with a bare "no entry found for key").
+/// A graph must have outputs, each made by a node, or an input or initializer: a runtime would
+/// refuse the model otherwise (tract with a bare "no entry found for key"), or compare nothing.
 fn check_outputs_made(model: &onnx::LoadedModel) -> Result<()> {
     let Some(g) = model.proto.graph.as_ref() else {
         return Ok(());
@@ -335,6 +335,12 @@ fn check_outputs_made(model: &onnx::LoadedModel) -> Result<()> {
         .chain(g.input.iter().map(|v| v.name()))
         .chain(g.initializer.iter().map(|t| t.name()))
         .collect();
+    if g.output.is_empty() {
+        return Err(Error::InvalidModel {
+            path: model.path.clone(),
+            reason: "the graph has no outputs: nothing to compare".into(),
+        });
+    }
     match g.output.iter().find(|o| !made.contains(o.name())) {
         Some(o) => Err(Error::InvalidModel {
             path: model.path.clone(),
