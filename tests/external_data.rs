@@ -820,7 +820,10 @@ fn a_model_and_its_data_are_put_in_place_under_a_folder_lock() {
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("note: waiting for another process's lock on"), "{err}");
+    assert!(
+        err.contains("note: waiting for another process's lock on"),
+        "{err}"
+    );
     assert!(out.exists() && out_dir.join("m.onnx.data").exists());
     onnx_lora::onnx::load(&out).unwrap();
 }

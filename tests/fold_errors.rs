@@ -3575,6 +3575,11 @@ fn fuzzed_inputs_end_in_one_line() {
         ];
         let err = onnx_lora_fails(&args, &out);
         assert!(err.contains("'nan' is not a finite number"), "{err}");
+        // finite, but no float32: said as such
+        let mut big = args;
+        big[6] = "1e39";
+        let err = onnx_lora_fails(&big, &out);
+        assert!(err.contains("'1e39' is beyond float32's range"), "{err}");
     }
 }
 
@@ -4685,6 +4690,112 @@ fn a_named_adapters_parent_folder_points_at_its_subfolder() {
     assert!(
         err.contains("holds an adapter (save_pretrained puts an adapter not named 'default' in a subfolder of its name): give that folder")
             && err.contains("myad"),
+        "{err}"
+    );
+}
+
+/// export-peft --root puts the torch model's top module before the export's paths (a
+/// TorchScript export of OPT names `decoder.layers.0…` where PEFT's model has
+/// `model.decoder.layers.0…`): keys, target_modules and patterns all carry it.
+#[test]
+fn export_peft_root_prefixes_every_module_path() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let injected = env.p("inj.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&env.p("linear.onnx")),
+        "--rank",
+        "2",
+        "-o",
+        &s(&injected),
+    ]);
+    let dir = env.p("exported");
+    onnx_lora_ok(&[
+        "export-peft",
+        &s(&injected),
+        "--root",
+        "model.",
+        "-o",
+        &s(&dir),
+    ]);
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut keys: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "base_model.model.model.fc.lora_A.weight",
+            "base_model.model.model.fc.lora_B.weight"
+        ]
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["model.fc"]),
+        "{cfg}"
+    );
+    // a root that is no module path is refused
+    let err = onnx_lora_fails(
+        &[
+            "export-peft",
+            &s(&injected),
+            "--root",
+            "a b",
+            "-o",
+            &s(&env.p("bad")),
+        ],
+        &env.p("bad"),
+    );
+    assert!(err.contains("no module path PEFT can load"), "{err}");
+}
+
+/// A bias saved beside a LoRA that equals the layer's own (PEFT saves `base_layer.bias` with
+/// the base weight of an output layer it targets, Phi's lm_head, whatever `bias` says) is no
+/// trained value: a serving model takes the adapter; a bias that differs is still refused there.
+#[test]
+fn a_saved_bias_equal_to_the_layers_is_no_trained_value() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = env.p("shared_bias.onnx");
+    let m = onnx_lora::onnx::load(&model).unwrap();
+    let g = m.proto.graph.as_ref().unwrap();
+    let add = g
+        .node
+        .iter()
+        .find(|n| n.op_type() == "Add" && n.name().starts_with("/a/"))
+        .expect("/a/ Add");
+    let bias = g
+        .initializer
+        .iter()
+        .find(|t| add.input.iter().any(|i| i == t.name()))
+        .expect("the Add's bias");
+    let own = f32s(&m.tensor_bytes(bias).unwrap());
+    let serve = |name: &str, b: Vec<f32>| {
+        let mut t = lora("a", 8, 4, 0.1);
+        t.push(("a.base_layer.bias".into(), vec![4], b));
+        let ad = write_adapter(&env.p(name), config(), &refs(&t));
+        onnx_lora(&[
+            "inject",
+            &s(&model),
+            "--as-inputs",
+            "--adapter",
+            &s(&ad),
+            "--adapter-out",
+            &s(&env.p(&format!("{name}.onnx_adapter"))),
+            "-o",
+            &s(&env.p(&format!("{name}.onnx"))),
+        ])
+    };
+    let o = serve("same", own.clone());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = serve("trained", own.iter().map(|v| v + 0.5).collect());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("a trained bias") && err.contains("no branch form"),
         "{err}"
     );
 }

@@ -257,6 +257,31 @@ fn serving_model_swaps_adapters_on_one_session() {
             case.label(),
             String::from_utf8_lossy(&o.stdout)
         );
+        // Two adapter files setting the same inputs would not add up (onnxruntime takes the
+        // last one's values): refused, naming both.
+        if let Some(second) = args.get(6) {
+            let o = onnx_lora(&[
+                "verify",
+                s(&serving),
+                "--adapter",
+                s(first_file),
+                "--adapter",
+                s(second),
+                "--inputs",
+                s(&case.inputs),
+                "--expect",
+                s(&first.unmerged),
+                "--ep",
+                "cpu",
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{}: {err}", case.label());
+            assert!(
+                err.contains("both set '") && err.contains("would not add up"),
+                "{}: {err}",
+                case.label()
+            );
+        }
         served += 1;
     }
     assert!(served >= 3, "only {served} serving cases ran");
@@ -1310,4 +1335,46 @@ fn export_peft_refuses_slices_that_do_not_tile_a_packed_branch() {
         assert!(err.contains("qkv_proj"), "{what}: {err}");
         assert!(!out.exists(), "{what}");
     }
+}
+
+/// `verify --adapter` on a model that does not take the adapter's inputs (not a serving model)
+/// says so in one line, rather than passing on onnxruntime's "Invalid input name".
+#[test]
+fn verify_adapter_on_a_model_without_its_inputs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let adapter = fixtures().join("llama/adapters/plain");
+    let serving = dir.path().join("serving.onnx");
+    let file = dir.path().join("plain.onnx_adapter");
+    onnx_lora_ok(&[
+        "inject",
+        s(&model),
+        "--as-inputs",
+        "--adapter",
+        s(&adapter),
+        "--adapter-out",
+        s(&file),
+        "-o",
+        s(&serving),
+    ]);
+    let io = fixtures().join("llama/io");
+    let o = onnx_lora(&[
+        "verify",
+        s(&model),
+        "--adapter",
+        s(&file),
+        "--inputs",
+        s(&io.join("inputs.npz")),
+        "--expect",
+        s(&io.join("plain.npz")),
+        "--ep",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("which is no input of") && err.contains("inject MODEL --as-inputs"),
+        "{err}"
+    );
 }

@@ -1,4 +1,4 @@
-//! Writing onnxruntime's `.onnx_adapter` files: a FlatBuffer (namespace
+//! Writing onnxruntime's `.onnx_adapter` files (and reading their parameter names back): a FlatBuffer (namespace
 //! `onnxruntime.adapters`, file identifier "TORT") whose root `Adapter` table holds
 //! format_version (1), adapter_version, model_version and a vector of `Parameter` tables
 //! `{ name, dims: [int64], data_type: int32 (ONNX DataType), raw_data: [uint8] aligned to 8 }`.
@@ -141,6 +141,54 @@ impl Buf {
     }
 }
 
+/// The names of an adapter file's parameters (the graph inputs it feeds), in file order; any
+/// FlatBuffer of the schema, not only those [`encode`] lays out. An error says what is wrong.
+pub fn parameter_names(buf: &[u8]) -> std::result::Result<Vec<String>, String> {
+    let u32_at = |at: usize| -> std::result::Result<usize, String> {
+        buf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| format!("offset {at} is past the end ({} bytes)", buf.len()))
+    };
+    let u16_at = |at: usize| -> std::result::Result<usize, String> {
+        buf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+            .ok_or_else(|| format!("offset {at} is past the end ({} bytes)", buf.len()))
+    };
+    // A table's field `i`: its position, or None where the vtable leaves it out.
+    let field = |table: usize, i: usize| -> std::result::Result<Option<usize>, String> {
+        let soffset = u32_at(table)? as u32 as i32 as i64;
+        let vt = usize::try_from(table as i64 - soffset).map_err(|_| "a vtable before the file")?;
+        let vt_len = u16_at(vt)?;
+        if 4 + 2 * i + 2 > vt_len {
+            return Ok(None);
+        }
+        Ok(match u16_at(vt + 4 + 2 * i)? {
+            0 => None,
+            off => Some(table + off),
+        })
+    };
+    if buf.get(4..8) != Some(b"TORT".as_slice()) {
+        return Err("no TORT file identifier: not an onnxruntime adapter file".into());
+    }
+    let root = u32_at(0)?;
+    let Some(slot) = field(root, 3)? else {
+        return Ok(Vec::new());
+    };
+    let vec = slot + u32_at(slot)?;
+    let n = u32_at(vec)?;
+    (0..n)
+        .map(|k| {
+            let at = vec + 4 + 4 * k;
+            let table = at + u32_at(at)?;
+            let name_slot = field(table, 0)?.ok_or("a parameter without a name")?;
+            let s = name_slot + u32_at(name_slot)?;
+            let len = u32_at(s)?;
+            let bytes = buf.get(s + 4..s + 4 + len).ok_or("a name past the end")?;
+            String::from_utf8(bytes.to_vec()).map_err(|_| "a name that is not UTF-8".to_string())
+        })
+        .collect()
+}
+
 /// Writes an adapter file atomically, never over one of the run's `inputs`.
 pub fn write(path: &Path, params: &[AdapterParam], inputs: &[std::path::PathBuf]) -> Result<()> {
     encoded_temp(path, params, inputs)?.commit(Vec::new(), |t| {
@@ -181,6 +229,22 @@ mod tests {
 
     fn u32_at(b: &[u8], at: usize) -> usize {
         u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
+    }
+
+    #[test]
+    fn parameter_names_read_back() -> Result<(), Box<dyn std::error::Error>> {
+        let param = |name: &str| AdapterParam {
+            name: name.into(),
+            dims: vec![2, 2],
+            dtype: DataType::Float,
+            raw: vec![0; 16],
+        };
+        let b = encode(&[param("q.lora_A.weight"), param("q.lora_B.weight")], 1, 1);
+        assert_eq!(parameter_names(&b)?, ["q.lora_A.weight", "q.lora_B.weight"]);
+        assert_eq!(parameter_names(&encode(&[], 1, 1))?, Vec::<String>::new());
+        assert!(parameter_names(&b[..b.len() / 3]).is_err());
+        assert!(parameter_names(b"not an adapter file").is_err());
+        Ok(())
     }
 
     #[test]

@@ -96,13 +96,19 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
   onnx-lora export-peft trained.onnx -o my-adapter/
 
 Module paths are the branch names given at inject time: use --strip-prefix there so they match
-the torch model's named_modules().")]
+the torch model's named_modules(), or --root here where the export's paths lack its top module:
+  onnx-lora export-peft trained.onnx --root model -o my-adapter/")]
 pub struct PeftArgs {
     /// The model with injected branches.
     model: PathBuf,
     /// The adapter folder to create (must not exist).
     #[arg(short, long)]
     output: PathBuf,
+    /// Put PREFIX before every module path, where the export's paths lack the torch model's
+    /// top module (a TorchScript export of OPT names `decoder.layers.0…`, PEFT's model has
+    /// `model.decoder.layers.0…`: --root model).
+    #[arg(long, value_name = "PREFIX")]
+    root: Option<String>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -112,7 +118,7 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     let mut model = onnx::load(&args.model)?;
     onnx_lora::rewrite::ungate(&mut model)?;
     // (what the model holds is named by the model; a failed write names the output itself)
-    let report = export_peft(&model, &args.output).map_err(|e| match e {
+    let report = export_peft(&model, &args.output, args.root.as_deref()).map_err(|e| match e {
         onnx_lora::Error::Io { .. } => anyhow::Error::new(e),
         e => anyhow::Error::new(e).context(args.model.display().to_string()),
     })?;

@@ -102,10 +102,13 @@ pub fn main() -> ExitCode {
 /// A finite number, for options that scale values (NaN or infinity would make every output
 /// NaN).
 fn finite(s: &str) -> Result<f32, String> {
-    s.parse::<f32>()
-        .ok()
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| format!("'{s}' is not a finite number"))
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (x as f32).is_finite() => Ok(x as f32),
+        Ok(x) if x.is_finite() => Err(format!(
+            "'{s}' is beyond float32's range (±3.4e38), in which weights are scaled"
+        )),
+        _ => Err(format!("'{s}' is not a finite number")),
+    }
 }
 
 /// The error and its causes on one line.

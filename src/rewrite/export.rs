@@ -29,8 +29,10 @@ pub struct PeftExport {
 
 /// Writes the model's injected branches as a PEFT adapter folder (adapter_config.json +
 /// adapter_model.safetensors, float32). Branch names are the module paths PEFT will look up,
-/// so inject with `--strip-prefix` when the export wrapped the model.
-pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
+/// so inject with `--strip-prefix` when the export wrapped the model; `root` is put before every
+/// one of them when the export's paths lack the model's top module (`model.` of a causal LM's
+/// `model.decoder.…`).
+pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Result<PeftExport> {
     // Weight-space branches are read by taking them out of a copy (tensors are shared).
     let mut model = model.clone();
     let (_, found) = find_all(&mut model)?;
@@ -48,7 +50,17 @@ pub fn export_peft(model: &LoadedModel, dir: &Path) -> Result<PeftExport> {
             split.extend(per_slice(&f)?);
         }
     }
-    let found = peft_mha(split)?;
+    let mut found = peft_mha(split)?;
+    if let Some(root) = root {
+        let root = root.trim_end_matches('.');
+        check_module_path(root)?;
+        for f in &mut found {
+            f.module.path = format!("{root}.{}", f.module.path);
+            if let Some(outer) = &mut f.module.mha_outer {
+                *outer = format!("{root}.{outer}");
+            }
+        }
+    }
     let r = found[0].module.rank();
     let lora_alpha = found[0].scale * r as f32;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();

@@ -1459,6 +1459,22 @@ fn bias_source(
     None
 }
 
+/// The layer's bias as it adds it (Gemm's beta·C), None where it has none onnx-lora can read.
+pub(crate) fn current_bias(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+) -> Option<Vec<f32>> {
+    let (_, _, value) = bias_value(model, graph, c)?;
+    let (src, _) = bias_source(model, graph, c.graph, &value)?;
+    let t = graph.const_tensor(&model.proto, &src)?;
+    let dtype = crate::onnx::DataType::from_i32(t.data_type());
+    let mut b = crate::tensor::to_f32(&model.tensor_bytes(t).ok()?, dtype, t.name()).ok()?;
+    let beta = gemm_beta(model, graph, c);
+    b.iter_mut().for_each(|v| *v *= beta);
+    Some(b)
+}
+
 /// Gemm computes beta·C: a bias delta d goes in as d / beta.
 fn gemm_beta(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> f32 {
     graph

@@ -240,7 +240,54 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
             ),
         });
     }
+    // (a bias saved beside a LoRA that the layer already has is no trained value)
+    drop_unchanged_biases(model, adapter)?;
     Ok(left_out)
+}
+
+/// Leaves out the biases an adapter saved beside a LoRA that equal the layer's own (PEFT saves
+/// `<module>.base_layer.bias` with the base weight of an output layer it targets, Phi's
+/// `lm_head`, whatever `bias` says): loading them changes nothing, so they are no trained values
+/// for inject, a serving model or export-adapter to refuse. Returns the modules left without.
+pub fn drop_unchanged_biases(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<String>> {
+    if !adapter
+        .modules
+        .iter()
+        .any(|m| !m.is_whole() && m.full.contains_key("bias"))
+    {
+        return Ok(Vec::new());
+    }
+    let graph = ModelGraph::build(&model.proto);
+    let cands = crate::target::find_candidates(&model.proto, &graph);
+    let (paths, _) = module_paths(adapter, &cands)?;
+    let mut dropped = Vec::new();
+    for (m, p) in adapter.modules.iter_mut().zip(&paths) {
+        let (Some(p), Some(saved)) = (p, m.full.get("bias")) else {
+            continue;
+        };
+        if m.is_whole() {
+            continue;
+        }
+        let Ok(found) = crate::target::resolve_module(&cands, p, |_| true, |_, _| false) else {
+            continue;
+        };
+        let Some(own) = fold::current_bias(model, &graph, found[0]) else {
+            continue;
+        };
+        let scale = own.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+        let same = own.len() == saved.data.len()
+            && own
+                .iter()
+                .zip(&saved.data)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * scale);
+        if same {
+            m.full.remove("bias");
+            m.keys
+                .retain(|k| !(k.ends_with(".bias") && !k.contains(".lora_")));
+            dropped.push(m.path.clone());
+        }
+    }
+    Ok(dropped)
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left

@@ -267,6 +267,25 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
     for path in &opts.adapters {
         crate::onnx::io::open_input(path)?;
     }
+    // onnxruntime feeds an input from the last active adapter that sets it: two adapters on
+    // one module would not add up, the earlier one's values would go unused.
+    if opts.adapters.len() > 1 {
+        let mut seen: HashMap<String, &Path> = HashMap::new();
+        for path in &opts.adapters {
+            let bytes = crate::onnx::io::read_input(path)?;
+            let names = crate::adapter::ort_format::parameter_names(&bytes)
+                .map_err(|e| Error::Usage(format!("--adapter {}: {e}", path.display())))?;
+            for name in names {
+                if let Some(first) = seen.insert(name.clone(), path) {
+                    return Err(Error::Usage(format!(
+                        "--adapter {} and --adapter {} both set '{name}': onnxruntime feeds each input from the last adapter that sets it, so the two would not add up; activate adapters of separate modules, or fold one adapter into the model first",
+                        first.display(),
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -280,9 +299,12 @@ fn prepare_feeds(
     let _doing = crate::cleanup::doing("making the models' inputs");
     let dims: HashMap<String, usize> = opts.dims.iter().cloned().collect();
     let mut per_model = Vec::with_capacity(models.len());
-    for m in models {
+    for (i, m) in models.iter().enumerate() {
         let loaded = onnx::load(m.path)?;
         check_outputs_made(&loaded)?;
+        if i == 0 {
+            check_adapters_fit(&loaded, &opts.adapters)?;
+        }
         per_model.push(feeds::model_inputs(&loaded)?);
     }
     let named: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
@@ -318,6 +340,36 @@ pub fn check_feed_options(
     }
     if !dims.is_empty() {
         check_dims(dims, &[feeds::model_inputs(model)?], &[label.to_string()])?;
+    }
+    Ok(())
+}
+
+/// Every parameter of the adapter files `--adapter` activates must be an input of the model
+/// they run with (onnxruntime says only "Invalid input name").
+fn check_adapters_fit(model: &onnx::LoadedModel, adapters: &[PathBuf]) -> Result<()> {
+    let Some(g) = model.proto.graph.as_ref() else {
+        return Ok(());
+    };
+    for path in adapters {
+        let bytes = crate::onnx::io::read_input(path)?;
+        let names = crate::adapter::ort_format::parameter_names(&bytes)
+            .map_err(|e| Error::Usage(format!("--adapter {}: {e}", path.display())))?;
+        if let Some(name) = names
+            .iter()
+            .find(|n| !g.input.iter().any(|i| i.name() == *n))
+        {
+            let serving = g.input.iter().any(|i| i.name().ends_with(".lora_A.weight"));
+            return Err(Error::Usage(format!(
+                "--adapter {}: it sets '{name}', which is no input of {}{}",
+                path.display(),
+                model.path.display(),
+                if serving {
+                    " (the adapter was made for another serving model: make it for this one with `onnx-lora export-adapter ADAPTER --model SERVING.onnx`)"
+                } else {
+                    " (no serving model: make one with `onnx-lora inject MODEL --as-inputs`)"
+                }
+            )));
+        }
     }
     Ok(())
 }
