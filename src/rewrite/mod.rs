@@ -283,7 +283,7 @@ pub fn drop_unchanged_biases(model: &LoadedModel, adapter: &mut Adapter) -> Resu
         if same {
             m.full.remove("bias");
             m.keys
-                .retain(|k| !(k.ends_with(".bias") && !k.contains(".lora_")));
+                .retain(|k| !k.ends_with(".bias") || k.contains(".lora_"));
             dropped.push(m.path.clone());
         }
     }
