@@ -38,6 +38,9 @@ impl SaveArgs {
             layout,
             threshold: self.threshold.unwrap_or(DEFAULT_THRESHOLD),
             progress: (!self.quiet && std::io::stderr().is_terminal()).then(progress_bar),
+            notice: Some(onnx_lora::onnx::io::Notice(Arc::new(|m| {
+                eprintln!("onnx-lora: note: {m}")
+            }))),
             ..SaveOptions::default()
         }
     }

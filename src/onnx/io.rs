@@ -667,6 +667,19 @@ pub struct SaveOptions {
     /// Other input files of the run (adapters), never to be overwritten; the model's own files
     /// are always protected.
     pub protect: Vec<PathBuf>,
+    /// Told when the save waits for another process's lock on the output folder (a run putting
+    /// the same output in place).
+    pub notice: Option<Notice>,
+}
+
+/// A message for the user, from a save that has to wait (the CLI prints it on stderr).
+#[derive(Clone)]
+pub struct Notice(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notice")
+    }
 }
 
 /// A progress callback: (done, total) in bytes.
@@ -688,6 +701,7 @@ impl Default for SaveOptions {
             progress: None,
             protobuf_limit: PROTOBUF_LIMIT,
             protect: Vec::new(),
+            notice: None,
         }
     }
 }
@@ -869,7 +883,9 @@ fn save_impl(
     make_readable(tmp.as_file(), out)?;
     // (two runs writing one output with external data put their pairs in place one after the
     // other: never one's model beside the other's data)
-    let _placing = data_tmp.as_ref().and_then(|_| placing_lock(&out_dir));
+    let _placing = data_tmp
+        .as_ref()
+        .and_then(|_| placing_lock(&out_dir, opts.notice.as_ref()));
     if let (Some(_), Some(dest)) = (&data_tmp, &report.external_data)
         && dest.symlink_metadata().is_ok()
         && out.symlink_metadata().is_ok()
@@ -906,8 +922,9 @@ fn save_impl(
 /// An exclusive advisory lock (`flock`) on the output folder, held while a model and its
 /// external data file are put in place (released when dropped); None where it cannot be taken
 /// (the placing then goes on without it).
+/// `notice` is told when the lock is held elsewhere and the save waits for it.
 #[cfg(unix)]
-fn placing_lock(dir: &Path) -> Option<File> {
+fn placing_lock(dir: &Path, notice: Option<&Notice>) -> Option<File> {
     use std::os::fd::AsRawFd;
     let f = File::open(dir).ok()?;
     // SAFETY: a descriptor `f` owns, open for the whole call.
@@ -915,17 +932,19 @@ fn placing_lock(dir: &Path) -> Option<File> {
         return Some(f);
     }
     // (another run holds it for the moments its renames take, or a process holds it for good)
-    eprintln!(
-        "onnx-lora: note: waiting for another process's lock on {} (another onnx-lora run putting its output in place)",
-        dir.display()
-    );
+    if let Some(n) = notice {
+        (n.0)(&format!(
+            "waiting for another process's lock on {} (another onnx-lora run putting its output in place)",
+            dir.display()
+        ));
+    }
     // SAFETY: as above.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
     (rc == 0).then_some(f)
 }
 
 #[cfg(not(unix))]
-fn placing_lock(_dir: &Path) -> Option<File> {
+fn placing_lock(_dir: &Path, _notice: Option<&Notice>) -> Option<File> {
     None
 }
 

@@ -241,26 +241,28 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
         });
     }
     // (a bias saved beside a LoRA that the layer already has is no trained value)
-    drop_unchanged_biases(model, adapter)?;
+    drop_unchanged_biases(model, &graph, &cands, adapter)?;
     Ok(left_out)
 }
 
 /// Leaves out the biases an adapter saved beside a LoRA that equal the layer's own (PEFT saves
 /// `<module>.base_layer.bias` with the base weight of an output layer it targets, Phi's
 /// `lm_head`, whatever `bias` says): loading them changes nothing, so they are no trained values
-/// for inject, a serving model or export-adapter to refuse. Returns the modules left without.
-pub fn drop_unchanged_biases(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<String>> {
+/// for inject, a serving model or export-adapter to refuse.
+fn drop_unchanged_biases(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    adapter: &mut Adapter,
+) -> Result<()> {
     if !adapter
         .modules
         .iter()
         .any(|m| !m.is_whole() && m.full.contains_key("bias"))
     {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let graph = ModelGraph::build(&model.proto);
-    let cands = crate::target::find_candidates(&model.proto, &graph);
-    let (paths, _) = module_paths(adapter, &cands)?;
-    let mut dropped = Vec::new();
+    let (paths, _) = module_paths(adapter, cands)?;
     for (m, p) in adapter.modules.iter_mut().zip(&paths) {
         let (Some(p), Some(saved)) = (p, m.full.get("bias")) else {
             continue;
@@ -268,10 +270,12 @@ pub fn drop_unchanged_biases(model: &LoadedModel, adapter: &mut Adapter) -> Resu
         if m.is_whole() {
             continue;
         }
-        let Ok(found) = crate::target::resolve_module(&cands, p, |_| true, |_, _| false) else {
+        // (the layer itself: not a normalization's parameters)
+        let layer = |c: &Candidate| c.layout != crate::target::Layout::Norm;
+        let Ok(found) = crate::target::resolve_module(cands, p, layer, |_, _| false) else {
             continue;
         };
-        let Some(own) = fold::current_bias(model, &graph, found[0]) else {
+        let Some(own) = fold::current_bias(model, graph, found[0]) else {
             continue;
         };
         let scale = own.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
@@ -284,10 +288,9 @@ pub fn drop_unchanged_biases(model: &LoadedModel, adapter: &mut Adapter) -> Resu
             m.full.remove("bias");
             m.keys
                 .retain(|k| !k.ends_with(".bias") || k.contains(".lora_"));
-            dropped.push(m.path.clone());
         }
     }
-    Ok(dropped)
+    Ok(())
 }
 
 /// The model path each of an adapter's modules is looked up by (in module order; None: left

@@ -166,7 +166,14 @@ pub fn verify_models(a: &Path, b: &Path, opts: &VerifyOptions) -> Result<VerifyR
     }
     let (out_a, out_b) = select_outputs(out_a, out_b, &opts.outputs, "B")?;
     let compute = compute_precision(&[&a, &b])?;
-    report(&out_a, &out_b, vec![run_a, run_b], opts, compute, notes)
+    Ok(report(
+        &out_a,
+        &out_b,
+        vec![run_a, run_b],
+        opts,
+        compute,
+        notes,
+    ))
 }
 
 /// Runs `a` and compares its outputs with those stored in `expected` (`.npz` by output name, or
@@ -184,7 +191,7 @@ pub fn verify_expected(a: &Path, expected: &Path, opts: &VerifyOptions) -> Resul
     let stored = align_expected(expected, stored, &out_a, &opts.outputs)?;
     let (out_a, stored) = select_outputs(out_a, stored, &opts.outputs, "the --expect file")?;
     let compute = compute_precision(&[&a])?;
-    report(&out_a, &stored, vec![run_a], opts, compute, notes)
+    Ok(report(&out_a, &stored, vec![run_a], opts, compute, notes))
 }
 
 /// Keeps only the outputs named in `names` (all of them when it is empty); a name that neither
@@ -267,25 +274,6 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
     for path in &opts.adapters {
         crate::onnx::io::open_input(path)?;
     }
-    // onnxruntime feeds an input from the last active adapter that sets it: two adapters on
-    // one module would not add up, the earlier one's values would go unused.
-    if opts.adapters.len() > 1 {
-        let mut seen: HashMap<String, &Path> = HashMap::new();
-        for path in &opts.adapters {
-            let bytes = crate::onnx::io::read_input(path)?;
-            let names = crate::adapter::ort_format::parameter_names(&bytes)
-                .map_err(|e| Error::Usage(format!("--adapter {}: {e}", path.display())))?;
-            for name in names {
-                if let Some(first) = seen.insert(name.clone(), path) {
-                    return Err(Error::Usage(format!(
-                        "--adapter {} and --adapter {} both set '{name}': onnxruntime feeds each input from the last adapter that sets it, so the two would not add up; activate adapters of separate modules, or fold one adapter into the model first",
-                        first.display(),
-                        path.display()
-                    )));
-                }
-            }
-        }
-    }
     Ok(())
 }
 
@@ -345,15 +333,27 @@ pub fn check_feed_options(
 }
 
 /// Every parameter of the adapter files `--adapter` activates must be an input of the model
-/// they run with (onnxruntime says only "Invalid input name").
+/// they run with (onnxruntime says only "Invalid input name"), and no two files may set the
+/// same one: onnxruntime feeds an input from the last active adapter that sets it, so two
+/// adapters on one module would not add up (the earlier one's values would go unused).
 fn check_adapters_fit(model: &onnx::LoadedModel, adapters: &[PathBuf]) -> Result<()> {
     let Some(g) = model.proto.graph.as_ref() else {
         return Ok(());
     };
+    let mut seen: HashMap<String, &Path> = HashMap::new();
     for path in adapters {
-        let bytes = crate::onnx::io::read_input(path)?;
+        let bytes = crate::onnx::io::map_file(path)?;
         let names = crate::adapter::ort_format::parameter_names(&bytes)
             .map_err(|e| Error::Usage(format!("--adapter {}: {e}", path.display())))?;
+        for name in &names {
+            if let Some(first) = seen.insert(name.clone(), path) {
+                return Err(Error::Usage(format!(
+                    "--adapter {} and --adapter {} both set '{name}': onnxruntime feeds each input from the last adapter that sets it, so the two would not add up; activate adapters of separate modules, or fold one adapter into the model first",
+                    first.display(),
+                    path.display()
+                )));
+            }
+        }
         if let Some(name) = names
             .iter()
             .find(|n| !g.input.iter().any(|i| i.name() == *n))
@@ -521,15 +521,8 @@ fn report(
     opts: &VerifyOptions,
     compute: Option<DataType>,
     notes: Vec<String>,
-) -> Result<VerifyReport> {
+) -> VerifyReport {
     let _doing = crate::cleanup::doing("comparing the outputs");
-    if a.is_empty() && b.is_empty() {
-        let names: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
-        return Err(Error::Verify(format!(
-            "{}: no outputs to compare, which would check nothing",
-            names.join(" and ")
-        )));
-    }
     let gpu = models.iter().any(|m| m.ep == Ep::Cuda);
     let tol = ToleranceOverride {
         atol: opts.atol,
@@ -575,11 +568,11 @@ fn report(
     }
     let mut seen = std::collections::HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
-    Ok(VerifyReport {
+    VerifyReport {
         ep: eps.join("/"),
         passed: outputs.iter().all(|o| o.passed),
         outputs,
         models,
         notes,
-    })
+    }
 }
