@@ -238,18 +238,17 @@ fn serving_model_swaps_adapters_on_one_session() {
         py("ort_swap.py", &refs);
         // The same through the ort crate's Adapter (verify --adapter).
         let first_file = &args[4];
-        let o = onnx_lora(&[
-            "verify",
-            s(&serving),
-            "--adapter",
-            s(first_file),
-            "--inputs",
-            s(&case.inputs),
-            "--expect",
-            s(&first.unmerged),
-            "--ep",
-            "cpu",
-        ]);
+        // (the serving model with these adapter files active, against the first's outputs)
+        let verify_with = |files: &[&Path]| {
+            let mut a = vec!["verify", s(&serving)];
+            for f in files {
+                a.extend(["--adapter", s(f)]);
+            }
+            a.extend(["--inputs", s(&case.inputs), "--expect", s(&first.unmerged)]);
+            a.extend(["--ep", "cpu"]);
+            onnx_lora(&a)
+        };
+        let o = verify_with(&[first_file]);
         assert_eq!(
             o.status.code(),
             Some(0),
@@ -260,20 +259,7 @@ fn serving_model_swaps_adapters_on_one_session() {
         // Two adapter files setting the same inputs would not add up (onnxruntime takes the
         // last one's values): refused, naming both.
         if let Some(second) = args.get(6) {
-            let o = onnx_lora(&[
-                "verify",
-                s(&serving),
-                "--adapter",
-                s(first_file),
-                "--adapter",
-                s(second),
-                "--inputs",
-                s(&case.inputs),
-                "--expect",
-                s(&first.unmerged),
-                "--ep",
-                "cpu",
-            ]);
+            let o = verify_with(&[first_file, second]);
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(2), "{}: {err}", case.label());
             assert!(
