@@ -602,7 +602,23 @@ impl AdapterConfig {
     }
 
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let raw: Value = serde_json::from_str(text).map_err(|e| {
+            // (Python's json writes NaN and infinities, which JSON has not; a value beyond
+            // float64 cannot be read either: both are no scale a fold could use)
+            let at = text
+                .lines()
+                .nth(e.line().saturating_sub(1))
+                .and_then(|l| l.get(e.column().saturating_sub(1)..))
+                .unwrap_or_default();
+            let non_finite = ["NaN", "Infinity", "-Infinity"]
+                .iter()
+                .any(|t| at.starts_with(t));
+            if non_finite || e.to_string().contains("number out of range") {
+                format!("invalid JSON: {e}: a value there is not a finite number (Python's json writes NaN and infinities, which are no scale onnx-lora could use)")
+            } else {
+                format!("invalid JSON: {e}")
+            }
+        })?;
         Self::from_value(raw)
     }
 
@@ -1275,6 +1291,24 @@ mod tests {
         }
         let fine = r#"{"bias": "all", "init_lora_weights": "gaussian", "layers_pattern": ["h"], "layers_to_transform": [0]}"#;
         assert!(AdapterConfig::parse(fine).is_ok(), "{fine}");
+    }
+
+    #[test]
+    fn non_finite_numbers_are_named() {
+        for json in [
+            r#"{"r": 8, "lora_alpha": NaN}"#,
+            r#"{"r": 8, "lora_alpha": Infinity}"#,
+            r#"{"r": 8, "lora_alpha": 1e400}"#,
+        ] {
+            match AdapterConfig::parse(json) {
+                Err(e) => assert!(e.contains("not a finite number"), "{json}: {e}"),
+                Ok(_) => panic!("{json} was accepted"),
+            }
+        }
+        match AdapterConfig::parse(r#"{"r": 8,"#) {
+            Err(e) => assert!(e.contains("invalid JSON") && !e.contains("finite"), "{e}"),
+            Ok(_) => panic!("accepted"),
+        }
     }
 
     /// The combinations PEFT's LoraConfig refuses when it is built are refused too.
