@@ -4673,6 +4673,20 @@ fn configs_naming_whole_modules_the_file_lacks_are_refused() {
         &[],
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // ... but a named module this model has, with no weights in the file, is refused
+    let mut cfg = config();
+    cfg["modules_to_save"] = serde_json::json!(["a", "b"]);
+    let ad = write_adapter(
+        &env.p("a_not_b"),
+        cfg,
+        &[("a.weight", vec![4, 8], vec![0.5; 32])],
+    );
+    let err = env.fold_fails("shared.onnx", &ad);
+    assert!(
+        err.contains("names modules_to_save 'b', which is this model's 'b' (MatMul /b/MatMul)")
+            && err.contains("PEFT fails to load it"),
+        "{err}"
+    );
 }
 
 /// Given the folder save_pretrained wrote for an adapter not named "default", the error points

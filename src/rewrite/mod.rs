@@ -240,9 +240,52 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
             ),
         });
     }
+    saved_modules_to_save(&cands, adapter)?;
     // (a bias saved beside a LoRA that the layer already has is no trained value)
     drop_unchanged_biases(model, &graph, &cands, adapter)?;
     Ok(left_out)
+}
+
+/// Refuses an adapter whose config names in `modules_to_save` a module this model has but whose
+/// weights the file does not hold: PEFT wraps every module whose path ends with the name and
+/// fails on the first tensor it does not find, so the config and the file disagree. (Names the
+/// model does not have, such as the `classifier` of PEFT's `["classifier", "score"]` on a
+/// model with a `score`, are no such disagreement.)
+fn saved_modules_to_save(cands: &[Candidate], adapter: &Adapter) -> Result<()> {
+    let Some(serde_json::Value::Array(names)) = adapter.config.raw.get("modules_to_save") else {
+        return Ok(());
+    };
+    // ("a.b.c": "a", "a.b", "a.b.c", each of which PEFT's `endswith` may match)
+    let prefixes = |p: &str| -> Vec<String> {
+        let parts: Vec<&str> = p.split('.').collect();
+        (1..=parts.len()).map(|n| parts[..n].join(".")).collect()
+    };
+    let whole: Vec<&ModuleAdapter> = adapter
+        .modules
+        .iter()
+        .filter(|m| m.kind == ModuleKind::Full || !m.full.is_empty())
+        .collect();
+    for name in names.iter().filter_map(|n| n.as_str()) {
+        let Some(layer) = cands
+            .iter()
+            .find(|c| prefixes(&c.module).iter().any(|p| p.ends_with(name)))
+        else {
+            continue;
+        };
+        let saved = whole
+            .iter()
+            .any(|m| prefixes(&m.path).iter().any(|p| p.ends_with(name)));
+        if !saved {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "adapter_config.json names modules_to_save '{name}', which is this model's '{}' ({} {}), but the file holds no weights of it: PEFT fails to load it (on the first of them); remove it from modules_to_save, or give the adapter it was saved with",
+                    layer.module, layer.op, layer.node
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Leaves out the biases an adapter saved beside a LoRA that equal the layer's own (PEFT saves
