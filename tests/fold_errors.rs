@@ -4813,3 +4813,26 @@ fn a_saved_bias_equal_to_the_layers_is_no_trained_value() {
         "{err}"
     );
 }
+
+/// A module the export has no layer for at all is said to be absent from the model, with the
+/// likely reason: BERT's pooler, which an export of last_hidden_state alone prunes, and a layer
+/// beyond the model's depth. `--allow-unmatched` applies the rest.
+#[test]
+fn modules_of_parts_the_export_lacks_say_so() {
+    let env = Env::new();
+    let model = common::fixtures().join("llama/torchscript/model.onnx");
+    let out = env.p("out.onnx");
+    let mut t = lora("model.layers.0.self_attn.q_proj", 32, 32, 0.1);
+    t.extend(lora("model.pooler.dense", 32, 32, 0.1));
+    t.extend(lora("model.layers.7.mlp.down_proj", 32, 32, 0.1));
+    let adapter = write_adapter(&env.p("a"), config(), &refs(&t));
+    let err = fold_fails(&model, &adapter, &out, &[]);
+    assert!(
+        err.contains("module 'model.pooler.dense' matches no weight in the model: this model has no layer under 'model.pooler' (an exporter leaves out the modules that no exported output depends on")
+            && err.contains("module 'model.layers.7.mlp.down_proj' matches no weight in the model: this model has no layer under 'model.layers.7' (was the adapter trained on a model with more layers?)")
+            && !err.contains("no layer under 'model.layers.0"),
+        "{err}"
+    );
+    fold_ok(&model, &[&adapter], &out, &["--allow-unmatched"]);
+    assert!(out.exists());
+}

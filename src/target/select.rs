@@ -33,6 +33,28 @@ pub fn name_matches(module: &str, name: &str) -> bool {
             && module.as_bytes()[module.len() - name.len() - 1] == b'.')
 }
 
+/// The shortest leading part of module path `path` (`pooler` of `pooler.dense`,
+/// `encoder.layer.5` of `encoder.layer.5.output.dense` in a two-layer model) under which no
+/// candidate of a model that names its modules lies, anywhere in its paths; None when every
+/// ancestor of `path` is there (the module itself is what is missing) or nothing is named.
+fn absent_ancestor<'a>(cands: &[Candidate], path: &'a str) -> Option<&'a str> {
+    if !cands.iter().any(|c| c.module.contains('.')) {
+        return None;
+    }
+    let present = |p: &str| {
+        cands.iter().any(|c| {
+            let m = c.module.as_str();
+            m == p
+                || m.starts_with(&format!("{p}."))
+                || m.contains(&format!(".{p}."))
+                || name_matches(m, p)
+        })
+    };
+    path.match_indices('.')
+        .map(|(i, _)| &path[..i])
+        .find(|p| !present(p))
+}
+
 /// Compiles a user regex so that it must match the whole string. An error names the pattern
 /// as the user wrote it, in one line.
 pub fn full_regex(pattern: &str) -> Result<Regex> {
@@ -297,14 +319,24 @@ pub fn resolve_module<'a>(
             .take(8)
             .map(|c| format!("{} ({} {})", c.module, c.op, c.node))
             .collect();
+        let absent = absent_ancestor(cands, path)
+            .map(|a| {
+                let why = if a.rsplit('.').next().is_some_and(|c| c.parse::<u64>().is_ok()) {
+                    "was the adapter trained on a model with more layers?"
+                } else {
+                    "an exporter leaves out the modules that no exported output depends on, such as BERT's pooler when only last_hidden_state is exported"
+                };
+                format!(": this model has no layer under '{a}' ({why})")
+            })
+            .unwrap_or_default();
         return Err(Error::Target(if near.is_empty() {
             format!(
-                "module '{path}' matches no weight in the model ({} candidates; see `onnx-lora inspect`)",
+                "module '{path}' matches no weight in the model{absent} ({} candidates; see `onnx-lora inspect`)",
                 pool.len()
             )
         } else {
             format!(
-                "module '{path}' matches no weight in the model; similar: {}",
+                "module '{path}' matches no weight in the model{absent}; similar: {}",
                 near.join(", ")
             )
         }));
@@ -691,6 +723,45 @@ mod tests {
         let err = resolve_module(&cands, "fc_1", |_| true, |_, _| false).unwrap_err();
         assert!(err.to_string().contains("matches 2 weights"), "{err}");
         assert_eq!(modules_named(&cands, "fc_1").len(), 2);
+    }
+
+    /// A module none of whose leading parts the model has (a pooler the export pruned, a layer
+    /// beyond the model's depth) is said to be absent as such; a module whose parent is there
+    /// (its own layer missing) and a model that names nothing get no such word.
+    #[test]
+    fn a_missing_part_of_the_model_is_named() {
+        let cands = [
+            cand("bert.encoder.layer.0.attention.self.query", "A"),
+            cand("bert.encoder.layer.1.output.dense", "B"),
+        ];
+        let err = |p: &str| {
+            resolve_module(&cands, p, |_| true, |_, _| false)
+                .unwrap_err()
+                .to_string()
+        };
+        let pooler = err("pooler.dense");
+        assert!(
+            pooler.contains("this model has no layer under 'pooler' (an exporter leaves out")
+                && pooler.contains("similar: bert.encoder.layer.1.output.dense"),
+            "{pooler}"
+        );
+        assert!(
+            err("bert.pooler.dense").contains("no layer under 'bert.pooler' ("),
+            "{}",
+            err("bert.pooler.dense")
+        );
+        let deep = err("encoder.layer.5.output.dense");
+        assert!(
+            deep.contains("no layer under 'encoder.layer.5' (was the adapter trained on a model with more layers?)"),
+            "{deep}"
+        );
+        let here = err("encoder.layer.1.output.fc");
+        assert!(!here.contains("no layer under"), "{here}");
+        let nameless = [cand("", "A"), cand("fc", "B")];
+        let e = resolve_module(&nameless, "pooler.dense", |_| true, |_, _| false)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("no layer under"), "{e}");
     }
 
     /// Under a scope-name alias too, a module at exactly the path is taken first.
