@@ -4568,8 +4568,9 @@ fn a_path_beside_a_deeper_match_says_which_it_took() {
     }
 }
 
-/// A graph in which two nodes write one value is no ONNX graph: fold and inject refuse it,
-/// naming the value and the nodes, rather than rewrite one of them.
+/// A graph in which two nodes write one value, or with two initializers of one name, is no
+/// ONNX graph: fold and inject refuse it, naming the value and the nodes, rather than rewrite
+/// one of them (a fold into the second W would be lost on onnxruntime, which reads the first).
 #[test]
 fn a_value_written_twice_is_refused() {
     let env = Env::new();
@@ -4587,6 +4588,43 @@ fn a_value_written_twice_is_refused() {
         args.extend(extra);
         let err = onnx_lora_fails(&args, &out);
         assert!(err.contains(want), "{err}");
+    }
+    // (two initializers of one name, an initializer a node writes: refused by every command
+    // that reads or rewrites weights by name)
+    for (file, want) in [
+        (
+            "init_twice.onnx",
+            "graph 'linear' has two initializers named 'W'; an ONNX graph assigns each value once (onnxruntime would read the first, tract the last)",
+        ),
+        (
+            "init_written.onnx",
+            "value 'y' is both an initializer and written by node /fc/MatMul",
+        ),
+    ] {
+        let m = env.p(file);
+        let err = fold_fails(&m, &ad, &out, &[]);
+        assert!(err.contains(want), "{err}");
+        let dir = env.p("peft_out");
+        for args in [
+            vec![
+                "inject",
+                m.to_str().unwrap(),
+                "--rank",
+                "2",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            vec![
+                "export-peft",
+                m.to_str().unwrap(),
+                "-o",
+                dir.to_str().unwrap(),
+            ],
+        ] {
+            let err = onnx_lora_fails(&args, &out);
+            assert!(err.contains(want), "{err}");
+            assert!(!dir.exists());
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use onnx_lora::adapter::ort_format;
-use onnx_lora::onnx;
 use onnx_lora::rewrite::{export_peft, serving_adapter_params};
 
 use super::output::{json_line, report_line};
@@ -50,7 +49,7 @@ pub struct AdapterArgs {
 }
 
 pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
-    let model = onnx::load(&args.model)?;
+    let model = super::load_assigned_once(&args.model)?;
     let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
     super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
     super::check_diffusers_flags(
@@ -115,7 +114,7 @@ pub struct PeftArgs {
 }
 
 pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
-    let mut model = onnx::load(&args.model)?;
+    let mut model = super::load_assigned_once(&args.model)?;
     onnx_lora::rewrite::ungate(&mut model)?;
     // (what the model holds is named by the model; a failed write names the output itself)
     let report = export_peft(&model, &args.output, args.root.as_deref()).map_err(|e| match e {

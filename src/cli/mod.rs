@@ -141,19 +141,24 @@ fn warn_after_write(
     }
 }
 
-/// Loads a model that will be rewritten with its idle gate (`inject --idle-gate`) taken off, so
-/// that passes see the flat serving graph; also says whether it had one.
-fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::LoadedModel, bool)> {
-    let mut model = onnx_lora::onnx::load(path)?;
-    if let Some((value, a, b)) = onnx_lora::graph::written_twice(&model.proto) {
+/// Loads a model whose values the commands that read or rewrite its weights look up by name,
+/// refusing one whose graph assigns a value twice (`graph::assigned_twice`).
+fn load_assigned_once(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::LoadedModel> {
+    let model = onnx_lora::onnx::load(path)?;
+    if let Some(reason) = onnx_lora::graph::assigned_twice(&model.proto) {
         return Err(onnx_lora::Error::InvalidModel {
             path: path.to_path_buf(),
-            reason: format!(
-                "value '{value}' is written by two nodes ({a} and {b}); an ONNX graph assigns each value once"
-            ),
+            reason,
         }
         .into());
     }
+    Ok(model)
+}
+
+/// Loads a model that will be rewritten with its idle gate (`inject --idle-gate`) taken off, so
+/// that passes see the flat serving graph; also says whether it had one.
+fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::LoadedModel, bool)> {
+    let mut model = load_assigned_once(path)?;
     let gated = onnx_lora::rewrite::ungate(&mut model)?;
     Ok((model, gated))
 }

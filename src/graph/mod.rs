@@ -110,21 +110,50 @@ impl ModelGraph {
     }
 }
 
-/// The first value that two nodes of one graph both write, with the two nodes' labels: an
-/// ONNX graph assigns each value once, and the rewrites find a value's one producer.
-pub fn written_twice(model: &ModelProto) -> Option<(String, String, String)> {
+/// The first value that one graph assigns twice, said as such: two nodes writing it, two
+/// initializers (dense or sparse) of its name, or an initializer that a node also writes. An
+/// ONNX graph assigns each value once; the rewrites find a value's one producer, and runtimes
+/// differ on which of two initializers they take (onnxruntime the first, tract the last), so a
+/// change to either would be lost on one of them.
+pub fn assigned_twice(model: &ModelProto) -> Option<String> {
     use crate::onnx::pb_ext::NodeExt;
-    fn rec(g: &GraphProto) -> Option<(String, String, String)> {
+    fn rec(g: &GraphProto) -> Option<String> {
+        let mut inits: HashMap<&str, usize> = HashMap::new();
+        let names = g.initializer.iter().map(|t| t.name()).chain(
+            g.sparse_initializer
+                .iter()
+                .filter_map(|s| s.values.as_ref())
+                .map(|t| t.name()),
+        );
+        for name in names {
+            let n = inits.entry(name).or_default();
+            *n += 1;
+            if *n == 2 {
+                return Some(format!(
+                    "graph '{}' has two initializers named '{name}'; an ONNX graph assigns each value once (onnxruntime would read the first, tract the last)",
+                    g.name()
+                ));
+            }
+        }
         let mut by: HashMap<&str, &NodeProto> = HashMap::new();
         for n in &g.node {
             for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if inits.contains_key(o.as_str()) {
+                    return Some(format!(
+                        "value '{o}' is both an initializer and written by node {}; an ONNX graph assigns each value once",
+                        n.label()
+                    ));
+                }
                 if let Some(first) = by.insert(o, n) {
                     let second = if std::ptr::eq(first, n) {
                         format!("{} again", n.label())
                     } else {
                         n.label()
                     };
-                    return Some((o.clone(), first.label(), second));
+                    return Some(format!(
+                        "value '{o}' is written by two nodes ({} and {second}); an ONNX graph assigns each value once",
+                        first.label()
+                    ));
                 }
             }
         }

@@ -42,6 +42,8 @@
   cycle.onnx       /fc/MatMul's weight read through an Identity that feeds itself (malformed)
   long_name.onnx   linear.onnx with a 70000-character weight name
   written_twice.onnx  linear.onnx with its node listed twice (invalid: y written twice)
+  init_twice.onnx  linear.onnx with two initializers W of different values (invalid)
+  init_written.onnx  linear.onnx with an initializer y, which its node writes (invalid)
   opset6.onnx      linear.onnx at opset 6; ir3.onnx: at IR version 3 (W also a graph input)
   int_weight.onnx  an int32 MatMul on /fc/MatMul
   nbits_float.onnx, dq_float.onnx   the quantized models with their weights dequantized (float
@@ -129,6 +131,16 @@ def main(out):
     twice = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
     save(helper.make_graph([twice, twice], "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W")]),
          os.path.join(out, "written_twice.onnx"))
+    # invalid: W listed twice with different values (onnxruntime takes the first, tract the
+    # last); and an initializer y that the node also writes
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                           "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W"),
+                                                numpy_helper.from_array(f32(8, 4), "W")]),
+         os.path.join(out, "init_twice.onnx"))
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+                           "linear", [x], [y], [numpy_helper.from_array(f32(8, 4), "W"),
+                                                numpy_helper.from_array(f32(2, 4), "y")]),
+         os.path.join(out, "init_written.onnx"))
 
     # MatMulNBits: K=8, N=4, bits=4, block_size=16 -> B uint8 [N, 1, 8], scales [N]
     packed = rng.integers(0, 255, (4, 1, 8), dtype=np.uint8)
