@@ -3718,9 +3718,29 @@ fn verify_options_and_references_cover_what_is_written() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let linear = s(&env.p("linear.onnx"));
+    // (an inputs file without the model's input x, and one whose x has the wrong shape: the
+    // check would fail on them, so nothing is written)
+    use onnx_lora::onnx::DataType;
+    use onnx_lora::verify::ArrayData;
+    let x = |shape: Vec<usize>| {
+        let n: usize = shape.iter().product();
+        ArrayData::from_f64(DataType::Float, shape, &vec![0.5; n]).unwrap()
+    };
+    let lacking = env.p("lacking.npz");
+    onnx_lora::verify::npz::write_npz(&lacking, &[("z".to_string(), x(vec![2, 8]))]).unwrap();
+    let misshapen = env.p("misshapen.npz");
+    onnx_lora::verify::npz::write_npz(&misshapen, &[("x".to_string(), x(vec![2, 7]))]).unwrap();
     for (extra, what) in [
         (vec!["--inputs", fifo.to_str().unwrap()], "is a FIFO"),
         (vec!["--dim", "nope=3"], "--dim nope"),
+        (
+            vec!["--inputs", lacking.to_str().unwrap()],
+            "lacking.npz: no array 'x' for the model input of that name",
+        ),
+        (
+            vec!["--inputs", misshapen.to_str().unwrap()],
+            "misshapen.npz: ",
+        ),
     ] {
         let mut args = vec![
             "fold",
@@ -3735,6 +3755,8 @@ fn verify_options_and_references_cover_what_is_written() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(what), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(o.stdout.is_empty(), "{err}");
         assert!(!out.exists());
     }
 

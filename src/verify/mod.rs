@@ -315,19 +315,23 @@ fn prepare_feeds(
     Ok(feeds)
 }
 
-/// What a rewrite's `--verify` can check before writing anything: its `--inputs` file reads
-/// as arrays, and each `--dim` names a symbolic dimension of `model`'s inputs.
+/// What a rewrite's `--verify` can check before writing anything: each `--dim` names a
+/// symbolic dimension of `model`'s inputs, and its `--inputs` file reads as arrays that feed
+/// every input of `model` (which the rewritten model takes too), as the check will feed them.
 pub fn check_feed_options(
     model: &onnx::LoadedModel,
     label: &str,
     inputs: Option<&Path>,
     dims: &[(String, usize)],
 ) -> Result<()> {
-    if let Some(path) = inputs {
-        npz::read_arrays(path).map_err(|e| Error::Usage(format!("--inputs: {e}")))?;
-    }
+    let specs = feeds::model_inputs(model)?;
     if !dims.is_empty() {
-        check_dims(dims, &[feeds::model_inputs(model)?], &[label.to_string()])?;
+        check_dims(dims, std::slice::from_ref(&specs), &[label.to_string()])?;
+    }
+    if let Some(path) = inputs {
+        let arrays = npz::read_arrays(path).map_err(|e| Error::Usage(format!("--inputs: {e}")))?;
+        let dims: HashMap<String, usize> = dims.iter().cloned().collect();
+        feeds::make_feeds(&specs, Some((path, &arrays)), &dims, 0)?;
     }
     Ok(())
 }
