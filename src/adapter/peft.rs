@@ -646,6 +646,20 @@ impl AdapterConfig {
             |v| v.is_boolean() || v.is_string(),
             "true, false or a method name",
         )?;
+        // (PEFT refuses any other task type when it reads the config)
+        const TASK_TYPES: [&str; 6] = [
+            "SEQ_CLS",
+            "SEQ_2_SEQ_LM",
+            "CAUSAL_LM",
+            "TOKEN_CLS",
+            "QUESTION_ANS",
+            "FEATURE_EXTRACTION",
+        ];
+        shape_of(
+            "task_type",
+            |v| v.as_str().is_some_and(|t| TASK_TYPES.contains(&t)),
+            &format!("a task type PEFT knows ({})", TASK_TYPES.join(", ")),
+        )?;
         shape_of(
             "trainable_token_indices",
             |v| v.is_array() || v.is_object(),
@@ -1271,6 +1285,11 @@ mod tests {
     fn config_keys_of_the_wrong_type_are_refused() {
         for (json, says) in [
             (r#"{"peft_type": 5}"#, "peft_type is 5, not a string"),
+            (
+                r#"{"task_type": [1, [2]]}"#,
+                "task_type is [1,[2]], not a task type PEFT knows (SEQ_CLS, ",
+            ),
+            (r#"{"task_type": "causal"}"#, r#"task_type is "causal", not"#),
             (r#"{"bias": 1}"#, "bias is 1, not"),
             (r#"{"bias": "some"}"#, r#"bias is "some", not"#),
             (
