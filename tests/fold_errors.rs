@@ -3632,7 +3632,7 @@ fn reports_say_what_happened() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("folded 1 weights from its injected branches into"),
+        err.contains("folded 1 weight from its injected branches into"),
         "{err}"
     );
 
@@ -4895,4 +4895,30 @@ fn modules_of_parts_the_export_lacks_say_so() {
     );
     fold_ok(&model, &[&adapter], &out, &["--allow-unmatched"]);
     assert!(out.exists());
+}
+
+/// A file too large to map within the process's address space is an error that says so,
+/// naming the file, not a failure to open it.
+#[test]
+fn a_file_too_large_to_map_says_so() {
+    let env = Env::new();
+    let big = env.p("big.onnx");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 4000000 && exec \"$0\" inspect \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_onnx-lora"))
+        .arg(&big)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("big.onnx: cannot map its 68719476736 bytes into memory: "),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -144,6 +144,16 @@ impl Buf {
 /// The names of an adapter file's parameters (the graph inputs it feeds), in file order; any
 /// FlatBuffer of the schema, not only those [`encode`] lays out. An error says what is wrong.
 pub fn parameter_names(buf: &[u8]) -> std::result::Result<Vec<String>, String> {
+    names_in(buf).map_err(|e| {
+        if e.starts_with("no TORT") {
+            e
+        } else {
+            format!("not a valid onnxruntime adapter file: {e}")
+        }
+    })
+}
+
+fn names_in(buf: &[u8]) -> std::result::Result<Vec<String>, String> {
     let u32_at = |at: usize| -> std::result::Result<usize, String> {
         buf.get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -242,7 +252,11 @@ mod tests {
         let b = encode(&[param("q.lora_A.weight"), param("q.lora_B.weight")], 1, 1);
         assert_eq!(parameter_names(&b)?, ["q.lora_A.weight", "q.lora_B.weight"]);
         assert_eq!(parameter_names(&encode(&[], 1, 1))?, Vec::<String>::new());
-        assert!(parameter_names(&b[..b.len() / 3]).is_err());
+        let cut = parameter_names(&b[..b.len() / 3]).unwrap_err();
+        assert!(
+            cut.starts_with("not a valid onnxruntime adapter file: "),
+            "{cut}"
+        );
         assert!(parameter_names(b"not an adapter file").is_err());
         Ok(())
     }

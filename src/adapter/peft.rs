@@ -1289,7 +1289,10 @@ mod tests {
                 r#"{"task_type": [1, [2]]}"#,
                 "task_type is [1,[2]], not a task type PEFT knows (SEQ_CLS, ",
             ),
-            (r#"{"task_type": "causal"}"#, r#"task_type is "causal", not"#),
+            (
+                r#"{"task_type": "causal"}"#,
+                r#"task_type is "causal", not"#,
+            ),
             (r#"{"bias": 1}"#, "bias is 1, not"),
             (r#"{"bias": "some"}"#, r#"bias is "some", not"#),
             (

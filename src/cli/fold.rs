@@ -300,14 +300,14 @@ fn print_report(
     };
     match saved {
         Some(saved) => eprintln!(
-            "folded {} weights from {from} into {}{}",
-            report.modules.len(),
+            "folded {} from {from} into {}{}",
+            super::count(report.modules.len(), "weight", "weights"),
             saved.model.display(),
             super::checking_note(verifying)
         ),
         None => eprintln!(
-            "dry run: {} weights would change (from {from}); nothing written",
-            report.modules.len(),
+            "dry run: {} would change (from {from}); nothing written",
+            super::count(report.modules.len(), "weight", "weights"),
         ),
     }
     Ok(())

@@ -454,8 +454,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     )?;
     if !args.json {
         eprintln!(
-            "injected {} branches{} into {}{}",
-            reports.len(),
+            "injected {}{} into {}{}",
+            super::count(reports.len(), "branch", "branches"),
             if form == "weight" {
                 " (weight form)"
             } else {

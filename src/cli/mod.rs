@@ -141,6 +141,11 @@ fn warn_after_write(
     }
 }
 
+/// `n` and the noun for that many: "1 weight", "2 weights".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Loads a model whose values the commands that read or rewrite its weights look up by name,
 /// refusing one whose graph assigns a value twice (`graph::assigned_twice`).
 fn load_assigned_once(path: &std::path::Path) -> anyhow::Result<onnx_lora::onnx::LoadedModel> {

@@ -226,7 +226,11 @@ fn map_file_open(path: &Path) -> Result<(Bytes, Arc<File>)> {
     }
     // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
     // truncated while it is open (onnx-lora never writes its inputs: outputs are new files).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
+        // (an address-space limit, or a file larger than the address space)
+        let why = format!("cannot map its {len} bytes into memory: {e}");
+        Error::io(path, std::io::Error::new(e.kind(), why))
+    })?;
     Ok((Bytes::from_owner(map), Arc::new(file)))
 }
 
@@ -287,7 +291,7 @@ impl LoadedModel {
                     Error::Io { err: source, .. } => external_err(
                         path,
                         t,
-                        format!("cannot open '{}': {source}", file.display()),
+                        format!("cannot read '{}': {source}", file.display()),
                     ),
                     // (a folder or special file: its message names only the file)
                     other => external_err(path, t, other.to_string()),
