@@ -4922,3 +4922,48 @@ fn a_file_too_large_to_map_says_so() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// An `--inputs` array's declared shape is checked against its input before its data is read
+/// (a compressed array declaring 4 TiB is refused at once, named), and arrays that feed no
+/// input are left unread (an unreadable one is only noted as ignored).
+#[test]
+fn input_arrays_are_checked_by_their_headers_first() {
+    let env = Env::new();
+    py("make_npz_edge.py", &[env.dir.path()]);
+    let linear = env.p("linear.onnx");
+    let l = linear.to_str().unwrap();
+    let bad = env.p("bad_shape.npz");
+    let o = onnx_lora_within_30s(&[
+        "verify",
+        l,
+        l,
+        "--inputs",
+        bad.to_str().unwrap(),
+        "--ep",
+        "tract",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "bad_shape.npz: array 'x' has shape [1, 1099511627776] but the model input takes [2, 8]"
+        ),
+        "{err}"
+    );
+    let junk = env.p("junk.npz");
+    let o = onnx_lora_within_30s(&[
+        "verify",
+        l,
+        l,
+        "--inputs",
+        junk.to_str().unwrap(),
+        "--ep",
+        "tract",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("'junk' in --inputs is not a model input: ignored"),
+        "{text}"
+    );
+}

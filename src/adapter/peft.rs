@@ -223,6 +223,8 @@ impl Adapter {
     /// `.safetensors` file of LoRA keys without `adapter_config.json` beside it, or a folder
     /// holding `pytorch_lora_weights.safetensors` and no adapter).
     pub fn load(path: &Path) -> Result<Adapter> {
+        // (an allocation that fails while its tensors are decoded names the adapter)
+        let _doing = crate::cleanup::doing(format!("reading {}", path.display()));
         if path.exists() && !path.is_dir() && !path.is_file() {
             // (a FIFO or a device: refused by name before anything opens it)
             crate::onnx::io::open_input(path)?;

@@ -266,15 +266,14 @@ pub fn generate(spec: &InputSpec, dims: &HashMap<String, usize>, seed: u64) -> R
 
 /// Feeds for `specs`: the arrays from `provided` (the `--inputs` file and its arrays), which
 /// must hold every input (see the module doc for the types they may have), or generated ones
-/// when no file is given. Returns the feeds and notes on arrays the models do not take.
+/// when no file is given.
 pub fn make_feeds(
     specs: &[InputSpec],
     provided: Option<(&Path, &[(String, ArrayData)])>,
     dims: &HashMap<String, usize>,
     seed: u64,
-) -> Result<(Tensors, Vec<String>)> {
+) -> Result<Tensors> {
     let mut feeds = Vec::with_capacity(specs.len());
-    let mut notes = Vec::new();
     let dims = &with_token_dims(specs, dims);
     for spec in specs {
         let arr = match provided {
@@ -283,14 +282,52 @@ pub fn make_feeds(
         };
         feeds.push((spec.name.clone(), arr));
     }
-    for (name, _) in provided.map(|(_, a)| a).unwrap_or_default() {
-        if !specs.iter().any(|s| s.name == *name) {
-            notes.push(format!(
-                "'{name}' in --inputs is not a model input: ignored"
-            ));
+    Ok(feeds)
+}
+
+/// Reads the arrays of an `--inputs` file that feed `specs`, each array's declared shape
+/// checked against its input before its data is read (a compressed array declaring gigabytes
+/// for a small input is refused unread); arrays the models do not take are left unread.
+/// Returns them and notes naming those left out.
+pub fn read_inputs(specs: &[InputSpec], path: &Path) -> Result<(Tensors, Vec<String>)> {
+    let (arrays, names) = super::npz::read_arrays_where(path, |name, shape| {
+        let Some(spec) = specs.iter().find(|s| s.name == name) else {
+            return Ok(false);
+        };
+        if !shape_fits(spec, shape) {
+            return Err(shape_refused(spec, path, shape));
         }
+        Ok(true)
+    })?;
+    let notes = names
+        .iter()
+        .filter(|name| !specs.iter().any(|s| s.name == **name))
+        .map(|name| format!("'{name}' in --inputs is not a model input: ignored"))
+        .collect();
+    Ok((arrays, notes))
+}
+
+/// Whether an array of `shape` may feed `spec`: the shape as declared, any size along a
+/// symbolic dimension (onnxruntime refuses another; tract would broadcast it).
+fn shape_fits(spec: &InputSpec, shape: &[usize]) -> bool {
+    spec.dims.is_empty()
+        || (shape.len() == spec.dims.len()
+            && shape.iter().zip(&spec.dims).all(|(&n, d)| match d {
+                Dim::Fixed(f) => n == *f,
+                _ => true,
+            }))
+}
+
+fn shape_refused(spec: &InputSpec, path: &Path, shape: &[usize]) -> Error {
+    Error::Npz {
+        path: path.to_path_buf(),
+        reason: format!(
+            "array '{}' has shape {:?} but the model input takes {}",
+            spec.name,
+            shape,
+            format_dims(&spec.dims)
+        ),
     }
-    Ok((feeds, notes))
 }
 
 /// The array of `path` that feeds `spec`, in the input's element type.
@@ -318,20 +355,8 @@ fn given_input(spec: &InputSpec, path: &Path, arrays: &[(String, ArrayData)]) ->
             spec.name, arr.dtype, spec.name, spec.dtype
         ))
     };
-    // The shape as declared (onnxruntime refuses another; tract would broadcast it).
-    let fits = spec.dims.is_empty()
-        || (arr.shape.len() == spec.dims.len()
-            && arr.shape.iter().zip(&spec.dims).all(|(&n, d)| match d {
-                Dim::Fixed(f) => n == *f,
-                _ => true,
-            }));
-    if !fits {
-        return Err(err(format!(
-            "array '{}' has shape {:?} but the model input takes {}",
-            spec.name,
-            arr.shape,
-            format_dims(&spec.dims)
-        )));
+    if !shape_fits(spec, &arr.shape) {
+        return Err(shape_refused(spec, path, &arr.shape));
     }
     let (from, to) = (kind(arr.dtype), kind(spec.dtype));
     let bf16_bits = arr.dtype == DataType::Uint16 && spec.dtype == DataType::Bfloat16;
@@ -733,7 +758,7 @@ mod tests {
         assert_eq!(resolve_shape(&ids, &dims)?, vec![1, DEFAULT_SEQUENCE]);
         assert_eq!(dims.get("m"), Some(&3), "--dim wins");
         assert_eq!(resolve_shape(&feat, &dims)?, vec![1, 1], "not a token axis");
-        let (feeds, _) = make_feeds(&[ids], None, &HashMap::new(), 0)?;
+        let feeds = make_feeds(&[ids], None, &HashMap::new(), 0)?;
         assert_eq!(feeds[0].1.shape, vec![1, DEFAULT_SEQUENCE]);
         Ok(())
     }

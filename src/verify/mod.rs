@@ -308,11 +308,17 @@ fn prepare_feeds(
         })?,
         _ => per_model.concat(),
     };
-    let provided = opts.inputs.as_deref().map(npz::read_arrays).transpose()?;
-    let provided = opts.inputs.as_deref().zip(provided.as_deref());
-    let (feeds, more) = feeds::make_feeds(&specs, provided, &dims, opts.seed)?;
-    notes.extend(more);
-    Ok(feeds)
+    let provided = match opts.inputs.as_deref() {
+        Some(path) => {
+            let _doing = crate::cleanup::doing(format!("reading {}", path.display()));
+            let (arrays, more) = feeds::read_inputs(&specs, path)?;
+            notes.extend(more);
+            Some((path, arrays))
+        }
+        None => None,
+    };
+    let provided = provided.as_ref().map(|(p, a)| (*p, a.as_slice()));
+    feeds::make_feeds(&specs, provided, &dims, opts.seed)
 }
 
 /// What a rewrite's `--verify` can check before writing anything: each `--dim` names a
@@ -329,9 +335,11 @@ pub fn check_feed_options(
         check_dims(dims, std::slice::from_ref(&specs), &[label.to_string()])?;
     }
     if let Some(path) = inputs {
-        let arrays = npz::read_arrays(path).map_err(|e| Error::Usage(format!("--inputs: {e}")))?;
+        let _doing = crate::cleanup::doing(format!("reading {}", path.display()));
         let dims: HashMap<String, usize> = dims.iter().cloned().collect();
-        feeds::make_feeds(&specs, Some((path, &arrays)), &dims, 0)?;
+        feeds::read_inputs(&specs, path)
+            .and_then(|(arrays, _)| feeds::make_feeds(&specs, Some((path, &arrays)), &dims, 0))
+            .map_err(|e| Error::Usage(format!("--inputs: {e}")))?;
     }
     Ok(())
 }

@@ -30,20 +30,55 @@ fn npz_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Reads every array of an `.npz` file, in the archive's order, named as `np.savez` keyed
 /// them (the `.npy` suffix of the entry names is dropped).
 pub fn read_npz(path: &Path) -> Result<Tensors> {
+    read_arrays_where(path, |_, _| Ok(true)).map(|(arrays, _)| arrays)
+}
+
+/// Reads the arrays of an `.npz` (or a single-array `.npy`, named after the file stem) that
+/// `keep` takes, shown each array's name and declared shape before its data is inflated:
+/// `Ok(false)` leaves the array out unread, an error ends the read (a compressed entry
+/// declaring gigabytes that the caller cannot use is refused without inflating it). Returns
+/// the arrays read and the names of all the file's arrays, in the archive's order.
+pub fn read_arrays_where(
+    path: &Path,
+    mut keep: impl FnMut(&str, &[usize]) -> Result<bool>,
+) -> Result<(Tensors, Vec<String>)> {
+    if is_npy(path)? {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().to_string());
+        let name = stem.unwrap_or_default();
+        let arr = read_npy(path)?;
+        let kept = if keep(&name, &arr.shape)? {
+            vec![(name.clone(), arr)]
+        } else {
+            Vec::new()
+        };
+        return Ok((kept, vec![name]));
+    }
     let buf = crate::onnx::io::read_input(path)?;
     let entries = central_directory(&buf).map_err(|r| npz_err(path, r))?;
-    let mut out = Vec::with_capacity(entries.len());
+    let (mut out, mut names) = (Vec::new(), Vec::<String>::new());
     for e in entries {
-        let bytes = entry_data(&buf, &e).map_err(|r| npz_err(path, format!("{}: {r}", e.name)))?;
-        let arr = parse_npy(&bytes).map_err(|r| npz_err(path, format!("{}: {r}", e.name)))?;
+        let in_entry = |r: String| npz_err(path, format!("{}: {r}", e.name));
         let name = e.name.strip_suffix(".npy").unwrap_or(&e.name).to_string();
-        if out.iter().any(|(n, _)| *n == name) {
+        if names.contains(&name) {
             // (numpy reads the last one, a zip reader may take the first)
             return Err(npz_err(path, format!("holds two arrays named '{name}'")));
         }
-        out.push((name, arr));
+        // (the header's length is in its first 12 bytes; the header follows)
+        let start = entry_head(&buf, &e, 12).map_err(in_entry)?;
+        let len = match start.get(6) {
+            Some(1) if start.len() >= 10 => 10 + u16::from_le_bytes([start[8], start[9]]) as usize,
+            Some(2 | 3) => 12 + read_u32(&start, 8).map_err(in_entry)? as usize,
+            _ => start.len(),
+        };
+        let head = entry_head(&buf, &e, len).map_err(in_entry)?;
+        let (h, _) = npy_header(&head).map_err(in_entry)?;
+        if keep(&name, &h.shape)? {
+            let bytes = entry_data(&buf, &e).map_err(in_entry)?;
+            out.push((name.clone(), parse_npy(&bytes).map_err(in_entry)?));
+        }
+        names.push(name);
     }
-    Ok(out)
+    Ok((out, names))
 }
 
 /// Reads one `.npy` file.
@@ -63,11 +98,7 @@ pub fn is_npy(path: &Path) -> Result<bool> {
 
 /// Reads an `.npz` or, by its magic bytes, a single-array `.npy` (named after the file stem).
 pub fn read_arrays(path: &Path) -> Result<Tensors> {
-    if is_npy(path)? {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().to_string());
-        return Ok(vec![(stem.unwrap_or_default(), read_npy(path)?)]);
-    }
-    read_npz(path)
+    read_arrays_where(path, |_, _| Ok(true)).map(|(arrays, _)| arrays)
 }
 
 /// Writes `arrays` as an uncompressed `.npz` (`np.load(path)[name]` gives each back). bfloat16
@@ -87,8 +118,9 @@ pub fn write_npz(path: &Path, arrays: &[(String, ArrayData)]) -> Result<()> {
 
 type Res<T> = std::result::Result<T, String>;
 
-/// Parses a whole `.npy` image.
-fn parse_npy(buf: &[u8]) -> Res<ArrayData> {
+/// The header of a `.npy` image (of which `buf` may hold only the start) and where its data
+/// begins.
+fn npy_header(buf: &[u8]) -> Res<(NpyHeader, usize)> {
     if !buf.starts_with(NPY_MAGIC) || buf.len() < 10 {
         return Err("not a .npy array (bad magic)".into());
     }
@@ -101,10 +133,15 @@ fn parse_npy(buf: &[u8]) -> Res<ArrayData> {
         .get(start..start + header_len)
         .ok_or(".npy header is truncated")?;
     let header = std::str::from_utf8(header).map_err(|_| ".npy header is not text")?;
-    let h = NpyHeader::parse(header)?;
+    Ok((NpyHeader::parse(header)?, start + header_len))
+}
+
+/// Parses a whole `.npy` image.
+fn parse_npy(buf: &[u8]) -> Res<ArrayData> {
+    let (h, data_start) = npy_header(buf)?;
     let size = elem_size(h.dtype).ok_or("unsupported dtype")?;
     let n = numel(&h.shape).map_err(|e| e.to_string())?;
-    let body = &buf[start + header_len..];
+    let body = &buf[data_start..];
     let len = n.checked_mul(size).ok_or("array is too large")?;
     let mut data = body
         .get(..len)
@@ -385,7 +422,8 @@ fn apply_zip64_extra(e: &mut ZipEntry, extra: &[u8]) -> Res<()> {
 }
 
 /// The entry's uncompressed bytes, CRC-checked.
-fn entry_data(buf: &[u8], e: &ZipEntry) -> Res<Vec<u8>> {
+/// An entry's stored (possibly compressed) bytes.
+fn entry_raw<'b>(buf: &'b [u8], e: &ZipEntry) -> Res<&'b [u8]> {
     if e.flags & 1 != 0 {
         return Err("encrypted entries are not supported".into());
     }
@@ -398,7 +436,11 @@ fn entry_data(buf: &[u8], e: &ZipEntry) -> Res<Vec<u8>> {
         .ok()
         .and_then(|len| start.checked_add(len))
         .ok_or("entry is too large")?;
-    let raw = buf.get(start..end).ok_or("entry data is truncated")?;
+    Ok(buf.get(start..end).ok_or("entry data is truncated")?)
+}
+
+fn entry_data(buf: &[u8], e: &ZipEntry) -> Res<Vec<u8>> {
+    let raw = entry_raw(buf, e)?;
     let data = match e.method {
         0 => raw.to_vec(),
         8 => {
@@ -422,6 +464,28 @@ fn entry_data(buf: &[u8], e: &ZipEntry) -> Res<Vec<u8>> {
         return Err("CRC or size check failed (corrupt archive)".into());
     }
     Ok(data)
+}
+
+/// The first `n` bytes of an entry's content (fewer where it is shorter), inflating no more
+/// than that.
+fn entry_head(buf: &[u8], e: &ZipEntry, n: usize) -> Res<Vec<u8>> {
+    let raw = entry_raw(buf, e)?;
+    let mut out = Vec::with_capacity(n.min(1 << 20));
+    match e.method {
+        0 => out.extend_from_slice(&raw[..n.min(raw.len())]),
+        8 => {
+            flate2::read::DeflateDecoder::new(raw)
+                .take(n as u64)
+                .read_to_end(&mut out)
+                .map_err(|err| format!("inflating failed: {err}"))?;
+        }
+        m => {
+            return Err(format!(
+                "zip compression method {m} is not supported (only stored and deflate)"
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// A minimal writer of stored (uncompressed) zip entries.
