@@ -4967,3 +4967,108 @@ fn input_arrays_are_checked_by_their_headers_first() {
         "{text}"
     );
 }
+
+/// `target_parameters` naming a layer's 2-D weight is applied as PEFT's ParamWrapper applies
+/// it, W + s·B·A on the parameter, which for a Linear's weight is what `target_modules` gives
+/// (PEFT 0.21.2's outputs agree, checked in review31): the fold equals the plain adapter's,
+/// `rank_pattern` / `alpha_pattern` keys match the parameter's name (`q_proj.weight`), not the
+/// module's. Other parameters (MoE experts' stacked weights) are refused, and so is a square
+/// weight that a MatMul reads as stored (x·W: a Linear's update there would be transposed).
+#[test]
+fn target_parameters_on_weights_fold_as_their_layers() {
+    let env = Env::new();
+    let model = common::fixtures().join("llama/torchscript/model.onnx");
+    let plain = common::fixtures().join("llama/adapters/plain");
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let dir = env.p(name);
+        copy_adapter(&plain, &dir, |_, _| true);
+        let path = dir.join("adapter_config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut c);
+        std::fs::write(&path, c.to_string()).unwrap();
+        dir
+    };
+    let fold_bytes = |adapter: &Path, out: &str| {
+        let out = env.p(out);
+        fold_ok(&model, &[adapter], &out, &["--quiet"]);
+        std::fs::read(out).unwrap()
+    };
+    let by_module = fold_bytes(&plain, "m.onnx");
+    let params = edit("params", &|c| {
+        c["target_modules"] = serde_json::json!([]);
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "v_proj.weight"]);
+    });
+    assert_eq!(fold_bytes(&params, "p.onnx"), by_module);
+    // (target_modules absent: the parameters alone, with no warning about PEFT's defaults)
+    let alone = edit("alone", &|c| {
+        c.as_object_mut().unwrap().remove("target_modules");
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "v_proj.weight"]);
+    });
+    let o = onnx_lora(&fold_args(
+        &model,
+        &[&alone],
+        &env.p("a.onnx"),
+        &["--quiet"],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !err.contains("default target_modules"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(env.p("a.onnx")).unwrap(), by_module);
+    // (alpha_pattern: the parameter's name is matched, as PEFT matches it)
+    let module_key = edit("module_key", &|c| {
+        c["alpha_pattern"] = serde_json::json!({"q_proj": 16});
+    });
+    let param_key = edit("param_key", &|c| {
+        c["target_modules"] = serde_json::json!([]);
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "v_proj.weight"]);
+        c["alpha_pattern"] = serde_json::json!({"q_proj.weight": 16});
+    });
+    let unmatched_key = edit("unmatched_key", &|c| {
+        c["target_modules"] = serde_json::json!([]);
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "v_proj.weight"]);
+        c["alpha_pattern"] = serde_json::json!({"q_proj": 16});
+    });
+    let patterned = fold_bytes(&module_key, "mk.onnx");
+    assert_ne!(patterned, by_module);
+    assert_eq!(fold_bytes(&param_key, "pk.onnx"), patterned);
+    assert_eq!(fold_bytes(&unmatched_key, "uk.onnx"), by_module);
+    // (experts' stacked weights: refused, named)
+    let experts = edit("experts", &|c| {
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "gate_up_proj"]);
+    });
+    let err = fold_fails(&model, &experts, &env.p("e.onnx"), &[]);
+    assert!(
+        err.contains(
+            "target_parameters names 'gate_up_proj', a parameter other than a layer's weight"
+        ),
+        "{err}"
+    );
+    // (a square parameter read as stored: refused; as a target module it is a Linear's)
+    let m = env.p("param_matmul.onnx");
+    let t = lora("fc", 8, 8, 0.1);
+    let cfg = |key: &str, value: serde_json::Value| {
+        let mut c = config();
+        c.as_object_mut().unwrap().remove("target_modules");
+        c[key] = value;
+        c
+    };
+    let by_param = write_adapter(
+        &env.p("fc_param"),
+        cfg("target_parameters", serde_json::json!(["fc.weight"])),
+        &refs(&t),
+    );
+    let err = fold_fails(&m, &by_param, &env.p("f.onnx"), &[]);
+    assert!(
+        err.contains("module 'fc' is adapted through target_parameters, and /fc/MatMul reads its square weight 'fc.weight' as stored"),
+        "{err}"
+    );
+    let by_name = write_adapter(
+        &env.p("fc_module"),
+        cfg("target_modules", serde_json::json!(["fc"])),
+        &refs(&t),
+    );
+    fold_ok(&m, &[&by_name], &env.p("f.onnx"), &["--quiet"]);
+}

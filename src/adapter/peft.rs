@@ -99,6 +99,10 @@ pub struct ModuleAdapter {
     /// PEFT's LoRA on a torch `nn.MultiheadAttention`: this module is the attention's own
     /// (its factors adapt the packed `in_proj_weight`, E → 3E), beside a nested out_proj.
     pub mha_in_proj: bool,
+    /// PEFT targets this module's weight through `target_parameters` (its `ParamWrapper`:
+    /// `W + s·B·A` on the parameter as stored, whatever the module does with it), not through
+    /// `target_modules`.
+    pub via_parameter: bool,
 }
 
 /// How many times PEFT adds a MultiheadAttention LoRA's out_proj delta: its
@@ -130,6 +134,7 @@ impl ModuleAdapter {
             part,
             mha_outer: None,
             mha_in_proj: false,
+            via_parameter: false,
         }
     }
 
@@ -151,6 +156,17 @@ impl ModuleAdapter {
     /// against: a MultiheadAttention out_proj takes its attention module's.
     pub fn config_path(&self) -> &str {
         self.mha_outer.as_deref().unwrap_or(&self.path)
+    }
+
+    /// The name `rank_pattern` / `alpha_pattern` keys are matched against, as PEFT matches
+    /// them: the module's path, or for a weight targeted through `target_parameters` the
+    /// parameter's (`<path>.weight`).
+    pub fn pattern_path(&self) -> std::borrow::Cow<'_, str> {
+        if self.via_parameter {
+            format!("{}.weight", self.path).into()
+        } else {
+            self.config_path().into()
+        }
     }
 
     /// The rank alpha is divided by: rows of A; a LyCORIS module's factor rank (1 for a LoKr of
@@ -323,6 +339,7 @@ impl Adapter {
         let mut ignored = ignored;
         let lora = |m: &&ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
         if config.raw.get("target_modules").is_none_or(Value::is_null)
+            && !config.scope.has_parameters()
             && let Some(first) = modules.iter().find(lora)
         {
             let n = modules.iter().filter(lora).count();
@@ -426,7 +443,7 @@ impl Adapter {
         let r = m.rank().max(1) as f32;
         let alpha = m
             .alpha
-            .or_else(|| pattern_value(&self.config.alpha_pattern, m.config_path()))
+            .or_else(|| pattern_value(&self.config.alpha_pattern, &m.pattern_path()))
             .unwrap_or(self.config.lora_alpha);
         let times = if m.mha_outer.is_some() {
             MHA_OUT_PROJ_TIMES
@@ -451,7 +468,7 @@ impl Adapter {
                 _ => true,
             })
         };
-        const VARIANTS: [(&str, &str); 8] = [
+        const VARIANTS: [(&str, &str); 7] = [
             (
                 "alora_invocation_tokens",
                 "activated LoRA (aLoRA) acts only on tokens from its invocation sequence on; merged or as a plain branch it would act on every token",
@@ -464,10 +481,6 @@ impl Adapter {
             (
                 "layer_replication",
                 "layer_replication builds a model with more layers than the base, which the export does not have",
-            ),
-            (
-                "target_parameters",
-                "LoRA on parameters (target_parameters, e.g. MoE experts) adapts tensors no MatMul / Gemm / Conv reads as its weight",
             ),
             (
                 "kasa_config",
@@ -766,6 +779,18 @@ impl AdapterConfig {
                 ));
             }
         }
+        // (PEFT's ParamWrapper on a 2-D `weight` computes W + s·B·A on it, as on a Linear; on
+        // other parameters, such as MoE experts' stacked 3-D weights, it computes per expert)
+        if let Some(Value::Array(list)) = present("target_parameters")
+            && let Some(other) = list
+                .iter()
+                .filter_map(Value::as_str)
+                .find(|t| t.rsplit('.').next() != Some("weight"))
+        {
+            return Err(format!(
+                "target_parameters names '{other}', a parameter other than a layer's weight (such as a MoE layer's stacked expert weights, which no MatMul / Gemm of an export reads as one weight); onnx-lora applies target_parameters that name a layer's 2-D weight ('gate.weight') only"
+            ));
+        }
         let rank_pattern = patterns("rank_pattern")?;
         if let Some(p) = rank_pattern
             .iter()
@@ -833,7 +858,7 @@ fn keep_what_peft_loads(
         && config.scope.targets_an_embedding();
     mha_out_projs(modules, config)?;
     let mut untargeted = Vec::new();
-    modules.retain(|m| {
+    modules.retain_mut(|m| {
         // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
         // by transformers or diffusers) may carry a wrapper prefix of their own.
         // (transformers saves its own module paths; diffusers one wrapper component more)
@@ -847,7 +872,10 @@ fn keep_what_peft_loads(
                 .rsplit('.')
                 .next()
                 .is_some_and(|l| super::scope::EMBEDDING_LAYER_NAMES.contains(&l));
-        let targeted = !is_lora(m) || tied || config.scope.keeps(&paths);
+        let by_module = !is_lora(m) || tied || config.scope.keeps(&paths);
+        let by_parameter = !by_module && config.scope.by_parameter(&paths);
+        let targeted = by_module || by_parameter;
+        m.via_parameter = by_parameter;
         if !targeted {
             untargeted.push(m.path.clone());
         }
@@ -1026,7 +1054,7 @@ pub(crate) fn from_tensors(
             continue;
         }
         let r =
-            pattern_value(&config.rank_pattern, m.config_path()).map_or(config.r, |r| r as usize);
+            pattern_value(&config.rank_pattern, &m.pattern_path()).map_or(config.r, |r| r as usize);
         if m.rank() != r {
             return Err(format!(
                 "module '{}' has factors of rank {} but {config_name} gives it r = {r}",

@@ -17,6 +17,9 @@ pub struct Scope {
     modules_to_save: Vec<Regex>,
     target: Option<Target>,
     layers: Option<Layers>,
+    /// `target_parameters` naming a layer's `weight` (`q_proj.weight`): PEFT wraps that
+    /// parameter itself (whatever the module), whatever `target_modules` says.
+    parameters: Vec<String>,
     /// The rules left out because their regex is one onnx-lora cannot evaluate as Python does
     /// (look-around, as ms-swift writes into `target_modules`), for a warning.
     pub unevaluable: Vec<String>,
@@ -74,11 +77,17 @@ impl Scope {
                 Some(v) => strings(k, v).map(|l| Some(Names::List(l))),
             }
         };
+        let parameters = match present("target_parameters") {
+            None => Vec::new(),
+            Some(v) => strings("target_parameters", v)?,
+        };
         let target = match present("target_modules") {
             // (PEFT compares it lowercased)
             Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
                 Some(Target::AllLinear)
             }
+            // (PEFT takes a config with target_parameters alone: no module is targeted)
+            None if !parameters.is_empty() => Some(Target::Names(Names::List(Vec::new()))),
             _ => names("target_modules")?.map(Target::Names),
         };
         let modules_to_save = match present("modules_to_save") {
@@ -135,6 +144,7 @@ impl Scope {
             modules_to_save,
             target,
             layers,
+            parameters,
             unevaluable: unevaluable.into_inner(),
         })
     }
@@ -144,6 +154,22 @@ impl Scope {
     /// excludes it, and one selects it.
     pub fn keeps(&self, paths: &[&str]) -> bool {
         !paths.iter().any(|p| self.excluded(p)) && paths.iter().any(|p| self.selected(p))
+    }
+
+    /// Whether `target_parameters` names the `weight` of a module that may be named by any of
+    /// `paths`, as PEFT matches it: `<path>.weight` is an entry or ends with `.` and one.
+    pub fn by_parameter(&self, paths: &[&str]) -> bool {
+        paths.iter().any(|p| {
+            let key = format!("{p}.weight");
+            self.parameters
+                .iter()
+                .any(|t| key == *t || key.ends_with(&format!(".{t}")))
+        })
+    }
+
+    /// Whether the config has `target_parameters`.
+    pub fn has_parameters(&self) -> bool {
+        !self.parameters.is_empty()
     }
 
     fn excluded(&self, path: &str) -> bool {

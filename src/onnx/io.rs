@@ -291,7 +291,7 @@ impl LoadedModel {
                     Error::Io { err: source, .. } => external_err(
                         path,
                         t,
-                        format!("cannot read '{}': {source}", file.display()),
+                        format!("cannot open '{}': {source}", file.display()),
                     ),
                     // (a folder or special file: its message names only the file)
                     other => external_err(path, t, other.to_string()),

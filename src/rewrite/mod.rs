@@ -51,6 +51,9 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     {
         return false;
     }
+    if parameter_used_as_stored(m, c) {
+        return false;
+    }
     match m.kind {
         ModuleKind::Embedding => matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization"),
         ModuleKind::Lora => match m.a.as_ref().map(|a| a.shape.len()) {
@@ -66,6 +69,19 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
 }
 
+/// A module targeted through `target_parameters` whose square weight a MatMul reads as the
+/// parameter itself (`[in, out]`, named after it, no Transpose): the module computes x·W with
+/// it, not a Linear's x·Wᵀ, so PEFT's W + s·B·A on the parameter is not the update onnx-lora
+/// would make for a Linear there (a non-square one tells itself apart by its shape).
+fn parameter_used_as_stored(m: &ModuleAdapter, c: &Candidate) -> bool {
+    let leaf = m.path.rsplit('.').next().unwrap_or(&m.path);
+    m.via_parameter
+        && c.layout == crate::target::Layout::InOut
+        && c.weight.ends_with(&format!("{leaf}.weight"))
+        && c.shape.len() == 2
+        && c.shape[0] == c.shape[1]
+}
+
 /// A low-rank module on a torch `nn.MultiheadAttention`'s out_proj Linear that is not part of
 /// PEFT's LoRA on the attention module (`ModuleAdapter::mha_outer`): the attention never calls
 /// that Linear, so PEFT's forward never runs its LoRA.
@@ -79,6 +95,14 @@ fn mha_out_proj_alone(m: &ModuleAdapter, c: &Candidate) -> bool {
 /// factors are for (a conv-shaped lora_A on a MatMul): that layer and the factors' shapes, for
 /// the message; None when no layer of any kind has the path.
 pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
+    if let Some(c) = cands.iter().find(|c| {
+        parameter_used_as_stored(m, c) && crate::target::select::name_matches(&c.module, path)
+    }) {
+        return Some(format!(
+            "module '{path}' is adapted through target_parameters, and {} reads its square weight '{}' as stored (x·W, as a matmul with the parameter computes, not a Linear's x·Wᵀ): which of the two the module computes decides how PEFT's W + s·B·A acts, and the export does not say; refusing rather than guess",
+            c.node, c.weight
+        ));
+    }
     if let Some(c) = cands
         .iter()
         .find(|c| mha_out_proj_alone(m, c) && crate::target::select::name_matches(&c.module, path))
