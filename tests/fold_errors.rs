@@ -5072,3 +5072,38 @@ fn target_parameters_on_weights_fold_as_their_layers() {
     );
     fold_ok(&m, &[&by_name], &env.p("f.onnx"), &["--quiet"]);
 }
+
+/// DoRA on an embedding has no branch form in onnx-lora: `inject --adapter` refuses it, saying
+/// to fold instead, and fold takes it.
+#[test]
+fn dora_on_an_embedding_is_folded_not_injected() {
+    let env = Env::new();
+    let model = env.p("tied.onnx");
+    let t = vec![
+        (
+            "embed.lora_embedding_A".to_string(),
+            vec![2, 16],
+            vec![0.1; 32],
+        ),
+        (
+            "embed.lora_embedding_B".to_string(),
+            vec![8, 2],
+            vec![0.1; 16],
+        ),
+        (
+            "embed.lora_magnitude_vector".to_string(),
+            vec![8],
+            vec![1.5; 8],
+        ),
+    ];
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["embed"], "use_dora": true});
+    let ad = write_adapter(&env.p("dora_emb"), cfg, &refs(&t));
+    let out = env.p("out.onnx");
+    let err = onnx_lora_fails(&inject_args(&model, &ad, &out, &[]), &out);
+    assert!(
+        err.contains("module 'embed': DoRA embedding branches are not supported; use fold"),
+        "{err}"
+    );
+    fold_ok(&model, &[&ad], &out, &["--quiet"]);
+}

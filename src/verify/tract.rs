@@ -80,11 +80,20 @@ fn inputs_or_outputs<'m>(
 }
 
 fn unsupported(label: &str, e: &anyhow::Error, hint: &str) -> Error {
+    let what = format!("{e:#}").replace('\n', " ");
+    // (onnxruntime's CPU kernels lack most bfloat16 ops too: its CUDA EP has them)
+    let hint = if what.contains("Bfloat16") {
+        HINT_BF16
+    } else {
+        hint
+    };
     Error::Backend(format!(
-        "{label}: tract cannot run this model: {}; {hint}",
-        format!("{e:#}").replace('\n', " ")
+        "{label}: tract cannot run this model: {what}; {hint}"
     ))
 }
+
+/// The suggestion for a bfloat16 model, which tract has no type for.
+const HINT_BF16: &str = "tract has no bfloat16; onnxruntime runs bfloat16 models on its CUDA EP (--ep cuda), while its CPU kernels lack most bfloat16 ops";
 
 /// Runs `f` (a call into tract), turning a panic into an error naming the model, with nothing
 /// printed for it: see [`quiet_panics`].
@@ -251,4 +260,24 @@ fn from_tract(name: &str, t: &Tensor) -> Result<ArrayData> {
         other => return Err(err(format!("tract type {other:?} is not supported"))),
     };
     ArrayData::new(dtype, t.shape().to_vec(), t.as_bytes().to_vec()).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bfloat16 model is not sent to onnxruntime's CPU kernels, which lack most bfloat16 ops
+    /// too; other failures keep the hint the backend was opened with.
+    #[test]
+    fn bfloat16_gets_its_own_hint() {
+        let bf16 = anyhow::anyhow!("Unknown DatumType Bfloat16");
+        let said = unsupported("m.onnx", &bf16, HINT_CHOSEN).to_string();
+        assert!(
+            said.ends_with(HINT_BF16) && !said.contains(HINT_CHOSEN),
+            "{said}"
+        );
+        let other = anyhow::anyhow!("no such op Foo");
+        let said = unsupported("m.onnx", &other, HINT_CHOSEN).to_string();
+        assert!(said.ends_with(HINT_CHOSEN), "{said}");
+    }
 }
