@@ -4626,6 +4626,19 @@ fn a_value_written_twice_is_refused() {
         let m = env.p(file);
         let err = fold_fails(&m, &ad, &out, &[]);
         assert!(err.contains(want), "{err}");
+        // (verify runs it, as the runtimes do, and says why their verdicts may differ)
+        let o = onnx_lora(&[
+            "verify",
+            m.to_str().unwrap(),
+            m.to_str().unwrap(),
+            "--ep",
+            "tract",
+        ]);
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            text.contains("is no valid ONNX graph: ") && text.contains(want),
+            "{text}"
+        );
         let dir = env.p("peft_out");
         for args in [
             vec![

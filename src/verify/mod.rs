@@ -290,6 +290,13 @@ fn prepare_feeds(
     for (i, m) in models.iter().enumerate() {
         let loaded = onnx::load(m.path)?;
         check_outputs_made(&loaded)?;
+        if let Some(reason) = crate::graph::assigned_twice(&loaded.proto) {
+            // (no ONNX graph; the runtimes may read it differently, so their verdicts may differ)
+            notes.push(format!(
+                "{} is no valid ONNX graph: {reason}; what it computes depends on the runtime",
+                m.label
+            ));
+        }
         if i == 0 {
             check_adapters_fit(&loaded, &opts.adapters)?;
         }
