@@ -788,7 +788,7 @@ impl AdapterConfig {
                 .find(|t| t.rsplit('.').next() != Some("weight"))
         {
             return Err(format!(
-                "target_parameters names '{other}', a parameter other than a layer's weight (such as a MoE layer's stacked expert weights, which no MatMul / Gemm of an export reads as one weight); onnx-lora applies target_parameters that name a layer's 2-D weight ('gate.weight') only"
+                "target_parameters names '{other}', a parameter other than a layer's weight (such as a MoE layer's stacked expert weights, which no MatMul / Gemm of an export reads as one weight): LoRA on such parameters is not supported (onnx-lora applies target_parameters that name a layer's 2-D weight, as 'gate.weight')"
             ));
         }
         let rank_pattern = patterns("rank_pattern")?;
@@ -858,6 +858,7 @@ fn keep_what_peft_loads(
         && config.scope.targets_an_embedding();
     mha_out_projs(modules, config)?;
     let mut untargeted = Vec::new();
+    let mut both: Option<String> = None;
     modules.retain_mut(|m| {
         // PEFT's own keys name the module as PEFT matches it; keys without its prefix (saved
         // by transformers or diffusers) may carry a wrapper prefix of their own.
@@ -873,6 +874,9 @@ fn keep_what_peft_loads(
                 .next()
                 .is_some_and(|l| super::scope::EMBEDDING_LAYER_NAMES.contains(&l));
         let by_module = !is_lora(m) || tied || config.scope.keeps(&paths);
+        if is_lora(m) && by_module && config.scope.by_parameter(&paths) {
+            both.get_or_insert_with(|| m.path.clone());
+        }
         let by_parameter = !by_module && config.scope.by_parameter(&paths);
         let targeted = by_module || by_parameter;
         m.via_parameter = by_parameter;
@@ -881,6 +885,12 @@ fn keep_what_peft_loads(
         }
         targeted
     });
+    // (PEFT: "Make sure that this layer is not also targeted with `target_modules`")
+    if let Some(path) = both {
+        return Err(format!(
+            "module '{path}' is targeted both by target_modules and by target_parameters ('{path}.weight'); PEFT refuses such a config (a layer it wraps as a module cannot have its parameter wrapped too)"
+        ));
+    }
     let (mut magnitudes, mut biases) = (Vec::new(), Vec::new());
     for m in modules.iter_mut().filter(|m| is_lora(m)) {
         if !config.use_dora && m.magnitude.take().is_some() {
@@ -913,7 +923,7 @@ fn keep_what_peft_loads(
     };
     note(
         untargeted,
-        "the LoRA factors that adapter_config.json does not target (target_modules, layers_to_transform, exclude_modules, modules_to_save)",
+        "the LoRA factors that adapter_config.json does not target (target_modules, target_parameters, layers_to_transform, exclude_modules, modules_to_save)",
     );
     note(magnitudes, "the DoRA magnitudes (use_dora is false)");
     note(biases, "the lora_B biases (lora_bias is false)");

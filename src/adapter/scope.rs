@@ -79,7 +79,12 @@ impl Scope {
         };
         let parameters = match present("target_parameters") {
             None => Vec::new(),
-            Some(v) => strings("target_parameters", v)?,
+            Some(v) if v.is_array() => strings("target_parameters", v)?,
+            Some(v) => {
+                return Err(format!(
+                    "target_parameters is {v}, not a list of parameter names"
+                ));
+            }
         };
         let target = match present("target_modules") {
             // (PEFT compares it lowercased)

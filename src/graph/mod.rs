@@ -112,9 +112,10 @@ impl ModelGraph {
 
 /// The first value that one graph assigns twice, said as such: two nodes writing it, two
 /// initializers (dense or sparse) of its name, or an initializer that a node also writes. An
-/// ONNX graph assigns each value once; the rewrites find a value's one producer, and runtimes
-/// differ on which of two initializers they take (onnxruntime the first, tract the last), so a
-/// change to either would be lost on one of them.
+/// ONNX graph assigns each value once; the rewrites find a value's one producer, and a change
+/// to one of two initializers would be lost wherever the other is read (onnxruntime 1.31
+/// reads the last, with a warning). Initializers without a name, which nothing can read, are
+/// not counted.
 pub fn assigned_twice(model: &ModelProto) -> Option<String> {
     use crate::onnx::pb_ext::NodeExt;
     fn rec(g: &GraphProto) -> Option<String> {
@@ -125,12 +126,12 @@ pub fn assigned_twice(model: &ModelProto) -> Option<String> {
                 .filter_map(|s| s.values.as_ref())
                 .map(|t| t.name()),
         );
-        for name in names {
+        for name in names.filter(|n| !n.is_empty()) {
             let n = inits.entry(name).or_default();
             *n += 1;
             if *n == 2 {
                 return Some(format!(
-                    "graph '{}' has two initializers named '{name}'; an ONNX graph assigns each value once (onnxruntime would read the first, tract the last)",
+                    "graph '{}' has two initializers named '{name}'; an ONNX graph assigns each value once (onnxruntime reads the last copy; a rewrite of one copy could be lost)",
                     g.name()
                 ));
             }
@@ -437,6 +438,30 @@ impl ModelGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two initializers of one name are a value assigned twice; two without a name, which
+    /// nothing can read, are not.
+    #[test]
+    fn unnamed_initializers_are_not_assigned_twice() {
+        let init = |name: &str| crate::onnx::pb::TensorProto {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let model = |inits: Vec<crate::onnx::pb::TensorProto>| ModelProto {
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                initializer: inits,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(assigned_twice(&model(vec![init(""), init("")])), None);
+        let twice = assigned_twice(&model(vec![init("W"), init("W")])).unwrap_or_default();
+        assert!(
+            twice.starts_with("graph 'g' has two initializers named 'W'"),
+            "{twice}"
+        );
+    }
 
     fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
         NodeProto {

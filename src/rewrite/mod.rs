@@ -51,7 +51,7 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     {
         return false;
     }
-    if parameter_used_as_stored(m, c) {
+    if parameter_layout_unknown(m, c) {
         return false;
     }
     match m.kind {
@@ -69,17 +69,31 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
 }
 
-/// A module targeted through `target_parameters` whose square weight a MatMul reads as the
-/// parameter itself (`[in, out]`, named after it, no Transpose): the module computes x·W with
-/// it, not a Linear's x·Wᵀ, so PEFT's W + s·B·A on the parameter is not the update onnx-lora
-/// would make for a Linear there (a non-square one tells itself apart by its shape).
-fn parameter_used_as_stored(m: &ModuleAdapter, c: &Candidate) -> bool {
-    let leaf = m.path.rsplit('.').next().unwrap_or(&m.path);
-    m.via_parameter
-        && c.layout == crate::target::Layout::InOut
-        && c.weight.ends_with(&format!("{leaf}.weight"))
+/// A module targeted through `target_parameters` whose layer onnx-lora cannot take as a
+/// Linear's: PEFT's update is W + s·B·A on the parameter as stored, which acts as a Linear's
+/// only where the module computes x·Wᵀ with it (a Linear, a MoE router). A layer reading the
+/// weight through a Transpose (or a Gemm with transB) shows that; one reading a square weight
+/// as stored (`[in, out]`) shows it only where a MatMul reads an exporter's folded transpose
+/// (`onnx::MatMul_N`, `val_N`), since x·W (GPT-2's Conv1D) reads the parameter
+/// itself (a non-square one that does not fit is refused by its shape). An embedding table's
+/// parameter is refused too: its factors are laid out as a Linear's, not as an embedding's.
+fn parameter_layout_unknown(m: &ModuleAdapter, c: &Candidate) -> bool {
+    if !m.via_parameter {
+        return false;
+    }
+    if matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization") {
+        return true;
+    }
+    // (TorchScript's transposed copy for a MatMul of x·Wᵀ, dynamo's folded constants; a Gemm
+    // reading its weight as stored computes x·W: addmm, GPT-2's Conv1D)
+    let folded = c.op == "MatMul"
+        && ["onnx::MatMul_", "val_", "_val_"]
+            .iter()
+            .any(|p| c.weight.starts_with(p));
+    c.layout == crate::target::Layout::InOut
         && c.shape.len() == 2
         && c.shape[0] == c.shape[1]
+        && !folded
 }
 
 /// A low-rank module on a torch `nn.MultiheadAttention`'s out_proj Linear that is not part of
@@ -96,12 +110,21 @@ fn mha_out_proj_alone(m: &ModuleAdapter, c: &Candidate) -> bool {
 /// the message; None when no layer of any kind has the path.
 pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
     if let Some(c) = cands.iter().find(|c| {
-        parameter_used_as_stored(m, c) && crate::target::select::name_matches(&c.module, path)
+        parameter_layout_unknown(m, c) && crate::target::select::name_matches(&c.module, path)
     }) {
-        return Some(format!(
-            "module '{path}' is adapted through target_parameters, and {} reads its square weight '{}' as stored (x·W, as a matmul with the parameter computes, not a Linear's x·Wᵀ): which of the two the module computes decides how PEFT's W + s·B·A acts, and the export does not say; refusing rather than guess",
-            c.node, c.weight
-        ));
+        return Some(
+            if matches!(c.op.as_str(), "Gather" | "EmbedLayerNormalization") {
+                format!(
+                    "module '{path}' is adapted through target_parameters on the embedding table '{}' that {} reads: onnx-lora applies target_parameters to weights a MatMul / Gemm reads; target the module (target_modules) for an embedding LoRA",
+                    c.weight, c.node
+                )
+            } else {
+                format!(
+                    "module '{path}' is adapted through target_parameters, and {} reads its square weight '{}' as stored, with nothing showing whether the module computes x·Wᵀ with it (a Linear, a router) or x·W (GPT-2's Conv1D); PEFT's W + s·B·A on the parameter acts differently in the two, so onnx-lora refuses rather than guess",
+                    c.node, c.weight
+                )
+            },
+        );
     }
     if let Some(c) = cands
         .iter()

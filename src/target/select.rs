@@ -319,8 +319,7 @@ pub fn resolve_module<'a>(
             .take(8)
             .map(|c| format!("{} ({} {})", c.module, c.op, c.node))
             .collect();
-        let absent_at = absent_ancestor(cands, path);
-        let absent = absent_at
+        let (absent, part) = absent_ancestor(cands, path)
             .map(|a| {
                 let last = a.rsplit('.').next().unwrap_or(a);
                 let words: Vec<String> =
@@ -333,17 +332,13 @@ pub fn resolve_module<'a>(
                 } else if part {
                     "a model exported in parts (as Optimum's encoder.onnx and decoder.onnx) holds one part's layers in each file; --allow-unmatched applies the modules of this one"
                 } else {
-                    "an exporter leaves out the modules that no exported output depends on, such as BERT's pooler when only last_hidden_state is exported"
+                    "the export may have left it out, as an exporter drops the modules no exported output depends on (BERT's pooler when only last_hidden_state is exported), or the adapter names it otherwise"
                 };
-                format!(": this model has no layer under '{a}' ({why})")
+                (format!(": this model has no layer under '{a}' ({why})"), part)
             })
             .unwrap_or_default();
-        // (layers of the same name elsewhere are no hint where the whole part is absent)
-        let near = if absent_at.is_some() {
-            Vec::new()
-        } else {
-            near
-        };
+        // (layers of the same name in another part are no hint where that part is absent)
+        let near = if part { Vec::new() } else { near };
         return Err(Error::Target(if near.is_empty() {
             format!(
                 "module '{path}' matches no weight in the model{absent} ({} candidates; see `onnx-lora inspect`)",
@@ -756,13 +751,15 @@ mod tests {
         };
         let pooler = err("pooler.dense");
         assert!(
-            pooler.contains("this model has no layer under 'pooler' (an exporter leaves out")
-                && !pooler.contains("similar:"),
+            pooler.contains(
+                "this model has no layer under 'pooler' (the export may have left it out"
+            ) && pooler.contains("similar: bert.encoder.layer.1.output.dense"),
             "{pooler}"
         );
         let decoder = err("decoder.layer.0.output.dense");
         assert!(
-            decoder.contains("no layer under 'decoder' (a model exported in parts"),
+            decoder.contains("no layer under 'decoder' (a model exported in parts")
+                && !decoder.contains("similar:"),
             "{decoder}"
         );
         assert!(

@@ -12,6 +12,8 @@ use crate::onnx::DataType;
 use super::tensor::{ArrayData, Tensors, elem_size, numel};
 
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+/// The longest `.npy` header read (numpy's default limit is 10000 bytes).
+const MAX_NPY_HEADER: usize = 1 << 20;
 const SIG_LOCAL: u32 = 0x0403_4b50;
 const SIG_CENTRAL: u32 = 0x0201_4b50;
 const SIG_EOCD: u32 = 0x0605_4b50;
@@ -63,16 +65,37 @@ pub fn read_arrays_where(
             // (numpy reads the last one, a zip reader may take the first)
             return Err(npz_err(path, format!("holds two arrays named '{name}'")));
         }
-        // (the header's length is in its first 12 bytes; the header follows)
+        // (the header's length is in its first 12 bytes; the header follows: its shape alone
+        // is read before the caller decides, so that an array it leaves out may have a dtype
+        // onnx-lora does not read)
         let start = entry_head(&buf, &e, 12).map_err(in_entry)?;
-        let len = match start.get(6) {
-            Some(1) if start.len() >= 10 => 10 + u16::from_le_bytes([start[8], start[9]]) as usize,
-            Some(2 | 3) => 12 + read_u32(&start, 8).map_err(in_entry)? as usize,
-            _ => start.len(),
+        let (at, len) = match start.get(6) {
+            Some(1) if start.len() >= 10 => {
+                (10, 10 + u16::from_le_bytes([start[8], start[9]]) as usize)
+            }
+            Some(2 | 3) if start.len() >= 12 => {
+                (12, 12 + read_u32(&start, 8).map_err(in_entry)? as usize)
+            }
+            Some(2 | 3) => return Err(in_entry(".npy header is truncated".into())),
+            _ => (start.len(), start.len()),
         };
+        if len > MAX_NPY_HEADER {
+            // (numpy reads headers of up to 10000 bytes unless told otherwise)
+            return Err(in_entry(format!(
+                ".npy header of {len} bytes: more than any array's needs"
+            )));
+        }
         let head = entry_head(&buf, &e, len).map_err(in_entry)?;
-        let (h, _) = npy_header(&head).map_err(in_entry)?;
-        if keep(&name, &h.shape)? {
+        let text = head
+            .get(at.min(head.len())..)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .unwrap_or_default();
+        let shape = match parse_shape(text) {
+            Ok(shape) => shape,
+            // (no readable shape: the full parse says what is wrong)
+            Err(_) => npy_header(&head).map_err(in_entry)?.0.shape,
+        };
+        if keep(&name, &shape)? {
             let bytes = entry_data(&buf, &e).map_err(in_entry)?;
             out.push((name.clone(), parse_npy(&bytes).map_err(in_entry)?));
         }
@@ -175,16 +198,7 @@ impl NpyHeader {
             "False" => false,
             v => return Err(format!("fortran_order is '{v}'")),
         };
-        let shape = dict_value(h, "shape")?
-            .trim_matches(|c| c == '(' || c == ')')
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<usize>()
-                    .map_err(|_| format!("bad dimension '{s}'"))
-            })
-            .collect::<Res<Vec<_>>>()?;
+        let shape = parse_shape(h)?;
         Ok(NpyHeader {
             dtype,
             big_endian,
@@ -192,6 +206,20 @@ impl NpyHeader {
             shape,
         })
     }
+}
+
+/// The `shape` of a `.npy` header's dict literal.
+fn parse_shape(h: &str) -> Res<Vec<usize>> {
+    dict_value(h, "shape")?
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad dimension '{s}'"))
+        })
+        .collect()
 }
 
 /// The literal after `'key':` up to the next top-level comma (tuples are kept whole).

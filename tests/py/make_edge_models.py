@@ -43,7 +43,8 @@
   long_name.onnx   linear.onnx with a 70000-character weight name
   written_twice.onnx  linear.onnx with its node listed twice (invalid: y written twice)
   init_twice.onnx  linear.onnx with two initializers W of different values (invalid)
-  param_matmul.onnx  /fc/MatMul reading the square fc.weight [8, 8] as stored (x @ W)
+  param_matmul.onnx  /fc/MatMul reading the square fc.weight [8, 8] as stored (x @ W);
+                   param_renamed.onnx: the same weight named W8
   init_written.onnx  linear.onnx with an initializer y, which its node writes (invalid)
   opset6.onnx      linear.onnx at opset 6; ir3.onnx: at IR version 3 (W also a graph input)
   int_weight.onnx  an int32 MatMul on /fc/MatMul
@@ -139,6 +140,9 @@ def main(out):
     save(helper.make_graph([helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="/fc/MatMul")],
                            "param", [xs], [ys], [numpy_helper.from_array(f32(8, 8), "fc.weight")]),
          os.path.join(out, "param_matmul.onnx"))
+    save(helper.make_graph([helper.make_node("MatMul", ["x", "W8"], ["y"], name="/fc/MatMul")],
+                           "param", [xs], [ys], [numpy_helper.from_array(f32(8, 8), "W8")]),
+         os.path.join(out, "param_renamed.onnx"))
     # invalid: W listed twice with different values (onnxruntime takes the first, tract the
     # last); and an initializer y that the node also writes
     save(helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],

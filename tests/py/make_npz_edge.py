@@ -2,8 +2,9 @@
 
   bad_shape.npz  'x' (deflated) declares float32 (1, 2**40) and holds no data: an input file
                  whose header alone says it cannot feed linear.onnx's x [2, 8]
-  junk.npz       'x' float32 (2, 8), and 'junk' declaring float32 (3,) with 4 bytes of data
-                 (unreadable, and no model input)
+  junk.npz       'x' float32 (2, 8), 'junk' declaring float32 (3,) with 4 bytes of data
+                 (unreadable, and no model input), 'words' of strings (no model input)
+  huge_header.npz  'x' whose version 2 header declares 2 GiB
 
 usage: make_npz_edge.py OUT
 """
@@ -27,6 +28,10 @@ def main(out):
     with zipfile.ZipFile(f"{out}/junk.npz", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("x.npy", npy_header("<f4", x.shape) + x.tobytes())
         z.writestr("junk.npy", npy_header("<f4", (3,)) + b"\0\0\0\0")
+        z.writestr("words.npy", npy_header("<U2", (1,)) + b"\0" * 8)
+    # a version 2 header declaring 2 GiB of header
+    with zipfile.ZipFile(f"{out}/huge_header.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**31) + b"{")
 
 
 if __name__ == "__main__":
