@@ -912,3 +912,67 @@ fn a_tensor_without_length_takes_the_bytes_its_shape_needs() {
         "{err}"
     );
 }
+
+/// Runs onnx-lora with stderr on a pseudo-terminal (as in an interactive shell); returns what
+/// it wrote there.
+fn stderr_on_a_terminal(args: &[&str]) -> String {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the given integers.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: each descriptor was just opened and is owned by one File from here on.
+    let (mut master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let status = {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-lora"));
+        cmd.args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(slave));
+        cmd.status().unwrap()
+    };
+    assert!(status.success());
+    let mut text = Vec::new();
+    // (the read ends with EIO once the terminal's last writer is gone)
+    let _ = master.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).to_string()
+}
+
+/// On a terminal the progress bar shows the bytes going to external data; an output written
+/// inline has none, and shows no bar.
+#[test]
+fn the_progress_bar_shows_only_bytes_going_external() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama/torchscript/model.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let inline = dir.path().join("inline.onnx");
+    let said = stderr_on_a_terminal(&["convert", &s(&src), "-o", &s(&inline), "--inline"]);
+    assert!(
+        said.contains("wrote ") && !said.contains("writing ["),
+        "{said}"
+    );
+    let external = dir.path().join("external.onnx");
+    let said = stderr_on_a_terminal(&[
+        "convert",
+        &s(&src),
+        "-o",
+        &s(&external),
+        "--external-data",
+        "--threshold",
+        "0",
+    ]);
+    assert!(said.contains("writing [") && said.contains("KiB"), "{said}");
+}

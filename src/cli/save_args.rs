@@ -76,18 +76,26 @@ impl SaveArgs {
     }
 }
 
-/// A bytes progress bar on stderr, created on the first report (so small models never show one).
+/// A bytes progress bar on stderr, created on the first report with bytes to show (so
+/// outputs written inline, and small models, never show one).
 fn progress_bar() -> Progress {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message("writing");
+    let bar: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
     Progress(Arc::new(move |done, total| {
+        if total == 0 {
+            return;
+        }
+        let bar = bar.get_or_init(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message("writing");
+            bar
+        });
         bar.set_length(total);
         bar.set_position(done);
         if done >= total {
