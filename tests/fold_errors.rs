@@ -4948,53 +4948,39 @@ fn input_arrays_are_checked_by_their_headers_first() {
     py("make_npz_edge.py", &[env.dir.path()]);
     let linear = env.p("linear.onnx");
     let l = linear.to_str().unwrap();
-    let bad = env.p("bad_shape.npz");
-    let o = onnx_lora_within_30s(&[
-        "verify",
-        l,
-        l,
-        "--inputs",
-        bad.to_str().unwrap(),
-        "--ep",
-        "tract",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    // (the exit code, and stdout and stderr together)
+    let verify_with = |npz: &str| {
+        let inputs = env.p(npz);
+        let o = onnx_lora_within_30s(&[
+            "verify",
+            l,
+            l,
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--ep",
+            "tract",
+        ]);
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.code(), text)
+    };
+    let (code, err) = verify_with("bad_shape.npz");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains(
             "bad_shape.npz: array 'x' has shape [1, 1099511627776] but the model input takes [2, 8]"
         ),
         "{err}"
     );
-    let junk = env.p("junk.npz");
-    let o = onnx_lora_within_30s(&[
-        "verify",
-        l,
-        l,
-        "--inputs",
-        junk.to_str().unwrap(),
-        "--ep",
-        "tract",
-    ]);
-    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{text}");
+    let (code, text) = verify_with("junk.npz");
+    assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("'junk' in --inputs is not a model input: ignored")
             && text.contains("'words' in --inputs is not a model input: ignored"),
         "{text}"
     );
-    let huge = env.p("huge_header.npz");
-    let o = onnx_lora_within_30s(&[
-        "verify",
-        l,
-        l,
-        "--inputs",
-        huge.to_str().unwrap(),
-        "--ep",
-        "tract",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let (code, err) = verify_with("huge_header.npz");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("x.npy: .npy header of 2147483660 bytes"),
         "{err}"
