@@ -1,6 +1,7 @@
 //! Which of an adapter's LoRA modules PEFT loads: a module gets a LoRA layer only when
 //! `adapter_config.json` targets it (`target_modules`, narrowed by `layers_to_transform` /
-//! `layers_pattern`, less `exclude_modules` and `modules_to_save`); PEFT ignores the file's
+//! `layers_pattern`, less `exclude_modules` and `modules_to_save`, or `target_parameters`
+//! names its weight); PEFT ignores the file's
 //! tensors for any other module, and so does onnx-lora. The rules are PEFT's
 //! `check_target_module_exists`, with its Python regexes checked by [`super::pyregex`].
 
