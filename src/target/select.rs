@@ -41,13 +41,16 @@ fn absent_ancestor<'a>(cands: &[Candidate], path: &'a str) -> Option<&'a str> {
     if !cands.iter().any(|c| c.module.contains('.')) {
         return None;
     }
+    // (`p` whole components of a module path: at its start, end or between dots)
     let present = |p: &str| {
         cands.iter().any(|c| {
             let m = c.module.as_str();
-            m == p
-                || m.starts_with(&format!("{p}."))
-                || m.contains(&format!(".{p}."))
-                || name_matches(m, p)
+            std::iter::once(0)
+                .chain(m.match_indices('.').map(|(i, _)| i + 1))
+                .any(|i| {
+                    m[i..].starts_with(p)
+                        && m.as_bytes().get(i + p.len()).is_none_or(|&b| b == b'.')
+                })
         })
     };
     path.match_indices('.')
@@ -772,6 +775,10 @@ mod tests {
             deep.contains("no layer under 'encoder.layer.5' (was the adapter trained on a model with more layers?)"),
             "{deep}"
         );
+        // (a part named inside another component is no part: "ba.a" has no component "a.a")
+        let odd = [cand("ba.a.a.x", "C"), cand("q.r", "D")];
+        assert_eq!(absent_ancestor(&odd, "a.a.y"), None);
+        assert_eq!(absent_ancestor(&odd, "b.y"), Some("b"));
         let here = err("encoder.layer.1.output.fc");
         assert!(!here.contains("no layer under"), "{here}");
         let nameless = [cand("", "A"), cand("fc", "B")];
