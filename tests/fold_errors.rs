@@ -4991,8 +4991,10 @@ fn input_arrays_are_checked_by_their_headers_first() {
 /// it, W + s·B·A on the parameter, which for a Linear's weight is what `target_modules` gives
 /// (PEFT 0.21.2's outputs agree, checked in review31): the fold equals the plain adapter's,
 /// `rank_pattern` / `alpha_pattern` keys match the parameter's name (`q_proj.weight`), not the
-/// module's. Other parameters (MoE experts' stacked weights) are refused, and so is a square
-/// weight that a MatMul reads as stored (x·W: a Linear's update there would be transposed).
+/// module's. Refused, each named: other parameters (MoE experts' stacked weights), a square
+/// weight read as stored with no transpose shown (x·W: a Linear's update there would be
+/// transposed), whatever its name, an embedding table's parameter, a module targeted both ways
+/// and `target_parameters` given as one string.
 #[test]
 fn target_parameters_on_weights_fold_as_their_layers() {
     let env = Env::new();
