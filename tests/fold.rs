@@ -325,6 +325,9 @@ fn every_feature_is_covered_by_the_fixtures() {
         "diffusers",
         "metadata",
         "diffusers_old_keys",
+        "peft_loha",
+        "peft_lokr",
+        "lokr_whole",
     ] {
         assert!(
             all.iter().any(|x| x == f),

@@ -1364,3 +1364,34 @@ fn verify_adapter_on_a_model_without_its_inputs_is_refused() {
         "{err}"
     );
 }
+
+/// `inject --adapter` says what it put into the weights: a LoHa / LoKr module's delta (PEFT's
+/// own LyCORIS tuners), or the values a module replaces (trainable tokens).
+#[test]
+fn inject_names_what_went_into_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "llama" && c.exporter == "dynamo")
+        .unwrap();
+    for (adapter, says) in [
+        ("peft_loha", "its LoHa delta added into"),
+        ("peft_lokr", "its LoKr delta added into"),
+        ("trainable_tokens", "whole values written into"),
+    ] {
+        let ad = case.adapters.iter().find(|a| a.name == adapter).unwrap();
+        let out = dir.path().join(format!("{adapter}.onnx"));
+        let o = onnx_lora(&[
+            "inject",
+            s(&case.onnx),
+            "--adapter",
+            s(&ad.dir),
+            "-o",
+            s(&out),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{adapter}: {err}");
+        assert!(err.contains(says), "{adapter}: {err}");
+        assert!(out.exists(), "{adapter}");
+    }
+}

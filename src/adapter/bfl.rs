@@ -303,6 +303,7 @@ mod tests {
         Adapter {
             path: "flux.safetensors".into(),
             config: crate::adapter::peft::AdapterConfig {
+                peft_type: crate::adapter::peft::PeftType::Lora,
                 r: 2,
                 lora_alpha: 2.0,
                 use_rslora: false,
@@ -313,6 +314,7 @@ mod tests {
                 scope: Default::default(),
                 lora_bias: false,
                 init_lora_weights: serde_json::Value::Bool(true),
+                unknown: Vec::new(),
                 raw: serde_json::Value::Null,
             },
             modules,

@@ -11,7 +11,7 @@ use std::path::Path;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use super::lycoris::{KronFactor, Lycoris};
+use super::lycoris::Lycoris;
 use super::peft::{Adapter, AdapterConfig, F32Tensor, ModuleAdapter, ModuleKind, read_f32};
 use crate::error::{Error, Result};
 
@@ -201,7 +201,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     let mut max_rank = 0;
     for (name, mut m) in modules {
         if m.kind == ModuleKind::Lycoris {
-            let l = lycoris_module(&shown[&name], lyco.remove(&name).unwrap_or_default())
+            let l = Lycoris::from_factors(&shown[&name], lyco.remove(&name).unwrap_or_default())
                 .map_err(&err)?;
             max_rank = max_rank.max(l.rank().unwrap_or(1));
             // Without an alpha, or for a LoKr of two whole factors, the scale is 1.
@@ -252,6 +252,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
     Ok(Adapter {
         path: path.to_path_buf(),
         config: AdapterConfig {
+            peft_type: super::peft::PeftType::Lora,
             r: max_rank,
             lora_alpha: max_rank as f32,
             use_rslora: false,
@@ -262,6 +263,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
             alpha_pattern: Vec::new(),
             scope: Default::default(),
             init_lora_weights: Value::Bool(true),
+            unknown: Vec::new(),
             raw,
         },
         modules: out,
@@ -271,66 +273,6 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         alpha_keys: None,
         diffusers_part: None,
     })
-}
-
-/// A LyCORIS module from its factors by key suffix.
-fn lycoris_module(
-    name: &str,
-    mut f: BTreeMap<String, F32Tensor>,
-) -> std::result::Result<Lycoris, String> {
-    let loha = f.keys().any(|k| k.starts_with("hada_"));
-    let mut take = |k: &str| f.remove(k);
-    let l = if loha {
-        let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
-            take("hada_w1_a"),
-            take("hada_w1_b"),
-            take("hada_w2_a"),
-            take("hada_w2_b"),
-        ) else {
-            return Err(format!(
-                "LoHa module '{name}' lacks one of hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b"
-            ));
-        };
-        let tucker = match (take("hada_t1"), take("hada_t2")) {
-            (Some(t1), Some(t2)) => Some((t1, t2)),
-            (None, None) => None,
-            _ => {
-                return Err(format!(
-                    "LoHa module '{name}' has only one of hada_t1 / hada_t2"
-                ));
-            }
-        };
-        Lycoris::LoHa {
-            w1a,
-            w1b,
-            w2a,
-            w2b,
-            tucker,
-        }
-    } else {
-        let mut factor = |n: u8| match (
-            take(&format!("lokr_w{n}")),
-            take(&format!("lokr_w{n}_a")),
-            take(&format!("lokr_w{n}_b")),
-        ) {
-            (Some(w), None, None) => Ok(KronFactor::Whole(w)),
-            (None, Some(a), Some(b)) => Ok(KronFactor::Product(a, b)),
-            _ => Err(format!(
-                "LoKr module '{name}' needs lokr_w{n}, or lokr_w{n}_a and lokr_w{n}_b"
-            )),
-        };
-        let (w1, w2) = (factor(1)?, factor(2)?);
-        let t2 = take("lokr_t2");
-        Lycoris::LoKr { w1, w2, t2 }
-    };
-    if let Some(k) = f.keys().next() {
-        return Err(format!(
-            "key '{name}.{k}' is not a LyCORIS {} key this tool reads",
-            l.name()
-        ));
-    }
-    l.shape().map_err(|e| format!("module '{name}': {e}"))?;
-    Ok(l)
 }
 
 /// A module path written kohya's way ('.' as '_').

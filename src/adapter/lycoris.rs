@@ -12,6 +12,8 @@
 //! times alpha / r (r = the rank of the factors; a LoKr of two whole factors has scale 1), as
 //! LyCORIS's forward applies it.
 
+use std::collections::BTreeMap;
+
 use rayon::prelude::*;
 
 use super::peft::F32Tensor;
@@ -44,6 +46,68 @@ pub enum Lycoris {
 }
 
 impl Lycoris {
+    /// A LyCORIS module from its factors by key suffix (`hada_w1_a`, `lokr_w2`, ...), as
+    /// kohya files and PEFT's LoHa / LoKr adapters name them; `name` is the module, for
+    /// messages.
+    pub fn from_factors(
+        name: &str,
+        mut f: BTreeMap<String, F32Tensor>,
+    ) -> std::result::Result<Lycoris, String> {
+        let loha = f.keys().any(|k| k.starts_with("hada_"));
+        let mut take = |k: &str| f.remove(k);
+        let l = if loha {
+            let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+                take("hada_w1_a"),
+                take("hada_w1_b"),
+                take("hada_w2_a"),
+                take("hada_w2_b"),
+            ) else {
+                return Err(format!(
+                    "LoHa module '{name}' lacks one of hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b"
+                ));
+            };
+            let tucker = match (take("hada_t1"), take("hada_t2")) {
+                (Some(t1), Some(t2)) => Some((t1, t2)),
+                (None, None) => None,
+                _ => {
+                    return Err(format!(
+                        "LoHa module '{name}' has only one of hada_t1 / hada_t2"
+                    ));
+                }
+            };
+            Lycoris::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                tucker,
+            }
+        } else {
+            let mut factor = |n: u8| match (
+                take(&format!("lokr_w{n}")),
+                take(&format!("lokr_w{n}_a")),
+                take(&format!("lokr_w{n}_b")),
+            ) {
+                (Some(w), None, None) => Ok(KronFactor::Whole(w)),
+                (None, Some(a), Some(b)) => Ok(KronFactor::Product(a, b)),
+                _ => Err(format!(
+                    "LoKr module '{name}' needs lokr_w{n}, or lokr_w{n}_a and lokr_w{n}_b"
+                )),
+            };
+            let (w1, w2) = (factor(1)?, factor(2)?);
+            let t2 = take("lokr_t2");
+            Lycoris::LoKr { w1, w2, t2 }
+        };
+        if let Some(k) = f.keys().next() {
+            return Err(format!(
+                "key '{name}.{k}' is not a LyCORIS {} key this tool reads",
+                l.name()
+            ));
+        }
+        l.shape().map_err(|e| format!("module '{name}': {e}"))?;
+        Ok(l)
+    }
+
     /// The algorithm's name, for messages.
     pub fn name(&self) -> &'static str {
         match self {

@@ -28,10 +28,43 @@ pub struct F32Tensor {
     pub data: Vec<f32>,
 }
 
+/// Which of PEFT's tuners wrote the adapter (`peft_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeftType {
+    /// LoRA: `lora_A` / `lora_B` factors (and its variants: DoRA, lora_bias, ...).
+    Lora,
+    /// LyCORIS LoHa (`hada_*` factors), config `LoHaConfig`.
+    LoHa,
+    /// LyCORIS LoKr (`lokr_*` factors), config `LoKrConfig`.
+    LoKr,
+}
+
+impl PeftType {
+    /// The name of PEFT's config class for it, for messages.
+    pub fn config_class(self) -> &'static str {
+        match self {
+            PeftType::Lora => "LoraConfig",
+            PeftType::LoHa => "LoHaConfig",
+            PeftType::LoKr => "LoKrConfig",
+        }
+    }
+
+    /// The fields of PEFT 0.21.2's config class for it (what `adapter_config.json` may hold).
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            PeftType::Lora => &LORA_CONFIG_FIELDS,
+            PeftType::LoHa => &LOHA_CONFIG_FIELDS,
+            PeftType::LoKr => &LOKR_CONFIG_FIELDS,
+        }
+    }
+}
+
 /// The parts of `adapter_config.json` that define the math.
 #[derive(Clone, Debug)]
 pub struct AdapterConfig {
+    pub peft_type: PeftType,
     pub r: usize,
+    /// `lora_alpha` (LoHa / LoKr: `alpha`).
     pub lora_alpha: f32,
     pub use_rslora: bool,
     pub use_dora: bool,
@@ -43,6 +76,10 @@ pub struct AdapterConfig {
     /// `lora_bias`: PEFT loads `lora_B.bias` tensors only then.
     pub lora_bias: bool,
     pub init_lora_weights: Value,
+    /// The config's keys that PEFT 0.21.2's config class does not have (a newer PEFT's), in
+    /// the file's order; PEFT leaves them out with a warning. For LoHa / LoKr they are left out
+    /// of `raw` too (LoRA's keys among them: `use_dora`, `lora_bias`, ... mean nothing there).
+    pub unknown: Vec<String>,
     pub raw: Value,
 }
 
@@ -99,6 +136,10 @@ pub struct ModuleAdapter {
     /// PEFT's LoRA on a torch `nn.MultiheadAttention`: this module is the attention's own
     /// (its factors adapt the packed `in_proj_weight`, E → 3E), beside a nested out_proj.
     pub mha_in_proj: bool,
+    /// The rank a LyCORIS module's alpha is divided by, where the config gives it (PEFT's LoHa
+    /// and LoKr: `r`, or its `rank_pattern` entry, even for a LoKr of two whole factors);
+    /// None: the factors' own (kohya files).
+    pub scale_rank: Option<usize>,
     /// PEFT targets this module's weight through `target_parameters` (its `ParamWrapper`:
     /// `W + s·B·A` on the parameter as stored, whatever the module does with it), not through
     /// `target_modules`.
@@ -134,6 +175,7 @@ impl ModuleAdapter {
             part,
             mha_outer: None,
             mha_in_proj: false,
+            scale_rank: None,
             via_parameter: false,
         }
     }
@@ -173,7 +215,7 @@ impl ModuleAdapter {
     /// two whole factors, whose scale is 1).
     pub fn rank(&self) -> usize {
         match &self.lycoris {
-            Some(l) => l.rank().unwrap_or(1),
+            Some(l) => self.scale_rank.or(l.rank()).unwrap_or(1),
             None => self
                 .a
                 .as_ref()
@@ -337,7 +379,12 @@ impl Adapter {
         )
         .map_err(err)?;
         let mut ignored = ignored;
-        let lora = |m: &&ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
+        let lora = |m: &&ModuleAdapter| {
+            matches!(
+                m.kind,
+                ModuleKind::Lora | ModuleKind::Embedding | ModuleKind::Lycoris
+            )
+        };
         if config.raw.get("target_modules").is_none_or(Value::is_null)
             && !config.scope.has_parameters()
             && let Some(first) = modules.iter().find(lora)
@@ -555,6 +602,57 @@ pub fn pattern_value(patterns: &[Pattern], path: &str) -> Option<f32> {
         .find_map(|p| p.regex.is_match(path).then_some(p.value))
 }
 
+/// The fields of PEFT 0.21.2's `LoHaConfig`.
+const LOHA_CONFIG_FIELDS: [&str; 20] = [
+    "alpha",
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "exclude_modules",
+    "inference_mode",
+    "init_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "module_dropout",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "r",
+    "rank_dropout",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "use_effective_conv2d",
+];
+
+/// The fields of PEFT 0.21.2's `LoKrConfig`: LoHa's and three of its own.
+const LOKR_CONFIG_FIELDS: [&str; 23] = [
+    "alpha",
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "decompose_both",
+    "decompose_factor",
+    "exclude_modules",
+    "inference_mode",
+    "init_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "module_dropout",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "r",
+    "rank_dropout",
+    "rank_dropout_scale",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "use_effective_conv2d",
+];
+
 /// The fields of PEFT 0.21.2's `LoraConfig` (what `adapter_config.json` may hold).
 const LORA_CONFIG_FIELDS: [&str; 42] = [
     "alora_invocation_tokens",
@@ -602,18 +700,10 @@ const LORA_CONFIG_FIELDS: [&str; 42] = [
 ];
 
 impl AdapterConfig {
-    /// The keys of the config that PEFT 0.21.2's LoraConfig does not have (a newer PEFT's),
+    /// The keys of the config that PEFT 0.21.2's config class does not have (a newer PEFT's),
     /// in the file's order; PEFT leaves them out with a warning.
     pub fn unknown_keys(&self) -> Vec<&str> {
-        self.raw
-            .as_object()
-            .map(|o| {
-                o.keys()
-                    .map(String::as_str)
-                    .filter(|k| !LORA_CONFIG_FIELDS.contains(k))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.unknown.iter().map(String::as_str).collect()
     }
 
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
@@ -639,12 +729,39 @@ impl AdapterConfig {
 
     /// The config of a JSON object with `adapter_config.json`'s keys.
     pub fn from_value(raw: Value) -> std::result::Result<Self, String> {
+        let peft_type = match raw.get("peft_type") {
+            None | Some(Value::Null) => PeftType::Lora,
+            Some(Value::String(t)) => match t.to_ascii_uppercase().as_str() {
+                "LORA" => PeftType::Lora,
+                "LOHA" => PeftType::LoHa,
+                "LOKR" => PeftType::LoKr,
+                _ => {
+                    return Err(format!(
+                        "peft_type {t} is not supported (LORA, LOHA and LOKR are)"
+                    ));
+                }
+            },
+            Some(v) => return Err(format!("peft_type is {v}, not a string")),
+        };
+        let Value::Object(mut fields) = raw else {
+            return Err("the config is not a JSON object".into());
+        };
+        let unknown: Vec<String> = fields
+            .keys()
+            .filter(|k| !peft_type.fields().contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if peft_type != PeftType::Lora {
+            // (LoRA's keys, `use_dora`, `lora_bias`, `trainable_token_indices`, ..., are no
+            // fields of PEFT's LoHa / LoKr configs: it drops them, and so do these lines)
+            fields.retain(|k, _| peft_type.fields().contains(&k.as_str()));
+        }
+        let raw = Value::Object(fields);
         // Keys whose type alone says the file is not what PEFT writes (PEFT would not load it).
         let shape_of = |k: &str, ok: fn(&Value) -> bool, what: &str| match raw.get(k) {
             Some(v) if !v.is_null() && !ok(v) => Err(format!("{k} is {v}, not {what}")),
             _ => Ok(()),
         };
-        shape_of("peft_type", Value::is_string, "a string")?;
         shape_of(
             "bias",
             |v| matches!(v.as_str(), Some("none" | "all" | "lora_only")),
@@ -680,18 +797,6 @@ impl AdapterConfig {
             |v| v.is_array() || v.is_object(),
             "a list of token ids or an object of them by module",
         )?;
-        let peft_type = raw
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .unwrap_or("LORA");
-        if !peft_type.eq_ignore_ascii_case("lora") {
-            return Err(format!(
-                "peft_type {peft_type} is not supported (LORA only)"
-            ));
-        }
-        if !raw.is_object() {
-            return Err("the config is not a JSON object".into());
-        }
         // A key that is present must have PEFT's type: silently falling back to a default
         // would merge with the wrong scale. Absent keys take PEFT's defaults.
         let present = |k: &str| raw.get(k).filter(|v| !v.is_null());
@@ -802,8 +907,12 @@ impl AdapterConfig {
             ));
         }
         Ok(AdapterConfig {
+            peft_type,
             r,
-            lora_alpha: number("lora_alpha", 8.0)? as f32,
+            lora_alpha: match peft_type {
+                PeftType::Lora => number("lora_alpha", 8.0)?,
+                PeftType::LoHa | PeftType::LoKr => number("alpha", 8.0)?,
+            } as f32,
             use_rslora: flag("use_rslora")?,
             use_dora: flag("use_dora")?,
             fan_in_fan_out: flag("fan_in_fan_out")?,
@@ -815,6 +924,7 @@ impl AdapterConfig {
                 .get("init_lora_weights")
                 .cloned()
                 .unwrap_or(Value::Bool(true)),
+            unknown,
             raw,
         })
     }
@@ -851,7 +961,12 @@ fn keep_what_peft_loads(
     modules: &mut Vec<ModuleAdapter>,
     config: &AdapterConfig,
 ) -> std::result::Result<Vec<String>, String> {
-    let is_lora = |m: &ModuleAdapter| matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding);
+    let is_lora = |m: &ModuleAdapter| {
+        matches!(
+            m.kind,
+            ModuleKind::Lora | ModuleKind::Embedding | ModuleKind::Lycoris
+        )
+    };
     // With weight tying PEFT also targets the layers the model ties to the input embedding
     // (`lm_head`), which only the model knows: LoRAs on such layers are kept.
     let ties = config.raw.get("ensure_weight_tying") == Some(&Value::Bool(true))
@@ -995,8 +1110,8 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     Some((num()?, num()?, num().unwrap_or(0)))
 }
 
-/// "the config key(s) ... ('a', 'b')" for the config's keys PEFT 0.21.2's LoraConfig does not have;
-/// None when it has them all.
+/// "the config key(s) ... ('a', 'b')" for the config's keys PEFT 0.21.2's config class (LoraConfig,
+/// LoHaConfig, LoKrConfig) does not have; None when it has them all.
 pub(crate) fn unknown_keys_note(config: &AdapterConfig) -> Option<String> {
     let keys = config.unknown_keys();
     if keys.is_empty() {
@@ -1004,7 +1119,8 @@ pub(crate) fn unknown_keys_note(config: &AdapterConfig) -> Option<String> {
     }
     let list: Vec<String> = keys.iter().map(|k| format!("'{k}'")).collect();
     Some(format!(
-        "the config key(s) PEFT 0.21.2's LoraConfig does not have ({})",
+        "the config key(s) PEFT 0.21.2's {} does not have ({})",
+        config.peft_type.config_class(),
         list.join(", ")
     ))
 }
@@ -1026,7 +1142,7 @@ pub(crate) fn from_tensors(
         "" => r,
         w => format!("{w}: {r}"),
     };
-    let mut modules = group_modules(names, &read, &config.raw).map_err(at)?;
+    let mut modules = group_modules(names, &read, config).map_err(at)?;
     let ignored = keep_what_peft_loads(&mut modules, config)?;
     // PEFT fails to load an adapter whose config names whole modules or token rows it saved
     // nothing of (a KeyError on the first missing tensor): the config and the file disagree.
@@ -1059,12 +1175,24 @@ pub(crate) fn from_tensors(
         return Err(at(why));
     }
     // PEFT refuses to load factors of another rank than the config gives the module.
-    for m in &modules {
+    for m in &mut modules {
+        let r =
+            pattern_value(&config.rank_pattern, &m.pattern_path()).map_or(config.r, |r| r as usize);
+        if let Some(l) = &m.lycoris {
+            // (PEFT's LoHa / LoKr divide alpha by the config's r, whatever the factors show)
+            if let Some(got) = l.rank().filter(|&got| got != r) {
+                return Err(format!(
+                    "module '{}' has {} factors of rank {got} but {config_name} gives it r = {r}",
+                    m.path,
+                    l.name()
+                ));
+            }
+            m.scale_rank = Some(r);
+            continue;
+        }
         if !matches!(m.kind, ModuleKind::Lora | ModuleKind::Embedding) {
             continue;
         }
-        let r =
-            pattern_value(&config.rank_pattern, &m.pattern_path()).map_or(config.r, |r| r as usize);
         if m.rank() != r {
             return Err(format!(
                 "module '{}' has factors of rank {} but {config_name} gives it r = {r}",
@@ -1080,11 +1208,65 @@ pub(crate) fn from_tensors(
 fn group_modules(
     names: &[(String, String)],
     read: &dyn Fn(&str) -> std::result::Result<F32Tensor, String>,
-    config: &Value,
+    adapter_config: &AdapterConfig,
 ) -> std::result::Result<Vec<ModuleAdapter>, String> {
+    let config = &adapter_config.raw;
     let mut modules: Vec<ModuleAdapter> = Vec::new();
+    // LoHa / LoKr factors by module path, gathered before they are combined.
+    let mut factors: BTreeMap<String, BTreeMap<String, F32Tensor>> = BTreeMap::new();
     for (key, stripped) in names {
         let stripped = stripped.as_str();
+        if let Some((path, factor)) = lycoris_key(stripped) {
+            let wanted = match adapter_config.peft_type {
+                PeftType::LoHa => "hada_",
+                PeftType::LoKr => "lokr_",
+                PeftType::Lora => "",
+            };
+            if wanted.is_empty() || !factor.starts_with(wanted) {
+                return Err(format!(
+                    "key '{key}' is a LyCORIS {} factor, but the adapter is a {} one (peft_type {}): PEFT would leave it out",
+                    if factor.starts_with("hada_") {
+                        "LoHa"
+                    } else {
+                        "LoKr"
+                    },
+                    adapter_config
+                        .peft_type
+                        .config_class()
+                        .trim_end_matches("Config"),
+                    config
+                        .get("peft_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("LORA")
+                ));
+            }
+            let t = read(key)?;
+            match modules
+                .iter_mut()
+                .find(|m| m.path == path && m.kind != ModuleKind::Tokens)
+            {
+                Some(m) => {
+                    m.kind = ModuleKind::Lycoris;
+                    m.keys.push(key.clone());
+                }
+                None => {
+                    let mut m = ModuleAdapter::empty(path, ModuleKind::Lycoris, None);
+                    m.keys.push(key.clone());
+                    modules.push(m);
+                }
+            }
+            if factors
+                .entry(path.to_string())
+                .or_default()
+                .insert(factor.to_string(), t)
+                .is_some()
+            {
+                return Err(format!(
+                    "module '{path}' has its {factor} twice (keys with and without PEFT's base_model.model. prefix?)"
+                ));
+            }
+            continue;
+        }
         if let Some(path) = token_module(stripped) {
             let values = read(key)?;
             let indices = token_indices(config, path).map_err(|r| format!("key '{key}': {r}"))?;
@@ -1113,6 +1295,19 @@ fn group_modules(
         }
         let (path, part) = split_key(stripped)
             .ok_or_else(|| format!("key '{key}' is not a LoRA parameter key"))?;
+        if adapter_config.peft_type != PeftType::Lora && !matches!(part, Part::Full(_)) {
+            return Err(format!(
+                "key '{key}' is a LoRA tensor, but the adapter is a {} one (peft_type {}): PEFT would leave it out",
+                adapter_config
+                    .peft_type
+                    .config_class()
+                    .trim_end_matches("Config"),
+                config
+                    .get("peft_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            ));
+        }
         let idx = match modules
             .iter()
             .position(|m| m.path == path && m.kind != ModuleKind::Tokens)
@@ -1177,7 +1372,24 @@ fn group_modules(
             }
         }
     }
+    for m in modules.iter_mut().filter(|m| m.kind == ModuleKind::Lycoris) {
+        let l = super::lycoris::Lycoris::from_factors(
+            &m.path,
+            factors.remove(&m.path).unwrap_or_default(),
+        )?;
+        if m.full.contains_key("weight") {
+            return Err(format!(
+                "module '{}' has both {} factors and a whole weight",
+                m.path,
+                l.name()
+            ));
+        }
+        m.lycoris = Some(l);
+    }
     for m in &modules {
+        if m.kind == ModuleKind::Lycoris {
+            continue;
+        }
         if !m.is_whole() && (m.a.is_none() || m.b.is_none()) {
             return Err(format!(
                 "module '{}' has only one of lora_A / lora_B",
@@ -1186,6 +1398,14 @@ fn group_modules(
         }
     }
     Ok(modules)
+}
+
+/// `<module>.<factor>` for a LyCORIS factor key (`hada_w1_a`, `lokr_w2`, ...), as PEFT's LoHa and
+/// LoKr save them.
+fn lycoris_key(key: &str) -> Option<(&str, &str)> {
+    let (module, last) = key.rsplit_once('.')?;
+    (!module.is_empty() && (last.starts_with("hada_") || last.starts_with("lokr_")))
+        .then_some((module, last))
 }
 
 /// The module of a trainable-tokens key: `<module>.token_adapter.trainable_tokens_delta`,
@@ -1353,6 +1573,163 @@ mod tests {
         }
         let fine = r#"{"bias": "all", "init_lora_weights": "gaussian", "layers_pattern": ["h"], "layers_to_transform": [0]}"#;
         assert!(AdapterConfig::parse(fine).is_ok(), "{fine}");
+    }
+
+    /// PEFT's LoHa / LoKr configs: `alpha` (not `lora_alpha`), and LoRA's keys, which their
+    /// config classes do not have, left out as PEFT leaves them out.
+    #[test]
+    fn lycoris_configs_read_alpha_and_leave_lora_keys_out() -> Result<(), String> {
+        let c = AdapterConfig::parse(
+            r#"{"peft_type": "LOHA", "r": 2, "alpha": 4, "lora_alpha": 16, "use_dora": true, "lora_bias": true, "use_effective_conv2d": true}"#,
+        )?;
+        assert_eq!(c.peft_type, PeftType::LoHa);
+        assert_eq!((c.r, c.lora_alpha), (2, 4.0));
+        assert!(!c.use_dora && !c.lora_bias && !c.use_rslora);
+        assert_eq!(c.unknown_keys(), ["lora_alpha", "use_dora", "lora_bias"]);
+        assert!(c.raw.get("use_dora").is_none());
+        let note = unknown_keys_note(&c).ok_or("no note")?;
+        assert!(
+            note.contains("LoHaConfig") && note.contains("'lora_alpha'"),
+            "{note}"
+        );
+        let k = AdapterConfig::parse(r#"{"peft_type": "LOKR", "decompose_both": true}"#)?;
+        assert_eq!((k.peft_type, k.lora_alpha), (PeftType::LoKr, 8.0));
+        assert!(k.unknown_keys().is_empty());
+        // (decompose_both is LoKr's own)
+        let h = AdapterConfig::parse(r#"{"peft_type": "LOHA", "decompose_both": true}"#)?;
+        assert_eq!(h.unknown_keys(), ["decompose_both"]);
+        match AdapterConfig::parse(r#"{"peft_type": "IA3"}"#) {
+            Err(e) => assert!(
+                e.contains("peft_type IA3 is not supported (LORA, LOHA and LOKR are)"),
+                "{e}"
+            ),
+            Ok(_) => panic!("IA3 accepted"),
+        }
+        Ok(())
+    }
+
+    /// A LoHa / LoKr adapter's factors make one LyCORIS module each, scaled by the config's r
+    /// (PEFT's LoKr of two whole factors too); factors of another rank, another tuner's factors
+    /// and LoRA tensors are refused.
+    #[test]
+    fn lycoris_factors_group_into_modules() -> Result<(), String> {
+        let t = |shape: &[usize]| F32Tensor {
+            shape: shape.to_vec(),
+            data: vec![0.5; shape.iter().product()],
+        };
+        let tensors: BTreeMap<&str, F32Tensor> = [
+            ("fc.hada_w1_a", t(&[4, 2])),
+            ("fc.hada_w1_b", t(&[2, 3])),
+            ("fc.hada_w2_a", t(&[4, 2])),
+            ("fc.hada_w2_b", t(&[2, 3])),
+            ("kr.lokr_w1", t(&[2, 2])),
+            ("kr.lokr_w2", t(&[2, 3])),
+            ("lo.lora_A.weight", t(&[2, 3])),
+        ]
+        .into_iter()
+        .collect();
+        let load = |json: &str, keys: &[&str]| {
+            let config = AdapterConfig::parse(json)?;
+            let names: Vec<(String, String)> = keys
+                .iter()
+                .map(|k| (format!("base_model.model.{k}"), k.to_string()))
+                .collect();
+            let read = |k: &str| {
+                let k = k.strip_prefix("base_model.model.").unwrap_or(k);
+                tensors.get(k).cloned().ok_or(format!("no {k}"))
+            };
+            from_tensors(&config, &names, read, "", "adapter_config.json").map(|(m, _)| (config, m))
+        };
+        let loha = r#"{"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["fc"]}"#;
+        let (config, modules) = load(
+            loha,
+            &[
+                "fc.hada_w1_a",
+                "fc.hada_w1_b",
+                "fc.hada_w2_a",
+                "fc.hada_w2_b",
+            ],
+        )?;
+        assert_eq!(modules.len(), 1);
+        assert_eq!(modules[0].kind, ModuleKind::Lycoris);
+        assert_eq!(modules[0].keys.len(), 4);
+        let adapter = Adapter {
+            path: PathBuf::from("a"),
+            config,
+            modules,
+            ignored: Vec::new(),
+            root: None,
+            diffusers: None,
+            alpha_keys: None,
+            diffusers_part: None,
+        };
+        assert_eq!(adapter.scaling(&adapter.modules[0]), 2.0);
+        // LoKr of two whole factors: alpha / r all the same (kohya's files scale those by 1)
+        let (config, modules) = load(
+            r#"{"peft_type": "LOKR", "r": 8, "alpha": 4, "target_modules": ["kr"]}"#,
+            &["kr.lokr_w1", "kr.lokr_w2"],
+        )?;
+        assert_eq!(modules[0].rank(), 8);
+        let adapter = Adapter {
+            config,
+            modules,
+            ..adapter
+        };
+        assert_eq!(adapter.scaling(&adapter.modules[0]), 0.5);
+        for (json, keys, says) in [
+            (
+                r#"{"peft_type": "LOHA", "r": 4, "target_modules": ["fc"]}"#,
+                &[
+                    "fc.hada_w1_a",
+                    "fc.hada_w1_b",
+                    "fc.hada_w2_a",
+                    "fc.hada_w2_b",
+                ][..],
+                "module 'fc' has LoHa factors of rank 2 but adapter_config.json gives it r = 4",
+            ),
+            (
+                r#"{"peft_type": "LOKR", "target_modules": ["fc"]}"#,
+                &["fc.hada_w1_a"][..],
+                "is a LyCORIS LoHa factor, but the adapter is a LoKr one (peft_type LOKR)",
+            ),
+            (
+                r#"{"target_modules": ["fc"]}"#,
+                &["fc.hada_w1_a"][..],
+                "is a LyCORIS LoHa factor, but the adapter is a Lora one",
+            ),
+            (
+                r#"{"peft_type": "LOHA", "target_modules": ["lo"]}"#,
+                &["lo.lora_A.weight"][..],
+                "is a LoRA tensor, but the adapter is a LoHa one",
+            ),
+            (
+                loha,
+                &["fc.hada_w1_a", "fc.hada_w1_b", "fc.hada_w2_a"][..],
+                "LoHa module 'fc' lacks one of",
+            ),
+        ] {
+            match load(json, keys) {
+                Err(e) => assert!(e.contains(says), "{json}: {e}"),
+                Ok(_) => panic!("{json} {keys:?} accepted"),
+            }
+        }
+        // (modules the config does not target are left out, as for LoRA)
+        match load(
+            r#"{"peft_type": "LOHA", "r": 2, "target_modules": ["other"]}"#,
+            &[
+                "fc.hada_w1_a",
+                "fc.hada_w1_b",
+                "fc.hada_w2_a",
+                "fc.hada_w2_b",
+            ],
+        ) {
+            Err(e) => assert!(
+                e.contains("holds no adapter tensors PEFT would load"),
+                "{e}"
+            ),
+            Ok(_) => panic!("an untargeted LoHa module was kept"),
+        }
+        Ok(())
     }
 
     #[test]

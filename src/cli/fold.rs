@@ -25,8 +25,8 @@ use super::save_args::SaveArgs;
   onnx-lora fold genai/model.onnx adapter/ -o out.onnx --verify --dim kv_cache_dim=16
   onnx-lora fold model.onnx adapter/ --dry-run    # does it fit? (merges, writes nothing)
 
-ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors), the .safetensors
-file with its adapter_config.json beside it, a diffusers LoRA file (transformer.* / unet.* /
+ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors: LoRA, or PEFT's
+LoHa / LoKr), the .safetensors file with its adapter_config.json beside it, a diffusers LoRA file (transformer.* / unet.* /
 text_encoder.* PEFT keys, no adapter_config.json: the config is its metadata or what diffusers
 derives; the part that is the model is taken, the others left out with a warning), or a kohya
 LoRA .safetensors file (lora_unet_* / lora_te_* keys; text-encoder parts are left out of a UNet,

@@ -274,6 +274,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // Replaced values (modules_to_save, trainable tokens, trained biases) have no branch form:
     // they go into the weights, and the branches carry the rest.
     let mut replaced = Vec::new();
+    // (what each replaced module is, by path: "modules_to_save", "LoHa", ...)
+    let mut what: Vec<(String, &'static str)> = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
             if let Some(m) = adapter.modules.iter().find(|m| m.has_no_branch_form())
@@ -297,6 +299,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 }
                 replaced = rep.modules;
             }
+            what = adapter
+                .modules
+                .iter()
+                .filter(|m| m.has_no_branch_form())
+                .map(|m| (m.path.clone(), m.replaced_what()))
+                .collect();
             Some(low)
         }
         None => None,
@@ -446,6 +454,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     print_report(
         &reports,
         &replaced,
+        &what,
         &unmatched,
         &saved,
         args.adapter_out.as_deref(),
@@ -500,6 +509,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
     replaced: &[onnx_lora::rewrite::ModuleReport],
+    what: &[(String, &'static str)],
     unmatched: &[String],
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
@@ -523,10 +533,21 @@ fn print_report(
         return Ok(());
     }
     for r in replaced {
-        eprintln!(
-            "{}: whole values written into '{}' ({} {}); no branch can carry them, and export-peft will not give them back",
-            r.module, r.weight, r.op, r.node
-        );
+        let kind = what
+            .iter()
+            .find(|(p, _)| *p == r.module)
+            .map_or("", |(_, w)| *w);
+        if matches!(kind, "LoHa" | "LoKr") {
+            eprintln!(
+                "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is not low-rank), and export-peft will not give it back",
+                r.module, r.weight, r.op, r.node
+            );
+        } else {
+            eprintln!(
+                "{}: whole values written into '{}' ({} {}); no branch can carry them, and export-peft will not give them back",
+                r.module, r.weight, r.op, r.node
+            );
+        }
     }
     let rows: Vec<Vec<String>> = reports
         .iter()
