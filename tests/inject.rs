@@ -1366,26 +1366,41 @@ fn verify_adapter_on_a_model_without_its_inputs_is_refused() {
 }
 
 /// `inject --adapter` says what it put into the weights: a LoHa / LoKr module's delta (PEFT's
-/// own LyCORIS tuners), or the values a module replaces (trainable tokens).
+/// own LyCORIS tuners, and kohya's files), or the values a module replaces (trainable tokens).
 #[test]
 fn inject_names_what_went_into_the_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let case = cases()
-        .into_iter()
-        .find(|c| c.model == "llama" && c.exporter == "dynamo")
-        .unwrap();
-    for (adapter, says) in [
-        ("peft_loha", "its LoHa delta added into"),
-        ("peft_lokr", "its LoKr delta added into"),
-        ("trainable_tokens", "whole values written into"),
+    let f = fixtures();
+    for (model, adapter, says) in [
+        (
+            "llama",
+            "llama/adapters/peft_loha",
+            "its LoHa delta added into",
+        ),
+        (
+            "llama",
+            "llama/adapters/peft_lokr",
+            "its LoKr delta added into",
+        ),
+        (
+            "llama",
+            "llama/adapters/trainable_tokens",
+            "whole values written into",
+        ),
+        (
+            "unet",
+            "unet/adapters/lokr.safetensors",
+            "its LoKr delta added into",
+        ),
     ] {
-        let ad = case.adapters.iter().find(|a| a.name == adapter).unwrap();
-        let out = dir.path().join(format!("{adapter}.onnx"));
+        let out = dir
+            .path()
+            .join(format!("{}.onnx", adapter.replace('/', "_")));
         let o = onnx_lora(&[
             "inject",
-            s(&case.onnx),
+            s(&f.join(model).join("dynamo/model.onnx")),
             "--adapter",
-            s(&ad.dir),
+            s(&f.join(adapter)),
             "-o",
             s(&out),
         ]);

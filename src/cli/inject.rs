@@ -273,9 +273,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     // Replaced values (modules_to_save, trainable tokens, trained biases) have no branch form:
     // they go into the weights, and the branches carry the rest.
-    let mut replaced = Vec::new();
-    // (what each replaced module is, by path: "modules_to_save", "LoHa", ...)
-    let mut what: Vec<(String, &'static str)> = Vec::new();
+    // (each with what its module is: "modules_to_save", "LoHa", ...)
+    let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, &'static str)> = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
             if let Some(m) = adapter.modules.iter().find(|m| m.has_no_branch_form())
@@ -297,14 +296,31 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 for u in &rep.unmatched {
                     eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
                 }
-                replaced = rep.modules;
+                replaced = rep
+                    .modules
+                    .into_iter()
+                    .map(|r| {
+                        // (a module that replaced no values added a LyCORIS delta; a kohya
+                        // module's report is under the model's path, its keys' stem noted)
+                        let stem = r.adapter_module.as_deref();
+                        let what = adapter
+                            .modules
+                            .iter()
+                            .filter(|m| m.kind == onnx_lora::adapter::ModuleKind::Lycoris)
+                            .find(|m| {
+                                m.path == r.module
+                                    || m.keys.iter().any(|k| k.split('.').next() == stem)
+                            })
+                            .map_or("LyCORIS", |m| m.replaced_what());
+                        let what = if r.replaced || r.bias_replaced {
+                            ""
+                        } else {
+                            what
+                        };
+                        (r, what)
+                    })
+                    .collect();
             }
-            what = adapter
-                .modules
-                .iter()
-                .filter(|m| m.has_no_branch_form())
-                .map(|m| (m.path.clone(), m.replaced_what()))
-                .collect();
             Some(low)
         }
         None => None,
@@ -454,7 +470,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     print_report(
         &reports,
         &replaced,
-        &what,
         &unmatched,
         &saved,
         args.adapter_out.as_deref(),
@@ -508,8 +523,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
-    replaced: &[onnx_lora::rewrite::ModuleReport],
-    what: &[(String, &'static str)],
+    replaced: &[(onnx_lora::rewrite::ModuleReport, &'static str)],
     unmatched: &[String],
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
@@ -521,7 +535,7 @@ fn print_report(
         for r in reports {
             json_line("branch", r)?;
         }
-        for r in replaced {
+        for (r, _) in replaced {
             json_line("replaced", r)?;
         }
         json_line(
@@ -532,12 +546,8 @@ fn print_report(
         )?;
         return Ok(());
     }
-    for r in replaced {
-        let kind = what
-            .iter()
-            .find(|(p, _)| *p == r.module)
-            .map_or("", |(_, w)| *w);
-        if matches!(kind, "LoHa" | "LoKr") {
+    for (r, kind) in replaced {
+        if !kind.is_empty() {
             eprintln!(
                 "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is not low-rank), and export-peft will not give it back",
                 r.module, r.weight, r.op, r.node
