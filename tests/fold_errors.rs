@@ -5171,3 +5171,115 @@ fn dora_on_an_embedding_is_folded_not_injected() {
     );
     fold_ok(&model, &[&ad], &out, &["--quiet"]);
 }
+
+/// export-peft gives a `target_parameters` module back as one: a branch `inject --adapter`
+/// made for a parameter (PEFT's ParamWrapper, which wraps a router or any module with a 2-D
+/// weight) is written under `target_parameters` as `<module>.weight`, its pattern keys on that
+/// name, beside `target_modules` (an empty list when there are no modules: PEFT would otherwise
+/// add its defaults for the model's type and refuse the parameters of those layers); folding
+/// the exported adapter gives what folding the original gives. Both branch forms.
+#[test]
+fn export_peft_gives_target_parameters_back_as_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let model = common::fixtures().join("llama/torchscript/model.onnx");
+    let plain = common::fixtures().join("llama/adapters/plain");
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = p(name);
+        copy_adapter(&plain, &d, |_, _| true);
+        let path = d.join("adapter_config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut c);
+        std::fs::write(&path, c.to_string()).unwrap();
+        d
+    };
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let q = |l: u8| format!("model.layers.{l}.self_attn.q_proj");
+    let v = |l: u8| format!("model.layers.{l}.self_attn.v_proj");
+    let params = edit("params", &|c| {
+        c["target_modules"] = serde_json::json!([]);
+        c["target_parameters"] = serde_json::json!(["q_proj.weight", "v_proj.weight"]);
+    });
+    // (v_proj by module, q_proj by parameter, q_proj's alpha keyed on the parameter)
+    let mixed = edit("mixed", &|c| {
+        c["target_modules"] = serde_json::json!(["v_proj"]);
+        c["target_parameters"] = serde_json::json!(["q_proj.weight"]);
+        c["alpha_pattern"] = serde_json::json!({"q_proj.weight": 16});
+    });
+    for form in ["branch", "weight"] {
+        for (name, adapter) in [("params", &params), ("mixed", &mixed)] {
+            let injected = p(&format!("{name}_{form}.onnx"));
+            let exported = p(&format!("{name}_{form}_peft"));
+            onnx_lora_ok(&[
+                "inject",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--form",
+                form,
+                "-o",
+                injected.to_str().unwrap(),
+                "--quiet",
+            ]);
+            onnx_lora_ok(&[
+                "export-peft",
+                injected.to_str().unwrap(),
+                "-o",
+                exported.to_str().unwrap(),
+            ]);
+            let c = config(&exported);
+            let strings = |k: &str| -> Vec<String> {
+                let mut v: Vec<String> = c[k]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{name} {form}: {k} is {}", c[k]))
+                    .iter()
+                    .map(|x| x.as_str().unwrap().to_string())
+                    .collect();
+                v.sort();
+                v
+            };
+            let weight = |m: String| format!("{m}.weight");
+            if name == "params" {
+                assert_eq!(strings("target_modules"), Vec::<String>::new(), "{form}");
+                assert_eq!(
+                    strings("target_parameters"),
+                    [weight(q(0)), weight(v(0)), weight(q(1)), weight(v(1))],
+                    "{form}"
+                );
+            } else {
+                assert_eq!(strings("target_modules"), [v(0), v(1)], "{form}");
+                assert_eq!(
+                    strings("target_parameters"),
+                    [weight(q(0)), weight(q(1))],
+                    "{form}"
+                );
+                // (q_proj's alpha 16 and v_proj's 8: one is lora_alpha, the other's pattern
+                // keys name the parameter for q_proj, the module for v_proj)
+                let alphas = c["alpha_pattern"].as_object().unwrap();
+                let alpha = |m: &str, key: String| {
+                    alphas
+                        .get(&key.replace('.', r"\."))
+                        .unwrap_or(&c["lora_alpha"])
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{form}: {m}: {c}"))
+                };
+                for l in [0, 1] {
+                    assert_eq!(alpha("q", weight(q(l))), 16.0, "{form}: {alphas:?}");
+                    assert_eq!(alpha("v", v(l)), 8.0, "{form}: {alphas:?}");
+                }
+                assert_eq!(alphas.len(), 2, "{form}: {alphas:?}");
+            }
+            let (a, b) = (p("a.onnx"), p("b.onnx"));
+            fold_ok(&model, &[adapter], &a, &["--quiet"]);
+            fold_ok(&model, &[&exported], &b, &["--quiet"]);
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{name} {form}: the exported adapter folds otherwise"
+            );
+        }
+    }
+}

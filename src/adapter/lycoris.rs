@@ -232,13 +232,42 @@ impl Lycoris {
                 let (out, inner, k) = self.dims()?;
                 // (a, c > 0 and the factors' sizes: `check`)
                 let (b, d) = (out / a, inner / c);
+                let w2_3d = matches!(w2, KronFactor::Whole(w) if w.shape.len() == 3);
                 let w2 = match (w2, t2) {
                     (KronFactor::Whole(w), _) => w.data.clone(),
                     (KronFactor::Product(wa, wb), Some(t)) => rebuild_tucker(t, wb, wa)?,
                     (KronFactor::Product(wa, wb), None) => product(wa, wb)?,
                 };
-                // (w1 ⊗ w2)[i·b + j, (p·d + l)·k + q] = w1[i, p] · w2[j, l, q]
                 let mut out_v = vec![0f32; out * inner * k];
+                if w2_3d {
+                    // A Conv1d's whole w2 (b, d, k): LyCORIS's make_kron (and PEFT's copy of
+                    // it) gives w1 kernel axes only beside a 4-D w2, so torch.kron takes w1 as
+                    // (1, a, c) and makes a (b, a·d, c·k) tensor, which the layer's (out, in, k)
+                    // weight then reads as it is laid out:
+                    // [j, p·d + l, i·k + q] = w1[p, i] · w2[j, l, q]
+                    let plane = a * d * c * k;
+                    out_v
+                        .par_chunks_mut(plane.max(1))
+                        .enumerate()
+                        .for_each(|(j, chunk)| {
+                            for p in 0..a {
+                                for l in 0..d {
+                                    let src = &w2[(j * d + l) * k..(j * d + l + 1) * k];
+                                    let row =
+                                        &mut chunk[(p * d + l) * c * k..(p * d + l + 1) * c * k];
+                                    for i in 0..c {
+                                        let s = w1[p * c + i];
+                                        row[i * k..(i + 1) * k]
+                                            .iter_mut()
+                                            .zip(src)
+                                            .for_each(|(o, v)| *o = s * v);
+                                    }
+                                }
+                            }
+                        });
+                    return Ok(out_v);
+                }
+                // (w1 ⊗ w2)[i·b + j, (p·d + l)·k + q] = w1[i, p] · w2[j, l, q]
                 out_v
                     .par_chunks_mut((inner * k).max(1))
                     .enumerate()
@@ -381,6 +410,29 @@ mod tests {
         assert_eq!(l.shape()?, (2, 2));
         assert_eq!(l.delta()?, vec![2.0, 20.0, 3.0, 30.0]);
         assert_eq!(l.rank(), None);
+        Ok(())
+    }
+
+    /// A Conv1d's whole w2 (b, d, k) combines as torch.kron of w1 taken as (1, a, c) with it
+    /// (LyCORIS's and PEFT's make_kron unsqueeze w1 only beside a 4-D w2), not as w1 ⊗ w2 per
+    /// kernel tap: the values below are torch's.
+    #[test]
+    fn lokr_with_a_3d_whole_w2_lays_out_as_torch_kron() -> Result<()> {
+        let l = Lycoris::LoKr {
+            w1: KronFactor::Whole(t(&[2, 1], vec![1.0, 10.0])),
+            w2: KronFactor::Whole(t(&[1, 1, 2], vec![2.0, 3.0])),
+            t2: None,
+        };
+        assert_eq!(l.shape()?, (2, 2));
+        // torch.kron(w1[None], w2) = [[[2, 3], [20, 30]]] (1, 2, 2), read as (out 2, in 1, k 2)
+        assert_eq!(l.delta()?, vec![2.0, 3.0, 20.0, 30.0]);
+        let l = Lycoris::LoKr {
+            w1: KronFactor::Whole(t(&[1, 2], vec![1.0, 10.0])),
+            w2: KronFactor::Whole(t(&[2, 1, 2], vec![2.0, 3.0, 4.0, 5.0])),
+            t2: None,
+        };
+        // torch.kron: (2, 1, 4) [[2, 3, 20, 30], [4, 5, 40, 50]], read as (out 2, in 2, k 2)
+        assert_eq!(l.delta()?, vec![2.0, 3.0, 20.0, 30.0, 4.0, 5.0, 40.0, 50.0]);
         Ok(())
     }
 

@@ -123,7 +123,7 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     })?;
     if let Some(first) = report.left_out.first() {
         eprintln!(
-            "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights (modules_to_save, trained biases, trainable tokens), and the exported adapter does not hold them: PEFT loading it computes without them",
+            "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights (modules_to_save, trained biases, trainable tokens, LoHa / LoKr deltas), and the exported adapter does not hold them: PEFT loading it computes without them",
             args.model.display(),
             report.left_out.len(),
             match report.left_out.len() {
@@ -135,8 +135,12 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     if args.json {
         report_line(&report, &args.output)?;
     } else {
+        let parameters = match report.parameters.len() {
+            0 => String::new(),
+            n => format!(", {} target_parameters", n),
+        };
         eprintln!(
-            "wrote {} ({} modules, r = {}, lora_alpha = {})",
+            "wrote {} ({} modules{parameters}, r = {}, lora_alpha = {})",
             args.output.display(),
             report.modules.len(),
             report.r,

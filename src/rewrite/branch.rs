@@ -44,6 +44,24 @@ pub struct Slice {
     pub lora_bias: bool,
 }
 
+/// Metadata key of a branch whose module PEFT targets through `target_parameters` (value
+/// `parameter`), so that export-peft names it there rather than in `target_modules`.
+pub const TARGET_KEY: &str = "onnx-lora.target";
+
+/// Marks `nodes` as a branch on a module's parameter (nothing unless `via_parameter`).
+pub fn mark_parameter(nodes: &mut [NodeProto], via_parameter: bool) {
+    if via_parameter {
+        for n in nodes {
+            n.metadata_props.push(meta(TARGET_KEY, "parameter"));
+        }
+    }
+}
+
+/// The branch node was marked by [`mark_parameter`].
+pub fn is_parameter(n: &NodeProto) -> bool {
+    n.metadata(TARGET_KEY) == Some("parameter")
+}
+
 /// The slices of a branch node's metadata (none when it has no `SLICES_KEY`).
 pub fn slices_of(n: &NodeProto) -> std::result::Result<Vec<Slice>, String> {
     match n.metadata(SLICES_KEY) {

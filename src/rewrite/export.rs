@@ -21,6 +21,9 @@ use crate::tensor::{Matrix, from_f32};
 #[derive(Clone, Debug, Serialize)]
 pub struct PeftExport {
     pub modules: Vec<String>,
+    /// The parameters (`<module>.weight`) of branches an adapter's `target_parameters` made.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<String>,
     pub r: usize,
     pub lora_alpha: f32,
     /// Modules whose values inject wrote into the weights (no branch form): not exported.
@@ -67,6 +70,9 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
     let mut modules = Vec::new();
+    // (branches from an adapter's `target_parameters`: `<path>.weight`, which PEFT wraps
+    // whatever the module is; target_modules would make it wrap the module as a Linear)
+    let mut parameters = Vec::new();
     let mut conv1d = false;
     let (mut use_dora, mut lora_bias) = (false, false);
     for f in &found {
@@ -143,14 +149,18 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             continue;
         }
         if m.rank() != r {
-            rank_pattern.insert(m.path.clone(), m.rank().into());
+            rank_pattern.insert(m.pattern_path().into_owned(), m.rank().into());
         }
         if (alpha - lora_alpha).abs() > 1e-6 * lora_alpha.abs().max(1.0) {
-            alpha_pattern.insert(m.path.clone(), serde_json::json!(alpha));
+            alpha_pattern.insert(m.pattern_path().into_owned(), serde_json::json!(alpha));
         }
         // GPT-2 style Conv1D exports as Gemm(transB=0) with the torch weight's own layout.
         conv1d |= f.cand.op == "Gemm" && f.cand.layout == crate::target::Layout::InOut;
-        modules.push(m.path.clone());
+        if m.via_parameter {
+            parameters.push(m.pattern_path().into_owned());
+        } else {
+            modules.push(m.path.clone());
+        }
     }
     // PEFT matches a pattern key as `(.*\.)?(key)$`: a module path that ends another exported
     // one (a model's own `proj_out` and its blocks' `single_transformer_blocks.0.proj_out`) is
@@ -162,6 +172,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
                 let key = regex::escape(&path);
                 let ends_another = modules
                     .iter()
+                    .chain(&parameters)
                     .any(|other| other.len() > path.len() && other.ends_with(&format!(".{path}")));
                 (if ends_another { format!("^{key}") } else { key }, v)
             })
@@ -172,7 +183,15 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": lora_alpha,
+        // (an empty list, not null, beside target_parameters: PEFT would otherwise target its
+        // defaults for the model's type, Llama's q_proj and v_proj, and refuse the parameters
+        // of those layers as targeted twice)
         "target_modules": modules,
+        "target_parameters": if parameters.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(parameters)
+        },
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": false,
@@ -208,6 +227,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     )?;
     Ok(PeftExport {
         modules,
+        parameters,
         r,
         lora_alpha,
         left_out: super::inject::replaced_modules(&model.proto),

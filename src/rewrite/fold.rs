@@ -990,7 +990,14 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
     if c.layout == Layout::Norm {
         return plan_norm(model, graph, job);
     }
-    if c.groups() > 1 {
+    // (PEFT merges a LoHa / LoKr delta, shaped as the grouped weight, and whole values; it
+    // refuses to merge LoRA factors there)
+    if c.groups() > 1
+        && job
+            .steps
+            .iter()
+            .any(|s| matches!(s.module.kind, ModuleKind::Lora | ModuleKind::Embedding))
+    {
         return Err(Error::Target(format!(
             "module '{}' ({}) is a grouped convolution (group > 1): folding LoRA into it is not supported (PEFT's merge refuses it too)",
             c.module, c.node

@@ -40,6 +40,8 @@ pub struct BranchSpec {
     pub bias: Option<Vec<f32>>,
     /// On a packed q/k/v weight: the adapter modules whose factors the branch carries.
     pub slices: Vec<super::branch::Slice>,
+    /// The adapter targets the module's weight through `target_parameters`.
+    pub via_parameter: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +148,7 @@ pub fn fresh_branches(
                 magnitude: None,
                 bias: None,
                 slices: Vec::new(),
+                via_parameter: false,
             })
         })
         .collect()
@@ -464,6 +467,8 @@ fn packed_spec(
         magnitude: dora.then_some(magnitude),
         bias: lora_bias.then_some(bias),
         slices: parts,
+        // (a packed layer's slices are exported as the modules they name)
+        via_parameter: false,
     })
 }
 
@@ -504,6 +509,7 @@ fn spec_from_module(
         magnitude: m.magnitude.as_ref().map(|t| t.data.clone()),
         bias: m.bias_b.as_ref().map(|t| t.data.clone()),
         slices: Vec::new(),
+        via_parameter: m.via_parameter,
     })
 }
 
@@ -823,6 +829,7 @@ fn add_branch(
     }
     let mut nodes = branch_nodes(c, &base, &names, &y, &y_base, &br.name);
     super::branch::mark_slices(&mut nodes, &br.slices);
+    super::branch::mark_parameter(&mut nodes, br.via_parameter);
     // Node and intermediate value names unique in the model (a layer may already have a branch,
     // e.g. in the reference of several adapters); the last node still produces y.
     let mut renamed: HashMap<String, String> = HashMap::new();

@@ -126,6 +126,7 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
             data,
         });
         let mut module = branch_module(&t.name, a, b, None, bias_b);
+        module.via_parameter = t.via_parameter;
         checked_factors(&module, cand)?;
         if let (Some(f), Some(a), Some(b)) = (&t.dora_factor, &module.a, &module.b) {
             module.magnitude = Some(dora_magnitude(model, &graph, cand, a, b, scale, f)?);
@@ -515,6 +516,7 @@ pub fn find_branches(
             for v in params.iter().chain([&y_base]) {
                 removed.insert(v.clone(), name.clone());
             }
+            module.via_parameter = super::branch::is_parameter(add);
             members.extend(nodes);
             out.push(Found {
                 cand: cand.clone(),

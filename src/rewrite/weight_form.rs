@@ -320,9 +320,11 @@ fn plan(
         slices: br.slices.clone(),
     };
     super::branch::mark_slices(&mut pre, &br.slices);
+    super::branch::mark_parameter(&mut pre, br.via_parameter);
     let mut post = post;
     if let Some((_, _, n)) = &mut post {
         super::branch::mark_slices(std::slice::from_mut(n), &br.slices);
+        super::branch::mark_parameter(std::slice::from_mut(n), br.via_parameter);
     }
     let plan = Plan {
         graph: c.graph,
@@ -434,6 +436,8 @@ pub(crate) struct Taken {
     pub lora_bias: Option<Vec<f32>>,
     /// On a packed q/k/v weight, the modules the branch carries.
     pub slices: Vec<super::branch::Slice>,
+    /// The branch was marked as one on a `target_parameters` module.
+    pub via_parameter: bool,
 }
 
 /// Per graph: its index, (merged value, W) pairs the nodes read again, (y_base, y) output
@@ -612,6 +616,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
             params.extend(names);
             members.extend(nodes);
             let slices = super::branch::slices_of(add).map_err(|e| broken(&e))?;
+            let via_parameter = super::branch::is_parameter(add);
             taken.push(Taken {
                 name,
                 graph: gi,
@@ -623,6 +628,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                 dora_factor,
                 lora_bias,
                 slices,
+                via_parameter,
             });
         }
         super::unbranch::check_removable(model, &graph, gi, &members, &removed, |n| {
