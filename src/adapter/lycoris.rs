@@ -96,6 +96,11 @@ impl Lycoris {
             };
             let (w1, w2) = (factor(1)?, factor(2)?);
             let t2 = take("lokr_t2");
+            if t2.is_some() && matches!(w2, KronFactor::Whole(_)) {
+                return Err(format!(
+                    "LoKr module '{name}' has a Tucker core lokr_t2 beside a whole lokr_w2 (the core goes with lokr_w2_a / lokr_w2_b)"
+                ));
+            }
             Lycoris::LoKr { w1, w2, t2 }
         };
         if let Some(k) = f.keys().next() {
@@ -126,6 +131,22 @@ impl Lycoris {
                 }
                 _ => None,
             },
+        }
+    }
+
+    /// The rank of every low-rank product among the factors (LoHa: both halves; LoKr: each
+    /// factor stored as a product), in factor order.
+    pub fn ranks(&self) -> Vec<usize> {
+        let rows = |t: &F32Tensor| t.shape.first().copied().unwrap_or(0);
+        match self {
+            Lycoris::LoHa { w1b, w2b, .. } => vec![rows(w1b), rows(w2b)],
+            Lycoris::LoKr { w1, w2, .. } => [w1, w2]
+                .into_iter()
+                .filter_map(|f| match f {
+                    KronFactor::Product(_, b) => Some(rows(b)),
+                    KronFactor::Whole(_) => None,
+                })
+                .collect(),
         }
     }
 

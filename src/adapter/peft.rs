@@ -1180,12 +1180,34 @@ pub(crate) fn from_tensors(
             pattern_value(&config.rank_pattern, &m.pattern_path()).map_or(config.r, |r| r as usize);
         if let Some(l) = &m.lycoris {
             // (PEFT's LoHa / LoKr divide alpha by the config's r, whatever the factors show)
-            if let Some(got) = l.rank().filter(|&got| got != r) {
+            if let Some(got) = l.ranks().into_iter().find(|&got| got != r) {
                 return Err(format!(
                     "module '{}' has {} factors of rank {got} but {config_name} gives it r = {r}",
                     m.path,
                     l.name()
                 ));
+            }
+            // PEFT's LoKr stores a factor whole only where r is at least half its larger
+            // side (w1 always, unless decompose_both): a whole factor the config's r would
+            // have made a product says that r is not the one the file was made with.
+            if let super::lycoris::Lycoris::LoKr { w1, w2, .. } = l {
+                let decompose_both = config.raw.get("decompose_both") == Some(&Value::Bool(true));
+                for (name, f, decomposed) in
+                    [("lokr_w1", w1, decompose_both), ("lokr_w2", w2, true)]
+                {
+                    if let super::lycoris::KronFactor::Whole(w) = f
+                        && decomposed
+                        && let [x, y, ..] = w.shape[..]
+                        && (r as f64) < x.max(y) as f64 / 2.0
+                    {
+                        return Err(format!(
+                            "module '{}' holds its {name} whole ({:?}), which PEFT's LoKr stores as a product of rank r when r < {} (half its larger side), but {config_name} gives it r = {r}: the config's r is not the adapter's",
+                            m.path,
+                            w.shape,
+                            x.max(y) as f64 / 2.0
+                        ));
+                    }
+                }
             }
             m.scale_rank = Some(r);
             continue;
@@ -1624,6 +1646,11 @@ mod tests {
             ("fc.hada_w2_b", t(&[2, 3])),
             ("kr.lokr_w1", t(&[2, 2])),
             ("kr.lokr_w2", t(&[2, 3])),
+            ("kr.lokr_t2", t(&[1, 1, 1, 1])),
+            ("gc.hada_w1_a", t(&[4, 2])),
+            ("gc.hada_w1_b", t(&[2, 3])),
+            ("gc.hada_w2_a", t(&[4, 1])),
+            ("gc.hada_w2_b", t(&[1, 3])),
             ("lo.lora_A.weight", t(&[2, 3])),
         ]
         .into_iter()
@@ -1706,6 +1733,28 @@ mod tests {
                 loha,
                 &["fc.hada_w1_a", "fc.hada_w1_b", "fc.hada_w2_a"][..],
                 "LoHa module 'fc' lacks one of",
+            ),
+            // (halves of two ranks: PEFT makes both of r)
+            (
+                r#"{"peft_type": "LOHA", "r": 2, "target_modules": ["gc"]}"#,
+                &[
+                    "gc.hada_w1_a",
+                    "gc.hada_w1_b",
+                    "gc.hada_w2_a",
+                    "gc.hada_w2_b",
+                ][..],
+                "module 'gc' has LoHa factors of rank 1 but adapter_config.json gives it r = 2",
+            ),
+            // (w2 (2, 3) whole needs r >= 1.5 in PEFT; w1 (2, 2) only with decompose_both)
+            (
+                r#"{"peft_type": "LOKR", "r": 1, "target_modules": ["kr"]}"#,
+                &["kr.lokr_w1", "kr.lokr_w2"][..],
+                "module 'kr' holds its lokr_w2 whole ([2, 3]), which PEFT's LoKr stores as a product of rank r when r < 1.5",
+            ),
+            (
+                r#"{"peft_type": "LOKR", "r": 2, "target_modules": ["kr"]}"#,
+                &["kr.lokr_t2", "kr.lokr_w1", "kr.lokr_w2"][..],
+                "has a Tucker core lokr_t2 beside a whole lokr_w2",
             ),
         ] {
             match load(json, keys) {
