@@ -1407,6 +1407,21 @@ fn inject_names_what_went_into_the_weights() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{adapter}: {err}");
         assert!(err.contains(says), "{adapter}: {err}");
+        // (a LyCORIS delta is not reported as values written)
+        assert!(
+            says.starts_with("whole") || !err.contains("whole values"),
+            "{adapter}: {err}"
+        );
         assert!(out.exists(), "{adapter}");
+        // (export-peft then has no branch to give back, and says where the adapter went)
+        if adapter.ends_with("peft_loha") {
+            let peft = dir.path().join("exported");
+            let err = onnx_lora_fails(&["export-peft", s(&out), "-o", s(&peft)], &peft);
+            assert!(
+                err.contains("no injected LoRA branches to export: inject wrote what its adapter gave 8 module(s)")
+                    && err.contains("LoHa / LoKr deltas"),
+                "{err}"
+            );
+        }
     }
 }

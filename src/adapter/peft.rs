@@ -40,6 +40,15 @@ pub enum PeftType {
 }
 
 impl PeftType {
+    /// The tuner's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftType::Lora => "LoRA",
+            PeftType::LoHa => "LoHa",
+            PeftType::LoKr => "LoKr",
+        }
+    }
+
     /// The name of PEFT's config class for it, for messages.
     pub fn config_class(self) -> &'static str {
         match self {
@@ -392,13 +401,16 @@ impl Adapter {
             let n = modules.iter().filter(lora).count();
             ignored.insert(
                 0,
-                format!("PEFT's default target_modules: adapter_config.json gives none, and PEFT would then target its defaults for the model's type (q_proj and v_proj for Llama, c_attn for GPT-2, query and value for BERT, ...) and leave out the file's other modules, but an ONNX file does not say its model type; onnx-lora applies every module the file holds ({n}, '{}' first). Write target_modules into the config to make PEFT load the same", first.path),
+                format!("PEFT's default target_modules: adapter_config.json gives none, and PEFT would then target its defaults for the model's type ({}) and leave out the file's other modules, but an ONNX file does not say its model type; onnx-lora applies every module the file holds ({n}, '{}' first). Write target_modules into the config to make PEFT load the same", match config.peft_type {
+                    PeftType::Lora => "q_proj and v_proj for Llama, c_attn for GPT-2, query and value for BERT, ...",
+                    PeftType::LoHa | PeftType::LoKr => "for Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...",
+                }, first.path),
             );
         }
         if let Some(note) = unknown_keys_note(&config) {
             ignored.insert(
                 0,
-                format!("{note}: PEFT 0.21.2 leaves them out, with a warning, and so does onnx-lora (if a newer PEFT wrote them for a LoRA variant, the result is not what that PEFT computes)"),
+                format!("{note}: PEFT 0.21.2 leaves them out, with a warning, and so does onnx-lora (if a newer PEFT wrote them for a variant of {}, the result is not what that PEFT computes)", config.peft_type.name()),
             );
         }
         Ok(Adapter {
@@ -1036,10 +1048,16 @@ fn keep_what_peft_loads(
             ignored.push(format!("{what} of {} module(s) ('{first}'{more}): PEFT does not load them, nor does onnx-lora", list.len()));
         }
     };
-    note(
-        untargeted,
-        "the LoRA factors that adapter_config.json does not target (target_modules, target_parameters, layers_to_transform, exclude_modules, modules_to_save)",
+    let untargeted_what = format!(
+        "the {} factors that adapter_config.json does not target (target_modules, {}layers_to_transform, exclude_modules, modules_to_save)",
+        config.peft_type.name(),
+        if config.peft_type == PeftType::Lora {
+            "target_parameters, "
+        } else {
+            ""
+        }
     );
+    note(untargeted, &untargeted_what);
     note(magnitudes, "the DoRA magnitudes (use_dora is false)");
     note(biases, "the lora_B biases (lora_bias is false)");
     Ok(ignored)
@@ -1252,10 +1270,7 @@ fn group_modules(
                     } else {
                         "LoKr"
                     },
-                    adapter_config
-                        .peft_type
-                        .config_class()
-                        .trim_end_matches("Config"),
+                    adapter_config.peft_type.name(),
                     config
                         .get("peft_type")
                         .and_then(Value::as_str)
@@ -1320,10 +1335,7 @@ fn group_modules(
         if adapter_config.peft_type != PeftType::Lora && !matches!(part, Part::Full(_)) {
             return Err(format!(
                 "key '{key}' is a LoRA tensor, but the adapter is a {} one (peft_type {}): PEFT would leave it out",
-                adapter_config
-                    .peft_type
-                    .config_class()
-                    .trim_end_matches("Config"),
+                adapter_config.peft_type.name(),
                 config
                     .get("peft_type")
                     .and_then(Value::as_str)
@@ -1399,10 +1411,20 @@ fn group_modules(
             &m.path,
             factors.remove(&m.path).unwrap_or_default(),
         )?;
-        if m.full.contains_key("weight") {
+        // (PEFT's LoHa / LoKr have no bias option and save no whole tensor of a module they
+        // adapt: a `<module>.bias` key would be left out by PEFT, a `.base_layer.bias` one
+        // loaded into the base layer; neither is a file PEFT wrote)
+        if let Some(what) = m.full.keys().next() {
+            let key = m
+                .keys
+                .iter()
+                .find(|k| k.ends_with(&format!(".{what}")) && lycoris_key(k).is_none())
+                .cloned()
+                .unwrap_or_default();
             return Err(format!(
-                "module '{}' has both {} factors and a whole weight",
+                "module '{}' has {} factors and a whole {what} (key '{key}'), which PEFT's {} never saves for a module it adapts; refusing a file PEFT did not write",
                 m.path,
+                l.name(),
                 l.name()
             ));
         }
@@ -1647,6 +1669,7 @@ mod tests {
             ("kr.lokr_w1", t(&[2, 2])),
             ("kr.lokr_w2", t(&[2, 3])),
             ("kr.lokr_t2", t(&[1, 1, 1, 1])),
+            ("fc.bias", t(&[4])),
             ("gc.hada_w1_a", t(&[4, 2])),
             ("gc.hada_w1_b", t(&[2, 3])),
             ("gc.hada_w2_a", t(&[4, 1])),
@@ -1722,7 +1745,7 @@ mod tests {
             (
                 r#"{"target_modules": ["fc"]}"#,
                 &["fc.hada_w1_a"][..],
-                "is a LyCORIS LoHa factor, but the adapter is a Lora one",
+                "is a LyCORIS LoHa factor, but the adapter is a LoRA one",
             ),
             (
                 r#"{"peft_type": "LOHA", "target_modules": ["lo"]}"#,
@@ -1733,6 +1756,18 @@ mod tests {
                 loha,
                 &["fc.hada_w1_a", "fc.hada_w1_b", "fc.hada_w2_a"][..],
                 "LoHa module 'fc' lacks one of",
+            ),
+            // (a whole tensor beside the factors: PEFT's LoHa saves none)
+            (
+                loha,
+                &[
+                    "fc.bias",
+                    "fc.hada_w1_a",
+                    "fc.hada_w1_b",
+                    "fc.hada_w2_a",
+                    "fc.hada_w2_b",
+                ][..],
+                "module 'fc' has LoHa factors and a whole bias (key 'base_model.model.fc.bias'), which PEFT's LoHa never saves",
             ),
             // (halves of two ranks: PEFT makes both of r)
             (

@@ -549,7 +549,7 @@ fn print_report(
     for (r, kind) in replaced {
         if !kind.is_empty() {
             eprintln!(
-                "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is not low-rank), and export-peft will not give it back",
+                "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is no LoRA A·B product), and export-peft will not give it back",
                 r.module, r.weight, r.op, r.node
             );
         } else {

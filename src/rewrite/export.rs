@@ -40,9 +40,18 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     let mut model = model.clone();
     let (_, found) = find_all(&mut model)?;
     if found.is_empty() {
-        return Err(Error::Target(
-            "no injected LoRA branches to export".to_string(),
-        ));
+        let replaced = super::inject::replaced_modules(&model.proto);
+        return Err(Error::Target(match replaced.first() {
+            None => "no injected LoRA branches to export".to_string(),
+            Some(first) => format!(
+                "no injected LoRA branches to export: inject wrote what its adapter gave {} module(s) ('{first}'{}) into the weights (LoHa / LoKr deltas, modules_to_save, trained biases, trainable tokens), which no PEFT LoRA adapter can hold",
+                replaced.len(),
+                match replaced.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more", n - 1),
+                }
+            ),
+        }));
     }
     // A branch on a packed q/k/v weight gives back the adapter modules it carries.
     let mut split = Vec::with_capacity(found.len());
