@@ -5283,3 +5283,60 @@ fn export_peft_gives_target_parameters_back_as_parameters() {
         }
     }
 }
+
+/// A tensor that declares more values than any adapter of the model could hold in one (four
+/// times its largest tensor, at least 16 Mi) is refused before it is decoded, naming it: a
+/// sparse file declaring 128 MiB for q_proj's lora_A costs no memory (review32 F1: it was
+/// decoded in full before the shapes were checked). PEFT folders and kohya files alike.
+#[test]
+fn a_tensor_too_large_for_the_model_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("llama/torchscript/model.onnx");
+    let n = 2usize << 24;
+    // (a safetensors file whose first tensor's data is a hole: the file is sparse)
+    let write = |path: &Path, a_key: &str, b_key: &str| {
+        let a_bytes = n * 4;
+        let header = serde_json::json!({
+            a_key: {"dtype": "F32", "shape": [2, n / 2], "data_offsets": [0, a_bytes]},
+            b_key: {"dtype": "F32", "shape": [32, 2], "data_offsets": [a_bytes, a_bytes + 256]},
+        })
+        .to_string();
+        let mut h = header.into_bytes();
+        while !h.len().is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&h);
+        std::fs::write(path, &bytes).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len((bytes.len() + a_bytes + 256) as u64).unwrap();
+    };
+    let peft = dir.path().join("peft");
+    std::fs::create_dir(&peft).unwrap();
+    write(
+        &peft.join("adapter_model.safetensors"),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    );
+    std::fs::write(
+        peft.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    let kohya = dir.path().join("kohya.safetensors");
+    write(
+        &kohya,
+        "lora_unet_model_layers_0_self_attn_q_proj.lora_down.weight",
+        "lora_unet_model_layers_0_self_attn_q_proj.lora_up.weight",
+    );
+    for adapter in [&peft, &kohya] {
+        let out = dir.path().join("out.onnx");
+        let err = fold_fails(&model, adapter, &out, &[]);
+        assert!(
+            err.contains("lora_")
+                && err.contains(&format!("declares {n} values ([2, {}])", n / 2))
+                && err.contains("it fits no layer of the model"),
+            "{err}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 use super::lycoris::Lycoris;
-use super::peft::{Adapter, AdapterConfig, F32Tensor, ModuleAdapter, ModuleKind, read_f32};
+use super::peft::{Adapter, AdapterConfig, F32Tensor, ModuleAdapter, ModuleKind, read_f32_within};
 use crate::error::{Error, Result};
 
 /// The parts a kohya file can hold, by key prefix (longest first), with what each part is.
@@ -107,7 +107,7 @@ pub fn part_description(part: &str) -> &'static str {
 }
 
 /// Reads a kohya LoRA file from its bytes (`buf`, parsed as `st`).
-pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
+pub fn load(path: &Path, buf: &[u8], st: &SafeTensors, limit: Option<usize>) -> Result<Adapter> {
     let err = |reason: String| Error::Adapter {
         path: path.to_path_buf(),
         reason,
@@ -155,7 +155,7 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors) -> Result<Adapter> {
         shown
             .entry(module.to_string())
             .or_insert_with(|| file_module(file_key).to_string());
-        let t = read_f32(st, file_key).map_err(&err)?;
+        let t = read_f32_within(st, file_key, limit).map_err(&err)?;
         if suffix == "alpha" {
             let Some(&a) = t.data.first().filter(|_| t.data.len() == 1) else {
                 return Err(err(format!(

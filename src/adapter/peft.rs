@@ -290,6 +290,12 @@ impl Adapter {
     /// `.safetensors` file of LoRA keys without `adapter_config.json` beside it, or a folder
     /// holding `pytorch_lora_weights.safetensors` and no adapter).
     pub fn load(path: &Path) -> Result<Adapter> {
+        Adapter::load_within(path, None)
+    }
+
+    /// [`Adapter::load`], refusing before decoding it any tensor of more than `limit` values
+    /// (for a model: [`tensor_limit`] of its largest tensor).
+    pub fn load_within(path: &Path, limit: Option<usize>) -> Result<Adapter> {
         // (an allocation that fails while its tensors are decoded names the adapter)
         let _doing = crate::cleanup::doing(format!("reading {}", path.display()));
         if path.exists() && !path.is_dir() && !path.is_file() {
@@ -301,13 +307,13 @@ impl Adapter {
             && !path.join("adapter_model.safetensors").exists()
             && path.join(super::diffusers::WEIGHT_NAME).is_file()
         {
-            return Adapter::load(&path.join(super::diffusers::WEIGHT_NAME));
+            return Adapter::load_within(&path.join(super::diffusers::WEIGHT_NAME), limit);
         }
         if path.is_file() {
             let buf = map_file(path)?;
             match SafeTensors::deserialize(&buf) {
                 Ok(st) if super::kohya::is_kohya(&st) => {
-                    return super::kohya::load(path, &buf, &st);
+                    return super::kohya::load(path, &buf, &st, limit);
                 }
                 Ok(st) if !peft_files(path).1.exists() && super::diffusers::is_diffusers(&st) => {
                     return super::diffusers::load(path, &buf, &st);
@@ -382,7 +388,7 @@ impl Adapter {
         let (modules, ignored) = from_tensors(
             &config,
             &names,
-            |k| read_f32(&st, k),
+            |k| read_f32_within(&st, k, limit),
             &weights.display().to_string(),
             "adapter_config.json",
         )
@@ -944,7 +950,36 @@ impl AdapterConfig {
 
 /// Reads a tensor as f32 (F32, F16, BF16, F64).
 pub(crate) fn read_f32(st: &SafeTensors, name: &str) -> std::result::Result<F32Tensor, String> {
+    read_f32_within(st, name, None)
+}
+
+/// The most values one tensor of an adapter for a model may declare, where the model's largest
+/// tensor holds `largest`: four times that (a factor's rank may exceed a small layer's width),
+/// and never less than 16 Mi values (64 MiB in f32). A tensor beyond it cannot belong to an
+/// adapter of the model, and is refused before it is decoded (a file that declares a huge
+/// tensor would otherwise cost its size in memory before any shape is checked).
+pub fn tensor_limit(largest: usize) -> usize {
+    largest.saturating_mul(4).max(1 << 24)
+}
+
+/// [`read_f32`], refusing a tensor of more than `limit` values (see [`tensor_limit`]) before
+/// decoding it.
+pub(crate) fn read_f32_within(
+    st: &SafeTensors,
+    name: &str,
+    limit: Option<usize>,
+) -> std::result::Result<F32Tensor, String> {
     let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+    // (safetensors has checked that the data the shape declares is in the file)
+    let n = view.shape().iter().product::<usize>();
+    if let Some(limit) = limit
+        && n > limit
+    {
+        return Err(format!(
+            "{name}: declares {n} values ({:?}), more than an adapter of this model can hold in one tensor (four times its largest tensor, at least 16 Mi: {limit}); it fits no layer of the model",
+            view.shape()
+        ));
+    }
     let dtype = match view.dtype() {
         Dtype::F32 => crate::onnx::DataType::Float,
         Dtype::F16 => crate::onnx::DataType::Float16,

@@ -50,7 +50,7 @@ pub struct AdapterArgs {
 
 pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
     let model = super::load_assigned_once(&args.model)?;
-    let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref())?;
+    let mut adapter = super::load_adapter(&args.adapter, args.root.as_deref(), &model)?;
     super::check_root(args.root.as_deref(), std::slice::from_ref(&adapter))?;
     super::check_diffusers_flags(
         args.alpha_keys.as_deref(),

@@ -127,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut adapters = args
         .adapters
         .iter()
-        .map(|p| super::load_adapter(p, args.root.as_deref()))
+        .map(|p| super::load_adapter(p, args.root.as_deref(), &model))
         .collect::<Result<Vec<_>, _>>()?;
     super::check_root(args.root.as_deref(), &adapters)?;
     super::check_diffusers_flags(args.alpha_keys.as_deref(), args.part.as_deref(), &adapters)?;

@@ -201,7 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut adapter = args
         .adapter
         .as_deref()
-        .map(|p| super::load_adapter(p, args.root.as_deref()))
+        .map(|p| super::load_adapter(p, args.root.as_deref(), &model))
         .transpose()?;
     super::check_root(args.root.as_deref(), adapter.as_slice())?;
     super::check_diffusers_flags(

@@ -174,8 +174,11 @@ fn load_ungated(path: &std::path::Path) -> anyhow::Result<(onnx_lora::onnx::Load
 fn load_adapter(
     path: &std::path::Path,
     root: Option<&str>,
+    model: &onnx_lora::onnx::LoadedModel,
 ) -> anyhow::Result<onnx_lora::adapter::Adapter> {
-    let mut adapter = onnx_lora::adapter::Adapter::load(path)?;
+    // (a tensor larger than any this model's adapter holds is refused before it is decoded)
+    let limit = onnx_lora::rewrite::adapter_tensor_limit(model);
+    let mut adapter = onnx_lora::adapter::Adapter::load_within(path, Some(limit))?;
     let peft = adapter.modules.iter().all(|m| m.part.is_none());
     adapter.root = root
         .map(|r| r.trim_end_matches('.'))

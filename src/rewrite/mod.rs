@@ -235,6 +235,29 @@ pub(crate) fn factors(
     ))
 }
 
+/// The most values one adapter tensor may declare for `model` ([`crate::adapter::peft::tensor_limit`]
+/// of the largest tensor it stores: initializers and Constant values, in subgraphs too), for
+/// [`Adapter::load_within`].
+pub fn adapter_tensor_limit(model: &LoadedModel) -> usize {
+    fn largest(g: &crate::onnx::pb::GraphProto) -> usize {
+        let numel = |t: &crate::onnx::pb::TensorProto| crate::onnx::pb_ext::numel(&t.dims);
+        let own = g.initializer.iter().map(numel).max().unwrap_or(0);
+        let in_nodes = g
+            .node
+            .iter()
+            .flat_map(|n| &n.attribute)
+            .map(|a| {
+                let t = a.t.as_ref().map_or(0, numel);
+                let sub = a.g.iter().chain(&a.graphs).map(largest).max().unwrap_or(0);
+                t.max(sub)
+            })
+            .max()
+            .unwrap_or(0);
+        own.max(in_nodes)
+    }
+    crate::adapter::peft::tensor_limit(model.proto.graph.as_ref().map_or(0, largest))
+}
+
 /// Settles `adapter.root` for the whole adapter (see `target::export_root`; the user's `--root`
 /// stands), so that its parts (the low-rank part inject branches, the whole values written
 /// into the weights, `fold --verify`'s reference) all look its modules up under one root. A
