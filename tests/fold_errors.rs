@@ -2246,6 +2246,17 @@ fn injected(env: &Env, model: &str, args: &[&str], out: &str) -> PathBuf {
     out
 }
 
+/// A copy of the adapter folder `src` at `dst` with `edit` applied to its adapter_config.json.
+fn with_config(src: &Path, dst: &Path, edit: &dyn Fn(&mut serde_json::Value)) -> PathBuf {
+    copy_adapter(src, dst, |_, _| true);
+    let path = dst.join("adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut c);
+    std::fs::write(&path, c.to_string()).unwrap();
+    dst.to_path_buf()
+}
+
 /// A copy of `model` at `out` (in `env`) with `edit` applied to its proto.
 fn edited(
     env: &Env,
@@ -5000,16 +5011,8 @@ fn target_parameters_on_weights_fold_as_their_layers() {
     let env = Env::new();
     let model = common::fixtures().join("llama/torchscript/model.onnx");
     let plain = common::fixtures().join("llama/adapters/plain");
-    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
-        let dir = env.p(name);
-        copy_adapter(&plain, &dir, |_, _| true);
-        let path = dir.join("adapter_config.json");
-        let mut c: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        f(&mut c);
-        std::fs::write(&path, c.to_string()).unwrap();
-        dir
-    };
+    let edit =
+        |name: &str, f: &dyn Fn(&mut serde_json::Value)| with_config(&plain, &env.p(name), f);
     let fold_bytes = |adapter: &Path, out: &str| {
         let out = env.p(out);
         fold_ok(&model, &[adapter], &out, &["--quiet"]);
@@ -5184,16 +5187,7 @@ fn export_peft_gives_target_parameters_back_as_parameters() {
     let p = |n: &str| dir.path().join(n);
     let model = common::fixtures().join("llama/torchscript/model.onnx");
     let plain = common::fixtures().join("llama/adapters/plain");
-    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
-        let d = p(name);
-        copy_adapter(&plain, &d, |_, _| true);
-        let path = d.join("adapter_config.json");
-        let mut c: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        f(&mut c);
-        std::fs::write(&path, c.to_string()).unwrap();
-        d
-    };
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| with_config(&plain, &p(name), f);
     let config = |d: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
             .unwrap()

@@ -271,10 +271,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         _ => None,
     };
-    // Replaced values (modules_to_save, trainable tokens, trained biases) have no branch form:
-    // they go into the weights, and the branches carry the rest.
-    // (each with what its module is: "modules_to_save", "LoHa", ...)
-    let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, &'static str)> = Vec::new();
+    // Replaced values (modules_to_save, trainable tokens, trained biases) and LyCORIS deltas
+    // have no branch form: they go into the weights, and the branches carry the rest.
+    // (each with the LyCORIS algorithm whose delta it added; None where it replaced values)
+    let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, Option<&'static str>)> = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
             if let Some(m) = adapter.modules.iter().find(|m| m.has_no_branch_form())
@@ -312,12 +312,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                                     || m.keys.iter().any(|k| k.split('.').next() == stem)
                             })
                             .map_or("LyCORIS", |m| m.replaced_what());
-                        let what = if r.replaced || r.bias_replaced {
-                            ""
-                        } else {
-                            what
-                        };
-                        (r, what)
+                        let delta = !(r.replaced || r.bias_replaced);
+                        (r, delta.then_some(what))
                     })
                     .collect();
             }
@@ -523,7 +519,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
-    replaced: &[(onnx_lora::rewrite::ModuleReport, &'static str)],
+    replaced: &[(onnx_lora::rewrite::ModuleReport, Option<&'static str>)],
     unmatched: &[String],
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
@@ -546,8 +542,8 @@ fn print_report(
         )?;
         return Ok(());
     }
-    for (r, kind) in replaced {
-        if !kind.is_empty() {
+    for (r, delta) in replaced {
+        if let Some(kind) = delta {
             eprintln!(
                 "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is no LoRA A·B product), and export-peft will not give it back",
                 r.module, r.weight, r.op, r.node
