@@ -300,30 +300,11 @@ mod tests {
     }
 
     fn adapter(modules: Vec<ModuleAdapter>) -> Adapter {
-        Adapter {
-            path: "flux.safetensors".into(),
-            config: crate::adapter::peft::AdapterConfig {
-                peft_type: crate::adapter::peft::PeftType::Lora,
-                r: 2,
-                lora_alpha: 2.0,
-                use_rslora: false,
-                use_dora: false,
-                fan_in_fan_out: false,
-                rank_pattern: Vec::new(),
-                alpha_pattern: Vec::new(),
-                scope: Default::default(),
-                lora_bias: false,
-                init_lora_weights: serde_json::Value::Bool(true),
-                unknown: Vec::new(),
-                raw: serde_json::Value::Null,
-            },
+        Adapter::new(
+            std::path::Path::new("flux.safetensors"),
+            crate::adapter::peft::AdapterConfig::plain_lora(2, 2.0, serde_json::Value::Null),
             modules,
-            ignored: Vec::new(),
-            root: None,
-            diffusers: None,
-            alpha_keys: None,
-            diffusers_part: None,
-        }
+        )
     }
 
     const DIFFUSERS: [&str; 3] = [

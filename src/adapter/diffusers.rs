@@ -313,14 +313,12 @@ pub fn load(path: &Path, buf: &Bytes, st: &SafeTensors) -> Result<Adapter> {
         metadata,
     });
     let mut adapter = Adapter {
-        path: path.to_path_buf(),
-        config: AdapterConfig::from_value(json!({"r": 1, "lora_alpha": 1})).map_err(&err)?,
-        modules: Vec::new(),
-        ignored: Vec::new(),
-        root: None,
         diffusers: Some(file.clone()),
-        alpha_keys: None,
-        diffusers_part: None,
+        ..Adapter::new(
+            path,
+            AdapterConfig::from_value(json!({"r": 1, "lora_alpha": 1})).map_err(&err)?,
+            Vec::new(),
+        )
     };
     // (the first part that diffusers could load alone; what a part leaves out is said once the
     // model has chosen the part: `settle`)

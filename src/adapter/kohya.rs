@@ -249,30 +249,11 @@ pub fn load(path: &Path, buf: &[u8], st: &SafeTensors, limit: Option<usize>) -> 
         .and_then(|(_, md)| md.metadata().clone())
         .map(|md| Value::Object(md.into_iter().map(|(k, v)| (k, Value::String(v))).collect()))
         .unwrap_or(Value::Null);
-    Ok(Adapter {
-        path: path.to_path_buf(),
-        config: AdapterConfig {
-            peft_type: super::peft::PeftType::Lora,
-            r: max_rank,
-            lora_alpha: max_rank as f32,
-            use_rslora: false,
-            use_dora: false,
-            lora_bias: false,
-            fan_in_fan_out: false,
-            rank_pattern: Vec::new(),
-            alpha_pattern: Vec::new(),
-            scope: Default::default(),
-            init_lora_weights: Value::Bool(true),
-            unknown: Vec::new(),
-            raw,
-        },
-        modules: out,
-        ignored: Vec::new(),
-        root: None,
-        diffusers: None,
-        alpha_keys: None,
-        diffusers_part: None,
-    })
+    Ok(Adapter::new(
+        path,
+        AdapterConfig::plain_lora(max_rank, max_rank as f32, raw),
+        out,
+    ))
 }
 
 /// A module path written kohya's way ('.' as '_').

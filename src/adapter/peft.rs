@@ -285,6 +285,21 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// An adapter read from `path` with nothing left out, its root and (for diffusers files)
+    /// its part yet to be settled.
+    pub fn new(path: &Path, config: AdapterConfig, modules: Vec<ModuleAdapter>) -> Adapter {
+        Adapter {
+            path: path.to_path_buf(),
+            config,
+            modules,
+            ignored: Vec::new(),
+            root: None,
+            diffusers: None,
+            alpha_keys: None,
+            diffusers_part: None,
+        }
+    }
+
     /// Reads a PEFT adapter folder, an `.safetensors` file with `adapter_config.json` beside it,
     /// a kohya LoRA `.safetensors` file (recognised by its keys), or a diffusers LoRA file (a
     /// `.safetensors` file of LoRA keys without `adapter_config.json` beside it, or a folder
@@ -420,14 +435,8 @@ impl Adapter {
             );
         }
         Ok(Adapter {
-            path: path.to_path_buf(),
-            config,
-            modules,
             ignored,
-            root: None,
-            diffusers: None,
-            alpha_keys: None,
-            diffusers_part: None,
+            ..Adapter::new(path, config, modules)
         })
     }
 
@@ -746,6 +755,27 @@ impl AdapterConfig {
     }
 
     /// The config of a JSON object with `adapter_config.json`'s keys.
+    /// A plain LoRA config scaling every module by `lora_alpha / r` (files without an
+    /// `adapter_config.json`: kohya's, whose modules carry their own alphas), `raw` kept for
+    /// reports.
+    pub fn plain_lora(r: usize, lora_alpha: f32, raw: Value) -> AdapterConfig {
+        AdapterConfig {
+            peft_type: PeftType::Lora,
+            r,
+            lora_alpha,
+            use_rslora: false,
+            use_dora: false,
+            fan_in_fan_out: false,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            scope: Default::default(),
+            lora_bias: false,
+            init_lora_weights: Value::Bool(true),
+            unknown: Vec::new(),
+            raw,
+        }
+    }
+
     pub fn from_value(raw: Value) -> std::result::Result<Self, String> {
         let peft_type = match raw.get("peft_type") {
             None | Some(Value::Null) => PeftType::Lora,
@@ -1738,16 +1768,7 @@ mod tests {
         assert_eq!(modules.len(), 1);
         assert_eq!(modules[0].kind, ModuleKind::Lycoris);
         assert_eq!(modules[0].keys.len(), 4);
-        let adapter = Adapter {
-            path: PathBuf::from("a"),
-            config,
-            modules,
-            ignored: Vec::new(),
-            root: None,
-            diffusers: None,
-            alpha_keys: None,
-            diffusers_part: None,
-        };
+        let adapter = Adapter::new(Path::new("a"), config, modules);
         assert_eq!(adapter.scaling(&adapter.modules[0]), 2.0);
         // LoKr of two whole factors: alpha / r all the same (kohya's files scale those by 1)
         let (config, modules) = load(
