@@ -1270,18 +1270,89 @@ fn multihead_attention_loras_follow_peft() {
     let o = onnx_lora(&inject_args(&model, &ad, &p("j.onnx"), &[]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("counts twice"), "{err}");
-    // A LoRA PEFT put on the out_proj Linear itself: refused, saying why and what to target.
+    // A LoRA PEFT put on the out_proj Linear itself, which PEFT's forward never runs: left out
+    // with a warning, the rest folded (as the fold of the rest alone) and injected; alone,
+    // refused.
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["out_proj"]});
+        "target_modules": ["out_proj", "fc"]});
+    let fc = lora("fc", 16, 10, 0.1);
+    let mut t = lora("attn.out_proj", 16, 16, 0.1);
+    t.extend(fc.clone());
+    let with_fc = write_adapter(&p("with_fc"), cfg.clone(), &refs(&t));
+    let fc_only = write_adapter(&p("fc_only"), cfg.clone(), &refs(&fc));
+    let o = onnx_lora(&fold_args(&model, &[&with_fc], &p("k.onnx"), &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ignoring module 'attn.out_proj'")
+            && err.contains(
+                "the torch.nn.MultiheadAttention 'attn' reads its out_proj Linear's weight itself"
+            )
+            && err.contains("PEFT's forward never runs this LoRA")
+            && !err.contains("counts twice"),
+        "{err}"
+    );
+    fold_ok(&model, &[&fc_only], &p("l.onnx"), &[]);
+    assert_eq!(
+        std::fs::read(p("k.onnx")).unwrap(),
+        std::fs::read(p("l.onnx")).unwrap()
+    );
+    let o = onnx_lora(&inject_args(&model, &with_fc, &p("m.onnx"), &["--json"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("ignoring module 'attn.out_proj'"),
+        "{err}"
+    );
+    let branches = json_records(&String::from_utf8_lossy(&o.stdout), "branch");
+    assert_eq!(branches.len(), 1, "{branches:?}");
+    assert_eq!(branches[0]["module"], "fc");
     let alone = write_adapter(&p("alone"), cfg, &refs(&lora("attn.out_proj", 16, 16, 0.1)));
     let err = fold_fails(&model, &alone, &p("out.onnx"), &[]);
     assert!(
-        err.contains(
-            "module 'attn.out_proj' is the out_proj of the torch.nn.MultiheadAttention 'attn'"
-        ) && err.contains("PEFT's forward never runs a LoRA on the Linear")
-            && err.contains("train without the out_proj in target_modules"),
+        err.contains("holds no module whose LoRA PEFT's forward runs: module 'attn.out_proj'")
+            && err.contains("PEFT's forward never runs this LoRA"),
         "{err}"
     );
+}
+
+/// A layer whose parent reads its weight itself (a cross-attention's out_proj, which the
+/// export shows in the attention's scope under the Linear's weight name): PEFT's forward never
+/// runs a LoRA on it, so it is left out of fold and inject, with a warning; an adapter of
+/// nothing else is refused.
+#[test]
+fn lora_on_a_layer_its_parent_reads_is_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let model = p("m.onnx");
+    let raw: Vec<u8> = (0..16 * 16)
+        .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+        .collect();
+    write_matmul_model(
+        &model,
+        "/head/attention/MatMul",
+        "head.attention.out_proj.weight",
+        16,
+        16,
+        raw,
+    );
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["out_proj"]});
+    let ad = write_adapter(
+        &p("ad"),
+        cfg,
+        &refs(&lora("head.attention.out_proj", 16, 16, 0.1)),
+    );
+    for args in [
+        fold_args(&model, &[&ad], &p("out.onnx"), &[]),
+        inject_args(&model, &ad, &p("out.onnx"), &[]),
+    ] {
+        let err = onnx_lora_fails(&args, &p("out.onnx"));
+        assert!(
+            err.contains("holds no module whose LoRA PEFT's forward runs: module 'head.attention.out_proj'")
+                && err.contains("its parent 'head.attention' reads the layer's weight 'head.attention.out_proj.weight' itself (MatMul /head/attention/MatMul)"),
+            "{err}"
+        );
+    }
 }
 
 /// PEFT's MultiheadAttention LoRA on a scope that holds no packed in-projection (as a

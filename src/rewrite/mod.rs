@@ -313,7 +313,93 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
     saved_modules_to_save(&cands, adapter)?;
     // (a bias saved beside a LoRA that the layer already has is no trained value)
     drop_unchanged_biases(model, &graph, &cands, adapter)?;
+    let mut left_out = left_out;
+    left_out.extend(drop_unrun_modules(adapter, &cands)?);
     Ok(left_out)
+}
+
+/// Takes out of the adapter the low-rank modules that PEFT loads but whose LoRA its forward
+/// never runs, because the layer's parent reads the layer's weight itself instead of calling
+/// the layer: torch's `MultiheadAttention` and its `out_proj` Linear (found as onnx-lora finds
+/// such an attention, or where the export shows a parent scope reading a weight named after
+/// the layer, as a cross-attention's export does). PEFT's `merge_and_unload` would merge such
+/// a LoRA, so its forward and its merge disagree; onnx-lora follows the forward, which the
+/// adapter was trained with. Returns what was taken out, for warnings; an adapter holding
+/// nothing else is refused.
+fn drop_unrun_modules(adapter: &mut Adapter, cands: &[Candidate]) -> Result<Vec<String>> {
+    if adapter.modules.iter().any(|m| m.part.is_some()) {
+        return Ok(Vec::new());
+    }
+    let (paths, _) = module_paths(adapter, cands)?;
+    let why: Vec<Option<String>> = adapter
+        .modules
+        .iter()
+        .zip(&paths)
+        .map(|(m, path)| unrun_by_peft(m, cands, path.as_deref()?))
+        .collect();
+    let dropped: Vec<String> = why.iter().flatten().cloned().collect();
+    if dropped.is_empty() {
+        return Ok(dropped);
+    }
+    if dropped.len() == adapter.modules.len() {
+        return Err(Error::Adapter {
+            path: adapter.path.clone(),
+            reason: format!(
+                "holds no module whose LoRA PEFT's forward runs: {}",
+                dropped.join("; ")
+            ),
+        });
+    }
+    let mut why = why.into_iter();
+    adapter.modules.retain(|_| why.next().flatten().is_none());
+    Ok(dropped)
+}
+
+/// Why PEFT's forward never runs module `m` (at `path` in the export), if it does not (see
+/// [`drop_unrun_modules`]).
+fn unrun_by_peft(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<String> {
+    use crate::target::select::name_matches;
+    if m.via_parameter
+        || m.mha_in_proj
+        || m.mha_outer.is_some()
+        || !matches!(
+            m.kind,
+            ModuleKind::Lora | ModuleKind::Lycoris | ModuleKind::Embedding
+        )
+    {
+        return None;
+    }
+    let what = format!("module '{}' ({})", m.path, m.keys.join(", "));
+    let forward = "so PEFT's forward never runs this LoRA (its merge_and_unload would merge it; the two disagree): left out, as the forward the adapter was trained with leaves it out";
+    if let Some(c) = cands
+        .iter()
+        .find(|c| mha_out_proj_alone(m, c) && name_matches(&c.module, path))
+    {
+        let outer = c.other_paths.first().map_or("", String::as_str);
+        return Some(format!(
+            "{what}: the torch.nn.MultiheadAttention '{outer}' reads its out_proj Linear's weight itself instead of calling the Linear ({} {}), {forward} (only PEFT's LoRA on the attention module adapts the out_proj)",
+            c.op, c.node
+        ));
+    }
+    if crate::target::select::found_as_is(cands, path) {
+        return None;
+    }
+    // (the readers of the weight named after the module, each in a scope above the module)
+    let mut readers = cands.iter().filter_map(|c| {
+        let layer = crate::target::evidence::from_weight_name(&c.weight)?;
+        name_matches(&layer, path).then_some((c, layer))
+    });
+    let (first, layer) = readers.next()?;
+    let above = |c: &Candidate, layer: &str| {
+        !c.module.is_empty() && layer.starts_with(&format!("{}.", c.module))
+    };
+    if !above(first, &layer) || !readers.all(|(c, l)| above(c, &l)) {
+        return None;
+    }
+    Some(format!(
+        "{what}: its parent '{}' reads the layer's weight '{}' itself ({} {}) instead of calling the layer, {forward}",
+        first.module, first.weight, first.op, first.node
+    ))
 }
 
 /// Refuses an adapter whose config names in `modules_to_save` a module this model has but whose
