@@ -3089,6 +3089,8 @@ fn batchnorm_folded_into_a_conv_is_refused() {
         let out = onnx_lora_ok(&["inspect", &m, "--json"]);
         let cands = json_records(&out, "candidate");
         assert!(cands.len() == 1 && cands[0]["norm_folded"] == true, "{out}");
+        // (dynamo scopes the fused node to the BatchNorm: the weight's name places the conv)
+        assert_eq!(cands[0]["module"], "conv", "{out}");
         let o = env.p("o.onnx");
         for args in [
             vec!["fold", &m, &ad, "-o", o.to_str().unwrap()],
@@ -3104,18 +3106,28 @@ fn batchnorm_folded_into_a_conv_is_refused() {
     }
     // Fresh branches train after the folded scaling: they fold back into this model, but
     // export-peft refuses to give them to PEFT, whose conv acts before the BatchNorm.
-    let m = s(&env.p("conv_bn_ts.onnx"));
+    // A warning says so when they are injected.
     let (t, back) = (env.p("train.onnx"), env.p("back"));
-    onnx_lora_ok(&[
-        "inject",
-        &m,
-        "--target",
-        "conv",
-        "--rank",
-        "2",
-        "-o",
-        &s(&t),
-    ]);
+    for model in ["conv_bn_dynamo.onnx", "conv_bn_ts.onnx"] {
+        let m = s(&env.p(model));
+        let o = onnx_lora(&[
+            "inject",
+            &m,
+            "--target",
+            "conv",
+            "--rank",
+            "2",
+            "-o",
+            &s(&t),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success()
+                && err.contains("warning: 1 targeted layer(s) hold the BatchNorm after them, which the exporter folded into their weights (conv)")
+                && err.contains("`export-peft` refuses them"),
+            "{model}: {err}"
+        );
+    }
     let err = onnx_lora_fails(&["export-peft", &s(&t), "-o", &s(&back)], &back);
     assert!(err.contains("folded the BatchNorm"), "{err}");
     onnx_lora_ok(&["fold", &s(&t), "-o", &s(&env.p("t_folded.onnx"))]);

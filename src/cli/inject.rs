@@ -364,6 +364,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             if chosen.is_empty() {
                 anyhow::bail!("{label}: no weight matches the targets (see `onnx-lora inspect`)");
             }
+            // (export-peft refuses such branches later: said now, before a training run)
+            let folded: Vec<&str> = chosen
+                .iter()
+                .filter(|c| c.norm_folded)
+                .map(|c| c.module.as_str())
+                .collect();
+            if !folded.is_empty() {
+                eprintln!(
+                    "onnx-lora: warning: {} targeted layer(s) hold the BatchNorm after them, which the exporter folded into their weights ({}): branches trained there cannot be given back as PEFT factors of the torch model (`export-peft` refuses them; `fold` bakes them into this model); export with the BatchNorm kept apart (TorchScript: `training=torch.onnx.TrainingMode.PRESERVE`; dynamo: `optimize=False`) to train branches PEFT can load",
+                    folded.len(),
+                    onnx_lora::target::list_names(folded.iter().copied(), folded.len(), 8)
+                );
+            }
             let init = match args.init {
                 InitArg::Kaiming => Init::Kaiming,
                 InitArg::Gaussian => Init::Gaussian,

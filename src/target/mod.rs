@@ -473,12 +473,18 @@ fn candidate(
 /// parameters keep their names (a computed weight alone, as weight normalization gives, keeps
 /// its bias's name).
 fn norm_folded(node: &NodeProto, weight: &str) -> bool {
-    let rule = node.metadata("pkg.onnxscript.rewriter.rule_name");
     let computed = |v: Option<&String>| v.is_some_and(|v| v.starts_with("onnx::Conv_"));
-    rule.is_some_and(|r| r.contains("FuseBatchNorm"))
+    bn_fused_by_rule(node)
         || (node.op_type() == "Conv"
             && weight.starts_with("onnx::Conv_")
             && computed(node.input.get(2)))
+}
+
+/// Whether onnxscript's rewriter (torch's dynamo exporter) marked the node as one it fused a
+/// BatchNorm into.
+fn bn_fused_by_rule(node: &NodeProto) -> bool {
+    node.metadata("pkg.onnxscript.rewriter.rule_name")
+        .is_some_and(|r| r.contains("FuseBatchNorm"))
 }
 
 /// The refusal of an adapter module on a layer with a BatchNorm folded into it.
@@ -714,7 +720,7 @@ fn module_path(
         .or_else(|| graph.value_info(model, gi, weight_name))
         .and_then(|vi| crate::onnx::pb_ext::lookup(&vi.metadata_props, evidence::FOLDED_FROM_KEY))
         .and_then(evidence::from_folded_from);
-    let found: Vec<(Evidence, Option<String>)> = vec![
+    let mut found: Vec<(Evidence, Option<String>)> = vec![
         (
             Evidence::NameScopes,
             node.metadata(evidence::NAME_SCOPES_KEY)
@@ -727,6 +733,11 @@ fn module_path(
         ),
         (Evidence::FoldedFrom, folded),
     ];
+    // A layer the dynamo exporter fused a BatchNorm into is scoped to the BatchNorm; its
+    // weight keeps the layer's parameter name.
+    if bn_fused_by_rule(node) {
+        found.swap(0, 2);
+    }
     let mut chosen: Option<(String, Evidence)> = None;
     let mut others = Vec::new();
     for (ev, path) in found {
