@@ -330,6 +330,115 @@ fn serving_refuses_whole_values() {
     assert!(refused >= 4, "only {refused} cases");
 }
 
+/// The float32 tensors of a PEFT adapter folder, keys without `base_model.model.`.
+fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let k = k
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&k)
+                .to_string();
+            (k, v.shape().to_vec(), data)
+        })
+        .collect()
+}
+
+/// PEFT's `save_embedding_layers` saves the embedding table whole, trained or not: a table
+/// equal to the model's is no trained value. fold changes the same weights as without it (to
+/// the same bytes), and a serving model takes the adapter; a table that differs is a whole
+/// value, which fold writes and a serving model refuses.
+#[test]
+fn saved_tables_equal_to_the_models_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let ads = fixtures().join("llama/adapters");
+    let model = fixtures().join("llama/dynamo/model.onnx");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ads.join("plain/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let plain = adapter_tensors(&ads.join("plain"));
+    let (_, shape, table) = adapter_tensors(&ads.join("embedding"))
+        .into_iter()
+        .find(|(k, _, _)| k == "model.embed_tokens.base_layer.weight")
+        .unwrap();
+    let with_table = |name: &str, table: Vec<f32>| {
+        let mut t = plain.clone();
+        t.push(("model.embed_tokens.weight".into(), shape.clone(), table));
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+            .iter()
+            .map(|(k, s, v)| (k.as_str(), s.clone(), v.clone()))
+            .collect();
+        write_adapter(&p(name), config.clone(), &refs)
+    };
+    let same = with_table("same", table.clone());
+    let mut changed = table;
+    changed[0] += 1.0;
+    let changed = with_table("changed", changed);
+    let modules = |stdout: &str| -> Vec<String> {
+        let mut m: Vec<String> = json_records(stdout, "module")
+            .iter()
+            .map(|r| r["module"].as_str().unwrap().to_string())
+            .collect();
+        m.sort();
+        m
+    };
+    // (in two folders under one name: the model names its external data file)
+    for d in ["out_bare", "out_same"] {
+        std::fs::create_dir(p(d)).unwrap();
+    }
+    let bare = fold_ok(
+        &model,
+        &[&ads.join("plain")],
+        &p("out_bare/out.onnx"),
+        &["--json"],
+    );
+    let with_same = fold_ok(&model, &[&same], &p("out_same/out.onnx"), &["--json"]);
+    assert_eq!(modules(&with_same), modules(&bare));
+    for f in ["out.onnx", "out.onnx.data"] {
+        let a = std::fs::read(p("out_same").join(f)).unwrap();
+        assert!(
+            a == std::fs::read(p("out_bare").join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let with_changed = fold_ok(&model, &[&changed], &p("changed.onnx"), &["--json"]);
+    assert!(
+        modules(&with_changed).contains(&"model.embed_tokens".to_string()),
+        "{with_changed}"
+    );
+    let serve = |ad: &Path| {
+        onnx_lora(&[
+            "inject",
+            s(&model),
+            "--as-inputs",
+            "--adapter",
+            s(ad),
+            "-o",
+            s(&p("serve.onnx")),
+            "--adapter-out",
+            s(&p("serve.onnx_adapter")),
+        ])
+    };
+    let o = serve(&same);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = serve(&changed);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2) && err.contains("swaps LoRA factors only"),
+        "{err}"
+    );
+}
+
 #[test]
 fn fold_of_inject_equals_fold() {
     let dir = tempfile::tempdir().unwrap();

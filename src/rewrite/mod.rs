@@ -311,8 +311,9 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
         });
     }
     saved_modules_to_save(&cands, adapter)?;
-    // (a bias saved beside a LoRA that the layer already has is no trained value)
-    drop_unchanged_biases(model, &graph, &cands, adapter)?;
+    // (a bias saved beside a LoRA, or a whole weight, that the layer already has is no
+    // trained value)
+    drop_unchanged_values(model, &graph, &cands, adapter)?;
     let mut left_out = left_out;
     left_out.extend(drop_unrun_modules(adapter, &cands)?);
     Ok(left_out)
@@ -444,29 +445,30 @@ fn saved_modules_to_save(cands: &[Candidate], adapter: &Adapter) -> Result<()> {
     Ok(())
 }
 
-/// Leaves out the biases an adapter saved beside a LoRA that equal the layer's own (PEFT saves
-/// `<module>.base_layer.bias` with the base weight of an output layer it targets, Phi's
-/// `lm_head`, whatever `bias` says): loading them changes nothing, so they are no trained values
-/// for inject, a serving model or export-adapter to refuse.
-fn drop_unchanged_biases(
+/// Leaves out the values an adapter saved that equal the layer's own, up to rounding to the
+/// model's dtype: biases beside a LoRA (PEFT saves `<module>.base_layer.bias` with the base
+/// weight of an output layer it targets, Phi's `lm_head`, whatever `bias` says) and whole
+/// weights and biases (PEFT's `save_embedding_layers` saves the embedding and output tables
+/// whether or not they were trained). Loading them changes nothing, so they are no trained
+/// values for inject, a serving model or export-adapter to refuse, nor weights fold changed;
+/// a whole module left with nothing is left out.
+fn drop_unchanged_values(
     model: &LoadedModel,
     graph: &ModelGraph,
     cands: &[Candidate],
     adapter: &mut Adapter,
 ) -> Result<()> {
-    if !adapter
-        .modules
-        .iter()
-        .any(|m| !m.is_whole() && m.full.contains_key("bias"))
-    {
+    let saves = |m: &ModuleAdapter| {
+        m.kind == ModuleKind::Full || !m.is_whole() && m.full.contains_key("bias")
+    };
+    if !adapter.modules.iter().any(saves) {
         return Ok(());
     }
     let (paths, _) = module_paths(adapter, cands)?;
-    for (m, p) in adapter.modules.iter_mut().zip(&paths) {
-        let (Some(p), Some(saved)) = (p, m.full.get("bias")) else {
-            continue;
-        };
-        if m.is_whole() {
+    let mut emptied = Vec::new();
+    for (i, (m, p)) in adapter.modules.iter_mut().zip(&paths).enumerate() {
+        let Some(p) = p else { continue };
+        if !saves(m) {
             continue;
         }
         // (the layer itself: not a normalization's parameters)
@@ -474,21 +476,51 @@ fn drop_unchanged_biases(
         let Ok(found) = crate::target::resolve_module(cands, p, layer, |_, _| false) else {
             continue;
         };
-        let Some(own) = fold::current_bias(model, graph, found[0]) else {
-            continue;
-        };
-        let scale = own.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
-        let same = own.len() == saved.data.len()
-            && own
-                .iter()
-                .zip(&saved.data)
-                .all(|(a, b)| (a - b).abs() <= 1e-6 * scale);
-        if same {
-            m.full.remove("bias");
+        let mut unchanged = Vec::new();
+        if let Some(saved) = m.full.get("bias")
+            && let Some(own) = fold::current_bias(model, graph, found[0])
+        {
+            let scale = own.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+            if own.len() == saved.data.len()
+                && own
+                    .iter()
+                    .zip(&saved.data)
+                    .all(|(a, b)| (a - b).abs() <= 1e-6 * scale)
+            {
+                unchanged.push("bias");
+            }
+        }
+        if m.kind == ModuleKind::Full
+            && let Some(saved) = m.full.get("weight")
+        {
+            // (a quantized weight is not compared: its values are not the float ones)
+            let mut same = found.iter().all(|c| !c.quantized);
+            for c in &found {
+                if !same {
+                    break;
+                }
+                same = weights::saved_weight_difference(model, graph, c, saved)?
+                    .is_some_and(|d| d.same());
+            }
+            if same {
+                unchanged.push("weight");
+            }
+        }
+        for name in unchanged {
+            m.full.remove(name);
+            let suffix = format!(".{name}");
             m.keys
-                .retain(|k| !k.ends_with(".bias") || k.contains(".lora_"));
+                .retain(|k| !k.ends_with(&suffix) || k.contains(".lora_"));
+        }
+        if m.kind == ModuleKind::Full && m.full.is_empty() {
+            emptied.push(i);
         }
     }
+    let mut i = 0;
+    adapter.modules.retain(|_| {
+        i += 1;
+        !emptied.contains(&(i - 1))
+    });
     Ok(())
 }
 

@@ -336,29 +336,63 @@ pub fn check_saved_base(
     if c.quantized {
         return Ok(());
     }
-    let w = read(model, graph, c)?;
-    let n_out = w.n_out;
-    let n_in = w.values.len() / n_out.max(1);
     let mismatch = |what: String| {
         Error::Target(format!(
             "module '{module}': the adapter's saved base weight (base_layer.weight) {what} the model's '{}' ({} {:?}): the adapter was trained on another base; export that base to ONNX",
             c.weight, c.op, c.shape
         ))
     };
-    if saved.data.len() != w.values.len() {
-        return Err(mismatch(format!(
+    match saved_weight_difference(model, graph, c, saved)? {
+        None => Err(mismatch(format!(
             "has shape {:?}, not the shape of",
             saved.shape
-        )));
+        ))),
+        Some(d) if d.worst > d.tolerance => Err(mismatch(format!(
+            "differs (max |difference| {:.3e}, largest |value| {:.3e}) from",
+            d.worst, d.scale
+        ))),
+        Some(_) => Ok(()),
     }
-    // PEFT's layout: [num, dim] for embeddings, [out, in...] for linear and conv layers.
+}
+
+/// How far a saved weight is from the one a layer reads.
+pub struct Difference {
+    /// The largest |difference|.
+    pub worst: f32,
+    /// The model weight's largest |value|.
+    pub scale: f32,
+    /// What rounding to the model's dtype explains.
+    pub tolerance: f32,
+}
+
+impl Difference {
+    /// The saved weight is the layer's own, up to rounding to the model's dtype.
+    pub fn same(&self) -> bool {
+        self.worst <= self.tolerance
+    }
+}
+
+/// How far `saved` (in PEFT's layout: [num, dim] for embeddings, [out, in...] for linear and
+/// conv layers) is from the weight `c` reads; None when their sizes differ.
+pub fn saved_weight_difference(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    c: &Candidate,
+    saved: &crate::adapter::peft::F32Tensor,
+) -> Result<Option<Difference>> {
+    let w = read(model, graph, c)?;
+    let n_out = w.n_out;
+    let n_in = w.values.len() / n_out.max(1);
+    if saved.data.len() != w.values.len() {
+        return Ok(None);
+    }
     let saved_orient = if c.layout == Layout::Embedding {
         Orientation::InOut
     } else {
         Orientation::OutIn
     };
     let scale = w.values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let tol = match w.dtype {
+    let tolerance = match w.dtype {
         DataType::Float16 => 1e-3,
         DataType::Bfloat16 => 8e-3,
         _ => 1e-6,
@@ -371,10 +405,9 @@ pub fn check_saved_base(
             worst = worst.max((a - b).abs());
         }
     }
-    if worst > tol {
-        return Err(mismatch(format!(
-            "differs (max |difference| {worst:.3e}, largest |value| {scale:.3e}) from"
-        )));
-    }
-    Ok(())
+    Ok(Some(Difference {
+        worst,
+        scale,
+        tolerance,
+    }))
 }
