@@ -3142,6 +3142,45 @@ fn batchnorm_folded_into_a_conv_is_refused() {
     onnx_lora_ok(&["fold", &m, &ad, "-o", &s(&env.p("wn.onnx"))]);
 }
 
+/// A conv that pads its input itself by reflection (torch's `padding_mode="reflect"`): PEFT's
+/// LoRA conv pads with zeros, so its forward and its merge differ; fold and inject compute the
+/// merge and say so (inspect flags the layer). A Pad in the parent's scope (F.pad before the
+/// conv) is the input PEFT's LoRA reads too: nothing to say.
+#[test]
+fn convs_padding_inside_their_module_are_noted() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let t = vec![
+        ("conv.lora_A.weight", vec![2, 3, 3, 3], vec![0.1; 54]),
+        ("conv.lora_B.weight", vec![4, 2, 1, 1], vec![0.1; 8]),
+    ];
+    let ad = write_adapter(&env.p("ad"), config(), &t);
+    let says = "module 'conv': the layer pads its input itself (Pad '/conv/Pad' (reflect)), and PEFT's LoRA conv pads the same input with zeros";
+    let m = env.p("conv_reflect.onnx");
+    let out = onnx_lora_ok(&["inspect", &s(&m)]);
+    assert!(out.contains("padded-inside"), "{out}");
+    let out = fold_ok(&m, &[&ad], &env.p("f.onnx"), &["--json"]);
+    let report = json_records(&out, "report");
+    assert!(
+        report[0]["notes"][0].as_str().unwrap().starts_with(says),
+        "{out}"
+    );
+    let o = onnx_lora(&inject_args(&m, &ad, &env.p("i.onnx"), &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(says), "{err}");
+    let m = env.p("conv_reflect_outside.onnx");
+    let out = onnx_lora_ok(&["inspect", &s(&m)]);
+    assert!(!out.contains("padded-inside"), "{out}");
+    let out = fold_ok(&m, &[&ad], &env.p("g.onnx"), &["--json"]);
+    assert!(!out.contains("pads its input itself"), "{out}");
+    let o = onnx_lora(&inject_args(&m, &ad, &env.p("j.onnx"), &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !err.contains("pads its input itself"),
+        "{err}"
+    );
+}
+
 /// A MatMulInteger whose float values are not where quantize_dynamic puts them (here its
 /// output is a graph output: no Cast + scale Mul) takes no branch: the refusal says why.
 #[test]

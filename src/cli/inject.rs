@@ -465,6 +465,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }
+    for n in branches
+        .iter()
+        .filter_map(|b| onnx_lora::rewrite::inner_pad_note(&b.name, &b.cand))
+    {
+        eprintln!("note: {n}");
+    }
     // (only where the out_proj part of PEFT's MultiheadAttention LoRA became branches)
     if let Some(n) = adapter
         .as_ref()

@@ -150,6 +150,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             if c.packed.is_some() {
                 flags.push("packed-qkv".into());
             }
+            if c.inner_pad.is_some() {
+                flags.push("padded-inside".into());
+            }
             match c.mha {
                 Some(onnx_lora::target::MhaPart::InProj) => flags.push("mha-in-proj".into()),
                 Some(onnx_lora::target::MhaPart::OutProj) => flags.push("mha-out-proj".into()),

@@ -478,6 +478,9 @@ fn plan<'a>(
                 if c.norm_folded {
                     return Err(Error::Target(crate::target::norm_folded_refusal(path, &c)));
                 }
+                if matches!(module.kind, ModuleKind::Lora | ModuleKind::Lycoris) {
+                    report.notes.extend(super::inner_pad_note(&module.path, &c));
+                }
                 mha_applied.push(&module.path);
                 let step = Step {
                     module,

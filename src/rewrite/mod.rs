@@ -34,6 +34,15 @@ use crate::onnx::LoadedModel;
 use crate::target::Candidate;
 use crate::tensor::Matrix;
 
+/// The note for a low-rank module on a Conv whose module pads its input other than with
+/// zeros (`Candidate::inner_pad`), where PEFT's forward and its merge disagree.
+pub fn inner_pad_note(path: &str, c: &Candidate) -> Option<String> {
+    let pad = c.inner_pad.as_deref()?;
+    Some(format!(
+        "module '{path}': the layer pads its input itself ({pad}), and PEFT's LoRA conv pads the same input with zeros, so PEFT's forward differs from its merge_and_unload near the borders; onnx-lora computes the merge (W + s·ΔW with the layer's padding), in fold and inject alike"
+    ))
+}
+
 /// Which candidates' weights an adapter module may adapt: embeddings are tables (Gather,
 /// onnxruntime's EmbedLayerNormalization), 2-D LoRA factors linear layers (and onnxruntime's
 /// Attention projection), 4-D ones convolutions; whole tensors any float weight; token rows

@@ -85,6 +85,11 @@ pub struct Candidate {
     /// The weight packs q/k/v projections side by side (onnxruntime's Attention, `qkv_proj`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed: Option<packed::Packed>,
+    /// A Conv whose module pads its input other than with zeros (`padding_mode="reflect"`:
+    /// a Pad node of that mode in the layer's own scope feeds it), as `Pad 'node' (mode)`:
+    /// PEFT's LoRA conv pads with zeros, so PEFT's forward differs from its merge there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inner_pad: Option<String>,
     /// The layer is one of a torch `nn.MultiheadAttention`'s two projections (see
     /// [`mark_mha`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -443,6 +448,7 @@ fn candidate(
     let (module, evidence, other_paths) =
         module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
+    let inner_pad = inner_pad(model, graph, gi, node, &module);
     let float_site = if quantized {
         float_site(model, graph, (gi, ni), node)
     } else {
@@ -454,6 +460,7 @@ fn candidate(
         other_paths,
         quantized,
         norm_folded: norm_folded(node, tensor.name()),
+        inner_pad,
         packed,
         float_site,
         ..walked.candidate(
@@ -478,6 +485,36 @@ fn norm_folded(node: &NodeProto, weight: &str) -> bool {
         || (node.op_type() == "Conv"
             && weight.starts_with("onnx::Conv_")
             && computed(node.input.get(2)))
+}
+
+/// The Pad node of a mode other than `constant` that feeds Conv `node` from inside the layer's
+/// own module `module` (torch's Conv with `padding_mode` reflect, replicate or circular pads in
+/// its forward), as `Pad 'name' (mode)`.
+fn inner_pad(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    gi: usize,
+    node: &NodeProto,
+    module: &str,
+) -> Option<String> {
+    if node.op_type() != "Conv" || module.is_empty() {
+        return None;
+    }
+    let &p = graph.graphs[gi].producer.get(node.input.first()?)?;
+    let pad = graph.node(model, gi, p)?;
+    let mode = pad
+        .attr("mode")
+        .and_then(|a| a.s.as_deref())
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    if pad.op_type() != "Pad" || matches!(mode.as_ref(), "" | "constant") {
+        return None;
+    }
+    let scope = pad
+        .metadata(evidence::NAME_SCOPES_KEY)
+        .and_then(evidence::from_name_scopes)
+        .or_else(|| evidence::from_node_name(pad.name()))?;
+    (scope == module).then(|| format!("Pad '{}' ({mode})", pad.label()))
 }
 
 /// Whether onnxscript's rewriter (torch's dynamo exporter) marked the node as one it fused a
@@ -608,6 +645,7 @@ impl Walked {
             in_subgraph: gi != 0,
             quantized: false,
             norm_folded: false,
+            inner_pad: None,
             packed: None,
             mha: None,
             through: self.through,
@@ -963,6 +1001,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         in_subgraph: false,
         quantized: false,
         norm_folded: false,
+        inner_pad: None,
         packed: None,
         mha: None,
         through: vec![],

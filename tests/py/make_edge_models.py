@@ -99,6 +99,8 @@
   if_then_main_call.onnx  /fc/MatMul in both bodies of an If, then /fc_1/MatMul (its later call)
                    in the main graph, on one W: the main graph lists the second call first
   nested_stacks{,_wrapped}.onnx  layers.0.fc1 beside encoder.layers.0.fc1 (under /m/ when wrapped)
+  conv_reflect{,_outside}.onnx  a Conv after a reflect Pad in its own scope (padding_mode), and
+                   after one in its parent's
   many_calls.onnx  one W called 40 times in a chain (/fc/MatMul, /fc_1/MatMul, ... /fc_39/MatMul)
 
 Usage: make_edge_models.py OUT_DIR
@@ -197,6 +199,17 @@ def main(out):
                   ("pkg.torch.onnx.name_scopes", "['', 'bn', '_native_batch_norm_legit_no_training']")]),
          os.path.join(out, "conv_bn_dynamo.onnx"))
     save(conv_bn("onnx::Conv_10", "conv.bias", "/conv/Conv"), os.path.join(out, "conv_wn_ts.onnx"))
+    # A conv padding its input by reflection (torch's padding_mode="reflect": a Pad in the
+    # conv's own scope), and one padded by its parent (F.pad in a module above: a Pad outside).
+    xp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])
+    def reflect_conv(pad_name):
+        pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+        return helper.make_graph(
+            [helper.make_node("Pad", ["x", "pads"], ["xp"], name=pad_name, mode="reflect"),
+             helper.make_node("Conv", ["xp", "conv.weight"], ["y"], name="/conv/Conv")],
+            "reflect", [xp], [yb], [numpy_helper.from_array(f32(4, 3, 3, 3), "conv.weight"), pads])
+    save(reflect_conv("/conv/Pad"), os.path.join(out, "conv_reflect.onnx"))
+    save(reflect_conv("/Pad"), os.path.join(out, "conv_reflect_outside.onnx"))
     # One table that two call sites read (T5's `shared`, which is encoder.embed_tokens and
     # decoder.embed_tokens): the Gathers are named after the call sites, the table after it.
     ids_e = helper.make_tensor_value_info("enc_ids", TensorProto.INT64, [1, 3])
