@@ -40,7 +40,8 @@ pub struct Args {
     /// Keep only modules matching this regex (repeatable; any may match).
     #[arg(long = "target", short = 't', value_name = "REGEX", value_parser = super::parse_target)]
     targets: Vec<String>,
-    /// Keep only `all-linear` targets (PEFT's: every linear layer but the output head).
+    /// Keep only `all-linear` targets (PEFT's: every linear layer but the output head, and
+    /// in dynamo exports, which record module classes, but MoE routers).
     #[arg(long)]
     all_linear: bool,
     /// JSON Lines on stdout, one object per candidate.

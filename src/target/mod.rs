@@ -85,6 +85,10 @@ pub struct Candidate {
     /// The weight packs q/k/v projections side by side (onnxruntime's Attention, `qkv_proj`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed: Option<packed::Packed>,
+    /// The class of the module calling the node, where torch's dynamo exporter recorded it
+    /// (`torch.nn.modules.linear.Linear`, a MoE model's `…TopKRouter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module_class: Option<String>,
     /// A Conv whose module pads its input other than with zeros (`padding_mode="reflect"`:
     /// a Pad node of that mode in the layer's own scope feeds it), as `Pad 'node' (mode)`:
     /// PEFT's LoRA conv pads with zeros, so PEFT's forward differs from its merge there.
@@ -449,6 +453,10 @@ fn candidate(
         module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
     let inner_pad = inner_pad(model, graph, gi, node, &module);
+    let module_class = node
+        .metadata(evidence::CLASS_HIERARCHY_KEY)
+        .and_then(evidence::parse_py_str_list)
+        .and_then(|list| Some(list.get(list.len().checked_sub(2)?)?.clone()));
     let float_site = if quantized {
         float_site(model, graph, (gi, ni), node)
     } else {
@@ -461,6 +469,7 @@ fn candidate(
         quantized,
         norm_folded: norm_folded(node, tensor.name()),
         inner_pad,
+        module_class,
         packed,
         float_site,
         ..walked.candidate(
@@ -646,6 +655,7 @@ impl Walked {
             quantized: false,
             norm_folded: false,
             inner_pad: None,
+        module_class: None,
             packed: None,
             mha: None,
             through: self.through,
@@ -1002,6 +1012,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         quantized: false,
         norm_folded: false,
         inner_pad: None,
+        module_class: None,
         packed: None,
         mha: None,
         through: vec![],

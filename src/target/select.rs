@@ -91,6 +91,16 @@ pub fn is_output_head(c: &Candidate, all: &[Candidate]) -> bool {
                 .any(|o| o.op == "Gather" && o.source == c.source && o.source.is_some()))
 }
 
+/// A MoE router that transformers implements as a class of its own (`…TopKRouter`), not an
+/// `nn.Linear`: PEFT's `all-linear` leaves it out. Only the dynamo exporter records module
+/// classes; a TorchScript export's router counts as linear.
+pub fn is_router(c: &Candidate) -> bool {
+    c.module_class
+        .as_deref()
+        .and_then(|k| k.rsplit('.').next())
+        .is_some_and(|k| k.ends_with("Router"))
+}
+
 /// Candidates chosen by `spec` (if any) and by every `--target` regex (if any); with neither,
 /// all candidates.
 pub fn select<'a>(
@@ -114,7 +124,9 @@ pub fn select<'a>(
             Some(TargetSpec::Regex(_)) => spec_re
                 .as_ref()
                 .is_some_and(|re| regex_matches(re, &c.module)),
-            Some(TargetSpec::AllLinear) => c.is_linear() && !is_output_head(c, cands),
+            Some(TargetSpec::AllLinear) => {
+                c.is_linear() && !is_output_head(c, cands) && !is_router(c)
+            }
         })
         .filter(|c| res.is_empty() || res.iter().any(|re| regex_matches(re, &c.module)))
         .collect())
@@ -640,6 +652,32 @@ mod tests {
     use super::*;
 
     use crate::target::test_candidate as cand;
+
+    #[test]
+    fn all_linear_leaves_out_routers_dynamo_names_by_class() {
+        let class = |mut c: Candidate, k: &str| {
+            c.module_class = Some(k.into());
+            c
+        };
+        let cands = [
+            class(
+                cand("mlp.gate", "G"),
+                "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter",
+            ),
+            class(cand("mlp.up", "U"), "torch.nn.modules.linear.Linear"),
+            // (no class recorded: a TorchScript export's router counts as linear)
+            cand("ts.mlp.gate", "T"),
+        ];
+        let chosen: Vec<&str> = select(&cands, Some(&TargetSpec::AllLinear), &[])
+            .unwrap()
+            .iter()
+            .map(|c| c.module.as_str())
+            .collect();
+        assert_eq!(chosen, ["mlp.up", "ts.mlp.gate"]);
+        // (named, a router is a target like any other)
+        let named = select(&cands, None, &["mlp\\.gate".to_string()]).unwrap();
+        assert!(named.iter().any(|c| c.module == "mlp.gate"));
+    }
 
     #[test]
     fn module_calls_group_repeated_and_scoped_paths() {
