@@ -347,7 +347,7 @@ pub fn resolve_module<'a>(
                 } else if part {
                     "a model exported in parts (as Optimum's encoder.onnx and decoder.onnx) holds one part's layers in each file; --allow-unmatched applies the modules of this one"
                 } else {
-                    "the export may have left it out, as an exporter drops the modules no exported output depends on (BERT's pooler when only last_hidden_state is exported), or the adapter names it otherwise"
+                    "the export may have left it out, as an exporter drops the modules no exported output depends on (BERT's pooler when only last_hidden_state is exported), its layer may compute its weight in the graph (weight normalization, as a TorchScript export of HuBERT's pos_conv_embed: no constant weight to change; a dynamo export keeps it constant), or the adapter names it otherwise"
                 };
                 (format!(": this model has no layer under '{a}' ({why})"), part)
             })
