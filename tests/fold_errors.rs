@@ -5295,6 +5295,22 @@ fn dora_on_an_embedding_is_folded_not_injected() {
         "{err}"
     );
     fold_ok(&model, &[&ad], &out, &["--quiet"]);
+    // What writing the adapter's whole values notes (a bias added to a layer that had none)
+    // is said once the output is written: a refusal after it stays one line.
+    let mut t = t;
+    t.push(("lm_head.bias".to_string(), vec![16], vec![0.5; 16]));
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["embed"], "use_dora": true, "bias": "all"});
+    let ad = write_adapter(&env.p("dora_emb_bias"), cfg, &refs(&t));
+    let out = env.p("out2.onnx");
+    let err = onnx_lora_fails(&inject_args(&model, &ad, &out, &[]), &out);
+    assert!(
+        err.contains("DoRA embedding branches are not supported"),
+        "{err}"
+    );
+    let o = onnx_lora(&fold_args(&model, &[&ad], &out, &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("had no bias"), "{err}");
 }
 
 /// export-peft gives a `target_parameters` module back as one: a branch `inject --adapter`

@@ -275,6 +275,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // have no branch form: they go into the weights, and the branches carry the rest.
     // (each with the LyCORIS algorithm whose delta it added; None where it replaced values)
     let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, Option<&'static str>)> = Vec::new();
+    // (what writing them noted: said once the output is written, not before a later refusal)
+    let mut whole_notes: Vec<String> = Vec::new();
     let low = match &adapter {
         Some(adapter) => {
             if let Some(m) = adapter.modules.iter().find(|m| m.has_no_branch_form())
@@ -290,12 +292,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let (low, rep) = write_whole_values(&mut model, adapter, 1.0, args.allow_unmatched)
                 .with_context(|| format!("{}", args.model.display()))?;
             if let Some(rep) = rep {
-                for n in &rep.notes {
-                    eprintln!("note: {n}");
-                }
-                for u in &rep.unmatched {
-                    eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
-                }
+                whole_notes.extend(rep.notes.iter().map(|n| format!("note: {n}")));
+                whole_notes.extend(
+                    rep.unmatched
+                        .iter()
+                        .map(|u| format!("onnx-lora: warning: unmatched adapter module: {u}")),
+                );
                 replaced = rep
                     .modules
                     .into_iter()
@@ -462,6 +464,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let held = args.verify.then_some(held);
     super::warn_after_write(&args.model, &model, &saved);
     args.save.note_unused(&saved, model.files().len() > 1);
+    for line in &whole_notes {
+        eprintln!("{line}");
+    }
     for u in &unmatched {
         eprintln!("onnx-lora: warning: unmatched adapter module: {u}");
     }

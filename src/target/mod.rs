@@ -655,7 +655,7 @@ impl Walked {
             quantized: false,
             norm_folded: false,
             inner_pad: None,
-        module_class: None,
+            module_class: None,
             packed: None,
             mha: None,
             through: self.through,
