@@ -820,7 +820,7 @@ fn the_unmerged_reference_of_packed_and_fused_layers_is_peft() {
     let reference = |model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path| {
         let m = onnx_lora::onnx::load(model).unwrap();
         let mut a = Adapter::load(adapter).unwrap();
-        onnx_lora::rewrite::settle_root(&m, &mut a).unwrap();
+        onnx_lora::rewrite::settle_root(&m, &mut a, true).unwrap();
         let r = onnx_lora::rewrite::unmerged_reference(&m, &[a], &[], 1.0).unwrap();
         onnx_lora::onnx::save(&r, out, &onnx_lora::onnx::SaveOptions::default()).unwrap();
     };

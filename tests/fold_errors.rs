@@ -1349,10 +1349,26 @@ fn lora_on_a_layer_its_parent_reads_is_left_out() {
         let err = onnx_lora_fails(&args, &p("out.onnx"));
         assert!(
             err.contains("holds no module whose LoRA PEFT's forward runs: module 'head.attention.out_proj'")
-                && err.contains("its parent 'head.attention' reads the layer's weight 'head.attention.out_proj.weight' itself (MatMul /head/attention/MatMul)"),
+                && err.contains("its parent 'head.attention' (a torch.nn.MultiheadAttention) reads the layer's weight 'head.attention.out_proj.weight' itself (MatMul /head/attention/MatMul)"),
             "{err}"
         );
     }
+    // Another layer read in its parent's scope may be called there by its forward
+    // (`self.fc.forward(x)`, which PEFT runs) as well as by its weight: refused, saying both.
+    let other = p("other.onnx");
+    let raw: Vec<u8> = (0..16 * 16)
+        .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+        .collect();
+    write_matmul_model(&other, "/blk/MatMul", "blk.fc.weight", 16, 16, raw);
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["fc"]});
+    let ad = write_adapter(&p("ad_fc"), cfg, &refs(&lora("blk.fc", 16, 16, 0.1)));
+    let err = fold_fails(&other, &ad, &p("out.onnx"), &[]);
+    assert!(
+        err.contains("module 'blk.fc' has no layer of its own in the export: its parent 'blk' reads the layer's weight 'blk.fc.weight' itself")
+            && err.contains("--allow-unmatched leaves it out as PEFT does"),
+        "{err}"
+    );
 }
 
 /// PEFT's MultiheadAttention LoRA on a scope that holds no packed in-projection (as a

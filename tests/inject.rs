@@ -381,9 +381,13 @@ fn saved_tables_equal_to_the_models_change_nothing() {
         write_adapter(&p(name), config.clone(), &refs)
     };
     let same = with_table("same", table.clone());
-    let mut changed = table;
+    let mut changed = table.clone();
     changed[0] += 1.0;
     let changed = with_table("changed", changed);
+    // (one step of float32 is a change)
+    let mut nudged = table.clone();
+    nudged[5] = f32::from_bits(nudged[5].to_bits() + 1);
+    let nudged = with_table("nudged", nudged);
     let modules = |stdout: &str| -> Vec<String> {
         let mut m: Vec<String> = json_records(stdout, "module")
             .iter()
@@ -411,11 +415,36 @@ fn saved_tables_equal_to_the_models_change_nothing() {
             "{f} differs"
         );
     }
-    let with_changed = fold_ok(&model, &[&changed], &p("changed.onnx"), &["--json"]);
-    assert!(
-        modules(&with_changed).contains(&"model.embed_tokens".to_string()),
-        "{with_changed}"
+    for ad in [&changed, &nudged] {
+        let out = fold_ok(&model, &[ad], &p("changed.onnx"), &["--json"]);
+        assert!(
+            modules(&out).contains(&"model.embed_tokens".to_string()),
+            "{out}"
+        );
+    }
+    // After another adapter, a table equal to the base still resets what that one changed, as
+    // loading it after the other in PEFT does.
+    let out = fold_ok(
+        &model,
+        &[&ads.join("embedding"), &same],
+        &p("two.onnx"),
+        &["--json"],
     );
+    let embed = json_records(&out, "module")
+        .into_iter()
+        .find(|r| r["module"] == "model.embed_tokens");
+    assert!(
+        embed.is_some_and(|r| r["replaced"] == true),
+        "the table is written: {out}"
+    );
+    // An adapter of nothing but unchanged tables is kept as it is (its fold changes nothing).
+    let only = write_adapter(
+        &p("only_table"),
+        config.clone(),
+        &[("model.embed_tokens.weight", shape.clone(), table)],
+    );
+    let out = fold_ok(&model, &[&only], &p("only.onnx"), &["--json"]);
+    assert_eq!(modules(&out), ["model.embed_tokens"], "{out}");
     let serve = |ad: &Path| {
         onnx_lora(&[
             "inject",

@@ -30,7 +30,7 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
             let mut adapter = Adapter::load(&ad.dir).unwrap();
             // (as every command does: the adapter settled for this model, which maps Flux
             // files' original names onto a diffusers Flux export)
-            onnx_lora::rewrite::settle_root(&model, &mut adapter).unwrap();
+            onnx_lora::rewrite::settle_root(&model, &mut adapter, true).unwrap();
             // PEFT paths bind as they are; kohya's underscored names to the model's dotted
             // paths, with the parts of other models (the text encoder's lora_te_* in a UNet,
             // the UNet's lora_unet_* in a text encoder) left out.

@@ -62,6 +62,7 @@ pub fn run_adapter(args: AdapterArgs) -> anyhow::Result<u8> {
         &mut adapter,
         args.alpha_keys.as_deref(),
         args.part.as_deref(),
+        true,
     )?;
     let (params, unmatched) = serving_adapter_params(&model, &adapter, args.allow_unmatched)?;
     for u in &unmatched {

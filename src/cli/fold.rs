@@ -131,8 +131,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .collect::<Result<Vec<_>, _>>()?;
     super::check_root(args.root.as_deref(), &adapters)?;
     super::check_diffusers_flags(args.alpha_keys.as_deref(), args.part.as_deref(), &adapters)?;
+    let alone = adapters.len() == 1;
     for a in &mut adapters {
-        super::settle(&model, a, args.alpha_keys.as_deref(), args.part.as_deref())?;
+        super::settle(
+            &model,
+            a,
+            args.alpha_keys.as_deref(),
+            args.part.as_deref(),
+            alone,
+        )?;
     }
     let opts = FoldOptions {
         weights: args.weights.clone(),

@@ -210,7 +210,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         adapter.as_slice(),
     )?;
     if let Some(a) = &mut adapter {
-        super::settle(&model, a, args.alpha_keys.as_deref(), args.part.as_deref())?;
+        super::settle(
+            &model,
+            a,
+            args.alpha_keys.as_deref(),
+            args.part.as_deref(),
+            true,
+        )?;
     }
     // The reference (the adapter folded into the untouched base) is built before anything is
     // written: if it cannot be, nothing is.
@@ -472,7 +478,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     for n in branches
         .iter()
-        .filter_map(|b| onnx_lora::rewrite::inner_pad_note(&b.name, &b.cand))
+        .filter_map(|b| onnx_lora::rewrite::inner_pad_note(&b.name, &b.cand, adapter.is_none()))
     {
         eprintln!("note: {n}");
     }

@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long = "target", short = 't', value_name = "REGEX", value_parser = super::parse_target)]
     targets: Vec<String>,
     /// Keep only `all-linear` targets (PEFT's: every linear layer but the output head, and
-    /// in dynamo exports, which record module classes, but MoE routers).
+    /// in dynamo exports, which record module classes, but `…TopKRouter` MoE routers).
     #[arg(long)]
     all_linear: bool,
     /// JSON Lines on stdout, one object per candidate.

@@ -200,12 +200,14 @@ fn load_adapter(
 
 /// Settles an adapter on the model (`rewrite::settle_root`), saying on stderr what of it
 /// that left out (a diffusers file's other pipeline parts); `alpha_keys` and `part` are the
-/// user's `--alpha-keys` and `--part`, for diffusers files only.
+/// user's `--alpha-keys` and `--part`, for diffusers files only; `alone`, whether it is the
+/// run's only adapter.
 pub(crate) fn settle(
     model: &onnx_lora::onnx::io::LoadedModel,
     adapter: &mut onnx_lora::adapter::Adapter,
     alpha_keys: Option<&str>,
     part: Option<&str>,
+    alone: bool,
 ) -> anyhow::Result<()> {
     if adapter.diffusers.is_some() {
         adapter.alpha_keys = alpha_keys.map(|how| how == "read");
@@ -213,7 +215,7 @@ pub(crate) fn settle(
     }
     // (an error that names the adapter already is not prefixed with its path again)
     let path = adapter.path.display().to_string();
-    let left_out = onnx_lora::rewrite::settle_root(model, adapter).map_err(|e| {
+    let left_out = onnx_lora::rewrite::settle_root(model, adapter, alone).map_err(|e| {
         if e.to_string().starts_with(&path) {
             anyhow::Error::new(e)
         } else {

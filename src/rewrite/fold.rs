@@ -478,8 +478,12 @@ fn plan<'a>(
                 if c.norm_folded {
                     return Err(Error::Target(crate::target::norm_folded_refusal(path, &c)));
                 }
-                if matches!(module.kind, ModuleKind::Lora | ModuleKind::Lycoris) {
-                    report.notes.extend(super::inner_pad_note(&module.path, &c));
+                // (once per module: not per call, nor per adapter)
+                if matches!(module.kind, ModuleKind::Lora | ModuleKind::Lycoris)
+                    && let Some(n) = super::inner_pad_note(&module.path, &c, false)
+                    && !report.notes.contains(&n)
+                {
+                    report.notes.push(n);
                 }
                 mha_applied.push(&module.path);
                 let step = Step {

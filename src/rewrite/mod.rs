@@ -36,11 +36,17 @@ use crate::tensor::Matrix;
 
 /// The note for a low-rank module on a Conv whose module pads its input other than with
 /// zeros (`Candidate::inner_pad`), where PEFT's forward and its merge disagree.
-pub fn inner_pad_note(path: &str, c: &Candidate) -> Option<String> {
+pub fn inner_pad_note(path: &str, c: &Candidate, fresh: bool) -> Option<String> {
     let pad = c.inner_pad.as_deref()?;
-    Some(format!(
-        "module '{path}': the layer pads its input itself ({pad}), and PEFT's LoRA conv pads the same input with zeros, so PEFT's forward differs from its merge_and_unload near the borders; onnx-lora computes the merge (W + s·ΔW with the layer's padding), in fold and inject alike"
-    ))
+    Some(if fresh {
+        format!(
+            "module '{path}': the layer pads its input itself ({pad}), and PEFT's LoRA conv pads the same input with zeros: this branch reads the layer's padding, so PEFT, given it back by export-peft, computes other values near the borders than this model (its merge_and_unload computes this model's)"
+        )
+    } else {
+        format!(
+            "module '{path}': the layer pads its input itself ({pad}), and PEFT's LoRA conv pads the same input with zeros, so PEFT's forward differs from its merge_and_unload near the borders; onnx-lora computes the merge (W + s·ΔW with the layer's padding), in fold and inject alike"
+        )
+    })
 }
 
 /// Which candidates' weights an adapter module may adapt: embeddings are tables (Gather,
@@ -142,6 +148,12 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
         let outer = c.other_paths.first().map_or("", String::as_str);
         return Some(format!(
             "module '{path}' is the out_proj of the torch.nn.MultiheadAttention '{outer}', which calls that Linear's weight itself: PEFT's forward never runs a LoRA on the Linear (its merge_and_unload would merge it; the two disagree), and only PEFT's LoRA on the attention module adapts the out_proj (nested at '{outer}.base_layer.out_proj'); train without the out_proj in target_modules"
+        ));
+    }
+    if let (false, None, Some((c, _))) = (m.mha_in_proj, &m.mha_outer, parent_reader(cands, path)) {
+        return Some(format!(
+            "module '{path}' has no layer of its own in the export: its parent '{}' reads the layer's weight '{}' itself ({} {}). Where the parent reads the weight (`F.linear(x, self.layer.weight)`), PEFT's forward never runs this LoRA and --allow-unmatched leaves it out as PEFT does; where it calls the layer's forward directly (`self.layer.forward(x)`), PEFT runs it, and the export cannot tell the two apart",
+            c.module, c.weight, c.op, c.node
         ));
     }
     // (where a layer at the path is the part the module adapts, the lookup's own error says
@@ -273,9 +285,10 @@ pub fn adapter_tensor_limit(model: &LoadedModel) -> usize {
 /// kohya file has no root; its modules named by Flux's original model are mapped onto a
 /// diffusers Flux export here (`adapter::bfl`); of a diffusers file, the part that is the
 /// model is taken (`adapter::diffusers`). Every command calls it once per adapter, after
-/// loading it and before anything binds its modules. Returns what it left out of the adapter
-/// (for warnings).
-pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<String>> {
+/// loading it and before anything binds its modules; `alone`: no other adapter is applied
+/// with it (see `drop_unchanged_values`). Returns what it left out of the adapter (for
+/// warnings).
+pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter, alone: bool) -> Result<Vec<String>> {
     if adapter.modules.iter().any(|m| m.part.is_some()) {
         // kohya modules are bound to the model's paths instead
         if let Some(r) = &adapter.root {
@@ -322,7 +335,7 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter) -> Result<Vec<Str
     saved_modules_to_save(&cands, adapter)?;
     // (a bias saved beside a LoRA, or a whole weight, that the layer already has is no
     // trained value)
-    drop_unchanged_values(model, &graph, &cands, adapter)?;
+    drop_unchanged_values(model, &graph, &cands, adapter, alone)?;
     let mut left_out = left_out;
     left_out.extend(drop_unrun_modules(adapter, &cands)?);
     Ok(left_out)
@@ -391,10 +404,32 @@ fn unrun_by_peft(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<S
             c.op, c.node
         ));
     }
+    let (first, layer) = parent_reader(cands, path)?;
+    // (a parent calling the layer's forward directly, `self.fc.forward(x)`, shows the same in
+    // an export, and there PEFT runs the LoRA: only an attention of torch's, which reads its
+    // out_proj's weight, is taken as one that does not; dynamo records its class)
+    let mha = match &first.module_class {
+        Some(k) => k.ends_with("MultiheadAttention"),
+        None => layer.rsplit('.').next() == Some("out_proj"),
+    };
+    if !mha {
+        return None;
+    }
+    Some(format!(
+        "{what}: its parent '{}' (a torch.nn.MultiheadAttention) reads the layer's weight '{}' itself ({} {}) instead of calling the layer, {forward}",
+        first.module, first.weight, first.op, first.node
+    ))
+}
+
+/// Where no layer has module path `path` of its own but the export shows its parent reading
+/// the layer's weight itself: a node in a scope above `path` reads a weight named after it
+/// (`head.attention.out_proj.weight` in `head.attention`), every such node so. That reader,
+/// and the layer path its weight's name gives.
+fn parent_reader<'a>(cands: &'a [Candidate], path: &str) -> Option<(&'a Candidate, String)> {
+    use crate::target::select::name_matches;
     if crate::target::select::found_as_is(cands, path) {
         return None;
     }
-    // (the readers of the weight named after the module, each in a scope above the module)
     let mut readers = cands.iter().filter_map(|c| {
         let layer = crate::target::evidence::from_weight_name(&c.weight)?;
         name_matches(&layer, path).then_some((c, layer))
@@ -406,10 +441,7 @@ fn unrun_by_peft(m: &ModuleAdapter, cands: &[Candidate], path: &str) -> Option<S
     if !above(first, &layer) || !readers.all(|(c, l)| above(c, &l)) {
         return None;
     }
-    Some(format!(
-        "{what}: its parent '{}' reads the layer's weight '{}' itself ({} {}) instead of calling the layer, {forward}",
-        first.module, first.weight, first.op, first.node
-    ))
+    Some((first, layer))
 }
 
 /// Refuses an adapter whose config names in `modules_to_save` a module this model has but whose
@@ -454,28 +486,33 @@ fn saved_modules_to_save(cands: &[Candidate], adapter: &Adapter) -> Result<()> {
     Ok(())
 }
 
-/// Leaves out the values an adapter saved that equal the layer's own, up to rounding to the
-/// model's dtype: biases beside a LoRA (PEFT saves `<module>.base_layer.bias` with the base
-/// weight of an output layer it targets, Phi's `lm_head`, whatever `bias` says) and whole
-/// weights and biases (PEFT's `save_embedding_layers` saves the embedding and output tables
-/// whether or not they were trained). Loading them changes nothing, so they are no trained
-/// values for inject, a serving model or export-adapter to refuse, nor weights fold changed;
-/// a whole module left with nothing is left out.
+/// Leaves out the values an adapter saved that equal the layer's own: biases beside a LoRA
+/// (PEFT saves `<module>.base_layer.bias` with the base weight of an output layer it targets,
+/// Phi's `lm_head`, whatever `bias` says; up to 1e-6 of the largest) and, when the adapter is
+/// applied `alone`, whole weights and biases equal to the layer's own once rounded to the
+/// model's dtype (PEFT's `save_embedding_layers` saves the embedding and output tables whether
+/// or not they were trained). Loading them changes nothing, so they are no trained values for
+/// inject, a serving model or export-adapter to refuse, nor weights fold changed; a whole module
+/// left with nothing is left out. (After other adapters, a whole value equal to the base still
+/// resets what they changed, as loading it after them in PEFT does; an adapter all of whose
+/// modules would go is kept as it is.)
 fn drop_unchanged_values(
     model: &LoadedModel,
     graph: &ModelGraph,
     cands: &[Candidate],
     adapter: &mut Adapter,
+    alone: bool,
 ) -> Result<()> {
     let saves = |m: &ModuleAdapter| {
-        m.kind == ModuleKind::Full || !m.is_whole() && m.full.contains_key("bias")
+        alone && m.kind == ModuleKind::Full || !m.is_whole() && m.full.contains_key("bias")
     };
     if !adapter.modules.iter().any(saves) {
         return Ok(());
     }
     let (paths, _) = module_paths(adapter, cands)?;
-    let mut emptied = Vec::new();
-    for (i, (m, p)) in adapter.modules.iter_mut().zip(&paths).enumerate() {
+    // (module index, the names of its saved tensors that change nothing)
+    let mut drops: Vec<(usize, Vec<&'static str>)> = Vec::new();
+    for (i, (m, p)) in adapter.modules.iter().zip(&paths).enumerate() {
         let Some(p) = p else { continue };
         if !saves(m) {
             continue;
@@ -485,23 +522,23 @@ fn drop_unchanged_values(
         let Ok(found) = crate::target::resolve_module(cands, p, layer, |_, _| false) else {
             continue;
         };
+        let whole = m.kind == ModuleKind::Full;
         let mut unchanged = Vec::new();
         if let Some(saved) = m.full.get("bias")
             && let Some(own) = fold::current_bias(model, graph, found[0])
         {
             let scale = own.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+            let tolerance = if whole { 0.0 } else { 1e-6 * scale };
             if own.len() == saved.data.len()
                 && own
                     .iter()
                     .zip(&saved.data)
-                    .all(|(a, b)| (a - b).abs() <= 1e-6 * scale)
+                    .all(|(a, b)| (a - b).abs() <= tolerance)
             {
                 unchanged.push("bias");
             }
         }
-        if m.kind == ModuleKind::Full
-            && let Some(saved) = m.full.get("weight")
-        {
+        if whole && let Some(saved) = m.full.get("weight") {
             // (a quantized weight is not compared: its values are not the float ones)
             let mut same = found.iter().all(|c| !c.quantized);
             for c in &found {
@@ -509,20 +546,34 @@ fn drop_unchanged_values(
                     break;
                 }
                 same = weights::saved_weight_difference(model, graph, c, saved)?
-                    .is_some_and(|d| d.same());
+                    .is_some_and(|d| d.identical);
             }
             if same {
                 unchanged.push("weight");
             }
         }
-        for name in unchanged {
+        if !unchanged.is_empty() {
+            drops.push((i, unchanged));
+        }
+    }
+    let emptied: Vec<usize> = drops
+        .iter()
+        .filter(|(i, names)| {
+            let m = &adapter.modules[*i];
+            m.kind == ModuleKind::Full && m.full.keys().all(|k| names.contains(&k.as_str()))
+        })
+        .map(|(i, _)| *i)
+        .collect();
+    if emptied.len() == adapter.modules.len() {
+        return Ok(());
+    }
+    for (i, names) in drops {
+        let m = &mut adapter.modules[i];
+        for name in names {
             m.full.remove(name);
             let suffix = format!(".{name}");
             m.keys
                 .retain(|k| !k.ends_with(&suffix) || k.contains(".lora_"));
-        }
-        if m.kind == ModuleKind::Full && m.full.is_empty() {
-            emptied.push(i);
         }
     }
     let mut i = 0;

@@ -361,15 +361,10 @@ pub struct Difference {
     pub worst: f32,
     /// The model weight's largest |value|.
     pub scale: f32,
-    /// What rounding to the model's dtype explains.
+    /// What rounding to the model's dtype explains, at the largest value.
     pub tolerance: f32,
-}
-
-impl Difference {
-    /// The saved weight is the layer's own, up to rounding to the model's dtype.
-    pub fn same(&self) -> bool {
-        self.worst <= self.tolerance
-    }
+    /// Every saved value, rounded to the model's dtype, is the layer's own.
+    pub identical: bool,
 }
 
 /// How far `saved` (in PEFT's layout: [num, dim] for embeddings, [out, in...] for linear and
@@ -397,17 +392,25 @@ pub fn saved_weight_difference(
         DataType::Bfloat16 => 8e-3,
         _ => 1e-6,
     } * scale;
+    let round = |v: f32| match w.dtype {
+        DataType::Float16 => half::f16::from_f32(v).to_f32(),
+        DataType::Bfloat16 => half::bf16::from_f32(v).to_f32(),
+        _ => v,
+    };
     let mut worst = 0f32;
+    let mut identical = true;
     for i in 0..n_in {
         for j in 0..n_out {
             let a = w.values[w.orient.index(n_in, n_out, i, j)];
             let b = saved.data[saved_orient.index(n_in, n_out, i, j)];
             worst = worst.max((a - b).abs());
+            identical &= round(b) == a;
         }
     }
     Ok(Some(Difference {
         worst,
         scale,
         tolerance,
+        identical,
     }))
 }

@@ -91,14 +91,15 @@ pub fn is_output_head(c: &Candidate, all: &[Candidate]) -> bool {
                 .any(|o| o.op == "Gather" && o.source == c.source && o.source.is_some()))
 }
 
-/// A MoE router that transformers implements as a class of its own (`…TopKRouter`), not an
-/// `nn.Linear`: PEFT's `all-linear` leaves it out. Only the dynamo exporter records module
-/// classes; a TorchScript export's router counts as linear.
+/// A MoE router that transformers implements as a class of its own (`…TopKRouter`: Mixtral,
+/// Qwen2-MoE, OLMoE), not an `nn.Linear`: PEFT's `all-linear` leaves it out. (Llama 4's
+/// `Llama4Router` subclasses `nn.Linear`, and PEFT takes it.) Only the dynamo exporter records
+/// module classes; a TorchScript export's router counts as linear.
 pub fn is_router(c: &Candidate) -> bool {
     c.module_class
         .as_deref()
         .and_then(|k| k.rsplit('.').next())
-        .is_some_and(|k| k.ends_with("Router"))
+        .is_some_and(|k| k.ends_with("TopKRouter"))
 }
 
 /// Candidates chosen by `spec` (if any) and by every `--target` regex (if any); with neither,
@@ -667,13 +668,18 @@ mod tests {
             class(cand("mlp.up", "U"), "torch.nn.modules.linear.Linear"),
             // (no class recorded: a TorchScript export's router counts as linear)
             cand("ts.mlp.gate", "T"),
+            // (an nn.Linear subclass: PEFT's all-linear takes it)
+            class(
+                cand("l4.mlp.router", "R"),
+                "transformers.models.llama4.modeling_llama4.Llama4Router",
+            ),
         ];
         let chosen: Vec<&str> = select(&cands, Some(&TargetSpec::AllLinear), &[])
             .unwrap()
             .iter()
             .map(|c| c.module.as_str())
             .collect();
-        assert_eq!(chosen, ["mlp.up", "ts.mlp.gate"]);
+        assert_eq!(chosen, ["mlp.up", "ts.mlp.gate", "l4.mlp.router"]);
         // (named, a router is a target like any other)
         let named = select(&cands, None, &["mlp\\.gate".to_string()]).unwrap();
         assert!(named.iter().any(|c| c.module == "mlp.gate"));
