@@ -1315,25 +1315,26 @@ fn multihead_attention_loras_follow_peft() {
     );
 }
 
-/// A layer whose parent reads its weight itself (a cross-attention's out_proj, which the
-/// export shows in the attention's scope under the Linear's weight name): PEFT's forward never
-/// runs a LoRA on it, so it is left out of fold and inject, with a warning; an adapter of
-/// nothing else is refused.
+/// An out_proj whose parent reads its weight itself (a cross-attention's, which the export
+/// shows in the attention's scope under the Linear's weight name): PEFT's forward never runs a
+/// LoRA on it, so it is left out of fold and inject, with a warning, and an adapter of nothing
+/// else is refused. Another layer read so is refused, saying why.
 #[test]
 fn lora_on_a_layer_its_parent_reads_is_left_out() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
+    // (one 16 × 16 MatMul named `node`, reading `weight`)
+    let one_matmul = |path: &Path, node: &str, weight: &str| {
+        let raw: Vec<u8> = (0..16 * 16)
+            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .collect();
+        write_matmul_model(path, node, weight, 16, 16, raw);
+    };
     let model = p("m.onnx");
-    let raw: Vec<u8> = (0..16 * 16)
-        .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
-        .collect();
-    write_matmul_model(
+    one_matmul(
         &model,
         "/head/attention/MatMul",
         "head.attention.out_proj.weight",
-        16,
-        16,
-        raw,
     );
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
         "target_modules": ["out_proj"]});
@@ -1356,10 +1357,7 @@ fn lora_on_a_layer_its_parent_reads_is_left_out() {
     // Another layer read in its parent's scope may be called there by its forward
     // (`self.fc.forward(x)`, which PEFT runs) as well as by its weight: refused, saying both.
     let other = p("other.onnx");
-    let raw: Vec<u8> = (0..16 * 16)
-        .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
-        .collect();
-    write_matmul_model(&other, "/blk/MatMul", "blk.fc.weight", 16, 16, raw);
+    one_matmul(&other, "/blk/MatMul", "blk.fc.weight");
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
         "target_modules": ["fc"]});
     let ad = write_adapter(&p("ad_fc"), cfg, &refs(&lora("blk.fc", 16, 16, 0.1)));
