@@ -1019,6 +1019,78 @@ fn saved_base_weight_must_be_the_models() {
     assert!(!out.exists());
 }
 
+/// A base weight saved beside a LoRA on a GPT-2 Conv1D is in torch's (in, out) layout, the one
+/// the export stores: it is the model's, and the fold is byte for byte the one without it, for a
+/// non-square layer (c_attn) and a square one (c_proj); changed, it is still refused (review42
+/// L5: it was read as (out, in), and a saved c_attn refused as another base).
+#[test]
+fn saved_conv1d_base_weight_is_read_in_torch_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    for exporter in ["dynamo", "torchscript"] {
+        let model = fixtures().join(format!("gpt2/{exporter}/model.onnx"));
+        let loaded = onnx_lora::onnx::io::load(&model).unwrap();
+        let stored = |name: &str| -> Vec<f32> {
+            let g = loaded.proto.graph.as_ref().unwrap();
+            let t = g.initializer.iter().find(|t| t.name() == name).unwrap();
+            let b = loaded.tensor_bytes(t).unwrap();
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "fan_in_fan_out": true, "target_modules": ["c_attn", "c_proj"]});
+        let mut tensors = Vec::new();
+        for (m, n_in, n_out) in [("attn.c_attn", 32, 96), ("attn.c_proj", 32, 32)] {
+            let path = format!("transformer.h.0.{m}");
+            for (k, s, v) in lora(&path, n_in, n_out, 0.05) {
+                tensors.push((k, s, v));
+            }
+        }
+        let without = write_adapter(
+            &dir.path().join(format!("{exporter}_lora")),
+            config.clone(),
+            &refs(&tensors),
+        );
+        for (m, n_in, n_out) in [("attn.c_attn", 32, 96), ("attn.c_proj", 32, 32)] {
+            let path = format!("transformer.h.0.{m}");
+            let w = stored(&format!("{path}.weight"));
+            assert_eq!(w.len(), n_in * n_out);
+            tensors.push((format!("{path}.base_layer.weight"), vec![n_in, n_out], w));
+        }
+        let with = write_adapter(
+            &dir.path().join(format!("{exporter}_with_base")),
+            config.clone(),
+            &refs(&tensors),
+        );
+        let out = |name: &str| {
+            let d = dir.path().join(format!("{exporter}_{name}"));
+            std::fs::create_dir_all(&d).unwrap();
+            d.join("out.onnx")
+        };
+        let (a, b) = (out("without"), out("with"));
+        fold_ok(&model, &[&without], &a, &[]);
+        fold_ok(&model, &[&with], &b, &[]);
+        for suffix in ["", ".data"] {
+            let read = |p: &Path| std::fs::read(format!("{}{suffix}", p.display())).ok();
+            assert!(read(&a) == read(&b), "{exporter}: out.onnx{suffix} differs");
+        }
+        // c_attn's saved base changed in one value: another base
+        let k = "transformer.h.0.attn.c_attn.base_layer.weight";
+        let i = tensors.iter().position(|t| t.0 == k).unwrap();
+        tensors[i].2[5] += 1.0;
+        let other = write_adapter(
+            &dir.path().join(format!("{exporter}_other")),
+            config,
+            &refs(&tensors),
+        );
+        let err = fold_fails(&model, &other, &out("other"), &[]);
+        assert!(
+            err.contains("transformer.h.0.attn.c_attn") && err.contains("another base"),
+            "{err}"
+        );
+    }
+}
+
 /// adapter_config.json values of the wrong type, factors of another rank than the config gives,
 /// non-finite factors and empty adapters are refused by fold and inject alike, naming the key.
 #[test]

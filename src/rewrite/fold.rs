@@ -28,7 +28,7 @@ use crate::onnx::LoadedModel;
 use crate::onnx::io::LazyTensor;
 use crate::onnx::pb_ext::NodeExt;
 use crate::target::{Candidate, Layout, find_candidates, norm, packed, resolve_module};
-use crate::tensor::{Matrix, Orientation, add_low_rank, from_f32, out_norms, scale_out};
+use crate::tensor::{Matrix, add_low_rank, from_f32, out_norms, scale_out};
 
 #[derive(Clone, Debug)]
 pub struct FoldOptions {
@@ -1354,13 +1354,8 @@ fn token_rows(w: &weights::StoredWeight, c: &Candidate, m: &ModuleAdapter) -> Re
     })
 }
 
-/// The values of a whole-tensor replacement (`modules_to_save`) in the stored layout. torch
-/// gives a Linear's weight as (out, in) and a GPT-2 Conv1D's as (in, out), whatever the
-/// adapter's `fan_in_fan_out` (which is about its LoRA targets). A non-square matrix is placed
-/// by its shape. A square one is kept as it is when the model stores the torch parameter itself
-/// (the initializer has its name); in a copy the exporter made, it goes in the orientation much
-/// nearer the model's weight (a trained copy stays near it, its transpose is unrelated), and
-/// otherwise follows the layout: a MatMul's (in, out) copy is a Linear's weight transposed.
+/// The values of a whole-tensor replacement (`modules_to_save`) in the stored layout (see
+/// `weights::saved_in_stored_layout`).
 fn full_values(
     w: &weights::StoredWeight,
     c: &Candidate,
@@ -1369,46 +1364,13 @@ fn full_values(
     let Some(t) = m.full.get("weight") else {
         return Ok(None); // a replaced module's bias is not this weight
     };
-    let stored: Vec<usize> = c.shape.iter().map(|&d| d.max(0) as usize).collect();
     if t.data.len() != w.n_in * w.n_out {
         return Err(Error::Target(format!(
             "module '{}': the adapter's full weight has shape {:?} but the model's '{}' is {:?} (resized layers cannot be folded into a fixed graph)",
             m.path, t.shape, c.weight, c.shape
         )));
     }
-    if !c.is_linear() || t.shape.len() != 2 || stored.len() != 2 {
-        return Ok(Some(t.data.clone()));
-    }
-    let transposed =
-        || Matrix::new(t.shape[0], t.shape[1], t.data.clone()).map(|m| m.transposed().data);
-    let transpose = if t.shape[0] != t.shape[1] {
-        t.shape != stored
-    } else if c.weight == format!("{}.weight", c.module) {
-        false
-    } else {
-        let base = w.decode()?.values;
-        let n = t.shape[0];
-        let (mut kept, mut flipped) = (0f64, 0f64);
-        for i in 0..n {
-            for j in 0..n {
-                let b = base[i * n + j];
-                kept += f64::from(t.data[i * n + j] - b).powi(2);
-                flipped += f64::from(t.data[j * n + i] - b).powi(2);
-            }
-        }
-        if kept < 0.25 * flipped {
-            false
-        } else if flipped < 0.25 * kept {
-            true
-        } else {
-            w.orient == Orientation::InOut
-        }
-    };
-    Ok(Some(if transpose {
-        transposed()?
-    } else {
-        t.data.clone()
-    }))
+    weights::saved_in_stored_layout(c, w.orient, t, || Ok(w.decode()?.values)).map(Some)
 }
 
 /// Where a node's bias is, as (node index, input index, value): Gemm's C and Conv's and

@@ -355,6 +355,58 @@ pub fn check_saved_base(
     }
 }
 
+/// A saved torch weight (a `modules_to_save` replacement, a `base_layer.weight` saved beside a
+/// LoRA) in the layout the model stores `c`'s weight in; `stored` gives the stored values, read
+/// only when they decide. torch gives a Linear's weight as (out, in) and a GPT-2 Conv1D's as
+/// (in, out), whatever the adapter's `fan_in_fan_out` (which is about its LoRA targets);
+/// embeddings and convs are stored as torch holds them. A non-square matrix is placed by its
+/// shape. A square one is kept as it is when the model stores the torch parameter itself (the
+/// initializer has its name); in a copy the exporter made, it goes in the orientation much
+/// nearer the model's weight (a trained copy stays near it, its transpose is unrelated), and
+/// otherwise follows the layout: a MatMul's (in, out) copy is a Linear's weight transposed.
+pub(crate) fn saved_in_stored_layout<S: AsRef<[f32]>>(
+    c: &Candidate,
+    orient: Orientation,
+    t: &crate::adapter::peft::F32Tensor,
+    stored: impl FnOnce() -> Result<S>,
+) -> Result<Vec<f32>> {
+    let shape: Vec<usize> = c.shape.iter().map(|&d| d.max(0) as usize).collect();
+    if !c.is_linear() || t.shape.len() != 2 || shape.len() != 2 {
+        return Ok(t.data.clone());
+    }
+    let transpose = if t.shape[0] != t.shape[1] {
+        t.shape != shape
+    } else if c.weight == format!("{}.weight", c.module) {
+        false
+    } else {
+        let stored = stored()?;
+        let base = stored.as_ref();
+        let n = t.shape[0];
+        let (mut kept, mut flipped) = (0f64, 0f64);
+        for i in 0..n {
+            for j in 0..n {
+                let b = base[i * n + j];
+                kept += f64::from(t.data[i * n + j] - b).powi(2);
+                flipped += f64::from(t.data[j * n + i] - b).powi(2);
+            }
+        }
+        if kept < 0.25 * flipped {
+            false
+        } else if flipped < 0.25 * kept {
+            true
+        } else {
+            orient == Orientation::InOut
+        }
+    };
+    if transpose {
+        Ok(Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
+            .transposed()
+            .data)
+    } else {
+        Ok(t.data.clone())
+    }
+}
+
 /// How far a saved weight is from the one a layer reads.
 pub struct Difference {
     /// The largest |difference|.
@@ -367,8 +419,8 @@ pub struct Difference {
     pub identical: bool,
 }
 
-/// How far `saved` (in PEFT's layout: [num, dim] for embeddings, [out, in...] for linear and
-/// conv layers) is from the weight `c` reads; None when their sizes differ.
+/// How far `saved` (a torch parameter, placed as `saved_in_stored_layout` places it) is from
+/// the weight `c` reads; None when their sizes differ.
 pub fn saved_weight_difference(
     model: &LoadedModel,
     graph: &ModelGraph,
@@ -376,17 +428,18 @@ pub fn saved_weight_difference(
     saved: &crate::adapter::peft::F32Tensor,
 ) -> Result<Option<Difference>> {
     let w = read(model, graph, c)?;
-    let n_out = w.n_out;
-    let n_in = w.values.len() / n_out.max(1);
     if saved.data.len() != w.values.len() {
         return Ok(None);
     }
-    let saved_orient = if c.layout == Layout::Embedding {
-        Orientation::InOut
+    // A Gemm applies alpha·W: torch holds that weight, fold would store it divided by alpha.
+    let alpha = super::fold::gemm_alpha(model, graph, c);
+    let applied: std::borrow::Cow<[f32]> = if alpha == 1.0 {
+        (&w.values[..]).into()
     } else {
-        Orientation::OutIn
+        w.values.iter().map(|v| v * alpha).collect()
     };
-    let scale = w.values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let saved = saved_in_stored_layout(c, w.orient, saved, || Ok(&applied[..]))?;
+    let scale = applied.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     let tolerance = match w.dtype {
         DataType::Float16 => 1e-3,
         DataType::Bfloat16 => 8e-3,
@@ -399,13 +452,9 @@ pub fn saved_weight_difference(
     };
     let mut worst = 0f32;
     let mut identical = true;
-    for i in 0..n_in {
-        for j in 0..n_out {
-            let a = w.values[w.orient.index(n_in, n_out, i, j)];
-            let b = saved.data[saved_orient.index(n_in, n_out, i, j)];
-            worst = worst.max((a - b).abs());
-            identical &= round(b) == a;
-        }
+    for ((&a, &own), &b) in applied.iter().zip(&w.values).zip(&saved) {
+        worst = worst.max((a - b).abs());
+        identical &= round(b / alpha) == own;
     }
     Ok(Some(Difference {
         worst,
