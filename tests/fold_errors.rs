@@ -1642,7 +1642,8 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
         0,
     );
     // The injected model records the module whose values went into its weights, by the
-    // adapter's name for it; export-peft names it as left out. Folded back, the record goes.
+    // adapter's name for it; export-peft gives it back under the adapter's key, with its
+    // modules_to_save entry. Folded back, the record goes.
     let replaced = |p: &Path| {
         let m = onnx_lora::onnx::load(p).unwrap();
         onnx_lora::rewrite::inject::replaced_modules(&m.proto)
@@ -1670,7 +1671,57 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
         "--allow-unmatched",
     ]);
     assert_eq!(replaced(&c), ["embeddings.position_embeddings"]);
-    let o = onnx_lora(&["export-peft", &s(&a), "-o", &s(&env.p("back")), "--json"]);
+    let back = env.p("back");
+    let o = onnx_lora(&["export-peft", &s(&a), "-o", &s(&back), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("does not hold them"), "{err}");
+    let report = &json_records(&String::from_utf8_lossy(&o.stdout), "report")[0];
+    assert_eq!(report["left_out"], serde_json::json!([]));
+    let st_bytes = std::fs::read(back.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    let saved = st
+        .tensor("base_model.model.embeddings.position_embeddings.weight")
+        .unwrap();
+    assert_eq!(saved.shape(), [64, 32]);
+    let values: Vec<f32> = saved
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(values, table);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(back.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["position_embeddings"])
+    );
+    let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+    keys.sort();
+    // (the adapter's own paths, its root with them)
+    assert_eq!(
+        keys,
+        [
+            "base_model.model.embeddings.position_embeddings.weight",
+            "base_model.model.wrap.encoder.layer.0.attention.self.query.lora_A.weight",
+            "base_model.model.wrap.encoder.layer.0.attention.self.query.lora_B.weight",
+        ]
+    );
+    // A model injected before the record existed (its list of replaced modules only): export-peft
+    // names the module as left out.
+    let mut old = onnx_lora::onnx::load(&a).unwrap();
+    old.proto
+        .metadata_props
+        .retain(|p| p.key() != "onnx-lora.whole_values");
+    let old_path = env.p("old.onnx");
+    onnx_lora::onnx::save(&old, &old_path, &Default::default()).unwrap();
+    let o = onnx_lora(&[
+        "export-peft",
+        &s(&old_path),
+        "-o",
+        &s(&env.p("old_back")),
+        "--json",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -1689,7 +1740,7 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
         m.proto
             .metadata_props
             .iter()
-            .all(|p| p.key() != "onnx-lora.replaced")
+            .all(|p| { p.key() != "onnx-lora.replaced" && p.key() != "onnx-lora.whole_values" })
     );
     let f = s(&env.p("f.onnx"));
     onnx_lora_ok(&["fold", &model, &rooted, "-o", &f, "--verify", "--ep", "cpu"]);

@@ -516,6 +516,89 @@ fn export_peft_round_trips() {
     }
 }
 
+/// export-peft reads the whole values inject wrote as the weights hold them when it runs: every
+/// float initializer of the injected model changed to 2·v + 0.5 (as a training run of the
+/// modules_to_save layers, biases and token rows would change them), each exported whole tensor
+/// is the original's changed so (review41 F7: they were left out).
+#[test]
+fn export_peft_gives_back_whole_values_as_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases() {
+        for ad in case
+            .adapters
+            .iter()
+            .filter(|a| has_whole(a) && has_branches(a) && !a.refuse)
+        {
+            let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
+            let inj = dir.path().join(format!("{tag}_inj.onnx"));
+            let trained = dir.path().join(format!("{tag}_trained.onnx"));
+            let exported = dir.path().join(format!("{tag}_peft"));
+            onnx_lora_ok(&[
+                "inject",
+                s(&case.onnx),
+                "--adapter",
+                s(&ad.dir),
+                "-o",
+                s(&inj),
+            ]);
+            let mut m = onnx_lora::onnx::load(&inj).unwrap();
+            let changed: Vec<(usize, bytes::Bytes)> = m
+                .proto
+                .graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.data_type() == 1)
+                .map(|(i, t)| {
+                    let b = m.tensor_bytes(t).unwrap();
+                    let v: Vec<u8> = b
+                        .chunks(4)
+                        .flat_map(|c| {
+                            (2.0 * f32::from_le_bytes(c.try_into().unwrap()) + 0.5).to_le_bytes()
+                        })
+                        .collect();
+                    (i, bytes::Bytes::from(v))
+                })
+                .collect();
+            let g = m.proto.graph.as_mut().unwrap();
+            for (i, b) in changed {
+                let t = &mut g.initializer[i];
+                t.raw_data = Some(b);
+                t.float_data.clear();
+                t.external_data.clear();
+                t.data_location = None;
+            }
+            let opts = onnx_lora::onnx::io::SaveOptions {
+                layout: onnx_lora::onnx::io::TensorLayout::Inline,
+                ..Default::default()
+            };
+            onnx_lora::onnx::save(&m, &trained, &opts).unwrap();
+            onnx_lora_ok(&["export-peft", s(&trained), "-o", s(&exported)]);
+            let (theirs, ours) = (whole_values(&ad.dir), whole_values(&exported));
+            assert_eq!(
+                theirs.keys().collect::<Vec<_>>(),
+                ours.keys().collect::<Vec<_>>(),
+                "{tag}"
+            );
+            for (k, (shape, v)) in &theirs {
+                let (s2, w) = &ours[k];
+                assert_eq!(shape, s2, "{tag}: {k}");
+                for (a, b) in v.iter().zip(w) {
+                    assert!(
+                        (2.0 * a + 0.5 - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{tag}: {k}: {a} -> {b}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} cases");
+}
+
 /// The structure of `back` (an injected model folded back) is the base's again, plus private
 /// copies of shared weights and the biases lora_bias gave bias-less layers; no node carries
 /// onnx-lora metadata.
@@ -557,38 +640,55 @@ fn assert_base_structure(base: &Path, back: &Path, tag: &str) {
 }
 
 /// `export-peft` of the injected model gives the adapter's LoRA part under PEFT's keys and
-/// shapes (saved base weights aside); folded into the base with the original's whole values
-/// (which inject wrote into the weights, not into branches), it is PEFT's model.
+/// shapes, and the whole values inject wrote into the weights (modules_to_save, trained
+/// biases, trainable tokens) under the adapter's own keys, with the config entries that make
+/// PEFT load them: folded into the base alone, it is PEFT's model.
 fn assert_export_refolds(case: &Case, ad: &AdapterCase, injected: &Path, dir: &Path, tag: &str) {
     let exported = dir.join(format!("{tag}_peft"));
     let refold = dir.join(format!("{tag}_refold.onnx"));
     let o = onnx_lora(&["export-peft", s(injected), "-o", s(&exported)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{tag}: {err}");
-    // (what inject wrote into the weights is named as left out)
-    assert_eq!(
-        err.contains("the exported adapter does not hold them"),
-        has_whole(ad),
-        "{tag}: {err}"
-    );
+    assert!(!err.contains("does not hold them"), "{tag}: {err}");
     assert!(exported.join("adapter_config.json").exists());
     assert_eq!(lora_keys(&exported), expected_keys(ad), "{tag}");
-    let mut fold_args = vec!["fold", s(&case.onnx), s(&exported)];
-    let whole = dir.join(format!("{tag}_whole"));
     if has_whole(ad) {
-        write_whole_part(&ad.dir, &whole);
-        fold_args.push(s(&whole));
+        assert_eq!(whole_values(&exported), whole_values(&ad.dir), "{tag}");
+        let config = |d: &Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(d.join("adapter_config.json")).unwrap()).unwrap()
+        };
+        let (theirs, ours) = (config(&ad.dir), config(&exported));
+        for k in ["modules_to_save", "bias", "trainable_token_indices"] {
+            assert_eq!(ours[k], theirs[k], "{tag}: {k}");
+        }
     }
-    fold_args.extend(["-o", s(&refold)]);
-    onnx_lora_ok(&fold_args);
+    onnx_lora_ok(&["fold", s(&case.onnx), s(&exported), "-o", s(&refold)]);
     let (ok, msg) = ort_compare(&refold, &case.inputs, &ad.unmerged, case.tol(), &[]);
     assert!(ok, "{tag} exported: {msg}");
 }
 
-/// A copy of a PEFT adapter folder without its LoRA factors: only its whole values.
-fn write_whole_part(src: &Path, dst: &Path) {
-    let kept = copy_adapter(src, dst, |k, _| !k.contains(".lora_"));
-    assert!(kept > 0, "{}: no whole values", src.display());
+/// An adapter folder's whole tensors (not LoRA factors, nor the saved bases PEFT keeps beside
+/// an embedding's LoRA or a modules_to_save layer's untouched original), by key, as f32.
+fn whole_values(dir: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(k, _)| {
+            !k.contains(".lora_")
+                && !k.contains(".original_module.")
+                && !(k.ends_with(".base_layer.weight"))
+        })
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+            let data = v
+                .data()
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k, (v.shape().to_vec(), data))
+        })
+        .collect()
 }
 
 /// The PEFT keys and shapes an exported adapter must have: the original's, for a PEFT folder;

@@ -1575,7 +1575,9 @@ fn token_indices(config: &Value, path: &str) -> std::result::Result<Vec<usize>, 
     Ok(indices)
 }
 
-enum Part<'a> {
+/// What a key of a PEFT adapter file holds for its module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part<'a> {
     A,
     B,
     EmbA,
@@ -1586,7 +1588,7 @@ enum Part<'a> {
 }
 
 /// Splits `<module>.<lora part>` (adapter-name segments like `.default` tolerated).
-fn split_key(key: &str) -> Option<(&str, Part<'_>)> {
+pub(crate) fn split_key(key: &str) -> Option<(&str, Part<'_>)> {
     const PARTS: [(&str, u8); 8] = [
         (".lora_A.weight", 0),
         (".lora_B.weight", 1),

@@ -124,7 +124,7 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
     })?;
     if let Some(first) = report.left_out.first() {
         eprintln!(
-            "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights (modules_to_save, trained biases, trainable tokens, LoHa / LoKr deltas), and the exported adapter does not hold them: PEFT loading it computes without them",
+            "onnx-lora: warning: {}: inject wrote the values of {} module(s) ('{first}'{}) into the weights where export-peft cannot give them back (LoHa / LoKr deltas, one projection's slice of a packed q/k/v weight, a kohya or diffusers file's whole tensors, a model injected before onnx-lora recorded where they went), and the exported adapter does not hold them: PEFT loading it computes without them",
             args.model.display(),
             report.left_out.len(),
             match report.left_out.len() {

@@ -15,6 +15,9 @@ pub const ROLE_KEY: &str = "onnx-lora.role";
 /// weights (modules_to_save, trained biases, trainable tokens: no branch form), as a JSON list,
 /// so that `export-peft` can say what it does not give back.
 pub const REPLACED_KEY: &str = "onnx-lora.replaced";
+/// Model metadata key: where `inject --adapter` wrote each whole tensor of a PEFT adapter
+/// (`rewrite::whole_record`), so that `export-peft` gives them back.
+pub const WHOLE_KEY: &str = "onnx-lora.whole_values";
 
 pub trait NodeExt {
     fn attr(&self, name: &str) -> Option<&AttributeProto>;

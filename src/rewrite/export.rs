@@ -26,19 +26,22 @@ pub struct PeftExport {
     pub parameters: Vec<String>,
     pub r: usize,
     pub lora_alpha: f32,
-    /// Modules whose values inject wrote into the weights (no branch form): not exported.
+    /// Modules whose values inject wrote into the weights (no branch form) and that are not
+    /// given back (see `whole_record`).
     pub left_out: Vec<String>,
 }
 
 /// Writes the model's injected branches as a PEFT adapter folder (adapter_config.json +
-/// adapter_model.safetensors, float32). Branch names are the module paths PEFT will look up,
+/// adapter_model.safetensors, float32), with the whole values `inject --adapter` wrote into the
+/// weights (modules_to_save, trained biases, trainable tokens) under the adapter's own keys, as
+/// the weights hold them now. Branch names are the module paths PEFT will look up,
 /// so inject with `--strip-prefix` when the export wrapped the model; `root` is put before every
 /// one of them when the export's paths lack the model's top module (`model.` of a causal LM's
 /// `model.decoder.…`).
 pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Result<PeftExport> {
     // Weight-space branches are read by taking them out of a copy (tensors are shared).
     let mut model = model.clone();
-    let (_, found) = find_all(&mut model)?;
+    let (graph, found) = find_all(&mut model)?;
     if found.is_empty() {
         let replaced = super::inject::replaced_modules(&model.proto);
         return Err(Error::Target(match replaced.first() {
@@ -53,6 +56,17 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             ),
         }));
     }
+    // What inject wrote into the weights (modules_to_save, trained biases, trainable tokens),
+    // read as the weights hold it now, with the branches out.
+    let whole = match super::whole_record::read(&model.proto) {
+        Some(rec) if !rec.tensors.is_empty() => {
+            let mut bare = model.clone();
+            super::unbranch::remove_branches(&mut bare, &graph, &found);
+            let (tensors, failed) = super::whole_record::read_back(&bare, &rec)?;
+            Some((rec, tensors, failed))
+        }
+        _ => None,
+    };
     // A branch on a packed q/k/v weight gives back the adapter modules it carries.
     let mut split = Vec::with_capacity(found.len());
     for f in found {
@@ -84,6 +98,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     let mut parameters = Vec::new();
     let mut conv1d = false;
     let (mut use_dora, mut lora_bias) = (false, false);
+    let raw = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     for f in &found {
         let m = &f.module;
         let (Some(a), Some(b)) = (&m.a, &m.b) else {
@@ -135,7 +150,6 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
                 b.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         );
-        let raw = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         if let Some(mag) = &m.magnitude {
             // PEFT keeps conv magnitudes as (1, out, 1, 1).
             let shape = if f.cand.op == "Conv" {
@@ -188,6 +202,25 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             .collect::<serde_json::Map<_, _>>()
     };
     let (rank_pattern, alpha_pattern) = (keyed(rank_pattern), keyed(alpha_pattern));
+    // (the adapter's own keys and config entries; --root is for the branches' paths, read
+    // from the export, not for keys PEFT wrote)
+    let mut given_back: Vec<String> = Vec::new();
+    let mut whole_config = serde_json::Map::new();
+    if let Some((rec, values, failed)) = &whole {
+        for (key, shape, v) in values {
+            tensors.insert(key.clone(), (shape.clone(), raw(v)));
+        }
+        given_back.extend(
+            rec.tensors
+                .iter()
+                .map(|e| e.module.clone())
+                .filter(|m| !failed.contains(m)),
+        );
+        if !values.is_empty() {
+            whole_config = rec.config.clone();
+        }
+    }
+    let config_of = |k: &str, none: serde_json::Value| whole_config.get(k).cloned().unwrap_or(none);
     let config = serde_json::json!({
         "peft_type": "LORA",
         "r": r,
@@ -208,9 +241,10 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         "lora_bias": lora_bias,
         "fan_in_fan_out": conv1d,
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": config_of("bias", "none".into()),
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": config_of("modules_to_save", serde_json::Value::Null),
+        "trainable_token_indices": config_of("trainable_token_indices", serde_json::Value::Null),
         "task_type": null,
         "inference_mode": true,
     });
@@ -239,7 +273,10 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         parameters,
         r,
         lora_alpha,
-        left_out: super::inject::replaced_modules(&model.proto),
+        left_out: super::inject::replaced_modules(&model.proto)
+            .into_iter()
+            .filter(|m| !given_back.contains(m))
+            .collect(),
     })
 }
 

@@ -154,6 +154,20 @@ pub struct FoldReport {
     pub modules: Vec<ModuleReport>,
     pub unmatched: Vec<String>,
     pub notes: Vec<String>,
+    /// The layers whole-values modules (modules_to_save, trained biases, trainable tokens)
+    /// were written into, for `inject` to record (see `whole_record`).
+    #[serde(skip)]
+    pub whole: Vec<WholeTarget>,
+}
+
+/// A layer a whole-values module's tensors were written into.
+#[derive(Clone, Debug)]
+pub struct WholeTarget {
+    /// The adapter module's path.
+    pub module: String,
+    pub cand: Candidate,
+    /// The module is one projection's slice of a packed q/k/v weight.
+    pub packed: bool,
 }
 
 /// One adapter module's contribution to a weight.
@@ -486,6 +500,13 @@ fn plan<'a>(
                     report.notes.push(n);
                 }
                 mha_applied.push(&module.path);
+                if matches!(module.kind, ModuleKind::Full | ModuleKind::Tokens) {
+                    report.whole.push(WholeTarget {
+                        module: module.path.clone(),
+                        cand: c.clone(),
+                        packed: role.is_some(),
+                    });
+                }
                 let step = Step {
                     module,
                     scale: adapter.scaling(module) * weight,

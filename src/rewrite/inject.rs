@@ -1129,7 +1129,9 @@ pub fn write_whole_values(
         allow_unmatched,
         ..Default::default()
     };
+    let before = model.clone();
     let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
+    super::whole_record::record(model, &before, adapter, &whole, &report)?;
     // (the adapter's module paths, as its user names them; not those --allow-unmatched left
     // out, which fold lists by their keys)
     let written = whole.modules.iter().filter(|m| {

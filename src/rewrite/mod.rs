@@ -1,7 +1,8 @@
 //! Rewrites, each a pass over the model: `fold` merges adapters into weight initializers,
 //! `inject` adds low-rank branches beside targeted nodes (built by `branch`; in weight space,
 //! merged by onnxruntime at load, by `weight_form`), `unbranch` folds
-//! injected branches back, `export` writes adapters out of injected models, `gate` puts a
+//! injected branches back, `export` writes adapters out of injected models (`whole_record`
+//! keeps what inject wrote into the weights for it), `gate` puts a
 //! serving model's graph behind the idle gate (and takes it off).
 //! Passes decide on the read-only graph view, then edit the proto.
 
@@ -14,6 +15,7 @@ pub mod inject;
 pub mod unbranch;
 pub mod weight_form;
 pub(crate) mod weights;
+pub mod whole_record;
 
 pub use export::{export_peft, serving_adapter_params};
 pub use fold::{FoldOptions, FoldReport, ModuleReport, fold};

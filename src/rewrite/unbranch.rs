@@ -74,10 +74,9 @@ pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
     execute(model, &graph, &jobs, &mut report)?;
     remove_branches(model, &graph, &found);
     // (with no branches left, export-peft has nothing to leave out)
-    model
-        .proto
-        .metadata_props
-        .retain(|p| p.key() != crate::onnx::pb_ext::REPLACED_KEY);
+    model.proto.metadata_props.retain(|p| {
+        p.key() != crate::onnx::pb_ext::REPLACED_KEY && p.key() != crate::onnx::pb_ext::WHOLE_KEY
+    });
     Ok(report)
 }
 
@@ -668,7 +667,7 @@ fn peft_layout(c: &Candidate, a: F32Tensor, b: F32Tensor) -> (F32Tensor, F32Tens
 
 /// Removes branch nodes and parameters and gives base nodes their outputs back. Constants
 /// only the removed nodes read (a fused group's split sizes) go too.
-fn remove_branches(model: &mut LoadedModel, graph: &ModelGraph, found: &[Found]) {
+pub(super) fn remove_branches(model: &mut LoadedModel, graph: &ModelGraph, found: &[Found]) {
     let mut params: HashSet<String> = found
         .iter()
         .flat_map(|f| f.params.iter().cloned())

@@ -370,11 +370,27 @@ pub(crate) fn saved_in_stored_layout<S: AsRef<[f32]>>(
     t: &crate::adapter::peft::F32Tensor,
     stored: impl FnOnce() -> Result<S>,
 ) -> Result<Vec<f32>> {
+    if saved_transposed(c, orient, t, stored)? {
+        Ok(Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
+            .transposed()
+            .data)
+    } else {
+        Ok(t.data.clone())
+    }
+}
+
+/// Whether `saved_in_stored_layout` transposes `t`.
+pub(crate) fn saved_transposed<S: AsRef<[f32]>>(
+    c: &Candidate,
+    orient: Orientation,
+    t: &crate::adapter::peft::F32Tensor,
+    stored: impl FnOnce() -> Result<S>,
+) -> Result<bool> {
     let shape: Vec<usize> = c.shape.iter().map(|&d| d.max(0) as usize).collect();
     if !c.is_linear() || t.shape.len() != 2 || shape.len() != 2 {
-        return Ok(t.data.clone());
+        return Ok(false);
     }
-    let transpose = if t.shape[0] != t.shape[1] {
+    Ok(if t.shape[0] != t.shape[1] {
         t.shape != shape
     } else if c.weight == format!("{}.weight", c.module) {
         false
@@ -397,14 +413,7 @@ pub(crate) fn saved_in_stored_layout<S: AsRef<[f32]>>(
         } else {
             orient == Orientation::InOut
         }
-    };
-    if transpose {
-        Ok(Matrix::new(t.shape[0], t.shape[1], t.data.clone())?
-            .transposed()
-            .data)
-    } else {
-        Ok(t.data.clone())
-    }
+    })
 }
 
 /// How far a saved weight is from the one a layer reads.
