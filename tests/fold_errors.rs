@@ -1746,6 +1746,119 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
     onnx_lora_ok(&["fold", &model, &rooted, "-o", &f, "--verify", "--ep", "cpu"]);
 }
 
+/// An adapter injected over an injected model: what it writes where export-peft cannot give it
+/// back is named as left out even where the first adapter's recorded tensor has that module's
+/// path (a LoHa on a layer whose trained bias is recorded), and trainable tokens whose indices
+/// clash with the recorded ones are left out rather than exported under the wrong indices; the
+/// rest is given back (review44 M1, M2).
+#[test]
+fn export_peft_names_what_a_later_adapter_wrote_over_a_record() {
+    let env = Env::new();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let export = |model: &Path, name: &str| {
+        let dir = env.p(name);
+        let o = onnx_lora(&["export-peft", &s(model), "-o", &s(&dir), "--json"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        let report = json_records(&String::from_utf8_lossy(&o.stdout), "report")[0].clone();
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap())
+                .unwrap();
+        (err, report, keys, config)
+    };
+    // A LoHa over a layer whose trained bias bias="all" recorded.
+    let bert = fixtures().join("bert/torchscript/model.onnx");
+    let a = env.p("a.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&bert),
+        "--adapter",
+        &s(&fixtures().join("bert/adapters/bias_all")),
+        "-o",
+        &s(&a),
+    ]);
+    let key = "encoder.layer.0.attention.self.key";
+    let factor = |shape: [usize; 2]| (shape.to_vec(), vec![0.05f32; shape[0] * shape[1]]);
+    let t: Vec<(String, Vec<usize>, Vec<f32>)> = [
+        ("hada_w1_a", [32, 2]),
+        ("hada_w1_b", [2, 32]),
+        ("hada_w2_a", [32, 2]),
+        ("hada_w2_b", [2, 32]),
+    ]
+    .iter()
+    .map(|(n, sh)| {
+        let (shape, v) = factor(*sh);
+        (format!("{key}.{n}"), shape, v)
+    })
+    .collect();
+    let loha = write_adapter(
+        &env.p("loha"),
+        serde_json::json!({"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["key"]}),
+        &refs(&t),
+    );
+    let b = env.p("b.onnx");
+    onnx_lora_ok(&["inject", &s(&a), "--adapter", &s(&loha), "-o", &s(&b)]);
+    let (err, report, keys, _) = export(&b, "b_peft");
+    assert!(
+        err.contains(&format!("'{key}'")) && err.contains("does not hold them"),
+        "{err}"
+    );
+    assert_eq!(report["left_out"], serde_json::json!([key]));
+    // (the other recorded biases are given back, the key layer's is not)
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with("encoder.layer.1.attention.self.key.bias")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains(&format!("{key}.bias"))),
+        "{keys:?}"
+    );
+    // Trainable tokens at other indices than those recorded, on the same table.
+    let llama = fixtures().join("llama/dynamo/model.onnx");
+    let c = env.p("c.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&llama),
+        "--adapter",
+        &s(&fixtures().join("llama/adapters/trainable_tokens")),
+        "-o",
+        &s(&c),
+    ]);
+    let mut t = lora("model.layers.0.self_attn.k_proj", 32, 16, 0.05);
+    t.push((
+        "model.embed_tokens.token_adapter.trainable_tokens_delta".into(),
+        vec![2, 32],
+        vec![0.25; 64],
+    ));
+    let tokens = write_adapter(
+        &env.p("tokens"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["k_proj"], "trainable_token_indices": [16, 7]}),
+        &refs(&t),
+    );
+    let d = env.p("d.onnx");
+    onnx_lora_ok(&["inject", &s(&c), "--adapter", &s(&tokens), "-o", &s(&d)]);
+    let (err, report, keys, config) = export(&d, "d_peft");
+    assert!(
+        err.contains("'model.embed_tokens'") && err.contains("does not hold them"),
+        "{err}"
+    );
+    assert_eq!(
+        report["left_out"],
+        serde_json::json!(["model.embed_tokens"])
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains("trainable_tokens_delta")),
+        "{keys:?}"
+    );
+    assert!(config["trainable_token_indices"].is_null(), "{config}");
+    assert!(keys.iter().any(|k| k.contains("k_proj.lora_A")), "{keys:?}");
+}
+
 /// A whole weight (modules_to_save) comes in torch's layout for its layer, whatever the
 /// adapter's fan_in_fan_out says about its LoRA targets: a Linear's (out, in) goes into a
 /// MatMul's (in, out) weight transposed.

@@ -599,6 +599,105 @@ fn export_peft_gives_back_whole_values_as_trained() {
     assert!(checked >= 10, "only {checked} cases");
 }
 
+/// Trainable tokens on a tied table (the llama fixture's output layer holds a copy of it): the
+/// token rows are given back while the output layer's channels for them equal the table's
+/// rows; trained apart, no PEFT token adapter gives both, so export-peft leaves the module out,
+/// naming it (review43: it gave back the table's rows, and PEFT then computed something else).
+#[test]
+fn export_peft_leaves_out_tied_token_rows_trained_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("llama/adapters/trainable_tokens");
+    for exporter in ["dynamo", "torchscript"] {
+        let inj = dir.path().join(format!("{exporter}_inj.onnx"));
+        let model = fixtures().join(format!("llama/{exporter}/model.onnx"));
+        onnx_lora_ok(&["inject", s(&model), "--adapter", s(&adapter), "-o", s(&inj)]);
+        let base = onnx_lora::onnx::load(&inj).unwrap();
+        let rec = onnx_lora::rewrite::whole_record::read(&base.proto).unwrap();
+        let of = |what: onnx_lora::rewrite::whole_record::What| {
+            let e = rec.tensors.iter().find(|e| e.what == what).unwrap();
+            let g = base.proto.graph.as_ref().unwrap();
+            let n = g.node.iter().find(|n| n.name() == e.node).unwrap();
+            (n.input[e.input].clone(), e.rows.clone())
+        };
+        let (table, rows) = of(onnx_lora::rewrite::whole_record::What::Rows);
+        let (head, _) = of(onnx_lora::rewrite::whole_record::What::HeadRows);
+        // (adds 0.25 to the table's token rows, and with `both` to the head's channels for them)
+        let trained = |both: bool, name: &str| {
+            let mut m = base.clone();
+            let g = m.proto.graph.as_ref().unwrap();
+            let mut edits = Vec::new();
+            for (i, t) in g.initializer.iter().enumerate() {
+                let is_table = t.name() == table;
+                if !(is_table || both && t.name() == head) {
+                    continue;
+                }
+                let mut v: Vec<f32> = m
+                    .tensor_bytes(t)
+                    .unwrap()
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let (d0, d1) = (t.dims[0] as usize, t.dims[1] as usize);
+                for &r in &rows {
+                    if is_table {
+                        v[r * d1..(r + 1) * d1].iter_mut().for_each(|x| *x += 0.25);
+                    } else {
+                        (0..d0).for_each(|i| v[i * d1 + r] += 0.25);
+                    }
+                }
+                edits.push((i, v));
+            }
+            assert_eq!(edits.len(), if both { 2 } else { 1 }, "{exporter}");
+            let g = m.proto.graph.as_mut().unwrap();
+            for (i, v) in edits {
+                let t = &mut g.initializer[i];
+                t.raw_data = Some(
+                    v.iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                );
+                t.external_data.clear();
+                t.data_location = None;
+            }
+            let path = dir.path().join(format!("{exporter}_{name}.onnx"));
+            let opts = onnx_lora::onnx::io::SaveOptions {
+                layout: onnx_lora::onnx::io::TensorLayout::Inline,
+                ..Default::default()
+            };
+            onnx_lora::onnx::save(&m, &path, &opts).unwrap();
+            path
+        };
+        let export = |model: &Path, name: &str| {
+            let out = dir.path().join(format!("{exporter}_{name}_peft"));
+            let o = onnx_lora(&["export-peft", s(model), "-o", s(&out), "--json"]);
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            assert!(o.status.success(), "{exporter}: {err}");
+            let report = json_records(&String::from_utf8_lossy(&o.stdout), "report")[0].clone();
+            (err, report, whole_values(&out))
+        };
+        let key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+        let (_, _, untrained) = export(&inj, "untrained");
+        let (err, report, values) = export(&trained(true, "both"), "both");
+        assert!(!err.contains("does not hold them"), "{exporter}: {err}");
+        assert_eq!(report["left_out"], serde_json::json!([]), "{exporter}");
+        for (a, b) in untrained[key].1.iter().zip(&values[key].1) {
+            assert_eq!(a + 0.25, *b, "{exporter}");
+        }
+        let (err, report, values) = export(&trained(false, "apart"), "apart");
+        assert!(
+            err.contains("'model.embed_tokens'") && err.contains("does not hold them"),
+            "{exporter}: {err}"
+        );
+        assert_eq!(
+            report["left_out"],
+            serde_json::json!(["model.embed_tokens"]),
+            "{exporter}"
+        );
+        assert!(!values.contains_key(key), "{exporter}");
+    }
+}
+
 /// The structure of `back` (an injected model folded back) is the base's again, plus private
 /// copies of shared weights and the biases lora_bias gave bias-less layers; no node carries
 /// onnx-lora metadata.
@@ -658,7 +757,12 @@ fn assert_export_refolds(case: &Case, ad: &AdapterCase, injected: &Path, dir: &P
             serde_json::from_slice(&std::fs::read(d.join("adapter_config.json")).unwrap()).unwrap()
         };
         let (theirs, ours) = (config(&ad.dir), config(&exported));
-        for k in ["modules_to_save", "bias", "trainable_token_indices"] {
+        for k in [
+            "modules_to_save",
+            "bias",
+            "trainable_token_indices",
+            "task_type",
+        ] {
             assert_eq!(ours[k], theirs[k], "{tag}: {k}");
         }
     }

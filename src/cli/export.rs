@@ -140,8 +140,12 @@ pub fn run_peft(args: PeftArgs) -> anyhow::Result<u8> {
             0 => String::new(),
             n => format!(", {} target_parameters", n),
         };
+        let whole = match report.whole_values.len() {
+            0 => String::new(),
+            n => format!(", {n} whole tensors"),
+        };
         eprintln!(
-            "wrote {} ({} modules{parameters}, r = {}, lora_alpha = {})",
+            "wrote {} ({} modules{parameters}{whole}, r = {}, lora_alpha = {})",
             args.output.display(),
             report.modules.len(),
             report.r,

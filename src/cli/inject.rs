@@ -279,8 +279,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     // Replaced values (modules_to_save, trainable tokens, trained biases) and LyCORIS deltas
     // have no branch form: they go into the weights, and the branches carry the rest.
-    // (each with the LyCORIS algorithm whose delta it added; None where it replaced values)
-    let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, Option<&'static str>)> = Vec::new();
+    // (each with the LyCORIS algorithm whose delta it added, None where it replaced values;
+    // and whether export-peft reads its values back)
+    let mut replaced: Vec<(onnx_lora::rewrite::ModuleReport, Option<&'static str>, bool)> =
+        Vec::new();
     // (what writing them noted: said once the output is written, not before a later refusal)
     let mut whole_notes: Vec<String> = Vec::new();
     let low = match &adapter {
@@ -321,7 +323,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                             })
                             .map_or("LyCORIS", |m| m.replaced_what());
                         let delta = !(r.replaced || r.bias_replaced);
-                        (r, delta.then_some(what))
+                        (r, delta.then_some(what), false)
                     })
                     .collect();
             }
@@ -329,6 +331,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    // (the layers whose written values export-peft reads back: inject recorded them)
+    if let Some(rec) = onnx_lora::rewrite::whole_record::read(&model.proto) {
+        for (r, _, given_back) in &mut replaced {
+            *given_back = rec
+                .tensors
+                .iter()
+                .any(|e| e.node == r.node && !rec.unrecorded.contains(&e.module));
+        }
+    }
     let graph = ModelGraph::build(&model.proto);
     let cands = target::find_candidates(&model.proto, &graph);
     let label = super::model_label(&args.model, &model);
@@ -549,7 +560,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 fn print_report(
     reports: &[onnx_lora::rewrite::BranchReport],
-    replaced: &[(onnx_lora::rewrite::ModuleReport, Option<&'static str>)],
+    replaced: &[(onnx_lora::rewrite::ModuleReport, Option<&'static str>, bool)],
     unmatched: &[String],
     saved: &onnx::io::SaveReport,
     adapter_out: Option<&std::path::Path>,
@@ -561,7 +572,7 @@ fn print_report(
         for r in reports {
             json_line("branch", r)?;
         }
-        for (r, _) in replaced {
+        for (r, _, _) in replaced {
             json_line("replaced", r)?;
         }
         json_line(
@@ -572,7 +583,7 @@ fn print_report(
         )?;
         return Ok(());
     }
-    for (r, delta) in replaced {
+    for (r, delta, given_back) in replaced {
         if let Some(kind) = delta {
             eprintln!(
                 "{}: its {kind} delta added into '{}' ({} {}); no branch can carry it (it is no LoRA A·B product), and export-peft will not give it back",
@@ -580,8 +591,16 @@ fn print_report(
             );
         } else {
             eprintln!(
-                "{}: whole values written into '{}' ({} {}); no branch can carry them, and export-peft will not give them back",
-                r.module, r.weight, r.op, r.node
+                "{}: whole values written into '{}' ({} {}); no branch can carry them, and export-peft {}",
+                r.module,
+                r.weight,
+                r.op,
+                r.node,
+                if *given_back {
+                    "reads them back from there"
+                } else {
+                    "will not give them back"
+                }
             );
         }
     }

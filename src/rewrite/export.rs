@@ -29,6 +29,9 @@ pub struct PeftExport {
     /// Modules whose values inject wrote into the weights (no branch form) and that are not
     /// given back (see `whole_record`).
     pub left_out: Vec<String>,
+    /// The keys of the whole tensors given back (modules_to_save, trained biases, token rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub whole_values: Vec<String>,
 }
 
 /// Writes the model's injected branches as a PEFT adapter folder (adapter_config.json +
@@ -47,7 +50,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         return Err(Error::Target(match replaced.first() {
             None => "no injected LoRA branches to export".to_string(),
             Some(first) => format!(
-                "no injected LoRA branches to export: inject wrote what its adapter gave {} module(s) ('{first}'{}) into the weights (LoHa / LoKr deltas, modules_to_save, trained biases, trainable tokens), which no PEFT LoRA adapter can hold",
+                "no injected LoRA branches to export: inject wrote what its adapter gave {} module(s) ('{first}'{}) into the weights (LoHa / LoKr deltas, modules_to_save, trained biases, trainable tokens), and a PEFT LoRA adapter needs at least one LoRA module",
                 replaced.len(),
                 match replaced.len() {
                     1 => String::new(),
@@ -62,7 +65,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         Some(rec) if !rec.tensors.is_empty() => {
             let mut bare = model.clone();
             super::unbranch::remove_branches(&mut bare, &graph, &found);
-            let (tensors, failed) = super::whole_record::read_back(&bare, &rec)?;
+            let (tensors, failed) = super::whole_record::read_back(&bare, &rec);
             Some((rec, tensors, failed))
         }
         _ => None,
@@ -205,10 +208,12 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     // (the adapter's own keys and config entries; --root is for the branches' paths, read
     // from the export, not for keys PEFT wrote)
     let mut given_back: Vec<String> = Vec::new();
+    let mut whole_values: Vec<String> = Vec::new();
     let mut whole_config = serde_json::Map::new();
     if let Some((rec, values, failed)) = &whole {
-        for (key, shape, v) in values {
-            tensors.insert(key.clone(), (shape.clone(), raw(v)));
+        for (key, shape, bytes) in values {
+            tensors.insert(key.clone(), (shape.clone(), bytes.clone()));
+            whole_values.push(key.clone());
         }
         given_back.extend(
             rec.tensors
@@ -218,6 +223,13 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         );
         if !values.is_empty() {
             whole_config = rec.config.clone();
+            // (token rows all left out: PEFT would look for them)
+            if !values
+                .iter()
+                .any(|(k, _, _)| k.contains(".trainable_tokens_delta"))
+            {
+                whole_config.remove("trainable_token_indices");
+            }
         }
     }
     let config_of = |k: &str, none: serde_json::Value| whole_config.get(k).cloned().unwrap_or(none);
@@ -245,7 +257,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
         "init_lora_weights": true,
         "modules_to_save": config_of("modules_to_save", serde_json::Value::Null),
         "trainable_token_indices": config_of("trainable_token_indices", serde_json::Value::Null),
-        "task_type": null,
+        "task_type": config_of("task_type", serde_json::Value::Null),
         "inference_mode": true,
     });
     let views: Vec<(String, TensorView)> = tensors
@@ -277,6 +289,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             .into_iter()
             .filter(|m| !given_back.contains(m))
             .collect(),
+        whole_values,
     })
 }
 

@@ -168,6 +168,13 @@ pub struct WholeTarget {
     pub cand: Candidate,
     /// The module is one projection's slice of a packed q/k/v weight.
     pub packed: bool,
+    /// For a whole weight: whether torch's layout of it is the stored matrix transposed
+    /// (`weights::saved_transposed`); None for a module with no whole weight, or a weight
+    /// that is no float matrix.
+    pub transposed: Option<bool>,
+    /// An output layer tied to a trainable-tokens table, given the table's new rows as its
+    /// channels for those tokens.
+    pub tied_head: bool,
 }
 
 /// One adapter module's contribution to a weight.
@@ -200,6 +207,26 @@ pub fn fold(
     let mut report = FoldReport::default();
     let same = |a: &Candidate, b: &Candidate| weights::same_values(model, &graph, a, b);
     let mut jobs = plan(&cands, &norms, adapters, opts, &mut report, same)?;
+    // (before the weights change: the layout a whole weight was placed in, for inject's record)
+    for t in &mut report.whole {
+        let Some(w) = adapters
+            .iter()
+            .flat_map(|a| &a.modules)
+            .find(|m| m.path == t.module && m.kind == ModuleKind::Full)
+            .and_then(|m| m.full.get("weight"))
+        else {
+            continue;
+        };
+        let Some(orient) = weights::orientation(t.cand.layout) else {
+            continue;
+        };
+        let alpha = gemm_alpha(model, &graph, &t.cand);
+        t.transposed = weights::saved_transposed(&t.cand, orient, w, || {
+            weights::read(model, &graph, &t.cand)
+                .map(|v| v.values.iter().map(|x| x * alpha).collect::<Vec<f32>>())
+        })
+        .ok();
+    }
     tie_token_heads(model, &graph, &cands, &mut jobs, &mut report)?;
     execute(model, &graph, &jobs, &mut report)?;
     Ok(report)
@@ -505,6 +532,8 @@ fn plan<'a>(
                         module: module.path.clone(),
                         cand: c.clone(),
                         packed: role.is_some(),
+                        transposed: None,
+                        tied_head: false,
                     });
                 }
                 let step = Step {
@@ -759,6 +788,13 @@ fn tie_token_heads<'a>(
             heads.retain(|h| !same(h));
         }
         for h in heads {
+            report.whole.push(WholeTarget {
+                module: module.path.clone(),
+                cand: h.clone(),
+                packed: false,
+                transposed: None,
+                tied_head: true,
+            });
             added.push((
                 h,
                 Step {
@@ -1073,7 +1109,7 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
         }
         if m.kind == ModuleKind::Full {
             let alpha = gemm_alpha(model, graph, c);
-            if let Some(mut values) = full_values(&weight, c, m)? {
+            if let Some(mut values) = full_values(&weight, c, m, alpha)? {
                 // Gemm computes alpha·x·W: the layer's weight W' is stored as W' / alpha.
                 values.iter_mut().for_each(|v| *v /= alpha);
                 steps.push(OwnedStep::Replace(values));
@@ -1381,6 +1417,7 @@ fn full_values(
     w: &weights::StoredWeight,
     c: &Candidate,
     m: &ModuleAdapter,
+    alpha: f32,
 ) -> Result<Option<Vec<f32>>> {
     let Some(t) = m.full.get("weight") else {
         return Ok(None); // a replaced module's bias is not this weight
@@ -1391,7 +1428,15 @@ fn full_values(
             m.path, t.shape, c.weight, c.shape
         )));
     }
-    weights::saved_in_stored_layout(c, w.orient, t, || Ok(w.decode()?.values)).map(Some)
+    // (compared with the weight the layer applies: a Gemm's alpha·W)
+    weights::saved_in_stored_layout(c, w.orient, t, || {
+        Ok(w.decode()?
+            .values
+            .iter()
+            .map(|v| v * alpha)
+            .collect::<Vec<f32>>())
+    })
+    .map(Some)
 }
 
 /// Where a node's bias is, as (node index, input index, value): Gemm's C and Conv's and

@@ -1129,16 +1129,16 @@ pub fn write_whole_values(
         allow_unmatched,
         ..Default::default()
     };
-    let before = model.clone();
     let report = super::fold(model, std::slice::from_ref(&whole), &opts)?;
-    super::whole_record::record(model, &before, adapter, &whole, &report)?;
     // (the adapter's module paths, as its user names them; not those --allow-unmatched left
     // out, which fold lists by their keys)
     let written = whole.modules.iter().filter(|m| {
         let listed = format!("{} (", m.keys.join(", "));
         !report.unmatched.iter().any(|u| u.starts_with(&listed))
     });
-    record_replaced(&mut model.proto, written.map(|m| m.path.as_str()));
+    let written: Vec<&str> = written.map(|m| m.path.as_str()).collect();
+    super::whole_record::record(model, adapter, &whole, &report, &written);
+    record_replaced(&mut model.proto, written.into_iter());
     Ok((low, Some(report)))
 }
 

@@ -14,11 +14,10 @@ use super::fold::{FoldReport, WholeTarget};
 use super::weights;
 use crate::adapter::peft::{Part, PeftType, split_key};
 use crate::adapter::{Adapter, ModuleAdapter};
-use crate::error::Result;
 use crate::graph::ModelGraph;
-use crate::onnx::LoadedModel;
 use crate::onnx::pb::ModelProto;
 use crate::onnx::pb_ext::WHOLE_KEY;
+use crate::onnx::{DataType, LoadedModel};
 use crate::target::{Candidate, Layout, norm};
 use crate::tensor::Matrix;
 
@@ -30,6 +29,11 @@ pub struct Record {
     pub config: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub tensors: Vec<Entry>,
+    /// Modules whose values inject wrote into the weights without recording them (another
+    /// format, a packed slice, an adapter whose config entries clash with an earlier one's):
+    /// `export-peft` names them as left out even where a recorded tensor has their path.
+    #[serde(default)]
+    pub unrecorded: Vec<String>,
 }
 
 /// One tensor of the adapter file, and where the model holds it now.
@@ -63,10 +67,19 @@ pub enum What {
     Bias,
     /// Rows of an embedding table (trainable tokens).
     Rows,
+    /// An output layer's channels that hold the same rows (tied embeddings): not written, but
+    /// they must still equal the table's, as PEFT's one token adapter gives both.
+    HeadRows,
 }
 
-/// The config entries that make PEFT load whole tensors.
-const CONFIG_KEYS: [&str; 3] = ["modules_to_save", "bias", "trainable_token_indices"];
+/// The config entries that make PEFT load whole tensors (and `task_type`, which picks the
+/// PeftModel class whose task adds a classifier to modules_to_save).
+const CONFIG_KEYS: [&str; 4] = [
+    "modules_to_save",
+    "bias",
+    "trainable_token_indices",
+    "task_type",
+];
 
 /// The model's record; None when it has none, or one this version cannot read.
 pub fn read(model: &ModelProto) -> Option<Record> {
@@ -75,62 +88,74 @@ pub fn read(model: &ModelProto) -> Option<Record> {
 }
 
 /// Records where `report` (the fold that wrote `whole`, the whole-values part of `adapter`,
-/// into `model`) put each module's tensors. `before` is the model before that fold, whose graph
-/// the report's layers are of. Modules of other formats than a PEFT LoRA folder, packed q/k/v
-/// slices, and layers with no node name or a weight that is no float matrix are not recorded:
-/// `export-peft` names them as left out.
+/// into `model`) put each of the `written` modules' tensors. Modules of other formats than a
+/// PEFT LoRA folder, packed q/k/v slices, layers with no node name or a quantized weight, and
+/// the modules of an adapter whose `bias` or `trainable_token_indices` differ from those of
+/// one recorded before (one folder cannot hold both) are listed as unrecorded: `export-peft`
+/// names them as left out.
 pub fn record(
     model: &mut LoadedModel,
-    before: &LoadedModel,
     adapter: &Adapter,
     whole: &Adapter,
     report: &FoldReport,
-) -> Result<()> {
-    if adapter.config.peft_type != PeftType::Lora || adapter.diffusers.is_some() {
-        return Ok(());
-    }
-    let graph = ModelGraph::build(&before.proto);
+    written: &[&str],
+) {
     let mut rec = read(&model.proto).unwrap_or_default();
-    let mut any = false;
-    for m in whole.modules.iter().filter(|m| m.part.is_none()) {
+    let mut new: Vec<Entry> = Vec::new();
+    let mut unrecorded: Vec<String> = Vec::new();
+    let peft = adapter.config.peft_type == PeftType::Lora && adapter.diffusers.is_none();
+    // (list entries of modules_to_save add up; the other entries must agree)
+    let clash = CONFIG_KEYS[1..].iter().any(|k| {
+        let ours = adapter.config.raw.get(*k).filter(|v| !v.is_null());
+        let theirs = rec.config.get(*k).filter(|v| !v.is_null());
+        matches!((ours, theirs), (Some(a), Some(b)) if a != b && a != "none" && b != "none")
+    });
+    for m in whole
+        .modules
+        .iter()
+        .filter(|m| written.contains(&m.path.as_str()))
+    {
         let targets: Vec<&WholeTarget> =
             report.whole.iter().filter(|t| t.module == m.path).collect();
-        if targets.is_empty() || targets.iter().any(|t| t.packed) {
-            continue;
-        }
-        let cands: Vec<&Candidate> = targets.iter().map(|t| &t.cand).collect();
-        if let Some(entries) = entries(before, &graph, m, &cands)? {
-            rec.tensors
-                .retain(|e| !entries.iter().any(|n| n.key == e.key));
-            rec.tensors.extend(entries);
-            any = true;
+        let entries = (peft && !clash && m.part.is_none())
+            .then(|| entries(m, &targets))
+            .flatten();
+        match entries {
+            Some(entries) => new.extend(entries),
+            None => unrecorded.push(m.path.clone()),
         }
     }
-    if !any {
-        return Ok(());
+    if new.is_empty() && unrecorded.is_empty() {
+        return;
     }
-    for k in CONFIG_KEYS {
-        let Some(v) = adapter.config.raw.get(k).filter(|v| !v.is_null()) else {
-            continue;
-        };
-        let merged = match (rec.config.get(k), v) {
-            // (an adapter injected over another: both adapters' modules)
-            (Some(serde_json::Value::Array(a)), serde_json::Value::Array(b)) => {
-                let mut a = a.clone();
-                a.extend(
-                    b.iter()
-                        .filter(|x| !a.contains(x))
-                        .cloned()
-                        .collect::<Vec<_>>(),
-                );
-                serde_json::Value::Array(a)
-            }
-            (Some(serde_json::Value::String(a)), serde_json::Value::String(b)) if b == "none" => {
-                serde_json::Value::String(a.clone())
-            }
-            _ => v.clone(),
-        };
-        rec.config.insert(k.to_string(), merged);
+    if !new.is_empty() {
+        rec.tensors.retain(|e| !new.iter().any(|n| n.key == e.key));
+        rec.tensors.extend(new);
+        for k in CONFIG_KEYS {
+            let Some(v) = adapter.config.raw.get(k).filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let merged = match (rec.config.get(k), v) {
+                (Some(serde_json::Value::Array(a)), serde_json::Value::Array(b)) => {
+                    let mut a = a.clone();
+                    a.extend(
+                        b.iter()
+                            .filter(|x| !a.contains(x))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    serde_json::Value::Array(a)
+                }
+                (Some(earlier), now) if now == "none" => earlier.clone(),
+                _ => v.clone(),
+            };
+            rec.config.insert(k.to_string(), merged);
+        }
+    }
+    for m in unrecorded {
+        if !rec.unrecorded.contains(&m) {
+            rec.unrecorded.push(m);
+        }
     }
     let text = serde_json::to_string(&rec).unwrap_or_default();
     match model
@@ -145,16 +170,19 @@ pub fn record(
             .metadata_props
             .push(super::branch::meta(WHOLE_KEY, &text)),
     }
-    Ok(())
 }
 
 /// The entries of one module's tensors; None when one of them cannot be recorded.
-fn entries(
-    model: &LoadedModel,
-    graph: &ModelGraph,
-    m: &ModuleAdapter,
-    cands: &[&Candidate],
-) -> Result<Option<Vec<Entry>>> {
+fn entries(m: &ModuleAdapter, targets: &[&WholeTarget]) -> Option<Vec<Entry>> {
+    let (heads, targets): (Vec<&WholeTarget>, Vec<&WholeTarget>) =
+        targets.iter().partition(|t| t.tied_head);
+    let first = &targets.first()?.cand;
+    if targets
+        .iter()
+        .any(|t| t.packed || t.cand.node.is_empty() || t.cand.quantized)
+    {
+        return None;
+    }
     let key_of = |want: &Part| {
         m.keys.iter().find(|k| {
             let stripped = k.strip_prefix("base_model.model.").unwrap_or(k);
@@ -172,82 +200,134 @@ fn entries(
         rows: Vec::new(),
     };
     let mut out = Vec::new();
-    let first = cands[0];
-    if cands.iter().any(|c| c.node.is_empty() || c.quantized) {
-        return Ok(None);
-    }
     for (name, t) in &m.full {
-        let Some(key) = key_of(&Part::Full(name)) else {
-            return Ok(None);
-        };
+        let key = key_of(&Part::Full(name))?;
         if first.layout == Layout::Norm {
-            let Some(c) = cands.iter().find(|c| norm::param(c) == Some(name.as_str())) else {
-                return Ok(None);
-            };
+            let c = targets
+                .iter()
+                .map(|t| &t.cand)
+                .find(|c| norm::param(c) == Some(name.as_str()))?;
             out.push(entry(key, c, What::Weight, &t.shape));
             continue;
         }
         match name.as_str() {
             "weight" => {
-                let Some(orient) = weights::orientation(first.layout) else {
-                    return Ok(None);
-                };
-                let transposed = weights::saved_transposed(first, orient, t, || {
-                    Ok(weights::read(model, graph, first)?.values)
-                })?;
                 let mut e = entry(key, first, What::Weight, &t.shape);
-                e.transposed = transposed;
+                e.transposed = targets[0].transposed?;
                 out.push(e);
             }
             "bias" => out.push(entry(key, first, What::Bias, &t.shape)),
-            _ => return Ok(None),
+            _ => return None,
         }
     }
     if let Some(tokens) = &m.tokens {
-        let Some(key) = m
+        let key = m
             .keys
             .iter()
-            .find(|k| k.contains(".trainable_tokens_delta"))
-        else {
-            return Ok(None);
-        };
+            .find(|k| k.contains(".trainable_tokens_delta"))?;
         if first.layout != Layout::Embedding {
-            return Ok(None);
+            return None;
         }
         let mut e = entry(key, first, What::Rows, &tokens.values.shape);
         e.rows = tokens.indices.clone();
         out.push(e);
+        for h in heads {
+            if h.cand.node.is_empty() || h.cand.quantized {
+                return None;
+            }
+            let mut e = entry("", &h.cand, What::HeadRows, &tokens.values.shape);
+            e.rows = tokens.indices.clone();
+            out.push(e);
+        }
     }
-    Ok((!out.is_empty()).then_some(out))
+    (!out.is_empty()).then_some(out)
 }
 
-/// A tensor read back: its key, torch shape and values.
-pub type Tensor = (String, Vec<usize>, Vec<f32>);
+/// A tensor read back: its key, torch shape and float32 bytes.
+pub type Tensor = (String, Vec<usize>, Vec<u8>);
 
-/// The recorded tensors `model` (an injected model with its branches taken out) holds now. A
-/// module one of whose tensors is not found where the record says (a renamed node, a changed
-/// shape) is left out whole; the second list names them.
-pub fn read_back(model: &LoadedModel, rec: &Record) -> Result<(Vec<Tensor>, Vec<String>)> {
+/// The recorded tensors `model` (an injected model with its branches taken out) holds now,
+/// and the modules left out: the unrecorded ones, and those one of whose tensors is not where
+/// the record says (a renamed node, a changed shape, a weight that no longer reads as floats).
+pub fn read_back(model: &LoadedModel, rec: &Record) -> (Vec<Tensor>, Vec<String>) {
     let graph = ModelGraph::build(&model.proto);
     let mut cands = crate::target::find_candidates(&model.proto, &graph);
     cands.extend(norm::find_norm_params(&model.proto, &graph));
-    let mut out: Vec<Tensor> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
-    for e in &rec.tensors {
+    let mut out: Vec<(&str, Tensor)> = Vec::new();
+    let mut failed: Vec<String> = rec.unrecorded.clone();
+    // (the token rows each module exports, for its tied output layers to be compared with)
+    let mut rows: Vec<(&Entry, Vec<f32>)> = Vec::new();
+    for e in rec.tensors.iter().filter(|e| e.what != What::HeadRows) {
         if failed.contains(&e.module) {
             continue;
         }
-        match value(model, &graph, &cands, e)? {
-            Some(v) => out.push((e.key.clone(), e.shape.clone(), v)),
+        match value(model, &graph, &cands, e) {
+            Some(v) if e.what == What::Rows => {
+                out.push((
+                    &e.module,
+                    (
+                        e.key.clone(),
+                        e.shape.clone(),
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    ),
+                ));
+                rows.push((e, v));
+            }
+            Some(v) => out.push((
+                &e.module,
+                (
+                    e.key.clone(),
+                    e.shape.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+            )),
             None => failed.push(e.module.clone()),
         }
     }
-    out.retain(|(k, _, _)| {
-        rec.tensors
+    // A tied output layer whose channels for the tokens no longer equal the rows (trained
+    // apart): no PEFT token adapter gives both.
+    for e in rec.tensors.iter().filter(|e| e.what == What::HeadRows) {
+        let same = rows
             .iter()
-            .any(|e| e.key == *k && !failed.contains(&e.module))
-    });
-    Ok((out, failed))
+            .find(|(t, _)| t.module == e.module)
+            .zip(value(model, &graph, &cands, e))
+            .is_some_and(|((table, want), got)| {
+                // (written alike, they differ only by rounding to their dtypes)
+                let half = [table, e].iter().any(|x| {
+                    stored_dtype(model, &graph, &cands, x)
+                        .is_none_or(|d| matches!(d, DataType::Float16 | DataType::Bfloat16))
+                });
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                let tolerance = if half { 8e-3 } else { 1e-6 } * scale;
+                want.len() == got.len()
+                    && want
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| (a - b).abs() <= tolerance)
+            });
+        if !same && !failed.contains(&e.module) {
+            failed.push(e.module.clone());
+        }
+    }
+    let out = out
+        .into_iter()
+        .filter(|(m, _)| !failed.iter().any(|f| f == m))
+        .map(|(_, t)| t)
+        .collect();
+    (out, failed)
+}
+
+/// The dtype of the weight an entry's layer reads.
+fn stored_dtype(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    e: &Entry,
+) -> Option<DataType> {
+    let c = cands
+        .iter()
+        .find(|c| c.node == e.node && c.weight_input == e.input)?;
+    weights::stored(model, graph, c).ok().map(|w| w.dtype)
 }
 
 /// One entry's values in torch's layout; None when the model does not hold it as recorded.
@@ -256,46 +336,64 @@ fn value(
     graph: &ModelGraph,
     cands: &[Candidate],
     e: &Entry,
-) -> Result<Option<Vec<f32>>> {
-    let mut at = cands
+) -> Option<Vec<f32>> {
+    // (the two bodies of an If, a merged decoder's, may name their nodes alike: they must read
+    // one weight)
+    let at: Vec<&Candidate> = cands
         .iter()
-        .filter(|c| c.node == e.node && c.weight_input == e.input);
-    let (Some(c), None) = (at.next(), at.next()) else {
-        return Ok(None);
-    };
-    let len: usize = e.shape.iter().product();
+        .filter(|c| c.node == e.node && c.weight_input == e.input)
+        .collect();
+    let c = *at.first()?;
+    if at
+        .iter()
+        .any(|d| d.source != c.source || d.source.is_none())
+    {
+        return None;
+    }
+    let len = e.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
     let values = match e.what {
-        What::Bias => super::fold::current_bias(model, graph, c),
+        What::Bias => super::fold::current_bias(model, graph, c)?,
         What::Weight => {
-            let w = weights::read(model, graph, c)?;
+            let w = weights::read(model, graph, c).ok()?;
             let alpha = super::fold::gemm_alpha(model, graph, c);
             let mut v = if e.transposed {
                 if e.shape.len() != 2 || w.values.len() != len {
-                    return Ok(None);
+                    return None;
                 }
-                Matrix::new(e.shape[1], e.shape[0], w.values)?
+                Matrix::new(e.shape[1], e.shape[0], w.values)
+                    .ok()?
                     .transposed()
                     .data
             } else {
                 w.values
             };
             v.iter_mut().for_each(|x| *x *= alpha);
-            Some(v)
+            v
         }
         What::Rows => {
-            let w = weights::read(model, graph, c)?;
-            let dim = e.shape.last().copied().unwrap_or(0);
-            let count = w.values.len() / dim.max(1);
-            if c.layout != Layout::Embedding || e.rows.iter().any(|&r| r >= count) {
-                return Ok(None);
+            if c.layout != Layout::Embedding {
+                return None;
             }
-            Some(
-                e.rows
-                    .iter()
-                    .flat_map(|&r| w.values[r * dim..(r + 1) * dim].iter().copied())
-                    .collect(),
-            )
+            let w = weights::stored(model, graph, c).ok()?;
+            let dim = *e.shape.last()?;
+            if w.n_out != dim {
+                return None;
+            }
+            let mut v = Vec::with_capacity(len);
+            for &r in &e.rows {
+                v.extend(w.line(false, r).ok()?);
+            }
+            v
+        }
+        What::HeadRows => {
+            let w = weights::stored(model, graph, c).ok()?;
+            let alpha = super::fold::gemm_alpha(model, graph, c);
+            let mut v = Vec::with_capacity(len);
+            for &r in &e.rows {
+                v.extend(w.line(true, r).ok()?.iter().map(|x| x * alpha));
+            }
+            v
         }
     };
-    Ok(values.filter(|v| v.len() == len))
+    (values.len() == len).then_some(values)
 }
