@@ -542,40 +542,10 @@ fn export_peft_gives_back_whole_values_as_trained() {
                 "-o",
                 s(&inj),
             ]);
-            let mut m = onnx_lora::onnx::load(&inj).unwrap();
-            let changed: Vec<(usize, bytes::Bytes)> = m
-                .proto
-                .graph
-                .as_ref()
-                .unwrap()
-                .initializer
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.data_type() == 1)
-                .map(|(i, t)| {
-                    let b = m.tensor_bytes(t).unwrap();
-                    let v: Vec<u8> = b
-                        .chunks(4)
-                        .flat_map(|c| {
-                            (2.0 * f32::from_le_bytes(c.try_into().unwrap()) + 0.5).to_le_bytes()
-                        })
-                        .collect();
-                    (i, bytes::Bytes::from(v))
-                })
-                .collect();
-            let g = m.proto.graph.as_mut().unwrap();
-            for (i, b) in changed {
-                let t = &mut g.initializer[i];
-                t.raw_data = Some(b);
-                t.float_data.clear();
-                t.external_data.clear();
-                t.data_location = None;
-            }
-            let opts = onnx_lora::onnx::io::SaveOptions {
-                layout: onnx_lora::onnx::io::TensorLayout::Inline,
-                ..Default::default()
-            };
-            onnx_lora::onnx::save(&m, &trained, &opts).unwrap();
+            write_trained(&inj, &trained, |_, v| {
+                v.iter_mut().for_each(|x| *x = 2.0 * *x + 0.5);
+                true
+            });
             onnx_lora_ok(&["export-peft", s(&trained), "-o", s(&exported)]);
             let (theirs, ours) = (whole_values(&ad.dir), whole_values(&exported));
             assert_eq!(
@@ -623,20 +593,12 @@ fn export_peft_leaves_out_tied_token_rows_trained_apart() {
         let (head, _) = of(onnx_lora::rewrite::whole_record::What::HeadRows);
         // (adds 0.25 to the table's token rows, and with `both` to the head's channels for them)
         let trained = |both: bool, name: &str| {
-            let mut m = base.clone();
-            let g = m.proto.graph.as_ref().unwrap();
-            let mut edits = Vec::new();
-            for (i, t) in g.initializer.iter().enumerate() {
+            let path = dir.path().join(format!("{exporter}_{name}.onnx"));
+            let changed = write_trained(&inj, &path, |t, v| {
                 let is_table = t.name() == table;
                 if !(is_table || both && t.name() == head) {
-                    continue;
+                    return false;
                 }
-                let mut v: Vec<f32> = m
-                    .tensor_bytes(t)
-                    .unwrap()
-                    .chunks(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
                 let (d0, d1) = (t.dims[0] as usize, t.dims[1] as usize);
                 for &r in &rows {
                     if is_table {
@@ -645,27 +607,9 @@ fn export_peft_leaves_out_tied_token_rows_trained_apart() {
                         (0..d0).for_each(|i| v[i * d1 + r] += 0.25);
                     }
                 }
-                edits.push((i, v));
-            }
-            assert_eq!(edits.len(), if both { 2 } else { 1 }, "{exporter}");
-            let g = m.proto.graph.as_mut().unwrap();
-            for (i, v) in edits {
-                let t = &mut g.initializer[i];
-                t.raw_data = Some(
-                    v.iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect::<Vec<u8>>()
-                        .into(),
-                );
-                t.external_data.clear();
-                t.data_location = None;
-            }
-            let path = dir.path().join(format!("{exporter}_{name}.onnx"));
-            let opts = onnx_lora::onnx::io::SaveOptions {
-                layout: onnx_lora::onnx::io::TensorLayout::Inline,
-                ..Default::default()
-            };
-            onnx_lora::onnx::save(&m, &path, &opts).unwrap();
+                true
+            });
+            assert_eq!(changed, if both { 2 } else { 1 }, "{exporter}");
             path
         };
         let export = |model: &Path, name: &str| {
@@ -696,6 +640,60 @@ fn export_peft_leaves_out_tied_token_rows_trained_apart() {
         );
         assert!(!values.contains_key(key), "{exporter}");
     }
+}
+
+/// Writes `src` to `dst` (inline) with float32 initializers changed by `edit`, given each one
+/// and its values; it returns whether it changed them (as a training run changes weights).
+/// Returns how many were changed.
+fn write_trained(
+    src: &Path,
+    dst: &Path,
+    mut edit: impl FnMut(&onnx_lora::onnx::pb::TensorProto, &mut [f32]) -> bool,
+) -> usize {
+    let mut m = onnx_lora::onnx::load(src).unwrap();
+    let mut changed = Vec::new();
+    for (i, t) in m
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .enumerate()
+    {
+        if t.data_type() != 1 {
+            continue;
+        }
+        let mut v: Vec<f32> = m
+            .tensor_bytes(t)
+            .unwrap()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if edit(t, &mut v) {
+            changed.push((i, v));
+        }
+    }
+    let count = changed.len();
+    let g = m.proto.graph.as_mut().unwrap();
+    for (i, v) in changed {
+        let t = &mut g.initializer[i];
+        t.raw_data = Some(
+            v.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        );
+        t.float_data.clear();
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    let opts = onnx_lora::onnx::io::SaveOptions {
+        layout: onnx_lora::onnx::io::TensorLayout::Inline,
+        ..Default::default()
+    };
+    onnx_lora::onnx::save(&m, dst, &opts).unwrap();
+    count
 }
 
 /// The structure of `back` (an injected model folded back) is the base's again, plus private
