@@ -534,14 +534,7 @@ fn export_peft_gives_back_whole_values_as_trained() {
             let inj = dir.path().join(format!("{tag}_inj.onnx"));
             let trained = dir.path().join(format!("{tag}_trained.onnx"));
             let exported = dir.path().join(format!("{tag}_peft"));
-            onnx_lora_ok(&[
-                "inject",
-                s(&case.onnx),
-                "--adapter",
-                s(&ad.dir),
-                "-o",
-                s(&inj),
-            ]);
+            onnx_lora_ok(&inject_args(&case.onnx, &ad.dir, &inj, &[]));
             write_trained(&inj, &trained, |_, v| {
                 v.iter_mut().for_each(|x| *x = 2.0 * *x + 0.5);
                 true

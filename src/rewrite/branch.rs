@@ -103,6 +103,14 @@ pub fn meta(k: &str, v: &str) -> StringStringEntryProto {
     }
 }
 
+/// Sets the metadata entry `k` (a model's record) to `v`, adding it where there is none.
+pub(crate) fn set_meta(props: &mut Vec<StringStringEntryProto>, k: &str, v: String) {
+    match props.iter_mut().find(|p| p.key() == k) {
+        Some(p) => p.value = Some(v),
+        None => props.push(meta(k, &v)),
+    }
+}
+
 /// An int attribute.
 pub(crate) fn int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {

@@ -1159,16 +1159,7 @@ fn record_replaced<'a>(
         return;
     }
     let text = serde_json::to_string(&list).unwrap_or_default();
-    match model
-        .metadata_props
-        .iter_mut()
-        .find(|p| p.key() == REPLACED_KEY)
-    {
-        Some(p) => p.value = Some(text),
-        None => model
-            .metadata_props
-            .push(super::branch::meta(REPLACED_KEY, &text)),
-    }
+    super::branch::set_meta(&mut model.metadata_props, REPLACED_KEY, text);
 }
 
 /// The modules whose values `inject --adapter` wrote into the model's weights (see

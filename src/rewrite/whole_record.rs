@@ -158,18 +158,7 @@ pub fn record(
         }
     }
     let text = serde_json::to_string(&rec).unwrap_or_default();
-    match model
-        .proto
-        .metadata_props
-        .iter_mut()
-        .find(|p| p.key() == WHOLE_KEY)
-    {
-        Some(p) => p.value = Some(text),
-        None => model
-            .proto
-            .metadata_props
-            .push(super::branch::meta(WHOLE_KEY, &text)),
-    }
+    super::branch::set_meta(&mut model.proto.metadata_props, WHOLE_KEY, text);
 }
 
 /// The entries of one module's tensors; None when one of them cannot be recorded.
