@@ -1750,7 +1750,8 @@ fn a_whole_module_outside_the_settled_root_is_taken() {
 /// back is named as left out even where the first adapter's recorded tensor has that module's
 /// path (a LoHa on a layer whose trained bias is recorded), and trainable tokens whose indices
 /// clash with the recorded ones are left out rather than exported under the wrong indices; the
-/// rest is given back (review44 M1, M2).
+/// rest is given back (review44 M1, M2). A trained bias for a layer the first adapter gave a
+/// branch goes under the wrapped layer's key.
 #[test]
 fn export_peft_names_what_a_later_adapter_wrote_over_a_record() {
     let env = Env::new();
@@ -1857,6 +1858,37 @@ fn export_peft_names_what_a_later_adapter_wrote_over_a_record() {
     );
     assert!(config["trainable_token_indices"].is_null(), "{config}");
     assert!(keys.iter().any(|k| k.contains("k_proj.lora_A")), "{keys:?}");
+    // A trained bias (bias="all", saved as `query.bias`) for a layer the first adapter gave a
+    // branch: exported as the wrapped layer's `query.base_layer.bias`, where PEFT loads it.
+    let e = env.p("e.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        &s(&bert),
+        "--adapter",
+        &s(&fixtures().join("bert/adapters/plain")),
+        "-o",
+        &s(&e),
+    ]);
+    let q = "encoder.layer.0.attention.self.query";
+    let mut t = lora("encoder.layer.0.attention.self.key", 32, 32, 0.05);
+    t.push((format!("{q}.bias"), vec![32], vec![0.5; 32]));
+    let biased = write_adapter(
+        &env.p("biased"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["key"], "bias": "all"}),
+        &refs(&t),
+    );
+    let f = env.p("f.onnx");
+    onnx_lora_ok(&["inject", &s(&e), "--adapter", &s(&biased), "-o", &s(&f)]);
+    let (err, report, keys, _) = export(&f, "f_peft");
+    assert!(!err.contains("does not hold them"), "{err}");
+    let wrapped = format!("base_model.model.{q}.base_layer.bias");
+    assert_eq!(report["whole_values"], serde_json::json!([wrapped]));
+    assert!(keys.contains(&wrapped), "{keys:?}");
+    let refold = env.p("refold.onnx");
+    onnx_lora_ok(&["fold", &s(&bert), &s(&env.p("f_peft")), "-o", &s(&refold)]);
+    let inputs = fixtures().join("bert/io/inputs.npz");
+    assert_verify(&refold, &f, &inputs, &["--atol", "1e-5"], 0);
 }
 
 /// A whole weight (modules_to_save) comes in torch's layout for its layer, whatever the

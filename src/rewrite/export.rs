@@ -212,8 +212,20 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
     let mut whole_config = serde_json::Map::new();
     if let Some((rec, values, failed)) = &whole {
         for (key, shape, bytes) in values {
+            // A layer's trained bias saved for a module that is a LoRA target here (an adapter
+            // injected over another that gave it branches): PEFT holds it in the wrapped layer.
+            let stripped = key.strip_prefix("base_model.model.").unwrap_or(key);
+            let key = match crate::adapter::peft::split_key(stripped) {
+                Some((module, crate::adapter::peft::Part::Full("bias")))
+                    if !stripped.contains(".base_layer.")
+                        && modules.iter().any(|m| m == module) =>
+                {
+                    format!("base_model.model.{module}.base_layer.bias")
+                }
+                _ => key.clone(),
+            };
             tensors.insert(key.clone(), (shape.clone(), bytes.clone()));
-            whole_values.push(key.clone());
+            whole_values.push(key);
         }
         given_back.extend(
             rec.tensors
