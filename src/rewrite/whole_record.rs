@@ -129,7 +129,9 @@ pub fn record(
         return;
     }
     if !new.is_empty() {
-        rec.tensors.retain(|e| !new.iter().any(|n| n.key == e.key));
+        // (a module written again: its new entries replace the earlier ones)
+        rec.tensors
+            .retain(|e| !new.iter().any(|n| n.module == e.module));
         rec.tensors.extend(new);
         for k in CONFIG_KEYS {
             let Some(v) = adapter.config.raw.get(k).filter(|v| !v.is_null()) else {
