@@ -1889,6 +1889,56 @@ fn export_peft_names_what_a_later_adapter_wrote_over_a_record() {
     onnx_lora_ok(&["fold", &s(&bert), &s(&env.p("f_peft")), "-o", &s(&refold)]);
     let inputs = fixtures().join("bert/io/inputs.npz");
     assert_verify(&refold, &f, &inputs, &["--atol", "1e-5"], 0);
+    // A whole module (modules_to_save: weight and bias), its bias written again by a later
+    // adapter (bias="all"): the first's weight and the second's bias are given back (review45:
+    // the later entry dropped the weight's).
+    let dense = "encoder.layer.0.output.dense";
+    let mut t = lora("encoder.layer.0.attention.self.query", 32, 32, 0.05);
+    t.push((format!("{dense}.weight"), vec![32, 64], vec![0.01; 32 * 64]));
+    t.push((format!("{dense}.bias"), vec![32], vec![0.1; 32]));
+    let saved = write_adapter(
+        &env.p("saved"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["query"], "modules_to_save": [dense]}),
+        &refs(&t),
+    );
+    let mut t = lora("encoder.layer.0.attention.self.key", 32, 32, 0.05);
+    t.push((format!("{dense}.bias"), vec![32], vec![0.3; 32]));
+    let later = write_adapter(
+        &env.p("later"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["key"], "bias": "all"}),
+        &refs(&t),
+    );
+    let (g, h) = (env.p("g.onnx"), env.p("h.onnx"));
+    onnx_lora_ok(&["inject", &s(&bert), "--adapter", &s(&saved), "-o", &s(&g)]);
+    onnx_lora_ok(&["inject", &s(&g), "--adapter", &s(&later), "-o", &s(&h)]);
+    let (err, report, keys, config) = export(&h, "h_peft");
+    assert!(!err.contains("does not hold them"), "{err}");
+    for k in ["weight", "bias"] {
+        let key = format!("base_model.model.{dense}.{k}");
+        assert!(keys.contains(&key), "{keys:?}");
+    }
+    assert_eq!(report["left_out"], serde_json::json!([]));
+    assert_eq!(config["modules_to_save"], serde_json::json!([dense]));
+    assert_eq!(config["bias"], "all");
+    let refold = env.p("refold_h.onnx");
+    onnx_lora_ok(&["fold", &s(&bert), &s(&env.p("h_peft")), "-o", &s(&refold)]);
+    assert_verify(&refold, &h, &inputs, &["--atol", "1e-5"], 0);
+}
+
+/// A square whole weight of another size than its layer's, saved for a layer whose weight is
+/// not named after it: refused as a resized layer, not a crash (review45: the layout check read
+/// past the layer's values).
+#[test]
+fn a_square_whole_weight_of_another_size_is_refused() {
+    let env = Env::new();
+    let t = vec![("fc.weight", vec![6, 6], vec![0.1f32; 36])];
+    let mut cfg = config();
+    cfg["modules_to_save"] = serde_json::json!(["fc"]);
+    let ad = write_adapter(&env.p("square"), cfg, &t);
+    let err = env.fold_fails("linear.onnx", &ad);
+    assert!(err.contains("resized layers cannot be folded"), "{err}");
 }
 
 /// A whole weight (modules_to_save) comes in torch's layout for its layer, whatever the

@@ -215,12 +215,20 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             // A layer's trained bias saved for a module that is a LoRA target here (an adapter
             // injected over another that gave it branches): PEFT holds it in the wrapped layer.
             let stripped = key.strip_prefix("base_model.model.").unwrap_or(key);
+            // (a target_parameters module is wrapped too; the parameter keeps its own name:
+            // a MultiheadAttention's in_proj_bias)
+            let wrapped = |module: &str| {
+                modules.iter().any(|m| m == module)
+                    || parameters
+                        .iter()
+                        .any(|p| p.strip_suffix(".weight") == Some(module))
+            };
             let key = match crate::adapter::peft::split_key(stripped) {
                 Some((module, crate::adapter::peft::Part::Full("bias")))
-                    if !stripped.contains(".base_layer.")
-                        && modules.iter().any(|m| m == module) =>
+                    if !stripped.contains(".base_layer.") && wrapped(module) =>
                 {
-                    format!("base_model.model.{module}.base_layer.bias")
+                    let param = stripped.rsplit('.').next().unwrap_or("bias");
+                    format!("base_model.model.{module}.base_layer.{param}")
                 }
                 _ => key.clone(),
             };
@@ -241,6 +249,19 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
                 .any(|(k, _, _)| k.contains(".trainable_tokens_delta"))
             {
                 whole_config.remove("trainable_token_indices");
+            }
+            // Names (PEFT matches them as path suffixes) that only left-out modules have.
+            let only_left_out = |name: &str| {
+                let hits = |m: &String| m == name || m.ends_with(&format!(".{name}"));
+                failed.iter().any(hits) && !given_back.iter().any(hits)
+            };
+            if let Some(serde_json::Value::Array(list)) = whole_config.get_mut("modules_to_save") {
+                list.retain(|v| !v.as_str().is_some_and(only_left_out));
+            }
+            if let Some(serde_json::Value::Object(map)) =
+                whole_config.get_mut("trainable_token_indices")
+            {
+                map.retain(|name, _| !only_left_out(name));
             }
         }
     }

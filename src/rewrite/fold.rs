@@ -220,6 +220,11 @@ pub fn fold(
         let Some(orient) = weights::orientation(t.cand.layout) else {
             continue;
         };
+        // (a weight of another size is refused when the fold plans it)
+        let size: i64 = t.cand.shape.iter().product();
+        if usize::try_from(size).ok() != Some(w.data.len()) {
+            continue;
+        }
         let alpha = gemm_alpha(model, &graph, &t.cand);
         t.transposed = weights::saved_transposed(&t.cand, orient, w, || {
             weights::read(model, &graph, &t.cand)

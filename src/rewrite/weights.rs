@@ -398,6 +398,12 @@ pub(crate) fn saved_transposed<S: AsRef<[f32]>>(
         let stored = stored()?;
         let base = stored.as_ref();
         let n = t.shape[0];
+        if base.len() != n * n || t.data.len() != n * n {
+            return Err(Error::Target(format!(
+                "a saved weight of shape {:?} does not fit '{}' ({} {:?})",
+                t.shape, c.weight, c.op, c.shape
+            )));
+        }
         let (mut kept, mut flipped) = (0f64, 0f64);
         for i in 0..n {
             for j in 0..n {

@@ -56,6 +56,11 @@ pub struct Entry {
     /// For `Rows`: the token indices, in the file's order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rows: Vec<usize>,
+    /// Not written: another copy of the tensor under `key` (a layer's own copy of a weight the
+    /// module is read through, a tied output layer's channels), which must still hold what the
+    /// written one holds, as PEFT's one module gives both.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +72,7 @@ pub enum What {
     Bias,
     /// Rows of an embedding table (trainable tokens).
     Rows,
-    /// An output layer's channels that hold the same rows (tied embeddings): not written, but
-    /// they must still equal the table's, as PEFT's one token adapter gives both.
+    /// An output layer's channels that hold the token rows (tied embeddings): a check.
     HeadRows,
 }
 
@@ -129,9 +133,8 @@ pub fn record(
         return;
     }
     if !new.is_empty() {
-        // (a module written again: its new entries replace the earlier ones)
-        rec.tensors
-            .retain(|e| !new.iter().any(|n| n.module == e.module));
+        // (a tensor written again: its new entries, and their checks, replace the earlier ones)
+        rec.tensors.retain(|e| !new.iter().any(|n| n.key == e.key));
         rec.tensors.extend(new);
         for k in CONFIG_KEYS {
             let Some(v) = adapter.config.raw.get(k).filter(|v| !v.is_null()) else {
@@ -189,7 +192,18 @@ fn entries(m: &ModuleAdapter, targets: &[&WholeTarget]) -> Option<Vec<Entry>> {
         shape: shape.to_vec(),
         transposed: false,
         rows: Vec::new(),
+        check: false,
     };
+    // (one entry per weight the module was written into: the first written, the others checked)
+    let mut sources: Vec<&WholeTarget> = Vec::new();
+    for t in &targets {
+        if !sources
+            .iter()
+            .any(|s| s.cand.graph == t.cand.graph && s.cand.source == t.cand.source)
+        {
+            sources.push(t);
+        }
+    }
     let mut out = Vec::new();
     for (name, t) in &m.full {
         let key = key_of(&Part::Full(name))?;
@@ -201,14 +215,18 @@ fn entries(m: &ModuleAdapter, targets: &[&WholeTarget]) -> Option<Vec<Entry>> {
             out.push(entry(key, c, What::Weight, &t.shape));
             continue;
         }
-        match name.as_str() {
-            "weight" => {
-                let mut e = entry(key, first, What::Weight, &t.shape);
-                e.transposed = targets[0].transposed?;
-                out.push(e);
-            }
-            "bias" => out.push(entry(key, first, What::Bias, &t.shape)),
-            _ => return None,
+        for (i, s) in sources.iter().enumerate() {
+            let mut e = match name.as_str() {
+                "weight" => {
+                    let mut e = entry(key, &s.cand, What::Weight, &t.shape);
+                    e.transposed = s.transposed?;
+                    e
+                }
+                "bias" => entry(key, &s.cand, What::Bias, &t.shape),
+                _ => return None,
+            };
+            e.check = i > 0;
+            out.push(e);
         }
     }
     if let Some(tokens) = &m.tokens {
@@ -219,15 +237,22 @@ fn entries(m: &ModuleAdapter, targets: &[&WholeTarget]) -> Option<Vec<Entry>> {
         if first.layout != Layout::Embedding {
             return None;
         }
-        let mut e = entry(key, first, What::Rows, &tokens.values.shape);
-        e.rows = tokens.indices.clone();
-        out.push(e);
+        for (i, s) in sources.iter().enumerate() {
+            if s.cand.layout != Layout::Embedding {
+                return None;
+            }
+            let mut e = entry(key, &s.cand, What::Rows, &tokens.values.shape);
+            e.rows = tokens.indices.clone();
+            e.check = i > 0;
+            out.push(e);
+        }
         for h in heads {
             if h.cand.node.is_empty() || h.cand.quantized {
                 return None;
             }
-            let mut e = entry("", &h.cand, What::HeadRows, &tokens.values.shape);
+            let mut e = entry(key, &h.cand, What::HeadRows, &tokens.values.shape);
             e.rows = tokens.indices.clone();
+            e.check = true;
             out.push(e);
         }
     }
@@ -244,68 +269,63 @@ pub fn read_back(model: &LoadedModel, rec: &Record) -> (Vec<Tensor>, Vec<String>
     let graph = ModelGraph::build(&model.proto);
     let mut cands = crate::target::find_candidates(&model.proto, &graph);
     cands.extend(norm::find_norm_params(&model.proto, &graph));
-    let mut out: Vec<(&str, Tensor)> = Vec::new();
     let mut failed: Vec<String> = rec.unrecorded.clone();
-    // (the token rows each module exports, for its tied output layers to be compared with)
-    let mut rows: Vec<(&Entry, Vec<f32>)> = Vec::new();
-    for e in rec.tensors.iter().filter(|e| e.what != What::HeadRows) {
+    let fail = |failed: &mut Vec<String>, m: &str| {
+        if !failed.iter().any(|f| f == m) {
+            failed.push(m.to_string());
+        }
+    };
+    let (checks, written): (Vec<&Entry>, Vec<&Entry>) = rec.tensors.iter().partition(|e| e.check);
+    let mut out: Vec<(&Entry, Vec<f32>)> = Vec::new();
+    for e in written {
         if failed.contains(&e.module) {
             continue;
         }
         match value(model, &graph, &cands, e) {
-            Some(v) if e.what == What::Rows => {
-                out.push((
-                    &e.module,
-                    (
-                        e.key.clone(),
-                        e.shape.clone(),
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    ),
-                ));
-                rows.push((e, v));
-            }
-            Some(v) => out.push((
-                &e.module,
-                (
-                    e.key.clone(),
-                    e.shape.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ),
-            )),
-            None => failed.push(e.module.clone()),
+            Some(v) => out.push((e, v)),
+            None => fail(&mut failed, &e.module),
         }
     }
-    // A tied output layer whose channels for the tokens no longer equal the rows (trained
-    // apart): no PEFT token adapter gives both.
-    for e in rec.tensors.iter().filter(|e| e.what == What::HeadRows) {
-        let same = rows
+    // Another copy that no longer holds what the written one holds (trained apart): no PEFT
+    // module gives both.
+    for e in checks {
+        let same = out
             .iter()
-            .find(|(t, _)| t.module == e.module)
+            .find(|(w, _)| w.key == e.key)
             .zip(value(model, &graph, &cands, e))
-            .is_some_and(|((table, want), got)| {
-                // (written alike, they differ only by rounding to their dtypes)
-                let half = [table, e].iter().any(|x| {
-                    stored_dtype(model, &graph, &cands, x)
-                        .is_none_or(|d| matches!(d, DataType::Float16 | DataType::Bfloat16))
-                });
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-                let tolerance = if half { 8e-3 } else { 1e-6 } * scale;
-                want.len() == got.len()
-                    && want
-                        .iter()
-                        .zip(&got)
-                        .all(|(a, b)| (a - b).abs() <= tolerance)
+            .is_some_and(|((w, want), got)| {
+                let dtype = |x: &Entry| stored_dtype(model, &graph, &cands, x);
+                equal_in_dtypes(want, dtype(w), &got, dtype(e))
             });
-        if !same && !failed.contains(&e.module) {
-            failed.push(e.module.clone());
+        if !same {
+            fail(&mut failed, &e.module);
         }
     }
     let out = out
         .into_iter()
-        .filter(|(m, _)| !failed.iter().any(|f| f == m))
-        .map(|(_, t)| t)
+        .filter(|(e, _)| !failed.contains(&e.module))
+        .map(|(e, v)| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (e.key.clone(), e.shape.clone(), bytes)
+        })
         .collect();
     (out, failed)
+}
+
+/// Whether two copies written with the same values still hold them: equal once rounded to the
+/// coarser of their dtypes (None: unknown, compared as float32).
+fn equal_in_dtypes(a: &[f32], da: Option<DataType>, b: &[f32], db: Option<DataType>) -> bool {
+    let coarse = [da, db]
+        .into_iter()
+        .flatten()
+        .filter(|d| matches!(d, DataType::Float16 | DataType::Bfloat16))
+        .max_by_key(|d| matches!(d, DataType::Bfloat16));
+    let round = |v: f32| match coarse {
+        Some(DataType::Float16) => half::f16::from_f32(v).to_f32(),
+        Some(DataType::Bfloat16) => half::bf16::from_f32(v).to_f32(),
+        _ => v,
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| round(*x) == round(*y))
 }
 
 /// The dtype of the weight an entry's layer reads.
