@@ -908,3 +908,45 @@ fn config_keys_peft_does_not_have_are_left_out_with_a_warning() {
     );
     assert!(ok, "{msg}");
 }
+
+/// Exports onnx-lora refuses (`unsupported` in the manifest: a dynamo export that splits a
+/// cross-attention's `in_proj_weight` at run time): fold and inject of each of their adapters
+/// fail with one line naming the attention's module and what the export lacks, and write
+/// nothing.
+#[test]
+fn unsupported_exports_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let unsupported = unsupported_cases();
+    assert!(
+        unsupported
+            .iter()
+            .any(|c| c.model == "mha_cross" && c.exporter == "dynamo"),
+        "{unsupported:?}"
+    );
+    for case in unsupported {
+        for ad in &case.adapters {
+            let out = dir.path().join("out.onnx");
+            let fold = fold_fails(&case.onnx, &ad.dir, &out, &[]);
+            let inject = onnx_lora(&[
+                "inject",
+                case.onnx.to_str().unwrap(),
+                "--adapter",
+                ad.dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            let inject_err = String::from_utf8_lossy(&inject.stderr).to_string();
+            assert_eq!(inject.status.code(), Some(2), "{inject_err}");
+            for err in [&fold, &inject_err] {
+                assert!(
+                    err.contains("module 'attn") && err.contains("does not take apart"),
+                    "{} {}: {err}",
+                    case.label(),
+                    ad.name
+                );
+                assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+            }
+            assert!(!out.exists());
+        }
+    }
+}

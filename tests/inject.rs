@@ -35,10 +35,13 @@ fn branchable(ad: &AdapterCase) -> bool {
     !ad.refuse && !ad.has("shared_layer")
 }
 
-/// The model has layers shared across calls (ALBERT): inject refuses them (one branch per
-/// module), so fresh branches on every linear layer are refused too.
+/// The model has layers shared across calls (ALBERT), or a cross-attention's in-projection as
+/// two layers (`split_in_proj`): inject refuses fresh branches there (one branch per module; one
+/// A for the attention's two layers), so fresh branches on every linear layer are refused too.
 fn has_shared_layers(case: &Case) -> bool {
-    case.adapters.iter().any(|a| a.has("shared_layer"))
+    case.adapters
+        .iter()
+        .any(|a| a.has("shared_layer") || a.has("split_in_proj"))
 }
 
 /// The adapter holds parts no branch can carry (modules_to_save, trainable tokens, trained
@@ -63,10 +66,11 @@ fn has_branches(ad: &AdapterCase) -> bool {
 }
 
 /// Adapters a serving model (graph inputs A and B) can carry: no DoRA, no lora_bias, no conv,
-/// no whole values.
+/// no whole values, no cross-attention in-projection in parts.
 fn servable(ad: &AdapterCase) -> bool {
     branchable(ad)
         && !has_whole(ad)
+        && !ad.has("split_in_proj")
         && !ad
             .features
             .iter()
@@ -281,7 +285,7 @@ fn serving_model_swaps_adapters_on_one_session() {
 fn serving_refuses_whole_values() {
     let dir = tempfile::tempdir().unwrap();
     let mut refused = 0;
-    for case in cases() {
+    for case in cases().into_iter().filter(|c| !has_shared_layers(c)) {
         for ad in case.adapters.iter().filter(|a| has_whole(a) && !a.refuse) {
             let out = dir.path().join(format!(
                 "{}_{}.onnx",
@@ -1748,4 +1752,109 @@ fn inject_names_what_went_into_the_weights() {
             );
         }
     }
+}
+
+/// A cross-attention's in-projection, which the TorchScript export computes as two layers (the
+/// query from rows 0-E of `in_proj_weight`, the key and value from rows E-3E; review41 F2):
+/// inject gives each layer the attention's A and its rows of B, marked so that export-peft joins
+/// them into PEFT's one module again, exactly. Fresh branches there, and serving inputs, are
+/// refused; branches whose A's were trained apart are no PEFT module, and export-peft says so.
+#[test]
+fn cross_attention_in_projection_parts_join_in_export_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.model == "mha_cross" && c.exporter == "torchscript")
+        .unwrap();
+    let ad = case.adapters.iter().find(|a| a.name == "cross").unwrap();
+    let inspect = onnx_lora_ok(&["inspect", s(&case.onnx)]);
+    assert!(inspect.contains("mha-in-proj rows 0-16"), "{inspect}");
+    assert!(inspect.contains("mha-in-proj rows 16-48"), "{inspect}");
+    let inj = dir.path().join("inj.onnx");
+    onnx_lora_ok(&[
+        "inject",
+        s(&case.onnx),
+        "--adapter",
+        s(&ad.dir),
+        "-o",
+        s(&inj),
+    ]);
+    let exported = dir.path().join("peft");
+    onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
+    let sorted = |d: &Path| {
+        let mut t = adapter_tensors(d);
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    assert_eq!(sorted(&exported), sorted(&ad.dir));
+
+    // (the second part's copy of A, named after the module like the first's)
+    let second_a = |t: &onnx_lora::onnx::pb::TensorProto| {
+        t.name().starts_with("attn.lora_A.weight") && t.name() != "attn.lora_A.weight"
+    };
+    let apart = dir.path().join("apart.onnx");
+    let n = write_trained(&inj, &apart, |t, v| {
+        second_a(t) && {
+            v[0] += 0.25;
+            true
+        }
+    });
+    assert_eq!(n, 1);
+    let o = onnx_lora(&["export-peft", s(&apart), "-o", s(&dir.path().join("apart"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("module 'attn'") && err.contains("no longer share one lora_A"),
+        "{err}"
+    );
+    assert!(!dir.path().join("apart").exists());
+    // Trained as one (both copies changed alike), they export as one.
+    let together = dir.path().join("together.onnx");
+    let n = write_trained(&inj, &together, |t, v| {
+        t.name().starts_with("attn.lora_A.weight") && {
+            v[0] += 0.25;
+            true
+        }
+    });
+    assert_eq!(n, 2);
+    let back = dir.path().join("together");
+    onnx_lora_ok(&["export-peft", s(&together), "-o", s(&back)]);
+    let a = adapter_tensors(&back)
+        .into_iter()
+        .find(|(k, ..)| k == "attn.lora_A.weight")
+        .unwrap();
+    let orig = adapter_tensors(&ad.dir)
+        .into_iter()
+        .find(|(k, ..)| k == "attn.lora_A.weight")
+        .unwrap();
+    assert_eq!(a.2[0], orig.2[0] + 0.25);
+    assert_eq!(a.2[1..], orig.2[1..]);
+
+    let fresh = onnx_lora(&[
+        "inject",
+        s(&case.onnx),
+        "--target",
+        "attn",
+        "-o",
+        s(&dir.path().join("fresh.onnx")),
+    ]);
+    let err = String::from_utf8_lossy(&fresh.stderr);
+    assert_eq!(fresh.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("module 'attn' is the in-projection") && err.contains("--adapter"),
+        "{err}"
+    );
+    let serving = onnx_lora(&[
+        "inject",
+        s(&case.onnx),
+        "--adapter",
+        s(&ad.dir),
+        "--as-inputs",
+        "-o",
+        s(&dir.path().join("serving.onnx")),
+    ]);
+    let err = String::from_utf8_lossy(&serving.stderr);
+    assert_eq!(serving.status.code(), Some(2), "{err}");
+    assert!(err.contains("inject without --as-inputs"), "{err}");
+    assert!(!dir.path().join("fresh.onnx").exists() && !dir.path().join("serving.onnx").exists());
 }

@@ -53,10 +53,14 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
                 .filter_map(|(m, p)| Some((m, p.as_deref()?)))
             {
                 let (a, b) = (m.a.as_ref().unwrap(), m.b.as_ref().unwrap());
-                let accept = |c: &Candidate| match m.kind {
-                    ModuleKind::Embedding => c.op == "Gather",
-                    _ if a.shape.len() >= 3 => c.op == "Conv",
-                    _ => c.is_linear(),
+                // (a cross-attention's in-projection part: the layer computing its rows)
+                let accept = |c: &Candidate| {
+                    (m.in_proj_rows.is_none() || c.mha_rows == m.in_proj_rows)
+                        && match m.kind {
+                            ModuleKind::Embedding => c.op == "Gather",
+                            _ if a.shape.len() >= 3 => c.op == "Conv",
+                            _ => c.is_linear(),
+                        }
                 };
                 if m.part.is_some() {
                     assert!(ad.targets.iter().any(|t| t == path), "{}: {path}", ad.name);

@@ -145,6 +145,12 @@ pub struct ModuleAdapter {
     /// PEFT's LoRA on a torch `nn.MultiheadAttention`: this module is the attention's own
     /// (its factors adapt the packed `in_proj_weight`, E → 3E), beside a nested out_proj.
     pub mha_in_proj: bool,
+    /// The rows `[start, end)` of the attention's packed in-projection this module carries,
+    /// where the export computes them as a layer of their own (a cross-attention's query or
+    /// key and value, `target::Candidate::mha_rows`): `rewrite::settle_root` splits the
+    /// attention's module into one per such layer, each with its rows of B (and of a trained
+    /// weight or bias). None: the whole.
+    pub in_proj_rows: Option<[usize; 2]>,
     /// The rank a LyCORIS module's alpha is divided by, where the config gives it (PEFT's LoHa
     /// and LoKr: `r`, or its `rank_pattern` entry, even for a LoKr of two whole factors);
     /// None: the factors' own (kohya files).
@@ -184,6 +190,7 @@ impl ModuleAdapter {
             part,
             mha_outer: None,
             mha_in_proj: false,
+            in_proj_rows: None,
             scale_rank: None,
             via_parameter: false,
         }
@@ -461,6 +468,10 @@ impl Adapter {
             let mut m = m.clone();
             if let Some(bias) = m.full.remove("bias") {
                 let mut w = ModuleAdapter::empty(&m.path, ModuleKind::Full, m.part);
+                // (the layer it is on: an attention's projection, a part of its in-projection)
+                w.mha_outer.clone_from(&m.mha_outer);
+                w.mha_in_proj = m.mha_in_proj;
+                w.in_proj_rows = m.in_proj_rows;
                 w.keys = m
                     .keys
                     .iter()

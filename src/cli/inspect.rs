@@ -29,7 +29,9 @@ onnxruntime's Attention node or a qkv_proj layer; fold merges q/k/v adapter modu
 column slices, placed by the module path named next to it), mha-in-proj / mha-out-proj (the
 packed in-projection and the out_proj Linear of a torch nn.MultiheadAttention: the module's own
 path names the first, as PEFT's LoRA on that module does; the out_proj, which the attention calls
-by its weight and exporters scope to the attention, is listed under its own path).
+by its weight and exporters scope to the attention, is listed under its own path; a
+cross-attention computes the in-projection as two layers, its query from rows 0-E of the packed
+weight and its key and value from rows E-3E, listed as `mha-in-proj rows A-B`).
 
 On a model with injected branches, the branch nodes are not listed and their number is printed
 on stderr; a layer in weight form (`inject --form weight`) reads W + s·A·B and is counted there
@@ -155,7 +157,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 flags.push("padded-inside".into());
             }
             match c.mha {
-                Some(onnx_lora::target::MhaPart::InProj) => flags.push("mha-in-proj".into()),
+                Some(onnx_lora::target::MhaPart::InProj) => flags.push(match c.mha_rows {
+                    Some([a, b]) => format!("mha-in-proj rows {a}-{b}"),
+                    None => "mha-in-proj".into(),
+                }),
                 Some(onnx_lora::target::MhaPart::OutProj) => flags.push("mha-out-proj".into()),
                 None => {}
             }

@@ -81,6 +81,33 @@ pub fn mark_slices(nodes: &mut [NodeProto], slices: &[Slice]) {
     }
 }
 
+/// Metadata key of a branch carrying rows `[start, end]` (JSON) of a cross-attention's packed
+/// in-projection (`ModuleAdapter::in_proj_rows`): one of its module's branches, one per layer,
+/// which export-peft joins again.
+pub const IN_PROJ_ROWS_KEY: &str = "onnx-lora.in_proj_rows";
+
+/// Marks `nodes` as a branch carrying `rows` of an in-projection (nothing when None).
+pub fn mark_in_proj_rows(nodes: &mut [NodeProto], rows: Option<[usize; 2]>) {
+    if let Some(r) = rows {
+        let text = serde_json::to_string(&r).unwrap_or_default();
+        for n in nodes {
+            n.metadata_props.push(meta(IN_PROJ_ROWS_KEY, &text));
+        }
+    }
+}
+
+/// The in-projection rows a branch node was marked with by [`mark_in_proj_rows`].
+pub fn in_proj_rows_of(n: &NodeProto) -> std::result::Result<Option<[usize; 2]>, String> {
+    match n.metadata(IN_PROJ_ROWS_KEY) {
+        None => Ok(None),
+        Some(text) => match serde_json::from_str::<[usize; 2]>(text) {
+            Ok([s, e]) if s < e => Ok(Some([s, e])),
+            Ok(r) => Err(format!("{IN_PROJ_ROWS_KEY}: rows {r:?} are empty")),
+            Err(e) => Err(format!("{IN_PROJ_ROWS_KEY}: {e}")),
+        },
+    }
+}
+
 /// Names of a branch's parameters in the graph.
 #[derive(Clone, Debug)]
 pub struct BranchNames {

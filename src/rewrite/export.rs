@@ -79,7 +79,7 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             split.extend(per_slice(&f)?);
         }
     }
-    let mut found = peft_mha(split)?;
+    let mut found = peft_mha(join_in_proj(split)?)?;
     if let Some(root) = root {
         let root = root.trim_end_matches('.');
         check_module_path(root)?;
@@ -324,6 +324,78 @@ pub fn export_peft(model: &LoadedModel, dir: &Path, root: Option<&str>) -> Resul
             .collect(),
         whole_values,
     })
+}
+
+/// The branches of a cross-attention's in-projection, one per layer (`in_proj_rows`), joined
+/// into the attention's one module, as PEFT saves it: their A, which must be one (branches
+/// trained apart are no PEFT module), and their rows of B stacked, which must cover the
+/// packed weight's rows from 0. Other branches pass as they are.
+fn join_in_proj(found: Vec<Found>) -> Result<Vec<Found>> {
+    let (parts, mut out): (Vec<Found>, Vec<Found>) = found
+        .into_iter()
+        .partition(|f| f.module.in_proj_rows.is_some());
+    let mut by_path: BTreeMap<String, Vec<Found>> = BTreeMap::new();
+    for f in parts {
+        by_path.entry(f.module.path.clone()).or_default().push(f);
+    }
+    for (path, mut parts) in by_path {
+        parts.sort_by_key(|f| f.module.in_proj_rows);
+        let first = &parts[0];
+        let nodes = || {
+            parts
+                .iter()
+                .map(|f| f.cand.node.as_str())
+                .collect::<Vec<_>>()
+                .join("', '")
+        };
+        let mut next = 0;
+        let mut b = Vec::new();
+        for f in &parts {
+            let [s, e] = f.module.in_proj_rows.unwrap_or_default();
+            let (Some(fa), Some(fb), Some(a)) = (&f.module.a, &f.module.b, &first.module.a) else {
+                continue;
+            };
+            if s != next || fb.shape.first() != Some(&(e - s)) {
+                return Err(Error::Target(format!(
+                    "module '{path}': its branches on the layers '{}' carry rows of the attention's in-projection that do not join into one (rows {s}-{e} after {next})",
+                    nodes()
+                )));
+            }
+            if fa != a || f.scale != first.scale {
+                return Err(Error::Target(format!(
+                    "module '{path}': its branches on the layers '{}' (a cross-attention's query, and its key and value) no longer share one {}, so they are no PEFT module, whose LoRA on the attention has one A and one scale (were they trained apart?); fold them into this model instead (`onnx-lora fold MODEL -o OUT`)",
+                    nodes(),
+                    if fa != a { "lora_A" } else { "scale" }
+                )));
+            }
+            b.extend_from_slice(&fb.data);
+            next = e;
+        }
+        let (Some(a), Some(rank)) = (
+            first.module.a.clone(),
+            first
+                .module
+                .b
+                .as_ref()
+                .map(|b| b.shape.get(1).copied().unwrap_or(0)),
+        ) else {
+            continue;
+        };
+        let module = ModuleAdapter {
+            a: Some(a),
+            b: Some(F32Tensor {
+                shape: vec![next, rank],
+                data: b,
+            }),
+            in_proj_rows: None,
+            ..first.module.clone()
+        };
+        let mut joined = first.carrying(module, first.scale);
+        joined.cand.mha_rows = None;
+        joined.cand.out_features = next as i64;
+        out.push(joined);
+    }
+    Ok(out)
 }
 
 /// Branches on a torch `nn.MultiheadAttention`'s projections (`target::mark_mha`) as PEFT's

@@ -42,6 +42,9 @@ pub struct BranchSpec {
     pub slices: Vec<super::branch::Slice>,
     /// The adapter targets the module's weight through `target_parameters`.
     pub via_parameter: bool,
+    /// The rows of a cross-attention's packed in-projection the branch carries
+    /// (`ModuleAdapter::in_proj_rows`): one of the module's branches, one per layer.
+    pub in_proj_rows: Option<[usize; 2]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +152,7 @@ pub fn fresh_branches(
                 bias: None,
                 slices: Vec::new(),
                 via_parameter: false,
+                in_proj_rows: None,
             })
         })
         .collect()
@@ -469,6 +473,7 @@ fn packed_spec(
         slices: parts,
         // (a packed layer's slices are exported as the modules they name)
         via_parameter: false,
+        in_proj_rows: None,
     })
 }
 
@@ -510,6 +515,7 @@ fn spec_from_module(
         bias: m.bias_b.as_ref().map(|t| t.data.clone()),
         slices: Vec::new(),
         via_parameter: m.via_parameter,
+        in_proj_rows: m.in_proj_rows,
     })
 }
 
@@ -549,7 +555,10 @@ pub fn check_one_branch_per_module(
     named: &[String],
 ) -> Result<()> {
     // (the nodes each module name is found on, with the graph that holds each)
-    let mut by_name: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
+    // (a cross-attention's in-projection parts are one module, a branch per layer: counted
+    // apart by their rows)
+    type Nodes<'n> = Vec<(&'n str, usize)>;
+    let mut by_name: HashMap<(&str, Option<[usize; 2]>), Nodes> = HashMap::new();
     let later = |x: &Candidate, y: &Candidate| {
         crate::target::select::later_call_of(x, y) && !super::named_takes(y, named, cands)
     };
@@ -560,7 +569,7 @@ pub fn check_one_branch_per_module(
     let mut by_weight: HashMap<&crate::graph::ConstSource, &BranchSpec> = HashMap::new();
     for b in branches {
         by_name
-            .entry(b.name.as_str())
+            .entry((b.name.as_str(), b.in_proj_rows))
             .or_default()
             .push((b.cand.node.as_str(), b.cand.graph));
         if let Some(src) = &b.cand.source {
@@ -568,7 +577,7 @@ pub fn check_one_branch_per_module(
             let (f, m) = (&first.cand, &b.cand);
             if first.name != b.name && (later(f, m) || later(m, f)) {
                 by_name
-                    .entry(first.name.as_str())
+                    .entry((first.name.as_str(), first.in_proj_rows))
                     .or_default()
                     .push((b.cand.node.as_str(), b.cand.graph));
             }
@@ -608,7 +617,7 @@ pub fn check_one_branch_per_module(
         };
         for c in cands.iter().filter(other_call) {
             by_name
-                .entry(b.name.as_str())
+                .entry((b.name.as_str(), b.in_proj_rows))
                 .or_default()
                 .push((c.node.as_str(), c.graph));
         }
@@ -618,11 +627,32 @@ pub fn check_one_branch_per_module(
         let mut seen = HashSet::new();
         nodes.retain(|n| seen.insert(*n));
     }
-    let mut shared: Vec<(&&str, &Vec<(&str, usize)>)> =
-        by_name.iter().filter(|(_, v)| v.len() > 1).collect();
-    shared.sort_by_key(|(name, _)| **name);
-    if let Some((name, nodes)) = shared.first() {
+    let mut shared: Vec<(&str, Option<[usize; 2]>, &Vec<(&str, usize)>)> = by_name
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|((name, rows), v)| (*name, *rows, v))
+        .collect();
+    shared.sort_by_key(|(name, rows, _)| (*name, *rows));
+    if let Some((name, rows, nodes)) = shared.first() {
         let labels: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+        // A cross-attention's in-projection parts given fresh factors (one call's layers, each
+        // its own rows): a branch each would train an A of its own, where PEFT's module has one.
+        let part_rows = |(n, g): &(&str, usize)| {
+            cands
+                .iter()
+                .find(|c| c.node == *n && c.graph == *g)
+                .and_then(|c| c.mha_rows)
+        };
+        let mut parts: Vec<Option<[usize; 2]>> = nodes.iter().map(part_rows).collect();
+        parts.sort_unstable();
+        parts.dedup();
+        if rows.is_none() && parts.len() == nodes.len() && parts.iter().all(Option::is_some) {
+            return Err(Error::Target(format!(
+                "module '{name}' is the in-projection of a torch.nn.MultiheadAttention that this export computes as {} layers (nodes {}: a cross-attention's query, and its key and value); PEFT's LoRA on the attention has one A for them, which branches of their own would train apart, so inject refuses fresh branches there: leave the attention out of --target (its out_proj and other layers can take branches), or inject a trained adapter (--adapter), which gives each layer the attention's A and its rows of B",
+                nodes.len(),
+                crate::target::list_names(labels.iter().copied(), labels.len(), 8)
+            )));
+        }
         let mut graphs: Vec<usize> = nodes.iter().map(|(_, g)| *g).collect();
         graphs.sort_unstable();
         graphs.dedup();
@@ -696,6 +726,12 @@ pub fn inject(
             return Err(Error::Target(format!(
                 "module '{}' is a slice of the packed q/k/v weight '{}': --as-inputs gives each module its own LoRA inputs, which a packed weight's one branch cannot read; inject without --as-inputs",
                 br.slices[0].module, br.cand.weight
+            )));
+        }
+        if as_inputs && br.in_proj_rows.is_some() {
+            return Err(Error::Target(format!(
+                "module '{}' is the in-projection of a torch.nn.MultiheadAttention that this export computes as layers of their own (a cross-attention's query, and its key and value): --as-inputs would give each layer LoRA inputs of its own, which an adapter of the attention's one module cannot fill; inject without --as-inputs",
+                br.name
             )));
         }
         if as_inputs && (br.magnitude.is_some() || br.bias.is_some()) {
@@ -830,6 +866,7 @@ fn add_branch(
     let mut nodes = branch_nodes(c, &base, &names, &y, &y_base, &br.name);
     super::branch::mark_slices(&mut nodes, &br.slices);
     super::branch::mark_parameter(&mut nodes, br.via_parameter);
+    super::branch::mark_in_proj_rows(&mut nodes, br.in_proj_rows);
     // Node and intermediate value names unique in the model (a layer may already have a branch,
     // e.g. in the reference of several adapters); the last node still produces y.
     let mut renamed: HashMap<String, String> = HashMap::new();

@@ -63,7 +63,8 @@ pub(crate) fn accepts(m: &ModuleAdapter, c: &Candidate) -> bool {
     }
     // (PEFT's LoRA on a MultiheadAttention adapts the attention's packed in-projection and its
     // out_proj, as onnx-lora finds them; nothing else in its scope)
-    if m.mha_in_proj && c.mha != Some(crate::target::MhaPart::InProj)
+    if m.mha_in_proj
+        && (c.mha != Some(crate::target::MhaPart::InProj) || c.mha_rows != m.in_proj_rows)
         || m.mha_outer.is_some() && c.mha != Some(crate::target::MhaPart::OutProj)
     {
         return false;
@@ -181,7 +182,7 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
             "out_proj"
         };
         return Some(format!(
-            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}' (a cross-attention, whose query is not its key and value, splits it) and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
+            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}', or a cross-attention's two (its query E → E and its key and value E → 2E, each with a weight of its own, as the TorchScript exporter writes them; the dynamo exporter, and the TorchScript exporter with dynamic axes, slice the packed weight at run time instead, which onnx-lora does not take apart), and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
         ));
     }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its
@@ -340,7 +341,105 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter, alone: bool) -> R
     drop_unchanged_values(model, &graph, &cands, adapter, alone)?;
     let mut left_out = left_out;
     left_out.extend(drop_unrun_modules(adapter, &cands)?);
+    split_in_proj(adapter, &cands)?;
     Ok(left_out)
+}
+
+/// Splits PEFT's module on a torch `nn.MultiheadAttention` whose export computes the
+/// in-projection as layers of their own (a cross-attention: `Candidate::mha_rows`) into one
+/// module per layer: the attention's A, and its rows of B and of a trained weight or bias
+/// (PEFT merges `B·A` into the packed `in_proj_weight`, whose rows the attention then splits
+/// between query and key / value). Each part is found only by its layer (`accepts`).
+fn split_in_proj(adapter: &mut Adapter, cands: &[Candidate]) -> Result<()> {
+    use crate::target::MhaPart;
+    if !cands.iter().any(|c| c.mha_rows.is_some()) {
+        return Ok(());
+    }
+    let (paths, _) = module_paths(adapter, cands)?;
+    let mut out = Vec::with_capacity(adapter.modules.len());
+    for (m, path) in std::mem::take(&mut adapter.modules).into_iter().zip(paths) {
+        let whole = m.in_proj_rows.is_none()
+            && m.mha_outer.is_none()
+            && (m.mha_in_proj && m.kind == ModuleKind::Lora || m.kind == ModuleKind::Full);
+        let mut rows: Vec<[usize; 2]> = match (&path, whole) {
+            (Some(p), true) => cands
+                .iter()
+                .filter(|c| {
+                    c.mha == Some(MhaPart::InProj)
+                        && crate::target::select::name_matches(&c.module, p)
+                })
+                .filter_map(|c| c.mha_rows)
+                .collect(),
+            _ => Vec::new(),
+        };
+        rows.sort_unstable();
+        rows.dedup();
+        if rows.is_empty() {
+            out.push(m);
+            continue;
+        }
+        let total = rows.iter().map(|r| r[1]).max().unwrap_or(0);
+        for r in rows {
+            out.push(in_proj_part(&m, r, total).map_err(|reason| Error::Adapter {
+                path: adapter.path.clone(),
+                reason,
+            })?);
+        }
+    }
+    adapter.modules = out;
+    Ok(())
+}
+
+/// Module `m` (on a whole packed in-projection of `total` = 3E rows) restricted to rows
+/// `[s, e)`.
+fn in_proj_part(
+    m: &ModuleAdapter,
+    [s, e]: [usize; 2],
+    total: usize,
+) -> std::result::Result<ModuleAdapter, String> {
+    use crate::adapter::peft::F32Tensor;
+    let what = if m.kind == ModuleKind::Full {
+        "trained"
+    } else {
+        "LoRA"
+    };
+    if m.magnitude.is_some() || m.bias_b.is_some() || m.lycoris.is_some() || m.tokens.is_some() {
+        return Err(format!(
+            "module '{}' is on a torch.nn.MultiheadAttention whose export computes the in-projection in parts (a cross-attention), and onnx-lora splits only a LoRA's B and trained weights and biases by rows there (no DoRA, lora_B bias, LoHa / LoKr)",
+            m.path
+        ));
+    }
+    let rows = |t: &F32Tensor, key: &str| -> std::result::Result<F32Tensor, String> {
+        let have = t.shape.first().copied().unwrap_or(0);
+        let per: usize = t.shape.iter().skip(1).product();
+        if have != total {
+            return Err(format!(
+                "module '{}': its {key} has {have} rows, where the attention's packed in-projection has {total} (this export computes rows {s}-{e} of them in one layer)",
+                m.path
+            ));
+        }
+        let mut shape = t.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = e - s;
+        }
+        Ok(F32Tensor {
+            data: t.data[s * per..e * per].to_vec(),
+            shape,
+        })
+    };
+    let mut part = m.clone();
+    if let Some(b) = &m.b {
+        part.b = Some(rows(b, "lora_B")?);
+    }
+    for (key, t) in &m.full {
+        if matches!(key.as_str(), "weight" | "bias") {
+            part.full
+                .insert(key.clone(), rows(t, &format!("{what} {key}"))?);
+        }
+    }
+    part.in_proj_rows = Some([s, e]);
+    part.mha_in_proj = true;
+    Ok(part)
 }
 
 /// Takes out of the adapter the low-rank modules that PEFT loads but whose LoRA its forward

@@ -126,6 +126,8 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
         });
         let mut module = branch_module(&t.name, a, b, None, bias_b);
         module.via_parameter = t.via_parameter;
+        module.in_proj_rows = t.in_proj_rows;
+        module.mha_in_proj = t.in_proj_rows.is_some();
         checked_factors(&module, cand)?;
         if let (Some(f), Some(a), Some(b)) = (&t.dora_factor, &module.a, &module.b) {
             module.magnitude = Some(dora_magnitude(model, &graph, cand, a, b, scale, f)?);
@@ -142,9 +144,10 @@ pub fn find_all(model: &mut LoadedModel) -> Result<(ModelGraph, Vec<Found>)> {
     }
     found.extend(find_branches(model, &graph, &cands)?);
     // Each branch is one module: its name finds its nodes and keys what export-peft writes.
-    let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+    // (a cross-attention's in-projection: one module, a branch per layer, by its rows)
+    let mut names: BTreeMap<(&str, Option<[usize; 2]>), &str> = BTreeMap::new();
     for f in &found {
-        if let Some(other) = names.insert(&f.module.path, &f.cand.node) {
+        if let Some(other) = names.insert((&f.module.path, f.module.in_proj_rows), &f.cand.node) {
             return Err(Error::Target(format!(
                 "injected branches on nodes '{other}' and '{}' are both named '{}'; each branch needs its own module name",
                 f.cand.node, f.module.path
@@ -516,6 +519,8 @@ pub fn find_branches(
                 removed.insert(v.clone(), name.clone());
             }
             module.via_parameter = super::branch::is_parameter(add);
+            module.in_proj_rows = super::branch::in_proj_rows_of(add).map_err(|e| broken(&e))?;
+            module.mha_in_proj = module.in_proj_rows.is_some();
             members.extend(nodes);
             out.push(Found {
                 cand: cand.clone(),

@@ -321,10 +321,12 @@ fn plan(
     };
     super::branch::mark_slices(&mut pre, &br.slices);
     super::branch::mark_parameter(&mut pre, br.via_parameter);
+    super::branch::mark_in_proj_rows(&mut pre, br.in_proj_rows);
     let mut post = post;
     if let Some((_, _, n)) = &mut post {
         super::branch::mark_slices(std::slice::from_mut(n), &br.slices);
         super::branch::mark_parameter(std::slice::from_mut(n), br.via_parameter);
+        super::branch::mark_in_proj_rows(std::slice::from_mut(n), br.in_proj_rows);
     }
     let plan = Plan {
         graph: c.graph,
@@ -438,6 +440,8 @@ pub(crate) struct Taken {
     pub slices: Vec<super::branch::Slice>,
     /// The branch was marked as one on a `target_parameters` module.
     pub via_parameter: bool,
+    /// The rows of a cross-attention's in-projection the branch carries.
+    pub in_proj_rows: Option<[usize; 2]>,
 }
 
 /// Per graph: its index, (merged value, W) pairs the nodes read again, (y_base, y) output
@@ -617,6 +621,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
             members.extend(nodes);
             let slices = super::branch::slices_of(add).map_err(|e| broken(&e))?;
             let via_parameter = super::branch::is_parameter(add);
+            let in_proj_rows = super::branch::in_proj_rows_of(add).map_err(|e| broken(&e))?;
             taken.push(Taken {
                 name,
                 graph: gi,
@@ -629,6 +634,7 @@ pub(crate) fn take(model: &mut LoadedModel) -> Result<Vec<Taken>> {
                 lora_bias,
                 slices,
                 via_parameter,
+                in_proj_rows,
             });
         }
         super::unbranch::check_removable(model, &graph, gi, &members, &removed, |n| {

@@ -98,6 +98,11 @@ pub struct Candidate {
     /// [`mark_mha`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mha: Option<MhaPart>,
+    /// For a part of a split in-projection (a cross-attention computes its query from
+    /// `in_proj_weight`'s first E rows and its key and value from the other 2E, as two
+    /// layers): the rows `[start, end)` of the packed `[3E, E]` weight this layer computes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mha_rows: Option<[usize; 2]>,
     /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub through: Vec<String>,
@@ -375,10 +380,17 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         if ins.is_empty() && torchscript {
             ins = in_proj(&|m| m == outer || select::is_later_call(&outer, m));
         }
+        // (a cross-attention's in-projection in two parts: rows of the packed weight by layer)
+        let mut rows: Vec<Option<[usize; 2]>> = vec![None; ins.len()];
+        if ins.is_empty()
+            && let Some(parts) = split_in_proj(cands, o)
+        {
+            (ins, rows) = parts.into_iter().map(|(i, r)| (i, Some(r))).unzip();
+        }
         let Some(&first) = ins.first() else {
             continue;
         };
-        if ins.iter().any(|&i| cands[i].source != cands[first].source)
+        if rows[0].is_none() && ins.iter().any(|&i| cands[i].source != cands[first].source)
             || class_is_mha == Some(false)
             || ins.iter().any(|&i| not_mha(&cands[i]))
         {
@@ -392,10 +404,50 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         c.other_paths.insert(0, scope);
         // (the evidence stays the scope's: the path is the call's scope and the Linear's name)
         c.mha = Some(MhaPart::OutProj);
-        for i in ins {
+        for (i, r) in ins.into_iter().zip(rows) {
             cands[i].mha = Some(MhaPart::InProj);
+            cands[i].mha_rows = r;
         }
     }
+}
+
+/// The in-projection of the attention whose out-projection is candidate `o`, where the
+/// attention split it: torch's `multi_head_attention_forward` projects a query that is not its
+/// key and value (a cross-attention: `attn(q, mem, mem)`) with the first E rows of
+/// `in_proj_weight`, and the key and value, one tensor, with the other 2E, as two layers in
+/// the attention's scope: E → E and E → 2E, each with a weight of its own (the TorchScript
+/// exporter folds each slice into a constant). Those two, with their rows `[start, end)` of
+/// the packed weight. A query, key and value all apart (three E → E layers) are not told
+/// apart here: None.
+fn split_in_proj(cands: &[Candidate], o: usize) -> Option<Vec<(usize, [usize; 2])>> {
+    let c = &cands[o];
+    let e = c.in_features;
+    let parts: Vec<usize> = (0..cands.len())
+        .filter(|&i| {
+            let d = &cands[i];
+            i != o
+                && d.is_linear()
+                && !d.quantized
+                && d.mha.is_none()
+                && d.module == c.module
+                && d.graph == c.graph
+                && d.in_features == e
+                && (d.out_features == e || d.out_features == 2 * e)
+        })
+        .collect();
+    let [x, y] = parts[..] else {
+        return None;
+    };
+    let (q, kv) = if cands[x].out_features == e {
+        (x, y)
+    } else {
+        (y, x)
+    };
+    let e = usize::try_from(e).ok()?;
+    (cands[q].out_features as usize == e
+        && cands[kv].out_features as usize == 2 * e
+        && cands[q].source != cands[kv].source)
+        .then(|| vec![(q, [0, e]), (kv, [e, 3 * e])])
 }
 
 fn weight_input(node: &NodeProto) -> Option<usize> {
@@ -658,6 +710,7 @@ impl Walked {
             module_class: None,
             packed: None,
             mha: None,
+            mha_rows: None,
             through: self.through,
             graph: gi,
             graph_loc: crate::graph::GraphLoc::default(),
@@ -1015,6 +1068,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         module_class: None,
         packed: None,
         mha: None,
+        mha_rows: None,
         through: vec![],
         graph: 0,
         graph_loc: crate::graph::GraphLoc::default(),
