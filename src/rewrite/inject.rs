@@ -627,7 +627,7 @@ pub fn check_one_branch_per_module(
         let mut seen = HashSet::new();
         nodes.retain(|n| seen.insert(*n));
     }
-    let mut shared: Vec<(&str, Option<[usize; 2]>, &Vec<(&str, usize)>)> = by_name
+    let mut shared: Vec<(&str, Option<[usize; 2]>, &Nodes)> = by_name
         .iter()
         .filter(|(_, v)| v.len() > 1)
         .map(|((name, rows), v)| (*name, *rows, v))
