@@ -96,8 +96,6 @@ def fixture_jobs(chk):
     for manifest in ("manifest.json", "kohya_manifest.json"):
         data = json.load(open(os.path.join(FIX, manifest)))
         for case in data.get("cases", data):
-            if case.get("unsupported"):
-                continue  # an export onnx-lora refuses (the tests check the refusal)
             onnx = os.path.join(FIX, case["onnx"])
             inputs = os.path.join(FIX, case["inputs"])
             tag = f"{case['model']}/{case['exporter']}"

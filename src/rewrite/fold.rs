@@ -178,6 +178,7 @@ pub struct WholeTarget {
 }
 
 /// One adapter module's contribution to a weight.
+#[derive(Clone)]
 pub(crate) struct Step<'a> {
     pub module: &'a ModuleAdapter,
     /// The module's scaling times its adapter's weight and the global scale.
@@ -186,9 +187,13 @@ pub(crate) struct Step<'a> {
     pub fan_in_fan_out: bool,
     /// The module is the q (0), k (1) or v (2) slice of a packed weight.
     pub role: Option<usize>,
+    /// The module's layer reads these rows (its outputs) of the weight through a Split
+    /// (`Candidate::window`); the job is then on the whole weight (`join_windows`).
+    pub rows: Option<[usize; 2]>,
 }
 
 /// All the steps aimed at one node's weight.
+#[derive(Clone)]
 pub(crate) struct Job<'a> {
     pub cand: Candidate,
     pub steps: Vec<Step<'a>>,
@@ -237,6 +242,72 @@ pub fn fold(
     Ok(report)
 }
 
+/// The jobs on layers that read rows of a weight through a Split (`Candidate::window`: a
+/// cross-attention's query and key / value layers in a dynamo export) as one job per weight:
+/// on the whole tensor, each step writing its layer's rows (`Step::rows`). Other jobs pass as
+/// they are.
+fn join_windows<'a>(
+    model: &LoadedModel,
+    graph: &ModelGraph,
+    jobs: &[Job<'a>],
+) -> Result<Vec<Job<'a>>> {
+    let mut out: Vec<Job<'a>> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let Some(rows) = job.cand.window else {
+            out.push(job.clone());
+            continue;
+        };
+        if let Some(m) = job.steps.iter().map(|s| s.module).find(|m| {
+            !matches!(m.kind, ModuleKind::Lora) || !m.full.is_empty() || m.lycoris.is_some()
+        }) {
+            return Err(Error::Target(format!(
+                "module '{}' ({}): its layer {} reads rows {}-{} of '{}' through a Split (a dynamo export's cross-attention), and onnx-lora merges only LoRA factors there, not values that replace the layer's weight or bias (modules_to_save, trained biases); export the model with the TorchScript exporter (dynamo=False), where each part has a weight of its own",
+                m.path,
+                m.keys.join(", "),
+                job.cand.node,
+                rows[0],
+                rows[1],
+                job.cand.weight
+            )));
+        }
+        let steps = job.steps.iter().map(|s| Step {
+            rows: Some(rows),
+            ..s.clone()
+        });
+        if let Some(whole) = out.iter_mut().find(|j| {
+            j.cand.window.is_none()
+                && j.cand.mha_rows.is_none()
+                && j.cand.source == job.cand.source
+                && j.cand.chain.first() == job.cand.chain.first()
+        }) {
+            whole.steps.extend(steps);
+            continue;
+        }
+        let dims = weights::tensor(&model.proto, graph, &job.cand)?
+            .dims
+            .clone();
+        let [n_out, n_in] = dims[..] else {
+            return Err(Error::tensor(
+                &job.cand.weight,
+                "a Split's rows of a tensor that is not 2-D",
+            ));
+        };
+        let cand = Candidate {
+            shape: dims,
+            out_features: n_out,
+            in_features: n_in,
+            window: None,
+            mha_rows: None,
+            ..job.cand.clone()
+        };
+        out.push(Job {
+            cand,
+            steps: steps.collect(),
+        });
+    }
+    Ok(out)
+}
+
 /// Merges each job's steps into its weight and writes the results.
 pub(crate) fn execute(
     model: &mut LoadedModel,
@@ -244,6 +315,8 @@ pub(crate) fn execute(
     jobs: &[Job],
     report: &mut FoldReport,
 ) -> Result<()> {
+    let joined = join_windows(model, graph, jobs)?;
+    let jobs = &joined[..];
     // Check and plan every merge first (reads only); the merges themselves run when the model
     // is written, one weight at a time.
     let mut results = Vec::with_capacity(jobs.len());
@@ -546,6 +619,7 @@ fn plan<'a>(
                     scale: adapter.scaling(module) * weight,
                     fan_in_fan_out: adapter.config.fan_in_fan_out,
                     role,
+                    rows: None,
                 };
                 // (a norm layer's scale and bias are two jobs on one node)
                 match jobs.iter_mut().find(|j| {
@@ -807,6 +881,7 @@ fn tie_token_heads<'a>(
                     scale: 1.0,
                     fan_in_fan_out,
                     role: None,
+                    rows: None,
                 },
             ));
         }
@@ -1080,8 +1155,15 @@ fn plan_merge(model: &LoadedModel, graph: &ModelGraph, job: &Job) -> Result<Merg
     let widths = packed_widths(c, job, weight.n_out)?;
     for step in &job.steps {
         let m = step.module;
-        let cols = match (step.role, widths) {
-            (Some(role), Some(w)) => {
+        let cols = match (step.rows, step.role, widths) {
+            (Some([s, e]), ..) if e <= weight.n_out && s < e => s..e,
+            (Some(r), ..) => {
+                return Err(Error::Target(format!(
+                    "module '{}': rows {r:?} of weight '{}' ({} rows) are no rows of it",
+                    m.path, c.weight, weight.n_out
+                )));
+            }
+            (None, Some(role), Some(w)) => {
                 let start: usize = w[..role].iter().sum();
                 rep.packed.push(PackedSlice {
                     module: m.path.clone(),

@@ -182,7 +182,7 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
             "out_proj"
         };
         return Some(format!(
-            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}', or a cross-attention's two (its query E → E and its key and value E → 2E, each with a weight of its own, as the TorchScript exporter writes them; the dynamo exporter, and the TorchScript exporter with dynamic axes, slice the packed weight at run time instead, which onnx-lora does not take apart), and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
+            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}', or a cross-attention's two (its query E → E and its key and value E → 2E: a weight each, as the TorchScript exporter writes them, or rows of the packed weight through a Split, as the dynamo exporter does; the TorchScript exporter with dynamic axes slices it by bounds computed at run time, which onnx-lora does not read), and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
         ));
     }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its

@@ -64,6 +64,7 @@ pub fn fold_branches(model: &mut LoadedModel) -> Result<FoldReport> {
             cand: f.cand.clone(),
             steps: vec![Step {
                 role: None,
+                rows: None,
                 module: &f.module,
                 scale: f.scale,
                 fan_in_fan_out: false,

@@ -44,7 +44,10 @@ pub fn tensor<'m>(
 /// exporter's copy of a weight per call of a shared layer).
 pub fn same_values(model: &LoadedModel, graph: &ModelGraph, a: &Candidate, b: &Candidate) -> bool {
     if a.source == b.source {
-        return true;
+        return a.window == b.window;
+    }
+    if a.window.is_some() || b.window.is_some() {
+        return false;
     }
     let bytes = |c: &Candidate| {
         let t = tensor(&model.proto, graph, c).ok()?;
@@ -163,7 +166,16 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
             format!("{dtype} weights cannot be adapted (float32, float16, bfloat16, float64 only)"),
         ));
     }
-    let numel = crate::onnx::pb_ext::numel(&t.dims);
+    let mut bytes = model.tensor_bytes(t)?;
+    // (a Split's rows of the tensor: the slice the node reads)
+    if let (Some([s, e]), [_, cols]) = (c.window, &t.dims[..]) {
+        let row = (*cols).max(0) as usize * (dtype.bits().unwrap_or(32) / 8);
+        bytes = bytes
+            .get(s * row..e * row)
+            .map(|b| bytes.slice_ref(b))
+            .ok_or_else(|| Error::tensor(&c.weight, "stored data is too short for its rows"))?;
+    }
+    let numel = crate::onnx::pb_ext::numel(&c.shape);
     let n_out = c.out_features.max(0) as usize;
     Ok(StoredWeight {
         name: c.weight.clone(),
@@ -175,7 +187,7 @@ pub fn stored(model: &LoadedModel, graph: &ModelGraph, c: &Candidate) -> Result<
             _ => c.in_features.max(0) as usize,
         }),
         n_out,
-        bytes: model.tensor_bytes(t)?,
+        bytes,
     })
 }
 

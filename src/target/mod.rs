@@ -103,6 +103,11 @@ pub struct Candidate {
     /// layers): the rows `[start, end)` of the packed `[3E, E]` weight this layer computes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mha_rows: Option<[usize; 2]>,
+    /// The rows `[start, end)` of the stored weight the node reads, where a Split on axis 0
+    /// stands between them (dynamo splits a cross-attention's `in_proj_weight` so at run
+    /// time); `shape` is then that slice's. None: the whole tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<[usize; 2]>,
     /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub through: Vec<String>,
@@ -444,9 +449,12 @@ fn split_in_proj(cands: &[Candidate], o: usize) -> Option<Vec<(usize, [usize; 2]
         (y, x)
     };
     let e = usize::try_from(e).ok()?;
-    (cands[q].out_features as usize == e
-        && cands[kv].out_features as usize == 2 * e
-        && cands[q].source != cands[kv].source)
+    let (cq, ckv) = (&cands[q], &cands[kv]);
+    // (a weight each, TorchScript's; or the rows of one, dynamo's Split)
+    let own = cq.source != ckv.source && cq.window.is_none() && ckv.window.is_none();
+    let split =
+        cq.source == ckv.source && cq.window == Some([0, e]) && ckv.window == Some([e, 3 * e]);
+    (cq.out_features as usize == e && ckv.out_features as usize == 2 * e && (own || split))
         .then(|| vec![(q, [0, e]), (kv, [e, 3 * e])])
 }
 
@@ -500,7 +508,16 @@ fn candidate(
         }
         quantized = true;
     }
-    let (layout, in_features, out_features) = layout_of(node, &tensor.dims, walked.transposes)?;
+    // (a Split's rows: the layer's weight is that slice, its rows the layer's outputs)
+    let dims = match (walked.window, &tensor.dims[..]) {
+        (Some([s, e]), [_, cols]) => vec![(e - s) as i64, *cols],
+        (Some(_), _) => return None,
+        (None, _) => tensor.dims.clone(),
+    };
+    let (layout, in_features, out_features) = layout_of(node, &dims, walked.transposes)?;
+    if walked.window.is_some() && layout != Layout::OutIn {
+        return None;
+    }
     let (module, evidence, other_paths) =
         module_path(model, graph, gi, node, tensor.name(), &walked.value);
     let packed = packed::packing(model, graph, gi, node, &module, out_features);
@@ -527,6 +544,7 @@ fn candidate(
         ..walked.candidate(
             (gi, ni, node, wi),
             tensor,
+            dims,
             layout,
             (in_features, out_features),
         )
@@ -673,6 +691,8 @@ pub(crate) struct Walked {
     transposes: usize,
     /// A DequantizeLinear is on the way.
     dequantized: bool,
+    /// The rows of the constant a Split right after it gives on (see `Candidate::window`).
+    window: Option<[usize; 2]>,
 }
 
 impl Walked {
@@ -682,6 +702,7 @@ impl Walked {
         self,
         at: (usize, usize, &NodeProto, usize),
         tensor: &crate::onnx::pb::TensorProto,
+        shape: Vec<i64>,
         layout: Layout,
         (in_features, out_features): (i64, i64),
     ) -> Candidate {
@@ -696,7 +717,7 @@ impl Walked {
                 ConstSource::Initializer { .. } => tensor.name().to_string(),
                 ConstSource::Constant { .. } => self.value,
             },
-            shape: tensor.dims.clone(),
+            shape,
             layout,
             dtype: DataType::from_i32(tensor.data_type()).name(),
             in_features,
@@ -711,6 +732,7 @@ impl Walked {
             packed: None,
             mha: None,
             mha_rows: None,
+            window: self.window,
             through: self.through,
             graph: gi,
             graph_loc: crate::graph::GraphLoc::default(),
@@ -732,6 +754,7 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
     let mut value = input.to_string();
     let (mut through, mut chain) = (Vec::new(), Vec::new());
     let (mut transposes, mut dequantized) = (0usize, false);
+    let mut window = None;
     // (at most one step per node: a malformed cycle of pass-through nodes ends the walk)
     let mut steps = 0..=view.producer.len();
     let source = loop {
@@ -741,6 +764,18 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
         steps.next()?;
         let &p = view.producer.get(&value)?;
         let pn = graph.node(model, gi, p)?;
+        // A Split on axis 0 of the constant itself (its rows as one layer's weight).
+        if pn.op_type() == "Split" && window.is_none() {
+            let k = pn.output.iter().position(|o| *o == value)?;
+            let x = pn.input.first()?;
+            let src = graph.const_source(model, gi, x)?;
+            let t = graph.const_tensor(model, &src)?;
+            window = Some(split_rows(model, graph, gi, pn, k, &t.dims)?);
+            through.insert(0, pn.op_type().to_string());
+            chain.insert(0, p);
+            value = x.clone();
+            continue;
+        }
         if !PASS_THROUGH.contains(&pn.op_type()) {
             return None;
         }
@@ -766,7 +801,67 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
         chain,
         transposes,
         dequantized,
+        window,
     })
+}
+
+/// The rows `[start, end)` that output `k` of `split` takes of a 2-D constant of `dims`, when
+/// it splits axis 0 by constant sizes (its `split` input, or attribute before opset 13) or
+/// into equal parts.
+fn split_rows(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    gi: usize,
+    split: &NodeProto,
+    k: usize,
+    dims: &[i64],
+) -> Option<[usize; 2]> {
+    let [rows, _] = dims else {
+        return None;
+    };
+    let rows = usize::try_from(*rows).ok()?;
+    let axis = split.attr_i("axis").unwrap_or(0);
+    if !(axis == 0 || axis == -2) {
+        return None;
+    }
+    let sizes: Vec<i64> = match split.input.get(1).filter(|s| !s.is_empty()) {
+        Some(v) => {
+            let t = graph.const_tensor(model, &graph.const_source(model, gi, v)?)?;
+            small_ints(t)?
+        }
+        None => match split.attr_ints("split") {
+            Some(s) => s.to_vec(),
+            None => {
+                let n = split.output.len();
+                (n > 0 && rows % n == 0).then(|| vec![(rows / n) as i64; n])?
+            }
+        },
+    };
+    let sizes: Vec<usize> = sizes
+        .into_iter()
+        .map(usize::try_from)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    if sizes.len() != split.output.len() || sizes.iter().sum::<usize>() != rows {
+        return None;
+    }
+    let start: usize = sizes[..k].iter().sum();
+    Some([start, start + *sizes.get(k)?])
+}
+
+/// The values of a small inline int64 tensor.
+fn small_ints(t: &crate::onnx::pb::TensorProto) -> Option<Vec<i64>> {
+    if DataType::from_i32(t.data_type()) != DataType::Int64 {
+        return None;
+    }
+    if !t.int64_data.is_empty() {
+        return Some(t.int64_data.clone());
+    }
+    t.raw_data
+        .as_ref()?
+        .chunks(8)
+        .map(|c| Some(i64::from_le_bytes(c.try_into().ok()?)))
+        .collect()
 }
 
 /// Layout and (in, out) features from the node and the stored shape.
@@ -936,6 +1031,22 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
             me,
         };
         c.shared = !c.shared_with.is_empty();
+        // A Split's rows (`window`) are the layer's own where the Split is the tensor's one
+        // reader and this output of it feeds only the way to this node.
+        if let (Some(_), Some(&split)) = (c.window, c.chain.first()) {
+            let view = &graph.graphs[c.graph];
+            let next = c.chain.get(1).copied().unwrap_or(c.node_index);
+            let own = nodes.as_slice() == [(c.graph, split)]
+                && graph.node(model, c.graph, next).is_some_and(|n| {
+                    n.input.iter().filter(|i| !i.is_empty()).all(|i| {
+                        view.consumers_of(i).len() == 1 || view.producer.get(i) != Some(&split)
+                    })
+                });
+            if own {
+                c.shared = false;
+                c.shared_with = SharedWith::default();
+            }
+        }
     }
 }
 
@@ -1069,6 +1180,7 @@ pub(crate) fn test_candidate(module: &str, weight: &str) -> Candidate {
         packed: None,
         mha: None,
         mha_rows: None,
+        window: None,
         through: vec![],
         graph: 0,
         graph_loc: crate::graph::GraphLoc::default(),

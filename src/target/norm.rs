@@ -109,7 +109,7 @@ fn norm_param(
         gi,
         node.input.get(input).filter(|v| !v.is_empty())?,
     )?;
-    if walked.dequantized || walked.transposes > 0 {
+    if walked.dequantized || walked.transposes > 0 || walked.window.is_some() {
         return None;
     }
     let tensor = graph.const_tensor(model, &walked.source)?;
@@ -124,6 +124,12 @@ fn norm_param(
         module,
         evidence,
         other_paths,
-        ..walked.candidate((gi, ni, node, input), tensor, Layout::Norm, (1, numel))
+        ..walked.candidate(
+            (gi, ni, node, input),
+            tensor,
+            tensor.dims.clone(),
+            Layout::Norm,
+            (1, numel),
+        )
     })
 }

@@ -402,7 +402,7 @@ pub fn resolve_module<'a>(
     }
     if found
         .iter()
-        .any(|c| c.source != first.source && !same_values(first, c))
+        .any(|c| (c.source != first.source || c.window != first.window) && !same_values(first, c))
     {
         let list: Vec<String> = found
             .iter()

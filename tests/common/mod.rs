@@ -170,9 +170,6 @@ pub struct Case {
     pub kohya_part: String,
     /// Several of the adapters active at once in PEFT, in order, and its unmerged forward.
     pub combos: Vec<(Vec<String>, PathBuf)>,
-    /// Why onnx-lora refuses this export (`unsupported` in the manifest): such a case is left
-    /// out of `cases()` and found by `unsupported_cases()`, whose tests check the refusal.
-    pub unsupported: String,
 }
 
 #[derive(Clone, Debug)]
@@ -218,14 +215,6 @@ impl Case {
 pub fn cases() -> Vec<Case> {
     let mut all = manifest_cases("manifest.json");
     all.extend(manifest_cases("kohya_manifest.json"));
-    all.retain(|c| c.unsupported.is_empty());
-    all
-}
-
-/// The cases of fixtures/manifest.json that onnx-lora refuses (see `Case::unsupported`).
-pub fn unsupported_cases() -> Vec<Case> {
-    let mut all = manifest_cases("manifest.json");
-    all.retain(|c| !c.unsupported.is_empty());
     all
 }
 
@@ -267,7 +256,6 @@ fn manifest_cases(file: &str) -> Vec<Case> {
             inputs: fixtures().join(f(c, "inputs")),
             base: fixtures().join(f(c, "base")),
             kohya_part: f(c, "kohya_part"),
-            unsupported: f(c, "unsupported"),
             combos: c
                 .get("combos")
                 .and_then(|a| a.as_array())
@@ -359,7 +347,6 @@ pub fn optimized_cases() -> Vec<(Case, Vec<serde_json::Value>, Vec<serde_json::V
                     .collect(),
                 kohya_part: String::new(),
                 combos: Vec::new(),
-                unsupported: String::new(),
             };
             assert_eq!(case.adapters.len(), names.len(), "adapters of {model}");
             let packed = o["packed"].as_array().cloned().unwrap_or_default();
