@@ -35,13 +35,17 @@ fn branchable(ad: &AdapterCase) -> bool {
     !ad.refuse && !ad.has("shared_layer")
 }
 
-/// The model has layers shared across calls (ALBERT), or a cross-attention's in-projection as
-/// two layers (`split_in_proj`): inject refuses fresh branches there (one branch per module; one
-/// A for the attention's two layers), so fresh branches on every linear layer are refused too.
+/// The model has layers shared across calls (ALBERT): inject refuses them (one branch per
+/// module), so fresh branches on every linear layer are refused too.
 fn has_shared_layers(case: &Case) -> bool {
-    case.adapters
-        .iter()
-        .any(|a| a.has("shared_layer") || a.has("split_in_proj"))
+    case.adapters.iter().any(|a| a.has("shared_layer"))
+}
+
+/// Serving inputs (`--as-inputs`) on every linear layer are refused too: a layer shared across
+/// calls, or a cross-attention's in-projection as two layers (`split_in_proj`), whose one A
+/// and rows of B an adapter of the attention's module cannot fill as inputs of their own.
+fn serving_refused(case: &Case) -> bool {
+    has_shared_layers(case) || case.adapters.iter().any(|a| a.has("split_in_proj"))
 }
 
 /// The adapter holds parts no branch can carry (modules_to_save, trainable tokens, trained
@@ -285,7 +289,7 @@ fn serving_model_swaps_adapters_on_one_session() {
 fn serving_refuses_whole_values() {
     let dir = tempfile::tempdir().unwrap();
     let mut refused = 0;
-    for case in cases().into_iter().filter(|c| !has_shared_layers(c)) {
+    for case in cases().into_iter().filter(|c| !serving_refused(c)) {
         for ad in case.adapters.iter().filter(|a| has_whole(a) && !a.refuse) {
             let out = dir.path().join(format!(
                 "{}_{}.onnx",
@@ -1754,107 +1758,156 @@ fn inject_names_what_went_into_the_weights() {
     }
 }
 
-/// A cross-attention's in-projection, which the TorchScript export computes as two layers (the
-/// query from rows 0-E of `in_proj_weight`, the key and value from rows E-3E; review41 F2):
-/// inject gives each layer the attention's A and its rows of B, marked so that export-peft joins
-/// them into PEFT's one module again, exactly. Fresh branches there, and serving inputs, are
-/// refused; branches whose A's were trained apart are no PEFT module, and export-peft says so.
+/// A cross-attention's in-projection, which both exports compute as two layers (the query from
+/// rows 0-E of `in_proj_weight`, the key and value from rows E-3E; review41 F2): inject gives
+/// each layer a branch with its rows of B, both reading one lora_A initializer (PEFT's module has
+/// one A, which training then trains as one), marked so that export-peft joins them into PEFT's
+/// one module again, exactly, also after A was trained; fresh branches there share A the same
+/// way. A model whose layers read different A's (edited by hand) is no PEFT module, and
+/// export-peft says so; serving inputs there are refused.
 #[test]
 fn cross_attention_in_projection_parts_join_in_export_peft() {
     let dir = tempfile::tempdir().unwrap();
-    let case = cases()
-        .into_iter()
-        .find(|c| c.model == "mha_cross" && c.exporter == "torchscript")
-        .unwrap();
-    let ad = case.adapters.iter().find(|a| a.name == "cross").unwrap();
-    let inspect = onnx_lora_ok(&["inspect", s(&case.onnx)]);
-    assert!(inspect.contains("mha-in-proj rows 0-16"), "{inspect}");
-    assert!(inspect.contains("mha-in-proj rows 16-48"), "{inspect}");
-    let inj = dir.path().join("inj.onnx");
-    onnx_lora_ok(&[
-        "inject",
-        s(&case.onnx),
-        "--adapter",
-        s(&ad.dir),
-        "-o",
-        s(&inj),
-    ]);
-    let exported = dir.path().join("peft");
-    onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
     let sorted = |d: &Path| {
         let mut t = adapter_tensors(d);
         t.sort_by(|x, y| x.0.cmp(&y.0));
         t
     };
-    assert_eq!(sorted(&exported), sorted(&ad.dir));
-
-    // (the second part's copy of A, named after the module like the first's)
-    let second_a = |t: &onnx_lora::onnx::pb::TensorProto| {
-        t.name().starts_with("attn.lora_A.weight") && t.name() != "attn.lora_A.weight"
+    let a_of = |d: &Path| {
+        adapter_tensors(d)
+            .into_iter()
+            .find(|(k, ..)| k == "attn.lora_A.weight")
+            .unwrap()
+            .2
     };
-    let apart = dir.path().join("apart.onnx");
-    let n = write_trained(&inj, &apart, |t, v| {
-        second_a(t) && {
-            v[0] += 0.25;
-            true
-        }
-    });
-    assert_eq!(n, 1);
-    let o = onnx_lora(&["export-peft", s(&apart), "-o", s(&dir.path().join("apart"))]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("module 'attn'") && err.contains("no longer share one lora_A"),
-        "{err}"
-    );
-    assert!(!dir.path().join("apart").exists());
-    // Trained as one (both copies changed alike), they export as one.
-    let together = dir.path().join("together.onnx");
-    let n = write_trained(&inj, &together, |t, v| {
-        t.name().starts_with("attn.lora_A.weight") && {
-            v[0] += 0.25;
-            true
-        }
-    });
-    assert_eq!(n, 2);
-    let back = dir.path().join("together");
-    onnx_lora_ok(&["export-peft", s(&together), "-o", s(&back)]);
-    let a = adapter_tensors(&back)
-        .into_iter()
-        .find(|(k, ..)| k == "attn.lora_A.weight")
-        .unwrap();
-    let orig = adapter_tensors(&ad.dir)
-        .into_iter()
-        .find(|(k, ..)| k == "attn.lora_A.weight")
-        .unwrap();
-    assert_eq!(a.2[0], orig.2[0] + 0.25);
-    assert_eq!(a.2[1..], orig.2[1..]);
+    let is_a = |t: &onnx_lora::onnx::pb::TensorProto| t.name().starts_with("attn.lora_A.weight");
+    for case in cases().into_iter().filter(|c| c.model == "mha_cross") {
+        let tag = case.label();
+        let d = dir.path().join(&case.exporter);
+        std::fs::create_dir_all(&d).unwrap();
+        let ad = case.adapters.iter().find(|a| a.name == "cross").unwrap();
+        let inspect = onnx_lora_ok(&["inspect", s(&case.onnx)]);
+        assert!(
+            inspect.contains("mha-in-proj rows 0-16"),
+            "{tag}: {inspect}"
+        );
+        assert!(
+            inspect.contains("mha-in-proj rows 16-48"),
+            "{tag}: {inspect}"
+        );
+        let inj = d.join("inj.onnx");
+        onnx_lora_ok(&[
+            "inject",
+            s(&case.onnx),
+            "--adapter",
+            s(&ad.dir),
+            "-o",
+            s(&inj),
+        ]);
+        let exported = d.join("peft");
+        onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
+        assert_eq!(sorted(&exported), sorted(&ad.dir), "{tag}");
 
-    let fresh = onnx_lora(&[
-        "inject",
-        s(&case.onnx),
-        "--target",
-        "attn",
-        "-o",
-        s(&dir.path().join("fresh.onnx")),
-    ]);
-    let err = String::from_utf8_lossy(&fresh.stderr);
-    assert_eq!(fresh.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("module 'attn' is the in-projection") && err.contains("--adapter"),
-        "{err}"
-    );
-    let serving = onnx_lora(&[
-        "inject",
-        s(&case.onnx),
-        "--adapter",
-        s(&ad.dir),
-        "--as-inputs",
-        "-o",
-        s(&dir.path().join("serving.onnx")),
-    ]);
-    let err = String::from_utf8_lossy(&serving.stderr);
-    assert_eq!(serving.status.code(), Some(2), "{err}");
-    assert!(err.contains("inject without --as-inputs"), "{err}");
-    assert!(!dir.path().join("fresh.onnx").exists() && !dir.path().join("serving.onnx").exists());
+        // One A, trained (changed) as one: given back so.
+        let trained = d.join("trained.onnx");
+        let n = write_trained(&inj, &trained, |t, v| {
+            is_a(t) && {
+                v[0] += 0.25;
+                true
+            }
+        });
+        assert_eq!(n, 1, "{tag}: one lora_A initializer for the two layers");
+        let back = d.join("trained");
+        onnx_lora_ok(&["export-peft", s(&trained), "-o", s(&back)]);
+        let (a, orig) = (a_of(&back), a_of(&ad.dir));
+        assert_eq!(a[0], orig[0] + 0.25, "{tag}");
+        assert_eq!(a[1..], orig[1..], "{tag}");
+
+        // The key / value layer's branch reading a changed copy of A: refused.
+        let mut m = onnx_lora::onnx::load(&inj).unwrap();
+        let g = m.proto.graph.as_mut().unwrap();
+        let mut copy = g.initializer.iter().find(|t| is_a(t)).unwrap().clone();
+        let mut v: Vec<f32> = m
+            .tensor_bytes(&copy)
+            .unwrap()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        v[0] += 0.25;
+        let a_name = copy.name().to_string();
+        copy.name = Some("apart".into());
+        copy.raw_data = Some(
+            v.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        );
+        copy.external_data.clear();
+        copy.data_location = None;
+        let g = m.proto.graph.as_mut().unwrap();
+        g.initializer.push(copy);
+        let kv = g
+            .node
+            .iter_mut()
+            .find(|n| {
+                n.input.contains(&a_name)
+                    && n.metadata_props
+                        .iter()
+                        .any(|p| p.key() == "onnx-lora.in_proj_rows" && p.value() == "[16,48]")
+            })
+            .unwrap();
+        for i in kv.input.iter_mut().filter(|i| **i == a_name) {
+            *i = "apart".into();
+        }
+        let apart = d.join("apart.onnx");
+        let opts = onnx_lora::onnx::io::SaveOptions {
+            layout: onnx_lora::onnx::io::TensorLayout::Inline,
+            ..Default::default()
+        };
+        onnx_lora::onnx::save(&m, &apart, &opts).unwrap();
+        let o = onnx_lora(&["export-peft", s(&apart), "-o", s(&d.join("apart"))]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{tag}: {err}");
+        assert!(
+            err.contains("module 'attn'") && err.contains("no longer share one lora_A"),
+            "{tag}: {err}"
+        );
+        assert!(!d.join("apart").exists());
+
+        // Fresh branches: the base's outputs, one A, exported as one module.
+        let fresh = d.join("fresh.onnx");
+        onnx_lora_ok(&["inject", s(&case.onnx), "--target", "attn", "-o", s(&fresh)]);
+        let (ok, msg) = ort_compare(&fresh, &case.inputs, &case.base, case.tol(), &[]);
+        assert!(ok, "{tag}: {msg}");
+        assert_eq!(write_trained(&fresh, &d.join("f2.onnx"), |t, _| is_a(t)), 1);
+        let fresh_peft = d.join("fresh_peft");
+        onnx_lora_ok(&["export-peft", s(&fresh), "-o", s(&fresh_peft)]);
+        let keys: Vec<(String, Vec<usize>)> = sorted(&fresh_peft)
+            .into_iter()
+            .map(|(k, shape, _)| (k, shape))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("attn.lora_A.weight".to_string(), vec![8, 16]),
+                ("attn.lora_B.weight".to_string(), vec![48, 8]),
+            ],
+            "{tag}"
+        );
+
+        let serving = d.join("serving.onnx");
+        let o = onnx_lora(&[
+            "inject",
+            s(&case.onnx),
+            "--adapter",
+            s(&ad.dir),
+            "--as-inputs",
+            "-o",
+            s(&serving),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{tag}: {err}");
+        assert!(err.contains("inject without --as-inputs"), "{tag}: {err}");
+        assert!(!serving.exists());
+    }
 }

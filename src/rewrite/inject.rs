@@ -102,7 +102,7 @@ pub fn fresh_branches(
     } else {
         alpha / rank as f32
     };
-    cands
+    let mut specs = cands
         .iter()
         .map(|c| {
             let n_in = factor_in(c);
@@ -152,10 +152,26 @@ pub fn fresh_branches(
                 bias: None,
                 slices: Vec::new(),
                 via_parameter: false,
-                in_proj_rows: None,
+                in_proj_rows: c.mha_rows,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // A cross-attention's in-projection layers are one PEFT module: they take one A (the query
+    // layer's), which `inject` gives them as one initializer.
+    let firsts: Vec<(String, Matrix)> = specs
+        .iter()
+        .filter(|s| s.in_proj_rows.is_some_and(|[start, _]| start == 0))
+        .map(|s| (s.name.clone(), s.a.clone()))
+        .collect();
+    for s in specs.iter_mut().filter(|s| s.in_proj_rows.is_some()) {
+        if let Some((_, a)) = firsts
+            .iter()
+            .find(|(n, a)| *n == s.name && a.cols == s.a.cols)
+        {
+            s.a = a.clone();
+        }
+    }
+    Ok(specs)
 }
 
 /// Branches carrying a PEFT adapter's factors (the unmerged deployment). `cands` are those of
@@ -633,26 +649,8 @@ pub fn check_one_branch_per_module(
         .map(|((name, rows), v)| (*name, *rows, v))
         .collect();
     shared.sort_by_key(|(name, rows, _)| (*name, *rows));
-    if let Some((name, rows, nodes)) = shared.first() {
+    if let Some((name, _, nodes)) = shared.first() {
         let labels: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
-        // A cross-attention's in-projection parts given fresh factors (one call's layers, each
-        // its own rows): a branch each would train an A of its own, where PEFT's module has one.
-        let part_rows = |(n, g): &(&str, usize)| {
-            cands
-                .iter()
-                .find(|c| c.node == *n && c.graph == *g)
-                .and_then(|c| c.mha_rows)
-        };
-        let mut parts: Vec<Option<[usize; 2]>> = nodes.iter().map(part_rows).collect();
-        parts.sort_unstable();
-        parts.dedup();
-        if rows.is_none() && parts.len() == nodes.len() && parts.iter().all(Option::is_some) {
-            return Err(Error::Target(format!(
-                "module '{name}' is the in-projection of a torch.nn.MultiheadAttention that this export computes as {} layers (nodes {}: a cross-attention's query, and its key and value); PEFT's LoRA on the attention has one A for them, which branches of their own would train apart, so inject refuses fresh branches there: leave the attention out of --target (its out_proj and other layers can take branches), or inject a trained adapter (--adapter), which gives each layer the attention's A and its rows of B",
-                nodes.len(),
-                crate::target::list_names(labels.iter().copied(), labels.len(), 8)
-            )));
-        }
         let mut graphs: Vec<usize> = nodes.iter().map(|(_, g)| *g).collect();
         graphs.sort_unstable();
         graphs.dedup();
@@ -767,9 +765,31 @@ pub fn inject(
             std::cmp::Reverse(*at),
         )
     });
+    // A cross-attention's in-projection layers (`in_proj_rows`) read one A initializer, as
+    // PEFT's module on the attention has one A: training it trains both.
+    for br in branches.iter().filter(|b| b.in_proj_rows.is_some()) {
+        if let Some(other) = branches
+            .iter()
+            .find(|o| o.in_proj_rows.is_some() && o.name == br.name && o.a != br.a)
+        {
+            return Err(Error::Target(format!(
+                "module '{}': its branches on '{}' and '{}' (one attention's in-projection) have different lora_A factors, where they share one",
+                br.name, br.cand.node, other.cand.node
+            )));
+        }
+    }
+    let mut shared_a: HashMap<String, String> = HashMap::new();
     let mut reports = Vec::new();
     for (br, at) in order {
-        reports.push(add_branch(model, &graph, br, at, as_inputs, &mut taken)?);
+        reports.push(add_branch(
+            model,
+            &graph,
+            br,
+            at,
+            as_inputs,
+            &mut taken,
+            &mut shared_a,
+        )?);
     }
     reports.reverse();
     Ok(reports)
@@ -809,14 +829,27 @@ fn add_branch(
     anchor: usize,
     as_inputs: bool,
     taken: &mut HashSet<String>,
+    shared_a: &mut HashMap<String, String>,
 ) -> Result<BranchReport> {
     let c = &br.cand;
     let dtype = activation_dtype(model, graph, c);
     let r = br.a.rows;
     let (a_dims, a_vals, b_dims, b_vals) = graph_factors(br);
     let dora = dora_constants(model, graph, br)?;
+    // (the A of an in-projection's other layer, already written: `inject`)
+    let a_written = br
+        .in_proj_rows
+        .and_then(|_| shared_a.get(&br.name))
+        .cloned();
+    let a_name = match &a_written {
+        Some(a) => a.clone(),
+        None => unique_name(&format!("{}.lora_A.weight", br.name), taken),
+    };
+    if br.in_proj_rows.is_some() {
+        shared_a.insert(br.name.clone(), a_name.clone());
+    }
     let names = BranchNames {
-        a: unique_name(&format!("{}.lora_A.weight", br.name), taken),
+        a: a_name,
         b: unique_name(&format!("{}.lora_B.weight", br.name), taken),
         scale: (!as_inputs).then(|| unique_name(&format!("{}.lora_scale", br.name), taken)),
         lora_bias: br
@@ -900,8 +933,10 @@ fn add_branch(
         gp.input
             .push(input_info(&names.b, &b_dims, 0, &rank_dim, dtype));
     } else {
-        gp.initializer
-            .push(initializer(&names.a, &a_dims, &a_vals, dtype)?);
+        if a_written.is_none() {
+            gp.initializer
+                .push(initializer(&names.a, &a_dims, &a_vals, dtype)?);
+        }
         gp.initializer
             .push(initializer(&names.b, &b_dims, &b_vals, dtype)?);
         if let Some(s) = &names.scale {
