@@ -1874,6 +1874,34 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
         );
         assert!(!d.join("apart").exists());
 
+        // The weight form too reads one A (which onnxruntime folds in at load).
+        let weight_form = d.join("weight_form.onnx");
+        onnx_lora_ok(&[
+            "inject",
+            s(&case.onnx),
+            "--adapter",
+            s(&ad.dir),
+            "--form",
+            "weight",
+            "-o",
+            s(&weight_form),
+        ]);
+        let n = write_trained(&weight_form, &d.join("wf_trained.onnx"), |t, v| {
+            is_a(t) && {
+                v[0] += 0.25;
+                true
+            }
+        });
+        assert_eq!(n, 1, "{tag}: one lora_A initializer in the weight form");
+        let wf_back = d.join("wf_trained");
+        onnx_lora_ok(&[
+            "export-peft",
+            s(&d.join("wf_trained.onnx")),
+            "-o",
+            s(&wf_back),
+        ]);
+        assert_eq!(a_of(&wf_back)[0], orig[0] + 0.25, "{tag}");
+
         // Fresh branches: the base's outputs, one A, exported as one module.
         let fresh = d.join("fresh.onnx");
         onnx_lora_ok(&["inject", s(&case.onnx), "--target", "attn", "-o", s(&fresh)]);
@@ -1910,4 +1938,92 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
         assert!(err.contains("inject without --as-inputs"), "{tag}: {err}");
         assert!(!serving.exists());
     }
+}
+
+/// A weight split into rows at run time that is no cross-attention's in-projection (a chunked
+/// parameter, GLU-style: `w1, w2 = w.chunk(2)`) takes no branch, as before onnx-lora read
+/// Split rows: fresh branches on every linear layer go to the other layers (review47 F1: they
+/// were refused as "called 2 times").
+#[test]
+fn chunked_weights_are_no_layers() {
+    use onnx_lora::onnx::pb::{
+        AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+        attribute_proto::AttributeType,
+    };
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let node = |op: &str, name: &str, inputs: &[&str], outputs: &[&str]| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut split = node("Split", "/blk/Split", &["blk.w", "sizes"], &["w1", "w2"]);
+    split.attribute.push(AttributeProto {
+        name: Some("axis".into()),
+        i: Some(0),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    });
+    let floats = |name: &str, dims: Vec<i64>| {
+        let n: i64 = dims.iter().product();
+        TensorProto {
+            name: Some(name.into()),
+            data_type: Some(1),
+            raw_data: Some(
+                (0..n)
+                    .flat_map(|i| ((i % 5) as f32 * 0.1).to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ),
+            dims,
+            ..Default::default()
+        }
+    };
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![
+                split,
+                node("Transpose", "/blk/Transpose", &["w1"], &["w1t"]),
+                node("Transpose", "/blk/Transpose_1", &["w2"], &["w2t"]),
+                node("MatMul", "/blk/MatMul", &["x", "w1t"], &["y1"]),
+                node("MatMul", "/blk/MatMul_1", &["x", "w2t"], &["y2"]),
+                node("Mul", "/blk/Mul", &["y1", "y2"], &["h"]),
+                node("MatMul", "/fc/MatMul", &["h", "fc.weight"], &["y"]),
+            ],
+            input: vec![float_info("x", &[1, 4])],
+            output: vec![float_info("y", &[1, 3])],
+            initializer: vec![
+                floats("blk.w", vec![8, 4]),
+                floats("fc.weight", vec![4, 3]),
+                TensorProto {
+                    name: Some("sizes".into()),
+                    dims: vec![2],
+                    data_type: Some(7),
+                    int64_data: vec![4, 4],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = dir.path().join("glu.onnx");
+    std::fs::write(&model, m.encode_to_vec()).unwrap();
+    let listed = onnx_lora_ok(&["inspect", s(&model), "--json"]);
+    let cands = json_records(&listed, "candidate");
+    assert_eq!(cands.len(), 1, "{listed}");
+    assert_eq!(cands[0]["weight"], "fc.weight", "{listed}");
+    let out = dir.path().join("out.onnx");
+    let report = onnx_lora_ok(&["inject", s(&model), "--rank", "2", "-o", s(&out), "--json"]);
+    let branches = json_records(&report, "branch");
+    assert_eq!(branches.len(), 1, "{report}");
+    assert_eq!(branches[0]["module"], "fc", "{report}");
 }

@@ -765,19 +765,7 @@ pub fn inject(
             std::cmp::Reverse(*at),
         )
     });
-    // A cross-attention's in-projection layers (`in_proj_rows`) read one A initializer, as
-    // PEFT's module on the attention has one A: training it trains both.
-    for br in branches.iter().filter(|b| b.in_proj_rows.is_some()) {
-        if let Some(other) = branches
-            .iter()
-            .find(|o| o.in_proj_rows.is_some() && o.name == br.name && o.a != br.a)
-        {
-            return Err(Error::Target(format!(
-                "module '{}': its branches on '{}' and '{}' (one attention's in-projection) have different lora_A factors, where they share one",
-                br.name, br.cand.node, other.cand.node
-            )));
-        }
-    }
+    check_shared_a(branches)?;
     let mut shared_a: HashMap<String, String> = HashMap::new();
     let mut reports = Vec::new();
     for (br, at) in order {
@@ -793,6 +781,24 @@ pub fn inject(
     }
     reports.reverse();
     Ok(reports)
+}
+
+/// A cross-attention's in-projection layers (`in_proj_rows`) read one A initializer, as
+/// PEFT's module on the attention has one A (training it trains both): their branches must
+/// carry one.
+pub(super) fn check_shared_a(branches: &[BranchSpec]) -> Result<()> {
+    for br in branches.iter().filter(|b| b.in_proj_rows.is_some()) {
+        if let Some(other) = branches
+            .iter()
+            .find(|o| o.in_proj_rows.is_some() && o.name == br.name && o.a != br.a)
+        {
+            return Err(Error::Target(format!(
+                "module '{}': its branches on '{}' and '{}' (one attention's in-projection) have different lora_A factors, where they share one",
+                br.name, br.cand.node, other.cand.node
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The node whose output the branch is added to: the node itself, or for a MatMul the bias

@@ -17,7 +17,7 @@
 //! `lora_bias` (never with DoRA in PEFT) adds s·b to the layer's constant bias (Gemm C, Conv B,
 //! the Add after a MatMul), also folded at load, or after the node when it has none.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::branch::{BRANCH_KEY, ROLE_KEY, initializer, node};
 use super::inject::{BranchReport, BranchSpec, activation_dtype, anchor, dora_constants};
@@ -66,6 +66,9 @@ pub fn inject_weight(
     let mut seen = HashSet::new();
     let mut plans = Vec::new();
     let mut reports = Vec::new();
+    super::inject::check_shared_a(branches)?;
+    // (a cross-attention's in-projection layers: one A initializer, by module and layout)
+    let mut shared_a: HashMap<(String, bool), String> = HashMap::new();
     for br in branches {
         let c = &br.cand;
         if !seen.insert((c.graph, c.node_index)) {
@@ -106,7 +109,7 @@ pub fn inject_weight(
         if br.magnitude.is_some() && br.bias.is_some() {
             return Err(refuse("DoRA with lora_bias (PEFT refuses the combination)"));
         }
-        let (plan, report) = plan(model, &graph, br, base, &mut taken)?;
+        let (plan, report) = plan(model, &graph, br, base, &mut taken, &mut shared_a)?;
         plans.push(plan);
         reports.push(report);
     }
@@ -151,6 +154,7 @@ fn plan(
     br: &BranchSpec,
     base: &NodeProto,
     taken: &mut HashSet<String>,
+    shared_a: &mut HashMap<(String, bool), String>,
 ) -> Result<(Plan, BranchReport)> {
     let c = &br.cand;
     let dtype = activation_dtype(model, graph, c);
@@ -168,7 +172,14 @@ fn plan(
     let f = weight_factors(br, base);
     let name =
         |s: &str, taken: &mut HashSet<String>| unique_name(&format!("{}.{s}", br.name), taken);
-    let a_name = name("lora_A.weight", taken);
+    let key = (br.name.clone(), f.b_first);
+    let a_written = br.in_proj_rows.and_then(|_| shared_a.get(&key)).cloned();
+    let a_name = a_written
+        .clone()
+        .unwrap_or_else(|| name("lora_A.weight", taken));
+    if br.in_proj_rows.is_some() {
+        shared_a.insert(key, a_name.clone());
+    }
     let b_name = name("lora_B.weight", taken);
     let s_name = name("lora_scale", taken);
     let (first, second) = if f.b_first {
@@ -183,6 +194,9 @@ fn plan(
         initializer(second, &f.second.0, &f.second.1, compute)?,
         initializer(&s_name, &[], &[br.scale / alpha], compute)?,
     ];
+    if a_written.is_some() {
+        initializers.retain(|t| t.name() != a_name);
+    }
     let stem = if base.name().is_empty() {
         w.clone()
     } else {

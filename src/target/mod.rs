@@ -252,6 +252,10 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
     mark_shared(model, graph, &mut out);
     mark_params(model, graph, &mut out);
     mark_mha(model, graph, &mut out);
+    // A Split's rows are a layer's weight only as a cross-attention's in-projection (dynamo);
+    // other splits of a weight (a chunked parameter, a query, key and value all apart) stay
+    // no layers, as no adapter module names them.
+    out.retain(|c| c.window.is_none() || c.mha_rows.is_some());
     out
 }
 
