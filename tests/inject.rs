@@ -1796,14 +1796,7 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
             "{tag}: {inspect}"
         );
         let inj = d.join("inj.onnx");
-        onnx_lora_ok(&[
-            "inject",
-            s(&case.onnx),
-            "--adapter",
-            s(&ad.dir),
-            "-o",
-            s(&inj),
-        ]);
+        onnx_lora_ok(&inject_args(&case.onnx, &ad.dir, &inj, &[]));
         let exported = d.join("peft");
         onnx_lora_ok(&["export-peft", s(&inj), "-o", s(&exported)]);
         assert_eq!(sorted(&exported), sorted(&ad.dir), "{tag}");
@@ -1876,16 +1869,12 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
 
         // The weight form too reads one A (which onnxruntime folds in at load).
         let weight_form = d.join("weight_form.onnx");
-        onnx_lora_ok(&[
-            "inject",
-            s(&case.onnx),
-            "--adapter",
-            s(&ad.dir),
-            "--form",
-            "weight",
-            "-o",
-            s(&weight_form),
-        ]);
+        onnx_lora_ok(&inject_args(
+            &case.onnx,
+            &ad.dir,
+            &weight_form,
+            &["--form", "weight"],
+        ));
         let n = write_trained(&weight_form, &d.join("wf_trained.onnx"), |t, v| {
             is_a(t) && {
                 v[0] += 0.25;
@@ -1924,15 +1913,12 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
         );
 
         let serving = d.join("serving.onnx");
-        let o = onnx_lora(&[
-            "inject",
-            s(&case.onnx),
-            "--adapter",
-            s(&ad.dir),
-            "--as-inputs",
-            "-o",
-            s(&serving),
-        ]);
+        let o = onnx_lora(&inject_args(
+            &case.onnx,
+            &ad.dir,
+            &serving,
+            &["--as-inputs"],
+        ));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{tag}: {err}");
         assert!(err.contains("inject without --as-inputs"), "{tag}: {err}");
@@ -1947,8 +1933,7 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
 #[test]
 fn chunked_weights_are_no_layers() {
     use onnx_lora::onnx::pb::{
-        AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-        attribute_proto::AttributeType,
+        AttributeProto, GraphProto, NodeProto, TensorProto, attribute_proto::AttributeType,
     };
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
@@ -1981,40 +1966,32 @@ fn chunked_weights_are_no_layers() {
             ..Default::default()
         }
     };
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: vec![
-                split,
-                node("Transpose", "/blk/Transpose", &["w1"], &["w1t"]),
-                node("Transpose", "/blk/Transpose_1", &["w2"], &["w2t"]),
-                node("MatMul", "/blk/MatMul", &["x", "w1t"], &["y1"]),
-                node("MatMul", "/blk/MatMul_1", &["x", "w2t"], &["y2"]),
-                node("Mul", "/blk/Mul", &["y1", "y2"], &["h"]),
-                node("MatMul", "/fc/MatMul", &["h", "fc.weight"], &["y"]),
-            ],
-            input: vec![float_info("x", &[1, 4])],
-            output: vec![float_info("y", &[1, 3])],
-            initializer: vec![
-                floats("blk.w", vec![8, 4]),
-                floats("fc.weight", vec![4, 3]),
-                TensorProto {
-                    name: Some("sizes".into()),
-                    dims: vec![2],
-                    data_type: Some(7),
-                    int64_data: vec![4, 4],
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        }),
+    let m = model_of(GraphProto {
+        name: Some("g".into()),
+        node: vec![
+            split,
+            node("Transpose", "/blk/Transpose", &["w1"], &["w1t"]),
+            node("Transpose", "/blk/Transpose_1", &["w2"], &["w2t"]),
+            node("MatMul", "/blk/MatMul", &["x", "w1t"], &["y1"]),
+            node("MatMul", "/blk/MatMul_1", &["x", "w2t"], &["y2"]),
+            node("Mul", "/blk/Mul", &["y1", "y2"], &["h"]),
+            node("MatMul", "/fc/MatMul", &["h", "fc.weight"], &["y"]),
+        ],
+        input: vec![float_info("x", &[1, 4])],
+        output: vec![float_info("y", &[1, 3])],
+        initializer: vec![
+            floats("blk.w", vec![8, 4]),
+            floats("fc.weight", vec![4, 3]),
+            TensorProto {
+                name: Some("sizes".into()),
+                dims: vec![2],
+                data_type: Some(7),
+                int64_data: vec![4, 4],
+                ..Default::default()
+            },
+        ],
         ..Default::default()
-    };
+    });
     let model = dir.path().join("glu.onnx");
     std::fs::write(&model, m.encode_to_vec()).unwrap();
     let listed = onnx_lora_ok(&["inspect", s(&model), "--json"]);

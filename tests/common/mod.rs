@@ -552,6 +552,19 @@ pub fn float_info(name: &str, dims: &[i64]) -> onnx_lora::onnx::pb::ValueInfoPro
 
 /// A one-MatMul model `y = x @ W`, x [1, rows], W [rows, cols] float32 inline (`raw`, little
 /// endian), the node named `node` and the weight `weight`, written to `path`.
+/// A model (IR 8, opset 17) of `graph`.
+pub fn model_of(graph: onnx_lora::onnx::pb::GraphProto) -> onnx_lora::onnx::pb::ModelProto {
+    onnx_lora::onnx::pb::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![onnx_lora::onnx::pb::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
 pub fn write_matmul_model(
     path: &Path,
     node: &str,
@@ -560,35 +573,27 @@ pub fn write_matmul_model(
     cols: i64,
     raw: Vec<u8>,
 ) {
-    use onnx_lora::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use onnx_lora::onnx::pb::{GraphProto, NodeProto, TensorProto};
     use prost::Message;
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: vec![NodeProto {
-                input: vec!["x".into(), weight.into()],
-                output: vec!["y".into()],
-                op_type: Some("MatMul".into()),
-                name: Some(node.into()),
-                ..Default::default()
-            }],
-            input: vec![float_info("x", &[1, rows])],
-            output: vec![float_info("y", &[1, cols])],
-            initializer: vec![TensorProto {
-                name: Some(weight.into()),
-                dims: vec![rows, cols],
-                data_type: Some(1),
-                raw_data: Some(raw.into()),
-                ..Default::default()
-            }],
+    let m = model_of(GraphProto {
+        name: Some("g".into()),
+        node: vec![NodeProto {
+            input: vec!["x".into(), weight.into()],
+            output: vec!["y".into()],
+            op_type: Some("MatMul".into()),
+            name: Some(node.into()),
             ..Default::default()
-        }),
+        }],
+        input: vec![float_info("x", &[1, rows])],
+        output: vec![float_info("y", &[1, cols])],
+        initializer: vec![TensorProto {
+            name: Some(weight.into()),
+            dims: vec![rows, cols],
+            data_type: Some(1),
+            raw_data: Some(raw.into()),
+            ..Default::default()
+        }],
         ..Default::default()
-    };
+    });
     std::fs::write(path, m.encode_to_vec()).unwrap();
 }
