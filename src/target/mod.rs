@@ -695,7 +695,7 @@ pub(crate) struct Walked {
     transposes: usize,
     /// A DequantizeLinear is on the way.
     dequantized: bool,
-    /// The rows of the constant a Split right after it gives on (see `Candidate::window`).
+    /// The rows of the constant that a Split reading it passes on (see `Candidate::window`).
     window: Option<[usize; 2]>,
 }
 
@@ -846,7 +846,9 @@ fn split_rows(
         .map(usize::try_from)
         .collect::<Result<_, _>>()
         .ok()?;
-    if sizes.len() != split.output.len() || sizes.iter().sum::<usize>() != rows {
+    // (sizes are the file's: a sum past usize is no split of these rows either)
+    let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+    if sizes.len() != split.output.len() || total != Some(rows) {
         return None;
     }
     let start: usize = sizes[..k].iter().sum();
