@@ -1055,7 +1055,8 @@ fn ort_kernels(model: &Path) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// `--form weight`: every adapter's model matches PEFT's unmerged forward, onnxruntime runs
-/// exactly the kernels of the folded model (the merge happens at load), fold-back gives the
+/// exactly the kernels of the folded model (the merge happens at load; except where a layer
+/// reads its rows through a Slice by bounds computed at run time, which a note names), fold-back gives the
 /// base's structure with the folded weights, and export-peft gives the adapter back.
 /// Fresh weight-form branches leave the output equal to the base.
 #[test]
@@ -1067,7 +1068,7 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
             let tag = format!("{}_{}_{}", case.model, case.exporter, ad.name);
             let inj = dir.path().join(format!("{tag}_w.onnx"));
             let back = dir.path().join(format!("{tag}_w_back.onnx"));
-            onnx_lora_ok(&[
+            let o = onnx_lora(&[
                 "inject",
                 s(&case.onnx),
                 "--adapter",
@@ -1077,6 +1078,17 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
                 "-o",
                 s(&inj),
             ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{tag}: {err}");
+            // (a cross-attention's rows read through Slices by bounds computed at run time, as
+            // TorchScript with dynamic axes writes them: onnxruntime merges the weight form at
+            // every run there, and the note says so)
+            let at_run_time = case.model == "mha_cross" && case.exporter == "torchscript_dynamic";
+            assert_eq!(
+                err.contains("cannot merge its weight form at load"),
+                at_run_time,
+                "{tag}: {err}"
+            );
             let (ok, msg) = ort_compare(
                 &inj,
                 &case.inputs,
@@ -1090,7 +1102,9 @@ fn weight_form_matches_peft_runs_base_kernels_and_round_trips() {
             onnx_lora_ok(&["fold", s(&inj), "-o", s(&back)]);
             let (ok, msg) = ort_compare(&back, &case.inputs, &ad.unmerged, case.tol(), &[]);
             assert!(ok, "{tag} folded back: {msg}");
-            assert_eq!(ort_kernels(&inj), ort_kernels(&back), "{tag}: kernels");
+            if !at_run_time {
+                assert_eq!(ort_kernels(&inj), ort_kernels(&back), "{tag}: kernels");
+            }
             assert_base_structure(&case.onnx, &back, &format!("{tag} folded back"));
             assert_export_refolds(&case, ad, &inj, dir.path(), &format!("{tag}_w"));
             checked += 1;
@@ -1758,13 +1772,14 @@ fn inject_names_what_went_into_the_weights() {
     }
 }
 
-/// A cross-attention's in-projection, which both exports compute as two layers (the query from
-/// rows 0-E of `in_proj_weight`, the key and value from rows E-3E; review41 F2): inject gives
-/// each layer a branch with its rows of B, both reading one lora_A initializer (PEFT's module has
-/// one A, which training then trains as one), marked so that export-peft joins them into PEFT's
-/// one module again, exactly, also after A was trained; fresh branches there share A the same
-/// way. A model whose layers read different A's (edited by hand) is no PEFT module, and
-/// export-peft says so; serving inputs there are refused.
+/// A cross-attention's in-projection, which every export computes as two layers (the query from
+/// rows 0-E of `in_proj_weight`, the key and value from rows E-3E; review41 F2), and a query,
+/// key and value projected apart, three layers (rows 0-E, E-2E, 2E-3E): inject gives each layer
+/// a branch with its rows of B, all reading one lora_A initializer (PEFT's module has one A,
+/// which training then trains as one), marked so that export-peft joins them into PEFT's one
+/// module again, exactly, also after A was trained; fresh branches there share A the same way.
+/// A model whose layers read different A's (edited by hand) is no PEFT module, and export-peft
+/// says so; serving inputs there are refused.
 #[test]
 fn cross_attention_in_projection_parts_join_in_export_peft() {
     let dir = tempfile::tempdir().unwrap();
@@ -1781,20 +1796,29 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
             .2
     };
     let is_a = |t: &onnx_lora::onnx::pb::TensorProto| t.name().starts_with("attn.lora_A.weight");
-    for case in cases().into_iter().filter(|c| c.model == "mha_cross") {
+    let mut seen = Vec::new();
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.model == "mha_cross" || c.model == "mha_qkv")
+    {
         let tag = case.label();
-        let d = dir.path().join(&case.exporter);
+        seen.push(tag.clone());
+        let d = dir.path().join(&tag);
         std::fs::create_dir_all(&d).unwrap();
-        let ad = case.adapters.iter().find(|a| a.name == "cross").unwrap();
+        // (the adapter, each layer's rows, and the rows of a layer other than the query's)
+        let (adapter, rows, later): (&str, &[&str], &str) = if case.model == "mha_cross" {
+            ("cross", &["0-16", "16-48"], "[16,48]")
+        } else {
+            ("qkv", &["0-16", "16-32", "32-48"], "[32,48]")
+        };
+        let ad = case.adapters.iter().find(|a| a.name == adapter).unwrap();
         let inspect = onnx_lora_ok(&["inspect", s(&case.onnx)]);
-        assert!(
-            inspect.contains("mha-in-proj rows 0-16"),
-            "{tag}: {inspect}"
-        );
-        assert!(
-            inspect.contains("mha-in-proj rows 16-48"),
-            "{tag}: {inspect}"
-        );
+        for r in rows {
+            assert!(
+                inspect.contains(&format!("mha-in-proj rows {r}")),
+                "{tag}: {inspect}"
+            );
+        }
         let inj = d.join("inj.onnx");
         onnx_lora_ok(&inject_args(&case.onnx, &ad.dir, &inj, &[]));
         let exported = d.join("peft");
@@ -1809,14 +1833,14 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
                 true
             }
         });
-        assert_eq!(n, 1, "{tag}: one lora_A initializer for the two layers");
+        assert_eq!(n, 1, "{tag}: one lora_A initializer for the layers");
         let back = d.join("trained");
         onnx_lora_ok(&["export-peft", s(&trained), "-o", s(&back)]);
         let (a, orig) = (a_of(&back), a_of(&ad.dir));
         assert_eq!(a[0], orig[0] + 0.25, "{tag}");
         assert_eq!(a[1..], orig[1..], "{tag}");
 
-        // The key / value layer's branch reading a changed copy of A: refused.
+        // A later layer's branch reading a changed copy of A: refused.
         let mut m = onnx_lora::onnx::load(&inj).unwrap();
         let g = m.proto.graph.as_mut().unwrap();
         let mut copy = g.initializer.iter().find(|t| is_a(t)).unwrap().clone();
@@ -1846,7 +1870,7 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
                 n.input.contains(&a_name)
                     && n.metadata_props
                         .iter()
-                        .any(|p| p.key() == "onnx-lora.in_proj_rows" && p.value() == "[16,48]")
+                        .any(|p| p.key() == "onnx-lora.in_proj_rows" && p.value() == later)
             })
             .unwrap();
         for i in kv.input.iter_mut().filter(|i| **i == a_name) {
@@ -1924,6 +1948,9 @@ fn cross_attention_in_projection_parts_join_in_export_peft() {
         assert!(err.contains("inject without --as-inputs"), "{tag}: {err}");
         assert!(!serving.exists());
     }
+    // (both models, each in its three exports: TorchScript, dynamo, TorchScript with dynamic
+    // axes)
+    assert_eq!(seen.len(), 6, "{seen:?}");
 }
 
 /// A weight split into rows at run time that is no cross-attention's in-projection (a chunked

@@ -26,7 +26,7 @@ fn every_adapter_module_resolves_to_one_fitting_weight() {
         let (model, graph, cands) = load(&case);
         let same =
             |a: &Candidate, b: &Candidate| onnx_lora::rewrite::same_values(&model, &graph, a, b);
-        for ad in &case.adapters {
+        for ad in case.adapters.iter().filter(|a| !a.refuse) {
             let mut adapter = Adapter::load(&ad.dir).unwrap();
             // (as every command does: the adapter settled for this model, which maps Flux
             // files' original names onto a diffusers Flux export)
@@ -121,7 +121,13 @@ fn module_paths_match_the_generators_ground_truth() {
                 .iter()
                 .find(|c| c.node == node)
                 .unwrap_or_else(|| panic!("{}: node {node} is not a candidate", case.label()));
-            assert_eq!(c.module, module, "{}: node {node}", case.label());
+            // (an attention's call that computes its in-projection in parts beside another
+            // call's packed layer: its parts take the attention's path, the call's scope stays
+            // among the other paths)
+            let part_of_call = c.mha_rows.is_some() && c.other_paths.iter().any(|p| p == module);
+            if !part_of_call {
+                assert_eq!(c.module, module, "{}: node {node}", case.label());
+            }
             assert_eq!(
                 c.weight,
                 t["weight"].as_str().unwrap(),

@@ -429,7 +429,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_context(|| args.model.display().to_string())?;
     let reports = match args.form {
         FormArg::Branch => inject(&mut model, &branches, args.as_inputs),
-        FormArg::Weight => inject_weight(&mut model, &branches),
+        FormArg::Weight => {
+            for n in onnx_lora::rewrite::weight_form::merged_at_run_time(&model, &branches) {
+                eprintln!("note: {n}");
+            }
+            inject_weight(&mut model, &branches)
+        }
     }
     .with_context(|| format!("inject into {}", args.model.display()))?;
     if args.fuse_shared {

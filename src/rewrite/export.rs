@@ -363,7 +363,7 @@ fn join_in_proj(found: Vec<Found>) -> Result<Vec<Found>> {
             }
             if fa != a || f.scale != first.scale {
                 return Err(Error::Target(format!(
-                    "module '{path}': its branches on the layers '{}' (a cross-attention's query, and its key and value) no longer share one {}, so they are no PEFT module, whose LoRA on the attention has one A and one scale (were they trained apart?); fold them into this model instead (`onnx-lora fold MODEL -o OUT`)",
+                    "module '{path}': its branches on the layers '{}' (the attention's in-projection computed in parts) no longer share one {}, so they are no PEFT module, whose LoRA on the attention has one A and one scale (were they trained apart?); fold them into this model instead (`onnx-lora fold MODEL -o OUT`)",
                     nodes(),
                     if fa != a { "lora_A" } else { "scale" }
                 )));

@@ -187,8 +187,8 @@ pub(crate) struct Step<'a> {
     pub fan_in_fan_out: bool,
     /// The module is the q (0), k (1) or v (2) slice of a packed weight.
     pub role: Option<usize>,
-    /// The module's layer reads these rows (its outputs) of the weight through a Split
-    /// (`Candidate::window`); the job is then on the whole weight (`join_windows`).
+    /// The module's layer reads these rows (its outputs) of the weight through a Split or
+    /// Slice (`Candidate::window`); the job is then on the whole weight (`join_windows`).
     pub rows: Option<[usize; 2]>,
 }
 
@@ -242,8 +242,9 @@ pub fn fold(
     Ok(report)
 }
 
-/// The jobs on layers that read rows of a weight through a Split (`Candidate::window`: a
-/// cross-attention's query and key / value layers in a dynamo export) as one job per weight:
+/// The jobs on layers that read rows of a weight through a Split or Slice (`Candidate::window`:
+/// a cross-attention's query and key / value layers in a dynamo export, or a TorchScript export
+/// with dynamic axes) as one job per weight:
 /// on the whole tensor, each step writing its layer's rows (`Step::rows`). Other jobs pass as
 /// they are.
 fn join_windows<'a>(
@@ -261,24 +262,36 @@ fn join_windows<'a>(
             !matches!(m.kind, ModuleKind::Lora) || !m.full.is_empty() || m.lycoris.is_some()
         }) {
             return Err(Error::Target(format!(
-                "module '{}' ({}): its layer {} reads rows {}-{} of '{}' through a Split (a dynamo export's cross-attention), and onnx-lora merges only LoRA factors there, not values that replace the layer's weight or bias (modules_to_save, trained biases); export the model with the TorchScript exporter (dynamo=False), where each part has a weight of its own",
+                "module '{}' ({}): its layer {} reads rows {}-{} of '{}' through a {} (a cross-attention's in-projection, split at run time), and onnx-lora merges only LoRA factors there, not values that replace the layer's weight or bias (modules_to_save, trained biases); export the model with the TorchScript exporter (dynamo=False) without dynamic axes, where each part has a weight of its own",
                 m.path,
                 m.keys.join(", "),
                 job.cand.node,
                 rows[0],
                 rows[1],
-                job.cand.weight
+                job.cand.weight,
+                job.cand.through.first().map_or("Split", String::as_str),
             )));
         }
         let steps = job.steps.iter().map(|s| Step {
             rows: Some(rows),
             ..s.clone()
         });
+        // The job this loop made of another window of the tensor (its steps all have rows),
+        // where the tensor is the windows' own (its readers are Slices of other rows, or one
+        // Split): one write in place. Where it is shared (another call's windows, an
+        // exporter's merge of equal weights), each window's job stays its own: its layer then
+        // reads a private copy holding its rows' change (`weights::write` copies the tensor
+        // and the Split or Slice for that layer alone).
+        let group = |c: &Candidate| {
+            (
+                c.source.clone(),
+                c.shared.then_some((c.graph, c.node_index)),
+            )
+        };
         if let Some(whole) = out.iter_mut().find(|j| {
             j.cand.window.is_none()
-                && j.cand.mha_rows.is_none()
-                && j.cand.source == job.cand.source
-                && j.cand.chain.first() == job.cand.chain.first()
+                && j.steps.iter().all(|s| s.rows.is_some())
+                && group(&j.cand) == group(&job.cand)
         }) {
             whole.steps.extend(steps);
             continue;
@@ -289,7 +302,7 @@ fn join_windows<'a>(
         let [n_out, n_in] = dims[..] else {
             return Err(Error::tensor(
                 &job.cand.weight,
-                "a Split's rows of a tensor that is not 2-D",
+                "rows, through a Split or Slice, of a tensor that is not 2-D",
             ));
         };
         let cand = Candidate {

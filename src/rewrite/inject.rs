@@ -728,7 +728,7 @@ pub fn inject(
         }
         if as_inputs && br.in_proj_rows.is_some() {
             return Err(Error::Target(format!(
-                "module '{}' is the in-projection of a torch.nn.MultiheadAttention that this export computes as layers of their own (a cross-attention's query, and its key and value): --as-inputs would give each layer LoRA inputs of its own, which an adapter of the attention's one module cannot fill; inject without --as-inputs",
+                "module '{}' is the in-projection of a torch.nn.MultiheadAttention that this export computes as layers of their own (a cross-attention's query, and its key and value; or a query, key and value projected apart): --as-inputs would give each layer LoRA inputs of its own, which an adapter of the attention's one module cannot fill; inject without --as-inputs",
                 br.name
             )));
         }
@@ -783,11 +783,23 @@ pub fn inject(
     Ok(reports)
 }
 
-/// A cross-attention's in-projection layers (`in_proj_rows`) read one A initializer, as
-/// PEFT's module on the attention has one A (training it trains both): their branches must
-/// carry one.
+/// An attention's in-projection layers (`in_proj_rows`: a cross-attention's two, or a query,
+/// key and value projected apart) read one A initializer, as PEFT's module on the attention has
+/// one A (training it trains them all): their branches must carry one.
 pub(super) fn check_shared_a(branches: &[BranchSpec]) -> Result<()> {
     for br in branches.iter().filter(|b| b.in_proj_rows.is_some()) {
+        // (one call packs the in-projection, another computes it in parts: no PEFT module
+        // gives both, nor does export-peft)
+        if let Some(packed) = branches.iter().find(|o| {
+            o.in_proj_rows.is_none()
+                && o.name == br.name
+                && o.cand.mha == Some(crate::target::MhaPart::InProj)
+        }) {
+            return Err(Error::Target(format!(
+                "module '{}' is a torch.nn.MultiheadAttention whose calls compute its in-projection in different forms: packed in one layer ({}) in one call, in parts (a query, key or value apart, {}) in another; inject puts one branch per layer, which no PEFT module on the attention gives; merge the adapter in torch",
+                br.name, packed.cand.node, br.cand.node
+            )));
+        }
         if let Some(other) = branches
             .iter()
             .find(|o| o.in_proj_rows.is_some() && o.name == br.name && o.a != br.a)

@@ -182,7 +182,7 @@ pub(crate) fn kind_mismatch(m: &ModuleAdapter, cands: &[Candidate], path: &str) 
             "out_proj"
         };
         return Some(format!(
-            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}', or a cross-attention's two (its query E → E and its key and value E → 2E: a weight each, as the TorchScript exporter writes them, or rows of the packed weight through a Split, as the dynamo exporter does; the TorchScript exporter with dynamic axes slices it by bounds computed at run time, which onnx-lora does not read), and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
+            "module '{path}' is the {which} of PEFT's LoRA on the torch.nn.MultiheadAttention '{outer}', which this export does not show as onnx-lora finds one: a layer computing its packed q/k/v (E → 3E) in the scope '{outer}', or a cross-attention's two (its query E → E and its key and value E → 2E: a weight each, as the TorchScript exporter writes them, or rows of the packed weight through a Split, as the dynamo exporter does, or through Slices by bounds computed from the query's shape, as the TorchScript exporter with dynamic axes does), and an E → E layer whose weight is named '{outer}.out_proj.weight' (a TorchScript export of an attention without biases renames it; the dynamo exporter keeps it)"
         ));
     }
     // The dynamo exporter names a layer with a BatchNorm folded in after the BatchNorm; its
@@ -346,10 +346,11 @@ pub fn settle_root(model: &LoadedModel, adapter: &mut Adapter, alone: bool) -> R
 }
 
 /// Splits PEFT's module on a torch `nn.MultiheadAttention` whose export computes the
-/// in-projection as layers of their own (a cross-attention: `Candidate::mha_rows`) into one
-/// module per layer: the attention's A, and its rows of B and of a trained weight or bias
-/// (PEFT merges `B·A` into the packed `in_proj_weight`, whose rows the attention then splits
-/// between query and key / value). Each part is found only by its layer (`accepts`).
+/// in-projection as layers of their own (a cross-attention, or a query, key and value
+/// projected apart: `Candidate::mha_rows`) into one module per layer: the attention's A, and
+/// its rows of B and of a trained weight or bias (PEFT merges `B·A` into the packed
+/// `in_proj_weight`, whose rows the attention then splits between its layers). Each part is
+/// found only by its layer (`accepts`).
 fn split_in_proj(adapter: &mut Adapter, cands: &[Candidate]) -> Result<()> {
     use crate::target::MhaPart;
     if !cands.iter().any(|c| c.mha_rows.is_some()) {
@@ -361,17 +362,28 @@ fn split_in_proj(adapter: &mut Adapter, cands: &[Candidate]) -> Result<()> {
         let whole = m.in_proj_rows.is_none()
             && m.mha_outer.is_none()
             && (m.mha_in_proj && m.kind == ModuleKind::Lora || m.kind == ModuleKind::Full);
-        let mut rows: Vec<[usize; 2]> = match (&path, whole) {
+        let layers: Vec<&Candidate> = match (&path, whole) {
             (Some(p), true) => cands
                 .iter()
                 .filter(|c| {
                     c.mha == Some(MhaPart::InProj)
                         && crate::target::select::name_matches(&c.module, p)
                 })
-                .filter_map(|c| c.mha_rows)
                 .collect(),
             _ => Vec::new(),
         };
+        let mut rows: Vec<[usize; 2]> = layers.iter().filter_map(|c| c.mha_rows).collect();
+        if !rows.is_empty()
+            && let Some(packed) = layers.iter().find(|c| c.mha_rows.is_none())
+        {
+            return Err(Error::Adapter {
+                path: adapter.path.clone(),
+                reason: format!(
+                    "module '{}' is PEFT's LoRA on a torch.nn.MultiheadAttention whose calls compute its in-projection in different forms: packed in one layer ({}) in one call, in parts (a query, key or value apart) in another; onnx-lora cannot merge one LoRA into both; merge the adapter in torch, or export each call's use apart",
+                    m.path, packed.node
+                ),
+            });
+        }
         rows.sort_unstable();
         rows.dedup();
         if rows.is_empty() {

@@ -117,6 +117,35 @@ pub fn inject_weight(
     Ok(reports)
 }
 
+/// Notes for the branches whose merged weight onnxruntime cannot compute once at load: a layer
+/// that reads its rows of the weight through a Slice by bounds the graph computes at run time
+/// (a cross-attention's in-projection in a TorchScript export with dynamic axes). Their merge
+/// runs at every call (the outputs are the same).
+pub fn merged_at_run_time(model: &LoadedModel, branches: &[BranchSpec]) -> Vec<String> {
+    let graph = ModelGraph::build(&model.proto);
+    let mut notes = Vec::new();
+    for br in branches {
+        let c = &br.cand;
+        let Some(&first) = c.chain.first() else {
+            continue;
+        };
+        let runtime = c.window.is_some()
+            && graph.node(&model.proto, c.graph, first).is_some_and(|n| {
+                n.op_type() == "Slice"
+                    && n.input.iter().skip(1).any(|i| {
+                        !i.is_empty() && graph.const_source(&model.proto, c.graph, i).is_none()
+                    })
+            });
+        if runtime {
+            notes.push(format!(
+                "module '{}' ({} {}): the layer reads its rows of '{}' through a Slice whose bounds the model computes at run time, so onnxruntime cannot merge its weight form at load: it computes W + s·A·B at every run (same outputs; the branch form costs less there)",
+                br.name, c.op, c.node, c.weight
+            ));
+        }
+    }
+    notes
+}
+
 /// The factors as the delta MatMul takes them: (first, its dims, second, its dims), plus the
 /// shape to reshape the product to (Conv), and which of the two is PEFT's A.
 struct WeightFactors {

@@ -274,18 +274,36 @@ pub fn write(
         .get_mut(proto)
         .ok_or_else(|| Error::tensor(&c.weight, "graph not found"))?;
     gp.initializer.push(copy);
-    // Duplicate the pass-through chain, feeding it the copy, right before the node.
+    // Duplicate the pass-through chain, feeding it the copy, right before the node. (A Split
+    // on the way, whose rows the layer reads, keeps all its outputs; the way goes on from the
+    // one the layer reads.)
     let mut value = name.clone();
     let mut new_nodes = Vec::new();
-    for &ci in &c.chain {
+    for (i, &ci) in c.chain.iter().enumerate() {
+        let next = match c.chain.get(i + 1) {
+            Some(&ni) => gp.node[ni].input.first(),
+            None => gp
+                .node
+                .get(c.node_index)
+                .and_then(|n| n.input.get(c.weight_input)),
+        }
+        .cloned()
+        .unwrap_or_default();
         let mut n = gp.node[ci].clone();
         n.input[0] = value.clone();
-        let out = unique_name(&format!("{}.lora_folded", n.output[0]), taken);
-        n.output = vec![out.clone()];
+        let k = n.output.iter().position(|o| *o == next).unwrap_or(0);
+        n.output = n
+            .output
+            .iter()
+            .map(|o| match o.is_empty() {
+                true => String::new(),
+                false => unique_name(&format!("{o}.lora_folded"), taken),
+            })
+            .collect();
         if let Some(nm) = n.name.as_mut() {
             *nm = unique_name(&format!("{nm}.lora_folded"), taken);
         }
-        value = out;
+        value = n.output[k].clone();
         new_nodes.push(n);
     }
     let node = gp

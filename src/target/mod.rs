@@ -9,6 +9,7 @@ pub mod evidence;
 pub mod norm;
 pub mod packed;
 pub mod part;
+mod rows;
 pub mod select;
 
 use serde::Serialize;
@@ -103,9 +104,10 @@ pub struct Candidate {
     /// layers): the rows `[start, end)` of the packed `[3E, E]` weight this layer computes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mha_rows: Option<[usize; 2]>,
-    /// The rows `[start, end)` of the stored weight the node reads, where a Split on axis 0
-    /// stands between them (dynamo splits a cross-attention's `in_proj_weight` so at run
-    /// time); `shape` is then that slice's. None: the whole tensor.
+    /// The rows `[start, end)` of the stored weight the node reads, where a Split or Slice on
+    /// axis 0 stands between them (dynamo splits a cross-attention's `in_proj_weight` so at
+    /// run time; TorchScript with dynamic axes slices it by bounds it computes from the query's
+    /// shape); `shape` is then that slice's. None: the whole tensor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<[usize; 2]>,
     /// Ops between the stored weight and the node (`Transpose`, `Cast`, ...), weight first.
@@ -252,7 +254,7 @@ pub fn find_candidates(model: &ModelProto, graph: &ModelGraph) -> Vec<Candidate>
     mark_shared(model, graph, &mut out);
     mark_params(model, graph, &mut out);
     mark_mha(model, graph, &mut out);
-    // A Split's rows are a layer's weight only as a cross-attention's in-projection (dynamo);
+    // A Split's or Slice's rows are a layer's weight only as a cross-attention's in-projection;
     // other splits of a weight (a chunked parameter, a query, key and value all apart) stay
     // no layers, as no adapter module names them.
     out.retain(|c| c.window.is_none() || c.mha_rows.is_some());
@@ -392,10 +394,19 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // (a cross-attention's in-projection in two parts: rows of the packed weight by layer)
         let mut rows: Vec<Option<[usize; 2]>> = vec![None; ins.len()];
         if ins.is_empty()
-            && let Some(parts) = split_in_proj(cands, o)
+            && let Some(parts) = split_in_proj(model, graph, cands, o, &c.module)
         {
             (ins, rows) = parts.into_iter().map(|(i, r)| (i, Some(r))).unzip();
         }
+        // A call of the attention that computes the in-projection in parts (in its own scope:
+        // TorchScript's `attn_1`, dynamo's `attn`), where another call (found above) packs it:
+        // one attention called as a self-attention, then with a query, key or value apart.
+        // Its parts are the attention's too (`rewrite::settle_root` refuses an adapter
+        // there, which it cannot merge into both forms).
+        let other_call = match rows.first() {
+            Some(None) => split_in_proj(model, graph, cands, o, &c.module).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let Some(&first) = ins.first() else {
             continue;
         };
@@ -417,18 +428,31 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
             cands[i].mha = Some(MhaPart::InProj);
             cands[i].mha_rows = r;
         }
+        for (i, r) in other_call {
+            let d = &mut cands[i];
+            let call = std::mem::replace(&mut d.module, outer.clone());
+            d.other_paths.insert(0, call);
+            d.mha = Some(MhaPart::InProj);
+            d.mha_rows = Some(r);
+        }
     }
 }
 
-/// The in-projection of the attention whose out-projection is candidate `o`, where the
-/// attention split it: torch's `multi_head_attention_forward` projects a query that is not its
+/// The in-projection of the attention whose out-projection is candidate `o`, in `scope` (the
+/// attention's, or a call's), where the attention split it: torch's `multi_head_attention_forward` projects a query that is not its
 /// key and value (a cross-attention: `attn(q, mem, mem)`) with the first E rows of
 /// `in_proj_weight`, and the key and value, one tensor, with the other 2E, as two layers in
 /// the attention's scope: E → E and E → 2E, each with a weight of its own (the TorchScript
-/// exporter folds each slice into a constant). Those two, with their rows `[start, end)` of
-/// the packed weight. A query, key and value all apart (three E → E layers) are not told
-/// apart here: None.
-fn split_in_proj(cands: &[Candidate], o: usize) -> Option<Vec<(usize, [usize; 2])>> {
+/// exporter folds each slice into a constant). A query, key and value all apart (DETR's
+/// `attn(x + pos, x + pos, x)`) are three E → E layers, on rows 0-E, E-2E and 2E-3E (see
+/// `qkv_rows`). Those layers, with their rows `[start, end)` of the packed weight.
+fn split_in_proj(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    o: usize,
+    scope: &str,
+) -> Option<Vec<(usize, [usize; 2])>> {
     let c = &cands[o];
     let e = c.in_features;
     let parts: Vec<usize> = (0..cands.len())
@@ -438,12 +462,17 @@ fn split_in_proj(cands: &[Candidate], o: usize) -> Option<Vec<(usize, [usize; 2]
                 && d.is_linear()
                 && !d.quantized
                 && d.mha.is_none()
-                && d.module == c.module
+                && d.module == scope
+                // (another call's out_proj)
+                && !d.weight.ends_with("out_proj.weight")
                 && d.graph == c.graph
                 && d.in_features == e
                 && (d.out_features == e || d.out_features == 2 * e)
         })
         .collect();
+    if let [x, y, z] = parts[..] {
+        return qkv_rows(model, graph, cands, [x, y, z]);
+    }
     let [x, y] = parts[..] else {
         return None;
     };
@@ -454,12 +483,125 @@ fn split_in_proj(cands: &[Candidate], o: usize) -> Option<Vec<(usize, [usize; 2]
     };
     let e = usize::try_from(e).ok()?;
     let (cq, ckv) = (&cands[q], &cands[kv]);
-    // (a weight each, TorchScript's; or the rows of one, dynamo's Split)
+    // (a weight each, TorchScript's; or the rows of one: dynamo's Split, or TorchScript's
+    // Slices by bounds computed from the query's shape)
     let own = cq.source != ckv.source && cq.window.is_none() && ckv.window.is_none();
     let split =
         cq.source == ckv.source && cq.window == Some([0, e]) && ckv.window == Some([e, 3 * e]);
     (cq.out_features as usize == e && ckv.out_features as usize == 2 * e && (own || split))
         .then(|| vec![(q, [0, e]), (kv, [e, 3 * e])])
+}
+
+/// The rows of a query, key and value projected apart (three E → E layers in an attention's
+/// scope, `parts`): the rows of one weight each reads through a Split (dynamo), or, for
+/// weights of their own (TorchScript folds each third into a constant), what each one's
+/// output becomes: the query and the key are the two operands of one product (query · keyᵀ),
+/// the value the second operand of another (the weights · value).
+fn qkv_rows(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    cands: &[Candidate],
+    parts: [usize; 3],
+) -> Option<Vec<(usize, [usize; 2])>> {
+    let e = usize::try_from(cands[parts[0]].in_features).ok()?;
+    let thirds = [[0, e], [e, 2 * e], [2 * e, 3 * e]];
+    if parts
+        .iter()
+        .any(|&i| cands[i].out_features != cands[parts[0]].in_features)
+    {
+        return None;
+    }
+    let first = &cands[parts[0]];
+    if parts.iter().all(|&i| cands[i].source == first.source) {
+        let mut by_rows: Vec<(usize, [usize; 2])> = parts
+            .iter()
+            .map(|&i| Some((i, cands[i].window?)))
+            .collect::<Option<_>>()?;
+        by_rows.sort_by_key(|&(_, w)| w);
+        return by_rows
+            .iter()
+            .zip(thirds)
+            .all(|(&(_, w), t)| w == t)
+            .then_some(by_rows);
+    }
+    let apart = parts.iter().enumerate().all(|(k, &i)| {
+        cands[i].window.is_none()
+            && parts[..k]
+                .iter()
+                .all(|&j| cands[j].source != cands[i].source)
+    });
+    if !apart {
+        return None;
+    }
+    // (each layer's product: the node and the operand its output becomes)
+    let uses: Vec<(usize, usize)> = parts
+        .iter()
+        .map(|&i| attention_operand(model, graph, &cands[i]))
+        .collect::<Option<_>>()?;
+    let at = |node: usize, k: usize| parts.iter().zip(&uses).find(|(_, u)| **u == (node, k));
+    let (&q, &(qk, _)) = parts.iter().zip(&uses).find(|(_, u)| u.1 == 0)?;
+    let (&k, _) = at(qk, 1)?;
+    let (&v, _) = parts
+        .iter()
+        .zip(&uses)
+        .find(|(_, u)| u.1 == 1 && u.0 != qk)?;
+    Some(vec![(q, thirds[0]), (k, thirds[1]), (v, thirds[2])])
+}
+
+/// The product of two activations (a MatMul with no constant operand) that layer `c`'s output
+/// becomes an operand of, through the ops an attention puts between (bias Add, scaling,
+/// Reshape, Transpose, ...), and which operand (0 or 1); None when it reaches none, more than
+/// one, or any other op.
+fn attention_operand(
+    model: &ModelProto,
+    graph: &ModelGraph,
+    c: &Candidate,
+) -> Option<(usize, usize)> {
+    const CARRY: [&str; 10] = [
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Reshape",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Cast",
+    ];
+    let view = &graph.graphs[c.graph];
+    let node = graph.node(model, c.graph, c.node_index)?;
+    let mut todo: Vec<String> = vec![node.output.first()?.clone()];
+    let mut seen = std::collections::HashSet::new();
+    let mut found = None;
+    while let Some(value) = todo.pop() {
+        if !seen.insert(value.clone()) || seen.len() > 64 {
+            return None;
+        }
+        for &u in view.consumers_of(&value) {
+            let n = graph.node(model, c.graph, u)?;
+            if !(n.domain().is_empty() || n.domain() == "ai.onnx") {
+                return None;
+            }
+            if n.op_type() == "MatMul" {
+                let k = n.input.iter().position(|i| *i == value)?;
+                let both = n
+                    .input
+                    .iter()
+                    .all(|i| graph.const_source(model, c.graph, i).is_none());
+                if !both || found.is_some_and(|f| f != (u, k)) {
+                    return None;
+                }
+                found = Some((u, k));
+            } else if CARRY.contains(&n.op_type()) {
+                todo.extend(n.output.iter().cloned());
+            } else if !matches!(n.op_type(), "Shape" | "Size") {
+                // (reading only the shape of the value is no use of it)
+                return None;
+            }
+        }
+    }
+    found
 }
 
 fn weight_input(node: &NodeProto) -> Option<usize> {
@@ -512,7 +654,7 @@ fn candidate(
         }
         quantized = true;
     }
-    // (a Split's rows: the layer's weight is that slice, its rows the layer's outputs)
+    // (a Split's or Slice's rows: the layer's weight is that slice, its rows the layer's outputs)
     let dims = match (walked.window, &tensor.dims[..]) {
         (Some([s, e]), [_, cols]) => vec![(e - s) as i64, *cols],
         (Some(_), _) => return None,
@@ -695,7 +837,8 @@ pub(crate) struct Walked {
     transposes: usize,
     /// A DequantizeLinear is on the way.
     dequantized: bool,
-    /// The rows of the constant that a Split reading it passes on (see `Candidate::window`).
+    /// The rows of the constant that a Split or Slice reading it passes on (see
+    /// `Candidate::window`).
     window: Option<[usize; 2]>,
 }
 
@@ -768,13 +911,12 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
         steps.next()?;
         let &p = view.producer.get(&value)?;
         let pn = graph.node(model, gi, p)?;
-        // A Split on axis 0 of the constant itself (its rows as one layer's weight).
-        if pn.op_type() == "Split" && window.is_none() {
-            let k = pn.output.iter().position(|o| *o == value)?;
+        // A Split or Slice on axis 0 of the constant itself (its rows as one layer's weight).
+        if matches!(pn.op_type(), "Split" | "Slice") && window.is_none() {
             let x = pn.input.first()?;
             let src = graph.const_source(model, gi, x)?;
             let t = graph.const_tensor(model, &src)?;
-            window = Some(split_rows(model, graph, gi, pn, k, &t.dims)?);
+            window = Some(rows::window(model, graph, gi, pn, &value, &t.dims)?);
             through.insert(0, pn.op_type().to_string());
             chain.insert(0, p);
             value = x.clone();
@@ -807,67 +949,6 @@ fn walk_to_const(model: &ModelProto, graph: &ModelGraph, gi: usize, input: &str)
         dequantized,
         window,
     })
-}
-
-/// The rows `[start, end)` that output `k` of `split` takes of a 2-D constant of `dims`, when
-/// it splits axis 0 by constant sizes (its `split` input, or attribute before opset 13) or
-/// into equal parts.
-fn split_rows(
-    model: &ModelProto,
-    graph: &ModelGraph,
-    gi: usize,
-    split: &NodeProto,
-    k: usize,
-    dims: &[i64],
-) -> Option<[usize; 2]> {
-    let [rows, _] = dims else {
-        return None;
-    };
-    let rows = usize::try_from(*rows).ok()?;
-    let axis = split.attr_i("axis").unwrap_or(0);
-    if !(axis == 0 || axis == -2) {
-        return None;
-    }
-    let sizes: Vec<i64> = match split.input.get(1).filter(|s| !s.is_empty()) {
-        Some(v) => {
-            let t = graph.const_tensor(model, &graph.const_source(model, gi, v)?)?;
-            small_ints(t)?
-        }
-        None => match split.attr_ints("split") {
-            Some(s) => s.to_vec(),
-            None => {
-                let n = split.output.len();
-                (n > 0 && rows % n == 0).then(|| vec![(rows / n) as i64; n])?
-            }
-        },
-    };
-    let sizes: Vec<usize> = sizes
-        .into_iter()
-        .map(usize::try_from)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    // (sizes are the file's: a sum past usize is no split of these rows either)
-    let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
-    if sizes.len() != split.output.len() || total != Some(rows) {
-        return None;
-    }
-    let start: usize = sizes[..k].iter().sum();
-    Some([start, start + *sizes.get(k)?])
-}
-
-/// The values of a small inline int64 tensor.
-fn small_ints(t: &crate::onnx::pb::TensorProto) -> Option<Vec<i64>> {
-    if DataType::from_i32(t.data_type()) != DataType::Int64 {
-        return None;
-    }
-    if !t.int64_data.is_empty() {
-        return Some(t.int64_data.clone());
-    }
-    t.raw_data
-        .as_ref()?
-        .chunks(8)
-        .map(|c| Some(i64::from_le_bytes(c.try_into().ok()?)))
-        .collect()
 }
 
 /// Layout and (in, out) features from the node and the stored shape.
@@ -1037,17 +1118,36 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
             me,
         };
         c.shared = !c.shared_with.is_empty();
-        // A Split's rows (`window`) are the layer's own where the Split is the tensor's one
-        // reader and this output of it feeds only the way to this node.
-        if let (Some(_), Some(&split)) = (c.window, c.chain.first()) {
+        // A Split's or Slice's rows (`window`) are the layer's own where the tensor's other
+        // readers are Slices of other rows (TorchScript slices a cross-attention's packed weight
+        // twice) and this output feeds only the way to this node.
+        if let (Some(rows), Some(&split)) = (c.window, c.chain.first()) {
             let view = &graph.graphs[c.graph];
-            let next = c.chain.get(1).copied().unwrap_or(c.node_index);
-            let own = nodes.as_slice() == [(c.graph, split)]
-                && graph.node(model, c.graph, next).is_some_and(|n| {
-                    n.input.iter().filter(|i| !i.is_empty()).all(|i| {
-                        view.consumers_of(i).len() == 1 || view.producer.get(i) != Some(&split)
-                    })
-                });
+            let dims = graph.const_tensor(model, &src).map(|t| t.dims.as_slice());
+            let apart = |&(g, u): &(usize, usize)| {
+                (g, u) == (c.graph, split)
+                    || (g == c.graph
+                        && graph.node(model, g, u).and_then(|n| {
+                            let w = (n.op_type() == "Slice")
+                                .then(|| rows::window(model, graph, g, n, n.output.first()?, dims?))
+                                .flatten()?;
+                            Some(w[1] <= rows[0] || rows[1] <= w[0])
+                        }) == Some(true))
+            };
+            // (every value on the way, from the Split's or Slice's output to the node, feeds
+            // only the way: an exporter that merged two layers' equal weights may also have
+            // merged the Transpose after the Split that both read)
+            let private_way = (0..c.chain.len()).all(|k| {
+                let (to, input) = match c.chain.get(k + 1) {
+                    Some(&to) => (to, 0),
+                    None => (c.node_index, c.weight_input),
+                };
+                graph
+                    .node(model, c.graph, to)
+                    .and_then(|n| n.input.get(input))
+                    .is_some_and(|v| view.consumers_of(v) == [to])
+            });
+            let own = nodes.iter().all(apart) && private_way;
             if own {
                 c.shared = false;
                 c.shared_with = SharedWith::default();
