@@ -244,9 +244,9 @@ pub fn fold(
 
 /// The jobs on layers that read rows of a weight through a Split or Slice (`Candidate::window`:
 /// a cross-attention's query and key / value layers in a dynamo export, or a TorchScript export
-/// with dynamic axes) as one job per weight:
-/// on the whole tensor, each step writing its layer's rows (`Step::rows`). Other jobs pass as
-/// they are.
+/// with dynamic axes) as jobs on the whole tensor, each step writing its layer's rows
+/// (`Step::rows`): one job for the windows of a tensor they own (written in place), one per
+/// window of a shared tensor (each a private copy). Other jobs pass as they are.
 fn join_windows<'a>(
     model: &LoadedModel,
     graph: &ModelGraph,

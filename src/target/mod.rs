@@ -404,7 +404,9 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
         // Its parts are the attention's too (`rewrite::settle_root` refuses an adapter
         // there, which it cannot merge into both forms).
         let other_call = match rows.first() {
-            Some(None) => split_in_proj(model, graph, cands, o, &c.module).unwrap_or_default(),
+            Some(None) => split_in_proj(model, graph, cands, o, &c.module)
+                .filter(|parts| !parts.iter().any(|&(i, _)| not_mha(&cands[i])))
+                .unwrap_or_default(),
             _ => Vec::new(),
         };
         let Some(&first) = ins.first() else {
@@ -439,8 +441,8 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
 }
 
 /// The in-projection of the attention whose out-projection is candidate `o`, in `scope` (the
-/// attention's, or a call's), where the attention split it: torch's `multi_head_attention_forward` projects a query that is not its
-/// key and value (a cross-attention: `attn(q, mem, mem)`) with the first E rows of
+/// attention's, or a call's), where the attention split it: torch's
+/// `multi_head_attention_forward` projects a query that is not its key and value (a cross-attention: `attn(q, mem, mem)`) with the first E rows of
 /// `in_proj_weight`, and the key and value, one tensor, with the other 2E, as two layers in
 /// the attention's scope: E → E and E → 2E, each with a weight of its own (the TorchScript
 /// exporter folds each slice into a constant). A query, key and value all apart (DETR's
@@ -467,7 +469,7 @@ fn split_in_proj(
                 && !d.weight.ends_with("out_proj.weight")
                 && d.graph == c.graph
                 && d.in_features == e
-                && (d.out_features == e || d.out_features == 2 * e)
+                && (d.out_features == e || Some(d.out_features) == e.checked_mul(2))
         })
         .collect();
     if let [x, y, z] = parts[..] {
@@ -483,13 +485,13 @@ fn split_in_proj(
     };
     let e = usize::try_from(e).ok()?;
     let (cq, ckv) = (&cands[q], &cands[kv]);
+    let (e2, e3) = (e.checked_mul(2)?, e.checked_mul(3)?);
     // (a weight each, TorchScript's; or the rows of one: dynamo's Split, or TorchScript's
     // Slices by bounds computed from the query's shape)
     let own = cq.source != ckv.source && cq.window.is_none() && ckv.window.is_none();
-    let split =
-        cq.source == ckv.source && cq.window == Some([0, e]) && ckv.window == Some([e, 3 * e]);
-    (cq.out_features as usize == e && ckv.out_features as usize == 2 * e && (own || split))
-        .then(|| vec![(q, [0, e]), (kv, [e, 3 * e])])
+    let split = cq.source == ckv.source && cq.window == Some([0, e]) && ckv.window == Some([e, e3]);
+    (cq.out_features as usize == e && ckv.out_features as usize == e2 && (own || split))
+        .then(|| vec![(q, [0, e]), (kv, [e, e3])])
 }
 
 /// The rows of a query, key and value projected apart (three E → E layers in an attention's
@@ -504,7 +506,7 @@ fn qkv_rows(
     parts: [usize; 3],
 ) -> Option<Vec<(usize, [usize; 2])>> {
     let e = usize::try_from(cands[parts[0]].in_features).ok()?;
-    let thirds = [[0, e], [e, 2 * e], [2 * e, 3 * e]];
+    let thirds = [[0, e], [e, e.checked_mul(2)?], [e * 2, e.checked_mul(3)?]];
     if parts
         .iter()
         .any(|&i| cands[i].out_features != cands[parts[0]].in_features)
@@ -1124,11 +1126,13 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
         if let (Some(rows), Some(&split)) = (c.window, c.chain.first()) {
             let view = &graph.graphs[c.graph];
             let dims = graph.const_tensor(model, &src).map(|t| t.dims.as_slice());
+            // (a Slice of the constant itself: one behind a Transpose slices its columns)
             let apart = |&(g, u): &(usize, usize)| {
                 (g, u) == (c.graph, split)
                     || (g == c.graph
                         && graph.node(model, g, u).and_then(|n| {
-                            let w = (n.op_type() == "Slice")
+                            let reads = graph.const_source(model, g, n.input.first()?);
+                            let w = (n.op_type() == "Slice" && reads.as_ref() == Some(&src))
                                 .then(|| rows::window(model, graph, g, n, n.output.first()?, dims?))
                                 .flatten()?;
                             Some(w[1] <= rows[0] || rows[1] <= w[0])
@@ -1145,9 +1149,10 @@ fn mark_shared(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) 
                 graph
                     .node(model, c.graph, to)
                     .and_then(|n| n.input.get(input))
-                    .is_some_and(|v| view.consumers_of(v) == [to])
+                    .is_some_and(|v| view.consumers_of(v) == [to] && !view.is_graph_output(v))
             });
-            let own = nodes.iter().all(apart) && private_way;
+            // (a constant the graph also gives out is read by whoever runs it)
+            let own = all.len() == nodes.len() && nodes.iter().all(apart) && private_way;
             if own {
                 c.shared = false;
                 c.shared_with = SharedWith::default();

@@ -121,6 +121,12 @@ fn is_row_axis(axis: i64) -> bool {
 
 /// The values of a small inline int64 (or int32) tensor.
 fn small_ints(t: &TensorProto) -> Option<Vec<i64>> {
+    // (bounds and sizes: a few values; a large tensor is no shape arithmetic)
+    let held =
+        t.raw_data.as_ref().map_or(0, |r| r.len() / 4) + t.int64_data.len() + t.int32_data.len();
+    if crate::onnx::pb_ext::numel(&t.dims) > 64 || held > 128 {
+        return None;
+    }
     match DataType::from_i32(t.data_type()) {
         DataType::Int64 => {
             if !t.int64_data.is_empty() {
@@ -149,17 +155,25 @@ fn small_ints(t: &TensorProto) -> Option<Vec<i64>> {
 /// An integer vector the evaluation knows part of: `whole`, every element (each known or not);
 /// otherwise the last elements of a vector of unknown length (a shape whose rank the graph does
 /// not fix, of which a MatMul fixes the last dimension).
+/// Only scalars (`scalar`) and vectors are evaluated: the shape arithmetic torch writes.
 #[derive(Clone, Debug, PartialEq)]
 struct Ints {
     v: Vec<Option<i64>>,
     whole: bool,
+    scalar: bool,
 }
 
 impl Ints {
     fn known(v: Vec<i64>) -> Self {
+        Ints::vector(v.into_iter().map(Some).collect())
+    }
+
+    /// A whole vector.
+    fn vector(v: Vec<Option<i64>>) -> Self {
         Ints {
-            v: v.into_iter().map(Some).collect(),
+            v,
             whole: true,
+            scalar: false,
         }
     }
 
@@ -169,15 +183,14 @@ impl Ints {
             let n = i64::try_from(self.v.len()).ok()?;
             let clamp = |b: i64| (if b < 0 { b.saturating_add(n) } else { b }).clamp(0, n);
             let (s, e) = (clamp(start), clamp(end));
-            return Some(Ints {
-                v: self.v.get(s as usize..e.max(s) as usize)?.to_vec(),
-                whole: true,
-            });
+            return Some(Ints::vector(
+                self.v.get(s as usize..e.max(s) as usize)?.to_vec(),
+            ));
         }
         // Of a vector of unknown length n: only bounds counted from its end, `start` = -k and
         // `end` at or past n (any end a Slice takes as "to the end") or -j.
         let tail = i64::try_from(self.v.len()).ok()?;
-        if !(start < 0 && -start <= tail) {
+        if !(start < 0 && start >= -tail) {
             return None;
         }
         let end = match end {
@@ -186,11 +199,11 @@ impl Ints {
             e if e >= i64::from(i32::MAX) => 0,
             _ => return None,
         };
-        let (s, e) = ((tail + start) as usize, (tail + end) as usize);
-        Some(Ints {
-            v: self.v.get(s..e.max(s))?.to_vec(),
-            whole: true,
-        })
+        let (s, e) = (
+            usize::try_from(tail + start).ok()?,
+            usize::try_from(tail.checked_add(end)?).ok()?,
+        );
+        Some(Ints::vector(self.v.get(s..e.max(s))?.to_vec()))
     }
 
     /// Element `i` (negative from the end).
@@ -241,7 +254,16 @@ impl<'a> Eval<'a> {
         }
         let (model, graph, gi) = (self.model, self.graph, self.gi);
         if let Some(src) = graph.const_source(model, gi, value) {
-            return small_ints(graph.const_tensor(model, &src)?).map(Ints::known);
+            let t = graph.const_tensor(model, &src)?;
+            let scalar = match t.dims.len() {
+                0 => true,
+                1 => false,
+                _ => return None,
+            };
+            return small_ints(t).map(|v| Ints {
+                scalar,
+                ..Ints::known(v)
+            });
         }
         let &p = graph.graphs[gi].producer.get(value)?;
         let n = graph.node(model, gi, p)?;
@@ -259,31 +281,60 @@ impl<'a> Eval<'a> {
                     None => dims.slice(start, i64::MAX),
                 }
             }
-            "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" => {
+            "Identity" => self.eval(input(0)?),
+            // (a scalar made a vector of one and back; a reshape to a vector or a scalar)
+            "Unsqueeze" => {
                 let x = self.eval(input(0)?)?;
-                // (a reshape of a vector whose length is unknown is of unknown length still)
-                Some(x)
+                x.scalar.then_some(Ints { scalar: false, ..x })
+            }
+            "Squeeze" => {
+                let x = self.eval(input(0)?)?;
+                (!x.scalar && x.whole && x.v.len() == 1).then_some(Ints { scalar: true, ..x })
+            }
+            "Reshape" => {
+                let x = self.eval(input(0)?)?;
+                let to = self.known(input(1)?)?;
+                match to[..] {
+                    [] => (x.whole && x.v.len() == 1).then_some(Ints { scalar: true, ..x }),
+                    [_] => x.whole.then_some(Ints { scalar: false, ..x }),
+                    _ => None,
+                }
             }
             "Cast" => {
                 let to = DataType::from_i32(i32::try_from(n.attr_i("to")?).ok()?);
-                matches!(to, DataType::Int64 | DataType::Int32)
-                    .then(|| self.eval(input(0)?))
-                    .flatten()
+                let x = self.eval(input(0)?)?;
+                // (an int32 holds what it holds: a value past it is no bound read here)
+                let fits = |v: &Option<i64>| v.is_none_or(|v| i32::try_from(v).is_ok());
+                match to {
+                    DataType::Int64 => Some(x),
+                    DataType::Int32 => x.v.iter().all(fits).then_some(x),
+                    _ => None,
+                }
             }
             "Gather" => {
                 if n.attr_i("axis").unwrap_or(0) != 0 {
                     return None;
                 }
                 let data = self.eval(input(0)?)?;
-                let idx = self.known(input(1)?)?;
+                let idx = self.eval(input(1)?)?;
+                if data.scalar || !idx.whole {
+                    return None;
+                }
                 let v = idx
-                    .into_iter()
-                    .map(|i| data.at(i))
+                    .v
+                    .iter()
+                    .map(|i| data.at((*i)?))
                     .collect::<Option<Vec<_>>>()?;
-                Some(Ints { v, whole: true })
+                Some(Ints {
+                    scalar: idx.scalar,
+                    ..Ints::vector(v)
+                })
             }
             "Slice" => {
                 let data = self.eval(input(0)?)?;
+                if data.scalar {
+                    return None;
+                }
                 let starts = self.known(input(1)?)?;
                 let ends = self.known(input(2)?)?;
                 let axes_ok = match input(3) {
@@ -300,18 +351,26 @@ impl<'a> Eval<'a> {
                 (axes_ok && steps_ok).then(|| data.slice(*s, *e)).flatten()
             }
             "Concat" => {
+                if !matches!(n.attr_i("axis"), Some(0 | -1)) {
+                    return None;
+                }
                 let mut v = Vec::new();
                 for i in n.input.iter().filter(|s| !s.is_empty()) {
                     let x = self.eval(i)?;
-                    if !x.whole {
+                    if !x.whole || x.scalar {
                         return None;
                     }
                     v.extend(x.v);
                 }
-                Some(Ints { v, whole: true })
+                Some(Ints::vector(v))
             }
             op @ ("Add" | "Sub" | "Mul" | "Div" | "Max" | "Min") => {
-                let (a, b) = (self.eval(input(0)?)?, self.eval(input(1)?)?);
+                // (two operands: a Max or Min of more is not read here)
+                let operands: Vec<&String> = n.input.iter().filter(|s| !s.is_empty()).collect();
+                let [x, y] = operands[..] else {
+                    return None;
+                };
+                let (a, b) = (self.eval(x)?, self.eval(y)?);
                 if !(a.whole && b.whole) {
                     return None;
                 }
@@ -336,7 +395,10 @@ impl<'a> Eval<'a> {
                         _ => Some(None),
                     })
                     .collect::<Option<Vec<_>>>()?;
-                Some(Ints { v, whole: true })
+                Some(Ints {
+                    scalar: a.scalar && b.scalar,
+                    ..Ints::vector(v)
+                })
             }
             _ => None,
         }
@@ -356,17 +418,18 @@ impl<'a> Eval<'a> {
                 crate::onnx::pb::type_proto::Value::TensorType(t) => t.shape.as_ref(),
                 _ => None,
             })
-            .map(|s| Ints {
-                v: s.dim
-                    .iter()
-                    .map(|d| match d.value {
-                        Some(crate::onnx::pb::tensor_shape_proto::dimension::Value::DimValue(
-                            v,
-                        )) => Some(v),
-                        _ => None,
-                    })
-                    .collect(),
-                whole: true,
+            .map(|s| {
+                Ints::vector(
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(
+                                crate::onnx::pb::tensor_shape_proto::dimension::Value::DimValue(v),
+                            ) => Some(v),
+                            _ => None,
+                        })
+                        .collect(),
+                )
             });
         if let Some(d) = declared
             .as_ref()
@@ -384,8 +447,8 @@ impl<'a> Eval<'a> {
                 Some(d)
             }
             (Some(k), _) => Some(Ints {
-                v: vec![Some(k)],
                 whole: false,
+                ..Ints::vector(vec![Some(k)])
             }),
             (None, d) => d,
         }
@@ -405,19 +468,13 @@ impl<'a> Eval<'a> {
         }
         let (model, graph, gi) = (self.model, self.graph, self.gi);
         let mut flipped = gemm && node.attr_i("transB").unwrap_or(0) != 0;
-        let mut by_rows = false;
         let mut value = node.input.get(1)?.clone();
         for _ in 0..MAX_STEPS {
             if let Some(src) = graph.const_source(model, gi, &value) {
                 let [rows, cols] = graph.const_tensor(model, &src)?.dims[..] else {
                     return None;
                 };
-                // (B's rows are the inner dimension: unknown where only some are read)
-                return match (flipped, by_rows) {
-                    (true, _) => Some(cols),
-                    (false, false) => Some(rows),
-                    (false, true) => None,
-                };
+                return Some(if flipped { cols } else { rows });
             }
             let &p = graph.graphs[gi].producer.get(&value)?;
             let n = graph.node(model, gi, p)?;
@@ -430,7 +487,8 @@ impl<'a> Eval<'a> {
                     flipped = !flipped;
                 }
                 "Identity" | "Cast" => {}
-                "Split" if is_row_axis(n.attr_i("axis").unwrap_or(0)) => by_rows = true,
+                // (a cut of B's rows, the inner dimension, fixes it no more)
+                "Split" if flipped && is_row_axis(n.attr_i("axis").unwrap_or(0)) => {}
                 "Slice" => {
                     // (axis 0 only, read as a constant: the bounds are what is asked about)
                     let axes = n.input.get(3).filter(|s| !s.is_empty());
@@ -441,10 +499,9 @@ impl<'a> Eval<'a> {
                             .is_some_and(|a| matches!(a[..], [x] if is_row_axis(x))),
                         None => false,
                     };
-                    if !on_rows {
+                    if !(on_rows && flipped) {
                         return None;
                     }
-                    by_rows = true;
                 }
                 _ => return None,
             }
@@ -461,18 +518,17 @@ mod tests {
     #[test]
     fn tails_slice_from_the_end() {
         let tail = Ints {
-            v: vec![Some(16)],
             whole: false,
+            ..Ints::vector(vec![Some(16)])
         };
         assert_eq!(tail.slice(-1, i64::MAX), Some(Ints::known(vec![16])));
         assert_eq!(tail.slice(-2, i64::MAX), None);
         assert_eq!(tail.slice(0, 1), None);
         assert_eq!(tail.at(-1), Some(Some(16)));
         assert_eq!(tail.at(0), None);
-        let whole = Ints {
-            v: vec![None, None, Some(16)],
-            whole: true,
-        };
+        let whole = Ints::vector(vec![None, None, Some(16)]);
+        assert_eq!(tail.slice(i64::MIN, i64::MAX), None);
+        assert_eq!(tail.slice(-1, i64::MIN), None);
         assert_eq!(whole.at(2), Some(Some(16)));
         assert_eq!(whole.at(-1), Some(Some(16)));
         assert_eq!(whole.slice(-1, i64::MAX), Some(Ints::known(vec![16])));
