@@ -290,6 +290,7 @@ fn join_windows<'a>(
         };
         if let Some(whole) = out.iter_mut().find(|j| {
             j.cand.window.is_none()
+                && !j.steps.is_empty()
                 && j.steps.iter().all(|s| s.rows.is_some())
                 && group(&j.cand) == group(&job.cand)
         }) {

@@ -442,9 +442,9 @@ fn mark_mha(model: &ModelProto, graph: &ModelGraph, cands: &mut [Candidate]) {
 
 /// The in-projection of the attention whose out-projection is candidate `o`, in `scope` (the
 /// attention's, or a call's), where the attention split it: torch's
-/// `multi_head_attention_forward` projects a query that is not its key and value (a cross-attention: `attn(q, mem, mem)`) with the first E rows of
-/// `in_proj_weight`, and the key and value, one tensor, with the other 2E, as two layers in
-/// the attention's scope: E → E and E → 2E, each with a weight of its own (the TorchScript
+/// `multi_head_attention_forward` projects a query that is not its key and value (a
+/// cross-attention: `attn(q, mem, mem)`) with the first E rows of `in_proj_weight`, and the
+/// key and value, one tensor, with the other 2E, as two layers in the attention's scope: E → E and E → 2E, each with a weight of its own (the TorchScript
 /// exporter folds each slice into a constant). A query, key and value all apart (DETR's
 /// `attn(x + pos, x + pos, x)`) are three E → E layers, on rows 0-E, E-2E and 2E-3E (see
 /// `qkv_rows`). Those layers, with their rows `[start, end)` of the packed weight.
